@@ -1,0 +1,329 @@
+"""GPU capability adverts: the signed message, its rules, and the market book.
+
+An advert says what a node offers: its GPUs, how many are free, price, payout
+address, region and runtimes, with a sequence number and an expiry.  A
+:class:`SignedAdvert` can only be made by signing (:func:`sign_advert`) or by
+verifying received bytes (:func:`verify_advert`), so holding one means its
+signature, schema and limits were checked.  :class:`AdvertBook` is the pure
+core of the local market view: bytes and ``now_ms`` in, an accepted advert or a
+typed rejection out; it drops expired adverts and refuses replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import base58
+
+from . import _schema as s
+from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
+from ._codec import decode
+from ._errors import PeerMisbehaved, Reason
+from ._identity import Identity
+
+gpus_max = 16
+addrs_max = 8
+addr_len_max = 256
+runtimes_max = 8
+ttl_ms_max = 60 * 60 * 1000
+clock_skew_ms_max = 60 * 1000
+memory_mb_max = 1 << 22
+#: Runtimes a manifest can ask for.
+RUNTIMES = ("process", "ray")
+_CC_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
+
+
+def parse_compute_capability(text: str) -> tuple[int, int]:
+    """``"8.6"`` -> ``(8, 6)``; raises ``ValueError`` on anything else."""
+    if not _CC_RE.match(text):
+        raise ValueError(f"compute capability must look like '8.0', not {text!r}")
+    major, minor = text.split(".")
+    return int(major), int(minor)
+
+
+def is_solana_address(text: str) -> bool:
+    try:
+        return len(base58.b58decode(text.encode("ascii"))) == 32
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuInfo:
+    """One GPU as an advert carries it.  ``uuid_hash`` is a hash of the NVML
+    UUID, never the UUID itself."""
+
+    model: str
+    memory_mb: int
+    compute_capability: str
+    driver_version: str = ""
+    cuda_version: str = ""
+    uuid_hash: str = ""
+    utilization_pct: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.model) <= 64:
+            raise ValueError("model must be 1 to 64 characters")
+        if not 0 < self.memory_mb <= memory_mb_max:
+            raise ValueError("memory_mb out of range")
+        parse_compute_capability(self.compute_capability)
+        if len(self.driver_version) > 32 or len(self.cuda_version) > 16 or len(self.uuid_hash) > 64:
+            raise ValueError("version or uuid_hash too long")
+        if not 0 <= self.utilization_pct <= 100:
+            raise ValueError("utilization_pct must be 0..100")
+
+    @property
+    def vram_gb(self) -> int:
+        return round(self.memory_mb / 1024)
+
+    @property
+    def gpu_class(self) -> str:
+        """``nvidia-h100-80gb-hbm3/80gb``: model slug and VRAM bucket, the key
+        under which providers of this class register in the DHT."""
+        slug = re.sub(r"[^a-z0-9]+", "-", self.model.lower()).strip("-")
+        return f"{slug}/{self.vram_gb}gb"
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "memory_mb": self.memory_mb,
+            "compute_capability": self.compute_capability,
+            "driver_version": self.driver_version,
+            "cuda_version": self.cuda_version,
+            "uuid_hash": self.uuid_hash,
+            "utilization_pct": self.utilization_pct,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any, where: str = "gpu") -> "GpuInfo":
+        if not isinstance(obj, dict):
+            raise s.fail(where, "must be a map")
+        s.exact_keys(obj, {"model", "memory_mb", "compute_capability"},
+                     frozenset({"driver_version", "cuda_version", "uuid_hash", "utilization_pct"}))
+        try:
+            return cls(
+                model=s.get_str(obj, "model", 64, len_min=1),
+                memory_mb=s.get_int(obj, "memory_mb", 1, memory_mb_max),
+                compute_capability=s.get_str(obj, "compute_capability", 5),
+                driver_version=s.get_str(obj, "driver_version", 32) if "driver_version" in obj else "",
+                cuda_version=s.get_str(obj, "cuda_version", 16) if "cuda_version" in obj else "",
+                uuid_hash=s.get_str(obj, "uuid_hash", 64) if "uuid_hash" in obj else "",
+                utilization_pct=s.get_int(obj, "utilization_pct", 0, 100) if "utilization_pct" in obj else 0,
+            )
+        except ValueError as exc:
+            raise s.fail(where, str(exc)) from None
+
+
+def class_key(gpu_class: str) -> str:
+    """DHT key for a GPU class.  py-libp2p refuses non-multihash keys over 50
+    bytes, so the class is hashed: ``/p2pgpu/c/<32 hex>`` is 42 bytes."""
+    return "/p2pgpu/c/" + hashlib.sha256(gpu_class.encode()).hexdigest()[:32]
+
+
+def advert_key(peer_id: str) -> str:
+    """DHT key under which a node stores its signed advert (42 bytes)."""
+    return "/p2pgpu/a/" + hashlib.sha256(peer_id.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Advert:
+    peer_id: str
+    network: str
+    addrs: tuple[str, ...]
+    seq: int
+    issued_at_ms: int
+    expires_at_ms: int
+    gpus: tuple[GpuInfo, ...]
+    gpus_free: int
+    price_per_gpu_hour: int
+    currency: str
+    payout_address: str
+    region: str
+    runtimes: tuple[str, ...]
+    simulated: bool
+
+    def __post_init__(self) -> None:
+        if len(self.gpus) > gpus_max or len(self.addrs) > addrs_max:
+            raise ValueError("too many gpus or addrs")
+        if not 0 <= self.gpus_free <= len(self.gpus):
+            raise ValueError("gpus_free must be between 0 and the number of GPUs")
+        if not 0 < self.expires_at_ms - self.issued_at_ms <= ttl_ms_max:
+            raise ValueError(f"an advert lives between 1 ms and {ttl_ms_max} ms")
+        if self.seq < 1:
+            raise ValueError("seq starts at 1")
+        if self.payout_address and not is_solana_address(self.payout_address):
+            raise ValueError("payout_address is not a Solana address")
+        if self.price_per_gpu_hour < 0:
+            raise ValueError("price must not be negative")
+        for r in self.runtimes:
+            if r not in RUNTIMES:
+                raise ValueError(f"unknown runtime {r!r}")
+
+    @property
+    def gpu_classes(self) -> tuple[str, ...]:
+        return tuple(sorted({g.gpu_class for g in self.gpus}))
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "network": self.network,
+            "addrs": list(self.addrs),
+            "seq": self.seq,
+            "issued_at_ms": self.issued_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "gpus": [g.to_obj() for g in self.gpus],
+            "gpus_free": self.gpus_free,
+            "price_per_gpu_hour": self.price_per_gpu_hour,
+            "currency": self.currency,
+            "payout_address": self.payout_address,
+            "region": self.region,
+            "runtimes": list(self.runtimes),
+            "simulated": self.simulated,
+        }
+
+    @classmethod
+    def from_obj(cls, body: dict[str, Any]) -> "Advert":
+        s.exact_keys(body, set(_ADVERT_FIELDS))
+        gpus = tuple(GpuInfo.from_obj(g, f"gpus[{i}]") for i, g in enumerate(s.get_list(body, "gpus", gpus_max)))
+        try:
+            return cls(
+                peer_id=s.get_str(body, "peer_id", 64, len_min=1),
+                network=s.get_str(body, "network", 32, len_min=1),
+                addrs=s.get_str_list(body, "addrs", addrs_max, addr_len_max),
+                seq=s.get_int(body, "seq", 1),
+                issued_at_ms=s.get_int(body, "issued_at_ms"),
+                expires_at_ms=s.get_int(body, "expires_at_ms"),
+                gpus=gpus,
+                gpus_free=s.get_int(body, "gpus_free", 0, gpus_max),
+                price_per_gpu_hour=s.get_int(body, "price_per_gpu_hour"),
+                currency=s.get_str(body, "currency", 64, len_min=1),
+                payout_address=s.get_str(body, "payout_address", 64),
+                region=s.get_str(body, "region", 32, len_min=1),
+                runtimes=s.get_str_list(body, "runtimes", runtimes_max, 16),
+                simulated=s.get_bool(body, "simulated"),
+            )
+        except ValueError as exc:
+            raise PeerMisbehaved(Reason.BAD_SCHEMA, str(exc)) from None
+
+
+_ADVERT_FIELDS = (
+    "peer_id", "network", "addrs", "seq", "issued_at_ms", "expires_at_ms", "gpus", "gpus_free",
+    "price_per_gpu_hour", "currency", "payout_address", "region", "runtimes", "simulated",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedAdvert:
+    """An advert whose envelope verified and whose signer is its peer id."""
+
+    advert: Advert
+    envelope: Envelope
+
+    @property
+    def wire(self) -> bytes:
+        return self.envelope.to_bytes()
+
+
+def sign_advert(identity: Identity, advert: Advert) -> SignedAdvert:
+    if advert.peer_id != identity.peer_id:
+        raise ValueError("an advert is signed by the peer it describes")
+    return SignedAdvert(advert, seal(identity, Kind.ADVERT, advert.to_obj()))
+
+
+def verify_advert(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max) -> SignedAdvert:
+    """Decode, verify and time-check advert bytes, or raise ``PeerMisbehaved``."""
+    obj = decode(data, size_max=Kind.ADVERT.bytes_max, canonical=True)
+    env = envelope_from_obj(obj, expected=Kind.ADVERT)
+    advert = Advert.from_obj(body_of(env))
+    if env.signer_peer_id != advert.peer_id:
+        raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "advert not signed by its peer")
+    if advert.issued_at_ms > now_ms + clock_skew_ms:
+        raise PeerMisbehaved(Reason.NOT_YET_VALID, "issued in the future")
+    if advert.expires_at_ms <= now_ms:
+        raise PeerMisbehaved(Reason.EXPIRED, "advert has expired")
+    return SignedAdvert(advert, env)
+
+
+@dataclass(slots=True)
+class AdvertBook:
+    """The adverts a node knows, newest per peer; the pure market core.
+
+    ``ingest`` either stores a strictly newer advert or raises; ``expire``
+    drops the stale ones.  At most ``adverts_max`` peers are kept: when full, a
+    newcomer replaces the advert that expires first, if it outlives it.
+    """
+
+    network: str
+    allow_simulated: bool
+    adverts_max: int = 10_000
+    adverts: dict[str, SignedAdvert] = field(default_factory=dict)
+    rejections: dict[Reason, int] = field(default_factory=dict)
+    accepted: int = 0
+
+    def check(self, data: bytes, now_ms: int) -> SignedAdvert:
+        """Validate without storing (a GossipSub validator uses this)."""
+        sa = verify_advert(data, now_ms=now_ms)
+        adv = sa.advert
+        if adv.network != self.network:
+            raise PeerMisbehaved(Reason.WRONG_NETWORK, f"advert for network {adv.network!r}")
+        if adv.simulated and not self.allow_simulated:
+            raise PeerMisbehaved(Reason.SIMULATED_FORBIDDEN, f"network {self.network!r} refuses simulated GPUs")
+        known = self.adverts.get(adv.peer_id)
+        if known is not None and adv.seq <= known.advert.seq:
+            raise PeerMisbehaved(Reason.REPLAYED, f"seq {adv.seq} <= known {known.advert.seq}")
+        return sa
+
+    def ingest(self, data: bytes, now_ms: int) -> SignedAdvert:
+        try:
+            sa = self.check(data, now_ms)
+        except PeerMisbehaved as exc:
+            self.rejections[exc.reason] = self.rejections.get(exc.reason, 0) + 1
+            raise
+        self._store(sa)
+        return sa
+
+    def add_own(self, sa: SignedAdvert) -> None:
+        """Our own advert: already trusted, still subject to the seq rule."""
+        known = self.adverts.get(sa.advert.peer_id)
+        if known is None or sa.advert.seq > known.advert.seq:
+            self._store(sa)
+
+    def _store(self, sa: SignedAdvert) -> None:
+        pid = sa.advert.peer_id
+        if pid not in self.adverts and len(self.adverts) >= self.adverts_max:
+            victim = min(self.adverts.values(), key=lambda a: (a.advert.expires_at_ms, a.advert.peer_id))
+            if victim.advert.expires_at_ms >= sa.advert.expires_at_ms:
+                self.rejections[Reason.LIMIT_EXCEEDED] = self.rejections.get(Reason.LIMIT_EXCEEDED, 0) + 1
+                raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "advert book is full")
+            del self.adverts[victim.advert.peer_id]
+        self.adverts[pid] = sa
+        self.accepted += 1
+
+    def expire(self, now_ms: int) -> list[str]:
+        gone = sorted(pid for pid, sa in self.adverts.items() if sa.advert.expires_at_ms <= now_ms)
+        for pid in gone:
+            del self.adverts[pid]
+        return gone
+
+    def live(self, now_ms: int) -> list[Advert]:
+        """Unexpired adverts, in peer id order (deterministic)."""
+        return [self.adverts[p].advert for p in sorted(self.adverts) if self.adverts[p].advert.expires_at_ms > now_ms]
+
+    def market(self, now_ms: int, *, model: str | None = None, memory_mb_min: int = 0) -> list[Advert]:
+        rows = []
+        for adv in self.live(now_ms):
+            gpus = [g for g in adv.gpus if g.memory_mb >= memory_mb_min
+                    and (model is None or model.lower() in g.model.lower())]
+            if gpus:
+                rows.append(adv)
+        return rows
+
+
+def next_seq(prev_seq: int, now_ms: int) -> int:
+    """The next advert sequence number: above the previous one and never below
+    the wall clock in ms, so a node that lost its state in a crash still issues
+    numbers above what it sent before (and is not refused as a replay)."""
+    return max(now_ms, prev_seq + 1)
