@@ -74,7 +74,6 @@ def decode(data: bytes, *, size_max: int = message_bytes_max, canonical: bool = 
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_buffer_size=size_max,
             max_str_len=size_max,
             max_bin_len=size_max,
             max_array_len=container_len_max,
