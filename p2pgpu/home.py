@@ -160,7 +160,8 @@ class Home:
         seed = seed if seed is not None else secrets.token_bytes(32)
         _write_private(self.identity_path, _libp2p_key_bytes(seed))
         self.config_path.write_text(Config(network=network, payout_address=payout_address).to_toml())
-        _write_private(self.token_path, secrets.token_hex(32).encode())
+        if not self.token_path.exists():  # a token left by an earlier home is kept, not a crash
+            _write_private(self.token_path, secrets.token_hex(32).encode())
         return Identity(seed)
 
     def identity(self) -> Identity:

@@ -38,7 +38,7 @@ _CC_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
 
 def parse_compute_capability(text: str) -> tuple[int, int]:
     """``"8.6"`` -> ``(8, 6)``; raises ``ValueError`` on anything else."""
-    if not _CC_RE.match(text):
+    if not isinstance(text, str) or not _CC_RE.fullmatch(text):  # fullmatch: "$" accepts "8.0\n"
         raise ValueError(f"compute capability must look like '8.0', not {text!r}")
     major, minor = text.split(".")
     return int(major), int(minor)
@@ -186,6 +186,8 @@ class Advert:
 
     @classmethod
     def from_obj(cls, body: dict[str, Any]) -> "Advert":
+        if not isinstance(body, dict):
+            raise s.fail("advert", "must be a map")
         s.exact_keys(body, set(_ADVERT_FIELDS))
         gpus = tuple(GpuInfo.from_obj(g, f"gpus[{i}]") for i, g in enumerate(s.get_list(body, "gpus", gpus_max)))
         try:

@@ -26,6 +26,8 @@ container_len_max = 4096
 def _canonical(obj: Any, depth: int) -> Any:
     if depth > depth_max:
         raise LocalProtocolError("message nests too deeply to encode")
+    if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
+        raise LocalProtocolError("integer out of msgpack's 64-bit range")
     if obj is None or isinstance(obj, (bool, int, str, bytes)):
         return obj
     if isinstance(obj, float):

@@ -25,7 +25,8 @@ def exact_keys(body: dict[str, Any], required: set[str], optional: frozenset[str
         raise fail(sorted(missing)[0], "missing")
     extra = body.keys() - required - optional
     if extra:
-        raise fail(sorted(extra)[0], "unknown field")
+        # key=repr: a hostile map may mix key types that do not sort together.
+        raise fail(sorted(extra, key=repr)[0], "unknown field")
 
 
 def get_int(body: dict[str, Any], field: str, lo: int = 0, hi: int = int_max) -> int:

@@ -100,6 +100,9 @@ def detect(nvml: Any = None) -> Inventory:
                          driver_version=driver, cuda_version=cuda)
     except nvml.NVMLError as exc:
         return Inventory(gpus=(), source="none", simulated=False, reason=f"no GPUs: NVML query failed ({_text(exc)})")
+    except ValueError as exc:  # a device GpuInfo refuses (no name, 0 MiB, odd capability)
+        return Inventory(gpus=(), source="none", simulated=False,
+                         reason=f"no GPUs: NVML reported an invalid device ({exc})")
     finally:
         try:
             nvml.nvmlShutdown()
@@ -132,13 +135,14 @@ def parse_inventory(doc: Any, where: str = "inventory") -> Inventory:
 def from_file(path: str | Path) -> Inventory:
     p = Path(path)
     try:
-        data = p.read_bytes()[: inventory_file_bytes_max + 1]
+        with p.open("rb") as f:  # read at most the limit + 1, never a whole huge file
+            data = f.read(inventory_file_bytes_max + 1)
     except OSError as exc:
         raise InventoryError(f"{path}: {exc.strerror}") from None
     if len(data) > inventory_file_bytes_max:
         raise InventoryError(f"{path}: larger than {inventory_file_bytes_max} bytes")
     try:
         doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
         raise InventoryError(f"{path}: not valid JSON ({exc})") from None
     return parse_inventory(doc, str(path))
