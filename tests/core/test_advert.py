@@ -1,0 +1,471 @@
+"""GPU adverts: the message rules, verification, and the market book.
+
+Each rejection rule has its own row and its own ``Reason``; the book counts
+every rejection by reason, refuses replays, evicts the advert that expires
+first when full, and forgets expired adverts.  Time is an argument
+(``now_ms``), so the tests name exact instants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Callable
+
+import msgpack
+import pytest
+
+from p2pgpu.core import (
+    Advert,
+    AdvertBook,
+    GpuInfo,
+    Identity,
+    Kind,
+    PeerMisbehaved,
+    Reason,
+    SignedAdvert,
+    advert_key,
+    class_key,
+    encode,
+    is_solana_address,
+    next_seq,
+    parse_compute_capability,
+    protocol_version,
+    seal,
+    sign_advert,
+    verify_advert,
+)
+from p2pgpu.core import _advert
+
+T0 = 1_700_000_000_000  # an arbitrary "now" in ms
+TTL = 600_000
+ALICE = Identity.from_rng(random.Random(10))
+BOB = Identity.from_rng(random.Random(11))
+MALLORY = Identity.from_rng(random.Random(12))
+PAYOUT = "11111111111111111111111111111111"  # the system program: a valid 32-byte address
+
+H100 = GpuInfo(model="NVIDIA H100 80GB HBM3", memory_mb=81559, compute_capability="9.0",
+               driver_version="550.54.15", cuda_version="12.4", uuid_hash="ab" * 16)
+A10 = GpuInfo(model="NVIDIA A10", memory_mb=23028, compute_capability="8.6")
+
+
+def make_advert(ident: Identity = ALICE, **over: Any) -> Advert:
+    fields: dict[str, Any] = dict(
+        peer_id=ident.peer_id, network="local", addrs=("/ip4/127.0.0.1/tcp/4001",), seq=1,
+        issued_at_ms=T0, expires_at_ms=T0 + TTL, gpus=(H100, H100), gpus_free=2,
+        price_per_gpu_hour=1_000_000, currency="SOL", payout_address=PAYOUT, region="eu-west",
+        runtimes=("process",), simulated=False,
+    )
+    fields.update(over)
+    return Advert(**fields)
+
+
+def wire(ident: Identity = ALICE, **over: Any) -> bytes:
+    return sign_advert(ident, make_advert(ident, **over)).wire
+
+
+def signed_body(body: Any, ident: Identity = ALICE) -> bytes:
+    """Envelope bytes around an arbitrary (possibly invalid) advert body."""
+    return seal(ident, Kind.ADVERT, body).to_bytes()
+
+
+def reason_of(fn: Callable[[], Any]) -> Reason:
+    with pytest.raises(PeerMisbehaved) as info:
+        fn()
+    return info.value.reason
+
+
+# --- the message ---------------------------------------------------------------
+
+
+def test_valid_advert_round_trips() -> None:
+    adv = make_advert()
+    sa = verify_advert(sign_advert(ALICE, adv).wire, now_ms=T0 + 1)
+    assert isinstance(sa, SignedAdvert)
+    assert sa.advert == adv
+    assert sa.envelope.signer_peer_id == ALICE.peer_id
+    assert Advert.from_obj(adv.to_obj()) == adv
+    assert len(sa.wire) < Kind.ADVERT.bytes_max
+
+
+def test_maximal_advert_fits_the_size_limit() -> None:
+    gpu = GpuInfo(model="M" * 64, memory_mb=_advert.memory_mb_max, compute_capability="10.10",
+                  driver_version="d" * 32, cuda_version="c" * 16, uuid_hash="u" * 64, utilization_pct=100)
+    adv = make_advert(
+        network="n" * 32, addrs=tuple("a" * _advert.addr_len_max for _ in range(_advert.addrs_max)),
+        seq=2**63 - 1, issued_at_ms=2**62, expires_at_ms=2**62 + _advert.ttl_ms_max, gpus=(gpu,) * _advert.gpus_max,
+        gpus_free=_advert.gpus_max, price_per_gpu_hour=2**63 - 1, currency="c" * 64, region="r" * 32,
+        runtimes=("process", "ray") * 4,
+    )
+    sa = sign_advert(ALICE, adv)
+    assert verify_advert(sa.wire, now_ms=2**62).advert == adv
+
+
+def test_sign_advert_refuses_another_peers_advert() -> None:
+    with pytest.raises(ValueError):
+        sign_advert(BOB, make_advert(ALICE))
+
+
+def test_gpu_class_and_dht_keys() -> None:
+    assert H100.gpu_class == "nvidia-h100-80gb-hbm3/80gb"
+    assert A10.gpu_class == "nvidia-a10/22gb"
+    adv = make_advert(gpus=(H100, A10, H100), gpus_free=1)
+    assert adv.gpu_classes == ("nvidia-a10/22gb", "nvidia-h100-80gb-hbm3/80gb")
+    key = advert_key(ALICE.peer_id)
+    assert key.startswith("/p2pgpu/") and len(key.encode()) <= 50  # py-libp2p's limit for plain keys
+    # Provider keys are hex sha256 multihashes (what py-libp2p's providers expect).
+    raw = bytes.fromhex(class_key(H100.gpu_class))
+    assert raw[:2] == b"\x12\x20" and len(raw) == 34
+    assert class_key(H100.gpu_class) != class_key(A10.gpu_class)
+    assert advert_key(ALICE.peer_id) != advert_key(BOB.peer_id)
+    # A pure function of the class: the same in every process.
+    assert class_key(H100.gpu_class) == class_key("nvidia-h100-80gb-hbm3/80gb")
+    assert advert_key(ALICE.peer_id) == advert_key(Identity.from_rng(random.Random(10)).peer_id)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("8.0", (8, 0)), ("9.0", (9, 0)), ("10.10", (10, 10)), ("8", None), ("8.", None), (".8", None),
+     ("8.0.1", None), ("a.b", None), ("8.0\n", None), (" 8.0", None), ("123.0", None), ("", None),
+     ("٨.٠", None)],
+)
+def test_parse_compute_capability(text: str, ok: tuple[int, int] | None) -> None:
+    if ok is None:
+        with pytest.raises(ValueError):
+            parse_compute_capability(text)
+    else:
+        assert parse_compute_capability(text) == ok
+
+
+def test_is_solana_address() -> None:
+    assert is_solana_address(PAYOUT)
+    assert is_solana_address("So11111111111111111111111111111111111111112")
+    for bad in ["", "1", "0OIl" * 11, "é", ALICE.peer_id, "1" * 64]:
+        assert not is_solana_address(bad)
+
+
+GPU_BAD: list[tuple[str, dict[str, Any]]] = [
+    ("empty model", {"model": ""}),
+    ("long model", {"model": "x" * 65}),
+    ("zero memory", {"memory_mb": 0}),
+    ("huge memory", {"memory_mb": _advert.memory_mb_max + 1}),
+    ("bad cc", {"compute_capability": "sm_90"}),
+    ("cc with newline", {"compute_capability": "8.0\n"}),
+    ("long driver", {"driver_version": "1" * 33}),
+    ("long cuda", {"cuda_version": "1" * 17}),
+    ("long uuid hash", {"uuid_hash": "a" * 65}),
+    ("utilization 101", {"utilization_pct": 101}),
+    ("utilization -1", {"utilization_pct": -1}),
+]
+
+
+@pytest.mark.parametrize("over", [r[1] for r in GPU_BAD], ids=[r[0] for r in GPU_BAD])
+def test_gpu_info_validates(over: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        dataclasses.replace(H100, **over)
+    obj = {**H100.to_obj(), **over}
+    assert reason_of(lambda: GpuInfo.from_obj(obj)) is Reason.BAD_SCHEMA
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [None, [], "gpu", {"model": "x"}, {**H100.to_obj(), "extra": 1}, {**H100.to_obj(), "memory_mb": True},
+     {**H100.to_obj(), "memory_mb": "80"}, {**H100.to_obj(), "model": b"bytes"}, {**H100.to_obj(), 1: 2}],
+    ids=repr,
+)
+def test_gpu_info_from_bad_obj(obj: Any) -> None:
+    assert reason_of(lambda: GpuInfo.from_obj(obj)) is Reason.BAD_SCHEMA
+
+
+def test_gpu_info_optional_fields_default() -> None:
+    g = GpuInfo.from_obj({"model": "T4", "memory_mb": 15360, "compute_capability": "7.5"})
+    assert (g.driver_version, g.cuda_version, g.uuid_hash, g.utilization_pct) == ("", "", "", 0)
+
+
+ADVERT_BAD: list[tuple[str, dict[str, Any]]] = [
+    ("too many gpus", {"gpus": (H100,) * 17, "gpus_free": 0}),
+    ("too many addrs", {"addrs": ("/ip4/1.2.3.4/tcp/1",) * 9}),
+    ("more free than gpus", {"gpus_free": 3}),
+    ("negative free", {"gpus_free": -1}),
+    ("zero lifetime", {"expires_at_ms": T0}),
+    ("expires before issue", {"expires_at_ms": T0 - 1}),
+    ("lifetime over the max", {"expires_at_ms": T0 + _advert.ttl_ms_max + 1}),
+    ("seq 0", {"seq": 0}),
+    ("bad payout", {"payout_address": "not-an-address"}),
+    ("negative price", {"price_per_gpu_hour": -1}),
+    ("unknown runtime", {"runtimes": ("docker",)}),
+]
+
+
+@pytest.mark.parametrize("over", [r[1] for r in ADVERT_BAD], ids=[r[0] for r in ADVERT_BAD])
+def test_advert_validates_when_built(over: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        make_advert(**over)
+
+
+def test_empty_payout_and_no_gpus_are_allowed() -> None:
+    adv = make_advert(payout_address="", gpus=(), gpus_free=0)
+    assert verify_advert(sign_advert(ALICE, adv).wire, now_ms=T0).advert == adv
+
+
+def _body(**over: Any) -> dict[str, Any]:
+    body = make_advert().to_obj()
+    body.update(over)
+    return body
+
+
+BODY_BAD: list[tuple[str, Any]] = [
+    ("not a map", ["advert"]),
+    ("missing seq", {k: v for k, v in _body().items() if k != "seq"}),
+    ("unknown field", _body(extra=1)),
+    ("seq 0", _body(seq=0)),
+    ("seq as str", _body(seq="1")),
+    ("seq as bool", _body(seq=True)),
+    ("seq over int64", _body(seq=2**63)),
+    ("negative issue time", _body(issued_at_ms=-1)),
+    ("gpus not a list", _body(gpus={"model": "x"})),
+    ("17 gpus", _body(gpus=[H100.to_obj()] * 17)),
+    ("gpu missing memory", _body(gpus=[{"model": "x", "compute_capability": "8.0"}])),
+    ("gpu float-free check: memory str", _body(gpus=[{**H100.to_obj(), "memory_mb": "1"}])),
+    ("gpus_free over gpus", _body(gpus_free=3)),
+    ("gpus_free over max", _body(gpus_free=17)),
+    ("empty network", _body(network="")),
+    ("long network", _body(network="n" * 33)),
+    ("empty peer id", _body(peer_id="")),
+    ("empty region", _body(region="")),
+    ("empty currency", _body(currency="")),
+    ("bad payout", _body(payout_address="0" * 44)),
+    ("addr empty", _body(addrs=[""])),
+    ("addr not str", _body(addrs=[b"/ip4"])),
+    ("addr too long", _body(addrs=["a" * 257])),
+    ("9 addrs", _body(addrs=["a"] * 9)),
+    ("runtime unknown", _body(runtimes=["docker"])),
+    ("9 runtimes", _body(runtimes=["process"] * 9)),
+    ("simulated as int", _body(simulated=0)),
+    ("ttl over max", _body(expires_at_ms=T0 + _advert.ttl_ms_max + 1)),
+    ("expires before issue", _body(expires_at_ms=T0 - 1)),
+]
+
+
+@pytest.mark.parametrize("body", [r[1] for r in BODY_BAD], ids=[r[0] for r in BODY_BAD])
+def test_malformed_advert_body_is_bad_schema(body: Any) -> None:
+    assert reason_of(lambda: verify_advert(signed_body(body), now_ms=T0)) is Reason.BAD_SCHEMA
+    if isinstance(body, dict):
+        assert reason_of(lambda: Advert.from_obj(body)) is Reason.BAD_SCHEMA
+
+
+# --- verification ----------------------------------------------------------------
+
+
+def _resign_as(ident: Identity, data: bytes) -> bytes:
+    """Mallory re-signs Alice's advert body with her own key (a forgery)."""
+    body = verify_advert(data, now_ms=T0).advert.to_obj()
+    return signed_body(body, ident)
+
+
+def _flip_signature(data: bytes) -> bytes:
+    obj = sign_advert(ALICE, make_advert()).envelope.to_obj()
+    assert encode(obj) == data
+    obj["g"] = obj["g"][:-1] + bytes([obj["g"][-1] ^ 1])
+    return encode(obj)
+
+
+VERIFY_BAD: list[tuple[str, Callable[[], bytes], int, Reason]] = [
+    ("garbage", lambda: b"\xc1\x00garbage", T0, Reason.MALFORMED),
+    ("empty", lambda: b"", T0, Reason.MALFORMED),
+    ("truncated", lambda: wire()[:-10], T0, Reason.MALFORMED),
+    ("oversized", lambda: b"\x00" * (Kind.ADVERT.bytes_max + 1), T0, Reason.OVERSIZED),
+    ("not an envelope", lambda: encode({"peer_id": "x"}), T0, Reason.BAD_SCHEMA),
+    ("forged: signed by another key", lambda: _resign_as(MALLORY, wire()), T0, Reason.SIGNER_MISMATCH),
+    ("forged: signature flipped", lambda: _flip_signature(wire()), T0, Reason.BAD_SIGNATURE),
+    ("other kind", lambda: seal(ALICE, Kind.OFFER, make_advert().to_obj()).to_bytes(), T0, Reason.WRONG_KIND),
+    ("expired", lambda: wire(), T0 + TTL, Reason.EXPIRED),
+    ("long expired", lambda: wire(), T0 + 10 * TTL, Reason.EXPIRED),
+    ("not yet valid", lambda: wire(), T0 - _advert.clock_skew_ms_max - 1, Reason.NOT_YET_VALID),
+    ("non-canonical envelope", lambda: msgpack.packb(
+        dict(reversed(list(sign_advert(ALICE, make_advert()).envelope.to_obj().items()))), use_bin_type=True),
+     T0, Reason.NON_CANONICAL),
+]
+
+
+@pytest.mark.parametrize(("make", "now_ms", "reason"), [r[1:] for r in VERIFY_BAD], ids=[r[0] for r in VERIFY_BAD])
+def test_verify_advert_rejects(make: Callable[[], bytes], now_ms: int, reason: Reason) -> None:
+    assert reason_of(lambda: verify_advert(make(), now_ms=now_ms)) is reason
+
+
+def test_validity_window_edges() -> None:
+    data = wire()
+    verify_advert(data, now_ms=T0 - _advert.clock_skew_ms_max)  # within the allowed skew
+    verify_advert(data, now_ms=T0 + TTL - 1)  # last valid millisecond
+    assert reason_of(lambda: verify_advert(data, now_ms=T0 + TTL)) is Reason.EXPIRED
+    assert reason_of(lambda: verify_advert(data, now_ms=T0 - 1, clock_skew_ms=0)) is Reason.NOT_YET_VALID
+
+
+def test_envelope_version_is_checked() -> None:
+    obj = sign_advert(ALICE, make_advert()).envelope.to_obj()
+    obj["v"] = protocol_version + 1
+    assert reason_of(lambda: verify_advert(encode(obj), now_ms=T0)) is Reason.UNSUPPORTED_VERSION
+
+
+# --- the book --------------------------------------------------------------------
+
+
+def book(**kw: Any) -> AdvertBook:
+    return AdvertBook(network=kw.pop("network", "local"), allow_simulated=kw.pop("allow_simulated", True), **kw)
+
+
+def test_book_ingests_and_lists() -> None:
+    b = book()
+    b.ingest(wire(ALICE), T0)
+    b.ingest(wire(BOB, gpus=(A10,), gpus_free=1), T0)
+    assert [a.peer_id for a in b.live(T0)] == sorted([ALICE.peer_id, BOB.peer_id])
+    assert b.accepted == 2 and b.rejections == {}
+
+
+def test_book_check_does_not_store() -> None:
+    b = book()
+    assert b.check(wire(), T0).advert.peer_id == ALICE.peer_id
+    assert b.adverts == {}
+
+
+def test_replays_are_refused_and_counted() -> None:
+    b = book()
+    b.ingest(wire(seq=5), T0)
+    for seq in (5, 4, 1):
+        assert reason_of(lambda: b.ingest(wire(seq=seq), T0)) is Reason.REPLAYED
+    assert b.rejections == {Reason.REPLAYED: 3}
+    b.ingest(wire(seq=6, gpus_free=1), T0 + 1)
+    assert b.adverts[ALICE.peer_id].advert.seq == 6
+    assert b.adverts[ALICE.peer_id].advert.gpus_free == 1
+    # The very same bytes again: a replay.
+    same = wire(seq=7)
+    b.ingest(same, T0)
+    assert reason_of(lambda: b.ingest(same, T0)) is Reason.REPLAYED
+
+
+BOOK_BAD: list[tuple[str, dict[str, Any], Callable[[], bytes], Reason]] = [
+    ("simulated on a real network", {"network": "local", "allow_simulated": False},
+     lambda: wire(simulated=True), Reason.SIMULATED_FORBIDDEN),
+    ("wrong network", {"network": "mainnet"}, lambda: wire(network="devnet"), Reason.WRONG_NETWORK),
+    ("forged", {}, lambda: _resign_as(MALLORY, wire()), Reason.SIGNER_MISMATCH),
+    ("expired", {}, lambda: wire(issued_at_ms=T0 - TTL, expires_at_ms=T0), Reason.EXPIRED),
+    ("not yet valid", {}, lambda: wire(issued_at_ms=T0 + 10 * 60_000, expires_at_ms=T0 + TTL * 2),
+     Reason.NOT_YET_VALID),
+    ("oversized", {}, lambda: b"\x80" * 9000, Reason.OVERSIZED),
+    ("malformed", {}, lambda: b"\xdd\xff\xff\xff\xff", Reason.MALFORMED),
+]
+
+
+@pytest.mark.parametrize(("kw", "make", "reason"), [r[1:] for r in BOOK_BAD], ids=[r[0] for r in BOOK_BAD])
+def test_book_rejections_are_counted_by_reason(kw: dict[str, Any], make: Callable[[], bytes], reason: Reason) -> None:
+    b = book(**kw)
+    data = make()
+    assert reason_of(lambda: b.ingest(data, T0)) is reason
+    assert reason_of(lambda: b.ingest(data, T0)) is reason
+    assert b.rejections == {reason: 2}
+    assert b.adverts == {} and b.accepted == 0
+
+
+def test_check_record_skips_only_the_seq_rule() -> None:
+    # A DHT record is checked for everything but freshness against our book.
+    b = book(allow_simulated=False)
+    b.ingest(wire(seq=5), T0)
+    assert b.check_record(wire(seq=5), T0).advert.seq == 5
+    assert b.check_record(wire(seq=4), T0).advert.seq == 4
+    assert reason_of(lambda: b.check_record(wire(simulated=True), T0)) is Reason.SIMULATED_FORBIDDEN
+    assert reason_of(lambda: b.check_record(wire(network="x"), T0)) is Reason.WRONG_NETWORK
+    assert reason_of(lambda: b.check_record(wire(), T0 + TTL)) is Reason.EXPIRED
+    assert b.rejections == {}  # check_record counts nothing
+
+
+def test_ingest_can_leave_replays_uncounted() -> None:
+    b = book()
+    b.ingest(wire(seq=5), T0)
+    assert reason_of(lambda: b.ingest(wire(seq=5), T0, count_replays=False)) is Reason.REPLAYED
+    assert b.rejections == {}
+    assert reason_of(lambda: b.ingest(wire(seq=5, network="x"), T0, count_replays=False)) is Reason.WRONG_NETWORK
+    assert b.rejections == {Reason.WRONG_NETWORK: 1}
+
+
+def test_simulated_allowed_where_the_network_allows() -> None:
+    b = book(allow_simulated=True)
+    assert b.ingest(wire(simulated=True), T0).advert.simulated
+
+
+def test_expire_drops_stale_adverts_in_order() -> None:
+    b = book()
+    b.ingest(wire(ALICE, expires_at_ms=T0 + 1000), T0)
+    b.ingest(wire(BOB, expires_at_ms=T0 + 2000), T0)
+    b.ingest(wire(MALLORY, expires_at_ms=T0 + 1000), T0)
+    assert b.expire(T0 + 999) == []
+    assert len(b.live(T0 + 999)) == 3
+    # live() hides expired adverts even before expire() runs.
+    assert [a.peer_id for a in b.live(T0 + 1000)] == [BOB.peer_id]
+    assert b.expire(T0 + 1000) == sorted([ALICE.peer_id, MALLORY.peer_id])
+    assert list(b.adverts) == [BOB.peer_id]
+    assert b.expire(T0 + 5000) == [BOB.peer_id]
+    assert b.adverts == {}
+
+
+def test_after_expiry_a_lower_seq_is_accepted_again() -> None:
+    # Once forgotten, a peer that restarted with a lower seq can rejoin.
+    b = book()
+    b.ingest(wire(seq=10, expires_at_ms=T0 + 1000), T0)
+    b.expire(T0 + 1000)
+    b.ingest(wire(seq=3, issued_at_ms=T0 + 1000, expires_at_ms=T0 + 5000), T0 + 1000)
+    assert b.adverts[ALICE.peer_id].advert.seq == 3
+
+
+def test_full_book_evicts_the_advert_that_expires_first() -> None:
+    b = book(adverts_max=2)
+    b.ingest(wire(ALICE, expires_at_ms=T0 + 2000), T0)
+    b.ingest(wire(BOB, expires_at_ms=T0 + 1000), T0)
+    # Mallory's advert outlives Bob's: Bob's goes.
+    b.ingest(wire(MALLORY, expires_at_ms=T0 + 3000), T0)
+    assert sorted(b.adverts) == sorted([ALICE.peer_id, MALLORY.peer_id])
+    # A newcomer that would not outlive anyone is refused and counted.
+    carol = Identity.from_rng(random.Random(13))
+    assert reason_of(lambda: b.ingest(wire(carol, expires_at_ms=T0 + 2000), T0)) is Reason.LIMIT_EXCEEDED
+    assert b.rejections == {Reason.LIMIT_EXCEEDED: 1}
+    # A known peer's update is never refused for space.
+    b.ingest(wire(ALICE, seq=2, expires_at_ms=T0 + 500), T0)
+    assert len(b.adverts) == 2 and b.adverts[ALICE.peer_id].advert.seq == 2
+
+
+def test_full_book_eviction_tie_breaks_by_peer_id() -> None:
+    b = book(adverts_max=2)
+    b.ingest(wire(ALICE, expires_at_ms=T0 + 1000), T0)
+    b.ingest(wire(BOB, expires_at_ms=T0 + 1000), T0)
+    b.ingest(wire(MALLORY, expires_at_ms=T0 + 3000), T0)
+    survivor = max(ALICE.peer_id, BOB.peer_id)
+    assert sorted(b.adverts) == sorted([survivor, MALLORY.peer_id])
+
+
+def test_add_own_follows_the_seq_rule() -> None:
+    b = book()
+    b.add_own(sign_advert(ALICE, make_advert(seq=2)))
+    b.add_own(sign_advert(ALICE, make_advert(seq=1, gpus_free=0)))
+    assert b.adverts[ALICE.peer_id].advert.seq == 2
+    b.add_own(sign_advert(ALICE, make_advert(seq=3, gpus_free=0)))
+    assert b.adverts[ALICE.peer_id].advert.gpus_free == 0
+    assert reason_of(lambda: b.ingest(wire(seq=3), T0)) is Reason.REPLAYED
+
+
+def test_market_filters() -> None:
+    b = book()
+    b.ingest(wire(ALICE, gpus=(H100,), gpus_free=1), T0)
+    b.ingest(wire(BOB, gpus=(A10, A10), gpus_free=2), T0)
+    b.ingest(wire(MALLORY, gpus=(), gpus_free=0, expires_at_ms=T0 + 10), T0)
+    ids = lambda rows: [a.peer_id for a in rows]  # noqa: E731
+    assert ids(b.market(T0)) == sorted([ALICE.peer_id, BOB.peer_id])  # no GPUs: not on the market
+    assert ids(b.market(T0, model="h100")) == [ALICE.peer_id]
+    assert ids(b.market(T0, model="A10")) == [BOB.peer_id]
+    assert ids(b.market(T0, model="V100")) == []
+    assert ids(b.market(T0, memory_mb_min=24_000)) == [ALICE.peer_id]
+    assert ids(b.market(T0, model="a10", memory_mb_min=24_000)) == []
+    assert ids(b.market(T0 + TTL)) == []  # expired adverts leave the market
+
+
+@pytest.mark.parametrize(("prev", "now", "expected"), [(0, T0, T0), (T0 + 5, T0, T0 + 6), (T0, T0, T0 + 1), (7, 3, 8)])
+def test_next_seq(prev: int, now: int, expected: int) -> None:
+    assert next_seq(prev, now) == expected
