@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"p2pgpu: error: {exc}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # stdout closed early (e.g. `| head`): not an error of ours.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("p2pgpu: interrupted", file=sys.stderr)
         return 130

@@ -118,9 +118,10 @@ class GpuInfo:
 
 
 def class_key(gpu_class: str) -> str:
-    """DHT key for a GPU class.  py-libp2p refuses non-multihash keys over 50
-    bytes, so the class is hashed: ``/p2pgpu/c/<32 hex>`` is 42 bytes."""
-    return "/p2pgpu/c/" + hashlib.sha256(gpu_class.encode()).hexdigest()[:32]
+    """DHT provider key of a GPU class: the hex of a sha256 multihash
+    (``1220`` + digest) of ``/p2pgpu/class/<class>``.  py-libp2p reads provider
+    keys as hex multihashes and refuses other keys over 50 bytes."""
+    return "1220" + hashlib.sha256(f"/p2pgpu/class/{gpu_class}".encode()).hexdigest()
 
 
 def advert_key(peer_id: str) -> str:
@@ -265,24 +266,35 @@ class AdvertBook:
     rejections: dict[Reason, int] = field(default_factory=dict)
     accepted: int = 0
 
-    def check(self, data: bytes, now_ms: int) -> SignedAdvert:
-        """Validate without storing (a GossipSub validator uses this)."""
+    def check_record(self, data: bytes, now_ms: int) -> SignedAdvert:
+        """Signature, schema, time and network rules, but not the sequence
+        rule: what a DHT record must satisfy to be stored or served."""
         sa = verify_advert(data, now_ms=now_ms)
         adv = sa.advert
         if adv.network != self.network:
             raise PeerMisbehaved(Reason.WRONG_NETWORK, f"advert for network {adv.network!r}")
         if adv.simulated and not self.allow_simulated:
             raise PeerMisbehaved(Reason.SIMULATED_FORBIDDEN, f"network {self.network!r} refuses simulated GPUs")
+        return sa
+
+    def check(self, data: bytes, now_ms: int) -> SignedAdvert:
+        """Validate without storing: every rule, including that ``seq`` must
+        be above the one we know for that peer (a replay is refused)."""
+        sa = self.check_record(data, now_ms)
+        adv = sa.advert
         known = self.adverts.get(adv.peer_id)
         if known is not None and adv.seq <= known.advert.seq:
             raise PeerMisbehaved(Reason.REPLAYED, f"seq {adv.seq} <= known {known.advert.seq}")
         return sa
 
-    def ingest(self, data: bytes, now_ms: int) -> SignedAdvert:
+    def ingest(self, data: bytes, now_ms: int, *, count_replays: bool = True) -> SignedAdvert:
+        """Store a newer advert or raise.  ``count_replays=False`` is for
+        syncing a peer's whole book, where already-known adverts are normal."""
         try:
             sa = self.check(data, now_ms)
         except PeerMisbehaved as exc:
-            self.rejections[exc.reason] = self.rejections.get(exc.reason, 0) + 1
+            if count_replays or exc.reason is not Reason.REPLAYED:
+                self.rejections[exc.reason] = self.rejections.get(exc.reason, 0) + 1
             raise
         self._store(sa)
         return sa

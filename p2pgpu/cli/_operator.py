@@ -1,0 +1,233 @@
+"""Operator commands: ``init``, ``node run``, ``status``, ``peers``, ``gpus``, ``market``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from p2pgpu.home import Home, HomeError, load_networks
+
+from ._common import CliError, add_home, add_json, emit, home_of, table, wrap_home_errors
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("init", help="create a node home: identity key, config.toml",
+                       description="Create the node home (identity key with mode 0600, config.toml, control "
+                                   "token) and print the peer id. Refuses to overwrite an existing identity.")
+    add_home(p)
+    p.add_argument("--network", default="local", help="network name from bootstrap_peers.toml (default: local)")
+    p.add_argument("--payout-address", default="", metavar="PUBKEY",
+                   help="Solana address that receives this node's payouts")
+    add_json(p)
+    p.set_defaults(func=wrap_home_errors(cmd_init))
+
+    node = sub.add_parser("node", help="run the node daemon").add_subparsers(dest="node_command", metavar="SUBCOMMAND")
+    node.required = True
+    p = node.add_parser("run", help="run the daemon in the foreground until SIGINT/SIGTERM",
+                        description="Run the node daemon in the foreground: join the network, advertise this "
+                                    "machine's GPUs, keep the market, serve the local control API. Stops cleanly "
+                                    "on SIGINT or SIGTERM.")
+    add_home(p)
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="listen address (repeatable; default from config.toml; /ip4/127.0.0.1/tcp/0 picks a port)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                   help="a peer to join through, ending in /p2p/PEER_ID (repeatable; adds to the network's list)")
+    p.add_argument("--gpus-from", metavar="FILE",
+                   help="read the GPU inventory from a JSON file instead of NVML (test networks only; "
+                        "the adverts are marked simulated)")
+    p.add_argument("--control-port", type=int, metavar="N", help="control API port on 127.0.0.1 (0: any free)")
+    p.add_argument("--advert-ttl", type=int, metavar="SECONDS", help="advert lifetime (default from config.toml)")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    p.set_defaults(func=wrap_home_errors(cmd_node_run))
+
+    p = sub.add_parser("status", help="status of the running daemon",
+                       description="Status of the daemon running for this home: peer id, addresses, peers, "
+                                   "adverts known, jobs by state, uptime. Exits 1 when no daemon runs.")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=wrap_home_errors(cmd_status))
+
+    p = sub.add_parser("peers", help="connected peers", description="Peers the daemon is connected to.")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=wrap_home_errors(cmd_peers))
+
+    p = sub.add_parser("gpus", help="this machine's GPU inventory",
+                       description="This machine's GPU inventory as the advert would carry it, or why there "
+                                   "is none. `--json` output can be saved and replayed with --gpus-from.")
+    p.add_argument("--gpus-from", metavar="FILE", help="show this inventory file instead of asking NVML")
+    add_json(p)
+    p.set_defaults(func=cmd_gpus)
+
+    p = sub.add_parser("market", help="GPU supply this node knows of",
+                       description="GPU supply the running daemon knows of: one row per advertising peer.")
+    add_home(p)
+    p.add_argument("--model", metavar="TEXT", help="only GPUs whose model contains TEXT (case-insensitive)")
+    p.add_argument("--min-vram-gb", type=float, default=0, metavar="N", help="only GPUs with at least N GiB")
+    add_json(p)
+    p.set_defaults(func=wrap_home_errors(cmd_market))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    identity = home.init(network=args.network, payout_address=args.payout_address)
+    emit(args, {"peer_id": identity.peer_id, "home": str(home.path), "network": args.network},
+         lambda d: d["peer_id"])
+    return 0
+
+
+def load_inventory(gpus_from: str | None) -> Any:
+    from p2pgpu.gpu import InventoryError, detect, from_file  # noqa: PLC0415
+
+    if gpus_from:
+        try:
+            return from_file(gpus_from)
+        except InventoryError as exc:
+            raise CliError(f"--gpus-from: {exc}") from None
+    return detect()
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    inv = load_inventory(args.gpus_from)
+
+    def human(d: dict[str, Any]) -> str:
+        if not d["gpus"]:
+            return d["reason"] or "no GPUs"
+        rows = [[str(i), g["model"], str(g["memory_mb"]), g["compute_capability"], g["driver_version"],
+                 g["cuda_version"]] for i, g in enumerate(d["gpus"])]
+        out = table(rows, ["#", "MODEL", "MEMORY_MB", "CC", "DRIVER", "CUDA"])
+        return out + ("\n(simulated inventory from a file)" if d["simulated"] else "")
+
+    emit(args, inv.to_json(), human)
+    return 0
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415 - heavy imports only for the daemon
+
+    from p2pgpu.node import Node, NodeOptions  # noqa: PLC0415
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    home = home_of(args)
+    identity = home.identity()
+    config = home.config()
+    nets = load_networks()
+    if config.network not in nets:
+        raise CliError(f"config.toml names unknown network {config.network!r}; known: {', '.join(sorted(nets))}")
+    network = nets[config.network]
+    inventory = load_inventory(args.gpus_from)
+    if inventory.simulated and not network.allow_simulated:
+        raise CliError(f"network {network.name!r} refuses simulated GPUs: drop --gpus-from or use --network local")
+    if home.control_path.exists():
+        from p2pgpu.node import DaemonUnavailable, call  # noqa: PLC0415
+
+        try:
+            doc = json.loads(home.control_path.read_text())
+            call(int(doc["port"]), home.token(), "status", timeout_s=2.0)
+        except (DaemonUnavailable, ValueError, KeyError, OSError):
+            home.control_path.unlink(missing_ok=True)  # left by a daemon that died
+        else:
+            raise CliError(f"a daemon already runs for {home.path} (pid {doc.get('pid')}); stop it first")
+    options = NodeOptions(
+        listen=args.listen or config.listen,
+        bootstrap=args.bootstrap,
+        control_port=config.control_port if args.control_port is None else args.control_port,
+        advert_ttl_s=args.advert_ttl or config.advert_ttl_s,
+    )
+    node = Node(identity=identity, config=config, network=network, inventory=inventory, options=options, home=home)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                await nursery.start(node.run)
+                print(json.dumps({"peer_id": identity.peer_id, "addrs": node.stack.addrs() if node.stack else [],
+                                  "control_port": node.control_port}), flush=True)
+                nursery.start_soon(_stop_when_node_ends, node, nursery)
+                async for signum in signals:
+                    print(f"p2pgpu: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
+
+
+async def _stop_when_node_ends(node: Any, nursery: Any) -> None:
+    # `shutdown` over the control API stops the node; then end the process too.
+    import trio  # noqa: PLC0415
+
+    while node._cancel is None or not node._cancel.cancel_called:
+        await trio.sleep(0.2)
+    await trio.sleep(0.1)
+    nursery.cancel_scope.cancel()
+
+
+def daemon_call(home: Home, method: str, params: dict[str, Any] | None = None, *, timeout_s: float = 30.0) -> Any:
+    """Call the daemon of ``home``, turning every failure into a clear CliError."""
+    from p2pgpu.node import ControlError, DaemonUnavailable, call  # noqa: PLC0415
+
+    if not home.control_path.exists():
+        raise CliError(f"no daemon runs for {home.path}: start one with `p2pgpu node run --home {home.path}`")
+    try:
+        doc = json.loads(home.control_path.read_text())
+        port = int(doc["port"])
+    except (OSError, ValueError, KeyError):
+        raise CliError(f"{home.control_path} is unreadable: is the daemon starting? try again") from None
+    try:
+        return call(port, home.token(), method, params, timeout_s=timeout_s)
+    except DaemonUnavailable as exc:
+        raise CliError(f"no daemon answers for {home.path} ({exc}); start one with `p2pgpu node run`") from None
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = daemon_call(home_of(args), "status")
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [f"peer id      {d['peer_id']}", f"network      {d['network']}",
+                 f"peers        {d['peers']}", f"adverts      {d['adverts_known']}",
+                 f"gpus         {d['gpus']} ({d['gpus_free']} free)", f"uptime       {d['uptime_s']:.0f} s"]
+        lines += [f"address      {a}" for a in d["addrs"]]
+        if d["jobs"]:
+            lines.append("jobs         " + ", ".join(f"{k}: {v}" for k, v in sorted(d["jobs"].items())))
+        if d["rejections"]:
+            lines.append("rejected     " + ", ".join(f"{k}: {v}" for k, v in d["rejections"].items()))
+        return "\n".join(lines)
+
+    emit(args, doc, human)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    rows = daemon_call(home_of(args), "peers")
+    emit(args, rows, lambda rs: table(
+        [[r["peer_id"], "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", (r["addrs"] or ["-"])[0]]
+         for r in rs], ["PEER_ID", "LATENCY_MS", "ADDR"]) or "no peers connected")
+    return 0
+
+
+def cmd_market(args: argparse.Namespace) -> int:
+    if args.min_vram_gb < 0:
+        raise CliError("--min-vram-gb must not be negative")
+    rows = daemon_call(home_of(args), "market", {"model": args.model, "min_vram_gb": args.min_vram_gb})
+
+    def human(rs: list[dict[str, Any]]) -> str:
+        out = []
+        for r in rs:
+            gpus = ", ".join(f"{g['count']}x {g['model']} {round(g['memory_mb'] / 1024)} GiB" for g in r["gpus"])
+            expires = time.strftime("%H:%M:%S", time.localtime(r["expires_at"] / 1000))
+            out.append([r["peer_id"], gpus, f"{r['gpus_free']}", f"{r['price']} {r['currency']}", r["region"], expires])
+        return table(out, ["PEER_ID", "GPUS", "FREE", "PRICE/GPU-H", "REGION", "EXPIRES"]) or "no GPU supply known yet"
+
+    emit(args, rows, human)
+    return 0
+
+
+__all__ = ["register", "daemon_call", "HomeError"]

@@ -1,0 +1,519 @@
+"""The node daemon: adverts over GossipSub and the DHT, the market, control.
+
+The daemon is a driver: the advert book (``p2pgpu.core.AdvertBook``) decides
+what is valid and what is kept; this module carries bytes between it and
+libp2p, runs the timers, and answers the control API.  Every task lives in
+the one nursery that :meth:`Node.run` owns; cancelling it (SIGINT/SIGTERM in
+``node run``) stops everything and removes ``control.json``.
+
+Loops, each small and bounded:
+- advert: sign and publish our advert, again at half its lifetime or when our
+  free capacity changes;
+- dht: store our advert under its key and announce us as a provider of our
+  GPU classes, after each new advert;
+- connect: keep up to ``peers_target`` peers, dialing addresses learnt from
+  adverts, retrying the bootstrap list while we have no peer, and syncing the
+  market from each new peer (``/p2pgpu/market/1.0.0``) so a newcomer sees
+  every advert at once instead of waiting for the next refresh;
+- expire: drop expired adverts; ping: measure peer latency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.host.ping import PingService
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.records.utils import InvalidRecordType
+from libp2p.records.validator import Validator
+import multiaddr
+
+from p2pgpu.core import (
+    Advert,
+    AdvertBook,
+    Identity,
+    PeerMisbehaved,
+    Reason,
+    SignedAdvert,
+    advert_key,
+    class_key,
+    decode,
+    encode,
+    next_seq,
+    sign_advert,
+    verify_advert,
+)
+from p2pgpu.gpu import Inventory
+from p2pgpu.home import Config, Home, NetworkSpec
+
+from ._control import ControlError, ControlServer
+from ._stack import Stack, open_stack
+from ._streams import StreamGone, guarded, read_frame, request, write_frame
+
+log = logging.getLogger("p2pgpu.node")
+
+ADVERTS_TOPIC = "/p2pgpu/adverts/1"
+MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
+market_request_bytes_max = 1024
+market_sync_adverts_max = 2000
+
+
+def wall_ms() -> int:
+    """Wall clock in ms: adverts carry signed timestamps that leave the process."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(kw_only=True)
+class NodeOptions:
+    listen: list[str]
+    bootstrap: list[str] = field(default_factory=list)
+    control_port: int = 0
+    advert_ttl_s: int = 600
+    peers_target: int = 8
+    connect_interval_s: float = 1.0
+    ping_interval_s: float = 5.0
+    dial_timeout_s: float = 3.0
+
+
+class AdvertRecordValidator(Validator):
+    """DHT records under ``/p2pgpu/a/...``: a valid signed advert whose key is
+    that of its own peer id; ``select`` keeps the highest sequence number."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    def _check(self, key: str, value: bytes) -> SignedAdvert:
+        try:
+            sa = self.node.book.check_record(value, self.node.now_ms())
+        except PeerMisbehaved as exc:
+            self.node.counts[f"dht:{exc.reason.name.lower()}"] += 1
+            raise InvalidRecordType(str(exc)) from None
+        if advert_key(sa.advert.peer_id) != key:
+            self.node.counts["dht:wrong_key"] += 1
+            raise InvalidRecordType("advert stored under another peer's key")
+        return sa
+
+    def validate(self, key: str, value: bytes) -> None:
+        self._check(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        best, best_seq = 0, -1
+        for i, v in enumerate(values):
+            try:
+                seq = self._check(key, v).advert.seq
+            except InvalidRecordType:
+                continue
+            if seq > best_seq:
+                best, best_seq = i, seq
+        return best
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        config: Config,
+        network: NetworkSpec,
+        inventory: Inventory,
+        options: NodeOptions,
+        home: Home | None = None,
+        now_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.network = network
+        self.inventory = inventory
+        self.options = options
+        self.home = home
+        self.now_ms = now_ms
+        self.book = AdvertBook(network=network.name, allow_simulated=network.allow_simulated)
+        self.counts: Counter[str] = Counter()
+        self.latency_ms: dict[str, float] = {}
+        self.gpus_reserved = 0
+        self.started_at_s = 0.0
+        self.control_port = 0
+        self.stack: Stack | None = None
+        self._seq = 0
+        self._own: SignedAdvert | None = None
+        self._republish = trio.Event()
+        self._dht_due = trio.Event()
+        self._synced: dict[str, bool] = {}
+        self._cancel: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus["Node"] = trio.TASK_STATUS_IGNORED) -> None:
+        self.started_at_s = trio.current_time()
+        validators: dict[str, Validator] = {"p2pgpu": AdvertRecordValidator(self)}
+        async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators) as stack:
+            self.stack = stack
+            stack.pubsub.set_topic_validator(ADVERTS_TOPIC, self._validate_advert, False)
+            sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
+            stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
+            control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
+                                    stream_handlers={})
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._cancel = nursery.cancel_scope
+                    self.control_port = await nursery.start(control.serve, self.options.control_port)
+                    self._write_control_file()
+                    nursery.start_soon(self._drain, sub)
+                    nursery.start_soon(self._advert_loop)
+                    nursery.start_soon(self._dht_loop)
+                    nursery.start_soon(self._connect_loop)
+                    nursery.start_soon(self._expire_loop)
+                    nursery.start_soon(self._ping_loop)
+                    task_status.started(self)
+            finally:
+                self._remove_control_file()
+
+    def stop(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def _write_control_file(self) -> None:
+        if self.home is None:
+            return
+        doc = {"port": self.control_port, "pid": os.getpid(), "peer_id": self.identity.peer_id,
+               "addrs": self.stack.addrs() if self.stack else []}
+        tmp = self.home.control_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.home.control_path)
+
+    def _remove_control_file(self) -> None:
+        if self.home is not None:
+            try:
+                doc = json.loads(self.home.control_path.read_text())
+            except (OSError, ValueError):
+                return
+            if doc.get("pid") == os.getpid():
+                self.home.control_path.unlink(missing_ok=True)
+
+    # --------------------------------------------------------------- adverts
+
+    def _make_advert(self) -> SignedAdvert:
+        assert self.stack is not None
+        now = self.now_ms()
+        self._seq = next_seq(self._seq, now)
+        gpus = self.inventory.gpus
+        adv = Advert(
+            peer_id=self.identity.peer_id,
+            network=self.network.name,
+            addrs=tuple(self.stack.addrs()[:8]),
+            seq=self._seq,
+            issued_at_ms=now,
+            expires_at_ms=now + self.options.advert_ttl_s * 1000,
+            gpus=gpus,
+            gpus_free=max(0, len(gpus) - self.gpus_reserved),
+            price_per_gpu_hour=self.config.price_per_gpu_hour,
+            currency=self.config.currency,
+            payout_address=self.config.payout_address,
+            region=self.config.region,
+            runtimes=("process",),
+            simulated=self.inventory.simulated,
+        )
+        return sign_advert(self.identity, adv)
+
+    def capacity_changed(self) -> None:
+        """Call when ``gpus_reserved`` changes: the advert is republished."""
+        self._republish.set()
+
+    async def _advert_loop(self) -> None:
+        assert self.stack is not None
+        while True:
+            sa = self._make_advert()
+            self._own = sa
+            self.book.add_own(sa)
+            await self.stack.pubsub.publish(ADVERTS_TOPIC, sa.wire)
+            self.counts["adverts_published"] += 1
+            self._dht_due.set()
+            self._republish = trio.Event()
+            with trio.move_on_after(max(1.0, self.options.advert_ttl_s / 2)):
+                await self._republish.wait()
+
+    def _validate_advert(self, forwarder: ID, msg: Any) -> bool:
+        """GossipSub validator: only adverts the book accepts are forwarded;
+        the rest are counted by reason and cost the forwarder score."""
+        if self.stack is not None and msg.from_id == self.stack.host.get_id().to_bytes():
+            return True  # our own advert, already in the book
+        try:
+            self.book.ingest(msg.data, self.now_ms())
+        except PeerMisbehaved as exc:
+            log.info("advert from %s rejected: %s", forwarder, exc)
+            return False
+        return True
+
+    async def _drain(self, sub: Any) -> None:
+        # Adverts are stored by the validator; the subscription is drained so
+        # its bounded queue never fills (and would drop with a log line).
+        while True:
+            await sub.get()
+            self.counts["adverts_delivered"] += 1
+
+    async def _dht_loop(self) -> None:
+        assert self.stack is not None
+        while True:
+            await self._dht_due.wait()
+            self._dht_due = trio.Event()
+            sa = self._own
+            if sa is None or not self.stack.host.get_connected_peers():
+                continue
+            with trio.move_on_after(30):
+                try:
+                    await self.stack.dht.put_value(advert_key(sa.advert.peer_id), sa.wire)
+                    for cls in sa.advert.gpu_classes:
+                        await self.stack.dht.provide(class_key(cls))
+                    self.counts["dht_announcements"] += 1
+                except (BaseLibp2pError, ValueError, InvalidRecordType) as exc:
+                    self.counts["dht_announce_failed"] += 1
+                    log.info("DHT announcement failed: %s", exc)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for pid in self.book.expire(self.now_ms()):
+                self.counts["adverts_expired"] += 1
+                log.debug("advert of %s expired", pid)
+
+    # ------------------------------------------------------------ the market
+
+    async def _serve_market(self, stream: Any) -> None:
+        req = decode(await read_frame(stream, market_request_bytes_max), size_max=market_request_bytes_max)
+        if not isinstance(req, dict) or req.get("want") != "adverts":
+            raise PeerMisbehaved(Reason.BAD_SCHEMA, "market request must be {want: adverts}")
+        limit = req.get("limit", market_sync_adverts_max)
+        if type(limit) is not int or not 0 < limit <= market_sync_adverts_max:
+            raise PeerMisbehaved(Reason.BAD_SCHEMA, "limit out of range")
+        now = self.now_ms()
+        for pid in sorted(self.book.adverts)[:limit]:
+            sa = self.book.adverts[pid]
+            if sa.advert.expires_at_ms > now:
+                await write_frame(stream, sa.wire)
+
+    async def _sync_market(self, peer_id: str) -> None:
+        assert self.stack is not None
+        try:
+            frames = await request(self.stack.host, peer_id, MARKET_PROTOCOL,
+                                   encode({"want": "adverts", "limit": market_sync_adverts_max}),
+                                   frame_bytes_max=8192, frames_max=market_sync_adverts_max, timeout_s=10.0)
+        except (StreamGone, PeerMisbehaved) as exc:
+            self.counts["market_sync_failed"] += 1
+            log.info("market sync with %s failed: %s", peer_id, exc)
+            return
+        for wire in frames:
+            try:
+                self.book.ingest(wire, self.now_ms(), count_replays=False)
+            except PeerMisbehaved:
+                continue  # counted by the book; one bad advert spoils nothing else
+        self.counts["market_syncs"] += 1
+
+    # ----------------------------------------------------------- connections
+
+    async def _dial(self, addr: str) -> bool:
+        assert self.stack is not None
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except (ValueError, BaseLibp2pError) as exc:
+            log.warning("not a dialable multiaddr %r: %s", addr, exc)
+            return False
+        if info.peer_id == self.stack.host.get_id():
+            return False
+        with trio.move_on_after(self.options.dial_timeout_s):
+            try:
+                await self.stack.host.connect(info)
+                return True
+            except (BaseLibp2pError, OSError) as exc:
+                log.info("dial %s failed: %s", addr, exc)
+        return False
+
+    async def _connect_loop(self) -> None:
+        assert self.stack is not None
+        host = self.stack.host
+        bootstrap = list(dict.fromkeys([*self.network.bootstrap, *self.options.bootstrap]))
+        while True:
+            connected = [p.to_base58() for p in host.get_connected_peers()]
+            if not connected:
+                for addr in bootstrap:
+                    await self._dial(addr)
+                connected = [p.to_base58() for p in host.get_connected_peers()]
+            for pid in connected:
+                if pid not in self._synced:
+                    self._synced[pid] = True
+                    try:
+                        await self.stack.dht.add_peer(ID.from_base58(pid))
+                    except (BaseLibp2pError, ValueError) as exc:
+                        log.debug("DHT add_peer %s: %s", pid, exc)
+                    await self._sync_market(pid)
+                    self._dht_due.set()
+            for pid in list(self._synced):
+                if pid not in connected:
+                    del self._synced[pid]
+            if len(connected) < self.options.peers_target:
+                await self._dial_from_adverts(connected)
+            await trio.sleep(self.options.connect_interval_s)
+
+    async def _dial_from_adverts(self, connected: list[str]) -> None:
+        # Prefer peers in an order that differs per node (rank by a hash of
+        # both ids) so that nodes do not all dial the same few peers.
+        me = self.identity.peer_id
+        candidates = [p for p in self.book.adverts if p != me and p not in connected]
+        candidates.sort(key=lambda p: hashlib.sha256((me + p).encode()).digest())
+        dialed = 0
+        for pid in candidates:
+            if dialed >= 2 or len(connected) + dialed >= self.options.peers_target:
+                break
+            for addr in self.book.adverts[pid].advert.addrs:
+                if await self._dial(addr):
+                    dialed += 1
+                    break
+
+    async def _ping_loop(self) -> None:
+        assert self.stack is not None
+        pinger = PingService(self.stack.host)
+        while True:
+            await trio.sleep(self.options.ping_interval_s)
+            for peer in self.stack.host.get_connected_peers()[:32]:
+                start = trio.current_time()
+                with trio.move_on_after(2.0):
+                    try:
+                        await pinger.ping(peer, 1)
+                        self.latency_ms[peer.to_base58()] = round((trio.current_time() - start) * 1000, 3)
+                    except (BaseLibp2pError, OSError) as exc:
+                        log.debug("ping %s failed: %s", peer, exc)
+
+    # ---------------------------------------------------------- control API
+
+    def control_handlers(self) -> dict[str, Any]:
+        return {
+            "status": self._status,
+            "peers": self._peers,
+            "market": self._market,
+            "gpus": self._gpus,
+            "dht.providers": self._providers,
+            "dht.get_advert": self._dht_get_advert,
+            "shutdown": self._shutdown,
+        }
+
+    async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.stack is not None
+        rejections: Counter[str] = Counter({r.name.lower(): n for r, n in self.book.rejections.items()})
+        return {
+            "peer_id": self.identity.peer_id,
+            "addrs": self.stack.addrs(),
+            "peers": len(self.stack.host.get_connected_peers()),
+            "adverts_known": len(self.book.live(self.now_ms())),
+            "jobs": {},
+            "uptime_s": round(trio.current_time() - self.started_at_s, 3),
+            "network": self.network.name,
+            "gpus": len(self.inventory.gpus),
+            "gpus_free": max(0, len(self.inventory.gpus) - self.gpus_reserved),
+            "rejections": dict(sorted(rejections.items())),
+            "counters": dict(sorted(self.counts.items())),
+            "control_port": self.control_port,
+        }
+
+    async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self.stack is not None
+        store = self.stack.host.get_peerstore()
+        rows = []
+        for peer in sorted(self.stack.host.get_connected_peers(), key=lambda p: p.to_base58()):
+            pid = peer.to_base58()
+            rows.append({"peer_id": pid, "addrs": [str(a) for a in store.addrs(peer)][:8],
+                         "latency_ms": self.latency_ms.get(pid)})
+        return rows
+
+    async def _market(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        model = params.get("model")
+        vram = params.get("min_vram_gb") or 0
+        if model is not None and not isinstance(model, str):
+            raise ControlError("model must be text")
+        if not isinstance(vram, (int, float)) or vram < 0:
+            raise ControlError("min_vram_gb must be a non-negative number")
+        rows = []
+        for adv in self.book.market(self.now_ms(), model=model, memory_mb_min=int(vram * 1024)):
+            rows.append(market_row(adv))
+        return rows
+
+    async def _gpus(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.inventory.to_json()
+
+    async def _providers(self, params: dict[str, Any]) -> list[str]:
+        cls = params.get("gpu_class")
+        if not isinstance(cls, str) or not cls:
+            raise ControlError("gpu_class is required, e.g. nvidia-h100-80gb-hbm3/80gb")
+        return await self.find_providers(cls)
+
+    async def find_providers(self, gpu_class: str) -> list[str]:
+        """Peers that announced ``gpu_class`` in the DHT: our own provider store
+        plus every connected peer's answer.  (py-libp2p's ``find_providers``
+        stops at the first local record it has, so it misses the rest.)"""
+        assert self.stack is not None
+        dht = self.stack.dht
+        key = bytes.fromhex(class_key(gpu_class))
+        found = {p.peer_id.to_base58() for p in dht.provider_store.get_providers(key)}
+        peers = self.stack.host.get_connected_peers()[:32]
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(5.0):
+                try:
+                    providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+                except (BaseLibp2pError, OSError) as exc:
+                    log.debug("GET_PROVIDERS from %s failed: %s", peer, exc)
+                    return
+                for p in providers or []:
+                    found.add(p.peer_id.to_base58())
+
+        async with trio.open_nursery() as n:
+            for peer in peers:
+                n.start_soon(ask, peer)
+        return sorted(found)
+
+    async def _dht_get_advert(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.stack is not None
+        pid = params.get("peer_id")
+        if not isinstance(pid, str):
+            raise ControlError("peer_id is required")
+        key = advert_key(pid)
+        # get_value answers from a stale local copy when it has one (notes,
+        # trap 4): forget it so the lookup goes to the network.
+        self.stack.dht.value_store.remove(key.encode())
+        with trio.move_on_after(10):
+            value = await self.stack.dht.get_value(key)
+            if value:
+                sa = verify_advert(value, now_ms=self.now_ms())
+                return {"found": True, "advert": market_row(sa.advert), "seq": sa.advert.seq}
+        return {"found": False}
+
+    async def _shutdown(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.stop()
+        return {"stopping": True}
+
+
+def market_row(adv: Advert) -> dict[str, Any]:
+    by_model: dict[tuple[str, int], int] = {}
+    for g in adv.gpus:
+        by_model[(g.model, g.memory_mb)] = by_model.get((g.model, g.memory_mb), 0) + 1
+    return {
+        "peer_id": adv.peer_id,
+        "gpus": [{"model": m, "memory_mb": mb, "count": c} for (m, mb), c in sorted(by_model.items())],
+        "gpus_free": adv.gpus_free,
+        "price": adv.price_per_gpu_hour,
+        "currency": adv.currency,
+        "region": adv.region,
+        "expires_at": adv.expires_at_ms,
+        "addrs": list(adv.addrs),
+        "simulated": adv.simulated,
+        "payout_address": adv.payout_address,
+        "runtimes": list(adv.runtimes),
+    }

@@ -1,0 +1,143 @@
+"""The libp2p stack of one node: host, GossipSub, Kademlia DHT, on trio.
+
+Shaped by what was measured (shared/notes/libp2p.md):
+- Noise only: the library's default security list also accepts plaintext,
+  TLS and SECIO; a node must refuse unencrypted connections.
+- ``max_connections_per_peer=1`` cuts connect time from ~250 ms to ~10 ms, and
+  health monitoring drops a silent peer instead of keeping it forever.
+- GossipSub speaks meshsub v1.1 and v1.0 (v1.2's IDONTWANT doubles the CPU
+  cost), heartbeats every second (the library's default is 120 s), and its
+  spam cap (10 msg/s per topic) is lifted: our own validators are the guard.
+- Services start before any peer dials in: a peer that connects before Pubsub
+  runs crashes it.
+- The library logs multi-line errors for every failed stream: its logger is
+  quieted to ERROR unless ``P2PGPU_LIBP2P_DEBUG`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
+from libp2p.records.validator import Validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+log = logging.getLogger("p2pgpu.node")
+
+
+def quiet_libp2p_logs() -> None:
+    if not os.environ.get("P2PGPU_LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    mesh_degree: int = 6
+    mesh_degree_low: int = 4
+    mesh_degree_high: int = 12
+    heartbeat_interval_s: int = 1
+    #: An invalid message costs this much score; at graylist_score the peer's
+    #: messages are ignored (GossipSub v1.1 P4).
+    invalid_message_weight: float = 10.0
+    graylist_score: float = -100.0
+    pubsub_rpc_bytes_max: int = 1 << 20
+    ping_timeout_s: float = 4.0
+
+
+@dataclass
+class Stack:
+    host: IHost
+    pubsub: Pubsub
+    gossipsub: GossipSub
+    dht: KadDHT
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+
+def _apply_patches() -> None:
+    try:
+        from p2pgpu.node import _patches  # noqa: PLC0415 - optional speed layer
+    except ImportError:
+        return
+    apply = getattr(_patches, "apply", None)
+    if callable(apply):  # the patch layer is optional; absent means upstream behaviour
+        apply()
+
+
+@asynccontextmanager
+async def open_stack(
+    seed: bytes,
+    listen: list[str],
+    *,
+    dht_validators: dict[str, Validator],
+    config: StackConfig = StackConfig(),
+) -> AsyncIterator[Stack]:
+    """Start host, Pubsub, GossipSub and DHT; stop them all on exit."""
+    quiet_libp2p_logs()
+    _apply_patches()
+    key_pair = create_new_key_pair(seed)
+    sec_opt = {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt=sec_opt,
+        muxer_preference="YAMUX",
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,
+            enable_health_monitoring=True,
+            ping_timeout=config.ping_timeout_s,
+        ),
+    )
+    score = ScoreParams(
+        p4_invalid_messages=TopicScoreParams(weight=config.invalid_message_weight, cap=100.0, decay=0.9),
+        graylist_threshold=config.graylist_score,
+    )
+    gossipsub = GossipSub(
+        [PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=config.mesh_degree,
+        degree_low=config.mesh_degree_low,
+        degree_high=config.mesh_degree_high,
+        heartbeat_interval=config.heartbeat_interval_s,
+        score_params=score,
+        spam_protection_enabled=False,
+        # All test peers share 127.0.0.1; IP diversity rules would starve the mesh.
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=config.pubsub_rpc_bytes_max)
+    dht = KadDHT(host, DHTMode.SERVER)
+    for namespace, validator in dht_validators.items():
+        dht.register_validator(namespace, validator)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(host.run([multiaddr.Multiaddr(a) for a in listen]))
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(gossipsub))
+        await stack.enter_async_context(background_trio_service(dht))
+        await pubsub.wait_until_ready()
+        try:
+            yield Stack(host=host, pubsub=pubsub, gossipsub=gossipsub, dht=dht)
+        finally:
+            # Pubsub starts a daemon thread for its seen-message cache that
+            # nothing stops (libp2p notes, trap 9).
+            seen = getattr(pubsub, "seen_messages", None)
+            stop = getattr(seen, "stop", None)
+            if callable(stop):
+                stop()
