@@ -1,0 +1,43 @@
+"""Running a job on this node: the bubblewrap sandbox.
+
+``check_sandbox()`` says whether jobs can run confined here (the node refuses
+jobs when it returns a reason); ``run_job(spec, policy, on_line=...)`` runs one
+job's command and returns a ``SandboxResult``.  See ``docs/sandbox.md``.
+"""
+
+from ._limits import BACKENDS, SandboxUnavailable
+from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs
+from ._sandbox import (
+    REASONS,
+    ClusterEnv,
+    JobRejected,
+    JobSpec,
+    SandboxPolicy,
+    SandboxResult,
+    bwrap_argv,
+    check_sandbox,
+    gpu_device_paths,
+    job_env,
+    run_job,
+    sandbox_memory_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "REASONS",
+    "ClusterEnv",
+    "JobRejected",
+    "JobSpec",
+    "OutputFile",
+    "OutputLimitExceeded",
+    "SandboxPolicy",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "bwrap_argv",
+    "check_sandbox",
+    "collect_outputs",
+    "gpu_device_paths",
+    "job_env",
+    "run_job",
+    "sandbox_memory_backend",
+]

@@ -1,0 +1,261 @@
+"""Memory limits for a sandboxed job: a cgroup when we can write one, else an rlimit.
+
+Three ways to bound a job's memory, tried in this order by :func:`memory_backend`:
+
+``cgroup2``  a child of our own cgroup v2 with ``memory.max`` (and
+             ``memory.swap.max = 0``); the kernel OOM-kills inside it and
+             ``memory.events`` counts ``oom_kill``: an exact, clear reason.
+``cgroup1``  the same with the v1 memory controller (``memory.limit_in_bytes``,
+             ``memory.oom_control``'s ``oom_kill``) on hybrid hosts, where the
+             v2 hierarchy has no memory controller (this development machine).
+``rlimit``   ``RLIMIT_AS`` (``ulimit -v``) on the sandbox plus a watchdog
+             summing the resident set of the sandbox's processes.  The job's
+             allocation fails instead of being killed, so the reason is
+             inferred (watchdog trip, or a failing exit whose stderr says it ran
+             out of memory).  CUDA reserves huge virtual ranges, so a GPU job
+             gets the RSS watchdog only.
+
+The job joins its cgroup through a two-line ``/bin/sh`` wrapper that writes its
+own pid into ``cgroup.procs`` and then ``exec``\\ s bubblewrap, so no byte of the
+job runs outside the limit and no ``preexec_fn`` runs in a forked child of a
+threaded process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+BACKENDS = ("cgroup2", "cgroup1", "rlimit")
+cgroup_drain_s = 5.0
+_OOM_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory",
+                b"CUDA out of memory")
+
+
+class SandboxUnavailable(Exception):
+    """The sandbox cannot run here (no bubblewrap, no namespaces, bad config):
+    the node must refuse jobs rather than run them unconfined."""
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, fstype, super options) of every mount."""
+    rows = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) >= 5 and len(rfields) >= 3:
+            rows.append((fields[4], rfields[0], rfields[2]))
+    return rows
+
+
+def _own_cgroup(controller: str) -> str | None:
+    """Our path in the hierarchy of ``controller`` ("" for v2)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        if (controller == "" and hid == "0" and ctrls == "") or controller in ctrls.split(","):
+            return path
+    return None
+
+
+def cgroup_base(version: str) -> Path | None:
+    """The directory under which job cgroups are made: our own cgroup."""
+    for mnt, fstype, opts in _mountinfo():
+        if version == "cgroup2" and fstype == "cgroup2":
+            own = _own_cgroup("")
+        elif version == "cgroup1" and fstype == "cgroup" and "memory" in opts.split(","):
+            own = _own_cgroup("memory")
+        else:
+            continue
+        if own is not None:
+            return Path(mnt) / own.lstrip("/")
+    return None
+
+
+@dataclass(kw_only=True)
+class MemoryLimit:
+    """One job's memory limit.  Make with :func:`open_memory_limit`, always
+    :meth:`close` (it removes the cgroup)."""
+
+    backend: str
+    limit_bytes: int
+    cgroup: Path | None = None
+    watchdog: bool = False
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside the limit (joins the cgroup or sets the rlimit first)."""
+        if self.cgroup is not None:
+            script = 'echo $$ > "$0/cgroup.procs" || exit 125; exec "$@"'
+            return ["/bin/sh", "-c", script, str(self.cgroup), *argv]
+        if self.backend == "rlimit" and not self.watchdog:
+            kib = max(1, self.limit_bytes // 1024)
+            return ["/bin/sh", "-c", f'ulimit -v {kib} || exit 125; exec "$@"', "p2pgpu-sandbox", *argv]
+        return argv
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel killed something in this job's cgroup for memory."""
+        if self.cgroup is None:
+            return False
+        name = "memory.events" if self.backend == "cgroup2" else "memory.oom_control"
+        try:
+            text = (self.cgroup / name).read_text()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit() and int(value) > 0:
+                return True
+        return False
+
+    def looks_out_of_memory(self, stderr_tail: bytes, exit_code: int | None, sig: int | None) -> bool:
+        """The rlimit backend's inference: the job failed and said why."""
+        if self.backend != "rlimit" or (exit_code == 0 and sig is None):
+            return False
+        return any(m in stderr_tail for m in _OOM_MARKERS)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process left in the cgroup (the pid namespace usually
+        took them with it already)."""
+        if self.cgroup is None:
+            return
+        kill_file = self.cgroup / "cgroup.kill"
+        if kill_file.exists():
+            try:
+                kill_file.write_text("1")
+                return
+            except OSError:
+                pass  # fall through to killing pid by pid
+        try:
+            pids = (self.cgroup / "cgroup.procs").read_text().split()
+        except OSError:
+            return
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+
+    async def aclose(self) -> None:
+        """Kill what is left and remove the cgroup, waiting (shielded, at most
+        ``cgroup_drain_s``) for the killed processes to leave it."""
+        if self.cgroup is None:
+            return
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(cgroup_drain_s):
+                while True:
+                    self.kill_all()
+                    try:
+                        self.cgroup.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError as exc:
+                        if exc.errno != errno.EBUSY:
+                            raise SandboxUnavailable(f"cannot remove job cgroup {self.cgroup}: {exc}") from None
+                    await trio.sleep(0.01)
+        if self.cgroup.exists():
+            raise SandboxUnavailable(f"job cgroup {self.cgroup} still holds processes")
+        self.cgroup = None
+
+
+def _make_cgroup(version: str, base: Path, limit_bytes: int) -> Path:
+    if version == "cgroup2":
+        try:
+            ctrls = (base / "cgroup.subtree_control").read_text().split()
+            if "memory" not in ctrls:
+                (base / "cgroup.subtree_control").write_text("+memory")
+        except OSError as exc:
+            raise OSError(f"cannot enable the memory controller under {base}: {exc}") from None
+    path = base / f"p2pgpu-{secrets.token_hex(6)}"
+    path.mkdir()
+    try:
+        if version == "cgroup2":
+            (path / "memory.max").write_text(str(limit_bytes))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+        else:
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            memsw = path / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                memsw.write_text(str(limit_bytes))
+    except OSError:
+        path.rmdir()
+        raise
+    return path
+
+
+def memory_backend(preference: str = "auto", base: Path | None = None) -> str:
+    """Which backend works here: ``preference`` if it works, else the first
+    of :data:`BACKENDS` that does.  Probes by making and removing a cgroup."""
+    order = BACKENDS if preference == "auto" else (preference,)
+    if preference not in ("auto", *BACKENDS):
+        raise ValueError(f"memory backend must be one of auto, {', '.join(BACKENDS)}")
+    for name in order:
+        if name == "rlimit":
+            return name
+        where = base or cgroup_base(name)
+        if where is None:
+            continue
+        try:
+            _make_cgroup(name, where, 1 << 30).rmdir()
+        except OSError:
+            continue
+        return name
+    raise SandboxUnavailable(f"memory backend {preference!r} does not work here")
+
+
+def open_memory_limit(backend: str, limit_bytes: int, *, gpus: int, base: Path | None = None) -> MemoryLimit:
+    """Prepare the limit for one job (creates its cgroup)."""
+    if backend == "rlimit":
+        return MemoryLimit(backend=backend, limit_bytes=limit_bytes, watchdog=bool(gpus))
+    where = base or cgroup_base(backend)
+    if where is None:
+        raise SandboxUnavailable(f"no {backend} hierarchy mounted")
+    try:
+        path = _make_cgroup(backend, where, limit_bytes)
+    except OSError as exc:
+        raise SandboxUnavailable(f"cannot make a {backend} cgroup under {where}: {exc}") from None
+    return MemoryLimit(backend=backend, limit_bytes=limit_bytes, cgroup=path)
+
+
+def descendants(root_pid: int) -> list[int]:
+    """``root_pid`` and all its descendants, from /proc (the sandbox's
+    orphans are reparented to its pid-namespace init, itself a descendant)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # comm may contain spaces and parentheses: ppid follows the last ')'.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+def rss_bytes(root_pid: int) -> int:
+    """Resident memory of ``root_pid`` and its descendants."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in descendants(root_pid):
+        try:
+            fields = Path(f"/proc/{pid}/statm").read_text().split()
+        except OSError:
+            continue
+        if len(fields) >= 2:
+            total += int(fields[1]) * page
+    return total
