@@ -37,6 +37,7 @@ class Kind(str, Enum):
     PROOF = "proof"
     COSIGN = "cosign"
     RESULT = "result"
+    CERTIFICATE = "certificate"
 
     @property
     def bytes_max(self) -> int:
@@ -60,6 +61,7 @@ _BYTES_MAX: dict[Kind, int] = {
     Kind.PROOF: 32 * 1024,
     Kind.COSIGN: 4 * 1024,
     Kind.RESULT: 16 * 1024,
+    Kind.CERTIFICATE: 64 * 1024,
 }
 _ENVELOPE_OVERHEAD = 256
 _KINDS = {k.value: k for k in Kind}

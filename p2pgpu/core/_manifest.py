@@ -19,7 +19,7 @@ import base64
 import binascii
 import hashlib
 import heapq
-import random
+from random import Random
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -394,7 +394,7 @@ def manifest_from_toml(
     *,
     submitter: str,
     now_ms: int,
-    rng: random.Random,
+    rng: Random,
     payer: str | None = None,
 ) -> Manifest:
     """Parse a person's manifest file.
