@@ -1,0 +1,193 @@
+"""Adversaries: each a small class that changes what some nodes do.
+
+An adversary picks its nodes (``count`` or ``fraction`` of the eligible ones,
+drawn from its own stream) and answers the few questions the world and the
+job flow ask at decision points: does the node claim capacity it lacks, does
+it accept, does it run, what result does it report, does it pay.  Adding an
+adversary is one subclass and one line in ``KINDS``.  Those that need a core
+that does not exist yet (leaders need the formation core) say so in
+``requires`` and are reported as inactive rather than silently doing nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from p2pgpu.core import GpuInfo
+
+from ._scenario import AdversarySection, ScenarioError
+
+if TYPE_CHECKING:
+    from ._world import World
+
+
+class Adversary:
+    kind = "base"
+    #: "workers" (nodes with a real identity that are not submitters) or "submitters"
+    pool = "workers"
+    requires = ""
+    replaces_adverts = False
+    claims_capacity = False
+    never_accepts = False
+    never_runs = False
+    never_pays = False
+    params_known: tuple[str, ...] = ()
+
+    def __init__(self, world: "World", cfg: AdversarySection) -> None:
+        self.world = world
+        self.cfg = cfg
+        for key in cfg.params:
+            if key not in self.params_known:
+                raise ScenarioError(f"adversary {self.kind}: unknown param {key!r} (known: {self.params_known})")
+        self.rng = world.engine.stream(f"adversary/{self.kind}")
+        self.nodes: list[int] = []
+        self.active = not self.requires
+
+    def pick(self, taken: dict[int, bool]) -> None:
+        w = self.world
+        if self.pool == "submitters":
+            pool = [i for i in w.jobs.submitters if i not in taken]
+        else:
+            pool = [i for i in range(w.n) if w.nodes[i].identity is not None and not w.nodes[i].submitter
+                    and i not in taken]
+        k = self.cfg.count or int(round(self.cfg.fraction * len(pool)))
+        self.nodes = sorted(self.rng.sample(pool, min(k, len(pool))))
+        for i in self.nodes:
+            taken[i] = True
+            w.nodes[i].adversary = self
+
+    # -- hooks (honest defaults) ----------------------------------------------------------------
+    def on_up(self, node: int) -> None:
+        """Called when one of its nodes joins or rejoins."""
+
+    def advertise(self, node: int) -> None:
+        """Only for ``replaces_adverts``: publish instead of the honest advert."""
+
+    def result(self, gpu_s: int, digest: bytes) -> tuple[int, bytes]:
+        return gpu_s, digest
+
+    def real_gpus(self, claimed: int) -> int:
+        """GPUs the node really has (the checker's ground truth)."""
+        return claimed
+
+
+class FakeCapability(Adversary):
+    """Advertises eight H100s it does not have, volunteers, and cannot run."""
+
+    kind = "fake_capability"
+    replaces_adverts = True
+    claims_capacity = True
+    never_runs = True
+    params_known = ("gpus",)
+    _gpu = GpuInfo(model="NVIDIA H100 80GB HBM3", memory_mb=81559, compute_capability="9.0")
+
+    def advertise(self, node: int) -> None:
+        w = self.world
+        gpus = (self._gpu,) * int(self.cfg.params.get("gpus", 8))
+        w.publish_advert(node, w.make_advert(node, gpus=gpus, gpus_free=len(gpus)))
+
+    def real_gpus(self, claimed: int) -> int:
+        return 0
+
+
+class AdvertSpam(Adversary):
+    """Publishes adverts far faster than the refresh interval: valid ones (a new
+    seq each time, which the book accepts: there is no per-peer rate limit) or,
+    with ``valid = false``, adverts with a broken signature."""
+
+    kind = "advert_spam"
+    params_known = ("rate_per_s", "valid")
+
+    def on_up(self, node: int) -> None:
+        self.world.engine.after(self._gap(), self._spam, (node, self.world.net.epoch[node]))
+
+    def _gap(self) -> int:
+        return int(self.rng.expovariate(float(self.cfg.params.get("rate_per_s", 10.0))) * 1_000_000) + 1
+
+    def _spam(self, arg: tuple[int, int]) -> None:
+        node, epoch = arg
+        w = self.world
+        if not w.net.up[node] or w.net.epoch[node] != epoch or w.engine.now_us >= w.quiet_us:
+            return
+        if bool(self.cfg.params.get("valid", True)):
+            w.publish_advert(node)
+        else:
+            adv = w.make_advert(node)
+            from p2pgpu.core import sign_advert
+            ident = w.nodes[node].identity
+            assert ident is not None
+            wire = bytearray(sign_advert(ident, adv).wire)
+            wire[-5] ^= 0xFF  # inside the signature: still decodes, no longer verifies
+            w.gossip.publish(node, "/p2pgpu/adverts/1", len(wire), bytes(wire), adv)
+        w.engine.after(self._gap(), self._spam, arg)
+
+
+class NeverAccept(Adversary):
+    """Volunteers for every job it matches, then never answers a proposal."""
+
+    kind = "never_accept"
+    never_accepts = True
+
+
+class InflateGpuSeconds(Adversary):
+    """Runs the job, then claims ``factor`` times the GPU-seconds it used."""
+
+    kind = "inflate_gpu_seconds"
+    params_known = ("factor",)
+
+    def result(self, gpu_s: int, digest: bytes) -> tuple[int, bytes]:
+        return int(gpu_s * float(self.cfg.params.get("factor", 10.0))) + 1, digest
+
+
+class WrongOutput(Adversary):
+    """Runs the job (or pretends to) and returns a wrong output digest."""
+
+    kind = "wrong_output"
+
+    def result(self, gpu_s: int, digest: bytes) -> tuple[int, bytes]:
+        return gpu_s, self.rng.randbytes(32)
+
+
+class NeverPay(Adversary):
+    """A submitter that takes the work and never pays for it."""
+
+    kind = "never_pay"
+    pool = "submitters"
+    never_pays = True
+
+
+class SilentLeader(Adversary):
+    """A cluster leader that proposes nothing (needs the formation core)."""
+
+    kind = "silent_leader"
+    requires = "formation"
+
+
+class LyingLeader(Adversary):
+    """A leader that proposes members who never accepted (needs the formation core)."""
+
+    kind = "lying_leader"
+    requires = "formation"
+
+
+KINDS: dict[str, type[Adversary]] = {c.kind: c for c in (
+    FakeCapability, AdvertSpam, NeverAccept, InflateGpuSeconds, WrongOutput, NeverPay, SilentLeader, LyingLeader,
+)}
+
+
+def make_adversaries(world: "World", sections: tuple[AdversarySection, ...]) -> list[Adversary]:
+    out: list[Adversary] = []
+    taken: dict[int, bool] = {}
+    for i, sec in enumerate(sections):
+        cls = KINDS.get(sec.kind)
+        if cls is None:
+            raise ScenarioError(f"adversary[{i}].kind: unknown {sec.kind!r} (known: {', '.join(KINDS)})")
+        adv = cls(world, sec)
+        if adv.active:
+            adv.pick(taken)
+        out.append(adv)
+    return out
+
+
+def inactive(advs: list[Adversary]) -> list[dict[str, Any]]:
+    return [{"kind": a.kind, "requires": a.requires} for a in advs if not a.active]

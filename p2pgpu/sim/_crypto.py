@@ -1,0 +1,61 @@
+"""The signature-verification cache: real Ed25519, once per unique signature.
+
+Verifying costs ~50 us; a thousand nodes each verifying a thousand adverts
+would spend most of a run there, re-checking the same bytes.  Signature
+verification is a pure function of (key, message, signature), so memoising it
+changes no decision the cores make, only the cost.  For the duration of a
+run, :func:`verify_cache` replaces the ``verify_signature`` name that
+``p2pgpu.core._envelope`` calls with a memoised wrapper around the real one,
+and restores it afterwards.  The cores' code is unchanged; a failed check is
+cached as the same ``PeerMisbehaved``.  ``adverts.verify = "every"`` runs
+the real check every time instead.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from p2pgpu.core import PeerMisbehaved
+from p2pgpu.core import _envelope
+
+cache_entries_max = 2_000_000
+
+
+class VerifyCache:
+    def __init__(self, real_fn: object) -> None:
+        self._real = real_fn
+        self._seen: dict[tuple[bytes, bytes, bytes], PeerMisbehaved | None] = {}
+        self.real = 0
+        self.hits = 0
+
+    def __call__(self, public_key: bytes, message: bytes, signature: bytes) -> None:
+        key = (bytes(public_key), bytes(message), bytes(signature))
+        if key in self._seen:
+            self.hits += 1
+            err = self._seen[key]
+        else:
+            self.real += 1
+            err = None
+            try:
+                self._real(public_key, message, signature)  # type: ignore[operator]
+            except PeerMisbehaved as exc:
+                err = exc
+            if len(self._seen) < cache_entries_max:
+                self._seen[key] = err
+        if err is not None:
+            raise PeerMisbehaved(err.reason, err.detail)
+
+
+@contextmanager
+def verify_cache(enabled: bool = True) -> Iterator[VerifyCache]:
+    real_fn = _envelope.verify_signature
+    cache = VerifyCache(real_fn)
+    if not enabled:
+        yield cache
+        return
+    _envelope.verify_signature = cache  # type: ignore[assignment]
+    try:
+        yield cache
+    finally:
+        _envelope.verify_signature = real_fn  # type: ignore[assignment]

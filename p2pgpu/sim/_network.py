@@ -1,0 +1,191 @@
+"""The simulated network: links, faults, connections, partitions.
+
+Nodes are integers ``0..n-1``; everything per node lives in flat lists
+indexed by node (fast, and small enough for 100,000 nodes).  A message is
+delivered as an engine event after serialisation on the sender's uplink
+(``bandwidth_mbps``) plus the one-way delay between the two regions (half the
+RTT of :mod:`._regions`, or ``link_ms`` in uniform mode) with +-``jitter_pct``
+uniform jitter.  Faults: loss, duplication, reordering (a share of messages
+held back by up to ``reorder_ms`` so later ones overtake them), partitions
+(messages across sides are dropped, and the connections die after
+``detect_ms``), and nodes going down (messages to a down node, or to an
+earlier incarnation of it, vanish).
+
+Connections are symmetric lists of peers.  Protocol models register a
+handler per message kind; the network only moves ``(src, payload)`` pairs.
+All draws come from the ``"net"`` stream, in event order, so they replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ._engine import Engine
+from ._regions import DEFAULT_WEIGHTS, REGIONS, intra_region_rtt_ms, rtt_ms
+from ._scenario import NetworkSection, ScenarioError
+
+Handler = Callable[[int, int, Any], None]
+
+
+class Network:
+    __slots__ = ("engine", "cfg", "n", "region", "region_names", "_delay_us", "_jit", "_loss", "_dup",
+                 "_reorder", "_reorder_us", "_us_per_byte", "_rng", "up", "epoch", "peers", "side",
+                 "uplink_free_us", "bytes_out", "bytes_in", "msgs_out", "dropped", "handlers",
+                 "on_peer_lost", "_detect_us", "live")
+
+    def __init__(self, engine: Engine, cfg: NetworkSection, n: int) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.n = n
+        self._rng = engine.stream("net")
+        weights = cfg.regions or DEFAULT_WEIGHTS
+        for name in weights:
+            if cfg.latency == "regions" and name not in REGIONS and not cfg.rtt_ms:
+                raise ScenarioError(f"network.regions.{name}: unknown region (known: {', '.join(REGIONS)})")
+        self.region_names = list(weights)
+        place = engine.stream("net/placement")
+        self.region = place.choices(range(len(self.region_names)), weights=list(weights.values()), k=n)
+        table = None
+        if cfg.rtt_ms:
+            table = {}
+            for key, ms in cfg.rtt_ms.items():
+                a, _, b = key.partition("|")
+                table[(a, b)] = int(ms)
+        names = self.region_names
+        if cfg.latency == "uniform":
+            self._delay_us = [[int(cfg.link_ms * 1000)] * len(names) for _ in names]
+        else:
+            intra = cfg.intra_region_rtt_ms if cfg.intra_region_rtt_ms else intra_region_rtt_ms
+            self._delay_us = [[int((intra if a == b else rtt_ms(a, b, table)) * 500) for b in names]
+                              for a in names]
+        self._jit = cfg.jitter_pct / 100.0
+        self._loss = cfg.loss_pct / 100.0
+        self._dup = cfg.duplicate_pct / 100.0
+        self._reorder = cfg.reorder_pct / 100.0
+        self._reorder_us = int(cfg.reorder_ms * 1000)
+        self._us_per_byte = 8.0 / cfg.bandwidth_mbps  # 1 Mbit/s = 1 bit/us
+        self._detect_us = int(cfg.detect_ms * 1000)
+        self.up = [False] * n
+        self.live = 0
+        self.epoch = [0] * n
+        self.peers: list[list[int]] = [[] for _ in range(n)]
+        self.side: list[int] | None = None
+        self.uplink_free_us = [0] * n
+        self.bytes_out = [0] * n
+        self.bytes_in = [0] * n
+        self.msgs_out = [0] * n
+        self.dropped = {"loss": 0, "down": 0, "partition": 0}
+        self.handlers: dict[str, Handler] = {}
+        #: called as on_peer_lost(node, peer) when ``node`` notices ``peer`` is gone
+        self.on_peer_lost: list[Callable[[int, int], None]] = []
+
+    # -- sending --------------------------------------------------------------
+    def send(self, src: int, dst: int, nbytes: int, kind: str, payload: Any) -> bool:
+        """Queue a message; False if it was dropped at once (cut, down or lost)."""
+        if not self.up[dst]:
+            self.dropped["down"] += 1
+            return False
+        side = self.side
+        if side is not None and side[src] != side[dst]:
+            self.dropped["partition"] += 1
+            return False
+        self.bytes_out[src] += nbytes
+        self.msgs_out[src] += 1
+        rng = self._rng
+        if self._loss and rng.random() < self._loss:
+            self.dropped["loss"] += 1
+            return False
+        engine = self.engine
+        now = engine.now_us
+        free = self.uplink_free_us[src]
+        start = free if free > now else now
+        done = start + int(nbytes * self._us_per_byte)
+        self.uplink_free_us[src] = done
+        base = self._delay_us[self.region[src]][self.region[dst]]
+        delay = base + int(base * self._jit * (2.0 * rng.random() - 1.0)) if self._jit else base
+        if self._reorder and rng.random() < self._reorder:
+            delay += int(rng.random() * self._reorder_us)
+        item = (dst, self.epoch[dst], src, nbytes, kind, payload)
+        engine.at(done + delay, self._arrive, item)
+        if self._dup and rng.random() < self._dup:
+            engine.at(done + delay + int(base * self._jit * rng.random()) + 1, self._arrive, item)
+        return True
+
+    def _arrive(self, item: tuple[int, int, int, int, str, Any]) -> None:
+        dst, epoch, src, nbytes, kind, payload = item
+        if not self.up[dst] or self.epoch[dst] != epoch:
+            self.dropped["down"] += 1
+            return
+        self.bytes_in[dst] += nbytes
+        self.handlers[kind](dst, src, payload)
+
+    def rtt_us(self, a: int, b: int) -> int:
+        return 2 * self._delay_us[self.region[a]][self.region[b]]
+
+    # -- connections ------------------------------------------------------------
+    def reachable(self, a: int, b: int) -> bool:
+        side = self.side
+        return self.up[a] and self.up[b] and (side is None or side[a] == side[b])
+
+    def connect(self, a: int, b: int) -> bool:
+        if a == b or not self.reachable(a, b):
+            return False
+        pa, pb = self.peers[a], self.peers[b]
+        if b in pa or len(pa) >= self.cfg.peers_max or len(pb) >= self.cfg.peers_max:
+            return False
+        pa.append(b)
+        pb.append(a)
+        return True
+
+    def _drop_link(self, a: int, b: int) -> None:
+        pa = self.peers[a]
+        if b in pa:
+            pa.remove(b)
+            for cb in self.on_peer_lost:
+                cb(a, b)
+
+    def node_down(self, node: int, *, crash: bool) -> None:
+        """``node`` stops; its peers notice at once (clean close) or after detect_ms (crash)."""
+        if self.up[node]:
+            self.live -= 1
+        self.up[node] = False
+        self.epoch[node] += 1
+        peers, self.peers[node] = self.peers[node], []
+        delay = self._detect_us if crash else 1000
+        for p in peers:
+            self.engine.after(delay, self._notice_gone, (p, node))
+
+    def _notice_gone(self, pair: tuple[int, int]) -> None:
+        self._drop_link(*pair)
+
+    def node_up(self, node: int) -> None:
+        if not self.up[node]:
+            self.live += 1
+        self.up[node] = True
+        self.uplink_free_us[node] = self.engine.now_us
+
+    # -- partitions -------------------------------------------------------------
+    def partition(self, side: list[int]) -> None:
+        """Cut the network into sides (``side[node]``); cross links die after detect_ms."""
+        self.side = side
+        self.engine.after(self._detect_us, self._cut_links, None)
+
+    def _cut_links(self, _: Any) -> None:
+        side = self.side
+        if side is None:
+            return
+        for a in range(self.n):
+            for b in list(self.peers[a]):
+                if side[a] != side[b]:
+                    self._drop_link(a, b)
+
+    def heal(self) -> None:
+        self.side = None
+
+    def random_live(self, rng: Any, tries: int = 32) -> int | None:
+        """A uniformly drawn node that is up (a stand-in for a DHT random walk)."""
+        for _ in range(tries):
+            c = rng.randrange(self.n)
+            if self.up[c]:
+                return c
+        return None
