@@ -19,6 +19,7 @@ from ._common import CliError
 COMMAND_MODULES = [
     "p2pgpu.cli._operator",
     "p2pgpu.cli._sim",
+    "p2pgpu.cli._ledger",
 ]
 
 
