@@ -14,7 +14,8 @@ figure.  Pure functions over bytes and values; ``docs/proofs.md`` is the
 reference for every field and rule.
 
 The certificate is anything with ``members`` (peer ids, in certificate order)
-and ``cert_hash`` (bytes): the formation core's certificate, or a stand-in.
+and a 32-byte hash, as ``cert_hash`` or ``digest``: the formation core's
+``Certificate`` (whose ``digest`` names it), or a stand-in in tests.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 from . import _schema as s
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
-from ._errors import PeerMisbehaved, Reason
+from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity
 
 digest_bytes = 32
@@ -80,13 +81,22 @@ class ProofRejected(PeerMisbehaved):
 
 
 class CertificateLike(Protocol):
-    """What verification needs of a confirmed cluster certificate."""
+    """What verification needs of a confirmed cluster certificate: its
+    members in order, and its hash as ``cert_hash`` or ``digest``."""
 
     @property
     def members(self) -> Sequence[str]: ...
 
-    @property
-    def cert_hash(self) -> bytes: ...
+
+def certificate_hash(cert: Any) -> bytes:
+    """The certificate's hash: ``cert.cert_hash`` if it has one, else
+    ``cert.digest`` (the formation core's ``Certificate``)."""
+    h = getattr(cert, "cert_hash", None)
+    if h is None:
+        h = getattr(cert, "digest", None)
+    if not isinstance(h, bytes) or len(h) != digest_bytes:
+        raise LocalProtocolError("a certificate needs a 32-byte cert_hash or digest")
+    return h
 
 
 def output_digest(files: Iterable[tuple[str, int, bytes]], stdout_sha256: bytes) -> bytes:
@@ -430,9 +440,11 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
                  Reason.SIGNER_MISMATCH: ProofFault.SIGNER_MISMATCH}.get(exc.reason, ProofFault.MALFORMED)
         raise ProofRejected(fault, exc.detail) from None
     p, members = sp.proof, list(cert.members)
+    if getattr(cert, "job_id", terms.job_id) != terms.job_id:
+        raise LocalProtocolError("the certificate is for another job than the terms")
     if p.job_id != terms.job_id:
         raise ProofRejected(ProofFault.WRONG_JOB, f"proof for job {p.job_id[:12]}")
-    if p.cert_hash != cert.cert_hash:
+    if p.cert_hash != certificate_hash(cert):
         raise ProofRejected(ProofFault.WRONG_CERTIFICATE, "not the confirmed certificate")
     if p.peer_id not in members:
         raise ProofRejected(ProofFault.NOT_A_MEMBER, f"{p.peer_id[:16]} is not in the certificate")
