@@ -5,7 +5,7 @@ the control API client (:func:`call`, :class:`DaemonUnavailable`).
 """
 
 from ._control import ControlError, DaemonUnavailable, call, call_stream
-from ._daemon import ADVERTS_TOPIC, MARKET_PROTOCOL, Node, NodeOptions, market_row, wall_ms
+from ._daemon import ADVERTS_TOPIC, MARKET_PROTOCOL, STREAM_PROTOCOLS, TOPICS, Node, NodeOptions, market_row, wall_ms
 
 __all__ = [
     "ADVERTS_TOPIC",
@@ -14,6 +14,8 @@ __all__ = [
     "DaemonUnavailable",
     "Node",
     "NodeOptions",
+    "STREAM_PROTOCOLS",
+    "TOPICS",
     "call",
     "call_stream",
     "market_row",

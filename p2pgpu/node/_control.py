@@ -131,10 +131,10 @@ def call_stream(port: int, token: str, method: str, params: dict[str, Any] | Non
         sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
     except OSError as exc:
         raise DaemonUnavailable(f"cannot reach the daemon's control port {port}: {exc.strerror or exc}") from None
-    with sock:
+    # The file made by makefile() holds the socket open: close both.
+    with sock, sock.makefile("rb") as f:
         sock.settimeout(timeout_s)
         sock.sendall(json.dumps({"token": token, "method": method, "params": params or {}}).encode() + b"\n")
-        f = sock.makefile("rb")
         while True:
             try:
                 line = f.readline(request_bytes_max * 8)

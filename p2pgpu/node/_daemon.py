@@ -64,6 +64,9 @@ log = logging.getLogger("p2pgpu.node")
 
 ADVERTS_TOPIC = "/p2pgpu/adverts/1"
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
+#: Every stream protocol and topic the node serves (the garbage test walks them).
+STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL]
+TOPICS: list[str] = [ADVERTS_TOPIC]
 market_request_bytes_max = 1024
 market_sync_adverts_max = 2000
 

@@ -74,6 +74,13 @@ class Stack:
         return [str(a) for a in self.host.get_addrs()]
 
 
+async def _close_network(host: IHost) -> None:
+    import trio  # noqa: PLC0415
+
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await host.get_network().close()
+
+
 def _apply_patches() -> None:
     try:
         from p2pgpu.node import _patches  # noqa: PLC0415 - optional speed layer
@@ -128,6 +135,10 @@ async def open_stack(
         dht.register_validator(namespace, validator)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(host.run([multiaddr.Multiaddr(a) for a in listen]))
+        # Leaving host.run() cancels the swarm without closing its connections,
+        # which leaks their sockets: close them explicitly (runs after the
+        # services below have stopped, before the host goes).
+        stack.push_async_callback(_close_network, host)
         await stack.enter_async_context(background_trio_service(pubsub))
         await stack.enter_async_context(background_trio_service(gossipsub))
         await stack.enter_async_context(background_trio_service(dht))
