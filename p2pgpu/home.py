@@ -114,6 +114,11 @@ class Config:
         except tomllib.TOMLDecodeError as exc:
             raise HomeError(f"config.toml is not valid TOML: {exc}") from None
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        defaults = cls()
+        for k in sorted(known & raw.keys()):  # a typo'd type fails here, not deep in the daemon
+            want = type(getattr(defaults, k))
+            if type(raw[k]) is not want or (k == "listen" and not all(isinstance(a, str) for a in raw[k])):
+                raise HomeError(f"config.toml: {k} must be of type {want.__name__}, not {raw[k]!r}")
         cfg = cls(**{k: v for k, v in raw.items() if k in known})
         cfg.extra = {k: v for k, v in raw.items() if k not in known}
         if cfg.payout_address and not is_solana_address(cfg.payout_address):

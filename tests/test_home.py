@@ -168,6 +168,14 @@ def test_config_round_trip_and_extra_keys() -> None:
     assert extra.extra == {"future_option": 3}
 
 
+@pytest.mark.parametrize("line", ['price_per_gpu_hour = "5"', 'listen = "/ip4/127.0.0.1/tcp/0"', "listen = [1]",
+                                  "allow_job_network = 1", "control_port = true", "advert_ttl_s = 60.0",
+                                  "network = 3"])
+def test_config_wrong_types_are_rejected(line: str) -> None:
+    with pytest.raises(HomeError, match="must be of type"):
+        Config.from_toml(line + "\n")
+
+
 def test_config_bad_toml() -> None:
     with pytest.raises(HomeError, match="not valid TOML"):
         Config.from_toml("network = ")

@@ -46,9 +46,12 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
 
 def is_solana_address(text: str) -> bool:
     try:
-        return len(base58.b58decode(text.encode("ascii"))) == 32
+        raw = base58.b58decode(text.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
         return False
+    # The base58 package strips trailing whitespace: only the canonical
+    # spelling of an address is one.
+    return len(raw) == 32 and base58.b58encode(raw).decode("ascii") == text
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

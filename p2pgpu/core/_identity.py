@@ -40,6 +40,8 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
         raise PeerMisbehaved(Reason.BAD_SCHEMA, "peer id is not base58") from None
     if len(raw) != 38 or not raw.startswith(_MH_PREFIX + _PB_PREFIX):
         raise PeerMisbehaved(Reason.BAD_SCHEMA, "peer id is not an Ed25519 identity multihash")
+    if base58.b58encode(raw).decode("ascii") != peer_id:  # b58decode ignores trailing whitespace
+        raise PeerMisbehaved(Reason.BAD_SCHEMA, "peer id is not in canonical base58")
     return raw[6:]
 
 

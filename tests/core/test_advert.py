@@ -140,7 +140,7 @@ def test_parse_compute_capability(text: str, ok: tuple[int, int] | None) -> None
 def test_is_solana_address() -> None:
     assert is_solana_address(PAYOUT)
     assert is_solana_address("So11111111111111111111111111111111111111112")
-    for bad in ["", "1", "0OIl" * 11, "é", ALICE.peer_id, "1" * 64]:
+    for bad in ["", "1", "0OIl" * 11, "é", ALICE.peer_id, "1" * 64, PAYOUT + "\n", PAYOUT + " ", " " + PAYOUT]:
         assert not is_solana_address(bad)
 
 

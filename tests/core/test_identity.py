@@ -104,6 +104,8 @@ def test_verify_signature_rejects() -> None:
         "12D3KooW",
         Identity(b"\x01" * 32).peer_id + "1",
         Identity(b"\x01" * 32).peer_id[:-1],
+        Identity(b"\x01" * 32).peer_id + "\n",  # base58 would strip it: not canonical
+        Identity(b"\x01" * 32).peer_id + " ",
     ],
 )
 def test_public_key_from_bad_peer_id(peer_id: str) -> None:
