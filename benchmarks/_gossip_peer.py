@@ -16,7 +16,9 @@ prints ``{"ev": "ready", "addr": ...}``, then accepts ``{"cmd": "connect",
 ``{"cmd": "quit"}``.  Every advert accepted by the topic validator (the full
 :class:`p2pgpu.core.AdvertBook` check, Ed25519 included) is reported as
 ``{"ev": "recv", "tag": ..., "t": <time.time()>}`` when ``--report-each`` is
-given; ``stats`` reports counts and the process CPU time.
+given; ``stats`` reports counts and the process CPU time.  ``--no-validate``
+makes a peer that relays without the advert check (a cheap publisher for the
+ingest benchmark).
 """
 
 from __future__ import annotations
@@ -89,13 +91,19 @@ async def open_gossip_node(
         degree_high=degree_high,
         heartbeat_interval=heartbeat_interval_s,
         spam_protection_enabled=False,
+        eclipse_protection_enabled=False,  # every benchmark peer is on 127.0.0.1
     )
     pubsub = Pubsub(host, gossipsub)
     try:
         async with host.run([Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]):
-            async with background_trio_service(pubsub), background_trio_service(gossipsub):
-                await pubsub.wait_until_ready()
-                yield host, pubsub, gossipsub
+            try:
+                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                    await pubsub.wait_until_ready()
+                    yield host, pubsub, gossipsub
+            finally:
+                # leaving host.run() leaves the swarm's sockets open: close them
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await host.get_network().close()
     finally:
         pubsub.seen_messages.stop()
 
@@ -148,6 +156,8 @@ class AdvertSink:
         self.valid = 0
         self.invalid = 0
         self.delivered = 0
+        self.first_valid_t = 0.0
+        self.last_valid_t = 0.0
 
     def validator(self, forwarder: Any, msg: Any) -> bool:
         from p2pgpu.core import PeerMisbehaved
@@ -158,6 +168,9 @@ class AdvertSink:
             self.invalid += 1
             return False
         self.valid += 1
+        self.last_valid_t = time.time()
+        if not self.first_valid_t:
+            self.first_valid_t = self.last_valid_t
         return True
 
 
@@ -174,7 +187,8 @@ async def _serve(args: argparse.Namespace) -> None:
         out.flush()
 
     async with open_gossip_node(seed_for(args.seed_index)) as (host, pubsub, _gs):
-        pubsub.set_topic_validator(TOPIC, sink.validator, is_async_validator=False)
+        if not args.no_validate:
+            pubsub.set_topic_validator(TOPIC, sink.validator, is_async_validator=False)
         sub = await pubsub.subscribe(TOPIC)
         emit({"ev": "ready", "addr": str(host.get_addrs()[0]), "pid": os.getpid()})
 
@@ -216,7 +230,8 @@ async def _serve(args: argparse.Namespace) -> None:
                           "cpu_s": cpu_s() - c0})
                 elif op == "stats":
                     emit({"ev": "stats", "valid": sink.valid, "invalid": sink.invalid,
-                          "delivered": sink.delivered, "cpu_s": cpu_s(), "t": time.time()})
+                          "delivered": sink.delivered, "cpu_s": cpu_s(), "t": time.time(),
+                          "first_valid_t": sink.first_valid_t, "last_valid_t": sink.last_valid_t})
                 elif op == "quit":
                     break
             nursery.cancel_scope.cancel()
@@ -227,6 +242,7 @@ def main() -> None:
     ap.add_argument("--seed-index", type=int, required=True)
     ap.add_argument("--no-patches", action="store_true")
     ap.add_argument("--report-each", action="store_true")
+    ap.add_argument("--no-validate", action="store_true", help="relay without the advert validator")
     args = ap.parse_args()
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     trio.run(_serve, args)

@@ -1,0 +1,266 @@
+"""Advert benchmarks: verify rate, network-wide latency, GossipSub ingest.
+
+Prints three figures (issue 2's goals in brackets):
+
+(a) signed adverts verified per second in one process with
+    ``p2pgpu.core.verify_advert`` (>= 15,000/s);
+(b) the time for an advert to reach every node of a local network of N
+    processes on 127.0.0.1 (< 1 s for N = 20);
+(c) adverts per second one node process ingests through GossipSub, and the
+    CPU each costs (>= 1,000/s).
+
+(b) and (c) run twice, with py-libp2p as released and with
+``p2pgpu.node._patches`` applied, so the gain is visible; (a) does not touch
+libp2p.  CPU figures come from ``getrusage`` in the measured process, so they
+hold on a shared 2-core machine where wall-clock rates are noisy; the wall
+rate is printed alongside.  The peers are ``benchmarks/_gossip_peer.py``
+processes, built as the node builds its host (Noise, Yamux, meshsub v1.1 and
+v1.0, 1 s heartbeat, one connection per peer).
+
+    python3 benchmarks/adverts.py [--quick] [--nodes N] [--only a,b,c] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import _gossip_peer as gp  # noqa: E402
+
+
+# --- (a) ---------------------------------------------------------------------------
+
+
+def bench_verify(count: int) -> dict[str, Any]:
+    from p2pgpu.core import verify_advert
+
+    wires = gp.make_adverts(1, count, 0, int(time.time() * 1000))
+    now_ms = int(time.time() * 1000)
+    verify_advert(wires[0], now_ms=now_ms)  # warm caches (key objects) once
+    t0 = time.process_time()
+    for w in wires:
+        verify_advert(w, now_ms=now_ms)
+    cpu = time.process_time() - t0
+    return {"adverts": count, "cpu_s": cpu, "per_s": count / cpu, "advert_bytes": len(wires[0])}
+
+
+# --- peer processes ------------------------------------------------------------------
+
+
+class Peers:
+    """A set of ``_gossip_peer.py`` processes and their JSON-line reports."""
+
+    def __init__(self, n: int, *, patched: bool, report_each: bool, first_index: int = 0,
+                 no_validate_from: int | None = None) -> None:
+        self.events: "queue.Queue[tuple[int, dict[str, Any]]]" = queue.Queue()
+        self.procs: list[subprocess.Popen[str]] = []
+        self.addrs: list[str] = []
+        cmd = [sys.executable, os.path.join(HERE, "_gossip_peer.py")]
+        if not patched:
+            cmd.append("--no-patches")
+        if report_each:
+            cmd.append("--report-each")
+        for i in range(n):
+            extra = ["--no-validate"] if no_validate_from is not None and i >= no_validate_from else []
+            p = subprocess.Popen(cmd + extra + ["--seed-index", str(first_index + i)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            self.procs.append(p)
+            threading.Thread(target=self._pump, args=(i, p), daemon=True).start()
+        ready = self.wait_all("ready", range(n), timeout_s=60 + 3 * n)
+        self.addrs = [ready[i]["addr"] for i in range(n)]
+
+    def _pump(self, i: int, p: subprocess.Popen[str]) -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            self.events.put((i, json.loads(line)))
+
+    def send(self, i: int, cmd: dict[str, Any]) -> None:
+        stdin = self.procs[i].stdin
+        assert stdin is not None
+        stdin.write(json.dumps(cmd) + "\n")
+        stdin.flush()
+
+    def wait_all(self, ev: str, who: Any, timeout_s: float) -> dict[int, dict[str, Any]]:
+        want = set(who)
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while want - set(got):
+            try:
+                i, obj = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no {ev!r} from peers {sorted(want - set(got))}") from None
+            if obj["ev"] == ev and i in want:
+                got[i] = obj
+        return got
+
+    def close(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.poll() is None:
+                try:
+                    self.send(i, {"cmd": "quit"})
+                except (BrokenPipeError, OSError):
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def connect_graph(peers: Peers, n: int, degree: int, rng: random.Random) -> None:
+    """A ring plus random chords: connected, about ``degree`` links a node."""
+    links: dict[int, set[int]] = {i: set() for i in range(n)}
+    for i in range(n):
+        links[i].add((i + 1) % n)
+    for i in range(n):
+        while len(links[i]) < max(1, degree // 2) and n > 3:
+            j = rng.randrange(n)
+            if j != i and i not in links[j]:
+                links[i].add(j)
+    for i in range(n):
+        targets = sorted(links[i] - {i})
+        peers.send(i, {"cmd": "connect", "addrs": [peers.addrs[j] for j in targets]})
+    peers.wait_all("connected", range(n), timeout_s=30 + n)
+
+
+def wait_mesh(peers: Peers, n: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for i in range(n):
+            peers.send(i, {"cmd": "peers"})
+        got = peers.wait_all("peers", range(n), timeout_s=10)
+        mesh = [got[i]["mesh"] for i in range(n)]
+        if min(mesh) >= 1 and min(got[i]["topic_peers"] for i in range(n)) >= 1 or time.monotonic() > deadline:
+            return mesh
+        time.sleep(0.5)
+
+
+# --- (b) ---------------------------------------------------------------------------------
+
+
+def bench_propagation(n: int, adverts: int, *, patched: bool, seed: int = 7) -> dict[str, Any]:
+    rng = random.Random(seed)
+    peers = Peers(n, patched=patched, report_each=True)
+    try:
+        connect_graph(peers, n, degree=6, rng=rng)
+        time.sleep(2.5)  # two heartbeats: meshes form
+        mesh = wait_mesh(peers, n, timeout_s=10)
+        wires = gp.make_adverts(900, adverts, 0, int(time.time() * 1000))
+        latencies = []
+        reached = []
+        for wire in wires:
+            src = rng.randrange(n)
+            peers.send(src, {"cmd": "publish", "data": wire.hex()})
+            others = [i for i in range(n) if i != src]
+            t_pub = peers.wait_all("published", [src], timeout_s=10)[src]["t"]
+            try:
+                got = peers.wait_all("recv", others, timeout_s=10)
+            except TimeoutError:
+                got = {}
+            reached.append(len(got))
+            if len(got) == len(others):
+                latencies.append(max(o["t"] for o in got.values()) - t_pub)
+            time.sleep(0.2)
+        return {
+            "nodes": n, "adverts": adverts, "reached_all": sum(r == n - 1 for r in reached),
+            "latency_s_median": statistics.median(latencies) if latencies else None,
+            "latency_s_max": max(latencies) if latencies else None, "mesh_min": min(mesh),
+        }
+    finally:
+        peers.close()
+
+
+# --- (c) ---------------------------------------------------------------------------------
+
+
+def bench_ingest(adverts: int, publishers: int, *, patched: bool) -> dict[str, Any]:
+    """One sink (index 0, full advert validator) and ``publishers`` processes
+    that each publish their share of pre-signed adverts as fast as the sink
+    takes them.  The sink's CPU is read before and after, in the sink."""
+    peers = Peers(1 + publishers, patched=patched, report_each=False, first_index=50, no_validate_from=1)
+    try:
+        peers.send(0, {"cmd": "connect", "addrs": peers.addrs[1:]})
+        peers.wait_all("connected", [0], timeout_s=30)
+        time.sleep(2.5)
+        wait_mesh(peers, 1 + publishers, timeout_s=10)
+        peers.send(0, {"cmd": "stats"})
+        before = peers.wait_all("stats", [0], timeout_s=10)[0]
+        share = adverts // publishers
+        for k in range(publishers):
+            peers.send(1 + k, {"cmd": "publish_many", "count": share, "first": k * share})
+        peers.wait_all("published_many", range(1, 1 + publishers), timeout_s=600)
+        # Let the sink finish what is in flight, then read its counters.
+        last = -1
+        after = before
+        for _ in range(100):
+            peers.send(0, {"cmd": "stats"})
+            after = peers.wait_all("stats", [0], timeout_s=10)[0]
+            if after["valid"] == last or after["valid"] - before["valid"] >= share * publishers:
+                break
+            last = after["valid"]
+            time.sleep(0.3)
+        valid = after["valid"] - before["valid"]
+        cpu = after["cpu_s"] - before["cpu_s"]
+        wall = after["last_valid_t"] - after["first_valid_t"]
+        return {
+            "published": share * publishers, "ingested": valid, "invalid": after["invalid"] - before["invalid"],
+            "delivered": after["delivered"] - before["delivered"], "sink_cpu_s": cpu,
+            "cpu_ms_per_advert": 1000 * cpu / max(valid, 1), "per_cpu_s": valid / cpu if cpu else None,
+            "wall_s": wall, "wall_per_s": valid / wall if wall else None,
+        }
+    finally:
+        peers.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="p2pgpu advert benchmarks (see module docstring)")
+    ap.add_argument("--nodes", type=int, default=20, help="processes in the propagation network (b)")
+    ap.add_argument("--quick", action="store_true", help="short run")
+    ap.add_argument("--only", default="a,b,c", help="which figures: a,b,c")
+    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    if "a" in parts:
+        a = bench_verify(2000 if args.quick else 20000)
+        out["a"] = a
+        print(f"(a) verify_advert: {a['per_s']:,.0f} adverts/s in one process "
+              f"({a['advert_bytes']} B each; goal >= 15,000/s)", flush=True)
+    if "b" in parts:
+        out["b"] = {}
+        for patched in (False, True):
+            b = bench_propagation(args.nodes, 3 if args.quick else 10, patched=patched)
+            out["b"]["patched" if patched else "upstream"] = b
+            lat = "n/a" if b["latency_s_median"] is None else \
+                f"median {1000 * b['latency_s_median']:.0f} ms, max {1000 * b['latency_s_max']:.0f} ms"
+            print(f"(b) {'patched ' if patched else 'upstream'}: advert to all {b['nodes']} nodes: {lat} "
+                  f"({b['reached_all']}/{b['adverts']} reached all; goal < 1 s)", flush=True)
+    if "c" in parts:
+        out["c"] = {}
+        for patched in (False, True):
+            count = (600 if args.quick else 3000) if patched else (300 if args.quick else 1000)
+            c = bench_ingest(count, 2, patched=patched)
+            out["c"]["patched" if patched else "upstream"] = c
+            print(f"(c) {'patched ' if patched else 'upstream'}: {c['ingested']}/{c['published']} adverts ingested, "
+                  f"{c['cpu_ms_per_advert']:.2f} ms CPU each = {c['per_cpu_s']:,.0f}/s per CPU-second "
+                  f"(wall {c['wall_per_s']:,.0f}/s on this shared machine; goal >= 1,000/s)", flush=True)
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
