@@ -1,4 +1,4 @@
-"""Fixtures for the Solana tests: a ledger server process on free loopback ports."""
+"""Helpers for the Solana tests: a `p2pgpu ledger serve` process on free loopback ports."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
-
-import pytest
 
 
 def free_port_pair() -> int:
@@ -42,13 +39,16 @@ def start_server(state: Path | None, *, slot_ms: int = 50) -> ServerProc:
     cmd = [sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port), "--slot-ms", str(slot_ms)]
     if state is not None:
         cmd += ["--state", str(state)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("ledger ready"):
         proc.kill()
-        raise RuntimeError(f"ledger server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        rest = proc.stdout.read()
+        proc.stdout.close()
+        proc.wait()
+        raise RuntimeError(f"ledger server did not start: {line!r} {rest}")
     return ServerProc(proc, port)
 
 
@@ -59,12 +59,6 @@ def stop_server(s: ServerProc) -> None:
     except subprocess.TimeoutExpired:
         s.proc.kill()
         s.proc.wait()
+    if s.proc.stdout is not None:
+        s.proc.stdout.close()
 
-
-@pytest.fixture
-def ledger_server(tmp_path: Path) -> Iterator[ServerProc]:
-    s = start_server(tmp_path / "ledger.state")
-    try:
-        yield s
-    finally:
-        stop_server(s)

@@ -1,0 +1,137 @@
+"""Crash test: ``kill -9`` the payer at every step, many times; every owed payout is paid exactly once.
+
+Each life of the payer is a separate process (``_crash_child.py``) that owes
+a few new proofs and runs the payer, killing itself with SIGKILL at a step
+chosen from a seed: after owing, after signing, after sending, or after
+seeing the confirmation.  After the crashes, clean lives run until nothing is
+open.  Then each recipient's balance on the ledger must equal exactly what
+the outbox owed it (recipients start at zero): a double payment or a lost one
+would show.  Run against the embedded ledger (state file shared by the lives)
+and against ``p2pgpu ledger serve`` in its own process.  Blocks advance fast
+(5-10 ms) so that some lives find their blockhash expired and must rebuild.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+
+from p2pgpu.solana import EmbeddedLedger, RpcLedger
+from p2pgpu.solana._keys import save_keypair
+from p2pgpu.store import open_db, owed_totals
+
+from ledger_helpers import ServerProc, start_server, stop_server
+
+CHILD = str(Path(__file__).with_name("_crash_child.py"))
+
+
+def run_child(db: Path, ledger: str, keyfile: Path, seed: int, new_rows: int, crash: bool) -> int:
+    r = subprocess.run([sys.executable, CHILD, str(db), ledger, str(keyfile), str(seed), str(new_rows),
+                        "1" if crash else "0"], capture_output=True, text=True, timeout=120)
+    if r.returncode not in (0, -9, 3):
+        raise AssertionError(f"payer life failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r.returncode
+
+
+def crash_lives(db: Path, ledger: str, keyfile: Path, lives: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    codes: dict[str, int] = {"killed": 0, "clean": 0}
+    for i in range(lives):
+        code = run_child(db, ledger, keyfile, rng.randrange(2**32), rng.randint(0, 12), crash=True)
+        codes["killed" if code == -9 else "clean"] += 1
+    for i in range(10):
+        if run_child(db, ledger, keyfile, i, 0, crash=False) == 0:
+            break
+    return codes
+
+
+def check_exactly_once(db: Path, balances: dict[str, int]) -> None:
+    conn = open_db(db)
+    totals = owed_totals(conn, currency="SOL")
+    statuses = {s for t in totals.values() for s in t}
+    assert statuses <= {"paid"}, f"rows left unpaid: {totals}"
+    assert {a: t["paid"] for a, t in totals.items()} == {a: balances[a] for a in totals}
+    n = conn.execute("SELECT COUNT(*) FROM payout_owed").fetchone()[0]
+    assert n > 0
+    # Every paid row is in exactly one paid batch.
+    assert conn.execute(
+        "SELECT COUNT(*) FROM payout_owed o WHERE (SELECT COUNT(*) FROM payout_batch_items i JOIN payout_batches b"
+        " USING (batch_id) WHERE i.owed_id = o.owed_id AND b.state = 'paid') != 1"
+    ).fetchone()[0] == 0
+
+
+async def fund(ledger: object, payer: Keypair) -> None:
+    await ledger.airdrop(payer.pubkey(), 10**13)  # type: ignore[attr-defined]
+
+
+def _setup(tmp_path: Path) -> tuple[Path, Path, Keypair]:
+    payer = Keypair()
+    keyfile = tmp_path / "payer.json"
+    save_keypair(keyfile, payer)
+    return tmp_path / "state.db", keyfile, payer
+
+
+def _balances_embedded(state: Path, addrs: list[str]) -> dict[str, int]:
+    led = EmbeddedLedger(state, slot_ms=0)
+    try:
+        return {a: led.svm.balance(Pubkey.from_string(a)) for a in addrs}
+    finally:
+        led.svm.close()
+
+
+def _recipients(db: Path) -> list[str]:
+    return sorted(owed_totals(open_db(db), currency="SOL"))
+
+
+@pytest.mark.parametrize("lives", [14])
+def test_crash_embedded(tmp_path: Path, lives: int) -> None:
+    db, keyfile, payer = _setup(tmp_path)
+    state = tmp_path / "ledger.state"
+    led = EmbeddedLedger(state, slot_ms=0)
+    trio.run(fund, led, payer)
+    led.svm.close()
+    codes = crash_lives(db, str(state), keyfile, lives, seed=1)
+    assert codes["killed"] > 0
+    check_exactly_once(db, _balances_embedded(state, _recipients(db)))
+
+
+def _crash_server(tmp_path: Path, lives: int, seed: int) -> None:
+    db, keyfile, payer = _setup(tmp_path)
+    server: ServerProc = start_server(tmp_path / "ledger.state", slot_ms=10)
+    try:
+        async def go() -> dict[str, int]:
+            led = RpcLedger(server.url)
+            await fund(led, payer)
+            await led.aclose()
+            return {}
+
+        trio.run(go)
+        codes = crash_lives(db, server.url, keyfile, lives, seed=seed)
+        assert codes["killed"] > 0
+
+        async def bals() -> dict[str, int]:
+            led = RpcLedger(server.url)
+            addrs = _recipients(db)
+            out = dict(zip(addrs, await led.balances([Pubkey.from_string(a) for a in addrs])))
+            await led.aclose()
+            return out
+
+        check_exactly_once(db, trio.run(bals))
+    finally:
+        stop_server(server)
+
+
+def test_crash_ledger_server(tmp_path: Path) -> None:
+    _crash_server(tmp_path, lives=14, seed=2)
+
+
+@pytest.mark.slow
+def test_crash_soak(tmp_path: Path) -> None:
+    _crash_server(tmp_path, lives=120, seed=3)
