@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "p2pgpu.cli._operator",
     "p2pgpu.cli._sim",
     "p2pgpu.cli._ledger",
+    "p2pgpu.cli._devnet",
 ]
 
 
