@@ -111,7 +111,8 @@ def main() -> int:
 
     devices = raw["devices"]
     assert isinstance(devices, list)
-    check(len(inv.gpus) == min(len(devices), gpus_max), f"{len(inv.gpus)} GPUs reported, NVML has {len(devices)}")
+    check(len(inv.gpus) == min(len(devices), gpus_max),
+          f"{len(inv.gpus)} GPUs reported, NVML has {len(devices)}")
     check(inv.driver_version == raw["driver"] and bool(re.fullmatch(r"[0-9][0-9.]*", inv.driver_version)),
           f"driver version {inv.driver_version!r}")
     cuda = raw["cuda"]

@@ -124,7 +124,8 @@ def test_owner_only_modes_are_accepted(tmp_path: Path) -> None:
     assert home.identity().peer_id == pid
 
 
-@pytest.mark.parametrize("content", [b"", b"\x08\x01\x12\x20" + b"\x00" * 31, b"\x08\x00\x12\x20" + b"\x00" * 32,
+@pytest.mark.parametrize("content", [b"", b"\x08\x01\x12\x20" + b"\x00" * 31,
+                                     b"\x08\x00\x12\x20" + b"\x00" * 32,
                                      b"garbage" * 10, b"\x08\x01\x12\x40" + b"\x00" * 64])
 def test_corrupt_key_file_is_rejected(tmp_path: Path, content: bytes) -> None:
     home = Home(tmp_path)
@@ -168,7 +169,8 @@ def test_config_round_trip_and_extra_keys() -> None:
     assert extra.extra == {"future_option": 3}
 
 
-@pytest.mark.parametrize("line", ['price_per_gpu_hour = "5"', 'listen = "/ip4/127.0.0.1/tcp/0"', "listen = [1]",
+@pytest.mark.parametrize("line", ['price_per_gpu_hour = "5"', 'listen = "/ip4/127.0.0.1/tcp/0"',
+                                  "listen = [1]",
                                   "allow_job_network = 1", "control_port = true", "advert_ttl_s = 60.0",
                                   "network = 3"])
 def test_config_wrong_types_are_rejected(line: str) -> None:

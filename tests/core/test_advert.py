@@ -93,7 +93,8 @@ def test_maximal_advert_fits_the_size_limit() -> None:
                   driver_version="d" * 32, cuda_version="c" * 16, uuid_hash="u" * 64, utilization_pct=100)
     adv = make_advert(
         network="n" * 32, addrs=tuple("a" * _advert.addr_len_max for _ in range(_advert.addrs_max)),
-        seq=2**63 - 1, issued_at_ms=2**62, expires_at_ms=2**62 + _advert.ttl_ms_max, gpus=(gpu,) * _advert.gpus_max,
+        seq=2**63 - 1, issued_at_ms=2**62, expires_at_ms=2**62 + _advert.ttl_ms_max,
+        gpus=(gpu,) * _advert.gpus_max,
         gpus_free=_advert.gpus_max, price_per_gpu_hour=2**63 - 1, currency="c" * 64, region="r" * 32,
         runtimes=("process", "ray") * 4,
     )
@@ -140,7 +141,8 @@ def test_parse_compute_capability(text: str, ok: tuple[int, int] | None) -> None
 def test_is_solana_address() -> None:
     assert is_solana_address(PAYOUT)
     assert is_solana_address("So11111111111111111111111111111111111111112")
-    for bad in ["", "1", "0OIl" * 11, "é", ALICE.peer_id, "1" * 64, PAYOUT + "\n", PAYOUT + " ", " " + PAYOUT]:
+    for bad in ["", "1", "0OIl" * 11, "é", ALICE.peer_id, "1" * 64, PAYOUT + "\n", PAYOUT + " ",
+                " " + PAYOUT]:
         assert not is_solana_address(bad)
 
 
@@ -288,7 +290,8 @@ VERIFY_BAD: list[tuple[str, Callable[[], bytes], int, Reason]] = [
 ]
 
 
-@pytest.mark.parametrize(("make", "now_ms", "reason"), [r[1:] for r in VERIFY_BAD], ids=[r[0] for r in VERIFY_BAD])
+@pytest.mark.parametrize(("make", "now_ms", "reason"), [r[1:] for r in VERIFY_BAD],
+                         ids=[r[0] for r in VERIFY_BAD])
 def test_verify_advert_rejects(make: Callable[[], bytes], now_ms: int, reason: Reason) -> None:
     assert reason_of(lambda: verify_advert(make(), now_ms=now_ms)) is reason
 
@@ -311,7 +314,8 @@ def test_envelope_version_is_checked() -> None:
 
 
 def book(**kw: Any) -> AdvertBook:
-    return AdvertBook(network=kw.pop("network", "local"), allow_simulated=kw.pop("allow_simulated", True), **kw)
+    return AdvertBook(network=kw.pop("network", "local"), allow_simulated=kw.pop("allow_simulated", True),
+                      **kw)
 
 
 def test_book_ingests_and_lists() -> None:
@@ -357,7 +361,8 @@ BOOK_BAD: list[tuple[str, dict[str, Any], Callable[[], bytes], Reason]] = [
 
 
 @pytest.mark.parametrize(("kw", "make", "reason"), [r[1:] for r in BOOK_BAD], ids=[r[0] for r in BOOK_BAD])
-def test_book_rejections_are_counted_by_reason(kw: dict[str, Any], make: Callable[[], bytes], reason: Reason) -> None:
+def test_book_rejections_are_counted_by_reason(kw: dict[str, Any], make: Callable[[], bytes],
+                                               reason: Reason) -> None:
     b = book(**kw)
     data = make()
     assert reason_of(lambda: b.ingest(data, T0)) is reason
@@ -383,7 +388,8 @@ def test_ingest_can_leave_replays_uncounted() -> None:
     b.ingest(wire(seq=5), T0)
     assert reason_of(lambda: b.ingest(wire(seq=5), T0, count_replays=False)) is Reason.REPLAYED
     assert b.rejections == {}
-    assert reason_of(lambda: b.ingest(wire(seq=5, network="x"), T0, count_replays=False)) is Reason.WRONG_NETWORK
+    assert reason_of(lambda: b.ingest(wire(seq=5, network="x"), T0,
+                                      count_replays=False)) is Reason.WRONG_NETWORK
     assert b.rejections == {Reason.WRONG_NETWORK: 1}
 
 
@@ -466,6 +472,7 @@ def test_market_filters() -> None:
     assert ids(b.market(T0 + TTL)) == []  # expired adverts leave the market
 
 
-@pytest.mark.parametrize(("prev", "now", "expected"), [(0, T0, T0), (T0 + 5, T0, T0 + 6), (T0, T0, T0 + 1), (7, 3, 8)])
+@pytest.mark.parametrize(("prev", "now", "expected"), [(0, T0, T0), (T0 + 5, T0, T0 + 6), (T0, T0, T0 + 1),
+                                                       (7, 3, 8)])
 def test_next_seq(prev: int, now: int, expected: int) -> None:
     assert next_seq(prev, now) == expected

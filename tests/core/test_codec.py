@@ -138,7 +138,8 @@ DECODE_REJECTS: list[tuple[str, Any, dict[str, Any], Reason]] = [
 ]
 
 
-@pytest.mark.parametrize(("data", "kwargs", "reason"), [r[1:] for r in DECODE_REJECTS], ids=[r[0] for r in DECODE_REJECTS])
+@pytest.mark.parametrize(("data", "kwargs", "reason"), [r[1:] for r in DECODE_REJECTS],
+                         ids=[r[0] for r in DECODE_REJECTS])
 def test_decode_rejects(data: Any, kwargs: dict[str, Any], reason: Reason) -> None:
     with pytest.raises(PeerMisbehaved) as info:
         decode(data, **kwargs)

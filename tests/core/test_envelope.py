@@ -163,9 +163,11 @@ def test_non_canonical_body_is_rejected_even_when_signed() -> None:
     assert info.value.reason is Reason.NON_CANONICAL
 
 
-@pytest.mark.parametrize("body", [b"\xc0", encode([1, 2]), encode("s"), encode(5)], ids=["nil", "list", "str", "int"])
+@pytest.mark.parametrize("body", [b"\xc0", encode([1, 2]), encode("s"), encode(5)], ids=["nil", "list",
+                                                                                         "str", "int"])
 def test_signed_body_that_is_not_a_map(body: bytes) -> None:
-    obj = {"k": "offer", "v": 1, "b": body, "s": ALICE.public_key, "g": ALICE.sign(Kind.OFFER.domain_tag + body)}
+    obj = {"k": "offer", "v": 1, "b": body, "s": ALICE.public_key,
+           "g": ALICE.sign(Kind.OFFER.domain_tag + body)}
     with pytest.raises(PeerMisbehaved) as info:
         open_envelope(encode(obj))
     assert info.value.reason is Reason.BAD_SCHEMA
@@ -173,7 +175,8 @@ def test_signed_body_that_is_not_a_map(body: bytes) -> None:
 
 def test_signed_body_that_is_not_msgpack() -> None:
     body = b"\xc1garbage"
-    obj = {"k": "offer", "v": 1, "b": body, "s": ALICE.public_key, "g": ALICE.sign(Kind.OFFER.domain_tag + body)}
+    obj = {"k": "offer", "v": 1, "b": body, "s": ALICE.public_key,
+           "g": ALICE.sign(Kind.OFFER.domain_tag + body)}
     with pytest.raises(PeerMisbehaved) as info:
         open_envelope(encode(obj))
     assert info.value.reason is Reason.MALFORMED

@@ -73,7 +73,8 @@ scalars = st.one_of(
     st.text(max_size=40),
     st.binary(max_size=80),
 )
-keys = st.one_of(st.text(max_size=12), st.sampled_from(["k", "v", "b", "s", "g", "model", "memory_mb", "seq", "gpus"]))
+keys = st.one_of(st.text(max_size=12), st.sampled_from(["k", "v", "b", "s", "g", "model", "memory_mb",
+                                                        "seq", "gpus"]))
 msgpackable = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(keys, inner, max_size=6)),
@@ -106,7 +107,8 @@ def test_decode_arbitrary_bytes(data: bytes, canonical: bool) -> None:
 @given(st.binary(max_size=512))
 def test_decode_prefixed_noise(tail: bytes) -> None:
     # Start with a container or length header so the fuzzer reaches deep paths.
-    for head in (b"\xdd\x00\x00\x10\x00", b"\xdf\x00\x00\x00\x03", b"\x91" * 20, b"\x85", b"\xc6\x00\x00\x00\x10"):
+    for head in (b"\xdd\x00\x00\x10\x00", b"\xdf\x00\x00\x00\x03", b"\x91" * 20, b"\x85",
+                 b"\xc6\x00\x00\x00\x10"):
         outcome(lambda: decode(head + tail))
 
 

@@ -28,7 +28,8 @@ from p2pgpu.core import (
     verify_signature,
 )
 
-SEEDS = [bytes(32), b"\x01" * 32, b"\xff" * 32, bytes(range(32))] + [random.Random(i).randbytes(32) for i in range(12)]
+SEEDS = [bytes(32), b"\x01" * 32, b"\xff" * 32,
+         bytes(range(32))] + [random.Random(i).randbytes(32) for i in range(12)]
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: s.hex()[:8])

@@ -41,7 +41,8 @@ def advert(i: int = 0, **over: Any) -> Advert:
     return Advert(**fields)
 
 
-BASE = Requirements(nodes=1, gpus_per_node=2, memory_mb_min=40_000, models=("H100",), compute_capability_min="8.0",
+BASE = Requirements(nodes=1, gpus_per_node=2, memory_mb_min=40_000, models=("H100",),
+                    compute_capability_min="8.0",
                     price_per_gpu_hour_max=100, currency="SOL", regions=("eu-west",), runtime="process",
                     allow_simulated=False)
 
@@ -65,7 +66,8 @@ EXCLUDES: list[tuple[str, dict[str, Any], dict[str, Any], Requirement]] = [
     ("no gpus, no model asked", {"gpus": (), "gpus_free": 0}, {"models": ()}, Requirement.VRAM),
     ("old gpu", {"gpus": (T4, T4)}, {"models": (), "memory_mb_min": 0}, Requirement.COMPUTE_CAPABILITY),
     ("cc 9.0 < 9.1", {}, {"compute_capability_min": "9.1"}, Requirement.COMPUTE_CAPABILITY),
-    ("cc compared as numbers, not text", {}, {"compute_capability_min": "10.0"}, Requirement.COMPUTE_CAPABILITY),
+    ("cc compared as numbers, not text", {}, {"compute_capability_min": "10.0"},
+     Requirement.COMPUTE_CAPABILITY),
     ("one gpu", {"gpus": (H100,), "gpus_free": 1}, {}, Requirement.GPUS_PER_NODE),
     ("one fitting gpu of two", {"gpus": (H100, A10)}, {"models": ()}, Requirement.GPUS_PER_NODE),
     ("no gpu fits every rule", {"gpus": (A10, T4)},
@@ -76,7 +78,8 @@ EXCLUDES: list[tuple[str, dict[str, Any], dict[str, Any], Requirement]] = [
 ]
 
 
-@pytest.mark.parametrize(("adv_over", "req_over", "expected"), [r[1:] for r in EXCLUDES], ids=[r[0] for r in EXCLUDES])
+@pytest.mark.parametrize(("adv_over", "req_over", "expected"), [r[1:] for r in EXCLUDES],
+                         ids=[r[0] for r in EXCLUDES])
 def test_each_requirement_excludes(adv_over: dict[str, Any], req_over: dict[str, Any],
                                    expected: Requirement | None) -> None:
     req = dataclasses.replace(BASE, **req_over)
@@ -87,7 +90,8 @@ def test_gpus_that_fit_must_fit_every_rule_at_once() -> None:
     # One GPU has the memory, another the capability: no single GPU fits both.
     big_old = GpuInfo(model="old", memory_mb=50_000, compute_capability="7.0")
     small_new = GpuInfo(model="new", memory_mb=8_000, compute_capability="9.0")
-    req = Requirements(gpus_per_node=1, memory_mb_min=40_000, compute_capability_min="8.0", price_per_gpu_hour_max=100)
+    req = Requirements(gpus_per_node=1, memory_mb_min=40_000, compute_capability_min="8.0",
+                       price_per_gpu_hour_max=100)
     assert exclusion(advert(gpus=(big_old, small_new), gpus_free=2), req) is Requirement.GPUS_PER_NODE
 
 
@@ -105,7 +109,8 @@ def test_empty_region_list_means_anywhere_and_simulated_allowed_when_asked() -> 
 
 def test_the_first_failing_requirement_is_reported() -> None:
     # Fails everything: the first in Requirement's order wins.
-    bad: dict[str, Any] = dict(simulated=True, runtimes=("ray",), region="x", currency="X", price_per_gpu_hour=10**6,
+    bad: dict[str, Any] = dict(simulated=True, runtimes=("ray",), region="x", currency="X",
+                               price_per_gpu_hour=10**6,
                                gpus=(T4,), gpus_free=0)
     order = list(Requirement)
     assert order == [Requirement.NETWORK_RULES, Requirement.RUNTIME, Requirement.REGION, Requirement.CURRENCY,
@@ -117,7 +122,8 @@ def test_the_first_failing_requirement_is_reported() -> None:
         (Requirement.REGION, {"region": "eu-west"}),
         (Requirement.CURRENCY, {"currency": "SOL"}),
         (Requirement.PRICE, {"price_per_gpu_hour": 100}),
-        (Requirement.MODEL, {"gpus": (T4, dataclasses.replace(H100, memory_mb=10_000, compute_capability="7.0"))}),
+        (Requirement.MODEL, {"gpus": (T4, dataclasses.replace(H100, memory_mb=10_000,
+                                                              compute_capability="7.0"))}),
         (Requirement.VRAM, {"gpus": (T4, dataclasses.replace(H100, compute_capability="7.0"))}),
         (Requirement.COMPUTE_CAPABILITY, {"gpus": (T4, H100)}),  # one H100 only
     ]

@@ -79,8 +79,9 @@ def violations(source: str, filename: str = "<snippet>") -> list[str]:
                     found.append(f"{where}: call {ast.unparse(func)}()")
     if random_typing_names:
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in random_typing_names:
-                found.append(f"{filename}:{node.lineno}: {node.func.id}() built inside a core: inject the RNG")
+            if isinstance(node, ast.Call) and isinstance(node.func,
+                                                         ast.Name) and node.func.id in random_typing_names:
+                found.append(f"{filename}:{node.lineno}: {node.func.id}() built in a core: inject the RNG")
     return found
 
 

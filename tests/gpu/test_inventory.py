@@ -15,8 +15,6 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import pynvml
 import pytest
 
@@ -114,7 +112,8 @@ class FakeNVML:
 
 TWO = [
     FakeDevice(),
-    FakeDevice(name="NVIDIA A10", total_bytes=24564 * MIB - 1, cc=(8, 6), uuid="GPU-aaaaaaaa-0000", util_pct=100),
+    FakeDevice(name="NVIDIA A10", total_bytes=24564 * MIB - 1, cc=(8, 6), uuid="GPU-aaaaaaaa-0000",
+               util_pct=100),
 ]
 
 
@@ -126,7 +125,8 @@ def test_two_gpus_reported_correctly() -> None:
     h100, a10 = inv.gpus
     assert (h100.model, h100.memory_mb, h100.compute_capability, h100.utilization_pct) == (
         "NVIDIA H100 80GB HBM3", 81559, "9.0", 7)
-    assert (a10.model, a10.memory_mb, a10.compute_capability, a10.utilization_pct) == ("NVIDIA A10", 24563, "8.6", 100)
+    assert (a10.model, a10.memory_mb, a10.compute_capability, a10.utilization_pct) == ("NVIDIA A10", 24563,
+                                                                                       "8.6", 100)
     assert h100.driver_version == "550.54.15" and h100.cuda_version == "12.4"
     assert h100.gpu_class == "nvidia-h100-80gb-hbm3/80gb"
     assert nvml.calls[0] == "nvmlInit" and nvml.calls[-1] == "nvmlShutdown"
@@ -212,7 +212,8 @@ def test_long_model_name_is_cut_to_the_advert_limit() -> None:
     assert inv.gpus[0].model == "X" * 64
 
 
-@pytest.mark.parametrize("device", [FakeDevice(name=""), FakeDevice(total_bytes=MIB - 1), FakeDevice(cc=(100, 0))],
+@pytest.mark.parametrize("device", [FakeDevice(name=""), FakeDevice(total_bytes=MIB - 1),
+                                    FakeDevice(cc=(100, 0))],
                          ids=["no name", "under 1 MiB", "odd capability"])
 def test_a_device_the_advert_refuses_gives_empty_inventory(device: FakeDevice) -> None:
     nvml = FakeNVML(devices=[FakeDevice(), device])
@@ -277,8 +278,10 @@ BAD_FILES: list[tuple[str, str | bytes, str]] = [
     ("no gpus key", '{"gpu": []}', '"gpus" list'),
     ("gpus not a list", '{"gpus": {}}', '"gpus" list'),
     ("gpu not an object", '{"gpus": [1]}', "gpus[0] must be an object"),
-    ("missing memory", json.dumps({"gpus": [{"model": "T4", "compute_capability": "7.5"}]}), "memory_mb: missing"),
-    ("missing model", json.dumps({"gpus": [{"memory_mb": 1, "compute_capability": "7.5"}]}), "model: missing"),
+    ("missing memory", json.dumps({"gpus": [{"model": "T4", "compute_capability": "7.5"}]}),
+     "memory_mb: missing"),
+    ("missing model", json.dumps({"gpus": [{"memory_mb": 1, "compute_capability": "7.5"}]}),
+     "model: missing"),
     ("memory as float", json.dumps({"gpus": [{**GOOD_GPU, "memory_mb": 15360.0}]}), "memory_mb"),
     ("memory as bool", json.dumps({"gpus": [{**GOOD_GPU, "memory_mb": True}]}), "memory_mb"),
     ("memory zero", json.dumps({"gpus": [{**GOOD_GPU, "memory_mb": 0}]}), "memory_mb"),
