@@ -15,6 +15,7 @@ status says ``confirmationStatus: "finalized"`` and any commitment is met.
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any, Callable
 
 import base58
@@ -24,6 +25,7 @@ from solders.transaction import VersionedTransaction
 
 from ._svm import RpcError, SvmLedger, TxRecord
 
+log = logging.getLogger("p2pgpu.ledger")
 API_VERSION = "2.2.0"
 FEATURE_SET = 3294202862
 RENT_EPOCH_EXEMPT = 18446744073709551615
@@ -95,8 +97,11 @@ class RpcMethods:
             if exc.data is not None:
                 err["data"] = exc.data
             return {"jsonrpc": "2.0", "error": err, "id": rid}
-        except (IndexError, KeyError, TypeError):
+        except (IndexError, KeyError, TypeError, ValueError):
             return {"jsonrpc": "2.0", "error": {"code": -32602, "message": "Invalid params"}, "id": rid}
+        except Exception:  # a bug of ours must not take the ledger down: answer, and say so on stderr
+            log.exception("internal error in %s", req["method"])
+            return {"jsonrpc": "2.0", "error": {"code": -32603, "message": "Internal error"}, "id": rid}
         return {"jsonrpc": "2.0", "result": result, "id": rid}
 
     # --- cluster ---------------------------------------------------------
@@ -296,6 +301,8 @@ class RpcMethods:
         if encoding in ("base64", "base58"):
             data = base64.b64encode(rec.tx).decode() if encoding == "base64" else base58.b58encode(rec.tx).decode()
             tx_json: Any = [data, encoding]
+        elif encoding == "jsonParsed":
+            tx_json = _tx_json_parsed(tx, rec)
         else:
             tx_json = _tx_json(tx)
         out: dict[str, Any] = {
@@ -345,6 +352,52 @@ def _tx_json(tx: VersionedTransaction) -> dict[str, Any]:
             }
             for lk in msg.address_table_lookups
         ]
+    return {"message": message, "signatures": [str(s) for s in tx.signatures]}
+
+
+def _static_writable(msg: Any, i: int) -> bool:
+    h = msg.header
+    n = len(msg.account_keys)
+    if i < h.num_required_signatures:
+        return i < h.num_required_signatures - h.num_readonly_signed_accounts
+    return i < n - h.num_readonly_unsigned_accounts
+
+
+def _tx_json_parsed(tx: VersionedTransaction, rec: TxRecord) -> dict[str, Any]:
+    """``jsonParsed``: account keys with their roles; System transfers and memos
+    parsed, every other instruction in the partially decoded form."""
+    msg = tx.message
+    static = [str(k) for k in msg.account_keys]
+    keys = static + rec.loaded_writable + rec.loaded_readonly
+    account_keys = []
+    for i, k in enumerate(keys):
+        source = "transaction" if i < len(static) else "lookupTable"
+        writable = _static_writable(msg, i) if i < len(static) else k in rec.loaded_writable
+        account_keys.append({"pubkey": k, "signer": msg.is_signer(i), "source": source, "writable": writable})
+    instructions: list[dict[str, Any]] = []
+    for ix in msg.instructions:
+        program = keys[ix.program_id_index]
+        accts = [keys[a] for a in bytes(ix.accounts)]
+        data = bytes(ix.data)
+        if program.startswith("Memo"):
+            try:
+                instructions.append({"parsed": data.decode(), "program": "spl-memo", "programId": program,
+                                     "stackHeight": None})
+                continue
+            except UnicodeDecodeError:
+                pass
+        if program == "11111111111111111111111111111111" and len(data) == 12 and data[:4] == b"\x02\0\0\0":
+            instructions.append({
+                "parsed": {"info": {"destination": accts[1], "lamports": int.from_bytes(data[4:], "little"),
+                                    "source": accts[0]}, "type": "transfer"},
+                "program": "system", "programId": program, "stackHeight": None})
+            continue
+        instructions.append({"accounts": accts, "data": base58.b58encode(data).decode(), "programId": program,
+                             "stackHeight": None})
+    message: dict[str, Any] = {"accountKeys": account_keys, "instructions": instructions,
+                               "recentBlockhash": str(msg.recent_blockhash)}
+    if isinstance(msg, MessageV0):
+        message["addressTableLookups"] = _tx_json(tx)["message"]["addressTableLookups"]
     return {"message": message, "signatures": [str(s) for s in tx.signatures]}
 
 
