@@ -33,7 +33,11 @@ from p2pgpu.core import (
     decode,
     encode,
     envelope_from_obj,
+    is_solana_address,
     open_envelope,
+    parse_compute_capability,
+    peer_id_from_public_key,
+    public_key_from_peer_id,
     seal,
     sign_advert,
     verify_advert,
@@ -254,3 +258,23 @@ def _sign_and_check(body: dict[str, Any]) -> None:
         assert Advert.from_obj(body) == value.advert
         book = AdvertBook(network=value.advert.network, allow_simulated=True)
         book.ingest(data, T0)
+
+
+# --- text decoders -------------------------------------------------------------------------
+
+B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=60), st.text(alphabet=B58 + " \n", max_size=60)))
+def test_text_decoders(text: str) -> None:
+    key, reason = outcome(lambda: public_key_from_peer_id(text))
+    if reason is None:
+        assert peer_id_from_public_key(key) == text
+    if is_solana_address(text):
+        assert len(text) in range(32, 45) and text.strip() == text
+    try:
+        major, minor = parse_compute_capability(text)
+        assert text.isascii() and "\n" not in text and 0 <= major <= 99 and 0 <= minor <= 99
+    except ValueError:
+        pass  # the documented refusal
