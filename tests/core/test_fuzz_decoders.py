@@ -43,7 +43,7 @@ from p2pgpu.core import (
     verify_advert,
 )
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T0 = 1_700_000_000_000
 ALICE = Identity.from_rng(random.Random(7))
 GPU = GpuInfo(model="NVIDIA H100 80GB HBM3", memory_mb=81559, compute_capability="9.0",
