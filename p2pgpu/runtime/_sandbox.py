@@ -104,6 +104,9 @@ class SandboxPolicy:
     ``dev_dir`` is where GPU device nodes are looked up (``/dev``; tests point
     it at a directory of stand-in files).  ``memory_backend`` is ``auto`` or
     one of ``cgroup2``, ``cgroup1``, ``rlimit`` (see ``_limits``).
+    ``extra_ro_paths`` are more host directories every job sees read-only at
+    the same place (a Python or CUDA environment under ``/opt``, say); never
+    put the node's home, keys or data there.
     """
 
     allow_network: bool = False
@@ -113,6 +116,7 @@ class SandboxPolicy:
     cgroup_base: Path | None = None
     poll_interval_ms: int = 100
     tmp_bytes_max: int = 1 << 30
+    extra_ro_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,7 +215,8 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, etc_dir: Path, status_fd
     """The bubblewrap command line for ``spec`` (pure but for existence checks)."""
     if spec.network and not policy.allow_network:
         raise JobRejected("the job asks for the network and this node does not allow it")
-    a = [policy.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+    # Absolute: the job's cleared environment has no PATH to find it with.
+    a = [shutil.which(policy.bwrap) or policy.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
          "--new-session", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "p2pgpu-job",
          "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
     if spec.network:
@@ -223,6 +228,10 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, etc_dir: Path, status_fd
             a += ["--ro-bind", d, d]
     for f in ETC_FILES + (NET_ETC_FILES if spec.network else ()):
         a += ["--ro-bind-try", f, f]
+    for p in policy.extra_ro_paths:
+        if not os.path.isabs(p):
+            raise JobRejected(f"extra read-only path {p!r} must be absolute")
+        a += ["--ro-bind", p, p]
     for name in ("passwd", "group", "hostname"):
         a += ["--ro-bind", str(etc_dir / name), f"/etc/{name}"]
     a += ["--proc", "/proc", "--dev", "/dev"]
