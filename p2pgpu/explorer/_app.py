@@ -1,0 +1,144 @@
+"""The explorer's web app (Starlette) and its server (Hypercorn's trio worker).
+
+Routes, all read-only except the check (which only reads, but may take a
+ledger round trip):
+
+* ``/``: the page (``static/index.html`` + ``app.js`` + ``style.css``, no
+  build step, nothing fetched from elsewhere);
+* ``/api/summary``, ``/api/supply``, ``/api/nodes``, ``/api/clusters``,
+  ``/api/jobs``, ``/api/proofs``, ``/api/payouts``: the collector's latest
+  views (``_views.py``), each with ``version`` and ``as_of_ms``;
+* ``/api/all``: every panel at once (what the page polls when it cannot
+  stream);
+* ``/api/stream``: Server-Sent Events, one ``views`` event with every panel
+  each time the views change (and a comment line every ``keepalive_s``);
+* ``/api/check/<proof_hash>``: the proof check (``_check.py``);
+* ``/metrics``: Prometheus text format (``_metrics.py``);
+* ``/healthz``: 200 while the daemon answers, 503 otherwise.
+
+:func:`serve_explorer` runs the collector and Hypercorn in one nursery, so
+cancelling it stops both; ``task_status`` reports the URL once listening.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from p2pgpu.home import Home
+
+from ._check import CheckInputError, ProofChecker
+from ._collect import Collector
+from ._metrics import CONTENT_TYPE, registry_for, render
+from ._source import DaemonSource
+from ._views import PANELS
+
+STATIC = Path(__file__).parent / "static"
+keepalive_s = 15.0
+#: Concurrent proof checks (each may open the ledger): the rest wait.
+checks_concurrent_max = 4
+#: Concurrent event streams: each holds a connection open.
+streams_max = 256
+
+
+def _json(doc: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(doc, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def build_app(collector: Collector, checker: ProofChecker) -> Starlette:
+    registry = registry_for(collector)
+    check_limiter = trio.CapacityLimiter(checks_concurrent_max)
+    open_streams = [0]  # a plain count: a stream may be finalized in another task than it started in
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    def panel(name: str) -> Any:
+        async def handler(request: Request) -> Response:
+            v = collector.views
+            return _json({"version": v["version"], "as_of_ms": v["as_of_ms"], **v[name]})
+
+        return handler
+
+    async def summary(request: Request) -> Response:
+        return _json(collector.views["summary"])
+
+    async def everything(request: Request) -> Response:
+        return _json(collector.views)
+
+    async def stream(request: Request) -> Response:
+        if open_streams[0] >= streams_max:
+            return _json({"error": "too many open streams; poll /api/all instead"}, 503)
+
+        async def events() -> AsyncIterator[str]:
+            open_streams[0] += 1
+            try:
+                version = -1
+                while True:
+                    if collector.version != version:
+                        version = collector.version
+                        yield f"event: views\ndata: {json.dumps(collector.views, separators=(',', ':'))}\n\n"
+                    with trio.move_on_after(keepalive_s):
+                        await collector.wait_changed(version)
+                        continue
+                    yield ": keepalive\n\n"
+            finally:
+                open_streams[0] -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def check(request: Request) -> Response:
+        async with check_limiter:
+            try:
+                doc = await checker.check(request.path_params["proof_hash"], collector.raw)
+            except CheckInputError as exc:
+                return _json({"error": str(exc)}, 400)
+        return _json(doc)
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE)
+
+    async def healthz(request: Request) -> Response:
+        up = collector.views["daemon_up"]
+        return _json({"daemon_up": up, "errors": collector.views["errors"]}, 200 if up else 503)
+
+    routes = [
+        Route("/", index),
+        Route("/api/summary", summary),
+        Route("/api/all", everything),
+        Route("/api/stream", stream),
+        Route("/api/check/{proof_hash}", check, methods=["GET", "POST"]),
+        Route("/metrics", metrics),
+        Route("/healthz", healthz),
+        *[Route(f"/api/{name}", panel(name)) for name in PANELS],
+        Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Starlette(routes=routes)
+
+
+async def serve_explorer(home: Home, *, host: str = "127.0.0.1", port: int = 8080, poll_interval_s: float = 1.0,
+                         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the explorer of ``home``'s daemon until cancelled; report the URL when listening."""
+    source = DaemonSource(home)
+    collector = Collector(source, poll_interval_s=poll_interval_s)
+    app = build_app(collector, ProofChecker(source, home))
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collector.run)
+        binds = await nursery.start(serve, app, config)
+        task_status.started(binds[0] if binds else f"http://{host}:{port}")

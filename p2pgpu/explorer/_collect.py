@@ -1,0 +1,135 @@
+"""The collector: polls the daemon and keeps the latest views for every client.
+
+One task asks the daemon for everything every ``poll_interval_s`` and builds
+the views (``_views.py``) once; every HTTP request, Server-Sent-Events stream
+and ``/metrics`` scrape reads that one snapshot.  So a hundred open pages cost
+the daemon what one does, and every panel of one page shows the same moment.
+
+A method the daemon does not offer (``MethodMissing``) leaves its panel
+empty with ``available: false``; it is asked again at each poll, so methods a
+newer daemon adds appear without restarting the explorer.  A daemon that is
+down makes ``daemon_up`` false and the page says so; the collector keeps
+trying.  Per-job details (``job.status``) are fetched for at most
+``job_details_max`` jobs per poll, newest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import trio
+
+from p2pgpu.node import ControlError, DaemonUnavailable
+
+from ._source import DaemonSource, MethodMissing
+from ._views import Raw, build_views, rows_of
+
+log = logging.getLogger("p2pgpu.explorer")
+
+#: The daemon methods a poll asks, and the field of :class:`Raw` each fills.
+POLLED: list[tuple[str, str]] = [
+    ("status", "status"),
+    ("peers", "peers"),
+    ("market", "market"),
+    ("job.list", "jobs"),
+    ("proofs", "proofs"),
+    ("payouts", "payouts"),
+    ("earnings", "earnings"),
+]
+job_details_max = 50
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Collector:
+    def __init__(self, source: DaemonSource, *, poll_interval_s: float = 1.0,
+                 now_ms: Callable[[], int] = wall_ms) -> None:
+        self.source = source
+        self.poll_interval_s = poll_interval_s
+        self.now_ms = now_ms
+        self.version = 0
+        self.raw = Raw()
+        self.views: dict[str, Any] = build_views(self.raw, now_ms=now_ms(), version=0)
+        #: Explorer-side counters for ``/metrics``: polls, and failed calls by method.
+        self.polls = 0
+        self.call_errors: Counter[str] = Counter()
+        self.latency_s: dict[str, float] = {}
+        self._changed = trio.Event()
+        self._first = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.poll()
+        task_status.started()
+        while True:
+            await trio.sleep(self.poll_interval_s)
+            await self.poll()
+
+    async def poll(self) -> None:
+        raw = Raw()
+        for method, attr in POLLED:
+            value = await self._ask(method, raw)
+            if attr == "status":
+                raw.status = value if isinstance(value, dict) else None
+            else:
+                setattr(raw, attr, rows_of(value))
+        if raw.jobs:
+            raw.jobs = await self._job_details(raw.jobs, raw)
+        self.raw = raw
+        self.polls += 1
+        views = build_views(raw, now_ms=self.now_ms(), version=self.version + 1)
+        if _content(views) != _content(self.views):
+            self.version += 1
+            self.views = views
+            self._changed.set()
+            self._changed = trio.Event()
+        else:
+            # Same content: keep the version (clients need no update), refresh the time.
+            self.views["as_of_ms"] = views["as_of_ms"]
+            self.views["summary"]["as_of_ms"] = views["as_of_ms"]
+        self._first.set()
+
+    async def _ask(self, method: str, raw: Raw, params: dict[str, Any] | None = None) -> Any:
+        try:
+            value = await self.source.call(method, params)
+        except MethodMissing:
+            if method not in raw.missing:
+                raw.missing.append(method)
+            return None
+        except (DaemonUnavailable, ControlError) as exc:
+            self.call_errors[method] += 1
+            raw.errors[method] = str(exc)
+            return None
+        if method in self.source.last_latency_s:
+            self.latency_s[method] = self.source.last_latency_s[method]
+        return value
+
+    async def _job_details(self, rows: list[dict[str, Any]], raw: Raw) -> list[dict[str, Any]]:
+        """Fill in each job's cluster and timings from ``job.status`` where the list lacks them."""
+        out = []
+        for i, row in enumerate(rows):
+            job_id = row.get("job_id")
+            if i < job_details_max and isinstance(job_id, str) and "cluster" not in row \
+                    and "job.status" not in raw.missing:
+                detail = await self._ask("job.status", raw, {"job_id": job_id})
+                if isinstance(detail, dict):
+                    row = {**row, **detail}
+            out.append(row)
+        return out
+
+    async def wait_changed(self, version: int) -> None:
+        """Return once the views' version differs from ``version``."""
+        while self.version == version:
+            await self._changed.wait()
+
+
+def _content(views: dict[str, Any]) -> dict[str, Any]:
+    """The views without the fields that change at every poll."""
+    out = {k: v for k, v in views.items() if k not in ("version", "as_of_ms", "summary")}
+    summary = {k: v for k, v in views["summary"].items() if k not in ("version", "as_of_ms", "uptime_s")}
+    out["summary"] = summary
+    return out
