@@ -18,9 +18,11 @@ from ._common import CliError
 #: Command modules, in the order their commands appear in ``--help``.
 COMMAND_MODULES = [
     "p2pgpu.cli._operator",
+    "p2pgpu.cli._jobs",
     "p2pgpu.cli._sim",
     "p2pgpu.cli._ledger",
     "p2pgpu.cli._devnet",
+    "p2pgpu.cli._explorer",
 ]
 
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, NetworkSpec
 
 from ._control import ControlError, ControlServer
+from ._job_api import job_handlers
+from ._jobs import FORMATION_PROTOCOL, JOBS_TOPIC, JobsService
 from ._stack import Stack, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 
@@ -65,8 +68,8 @@ log = logging.getLogger("p2pgpu.node")
 ADVERTS_TOPIC = "/p2pgpu/adverts/1"
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
-STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL]
-TOPICS: list[str] = [ADVERTS_TOPIC]
+STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, FORMATION_PROTOCOL]
+TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
 market_sync_adverts_max = 2000
 
@@ -132,6 +135,7 @@ class Node:
         options: NodeOptions,
         home: Home | None = None,
         now_ms: Callable[[], int] = wall_ms,
+        rng_seed: int | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -153,6 +157,12 @@ class Node:
         self._dht_due = trio.Event()
         self._synced: dict[str, bool] = {}
         self._cancel: trio.CancelScope | None = None
+        # Randomness enters here once (manifest nonces): seeded from the OS,
+        # or by the caller for a reproducible run.
+        self.rng = random.Random(rng_seed if rng_seed is not None else int.from_bytes(os.urandom(16), "big"))
+        self.jobs = JobsService(self, rng=self.rng)
+        self.sandbox_reason: str | None = None
+        self.runner: Any = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -169,8 +179,10 @@ class Node:
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
+                    self._start_runner()
                     self.control_port = await nursery.start(control.serve, self.options.control_port)
                     self._write_control_file()
+                    await nursery.start(self.jobs.run)
                     nursery.start_soon(self._drain, sub)
                     nursery.start_soon(self._advert_loop)
                     nursery.start_soon(self._dht_loop)
@@ -223,10 +235,22 @@ class Node:
             currency=self.config.currency,
             payout_address=self.config.payout_address,
             region=self.config.region,
-            runtimes=("process",),
+            runtimes=() if self.sandbox_reason else ("process",),
             simulated=self.inventory.simulated,
         )
         return sign_advert(self.identity, adv)
+
+    def _start_runner(self) -> None:
+        from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415
+
+        from ._runner import Runner  # noqa: PLC0415
+
+        policy = SandboxPolicy(allow_network=self.config.allow_job_network)
+        self.sandbox_reason = check_sandbox(policy)
+        if self.sandbox_reason:
+            log.warning("jobs refused: the sandbox cannot run here (%s)", self.sandbox_reason)
+        root = self.home.path / "jobs" if self.home is not None else None
+        self.runner = Runner(self.jobs, root=root, policy=policy)
 
     def capacity_changed(self) -> None:
         """Call when ``gpus_reserved`` changes: the advert is republished."""
@@ -237,6 +261,7 @@ class Node:
         while True:
             sa = self._make_advert()
             self._own = sa
+            self.jobs.on_advert(sa)
             self.book.add_own(sa)
             await self.stack.pubsub.publish(ADVERTS_TOPIC, sa.wire)
             self.counts["adverts_published"] += 1
@@ -406,6 +431,7 @@ class Node:
             "dht.providers": self._providers,
             "dht.get_advert": self._dht_get_advert,
             "shutdown": self._shutdown,
+            **job_handlers(self),
         }
 
     async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -416,7 +442,8 @@ class Node:
             "addrs": self.stack.addrs(),
             "peers": len(self.stack.host.get_connected_peers()),
             "adverts_known": len(self.book.live(self.now_ms())),
-            "jobs": {},
+            "jobs": self.jobs.counts_by_state(),
+            "sandbox": self.sandbox_reason or "ok",
             "uptime_s": round(trio.current_time() - self.started_at_s, 3),
             "network": self.network.name,
             "gpus": len(self.inventory.gpus),

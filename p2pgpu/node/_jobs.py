@@ -1,0 +1,385 @@
+"""The jobs driver: carries the formation cores' actions over libp2p.
+
+:class:`JobsService` owns a :class:`~p2pgpu.core.FormationNode` (this node as
+a worker and leader) and a :class:`~p2pgpu.core.Submitter` (this node as a
+submitter).  It is a driver in CONVENTIONS.md's sense: decode, hand to the
+core, carry out the actions.
+
+- Manifests travel on ``/p2pgpu/jobs/1``; offers, proposals and confirms on
+  the per-job topic ``/p2pgpu/jobs/1/<job_id>``; accepts, certificates,
+  declines and confirms to one peer on direct streams
+  (``/p2pgpu/formation/1.0.0``, one length-prefixed frame per message).
+  A ``Send`` to ourselves is delivered locally.
+- Core calls are synchronous and never interleave (trio runs one task at a
+  time and :meth:`apply` never awaits): publishes, sends and job starts go to
+  bounded channels served by worker tasks of the service's nursery.
+- Topic messages are handled in the GossipSub validator, which therefore
+  rejects (and costs the sender score for) anything the cores refuse.
+- ``Reserved``/``Released`` keep the node's advert honest: its free GPUs are
+  what the capacity ledger has not promised.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+
+from p2pgpu.core import PeerMisbehaved, SignedAdvert
+from p2pgpu.core._actions import (
+    Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
+    SetTimer, StartJob, StopJob, Subscribe, Unsubscribe,
+)
+from p2pgpu.core._formation import FormationConfig, FormationNode
+from p2pgpu.core._formation_messages import Message, decode_message, message_bytes_max
+from p2pgpu.core._formation_submitter import Submitter
+from p2pgpu.core._manifest import SignedManifest
+
+from ._streams import StreamGone, guarded, read_frame, write_frame
+from ._timers import Timers
+
+if TYPE_CHECKING:
+    from ._daemon import Node
+
+log = logging.getLogger("p2pgpu.jobs")
+
+JOBS_TOPIC = "/p2pgpu/jobs/1"
+FORMATION_PROTOCOL = "/p2pgpu/formation/1.0.0"
+frame_bytes_max = message_bytes_max + 1024
+send_queue_max = 4096
+send_workers = 16
+records_max = 10_000
+
+
+@dataclass
+class JobRecord:
+    """What this node knows of one job, for ``job status`` and ``job list``."""
+
+    job_id: str
+    name: str
+    roles: list[str]
+    state: str
+    seen_at_ms: int
+    manifest: SignedManifest
+    submitted_at_ms: int | None = None
+    confirmed_at_ms: int | None = None
+    started_at_ms: int | None = None
+    ended_at_ms: int | None = None
+    members: list[str] = field(default_factory=list)
+    certificate: str = ""
+    member_index: int | None = None
+    reason: str = ""
+    exit_code: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.manifest.manifest
+        timings = {"seen_at_ms": self.seen_at_ms, "submitted_at_ms": self.submitted_at_ms,
+                   "confirmed_at_ms": self.confirmed_at_ms, "started_at_ms": self.started_at_ms,
+                   "ended_at_ms": self.ended_at_ms}
+        if self.submitted_at_ms is not None and self.confirmed_at_ms is not None:
+            timings["formation_ms"] = self.confirmed_at_ms - self.submitted_at_ms
+        return {
+            "job_id": self.job_id, "name": self.name, "roles": list(self.roles), "state": self.state,
+            "cluster": {"members": list(self.members), "certificate_hash": self.certificate,
+                        "member_index": self.member_index},
+            "timings": timings, "reason": self.reason, "exit_code": self.exit_code,
+            "submitter": m.submitter, "nodes": m.nodes, "replicas": m.replicas, "runtime": m.runtime,
+            **self.extra,
+        }
+
+
+Runner = Callable[[StartJob], Awaitable[None]]
+
+
+class JobsService:
+    def __init__(self, node: "Node", *, rng: random.Random, config: FormationConfig = FormationConfig()) -> None:
+        self.node = node
+        self.rng = rng
+        self.config = config
+        self.counts: Counter[str] = node.counts
+        self.timers = Timers(node.now_ms)
+        self.submitter = Submitter(node.identity, config)
+        self.formation: FormationNode | None = None
+        self.records: dict[str, JobRecord] = {}
+        self.runner: Runner | None = None
+        self.on_stop: Callable[[StopJob], None] | None = None
+        self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
+        self._out_send, self._out_recv = trio.open_memory_channel[tuple[str, bytes]](send_queue_max)
+        self._start_send, self._start_recv = trio.open_memory_channel[StartJob](1024)
+        self._topic_scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        stack = self.node.stack
+        assert stack is not None
+        stack.pubsub.set_topic_validator(JOBS_TOPIC, self._validate, False)
+        sub = await stack.pubsub.subscribe(JOBS_TOPIC)
+        stack.host.set_stream_handler(FORMATION_PROTOCOL, guarded("formation", self._serve_stream, self.counts))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.timers.run, self._fire)
+            nursery.start_soon(self._pubsub_worker)
+            nursery.start_soon(self._drain, sub)
+            for _ in range(send_workers):
+                nursery.start_soon(self._send_worker)
+            nursery.start_soon(self._start_worker)
+            task_status.started()
+
+    def on_advert(self, sa: SignedAdvert) -> None:
+        """Our advert changed (or exists for the first time)."""
+        now = self.node.now_ms()
+        if self.formation is None:
+            self.formation = FormationNode(self.node.identity, sa.advert, self.config)
+        else:
+            self.apply(self.formation.update_advert(sa.advert, now), origin="formation")
+
+    # -------------------------------------------------------------- inbound
+
+    def _validate(self, forwarder: ID, msg: Any) -> bool:
+        stack = self.node.stack
+        if stack is not None and msg.from_id == stack.host.get_id().to_bytes():
+            return True  # our own publish; the cores already know
+        try:
+            self.deliver(msg.data, via="topic")
+        except PeerMisbehaved as exc:
+            self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
+            log.info("job message from %s rejected: %s", forwarder, exc)
+            return False
+        return True
+
+    async def _drain(self, sub: Any) -> None:
+        while True:
+            await sub.get()  # handled in the validator; keep the queue empty
+
+    async def _serve_stream(self, stream: Any) -> None:
+        for _ in range(64):  # a peer may send a few messages on one stream
+            try:
+                data = await read_frame(stream, frame_bytes_max)
+            except StreamGone:
+                return
+            self.deliver(data, via="stream")
+
+    def deliver(self, data: bytes, *, via: str) -> None:
+        """Decode one message and hand it to the cores; ``PeerMisbehaved`` if bad."""
+        msg = decode_message(data)
+        self._route(msg)
+
+    def _route(self, msg: Message) -> None:
+        now = self.node.now_ms()
+        job_id = msg.job_id
+        if isinstance(msg, SignedManifest):
+            if self.formation is not None and job_id in self.formation.jobs:
+                return  # a republish of a manifest we already have
+            self._record(msg, now)
+        if job_id in self.submitter.jobs:
+            self.apply(self.submitter.on_message(msg, now), origin="submitter")
+        if self.formation is not None:
+            self.apply(self.formation.on_message(msg, now), origin="formation")
+
+    def _record(self, sm: SignedManifest, now: int) -> JobRecord:
+        rec = self.records.get(sm.job_id)
+        if rec is None:
+            if len(self.records) >= records_max:
+                oldest = min(self.records.values(), key=lambda r: (r.seen_at_ms, r.job_id))
+                del self.records[oldest.job_id]
+            rec = JobRecord(job_id=sm.job_id, name=sm.manifest.name, roles=[], state="seen", seen_at_ms=now,
+                            manifest=sm)
+            self.records[sm.job_id] = rec
+        return rec
+
+    def _fire(self, key: str, now: int) -> None:
+        if key.startswith("s/"):
+            self.apply(self.submitter.on_timer(key, now), origin="submitter")
+        elif key.startswith("f/") and self.formation is not None:
+            self.apply(self.formation.on_timer(key, now), origin="formation")
+
+    # ------------------------------------------------------------- outbound
+
+    def apply(self, actions: list[Action], *, origin: str) -> None:
+        """Carry out the cores' actions.  Never awaits: see the module docstring."""
+        me = self.node.identity.peer_id
+        for a in actions:
+            if isinstance(a, Send):
+                if a.peer_id == me:
+                    self._local(a.data)
+                else:
+                    self._queue(self._out_send, (a.peer_id, a.data), "send")
+            elif isinstance(a, Publish):
+                self._queue(self._ops_send, ("pub", a.topic, a.data), "publish")
+                if origin == "submitter" and a.topic == self.config.jobs_topic:
+                    self._local(a.data)  # our own node may serve our own job
+            elif isinstance(a, Subscribe):
+                self._queue(self._ops_send, ("sub", a.topic, b""), "subscribe")
+            elif isinstance(a, Unsubscribe):
+                self._queue(self._ops_send, ("unsub", a.topic, b""), "unsubscribe")
+            elif isinstance(a, SetTimer):
+                self.timers.set(a.key, a.at_ms)
+            elif isinstance(a, CancelTimer):
+                self.timers.cancel(a.key)
+            elif isinstance(a, Emit):
+                self.counts[a.metric] += a.value
+            elif isinstance(a, (Reserved, Released)):
+                total = len(self.node.inventory.gpus)
+                self.node.gpus_reserved = max(0, total - a.gpus_free)
+                self.node.capacity_changed()
+                rec = self.records.get(a.job_id)
+                if rec is not None and isinstance(a, Reserved) and rec.state == "seen":
+                    rec.state = "reserved"
+            elif isinstance(a, StartJob):
+                self._on_start(a)
+            elif isinstance(a, StopJob):
+                rec = self.records.get(a.job_id)
+                if rec is not None and rec.state in ("confirmed", "running"):
+                    rec.reason = a.reason
+                if self.on_stop is not None:
+                    self.on_stop(a)
+            elif isinstance(a, Confirmed):
+                rec = self.records.get(a.job_id)
+                if rec is not None:
+                    rec.state = "confirmed"
+                    rec.confirmed_at_ms = self.node.now_ms()
+                    rec.members = list(a.certificate.members)
+                    rec.certificate = a.certificate.digest.hex()
+                self.counts["jobs_confirmed"] += 1
+            elif isinstance(a, (Failed, Cancelled)):
+                rec = self.records.get(a.job_id)
+                if rec is not None:
+                    rec.state = "failed" if isinstance(a, Failed) else "cancelled"
+                    rec.reason = a.reason
+                    rec.ended_at_ms = self.node.now_ms()
+            elif isinstance(a, MemberLost):
+                rec = self.records.get(a.job_id)
+                if rec is not None:
+                    rec.extra.setdefault("lost_members", []).append(a.peer_id)
+            else:
+                log.warning("unhandled action %r", a)
+
+    def _local(self, data: bytes) -> None:
+        try:
+            self.deliver(data, via="local")
+        except PeerMisbehaved as exc:  # our own message: a bug, but never fatal
+            log.error("our own message was refused: %s", exc)
+            self.counts["jobs:own_message_refused"] += 1
+
+    def _queue(self, chan: Any, item: Any, what: str) -> None:
+        try:
+            chan.send_nowait(item)
+        except trio.WouldBlock:
+            # Formation retries what matters (accepts, certificates, confirms).
+            self.counts[f"jobs:{what}_queue_full"] += 1
+
+    def _on_start(self, a: StartJob) -> None:
+        rec = self._record(a.manifest, self.node.now_ms())
+        if "member" not in rec.roles:
+            rec.roles.append("member")
+        rec.state = "confirmed"
+        rec.members = list(a.certificate.members)
+        rec.certificate = a.certificate.digest.hex()
+        rec.member_index = a.member_index
+        rec.confirmed_at_ms = rec.confirmed_at_ms or self.node.now_ms()
+        self._queue(self._start_send, a, "start")
+
+    async def _pubsub_worker(self) -> None:
+        stack = self.node.stack
+        assert stack is not None and self._nursery is not None
+        async for op, topic, data in self._ops_recv:
+            try:
+                if op == "pub":
+                    await stack.pubsub.publish(topic, data)
+                elif op == "sub" and topic not in self._topic_scopes:
+                    stack.pubsub.set_topic_validator(topic, self._validate, False)
+                    sub = await stack.pubsub.subscribe(topic)
+                    scope = trio.CancelScope()
+                    self._topic_scopes[topic] = scope
+                    self._nursery.start_soon(self._drain_topic, sub, scope)
+                elif op == "unsub" and topic in self._topic_scopes:
+                    self._topic_scopes.pop(topic).cancel()
+                    await stack.pubsub.unsubscribe(topic)
+                    stack.pubsub.remove_topic_validator(topic)
+            except (BaseLibp2pError, ValueError, KeyError) as exc:
+                self.counts[f"jobs:{op}_failed"] += 1
+                log.info("%s %s failed: %s", op, topic, exc)
+
+    async def _drain_topic(self, sub: Any, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._drain(sub)
+
+    async def _send_worker(self) -> None:
+        stack = self.node.stack
+        assert stack is not None
+        async for peer_id, data in self._out_recv:
+            with trio.move_on_after(5.0):
+                try:
+                    stream = await stack.host.new_stream(ID.from_base58(peer_id), [FORMATION_PROTOCOL])
+                except (BaseLibp2pError, ValueError, OSError) as exc:
+                    self.counts["jobs:send_failed"] += 1
+                    log.info("cannot open a formation stream to %s: %s", peer_id, exc)
+                    continue
+                try:
+                    await write_frame(stream, data)
+                    await stream.close()
+                    self.counts["jobs:sent"] += 1
+                except (StreamGone, BaseLibp2pError) as exc:
+                    self.counts["jobs:send_failed"] += 1
+                    log.info("send to %s failed: %s", peer_id, exc)
+
+    async def _start_worker(self) -> None:
+        assert self._nursery is not None
+        async for start in self._start_recv:
+            if self.runner is None:
+                log.warning("no runner: job %s confirmed but not run", start.job_id[:12])
+                continue
+            self._nursery.start_soon(self.runner, start)
+
+    # ----------------------------------------------------- submitter's side
+
+    def submit(self, sm: SignedManifest) -> None:
+        now = self.node.now_ms()
+        rec = self._record(sm, now)
+        rec.roles.append("submitter")
+        rec.state = "forming"
+        rec.submitted_at_ms = now
+        self.apply(self.submitter.submit(sm, now), origin="submitter")
+
+    def cancel(self, job_id: str) -> None:
+        now = self.node.now_ms()
+        if job_id in self.submitter.jobs:
+            self.apply(self.submitter.cancel(job_id, now), origin="submitter")
+
+    def finished(self, job_id: str) -> None:
+        """A job this node ran has ended: free its capacity."""
+        if self.formation is not None:
+            self.apply(self.formation.finish(job_id, self.node.now_ms()), origin="formation")
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        rec = self.records.get(job_id)
+        if rec is None:
+            matches = [r for r in self.records if r.startswith(job_id)] if len(job_id) >= 6 else []
+            if len(matches) != 1:
+                return None
+            rec = self.records[matches[0]]
+        doc = rec.to_json()
+        progress = self.submitter.progress(rec.job_id)
+        if progress is not None:
+            doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,
+                                "accepts": progress.accepts, "views_seen": progress.views_seen,
+                                "certificates_refused": progress.certificates_refused,
+                                "members_needed": progress.members_needed}
+        if self.formation is not None:
+            ws = self.formation.state(rec.job_id)
+            if ws is not None:
+                doc["worker_state"] = ws.name.lower()
+        return doc
+
+    def counts_by_state(self) -> dict[str, int]:
+        out: Counter[str] = Counter(r.state for r in self.records.values() if r.roles)
+        return dict(sorted(out.items()))
