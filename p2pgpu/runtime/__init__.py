@@ -2,11 +2,14 @@
 
 ``check_sandbox()`` says whether jobs can run confined here (the node refuses
 jobs when it returns a reason); ``run_job(spec, policy, on_line=...)`` runs one
-job's command and returns a ``SandboxResult``.  See ``docs/sandbox.md``.
+job's command and returns a ``SandboxResult``; ``RunCheckpoints`` and
+``proof_for`` turn a run into a signed work proof.  See ``docs/sandbox.md``
+and ``docs/proofs.md``.
 """
 
 from ._limits import BACKENDS, SandboxUnavailable
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs
+from ._proving import RunCheckpoints, proof_for
 from ._sandbox import (
     REASONS,
     ClusterEnv,
@@ -30,6 +33,7 @@ __all__ = [
     "JobSpec",
     "OutputFile",
     "OutputLimitExceeded",
+    "RunCheckpoints",
     "SandboxPolicy",
     "SandboxResult",
     "SandboxUnavailable",
@@ -38,6 +42,7 @@ __all__ = [
     "collect_outputs",
     "gpu_device_paths",
     "job_env",
+    "proof_for",
     "run_job",
     "sandbox_memory_backend",
 ]
