@@ -53,6 +53,7 @@ class Ledger(Protocol):
 
     async def latest_blockhash(self) -> tuple[Hash, int]: ...
     async def block_height(self) -> int: ...
+    async def slot(self) -> int: ...
     async def send(self, raw: bytes, *, preflight: bool = True) -> str: ...
     async def statuses(self, signatures: Sequence[str]) -> list[SigStatus | None]: ...
     async def balances(self, pubkeys: Sequence[Pubkey]) -> list[int]: ...
@@ -96,6 +97,10 @@ class EmbeddedLedger:
     async def block_height(self) -> int:
         self._tick()
         return self.svm.height
+
+    async def slot(self) -> int:
+        self._tick()
+        return self.svm.slot
 
     async def send(self, raw: bytes, *, preflight: bool = True) -> str:
         self._tick()
@@ -164,6 +169,10 @@ class RpcLedger:
 
     async def block_height(self) -> int:
         r = await self._call(self.client.get_block_height())
+        return int(r.value)
+
+    async def slot(self) -> int:
+        r = await self._call(self.client.get_slot())
         return int(r.value)
 
     async def send(self, raw: bytes, *, preflight: bool = True) -> str:

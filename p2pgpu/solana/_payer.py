@@ -40,6 +40,7 @@ from solders.pubkey import Pubkey
 from p2pgpu.core._payout import (
     SOL,
     BatchPlan,
+    BatchState,
     FailureKind,
     Verdict,
     isolate_failure,
@@ -173,12 +174,13 @@ class Payer:
         return [o for o, a in zip(owners, accs) if a is None]
 
     async def sign_plans(self, plans: Sequence[BatchPlan], report: PayReport) -> list[BatchRecord]:
-        """Sign each plan and record it durably; a plan too large is halved."""
+        """Sign every plan, then record them all in one durable transaction
+        (one fsync per round, not per batch); a plan too large is halved."""
         if not plans:
             return []
         token = await self.token()
         bh, lvh = await self.ledger.latest_blockhash()
-        out: list[BatchRecord] = []
+        signed: list[tuple[BatchPlan, bytes]] = []
         todo = list(plans)
         while todo:
             plan = todo.pop(0)
@@ -192,29 +194,32 @@ class Payer:
                 todo[:0] = [BatchPlan(currency=plan.currency, transfers=plan.transfers[:half]),
                             BatchPlan(currency=plan.currency, transfers=plan.transfers[half:])]
                 continue
-            sig = signature_of(raw)
-            with transaction(self.conn):
+            signed.append((plan, raw))
+        out: list[BatchRecord] = []
+        now = self.now_ms()
+        with transaction(self.conn):
+            for plan, raw in signed:
+                sig = signature_of(raw)
                 batch_id = record_signed(self.conn, plan, signature=sig, blockhash=str(bh), last_valid_height=lvh,
-                                         tx=raw, now_ms=self.now_ms())
+                                         tx=raw, now_ms=now)
+                out.append(BatchRecord(batch_id=batch_id, currency=plan.currency, state=BatchState.SIGNED,
+                                       signature=sig, blockhash=str(bh), last_valid_height=lvh, tx=raw,
+                                       merkle_root=plan.merkle_root(), sends=0))
+        for _ in out:
             report.signed += 1
             self.hook("signed")
-            out.append(self._record(batch_id))
         return out
 
     async def sign_owed(self, report: PayReport) -> list[BatchRecord]:
         return await self.sign_plans(await self._plan(report), report)
 
-    def _record(self, batch_id: int) -> BatchRecord:
-        for b in open_batches(self.conn):
-            if b.batch_id == batch_id:
-                return b
-        raise LookupError(batch_id)
-
     # --- sending ---------------------------------------------------------
 
-    async def _send(self, b: BatchRecord) -> None:
+    async def _send(self, b: BatchRecord, *, resend: bool = False) -> None:
         """Send (or resend) the recorded bytes.  A preflight refusal is kept
-        for ``settle`` to judge; nothing is decided here."""
+        for ``settle`` to judge; nothing is decided here.  Only resends are
+        noted in the store (state ``sent``, ``sends`` counter): a first send
+        needs no write, which keeps a round at two fsyncs."""
         try:
             await self.ledger.send(b.tx, preflight=True)
         except LedgerRejected as exc:
@@ -223,8 +228,9 @@ class Payer:
             self._preflight[b.batch_id] = exc.err
             return
         self.hook("sent")
-        with transaction(self.conn):
-            mark_sent(self.conn, b.batch_id, now_ms=self.now_ms())
+        if resend:
+            with transaction(self.conn):
+                mark_sent(self.conn, b.batch_id, now_ms=self.now_ms())
 
     async def send_all(self, batches: Sequence[BatchRecord]) -> None:
         for b in batches:
@@ -241,6 +247,7 @@ class Payer:
             height = await self.ledger.block_height()  # before the statuses: see recovery_verdict
             ids = list(pending)
             statuses = await self.ledger.statuses([pending[i].signature for i in ids])
+            paid: list[tuple[int, int]] = []
             for batch_id, st in zip(ids, statuses):
                 b = pending[batch_id]
                 pre_err = self._preflight.pop(batch_id, None)
@@ -254,10 +261,7 @@ class Payer:
                 if verdict is Verdict.PAID:
                     assert st is not None
                     self.hook("confirmed")
-                    with transaction(self.conn):
-                        mark_paid(self.conn, batch_id, slot=st.slot, fee=fee_per_batch_lamports, now_ms=self.now_ms())
-                    report.paid_batches += 1
-                    report.paid_rows += len(batch_plan(self.conn, batch_id).owed_ids)
+                    paid.append((batch_id, st.slot))
                     del pending[batch_id]
                 elif verdict is Verdict.FAILED:
                     assert st is not None
@@ -270,7 +274,14 @@ class Payer:
                     del pending[batch_id]
                 elif trio.current_time() - last_sent[batch_id] >= self.resend_s:
                     last_sent[batch_id] = trio.current_time()
-                    await self._send(b)
+                    await self._send(b, resend=True)
+            if paid:  # one durable write for every batch seen paid in this poll
+                with transaction(self.conn):
+                    for batch_id, slot in paid:
+                        mark_paid(self.conn, batch_id, slot=slot, fee=fee_per_batch_lamports, now_ms=self.now_ms())
+                        report.paid_rows += self.conn.execute(
+                            "SELECT COUNT(*) FROM payout_batch_items WHERE batch_id = ?", (batch_id,)).fetchone()[0]
+                report.paid_batches += len(paid)
             if pending:
                 if trio.current_time() > deadline:
                     return

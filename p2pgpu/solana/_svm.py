@@ -171,6 +171,7 @@ class SvmLedger:
         self.state_path = Path(state_path) if state_path is not None else None
         self._replaying = False
         self._new_blockhash()
+        self._sync_sysvars()
         if self.state_path is not None:
             self._open_state(readonly)
 
@@ -200,8 +201,14 @@ class SvmLedger:
             self._new_blockhash()
         if now_ms is not None:
             self.time_ms = max(self.time_ms, now_ms)
-        self.svm.warp_to_slot(self.height)
+        self._sync_sysvars()
         self._journal_append(["adv", blocks, self.time_ms])
+
+    def _sync_sysvars(self) -> None:
+        """Clock and SlotHashes follow our blocks (lookup tables need a recent slot in SlotHashes)."""
+        self.svm.warp_to_slot(self.height)
+        lo = max(0, self.height - blockhash_window)
+        self.svm.set_slot_hashes([(h, self._blockhash_at(h)) for h in range(self.height, lo - 1, -1)])
 
     @property
     def slot(self) -> int:
@@ -439,7 +446,7 @@ class SvmLedger:
                     self.height += 1
                     self._new_blockhash()
                 self.time_ms = max(self.time_ms, t)
-                self.svm.warp_to_slot(self.height)
+                self._sync_sysvars()
             elif kind == "tx":
                 raw, height, t = rest
                 self.time_ms = t
@@ -489,7 +496,7 @@ class SvmLedger:
         self.blockhashes.clear()
         for h in range(max(0, self.height - blockhash_window), self.height + 1):
             self.blockhashes[str(self._blockhash_at(h))] = h
-        self.svm.warp_to_slot(self.height)
+        self._sync_sysvars()
 
     def compact(self) -> None:
         """Write a snapshot atomically, then empty the journal."""

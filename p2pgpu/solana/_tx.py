@@ -63,7 +63,7 @@ def build_batch(
     *,
     token: TokenInfo | None = None,
     missing_atas: Sequence[str] = (),
-    lookup: AddressLookupTableAccount | None = None,
+    lookup: AddressLookupTableAccount | Sequence[AddressLookupTableAccount] | None = None,
 ) -> bytes:
     """The signed wire bytes of one batch; raises :class:`TooLarge`."""
     ixs: list[Instruction] = []
@@ -91,7 +91,8 @@ def build_batch(
         raw = bytes(Transaction.new_signed_with_payer(ixs, payer.pubkey(), [payer], blockhash))
     else:
         try:
-            msg = MessageV0.try_compile(payer.pubkey(), ixs, [lookup], blockhash)
+            tables = [lookup] if isinstance(lookup, AddressLookupTableAccount) else list(lookup)
+            msg = MessageV0.try_compile(payer.pubkey(), ixs, tables, blockhash)
         except Exception as exc:  # solders raises CompileError subclasses of Exception
             raise TooLarge(str(exc)) from None
         raw = bytes(VersionedTransaction(msg, [payer]))
