@@ -135,12 +135,13 @@ class JobFlow:
             return None
         now_ms = w.node_now_ms(node)
         nodes = self.rng.choice(self.cfg.nodes_choices)
+        replicas = self.rng.choice(self.cfg.replicas_choices)
         m = Manifest(
             name="sim", submitter=sn.identity.peer_id, created_at_ms=now_ms,
             expires_at_ms=now_ms + 10 * 60 * 1000, nonce=self.rng.randbytes(16), nodes=nodes,
             gpus_per_node=self.rng.choice(self.cfg.gpus_per_node_choices), command=("true",),
             duration_s_max=max(1, int(self.cfg.duration_s * 1.5)), price_per_gpu_hour_max=self.cfg.price_max,
-            payer=sn.payout_address,
+            payer=sn.payout_address, replicas=replicas, quorum=replicas // 2 + 1,
         )
         sm = sign_manifest(sn.identity, m)
         jid = len(self.jobs) + 1
@@ -247,6 +248,7 @@ class JobFlow:
 
     def _release(self, node: int, jid: int) -> None:
         w = self.world
+        w.nodes[node].running.pop(jid, None)
         if w.nodes[node].held.pop(jid, None) is not None:
             w.checker.on_release(node, jid)
             w.engine.trace("release", node, jid)
@@ -256,6 +258,9 @@ class JobFlow:
         sn = w.nodes[dst]
         if jid not in sn.held:
             return  # lease expired: the submitter's result deadline handles it
+        if sn.running.get(jid):
+            return  # a duplicated confirm must not start the job twice
+        sn.running[jid] = True
         job = self.jobs[jid]
         w.checker.on_start(dst, jid)
         w.engine.trace("start", dst, jid)
@@ -367,8 +372,11 @@ class JobFlow:
         for gpu_s, digest in job.results.values():
             if gpu_s >= 0:
                 votes[digest] = votes.get(digest, 0) + 1
+        replicated = job.manifest.replicas > 1
         winner = max(sorted(votes), key=lambda d: votes[d]) if votes else b""
-        ok = votes.get(winner, 0) >= job.manifest.quorum
+        # Only replicas of the same work can be compared; without replication
+        # every valid proof stands on its own.
+        ok = votes.get(winner, 0) >= job.manifest.quorum if replicated else bool(votes)
         job.to(JobState.DONE if ok and len(job.results) == len(job.members) else JobState.FAILED)
         job.t_done_us = self.world.engine.now_us
         self.world.engine.trace("job", job.jid, job.state.value)
@@ -377,7 +385,7 @@ class JobFlow:
             return
         for m in job.members:
             r = job.results.get(m)
-            if not ok or r is None or r[0] <= 0 or r[1] != winner:
+            if not ok or r is None or r[0] <= 0 or (replicated and r[1] != winner):
                 continue
             amount = r[0] * self.world.nodes[m].price // 3600
             if amount <= 0:

@@ -144,6 +144,11 @@ class Network:
             for cb in self.on_peer_lost:
                 cb(a, b)
 
+    def disconnect(self, a: int, b: int) -> None:
+        """Close a connection on purpose: both ends know at once."""
+        self._drop_link(a, b)
+        self._drop_link(b, a)
+
     def node_down(self, node: int, *, crash: bool) -> None:
         """``node`` stops; its peers notice at once (clean close) or after detect_ms (crash)."""
         if self.up[node]:

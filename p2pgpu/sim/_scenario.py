@@ -60,8 +60,12 @@ class NetworkSection:
     peers_max: int = 64
     #: time until a peer notices a dead or cut connection (ping timeout)
     detect_ms: float = 5000.0
-    #: how often a node with too few peers looks for more
+    #: how often a node runs discovery: below peers_target it dials until it
+    #: has enough; otherwise it dials one random node (the DHT random walk) and,
+    #: above peers_high, closes one non-mesh connection (the connection manager)
     discovery_s: float = 10.0
+    #: connection manager high watermark; 0 means peers_target + 8
+    peers_high: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +139,8 @@ class JobSection:
     duration_s: float = 20.0
     nodes_choices: list[int] = field(default_factory=lambda: [1])
     gpus_per_node_choices: list[int] = field(default_factory=lambda: [1])
+    #: replicas per job (the same work on k members, majority quorum)
+    replicas_choices: list[int] = field(default_factory=lambda: [1])
     price_max: int = 2_000_000
     #: how long the submitter collects offers before choosing
     offer_window_ms: float = 300.0
@@ -206,6 +212,8 @@ class Scenario:
         _need(bool(j.nodes_choices) and all(1 <= x <= 64 for x in j.nodes_choices), "jobs.nodes_choices", "1..64")
         _need(bool(j.gpus_per_node_choices) and all(1 <= x <= 16 for x in j.gpus_per_node_choices),
               "jobs.gpus_per_node_choices", "1..16")
+        _need(bool(j.replicas_choices) and all(1 <= x <= 8 for x in j.replicas_choices),
+              "jobs.replicas_choices", "1..8")
         _need(len(self.partition) <= 100 and len(self.adversary) <= 100, "scenario", "at most 100 entries")
         for i, p in enumerate(self.partition):
             _need(0 <= p.at_s < p.heal_s, f"partition[{i}]", "needs at_s < heal_s")

@@ -80,6 +80,8 @@ class SimNode:
     submitter: bool = False
     #: job id -> GPUs held (reserved under a lease, or running)
     held: dict[int, int] = field(default_factory=dict)
+    #: job id -> True while this node runs it
+    running: dict[int, bool] = field(default_factory=dict)
 
     @property
     def gpus_free(self) -> int:
@@ -176,6 +178,7 @@ class World:
         sn = self.nodes[node]
         if lose_state:
             sn.seq = 0
+            self.checker.on_state_lost(node)
             if sn.book is not None:
                 sn.book = self._new_book()
 
@@ -193,8 +196,20 @@ class World:
         node, epoch = arg
         if not self.net.up[node] or self.net.epoch[node] != epoch:
             return
-        if len(self.net.peers[node]) < self.scenario.network.peers_target:
-            self._connect_some(node, self.gossip.rng(node))
+        cfg = self.scenario.network
+        rng = self.gossip.rng(node)
+        peers = self.net.peers[node]
+        if len(peers) < cfg.peers_target:
+            self._connect_some(node, rng)
+        else:
+            p = self.net.random_live(rng)
+            if p is not None:
+                self.net.connect(node, p)
+            if len(peers) > (cfg.peers_high or cfg.peers_target + 8):
+                mesh = self.gossip.mesh[node]
+                spare = [q for q in peers if q not in mesh]
+                if spare:
+                    self.net.disconnect(node, rng.choice(spare))
         self.engine.after(int(self.scenario.network.discovery_s * 1_000_000), self._discover, arg)
 
     # -- adverts ---------------------------------------------------------------------------

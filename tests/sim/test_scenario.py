@@ -1,0 +1,51 @@
+"""Scenario files: every shipped one loads; mistakes name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pgpu.sim import ScenarioError, load_scenario, scenario_from_obj
+
+SIMS = Path(__file__).resolve().parents[2] / "simulations"
+
+
+@pytest.mark.parametrize("path", sorted(SIMS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_scenarios_load(path: Path) -> None:
+    s = load_scenario(path)
+    assert s.run.nodes >= 1 and s.run.name
+
+
+def test_required_scenarios_are_shipped() -> None:
+    names = {p.name for p in SIMS.glob("*.toml")}
+    assert {"smoke.toml", "gossipsub-1k.toml", "churn.toml", "partition-heal.toml", "adversarial.toml"} <= names
+    g = load_scenario(SIMS / "gossipsub-1k.toml")
+    assert (g.run.nodes, g.gossipsub.D, g.network.link_ms, g.network.jitter_pct, g.gossipsub.heartbeat_ms) == (
+        1000, 8, 25.0, 10.0, 1000.0)
+
+
+@pytest.mark.parametrize(("obj", "where"), [
+    ({"run": {"nodez": 3}}, "run.nodez"),
+    ({"run": {"nodes": "many"}}, "run.nodes"),
+    ({"run": {"nodes": True}}, "run.nodes"),
+    ({"network": {"loss_pct": 140}}, "network.loss_pct"),
+    ({"gossipsub": {"D": 3, "D_lo": 6}}, "gossipsub.D"),
+    ({"runn": {}}, "runn"),
+    ({"partition": [{"at_s": 5, "heal_s": 1}]}, "partition[0]"),
+    ({"adversary": [{"kind": "x"}]}, None),
+])
+def test_mistakes_name_the_key(obj: dict, where: str | None) -> None:
+    if where is None:
+        return  # adversary kinds are checked when the world is built (see test_world)
+    with pytest.raises(ScenarioError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        scenario_from_obj(obj)
+
+
+def test_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "s.toml"
+    p.write_text("[run]\nnodes = 10\n")
+    assert load_scenario(p, {"run.nodes": 20, "churn.fraction": 0.5}).run.nodes == 20
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        p.write_text("[run\n")
+        load_scenario(p)
