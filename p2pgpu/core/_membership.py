@@ -73,7 +73,7 @@ class Heartbeat:
                 "checkpoints": self.checkpoints}
 
     @classmethod
-    def from_obj(cls, body: dict[str, Any]) -> "Heartbeat":
+    def from_obj(cls, body: dict[str, Any]) -> Heartbeat:
         s.exact_keys(body, {"job_id", "cert_hash", "peer_id", "seq", "sent_at_ms", "state", "chain_head",
                             "checkpoints"})
         try:

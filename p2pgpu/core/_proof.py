@@ -225,7 +225,7 @@ class Proof:
         }
 
     @classmethod
-    def from_obj(cls, body: dict[str, Any]) -> "Proof":
+    def from_obj(cls, body: dict[str, Any]) -> Proof:
         s.exact_keys(body, set(_PROOF_FIELDS))
         cps = []
         for i, row in enumerate(s.get_list(body, "checkpoints", checkpoints_max)):
@@ -289,7 +289,7 @@ class Cosign:
                 "heartbeats": self.heartbeats, "last_chain_head": self.last_chain_head}
 
     @classmethod
-    def from_obj(cls, body: dict[str, Any]) -> "Cosign":
+    def from_obj(cls, body: dict[str, Any]) -> Cosign:
         s.exact_keys(body, {"job_id", "cert_hash", "subject", "observer", "first_seen_ms", "last_seen_ms",
                             "heartbeats", "last_chain_head"})
         try:
@@ -388,7 +388,7 @@ class ProofTerms:
             raise ValueError("need nodes >= 1, 1 <= quorum <= replicas, tolerance >= 0")
 
     @classmethod
-    def from_manifest(cls, signed_manifest: Any, *, tolerance_ms: int = 5_000) -> "ProofTerms":
+    def from_manifest(cls, signed_manifest: Any, *, tolerance_ms: int = 5_000) -> ProofTerms:
         """Terms of a ``SignedManifest`` (``p2pgpu.core._manifest``)."""
         m = signed_manifest.manifest
         return cls(job_id=signed_manifest.job_id, duration_ms_max=m.duration_s_max * 1000,

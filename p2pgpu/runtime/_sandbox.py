@@ -294,7 +294,7 @@ def sandbox_memory_backend(policy: SandboxPolicy | None = None) -> str:
 @dataclass
 class _StreamState:
     name: str
-    hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    hash: hashlib._Hash = field(default_factory=hashlib.sha256)
     bytes: int = 0
     tail: bytearray = field(default_factory=bytearray)
 

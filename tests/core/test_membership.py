@@ -21,8 +21,8 @@ from p2pgpu.core._actions import CancelTimer, Emit, MemberLost, Send, SetTimer, 
 from p2pgpu.core._membership import (
     MEMBER_TRANSITIONS,
     Heartbeat,
-    MemberStatus,
     Membership,
+    MemberStatus,
     decode_heartbeat,
     sign_heartbeat,
 )

@@ -64,19 +64,19 @@ def chain_for(identity: Identity, start: int, end: int, every: int = 10_000) -> 
 def proof(identity: Identity = A, *, start: int = T0, end: int = T0 + 30_000, gpus: tuple[str, ...] = ("g0", "g1"),
           digest: bytes = DIGEST, **over: Any) -> Proof:
     chain = chain_for(identity, start, end)
-    fields: dict[str, Any] = dict(
-        job_id=JOB, cert_hash=CERT_HASH, peer_id=identity.peer_id, gpus=gpus, started_at_ms=start,
-        ended_at_ms=end, gpu_ms=len(gpus) * (end - start), exit_code=0, end_reason="exited",
-        output_digest=digest, checkpoints=tuple(chain.checkpoints), chain_head=chain.head)
+    fields: dict[str, Any] = {
+        "job_id": JOB, "cert_hash": CERT_HASH, "peer_id": identity.peer_id, "gpus": gpus, "started_at_ms": start,
+        "ended_at_ms": end, "gpu_ms": len(gpus) * (end - start), "exit_code": 0, "end_reason": "exited",
+        "output_digest": digest, "checkpoints": tuple(chain.checkpoints), "chain_head": chain.head}
     fields.update(over)
     return Proof(**fields)
 
 
 def cosign(observer: Identity, subject: Identity = A, *, first: int = T0 + 500, last: int = T0 + 29_500,
            count: int = 30, head: bytes = b"", **over: Any) -> bytes:
-    fields: dict[str, Any] = dict(job_id=JOB, cert_hash=CERT_HASH, subject=subject.peer_id,
-                                  observer=observer.peer_id, first_seen_ms=first, last_seen_ms=last,
-                                  heartbeats=count, last_chain_head=head)
+    fields: dict[str, Any] = {"job_id": JOB, "cert_hash": CERT_HASH, "subject": subject.peer_id,
+                                  "observer": observer.peer_id, "first_seen_ms": first, "last_seen_ms": last,
+                                  "heartbeats": count, "last_chain_head": head}
     fields.update(over)
     return sign_cosign(observer, Cosign(**fields)).wire
 
@@ -121,7 +121,7 @@ REJECTIONS: list[tuple[str, Callable[[], bytes], Callable[[], list[bytes]], Proo
      ProofFault.BAD_SIGNATURE),
     ("signed by another member", lambda: signed(proof(), B), lambda: [cosign(B)], TERMS,
      ProofFault.SIGNER_MISMATCH),
-    ("truncated", lambda: signed(proof())[:-20], lambda: [], TERMS, ProofFault.MALFORMED),
+    ("truncated", lambda: signed(proof())[:-20], list, TERMS, ProofFault.MALFORMED),
     ("not a member", lambda: signed(proof(OUTSIDER)), lambda: [cosign(B, OUTSIDER)], TERMS,
      ProofFault.NOT_A_MEMBER),
     ("another job", lambda: signed(proof(job_id="cd" * 32)), lambda: [cosign(B)], TERMS, ProofFault.WRONG_JOB),
@@ -137,7 +137,7 @@ REJECTIONS: list[tuple[str, Callable[[], bytes], Callable[[], list[bytes]], Proo
      lambda: [cosign(B, last=T0 + 61_000)], TERMS, ProofFault.OVER_GPU_TIME),
     ("beyond what co-signers observed", lambda: signed(proof()),
      lambda: [cosign(B, last=T0 + 10_000), cosign(C, last=T0 + 20_000)], TERMS, ProofFault.OVER_OBSERVED),
-    ("no co-signature in a 3-member cluster", lambda: signed(proof()), lambda: [], TERMS,
+    ("no co-signature in a 3-member cluster", lambda: signed(proof()), list, TERMS,
      ProofFault.NOT_OBSERVED),
     ("only unusable co-signatures", lambda: signed(proof()),
      lambda: [cosign(OUTSIDER), cosign(B, C), flip_signature(cosign(C))], TERMS, ProofFault.NOT_OBSERVED),

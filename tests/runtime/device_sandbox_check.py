@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import trio  # noqa: E402
+import trio
 
-from p2pgpu.runtime import JobSpec, SandboxPolicy, check_sandbox, run_job, sandbox_memory_backend  # noqa: E402
+from p2pgpu.runtime import JobSpec, SandboxPolicy, check_sandbox, run_job, sandbox_memory_backend
 
 CUDA_PROBE = (
     "import torch\n"

@@ -195,7 +195,7 @@ async def test_memory_limit_rss_watchdog_for_gpu_jobs(tmp_path: Path) -> None:
     # watchdog must catch them.  The allocation is touched, then kept.
     dev = fake_dev(tmp_path, ["nvidia0", "nvidiactl"])
     script = f"{PY} -c 'b = bytearray(300 << 20); print(\"ALLOCATED\", flush=True); import time; time.sleep(60)'"
-    res, lines = await run(spec(tmp_path, script, memory_bytes_max=96 << 20, gpus=(0,)),
+    res, _lines = await run(spec(tmp_path, script, memory_bytes_max=96 << 20, gpus=(0,)),
                            SandboxPolicy(memory_backend="rlimit", dev_dir=dev, poll_interval_ms=50))
     assert res.reason == "memory_limit" and "resident" in res.detail
 
@@ -218,7 +218,7 @@ async def test_only_assigned_gpus_are_visible(tmp_path: Path) -> None:
     assert binds == [str(dev / n) for n in ("nvidia1", "nvidia3", "nvidiactl", "nvidia-uvm")]
     env = job_env(s)
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["P2PGPU_GPUS"] == "1,3"
-    res, lines = await run(s, policy)
+    _res, lines = await run(s, policy)
     names = set(stdout(lines).split(b"\n"))
     assert {b"nvidia1", b"nvidia3", b"nvidiactl", b"nvidia-uvm", b"CVD=0,1"} <= names
     assert not {b"nvidia0", b"nvidia2"} & names
@@ -228,7 +228,7 @@ async def test_no_gpus_no_nvidia_nodes(tmp_path: Path) -> None:
     dev = fake_dev(tmp_path, ["nvidia0", "nvidiactl", "nvidia-uvm"])
     s = spec(tmp_path, "ls /dev; echo CVD=[$CUDA_VISIBLE_DEVICES]")
     assert "--dev-bind" not in bwrap_argv(s, SandboxPolicy(dev_dir=dev), etc_dir=tmp_path)
-    res, lines = await run(s, SandboxPolicy(dev_dir=dev))
+    _res, lines = await run(s, SandboxPolicy(dev_dir=dev))
     assert b"nvidia" not in stdout(lines).replace(b"CVD=[]", b"") and b"CVD=[]" in stdout(lines)
 
 
@@ -244,7 +244,7 @@ async def test_manifest_env_and_cluster_env(tmp_path: Path) -> None:
     cluster = ClusterEnv(rank=1, world_size=2, members=("peerA", "peerB"), rendezvous_host="10.0.0.5",
                          rendezvous_port=29500)
     s = spec(tmp_path, "env | sort", env={"FOO": "bar baz"}, cluster=cluster, job_id="abc")
-    res, lines = await run(s)
+    _res, lines = await run(s)
     got = dict(line.decode().split("=", 1) for line in stdout(lines).split(b"\n"))
     assert got["FOO"] == "bar baz" and got["P2PGPU_JOB_ID"] == "abc"
     assert got["P2PGPU_RANK"] == got["RANK"] == "1" and got["P2PGPU_WORLD_SIZE"] == got["WORLD_SIZE"] == "2"
@@ -291,7 +291,7 @@ async def test_outputs_are_collected_with_hashes(tmp_path: Path) -> None:
     outside.write_text("host secret")
     script = f"""mkdir -p sub/deeper; echo hello > a.txt; head -c 100000 /dev/zero > sub/deeper/zeros.bin
         ln -s {outside} link-to-host; mkfifo fifo; echo done"""
-    res, lines = await run(spec(tmp_path, script))
+    res, _lines = await run(spec(tmp_path, script))
     assert res.ok
     got = {f.path: f for f in res.outputs}
     assert sorted(got) == ["a.txt", "sub/deeper/zeros.bin"]
@@ -306,7 +306,7 @@ async def test_inputs_are_read_only(tmp_path: Path) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "data.txt").write_text("input data")
-    res, lines = await run(spec(tmp_path, "cat in/data.txt; echo x > in/new && echo WROTE", inputs_dir=inputs))
+    _res, lines = await run(spec(tmp_path, "cat in/data.txt; echo x > in/new && echo WROTE", inputs_dir=inputs))
     assert b"input data" in stdout(lines) and b"WROTE" not in stdout(lines)
     assert not (inputs / "new").exists()
 
