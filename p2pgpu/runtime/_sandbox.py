@@ -228,10 +228,10 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, etc_dir: Path, status_fd
             a += ["--ro-bind", d, d]
     for f in ETC_FILES + (NET_ETC_FILES if spec.network else ()):
         a += ["--ro-bind-try", f, f]
-    for p in policy.extra_ro_paths:
-        if not os.path.isabs(p):
-            raise JobRejected(f"extra read-only path {p!r} must be absolute")
-        a += ["--ro-bind", p, p]
+    for extra in policy.extra_ro_paths:
+        if not os.path.isabs(extra):
+            raise JobRejected(f"extra read-only path {extra!r} must be absolute")
+        a += ["--ro-bind", extra, extra]
     for name in ("passwd", "group", "hostname"):
         a += ["--ro-bind", str(etc_dir / name), f"/etc/{name}"]
     a += ["--proc", "/proc", "--dev", "/dev"]

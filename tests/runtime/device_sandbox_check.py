@@ -41,6 +41,11 @@ CUDA_PROBE = (
 )
 
 
+def lines_of(result: dict[str, object]) -> list[str]:
+    v = result["lines"]
+    return [str(x) for x in v] if isinstance(v, list) else []
+
+
 def sh(cmd: str) -> str:
     p = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=False)
     return (p.stdout + p.stderr).strip()
@@ -88,14 +93,14 @@ async def main(out: Path | None) -> int:
 
     no_gpu = await job(policy, probe, (), env)
     report["no_gpu"] = no_gpu
-    text = "\n".join(no_gpu["lines"])  # type: ignore[arg-type]
+    text = "\n".join(lines_of(no_gpu))
     check("no GPU assigned: no nvidia device nodes", "nvidia0" not in text and "nvidiactl" not in text)
     check("no GPU assigned: CUDA sees none", "CUDA_COUNT 0" in text or "CUDA_COUNT" not in text, text[-300:])
 
     if have_gpu:
         one = await job(policy, probe, (0,), env)
         report["gpu0"] = one
-        text = "\n".join(one["lines"])  # type: ignore[arg-type]
+        text = "\n".join(lines_of(one))
         check("GPU 0 assigned: /dev/nvidia0 visible", "stdout: nvidia0" in text)
         check("GPU 0 assigned: CUDA_VISIBLE_DEVICES=0", "CVD=0" in text)
         check("GPU 0 assigned: CUDA works in the sandbox", "CUDA_COUNT 1" in text and "CUDA_SUM 1024" in text,
@@ -116,7 +121,7 @@ async def main(out: Path | None) -> int:
                             f"timeout=2)\n print('CONNECTED')\nexcept OSError as e:\n print('FAILED', e)\"", (), env)
     srv.close()
     report["network"] = net
-    check("no network", any("FAILED" in x for x in net["lines"]), net["lines"])  # type: ignore[union-attr]
+    check("no network", any("FAILED" in x for x in lines_of(net)), lines_of(net))
 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
