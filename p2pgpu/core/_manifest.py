@@ -19,10 +19,10 @@ import base64
 import binascii
 import hashlib
 import heapq
-from random import Random
 import re
 import tomllib
 from dataclasses import dataclass, field
+from random import Random
 from typing import Any
 
 from . import _schema as s
@@ -198,7 +198,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_obj(cls, body: Any) -> "Manifest":
+    def from_obj(cls, body: Any) -> Manifest:
         """A manifest from a decoded wire body, or ``PeerMisbehaved(BAD_SCHEMA)``."""
         if not isinstance(body, dict):
             raise s.fail("manifest", "must be a map")

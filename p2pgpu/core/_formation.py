@@ -1,0 +1,656 @@
+"""Cluster formation, the worker's side: volunteer, elect, propose, accept, run.
+
+:class:`FormationNode` is one node's pure state machine for every job it has
+seen (flow 3 of ARCHITECTURE.md; the protocol is in ``docs/formation.md``).
+Its inputs are verified messages (from :func:`decode_message`), named timers
+and local calls, each with ``now_ms``; its output is a list of actions
+(``p2pgpu.core._actions``).  It holds the node's :class:`CapacityLedger`, the
+one place that decides whether GPUs can be promised: a node reserves under a
+lease only what is free, holds at most one reservation per job (a later
+proposal for the same job moves it, never doubles it), and frees it when the
+lease runs out unconfirmed, another cluster is confirmed, the job is cancelled
+or finished.  That is why two jobs competing for the same peers can never both
+hold the same capacity.
+
+The leader of view ``v`` is the volunteer at position ``v`` in the order of
+``sha256(job_id || peer_id)`` (:func:`leader_rank`), which every peer computes
+alike; nodes that heard different volunteers may disagree for a while, which
+costs time, never safety: safety rests on the certificate (every member signed
+an accept of exactly that membership) and on the submitter confirming one
+certificate per job (:class:`~p2pgpu.core.Submitter`).  The same inputs give
+the same actions: everything iterates lists or dicts, randomness is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+
+from ._actions import (
+    Action,
+    CancelTimer,
+    Emit,
+    Publish,
+    Released,
+    Reserved,
+    Send,
+    SetTimer,
+    StartJob,
+    StopJob,
+    Subscribe,
+    Unsubscribe,
+)
+from ._advert import Advert
+from ._errors import LocalProtocolError, PeerMisbehaved, Reason
+from ._formation_messages import (
+    Accept,
+    Cancel,
+    Certificate,
+    Certified,
+    Confirm,
+    Decline,
+    Message,
+    Offer,
+    Proposal,
+    decode_message,
+    views_max,
+)
+from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
+from ._identity import Identity
+from ._manifest import ReplayGuard, SignedManifest, check_manifest_time
+from ._matching import exclusion
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FormationConfig:
+    """Timeouts and limits of formation; the defaults suit a loopback or LAN network."""
+
+    #: How long a volunteer collects other offers before electing a leader.
+    offer_window_ms: int = 40
+    #: A view whose leader shows no progress for this long is replaced by the next view.
+    leader_timeout_ms: int = 400
+    #: A leader replaces proposed members that have not accepted after this long.
+    member_timeout_ms: int = 150
+    #: How long an accepted member holds its GPUs for an unconfirmed proposal.
+    lease_ms: int = 10_000
+    #: Extra time a member keeps a lease past what it signed (clock skew, a confirm in flight).
+    lease_grace_ms: int = 2_000
+    #: The submitter confirms only a certificate whose leases last at least this much longer.
+    confirm_margin_ms: int = 1_000
+    #: Resend intervals for an unconfirmed accept and an unconfirmed certificate.
+    accept_retry_ms: int = 500
+    certificate_retry_ms: int = 500
+    #: The submitter republishes its manifest while too few peers offered.
+    manifest_retry_ms: int = 2_000
+    manifest_retries_max: int = 5
+    #: A job with no confirmed certificate this long after it was made has failed.
+    formation_timeout_ms: int = 60_000
+    #: A running job is stopped this long after ``duration_s_max`` if nobody said it finished.
+    run_grace_ms: int = 60_000
+    #: Proposals one leader makes in one view before it lets the view time out.
+    rounds_max: int = 8
+    volunteers_max: int = 256
+    jobs_max: int = 1024
+    jobs_topic: str = "/p2pgpu/jobs/1"
+    #: Per-job GossipSub topics (``<jobs_topic>/<job_id>``), or everything on ``jobs_topic``.
+    per_job_topics: bool = True
+    clock_skew_ms: int = 60_000
+
+    def topic(self, job_id: str) -> str:
+        return f"{self.jobs_topic}/{job_id}" if self.per_job_topics else self.jobs_topic
+
+
+#: The defaults, shared (the config is frozen).
+DEFAULT_CONFIG = FormationConfig()
+
+
+def leader_rank(job_id: str, peer_id: str) -> bytes:
+    """A volunteer's rank for a job: lower leads first; every peer computes the same."""
+    return hashlib.sha256(bytes.fromhex(job_id) + peer_id.encode()).digest()
+
+
+@dataclass(slots=True)
+class Hold:
+    gpus: int
+    #: The lease's end; ``None`` once the job runs here.
+    lease_until_ms: int | None
+
+
+@dataclass(slots=True)
+class CapacityLedger:
+    """What a node has promised: at most one hold per job, never more than it has."""
+
+    gpus_total: int
+    holds: dict[str, Hold] = field(default_factory=dict)
+
+    @property
+    def reserved(self) -> int:
+        return sum(h.gpus for h in self.holds.values())
+
+    @property
+    def free(self) -> int:
+        return self.gpus_total - self.reserved
+
+    def can_hold(self, job_id: str, gpus: int) -> bool:
+        held = self.holds.get(job_id)
+        return held.gpus >= gpus if held is not None else self.free >= gpus
+
+    def reserve(self, job_id: str, gpus: int, lease_until_ms: int) -> bool:
+        """Hold ``gpus`` for ``job_id`` until ``lease_until_ms`` (extending a lease
+        already held for it); ``False`` when that would exceed the free GPUs."""
+        if not self.can_hold(job_id, gpus):
+            return False
+        held = self.holds.get(job_id)
+        if held is None:
+            self.holds[job_id] = Hold(gpus, lease_until_ms)
+        elif held.lease_until_ms is not None:
+            held.lease_until_ms = max(held.lease_until_ms, lease_until_ms)
+        return True
+
+    def run(self, job_id: str) -> None:
+        if job_id not in self.holds:
+            raise LocalProtocolError("run without a hold")
+        self.holds[job_id].lease_until_ms = None
+
+    def release(self, job_id: str) -> int:
+        held = self.holds.pop(job_id, None)
+        return held.gpus if held is not None else 0
+
+
+@dataclass(slots=True)
+class _Job:
+    sm: SignedManifest
+    state: WorkerState
+    #: After this nobody proposes (the submitter has given up); the record goes later.
+    deadline_ms: int
+    subscribed: bool = False
+    offer_seq: int = 0
+    #: Known volunteers: peer id -> latest offer seq (0 if learnt from a proposal).
+    volunteers: dict[str, int] = field(default_factory=dict)
+    ranks: dict[str, bytes] = field(default_factory=dict)
+    view: int = 0
+    round: int = 0
+    #: Leader side: the current proposal, its accepts, peers not to propose again.
+    proposal: Proposal | None = None
+    accepts: dict[str, Accept] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)
+    certified: Certified | None = None
+    ever_certified: bool = False
+    #: Member side: the proposal accepted last (its preference key) and our accept.
+    accepted: Accept | None = None
+    accepted_key: tuple[int, bytes, int] | None = None
+    accepted_leader: str = ""
+    declined: bool = False
+    confirm: Confirm | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.sm.job_id
+
+
+class FormationNode:
+    """One node's formation core for all jobs it sees.  See the module docstring.
+
+    Feed it: :meth:`on_message` (or :meth:`on_bytes`) for every message from
+    the jobs topic, the per-job topics it subscribes to and direct streams;
+    :meth:`on_timer` when a timer it set fires; :meth:`finish` when a job it
+    runs ends; :meth:`update_advert` when its advert changes.  A ``Send`` to
+    this node's own peer id must be delivered back to it (and to the node's
+    :class:`Submitter`, if the node submitted the job).
+    """
+
+    def __init__(self, identity: Identity, advert: Advert, config: FormationConfig = DEFAULT_CONFIG) -> None:
+        if advert.peer_id != identity.peer_id:
+            raise LocalProtocolError("the advert must be this node's own")
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.config = config
+        self.ledger = CapacityLedger(len(advert.gpus))
+        self.guard = ReplayGuard(ids_max=config.jobs_max * 64)
+        self.jobs: dict[str, _Job] = {}
+        self._advert = advert
+        self._all_free = replace(advert, gpus_free=len(advert.gpus))
+
+    # -- inputs ---------------------------------------------------------------
+
+    def on_bytes(self, data: bytes, now_ms: int) -> list[Action]:
+        return self.on_message(decode_message(data), now_ms)
+
+    def on_message(self, msg: Message, now_ms: int) -> list[Action]:
+        """Handle one verified message; ``PeerMisbehaved`` for a peer's fault."""
+        if isinstance(msg, SignedManifest):
+            return self.on_manifest(msg, now_ms)
+        if isinstance(msg, Certified):
+            return []  # for the submitter
+        job = self.jobs.get(msg.job_id)
+        if job is None:
+            return [Emit("formation.unknown_job")]
+        if isinstance(msg, Offer):
+            return self._on_offer(job, msg, now_ms)
+        if isinstance(msg, Proposal):
+            return self._on_proposal(job, msg, now_ms)
+        if isinstance(msg, Accept):
+            return self._on_accept(job, msg, now_ms)
+        if isinstance(msg, Decline):
+            return self._on_decline(job, msg, now_ms)
+        if isinstance(msg, Confirm):
+            return self._on_confirm(job, msg, now_ms)
+        return self._on_cancel(job, msg, now_ms)
+
+    def on_manifest(self, sm: SignedManifest, now_ms: int) -> list[Action]:
+        """A new job: remember it and volunteer if it matches and GPUs are free.
+        A job id seen before raises ``REPLAYED``; an expired one ``EXPIRED``."""
+        check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
+        if len(self.jobs) >= self.config.jobs_max:
+            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many jobs in formation")
+        self.guard.admit(sm.job_id, sm.manifest.expires_at_ms, now_ms)
+        m, cfg = sm.manifest, self.config
+        deadline = min(m.expires_at_ms, m.created_at_ms + cfg.formation_timeout_ms)
+        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline)
+        self.jobs[sm.job_id] = job
+        actions: list[Action] = [SetTimer(self._key(job, "end"), deadline + cfg.lease_ms + cfg.lease_grace_ms)]
+        if self._can_serve(job):
+            actions += self._volunteer(job, now_ms)
+        return actions
+
+    def on_timer(self, key: str, now_ms: int) -> list[Action]:
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "f":
+            raise LocalProtocolError(f"not a formation node timer: {key!r}")
+        job = self.jobs.get(parts[1])
+        if job is None:
+            return []
+        handler = {"window": self._t_window, "view": self._t_view, "round": self._t_round,
+                   "lease": self._t_lease, "retry": self._t_retry, "run": self._t_run, "end": self._t_end}
+        return handler[parts[2]](job, now_ms)
+
+    def finish(self, job_id: str, now_ms: int) -> list[Action]:
+        """The job this node ran has ended: free its GPUs."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not WorkerState.RUNNING:
+            return []
+        actions = self._close(job, "finished", now_ms)
+        del self.jobs[job_id]
+        return actions
+
+    def update_advert(self, advert: Advert, now_ms: int) -> list[Action]:
+        if advert.peer_id != self.peer_id:
+            raise LocalProtocolError("the advert must be this node's own")
+        self._advert = advert
+        self._all_free = replace(advert, gpus_free=len(advert.gpus))
+        self.ledger.gpus_total = max(len(advert.gpus), self.ledger.reserved)
+        return self._capacity_freed(now_ms)
+
+    # -- queries --------------------------------------------------------------
+
+    @property
+    def gpus_free(self) -> int:
+        return self.ledger.free
+
+    def state(self, job_id: str) -> WorkerState | None:
+        job = self.jobs.get(job_id)
+        return job.state if job is not None else None
+
+    def leader_of(self, job_id: str, view: int) -> str | None:
+        job = self.jobs.get(job_id)
+        if job is None or not job.volunteers:
+            return None
+        ranked = self._ranked(job)
+        return ranked[view % len(ranked)]
+
+    # -- volunteering and electing --------------------------------------------
+
+    def _key(self, job: _Job, name: str) -> str:
+        return f"f/{job.job_id}/{name}"
+
+    def _set(self, job: _Job, state: WorkerState) -> None:
+        job.state = advance(WORKER_TRANSITIONS, job.state, state)
+
+    def _can_serve(self, job: _Job) -> bool:
+        m = job.sm.manifest
+        if exclusion(self._all_free, m.requirements) is not None:
+            return False
+        return self.ledger.can_hold(job.job_id, m.gpus_per_node)
+
+    def _note_volunteer(self, job: _Job, peer_id: str, seq: int) -> bool:
+        if peer_id not in job.volunteers and len(job.volunteers) >= self.config.volunteers_max:
+            return False
+        if seq > job.volunteers.get(peer_id, -1):
+            job.volunteers[peer_id] = seq
+            job.ranks.setdefault(peer_id, leader_rank(job.job_id, peer_id))
+            if job.excluded.get(peer_id, seq) < seq:
+                del job.excluded[peer_id]  # a newer offer: it has capacity again
+            return True
+        return False
+
+    def _ranked(self, job: _Job) -> list[str]:
+        return sorted(job.volunteers, key=lambda p: job.ranks[p])
+
+    def _volunteer(self, job: _Job, now_ms: int) -> list[Action]:
+        """Publish an offer (a fresh one, with a higher seq, when offering again)."""
+        job.offer_seq += 1
+        job.declined = False
+        offer = Offer.sign(self.identity, job_id=job.job_id, seq=job.offer_seq, gpus_free=self.ledger.free,
+                           price_per_gpu_hour=self._advert.price_per_gpu_hour)
+        self._note_volunteer(job, self.peer_id, job.offer_seq)
+        actions: list[Action] = []
+        if not job.subscribed:
+            job.subscribed = True
+            actions.append(Subscribe(self.config.topic(job.job_id)))
+        actions.append(Publish(self.config.topic(job.job_id), offer.envelope.to_bytes()))
+        if job.state is WorkerState.SEEN:
+            self._set(job, WorkerState.OFFERED)
+            actions.append(SetTimer(self._key(job, "window"), now_ms + self.config.offer_window_ms))
+        return actions
+
+    def _on_offer(self, job: _Job, offer: Offer, now_ms: int) -> list[Action]:
+        if job.state in (WorkerState.RUNNING, WorkerState.CLOSED) or offer.peer_id == self.peer_id:
+            return []
+        if not self._note_volunteer(job, offer.peer_id, offer.seq):
+            return []
+        if job.state is WorkerState.LEADING and job.proposal is None:
+            return self._propose(job, now_ms)  # we were waiting for enough volunteers
+        return []
+
+    def _t_window(self, job: _Job, now_ms: int) -> list[Action]:
+        if job.state is not WorkerState.OFFERED:
+            return []
+        return self._enter_view(job, job.view, now_ms)
+
+    def _enter_view(self, job: _Job, view: int, now_ms: int) -> list[Action]:
+        """Start ``view``: lead it if this node ranks there, else follow."""
+        job.view, job.round, job.proposal, job.accepts, job.certified = view, 0, None, {}, None
+        actions: list[Action] = [CancelTimer(self._key(job, "round")),
+                                 SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms)]
+        ranked = self._ranked(job)
+        if ranked[view % len(ranked)] == self.peer_id:
+            self._set(job, WorkerState.LEADING)
+            actions += self._propose(job, now_ms)
+        else:
+            self._set(job, WorkerState.FOLLOWING)
+        return actions
+
+    def _t_view(self, job: _Job, now_ms: int) -> list[Action]:
+        if job.state not in (WorkerState.FOLLOWING, WorkerState.LEADING, WorkerState.CERTIFIED):
+            return []
+        if now_ms >= job.deadline_ms or job.view >= views_max:
+            return self._close(job, "formation gave up", now_ms) + [Emit("formation.gave_up")]
+        return [Emit("formation.view_change")] + self._enter_view(job, job.view + 1, now_ms)
+
+    # -- leading --------------------------------------------------------------
+
+    def _choose_members(self, job: _Job) -> list[str]:
+        """This leader first (if it can serve), then volunteers in rank order
+        starting after the leader, so the silent leaders of earlier views
+        (ranked before it) come last; never an excluded peer."""
+        ranked = self._ranked(job)
+        at = ranked.index(self.peer_id) if self.peer_id in ranked else 0
+        order = ranked[at + 1:] + ranked[:at]
+        members = [self.peer_id] if self._can_serve(job) else []
+        members += [p for p in order if p != self.peer_id and p not in job.excluded]
+        return members[: job.sm.manifest.members]
+
+    def _propose(self, job: _Job, now_ms: int) -> list[Action]:
+        m = job.sm.manifest
+        members = self._choose_members(job)
+        if len(members) < m.members:
+            job.proposal = None
+            return [Emit("formation.too_few_volunteers")] + self._drop_own_lease(job, now_ms)
+        prop = Proposal.sign(self.identity, job_id=job.job_id, view=job.view, round=job.round,
+                             members=tuple(members), gpus_per_member=m.gpus_per_node)
+        job.proposal, job.accepts = prop, {}
+        actions: list[Action] = [
+            Publish(self.config.topic(job.job_id), prop.envelope.to_bytes()),
+            SetTimer(self._key(job, "round"), now_ms + self.config.member_timeout_ms),
+            SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms),
+        ]
+        if self.peer_id in members:
+            actions += self._as_member(job, prop, now_ms)
+        return actions
+
+    def _next_round(self, job: _Job, now_ms: int) -> list[Action]:
+        job.round += 1
+        if job.round >= self.config.rounds_max:
+            job.proposal = None
+            self._set(job, WorkerState.FOLLOWING)  # the view times out and the next leader tries
+            return [Emit("formation.rounds_exhausted")] + self._drop_own_lease(job, now_ms)
+        return self._propose(job, now_ms)
+
+    def _drop_own_lease(self, job: _Job, now_ms: int) -> list[Action]:
+        """A leader whose own proposal is dead frees the GPUs it held for it.
+
+        Only its own proposals' accept is withdrawn, only this leader could
+        certify them, and it never did for this job, so no certificate names it.  Without
+        this, two leaders of competing jobs that each hold their own GPU and
+        decline the other's proposal would wait for their leases to lapse.
+        """
+        held = self.ledger.holds.get(job.job_id)
+        if job.accepted_leader != self.peer_id or held is None or held.lease_until_ms is None \
+                or job.ever_certified:
+            return []  # a certificate we sent may still be confirmed: keep the GPUs for it
+        gpus = self.ledger.release(job.job_id)
+        job.accepted, job.accepted_key, job.accepted_leader = None, None, ""
+        return [CancelTimer(self._key(job, "lease")), Released(job.job_id, gpus, "own proposal abandoned",
+                                                              self.ledger.free)] + self._capacity_freed(now_ms)
+
+    def _on_accept(self, job: _Job, accept: Accept, now_ms: int) -> list[Action]:
+        if job.confirm is not None:
+            # Confirmed already: tell the sender, so it starts or lets go.
+            return [Send(accept.peer_id, job.confirm.envelope.to_bytes())]
+        prop = job.proposal
+        if job.state is not WorkerState.LEADING or prop is None or accept.proposal != prop.digest:
+            return [Emit("formation.accept_stale")]
+        if accept.peer_id not in prop.members:
+            raise PeerMisbehaved(Reason.NOT_A_MEMBER, "accept from a peer that was not proposed")
+        job.accepts[accept.peer_id] = accept
+        if len(job.accepts) < len(prop.members):
+            return []
+        cert = Certificate(proposal=prop, accepts=tuple(job.accepts[p] for p in prop.members))
+        job.certified = Certified.sign(self.identity, cert)
+        job.ever_certified = True
+        self._set(job, WorkerState.CERTIFIED)
+        wait_ms = max(cert.lease_until_ms - self.config.confirm_margin_ms, now_ms + self.config.leader_timeout_ms)
+        return [
+            CancelTimer(self._key(job, "round")),
+            Send(job.sm.manifest.submitter, job.certified.envelope.to_bytes()),
+            SetTimer(self._key(job, "retry"), now_ms + self.config.certificate_retry_ms),
+            SetTimer(self._key(job, "view"), wait_ms),
+            Emit("formation.certified"),
+        ]
+
+    def _on_decline(self, job: _Job, decline: Decline, now_ms: int) -> list[Action]:
+        prop = job.proposal
+        if job.state is not WorkerState.LEADING or prop is None or decline.proposal != prop.digest:
+            return [Emit("formation.decline_stale")]
+        if decline.peer_id not in prop.members:
+            raise PeerMisbehaved(Reason.NOT_A_MEMBER, "decline from a peer that was not proposed")
+        job.excluded[decline.peer_id] = job.volunteers.get(decline.peer_id, 0)
+        return [Emit("formation.declined")] + self._next_round(job, now_ms)
+
+    def _t_round(self, job: _Job, now_ms: int) -> list[Action]:
+        prop = job.proposal
+        if job.state is not WorkerState.LEADING or prop is None:
+            return []
+        for p in prop.members:
+            if p not in job.accepts:
+                job.excluded[p] = job.volunteers.get(p, 0)
+        return [Emit("formation.member_silent")] + self._next_round(job, now_ms)
+
+    # -- following and accepting ----------------------------------------------
+
+    def _preference(self, job: _Job, prop: Proposal) -> tuple[int, bytes, int]:
+        """Later views win; in one view the better-ranked leader; then later rounds."""
+        rank = job.ranks.get(prop.leader) or leader_rank(job.job_id, prop.leader)
+        return (prop.view, bytes(255 - b for b in rank), prop.round)
+
+    def _on_proposal(self, job: _Job, prop: Proposal, now_ms: int) -> list[Action]:
+        m = job.sm.manifest
+        if prop.gpus_per_member != m.gpus_per_node or len(prop.members) != m.members:
+            raise PeerMisbehaved(Reason.BAD_SCHEMA, "proposal does not fit the manifest")
+        if prop.leader == self.peer_id or job.state in (WorkerState.RUNNING, WorkerState.CLOSED, WorkerState.SEEN):
+            return []
+        self._note_volunteer(job, prop.leader, 0)
+        actions: list[Action] = []
+        if job.state in (WorkerState.LEADING, WorkerState.CERTIFIED):
+            mine = job.proposal or job.certified and job.certified.certificate.proposal
+            ours = (job.view, bytes(255 - b for b in job.ranks[self.peer_id]), job.round)
+            if mine is not None:
+                ours = self._preference(job, mine)
+            if self._preference(job, prop) <= ours:
+                return self._as_member(job, prop, now_ms)  # ours is preferred; no progress for theirs
+            job.proposal, job.certified = None, None
+            actions += [CancelTimer(self._key(job, "round")), Emit("formation.stepped_down")]
+            self._set(job, WorkerState.FOLLOWING)
+        if prop.view >= job.view:
+            if job.state is WorkerState.OFFERED:
+                self._set(job, WorkerState.FOLLOWING)
+                actions.append(CancelTimer(self._key(job, "window")))
+            job.view = prop.view
+            actions.append(SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms))
+        return actions + self._as_member(job, prop, now_ms)
+
+    def _as_member(self, job: _Job, prop: Proposal, now_ms: int) -> list[Action]:
+        """Reserve under a lease and accept, or decline; at most one hold per job."""
+        if self.peer_id not in prop.members:
+            return []
+        key = self._preference(job, prop)
+        if job.accepted is not None:
+            if job.accepted.proposal == prop.digest:
+                return self._send_accept(job, job.accepted)  # a repeat: same answer
+            if job.accepted_key is not None and key <= job.accepted_key:
+                return [Emit("formation.proposal_superseded")]
+        lease_until = now_ms + self.config.lease_ms
+        if not self.ledger.reserve(job.job_id, prop.gpus_per_member, lease_until):
+            job.declined = True
+            decline = Decline.sign(self.identity, job_id=job.job_id, view=prop.view, round=prop.round,
+                                   proposal=prop.digest, reason="no free capacity")
+            if prop.leader == self.peer_id:
+                return self._on_decline(job, decline, now_ms)
+            return [Send(prop.leader, decline.envelope.to_bytes()), Emit("formation.decline_sent")]
+        accept = Accept.sign(self.identity, proposal=prop, lease_until_ms=lease_until,
+                             price_per_gpu_hour=self._advert.price_per_gpu_hour,
+                             payout_address=self._advert.payout_address)
+        job.accepted, job.accepted_key, job.accepted_leader = accept, key, prop.leader
+        actions: list[Action] = [
+            Reserved(job.job_id, prop.gpus_per_member, lease_until, self.ledger.free),
+            SetTimer(self._key(job, "lease"), lease_until + self.config.lease_grace_ms),
+        ]
+        if prop.leader == self.peer_id:
+            return actions + self._on_accept(job, accept, now_ms)
+        actions.append(SetTimer(self._key(job, "retry"), now_ms + self.config.accept_retry_ms))
+        return actions + self._send_accept(job, accept)
+
+    def _send_accept(self, job: _Job, accept: Accept) -> list[Action]:
+        data = accept.envelope.to_bytes()
+        out: list[Action] = []
+        if job.accepted_leader != self.peer_id:
+            out.append(Send(job.accepted_leader, data))
+        # The submitter learns progress, and answers with its CONFIRM if it has one.
+        out.append(Send(job.sm.manifest.submitter, data))
+        return out
+
+    def _t_retry(self, job: _Job, now_ms: int) -> list[Action]:
+        if job.state in (WorkerState.RUNNING, WorkerState.CLOSED, WorkerState.SEEN):
+            return []
+        out: list[Action] = []
+        if job.state is WorkerState.CERTIFIED and job.certified is not None:
+            out.append(Send(job.sm.manifest.submitter, job.certified.envelope.to_bytes()))
+        held = self.ledger.holds.get(job.job_id)
+        if job.accepted is not None and held is not None and job.accepted_leader != self.peer_id:
+            out += self._send_accept(job, job.accepted)
+        if out:
+            out.append(SetTimer(self._key(job, "retry"), now_ms + min(self.config.accept_retry_ms,
+                                                                       self.config.certificate_retry_ms)))
+        return out
+
+    def _t_lease(self, job: _Job, now_ms: int) -> list[Action]:
+        held = self.ledger.holds.get(job.job_id)
+        if held is None or held.lease_until_ms is None:
+            return []
+        if now_ms < held.lease_until_ms + self.config.lease_grace_ms:
+            return [SetTimer(self._key(job, "lease"), held.lease_until_ms + self.config.lease_grace_ms)]
+        gpus = self.ledger.release(job.job_id)
+        job.accepted, job.accepted_key = None, None
+        return [Released(job.job_id, gpus, "lease expired", self.ledger.free)] + self._capacity_freed(now_ms)
+
+    # -- confirmation, cancel, the end ----------------------------------------
+
+    def _on_confirm(self, job: _Job, confirm: Confirm, now_ms: int) -> list[Action]:
+        m = job.sm.manifest
+        if confirm.submitter != m.submitter:
+            raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "confirm not signed by the job's submitter")
+        cert = confirm.certificate
+        if job.confirm is not None:
+            if job.confirm.certificate.digest != cert.digest:
+                raise PeerMisbehaved(Reason.CONFLICT, "the submitter confirmed two certificates")
+            return []
+        if job.state is WorkerState.CLOSED:
+            return []
+        job.confirm = confirm
+        actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry")]
+        if self.peer_id not in cert.members:
+            return actions + self._close(job, "another cluster was confirmed", now_ms)
+        if not self.ledger.reserve(job.job_id, m.gpus_per_node, now_ms):
+            decline = Decline.sign(self.identity, job_id=job.job_id, view=cert.proposal.view,
+                                   round=cert.proposal.round, proposal=cert.proposal.digest,
+                                   reason="lease expired and the GPUs are taken")
+            return actions + [Send(m.submitter, decline.envelope.to_bytes()), Emit("formation.member_lost")] + \
+                self._close(job, "lease expired before the confirmation", now_ms)
+        self.ledger.run(job.job_id)
+        self._set(job, WorkerState.RUNNING)
+        until = now_ms + m.duration_s_max * 1000 + self.config.run_grace_ms
+        return actions + [
+            CancelTimer(self._key(job, "lease")),
+            SetTimer(self._key(job, "run"), until),
+            StartJob(job.job_id, job.sm, cert, cert.members.index(self.peer_id), confirm.envelope.to_bytes()),
+        ]
+
+    def _on_cancel(self, job: _Job, cancel: Cancel, now_ms: int) -> list[Action]:
+        if cancel.submitter != job.sm.manifest.submitter:
+            raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "cancel not signed by the job's submitter")
+        if job.state is WorkerState.CLOSED:
+            return []
+        stop: list[Action] = [StopJob(job.job_id, "cancelled")] if job.state is WorkerState.RUNNING else []
+        return stop + self._close(job, "cancelled", now_ms)
+
+    def _t_run(self, job: _Job, now_ms: int) -> list[Action]:
+        if job.state is not WorkerState.RUNNING:
+            return []
+        actions: list[Action] = [StopJob(job.job_id, "past duration_s_max")]
+        actions += self._close(job, "past duration_s_max", now_ms)
+        del self.jobs[job.job_id]
+        return actions
+
+    def _t_end(self, job: _Job, now_ms: int) -> list[Action]:
+        if job.state is WorkerState.RUNNING:
+            return []  # the run timer or finish() removes it
+        actions = self._close(job, "formation over", now_ms) if job.state is not WorkerState.CLOSED else []
+        del self.jobs[job.job_id]
+        return actions
+
+    def _close(self, job: _Job, reason: str, now_ms: int) -> list[Action]:
+        self._set(job, WorkerState.CLOSED)
+        actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry",
+                                                                          "lease", "run")]
+        if job.subscribed:
+            job.subscribed = False
+            actions.append(Unsubscribe(self.config.topic(job.job_id)))
+        gpus = self.ledger.release(job.job_id)
+        if gpus:
+            actions.append(Released(job.job_id, gpus, reason, self.ledger.free))
+            actions += self._capacity_freed(now_ms)
+        return actions
+
+    def _capacity_freed(self, now_ms: int) -> list[Action]:
+        """GPUs came free: volunteer for jobs still forming that this node
+        passed over or declined (offers are not binding, so all of them)."""
+        actions: list[Action] = []
+        for job_id in sorted(self.jobs):
+            job = self.jobs[job_id]
+            if now_ms >= job.deadline_ms or job.confirm is not None:
+                continue
+            again = job.state is WorkerState.SEEN or (job.declined and job.state in (
+                WorkerState.FOLLOWING, WorkerState.LEADING, WorkerState.OFFERED))
+            if again and self._can_serve(job):
+                actions += self._volunteer(job, now_ms)
+        return actions

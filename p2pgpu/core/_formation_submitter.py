@@ -1,0 +1,275 @@
+"""Cluster formation, the submitter's side: publish, confirm exactly once, cancel.
+
+:class:`Submitter` is the pure core of a node that submits jobs.  It
+publishes the signed manifest, follows offers and accepts as progress, and
+confirms the *first* valid certificate for each job: every member's accept
+verifies over the same proposal, the membership fits the manifest, prices are
+within its ceiling, and the leases last long enough to reach the members.
+Every later certificate for that job is refused, so at most one cluster per
+job ever starts; a peer that still asks (a late leader, a member retrying its
+accept, a late volunteer) is answered with the CONFIRM, so it starts or lets
+go.  If no certificate comes within ``formation_timeout_ms`` (or before the
+manifest expires) the job fails with a reason a person can read, and a signed
+CANCEL frees whatever volunteers hold.  Same input, same output: no clock, no
+randomness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._actions import (
+    Action,
+    Cancelled,
+    CancelTimer,
+    Confirmed,
+    Emit,
+    Failed,
+    MemberLost,
+    Publish,
+    Send,
+    SetTimer,
+    Subscribe,
+    Unsubscribe,
+)
+from ._errors import LocalProtocolError, PeerMisbehaved, Reason
+from ._formation import DEFAULT_CONFIG, FormationConfig
+from ._formation_messages import (
+    Accept,
+    Cancel,
+    Certificate,
+    Certified,
+    Confirm,
+    Decline,
+    Message,
+    Offer,
+    Proposal,
+)
+from ._formation_states import SUBMITTER_TRANSITIONS, SubmitterState, advance
+from ._identity import Identity
+from ._manifest import SignedManifest
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """What ``job status`` and ``job submit --wait`` show about a submitted job."""
+
+    job_id: str
+    state: SubmitterState
+    submitted_at_ms: int
+    deadline_ms: int
+    members_needed: int
+    offers: int
+    accepts: int
+    views_seen: int
+    certificates_refused: int
+    members: tuple[str, ...]
+    certificate_digest: str
+    confirmed_at_ms: int | None
+    reason: str
+    lost_members: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Submitted:
+    sm: SignedManifest
+    state: SubmitterState
+    submitted_at_ms: int
+    deadline_ms: int
+    offers: dict[str, int] = field(default_factory=dict)
+    accepts: dict[str, int] = field(default_factory=dict)
+    views_seen: int = 0
+    refused: int = 0
+    manifest_sends: int = 1
+    confirm: Confirm | None = None
+    cancel: Cancel | None = None
+    confirmed_at_ms: int | None = None
+    reason: str = ""
+    lost: list[str] = field(default_factory=list)
+    answered_at: dict[str, int] = field(default_factory=dict)
+
+
+class Submitter:
+    """The submitter's formation core for the jobs this node published.
+
+    :meth:`submit` a signed manifest; feed :meth:`on_message` the messages that
+    reach this node (direct streams and the per-job topic); :meth:`on_timer` its
+    timers (keys ``s/<job_id>/<name>``); :meth:`cancel` on ``job cancel``;
+    read :meth:`progress`.
+    """
+
+    def __init__(self, identity: Identity, config: FormationConfig = DEFAULT_CONFIG) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.config = config
+        self.jobs: dict[str, _Submitted] = {}
+
+    def _key(self, job_id: str, name: str) -> str:
+        return f"s/{job_id}/{name}"
+
+    def _set(self, job: _Submitted, state: SubmitterState) -> None:
+        job.state = advance(SUBMITTER_TRANSITIONS, job.state, state)
+
+    # -- local calls ----------------------------------------------------------
+
+    def submit(self, sm: SignedManifest, now_ms: int) -> list[Action]:
+        if sm.manifest.submitter != self.peer_id:
+            raise LocalProtocolError("this node did not sign that manifest")
+        if sm.job_id in self.jobs:
+            raise LocalProtocolError("job already submitted")
+        if len(self.jobs) >= self.config.jobs_max:
+            raise LocalProtocolError("too many jobs submitted; forget finished ones first")
+        deadline = min(sm.manifest.expires_at_ms, now_ms + self.config.formation_timeout_ms)
+        self.jobs[sm.job_id] = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=now_ms,
+                                          deadline_ms=deadline)
+        return [
+            Subscribe(self.config.topic(sm.job_id)),
+            Publish(self.config.jobs_topic, sm.wire),
+            SetTimer(self._key(sm.job_id, "end"), deadline),
+            SetTimer(self._key(sm.job_id, "republish"), now_ms + self.config.manifest_retry_ms),
+        ]
+
+    def cancel(self, job_id: str, now_ms: int, reason: str = "cancelled by the submitter") -> list[Action]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise LocalProtocolError(f"no job {job_id[:12]} was submitted here")
+        if job.state not in (SubmitterState.PUBLISHED, SubmitterState.CONFIRMED):
+            return []
+        actions = self._withdraw(job, reason, now_ms)
+        self._set(job, SubmitterState.CANCELLED)
+        return actions + [Cancelled(job_id, reason)]
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job's record (the driver keeps its own history)."""
+        self.jobs.pop(job_id, None)
+
+    def progress(self, job_id: str) -> JobProgress | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        cert = job.confirm.certificate if job.confirm is not None else None
+        return JobProgress(
+            job_id=job_id, state=job.state, submitted_at_ms=job.submitted_at_ms, deadline_ms=job.deadline_ms,
+            members_needed=job.sm.manifest.members, offers=len(job.offers), accepts=len(job.accepts),
+            views_seen=job.views_seen, certificates_refused=job.refused,
+            members=cert.members if cert is not None else (), certificate_digest=cert.digest.hex() if cert else "",
+            confirmed_at_ms=job.confirmed_at_ms, reason=job.reason, lost_members=tuple(job.lost),
+        )
+
+    # -- timers ---------------------------------------------------------------
+
+    def on_timer(self, key: str, now_ms: int) -> list[Action]:
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "s":
+            raise LocalProtocolError(f"not a submitter timer: {key!r}")
+        job = self.jobs.get(parts[1])
+        if job is None or job.state is not SubmitterState.PUBLISHED:
+            return []
+        if parts[2] == "republish":
+            if len(job.offers) >= job.sm.manifest.members or job.manifest_sends > self.config.manifest_retries_max:
+                return []
+            job.manifest_sends += 1
+            return [Publish(self.config.jobs_topic, job.sm.wire), Emit("formation.manifest_republished"),
+                    SetTimer(key, now_ms + self.config.manifest_retry_ms)]
+        if now_ms < job.deadline_ms:
+            return [SetTimer(key, job.deadline_ms)]
+        need = job.sm.manifest.members
+        reason = (f"no cluster formed within {(job.deadline_ms - job.submitted_at_ms) // 1000} s: "
+                  f"{len(job.offers)} matching peers with free GPUs offered, {need} needed")
+        if len(job.offers) >= need:
+            reason += f"; {len(job.accepts)} accepted (the others were busy or unreachable)"
+        job.reason = reason
+        actions = self._withdraw(job, "formation timed out", now_ms)
+        self._set(job, SubmitterState.FAILED)
+        return actions + [Failed(job.sm.job_id, reason)]
+
+    def _withdraw(self, job: _Submitted, reason: str, now_ms: int) -> list[Action]:
+        job_id = job.sm.job_id
+        job.cancel = Cancel.sign(self.identity, job_id=job_id, reason=reason, cancelled_at_ms=now_ms)
+        data = job.cancel.envelope.to_bytes()
+        actions: list[Action] = [Publish(self.config.topic(job_id), data)]
+        if job.confirm is not None:
+            actions += [Send(m, data) for m in job.confirm.certificate.members]
+        return actions + [CancelTimer(self._key(job_id, "end")), CancelTimer(self._key(job_id, "republish")),
+                          Unsubscribe(self.config.topic(job_id))]
+
+    # -- messages -------------------------------------------------------------
+
+    def on_message(self, msg: Message, now_ms: int) -> list[Action]:
+        """Handle one verified message; ``PeerMisbehaved`` for a peer's fault."""
+        if isinstance(msg, SignedManifest):
+            return []
+        job = self.jobs.get(msg.job_id)
+        if job is None:
+            return []  # not ours (the node's FormationNode handles it)
+        if isinstance(msg, Certified):
+            return self._on_certified(job, msg, now_ms)
+        if isinstance(msg, Offer):
+            if msg.peer_id not in job.offers and len(job.offers) >= self.config.volunteers_max:
+                return []
+            job.offers[msg.peer_id] = max(msg.seq, job.offers.get(msg.peer_id, 0))
+            return self._answer(job, msg.peer_id, now_ms)
+        if isinstance(msg, Accept):
+            if job.state is SubmitterState.PUBLISHED and len(job.accepts) < self.config.volunteers_max:
+                job.accepts[msg.peer_id] = msg.view
+            return self._answer(job, msg.peer_id, now_ms)
+        if isinstance(msg, Decline):
+            cert = job.confirm.certificate if job.confirm is not None else None
+            if cert is not None and msg.peer_id in cert.members and msg.proposal == cert.proposal.digest \
+                    and msg.peer_id not in job.lost:
+                job.lost.append(msg.peer_id)
+                return [MemberLost(job.sm.job_id, msg.peer_id, msg.reason)]
+            return []
+        if isinstance(msg, Proposal):
+            job.views_seen = max(job.views_seen, msg.view + 1)
+            return self._answer(job, msg.leader, now_ms)
+        return []  # a Confirm or Cancel: ours, echoed back
+
+    def _answer(self, job: _Submitted, peer_id: str, now_ms: int) -> list[Action]:
+        """Tell a peer still working on a decided job how it ended (rate-limited)."""
+        final = job.confirm if job.state is SubmitterState.CONFIRMED else job.cancel
+        if final is None:
+            return []
+        last = job.answered_at.get(peer_id)
+        if last is not None and now_ms - last < self.config.accept_retry_ms // 2:
+            return []
+        if last is None and len(job.answered_at) >= self.config.volunteers_max:
+            return []
+        job.answered_at[peer_id] = now_ms
+        return [Send(peer_id, final.envelope.to_bytes())]
+
+    def _check(self, job: _Submitted, cert: Certificate, now_ms: int) -> str:
+        """Why a certificate can't be confirmed ('' if it can); raises for a peer's fault."""
+        m = job.sm.manifest
+        if len(cert.members) != m.members or cert.proposal.gpus_per_member != m.gpus_per_node:
+            raise PeerMisbehaved(Reason.BAD_PROOF, "certificate does not fit the manifest")
+        for a in cert.accepts:
+            if a.price_per_gpu_hour > m.price_per_gpu_hour_max:
+                raise PeerMisbehaved(Reason.BAD_PROOF, f"{a.peer_id[:16]} asks more than the price ceiling")
+        if cert.lease_until_ms < now_ms + self.config.confirm_margin_ms:
+            return "leases too short"
+        return ""
+
+    def _on_certified(self, job: _Submitted, msg: Certified, now_ms: int) -> list[Action]:
+        cert = msg.certificate
+        if job.state is not SubmitterState.PUBLISHED:
+            if job.confirm is not None and job.confirm.certificate.digest != cert.digest:
+                job.refused += 1
+                return [Emit("formation.certificate_refused")] + self._answer(job, cert.leader, now_ms)
+            return self._answer(job, cert.leader, now_ms)
+        why = self._check(job, cert, now_ms)
+        if why:
+            job.refused += 1
+            return [Emit("formation.certificate_refused")]
+        confirm = Confirm.sign(self.identity, cert, confirmed_at_ms=now_ms)
+        job.confirm, job.confirmed_at_ms = confirm, now_ms
+        self._set(job, SubmitterState.CONFIRMED)
+        data = confirm.envelope.to_bytes()
+        job_id = job.sm.job_id
+        return [
+            CancelTimer(self._key(job_id, "end")),
+            CancelTimer(self._key(job_id, "republish")),
+            Publish(self.config.topic(job_id), data),
+            *[Send(p, data) for p in cert.members],
+            Confirmed(job_id, cert, data),
+        ]

@@ -1,0 +1,274 @@
+"""An in-memory network that routes the formation cores' actions between peers.
+
+Not a driver for real use (that is ``p2pgpu.node`` and ``p2pgpu.sim``): a
+test harness in the TigerBeetle manner.  One seed drives everything: the
+peers' keys, GPUs and models, the jobs and when they are submitted, each
+message's delay, which messages are dropped while faults last, and which peers
+crash (crash-stop) and when.  Publish goes to the peers subscribed to the topic
+when it is sent; Send to one peer; timers are named and replaceable, as the
+actions module says.  Each message is decoded once, where it is sent, and the
+verified object handed to every receiver, as a driver does.
+
+After every step, :meth:`Swarm.check_step` checks the safety invariants on
+what that step changed: no peer holds more GPUs than it has; at most one
+certificate per job is confirmed; a peer starts a job only as a member of
+the confirmed certificate; every member of a confirmed certificate signed an
+accept of exactly that proposal.  :meth:`Swarm.unformed` lists the jobs that
+had enough live matching peers but formed no cluster (the liveness check).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from random import Random
+from typing import Any
+
+from p2pgpu.core import Identity, PeerMisbehaved
+from p2pgpu.core._actions import (
+    Action,
+    CancelTimer,
+    Confirmed,
+    Emit,
+    Failed,
+    MemberLost,
+    Publish,
+    Released,
+    Reserved,
+    Send,
+    SetTimer,
+    StartJob,
+    StopJob,
+    Subscribe,
+    Unsubscribe,
+)
+from p2pgpu.core._advert import Advert, GpuInfo
+from p2pgpu.core._formation import FormationConfig, FormationNode
+from p2pgpu.core._formation_messages import Certificate, Message, decode_message
+from p2pgpu.core._formation_submitter import Submitter
+from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
+from p2pgpu.core._matching import exclusion
+
+MODELS = ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090")
+PAYER = "11111111111111111111111111111111"
+
+
+class InvariantViolated(AssertionError):
+    pass
+
+
+def make_advert(identity: Identity, *, gpus: int, model: str, price: int = 1000, now_ms: int = 0) -> Advert:
+    return Advert(
+        peer_id=identity.peer_id, network="local", addrs=(), seq=1, issued_at_ms=now_ms,
+        expires_at_ms=now_ms + 3_600_000,
+        gpus=tuple(GpuInfo(model=model, memory_mb=81920, compute_capability="8.0") for _ in range(gpus)),
+        gpus_free=gpus, price_per_gpu_hour=price, currency="SOL", payout_address=PAYER, region="local",
+        runtimes=("process",), simulated=True,
+    )
+
+
+def make_manifest(submitter: Identity, rng: Random, *, now_ms: int, nodes: int = 1, replicas: int = 1,
+                  gpus_per_node: int = 1, models: tuple[str, ...] = (), ttl_ms: int = 600_000) -> SignedManifest:
+    m = Manifest(name="swarm", submitter=submitter.peer_id, created_at_ms=now_ms, expires_at_ms=now_ms + ttl_ms,
+                 nonce=rng.randbytes(16), nodes=nodes, replicas=replicas, quorum=1, gpus_per_node=gpus_per_node,
+                 models=models, command=("true",), price_per_gpu_hour_max=10_000, payer=PAYER)
+    return sign_manifest(submitter, m)
+
+
+@dataclass
+class Peer:
+    identity: Identity
+    node: FormationNode | None = None
+    submitter: Submitter | None = None
+    crashed: bool = False
+    topics: dict[str, bool] = field(default_factory=dict)
+    timers: dict[str, int] = field(default_factory=dict)
+
+
+class Swarm:
+    """Peers, a clock and an event queue.  Build, ``submit`` jobs, ``run``."""
+
+    def __init__(self, seed: int, *, workers: int = 50, submitters: int = 2,
+                 config: FormationConfig | None = None, gpus: tuple[int, ...] = (1, 1, 2),
+                 models: tuple[str, ...] = MODELS, delay_ms: tuple[int, int] = (1, 20), drop_rate: float = 0.0,
+                 faults_until_ms: int = 0) -> None:
+        self.rng = Random(seed)
+        self.seed = seed
+        config = config or FormationConfig()
+        self.config = config
+        self.now_ms = 0
+        self.delay_ms = delay_ms
+        self.drop_rate = drop_rate
+        self.faults_until_ms = faults_until_ms
+        self.peers: dict[str, Peer] = {}
+        self.workers: list[str] = []
+        self.submitter_ids: list[str] = []
+        self._queue: list[tuple[int, int, str, Any]] = []
+        self._seq = 0
+        self.steps = 0
+        self.misbehaved: dict[str, int] = {}
+        self.metrics: dict[str, int] = {}
+        self.manifests: dict[str, SignedManifest] = {}
+        self.confirmed: dict[str, Certificate] = {}
+        self.failed: dict[str, str] = {}
+        self.started: dict[str, list[str]] = {}
+        self.lost: dict[str, list[str]] = {}
+        self.trace: list[tuple[int, str, str]] = []
+        for i in range(workers):
+            ident = Identity.from_rng(self.rng)
+            advert = make_advert(ident, gpus=self.rng.choice(gpus), model=models[i % len(models)])
+            peer = Peer(ident, node=FormationNode(ident, advert, config))
+            peer.topics[config.jobs_topic] = True
+            self.peers[ident.peer_id] = peer
+            self.workers.append(ident.peer_id)
+        for _ in range(submitters):
+            ident = Identity.from_rng(self.rng)
+            self.peers[ident.peer_id] = Peer(ident, submitter=Submitter(ident, config))
+            self.submitter_ids.append(ident.peer_id)
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def _push(self, at_ms: int, kind: str, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (at_ms, self._seq, kind, payload))
+
+    def submit_at(self, at_ms: int, submitter: str, **manifest: Any) -> str:
+        sm = make_manifest(self.peers[submitter].identity, self.rng, now_ms=at_ms, **manifest)
+        self.manifests[sm.job_id] = sm
+        self._push(at_ms, "submit", (submitter, sm))
+        return sm.job_id
+
+    def crash_at(self, at_ms: int, peer_id: str) -> None:
+        self._push(at_ms, "crash", peer_id)
+
+    def _transmit(self, sender: str, to: str, msg: Message) -> None:
+        if self.now_ms < self.faults_until_ms and self.rng.random() < self.drop_rate:
+            return
+        self._push(self.now_ms + self.rng.randint(*self.delay_ms), "msg", (to, msg))
+
+    # -- carrying out actions -----------------------------------------------------
+
+    def _carry(self, peer_id: str, actions: list[Action]) -> None:
+        peer = self.peers[peer_id]
+        for a in actions:
+            if isinstance(a, Send):
+                self._transmit(peer_id, a.peer_id, decode_message(a.data))
+            elif isinstance(a, Publish):
+                msg = decode_message(a.data)
+                for other_id in self.peers:
+                    if other_id != peer_id and self.peers[other_id].topics.get(a.topic):
+                        self._transmit(peer_id, other_id, msg)
+            elif isinstance(a, Subscribe):
+                peer.topics[a.topic] = True
+            elif isinstance(a, Unsubscribe):
+                peer.topics.pop(a.topic, None)
+            elif isinstance(a, SetTimer):
+                gen = peer.timers.get(a.key, 0) + 1
+                peer.timers[a.key] = gen
+                self._push(max(a.at_ms, self.now_ms), "timer", (peer_id, a.key, gen))
+            elif isinstance(a, CancelTimer):
+                peer.timers[a.key] = peer.timers.get(a.key, 0) + 1
+            elif isinstance(a, Emit):
+                self.metrics[a.metric] = self.metrics.get(a.metric, 0) + a.value
+            elif isinstance(a, Confirmed):
+                self._on_confirmed(a)
+            elif isinstance(a, StartJob):
+                self._on_started(peer_id, a)
+            elif isinstance(a, Failed):
+                self.failed[a.job_id] = a.reason
+            elif isinstance(a, MemberLost):
+                self.lost.setdefault(a.job_id, []).append(a.peer_id)
+            elif isinstance(a, (Reserved, Released, StopJob)):
+                self.trace.append((self.now_ms, peer_id, repr(a)))
+            else:
+                self.trace.append((self.now_ms, peer_id, type(a).__name__))
+
+    def _on_confirmed(self, a: Confirmed) -> None:
+        if a.job_id in self.confirmed:
+            raise InvariantViolated(f"seed {self.seed}: job {a.job_id[:12]} confirmed twice")
+        cert = Certificate.from_obj(a.certificate.to_obj())  # re-verify every signature from the bytes
+        digest = cert.proposal.digest
+        for member, accept in zip(cert.members, cert.accepts):
+            if accept.peer_id != member or accept.proposal != digest or \
+                    accept.envelope.signer_peer_id != member:
+                raise InvariantViolated(f"seed {self.seed}: {member[:12]} did not accept this membership")
+        self.confirmed[a.job_id] = cert
+
+    def _on_started(self, peer_id: str, a: StartJob) -> None:
+        cert = self.confirmed.get(a.job_id)
+        if cert is None or cert.digest != a.certificate.digest:
+            raise InvariantViolated(f"seed {self.seed}: {peer_id[:12]} started an unconfirmed cluster")
+        if peer_id not in cert.members or cert.members[a.member_index] != peer_id:
+            raise InvariantViolated(f"seed {self.seed}: {peer_id[:12]} started but is not a member")
+        started = self.started.setdefault(a.job_id, [])
+        if peer_id in started:
+            raise InvariantViolated(f"seed {self.seed}: {peer_id[:12]} started a job twice")
+        started.append(peer_id)
+
+    def check_step(self, peer_id: str) -> None:
+        node = self.peers[peer_id].node
+        if node is not None:
+            ledger = node.ledger
+            if ledger.reserved > ledger.gpus_total or any(h.gpus <= 0 for h in ledger.holds.values()):
+                raise InvariantViolated(f"seed {self.seed}: {peer_id[:12]} holds {ledger.reserved} GPUs "
+                                        f"of {ledger.gpus_total}")
+
+    # -- running ------------------------------------------------------------------
+
+    def step(self) -> bool:
+        if not self._queue:
+            return False
+        at_ms, _, kind, payload = heapq.heappop(self._queue)
+        self.now_ms = max(self.now_ms, at_ms)
+        self.steps += 1
+        if kind == "crash":
+            self.peers[payload].crashed = True
+            return True
+        peer_id = payload[0]
+        peer = self.peers[peer_id]
+        if peer.crashed:
+            return True
+        actions: list[Action] = []
+        try:
+            if kind == "submit":
+                assert peer.submitter is not None
+                actions = peer.submitter.submit(payload[1], self.now_ms)
+            elif kind == "timer":
+                _, key, gen = payload
+                if peer.timers.get(key) != gen:
+                    return True
+                core: Any = peer.node if key.startswith("f/") else peer.submitter
+                actions = core.on_timer(key, self.now_ms)
+            else:
+                msg = payload[1]
+                if peer.node is not None:
+                    actions = peer.node.on_message(msg, self.now_ms)
+                if peer.submitter is not None:
+                    actions = actions + peer.submitter.on_message(msg, self.now_ms)
+        except PeerMisbehaved as exc:
+            self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
+        self._carry(peer_id, actions)
+        self.check_step(peer_id)
+        return True
+
+    def run(self, until_ms: int) -> None:
+        while self._queue and self._queue[0][0] <= until_ms:
+            self.step()
+        self.now_ms = max(self.now_ms, until_ms)
+
+    # -- liveness -----------------------------------------------------------------
+
+    def live_matching(self, job_id: str) -> list[str]:
+        req = self.manifests[job_id].manifest.requirements
+        out = []
+        for p in self.workers:
+            node = self.peers[p].node
+            assert node is not None
+            if not self.peers[p].crashed and exclusion(node._all_free, req) is None:
+                out.append(p)
+        return out
+
+    def unformed(self) -> list[str]:
+        """Jobs with enough live matching peers that have no confirmed cluster."""
+        return [j for j in self.manifests if j not in self.confirmed
+                and len(self.live_matching(j)) >= self.manifests[j].manifest.members]
