@@ -80,6 +80,9 @@ async def test_job_cannot_read_node_key_or_home(tmp_path: Path, monkeypatch: pyt
     key = home.identity_path
     secret = key.read_bytes()
     (home.path / "notes.txt").write_text("operator-private-notes")
+    other_job = home.path / "jobs" / "other" / "work"
+    other_job.mkdir(parents=True)
+    (other_job / "result.txt").write_text("another-jobs-result")
     monkeypatch.setenv("P2PGPU_NODE_SECRET", "do-not-leak")
     script = f"""
         cat {key} && echo READ1
@@ -88,6 +91,7 @@ async def test_job_cannot_read_node_key_or_home(tmp_path: Path, monkeypatch: pyt
         cat {home.path}/notes.txt && echo READ4
         ls /root /home {tmp_path} && echo READ5
         cat /etc/shadow && echo READ6
+        cat {other_job}/result.txt && echo READ8
         for p in /proc/[0-9]*; do cat $p/root{key} 2>/dev/null && echo READ7; done
         env
         ls -a / /etc
@@ -95,9 +99,10 @@ async def test_job_cannot_read_node_key_or_home(tmp_path: Path, monkeypatch: pyt
     res, lines = await run(spec(tmp_path, script))
     out = stdout(lines)
     assert res.reason == "exited"
-    for n in range(1, 8):
+    for n in range(1, 9):
         assert f"READ{n}".encode() not in out
     assert secret.hex().encode() not in out and b"operator-private-notes" not in out
+    assert b"another-jobs-result" not in out
     assert b"do-not-leak" not in out and b"P2PGPU_NODE_SECRET" not in out
     assert b"HOME=/work" in out
     assert b"shadow" not in out
@@ -290,12 +295,13 @@ async def test_outputs_are_collected_with_hashes(tmp_path: Path) -> None:
     outside = tmp_path / "host-secret.txt"
     outside.write_text("host secret")
     script = f"""mkdir -p sub/deeper; echo hello > a.txt; head -c 100000 /dev/zero > sub/deeper/zeros.bin
-        ln -s {outside} link-to-host; mkfifo fifo; echo done"""
+        chmod 6755 a.txt; ln -s {outside} link-to-host; mkfifo fifo; echo done"""
     res, _lines = await run(spec(tmp_path, script))
     assert res.ok
     got = {f.path: f for f in res.outputs}
     assert sorted(got) == ["a.txt", "sub/deeper/zeros.bin"]
     assert got["a.txt"].sha256 == hashlib.sha256(b"hello\n").digest() and got["a.txt"].size == 6
+    assert (tmp_path / "work" / "a.txt").stat().st_mode & 0o7111 == 0, "set-uid/set-gid/exec bits cleared"
     assert got["sub/deeper/zeros.bin"].sha256 == hashlib.sha256(bytes(100000)).digest()
     assert res.stdout_sha256 == hashlib.sha256(b"done\n").digest()
     assert res.output_digest == output_digest([(f.path, f.size, f.sha256) for f in res.outputs],
