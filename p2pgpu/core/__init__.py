@@ -106,3 +106,57 @@ __all__ = [
     "sign_proof",
     "verify_proof",
 ]
+
+# Job manifests and cluster formation (docs/manifest.md, docs/formation.md).
+from ._actions import (
+    Action,
+    Cancelled,
+    CancelTimer,
+    Confirmed,
+    Emit,
+    Failed,
+    MemberLost,
+    Publish,
+    Released,
+    Reserved,
+    Send,
+    SetTimer,
+    StartJob,
+    StopJob,
+    Subscribe,
+    Unsubscribe,
+)
+from ._formation import CapacityLedger, FormationConfig, FormationNode, leader_rank
+from ._formation_messages import (
+    Accept,
+    Cancel,
+    Certificate,
+    Certified,
+    Confirm,
+    Decline,
+    Offer,
+    Proposal,
+    decode_message,
+)
+from ._formation_messages import Message as FormationMessage
+from ._formation_states import SubmitterState, WorkerState
+from ._formation_submitter import JobProgress, Submitter
+from ._manifest import (
+    JobInput,
+    Manifest,
+    ManifestError,
+    ReplayGuard,
+    SignedManifest,
+    manifest_from_toml,
+    sign_manifest,
+    verify_manifest,
+)
+
+__all__ += [
+    "Accept", "Action", "Cancel", "CancelTimer", "Cancelled", "CapacityLedger", "Certificate", "Certified",
+    "Confirm", "Confirmed", "Decline", "Emit", "Failed", "FormationConfig", "FormationMessage", "FormationNode",
+    "JobInput", "JobProgress", "Manifest", "ManifestError", "MemberLost", "Offer", "Proposal", "Publish",
+    "Released", "ReplayGuard", "Reserved", "Send", "SetTimer", "SignedManifest", "StartJob", "StopJob",
+    "Submitter", "SubmitterState", "Subscribe", "Unsubscribe", "WorkerState", "decode_message", "leader_rank",
+    "manifest_from_toml", "sign_manifest", "verify_manifest",
+]

@@ -450,10 +450,3 @@ def decode_message(data: bytes) -> Message:
     if len(data) > env.kind.bytes_max + 512:
         raise PeerMisbehaved(Reason.OVERSIZED, f"{env.kind.value} of {len(data)} bytes")
     return message_from_envelope(env)
-
-
-def wire(msg: Message) -> bytes:
-    """The bytes of a message (what :func:`decode_message` reads back)."""
-    if isinstance(msg, SignedManifest):
-        return msg.wire
-    return msg.envelope.to_bytes()
