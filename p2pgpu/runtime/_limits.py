@@ -2,7 +2,8 @@
 
 Three ways to bound a job's memory, tried in this order by :func:`memory_backend`:
 
-``cgroup2``  a child of our own cgroup v2 with ``memory.max`` (and
+``cgroup2``  a child of our own cgroup v2 (or of our parent, see
+             :func:`cgroup_bases`) with ``memory.max`` (and
              ``memory.swap.max = 0``); the kernel OOM-kills inside it and
              ``memory.events`` counts ``oom_kill``: an exact, clear reason.
 ``cgroup1``  the same with the v1 memory controller (``memory.limit_in_bytes``,
@@ -190,28 +191,53 @@ def _make_cgroup(version: str, base: Path, limit_bytes: int) -> Path:
     return path
 
 
-def memory_backend(preference: str = "auto", base: Path | None = None) -> str:
-    """Which backend works here: ``preference`` if it works, else the first
-    of :data:`BACKENDS` that does.  Probes by making and removing a cgroup."""
-    order = BACKENDS if preference == "auto" else (preference,)
+def cgroup_bases(version: str) -> list[Path]:
+    """Where job cgroups may go, best first: under our own cgroup; for v2
+    also beside it, under our parent, when the parent hands the memory
+    controller down (our own cgroup holds processes, so v2's "no internal
+    processes" rule forbids enabling it below us)."""
+    own = cgroup_base(version)
+    if own is None:
+        return []
+    bases = [own]
+    if version == "cgroup2":
+        try:
+            controllers = (own / "cgroup.controllers").read_text().split()
+        except OSError:
+            controllers = []
+        mount = next((Path(m) for m, t, _ in _mountinfo() if t == "cgroup2"), None)
+        if "memory" in controllers and mount is not None and own != mount:
+            bases.append(own.parent)
+    return bases
+
+
+def resolve_memory(preference: str = "auto", base: Path | None = None) -> tuple[str, Path | None]:
+    """(backend, cgroup base) that works here: ``preference`` if it works,
+    else the first of :data:`BACKENDS` that does.  Probes by making and
+    removing a cgroup; ``base`` (the operator's delegated cgroup) is the only
+    place tried when given."""
     if preference not in ("auto", *BACKENDS):
         raise ValueError(f"memory backend must be one of auto, {', '.join(BACKENDS)}")
+    order = BACKENDS if preference == "auto" else (preference,)
     for name in order:
         if name == "rlimit":
-            return name
-        where = base or cgroup_base(name)
-        if where is None:
-            continue
-        try:
-            _make_cgroup(name, where, 1 << 30).rmdir()
-        except OSError:
-            continue
-        return name
+            return name, None
+        for where in ([base] if base is not None else cgroup_bases(name)):
+            try:
+                _make_cgroup(name, where, 1 << 30).rmdir()
+            except OSError:
+                continue
+            return name, where
     raise SandboxUnavailable(f"memory backend {preference!r} does not work here")
 
 
+def memory_backend(preference: str = "auto", base: Path | None = None) -> str:
+    """The name of the backend :func:`resolve_memory` picks."""
+    return resolve_memory(preference, base)[0]
+
+
 def open_memory_limit(backend: str, limit_bytes: int, *, gpus: int, base: Path | None = None) -> MemoryLimit:
-    """Prepare the limit for one job (creates its cgroup)."""
+    """Prepare the limit for one job (creates its cgroup under ``base``)."""
     if backend == "rlimit":
         return MemoryLimit(backend=backend, limit_bytes=limit_bytes, watchdog=bool(gpus))
     where = base or cgroup_base(backend)

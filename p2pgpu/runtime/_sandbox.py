@@ -37,7 +37,7 @@ import trio
 
 from p2pgpu.core._proof import output_digest
 
-from ._limits import MemoryLimit, SandboxUnavailable, memory_backend, open_memory_limit, rss_bytes
+from ._limits import MemoryLimit, SandboxUnavailable, open_memory_limit, resolve_memory, rss_bytes
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs, usage
 
 #: Why a sandboxed run ended.
@@ -254,8 +254,8 @@ def _write_etc(etc_dir: Path) -> None:
 
 
 @lru_cache(maxsize=8)
-def _resolved_backend(preference: str, base: Path | None) -> str:
-    return memory_backend(preference, base)
+def _resolved_backend(preference: str, base: Path | None) -> tuple[str, Path | None]:
+    return resolve_memory(preference, base)
 
 
 def check_sandbox(policy: SandboxPolicy | None = None) -> str | None:
@@ -288,7 +288,7 @@ def check_sandbox(policy: SandboxPolicy | None = None) -> str | None:
 def sandbox_memory_backend(policy: SandboxPolicy | None = None) -> str:
     """The memory backend jobs get under ``policy`` on this machine."""
     policy = policy or SandboxPolicy()
-    return _resolved_backend(policy.memory_backend, policy.cgroup_base)
+    return _resolved_backend(policy.memory_backend, policy.cgroup_base)[0]
 
 
 @dataclass
@@ -398,13 +398,13 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
         raise SandboxUnavailable(f"bubblewrap ({policy.bwrap}) is not installed")
     if not spec.work_dir.is_dir():
         raise JobRejected(f"work dir {spec.work_dir} does not exist")
-    backend = _resolved_backend(policy.memory_backend, policy.cgroup_base)
+    backend, cgroup_base = _resolved_backend(policy.memory_backend, policy.cgroup_base)
     env = job_env(spec)
     scratch = Path(tempfile.mkdtemp(prefix="p2pgpu-sbx-"))
     try:
         _write_etc(scratch / "etc")
         bwrap_argv(spec, policy, etc_dir=scratch / "etc")  # refuses before anything starts
-        limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=policy.cgroup_base)
+        limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=cgroup_base)
         try:
             r_fd, w_fd = os.pipe()
             status_stream = trio.lowlevel.FdStream(r_fd)  # owns r_fd
