@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ._engine import Engine
+from heapq import heappush
+
+from ._engine import _TIE_BITS, _TIE_MASK, Engine
 from ._regions import DEFAULT_WEIGHTS, REGIONS, intra_region_rtt_ms, rtt_ms
 from ._scenario import NetworkSection, ScenarioError
 
@@ -29,8 +31,8 @@ Handler = Callable[[int, int, Any], None]
 
 class Network:
     __slots__ = ("engine", "cfg", "n", "region", "region_names", "_delay_us", "_jit", "_loss", "_dup",
-                 "_reorder", "_reorder_us", "_us_per_byte", "_rng", "up", "epoch", "peers", "side",
-                 "uplink_free_us", "bytes_out", "bytes_in", "msgs_out", "dropped", "handlers",
+                 "_reorder", "_reorder_us", "_us_per_byte", "_rng", "_random", "up", "epoch", "peers", "side",
+                 "uplink_free_us", "bytes_out", "bytes_in", "dropped", "handlers",
                  "on_peer_lost", "_detect_us", "live")
 
     def __init__(self, engine: Engine, cfg: NetworkSection, n: int) -> None:
@@ -38,6 +40,7 @@ class Network:
         self.cfg = cfg
         self.n = n
         self._rng = engine.stream("net")
+        self._random = self._rng.random
         weights = cfg.regions or DEFAULT_WEIGHTS
         for name in weights:
             if cfg.latency == "regions" and name not in REGIONS and not cfg.rtt_ms:
@@ -73,7 +76,6 @@ class Network:
         self.uplink_free_us = [0] * n
         self.bytes_out = [0] * n
         self.bytes_in = [0] * n
-        self.msgs_out = [0] * n
         self.dropped = {"loss": 0, "down": 0, "partition": 0}
         self.handlers: dict[str, Handler] = {}
         #: called as on_peer_lost(node, peer) when ``node`` notices ``peer`` is gone
@@ -81,7 +83,9 @@ class Network:
 
     # -- sending --------------------------------------------------------------
     def send(self, src: int, dst: int, nbytes: int, kind: str, payload: Any) -> bool:
-        """Queue a message; False if it was dropped at once (cut, down or lost)."""
+        """Queue a message; False if it was dropped at once (cut, down or lost).
+
+        The hot path of every run: the engine's push is inlined here."""
         if not self.up[dst]:
             self.dropped["down"] += 1
             return False
@@ -90,25 +94,28 @@ class Network:
             self.dropped["partition"] += 1
             return False
         self.bytes_out[src] += nbytes
-        self.msgs_out[src] += 1
-        rng = self._rng
-        if self._loss and rng.random() < self._loss:
+        rnd = self._random
+        if self._loss and rnd() < self._loss:
             self.dropped["loss"] += 1
             return False
         engine = self.engine
         now = engine.now_us
         free = self.uplink_free_us[src]
-        start = free if free > now else now
-        done = start + int(nbytes * self._us_per_byte)
+        done = (free if free > now else now) + int(nbytes * self._us_per_byte)
         self.uplink_free_us[src] = done
         base = self._delay_us[self.region[src]][self.region[dst]]
-        delay = base + int(base * self._jit * (2.0 * rng.random() - 1.0)) if self._jit else base
-        if self._reorder and rng.random() < self._reorder:
-            delay += int(rng.random() * self._reorder_us)
+        t = done + base
+        if self._jit:
+            t += int(base * self._jit * (2.0 * rnd() - 1.0))
+        if self._reorder and rnd() < self._reorder:
+            t += int(rnd() * self._reorder_us)
         item = (dst, self.epoch[dst], src, nbytes, kind, payload)
-        engine.at(done + delay, self._arrive, item)
-        if self._dup and rng.random() < self._dup:
-            engine.at(done + delay + int(base * self._jit * rng.random()) + 1, self._arrive, item)
+        seq = engine._seq + 1
+        engine._seq = seq
+        heappush(engine._heap, ((t << _TIE_BITS) | ((seq * engine._mul + engine._salt) & _TIE_MASK),
+                                self._arrive, item))
+        if self._dup and rnd() < self._dup:
+            engine.at(t + int(base * self._jit * rnd()) + 1, self._arrive, item)
         return True
 
     def _arrive(self, item: tuple[int, int, int, int, str, Any]) -> None:

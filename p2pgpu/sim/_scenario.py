@@ -100,6 +100,8 @@ class KademliaSection:
 
 @dataclass(frozen=True, kw_only=True)
 class AdvertSection:
+    #: false: nodes publish no adverts (a pure DHT or job study)
+    publish: bool = True
     refresh_s: float = 300.0
     ttl_s: float = 600.0
     #: nodes that keep a real AdvertBook besides submitters ("all" = every node)

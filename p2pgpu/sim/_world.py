@@ -164,7 +164,12 @@ class World:
         self.gossip.start(node)
         rng = self.gossip.rng(node)
         self._connect_some(node, rng)
-        self.engine.after(rng.randrange(2_000_000), self._advertise, (node, net.epoch[node]))
+        # A joining node advertises within 2 s; the population present at the
+        # start is a network already running, whose adverts are spread over
+        # the refresh period (up to 10 s, so books fill quickly).
+        spread = 2_000_000 if self.engine.now_us > 1_000_000 else \
+            int(min(self.scenario.adverts.refresh_s, 10.0) * 1_000_000)
+        self.engine.after(rng.randrange(spread), self._advertise, (node, net.epoch[node]))
         self.engine.after(int(self.scenario.network.discovery_s * 1_000_000), self._discover,
                           (node, net.epoch[node]))
         adv = self.nodes[node].adversary
@@ -246,7 +251,7 @@ class World:
         if not self.net.up[node] or self.net.epoch[node] != epoch:
             return
         adv = self.nodes[node].adversary
-        if self.engine.now_us < self.quiet_us:
+        if self.engine.now_us < self.quiet_us and self.scenario.adverts.publish:
             if adv is None or not adv.replaces_adverts:
                 msg = self.publish_advert(node)
                 if adv is None:
