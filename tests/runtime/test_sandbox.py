@@ -362,3 +362,18 @@ async def test_cancellation_kills_the_sandbox(tmp_path: Path) -> None:
 
 def test_python_is_where_the_tests_expect() -> None:
     assert Path(PY).exists(), sys.executable
+
+
+def test_cgroup2_bases_fall_back_to_beside_our_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A unit test of the choice only (a directory stands in for cgroupfs; the
+    # real thing was checked on the H200 machine, docs/sandbox.md).
+    from p2pgpu.runtime import _limits
+
+    own = tmp_path / "process_api" / "node"
+    own.mkdir(parents=True)
+    (own / "cgroup.controllers").write_text("cpu memory pids\n")
+    monkeypatch.setattr(_limits, "cgroup_base", lambda version: own)
+    monkeypatch.setattr(_limits, "_mountinfo", lambda: [(str(tmp_path), "cgroup2", "rw")])
+    assert _limits.cgroup_bases("cgroup2") == [own, own.parent]
+    (own / "cgroup.controllers").write_text("cpu pids\n")
+    assert _limits.cgroup_bases("cgroup2") == [own]
