@@ -401,14 +401,19 @@ class Verdict(Enum):
     WAIT = "wait"
 
 
-def recovery_verdict(*, found: bool, err: bool, block_height: int, last_valid_block_height: int) -> Verdict:
+def recovery_verdict(
+    *, found: bool, err: bool, block_height: int, last_valid_block_height: int, confirmed: bool = True
+) -> Verdict:
     """What a payer does with a signed batch after looking it up.
 
     The block height must have been read BEFORE the signature status: if the
     height was already past the last valid height and the status came back
     empty afterwards, the transaction can never land, so rebuilding it cannot
-    pay twice.
+    pay twice.  A status seen only at "processed" (a fork could still drop
+    it) is waited on, never taken as paid or failed.
     """
+    if found and not confirmed:
+        return Verdict.WAIT
     if found:
         return Verdict.FAILED if err else Verdict.PAID
     if block_height > last_valid_block_height:

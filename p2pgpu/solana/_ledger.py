@@ -46,6 +46,7 @@ class LedgerUnavailable(Exception):
 class SigStatus:
     slot: int
     err: Any  # JSON error form, None when the transaction succeeded
+    confirmed: bool = True  # False while only "processed" (a fork could still drop it)
 
 
 class Ledger(Protocol):
@@ -194,8 +195,9 @@ class RpcLedger:
                 if st is None:
                     out.append(None)
                 else:
-                    err = json.loads(st.to_json())["err"]
-                    out.append(SigStatus(slot=st.slot, err=err))
+                    doc = json.loads(st.to_json())
+                    confirmed = doc.get("confirmationStatus") in ("confirmed", "finalized")
+                    out.append(SigStatus(slot=st.slot, err=doc["err"], confirmed=confirmed))
         return out
 
     async def accounts(self, pubkeys: Sequence[Pubkey]) -> list[Account | None]:

@@ -114,7 +114,11 @@ class Payer:
         self.lookup = lookup
         self._token: TokenInfo | None = None
         self._rent_min: int | None = None
-        self._preflight: dict[int, Any] = {}  # batch id -> preflight error, judged by settle
+        # batch id -> preflight error of a FIRST send (never forwarded: settle fails it at once)
+        self._preflight: dict[int, Any] = {}
+        # batch id -> preflight error of a RESEND: an earlier copy may be in flight, so the
+        # error is only acted on once the blockhash has expired (see settle)
+        self._refused: dict[int, Any] = {}
 
     # --- public ----------------------------------------------------------
 
@@ -225,7 +229,10 @@ class Payer:
         except LedgerRejected as exc:
             if exc.err in ("AlreadyProcessed", "BlockhashNotFound") or exc.err is None:
                 return  # landed already / not yet or no longer valid: the lookup decides
-            self._preflight[b.batch_id] = exc.err
+            if resend:
+                self._refused[b.batch_id] = exc.err
+            else:
+                self._preflight[b.batch_id] = exc.err
             return
         self.hook("sent")
         if resend:
@@ -257,7 +264,8 @@ class Payer:
                     del pending[batch_id]
                     continue
                 verdict = recovery_verdict(found=st is not None, err=st is not None and st.err is not None,
-                                           block_height=height, last_valid_block_height=b.last_valid_height)
+                                           block_height=height, last_valid_block_height=b.last_valid_height,
+                                           confirmed=st is None or st.confirmed)
                 if verdict is Verdict.PAID:
                     assert st is not None
                     self.hook("confirmed")
@@ -267,11 +275,17 @@ class Payer:
                     assert st is not None
                     await self._failed(b, st.err, st.slot, fee_per_batch_lamports, report)
                     del pending[batch_id]
+                elif verdict is Verdict.EXPIRED and batch_id in self._refused:
+                    # It can no longer land, and the ledger said why it would not: isolate the cause.
+                    await self._failed(b, self._refused.pop(batch_id), None, None, report)
+                    del pending[batch_id]
                 elif verdict is Verdict.EXPIRED:
                     with transaction(self.conn):
                         mark_expired(self.conn, batch_id, now_ms=self.now_ms())
                     report.expired += 1
                     del pending[batch_id]
+                elif verdict is Verdict.WAIT:
+                    pass
                 elif trio.current_time() - last_sent[batch_id] >= self.resend_s:
                     last_sent[batch_id] = trio.current_time()
                     await self._send(b, resend=True)

@@ -61,15 +61,15 @@ def test_wal_and_migrations(conn: sqlite3.Connection, tmp_path: Path) -> None:
 
 
 def test_record_owed_joins_the_callers_transaction(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE proofs (hash BLOB)")
+    conn.execute("CREATE TABLE outbox_test_proofs (hash BLOB)")
     with pytest.raises(ValueError):
         record_owed(conn, h(1), "w", "addr", 5, "SOL", "job")  # not inside a transaction
     with pytest.raises(RuntimeError):
         with transaction(conn):
-            conn.execute("INSERT INTO proofs VALUES (?)", (h(1),))
+            conn.execute("INSERT INTO outbox_test_proofs VALUES (?)", (h(1),))
             record_owed(conn, h(1), "w", "addr", 5, "SOL", "job")
             raise RuntimeError("crash before commit")
-    assert conn.execute("SELECT COUNT(*) FROM proofs").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM outbox_test_proofs").fetchone()[0] == 0
     assert owed_rows(conn) == []
     with transaction(conn):
         assert record_owed(conn, h(1), "w", "addr", 5, "SOL", "job")
