@@ -137,6 +137,7 @@ async def serve_explorer(home: Home, *, host: str = "127.0.0.1", port: int = 808
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = "-"
+    config.loglevel = "WARNING"
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         await nursery.start(collector.run)

@@ -116,7 +116,7 @@ function renderNodes(p) {
     { label: "Free", num: true, render: (n) => `${n.gpus_free ?? "–"} / ${n.gpus_total}` },
     { label: "Region", render: (n) => n.region ?? "–" },
     { label: "Price/GPU·h", num: true, render: (n) => n.price == null ? "–" : fmtAmount(n.price, n.currency) },
-    { label: "Latency", num: true, render: (n) => n.latency_ms == null ? (n.self ? "–" : "not linked") : n.latency_ms.toFixed(1) + " ms" },
+    { label: "Latency", num: true, render: (n) => n.self ? "–" : !n.connected ? "not linked" : n.latency_ms == null ? "linked" : n.latency_ms.toFixed(1) + " ms" },
     { label: "GPU source", render: (n) => n.simulated ? pill("simulated", "wait") : pill("NVML", "ok") },
   ], p.rows));
 }

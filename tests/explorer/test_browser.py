@@ -1,0 +1,102 @@
+"""The explorer page in headless Chromium (Debian's, driven by Selenium and chromium-driver).
+
+Opens the page of a ``p2pgpu explorer`` over a real LocalNet, waits until it
+lists the nodes' GPUs (rendered from the live event stream, no reload), sees
+a third node appear live, and saves screenshots at desktop and phone width
+under ``test-artifacts/explorer/``.  At phone width nothing may overflow the
+screen sideways.  Skipped only when Chromium or chromium-driver is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from explorer_helpers import ARTIFACTS, Explorer, ensure_third
+
+from p2pgpu.localnet import LocalNet
+
+pytestmark = pytest.mark.processes
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               "--window-size=1280,900"]
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in CHROME_ARGS:
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    drv.set_page_load_timeout(30)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def wait_js(drv: Any, script: str, *, timeout_s: float = 60, what: str = "") -> Any:
+    """Wait until ``script`` returns something true; on timeout save what the page showed."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(drv, timeout_s, poll_frequency=0.2).until(lambda d: d.execute_script(script))
+    except TimeoutException:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        drv.save_screenshot(str(ARTIFACTS / "failure.png"))
+        body = drv.execute_script("return document.body.innerText")
+        raise AssertionError(f"timed out waiting for {what or script}; the page shows:\n{body}") from None
+
+
+def screenshot(drv: Any, name: str, *, width: int, mobile: bool = False) -> Path:
+    """A full-page screenshot at ``width`` CSS pixels."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                        {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": mobile})
+    height = int(drv.execute_script("return Math.ceil(document.documentElement.scrollHeight)"))
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                        {"width": width, "height": min(height, 8000), "deviceScaleFactor": 1, "mobile": mobile})
+    path = ARTIFACTS / name
+    drv.save_screenshot(str(path))
+    return path
+
+
+def text_of(drv: Any, element_id: str) -> str:
+    return str(drv.execute_script(f"return document.getElementById('{element_id}').innerText"))
+
+
+def test_page_shows_the_gpus_live_at_desktop_and_phone_width(net: LocalNet, explorer: Explorer, driver: Any) -> None:
+    driver.get(explorer.url + "/")
+    wait_js(driver, "return document.getElementById('live').dataset.state === 'live'", what="the live stream")
+    wait_js(driver, "return document.getElementById('supply-body').innerText.includes('NVIDIA H100 80GB HBM3')",
+            what="the H100s in the supply panel")
+    assert "NVIDIA GeForce RTX 4090" in text_of(driver, "supply-body")
+    assert "signed adverts" in text_of(driver, "trust") and "ledger transactions" in text_of(driver, "trust")
+    version_before = int(driver.execute_script("return Number(document.body.dataset.version)"))
+
+    ensure_third(net)  # appears on the open page without a reload
+    wait_js(driver, "return document.getElementById('c-nodes').innerText === '3'", what="three nodes, live")
+    wait_js(driver, "return document.getElementById('c-gpus').innerText === '14'", what="14 GPUs, live")
+    assert int(driver.execute_script("return Number(document.body.dataset.version)")) > version_before
+    nodes = text_of(driver, "nodes-body")
+    assert all(n.peer_id[:12] in nodes for n in net.nodes)
+    assert "eu-west" in text_of(driver, "regions-body") and "us-east" in text_of(driver, "regions-body")
+
+    desktop = screenshot(driver, "explorer-desktop.png", width=1280)
+    phone = screenshot(driver, "explorer-phone.png", width=390, mobile=True)
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than a phone screen"
+    assert desktop.stat().st_size > 10_000 and phone.stat().st_size > 10_000
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+

@@ -1,0 +1,103 @@
+"""The explorer against real node daemons: its JSON API and its ``/metrics``.
+
+A ``p2pgpu explorer`` process over node 0 of a LocalNet must report the GPU
+supply that the nodes' simulated inventories hold, by model and region; its
+``/metrics`` must parse with the Prometheus client's own parser, and its
+counters must move when a third node joins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from p2pgpu.localnet import LocalNet
+
+from explorer_helpers import MIX, REGIONS, Explorer, ensure_third, wait_for
+
+pytestmark = pytest.mark.processes
+
+
+def expected_supply(n: int) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for i in range(n):
+        model, _mb, _cc, count = MIX[i]
+        out[(model, REGIONS[i])] = out.get((model, REGIONS[i]), 0) + count
+    return out
+
+
+def supply_of(ex: Explorer) -> dict[tuple[str, str], int]:
+    return {(r["model"], r["region"]): r["gpus"] for r in ex.get("/api/supply")["rows"]}
+
+
+def metrics(ex: Explorer) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """name -> {sorted labels -> value}, every sample of every family."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(ex.get("/metrics")):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_api_reports_the_nodes_gpus(net: LocalNet, explorer: Explorer) -> None:
+    wait_for(lambda: supply_of(explorer) == expected_supply(2), what="the supply of two nodes")
+    sup = explorer.get("/api/supply")
+    assert sup["available"] is True and sup["gpus_total"] == 10 and sup["nodes"] == 2
+    assert [m["model"] for m in sup["by_model"]] == ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"]
+    assert {r["region"]: r["gpus"] for r in sup["by_region"]} == {"eu-west": 8, "us-east": 2}
+
+    nodes = explorer.get("/api/nodes")["rows"]
+    by_peer = {n["peer_id"]: n for n in nodes}
+    assert set(by_peer) == {net.nodes[0].peer_id, net.nodes[1].peer_id}
+    assert by_peer[net.nodes[0].peer_id]["self"] is True
+    other = by_peer[net.nodes[1].peer_id]
+    assert other["region"] == "us-east" and other["simulated"] is True and other["gpus_total"] == 2
+    wait_for(lambda: explorer.get("/api/nodes")["rows"] and any(
+        n["connected"] for n in explorer.get("/api/nodes")["rows"]), what="node 1 linked to node 0")
+
+    summary = explorer.get("/api/summary")
+    assert summary["daemon_up"] is True and summary["peer_id"] == net.nodes[0].peer_id
+    assert summary["network"] == "local" and summary["gpus_total"] == 10 and summary["models"] == 2
+    for name in ("clusters", "jobs", "proofs", "payouts"):
+        doc = explorer.get(f"/api/{name}")
+        assert isinstance(doc["rows"], list) and isinstance(doc["available"], bool)
+        assert doc["available"] or doc["missing_methods"], name
+    assert explorer.get("/healthz")["daemon_up"] is True
+    page = explorer.get("/")
+    assert "p2pgpu explorer" in page and "/static/app.js" in page
+
+
+def test_check_of_an_unknown_proof_says_so(explorer: Explorer) -> None:
+    doc = explorer.get("/api/check/" + "ab" * 32, method="POST")
+    assert doc["valid"] is False and doc["failed"] is False and doc["known"] is False
+    assert [s["name"] for s in doc["steps"]] == ["signature", "inclusion", "memo"]
+    with pytest.raises(Exception, match="400"):
+        explorer.get("/api/check/not-a-hash")
+
+
+def test_metrics_parse_and_move_when_a_node_joins(net: LocalNet, explorer: Explorer) -> None:
+    wait_for(lambda: supply_of(explorer) == expected_supply(len(net.nodes)), what="the supply before")
+    before = metrics(explorer)
+    assert before["p2pgpu_up"][()] == 1
+    key = lambda event: (("event", event),)  # noqa: E731
+    delivered_before = before["p2pgpu_node_events_total"].get(key("adverts_delivered"), 0)
+    polls_before = before["p2pgpu_explorer_polls_total"][()]
+    joined = len(net.nodes) < 3
+    ensure_third(net)
+
+    def moved() -> Any:
+        m = metrics(explorer)
+        return m if m["p2pgpu_supply_nodes"][()] == 3 and m["p2pgpu_adverts_known"][()] == 3 else None
+
+    after = wait_for(moved, what="the third node in /metrics")
+    assert after["p2pgpu_explorer_polls_total"][()] > polls_before
+    if joined:
+        assert after["p2pgpu_node_events_total"][key("adverts_delivered")] > delivered_before
+    supply = {dict(k)["model"] + "/" + dict(k)["region"]: v for k, v in after["p2pgpu_supply_gpus"].items()}
+    assert supply == {"NVIDIA H100 80GB HBM3/eu-west": 8, "NVIDIA GeForce RTX 4090/us-east": 2,
+                      "NVIDIA H100 80GB HBM3/us-east": 4}
+    assert after["p2pgpu_peers"][()] >= 1
+    assert after["p2pgpu_cluster_formation_seconds_count"][()] >= 0
+    assert ("method", "status") in [k[0] for k in after["p2pgpu_explorer_control_call_seconds"]]
