@@ -90,7 +90,7 @@ class Payer:
         ledger: Ledger,
         keypair: Keypair,
         *,
-        currency: str = SOL,
+        currency: str | None = None,
         transfers_max: int = transfers_max_plain,
         batches_per_round_max: int = 200,
         poll_s: float = 0.02,
@@ -112,7 +112,7 @@ class Payer:
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
         self.hook = hook or (lambda step: None)
         self.lookup = lookup
-        self._token: TokenInfo | None = None
+        self._tokens: dict[str, TokenInfo] = {}
         self._rent_min: int | None = None
         # batch id -> preflight error of a FIRST send (never forwarded: settle fails it at once)
         self._preflight: dict[int, Any] = {}
@@ -143,24 +143,25 @@ class Payer:
 
     # --- signing ---------------------------------------------------------
 
-    async def token(self) -> TokenInfo | None:
-        if self.currency == SOL:
+    async def token(self, currency: str) -> TokenInfo | None:
+        """None for SOL; the mint's decimals and token program for an SPL currency (cached)."""
+        if currency == SOL:
             return None
-        if self._token is None:
-            mint = Pubkey.from_string(self.currency)
+        if currency not in self._tokens:
+            mint = Pubkey.from_string(currency)
             (acc,) = await self.ledger.accounts([mint])
             if acc is None or len(acc.data) < 82:
-                raise LedgerRejected(f"mint {self.currency} not found on {self.ledger.name}")
-            self._token = TokenInfo(mint=mint, decimals=bytes(acc.data)[44], program=acc.owner)
-        return self._token
+                raise LedgerRejected(f"mint {currency} not found on {self.ledger.name}")
+            self._tokens[currency] = TokenInfo(mint=mint, decimals=bytes(acc.data)[44], program=acc.owner)
+        return self._tokens[currency]
 
     async def _plan(self, report: PayReport) -> list[BatchPlan]:
         rows = owed_rows(self.conn, currency=self.currency)
         if not rows:
             return []
-        addrs = sorted({r.payout_address for r in rows})
+        addrs = sorted({r.payout_address for r in rows if r.currency == SOL})
         balances: dict[str, int] = {}
-        if self.currency == SOL:
+        if addrs:
             if self._rent_min is None:
                 self._rent_min = await self.ledger.rent_exempt_minimum(0)
             bals = await self.ledger.balances([Pubkey.from_string(a) for a in addrs])
@@ -179,24 +180,34 @@ class Payer:
 
     async def sign_plans(self, plans: Sequence[BatchPlan], report: PayReport) -> list[BatchRecord]:
         """Sign every plan, then record them all in one durable transaction
-        (one fsync per round, not per batch); a plan too large is halved."""
+        (one fsync per round, not per batch); a plan too large for one
+        transaction is cut at the longest prefix that fits."""
         if not plans:
             return []
-        token = await self.token()
         bh, lvh = await self.ledger.latest_blockhash()
         signed: list[tuple[BatchPlan, bytes]] = []
         todo = list(plans)
         while todo:
             plan = todo.pop(0)
+            token = await self.token(plan.currency)
             missing = await self._missing_atas(plan, token)
             try:
                 raw = build_batch(self.keypair, plan, bh, token=token, missing_atas=missing, lookup=self.lookup)
             except TooLarge:
-                half = len(plan.transfers) // 2
-                if half == 0:
+                # Sign the longest prefix that fits (binary search); the rest goes next.
+                lo, hi = 0, len(plan.transfers)  # lo fits (0 trivially), hi does not
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    try:
+                        build_batch(self.keypair, BatchPlan(currency=plan.currency, transfers=plan.transfers[:mid]),
+                                    bh, token=token, missing_atas=missing, lookup=self.lookup)
+                        lo = mid
+                    except TooLarge:
+                        hi = mid
+                if lo == 0:
                     raise
-                todo[:0] = [BatchPlan(currency=plan.currency, transfers=plan.transfers[:half]),
-                            BatchPlan(currency=plan.currency, transfers=plan.transfers[half:])]
+                todo[:0] = [BatchPlan(currency=plan.currency, transfers=plan.transfers[:lo]),
+                            BatchPlan(currency=plan.currency, transfers=plan.transfers[lo:])]
                 continue
             signed.append((plan, raw))
         out: list[BatchRecord] = []
@@ -303,8 +314,7 @@ class Payer:
 
     async def _failed(self, b: BatchRecord, err: Any, slot: int | None, fee: int | None, report: PayReport) -> None:
         plan = batch_plan(self.conn, b.batch_id)
-        token = await self.token()
-        who = blame(b.tx, plan, err, token=token)
+        who = blame(b.tx, plan, err, token=await self.token(plan.currency))
         decision = isolate_failure(plan, transfer_index=who.transfer_index, payer_fault=who.payer_fault,
                                    rent_fault=who.rent_fault)
         with transaction(self.conn):

@@ -181,3 +181,18 @@ async def test_spl_through_rpc_server(conn, nursery: trio.Nursery) -> None:  # t
     assert bal.amount == "500" and bal.decimals == 6 and bal.ui_amount_string == "0.0005"
     await client.close()
     await led.aclose()
+
+
+async def test_one_payer_pays_sol_and_tokens_and_fills_spl_batches(conn, ledger: EmbeddedLedger) -> None:  # type: ignore[no-untyped-def]
+    payer = await funded(ledger)
+    token = make_mint(ledger.svm, payer, 10**12)
+    addrs = [str(Keypair().pubkey()) for _ in range(30)]
+    owe(conn, [(a, 2_000_000) for a in addrs])
+    owe(conn, [(a, 10) for a in addrs], currency=str(token.mint))
+    report = await Payer(conn, ledger, payer).pay_once()  # currency=None: every currency owed
+    assert report.paid_rows == 60
+    sizes = [r[0] for r in conn.execute(
+        "SELECT transfers FROM payout_batches WHERE currency = ? ORDER BY batch_id", (str(token.mint),))]
+    assert sum(sizes) == 30 and max(sizes) >= 8  # each cut at the longest prefix that fits 1,232 bytes
+    assert all(token_balance(ledger.svm, a, token) == 10 for a in addrs)
+    assert await ledger.balances([Pubkey.from_string(a) for a in addrs]) == [2_000_000] * 30
