@@ -165,6 +165,7 @@ class _Job:
     deadline_ms: int
     subscribed: bool = False
     offer_seq: int = 0
+    my_offer: Offer | None = None
     #: Known volunteers: peer id -> latest offer seq (0 if learnt from a proposal).
     volunteers: dict[str, int] = field(default_factory=dict)
     ranks: dict[str, bytes] = field(default_factory=dict)
@@ -333,6 +334,7 @@ class FormationNode:
         offer = Offer.sign(self.identity, job_id=job.job_id, seq=job.offer_seq, gpus_free=self.ledger.free,
                            price_per_gpu_hour=self._advert.price_per_gpu_hour)
         self._note_volunteer(job, self.peer_id, job.offer_seq)
+        job.my_offer = offer
         actions: list[Action] = []
         if not job.subscribed:
             job.subscribed = True
@@ -363,11 +365,16 @@ class FormationNode:
         actions: list[Action] = [CancelTimer(self._key(job, "round")),
                                  SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms)]
         ranked = self._ranked(job)
-        if ranked[view % len(ranked)] == self.peer_id:
+        leader = ranked[view % len(ranked)]
+        if leader == self.peer_id:
             self._set(job, WorkerState.LEADING)
             actions += self._propose(job, now_ms)
         else:
             self._set(job, WorkerState.FOLLOWING)
+            if job.my_offer is not None:
+                # The leader may have subscribed to the job's topic after our
+                # offer went by: hand it over directly, so it knows its volunteers.
+                actions.append(Send(leader, job.my_offer.envelope.to_bytes()))
         return actions
 
     def _t_view(self, job: _Job, now_ms: int) -> list[Action]:

@@ -110,6 +110,9 @@ class Swarm:
         self.metrics: dict[str, int] = {}
         self.manifests: dict[str, SignedManifest] = {}
         self.confirmed: dict[str, Certificate] = {}
+        #: Virtual time of each submission and confirmation (formation latency).
+        self.submitted_at: dict[str, int] = {}
+        self.confirmed_at: dict[str, int] = {}
         self.failed: dict[str, str] = {}
         self.started: dict[str, list[str]] = {}
         self.lost: dict[str, list[str]] = {}
@@ -135,6 +138,7 @@ class Swarm:
     def submit_at(self, at_ms: int, submitter: str, **manifest: Any) -> str:
         sm = make_manifest(self.peers[submitter].identity, self.rng, now_ms=at_ms, **manifest)
         self.manifests[sm.job_id] = sm
+        self.submitted_at[sm.job_id] = at_ms
         self._push(at_ms, "submit", (submitter, sm))
         return sm.job_id
 
@@ -193,6 +197,7 @@ class Swarm:
                     accept.envelope.signer_peer_id != member:
                 raise InvariantViolated(f"seed {self.seed}: {member[:12]} did not accept this membership")
         self.confirmed[a.job_id] = cert
+        self.confirmed_at[a.job_id] = self.now_ms
 
     def _on_started(self, peer_id: str, a: StartJob) -> None:
         cert = self.confirmed.get(a.job_id)

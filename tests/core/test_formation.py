@@ -115,7 +115,13 @@ def start(b: Bench) -> list[Offer]:
 
 MANIFEST_IN = ["timer end", "subscribe", "publish offer", "timer window"]
 LEADS = ["cancel round", "timer view", "publish proposal", "timer round", "timer view", "reserved", "timer lease"]
-FOLLOWS = ["cancel round", "timer view"]
+
+
+def follows(leader: str = "P0") -> list[str]:
+    """A follower starts a view and hands its offer to the view's leader."""
+    return ["cancel round", "timer view", f"send offer>{leader}"]
+
+
 ACCEPTS = ["timer view", "reserved", "timer lease", "timer retry", "send accept>P0", "send accept>S"]
 CERTIFIES = ["cancel round", "send certified>S", "timer retry", "timer view", "emit certified"]
 CONFIRMS_P0_P1 = ["cancel end", "cancel republish", "publish confirm", "send confirm>P0", "send confirm>P1",
@@ -141,8 +147,8 @@ def test_normal_formation() -> None:
     prop = b.sent(lead, Proposal)
     assert (prop.view, prop.round, prop.leader, prop.members) == (0, 0, b.p[0].peer_id,
                                                                    (b.p[0].peer_id, b.p[1].peer_id))
-    assert b.summary(b.timer(1, "window", w)) == FOLLOWS
-    assert b.summary(b.timer(2, "window", w)) == FOLLOWS
+    assert b.summary(b.timer(1, "window", w)) == follows()
+    assert b.summary(b.timer(2, "window", w)) == follows()
     steps = [
         (b.p[1], prop, ACCEPTS),
         (b.p[2], prop, ["timer view"]),
@@ -184,8 +190,8 @@ def test_leader_silent_next_in_rank_takes_over_with_a_higher_view() -> None:
         for o in offers:
             node.on_message(o, T0 + 1)
     w = T0 + CFG.offer_window_ms
-    assert b.summary(b.timer(1, "window", w)) == FOLLOWS
-    assert b.summary(b.timer(2, "window", w)) == FOLLOWS
+    assert b.summary(b.timer(1, "window", w)) == follows()
+    assert b.summary(b.timer(2, "window", w)) == follows()
     v = w + CFG.leader_timeout_ms
     lead = b.timer(1, "view", v)
     assert b.summary(lead) == ["emit view_change"] + LEADS[:-2] + ["reserved", "timer lease", "cancel round",
@@ -193,7 +199,7 @@ def test_leader_silent_next_in_rank_takes_over_with_a_higher_view() -> None:
                                                                    "timer view", "emit certified"]
     prop = b.sent(lead, Proposal)
     assert (prop.view, prop.leader, prop.members) == (1, b.p[1].peer_id, (b.p[1].peer_id,))
-    assert b.summary(b.timer(2, "view", v)) == ["emit view_change"] + FOLLOWS
+    assert b.summary(b.timer(2, "view", v)) == ["emit view_change"] + follows("P1")
     assert b.summary(b.p[2].on_message(prop, v + 1)) == ["timer view"]
     confirm_acts = b.s.on_message(b.sent(lead, Certified), v + 2)
     assert "confirmed" in b.summary(confirm_acts)
@@ -249,11 +255,11 @@ def test_late_accept_after_a_view_change() -> None:
     start(b)
     w = T0 + 1 + CFG.offer_window_ms
     prop0 = b.sent(b.timer(0, "window", w), Proposal)
-    assert b.summary(b.timer(1, "window", w)) == FOLLOWS
+    assert b.summary(b.timer(1, "window", w)) == follows()
     late = b.sent(b.p[1].on_message(prop0, w + 1), Accept)  # delayed in the network
     v = w + 1 + CFG.leader_timeout_ms
     # P0's view times out (it lost its own accept's round too): view 1 belongs to P1.
-    assert b.summary(b.timer(0, "view", v)) == ["emit view_change"] + FOLLOWS
+    assert b.summary(b.timer(0, "view", v)) == ["emit view_change"] + follows("P1")
     lead = b.timer(1, "view", v)
     prop1 = b.sent(lead, Proposal)
     assert (prop1.view, prop1.leader) == (1, b.p[1].peer_id)
