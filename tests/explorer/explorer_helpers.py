@@ -30,7 +30,10 @@ MIX = [
 ]
 REGIONS = ["eu-west", "us-east", "us-east"]
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "explorer"
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "explorer"
+HELLO = REPO / "examples" / "jobs" / "hello.toml"
+_jobs: dict[int, str] = {}
 
 
 class Explorer:
@@ -99,3 +102,10 @@ def wait_for(predicate: Any, *, timeout_s: float = 60.0, what: str = "") -> Any:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
 
 
+
+
+def ensure_job(net: LocalNet) -> str:
+    """Submit examples/jobs/hello.toml from node 0 once per net; return its job id."""
+    if id(net) not in _jobs:
+        _jobs[id(net)] = net.nodes[0].call("job.submit", {"manifest": HELLO.read_text()})["job_id"]
+    return _jobs[id(net)]

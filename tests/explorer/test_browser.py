@@ -2,7 +2,7 @@
 
 Opens the page of a ``p2pgpu explorer`` over a real LocalNet, waits until it
 lists the nodes' GPUs (rendered from the live event stream, no reload), sees
-a third node appear live, and saves screenshots at desktop and phone width
+a third node appear live and a submitted job's cluster form, and saves screenshots at desktop and phone width
 under ``test-artifacts/explorer/``.  At phone width nothing may overflow the
 screen sideways.  Skipped only when Chromium or chromium-driver is missing.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from explorer_helpers import ARTIFACTS, Explorer, ensure_third
+from explorer_helpers import ARTIFACTS, Explorer, ensure_job, ensure_third
 
 from p2pgpu.localnet import LocalNet
 
@@ -92,6 +92,11 @@ def test_page_shows_the_gpus_live_at_desktop_and_phone_width(net: LocalNet, expl
     nodes = text_of(driver, "nodes-body")
     assert all(n.peer_id[:12] in nodes for n in net.nodes)
     assert "eu-west" in text_of(driver, "regions-body") and "us-east" in text_of(driver, "regions-body")
+
+    job_id = ensure_job(net)  # a cluster forms and shows up live
+    wait_js(driver, f"return document.getElementById('clusters-body').innerText.includes('{job_id[:10]}')",
+            what="the job's cluster on the page")
+    assert "hello" in text_of(driver, "clusters-body") and job_id[:10] in text_of(driver, "jobs-body")
 
     desktop = screenshot(driver, "explorer-desktop.png", width=1280)
     phone = screenshot(driver, "explorer-phone.png", width=390, mobile=True)

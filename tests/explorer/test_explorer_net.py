@@ -3,7 +3,7 @@
 A ``p2pgpu explorer`` process over node 0 of a LocalNet must report the GPU
 supply that the nodes' simulated inventories hold, by model and region; its
 ``/metrics`` must parse with the Prometheus client's own parser, and its
-counters must move when a third node joins.
+counters must move when a third node joins and when a job forms a cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2pgpu.localnet import LocalNet
 
-from explorer_helpers import MIX, REGIONS, Explorer, ensure_third, wait_for
+from explorer_helpers import MIX, REGIONS, Explorer, ensure_job, ensure_third, wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -101,3 +101,27 @@ def test_metrics_parse_and_move_when_a_node_joins(net: LocalNet, explorer: Explo
     assert after["p2pgpu_peers"][()] >= 1
     assert after["p2pgpu_cluster_formation_seconds_count"][()] >= 0
     assert ("method", "status") in [k[0] for k in after["p2pgpu_explorer_control_call_seconds"]]
+
+
+def test_a_submitted_job_forms_a_cluster_in_api_and_metrics(net: LocalNet, explorer: Explorer) -> None:
+    ensure_third(net)
+    before = metrics(explorer)
+    job_id = ensure_job(net)
+
+    def cluster() -> Any:
+        rows = [c for c in explorer.get("/api/clusters")["rows"] if c["job_id"] == job_id]
+        return rows[0] if rows else None
+
+    c = wait_for(cluster, what="the job's cluster in /api/clusters")
+    peers = {n.peer_id for n in net.nodes}
+    assert len(c["members"]) == 1 and set(c["members"]) <= peers and c["name"] == "hello"
+    assert len(c["certificate_hash"]) == 64 and int(c["certificate_hash"], 16) >= 0
+    assert isinstance(c["formation_ms"], int) and c["formation_ms"] >= 0
+    job = [j for j in explorer.get("/api/jobs")["rows"] if j["job_id"] == job_id][0]
+    assert "submitter" in job["roles"] and job["submitter"] == net.nodes[0].peer_id
+
+    after = wait_for(lambda: (lambda m: m if m["p2pgpu_clusters"][()] >= 1 else None)(metrics(explorer)),
+                     what="p2pgpu_clusters in /metrics")
+    assert sum(after["p2pgpu_jobs"].values()) > sum(before.get("p2pgpu_jobs", {}).values())
+    assert after["p2pgpu_cluster_formation_seconds_count"][()] > before["p2pgpu_cluster_formation_seconds_count"][()]
+    assert explorer.get("/api/summary")["clusters"] >= 1
