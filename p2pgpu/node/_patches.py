@@ -15,7 +15,8 @@ has a test in ``tests/node/test_patches.py`` that fails if it is lost.
 
 The fixes are checked against ``libp2p==0.8.1`` only.  :func:`apply` refuses
 (logs and skips) on any other version, so an upgrade falls back to upstream
-behaviour, slower but correct, until the patches are re-checked or upstreamed.
+behaviour, slower but correct, until the patches are re-checked or upstreamed;
+so does ``P2PGPU_LIBP2P_PATCHES=0`` in the environment.
 :func:`apply` is idempotent; :func:`remove` restores upstream (tests,
 benchmarks).  Call :func:`apply` before creating hosts: the queue sizes take
 effect for queues created afterwards.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import collections
 import importlib.metadata
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -34,6 +36,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PINNED_VERSION = "0.8.1"
+#: ``P2PGPU_LIBP2P_PATCHES=0`` turns the layer off (an operator's escape hatch,
+#: and how benchmarks measure real nodes without it).
+DISABLE_ENV = "P2PGPU_LIBP2P_PATCHES"
 #: Outbound RPC queue per peer (upstream: 32).  With batched writes one drain
 #: empties it, but a burst of adverts from several peers, each relayed to the
 #: whole mesh, fills 32 slots in a few milliseconds and upstream then drops
@@ -515,6 +520,10 @@ def apply(only: Iterable[str] | None = None) -> list[str]:
     """Install the patches (all, or the named ones); return the names now
     installed.  Idempotent.  On a libp2p other than :data:`PINNED_VERSION` it
     logs why and installs nothing."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "1"):
+        logger.warning("%s=%s: GossipSub speed patches skipped (upstream behaviour, slower)",
+                       DISABLE_ENV, os.environ[DISABLE_ENV])
+        return sorted(_installed)
     version = libp2p_version()
     if version != PINNED_VERSION:
         logger.warning("py-libp2p %s is not %s: GossipSub speed patches skipped (upstream behaviour, slower)",

@@ -46,8 +46,9 @@ UPSTREAM_SIGNATURE_VALIDATOR = validators.signature_validator
 
 
 @pytest.fixture
-def patched() -> Iterator[None]:
+def patched(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """All patches on for the test; the previous state restored after."""
+    monkeypatch.delenv(_patches.DISABLE_ENV, raising=False)
     before = _patches.installed()
     _patches.apply()
     yield
@@ -94,6 +95,14 @@ def test_refuses_another_libp2p_version(upstream: None, monkeypatch: pytest.Monk
     assert _patches.installed() == []
     assert "0.9.0" in caplog.text
     assert not hasattr(ps_mod.Pubsub.handle_sending_messages, "__p2pgpu_patch__")
+
+
+def test_environment_can_turn_the_layer_off(upstream: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_patches.DISABLE_ENV, "0")
+    assert _patches.apply() == []
+    monkeypatch.setenv(_patches.DISABLE_ENV, "1")
+    assert _patches.apply() == list(_patches.PATCHES)
+    _patches.remove()
 
 
 def test_unknown_patch_name_is_refused(upstream: None) -> None:
