@@ -208,3 +208,37 @@ def test_any_signed_body_verifies_or_peer_misbehaved(data: st.DataObject) -> Non
         verify_manifest(wire, now_ms=NOW)
     except PeerMisbehaved:
         pass
+
+
+@pytest.mark.parametrize("name", ["hello", "pair", "replicated"])
+async def test_examples_run_in_the_real_sandbox(name: str, tmp_path: Path) -> None:
+    """Each example runs to exit 0 in bubblewrap, as a member would run it (rank 0)."""
+    from p2pgpu.runtime import ClusterEnv, JobSpec, SandboxPolicy, check_sandbox, run_job
+
+    why = check_sandbox(SandboxPolicy())
+    if why is not None:
+        pytest.skip(f"no sandbox here: {why}")
+    m = parse((EXAMPLES / f"{name}.toml").read_text())
+    work, inputs = tmp_path / "work", tmp_path / "in"
+    work.mkdir()
+    inputs.mkdir()
+    for item in m.inputs:
+        assert item.data is not None
+        (inputs / item.name).write_bytes(item.data)
+    cluster = None
+    if m.nodes > 1:
+        cluster = ClusterEnv(rank=0, world_size=m.nodes, members=tuple(f"peer{i}" for i in range(m.nodes)),
+                             rendezvous_host="127.0.0.1", rendezvous_port=29500)
+    spec = JobSpec(argv=m.command, work_dir=work, inputs_dir=inputs if m.inputs else None,
+                   time_limit_ms=m.duration_s_max * 1000, memory_bytes_max=1 << 30, gpus=(), env=dict(m.env),
+                   network=m.network, job_id="ab" * 32, cluster=cluster)
+    lines: list[bytes] = []
+
+    async def on_line(stream: str, line: bytes) -> None:
+        lines.append(line)
+
+    result = await run_job(spec, SandboxPolicy(), on_line=on_line)
+    assert (result.reason, result.exit_code) == ("exited", 0), result
+    expected = {"hello": b"hello from p2pgpu", "pair": b"rank 0 of 2",
+                "replicated": b"cf9cbf1cdf2e360d152d2f9c64f74d9b8e85095aac0f4761f36d5f737163c7db"}[name]
+    assert lines[0] == expected
