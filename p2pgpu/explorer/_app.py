@@ -23,8 +23,9 @@ cancelling it stops both; ``task_status`` reports the URL once listening.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig

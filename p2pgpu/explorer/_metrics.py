@@ -25,7 +25,8 @@ when the daemon restarts, which Prometheus' ``rate()`` handles).  Names:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -93,10 +94,10 @@ class ExplorerMetrics:
                                 labels=["side", "status"])
         counts: dict[tuple[str, str], int] = {}
         for p in views["payouts"]["rows"]:
-            key = (str(p["side"]), str(p.get("status")))
-            counts[key] = counts.get(key, 0) + 1
-        for key, n in sorted(counts.items()):
-            pay.add_metric(list(key), n)
+            side_status = (str(p["side"]), str(p.get("status")))
+            counts[side_status] = counts.get(side_status, 0) + 1
+        for side_status, n in sorted(counts.items()):
+            pay.add_metric(list(side_status), n)
         yield pay
         paid = CounterMetricFamily("p2pgpu_paid_amount", "amount paid in confirmed ledger transactions",
                                    labels=["currency"])
@@ -142,7 +143,7 @@ def _formation_histogram(job_rows: list[dict[str, Any]]) -> HistogramMetricFamil
 
 def registry_for(collector: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExplorerMetrics(collector))  # type: ignore[arg-type]
+    registry.register(ExplorerMetrics(collector))
     return registry
 
 

@@ -24,8 +24,9 @@ that adds fields does not break an older explorer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 #: Rows kept per panel: the page is for people, the API for tools; both stay bounded.
 rows_max = 500
@@ -163,7 +164,8 @@ def jobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for j in rows:
         cluster = _cluster(j)
-        timings = j.get("timings") if isinstance(j.get("timings"), dict) else {}
+        t = j.get("timings")
+        timings: dict[str, Any] = t if isinstance(t, dict) else {}
         out.append({
             **j,
             "job_id": j.get("job_id"),
@@ -172,7 +174,12 @@ def jobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "certificate_hash": cluster.get("certificate_hash") or None,
             "formation_ms": timings.get("formation_ms"),
         })
-    return sorted(out, key=lambda j: (-_int((j.get("timings") or {}).get("seen_at_ms")), str(j["job_id"])))
+    return sorted(out, key=lambda j: (-_int(_seen_ms(j)), str(j["job_id"])))
+
+
+def _seen_ms(job: Mapping[str, Any]) -> Any:
+    t = job.get("timings")
+    return t.get("seen_at_ms") if isinstance(t, dict) else None
 
 
 def clusters(job_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,8 +9,9 @@ screen sideways.  Skipped only when Chromium or chromium-driver is missing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from explorer_helpers import ARTIFACTS, Explorer, ensure_job, ensure_third

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from explorer_helpers import MIX, REGIONS, Explorer, ensure_job, ensure_third, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pgpu.localnet import LocalNet
-
-from explorer_helpers import MIX, REGIONS, Explorer, ensure_job, ensure_third, wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -81,7 +80,9 @@ def test_metrics_parse_and_move_when_a_node_joins(net: LocalNet, explorer: Explo
     wait_for(lambda: supply_of(explorer) == expected_supply(len(net.nodes)), what="the supply before")
     before = metrics(explorer)
     assert before["p2pgpu_up"][()] == 1
-    key = lambda event: (("event", event),)  # noqa: E731
+    def key(event: str) -> tuple[tuple[str, str], ...]:
+        return (("event", event),)
+
     delivered_before = before["p2pgpu_node_events_total"].get(key("adverts_delivered"), 0)
     polls_before = before["p2pgpu_explorer_polls_total"][()]
     joined = len(net.nodes) < 3
@@ -117,11 +118,14 @@ def test_a_submitted_job_forms_a_cluster_in_api_and_metrics(net: LocalNet, explo
     assert len(c["members"]) == 1 and set(c["members"]) <= peers and c["name"] == "hello"
     assert len(c["certificate_hash"]) == 64 and int(c["certificate_hash"], 16) >= 0
     assert isinstance(c["formation_ms"], int) and c["formation_ms"] >= 0
-    job = [j for j in explorer.get("/api/jobs")["rows"] if j["job_id"] == job_id][0]
+    job = next(j for j in explorer.get("/api/jobs")["rows"] if j["job_id"] == job_id)
     assert "submitter" in job["roles"] and job["submitter"] == net.nodes[0].peer_id
 
-    after = wait_for(lambda: (lambda m: m if m["p2pgpu_clusters"][()] >= 1 else None)(metrics(explorer)),
-                     what="p2pgpu_clusters in /metrics")
+    def clustered() -> Any:
+        m = metrics(explorer)
+        return m if m["p2pgpu_clusters"][()] >= 1 else None
+
+    after = wait_for(clustered, what="p2pgpu_clusters in /metrics")
     assert sum(after["p2pgpu_jobs"].values()) > sum(before.get("p2pgpu_jobs", {}).values())
     assert after["p2pgpu_cluster_formation_seconds_count"][()] > before["p2pgpu_cluster_formation_seconds_count"][()]
     assert explorer.get("/api/summary")["clusters"] >= 1
