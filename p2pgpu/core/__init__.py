@@ -84,27 +84,13 @@ __all__ = [
     "sign_advert",
     "verify_advert",
     "verify_signature",
-    "Checkpoint",
-    "CheckpointChain",
-    "Cosign",
-    "Owed",
-    "Proof",
-    "ProofFault",
-    "ProofRejected",
-    "ProofTerms",
-    "SignedCosign",
-    "SignedProof",
-    "VerifiedProof",
-    "certificate_hash",
-    "decode_cosign",
-    "decode_proof",
-    "output_digest",
-    "owed",
-    "owed_total",
-    "quorum_digests",
-    "sign_cosign",
-    "sign_proof",
-    "verify_proof",
+]
+
+# Work proofs (docs/proofs.md).
+__all__ += [
+    "Checkpoint", "CheckpointChain", "Cosign", "Owed", "Proof", "ProofFault", "ProofRejected", "ProofTerms",
+    "SignedCosign", "SignedProof", "VerifiedProof", "certificate_hash", "decode_cosign", "decode_proof",
+    "output_digest", "owed", "owed_total", "quorum_digests", "sign_cosign", "sign_proof", "verify_proof",
 ]
 
 # Job manifests and cluster formation (docs/manifest.md, docs/formation.md).
@@ -160,3 +146,15 @@ __all__ += [
     "Submitter", "SubmitterState", "Subscribe", "Unsubscribe", "WorkerState", "decode_message", "leader_rank",
     "manifest_from_toml", "sign_manifest", "verify_manifest",
 ]
+
+# Cluster membership while a job runs (docs/proofs.md).
+from ._membership import (
+    Heartbeat,
+    Membership,
+    MemberStatus,
+    SignedHeartbeat,
+    decode_heartbeat,
+    sign_heartbeat,
+)
+
+__all__ += ["Heartbeat", "MemberStatus", "Membership", "SignedHeartbeat", "decode_heartbeat", "sign_heartbeat"]
