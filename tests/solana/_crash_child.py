@@ -1,11 +1,12 @@
 """One life of a payer process for the crash tests (run by test_crash.py).
 
-argv: DB LEDGER KEYFILE SEED NEW_ROWS CRASH.  LEDGER is a state file path
+argv: DB LEDGER KEYFILE SEED NEW_ROWS STEP.  LEDGER is a state file path
 (embedded) or an http URL (``p2pgpu ledger serve``).  The process owes
-NEW_ROWS new proofs (one transaction), then runs the payer; when CRASH is 1
-it picks, from SEED, one step among owed/signed/sent/confirmed and kills
-itself there with SIGKILL (kill -9), as a power cut would.  It exits 0 once
-a round finishes with nothing open.
+NEW_ROWS new proofs (one transaction), then runs the payer; when STEP is one
+of owed/signed/sent/confirmed it kills itself with SIGKILL (kill -9) at the
+1st to 3rd time it reaches that step (chosen from SEED), as a power cut
+would; STEP "none" runs clean.  It exits 0 once a round finishes with
+nothing open.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ def die() -> None:
 
 
 async def main() -> int:
-    db, ledger_spec, keyfile, seed, new_rows, crash = sys.argv[1:7]
+    db, ledger_spec, keyfile, seed, new_rows, step = sys.argv[1:7]
     rng = random.Random(int(seed))
-    step = rng.choice(["owed", "signed", "sent", "confirmed"]) if crash == "1" else None
     nth = rng.randint(1, 3)
     seen = {"n": 0}
 
