@@ -196,3 +196,34 @@ async def test_one_payer_pays_sol_and_tokens_and_fills_spl_batches(conn, ledger:
     assert sum(sizes) == 30 and max(sizes) >= 8  # each cut at the longest prefix that fits 1,232 bytes
     assert all(token_balance(ledger.svm, a, token) == 10 for a in addrs)
     assert await ledger.balances([Pubkey.from_string(a) for a in addrs]) == [2_000_000] * 30
+
+
+async def test_recovery_resends_expires_and_never_pays_twice(conn, ledger: EmbeddedLedger) -> None:  # type: ignore[no-untyped-def]
+    from p2pgpu.solana import PayReport
+    from p2pgpu.store import open_batches
+
+    payer = await funded(ledger)
+    a, b, c = (str(Keypair().pubkey()) for _ in range(3))
+    # 1. Signed and recorded, then the process "dies" before sending; a new payer
+    #    finds the blockhash still valid and sends the very same bytes.
+    owe(conn, [(a, 1_000_000)])
+    (rec,) = await Payer(conn, ledger, payer).sign_owed(PayReport())
+    report = await Payer(conn, ledger, payer).pay_once()
+    assert report.paid_batches == 1 and report.signed == 0
+    assert conn.execute("SELECT signature FROM payout_batches WHERE state = 'paid'").fetchone()[0] == rec.signature
+    # 2. Signed, never sent, and the blockhash expires: rows are owed again and paid by a new transaction.
+    owe(conn, [(b, 1_000_000)], start=1)
+    (rec,) = await Payer(conn, ledger, payer).sign_owed(PayReport())
+    ledger.svm.advance(151)
+    report = await Payer(conn, ledger, payer).pay_once()
+    assert report.expired == 1 and report.paid_rows == 1
+    assert conn.execute("SELECT state FROM payout_batches WHERE signature = ?", (rec.signature,)).fetchone()[0] == "expired"
+    # 3. Sent (it landed) but the process died before noting anything: recovery marks it paid, no second payment.
+    owe(conn, [(c, 1_000_000)], start=2)
+    p = Payer(conn, ledger, payer)
+    (rec,) = await p.sign_owed(PayReport())
+    await ledger.send(rec.tx)
+    ledger.svm.advance(151)  # even after expiry: found beats expired
+    report = await Payer(conn, ledger, payer).pay_once()
+    assert report.paid_batches == 1 and report.expired == 0 and open_batches(conn) == []
+    assert await ledger.balances([Pubkey.from_string(x) for x in (a, b, c)]) == [1_000_000] * 3
