@@ -37,6 +37,7 @@ from ._proof import (
     SignedCosign,
     SignedProof,
     VerifiedProof,
+    agreed_prices,
     certificate_hash,
     decode_cosign,
     decode_proof,
@@ -89,7 +90,7 @@ __all__ = [
 # Work proofs (docs/proofs.md).
 __all__ += [
     "Checkpoint", "CheckpointChain", "Cosign", "Owed", "Proof", "ProofFault", "ProofRejected", "ProofTerms",
-    "SignedCosign", "SignedProof", "VerifiedProof", "certificate_hash", "decode_cosign", "decode_proof",
+    "SignedCosign", "SignedProof", "VerifiedProof", "agreed_prices", "certificate_hash", "decode_cosign", "decode_proof",
     "output_digest", "owed", "owed_total", "quorum_digests", "sign_cosign", "sign_proof", "verify_proof",
 ]
 

@@ -99,6 +99,13 @@ def certificate_hash(cert: Any) -> bytes:
     return h
 
 
+def agreed_prices(cert: Any) -> dict[str, int]:
+    """Each member's agreed price per GPU-hour, from the accepts of a formation
+    ``Certificate`` (each member signed its price in its accept); empty for a
+    certificate without accepts.  Pass it to :func:`owed` as ``prices``."""
+    return {a.peer_id: a.price_per_gpu_hour for a in getattr(cert, "accepts", ())}
+
+
 def output_digest(files: Iterable[tuple[str, int, bytes]], stdout_sha256: bytes) -> bytes:
     """The digest of a job's results: sha256 over a domain tag and the
     canonical msgpack of ``{"files": [[path, size, sha256], ...] sorted by

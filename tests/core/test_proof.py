@@ -371,3 +371,25 @@ def test_verify_proof_on_garbage_is_a_typed_rejection() -> None:
         verify_proof(b"\x93\x01\x02", cert=CERT, terms=TERMS)
     assert err.value.fault is ProofFault.MALFORMED
     assert isinstance(decode_proof(signed(proof())), SignedProof)
+
+
+def test_with_a_real_formation_certificate() -> None:
+    from p2pgpu.core import Accept, Certificate, Proposal
+    from p2pgpu.core._proof import agreed_prices
+
+    proposal = Proposal.sign(A, job_id=JOB, view=0, round=0, members=(A.peer_id, B.peer_id), gpus_per_member=2)
+    accepts = tuple(Accept.sign(i, proposal=proposal, lease_until_ms=T0 + 60_000, price_per_gpu_hour=p,
+                                payout_address="") for i, p in ((A, 1_800_000), (B, 9_000_000)))
+    cert = Certificate(proposal=proposal, accepts=accepts)
+    p = dataclasses.replace(proof(), cert_hash=cert.digest, checkpoints=(),
+                            chain_head=CheckpointChain(JOB, cert.digest, A.peer_id).head)
+    co = sign_cosign(B, Cosign(job_id=JOB, cert_hash=cert.digest, subject=A.peer_id, observer=B.peer_id,
+                               first_seen_ms=T0, last_seen_ms=T0 + 30_000, heartbeats=30, last_chain_head=b"")).wire
+    vp = verify_proof(sign_proof(A, p).wire, cert=cert, terms=TERMS, cosigns=[co])
+    prices = agreed_prices(cert)
+    assert prices == {A.peer_id: 1_800_000, B.peer_id: 9_000_000}
+    [row] = owed([vp], terms=TERMS, prices=prices)
+    assert row.price_per_gpu_hour == 1_800_000 and row.amount == 60_000 * 1_800_000 // 3_600_000
+    with pytest.raises(ProofRejected) as err:
+        verify_proof(sign_proof(A, proof()).wire, cert=cert, terms=TERMS, cosigns=[co])
+    assert err.value.fault is ProofFault.WRONG_CERTIFICATE
