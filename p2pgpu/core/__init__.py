@@ -90,8 +90,9 @@ __all__ = [
 # Work proofs (docs/proofs.md).
 __all__ += [
     "Checkpoint", "CheckpointChain", "Cosign", "Owed", "Proof", "ProofFault", "ProofRejected", "ProofTerms",
-    "SignedCosign", "SignedProof", "VerifiedProof", "agreed_prices", "certificate_hash", "decode_cosign", "decode_proof",
-    "output_digest", "owed", "owed_total", "quorum_digests", "sign_cosign", "sign_proof", "verify_proof",
+    "SignedCosign", "SignedProof", "VerifiedProof", "agreed_prices", "certificate_hash", "decode_cosign",
+    "decode_proof", "output_digest", "owed", "owed_total", "quorum_digests", "sign_cosign", "sign_proof",
+    "verify_proof",
 ]
 
 # Job manifests and cluster formation (docs/manifest.md, docs/formation.md).
