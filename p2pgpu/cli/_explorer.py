@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from functools import partial
 
 from ._common import CliError, add_home, home_of, wrap_home_errors
 
@@ -53,8 +54,8 @@ def cmd_explorer(args: argparse.Namespace) -> int:
                         return
 
             nursery.start_soon(stop_on_signal)
-            url = await nursery.start(serve_explorer, home, host=args.host, port=args.port,
-                                      poll_interval_s=args.poll_interval)
+            url = await nursery.start(partial(serve_explorer, home, host=args.host, port=args.port,
+                                              poll_interval_s=args.poll_interval))
             print(f"explorer ready {url}", flush=True)
             if not home.control_path.exists():
                 print(f"p2pgpu: note: no daemon runs for {home.path} yet; the page will say so until one does",
@@ -62,6 +63,12 @@ def cmd_explorer(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except OSError as exc:
-        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:
+        bind_errors, rest = group.split(OSError)
+        if bind_errors is None or rest is not None:
+            raise
+        exc = bind_errors.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}") from None
     return 0
