@@ -7,7 +7,9 @@ each ``heartbeat_interval_ms``, and declares a member *lost* when nothing was
 heard from it for longer than ``member_timeout_ms``.  The manifest's
 ``on_member_loss`` policy then decides: ``fail`` stops the job here and tells
 the others (a heartbeat in state ``failed``, which stops them too);
-``continue`` carries on with the rest.  What each member saw of the others
+``continue`` carries on with the rest.  A member that has lost every other
+member stops whatever the policy (``stop_when_alone``): nobody could vouch for
+its further work, so it would not be paid for it.  What each member saw of the others
 (first/last heartbeat, count, last chain head) is kept for co-signing their
 work proofs (:meth:`Membership.cosigns`).
 
@@ -147,7 +149,7 @@ class Membership:
     def __init__(self, *, identity: Identity, job_id: str, cert_hash: bytes, members: Sequence[str],
                  policy: str, heartbeat_interval_ms: int = heartbeat_interval_ms_default,
                  member_timeout_ms: int = member_timeout_ms_default,
-                 start_grace_ms: int = start_grace_ms_default) -> None:
+                 start_grace_ms: int = start_grace_ms_default, stop_when_alone: bool = True) -> None:
         if identity.peer_id not in members or len(set(members)) != len(members) or len(members) > members_max:
             raise LocalProtocolError("members must be distinct, at most members_max, and include us")
         if policy not in POLICIES:
@@ -162,6 +164,7 @@ class Membership:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.member_timeout_ms = member_timeout_ms
         self.start_grace_ms = start_grace_ms
+        self.stop_when_alone = stop_when_alone
         self.state = "new"  # new -> running -> finished | failed
         self.started_at_ms = 0
         self.seq = 0
@@ -240,6 +243,17 @@ class Membership:
     def alive(self) -> list[str]:
         return [m for m, o in self.seen.items() if o.status is MemberStatus.ALIVE]
 
+    def vouched_until_ms(self) -> int | None:
+        """Until when other members can vouch for our work: ``None`` while any
+        of them still hears us, else our last contact plus one interval.  A
+        member cut off from all others ends its proof's claim there (a longer
+        claim would be refused as ``OVER_OBSERVED``)."""
+        if not self.seen or any(o.status is not MemberStatus.LOST for o in self.seen.values()):
+            return None
+        last = max((o.last_seen_ms for o in self.seen.values() if o.last_seen_ms is not None),
+                   default=self.started_at_ms)
+        return last + self.heartbeat_interval_ms
+
     def cosign(self, subject: str) -> Cosign | None:
         """What we can vouch for about ``subject`` (None if we never heard it)."""
         o = self.seen.get(subject)
@@ -293,6 +307,9 @@ class Membership:
                             Emit("membership_members_lost")]
                 if self.policy == "fail" and self.state == "running":
                     actions += self._stop(now_ms, f"member {m[:16]} lost and the policy is fail")
+        if self.stop_when_alone and self.state == "running" and self.seen and all(
+                o.status is MemberStatus.LOST for o in self.seen.values()):
+            actions += self._stop(now_ms, "cut off from every other member: nobody can vouch for more work")
         if not self.done:
             actions += self._schedule_check(now_ms)
         return actions + self._maybe_done()

@@ -367,3 +367,22 @@ def test_decode_heartbeat_takes_mutated_heartbeats(data: st.DataObject) -> None:
     except PeerMisbehaved:
         return
     assert m.seen[B.peer_id].heartbeats <= 1
+
+
+@pytest.mark.parametrize("stop_when_alone", [True, False])
+def test_a_member_cut_off_from_everyone(stop_when_alone: bool) -> None:
+    m = Membership(identity=A, job_id=JOB, cert_hash=CERT_HASH, members=MEMBERS, policy="continue",
+                   heartbeat_interval_ms=HB, member_timeout_ms=TIMEOUT, start_grace_ms=GRACE,
+                   stop_when_alone=stop_when_alone)
+    m.start(0)
+    m.on_heartbeat(beat(B, 1), 1_000)
+    m.on_heartbeat(beat(C, 1), 1_200)
+    assert m.vouched_until_ms() is None
+    first = m.on_timer(f"membership/{JOB}/check", 1_000 + TIMEOUT + 1)
+    assert [x.peer_id for x in of(first, MemberLost)] == [B.peer_id] and not of(first, StopJob)
+    assert m.vouched_until_ms() is None, "C still hears us"
+    second = m.on_timer(f"membership/{JOB}/check", 1_200 + TIMEOUT + 1)
+    assert [x.peer_id for x in of(second, MemberLost)] == [C.peer_id]
+    assert m.vouched_until_ms() == 1_200 + HB
+    assert bool(of(second, StopJob)) is stop_when_alone
+    assert m.state == ("failed" if stop_when_alone else "running")
