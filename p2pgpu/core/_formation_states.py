@@ -69,7 +69,8 @@ SUBMITTER_TRANSITIONS: dict[SubmitterState, tuple[SubmitterState, ...]] = {
 
 #: Why a worker moves, per transition: the text of the docs' state table.
 WORKER_EVENTS: dict[tuple[WorkerState, WorkerState], str] = {
-    (WorkerState.SEEN, WorkerState.OFFERED): "capacity freed and the job still matches: publish an offer",
+    (WorkerState.SEEN, WorkerState.OFFERED): "the job matches and GPUs are free (on arrival, or when they "
+                                             "free up later): publish an offer",
     (WorkerState.SEEN, WorkerState.CLOSED): "manifest expired, job confirmed elsewhere or cancelled",
     (WorkerState.OFFERED, WorkerState.FOLLOWING): "offer window over and another volunteer ranks first; "
                                                   "or a proposal arrived",
@@ -84,7 +85,8 @@ WORKER_EVENTS: dict[tuple[WorkerState, WorkerState], str] = {
     (WorkerState.LEADING, WorkerState.CERTIFIED): "every proposed member accepted",
     (WorkerState.LEADING, WorkerState.RUNNING): "a confirmation names this node",
     (WorkerState.LEADING, WorkerState.CLOSED): "confirmed elsewhere, cancelled or expired",
-    (WorkerState.CERTIFIED, WorkerState.FOLLOWING): "no confirmation before the leases ran out: next view",
+    (WorkerState.CERTIFIED, WorkerState.FOLLOWING): "no confirmation before the leases ran out (next view), "
+                                                    "or a preferred proposal",
     (WorkerState.CERTIFIED, WorkerState.LEADING): "no confirmation before the leases ran out; next view is ours",
     (WorkerState.CERTIFIED, WorkerState.RUNNING): "the submitter confirmed; this leader is a member",
     (WorkerState.CERTIFIED, WorkerState.CLOSED): "the submitter confirmed (this leader is not a member), "

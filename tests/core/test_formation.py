@@ -588,3 +588,14 @@ def test_valid_bodies_decode() -> None:
     with pytest.raises(PeerMisbehaved) as info:
         decode_message(seal(SUBMITTER, Kind.HEARTBEAT, {"x": 1}).to_bytes())
     assert info.value.reason is Reason.WRONG_KIND
+
+
+def test_docs_show_the_transition_tables_of_the_code() -> None:
+    from pathlib import Path
+
+    from p2pgpu.core._formation_states import SUBMITTER_EVENTS, WORKER_EVENTS, table_markdown
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "formation.md").read_text()
+    assert table_markdown(WORKER_TRANSITIONS, WORKER_EVENTS) in doc
+    assert table_markdown(SUBMITTER_TRANSITIONS, SUBMITTER_EVENTS) in doc
+    assert all((old, new) in WORKER_EVENTS for old, news in WORKER_TRANSITIONS.items() for new in news)
