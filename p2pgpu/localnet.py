@@ -70,7 +70,8 @@ class LocalNet:
 
     def __init__(self, root: Path, n: int, *, gpu_mix: list[tuple[str, int, str, int]] | None = None,
                  advert_ttl_s: int = 600, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, start_timeout_s: float = 60.0) -> None:
+                 env: dict[str, str] | None = None, start_timeout_s: float = 60.0,
+                 config_extra: str = "", node_config: dict[int, str] | None = None) -> None:
         self.root = Path(root)
         self.n = n
         self.gpu_mix = gpu_mix or GPU_MIX
@@ -78,6 +79,10 @@ class LocalNet:
         self.extra_args = extra_args or []
         self.env = env or {}
         self.start_timeout_s = start_timeout_s
+        #: TOML lines appended to every node's config.toml (e.g. a shared ledger),
+        #: and per node (e.g. an adversary on a test network).
+        self.config_extra = config_extra
+        self.node_config = node_config or {}
         self.nodes: list[NodeProc] = []
 
     def __enter__(self) -> "LocalNet":
@@ -102,6 +107,10 @@ class LocalNet:
         home = self.home(i)
         if not home.exists():
             home.init(network="local")
+            extra = self.config_extra + "\n" + self.node_config.get(i, "")
+            if extra.strip():
+                with open(home.config_path, "a") as f:
+                    f.write("\n" + extra.strip() + "\n")
         inv = self.root / f"gpus{i}.json"
         if not inv.exists():
             inv.write_text(json.dumps(inventory_doc(*self.gpu_mix[i % len(self.gpu_mix)])))

@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--follow", action="store_true", help="keep printing new lines until the job ends")
     add_json(p)
     p.set_defaults(func=wrap_home_errors(cmd_logs))
+    register_results(job)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -158,3 +159,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if doc["state"] in FINAL_STATES:
             return 0
         time.sleep(0.3)
+
+
+def register_results(job: Any) -> None:
+    p = job.add_parser("results", help="fetch a finished job's output files, checked against their hashes",
+                       description="Fetch every member's output files into DIR/member-<index>/, each checked "
+                                   "against the sha256 its member's proof committed to.")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to put the files")
+    add_home(p)
+    add_json(p)
+    p.set_defaults(func=wrap_home_errors(cmd_results))
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    out = Path(args.out).expanduser().resolve()
+    res = daemon_call(home_of(args), "job.results", {"job_id": args.job_id, "out": str(out)}, timeout_s=3600)
+    emit(args, res, lambda d: "\n".join(f"{f['saved_as']}  ({f['size_bytes']} bytes)" for f in d["files"])
+         or "the job produced no output files")
+    return 0

@@ -89,6 +89,9 @@ class ControlServer:
             await _send(stream, {"ok": True, "result": result})
         except (ControlError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             await _send(stream, {"ok": False, "error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - one bad request must never take the daemon down
+            log.exception("control request failed with an internal error (a bug: please report it)")
+            await _send(stream, {"ok": False, "error": f"internal error in the daemon: {type(exc).__name__}: {exc}"})
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes | None:

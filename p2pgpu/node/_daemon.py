@@ -59,6 +59,7 @@ from p2pgpu.home import Config, Home, NetworkSpec
 
 from ._control import ControlError, ControlServer
 from ._job_api import job_handlers
+from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import FORMATION_PROTOCOL, JOBS_TOPIC, JobsService
 from ._stack import Stack, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
@@ -68,7 +69,7 @@ log = logging.getLogger("p2pgpu.node")
 ADVERTS_TOPIC = "/p2pgpu/adverts/1"
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
-STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, FORMATION_PROTOCOL]
+STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, FORMATION_PROTOCOL, RESULTS_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
 market_sync_adverts_max = 2000
@@ -163,6 +164,8 @@ class Node:
         self.jobs = JobsService(self, rng=self.rng)
         self.sandbox_reason: str | None = None
         self.runner: Any = None
+        self._payouts_due = trio.Event()
+        self._wallet: Any = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -174,12 +177,15 @@ class Node:
             stack.pubsub.set_topic_validator(ADVERTS_TOPIC, self._validate_advert, False)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
             stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
+            stack.host.set_stream_handler(RESULTS_PROTOCOL, guarded(
+                "results", lambda s: serve_results(self, s), self.counts, timeout_s=600))
             control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
                                     stream_handlers={})
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     self._start_runner()
+                    self._open_store()
                     self.control_port = await nursery.start(control.serve, self.options.control_port)
                     self._write_control_file()
                     await nursery.start(self.jobs.run)
@@ -189,6 +195,7 @@ class Node:
                     nursery.start_soon(self._connect_loop)
                     nursery.start_soon(self._expire_loop)
                     nursery.start_soon(self._ping_loop)
+                    nursery.start_soon(self._payout_loop)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
@@ -233,12 +240,86 @@ class Node:
             gpus_free=max(0, len(gpus) - self.gpus_reserved),
             price_per_gpu_hour=self.config.price_per_gpu_hour,
             currency=self.config.currency,
-            payout_address=self.config.payout_address,
+            payout_address=self.payout_address,
             region=self.config.region,
             runtimes=() if self.sandbox_reason else ("process",),
             simulated=self.inventory.simulated,
         )
         return sign_advert(self.identity, adv)
+
+    @property
+    def wallet(self) -> Any:
+        """This node's Solana keypair in the home (it pays for the jobs it
+        submits, and is paid when no other payout address is configured)."""
+        if self._wallet is None and self.home is not None:
+            from p2pgpu.solana._keys import load_or_create_keypair, payer_keypair_path  # noqa: PLC0415
+
+            self._wallet = load_or_create_keypair(payer_keypair_path(self.home.path, self.config.extra))
+        return self._wallet
+
+    @property
+    def payout_address(self) -> str:
+        if self.config.payout_address:
+            return self.config.payout_address
+        return str(self.wallet.pubkey()) if self.wallet is not None else ""
+
+    @property
+    def ledger_spec(self) -> str:
+        return str(self.config.extra.get("ledger") or self.network.ledger)
+
+    def payouts_due(self) -> None:
+        self._payouts_due.set()
+
+    async def _payout_loop(self) -> None:
+        """Pay what the jobs we submitted owe, and tell each worker its
+        transaction signature.  Exactly-once lives in the outbox (see
+        p2pgpu.solana's Payer); this loop only drives it."""
+        if self.jobs.db is None:
+            return
+        from p2pgpu.solana import (  # noqa: PLC0415
+            LedgerRejected, LedgerUnavailable, Payer, PayerUnderfunded, open_ledger,
+        )
+        from p2pgpu.store import payouts  # noqa: PLC0415
+
+        payer = None
+        notified: set[str] = set()
+        while True:
+            with trio.move_on_after(2.0):
+                await self._payouts_due.wait()
+            self._payouts_due = trio.Event()
+            rows = payouts(self.jobs.db)
+            if not any(r["status"] != "paid" for r in rows) and all(r["proof_hash"] in notified for r in rows):
+                continue
+            if payer is None:
+                try:
+                    ledger = open_ledger(self.ledger_spec, home_path=self.home.path if self.home else None)
+                except (ValueError, OSError) as exc:
+                    log.warning("cannot open the ledger %s: %s", self.ledger_spec, exc)
+                    continue
+                payer = Payer(self.jobs.db, ledger, self.wallet, now_ms=self.now_ms)
+            try:
+                report = await payer.pay_once()
+                for err in report.errors:
+                    log.warning("payer: %s", err)
+                self.counts["payouts_paid"] += report.paid_rows
+            except (LedgerUnavailable, LedgerRejected, PayerUnderfunded, OSError, ValueError) as exc:
+                # A ledger outage or an empty wallet must not stop the node: retried.
+                self.counts["payouts_errors"] += 1
+                log.warning("paying failed (will retry): %s", exc)
+                continue
+            for r in payouts(self.jobs.db):
+                if r["status"] == "paid" and r["tx_signature"] and r["proof_hash"] not in notified:
+                    notified.add(r["proof_hash"])
+                    self.jobs.notice_paid(r["job_id"], r["worker"], bytes.fromhex(r["proof_hash"]),
+                                          r["tx_signature"], None)
+
+    def _open_store(self) -> None:
+        if self.home is None:
+            return
+        from p2pgpu.store import db_path, open_db  # noqa: PLC0415
+
+        self.jobs.db = open_db(db_path(self.home.path))
+        self.jobs.load()
 
     def _start_runner(self) -> None:
         from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415
@@ -250,7 +331,8 @@ class Node:
         if self.sandbox_reason:
             log.warning("jobs refused: the sandbox cannot run here (%s)", self.sandbox_reason)
         root = self.home.path / "jobs" if self.home is not None else None
-        self.runner = Runner(self.jobs, root=root, policy=policy)
+        self.runner = Runner(self.jobs, root=root, policy=policy,
+                             adversary=str(self.config.extra.get("adversary", "")))
 
     def capacity_changed(self) -> None:
         """Call when ``gpus_reserved`` changes: the advert is republished."""

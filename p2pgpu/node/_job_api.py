@@ -88,10 +88,25 @@ def job_handlers(node: "Node") -> dict[str, Any]:
         job_id = params.get("job_id")
         if not isinstance(job_id, str):
             raise ControlError("job_id is required")
-        runner = node.runner
-        return list(runner.logs.get(job_id, [])) if runner is not None else []
+        return jobs.logs_of(job_id)
 
-    return {"job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
+    async def results(params: dict[str, Any]) -> dict[str, Any]:
+        from pathlib import Path  # noqa: PLC0415
+
+        from ._results import ResultsError, fetch_results  # noqa: PLC0415
+
+        job_id, out = params.get("job_id"), params.get("out")
+        if not isinstance(job_id, str) or not isinstance(out, str) or not out:
+            raise ControlError("job_id and out (a directory) are required")
+        try:
+            files = await fetch_results(node, job_id, Path(out))
+        except ResultsError as exc:
+            raise ControlError(str(exc)) from None
+        except OSError as exc:
+            raise ControlError(f"cannot write into {out}: {exc.strerror}") from None
+        return {"job_id": job_id, "out": out, "files": files}
+
+    return {"job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
             "job.logs": logs}
 
 

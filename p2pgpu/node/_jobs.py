@@ -31,7 +31,7 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
-from p2pgpu.core import PeerMisbehaved, SignedAdvert
+from p2pgpu.core import Kind, PeerMisbehaved, Reason, SignedAdvert, body_of, decode, envelope_from_obj, seal
 from p2pgpu.core._actions import (
     Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
     SetTimer, StartJob, StopJob, Subscribe, Unsubscribe,
@@ -41,6 +41,7 @@ from p2pgpu.core._formation_messages import Message, decode_message, message_byt
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import SignedManifest
 
+from ._collect import Collection, Collector
 from ._streams import StreamGone, guarded, read_frame, write_frame
 from ._timers import Timers
 
@@ -50,8 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pgpu.jobs")
 
 JOBS_TOPIC = "/p2pgpu/jobs/1"
-FORMATION_PROTOCOL = "/p2pgpu/formation/1.0.0"
+#: Every signed message to one peer (formation, heartbeats, logs, proofs, co-signatures).
+FORMATION_PROTOCOL = "/p2pgpu/direct/1.0.0"
 frame_bytes_max = message_bytes_max + 1024
+_FORMATION_KINDS = ("manifest", "offer", "proposal", "accept", "decline", "certificate", "confirm", "cancel")
 send_queue_max = 4096
 send_workers = 16
 records_max = 10_000
@@ -109,7 +112,10 @@ class JobsService:
         self.formation: FormationNode | None = None
         self.records: dict[str, JobRecord] = {}
         self.runner: Runner | None = None
+        self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
+        self.collector = Collector(self)
+        self.db: Any = None  # sqlite3.Connection in the home, when there is one
         self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
         self._out_send, self._out_recv = trio.open_memory_channel[tuple[str, bytes]](send_queue_max)
         self._start_send, self._start_recv = trio.open_memory_channel[StartJob](1024)
@@ -170,8 +176,30 @@ class JobsService:
 
     def deliver(self, data: bytes, *, via: str) -> None:
         """Decode one message and hand it to the cores; ``PeerMisbehaved`` if bad."""
-        msg = decode_message(data)
-        self._route(msg)
+        obj = decode(data, size_max=frame_bytes_max, canonical=True)
+        kind = obj.get("k") if isinstance(obj, dict) else None
+        if kind in _FORMATION_KINDS:
+            self._route(decode_message(data))
+        elif via == "topic":
+            raise PeerMisbehaved(Reason.WRONG_KIND, f"{kind!r} does not travel on a topic")
+        elif kind == "heartbeat":
+            body = body_of(envelope_from_obj(obj, expected=Kind.HEARTBEAT))
+            job_id = body.get("job_id")
+            if self.runner_obj is not None and isinstance(job_id, str):
+                self.runner_obj.on_heartbeat(job_id, data)
+        elif kind == "proof":
+            self.collector.on_proof(data)
+        elif kind == "cosign":
+            self.collector.on_cosign(data)
+        elif kind == "result":
+            env = envelope_from_obj(obj, expected=Kind.RESULT)
+            body = body_of(env)
+            if body.get("type") == "paid":
+                self._on_paid(body, env.signer_peer_id)
+            else:
+                self.collector.on_result(body, env.signer_peer_id)
+        else:
+            raise PeerMisbehaved(Reason.WRONG_KIND, f"unexpected message kind {kind!r}")
 
     def _route(self, msg: Message) -> None:
         now = self.node.now_ms()
@@ -197,7 +225,12 @@ class JobsService:
         return rec
 
     def _fire(self, key: str, now: int) -> None:
-        if key.startswith("s/"):
+        if key.startswith("membership/"):
+            if self.runner_obj is not None:
+                self.runner_obj.on_timer(key, now)
+        elif key.startswith("x/"):
+            self.collector.on_timer(key, now)
+        elif key.startswith("s/"):
             self.apply(self.submitter.on_timer(key, now), origin="submitter")
         elif key.startswith("f/") and self.formation is not None:
             self.apply(self.formation.on_timer(key, now), origin="formation")
@@ -249,6 +282,8 @@ class JobsService:
                     rec.confirmed_at_ms = self.node.now_ms()
                     rec.members = list(a.certificate.members)
                     rec.certificate = a.certificate.digest.hex()
+                    self.collector.open(rec.manifest, a.certificate, self.node.now_ms())
+                    self.persist(a.job_id)
                 self.counts["jobs_confirmed"] += 1
             elif isinstance(a, (Failed, Cancelled)):
                 rec = self.records.get(a.job_id)
@@ -262,6 +297,10 @@ class JobsService:
                     rec.extra.setdefault("lost_members", []).append(a.peer_id)
             else:
                 log.warning("unhandled action %r", a)
+
+    def send(self, peer_id: str, data: bytes) -> None:
+        """Send one signed message to a peer (ourselves included)."""
+        self.apply([Send(peer_id, data)], origin="exec")
 
     def _local(self, data: bytes) -> None:
         try:
@@ -338,7 +377,21 @@ class JobsService:
             if self.runner is None:
                 log.warning("no runner: job %s confirmed but not run", start.job_id[:12])
                 continue
-            self._nursery.start_soon(self.runner, start)
+            self._nursery.start_soon(self._run_guarded, start)
+
+    async def _run_guarded(self, start: StartJob) -> None:
+        # A job's failure is the job's, never the node's: whatever escapes the
+        # runner (a bug of ours) is logged, counted and the job marked failed.
+        assert self.runner is not None
+        try:
+            await self.runner(start)
+        except Exception:  # noqa: BLE001 - the boundary between one job and the node
+            self.counts["exec:internal_error"] += 1
+            log.exception("job %s: internal error in the runner (a bug: please report it)", start.job_id[:12])
+            rec = self.records.get(start.job_id)
+            if rec is not None:
+                rec.state, rec.reason = "failed", "internal error on this node"
+            self.finished(start.job_id)
 
     # ----------------------------------------------------- submitter's side
 
@@ -368,6 +421,8 @@ class JobsService:
                 return None
             rec = self.records[matches[0]]
         doc = rec.to_json()
+        doc["proofs"] = list(rec.extra.get("proofs", []))
+        doc["payouts"] = self.payouts_of(rec.job_id)
         progress = self.submitter.progress(rec.job_id)
         if progress is not None:
             doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,
@@ -380,6 +435,160 @@ class JobsService:
                 doc["worker_state"] = ws.name.lower()
         return doc
 
+    def payouts_of(self, job_id: str) -> list[dict[str, Any]]:
+        if self.db is None:
+            return []
+        from p2pgpu.store import payouts  # noqa: PLC0415
+
+        return [p for p in payouts(self.db) if p["job_id"] == job_id]
+
+    def logs_of(self, job_id: str) -> list[dict[str, Any]]:
+        """The submitter's collected logs of all members, else our own."""
+        c = self.collector.collections.get(job_id)
+        if c is not None:
+            return list(c.logs)
+        runner = self.runner_obj
+        return list(runner.logs.get(job_id, [])) if runner is not None else []
+
     def counts_by_state(self) -> dict[str, int]:
         out: Counter[str] = Counter(r.state for r in self.records.values() if r.roles)
         return dict(sorted(out.items()))
+
+    # ------------------------------------------------------------- the store
+
+    def persist(self, job_id: str) -> None:
+        rec = self.records.get(job_id)
+        if self.db is None or rec is None or not rec.roles:
+            return
+        from p2pgpu.store import save_job  # noqa: PLC0415
+
+        save_job(self.db, job_id=job_id, manifest=rec.manifest.wire, roles=rec.roles, state=rec.state,
+                 record=rec.to_json(), now_ms=self.node.now_ms())
+
+    def load(self) -> None:
+        """Jobs known before a restart: nothing recorded is lost.  A job that
+        was running here when the node died is marked interrupted."""
+        if self.db is None:
+            return
+        from p2pgpu.core._manifest import verify_manifest  # noqa: PLC0415
+        from p2pgpu.store import load_jobs  # noqa: PLC0415
+
+        for row in load_jobs(self.db, limit=records_max):
+            try:
+                sm = verify_manifest(bytes(row["manifest"]), now_ms=0, clock_skew_ms=2**62)
+            except PeerMisbehaved as exc:
+                log.warning("stored manifest %s no longer verifies: %s", row["job_id"][:12], exc)
+                continue
+            import json  # noqa: PLC0415
+
+            doc = json.loads(row["record"])
+            rec = JobRecord(job_id=row["job_id"], name=doc.get("name", ""), roles=row["roles"].split(","),
+                            state=row["state"], seen_at_ms=doc["timings"]["seen_at_ms"], manifest=sm,
+                            submitted_at_ms=doc["timings"].get("submitted_at_ms"),
+                            confirmed_at_ms=doc["timings"].get("confirmed_at_ms"),
+                            started_at_ms=doc["timings"].get("started_at_ms"),
+                            ended_at_ms=doc["timings"].get("ended_at_ms"),
+                            members=doc["cluster"]["members"], certificate=doc["cluster"]["certificate_hash"],
+                            member_index=doc["cluster"]["member_index"], reason=doc.get("reason", ""),
+                            exit_code=doc.get("exit_code"))
+            for key in ("output_digest", "outputs", "proof_hash", "proofs", "lost_members", "member_outputs",
+                        "paid"):
+                if key in doc:
+                    rec.extra[key] = doc[key]
+            if rec.state in ("running", "confirmed", "reserved", "forming"):
+                rec.state, rec.reason = "interrupted", "the node restarted while the job was in progress"
+            self.records[rec.job_id] = rec
+
+    def record_earning(self, proof_hash: bytes, job_id: str, amount: int, currency: str) -> None:
+        if self.db is None or amount <= 0:
+            return
+        from p2pgpu.store import record_earning, transaction  # noqa: PLC0415
+
+        with transaction(self.db):
+            record_earning(self.db, proof_hash, job_id=job_id, amount=amount, currency=currency,
+                           payout_address=self.node.payout_address, created_ms=self.node.now_ms())
+
+    def _payout_address_of(self, peer_id: str) -> str:
+        if peer_id == self.node.identity.peer_id:
+            return self.node.payout_address
+        sa = self.node.book.adverts.get(peer_id)
+        return sa.advert.payout_address if sa is not None else ""
+
+    def store_settlement(self, c: Collection, rows: list[Any], verdicts: dict[str, tuple[str, str]]) -> None:
+        """Record every proof's verdict and what it owes in one transaction."""
+        rec = self.records.get(c.job_id)
+        now = self.node.now_ms()
+        m = c.sm.manifest
+        summary: list[dict[str, Any]] = []
+        by_peer = {r.peer_id: r for r in rows}
+        for peer in c.cert.members:
+            sp = c.proofs.get(peer)
+            if sp is None:
+                summary.append({"worker": peer, "status": "missing", "amount": 0, "proof_hash": "",
+                                "reason": "no proof arrived"})
+                continue
+            row = by_peer.get(peer)
+            status, reason = verdicts.get(peer, (row.status if row else "rejected", ""))
+            amount = row.amount if row is not None else 0
+            address = self._payout_address_of(peer)
+            if status == "paid" and amount > 0 and not address:
+                status, reason = "no_payout_address", "the worker advertises no payout address"
+            summary.append({"worker": peer, "status": "owed" if status == "paid" else status, "amount": amount,
+                            "proof_hash": sp.proof_hash.hex(), "reason": reason, "gpu_ms": sp.proof.gpu_ms,
+                            "payout_address": address, "exit_code": sp.proof.exit_code,
+                            "output_digest": sp.proof.output_digest.hex()})
+        if self.db is not None:
+            from p2pgpu.store import record_owed, record_proof, transaction  # noqa: PLC0415
+
+            with transaction(self.db):
+                for item in summary:
+                    if not item["proof_hash"]:
+                        continue
+                    peer = item["worker"]
+                    sp = c.proofs[peer]
+                    cosigns = [w for (obs, subj), w in sorted(c.cosigns.items()) if subj == peer]
+                    record_proof(self.db, proof_hash=sp.proof_hash, job_id=c.job_id, peer_id=peer, wire=sp.wire,
+                                 cosigns=cosigns, status=item["status"], reason=item["reason"],
+                                 amount=item["amount"], currency=m.currency, gpu_ms=sp.proof.gpu_ms, now_ms=now)
+                    if item["status"] == "owed":
+                        record_owed(self.db, sp.proof_hash, peer, item["payout_address"], item["amount"],
+                                    m.currency, c.job_id, created_ms=now)
+        if rec is not None:
+            ok = all(i["status"] == "owed" and i.get("exit_code") == 0 for i in summary)
+            if m.replicas > 1:
+                ok = sum(1 for i in summary if i["status"] == "owed") >= m.quorum * m.nodes
+            rec.state = "succeeded" if ok else "failed"
+            if not ok and not rec.reason:
+                bad = [i for i in summary if i["status"] != "owed" or i.get("exit_code") != 0]
+                rec.reason = "; ".join(f"{i['worker'][:12]}: {i['status']} {i['reason']}".strip() for i in bad)
+            rec.ended_at_ms = now
+            rec.extra["proofs"] = summary
+            rec.extra["member_outputs"] = {p: list(o) for p, o in sorted(c.outputs.items())}
+            self.persist(c.job_id)
+        self.counts["jobs_settled"] += 1
+        self.node.payouts_due()
+
+    def _on_paid(self, body: dict[str, Any], signer: str) -> None:
+        """The submitter says one of our proofs was paid: note the signature."""
+        job_id, proof_hash, sig = body.get("job_id"), body.get("proof_hash"), body.get("tx_signature")
+        rec = self.records.get(job_id) if isinstance(job_id, str) else None
+        if rec is None or rec.manifest.manifest.submitter != signer:
+            raise PeerMisbehaved(Reason.UNKNOWN_JOB, "payment notice from someone who did not submit that job")
+        if not isinstance(proof_hash, bytes) or len(proof_hash) != 32 or not isinstance(sig, str) or len(sig) > 128:
+            raise PeerMisbehaved(Reason.BAD_SCHEMA, "payment notice needs proof_hash (32 bytes) and tx_signature")
+        if self.db is not None:
+            from p2pgpu.store import mark_earning_paid  # noqa: PLC0415
+
+            mark_earning_paid(self.db, proof_hash, tx_signature=sig, now_ms=self.node.now_ms(),
+                              inclusion_proof=body.get("inclusion_proof") if isinstance(
+                                  body.get("inclusion_proof"), str) else None)
+        rec.extra["paid"] = {"tx_signature": sig, "proof_hash": proof_hash.hex()}
+        self.persist(rec.job_id)
+
+    def notice_paid(self, job_id: str, worker: str, proof_hash: bytes, tx_signature: str,
+                    inclusion_proof: str | None) -> None:
+        body: dict[str, Any] = {"type": "paid", "job_id": job_id, "proof_hash": proof_hash,
+                                "tx_signature": tx_signature}
+        if inclusion_proof:
+            body["inclusion_proof"] = inclusion_proof
+        self.send(worker, seal(self.node.identity, Kind.RESULT, body).to_bytes())

@@ -1,26 +1,38 @@
-"""Runs the jobs this node was confirmed for, in the bubblewrap sandbox.
+"""Runs the jobs this node was confirmed for: sandbox, heartbeats, proof.
 
-On ``StartJob`` it lays out the job's work directory under the home
-(``jobs/<job_id>/work``, inputs in ``work/in``), runs the manifest's command
-with the manifest's limits and environment plus the cluster's (rank, world
-size, members, rendezvous), keeps the logs and result, and tells the
-formation core the job finished so its GPUs are free again.  If the sandbox
-cannot run here the node does not advertise a runtime at all (see
-``Node``), so it is never asked; a job that still arrives is refused, never
-run unconfined.
+On ``StartJob`` a member lays out the job's work directory under the home
+(``jobs/<job_id>/work``, inputs in ``work/in``) and, in one nursery:
+- runs the manifest's command in the bubblewrap sandbox with the manifest's
+  limits and environment plus the cluster's (rank, world size, members,
+  rendezvous);
+- heartbeats the other members through the membership core, which detects a
+  lost member and applies the manifest's policy (``fail`` stops the job here);
+- extends its checkpoint chain every interval (progress info: a hash of the
+  log so far) and sends its log lines to the submitter in batches.
+When the command ends it signs its work proof, sends it (and the list of its
+output files) to the submitter, records what it expects to earn, keeps
+watching the others until they are done (its co-signatures vouch for their
+time), sends its co-signatures, and frees its GPUs.  If the sandbox cannot
+run here the node advertises no runtime, so it is never asked; a job that
+still arrives is refused, never run unconfined.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pgpu.core import Kind, seal
 from p2pgpu.core._actions import StartJob, StopJob
+from p2pgpu.core._membership import Membership
+from p2pgpu.core._proof import CheckpointChain, Proof, checkpoint_interval_ms, sign_proof
 from p2pgpu.runtime import ClusterEnv, JobRejected, JobSpec, SandboxPolicy, SandboxUnavailable, run_job
 
 if TYPE_CHECKING:
@@ -30,18 +42,206 @@ log = logging.getLogger("p2pgpu.runner")
 
 job_memory_bytes_default = 2 << 30
 log_lines_kept_max = 10_000
+log_batch_bytes_max = 12 * 1024
+log_flush_interval_s = 0.2
+heartbeat_interval_ms = 500
+member_timeout_ms = 3_000
+#: After our part ends, how long we keep watching members that still run.
+watch_after_end_ms_max = 120_000
+
+
+@dataclass
+class MemberJob:
+    start: StartJob
+    membership: Membership
+    chain: CheckpointChain
+    gpus: tuple[int, ...] = ()
+    pending: list[list[Any]] = field(default_factory=list)
+    log_hash: Any = field(default_factory=hashlib.sha256)
+    log_seq: int = 0
+    stop_reason: str = ""
+    changed: trio.Event = field(default_factory=trio.Event)
 
 
 class Runner:
-    def __init__(self, jobs: "JobsService", *, root: Path | None, policy: SandboxPolicy) -> None:
+    def __init__(self, jobs: "JobsService", *, root: Path | None, policy: SandboxPolicy,
+                 adversary: str = "") -> None:
         self.jobs = jobs
         self.root = root or Path(tempfile.mkdtemp(prefix="p2pgpu-jobs-"))
         self.policy = policy
+        #: Test networks only: "tamper_output" makes this node lie about its output.
+        self.adversary = adversary
         self.logs: dict[str, list[dict[str, Any]]] = {}
+        self.running: dict[str, MemberJob] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._gpus_in_use: dict[str, tuple[int, ...]] = {}
         jobs.runner = self.run
+        jobs.runner_obj = self
         jobs.on_stop = self.stop
+
+    # ------------------------------------------------------------ routing
+
+    def on_heartbeat(self, job_id: str, data: bytes) -> None:
+        mj = self.running.get(job_id)
+        if mj is None:
+            self.jobs.counts["exec:heartbeat_unknown_job"] += 1
+            return
+        self.jobs.apply(mj.membership.on_heartbeat(data, self.jobs.node.now_ms()), origin="membership")
+        mj.changed.set()
+
+    def on_timer(self, key: str, now_ms: int) -> None:
+        job_id = key.split("/")[1] if key.count("/") >= 2 else ""
+        mj = self.running.get(job_id)
+        if mj is not None:
+            self.jobs.apply(mj.membership.on_timer(key, now_ms), origin="membership")
+            mj.changed.set()
+
+    def stop(self, stop: StopJob) -> None:
+        mj = self.running.get(stop.job_id)
+        if mj is not None and not mj.stop_reason:
+            mj.stop_reason = stop.reason
+        scope = self._scopes.get(stop.job_id)
+        if scope is not None:
+            scope.cancel()
+
+    # ----------------------------------------------------------- running
+
+    async def run(self, start: StartJob) -> None:
+        rec = self.jobs.records[start.job_id]
+        node = self.jobs.node
+        now = node.now_ms
+        m = start.manifest.manifest
+        cert = start.certificate
+        mj = MemberJob(
+            start=start,
+            membership=Membership(identity=node.identity, job_id=start.job_id, cert_hash=cert.digest,
+                                  members=cert.members, policy=m.on_member_loss,
+                                  heartbeat_interval_ms=heartbeat_interval_ms, member_timeout_ms=member_timeout_ms),
+            chain=CheckpointChain(start.job_id, cert.digest, node.identity.peer_id),
+        )
+        self.running[start.job_id] = mj
+        rec.state, rec.started_at_ms = "running", now()
+        started_ms = rec.started_at_ms
+        end_reason, exit_code, digest, outputs = "sandbox_error", 255, b"", []
+        try:
+            spec = self._spec(start, mj)
+            self.jobs.apply(mj.membership.start(started_ms), origin="membership")
+            scope = trio.CancelScope()
+            self._scopes[start.job_id] = scope
+            refused: Exception | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_logs, mj)
+                nursery.start_soon(self._checkpoints, mj)
+                with scope:
+                    try:
+                        result = await run_job(spec, self.policy, on_line=self._on_line(mj))
+                    except (JobRejected, SandboxUnavailable, OSError) as exc:
+                        refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
+                nursery.cancel_scope.cancel()
+            if refused is not None:
+                raise refused
+            if scope.cancelled_caught:
+                end_reason = "job_failed" if "failed" in mj.stop_reason or "lost" in mj.stop_reason else "cancelled"
+                exit_code = 137
+            else:
+                end_reason, exit_code = result.reason, min(255, max(0, result.exit_code or 0))
+                digest = result.output_digest
+                outputs = [{"path": o.path, "sha256": o.sha256.hex(), "size_bytes": o.size} for o in result.outputs]
+        except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
+            rec.reason = f"refused: {exc}"
+            log.warning("job %s refused: %s", start.job_id[:12], exc)
+        ended_ms = max(now(), started_ms)
+        self._gpus_in_use.pop(start.job_id, None)
+        self._scopes.pop(start.job_id, None)
+        await self._flush_once(mj)
+        if self.adversary == "tamper_output" and digest:
+            digest = hashlib.sha256(b"tampered" + digest).digest()
+        rec.exit_code, rec.ended_at_ms = exit_code, ended_ms
+        rec.state = "succeeded" if end_reason == "exited" and exit_code == 0 else "failed"
+        rec.reason = rec.reason or ("" if rec.state == "succeeded" else mj.stop_reason or end_reason)
+        rec.extra.update(output_digest=digest.hex(), outputs=outputs)
+        self._send_proof(mj, started_ms, ended_ms, exit_code, end_reason, digest, outputs)
+        self.jobs.apply(mj.membership.finish(ended_ms), origin="membership")
+        # Keep watching members that still run: our co-signatures vouch for their time.
+        with trio.move_on_after(min(watch_after_end_ms_max, m.duration_s_max * 1000 + member_timeout_ms) / 1000):
+            while not mj.membership.done:
+                await mj.changed.wait()
+                mj.changed = trio.Event()
+        for cs in mj.membership.cosigns():
+            self.jobs.send(m.submitter, cs.wire)
+        self.running.pop(start.job_id, None)
+        self.jobs.finished(start.job_id)
+        self.jobs.persist(start.job_id)
+
+    def _send_proof(self, mj: MemberJob, started: int, ended: int, exit_code: int, end_reason: str,
+                    digest: bytes, outputs: list[dict[str, Any]]) -> None:
+        start, node = mj.start, self.jobs.node
+        m = start.manifest.manifest
+        n_gpus = len(mj.gpus) or m.gpus_per_node
+        gpu_names = [g.uuid_hash or g.gpu_class for g in node.inventory.gpus][:n_gpus] or ["simulated"] * n_gpus
+        gpu_names = (gpu_names + ["simulated"] * n_gpus)[:n_gpus]
+        gpu_ms = n_gpus * min(ended - started, m.duration_s_max * 1000)
+        proof = sign_proof(node.identity, Proof(
+            job_id=start.job_id, cert_hash=start.certificate.digest, peer_id=node.identity.peer_id,
+            gpus=tuple(gpu_names), started_at_ms=started, ended_at_ms=ended, gpu_ms=gpu_ms, exit_code=exit_code,
+            end_reason=end_reason if end_reason in ("exited", "time_limit", "memory_limit", "output_limit",
+                                                   "sandbox_error", "cancelled", "member_lost", "job_failed")
+            else "sandbox_error",
+            output_digest=digest, checkpoints=tuple(mj.chain.checkpoints), chain_head=mj.chain.head))
+        self.jobs.send(m.submitter, seal(node.identity, Kind.RESULT, {
+            "type": "outputs", "job_id": start.job_id, "peer_id": node.identity.peer_id,
+            "outputs": outputs[:200], "exit_code": exit_code, "end_reason": end_reason}).to_bytes())
+        self.jobs.send(m.submitter, proof.wire)
+        price = next((a.price_per_gpu_hour for a in start.certificate.accepts
+                      if a.peer_id == node.identity.peer_id), m.price_per_gpu_hour_max)
+        expected = gpu_ms * min(price, m.price_per_gpu_hour_max) // 3_600_000
+        self.jobs.record_earning(proof.proof_hash, start.job_id, expected, m.currency)
+        rec = self.jobs.records[start.job_id]
+        rec.extra["proof_hash"] = proof.proof_hash.hex()
+
+    def _on_line(self, mj: MemberJob) -> Any:
+        lines = self.logs.setdefault(mj.start.job_id, [])
+        now = self.jobs.node.now_ms
+
+        async def on_line(stream: str, line: bytes) -> None:
+            text = line.decode("utf-8", "replace")
+            t = now()
+            mj.log_hash.update(line + b"\n")
+            if len(lines) < log_lines_kept_max:
+                lines.append({"t_ms": t, "stream": stream, "line": text})
+                mj.pending.append([t, stream, text[:4096]])
+
+        return on_line
+
+    async def _flush_logs(self, mj: MemberJob) -> None:
+        while True:
+            await trio.sleep(log_flush_interval_s)
+            await self._flush_once(mj)
+
+    async def _flush_once(self, mj: MemberJob) -> None:
+        node = self.jobs.node
+        while mj.pending:
+            batch, size = [], 0
+            while mj.pending and size + len(mj.pending[0][2]) + 32 < log_batch_bytes_max:
+                item = mj.pending.pop(0)
+                size += len(item[2]) + 32
+                batch.append(item)
+            if not batch:  # one line alone over the batch size: cut it
+                item = mj.pending.pop(0)
+                batch = [[item[0], item[1], item[2][: log_batch_bytes_max // 2]]]
+            mj.log_seq += 1
+            self.jobs.send(mj.start.manifest.manifest.submitter, seal(node.identity, Kind.RESULT, {
+                "type": "log", "job_id": mj.start.job_id, "peer_id": node.identity.peer_id,
+                "seq": mj.log_seq, "lines": batch}).to_bytes())
+        await trio.lowlevel.checkpoint()
+
+    async def _checkpoints(self, mj: MemberJob) -> None:
+        m = mj.start.manifest.manifest
+        interval_s = checkpoint_interval_ms(m.duration_s_max * 1000, 1000) / 1000
+        while True:
+            await trio.sleep(interval_s)
+            head = mj.chain.add(self.jobs.node.now_ms(), mj.log_hash.copy().digest())
+            mj.membership.set_progress(head, len(mj.chain.checkpoints))
 
     def _assign_gpus(self, job_id: str, count: int) -> tuple[int, ...]:
         """Which device indices the job gets: the lowest ones no other job here
@@ -54,64 +254,34 @@ class Runner:
         self._gpus_in_use[job_id] = tuple(free[:count])
         return self._gpus_in_use[job_id]
 
-    def stop(self, stop: StopJob) -> None:
-        scope = self._scopes.get(stop.job_id)
-        if scope is not None:
-            scope.cancel()
+    def work_dir(self, job_id: str) -> Path:
+        return self.root / job_id / "work"
 
-    async def run(self, start: StartJob) -> None:
-        rec = self.jobs.records[start.job_id]
-        now = self.jobs.node.now_ms
-        rec.state, rec.started_at_ms = "running", now()
-        scope = trio.CancelScope()
-        self._scopes[start.job_id] = scope
-        try:
-            spec = self._spec(start)
-            lines = self.logs.setdefault(start.job_id, [])
-
-            async def on_line(stream: str, line: bytes) -> None:
-                if len(lines) < log_lines_kept_max:
-                    lines.append({"t_ms": now(), "stream": stream, "line": line.decode("utf-8", "replace")})
-
-            with scope:
-                result = await run_job(spec, self.policy, on_line=on_line)
-            if scope.cancelled_caught:
-                rec.state, rec.reason = "cancelled", rec.reason or "stopped"
-            else:
-                rec.exit_code = result.exit_code
-                rec.state = "succeeded" if result.ok else "failed"
-                rec.reason = result.reason if not result.ok else ""
-                rec.extra["output_digest"] = result.output_digest.hex()
-                rec.extra["outputs"] = [{"path": o.path, "sha256": o.sha256.hex(), "size_bytes": o.size}
-                                        for o in result.outputs]
-        except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
-            rec.state, rec.reason = "failed", f"refused: {exc}"
-        finally:
-            self._gpus_in_use.pop(start.job_id, None)
-            self._scopes.pop(start.job_id, None)
-            rec.ended_at_ms = now()
-            self.jobs.finished(start.job_id)
-
-    def _spec(self, start: StartJob) -> JobSpec:
+    def _spec(self, start: StartJob, mj: MemberJob) -> JobSpec:
         m = start.manifest.manifest
-        work = self.root / start.job_id / "work"
+        work = self.work_dir(start.job_id)
         if work.exists():
             shutil.rmtree(work)
-        (work / "in").mkdir(parents=True)
+        work.mkdir(parents=True)
+        # Inline inputs appear in the job's working directory, as the examples
+        # and docs/manifest.md say; inputs given by hash are not fetched yet.
         for inp in m.inputs:
             if inp.data is not None:
-                (work / "in" / inp.name).write_bytes(inp.data)
+                target = (work / inp.name).resolve()
+                if work.resolve() not in target.parents:
+                    raise JobRejected(f"input name {inp.name!r} leaves the work directory")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(inp.data)
         members = tuple(start.certificate.members)
         cluster = None
         if len(members) > 1:
-            cluster = ClusterEnv(rank=start.member_index, world_size=len(members), members=members,
+            cluster = ClusterEnv(rank=start.member_index % m.nodes, world_size=m.nodes,
+                                 members=members[(start.member_index // m.nodes) * m.nodes:][: m.nodes],
                                  rendezvous_host="127.0.0.1", rendezvous_port=29500)
-        gpus = self._assign_gpus(start.job_id, m.gpus_per_node)
-        env = dict(m.env)
+        mj.gpus = self._assign_gpus(start.job_id, m.gpus_per_node)
+        gpus, env = mj.gpus, dict(m.env)
         if self.jobs.node.inventory.simulated:
-            # Simulated GPUs have no device nodes: the job gets none, and is told so.
-            env["P2PGPU_SIMULATED_GPUS"] = str(len(gpus))
-            gpus = ()
+            gpus = ()  # simulated GPUs have no device nodes: the job gets none
         return JobSpec(argv=tuple(m.command), work_dir=work, time_limit_ms=m.duration_s_max * 1000,
-                       memory_bytes_max=job_memory_bytes_default, env=env, inputs_dir=work / "in",
+                       memory_bytes_max=job_memory_bytes_default, env=env,
                        network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id)

@@ -25,6 +25,7 @@ from ._outbox import (
     record_signed,
     retry_failed,
 )
+from ._jobs import load_jobs, proof_wire, proofs_of, record_proof, save_job
 from ._sqlite import DB_FILE, MIGRATIONS, add_migration, apply_migrations, db_path, open_db, transaction
 
 __all__ = [
@@ -38,6 +39,11 @@ __all__ = [
     "batch_plan",
     "db_path",
     "earnings",
+    "load_jobs",
+    "proof_wire",
+    "proofs_of",
+    "record_proof",
+    "save_job",
     "mark_earning_paid",
     "mark_expired",
     "mark_failed",
