@@ -65,13 +65,14 @@ def _own_cgroup(controller: str) -> str | None:
     return None
 
 
-def cgroup_base(version: str) -> Path | None:
-    """The directory under which job cgroups are made: our own cgroup."""
+def cgroup_base(version: str, controller: str = "memory") -> Path | None:
+    """The directory under which job cgroups are made: our own cgroup (for
+    v1, in the hierarchy of ``controller``)."""
     for mnt, fstype, opts in _mountinfo():
         if version == "cgroup2" and fstype == "cgroup2":
             own = _own_cgroup("")
-        elif version == "cgroup1" and fstype == "cgroup" and "memory" in opts.split(","):
-            own = _own_cgroup("memory")
+        elif version == "cgroup1" and fstype == "cgroup" and controller in opts.split(","):
+            own = _own_cgroup(controller)
         else:
             continue
         if own is not None:
@@ -88,16 +89,24 @@ class MemoryLimit:
     limit_bytes: int
     cgroup: Path | None = None
     watchdog: bool = False
+    #: A v1 ``pids`` cgroup bounding the job's processes (v2 bounds them in
+    #: ``cgroup`` itself when the pids controller is there).
+    pids_cgroup: Path | None = None
+
+    def _dirs(self) -> list[Path]:
+        return [d for d in (self.cgroup, self.pids_cgroup) if d is not None]
 
     def wrap(self, argv: list[str]) -> list[str]:
-        """``argv`` run inside the limit (joins the cgroup or sets the rlimit first)."""
-        if self.cgroup is not None:
-            script = 'echo $$ > "$0/cgroup.procs" || exit 125; exec "$@"'
-            return ["/bin/sh", "-c", script, str(self.cgroup), *argv]
+        """``argv`` run inside the limits: joins the cgroups, sets the rlimit,
+        then execs ``argv``."""
+        dirs = self._dirs()
+        steps = [f'echo $$ > "${{{i}}}/cgroup.procs" || exit 125' for i in range(len(dirs))]
         if self.backend == "rlimit" and not self.watchdog:
-            kib = max(1, self.limit_bytes // 1024)
-            return ["/bin/sh", "-c", f'ulimit -v {kib} || exit 125; exec "$@"', "p2pgpu-sandbox", *argv]
-        return argv
+            steps.append(f"ulimit -v {max(1, self.limit_bytes // 1024)} || exit 125")
+        if not steps:
+            return argv
+        script = "; ".join(steps) + f'; shift {max(0, len(dirs) - 1)}; exec "$@"'
+        return ["/bin/sh", "-c", script, *([str(d) for d in dirs] or ["p2pgpu-sandbox"]), *argv]
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed something in this job's cgroup for memory."""
@@ -121,51 +130,61 @@ class MemoryLimit:
         return any(m in stderr_tail for m in _OOM_MARKERS)
 
     def kill_all(self) -> None:
-        """SIGKILL every process left in the cgroup (the pid namespace usually
-        took them with it already)."""
-        if self.cgroup is None:
-            return
-        kill_file = self.cgroup / "cgroup.kill"
-        if kill_file.exists():
-            try:
-                kill_file.write_text("1")
-                return
-            except OSError:
-                pass  # fall through to killing pid by pid
-        try:
-            pids = (self.cgroup / "cgroup.procs").read_text().split()
-        except OSError:
-            return
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
+        """SIGKILL every process left in the job's cgroups (the pid namespace
+        usually took them with it already)."""
+        for d in self._dirs():
+            _kill_cgroup(d)
 
     async def aclose(self) -> None:
-        """Kill what is left and remove the cgroup, waiting (shielded, at most
-        ``cgroup_drain_s``) for the killed processes to leave it."""
-        if self.cgroup is None:
-            return
+        """Kill what is left and remove the cgroups, waiting (shielded, at most
+        ``cgroup_drain_s``) for the killed processes to leave them."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(cgroup_drain_s):
-                while True:
+                while self._dirs():
                     self.kill_all()
-                    try:
-                        self.cgroup.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError as exc:
-                        if exc.errno != errno.EBUSY:
-                            raise SandboxUnavailable(f"cannot remove job cgroup {self.cgroup}: {exc}") from None
-                    await trio.sleep(0.01)
-        if self.cgroup.exists():
-            raise SandboxUnavailable(f"job cgroup {self.cgroup} still holds processes")
-        self.cgroup = None
+                    if self.cgroup is not None and _try_rmdir(self.cgroup):
+                        self.cgroup = None
+                    if self.pids_cgroup is not None and _try_rmdir(self.pids_cgroup):
+                        self.pids_cgroup = None
+                    if self._dirs():
+                        await trio.sleep(0.01)
+        if self._dirs():
+            raise SandboxUnavailable(f"job cgroups {self._dirs()} still hold processes")
 
 
-def _make_cgroup(version: str, base: Path, limit_bytes: int) -> Path:
+def _kill_cgroup(d: Path) -> None:
+    kill_file = d / "cgroup.kill"
+    if kill_file.exists():
+        try:
+            kill_file.write_text("1")
+            return
+        except OSError:
+            pass  # fall through to killing pid by pid
+    try:
+        pids = (d / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+
+
+def _try_rmdir(d: Path) -> bool:
+    """Remove an empty cgroup; False while processes are still leaving it."""
+    try:
+        d.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise SandboxUnavailable(f"cannot remove job cgroup {d}: {exc}") from None
+        return False
+    return True
+
+
+def _make_cgroup(version: str, base: Path, limit_bytes: int, pids_max: int = 0) -> Path:
     if version == "cgroup2":
         try:
             ctrls = (base / "cgroup.subtree_control").read_text().split()
@@ -180,6 +199,8 @@ def _make_cgroup(version: str, base: Path, limit_bytes: int) -> Path:
             (path / "memory.max").write_text(str(limit_bytes))
             if (path / "memory.swap.max").exists():
                 (path / "memory.swap.max").write_text("0")
+            if pids_max and (path / "pids.max").exists():
+                (path / "pids.max").write_text(str(pids_max))
         else:
             (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
             memsw = path / "memory.memsw.limit_in_bytes"
@@ -236,18 +257,40 @@ def memory_backend(preference: str = "auto", base: Path | None = None) -> str:
     return resolve_memory(preference, base)[0]
 
 
-def open_memory_limit(backend: str, limit_bytes: int, *, gpus: int, base: Path | None = None) -> MemoryLimit:
-    """Prepare the limit for one job (creates its cgroup under ``base``)."""
+def _pids_cgroup(pids_max: int) -> Path | None:
+    """A v1 ``pids`` cgroup with ``pids.max``, or None where there is none."""
+    base = cgroup_base("cgroup1", "pids")
+    if base is None or not pids_max:
+        return None
+    path = base / f"p2pgpu-{secrets.token_hex(6)}"
+    try:
+        path.mkdir()
+        (path / "pids.max").write_text(str(pids_max))
+    except OSError:
+        _try_rmdir(path)
+        return None
+    return path
+
+
+def open_memory_limit(backend: str, limit_bytes: int, *, gpus: int, base: Path | None = None,
+                      pids_max: int = 0) -> MemoryLimit:
+    """Prepare the limits of one job: its memory cgroup under ``base`` (or the
+    rlimit), and at most ``pids_max`` processes where a pids controller is
+    available (v2 in the same cgroup, else a v1 pids cgroup; 0: no bound)."""
     if backend == "rlimit":
-        return MemoryLimit(backend=backend, limit_bytes=limit_bytes, watchdog=bool(gpus))
+        return MemoryLimit(backend=backend, limit_bytes=limit_bytes, watchdog=bool(gpus),
+                           pids_cgroup=_pids_cgroup(pids_max))
     where = base or cgroup_base(backend)
     if where is None:
         raise SandboxUnavailable(f"no {backend} hierarchy mounted")
     try:
-        path = _make_cgroup(backend, where, limit_bytes)
+        path = _make_cgroup(backend, where, limit_bytes, pids_max)
     except OSError as exc:
         raise SandboxUnavailable(f"cannot make a {backend} cgroup under {where}: {exc}") from None
-    return MemoryLimit(backend=backend, limit_bytes=limit_bytes, cgroup=path)
+    limit = MemoryLimit(backend=backend, limit_bytes=limit_bytes, cgroup=path)
+    if pids_max and not (path / "pids.max").exists():
+        limit.pids_cgroup = _pids_cgroup(pids_max)
+    return limit
 
 
 def descendants(root_pid: int) -> list[int]:

@@ -138,6 +138,8 @@ class JobSpec:
     output_bytes_max: int = 4 << 30
     log_bytes_max: int = 64 << 20
     log_line_bytes_max: int = 16 * 1024
+    #: Processes and threads the job may have at once (where a pids cgroup exists).
+    pids_max: int = 4096
 
     def __post_init__(self) -> None:
         if not 0 < len(self.argv) <= argv_max or any("\0" in a for a in self.argv):
@@ -404,7 +406,8 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
     try:
         _write_etc(scratch / "etc")
         bwrap_argv(spec, policy, etc_dir=scratch / "etc")  # refuses before anything starts
-        limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=cgroup_base)
+        limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=cgroup_base,
+                                  pids_max=spec.pids_max)
         try:
             r_fd, w_fd = os.pipe()
             status_stream = trio.lowlevel.FdStream(r_fd)  # owns r_fd

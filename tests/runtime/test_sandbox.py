@@ -377,3 +377,26 @@ def test_cgroup2_bases_fall_back_to_beside_our_own(tmp_path: Path, monkeypatch: 
     assert _limits.cgroup_bases("cgroup2") == [own, own.parent]
     (own / "cgroup.controllers").write_text("cpu pids\n")
     assert _limits.cgroup_bases("cgroup2") == [own]
+
+
+async def test_process_count_is_bounded(tmp_path: Path) -> None:
+    from p2pgpu.runtime._limits import cgroup_base
+
+    if cgroup_base("cgroup1", "pids") is None and sandbox_memory_backend() != "cgroup2":
+        pytest.skip("no pids controller here")
+    script = f"""{PY} -c '
+import os, time
+n = 0
+for _ in range(200):
+    try:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+    except OSError:
+        break
+print("FORKED", n, flush=True)
+'"""
+    res, lines = await run(spec(tmp_path, script, pids_max=50))
+    forked = int(stdout(lines).split()[-1])
+    assert res.ok and forked < 50
