@@ -20,6 +20,7 @@ disconnected rather than allowed to grow memory.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -35,6 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from ._rpc import RpcMethods, _pubkey
 from ._svm import RpcError, SvmLedger
 
+log = logging.getLogger("p2pgpu.ledger")
 request_bytes_max = 1024 * 1024
 ws_outbox_max = 1024
 subscriptions_per_socket_max = 10_000
@@ -122,7 +124,10 @@ class LedgerServer:
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (h11.RemoteProtocolError, h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:  # a bug of ours costs this connection, never the ledger
+            log.exception("HTTP connection failed")
             return
         finally:
             await stream.aclose()
@@ -170,26 +175,37 @@ class LedgerServer:
     # --- websocket -------------------------------------------------------
 
     async def _ws_handler(self, request: WebSocketRequest) -> None:
+        # serve_websocket runs handlers in the server's nursery: an escaping error would stop the ledger.
+        try:
+            await self._ws_session(request)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug of ours costs this connection, never the ledger
+            log.exception("websocket connection failed")
+
+    async def _ws_session(self, request: WebSocketRequest) -> None:
         ws = await request.accept()
         send, recv = trio.open_memory_channel[str](ws_outbox_max)
         sock = _Socket(send=send)
 
-        async def writer() -> None:
-            async for text in recv:
-                await ws.send_message(text)
+        async def writer(scope: trio.CancelScope) -> None:
+            try:
+                async for text in recv:
+                    await ws.send_message(text)
+                await ws.aclose()  # our outbox was closed: the client did not keep up
+            except ConnectionClosed:
+                pass
+            scope.cancel()
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer)
+                nursery.start_soon(writer, nursery.cancel_scope)
                 try:
                     while True:
-                        msg = await ws.get_message()
-                        self._ws_request(sock, msg)
+                        self._ws_request(sock, await ws.get_message())
                 except ConnectionClosed:
                     pass
                 nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            pass
         finally:
             self._drop(sock)
 

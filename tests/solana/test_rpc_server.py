@@ -180,3 +180,18 @@ async def test_signature_subscribe(server: LedgerServer, client: AsyncClient) ->
         assert note["method"] == "signatureNotification"
         assert note["params"]["subscription"] == sub
         assert note["params"]["result"]["value"] == {"err": None}
+
+
+async def test_websocket_clients_that_leave_do_not_stop_the_server(server: LedgerServer, client: AsyncClient) -> None:
+    a = await funded(client)
+    for _ in range(3):
+        async with open_websocket_url(f"ws://127.0.0.1:{server.ws_port}") as ws:
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "slotSubscribe"}))
+            await ws.send_message("not json")
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "accountSubscribe",
+                                              "params": [str(a.pubkey())]}))
+            for _ in range(3):
+                await ws.get_message()
+        bh = (await client.get_latest_blockhash()).value.blockhash
+        await client.send_raw_transaction(bytes(pay(a, Keypair(), 1_000_000, bh)), SKIP)  # touches `a`
+    assert (await client.get_balance(a.pubkey())).value == 10**10 - 3 * 1_005_000

@@ -1,12 +1,13 @@
-"""The ledger server driven by the official JavaScript client, ``@solana/web3.js`` 1.x.
+"""The ledger server driven by the official JavaScript clients: ``@solana/web3.js`` 1.x and ``@solana/kit``.
 
-The test installs the package with npm into a directory it owns (under the
-system temp dir, reused between runs) and runs ``js/web3_flow.mjs`` there
-against a ``p2pgpu ledger serve`` process: airdrop, a transfer with a memo,
-confirmation (``sendAndConfirmTransaction``: websocket ``signatureSubscribe``
-on port + 1 with ``getSignatureStatuses`` and ``getBlockHeight``), then
-``getTransaction`` and ``getParsedTransaction``.  Skipped, saying so, only
-when node or npm is absent.
+The tests install the packages with npm into a directory they own (under the
+system temp dir, reused between runs) and run ``js/*.mjs`` there against a
+``p2pgpu ledger serve`` process: airdrop, a transfer with a memo,
+confirmation (web3.js ``sendAndConfirmTransaction`` and kit's
+``sendAndConfirmTransactionFactory``: websocket ``signatureSubscribe`` on
+port + 1 with ``getSignatureStatuses``/``getBlockHeight`` or
+``slotNotification``), then ``getTransaction`` (json, jsonParsed, base64).
+Skipped, saying so, only when node or npm is absent.
 """
 
 from __future__ import annotations
@@ -21,34 +22,56 @@ import pytest
 from ledger_helpers import start_server, stop_server
 
 JS_DIR = Path(tempfile.gettempdir()) / "p2pgpu-test-web3js"
-SCRIPT = Path(__file__).with_name("js") / "web3_flow.mjs"
+JS_SRC = Path(__file__).with_name("js")
+PACKAGES = {
+    "@solana/web3.js": "@solana/web3.js@1",
+    "@solana/kit": "@solana/kit@8",
+    "@solana-program/system": "@solana-program/system@0.14",
+    "@solana-program/memo": "@solana-program/memo@0.15",
+}
 
 
 @pytest.fixture(scope="module")
-def web3js() -> Path:
+def js_dir() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to install @solana/web3.js (apt-get install nodejs npm)")
+        pytest.skip("node and npm are needed to install @solana/web3.js and @solana/kit (apt-get install nodejs npm)")
     JS_DIR.mkdir(exist_ok=True)
-    if not (JS_DIR / "node_modules" / "@solana" / "web3.js").exists():
+    missing = [spec for name, spec in PACKAGES.items() if not (JS_DIR / "node_modules" / name).exists()]
+    if missing:
         (JS_DIR / "package.json").write_text('{"name": "p2pgpu-web3js-test", "private": true}\n')
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "@solana/web3.js@1"], cwd=JS_DIR,
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", *missing], cwd=JS_DIR,
                            capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"npm install @solana/web3.js@1 failed: {r.stderr[-2000:]}"
-    shutil.copy(SCRIPT, JS_DIR / SCRIPT.name)
-    return JS_DIR / SCRIPT.name
+        assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
+    for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
+        shutil.copy(script, JS_DIR / script.name)
+    return JS_DIR
 
 
-def test_web3js_airdrop_memo_transfer_confirm_lookup(web3js: Path) -> None:
+def run_js(js_dir: Path, script: str, with_ws: bool) -> dict:  # type: ignore[type-arg]
     server = start_server(None, slot_ms=100)
     try:
-        r = subprocess.run(["node", str(web3js), server.url], capture_output=True, text=True, timeout=120)
+        argv = ["node", str(js_dir / script), server.url] + ([server.ws_url] if with_ws else [])
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     finally:
         stop_server(server)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_web3js_airdrop_memo_transfer_confirm_lookup(js_dir: Path) -> None:
+    out = run_js(js_dir, "web3_flow.mjs", with_ws=False)
     assert out["balance"] == 2_000_000_000
     assert out["toBalance"] == 1_000_000
     assert out["fee"] == 5_000
     assert out["memo"] == "p2pgpu web3.js test"
     assert out["parsedOk"] is True
     assert out["epochBlockHeight"] >= out["slot"]
+
+
+def test_kit_airdrop_memo_transfer_confirm_lookup(js_dir: Path) -> None:
+    out = run_js(js_dir, "kit_flow.mjs", with_ws=True)
+    assert out["balance"] == 2_000_000_000
+    assert out["toBalance"] == 1_000_000
+    assert out["fee"] == 5_000
+    assert out["version"] == 0 and out["base64"] == "base64"
+    assert out["epochBlockHeight"] > 0
