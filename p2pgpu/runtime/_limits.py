@@ -28,6 +28,7 @@ import errno
 import os
 import secrets
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +292,37 @@ def open_memory_limit(backend: str, limit_bytes: int, *, gpus: int, base: Path |
     if pids_max and not (path / "pids.max").exists():
         limit.pids_cgroup = _pids_cgroup(pids_max)
     return limit
+
+
+def sweep_stale_cgroups(min_age_s: float = 60.0) -> list[Path]:
+    """Remove empty job cgroups left by a node that was killed (``kill -9``
+    leaves the directory behind; its processes died with the sandbox).  Only
+    ones older than ``min_age_s`` are touched, so another node's cgroup that
+    is about to be joined is never taken; a cgroup still holding processes
+    refuses removal and stays.  Returns what was removed."""
+    now = time.time()
+    bases = [*cgroup_bases("cgroup2"), *cgroup_bases("cgroup1")]
+    pids_base = cgroup_base("cgroup1", "pids")
+    if pids_base is not None:
+        bases.append(pids_base)
+    removed = []
+    for base in bases:
+        try:
+            entries = sorted(base.glob("p2pgpu-*"))
+        except OSError:
+            continue
+        for d in entries:
+            try:
+                old = now - d.stat().st_mtime > min_age_s
+            except OSError:
+                continue
+            if old:
+                try:
+                    d.rmdir()
+                except OSError:
+                    continue  # busy: a job still runs in it
+                removed.append(d)
+    return removed
 
 
 def descendants(root_pid: int) -> list[int]:

@@ -37,7 +37,14 @@ import trio
 
 from p2pgpu.core._proof import output_digest
 
-from ._limits import MemoryLimit, SandboxUnavailable, open_memory_limit, resolve_memory, rss_bytes
+from ._limits import (
+    MemoryLimit,
+    SandboxUnavailable,
+    open_memory_limit,
+    resolve_memory,
+    rss_bytes,
+    sweep_stale_cgroups,
+)
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs, usage
 
 #: Why a sandboxed run ended.
@@ -262,12 +269,14 @@ def _resolved_backend(preference: str, base: Path | None) -> tuple[str, Path | N
 
 def check_sandbox(policy: SandboxPolicy | None = None) -> str | None:
     """``None`` if jobs can run sandboxed here, else the reason they cannot
-    (the node then refuses every job).  Runs a real, tiny sandbox."""
+    (the node then refuses every job).  Runs a real, tiny sandbox, and
+    removes empty job cgroups a killed node left behind; call it at start."""
     policy = policy or SandboxPolicy()
     if shutil.which(policy.bwrap) is None:
         return f"bubblewrap ({policy.bwrap}) is not installed"
     try:
         _resolved_backend(policy.memory_backend, policy.cgroup_base)
+        sweep_stale_cgroups()
     except SandboxUnavailable as exc:
         return str(exc)
     with tempfile.TemporaryDirectory(prefix="p2pgpu-check-") as tmp:

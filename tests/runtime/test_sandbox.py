@@ -400,3 +400,23 @@ print("FORKED", n, flush=True)
     res, lines = await run(spec(tmp_path, script, pids_max=50))
     forked = int(stdout(lines).split()[-1])
     assert res.ok and forked < 50
+
+
+def test_stale_empty_job_cgroups_are_swept() -> None:
+    from p2pgpu.runtime._limits import cgroup_bases, sweep_stale_cgroups
+
+    bases = cgroup_bases(sandbox_memory_backend())
+    if not bases:
+        pytest.skip("no job cgroups here")
+    stale, fresh = bases[0] / "p2pgpu-stale0test", bases[0] / "p2pgpu-fresh0test"
+    stale.mkdir()
+    fresh.mkdir()
+    try:
+        os.utime(stale, (0, 0))
+        removed = sweep_stale_cgroups()
+        assert stale in removed and fresh not in removed
+        assert not stale.exists() and fresh.exists()
+    finally:
+        for d in (stale, fresh):
+            if d.exists():
+                d.rmdir()
