@@ -181,6 +181,8 @@ class _Job:
     accepted: Accept | None = None
     accepted_key: tuple[int, bytes, int] | None = None
     accepted_leader: str = ""
+    #: Whether this node ever accepted another leader's proposal for the job.
+    accepted_other: bool = False
     declined: bool = False
     confirm: Confirm | None = None
 
@@ -382,7 +384,12 @@ class FormationNode:
             return []
         if now_ms >= job.deadline_ms or job.view >= views_max:
             return self._close(job, "formation gave up", now_ms) + [Emit("formation.gave_up")]
-        return [Emit("formation.view_change")] + self._enter_view(job, job.view + 1, now_ms)
+        actions: list[Action] = [Emit("formation.view_change")]
+        if job.my_offer is not None:
+            # Something went wrong: ask the submitter too.  If the job was
+            # decided while we heard nothing, it answers with its CONFIRM or CANCEL.
+            actions.append(Send(job.sm.manifest.submitter, job.my_offer.envelope.to_bytes()))
+        return actions + self._enter_view(job, job.view + 1, now_ms)
 
     # -- leading --------------------------------------------------------------
 
@@ -426,15 +433,18 @@ class FormationNode:
     def _drop_own_lease(self, job: _Job, now_ms: int) -> list[Action]:
         """A leader whose own proposal is dead frees the GPUs it held for it.
 
-        Only its own proposals' accept is withdrawn, only this leader could
-        certify them, and it never did for this job, so no certificate names it.  Without
+        Only when every accept it signed for this job was for its own
+        proposals, which only it could certify, and it never did: then no
+        certificate can name it.  (The hold is one per job, shared by all the
+        accepts a node signed for it, so one accept of another leader's
+        proposal, which may be certified and confirmed, keeps it.)  Without
         this, two leaders of competing jobs that each hold their own GPU and
         decline the other's proposal would wait for their leases to lapse.
         """
         held = self.ledger.holds.get(job.job_id)
         if job.accepted_leader != self.peer_id or held is None or held.lease_until_ms is None \
-                or job.ever_certified:
-            return []  # a certificate we sent may still be confirmed: keep the GPUs for it
+                or job.ever_certified or job.accepted_other:
+            return []  # a certificate with our accept may still be confirmed: keep the GPUs for it
         gpus = self.ledger.release(job.job_id)
         job.accepted, job.accepted_key, job.accepted_leader = None, None, ""
         return [CancelTimer(self._key(job, "lease")), Released(job.job_id, gpus, "own proposal abandoned",
@@ -538,6 +548,7 @@ class FormationNode:
                              price_per_gpu_hour=self._advert.price_per_gpu_hour,
                              payout_address=self._advert.payout_address)
         job.accepted, job.accepted_key, job.accepted_leader = accept, key, prop.leader
+        job.accepted_other = job.accepted_other or prop.leader != self.peer_id
         actions: list[Action] = [
             Reserved(job.job_id, prop.gpus_per_member, lease_until, self.ledger.free),
             SetTimer(self._key(job, "lease"), lease_until + self.config.lease_grace_ms),

@@ -194,12 +194,12 @@ def test_leader_silent_next_in_rank_takes_over_with_a_higher_view() -> None:
     assert b.summary(b.timer(2, "window", w)) == follows()
     v = w + CFG.leader_timeout_ms
     lead = b.timer(1, "view", v)
-    assert b.summary(lead) == ["emit view_change"] + LEADS[:-2] + ["reserved", "timer lease", "cancel round",
-                                                                   "send certified>S", "timer retry",
-                                                                   "timer view", "emit certified"]
+    assert b.summary(lead) == ["emit view_change", "send offer>S"] + LEADS[:-2] + [
+        "reserved", "timer lease", "cancel round", "send certified>S", "timer retry", "timer view",
+        "emit certified"]
     prop = b.sent(lead, Proposal)
     assert (prop.view, prop.leader, prop.members) == (1, b.p[1].peer_id, (b.p[1].peer_id,))
-    assert b.summary(b.timer(2, "view", v)) == ["emit view_change"] + follows("P1")
+    assert b.summary(b.timer(2, "view", v)) == ["emit view_change", "send offer>S"] + follows("P1")
     assert b.summary(b.p[2].on_message(prop, v + 1)) == ["timer view"]
     confirm_acts = b.s.on_message(b.sent(lead, Certified), v + 2)
     assert "confirmed" in b.summary(confirm_acts)
@@ -259,7 +259,7 @@ def test_late_accept_after_a_view_change() -> None:
     late = b.sent(b.p[1].on_message(prop0, w + 1), Accept)  # delayed in the network
     v = w + 1 + CFG.leader_timeout_ms
     # P0's view times out (it lost its own accept's round too): view 1 belongs to P1.
-    assert b.summary(b.timer(0, "view", v)) == ["emit view_change"] + follows("P1")
+    assert b.summary(b.timer(0, "view", v)) == ["emit view_change", "send offer>S"] + follows("P1")
     lead = b.timer(1, "view", v)
     prop1 = b.sent(lead, Proposal)
     assert (prop1.view, prop1.leader) == (1, b.p[1].peer_id)
