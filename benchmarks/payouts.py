@@ -105,7 +105,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.skip_server:
         return
     port = free_port_pair()
-    proc = subprocess.Popen([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
+        [sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert proc.stdout is not None and proc.stdout.readline().startswith("ledger ready")

@@ -258,7 +258,8 @@ def cmd_proof_check(args: argparse.Namespace) -> int:
 
             ledger = open_ledger(ledger_spec, home_path=Path(args.home) if args.home else None, readonly=True)
             try:
-                return await ledger.transaction(str(sig))
+                raw: bytes | None = await ledger.transaction(str(sig))
+                return raw
             except LedgerUnavailable as exc:
                 raise CliError(f"ledger unreachable: {exc}") from None
             finally:

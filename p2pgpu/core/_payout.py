@@ -32,9 +32,10 @@ message, 51 with an address lookup table, and 62 is the account-lock ceiling
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping, Sequence
+from itertools import pairwise
 
 from ._errors import LocalProtocolError
 
@@ -93,7 +94,7 @@ def _ordered(proof_hashes: Sequence[bytes]) -> list[bytes]:
         if not isinstance(h, bytes) or len(h) != proof_hash_bytes:
             raise LocalProtocolError("a proof hash is 32 bytes")
     ordered = sorted(proof_hashes)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if a == b:
             raise LocalProtocolError("the same proof hash twice in one batch")
     return ordered
@@ -127,7 +128,7 @@ class InclusionProof:
         }
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, object]) -> "InclusionProof":
+    def from_json(cls, doc: Mapping[str, object]) -> InclusionProof:
         """Build from JSON (a user file); raises ``ValueError`` saying what is wrong."""
         try:
             path = doc["path"]

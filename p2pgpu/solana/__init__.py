@@ -14,7 +14,15 @@ Importing this package loads solders and solana-py; the CLI imports it lazily.
 
 from ._check import PayerCheck
 from ._keys import load_keypair, load_or_create_keypair, payer_keypair_path
-from ._ledger import EmbeddedLedger, Ledger, LedgerRejected, LedgerUnavailable, RpcLedger, SigStatus, open_ledger
+from ._ledger import (
+    EmbeddedLedger,
+    Ledger,
+    LedgerRejected,
+    LedgerUnavailable,
+    RpcLedger,
+    SigStatus,
+    open_ledger,
+)
 from ._lookup import create_lookup_table, load_lookup_table
 from ._payer import Payer, PayerUnderfunded, PayReport
 from ._server import LedgerServer, serve_ledger

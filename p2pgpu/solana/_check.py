@@ -11,7 +11,7 @@ safe answer.  The decision itself is :func:`core._payout.payer_covers`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 from solders.pubkey import Pubkey

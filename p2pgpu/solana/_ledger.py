@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from solders.account import Account
 from solders.hash import Hash
@@ -228,7 +229,7 @@ class RpcLedger:
         )
         if r.value is None:
             return None
-        return bytes(r.value.transaction.transaction)  # type: ignore[arg-type]
+        return bytes(r.value.transaction.transaction)
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -252,6 +253,6 @@ def open_ledger(spec: str, *, home_path: Path | None = None, slot_ms: int = 400,
     if spec == "embedded":
         state = Path(home_path) / "ledger.state" if home_path is not None else None
         return EmbeddedLedger(state, slot_ms=slot_ms, readonly=readonly)
-    if spec.startswith("http://") or spec.startswith("https://"):
+    if spec.startswith(("http://", "https://")):
         return RpcLedger(spec)
     raise ValueError(f"unknown ledger {spec!r}: use \"embedded\" or an http(s) JSON-RPC URL")

@@ -18,7 +18,8 @@ from the program's (stable) bincode layout:
 from __future__ import annotations
 
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 from solders.address_lookup_table_account import AddressLookupTable, AddressLookupTableAccount

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import base58
 from solders.message import MessageV0, from_bytes_versioned
@@ -59,8 +60,9 @@ def _decode(data: Any, encoding: str) -> bytes:
 
 
 def _cfg(params: list[Any], i: int) -> dict[str, Any]:
-    if len(params) > i and isinstance(params[i], dict):
-        return params[i]
+    v = params[i] if len(params) > i else None
+    if isinstance(v, dict):
+        return dict(v)
     return {}
 
 
@@ -359,8 +361,8 @@ def _static_writable(msg: Any, i: int) -> bool:
     h = msg.header
     n = len(msg.account_keys)
     if i < h.num_required_signatures:
-        return i < h.num_required_signatures - h.num_readonly_signed_accounts
-    return i < n - h.num_readonly_unsigned_accounts
+        return bool(i < h.num_required_signatures - h.num_readonly_signed_accounts)
+    return bool(i < n - h.num_readonly_unsigned_accounts)
 
 
 def _tx_json_parsed(tx: VersionedTransaction, rec: TxRecord) -> dict[str, Any]:

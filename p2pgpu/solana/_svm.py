@@ -117,7 +117,7 @@ class TxRecord:
                 self.loaded_writable, self.loaded_readonly]
 
     @classmethod
-    def from_obj(cls, o: list[Any]) -> "TxRecord":
+    def from_obj(cls, o: list[Any]) -> TxRecord:
         return cls(signature=o[0], slot=o[1], block_time_s=o[2], tx=o[3], err=msgpack.unpackb(o[4]), fee=o[5],
                    pre_balances=o[6], post_balances=o[7], logs=o[8], compute_units=o[9],
                    loaded_writable=o[10], loaded_readonly=o[11])
@@ -422,7 +422,7 @@ class SvmLedger:
         finally:
             self._replaying = False
         if not readonly:
-            self._journal = open(jpath, "ab")
+            self._journal = open(jpath, "ab")  # noqa: SIM115 - held open for the ledger's lifetime
 
     def _replay(self, data: bytes) -> int:
         pos = 0
@@ -448,7 +448,7 @@ class SvmLedger:
                 self.time_ms = max(self.time_ms, t)
                 self._sync_sysvars()
             elif kind == "tx":
-                raw, height, t = rest
+                raw, _height, t = rest
                 self.time_ms = t
                 self._execute(VersionedTransaction.from_bytes(raw), raw)
             elif kind == "acct":
@@ -473,7 +473,7 @@ class SvmLedger:
         for owner in SNAPSHOT_OWNERS:
             for pk, acc in self.svm.get_program_accounts(owner):
                 accounts.append([bytes(pk), bytes(acc)])
-        return msgpack.packb(
+        return bytes(msgpack.packb(
             {
                 "seq": self._seq,
                 "height": self.height,
@@ -482,7 +482,7 @@ class SvmLedger:
                 "accounts": accounts,
                 "history": [r.to_obj() for r in self.history.values()],
             }
-        )
+        ))
 
     def _load_snapshot(self, data: bytes) -> None:
         s = msgpack.unpackb(data)
@@ -509,7 +509,7 @@ class SvmLedger:
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
         self._journal.close()
-        self._journal = open(self._side("journal"), "wb")
+        self._journal = open(self._side("journal"), "wb")  # noqa: SIM115 - held open, see above
         self._journal_entries = 0
 
     def _side(self, suffix: str) -> Path:

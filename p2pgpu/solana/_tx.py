@@ -18,14 +18,15 @@ checking an inclusion proof against what is on the ledger.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from solders.address_lookup_table_account import AddressLookupTableAccount
 from solders.hash import Hash
 from solders.instruction import Instruction
 from solders.keypair import Keypair
-from solders.message import MessageV0
+from solders.message import CompileError, MessageV0
 from solders.pubkey import Pubkey
 from solders.system_program import TransferParams, transfer
 from solders.transaction import Transaction, VersionedTransaction
@@ -93,7 +94,7 @@ def build_batch(
         try:
             tables = [lookup] if isinstance(lookup, AddressLookupTableAccount) else list(lookup)
             msg = MessageV0.try_compile(payer.pubkey(), ixs, tables, blockhash)
-        except Exception as exc:  # solders raises CompileError subclasses of Exception
+        except CompileError as exc:  # more than 256 accounts, or similar
             raise TooLarge(str(exc)) from None
         raw = bytes(VersionedTransaction(msg, [payer]))
     if len(raw) > packet_bytes_max:

@@ -1,10 +1,10 @@
 """One life of a payer process for the crash tests (run by test_crash.py).
 
-argv: DB LEDGER KEYFILE SEED NEW_ROWS STEP.  LEDGER is a state file path
+argv: DB LEDGER KEYFILE SEED NEW_ROWS STEP NTH.  LEDGER is a state file path
 (embedded) or an http URL (``p2pgpu ledger serve``).  The process owes
-NEW_ROWS new proofs (one transaction), then runs the payer; when STEP is one
+NEW_ROWS new proofs (one transaction; "top-up" owes one payable row to each recipient), then runs the payer; when STEP is one
 of owed/signed/sent/confirmed it kills itself with SIGKILL (kill -9) at the
-1st to 3rd time it reaches that step (chosen from SEED), as a power cut
+NTH-th time it reaches that step, as a power cut
 would; STEP "none" runs clean.  It exits 0 once a round finishes with
 nothing open.
 """
@@ -37,9 +37,9 @@ def die() -> None:
 
 
 async def main() -> int:
-    db, ledger_spec, keyfile, seed, new_rows, step = sys.argv[1:7]
+    db, ledger_spec, keyfile, seed, new_rows, step, nth_arg = sys.argv[1:8]
     rng = random.Random(int(seed))
-    nth = rng.randint(1, 3)
+    nth = int(nth_arg)
     seen = {"n": 0}
 
     def hook(s: str) -> None:
@@ -52,10 +52,13 @@ async def main() -> int:
     addrs = recipients()
     with transaction(conn):
         base = conn.execute("SELECT COUNT(*) FROM payout_owed").fetchone()[0]
-        for i in range(int(new_rows)):
+        if new_rows == "top-up":  # one payable row per recipient: nothing can wait for rent any more
+            for i, addr in enumerate(addrs):
+                record_owed(conn, hashlib.sha256(b"topup%d" % i).digest(), "worker", addr, 1_000_000, "SOL", "top-up")
+        for i in range(0 if new_rows == "top-up" else int(new_rows)):
             n = base + i
             # Mostly payable amounts, some below the rent-exempt minimum that must accumulate.
-            amount = rng.choice([1_000_000 + n, 2_500_000 + 7 * n, 300_000 + n])
+            amount = rng.choice([1_000_000 + n, 2_500_000 + 7 * n, 300_000 + n]) if i else 1_000_000 + n
             record_owed(conn, hashlib.sha256(b"proof%d" % n).digest(), f"worker{n % 8}", addrs[rng.randrange(len(addrs))],
                         amount, "SOL", f"job{n // 10}")
     if step == "owed":

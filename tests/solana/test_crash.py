@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from ledger_helpers import ServerProc, start_server, stop_server
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
@@ -27,17 +28,15 @@ from p2pgpu.solana import EmbeddedLedger, RpcLedger
 from p2pgpu.solana._keys import save_keypair
 from p2pgpu.store import open_db, owed_totals
 
-from ledger_helpers import ServerProc, start_server, stop_server
-
 CHILD = str(Path(__file__).with_name("_crash_child.py"))
 
 
 STEPS = ["owed", "signed", "sent", "confirmed"]
 
 
-def run_child(db: Path, ledger: str, keyfile: Path, seed: int, new_rows: int, step: str) -> int:
-    r = subprocess.run([sys.executable, CHILD, str(db), ledger, str(keyfile), str(seed), str(new_rows), step],
-                       capture_output=True, text=True, timeout=120)
+def run_child(db: Path, ledger: str, keyfile: Path, seed: int, new_rows: int | str, step: str, nth: int = 1) -> int:
+    r = subprocess.run([sys.executable, CHILD, str(db), ledger, str(keyfile), str(seed), str(new_rows), step, str(nth)],
+                       capture_output=True, text=True, timeout=120, check=False)
     if r.returncode not in (0, -9, 3):
         raise AssertionError(f"payer life failed ({r.returncode}): {r.stderr[-2000:]}")
     return r.returncode
@@ -50,8 +49,10 @@ def crash_lives(db: Path, ledger: str, keyfile: Path, lives: int, seed: int) -> 
     killed = {s: 0 for s in STEPS}
     for i in range(lives):
         step = STEPS[i % len(STEPS)]
-        if run_child(db, ledger, keyfile, rng.randrange(2**32), rng.randint(1, 12), step) == -9:
+        nth = 1 if i < len(STEPS) else rng.choice([1, 2, 3])  # each step surely reached once, then at random
+        if run_child(db, ledger, keyfile, rng.randrange(2**32), rng.randint(1, 12), step, nth) == -9:
             killed[step] += 1
+    run_child(db, ledger, keyfile, 0, "top-up", "none")  # rows waiting for rent become payable
     for i in range(10):
         if run_child(db, ledger, keyfile, i, 0, "none") == 0:
             break

@@ -7,8 +7,8 @@ also run through the RPC server with solana-py (``getTokenAccountBalance``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 import trio
@@ -21,7 +21,17 @@ from spl.token.instructions import create_idempotent_associated_token_account, i
 from spl.token.models import InitializeMint2Params, MintToParams
 
 from p2pgpu.core._payout import InclusionProof, inclusion_proof, verify_inclusion
-from p2pgpu.solana import EmbeddedLedger, LedgerServer, Payer, PayerCheck, RpcLedger, SvmLedger, TokenInfo, ata, memo_root
+from p2pgpu.solana import (
+    EmbeddedLedger,
+    LedgerServer,
+    Payer,
+    PayerCheck,
+    RpcLedger,
+    SvmLedger,
+    TokenInfo,
+    ata,
+    memo_root,
+)
 from p2pgpu.store import batch_of_proof, batch_plan, open_db, owed_totals, payouts, record_owed, transaction
 
 

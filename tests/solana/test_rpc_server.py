@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import base58
 import httpx
