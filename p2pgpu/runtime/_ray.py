@@ -65,7 +65,9 @@ LineCallback = Callable[[str, bytes], Awaitable[None]]
 EventCallback = Callable[[str, Mapping[str, Any]], None]
 LostCallback = Callable[[int, str, str], Awaitable[None]]
 members_max = 64
-temp_dir_len_max = 48  # Ray's unix socket paths (session dir + name) must stay under 107 bytes
+#: Ray's unix sockets live at <temp dir>/session_<date>_<pid>/sockets/plasma_store, and a
+#: socket path must fit in 107 bytes: our dir is <temp_root>/p2pray-<job6>-<8 random>.
+temp_root_len_max = 20
 object_store_bytes_min = 80 << 20
 _READY_MARK = b"Ray runtime started"
 
@@ -162,8 +164,8 @@ class RayMemberSpec:
             raise ValueError("at least 1 CPU, 160 MiB of memory and a positive time limit")
         if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
             raise ValueError("gpus must be distinct non-negative indices")
-        if len(str(self.temp_root)) > temp_dir_len_max - 24:
-            raise ValueError(f"temp_root is too long for Ray's socket paths (at most {temp_dir_len_max - 24})")
+        if len(str(self.temp_root)) > temp_root_len_max:
+            raise ValueError(f"temp_root is too long for Ray's socket paths (at most {temp_root_len_max} bytes)")
 
     @property
     def world_size(self) -> int:
@@ -312,7 +314,7 @@ class RayMember:
         limit: MemoryLimit | None = None
         if backend in ("cgroup2", "cgroup1"):
             limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=spec.cgroup_base)
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"p2pgpu-ray-{spec.job_id[:8]}-{spec.rank}-",
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"p2pray-{spec.job_id[:6]}-",
                                               dir=spec.temp_root))
         (self.temp_dir / "work").mkdir()
         try:
@@ -439,17 +441,7 @@ class RayMember:
             ready = trio.Event()
             nursery.start_soon(self._drain_ray, proc, ready)
             with trio.move_on_at(deadline):
-                async with trio.open_nursery() as race:
-                    async def exited() -> None:
-                        await self._wait_ray_exit()
-                        race.cancel_scope.cancel()
-
-                    async def up() -> None:
-                        await ready.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(exited)
-                    race.start_soon(up)
+                await _first(self._wait_ray_exit, ready.wait)
             if ready.is_set():
                 break
             tail = bytes(self._ray_tail[-600:]).decode(errors="replace")
@@ -487,17 +479,7 @@ class RayMember:
         assert self.address is not None and self.temp_dir is not None
         ready = trio.Event()
         nursery.start_soon(self._watch_nodes, ready)
-        async with trio.open_nursery() as race:
-            async def ray_died() -> None:
-                await self._wait_ray_exit()
-                race.cancel_scope.cancel()
-
-            async def nodes() -> None:
-                await ready.wait()
-                race.cancel_scope.cancel()
-
-            race.start_soon(ray_died)
-            race.start_soon(nodes)
+        await _first(self._wait_ray_exit, ready.wait)
         if not ready.is_set():
             return "ray_error", "the head's Ray stopped before every member joined"
         self._to(State.RUNNING)
@@ -653,6 +635,17 @@ class RayMember:
 
 class _RayFailed(Exception):
     pass
+
+
+async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as one of ``waits`` returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)
 
 
 async def _reap(proc: trio.Process) -> None:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("address")
     ap.add_argument("--interval-ms", type=int, default=500)
     args = ap.parse_args(argv)
-    from ray._raylet import GcsClient  # the heavy import, only here
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # the heavy import, only here
     from ray.core.generated import gcs_pb2
 
     client = GcsClient(address=args.address)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(args.interval_ms / 1000)
             continue
-        now = node_ranks(nodes, gcs_pb2.GcsNodeInfo.ALIVE)
+        now = node_ranks(nodes, gcs_pb2.GcsNodeInfo.ALIVE)  # type: ignore[attr-defined]
         if now != last:
             print(json.dumps({"alive": now[0], "dead": now[1]}), flush=True)
             last = now

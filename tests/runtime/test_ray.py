@@ -1,0 +1,321 @@
+"""The ray runtime: real Ray clusters of simulated members on this machine.
+
+Each member gets its own temp dir and ports, as two members (or two jobs) on
+one machine would.  The cluster tests start real Ray (a few seconds per node)
+and are skipped only when Ray is not installed; the unit tests of ports,
+sessions and validation run without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from p2pgpu.runtime import JobRejected
+from p2pgpu.runtime._ray import TRANSITIONS, RayMember, RayMemberSpec, RayResult, State, ray_unavailable
+from p2pgpu.runtime._ray_procs import (
+    choose_ports,
+    ephemeral_range,
+    kill_session,
+    pick_ports,
+    port_free,
+    session_processes,
+)
+from p2pgpu.runtime._ray_watch import node_ranks
+
+needs_ray = pytest.mark.skipif(ray_unavailable() is not None, reason=f"{ray_unavailable()}")
+JOB = "ab" * 32
+
+TWO_NODES = r"""
+import os, ray
+ray.init()
+alive = [n for n in ray.nodes() if n["Alive"]]
+world = int(os.environ["P2PGPU_WORLD_SIZE"])
+assert len(alive) == world, alive
+
+@ray.remote(num_cpus=0)
+def where(rank):
+    return rank, ray.get_runtime_context().get_node_id(), os.environ["P2PGPU_JOB_ID"]
+
+got = ray.get([where.options(resources={f"p2pgpu_member_{r}": 0.01}).remote(r) for r in range(world)])
+nodes = {node for _, node, _ in got}
+assert len(nodes) == world, got
+assert all(job == os.environ["P2PGPU_JOB_ID"] for _, _, job in got)
+print(f"saw {len(alive)} nodes, tasks ran on {len(nodes)} nodes", flush=True)
+"""
+
+HOLD = r"""
+import os, time, ray
+ray.init()
+
+@ray.remote(num_cpus=0)
+class Holder:
+    def pid(self):
+        return os.getpid()
+    def hold(self):
+        time.sleep(600)
+
+world = int(os.environ["P2PGPU_WORLD_SIZE"])
+actors = [Holder.options(resources={f"p2pgpu_member_{r}": 0.01}).remote() for r in range(world)]
+pids = ray.get([a.pid.remote() for a in actors])
+print("holding", " ".join(map(str, pids)), flush=True)
+ray.get([a.hold.remote() for a in actors])
+"""
+
+
+def specs(n: int, command: str, **kw: object) -> list[RayMemberSpec]:
+    port = pick_ports(1, rng=random.Random())[0]
+    members = tuple(f"peer{i}" for i in range(n))
+    return [RayMemberSpec(job_id=JOB, members=members, rank=r, command=(sys.executable, "-c", command),
+                          rendezvous_host="127.0.0.1", rendezvous_port=port, host="127.0.0.1", num_cpus=1,
+                          memory_bytes_max=1 << 30, time_limit_ms=240_000, **kw)  # type: ignore[arg-type]
+            for r in range(n)]
+
+
+def alive(pids: list[int]) -> list[str]:
+    """Which of ``pids`` still run (a zombie has exited: it only waits for its
+    parent, often init after Ray's own parent died, to reap it)."""
+    out = []
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if not stat[stat.rfind(")") + 2:].startswith("Z"):
+            out.append(stat)
+    return out
+
+
+# --- real clusters ---------------------------------------------------------------------------
+
+
+@needs_ray
+async def test_two_members_form_a_cluster_and_run_on_both() -> None:
+    lines: list[tuple[str, bytes]] = []
+    seen: list[int] = []
+
+    async def on_line(stream: str, line: bytes) -> None:
+        lines.append((stream, line))
+
+    members: list[RayMember] = []
+
+    def on_event(name: str, info: object) -> None:
+        if name == "entrypoint_started":
+            for m in members:
+                seen.extend(m.processes())
+
+    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_event=on_event)
+                for s in specs(2, TWO_NODES)]
+    results: dict[int, RayResult] = {}
+
+    async def run(m: RayMember) -> None:
+        results[m.spec.rank] = await m.run()
+        if m.spec.rank == 0:  # what the heartbeat layer does when the head says "finished"
+            for other in members[1:]:
+                other.stop("finished")
+
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            nursery.start_soon(run, m)
+
+    head, other = results[0], results[1]
+    assert head.reason == "exited" and head.exit_code == 0, (head.detail, head.stderr_tail)
+    assert ("stdout", b"saw 2 nodes, tasks ran on 2 nodes") in lines
+    assert other.reason == "finished" and other.ok
+    assert head.startup_ms > 0 and other.startup_ms > 0
+    assert head.processes_left == () and other.processes_left == ()
+    assert len(seen) >= 4  # GCS, raylets, agents, the driver at least
+    assert alive(seen) == []
+    assert all(m.temp_dir is not None and not m.temp_dir.exists() for m in members)
+
+
+@needs_ray
+async def test_cancelled_job_stops_on_every_member() -> None:
+    holding = trio.Event()
+    actor_pids: list[int] = []
+    seen: list[int] = []
+    members: list[RayMember] = []
+
+    async def on_line(stream: str, line: bytes) -> None:
+        if line.startswith(b"holding "):
+            actor_pids.extend(int(p) for p in line.split()[1:])
+            for m in members:
+                seen.extend(m.processes())
+            holding.set()
+
+    members += [RayMember(s, on_line=on_line if s.rank == 0 else None) for s in specs(2, HOLD)]
+    results: dict[int, RayResult] = {}
+
+    async def run(m: RayMember) -> None:
+        results[m.spec.rank] = await m.run()
+
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            nursery.start_soon(run, m)
+        await holding.wait()
+        members[0].stop("cancelled")  # the submitter's cancel reaches every member
+        members[1].stop("cancelled")
+
+    assert results[0].reason == results[1].reason == "cancelled"
+    assert len(actor_pids) == 2 and set(actor_pids) <= set(seen)
+    assert results[0].processes_left == () and results[1].processes_left == ()
+    assert alive(seen) == []
+
+
+@needs_ray
+async def test_cancelling_the_callers_scope_tears_down() -> None:
+    """Cancellation from trio (the node shutting down) also leaves nothing."""
+    (spec,) = specs(1, HOLD)
+    seen: list[int] = []
+    member: RayMember
+
+    async def on_line(stream: str, line: bytes) -> None:
+        if line.startswith(b"holding "):
+            seen.extend(member.processes())
+            scope.cancel()
+
+    member = RayMember(spec, on_line=on_line)
+    with trio.CancelScope() as scope:
+        await member.run()
+    assert scope.cancelled_caught and member.state is State.DONE
+    assert seen and alive(seen) == []
+
+
+@needs_ray
+@pytest.mark.slow
+async def test_lost_member_fails_the_job() -> None:
+    """A member whose machine dies (all its Ray processes killed): the head's
+    watcher sees Ray declare its node dead and the ``fail`` policy stops the job."""
+    lost: list[tuple[int, str, str]] = []
+    members: list[RayMember] = []
+
+    async def on_lost(rank: int, peer: str, source: str) -> None:
+        lost.append((rank, peer, source))
+
+    async def on_line(stream: str, line: bytes) -> None:
+        if line.startswith(b"holding "):
+            assert members[1]._ray_proc is not None
+            kill_session(members[1]._ray_proc.pid)  # the machine is gone
+
+    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_member_lost=on_lost)
+                for s in specs(2, HOLD)]
+    results: dict[int, RayResult] = {}
+
+    async def run(m: RayMember) -> None:
+        results[m.spec.rank] = await m.run()
+
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            nursery.start_soon(run, m)
+    assert results[0].reason == "member_lost" and results[0].members_lost == (1,)
+    assert lost == [(1, "peer1", "ray")]
+    assert results[1].reason == "ray_error"
+    assert results[0].processes_left == () and results[1].processes_left == ()
+
+
+@needs_ray
+async def test_a_member_whose_head_never_comes_gives_up() -> None:
+    spec = specs(2, "pass", start_timeout_ms=3_000)[1]
+    result = await RayMember(spec).run()
+    assert result.reason == "ray_error" and "did not start" in result.detail
+    assert result.processes_left == () and result.startup_ms == -1
+
+
+# --- without Ray -----------------------------------------------------------------------------
+
+
+def test_ports_are_distinct_free_and_outside_the_ephemeral_range() -> None:
+    lo, _ = ephemeral_range()
+    for seed in range(5):
+        ports = choose_ports(head=True, gcs_port=0, rng=random.Random(seed), worker_ports=32)
+        all_ports = ports.all()
+        assert len(all_ports) == len(set(all_ports)) == 10 + 32
+        assert all(1024 <= p < lo for p in all_ports)
+        assert ports.worker_max - ports.worker_min == 31
+        assert all(port_free(p) for p in all_ports)
+    fixed = choose_ports(head=True, gcs_port=20001, rng=random.Random(0))
+    assert fixed.gcs == 20001 and fixed.all().count(20001) == 1
+    worker = choose_ports(head=False, gcs_port=0, rng=random.Random(0))
+    assert worker.gcs == worker.dashboard == worker.master == 0
+    assert "--port" not in " ".join(worker.start_args(head=False))
+
+
+def test_a_bound_port_is_not_free() -> None:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        assert not port_free(s.getsockname()[1])
+
+
+async def test_session_processes_finds_orphans_and_kill_session_ends_them() -> None:
+    # A child, a grandchild that changes its process group (as Ray's workers
+    # do), and an orphan reparented away from the leader.
+    script = "sleep 60 & (sleep 60 &) ; python3 -c 'import os,time; os.setpgid(0,0); time.sleep(60)' & wait"
+    proc = await trio.lowlevel.open_process(["/bin/sh", "-c", script], start_new_session=True,
+                                            stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            found = session_processes(proc.pid)
+            if len(found) >= 4:
+                break
+            await trio.sleep(0.02)
+        assert proc.pid in found and len(found) >= 4
+        assert os.getpid() not in found
+        kill_session(proc.pid)
+        await proc.wait()
+        for _ in range(200):
+            if not session_processes(proc.pid):
+                break
+            await trio.sleep(0.02)
+        assert session_processes(proc.pid) == []
+    finally:
+        kill_session(proc.pid)
+        await proc.wait()
+
+
+def test_spec_checks_its_fields() -> None:
+    (good,) = specs(1, "pass")
+    base = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    for bad in ({"rank": 1}, {"members": ()}, {"command": ()}, {"on_member_loss": "replace"},
+                {"num_cpus": 0}, {"memory_bytes_max": 1 << 20}, {"time_limit_ms": 0}, {"gpus": (1, 1)},
+                {"temp_root": Path("/tmp/" + "x" * 20)}, {"rendezvous_port": 70000}):
+        with pytest.raises(ValueError):
+            RayMemberSpec(**(base | bad))
+    for name in ("RAY_AUTH_MODE", "MASTER_PORT", "P2PGPU_RANK", "CUDA_VISIBLE_DEVICES"):
+        with pytest.raises(JobRejected):
+            RayMember(RayMemberSpec(**(base | {"env": {name: "x"}})))
+    member = RayMember(good)
+    with pytest.raises(ValueError):
+        member.stop("whatever")
+    with pytest.raises(ValueError):
+        member.member_lost("not-a-member")
+    with pytest.raises(ValueError):
+        member.set_rendezvous(0)
+
+
+def test_watcher_reads_ranks_from_member_resources() -> None:
+    alive_state, dead_state = 1, 2
+    nodes = {
+        b"a": SimpleNamespace(state=alive_state, resources_total={"CPU": 1.0, "p2pgpu_member_0": 1.0}),
+        b"b": SimpleNamespace(state=dead_state, resources_total={"p2pgpu_member_1": 1.0}),
+        b"c": SimpleNamespace(state=dead_state, resources_total={"p2pgpu_member_2": 1.0}),
+        b"d": SimpleNamespace(state=alive_state, resources_total={"p2pgpu_member_2": 1.0}),  # came back
+        b"e": SimpleNamespace(state=alive_state, resources_total={"p2pgpu_member_x": 1.0, "GPU": 2.0}),
+    }
+    assert node_ranks(nodes, alive_state) == ([0, 2], [1])
+
+
+def test_transition_table_is_closed() -> None:
+    assert set(TRANSITIONS) == set(State)
+    assert all(set(targets) <= set(State) for targets in TRANSITIONS.values())
+    assert TRANSITIONS[State.DONE] == ()
+    # every state but DONE can stop
+    assert all(State.STOPPING in TRANSITIONS[s] for s in State if s not in (State.STOPPING, State.DONE))
