@@ -468,13 +468,16 @@ def _install_signer_key_cache(undo: Undo) -> None:
 def _install_send_rpc_fast_path(undo: Undo) -> None:
     from libp2p.pubsub import gossipsub
 
+    from libp2p.pubsub.rpc_queue import _rpc_has_data
+
     cls = gossipsub.GossipSub
     original = cls.send_rpc
 
     def send_rpc(self: Any, peer_id: Any, rpc: Any, priority: bool = False) -> None:
         pubsub = self.pubsub
         queue = pubsub.peer_queues.get(peer_id) if pubsub is not None else None
-        if queue is None or peer_id in self._pending_control or rpc.ByteSize() > queue.max_message_size:
+        if queue is None or peer_id in self._pending_control or rpc.ByteSize() > queue.max_message_size \
+                or not _rpc_has_data(rpc):  # an RPC with no content: leave it to upstream's splitter
             original(self, peer_id, rpc, priority)
             return
         if not queue.push(rpc, priority=priority):

@@ -388,6 +388,9 @@ def test_send_rpc_shares_one_rpc_and_keeps_piggybacked_control(patched: None) ->
     assert [m for r in sent for m in r.publish] == list(rpc.publish)
     assert [g.topicID for r in sent for g in r.control.graft] == [TOPIC]
     assert not rpc.HasField("control")
+    # An RPC with nothing in it but our peer record goes upstream's way too.
+    gs.send_rpc("p", rpc_pb2.RPC(senderRecord=b"record"))
+    assert queued.pop() == rpc_pb2.RPC(senderRecord=b"record")
 
 
 # --- signed peer records ---------------------------------------------------------------
