@@ -1,17 +1,18 @@
 """``p2pgpu devnet up``: a whole local network on this machine, in one command.
 
-It starts N node daemons with simulated GPUs of a realistic mix (each with
-its own home and port, bootstrapping from the first), waits until every node
-sees every other node's GPUs, and reports what happened.  With ``--once`` it
-stops every process and exits 0 when the network reached its goal, else 1
+It starts a local Solana ledger, N node daemons with simulated GPUs of a
+realistic mix (each with its own home and port, bootstrapping from the
+first), an explorer, and submits K sample jobs (single-node, two-node and
+replicated) from a funded submitter; it follows formation, execution, proofs
+and payouts, and checks the payouts against the ledger's balances.  With
+``--once`` it stops every process and exits 0 when every job is paid, else 1
 with the reason; without it, it keeps the network up until Ctrl-C.
-Everything runs on 127.0.0.1 and works offline.
+Everything runs on 127.0.0.1 and works offline (see p2pgpu/devnet.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -32,11 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "other node's GPUs, and print a summary. With --once, stop everything and exit 0 when done "
                     "(non-zero with the reason otherwise); without it, keep running until Ctrl-C.")
     p.add_argument("--nodes", type=int, default=4, metavar="N", help="number of node daemons (default 4)")
-    p.add_argument("--jobs", type=int, default=0, metavar="K", help="sample jobs to submit (default 0)")
+    p.add_argument("--jobs", type=int, default=3, metavar="K",
+                   help="sample jobs to submit: single-node, two-node and replicated in turn (default 3)")
     p.add_argument("--once", action="store_true", help="exit when the run reached its goal")
     p.add_argument("--dir", metavar="DIR", help="where the node homes and logs go (default: a temporary folder)")
-    p.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
-                   help="give up after this long (default 180)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="give up after this long (default 300)")
+    p.add_argument("--no-explorer", action="store_true", help="do not start the web explorer")
     add_json(p)
     p.set_defaults(func=cmd_devnet_up)
 
@@ -46,70 +49,71 @@ def _progress(msg: str) -> None:
 
 
 def cmd_devnet_up(args: argparse.Namespace) -> int:
-    from p2pgpu.localnet import LocalNet, LocalNetError  # noqa: PLC0415
+    from p2pgpu.devnet import Devnet, DevnetError, summarize  # noqa: PLC0415
+    from p2pgpu.localnet import LocalNetError  # noqa: PLC0415
 
     if not 1 <= args.nodes <= 64:
         raise CliError("--nodes must be between 1 and 64")
-    if args.jobs < 0:
-        raise CliError("--jobs must not be negative")
+    if not 0 <= args.jobs <= 1000:
+        raise CliError("--jobs must be between 0 and 1000")
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="p2pgpu-devnet-"))
-    root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     summary: dict[str, Any] = {"nodes": args.nodes, "dir": str(root), "ok": False}
-    _progress(f"starting {args.nodes} nodes in {root}")
-    net = LocalNet(root, 0)
+
+    def left() -> float:
+        return max(5.0, args.timeout - (time.monotonic() - started))
+
+    _progress(f"starting a devnet of {args.nodes} nodes in {root}")
+    dev = Devnet(root, nodes=args.nodes, explorer=not args.no_explorer, progress=_progress)
     try:
-        for i in range(args.nodes):
-            node = net.start_node(i, bootstrap=net.nodes[0].addrs if net.nodes else [])
-            net.nodes.append(node)
-            _progress(f"node {i} up: {node.peer_id} (control port {node.control_port})")
-        ids = {n.peer_id for n in net.nodes}
-
-        def markets_complete() -> bool:
-            return all({r["peer_id"] for r in n.call("market")} >= ids for n in net.nodes)
-
-        t0 = time.monotonic()
-        net.wait_until(markets_complete, timeout_s=max(5.0, args.timeout - (time.monotonic() - started)),
-                       what="every node to see every other node's GPUs")
-        summary["adverts_converged_s"] = round(time.monotonic() - t0, 3)
-        market = net.nodes[0].call("market")
-        supply: dict[str, int] = {}
-        for row in market:
-            for g in row["gpus"]:
-                supply[g["model"]] = supply.get(g["model"], 0) + g["count"]
-        summary["gpu_supply"] = dict(sorted(supply.items()))
-        summary["adverts_seen"] = {n.peer_id: n.call("status")["adverts_known"] for n in net.nodes}
-        _progress(f"all {args.nodes} nodes see each other's GPUs after {summary['adverts_converged_s']} s")
-        if args.jobs:
-            raise CliError("--jobs needs job submission, which this build of p2pgpu does not have yet")
-        summary["ok"] = True
-        if not args.once:
-            _progress("network is up; press Ctrl-C to stop")
-            for n in net.nodes:
+        dev.start()
+        adverts_s = dev.wait_adverts(left())
+        _progress(f"all {args.nodes} nodes see each other's GPUs after {adverts_s:.3f} s")
+        docs = dev.run_jobs(args.jobs, left()) if args.jobs else []
+        summary.update(summarize(dev, docs, adverts_s))
+        failed = [j for j in summary["jobs"] if j["state"] != "succeeded"]
+        if failed:
+            summary["error"] = f"{len(failed)} job(s) failed: " + ", ".join(j["job_id"][:12] for j in failed)
+        elif not summary["ledger_matches_payouts"]:
+            summary["error"] = f"ledger balances differ from the payouts: {summary['ledger_mismatch']}"
+        else:
+            summary["ok"] = True
+        if summary["ok"] and not args.once:
+            _progress(f"network is up; explorer at {dev.explorer_url or '(off)'}; press Ctrl-C to stop")
+            for n in dev.net.nodes if dev.net else []:
                 _progress(f"  p2pgpu status --home {n.home.path}")
-            while all(n.proc.poll() is None for n in net.nodes):
+            while dev.net and all(n.proc.poll() is None for n in dev.net.nodes):
                 time.sleep(1)
-            raise CliError("a node process exited; see its log in " + str(root))
-    except LocalNetError as exc:
+            summary["ok"] = False
+            summary["error"] = "a node process exited; see its log in " + str(root)
+    except (LocalNetError, DevnetError) as exc:
         summary["error"] = str(exc)
     except KeyboardInterrupt:
         _progress("stopping")
     finally:
-        net.stop()
+        dev.stop()
         summary["wall_s"] = round(time.monotonic() - started, 3)
         if args.once and summary["ok"] and not args.dir:
             shutil.rmtree(root, ignore_errors=True)
 
-    def human(d: dict[str, Any]) -> str:
-        if not d["ok"]:
-            return f"devnet failed: {d.get('error', 'unknown')}\nlogs: {d['dir']}"
-        gpus = ", ".join(f"{c}x {m}" for m, c in d["gpu_supply"].items())
-        return (f"devnet: {d['nodes']} nodes, adverts converged in {d['adverts_converged_s']} s\n"
-                f"GPU supply: {gpus}\nwall time: {d['wall_s']} s")
+    emit(args, summary, _human)
+    return 0 if summary["ok"] else 1
 
-    emit(args, summary, human)
-    if not summary["ok"]:
-        if not args.json:
-            print(json.dumps({"error": summary.get("error")}), file=sys.stderr)
-        return 1
-    return 0
+
+def _human(d: dict[str, Any]) -> str:
+    if not d.get("ok"):
+        return f"devnet FAILED: {d.get('error', 'unknown')}\nlogs: {d['dir']}"
+    lines = [f"devnet: {d['nodes']} nodes, adverts converged in {d['adverts_converged_s']} s",
+             f"ledger: {d['ledger']}" + (f"   explorer: {d['explorer']}" if d.get("explorer") else "")]
+    for j in d.get("jobs", []):
+        lines.append(f"  job {j['job_id'][:12]} {j['name']:<11} {j['state']:<10} cluster of {j['members']}"
+                     f" formed in {j['formation_ms']} ms, {j['proofs_verified']} proofs verified,"
+                     f" {len(j['payouts'])} payouts")
+        for p in j["payouts"]:
+            lines.append(f"      paid {p['amount']:>10} lamports to {p['worker'][:16]}  tx {p['tx_signature']}")
+    if d.get("jobs"):
+        lines.append(f"clusters formed: {d['clusters_formed']}, proofs verified: {d['proofs_verified']}, "
+                     f"payouts confirmed: {d['payouts_confirmed']}, ledger balances match: "
+                     f"{'yes' if d['ledger_matches_payouts'] else 'NO'}")
+    lines.append(f"wall time: {d['wall_s']} s")
+    return "\n".join(lines)

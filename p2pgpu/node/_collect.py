@@ -132,8 +132,11 @@ class Collector:
         now = self.jobs.node.now_ms()
         if c.complete():
             self.settle(c, now)
-        elif len(c.proofs) == len(c.cert.members):
-            # Every proof is in; give the co-signatures a little longer.
+        elif len(c.proofs) == len(c.cert.members) or any(
+                sp.proof.end_reason in ("job_failed", "member_lost", "cancelled") for sp in c.proofs.values()):
+            # Every proof is in, or the job was stopped (a member lost or the
+            # job cancelled): give the co-signatures a little longer, then
+            # settle without waiting for proofs that will never come.
             self.jobs.timers.set(f"x/{c.job_id}/settle", now + cosign_wait_ms)
 
     # ------------------------------------------------------------- settle

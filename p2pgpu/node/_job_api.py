@@ -106,7 +106,11 @@ def job_handlers(node: "Node") -> dict[str, Any]:
             raise ControlError(f"cannot write into {out}: {exc.strerror}") from None
         return {"job_id": job_id, "out": out, "files": files}
 
-    return {"job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
+    async def wallet(params: dict[str, Any]) -> dict[str, Any]:
+        return {"address": _payer_address(node) or "", "payout_address": node.payout_address,
+                "ledger": node.ledger_spec}
+
+    return {"wallet": wallet, "job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
             "job.logs": logs}
 
 

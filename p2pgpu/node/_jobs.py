@@ -492,7 +492,7 @@ class JobsService:
                             member_index=doc["cluster"]["member_index"], reason=doc.get("reason", ""),
                             exit_code=doc.get("exit_code"))
             for key in ("output_digest", "outputs", "proof_hash", "proofs", "lost_members", "member_outputs",
-                        "paid"):
+                        "paid", "member_state", "member_started_at_ms", "member_ended_at_ms"):
                 if key in doc:
                     rec.extra[key] = doc[key]
             if rec.state in ("running", "confirmed", "reserved", "forming"):

@@ -120,7 +120,14 @@ class Runner:
             chain=CheckpointChain(start.job_id, cert.digest, node.identity.peer_id),
         )
         self.running[start.job_id] = mj
-        rec.state, rec.started_at_ms = "running", now()
+        # On the submitter's own node the record's state is the whole job's
+        # (settled from every proof); this member's own outcome goes in extra.
+        own_state = "submitter" not in rec.roles
+        if own_state:
+            rec.state = "running"
+        rec.started_at_ms = now()
+        rec.extra["member_state"] = "running"
+        rec.extra["member_started_at_ms"] = rec.started_at_ms
         started_ms = rec.started_at_ms
         end_reason, exit_code, digest, outputs = "sandbox_error", 255, b"", []
         try:
@@ -157,8 +164,12 @@ class Runner:
         if self.adversary == "tamper_output" and digest:
             digest = hashlib.sha256(b"tampered" + digest).digest()
         rec.exit_code, rec.ended_at_ms = exit_code, ended_ms
-        rec.state = "succeeded" if end_reason == "exited" and exit_code == 0 else "failed"
-        rec.reason = rec.reason or ("" if rec.state == "succeeded" else mj.stop_reason or end_reason)
+        member_state = "succeeded" if end_reason == "exited" and exit_code == 0 else "failed"
+        rec.extra["member_state"] = member_state
+        rec.extra["member_ended_at_ms"] = ended_ms
+        if own_state:
+            rec.state = member_state
+            rec.reason = rec.reason or ("" if member_state == "succeeded" else mj.stop_reason or end_reason)
         rec.extra.update(output_digest=digest.hex(), outputs=outputs)
         self._send_proof(mj, started_ms, ended_ms, exit_code, end_reason, digest, outputs)
         self.jobs.apply(mj.membership.finish(ended_ms), origin="membership")
@@ -263,13 +274,17 @@ class Runner:
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        # Inline inputs appear in the job's working directory, as the examples
-        # and docs/manifest.md say; inputs given by hash are not fetched yet.
+        # Inline inputs go to a directory beside the work dir that the sandbox
+        # binds read-only at /work/in ($P2PGPU_IN); they are not outputs.
+        inputs = work.parent / "in"
+        if inputs.exists():
+            shutil.rmtree(inputs)
+        inputs.mkdir()
         for inp in m.inputs:
             if inp.data is not None:
-                target = (work / inp.name).resolve()
-                if work.resolve() not in target.parents:
-                    raise JobRejected(f"input name {inp.name!r} leaves the work directory")
+                target = (inputs / inp.name).resolve()
+                if inputs.resolve() not in target.parents:
+                    raise JobRejected(f"input name {inp.name!r} leaves the inputs directory")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(inp.data)
         members = tuple(start.certificate.members)
@@ -283,5 +298,5 @@ class Runner:
         if self.jobs.node.inventory.simulated:
             gpus = ()  # simulated GPUs have no device nodes: the job gets none
         return JobSpec(argv=tuple(m.command), work_dir=work, time_limit_ms=m.duration_s_max * 1000,
-                       memory_bytes_max=job_memory_bytes_default, env=env,
+                       memory_bytes_max=job_memory_bytes_default, env=env, inputs_dir=inputs,
                        network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id)
