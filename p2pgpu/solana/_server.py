@@ -166,6 +166,8 @@ class LedgerServer:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return 200, b'{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"},"id":null}'
+        if doc == []:
+            return 200, b'{"jsonrpc":"2.0","error":{"code":-32600,"message":"Invalid request"},"id":null}'
         if isinstance(doc, list):
             out: Any = [r for r in (self.rpc.handle(x) for x in doc[:100]) if r is not None]
         else:
@@ -214,6 +216,9 @@ class LedgerServer:
             req = json.loads(msg)
         except (ValueError, UnicodeDecodeError):
             self._push(sock, {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None})
+            return
+        if req == []:
+            self._push(sock, {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid request"}, "id": None})
             return
         reqs = req if isinstance(req, list) else [req]
         for r in reqs[:100]:

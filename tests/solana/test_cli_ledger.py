@@ -88,3 +88,52 @@ def test_wallet_against_ledger_serve(home: Home, tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "wallet", "--home", str(home.path)],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode != 0 and "ledger unreachable" in r.stderr
+
+
+def test_ledger_serve_state_survives_a_restart(tmp_path: Path) -> None:
+    """SIGTERM compacts the state; a new server on the same file has the same
+    balances and still refuses a transaction it executed before."""
+    from solana.rpc.async_api import AsyncClient
+    from solana.rpc.core import RPCException
+    from solana.rpc.models import TxOpts
+    from solders.system_program import TransferParams, transfer
+    from solders.transaction import Transaction
+
+    state = tmp_path / "ledger.state"
+    a, b = Keypair(), Keypair()
+
+    async def first(url: str) -> bytes:
+        c = AsyncClient(url)
+        await c.request_airdrop(a.pubkey(), 10**10)
+        bh = (await c.get_latest_blockhash()).value.blockhash
+        tx = Transaction.new_signed_with_payer(
+            [transfer(TransferParams(from_pubkey=a.pubkey(), to_pubkey=b.pubkey(), lamports=10**6))],
+            a.pubkey(), [a], bh)
+        await c.send_raw_transaction(bytes(tx), TxOpts(skip_confirmation=True))
+        await c.close()
+        return bytes(tx)
+
+    async def second(url: str, raw: bytes) -> tuple[int, str]:
+        c = AsyncClient(url)
+        bal = (await c.get_balance(b.pubkey())).value
+        try:
+            await c.send_raw_transaction(raw, TxOpts(skip_confirmation=True))
+            msg = "accepted"
+        except RPCException as exc:
+            msg = str(exc)
+        await c.close()
+        return bal, msg
+
+    s1 = start_server(state, slot_ms=50)
+    try:
+        raw = trio.run(first, s1.url)
+    finally:
+        stop_server(s1)
+    assert state.exists()
+    s2 = start_server(state, slot_ms=50)
+    try:
+        bal, msg = trio.run(second, s2.url, raw)
+    finally:
+        stop_server(s2)
+    assert bal == 10**6
+    assert "already been processed" in msg

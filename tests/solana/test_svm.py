@@ -133,3 +133,26 @@ def _shared_rpc() -> RpcMethods:
     if not _RPC:
         _RPC.append(RpcMethods(SvmLedger()))
     return _RPC[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_any_websocket_request_gets_a_response(req: object) -> None:
+    """Fuzz: any JSON on the websocket gives a reply or an error, never an exception."""
+    import trio
+
+    from p2pgpu.solana._server import LedgerServer, _Socket
+
+    server = LedgerServer(SvmLedger(), slot_ms=0)
+    send, recv = trio.open_memory_channel[str](100)
+    sock = _Socket(send=send)
+    server._ws_request(sock, json_dumps(req))
+    reply = recv.receive_nowait()
+    assert '"jsonrpc"' in reply
+    server._drop(sock)
+
+
+def json_dumps(v: object) -> str:
+    import json
+
+    return json.dumps(v)
