@@ -70,6 +70,19 @@ def test_swarm(seed: int) -> None:
                 assert hold.lease_until_ms is None and pid in swarm.confirmed[job_id].members
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1_000, 2_000))
+def test_swarm_soak_harsh(seed: int) -> None:
+    """``-m slow``: 1 000 more seeds with 30 % loss and 8 crashes for 2 s."""
+    swarm, jobs = build(seed, drop_rate=0.3, crashes=8)
+    swarm.run(RUN_UNTIL_MS)
+    assert swarm.unformed() == [] and sorted(swarm.confirmed) == sorted(jobs)
+    for job, cert in swarm.confirmed.items():
+        for member in cert.members:
+            if not swarm.peers[member].crashed:
+                assert member in swarm.started.get(job, []) or member in swarm.lost.get(job, [])
+
+
 def test_no_faults_every_job_forms_fast() -> None:
     """Without drops or crashes every job is confirmed within a second of virtual time."""
     swarm, jobs = build(1, drop_rate=0.0, crashes=1)
