@@ -43,6 +43,7 @@ from p2pgpu.core._payout import (
     BatchPlan,
     BatchState,
     FailureKind,
+    Owed,
     Verdict,
     isolate_failure,
     plan_batches,
@@ -52,6 +53,7 @@ from p2pgpu.core._payout import (
 from p2pgpu.store import (
     BatchRecord,
     batch_plan,
+    hold_rows,
     mark_expired,
     mark_failed,
     mark_paid,
@@ -156,8 +158,33 @@ class Payer:
             self._tokens[currency] = TokenInfo(mint=mint, decimals=bytes(acc.data)[44], program=acc.owner)
         return self._tokens[currency]
 
+    async def _payable(self, rows: list[Owed]) -> list[Owed]:
+        """Hold (as failed, with the reason) rows that can never be paid as they
+        are, so that one malformed address or unknown mint never blocks the rest."""
+        bad: dict[str, list[int]] = {}
+        good = []
+        for r in rows:
+            why = None
+            try:
+                Pubkey.from_string(r.payout_address)
+                if r.currency != SOL:
+                    await self.token(r.currency)
+            except ValueError:
+                why = f"not a Solana address: payout {r.payout_address!r} or currency {r.currency!r}"
+            except LedgerRejected as exc:
+                why = str(exc)
+            if why is None:
+                good.append(r)
+            else:
+                bad.setdefault(why, []).append(r.owed_id)
+        if bad:
+            with transaction(self.conn):
+                for why, ids in bad.items():
+                    hold_rows(self.conn, ids, error=why)
+        return good
+
     async def _plan(self, report: PayReport) -> list[BatchPlan]:
-        rows = owed_rows(self.conn, currency=self.currency)
+        rows = await self._payable(owed_rows(self.conn, currency=self.currency))
         if not rows:
             return []
         addrs = sorted({r.payout_address for r in rows if r.currency == SOL})

@@ -21,8 +21,9 @@ commits on its own, so the payer can make each step atomic:
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from p2pgpu.core._payout import BatchPlan, BatchState, Owed, check_transition
 
@@ -268,6 +269,15 @@ def mark_failed(
         "UPDATE payout_owed SET status = 'owed', batch_id = NULL WHERE batch_id = ? AND status = 'batched'",
         (batch_id,),
     )
+
+
+def hold_rows(conn: sqlite3.Connection, owed_ids: Sequence[int], *, error: str) -> int:
+    """Owed rows that can never be paid as they are (a malformed address, an
+    unknown mint) are held as failed with the reason, for an operator."""
+    return conn.executemany(
+        "UPDATE payout_owed SET status = 'failed', error = ? WHERE owed_id = ? AND status = 'owed'",
+        [(error, i) for i in owed_ids],
+    ).rowcount
 
 
 def retry_failed(conn: sqlite3.Connection, owed_ids: Sequence[int] | None = None) -> int:

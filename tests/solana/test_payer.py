@@ -237,3 +237,15 @@ async def test_recovery_resends_expires_and_never_pays_twice(conn, ledger: Embed
     report = await Payer(conn, ledger, payer).pay_once()
     assert report.paid_batches == 1 and report.expired == 0 and open_batches(conn) == []
     assert await ledger.balances([Pubkey.from_string(x) for x in (a, b, c)]) == [1_000_000] * 3
+
+
+async def test_malformed_address_or_unknown_mint_is_held_not_blocking(conn, ledger: EmbeddedLedger) -> None:  # type: ignore[no-untyped-def]
+    payer = await funded(ledger)
+    good = str(Keypair().pubkey())
+    owe(conn, [("not-an-address", 1_000_000), (good, 1_000_000)])
+    owe(conn, [(good, 5)], currency=str(Keypair().pubkey()), start=10)  # a mint that does not exist
+    report = await Payer(conn, ledger, payer).pay_once()
+    assert report.paid_rows == 1
+    rows = {r["payout_address"] + r["currency"][:3]: r for r in payouts(conn)}
+    assert rows["not-an-addressSOL"]["status"] == "failed" and "not a Solana address" in rows["not-an-addressSOL"]["error"]
+    assert [r["status"] for r in payouts(conn) if r["currency"] not in ("SOL",)] == ["failed"]
