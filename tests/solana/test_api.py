@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import p2pgpu.solana as solana
-import p2pgpu.store as store
+from p2pgpu import solana, store
 
 OUTBOX_API = [
     "record_owed", "owed_rows", "record_signed", "mark_sent", "mark_paid", "mark_expired", "mark_failed",
