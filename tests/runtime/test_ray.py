@@ -113,7 +113,7 @@ async def test_two_members_form_a_cluster_and_run_on_both() -> None:
                 seen.extend(m.processes())
 
     members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_event=on_event)
-                for s in specs(2, TWO_NODES)]
+                for s in specs(2, TWO_NODES, auth_token=os.urandom(16).hex())]
     results: dict[int, RayResult] = {}
 
     async def run(m: RayMember) -> None:
@@ -227,6 +227,96 @@ async def test_a_member_whose_head_never_comes_gives_up() -> None:
     result = await RayMember(spec).run()
     assert result.reason == "ray_error" and "did not start" in result.detail
     assert result.processes_left == () and result.startup_ms == -1
+
+
+CONTINUE = r"""
+import os, time, ray
+ray.init()
+world = int(os.environ["P2PGPU_WORLD_SIZE"])
+print("holding", flush=True)
+while len([n for n in ray.nodes() if n["Alive"]]) == world:
+    time.sleep(0.2)
+
+@ray.remote(num_cpus=0)
+def on_head():
+    return "head"
+
+print("continuing with", ray.get(on_head.options(resources={"p2pgpu_member_0": 0.01}).remote()), flush=True)
+"""
+
+
+@needs_ray
+@pytest.mark.slow
+async def test_continue_policy_keeps_the_job_running() -> None:
+    lines: list[bytes] = []
+    lost: list[tuple[int, str, str]] = []
+    members: list[RayMember] = []
+
+    async def on_lost(rank: int, peer: str, source: str) -> None:
+        lost.append((rank, peer, source))
+
+    async def on_line(stream: str, line: bytes) -> None:
+        lines.append(line)
+        if line == b"holding":
+            assert members[1]._ray_proc is not None
+            kill_session(members[1]._ray_proc.pid)
+
+    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_member_lost=on_lost)
+                for s in specs(2, CONTINUE, on_member_loss="continue")]
+    results: dict[int, RayResult] = {}
+
+    async def run(m: RayMember) -> None:
+        results[m.spec.rank] = await m.run()
+
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            nursery.start_soon(run, m)
+    assert results[0].reason == "exited" and results[0].exit_code == 0, results[0].stderr_tail
+    assert b"continuing with head" in lines and results[0].members_lost == (1,)
+    assert lost == [(1, "peer1", "ray")]
+
+
+async def test_a_loss_reported_by_the_heartbeats_stops_the_head() -> None:
+    """Rank 1 never joins; the heartbeat layer declares it lost (``fail``)."""
+    if ray_unavailable() is not None:
+        pytest.skip(f"{ray_unavailable()}")
+    head = specs(2, "pass")[0]
+    lost: list[tuple[int, str, str]] = []
+
+    async def on_lost(rank: int, peer: str, source: str) -> None:
+        lost.append((rank, peer, source))
+
+    member: RayMember
+
+    def on_event(name: str, info: object) -> None:
+        if name == "ray_started":
+            member.member_lost("peer1")
+
+    member = RayMember(head, on_event=on_event, on_member_lost=on_lost)
+    result = await member.run()
+    assert result.reason == "member_lost" and result.members_lost == (1,) and result.exit_code is None
+    assert lost == [(1, "peer1", "caller")] and result.processes_left == ()
+
+
+@needs_ray
+@pytest.mark.slow
+async def test_a_client_without_the_jobs_token_is_refused() -> None:
+    (spec,) = specs(1, "import time; print('up', flush=True); time.sleep(120)", auth_token=os.urandom(16).hex())
+    member: RayMember
+    outsider: list[subprocess.CompletedProcess[bytes]] = []
+
+    async def on_line(stream: str, line: bytes) -> None:
+        if line == b"up":
+            env = {"PATH": os.environ["PATH"], "RAY_ADDRESS": str(member.address)}
+            outsider.append(await trio.run_process(
+                [sys.executable, "-c", "import ray; ray.init(); print('connected')"], env=env,
+                capture_stdout=True, capture_stderr=True, check=False))
+            member.stop()
+
+    member = RayMember(spec, on_line=on_line)
+    result = await member.run()
+    assert result.reason == "cancelled" and result.processes_left == ()
+    assert outsider[0].returncode != 0 and b"connected" not in outsider[0].stdout
 
 
 # --- without Ray -----------------------------------------------------------------------------
