@@ -33,6 +33,7 @@ fresh process, the least of three runs), which is how each patch's gain in
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -103,7 +104,10 @@ class Peers:
         stdin.write(json.dumps(cmd) + "\n")
         stdin.flush()
 
-    def wait_all(self, ev: str, who: Any, timeout_s: float) -> dict[int, dict[str, Any]]:
+    def wait_all(self, ev: str, who: Any, timeout_s: float,
+                 keep: dict[str, dict[int, float]] | None = None) -> dict[int, dict[str, Any]]:
+        """Wait for event ``ev`` from each peer in ``who``; "recv" reports seen
+        meanwhile are filed into ``keep`` (tag -> peer -> time)."""
         want = set(who)
         got: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + timeout_s
@@ -114,7 +118,20 @@ class Peers:
                 raise TimeoutError(f"no {ev!r} from peers {sorted(want - set(got))}") from None
             if obj["ev"] == ev and i in want:
                 got[i] = obj
+            elif obj["ev"] == "recv" and keep is not None:
+                keep.setdefault(obj["tag"], {}).setdefault(i, obj["t"])
         return got
+
+    def wait_any(self, timeout_s: float, keep: dict[str, dict[int, float]]) -> None:
+        """File the "recv" reports that arrive within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                i, obj = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if obj["ev"] == "recv":
+                keep.setdefault(obj["tag"], {}).setdefault(i, obj["t"])
 
     def close(self) -> None:
         for i, p in enumerate(self.procs):
@@ -172,21 +189,23 @@ def bench_propagation(n: int, adverts: int, *, patched: bool, seed: int = 7) -> 
         wires = gp.make_adverts(900, adverts, 0, int(time.time() * 1000))
         latencies = []
         reached = []
+        recv: dict[str, dict[int, float]] = {}
         for wire in wires:
             src = rng.randrange(n)
+            tag = hashlib.sha256(wire).hexdigest()[:16]
             peers.send(src, {"cmd": "publish", "data": wire.hex()})
-            others = [i for i in range(n) if i != src]
-            t_pub = peers.wait_all("published", [src], timeout_s=10)[src]["t"]
-            try:
-                got = peers.wait_all("recv", others, timeout_s=10)
-            except TimeoutError:
-                got = {}
-            reached.append(len(got))
-            if len(got) == len(others):
-                latencies.append(max(o["t"] for o in got.values()) - t_pub)
+            t_pub = peers.wait_all("published", [src], timeout_s=10, keep=recv)[src]["t"]
+            deadline = time.monotonic() + 10
+            while len({i for i in recv.get(tag, {}) if i != src}) < n - 1 and time.monotonic() < deadline:
+                peers.wait_any(0.2, keep=recv)
+            seen = {i: t for i, t in recv.get(tag, {}).items() if i != src}
+            reached.append(len(seen))
+            if len(seen) == n - 1:
+                latencies.append(max(seen.values()) - t_pub)
             time.sleep(0.2)
         return {
             "nodes": n, "adverts": adverts, "reached_all": sum(r == n - 1 for r in reached),
+            "reached": reached,
             "latency_s_median": statistics.median(latencies) if latencies else None,
             "latency_s_max": max(latencies) if latencies else None, "mesh_min": min(mesh),
         }
