@@ -31,6 +31,7 @@ class Adversary:
     never_accepts = False
     never_runs = False
     never_pays = False
+    silent_leader = False
     params_known: tuple[str, ...] = ()
 
     def __init__(self, world: "World", cfg: AdversarySection) -> None:
@@ -157,17 +158,21 @@ class NeverPay(Adversary):
 
 
 class SilentLeader(Adversary):
-    """A cluster leader that proposes nothing (needs the formation core)."""
+    """Volunteers, and when it leads it never sends a proposal or a certificate
+    (the next in rank must take over in a higher view)."""
 
     kind = "silent_leader"
-    requires = "formation"
+    silent_leader = True
 
 
 class LyingLeader(Adversary):
-    """A leader that proposes members who never accepted (needs the formation core)."""
+    """A leader that certifies members who never accepted.  It cannot sign
+    their accepts, so its certificate cannot even be decoded; the formation
+    core's table tests cover the forged, missing and foreign accepts.  Kept
+    as a placeholder until the simulator can inject a forged envelope."""
 
     kind = "lying_leader"
-    requires = "formation"
+    requires = "forged accept envelopes (covered by tests/core/test_formation.py)"
 
 
 KINDS: dict[str, type[Adversary]] = {c.kind: c for c in (

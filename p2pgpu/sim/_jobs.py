@@ -1,48 +1,73 @@
-"""Jobs in the simulated world: manifests, a stand-in formation, execution, payouts.
+"""Jobs in the simulated world: the real formation cores, execution, payouts.
 
-Real cores used here: submitters build and sign real manifests
-(:func:`~p2pgpu.core.sign_manifest`), gossiped as bytes on the jobs topic;
-receivers check them with :func:`~p2pgpu.core.verify_manifest` (verdict
-cached per unique bytes, time check per node) and a per-node
-:class:`~p2pgpu.core.ReplayGuard`; a node volunteers only if the real
-:func:`~p2pgpu.core.exclusion` passes on its own advert and it really has the
-GPUs free; payouts are grouped by the real :func:`plan_batches` of
-``p2pgpu/core/_payout.py`` with its Merkle roots.
+Every node with a real identity runs a :class:`~p2pgpu.core.FormationNode`
+built from its own signed advert; every submitter runs a
+:class:`~p2pgpu.core.Submitter`.  Submitters sign real manifests
+(:func:`~p2pgpu.core.sign_manifest`).  This module is their driver, the twin
+of the node's: it carries the cores' actions (``docs/formation.md``,
+"Driving the cores") onto the simulated network: ``Publish`` on the jobs
+topic is GossipSub to every node; ``Publish`` on a per-job topic goes to the
+topic's current subscribers directly (a topic of a handful of peers is one
+hop in GossipSub); ``Send`` is a direct message; ``SetTimer`` is an engine
+event at the node's own (skewed) clock.  Each message is decoded and verified
+once where it is sent (``decode_message``) and the verified object handed to
+every receiver, as ``tests/core/swarm.py`` does.
 
-**Stand-in:** the cluster formation core (``core/_formation.py``) had not
-landed when this was written, so formation here is a small submitter-led
-exchange with the same shape as the architecture's (offers, a ranked choice
-by ``sha256(job_id, peer_id)``, propose, leased reservation and accept,
-confirm, replace a decliner from the remaining offers, leases that expire),
-with unsigned modelled messages.  It exists so that capacity, execution and
-payment invariants have something to check; the formation core replaces it.
-Job states and their transitions are the table ``TRANSITIONS``.
+Execution and payment are modelled: a member runs for a random share of the
+job's time, tells its ``FormationNode`` it finished, and reports GPU-seconds
+and an output digest to the submitter, which checks the claim against the
+time since its confirmation, takes a majority over replicas, and pays through
+the real :func:`~p2pgpu.core.plan_batches` (proofs are not yet the signed
+ones of ``core/_proof.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from p2pgpu.core import PeerMisbehaved, Reason, exclusion
-from p2pgpu.core._manifest import Manifest, ReplayGuard, sign_manifest, verify_manifest
+from p2pgpu.core import (
+    CancelTimer,
+    Confirmed,
+    Emit,
+    Failed,
+    FormationConfig,
+    FormationNode,
+    MemberLost,
+    PeerMisbehaved,
+    Publish,
+    Released,
+    Reserved,
+    Send,
+    SetTimer,
+    StartJob,
+    StopJob,
+    Submitter,
+    Subscribe,
+    Unsubscribe,
+)
+from p2pgpu.core._formation_messages import Accept, Certified, Proposal, decode_message
+from p2pgpu.core._manifest import Manifest, sign_manifest
 from p2pgpu.core._payout import Owed, plan_batches
 
 from ._scenario import JobSection
 
 if TYPE_CHECKING:
+    from p2pgpu.core import Advert
+
     from ._gossip import Msg
     from ._world import World
 
-_MSG_BYTES = 400
+_RESULT_BYTES = 400
 rent_exempt_min_lamports = 890_880
 initial_balance_lamports = 1_000_000_000
+decoded_cache_max = 100_000
 
 
 class JobState(str, Enum):
-    OFFERING = "offering"
     FORMING = "forming"
     RUNNING = "running"
     DONE = "done"
@@ -50,7 +75,6 @@ class JobState(str, Enum):
 
 
 TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
-    JobState.OFFERING: (JobState.FORMING, JobState.FAILED),
     JobState.FORMING: (JobState.RUNNING, JobState.FAILED),
     JobState.RUNNING: (JobState.DONE, JobState.FAILED),
     JobState.DONE: (),
@@ -65,11 +89,8 @@ class Job:
     submitter: int
     manifest: Manifest
     t_submit_us: int
-    state: JobState = JobState.OFFERING
-    offers: list[int] = field(default_factory=list)
+    state: JobState = JobState.FORMING
     members: list[int] = field(default_factory=list)
-    accepted: dict[int, bool] = field(default_factory=dict)
-    asked: dict[int, bool] = field(default_factory=dict)
     t_confirm_us: int = 0
     results: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     reason: str = ""
@@ -86,20 +107,32 @@ class JobFlow:
         self.world = world
         self.cfg = cfg
         self.rng = world.engine.stream("jobs")
+        self.fconfig = FormationConfig(offer_window_ms=cfg.offer_window_ms, leader_timeout_ms=cfg.leader_timeout_ms,
+                                       member_timeout_ms=cfg.member_timeout_ms, lease_ms=cfg.lease_ms,
+                                       formation_timeout_ms=cfg.formation_timeout_ms)
+        n = world.n
+        self.enabled = cfg.submitters > 0
+        self.fnodes: list[FormationNode | None] = [None] * n
+        self.subs: dict[int, Submitter] = {}
+        self.topics: dict[str, dict[int, bool]] = {}
+        self.timers: list[dict[str, int] | None] = [None] * n
         self.jobs: dict[int, Job] = {}
         self.by_job_id: dict[str, int] = {}
         self.formation_ms: list[float] = []
-        self.guards: dict[int, ReplayGuard] = {}
-        self._verdicts: dict[bytes, Any] = {}
-        self.owed: dict[int, list[Owed]] = {}  # submitter -> unpaid rows
-        self.owed_meta: dict[int, tuple[int, int]] = {}  # owed_id -> (jid, member)
+        self.emitted: dict[str, int] = {}
+        self.misbehaved: dict[str, int] = {}
+        self.members_lost = 0
+        self._decoded: dict[bytes, Any] = {}
+        self._runs: dict[tuple[int, str], int] = {}  # (node, job_id) -> run generation
+        self.owed: dict[int, list[Owed]] = {}
+        self.owed_meta: dict[int, tuple[int, int]] = {}
         self.balances: dict[str, int] = {}
         self.batches = 0
         self.paid_total = 0
         self.paid_count = 0
         self.proofs_rejected = 0
         self._next_owed = 1
-        real = [i for i in range(world.n) if world.nodes[i].identity is not None]
+        real = [i for i in range(n) if world.nodes[i].identity is not None]
         self.submitters = sorted(self.rng.sample(real, min(len(real), cfg.submitters)))
         for i in self.submitters:
             sn = world.nodes[i]
@@ -108,14 +141,177 @@ class JobFlow:
                 sn.book = world._new_book()
                 world.book_nodes.append(i)
             world.churn.churning[i] = False  # submitters stay up (their jobs are the measurement)
+            assert sn.identity is not None
+            self.subs[i] = Submitter(sn.identity, self.fconfig)
         world.book_nodes.sort()
-        for kind, fn in (("job.offer", self._on_offer), ("job.propose", self._on_propose),
-                         ("job.accept", self._on_accept), ("job.decline", self._on_decline),
-                         ("job.confirm", self._on_confirm), ("job.cancel", self._on_cancel),
-                         ("job.result", self._on_result)):
-            world.net.handlers[kind] = fn
+        world.net.handlers["fm.msg"] = self._on_direct
+        world.net.handlers["job.result"] = self._on_result
 
-    # -- submitting --------------------------------------------------------------------
+    # -- the driver: carrying out the cores' actions ---------------------------------------
+    def on_own_advert(self, node: int, advert: "Advert") -> None:
+        """A node (re)signed its advert: start its formation core, or update it."""
+        if not self.enabled:
+            return
+        if self.world.mutation == "overcommit" and self.world.nodes[node].adversary is None:
+            # test-only breakage: the driver tells the core it has twice the GPUs it has
+            advert = dataclasses.replace(advert, gpus=advert.gpus * 2, gpus_free=2 * advert.gpus_free)
+        fn = self.fnodes[node]
+        if fn is None:
+            ident = self.world.nodes[node].identity
+            assert ident is not None
+            self.fnodes[node] = FormationNode(ident, advert, self.fconfig)
+            self.topics.setdefault(self.fconfig.jobs_topic, {})[node] = True
+        else:
+            self.carry(node, fn.update_advert(advert, self.world.node_now_ms(node)))
+
+    def _decode(self, data: bytes) -> Any:
+        msg = self._decoded.get(data)
+        if msg is None:
+            if len(self._decoded) >= decoded_cache_max:
+                self._decoded.clear()
+            msg = self._decoded[data] = decode_message(data)
+        return msg
+
+    def carry(self, node: int, actions: list[Any]) -> None:
+        w = self.world
+        for a in actions:
+            if isinstance(a, Send):
+                msg = self._decode(a.data)
+                if self._suppressed(node, msg):
+                    continue
+                dst = w.by_peer.get(a.peer_id)
+                if dst == node:
+                    w.engine.after(0, self._local, (node, w.net.epoch[node], msg))
+                elif dst is not None:
+                    w.net.send(node, dst, len(a.data), "fm.msg", msg)
+            elif isinstance(a, Publish):
+                msg = self._decode(a.data)
+                if self._suppressed(node, msg):
+                    continue
+                if a.topic == self.fconfig.jobs_topic:
+                    w.gossip.publish(node, a.topic, len(a.data), msg)
+                else:
+                    for dst in self.topics.get(a.topic, {}):
+                        if dst != node:
+                            w.net.send(node, dst, len(a.data), "fm.msg", msg)
+            elif isinstance(a, SetTimer):
+                t = self._timers(node)
+                gen = t.get(a.key, 0) + 1
+                t[a.key] = gen
+                at_us = (a.at_ms - w.nodes[node].skew_ms) * 1000
+                w.engine.at(at_us, self._fire, (node, w.net.epoch[node], a.key, gen))
+            elif isinstance(a, CancelTimer):
+                t = self._timers(node)
+                t[a.key] = t.get(a.key, 0) + 1
+            elif isinstance(a, Subscribe):
+                self.topics.setdefault(a.topic, {})[node] = True
+            elif isinstance(a, Unsubscribe):
+                subs = self.topics.get(a.topic)
+                if subs is not None:
+                    subs.pop(node, None)
+                    if not subs:
+                        del self.topics[a.topic]
+            elif isinstance(a, Emit):
+                self.emitted[a.metric] = self.emitted.get(a.metric, 0) + a.value
+            else:
+                self._fact(node, a)
+
+    def _fact(self, node: int, a: Any) -> None:
+        w = self.world
+        if isinstance(a, Reserved):
+            w.checker.on_hold(node, self._jid(a.job_id), a.gpus)
+            w.engine.trace("hold", node, self._jid(a.job_id), a.gpus)
+        elif isinstance(a, Released):
+            w.checker.on_release(node, self._jid(a.job_id))
+            w.engine.trace("release", node, self._jid(a.job_id))
+        elif isinstance(a, StartJob):
+            self._start(node, a)
+        elif isinstance(a, StopJob):
+            self._runs.pop((node, a.job_id), None)
+            w.checker.on_release(node, self._jid(a.job_id))
+        elif isinstance(a, Confirmed):
+            self._confirmed(a)
+        elif isinstance(a, Failed):
+            job = self.jobs.get(self._jid(a.job_id))
+            if job is not None and job.state is JobState.FORMING:
+                job.to(JobState.FAILED)
+                job.reason = a.reason
+                w.engine.trace("job", job.jid, "failed")
+        elif isinstance(a, MemberLost):
+            self.members_lost += 1
+
+    def _suppressed(self, node: int, msg: Any) -> bool:
+        """Adversaries act by not sending: a silent leader sends no proposal or
+        certificate; a member that never accepts sends no accept."""
+        adv = self.world.nodes[node].adversary
+        if adv is None:
+            return False
+        if adv.never_accepts and isinstance(msg, Accept):
+            return True
+        return adv.silent_leader and isinstance(msg, (Proposal, Certified))
+
+    def _timers(self, node: int) -> dict[str, int]:
+        t = self.timers[node]
+        if t is None:
+            t = self.timers[node] = {}
+        return t
+
+    def _fire(self, arg: tuple[int, int, str, int]) -> None:
+        node, epoch, key, gen = arg
+        w = self.world
+        t = self.timers[node]
+        if w.net.epoch[node] != epoch or not w.net.up[node] or t is None or t.get(key) != gen:
+            return
+        now_ms = w.node_now_ms(node)
+        if key.startswith("f/"):
+            fn = self.fnodes[node]
+            if fn is not None:
+                self.carry(node, fn.on_timer(key, now_ms))
+        else:
+            self.carry(node, self.subs[node].on_timer(key, now_ms))
+
+    def _deliver(self, node: int, msg: Any) -> None:
+        w = self.world
+        now_ms = w.node_now_ms(node)
+        actions: list[Any] = []
+        try:
+            fn = self.fnodes[node]
+            if fn is not None:
+                actions = fn.on_message(msg, now_ms)
+            sub = self.subs.get(node)
+            if sub is not None:
+                actions = actions + sub.on_message(msg, now_ms)
+        except PeerMisbehaved as exc:
+            self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
+        self.carry(node, actions)
+
+    def _on_direct(self, dst: int, src: int, msg: Any) -> None:
+        self._deliver(dst, msg)
+
+    def _local(self, arg: tuple[int, int, Any]) -> None:
+        node, epoch, msg = arg
+        if self.world.net.epoch[node] == epoch and self.world.net.up[node]:
+            self._deliver(node, msg)
+
+    def on_manifest(self, node: int, msg: "Msg") -> None:
+        """Gossip delivered something on the jobs topic to ``node``."""
+        if msg.origin != node and (self.fnodes[node] is not None or node in self.subs):
+            self._deliver(node, msg.data)
+
+    def on_node_down(self, node: int) -> None:
+        """Formation state lives in memory: a restart begins afresh."""
+        self.fnodes[node] = None
+        self.timers[node] = None
+        for subs in self.topics.values():
+            subs.pop(node, None)
+        for key in [k for k in self._runs if k[0] == node]:
+            del self._runs[key]
+        self.world.checker.on_node_down(node)
+
+    def _jid(self, job_id: str) -> int:
+        return self.by_job_id.get(job_id, 0)
+
+    # -- submitting ----------------------------------------------------------------------
     def start(self) -> None:
         if self.submitters and self.cfg.rate_per_s > 0:
             self.world.engine.at(5_000_000, self._arrival, None)
@@ -134,11 +330,11 @@ class JobFlow:
         if not w.net.up[node]:
             return None
         now_ms = w.node_now_ms(node)
-        nodes = self.rng.choice(self.cfg.nodes_choices)
         replicas = self.rng.choice(self.cfg.replicas_choices)
         m = Manifest(
             name="sim", submitter=sn.identity.peer_id, created_at_ms=now_ms,
-            expires_at_ms=now_ms + 10 * 60 * 1000, nonce=self.rng.randbytes(16), nodes=nodes,
+            expires_at_ms=now_ms + 10 * 60 * 1000, nonce=self.rng.randbytes(16),
+            nodes=self.rng.choice(self.cfg.nodes_choices),
             gpus_per_node=self.rng.choice(self.cfg.gpus_per_node_choices), command=("true",),
             duration_s_max=max(1, int(self.cfg.duration_s * 1.5)), price_per_gpu_hour_max=self.cfg.price_max,
             payer=sn.payout_address, replicas=replicas, quorum=replicas // 2 + 1,
@@ -148,210 +344,68 @@ class JobFlow:
         job = Job(jid, sm.job_id, node, m, w.engine.now_us)
         self.jobs[jid] = job
         self.by_job_id[sm.job_id] = jid
-        w.engine.trace("job", jid, "submit", nodes)
-        w.gossip.publish(node, "/p2pgpu/jobs/1", len(sm.wire), sm.wire, jid)
-        w.engine.after(int(self.cfg.offer_window_ms * 1000), self._choose, jid)
-        w.engine.after(int(self.cfg.formation_timeout_ms * 1000), self._formation_deadline, jid)
+        self._decoded[sm.wire] = sm
+        w.engine.trace("job", jid, "submit", m.members)
+        self.carry(node, self.subs[node].submit(sm, now_ms))
+        fn = self.fnodes[node]
+        if fn is not None:  # the submitter's own node may work on its own job
+            self._deliver(node, sm)
         return job
 
-    # -- volunteering (every node that hears the manifest) -------------------------------
-    def on_manifest(self, node: int, msg: "Msg") -> None:
+    def _confirmed(self, a: Confirmed) -> None:
         w = self.world
-        sn = w.nodes[node]
-        if node == msg.origin or sn.identity is None or sn.advert is None:
-            return
-        now_ms = w.node_now_ms(node)
-        verdict = self._verdicts.get(msg.data)
-        if verdict is None:
-            try:
-                verdict = verify_manifest(msg.data, now_ms=now_ms)
-            except PeerMisbehaved as exc:
-                verdict = exc.reason
-            self._verdicts[msg.data] = verdict
-        if isinstance(verdict, Reason):
-            return
-        m = verdict.manifest
-        guard = self.guards.get(node)
-        if guard is None:
-            guard = self.guards[node] = ReplayGuard(ids_max=10_000)
-        try:
-            guard.admit(verdict.job_id, m.expires_at_ms, now_ms)
-        except PeerMisbehaved:
-            return
-        req = m.requirements
-        if exclusion(sn.advert, req) is not None or sn.gpus_free < m.gpus_per_node:
-            adv = sn.adversary
-            if adv is None or not adv.claims_capacity:
-                return
-        w.net.send(node, msg.origin, _MSG_BYTES, "job.offer", msg.info)
-
-    def _on_offer(self, dst: int, src: int, jid: int) -> None:
+        jid = self._jid(a.job_id)
         job = self.jobs[jid]
-        if job.state is JobState.OFFERING and src not in job.offers:
-            job.offers.append(src)
+        members = [w.by_peer[p] for p in a.certificate.members]
+        w.checker.on_confirm(jid, members)
+        job.to(JobState.RUNNING)
+        job.members = members
+        job.t_confirm_us = w.engine.now_us
+        self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
+        w.engine.trace("job", jid, "confirm", len(members))
+        w.engine.after(int((job.manifest.duration_s_max + 15) * 1_000_000), self._result_deadline, jid)
 
-    def _rank(self, job: Job, node: int) -> bytes:
-        ident = self.world.nodes[node].identity
-        assert ident is not None
-        return hashlib.sha256(job.job_id.encode() + ident.peer_id.encode()).digest()
-
-    def _choose(self, jid: int) -> None:
-        job = self.jobs[jid]
-        if job.state is not JobState.OFFERING:
-            return
-        job.offers.sort(key=lambda p: self._rank(job, p))
-        job.to(JobState.FORMING)
-        for _ in range(job.manifest.members):
-            if not self._ask_next(job):
-                return
-
-    def _ask_next(self, job: Job) -> bool:
-        for p in job.offers:
-            if p not in job.asked:
-                job.asked[p] = True
-                job.members.append(p)
-                job.accepted[p] = False
-                self.world.net.send(job.submitter, p, _MSG_BYTES, "job.propose", job.jid)
-                self.world.engine.after(int(self.cfg.offer_timeout_ms * 1000), self._accept_deadline, (job.jid, p))
-                return True
-        self._fail(job, "not enough volunteers accepted")
-        return False
-
-    # -- the worker's side ----------------------------------------------------------------
-    def _on_propose(self, dst: int, src: int, jid: int) -> None:
+    # -- running, on the member --------------------------------------------------------------
+    def _start(self, node: int, a: StartJob) -> None:
         w = self.world
-        sn = w.nodes[dst]
-        job = self.jobs[jid]
-        g = job.manifest.gpus_per_node
-        adv = sn.adversary
-        if adv is not None and adv.never_accepts:
-            return
-        if jid in sn.held or (sn.gpus_free < g and w.mutation != "overcommit"):
-            w.net.send(dst, src, _MSG_BYTES, "job.decline", jid)
-            return
-        sn.held[jid] = g
-        w.checker.on_hold(dst, jid, g)
-        w.engine.trace("hold", dst, jid, g)
-        w.engine.after(int(self.cfg.lease_ms * 1000), self._lease_expired, (dst, jid, w.net.epoch[dst]))
-        w.net.send(dst, src, _MSG_BYTES, "job.accept", jid)
-
-    def _lease_expired(self, arg: tuple[int, int, int]) -> None:
-        node, jid, epoch = arg
-        w = self.world
-        if w.net.epoch[node] != epoch:
-            return
-        if jid in w.nodes[node].held and jid not in self._running_on(node):
-            self._release(node, jid)
-
-    def _running_on(self, node: int) -> dict[int, bool]:
-        return self.world.checker.running.get(node, {})
-
-    def _release(self, node: int, jid: int) -> None:
-        w = self.world
-        w.nodes[node].running.pop(jid, None)
-        if w.nodes[node].held.pop(jid, None) is not None:
-            w.checker.on_release(node, jid)
-            w.engine.trace("release", node, jid)
-
-    def _on_confirm(self, dst: int, src: int, jid: int) -> None:
-        w = self.world
-        sn = w.nodes[dst]
-        if jid not in sn.held:
-            return  # lease expired: the submitter's result deadline handles it
-        if sn.running.get(jid):
-            return  # a duplicated confirm must not start the job twice
-        sn.running[jid] = True
-        job = self.jobs[jid]
-        w.checker.on_start(dst, jid)
-        w.engine.trace("start", dst, jid)
-        adv = sn.adversary
+        jid = self._jid(a.job_id)
+        w.checker.on_start(node, jid, a.manifest.manifest.gpus_per_node)
+        w.engine.trace("start", node, jid)
+        adv = w.nodes[node].adversary
         if adv is not None and adv.never_runs:
             return
+        gen = self._runs.get((node, a.job_id), 0) + 1
+        self._runs[(node, a.job_id)] = gen
         dur = self.rng.uniform(0.5, 1.0) * self.cfg.duration_s
-        w.engine.after(int(dur * 1_000_000), self._finish, (dst, jid, w.net.epoch[dst], w.engine.now_us))
-        _ = job
+        w.engine.after(int(dur * 1_000_000), self._finish, (node, a.job_id, gen, w.engine.now_us))
 
-    def _finish(self, arg: tuple[int, int, int, int]) -> None:
-        node, jid, epoch, t0 = arg
+    def _finish(self, arg: tuple[int, str, int, int]) -> None:
+        node, job_id, gen, t0 = arg
         w = self.world
-        if w.net.epoch[node] != epoch:
-            return
+        if self._runs.get((node, job_id)) != gen:
+            return  # stopped, or the node went down
+        del self._runs[(node, job_id)]
+        jid = self._jid(job_id)
         job = self.jobs[jid]
-        g = job.manifest.gpus_per_node
-        gpu_s = g * (w.engine.now_us - t0) // 1_000_000
-        digest = hashlib.sha256(job.job_id.encode()).digest()  # the honest output of this job
+        gpu_s = job.manifest.gpus_per_node * (w.engine.now_us - t0) // 1_000_000
+        digest = hashlib.sha256(job_id.encode()).digest()  # the honest output of this job
         w.checker.on_finish(node, jid, gpu_s)
-        self._release(node, jid)
+        fn = self.fnodes[node]
+        if fn is not None:
+            self.carry(node, fn.finish(job_id, w.node_now_ms(node)))
         adv = w.nodes[node].adversary
         if adv is not None:
             gpu_s, digest = adv.result(gpu_s, digest)
-        w.net.send(node, job.submitter, _MSG_BYTES, "job.result", (jid, gpu_s, digest))
+        w.net.send(node, job.submitter, _RESULT_BYTES, "job.result", (jid, gpu_s, digest))
 
-    def _on_cancel(self, dst: int, src: int, jid: int) -> None:
-        self._release(dst, jid)
-
-    def on_node_down(self, node: int) -> None:
-        sn = self.world.nodes[node]
-        for jid in list(sn.held):
-            self._release(node, jid)
-        self.world.checker.on_node_down(node)
-
-    # -- the submitter's side ---------------------------------------------------------------
-    def _on_accept(self, dst: int, src: int, jid: int) -> None:
-        job = self.jobs[jid]
-        if job.state is not JobState.FORMING or src not in job.accepted:
-            self.world.net.send(dst, src, _MSG_BYTES, "job.cancel", jid)
-            return
-        job.accepted[src] = True
-        if all(job.accepted[m] for m in job.members) and len(job.members) == job.manifest.members:
-            w = self.world
-            job.to(JobState.RUNNING)
-            job.t_confirm_us = w.engine.now_us
-            self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
-            w.checker.on_confirm(jid, list(job.members))
-            w.engine.trace("job", jid, "confirm", len(job.members))
-            for m in job.members:
-                w.net.send(dst, m, _MSG_BYTES, "job.confirm", jid)
-            w.engine.after(int((job.manifest.duration_s_max + 10) * 1_000_000), self._result_deadline, jid)
-
-    def _on_decline(self, dst: int, src: int, jid: int) -> None:
-        self._drop_member(self.jobs[jid], src)
-
-    def _accept_deadline(self, arg: tuple[int, int]) -> None:
-        jid, p = arg
-        job = self.jobs[jid]
-        if job.state is JobState.FORMING and job.accepted.get(p) is False:
-            self._drop_member(job, p)
-
-    def _drop_member(self, job: Job, p: int) -> None:
-        if job.state is not JobState.FORMING or p not in job.accepted:
-            return
-        job.members.remove(p)
-        del job.accepted[p]
-        self.world.net.send(job.submitter, p, _MSG_BYTES, "job.cancel", job.jid)
-        self._ask_next(job)
-
-    def _formation_deadline(self, jid: int) -> None:
-        job = self.jobs[jid]
-        if job.state in (JobState.OFFERING, JobState.FORMING):
-            self._fail(job, "formation timed out")
-
-    def _fail(self, job: Job, why: str) -> None:
-        if job.state in (JobState.DONE, JobState.FAILED):
-            return
-        job.to(JobState.FAILED)
-        job.reason = why
-        self.world.engine.trace("job", job.jid, "failed")
-        for m in job.members:
-            self.world.net.send(job.submitter, m, _MSG_BYTES, "job.cancel", job.jid)
-
+    # -- results and payment, on the submitter -----------------------------------------------
     def _on_result(self, dst: int, src: int, payload: tuple[int, int, bytes]) -> None:
         jid, gpu_s, digest = payload
         job = self.jobs[jid]
         if job.state is not JobState.RUNNING or src not in job.members or src in job.results:
             return
-        # The proof check of this stand-in: a member cannot claim more GPU time
-        # than it could have used since the confirmation the submitter sent.
+        # The check of this model: a member cannot claim more GPU time than it
+        # could have used since the confirmation the submitter sent.
         bound = job.manifest.gpus_per_node * ((self.world.engine.now_us - job.t_confirm_us) // 1_000_000 + 1)
         if gpu_s > bound:
             self.proofs_rejected += 1
@@ -367,7 +421,7 @@ class JobFlow:
             self._settle(job)
 
     def _settle(self, job: Job) -> None:
-        """Decide who is owed: valid proofs whose output agrees with the quorum."""
+        """Decide who is owed: valid claims, and with replicas the majority output."""
         votes: dict[bytes, int] = {}
         for gpu_s, digest in job.results.values():
             if gpu_s >= 0:
@@ -375,7 +429,7 @@ class JobFlow:
         replicated = job.manifest.replicas > 1
         winner = max(sorted(votes), key=lambda d: votes[d]) if votes else b""
         # Only replicas of the same work can be compared; without replication
-        # every valid proof stands on its own.
+        # every valid claim stands on its own.
         ok = votes.get(winner, 0) >= job.manifest.quorum if replicated else bool(votes)
         job.to(JobState.DONE if ok and len(job.results) == len(job.members) else JobState.FAILED)
         job.t_done_us = self.world.engine.now_us
@@ -404,7 +458,7 @@ class JobFlow:
         for sub, rows in sorted(self.owed.items()):
             if not rows:
                 continue
-            for r in rows:  # workers' wallets exist already (funded), unless a scenario says otherwise
+            for r in rows:  # workers' wallets exist already (funded)
                 self.balances.setdefault(r.payout_address, initial_balance_lamports)
             plan = plan_batches(rows, balances=self.balances, rent_exempt_min_lamports=rent_exempt_min_lamports,
                                 transfers_max=19)
@@ -414,8 +468,9 @@ class JobFlow:
                 w.engine.trace("batch", sub, batch.merkle_root().hex()[:16], batch.total)
                 for t in batch.transfers:
                     self.balances[t.address] += t.amount
+                in_batch = dict.fromkeys(batch.owed_ids, True)
                 for row in rows:
-                    if row.owed_id in batch.owed_ids:
+                    if row.owed_id in in_batch:
                         paid_ids[row.owed_id] = True
                         jid, member = self.owed_meta[row.owed_id]
                         self.paid_total += row.amount
@@ -426,7 +481,7 @@ class JobFlow:
             self.owed[sub] = [r for r in rows if r.owed_id not in paid_ids]
         w.engine.after(2_000_000, self._pay_tick, None)
 
-    # -- reporting -----------------------------------------------------------------------------
+    # -- reporting ------------------------------------------------------------------------
     def running_count(self) -> int:
         return sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING)
 
@@ -435,23 +490,25 @@ class JobFlow:
         if not jobs:
             return {"jobs_submitted": 0}
         fms = sorted(self.formation_ms)
-        formed = len(fms)
-        counted = [j for j in jobs if j.t_submit_us < self.world.quiet_us]
+        counted = [j for j in jobs if j.state is not JobState.FORMING]
 
         def p(q: float) -> float | None:
             return round(fms[min(len(fms) - 1, int(round(q / 100 * (len(fms) - 1))))], 1) if fms else None
 
         return {
             "jobs_submitted": len(jobs),
-            "jobs_formed": formed,
-            "formation_success_ratio": round(formed / len(counted), 4) if counted else None,
+            "jobs_formed": len(fms),
+            "formation_success_ratio": round(len(fms) / len(counted), 4) if counted else None,
             "formation_latency_ms_p50": p(50),
             "formation_latency_ms_p99": p(99),
             "jobs_completed": sum(1 for j in jobs if j.state is JobState.DONE),
             "jobs_failed": sum(1 for j in jobs if j.state is JobState.FAILED),
+            "members_lost": self.members_lost,
             "proofs_rejected": self.proofs_rejected,
             "payouts": self.paid_count,
             "payout_batches": self.batches,
             "paid_lamports": self.paid_total,
             "owed_unpaid_lamports": sum(r.amount for rows in self.owed.values() for r in rows),
+            "formation_misbehaved": dict(sorted(self.misbehaved.items())),
+            "formation_emitted": dict(sorted(self.emitted.items())),
         }

@@ -104,6 +104,9 @@ class AdvertSection:
     publish: bool = True
     refresh_s: float = 300.0
     ttl_s: float = 600.0
+    #: the nodes present at the start publish their first advert within this
+    #: many seconds (0: spread over the whole refresh_s, a network in steady state)
+    initial_spread_s: float = 10.0
     #: nodes that keep a real AdvertBook besides submitters ("all" = every node)
     observers: int = 5
     books: str = "observers"
@@ -144,13 +147,12 @@ class JobSection:
     #: replicas per job (the same work on k members, majority quorum)
     replicas_choices: list[int] = field(default_factory=lambda: [1])
     price_max: int = 2_000_000
-    #: how long the submitter collects offers before choosing
-    offer_window_ms: float = 300.0
-    #: how long a proposed member has to accept before it is replaced
-    offer_timeout_ms: float = 2000.0
-    lease_ms: float = 5000.0
-    #: give up forming after this long
-    formation_timeout_ms: float = 15000.0
+    #: FormationConfig for a wide-area network (the core's defaults suit a LAN)
+    offer_window_ms: int = 300
+    leader_timeout_ms: int = 1500
+    member_timeout_ms: int = 800
+    lease_ms: int = 10_000
+    formation_timeout_ms: int = 30_000
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base58
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from p2pgpu.core import (
@@ -78,14 +78,6 @@ class SimNode:
     advert: Advert | None = None
     adversary: Adversary | None = None
     submitter: bool = False
-    #: job id -> GPUs held (reserved under a lease, or running)
-    held: dict[int, int] = field(default_factory=dict)
-    #: job id -> True while this node runs it
-    running: dict[int, bool] = field(default_factory=dict)
-
-    @property
-    def gpus_free(self) -> int:
-        return len(self.gpus) - sum(self.held.values())
 
 
 class World:
@@ -166,9 +158,10 @@ class World:
         self._connect_some(node, rng)
         # A joining node advertises within 2 s; the population present at the
         # start is a network already running, whose adverts are spread over
-        # the refresh period (up to 10 s, so books fill quickly).
+        # initial_spread_s (short by default, so that books fill quickly).
+        a = self.scenario.adverts
         spread = 2_000_000 if self.engine.now_us > 1_000_000 else \
-            int(min(self.scenario.adverts.refresh_s, 10.0) * 1_000_000)
+            int(min(a.refresh_s, a.initial_spread_s or a.refresh_s) * 1_000_000)
         self.engine.after(rng.randrange(spread), self._advertise, (node, net.epoch[node]))
         self.engine.after(int(self.scenario.network.discovery_s * 1_000_000), self._discover,
                           (node, net.epoch[node]))
@@ -210,11 +203,13 @@ class World:
             p = self.net.random_live(rng)
             if p is not None:
                 self.net.connect(node, p)
-            if len(peers) > (cfg.peers_high or cfg.peers_target + 8):
+            high = cfg.peers_high or cfg.peers_target + 8
+            if len(peers) > high:
                 mesh = self.gossip.mesh[node]
                 spare = [q for q in peers if q not in mesh]
-                if spare:
-                    self.net.disconnect(node, rng.choice(spare))
+                rng.shuffle(spare)
+                for q in spare[: len(peers) - high]:
+                    self.net.disconnect(node, q)
         self.engine.after(int(self.scenario.network.discovery_s * 1_000_000), self._discover, arg)
 
     # -- adverts ---------------------------------------------------------------------------
@@ -225,7 +220,8 @@ class World:
         now_ms = self.node_now_ms(node)
         sn.seq = next_seq(sn.seq, max(now_ms, 1))
         g = gpus if gpus is not None else sn.gpus
-        free = min(len(g), sn.gpus_free if gpus_free is None else gpus_free)
+        fn = self.jobs.fnodes[node]
+        free = min(len(g), (fn.gpus_free if fn is not None else len(g)) if gpus_free is None else gpus_free)
         ttl = ttl_ms or int(self.scenario.adverts.ttl_s * 1000)
         return Advert(
             peer_id=sn.identity.peer_id, network=self.scenario.run.network_name, addrs=(), seq=sn.seq,
@@ -243,6 +239,7 @@ class World:
         sn.advert = adv
         if sn.book is not None:
             sn.book.add_own(sa)
+        self.jobs.on_own_advert(node, adv)
         wire = sa.wire
         return self.gossip.publish(node, ADVERTS, len(wire), wire, adv)
 

@@ -90,12 +90,15 @@ def test_adversaries_have_effects() -> None:
               "jobs": {"submitters": 3, "rate_per_s": 1.0, "duration_s": 5},
               "adversary": [{"kind": "advert_spam", "count": 1, "params": {"rate_per_s": 5.0, "valid": False}},
                             {"kind": "inflate_gpu_seconds", "fraction": 0.2},
-                            {"kind": "silent_leader", "count": 1}]})
+                            {"kind": "silent_leader", "fraction": 0.3},
+                            {"kind": "lying_leader", "count": 1}]})
     s = r.summary
     assert r.ok
     assert s["advert_rejections"].get("BAD_SIGNATURE", 0) > 0
     assert s["proofs_rejected"] > 0
-    assert s["adversaries_inactive"] == [{"kind": "silent_leader", "requires": "formation"}]
+    assert s["formation_emitted"].get("formation.view_change", 0) > 0  # silent leaders were replaced
+    assert s["jobs_formed"] > 0
+    assert [a["kind"] for a in s["adversaries_inactive"]] == ["lying_leader"]
 
 
 def test_unknown_adversary_is_refused() -> None:

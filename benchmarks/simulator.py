@@ -1,0 +1,120 @@
+"""Simulator speed: events per second, simulated vs wall time, peak memory.
+
+    python3 benchmarks/simulator.py            # engine alone + 1,000 and 10,000 nodes
+    python3 benchmarks/simulator.py --full     # ... and 100,000 nodes (minutes, several GB)
+    python3 benchmarks/simulator.py --sizes 1000 --sim-s 30
+
+Two figures:
+
+1. **Engine alone**: timers that reschedule themselves with random delays
+   (the heap, the seeded tie-break and the callback, nothing else), with
+   1,000 and 100,000 events pending.
+2. **Whole world** (the real advert/manifest/matching/payout cores, GossipSub
+   and Kademlia models, links with jitter, regions): each size runs in its own
+   process so its peak RSS is its own.  The workload is fixed per node where
+   it can be (1 s heartbeats, peers, Kademlia lookups) and fixed network-wide
+   for adverts (``--adverts-per-s``, default 2: with a 600 s refresh that is a
+   1,200-node network; every advert reaches every node, so a per-node refresh
+   rate would make the work grow as N^2 and say nothing about the engine).
+   Jobs arrive at 0.2/s from 5 submitters.
+
+Each line prints nodes, simulated seconds, wall seconds, the ratio
+(simulated/wall: above 1 is faster than real time), events, events/s and
+peak RSS in MB.  Goals (issue 6, on the 2-core machine): engine >= 1M
+events/s; with cores >= 100k events/s; 1k nodes >= 10x real time, 10k >= 1x,
+100k >= 0.1x within 16 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+
+DEFAULT_SIM_S = {1_000: 60.0, 10_000: 20.0, 100_000: 5.0}
+
+
+def engine_alone(pending: int, events: int) -> float:
+    from p2pgpu.sim import Engine
+
+    eng = Engine(1, tracing=False)
+    rng = random.Random(1)
+    delays = [rng.randrange(1, 50_000) for _ in range(4096)]
+    count = [0]
+
+    def tick(i: int) -> None:
+        count[0] += 1
+        eng.after(delays[(i + count[0]) & 4095], tick, i)
+
+    for i in range(pending):
+        eng.at(rng.randrange(50_000), tick, i)
+    t0 = time.perf_counter()
+    while count[0] < events:
+        eng.run_until(eng.now_us + 100_000)
+    return count[0] / (time.perf_counter() - t0)
+
+
+def world_once(nodes: int, sim_s: float, adverts_per_s: float) -> dict[str, object]:
+    from p2pgpu.sim import run_scenario, scenario_from_obj
+
+    scenario = scenario_from_obj({
+        "run": {"name": f"bench-{nodes}", "nodes": nodes, "duration_s": sim_s, "settle_s": min(2.0, sim_s / 4),
+                "progress_every_s": 1e6},
+        "network": {"latency": "regions"},
+        "kademlia": {"lookups_per_s": 1.0},
+        "adverts": {"refresh_s": max(1.0, nodes / adverts_per_s), "ttl_s": 3600.0 if nodes / adverts_per_s >= 1800
+                    else max(2.0, 2 * nodes / adverts_per_s), "observers": 10,
+                    "initial_spread_s": 0.0},
+        "jobs": {"submitters": 5, "rate_per_s": 0.2, "duration_s": min(10.0, sim_s / 4)},
+    })
+    t0 = time.perf_counter()
+    r = run_scenario(scenario, 1, plots=False)
+    total = time.perf_counter() - t0
+    s = r.summary
+    return {
+        "nodes": nodes, "sim_s": s["sim_s"], "run_wall_s": s["wall_s"], "setup_wall_s": round(total - s["wall_s"], 2),
+        "x_real_time": s["speed_x_real_time"], "events": s["events"], "events_per_s": s["events_per_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "advert_p50_ms": s["advert_propagation_ms_p50"], "advert_p99_ms": s["advert_propagation_ms_p99"],
+        "delivery_ratio": s["advert_delivery_ratio"], "violations": s["invariant_violations"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="include 100,000 nodes (minutes, several GB)")
+    ap.add_argument("--sizes", type=int, nargs="*", help="node counts to run (overrides --full)")
+    ap.add_argument("--sim-s", type=float, help="simulated seconds for every size")
+    ap.add_argument("--adverts-per-s", type=float, default=2.0, help="network-wide advert rate (default 2)")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine-alone figure")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        sim_s = args.sim_s or DEFAULT_SIM_S.get(args.one, 10.0)
+        print(json.dumps(world_once(args.one, sim_s, args.adverts_per_s)))
+        return
+    if not args.no_engine:
+        for pending in (1_000, 100_000):
+            rate = engine_alone(pending, 1_000_000)
+            print(f"engine alone: {pending:>7} pending  {rate / 1e6:.2f}M events/s", flush=True)
+    sizes = args.sizes or ([1_000, 10_000, 100_000] if args.full else [1_000, 10_000])
+    print(f"{'nodes':>7} {'sim_s':>6} {'wall_s':>7} {'x_real':>7} {'events':>10} {'events/s':>9} "
+          f"{'rss_MB':>7} {'p50_ms':>7} {'p99_ms':>7} {'ratio':>6}", flush=True)
+    for n in sizes:
+        cmd = [sys.executable, __file__, "--one", str(n), "--adverts-per-s", str(args.adverts_per_s)]
+        if args.sim_s:
+            cmd += ["--sim-s", str(args.sim_s)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        d = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{d['nodes']:>7} {d['sim_s']:>6} {d['run_wall_s']:>7} {d['x_real_time']:>7} {d['events']:>10} "
+              f"{d['events_per_s']:>9} {d['peak_rss_mb']:>7} {d['advert_p50_ms']!s:>7} {d['advert_p99_ms']!s:>7} "
+              f"{d['delivery_ratio']!s:>6}  (setup {d['setup_wall_s']} s, violations {d['violations']})",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
