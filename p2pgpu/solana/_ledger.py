@@ -114,8 +114,8 @@ class EmbeddedLedger:
     async def statuses(self, signatures: Sequence[str]) -> list[SigStatus | None]:
         out: list[SigStatus | None] = []
         for s in signatures:
-            rec = self.svm.status(s)
-            out.append(None if rec is None else SigStatus(slot=rec.slot, err=rec.err))
+            st = self.svm.status(s)
+            out.append(None if st is None else SigStatus(slot=st[0], err=st[1]))
         return out
 
     async def balances(self, pubkeys: Sequence[Pubkey]) -> list[int]:
@@ -135,7 +135,7 @@ class EmbeddedLedger:
             raise LedgerRejected(exc.message) from None
 
     async def transaction(self, signature: str) -> bytes | None:
-        rec = self.svm.status(signature)
+        rec = self.svm.record(signature)
         return rec.tx if rec is not None else None
 
     async def aclose(self) -> None:

@@ -262,14 +262,15 @@ class RpcMethods:
         return self.ctx([self._status(str(s)) for s in sigs])
 
     def _status(self, sig: str) -> dict[str, Any] | None:
-        rec = self.ledger.status(sig)
-        if rec is None:
+        st = self.ledger.status(sig)
+        if st is None:
             return None
+        slot, err = st
         return {
-            "slot": rec.slot,
+            "slot": slot,
             "confirmations": None,
-            "err": rec.err,
-            "status": {"Ok": None} if rec.err is None else {"Err": rec.err},
+            "err": err,
+            "status": {"Ok": None} if err is None else {"Err": err},
             "confirmationStatus": "finalized",
         }
 
@@ -289,7 +290,7 @@ class RpcMethods:
     def rpcgetTransaction(self, p: list[Any]) -> dict[str, Any] | None:
         cfg = _cfg(p, 1)
         encoding = p[1] if len(p) > 1 and isinstance(p[1], str) else cfg.get("encoding", "json")
-        rec = self.ledger.status(str(p[0]))
+        rec = self.ledger.record(str(p[0]))
         if rec is None:
             return None
         tx = VersionedTransaction.from_bytes(rec.tx)

@@ -293,18 +293,19 @@ class LedgerServer:
         self._push(sock, {"jsonrpc": "2.0", "method": method, "params": {"result": result, "subscription": sub}})
 
     def _fire_sig(self, sig: str) -> None:
-        rec = self.ledger.status(sig)
-        if rec is None:
+        st = self.ledger.status(sig)
+        if st is None:
             return
+        slot, err = st
         for sock, sub in self._sig_subs.pop(sig, []):
             sock.subs.pop(sub, None)
-            self._notify(sock, "signatureNotification", sub, {"context": {"slot": rec.slot}, "value": {"err": rec.err}})
+            self._notify(sock, "signatureNotification", sub, {"context": {"slot": slot}, "value": {"err": err}})
 
     def _executed(self, sig: str) -> None:
         if sig in self._sig_subs:
             self._fire_sig(sig)
         if self._acct_subs:
-            rec = self.ledger.status(sig)
+            rec = self.ledger.record(sig)
             if rec is None:
                 return
             keys = [str(k) for k in VersionedTransaction.from_bytes(rec.tx).message.account_keys]

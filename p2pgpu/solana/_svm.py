@@ -11,11 +11,14 @@ behave like a real cluster for the clients we serve:
   after a restart and a restored ledger never accepts an old signed
   transaction twice (the notes' "blockhash replay" trap does not arise).
 * **Duplicate and status memory of our own.**  LiteSVM remembers only ~32
-  transactions.  Every executed transaction is kept (up to ``history_max``)
-  with its slot, error, fee, balances and logs: ``getSignatureStatuses`` and
-  ``getTransaction`` answer from it, and a resend of a known signature is
-  refused as ``AlreadyProcessed``.  The blockhash window is far shorter than
-  the history, so a transaction can never be executed twice.
+  transactions.  The status (slot, error) of the last ``statuses_max``
+  (1,000,000) executed transactions is kept, and their full record (bytes,
+  fee, balances, logs) for the last ``history_max`` (50,000):
+  ``getSignatureStatuses`` answers from the first, ``getTransaction`` from
+  the second, and a resend of a known signature is refused as
+  ``AlreadyProcessed``.  A payer deciding whether its transaction landed
+  needs the status to outlive its downtime: a million transactions is far
+  beyond the 150-block blockhash window, so nothing executes twice.
 * **Only includable failures are recorded.**  A transaction whose fee payer
   cannot pay is dropped as a real leader drops it (nothing recorded, no fee);
   one that fails after paying its fee is recorded with its error.
@@ -57,7 +60,8 @@ from solders.transaction_metadata import FailedTransactionMetadata
 from solders.transaction_status import TransactionConfirmationStatus, TransactionStatus
 
 blockhash_window = 150
-history_max = 200_000
+history_max = 50_000
+statuses_max = 1_000_000
 packet_bytes_max = 1232
 slots_per_epoch = 432_000
 faucet_lamports = 10**18
@@ -162,6 +166,7 @@ class SvmLedger:
         self.time_ms = now_ms
         self.blockhashes: OrderedDict[str, int] = OrderedDict()
         self.history: OrderedDict[str, TxRecord] = OrderedDict()
+        self.sigs: OrderedDict[str, tuple[int, Any]] = OrderedDict()  # signature -> (slot, JSON error)
         self.tx_count = 0
         self._seq = 0
         self._fsync = fsync
@@ -303,7 +308,7 @@ class SvmLedger:
             pass  # LiteSVM ignores the blockhash (its check is off): nothing to replace
         elif str(tx.message.recent_blockhash) not in self.blockhashes:
             return SimResult(err="BlockhashNotFound", logs=[], units=0)
-        if tx.signatures and str(tx.signatures[0]) in self.history:
+        if tx.signatures and str(tx.signatures[0]) in self.sigs:
             return SimResult(err="AlreadyProcessed", logs=[], units=0)
         try:
             res = self.svm.simulate_transaction(tx)
@@ -328,7 +333,7 @@ class SvmLedger:
         sig = str(tx.signatures[0])
         if not self._signatures_ok(tx):
             raise RpcError(code=-32003, message="Transaction signature verification failure")
-        if sig in self.history:
+        if sig in self.sigs:
             if preflight:
                 raise _sim_failed("AlreadyProcessed", [], 0)
             return sig
@@ -378,11 +383,19 @@ class SvmLedger:
         self.history[rec.signature] = rec
         while len(self.history) > history_max:
             self.history.popitem(last=False)
+        self.sigs[rec.signature] = (rec.slot, rec.err)
+        while len(self.sigs) > statuses_max:
+            self.sigs.popitem(last=False)
         self.tx_count += 1
         self._journal_append(["tx", raw, self.height, self.time_ms])
         return rec
 
-    def status(self, signature: str) -> TxRecord | None:
+    def status(self, signature: str) -> tuple[int, Any] | None:
+        """(slot, JSON error or None) of an executed transaction."""
+        return self.sigs.get(signature)
+
+    def record(self, signature: str) -> TxRecord | None:
+        """The full record, while it is among the last ``history_max``."""
         return self.history.get(signature)
 
     def airdrop(self, pubkey: Pubkey, lamports: int) -> str:
@@ -481,6 +494,7 @@ class SvmLedger:
                 "tx_count": self.tx_count,
                 "accounts": accounts,
                 "history": [r.to_obj() for r in self.history.values()],
+                "sigs": [[k, slot, msgpack.packb(err)] for k, (slot, err) in self.sigs.items()],
             }
         ))
 
@@ -493,6 +507,7 @@ class SvmLedger:
         for pk, acc in s["accounts"]:
             self.svm.set_account(Pubkey.from_bytes(pk), Account.from_bytes(acc))
         self.history = OrderedDict((o[0], TxRecord.from_obj(o)) for o in s["history"])
+        self.sigs = OrderedDict((k, (slot, msgpack.unpackb(err))) for k, slot, err in s["sigs"])
         self.blockhashes.clear()
         for h in range(max(0, self.height - blockhash_window), self.height + 1):
             self.blockhashes[str(self._blockhash_at(h))] = h
