@@ -102,7 +102,7 @@ def build_app(collector: Collector, checker: ProofChecker) -> Starlette:
     async def check(request: Request) -> Response:
         async with check_limiter:
             try:
-                doc = await checker.check(request.path_params["proof_hash"], collector.raw)
+                doc = await checker.check(request.path_params["proof_hash"], collector.views)
             except CheckInputError as exc:
                 return _json({"error": str(exc)}, 400)
         return _json(doc)

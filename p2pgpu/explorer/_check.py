@@ -27,8 +27,9 @@ import base64
 import binascii
 import re
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from p2pgpu.core import PeerMisbehaved
 from p2pgpu.core._payout import InclusionProof, inclusion_proof, verify_inclusion
@@ -37,8 +38,8 @@ from p2pgpu.home import Home, HomeError
 from p2pgpu.node import ControlError, DaemonUnavailable
 
 from ._source import DaemonSource, MethodMissing
-from ._views import Raw
 
+_T = TypeVar("_T")
 HASH_RE = re.compile(r"[0-9a-f]{64}")
 #: Keys under which a proof row may carry the signed proof's bytes (hex or base64).
 WIRE_KEYS = ("wire", "envelope", "signed", "proof_bytes")
@@ -114,16 +115,19 @@ class ProofChecker:
         self.source = source
         self.home = home
 
-    async def check(self, proof_hash: str, raw: Raw) -> dict[str, Any]:
+    async def check(self, proof_hash: str, views: dict[str, Any]) -> dict[str, Any]:
+        """Check ``proof_hash`` using the rows of the explorer's current ``views``."""
         proof_hash = proof_hash.lower()
         if not HASH_RE.fullmatch(proof_hash):
             raise CheckInputError("a proof hash is 64 hex characters")
-        row = _find(raw.proofs, proof_hash)
-        pay = _find(raw.payouts, proof_hash) or _find(raw.earnings, proof_hash)
+        row = _find(views.get("proofs", {}).get("rows"), proof_hash)
+        pay = _find(views.get("payouts", {}).get("rows"), proof_hash)
         wire = None
         for r in (row, pay):
             for key in WIRE_KEYS:
                 wire = wire or _bytes_of((r or {}).get(key))
+        if wire is None:
+            wire = self._wire_from_store(proof_hash)
         sig_step, facts = check_signature(proof_hash, wire)
         inc_doc = await self._inclusion_doc(proof_hash, row, pay)
         inc_step, inc = check_inclusion(proof_hash, inc_doc)
@@ -142,8 +146,8 @@ class ProofChecker:
         steps = [sig_step, inc_step, memo_step]
         return {"proof_hash": proof_hash, "valid": all(s["ok"] is True for s in steps),
                 "failed": any(s["ok"] is False for s in steps), "steps": steps, "tx_signature": tx_sig,
-                "root": inc.root.hex() if inc is not None else None, "known": row is not None or pay is not None,
-                **facts}
+                "root": inc.root.hex() if inc is not None else None,
+                "known": row is not None or pay is not None or wire is not None, **facts}
 
     async def _inclusion_doc(self, proof_hash: str, row: dict[str, Any] | None,
                              pay: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -159,9 +163,9 @@ class ProofChecker:
             pass  # no such method, or not this daemon's batch: the payer's store may know
         return self._inclusion_from_store(proof_hash)
 
-    def _inclusion_from_store(self, proof_hash: str) -> dict[str, Any] | None:
-        """On the payer's home, the same document as ``p2pgpu proof inclusion --json``."""
-        from p2pgpu.store import batch_of_proof, batch_plan, db_path, open_db
+    def _read_store(self, fn: Callable[[sqlite3.Connection], _T]) -> _T | None:
+        """``fn(conn)`` on this home's store, read-only; None when there is no readable store."""
+        from p2pgpu.store import db_path, open_db
 
         path = db_path(self.home.path)
         if not path.exists():
@@ -169,17 +173,36 @@ class ProofChecker:
         try:
             conn = open_db(path, migrate=False, readonly=True)
         except sqlite3.Error:
-            return None  # not a store we can read: the step says "not in a batch yet"
+            return None  # not a store we can read: the steps say "nothing to check yet"
         try:
+            return fn(conn)
+        except sqlite3.Error:
+            return None  # a store without those tables (this home never paid or settled anything)
+        finally:
+            conn.close()
+
+    def _wire_from_store(self, proof_hash: str) -> bytes | None:
+        """The signed proof's bytes, as the submitter's store recorded them on settlement."""
+        from p2pgpu.store import proof_wire
+
+        found = self._read_store(lambda conn: proof_wire(conn, bytes.fromhex(proof_hash)))
+        return found[0] if found is not None else None
+
+    def _inclusion_from_store(self, proof_hash: str) -> dict[str, Any] | None:
+        """On the payer's home, the same document as ``p2pgpu proof inclusion --json``."""
+        from p2pgpu.store import batch_of_proof, batch_plan
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, str, str] | None:
             found = batch_of_proof(conn, proof_hash)
             if found is None:
                 return None
             batch_id, signature, state = found
-            plan = batch_plan(conn, batch_id)
-        except sqlite3.Error:
-            return None  # a store without payout tables (this home never paid anyone)
-        finally:
-            conn.close()
+            return batch_plan(conn, batch_id), signature, state
+
+        got = self._read_store(read)
+        if got is None:
+            return None
+        plan, signature, state = got
         doc = inclusion_proof(plan.proof_hashes, bytes.fromhex(proof_hash)).to_json()
         return {**doc, "tx_signature": signature, "batch_state": state}
 

@@ -26,7 +26,7 @@ import trio
 from p2pgpu.node import ControlError, DaemonUnavailable
 
 from ._source import DaemonSource, MethodMissing
-from ._views import Raw, build_views, rows_of
+from ._views import Raw, _int, _seen_ms, build_views, rows_of
 
 log = logging.getLogger("p2pgpu.explorer")
 
@@ -35,12 +35,12 @@ POLLED: list[tuple[str, str]] = [
     ("status", "status"),
     ("peers", "peers"),
     ("market", "market"),
-    ("job.list", "jobs"),
     ("proofs", "proofs"),
     ("payouts", "payouts"),
     ("earnings", "earnings"),
+    ("job.list", "jobs"),  # last: whether to ask job.status per job depends on the methods above
 ]
-job_details_max = 50
+job_details_max = 20
 
 
 def wall_ms() -> int:
@@ -110,16 +110,23 @@ class Collector:
         return value
 
     async def _job_details(self, rows: list[dict[str, Any]], raw: Raw) -> list[dict[str, Any]]:
-        """Fill in each job's cluster and timings from ``job.status`` where the list lacks them."""
-        out = []
-        for i, row in enumerate(rows):
+        """Fill in each job's cluster and timings from ``job.status`` where the list lacks them,
+        and its proofs and payouts while the daemon has no ``proofs``/``payouts`` methods.
+        At most ``job_details_max`` calls per poll, newest jobs first."""
+        wanted = ["cluster"] + [k for k in ("proofs", "payouts") if k in raw.missing]
+        out = list(rows)
+        newest_first = sorted(range(len(rows)), key=lambda i: -_int(_seen_ms(rows[i])))
+        asked = 0
+        for i in newest_first:
+            row = rows[i]
             job_id = row.get("job_id")
-            if i < job_details_max and isinstance(job_id, str) and "cluster" not in row \
-                    and "job.status" not in raw.missing:
+            if asked >= job_details_max or "job.status" in raw.missing:
+                break
+            if isinstance(job_id, str) and any(k not in row for k in wanted):
+                asked += 1
                 detail = await self._ask("job.status", raw, {"job_id": job_id})
                 if isinstance(detail, dict):
-                    row = {**row, **detail}
-            out.append(row)
+                    out[i] = {**row, **detail}
         return out
 
     async def wait_changed(self, version: int) -> None:

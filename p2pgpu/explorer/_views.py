@@ -247,8 +247,11 @@ def build_views(raw: Raw, *, now_ms: int, version: int) -> dict[str, Any]:
     """Every panel of the explorer, as the JSON API serves it."""
     status = raw.status or {}
     market = raw.market or []
-    pay_rows = payouts(raw.payouts, raw.earnings)
     job_rows = raw.jobs or []
+    # A daemon without the ``proofs``/``payouts`` methods may still report them per job (``job.status``).
+    proof_src = raw.proofs if raw.proofs is not None else from_jobs(job_rows, "proofs")
+    payout_src = raw.payouts if raw.payouts is not None else from_jobs(job_rows, "payouts")
+    pay_rows = payouts(payout_src, raw.earnings)
     sup = supply(market)
     out: dict[str, Any] = {
         "version": version,
@@ -260,8 +263,8 @@ def build_views(raw: Raw, *, now_ms: int, version: int) -> dict[str, Any]:
         "nodes": _panel(nodes(market, raw.peers, status.get("peer_id")), raw.market is not None, raw, "nodes"),
         "clusters": _panel(clusters(job_rows), raw.jobs is not None, raw, "clusters"),
         "jobs": _panel(jobs(job_rows), raw.jobs is not None, raw, "jobs"),
-        "proofs": _panel(proofs(raw.proofs or [], pay_rows), raw.proofs is not None, raw, "proofs"),
-        "payouts": _panel(pay_rows, raw.payouts is not None or raw.earnings is not None, raw, "payouts"),
+        "proofs": _panel(proofs(proof_src or [], pay_rows), proof_src is not None, raw, "proofs"),
+        "payouts": _panel(pay_rows, payout_src is not None or raw.earnings is not None, raw, "payouts"),
     }
     out["summary"] = {
         "daemon_up": out["daemon_up"],
@@ -286,6 +289,18 @@ def build_views(raw: Raw, *, now_ms: int, version: int) -> dict[str, Any]:
         "version": version,
     }
     return out
+
+
+def from_jobs(job_rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]] | None:
+    """The ``key`` lists of every job row (each item tagged with its job id), or None if no row has one."""
+    if not any(isinstance(j.get(key), list) for j in job_rows):
+        return None
+    out = []
+    for j in job_rows:
+        for item in j.get(key) or []:
+            if isinstance(item, dict) and item.get("proof_hash"):
+                out.append({"job_id": j.get("job_id"), **item})
+    return out[:rows_max]
 
 
 def _paid_totals(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -3,7 +3,9 @@ in two regions, and a real ``p2pgpu explorer`` process over node 0.
 
 The net starts with two nodes; :func:`ensure_third` adds a third one (the
 metrics test watches counters move when it joins; the browser test wants all
-three).  Everything runs on 127.0.0.1 and is stopped at the end of the module.
+three).  Node 0's wallet is funded on the embedded ledger in its home before it
+starts, so the job it submits (:func:`ensure_job`) is paid and its proof
+checks.  Everything runs on 127.0.0.1 and is stopped at the end of the module.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from p2pgpu.home import Home
 from p2pgpu.localnet import LocalNet, NodeProc
+from p2pgpu.solana import load_or_create_keypair, open_ledger, payer_keypair_path
 
 #: (model, memory MiB, cc, GPUs) and region of each node.
 MIX = [
@@ -48,13 +53,32 @@ class Explorer:
             return json.loads(body) if r.headers.get_content_type() == "application/json" else body
 
 
+#: Lamports airdropped to node 0's wallet on its embedded ledger: it submits the jobs and pays for them.
+FUNDS_LAMPORTS = 5_000_000_000
+
+
 def prepare_homes(root: Path, n: int) -> None:
-    """Create the homes before LocalNet does, each with its region."""
+    """Create the homes before LocalNet does, each with its region, and fund every wallet on node 0's ledger."""
     for i in range(n):
         home = Home(root / f"node{i}")
         home.init(network="local")
         cfg = dataclasses.replace(home.config(), region=REGIONS[i])
         home.config_path.write_text(cfg.to_toml())
+    # Node 0 pays on the embedded ledger in its home.  Every node's wallet (its default payout address)
+    # must exist there: a payout of a few lamports to an account that does not exist yet is below the
+    # rent-exempt minimum and the ledger refuses it.
+    trio.run(_fund, root, n)
+
+
+async def _fund(root: Path, n: int) -> None:
+    ledger = open_ledger("embedded", home_path=root / "node0")
+    try:
+        for i in range(n):
+            home = Home(root / f"node{i}")
+            wallet = load_or_create_keypair(payer_keypair_path(home.path, home.config().extra))
+            await ledger.airdrop(wallet.pubkey(), FUNDS_LAMPORTS if i == 0 else 1_000_000_000)
+    finally:
+        await ledger.aclose()
 
 
 def start_explorer(home: Home, *, poll_interval_s: float = 0.3) -> Explorer:

@@ -2,7 +2,9 @@
 
 Opens the page of a ``p2pgpu explorer`` over a real LocalNet, waits until it
 lists the nodes' GPUs (rendered from the live event stream, no reload), sees
-a third node appear live and a submitted job's cluster form, and saves screenshots at desktop and phone width
+a third node appear live, a submitted job's cluster form and its payout
+land with a transaction signature, clicks the proof's check and sees all
+three steps pass (signature, Merkle inclusion, memo on the ledger), and saves screenshots at desktop and phone width
 under ``test-artifacts/explorer/``.  At phone width nothing may overflow the
 screen sideways.  Skipped only when Chromium or chromium-driver is missing.
 """
@@ -98,6 +100,17 @@ def test_page_shows_the_gpus_live_at_desktop_and_phone_width(net: LocalNet, expl
     wait_js(driver, f"return document.getElementById('clusters-body').innerText.includes('{job_id[:10]}')",
             what="the job's cluster on the page")
     assert "hello" in text_of(driver, "clusters-body") and job_id[:10] in text_of(driver, "jobs-body")
+
+    # The job is paid (a transaction signature on the page), and its proof's check passes.
+    wait_js(driver, "return [...document.querySelectorAll('#payouts-body .pill')].some(p => p.innerText === 'paid')",
+            what="a paid payout on the page")
+    button = wait_js(driver, "return document.querySelector('#proofs-body button.check')", what="a check button")
+    button.click()
+    result = wait_js(driver, "return document.querySelector('#proofs-body .result[data-valid]')",
+                     what="the check's result")
+    assert result.get_attribute("data-valid") == "true", result.text
+    for step in ("signature", "inclusion", "memo"):
+        assert f"✓{step}" in result.text.replace(" ", "").replace("\n", ""), result.text
 
     desktop = screenshot(driver, "explorer-desktop.png", width=1280)
     phone = screenshot(driver, "explorer-phone.png", width=390, mobile=True)

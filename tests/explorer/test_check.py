@@ -19,7 +19,7 @@ from solders.keypair import Keypair
 from p2pgpu.core import Identity
 from p2pgpu.core._payout import BatchPlan, Transfer, inclusion_proof
 from p2pgpu.core._proof import CheckpointChain, Proof, sign_proof
-from p2pgpu.explorer import ProofChecker, Raw
+from p2pgpu.explorer import ProofChecker, Raw, build_views
 from p2pgpu.explorer._check import check_inclusion, check_memo, check_signature
 from p2pgpu.home import Home
 from p2pgpu.solana import build_batch
@@ -98,10 +98,11 @@ async def test_checker_reads_the_rows_and_refuses_bad_hashes(tmp_path: Path) -> 
     inc = inclusion_proof(BATCH, SP.proof_hash).to_json()
     raw = Raw(proofs=[{"proof_hash": H, "wire": SP.wire.hex()}],
               payouts=[{"proof_hash": H, "inclusion": inc, "status": "paid", "tx_signature": None}])
-    doc = await checker.check(H.upper(), raw)
+    views = build_views(raw, now_ms=0, version=1)
+    doc = await checker.check(H.upper(), views)
     assert [s["ok"] for s in doc["steps"]] == [True, True, None] and doc["valid"] is False
     assert doc["failed"] is False and doc["known"] is True and doc["root"] == inc["root"]
     with pytest.raises(ValueError, match="64 hex"):
-        await checker.check("xyz", raw)
-    unknown = await checker.check("00" * 32, raw)
+        await checker.check("xyz", views)
+    unknown = await checker.check("00" * 32, views)
     assert unknown["known"] is False and [s["ok"] for s in unknown["steps"]] == [None, None, None]

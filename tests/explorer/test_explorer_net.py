@@ -129,3 +129,35 @@ def test_a_submitted_job_forms_a_cluster_in_api_and_metrics(net: LocalNet, explo
     assert sum(after["p2pgpu_jobs"].values()) > sum(before.get("p2pgpu_jobs", {}).values())
     assert after["p2pgpu_cluster_formation_seconds_count"][()] > before["p2pgpu_cluster_formation_seconds_count"][()]
     assert explorer.get("/api/summary")["clusters"] >= 1
+
+
+def test_a_paid_job_passes_the_proof_check(net: LocalNet, explorer: Explorer) -> None:
+    job_id = ensure_job(net)
+
+    def paid() -> Any:
+        rows = [p for p in explorer.get("/api/payouts")["rows"] if p["job_id"] == job_id and p["paid"]]
+        return rows[0] if rows else None
+
+    try:
+        pay = wait_for(paid, what="the job's payout with a transaction signature")
+    except AssertionError:
+        raise AssertionError(f"no paid payout; jobs: {explorer.get('/api/jobs')['rows']}\n"
+                             f"payouts: {explorer.get('/api/payouts')}\nnode 0 log:\n{net.nodes[0].log_tail()}") from None
+    assert pay["side"] == "owed" and pay["amount"] > 0 and len(pay["tx_signature"]) > 60
+    proof = next(p for p in explorer.get("/api/proofs")["rows"] if p["proof_hash"] == pay["proof_hash"])
+    assert proof["paid"] is True and proof["tx_signature"] == pay["tx_signature"]
+
+    doc = explorer.get("/api/check/" + pay["proof_hash"], method="POST")
+    assert [(s["name"], s["ok"]) for s in doc["steps"]] == [("signature", True), ("inclusion", True), ("memo", True)]
+    assert doc["valid"] is True and doc["tx_signature"] == pay["tx_signature"] and doc["job_id"] == job_id
+    assert doc["signer"] == pay["worker"] and len(doc["root"]) == 64
+
+    def paid_metrics() -> Any:
+        m = metrics(explorer)
+        return m if m.get("p2pgpu_paid_amount_total") else None
+
+    m = wait_for(paid_metrics, what="paid amount in /metrics")
+    assert m["p2pgpu_paid_amount_total"][(("currency", "SOL"),)] >= pay["amount"]
+    assert m["p2pgpu_payouts"][(("side", "owed"), ("status", "paid"))] >= 1
+    summary = explorer.get("/api/summary")
+    assert summary["payouts_paid"] >= 1 and summary["paid_total"]["SOL"] >= pay["amount"]

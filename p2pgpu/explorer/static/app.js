@@ -30,7 +30,11 @@ function fmtMem(mb) {
 }
 function fmtAmount(amount, currency) {
   if (typeof amount !== "number") return "–";
-  if (!currency || currency === "SOL") return (amount / 1e9).toLocaleString("en-US", { maximumFractionDigits: 9 }) + " SOL";
+  if (!currency || currency === "SOL") {
+    // Below 0.001 SOL, lamports read better than a long row of zeros.
+    if (Math.abs(amount) < 1e6) return amount.toLocaleString("en-US") + (amount === 1 ? " lamport" : " lamports");
+    return (amount / 1e9).toLocaleString("en-US", { maximumFractionDigits: 6 }) + " SOL";
+  }
   return amount.toLocaleString("en-US") + " " + short(currency, 6);
 }
 function fmtMs(ms) {
@@ -81,7 +85,7 @@ function renderSummary(v) {
   $("c-proofs").textContent = fmtInt(s.proofs);
   const paid = Object.entries(s.paid_total || {});
   $("c-paid").textContent = paid.length ? paid.map(([c, a]) => fmtAmount(a, c)).join(" + ") : "0";
-  $("c-paid-n").textContent = s.payouts_paid ? s.payouts_paid + " payouts" : "";
+  $("c-paid-n").textContent = s.payouts_paid ? s.payouts_paid + (s.payouts_paid === 1 ? " payout" : " payouts") : "";
   const banner = $("banner");
   if (!v.daemon_up) {
     banner.hidden = false;
