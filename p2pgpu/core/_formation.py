@@ -294,6 +294,11 @@ class FormationNode:
         job = self.jobs.get(job_id)
         return job.state if job is not None else None
 
+    def certificate(self, job_id: str) -> Certificate | None:
+        """The confirmed certificate of a job this node knows, if it has seen the CONFIRM."""
+        job = self.jobs.get(job_id)
+        return job.confirm.certificate if job is not None and job.confirm is not None else None
+
     def leader_of(self, job_id: str, view: int) -> str | None:
         job = self.jobs.get(job_id)
         if job is None or not job.volunteers:

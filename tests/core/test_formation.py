@@ -173,6 +173,7 @@ def test_normal_formation() -> None:
         start_job = next(a for a in acts if isinstance(a, StartJob))
         assert start_job.member_index == k and start_job.certificate.digest == certified.certificate.digest
         assert b.p[k].state(b.job) is WorkerState.RUNNING and b.p[k].gpus_free == 0
+        assert b.p[k].certificate(b.job) == certified.certificate
     assert b.summary(b.p[2].on_message(confirm, w + 8)) == [
         "cancel window", "cancel view", "cancel round", "cancel retry",
         "cancel window", "cancel view", "cancel round", "cancel retry", "cancel lease", "cancel run", "unsubscribe"]
