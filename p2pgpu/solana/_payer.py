@@ -96,6 +96,7 @@ class Payer:
         currency: str | None = None,
         transfers_max: int = transfers_max_plain,
         batches_per_round_max: int = 200,
+        sends_in_flight_max: int = 8,
         poll_s: float = 0.02,
         resend_s: float = 2.0,
         confirm_timeout_s: float = 90.0,
@@ -109,6 +110,7 @@ class Payer:
         self.currency = currency
         self.transfers_max = transfers_max
         self.batches_per_round_max = batches_per_round_max
+        self.sends_in_flight_max = sends_in_flight_max
         self.poll_s = poll_s
         self.resend_s = resend_s
         self.confirm_timeout_s = confirm_timeout_s
@@ -279,8 +281,26 @@ class Payer:
                 mark_sent(self.conn, b.batch_id, now_ms=self.now_ms())
 
     async def send_all(self, batches: Sequence[BatchRecord]) -> None:
-        for b in batches:
-            await self._send(b)
+        """First sends, ``sends_in_flight_max`` at a time (they are independent:
+        each is already recorded).  The first error is re-raised as itself
+        after the others finished, so callers can catch ``LedgerUnavailable``."""
+        limiter = trio.CapacityLimiter(self.sends_in_flight_max)
+        errors: list[Exception] = []
+
+        async def one(b: BatchRecord) -> None:
+            async with limiter:
+                if errors:
+                    return
+                try:
+                    await self._send(b)
+                except (LedgerUnavailable, LedgerRejected) as exc:
+                    errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for b in batches:
+                nursery.start_soon(one, b)
+        if errors:
+            raise errors[0]
 
     # --- confirming ------------------------------------------------------
 
