@@ -16,7 +16,10 @@ Two figures:
    for adverts (``--adverts-per-s``, default 2: with a 600 s refresh that is a
    1,200-node network; every advert reaches every node, so a per-node refresh
    rate would make the work grow as N^2 and say nothing about the engine).
-   Jobs arrive at 0.2/s from 5 submitters.
+   Jobs arrive at 0.2/s from 5 submitters.  Note what the protocol itself
+   needs: an advert lives at most 1 h (``ttl_ms_max``), so N nodes publish at
+   least N/3600 adverts/s (28/s at 100,000 nodes, each reaching every node
+   about D = 8 times): the printed ``min_rate`` column.
 
 Each line prints nodes, simulated seconds, wall seconds, the ratio
 (simulated/wall: above 1 is faster than real time), events, events/s and
@@ -66,9 +69,8 @@ def world_once(nodes: int, sim_s: float, adverts_per_s: float) -> dict[str, obje
                 "progress_every_s": 1e6},
         "network": {"latency": "regions"},
         "kademlia": {"lookups_per_s": 1.0},
-        "adverts": {"refresh_s": max(1.0, nodes / adverts_per_s), "ttl_s": 3600.0 if nodes / adverts_per_s >= 1800
-                    else max(2.0, 2 * nodes / adverts_per_s), "observers": 10,
-                    "initial_spread_s": 0.0},
+        "adverts": {"refresh_s": max(1.0, nodes / adverts_per_s), "ttl_s": min(3600.0, max(2.0, 2 * nodes / adverts_per_s)),
+                    "observers": 10, "initial_spread_s": 0.0},
         "jobs": {"submitters": 5, "rate_per_s": 0.2, "duration_s": min(10.0, sim_s / 4)},
     })
     t0 = time.perf_counter()
@@ -103,7 +105,7 @@ def main() -> None:
             print(f"engine alone: {pending:>7} pending  {rate / 1e6:.2f}M events/s", flush=True)
     sizes = args.sizes or ([1_000, 10_000, 100_000] if args.full else [1_000, 10_000])
     print(f"{'nodes':>7} {'sim_s':>6} {'wall_s':>7} {'x_real':>7} {'events':>10} {'events/s':>9} "
-          f"{'rss_MB':>7} {'p50_ms':>7} {'p99_ms':>7} {'ratio':>6}", flush=True)
+          f"{'rss_MB':>7} {'p50_ms':>7} {'p99_ms':>7} {'ratio':>6} {'min_rate':>8}", flush=True)
     for n in sizes:
         cmd = [sys.executable, __file__, "--one", str(n), "--adverts-per-s", str(args.adverts_per_s)]
         if args.sim_s:
@@ -112,7 +114,7 @@ def main() -> None:
         d = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{d['nodes']:>7} {d['sim_s']:>6} {d['run_wall_s']:>7} {d['x_real_time']:>7} {d['events']:>10} "
               f"{d['events_per_s']:>9} {d['peak_rss_mb']:>7} {d['advert_p50_ms']!s:>7} {d['advert_p99_ms']!s:>7} "
-              f"{d['delivery_ratio']!s:>6}  (setup {d['setup_wall_s']} s, violations {d['violations']})",
+              f"{d['delivery_ratio']!s:>6} {n / 3600:>8.2f}  (setup {d['setup_wall_s']} s, violations {d['violations']})",
               flush=True)
 
 

@@ -203,7 +203,9 @@ class Scenario:
         a = self.adverts
         _need(a.books in ("observers", "all"), "adverts.books", "is 'observers' or 'all'")
         _need(a.verify in ("cached", "every"), "adverts.verify", "is 'cached' or 'every'")
-        _need(0 < a.refresh_s < a.ttl_s <= 3600, "adverts", "needs 0 < refresh_s < ttl_s <= 3600")
+        # refresh_s >= ttl_s is allowed (adverts then lapse between refreshes):
+        # benchmarks use it to hold the network-wide advert rate fixed.
+        _need(0 < a.refresh_s and 0 < a.ttl_s <= 3600, "adverts", "needs refresh_s > 0 and 0 < ttl_s <= 3600")
         _need(0 <= a.real_fraction <= 1, "adverts.real_fraction", "0..1")
         c = self.churn
         _need(0 <= c.fraction <= 1, "churn.fraction", "0..1")
