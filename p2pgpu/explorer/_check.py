@@ -8,8 +8,9 @@ Three steps, each reported on its own so the page can say which one failed:
    describes; its digest must be the proof hash asked about.
 2. **inclusion**: the Merkle inclusion proof of that hash (RFC 6962, see
    ``core/_payout.py``) verifies with :func:`verify_inclusion`.  It comes from
-   the daemon (a ``proof.inclusion`` method or an ``inclusion`` field of the
-   proof or payout row) or, on the payer's own home, from its payout store,
+   the daemon (a ``proof.inclusion`` method, or an ``inclusion`` or
+   ``inclusion_proof`` field of the proof, payout or earning row: a worker
+   keeps the one its payer sent with the paid notice) or, on the payer's own home, from its payout store,
    exactly as ``p2pgpu proof inclusion`` builds it.
 3. **memo**: the transaction that paid the batch, fetched from the ledger by
    its signature, carries that Merkle root in its memo
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import sqlite3
 from collections.abc import Callable
@@ -152,9 +154,10 @@ class ProofChecker:
     async def _inclusion_doc(self, proof_hash: str, row: dict[str, Any] | None,
                              pay: dict[str, Any] | None) -> dict[str, Any] | None:
         for r in (row, pay):
-            doc = (r or {}).get("inclusion")
-            if isinstance(doc, dict):
-                return doc
+            for key in ("inclusion", "inclusion_proof"):
+                doc = _json_object((r or {}).get(key))
+                if doc is not None:
+                    return {"tx_signature": (r or {}).get("tx_signature"), **doc}
         try:
             doc = await self.source.call("proof.inclusion", {"proof_hash": proof_hash})
             if isinstance(doc, dict) and doc.get("root"):
@@ -221,6 +224,16 @@ class ProofChecker:
             raise LookupError(f"ledger unreachable: {exc}") from None
         finally:
             await ledger.aclose()
+
+
+def _json_object(value: Any) -> dict[str, Any] | None:
+    """A dict, or a JSON text of one (a worker's store keeps the inclusion proof it was sent as text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
 
 
 def _find(rows: list[dict[str, Any]] | None, proof_hash: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ check yet; the proof passes only when all three are true.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,20 @@ async def test_checker_reads_the_rows_and_refuses_bad_hashes(tmp_path: Path) -> 
         await checker.check("xyz", views)
     unknown = await checker.check("00" * 32, views)
     assert unknown["known"] is False and [s["ok"] for s in unknown["steps"]] == [None, None, None]
+
+
+async def test_a_workers_earning_row_carries_its_inclusion_proof_as_text(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.init(network="local")
+
+    class NoDaemon:
+        async def call(self, method: str, params: Any = None) -> Any:
+            from p2pgpu.explorer import MethodMissing
+
+            raise MethodMissing(method)
+
+    inc = inclusion_proof(BATCH, SP.proof_hash).to_json()
+    raw = Raw(earnings=[{"proof_hash": H, "wire": SP.wire.hex(), "inclusion_proof": json.dumps(inc),
+                         "status": "paid", "tx_signature": None}])
+    doc = await ProofChecker(NoDaemon(), home).check(H, build_views(raw, now_ms=0, version=1))  # type: ignore[arg-type]
+    assert [s["ok"] for s in doc["steps"]] == [True, True, None] and doc["root"] == inc["root"]
