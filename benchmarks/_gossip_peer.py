@@ -138,7 +138,7 @@ def make_adverts(index: int, count: int, first: int, now_ms: int) -> list[bytes]
             peer_id=ident.peer_id, network=NETWORK, addrs=(f"/ip4/127.0.0.1/tcp/{4000 + index}",),
             seq=now_ms + i, issued_at_ms=now_ms, expires_at_ms=now_ms + 600_000,
             gpus=(GpuInfo(model="NVIDIA H100 80GB HBM3", memory_mb=81559, compute_capability="9.0",
-                          driver_version="550.54", cuda_version="12.4", uuid_hash="%032x" % rng.getrandbits(128)),),
+                          driver_version="550.54", cuda_version="12.4", uuid_hash=f"{rng.getrandbits(128):032x}"),),
             gpus_free=1, price_per_gpu_hour=2_000_000, currency="SOL", payout_address="",
             region="eu-west", runtimes=("process",), simulated=True,
         )

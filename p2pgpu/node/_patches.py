@@ -126,13 +126,13 @@ def _install_batch_writes(undo: Undo) -> None:
 
 
 class _ReadBuffer:
-    __slots__ = ("data", "__weakref__")
+    __slots__ = ("__weakref__", "data")
 
     def __init__(self) -> None:
         self.data = bytearray()
 
 
-_read_buffers: "weakref.WeakKeyDictionary[Any, _ReadBuffer]" = weakref.WeakKeyDictionary()
+_read_buffers: weakref.WeakKeyDictionary[Any, _ReadBuffer] = weakref.WeakKeyDictionary()
 
 
 def _install_buffered_reads(undo: Undo) -> None:
@@ -189,7 +189,7 @@ def _install_buffered_reads(undo: Undo) -> None:
 # ~0.2 ms) to check the cached record on every send.  Rebuild at most once a
 # second instead; a changed address still reaches peers within a second.
 
-_sender_records: "weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]]" = weakref.WeakKeyDictionary()
+_sender_records: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = weakref.WeakKeyDictionary()
 
 
 def _install_sender_record_cache(undo: Undo) -> None:
@@ -220,15 +220,14 @@ def _install_sender_record_cache(undo: Undo) -> None:
 # accepted without verifying it again; a different record is verified as
 # upstream does.  Together with 3, saved about 30%.
 
-_peer_records: "weakref.WeakKeyDictionary[Any, collections.OrderedDict[Any, tuple[bytes, float]]]" = (
+_peer_records: weakref.WeakKeyDictionary[Any, collections.OrderedDict[Any, tuple[bytes, float]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def _install_record_verify_once(undo: Undo) -> None:
-    from libp2p.pubsub import floodsub, gossipsub
+    from libp2p.pubsub import floodsub, gossipsub, utils
     from libp2p.pubsub import pubsub as ps_mod
-    from libp2p.pubsub import utils
 
     original = utils.maybe_consume_signed_record
 
@@ -301,6 +300,8 @@ def _install_inline_inbound(undo: Undo) -> None:
     from libp2p.pubsub import pubsub as ps_mod
     from libp2p.pubsub.pb import rpc_pb2
 
+    names = vars(ps_mod)  # looked up per call: the buffered reader and record cache may be on or off
+
     async def continuously_read_stream(self: Any, stream: Any) -> None:
         # Upstream's loop (pubsub.py, continuously_read_stream) with one change:
         # publish messages whose validators are all synchronous are pushed
@@ -308,10 +309,10 @@ def _install_inline_inbound(undo: Undo) -> None:
         peer_id = stream.muxed_conn.peer_id
         try:
             while self.manager.is_running:
-                incoming = await ps_mod.read_varint_prefixed_bytes_limited(stream, self.max_inbound_rpc_size)
+                incoming = await names["read_varint_prefixed_bytes_limited"](stream, self.max_inbound_rpc_size)
                 rpc_incoming = rpc_pb2.RPC()
                 rpc_incoming.ParseFromString(incoming)
-                if not ps_mod.maybe_consume_signed_record(rpc_incoming, self.host, peer_id):
+                if not names["maybe_consume_signed_record"](rpc_incoming, self.host, peer_id):
                     logger.debug("invalid signed peer record from %s, RPC ignored", peer_id)
                     continue
                 event = ps_mod.GossipsubEvent()
@@ -415,7 +416,6 @@ def _install_validation_cache_o1(undo: Undo) -> None:
 def _install_signer_key_cache(undo: Undo) -> None:
     import nacl.exceptions
     import nacl.signing
-
     from libp2p.pubsub import pubsub as ps_mod
     from libp2p.pubsub import validators
     from libp2p.pubsub.pb import rpc_pb2
@@ -467,7 +467,6 @@ def _install_signer_key_cache(undo: Undo) -> None:
 
 def _install_send_rpc_fast_path(undo: Undo) -> None:
     from libp2p.pubsub import gossipsub
-
     from libp2p.pubsub.rpc_queue import _rpc_has_data
 
     cls = gossipsub.GossipSub
@@ -496,7 +495,7 @@ def _install_queue_sizes(undo: Undo) -> None:
     from libp2p.pubsub import pubsub as ps_mod
     from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
 
-    class SizedRpcQueue(RpcQueue):  # type: ignore[misc]
+    class SizedRpcQueue(RpcQueue):
         def __init__(self, max_size: int | None = None, max_message_size: int = DefaultMaxMessageSize) -> None:
             super().__init__(outbound_queue_size if max_size is None else max_size, max_message_size)
 

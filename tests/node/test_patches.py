@@ -22,9 +22,6 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from p2pgpu.node import _patches
-
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
 from libp2p.exceptions import ParseError
@@ -36,11 +33,13 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.utils.varint import encode_varint_prefixed
 
+from p2pgpu.node import _patches
+
 TOPIC = "/p2pgpu/test/1"
 
 # Upstream's functions, from the modules the patches leave alone (they rebind
 # the names inside libp2p.pubsub.pubsub only).
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited as UPSTREAM_READ  # noqa: E402
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited as UPSTREAM_READ
 
 UPSTREAM_SIGNATURE_VALIDATOR = validators.signature_validator
 
@@ -485,7 +484,7 @@ async def open_net(stack: AsyncExitStack, n: int, first: int) -> list[tuple[Any,
     for i in range(n):
         for j in range(n):
             if i != j:
-                await nodes[i][1].wait_for_peer(nodes[j][0].get_id(), timeout=10)
+                await nodes[i][1].wait_for_peer(nodes[j][0].get_id(), timeout=30)
     return nodes
 
 
@@ -538,7 +537,7 @@ async def gossip_run(monkeypatch: pytest.MonkeyPatch, count: int) -> tuple[dict[
         for i in range(3):
             for j in range(3):
                 if i != j:
-                    await nodes[i][1].wait_for_mesh(nodes[j][0].get_id(), TOPIC, timeout=10)
+                    await nodes[i][1].wait_for_mesh(nodes[j][0].get_id(), TOPIC, timeout=30)
         counters = Counters(monkeypatch)
         sent = [b"msg %04d " % i + bytes(300) for i in range(count)]
         got: list[list[bytes]] = [[], []]
@@ -594,10 +593,10 @@ async def test_reader_survives_a_crashing_validator(patched: None) -> None:
         ps1.set_topic_validator(TOPIC, validator, is_async_validator=False)
         sub = await ps1.subscribe(TOPIC)
         await ps0.subscribe(TOPIC)
-        await ps0.wait_for_mesh(h1.get_id(), TOPIC, timeout=10)
+        await ps0.wait_for_mesh(h1.get_id(), TOPIC, timeout=30)
         await ps0.publish(TOPIC, b"boom")
         await ps0.publish(TOPIC, b"after")
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             assert (await sub.get()).data == b"after"
 
 
@@ -614,10 +613,10 @@ async def test_async_validators_still_run(patched: None) -> None:
         ps1.set_topic_validator(TOPIC, validator, is_async_validator=True)
         sub = await ps1.subscribe(TOPIC)
         await ps0.subscribe(TOPIC)
-        await ps0.wait_for_mesh(h1.get_id(), TOPIC, timeout=10)
+        await ps0.wait_for_mesh(h1.get_id(), TOPIC, timeout=30)
         for data in (b"no", b"yes"):
             await ps0.publish(TOPIC, data)
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             assert (await sub.get()).data == b"yes"
         assert seen[:2] == [b"no", b"yes"] or sorted(seen[:2]) == [b"no", b"yes"]
 
