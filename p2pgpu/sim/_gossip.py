@@ -22,6 +22,7 @@ and ``deliver(node, msg)`` is called once per node per message.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import Any, Callable
 
@@ -69,6 +70,8 @@ class GossipSub:
         self.hb_us = int(cfg.heartbeat_ms * 1000)
         self._seen_ttl_us = int(cfg.seen_ttl_s * 1_000_000)
         self._mcache_us = cfg.history_length * self.hb_us
+        self._proc_us = int(cfg.processing_ms * 1000)
+        self._cores = [0] * cfg.shared_cores
         self._rngs: list[Any] = [None] * n
         self.iwant_served = 0
         self.ihave_sent = 0
@@ -136,6 +139,30 @@ class GossipSub:
         if sc is not None and sc.get(src, 0.0) < self.cfg.graylist_score:
             return  # graylisted: not even looked at
         seen[dst] = 1
+        if self._proc_us:
+            net = self.net
+            now = self.engine.now_us
+            cores = self._cores
+            if cores:
+                # all nodes share a few cores: take the one free first
+                free = heapq.heappop(cores)
+                ready = (free if free > now else now) + self._proc_us
+                heapq.heappush(cores, ready)
+            else:
+                # the node's own CPU is one queue: validation waits for what came before
+                free = net.uplink_free_us[dst]
+                ready = (free if free > now else now) + self._proc_us
+                net.uplink_free_us[dst] = ready
+            self.engine.at(ready, self._process, (dst, src, msg, net.epoch[dst]))
+            return
+        self._accept(dst, src, msg)
+
+    def _process(self, arg: tuple[int, int, Msg, int]) -> None:
+        dst, src, msg, epoch = arg
+        if self.net.up[dst] and self.net.epoch[dst] == epoch:
+            self._accept(dst, src, msg)
+
+    def _accept(self, dst: int, src: int, msg: Msg) -> None:
         verdict = self.validate(dst, src, msg)
         if verdict != ACCEPT:
             if verdict == REJECT:

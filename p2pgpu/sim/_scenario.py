@@ -85,6 +85,14 @@ class GossipSection:
     graylist_score: float = -10.0
     invalid_message_penalty: float = 1.0
     control_bytes: int = 64
+    #: CPU a node spends validating and handling one new message before it is
+    #: delivered and forwarded (one queue per node); 0 = instant.  Calibrate it
+    #: against the real node (docs/calibration.md): ~1.9 ms upstream py-libp2p,
+    #: ~0.3 ms with the node's patches.
+    processing_ms: float = 0.0
+    #: 0: every node has its own CPU; k > 0: all nodes share k cores (several
+    #: node processes on one machine, as in a loopback calibration run)
+    shared_cores: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
