@@ -600,3 +600,18 @@ def test_docs_show_the_transition_tables_of_the_code() -> None:
     assert table_markdown(WORKER_TRANSITIONS, WORKER_EVENTS) in doc
     assert table_markdown(SUBMITTER_TRANSITIONS, SUBMITTER_EVENTS) in doc
     assert all((old, new) in WORKER_EVENTS for old, news in WORKER_TRANSITIONS.items() for new in news)
+
+
+def test_the_largest_cluster_fits_every_size_limit() -> None:
+    """64 members (nodes x replicas at most): proposal, certificate and confirm all fit."""
+    ids = [Identity(bytes([i + 1, 7]) * 16) for i in range(64)]
+    job = "ab" * 32
+    prop = Proposal.sign(ids[0], job_id=job, view=2**16, round=2**16, members=tuple(i.peer_id for i in ids),
+                         gpus_per_member=16)
+    accepts = tuple(Accept.sign(i, proposal=prop, lease_until_ms=2**62, price_per_gpu_hour=2**62,
+                                payout_address="11111111111111111111111111111111") for i in ids)
+    cert = Certificate(proposal=prop, accepts=accepts)
+    for msg in (prop, Certified.sign(ids[0], cert), Confirm.sign(SUBMITTER, cert, confirmed_at_ms=2**62)):
+        again = decode_message(msg.envelope.to_bytes())
+        assert again.envelope.kind is msg.envelope.kind  # type: ignore[union-attr]
+    assert len(Confirm.sign(SUBMITTER, cert, confirmed_at_ms=0).envelope.to_bytes()) < Kind.CONFIRM.bytes_max
