@@ -184,18 +184,16 @@ class Node:
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
+                    self._nursery = nursery
                     self._start_runner()
                     self._open_store()
                     self.control_port = await nursery.start(control.serve, self.options.control_port)
                     self._write_control_file()
                     await nursery.start(self.jobs.run)
-                    nursery.start_soon(self._drain, sub)
-                    nursery.start_soon(self._advert_loop)
-                    nursery.start_soon(self._dht_loop)
-                    nursery.start_soon(self._connect_loop)
-                    nursery.start_soon(self._expire_loop)
-                    nursery.start_soon(self._ping_loop)
-                    nursery.start_soon(self._payout_loop)
+                    for loop in (self._advert_loop, self._dht_loop, self._connect_loop, self._expire_loop,
+                                 self._ping_loop, self._payout_loop):
+                        nursery.start_soon(_logged, loop)
+                    nursery.start_soon(_logged, self._drain, sub)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
@@ -610,6 +608,16 @@ class Node:
     async def _shutdown(self, params: dict[str, Any]) -> dict[str, Any]:
         self.stop()
         return {"stopping": True}
+
+
+async def _logged(fn: Callable[..., Any], *args: Any) -> None:
+    """Run one of the node's loops; if it fails, say so at once (the nursery
+    re-raises only after every other task has stopped, which can take a while)."""
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("%s failed; the node stops", getattr(fn, "__name__", fn))
+        raise
 
 
 def market_row(adv: Advert) -> dict[str, Any]:
