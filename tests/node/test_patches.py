@@ -560,7 +560,15 @@ async def gossip_run(monkeypatch: pytest.MonkeyPatch, count: int) -> tuple[dict[
                             await trio.sleep(0.001)
         assert got == [sent, sent]
         assert invalid and all(d.startswith(b"bad") for d in invalid)
-        return dict(counters.n), got
+        result = dict(counters.n), got
+        # Let relayed duplicates settle before the hosts stop: upstream's reader
+        # can spawn a task into its closing nursery if one arrives during
+        # shutdown (see test_gossip_upstream_does_the_work_the_patches_remove).
+        with trio.move_on_after(5):
+            while any(len(q) for _h, ps in nodes for q in ps.peer_queues.values()):
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        return result
 
 
 async def test_gossip_delivers_in_order_intact_with_patches(patched: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -574,7 +582,20 @@ async def test_gossip_delivers_in_order_intact_with_patches(patched: None, monke
 
 async def test_gossip_upstream_does_the_work_the_patches_remove(upstream: None,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    counts, _ = await gossip_run(monkeypatch, 96)
+    runs: list[dict[str, int]] = []
+
+    async def run() -> None:
+        runs.append((await gossip_run(monkeypatch, 96))[0])
+
+    try:
+        await run()
+    except* RuntimeError as group:
+        # Upstream's shutdown race (py-libp2p 0.8.1, continuously_read_stream:
+        # manager.run_task(push_msg) into a closed nursery), which the inline
+        # reader patch avoids; it only happens after the counts were taken.
+        if not runs or any("Nursery is closed" not in str(e) for e in _leaves(group)):
+            raise
+    counts = runs[0]
     assert counts["writes"] >= 96
     assert counts["reads"] >= 2 * 96
     assert counts["window_updates"] >= 96
@@ -630,6 +651,13 @@ async def test_queues_are_sized_for_the_rate(patched: None) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 class _state:
