@@ -98,13 +98,16 @@ def _recipients(db: Path) -> list[str]:
 
 
 def test_crash_embedded(tmp_path: Path) -> None:
-    lives = 8
+    _crash_embedded(tmp_path, lives=8, seed=1)
+
+
+def _crash_embedded(tmp_path: Path, lives: int, seed: int) -> None:
     db, keyfile, payer = _setup(tmp_path)
     state = tmp_path / "ledger.state"
     led = EmbeddedLedger(state, slot_ms=0)
     trio.run(fund, led, payer)
     led.svm.close()
-    killed = crash_lives(db, str(state), keyfile, lives, seed=1)
+    killed = crash_lives(db, str(state), keyfile, lives, seed=seed)
     assert all(n > 0 for n in killed.values()), killed
     check_exactly_once(db, _balances_embedded(state, _recipients(db)))
 
@@ -140,5 +143,10 @@ def test_crash_ledger_server(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_crash_soak(tmp_path: Path) -> None:
+def test_crash_soak_ledger_server(tmp_path: Path) -> None:
     _crash_server(tmp_path, lives=120, seed=3)
+
+
+@pytest.mark.slow
+def test_crash_soak_embedded(tmp_path: Path) -> None:
+    _crash_embedded(tmp_path, lives=120, seed=4)

@@ -249,3 +249,24 @@ async def test_malformed_address_or_unknown_mint_is_held_not_blocking(conn, ledg
     rows = {r["payout_address"] + r["currency"][:3]: r for r in payouts(conn)}
     assert rows["not-an-addressSOL"]["status"] == "failed" and "not a Solana address" in rows["not-an-addressSOL"]["error"]
     assert [r["status"] for r in payouts(conn) if r["currency"] not in ("SOL",)] == ["failed"]
+
+
+async def test_unknown_cause_splits_the_batch_down_to_the_bad_transfer(
+    conn, ledger: EmbeddedLedger, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """When the error names no transfer, the batch is halved until the failing transfer is alone."""
+    import p2pgpu.solana._payer as payer_module
+    from p2pgpu.solana._tx import Blame
+
+    monkeypatch.setattr(payer_module, "blame", lambda *a, **k: Blame(transfer_index=None, payer_fault=False,
+                                                                     rent_fault=False))
+    payer = await funded(ledger)
+    good = [str(Keypair().pubkey()) for _ in range(7)]
+    bad = "MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr"
+    owe(conn, [(g, 1_000_000) for g in good[:5]] + [(bad, 1_000_000)] + [(g, 1_000_000) for g in good[5:]])
+    await Payer(conn, ledger, payer).pay_once()
+    totals = owed_totals(conn, currency="SOL")
+    assert totals[bad] == {"failed": 1_000_000}
+    assert all(totals[g] == {"paid": 1_000_000} for g in good)
+    sizes = [r[0] for r in conn.execute("SELECT transfers FROM payout_batches WHERE state = 'failed' ORDER BY batch_id")]
+    assert sizes[0] == 8 and sizes[-1] == 1  # 8 -> 4 -> 2 -> 1
