@@ -86,8 +86,30 @@ def _open(env: Envelope, kind: Kind) -> dict[str, Any]:
     return body_of(env)
 
 
+class _Signed:
+    """The encode/decode pair every signed formation message has."""
+
+    __slots__ = ()
+    kind: ClassVar[Kind]
+    envelope: Envelope
+
+    def to_bytes(self) -> bytes:
+        """The wire bytes (the envelope)."""
+        return self.envelope.to_bytes()
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, data: bytes) -> Any:
+        """Bytes as this kind of message, or ``PeerMisbehaved`` (never another error)."""
+        env = envelope_from_obj(decode(data, size_max=cls.kind.bytes_max, canonical=True), expected=cls.kind)
+        return cls.from_envelope(env)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Offer:
+class Offer(_Signed):
     """A matching peer with free capacity volunteers for a job.  Not binding;
     a newer ``seq`` from the same peer replaces an older offer."""
 
@@ -125,7 +147,7 @@ class Offer:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Proposal:
+class Proposal(_Signed):
     """The leader of ``view`` proposes ``members`` (attempt ``round`` of its view)."""
 
     kind: ClassVar[Kind] = Kind.PROPOSAL
@@ -172,7 +194,7 @@ class Proposal:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Accept:
+class Accept(_Signed):
     """A member reserved ``gpus`` until ``lease_until_ms`` and agrees to exactly
     the proposal whose digest is ``proposal``, at ``price_per_gpu_hour``, paid to
     ``payout_address``."""
@@ -228,7 +250,7 @@ class Accept:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Decline:
+class Decline(_Signed):
     """A proposed member will not take part (no free capacity, ...)."""
 
     kind: ClassVar[Kind] = Kind.DECLINE
@@ -327,7 +349,7 @@ class Certificate:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Certified:
+class Certified(_Signed):
     """The leader hands a complete certificate to the submitter."""
 
     kind: ClassVar[Kind] = Kind.CERTIFICATE
@@ -355,7 +377,7 @@ class Certified:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Confirm:
+class Confirm(_Signed):
     """The submitter confirms one certificate for its job (members start on it)."""
 
     kind: ClassVar[Kind] = Kind.CONFIRM
@@ -391,7 +413,7 @@ class Confirm:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Cancel:
+class Cancel(_Signed):
     """The submitter withdraws its job: everyone releases what it holds for it."""
 
     kind: ClassVar[Kind] = Kind.CANCEL
