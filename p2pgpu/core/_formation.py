@@ -245,6 +245,10 @@ class FormationNode:
         A job id seen before raises ``REPLAYED``; an expired one ``EXPIRED``."""
         check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
         if len(self.jobs) >= self.config.jobs_max:
+            # Forget closed jobs first (the replay guard still remembers their ids).
+            for job_id in [j for j in sorted(self.jobs) if self.jobs[j].state is WorkerState.CLOSED]:
+                del self.jobs[job_id]
+        if len(self.jobs) >= self.config.jobs_max:
             raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many jobs in formation")
         self.guard.admit(sm.job_id, sm.manifest.expires_at_ms, now_ms)
         m, cfg = sm.manifest, self.config

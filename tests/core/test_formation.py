@@ -632,3 +632,20 @@ def test_the_largest_cluster_fits_every_size_limit() -> None:
         again = decode_message(msg.envelope.to_bytes())
         assert again.envelope.kind is msg.envelope.kind  # type: ignore[union-attr]
     assert len(Confirm.sign(SUBMITTER, cert, confirmed_at_ms=0).envelope.to_bytes()) < Kind.CONFIRM.bytes_max
+
+
+def test_job_table_is_bounded_and_forgets_closed_jobs_first() -> None:
+    cfg = replace(CFG, jobs_max=2)
+    ident = Identity(bytes([9]) * 32)
+    node = FormationNode(ident, make_advert(ident, gpus=1, model="A100"), cfg)
+    rng = Random(5)
+    a, b, c = (make_manifest(SUBMITTER, rng, now_ms=T0) for _ in range(3))
+    node.on_manifest(a, T0)
+    node.on_manifest(b, T0)
+    with pytest.raises(PeerMisbehaved) as info:
+        node.on_manifest(c, T0)
+    assert info.value.reason is Reason.LIMIT_EXCEEDED
+    node.on_message(Cancel.sign(SUBMITTER, job_id=a.job_id, reason="", cancelled_at_ms=T0), T0)
+    assert node.state(a.job_id) is WorkerState.CLOSED
+    node.on_manifest(c, T0 + 1)  # the closed job made room
+    assert sorted(node.jobs) == sorted([b.job_id, c.job_id])
