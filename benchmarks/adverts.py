@@ -223,6 +223,7 @@ def bench_propagation_nodes(n: int, duration_s: float, *, patched: bool, ttl_s: 
     from pathlib import Path
 
     from p2pgpu.localnet import LocalNet
+    from p2pgpu.node import ControlError, DaemonUnavailable
 
     env = {} if patched else {"P2PGPU_LIBP2P_PATCHES": "0"}
     with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-") as root, \
@@ -232,9 +233,16 @@ def bench_propagation_nodes(n: int, duration_s: float, *, patched: bool, ttl_s: 
         first_seen: dict[tuple[str, int], dict[int, float]] = {}
         start = time.time()
         sweeps = 0
+        unreachable: dict[int, str] = {}
         while time.time() - start < duration_s:
             for node in net.nodes:
-                rows = node.call("market")
+                if node.index in unreachable:
+                    continue
+                try:
+                    rows = node.call("market", timeout_s=10)
+                except (DaemonUnavailable, ControlError) as exc:
+                    unreachable[node.index] = f"{exc} (exit status {node.proc.poll()})"
+                    continue
                 now = time.time()
                 for row in rows:
                     if row["peer_id"] != node.peer_id:
@@ -244,11 +252,11 @@ def bench_propagation_nodes(n: int, duration_s: float, *, patched: bool, ttl_s: 
     latencies = []
     for (_pid, expires_at), seen in first_seen.items():
         issued_s = (expires_at - ttl_s * 1000) / 1000
-        if issued_s > start and len(seen) == n - 1:
+        if issued_s > start and len(seen) >= n - 1 - len(unreachable):
             latencies.append(max(seen.values()) - issued_s)
     latencies.sort()
     return {
-        "nodes": n, "adverts": len(latencies), "sweep_s": sweep_s,
+        "nodes": n, "adverts": len(latencies), "sweep_s": sweep_s, "unreachable": unreachable,
         "latency_s_median": statistics.median(latencies) if latencies else None,
         "latency_s_p90": latencies[int(0.9 * (len(latencies) - 1))] if latencies else None,
         "latency_s_max": latencies[-1] if latencies else None,
@@ -422,6 +430,8 @@ def main() -> None:
             if args.real_nodes:
                 b = bench_propagation_nodes(args.nodes, 10 if args.quick else 30, patched=patched)
                 desc = f"{b['adverts']} advert refreshes of real nodes, polled every {1000 * b['sweep_s']:.0f} ms"
+                if b["unreachable"]:
+                    desc += f"; {len(b['unreachable'])} nodes stopped answering: {b['unreachable']}"
             else:
                 b = bench_propagation(args.nodes, 3 if args.quick else 10, patched=patched)
                 desc = f"{b['reached_all']}/{b['adverts']} reached all"
