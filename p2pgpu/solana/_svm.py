@@ -310,12 +310,16 @@ class SvmLedger:
             return SimResult(err="BlockhashNotFound", logs=[], units=0)
         if tx.signatures and str(tx.signatures[0]) in self.sigs:
             return SimResult(err="AlreadyProcessed", logs=[], units=0)
+        if not sig_verify:
+            self.svm.with_sigverify(False)  # clients simulate unsigned transactions (zero signatures)
         try:
             res = self.svm.simulate_transaction(tx)
         except BaseException as exc:
             if _is_panic(exc):
                 raise RpcError(code=-32003, message="Transaction signature verification failure") from None
             raise
+        finally:
+            self.svm.with_sigverify(True)
         if isinstance(res, FailedTransactionMetadata):
             meta = res.meta()
             return SimResult(err=err_json(res.err()), logs=list(meta.logs()), units=meta.compute_units_consumed())

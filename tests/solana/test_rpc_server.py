@@ -195,3 +195,19 @@ async def test_websocket_clients_that_leave_do_not_stop_the_server(server: Ledge
         bh = (await client.get_latest_blockhash()).value.blockhash
         await client.send_raw_transaction(bytes(pay(a, Keypair(), 1_000_000, bh)), SKIP)  # touches `a`
     assert (await client.get_balance(a.pubkey())).value == 10**10 - 3 * 1_005_000
+
+
+async def test_simulate_an_unsigned_transaction(client: AsyncClient) -> None:
+    from solders.message import Message
+    from solders.signature import Signature
+
+    a = await funded(client)
+    bh = (await client.get_latest_blockhash()).value.blockhash
+    msg = Message.new_with_blockhash(
+        [transfer(TransferParams(from_pubkey=a.pubkey(), to_pubkey=Keypair().pubkey(), lamports=10**6))], a.pubkey(), bh)
+    unsigned = VersionedTransaction.populate(msg, [Signature.default()])
+    sim = (await client.simulate_transaction(unsigned, sig_verify=False)).value
+    assert sim.err is None and sim.units_consumed == 150
+    with pytest.raises(RPCException) as exc:  # with sigVerify a node refuses it, as here
+        await client.simulate_transaction(unsigned, sig_verify=True)
+    assert "SignatureVerificationFailure" in str(exc.value)
