@@ -61,7 +61,7 @@ from ._control import ControlError, ControlServer
 from ._job_api import job_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import FORMATION_PROTOCOL, JOBS_TOPIC, JobsService
-from ._stack import Stack, open_stack
+from ._stack import Stack, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 
 log = logging.getLogger("p2pgpu.node")
@@ -530,6 +530,8 @@ class Node:
             "gpus_free": max(0, len(self.inventory.gpus) - self.gpus_reserved),
             "rejections": dict(sorted(rejections.items())),
             "counters": dict(sorted(self.counts.items())),
+            "library_handler_errors": dict(sorted(library_handler_errors.items())),
+            "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
         }
 

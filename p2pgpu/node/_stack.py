@@ -20,7 +20,7 @@ import logging
 import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import multiaddr
 from libp2p import new_host
@@ -72,6 +72,44 @@ class Stack:
 
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
+
+
+library_handler_errors: dict[str, int] = {}
+
+
+def guard_library_handlers(host: IHost) -> None:
+    """Wrap py-libp2p's own stream handlers (GossipSub, Kademlia, identify,
+    ping...) so that nothing they raise reaches the host.
+
+    Upstream's GossipSub reader, for one, lets a protobuf ``DecodeError`` from
+    a peer's garbage RPC escape, and one exception in any handler ends the
+    whole host (libp2p notes, trap 3).  Our own handlers are wrapped when they
+    are registered (``_streams.guarded``); this covers the library's, once the
+    services have registered theirs.  The wrapped stream is reset and the error
+    counted per protocol (``library_handler_errors``).
+    """
+    import trio  # noqa: PLC0415
+
+    mux = host.get_mux()
+    for protocol, handler in list(mux.handlers.items()):
+        if handler is None or getattr(handler, "_p2pgpu_guarded", False):
+            continue
+
+        async def run(stream: Any, _handler: Any = handler, _protocol: str = str(protocol)) -> None:
+            try:
+                await _handler(stream)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the host must outlive any peer's input
+                library_handler_errors[_protocol] = library_handler_errors.get(_protocol, 0) + 1
+                log.info("%s handler failed on a peer's input: %s: %s", _protocol, type(exc).__name__, exc)
+                try:
+                    await stream.reset()
+                except Exception:  # noqa: BLE001 - resetting an already broken stream
+                    log.debug("resetting the stream after the failure failed too")
+
+        run._p2pgpu_guarded = True  # type: ignore[attr-defined]
+        mux.handlers[protocol] = run
 
 
 async def _close_network(host: IHost) -> None:
@@ -143,6 +181,7 @@ async def open_stack(
         await stack.enter_async_context(background_trio_service(gossipsub))
         await stack.enter_async_context(background_trio_service(dht))
         await pubsub.wait_until_ready()
+        guard_library_handlers(host)
         try:
             yield Stack(host=host, pubsub=pubsub, gossipsub=gossipsub, dht=dht)
         finally:

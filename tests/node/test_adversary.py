@@ -156,10 +156,14 @@ async def test_garbage_on_every_protocol_and_topic_never_stops_the_node(tmp_path
         payloads = _garbage_payloads(rng)
         for payload in payloads[:4] + payloads[8:9]:
             await trio.to_thread.run_sync(_raw_tcp, node.addrs[0], payload)
+        status = await trio.to_thread.run_sync(node.call, "status")
+        # Ours and the library's own (GossipSub, Kademlia, identify, ping...).
+        protocols = sorted(set(STREAM_PROTOCOLS) | set(status["protocols"]))
+        assert MARKET_PROTOCOL in protocols and any(p.startswith("/meshsub/") for p in protocols)
+        assert any("kad" in p for p in protocols)
         cm, atk = await _attacker(node.addrs[0], bytes([9]) * 32)
         try:
-            assert MARKET_PROTOCOL in STREAM_PROTOCOLS
-            for protocol in STREAM_PROTOCOLS:
+            for protocol in protocols:
                 for payload in payloads:
                     await _raw_stream(atk.host, node.peer_id, protocol, payload)
             for topic in TOPICS:
