@@ -437,7 +437,7 @@ class RayMember:
             proc = await trio.lowlevel.open_process(argv, env=self._base_env(), stdin=subprocess.DEVNULL,
                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                     start_new_session=True)
-            self._ray_proc, self._ray_pidfd = proc, os.pidfd_open(proc.pid)
+            self._ray_proc, self._ray_pidfd = proc, _pidfd(proc.pid)
             ready = trio.Event()
             nursery.start_soon(self._drain_ray, proc, ready)
             with trio.move_on_at(deadline):
@@ -469,8 +469,15 @@ class RayMember:
     async def _wait_ray_exit(self) -> None:
         """Until the current ``ray start`` exits.  Waits on a pidfd without
         reaping, so its pid (the session id teardown kills by) stays ours."""
-        assert self._ray_pidfd is not None
-        await trio.lowlevel.wait_readable(self._ray_pidfd)
+        assert self._ray_proc is not None
+        if self._ray_pidfd is not None:
+            await trio.lowlevel.wait_readable(self._ray_pidfd)
+            return
+        while True:  # no pidfd (a kernel before 5.3, gVisor): poll, still without reaping
+            info = os.waitid(os.P_PID, self._ray_proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # noqa: ASYNC222
+            if info is not None:
+                return
+            await trio.sleep(0.1)
 
     # --- rank 0: wait for the members, run the entrypoint -----------------------------------------
 
@@ -635,6 +642,13 @@ class RayMember:
 
 class _RayFailed(Exception):
     pass
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
 
 
 async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:

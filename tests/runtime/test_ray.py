@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from p2pgpu.runtime import JobRejected
+from p2pgpu.runtime import JobRejected, _ray
 from p2pgpu.runtime._ray import TRANSITIONS, RayMember, RayMemberSpec, RayResult, State, ray_unavailable
 from p2pgpu.runtime._ray_procs import (
     choose_ports,
@@ -74,10 +74,11 @@ ray.get([a.hold.remote() for a in actors])
 def specs(n: int, command: str, **kw: object) -> list[RayMemberSpec]:
     port = pick_ports(1, rng=random.Random())[0]
     members = tuple(f"peer{i}" for i in range(n))
-    return [RayMemberSpec(job_id=JOB, members=members, rank=r, command=(sys.executable, "-c", command),
-                          rendezvous_host="127.0.0.1", rendezvous_port=port, host="127.0.0.1", num_cpus=1,
-                          memory_bytes_max=1 << 30, time_limit_ms=240_000, **kw)  # type: ignore[arg-type]
-            for r in range(n)]
+    fields: dict[str, object] = {
+        "job_id": JOB, "members": members, "command": (sys.executable, "-c", command),
+        "rendezvous_host": "127.0.0.1", "rendezvous_port": port, "host": "127.0.0.1", "num_cpus": 1,
+        "memory_bytes_max": 1 << 30, "time_limit_ms": 120_000} | kw
+    return [RayMemberSpec(rank=r, **fields) for r in range(n)]  # type: ignore[arg-type]
 
 
 def alive(pids: list[int]) -> list[str]:
@@ -191,9 +192,11 @@ async def test_cancelling_the_callers_scope_tears_down() -> None:
 
 @needs_ray
 @pytest.mark.slow
-async def test_lost_member_fails_the_job() -> None:
+async def test_lost_member_fails_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
     """A member whose machine dies (all its Ray processes killed): the head's
-    watcher sees Ray declare its node dead and the ``fail`` policy stops the job."""
+    watcher sees Ray declare its node dead and the ``fail`` policy stops the job.
+    Runs without pidfds (as on kernels before 5.3): Ray's exit is polled."""
+    monkeypatch.setattr(_ray, "_pidfd", lambda pid: None)
     lost: list[tuple[int, str, str]] = []
     members: list[RayMember] = []
 
@@ -205,8 +208,9 @@ async def test_lost_member_fails_the_job() -> None:
             assert members[1]._ray_proc is not None
             kill_session(members[1]._ray_proc.pid)  # the machine is gone
 
-    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_member_lost=on_lost)
-                for s in specs(2, HOLD)]
+    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_member_lost=on_lost,
+                          on_event=lambda name, info, r=s.rank: print(r, name, dict(info)))
+                for s in specs(2, SLEEP, time_limit_ms=60_000)]
     results: dict[int, RayResult] = {}
 
     async def run(m: RayMember) -> None:
@@ -228,6 +232,13 @@ async def test_a_member_whose_head_never_comes_gives_up() -> None:
     assert result.reason == "ray_error" and "did not start" in result.detail
     assert result.processes_left == () and result.startup_ms == -1
 
+
+SLEEP = r"""
+import time, ray
+ray.init()
+print("holding", flush=True)
+time.sleep(600)
+"""
 
 CONTINUE = r"""
 import os, time, ray
