@@ -24,7 +24,7 @@ from solders.message import MessageV0, from_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.transaction import VersionedTransaction
 
-from ._svm import RpcError, SvmLedger, TxRecord
+from ._svm import TOKEN_2022_PROGRAM, TOKEN_PROGRAM, RpcError, SvmLedger, TxRecord
 
 log = logging.getLogger("p2pgpu.ledger")
 API_VERSION = "2.2.0"
@@ -203,6 +203,33 @@ class RpcMethods:
             raise _bad(f"Too many inputs provided; max {accounts_per_request_max}")
         enc = _cfg(p, 1).get("encoding", "base64")
         return self.ctx([self._account_json(_pubkey(k), enc) for k in keys])
+
+    def rpcgetTokenAccountsByOwner(self, p: list[Any]) -> dict[str, Any]:
+        owner = bytes(_pubkey(p[0]))
+        filt = p[1] if len(p) > 1 and isinstance(p[1], dict) else {}
+        enc = _cfg(p, 2).get("encoding", "base64")
+        if "mint" in filt:
+            mint: bytes | None = bytes(_pubkey(filt["mint"]))
+            programs = [TOKEN_PROGRAM, TOKEN_2022_PROGRAM]
+        elif "programId" in filt:
+            mint, programs = None, [_pubkey(filt["programId"])]
+        else:
+            raise _bad("Invalid params: either mint or programId must be given")
+        out = []
+        for program in programs:
+            for pk, acc in self.ledger.svm.get_program_accounts(program):
+                data = bytes(acc.data)
+                if len(data) >= 165 and data[32:64] == owner and (mint is None or data[0:32] == mint):
+                    out.append({"account": self._account_json(pk, enc), "pubkey": str(pk)})
+        return self.ctx(out)
+
+    def rpcgetBlockTime(self, p: list[Any]) -> int | None:
+        slot = p[0]
+        if type(slot) is not int or slot < 0:
+            raise _bad("Invalid params: slot")
+        if slot > self.ledger.slot:
+            raise RpcError(code=-32004, message=f"Block not available for slot {slot}")
+        return self.ledger.time_ms // 1000
 
     def rpcgetTokenAccountBalance(self, p: list[Any]) -> dict[str, Any]:
         pk = _pubkey(p[0])

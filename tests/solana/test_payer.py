@@ -189,6 +189,10 @@ async def test_spl_through_rpc_server(conn, nursery: trio.Nursery) -> None:  # t
     client = AsyncClient(url)
     bal = (await client.get_token_account_balance(ata(Pubkey.from_string(addrs[0]), token))).value
     assert bal.amount == "500" and bal.decimals == 6 and bal.ui_amount_string == "0.0005"
+    from solana.rpc.models import TokenAccountOpts
+
+    held = (await client.get_token_accounts_by_owner(Pubkey.from_string(addrs[1]), TokenAccountOpts(mint=token.mint))).value
+    assert [str(a.pubkey) for a in held] == [str(ata(Pubkey.from_string(addrs[1]), token))]
     await client.close()
     await led.aclose()
 

@@ -18,7 +18,7 @@ from solders.keypair import Keypair
 from solders.system_program import TransferParams, transfer
 from solders.transaction import Transaction
 
-from p2pgpu.solana import LedgerLocked, SvmLedger
+from p2pgpu.solana import LedgerLocked, LedgerServer, SvmLedger
 from p2pgpu.solana._rpc import RpcMethods
 from p2pgpu.solana._svm import RpcError, blockhash_window
 
@@ -105,7 +105,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.sampled_from(sorted(RpcMethods(SvmLedger()).methods)), st.lists(json_values, max_size=3), json_values)
 def test_any_request_gets_a_response(method: str, params: list, rid: object) -> None:  # type: ignore[type-arg]
     """Fuzz: any params to any method give a JSON-RPC result or error, never an exception."""
@@ -127,6 +127,7 @@ def test_transaction_decoder(raw: bytes) -> None:
 
 
 _RPC: list[RpcMethods] = []
+_SERVER: list[LedgerServer] = []
 
 
 def _shared_rpc() -> RpcMethods:
@@ -135,15 +136,17 @@ def _shared_rpc() -> RpcMethods:
     return _RPC[0]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(json_values)
 def test_any_websocket_request_gets_a_response(req: object) -> None:
     """Fuzz: any JSON on the websocket gives a reply or an error, never an exception."""
     import trio
 
-    from p2pgpu.solana._server import LedgerServer, _Socket
+    from p2pgpu.solana._server import _Socket
 
-    server = LedgerServer(SvmLedger(), slot_ms=0)
+    if not _SERVER:
+        _SERVER.append(LedgerServer(SvmLedger(), slot_ms=0))
+    server = _SERVER[0]
     send, recv = trio.open_memory_channel[str](100)
     sock = _Socket(send=send)
     server._ws_request(sock, json_dumps(req))
