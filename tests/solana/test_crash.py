@@ -143,10 +143,12 @@ def test_crash_ledger_server(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_crash_soak_ledger_server(tmp_path: Path) -> None:
     _crash_server(tmp_path, lives=120, seed=3)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_crash_soak_embedded(tmp_path: Path) -> None:
     _crash_embedded(tmp_path, lives=120, seed=4)
