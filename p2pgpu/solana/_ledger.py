@@ -82,6 +82,7 @@ class EmbeddedLedger:
         self.slot_ms = slot_ms
         self._last_ms = self._clock()
         self.name = f"embedded:{state}" if state else "embedded"
+        self.poll_hint_s = 0.005  # how often a payer should look up statuses
 
     def _tick(self) -> None:
         if self.slot_ms <= 0:
@@ -151,6 +152,9 @@ class RpcLedger:
 
         self.url = url
         self.name = url
+        local = url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]"))
+        # Public endpoints rate-limit (devnet: ~100 requests per 10 s): poll them gently.
+        self.poll_hint_s = 0.02 if local else 1.0
         self._commitment = Finalized
         self.client = AsyncClient(url, commitment=Finalized, timeout=timeout_s)
 

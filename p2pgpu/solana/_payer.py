@@ -97,7 +97,7 @@ class Payer:
         transfers_max: int = transfers_max_plain,
         batches_per_round_max: int = 200,
         sends_in_flight_max: int = 8,
-        poll_s: float = 0.02,
+        poll_s: float | None = None,
         resend_s: float = 2.0,
         confirm_timeout_s: float = 90.0,
         now_ms: Callable[[], int] | None = None,
@@ -111,7 +111,7 @@ class Payer:
         self.transfers_max = transfers_max
         self.batches_per_round_max = batches_per_round_max
         self.sends_in_flight_max = sends_in_flight_max
-        self.poll_s = poll_s
+        self.poll_s = poll_s if poll_s is not None else float(getattr(ledger, "poll_hint_s", 0.5))
         self.resend_s = resend_s
         self.confirm_timeout_s = confirm_timeout_s
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
