@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from p2pgpu.runtime import JobRejected, _ray
+from p2pgpu.runtime._limits import memory_backend
 from p2pgpu.runtime._ray import TRANSITIONS, RayMember, RayMemberSpec, RayResult, State, ray_unavailable
 from p2pgpu.runtime._ray_procs import (
     choose_ports,
@@ -77,7 +78,7 @@ def specs(n: int, command: str, **kw: object) -> list[RayMemberSpec]:
     fields: dict[str, object] = {
         "job_id": JOB, "members": members, "command": (sys.executable, "-c", command),
         "rendezvous_host": "127.0.0.1", "rendezvous_port": port, "host": "127.0.0.1", "num_cpus": 1,
-        "memory_bytes_max": 1 << 30, "time_limit_ms": 120_000} | kw
+        "memory_bytes_max": 2 << 30, "time_limit_ms": 120_000} | kw
     return [RayMemberSpec(rank=r, **fields) for r in range(n)]  # type: ignore[arg-type]
 
 
@@ -108,10 +109,13 @@ async def test_two_members_form_a_cluster_and_run_on_both() -> None:
 
     members: list[RayMember] = []
 
+    cgroups: list[str] = []
+
     def on_event(name: str, info: object) -> None:
         if name == "entrypoint_started":
             for m in members:
                 seen.extend(m.processes())
+            cgroups.extend(Path(f"/proc/{p}/cgroup").read_text() for p in seen)
 
     members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_event=on_event)
                 for s in specs(2, TWO_NODES, auth_token=os.urandom(16).hex())]
@@ -135,6 +139,8 @@ async def test_two_members_form_a_cluster_and_run_on_both() -> None:
     assert head.processes_left == () and other.processes_left == ()
     assert len(seen) >= 4  # GCS, raylets, agents, the driver at least
     assert alive(seen) == []
+    if memory_backend("auto") in ("cgroup1", "cgroup2"):  # every Ray process ran inside the job's limit
+        assert all("/p2pgpu-" in text for text in cgroups)
     assert all(m.temp_dir is not None and not m.temp_dir.exists() for m in members)
 
 
@@ -204,13 +210,12 @@ async def test_lost_member_fails_the_job(monkeypatch: pytest.MonkeyPatch) -> Non
         lost.append((rank, peer, source))
 
     async def on_line(stream: str, line: bytes) -> None:
-        if line.startswith(b"holding "):
+        if line == b"holding":
             assert members[1]._ray_proc is not None
             kill_session(members[1]._ray_proc.pid)  # the machine is gone
 
-    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_member_lost=on_lost,
-                          on_event=lambda name, info, r=s.rank: print(r, name, dict(info)))
-                for s in specs(2, SLEEP, time_limit_ms=60_000)]
+    members += [RayMember(s, on_line=on_line if s.rank == 0 else None, on_member_lost=on_lost)
+                for s in specs(2, SLEEP)]
     results: dict[int, RayResult] = {}
 
     async def run(m: RayMember) -> None:
