@@ -10,6 +10,7 @@ and ``docs/proofs.md``.
 from ._limits import BACKENDS, SandboxUnavailable
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs
 from ._proving import RunCheckpoints, proof_for
+from ._ray import RayAddress, RayMember, RayMemberSpec, RayResult, ray_unavailable  # noqa: F401 (docs/ray.md)
 from ._sandbox import (
     REASONS,
     ClusterEnv,
