@@ -12,6 +12,7 @@ screen sideways.  Skipped only when Chromium or chromium-driver is missing.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,11 @@ def wait_js(drv: Any, script: str, *, timeout_s: float = 60, what: str = "") -> 
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    started = time.monotonic()
     try:
-        return WebDriverWait(drv, timeout_s, poll_frequency=0.2).until(lambda d: d.execute_script(script))
+        value = WebDriverWait(drv, timeout_s, poll_frequency=0.2).until(lambda d: d.execute_script(script))
+        print(f"{time.monotonic() - started:6.2f} s  {what or script}")  # shown when the test fails
+        return value
     except TimeoutException:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         drv.save_screenshot(str(ARTIFACTS / "failure.png"))
@@ -104,13 +108,14 @@ def test_page_shows_the_gpus_live_at_desktop_and_phone_width(net: LocalNet, expl
     # The job is paid (a transaction signature on the page), and its proof's check passes.
     wait_js(driver, "return [...document.querySelectorAll('#payouts-body .pill')].some(p => p.innerText === 'paid')",
             what="a paid payout on the page")
-    button = wait_js(driver, "return document.querySelector('#proofs-body button.check')", what="a check button")
-    button.click()
-    result = wait_js(driver, "return document.querySelector('#proofs-body .result[data-valid]')",
-                     what="the check's result")
-    assert result.get_attribute("data-valid") == "true", result.text
+    # The panel is re-rendered at every update, so elements are found and used within one script.
+    wait_js(driver, "const b = document.querySelector('#proofs-body button.check'); if (b) b.click(); return !!b",
+            what="a check button to click")
+    valid, text = wait_js(driver, "const r = document.querySelector('#proofs-body .result[data-valid]');"
+                                  " return r && [r.dataset.valid, r.innerText]", what="the check's result")
+    assert valid == "true", text
     for step in ("signature", "inclusion", "memo"):
-        assert f"✓{step}" in result.text.replace(" ", "").replace("\n", ""), result.text
+        assert f"✓{step}" in text.replace(" ", "").replace("\n", ""), text
 
     desktop = screenshot(driver, "explorer-desktop.png", width=1280)
     phone = screenshot(driver, "explorer-phone.png", width=390, mobile=True)
