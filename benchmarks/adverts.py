@@ -228,20 +228,29 @@ def bench_propagation_nodes(n: int, duration_s: float, *, patched: bool, ttl_s: 
     env = {} if patched else {"P2PGPU_LIBP2P_PATCHES": "0"}
     with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-") as root, \
             LocalNet(Path(root), n, advert_ttl_s=ttl_s, env=env, start_timeout_s=120) as net:
-        net.wait_until(lambda: all(len(node.call("market")) >= n for node in net.nodes),
-                       timeout_s=60 + 2 * n, interval_s=1.0, what=f"every node lists all {n} adverts")
+        unreachable: dict[int, str] = {}
+
+        def market(node: Any) -> list[dict[str, Any]] | None:
+            if node.index in unreachable:
+                return None
+            try:
+                return list(node.call("market", timeout_s=10))
+            except (DaemonUnavailable, ControlError) as exc:
+                unreachable[node.index] = f"{exc} (exit status {node.proc.poll()}; log: {node.log_tail(3)!r})"
+                return None
+
+        def converged() -> bool:
+            sizes = [market(node) for node in net.nodes]
+            return all(rows is None or len(rows) >= n - len(unreachable) for rows in sizes)
+
+        net.wait_until(converged, timeout_s=60 + 6 * n, interval_s=1.0, what=f"every node lists all {n} adverts")
         first_seen: dict[tuple[str, int], dict[int, float]] = {}
         start = time.time()
         sweeps = 0
-        unreachable: dict[int, str] = {}
         while time.time() - start < duration_s:
             for node in net.nodes:
-                if node.index in unreachable:
-                    continue
-                try:
-                    rows = node.call("market", timeout_s=10)
-                except (DaemonUnavailable, ControlError) as exc:
-                    unreachable[node.index] = f"{exc} (exit status {node.proc.poll()})"
+                rows = market(node)
+                if rows is None:
                     continue
                 now = time.time()
                 for row in rows:
