@@ -64,8 +64,10 @@ class Adversary:
     def advertise(self, node: int) -> None:
         """Only for ``replaces_adverts``: publish instead of the honest advert."""
 
-    def result(self, gpu_s: int, digest: bytes) -> tuple[int, bytes]:
-        return gpu_s, digest
+    def proof_claim(self, claim: dict[str, Any], duration_ms_max: int) -> dict[str, Any]:
+        """What goes into the proof it signs (``started_at_ms``, ``ended_at_ms``,
+        ``gpu_ms``, ``output_digest``); honest by default."""
+        return claim
 
     def real_gpus(self, claimed: int) -> int:
         """GPUs the node really has (the checker's ground truth)."""
@@ -131,13 +133,27 @@ class NeverAccept(Adversary):
 
 
 class InflateGpuSeconds(Adversary):
-    """Runs the job, then claims ``factor`` times the GPU-seconds it used."""
+    """Runs the job, then signs a proof claiming ``factor`` times the work:
+    ``mode = "gpu_time"`` inflates GPU-milliseconds over the same span (the
+    proof core refuses it: OVER_GPU_TIME); ``mode = "duration"`` moves its
+    start earlier, up to the manifest's limit, with matching GPU time (only
+    the other members' co-signatures can refuse it: OVER_OBSERVED)."""
 
     kind = "inflate_gpu_seconds"
-    params_known = ("factor",)
+    params_known = ("factor", "mode")
 
-    def result(self, gpu_s: int, digest: bytes) -> tuple[int, bytes]:
-        return int(gpu_s * float(self.cfg.params.get("factor", 10.0))) + 1, digest
+    def proof_claim(self, claim: dict[str, Any], duration_ms_max: int) -> dict[str, Any]:
+        factor = float(self.cfg.params.get("factor", 10.0))
+        out = dict(claim)
+        span = claim["ended_at_ms"] - claim["started_at_ms"]
+        if self.cfg.params.get("mode", "gpu_time") == "duration":
+            longer = min(duration_ms_max, int(span * factor))
+            gpus = claim["gpu_ms"] // span if span else 1
+            out["started_at_ms"] = max(0, claim["ended_at_ms"] - longer)
+            out["gpu_ms"] = gpus * (claim["ended_at_ms"] - out["started_at_ms"])
+        else:
+            out["gpu_ms"] = int(claim["gpu_ms"] * factor) + 1
+        return out
 
 
 class WrongOutput(Adversary):
@@ -145,8 +161,8 @@ class WrongOutput(Adversary):
 
     kind = "wrong_output"
 
-    def result(self, gpu_s: int, digest: bytes) -> tuple[int, bytes]:
-        return gpu_s, self.rng.randbytes(32)
+    def proof_claim(self, claim: dict[str, Any], duration_ms_max: int) -> dict[str, Any]:
+        return {**claim, "output_digest": self.rng.randbytes(32)}
 
 
 class NeverPay(Adversary):

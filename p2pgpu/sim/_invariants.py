@@ -46,7 +46,9 @@ class Checker:
         self.running: dict[int, dict[int, bool]] = {}
         self.confirmed: dict[int, list[int]] = {}
         self.started: dict[int, dict[int, bool]] = {}
-        self.ran: dict[tuple[int, int], int] = {}  # (job, member) -> true GPU-seconds
+        self.ran: dict[tuple[int, int], int] = {}  # (job, member) -> true GPU-milliseconds
+        #: paid to adversaries beyond their work (a lie the protocol could not refute)
+        self.overpaid_lamports = 0
         self.paid: dict[bytes, int] = {}
         self.paid_by_member: dict[tuple[int, int], int] = {}
         self.book_seq: dict[int, dict[str, int]] = {}
@@ -106,8 +108,13 @@ class Checker:
         self.running.setdefault(node, {})[jid] = True
         self.started.setdefault(jid, {})[node] = True
 
-    def on_finish(self, node: int, jid: int, gpu_s: int) -> None:
-        self.ran[(jid, node)] = gpu_s
+    def on_finish(self, node: int, jid: int, gpu_ms: int) -> None:
+        self.ran[(jid, node)] = gpu_ms
+
+    def worth(self, jid: int, member: int) -> int:
+        """What (job, member)'s real work is worth: GPU-ms at its price, capped by the ceiling."""
+        ceiling = self.world.jobs.jobs[jid].manifest.price_per_gpu_hour_max
+        return self.ran[(jid, member)] * min(self.world.nodes[member].price, ceiling) // 3_600_000
 
     # -- payments -----------------------------------------------------------------------------
     def on_owed(self, jid: int, member: int, amount: int) -> None:
@@ -120,13 +127,14 @@ class Checker:
         if proof_hash in self.paid:
             self.fail("paid-once", f"proof {proof_hash.hex()[:16]} (job {jid}, member {member}) paid twice")
         self.paid[proof_hash] = amount
-        true_s = self.ran.get((jid, member))
-        if true_s is None or member not in self.confirmed.get(jid, []):
+        if (jid, member) not in self.ran or member not in self.confirmed.get(jid, []):
             self.fail("proof-before-pay", f"job {jid}: member {member} paid {amount} without a run as a member")
             return
-        worth = true_s * self.world.nodes[member].price // 3600
+        worth = self.worth(jid, member)
         if amount > worth:
-            self.fail("proof-before-pay", f"job {jid}: member {member} paid {amount}, its work was worth {worth}")
+            if self.world.nodes[member].adversary is None:
+                self.fail("proof-before-pay", f"job {jid}: member {member} paid {amount}, its work was worth {worth}")
+            self.overpaid_lamports += amount - worth
         key = (jid, member)
         self.paid_by_member[key] = self.paid_by_member.get(key, 0) + amount
 
@@ -168,7 +176,7 @@ class Checker:
                 if w.nodes[m].adversary is not None or (jid, m) not in self.ran:
                     continue
                 self.checks += 1
-                worth = self.ran[(jid, m)] * w.nodes[m].price // 3600
+                worth = self.worth(jid, m)
                 got = self.paid_by_member.get((jid, m), 0)
                 if got != worth:
                     self.fail("settled", f"job {jid}: honest member {m} was paid {got}, owed {worth}")

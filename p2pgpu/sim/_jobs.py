@@ -13,12 +13,14 @@ event at the node's own (skewed) clock.  Each message is decoded and verified
 once where it is sent (``decode_message``) and the verified object handed to
 every receiver, as ``tests/core/swarm.py`` does.
 
-Execution and payment are modelled: a member runs for a random share of the
-job's time, tells its ``FormationNode`` it finished, and reports GPU-seconds
-and an output digest to the submitter, which checks the claim against the
-time since its confirmation, takes a majority over replicas, and pays through
-the real :func:`~p2pgpu.core.plan_batches` (proofs are not yet the signed
-ones of ``core/_proof.py``).
+Execution is modelled (a member runs for a random share of the job's time,
+then tells its ``FormationNode`` it finished); proofs and payment are real: the
+member signs a :class:`~p2pgpu.core.Proof` (no checkpoints), the other members
+co-sign what they observed (:class:`~p2pgpu.core.Cosign`, from the time both
+ran), the submitter runs :func:`~p2pgpu.core.verify_proof` and
+:func:`~p2pgpu.core.owed` (agreed prices from the certificate, quorum over
+replicas) and pays the rows through the real :func:`plan_batches` of
+``core/_payout.py``, on a ledger that confirms every planned batch at once.
 """
 
 from __future__ import annotations
@@ -49,9 +51,25 @@ from p2pgpu.core import (
     Subscribe,
     Unsubscribe,
 )
+from p2pgpu.core import (
+    Cosign,
+    Proof,
+    ProofRejected,
+    ProofTerms,
+    SignedCosign,
+    agreed_prices,
+    certificate_hash,
+    decode_cosign,
+    owed,
+    sign_cosign,
+    sign_proof,
+    verify_proof,
+)
 from p2pgpu.core._formation_messages import Accept, Certified, Proposal, decode_message
 from p2pgpu.core._manifest import Manifest, sign_manifest
-from p2pgpu.core._payout import Owed, plan_batches
+from p2pgpu.core._payout import Owed as PayoutOwed
+from p2pgpu.core._payout import plan_batches
+from p2pgpu.core._proof import chain_heads
 
 from ._scenario import JobSection
 
@@ -61,7 +79,6 @@ if TYPE_CHECKING:
     from ._gossip import Msg
     from ._world import World
 
-_RESULT_BYTES = 400
 rent_exempt_min_lamports = 890_880
 initial_balance_lamports = 1_000_000_000
 decoded_cache_max = 100_000
@@ -92,7 +109,11 @@ class Job:
     state: JobState = JobState.FORMING
     members: list[int] = field(default_factory=list)
     t_confirm_us: int = 0
-    results: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    #: member -> its signed proof (bytes, as received)
+    results: dict[int, bytes] = field(default_factory=dict)
+    cosigns: list[bytes] = field(default_factory=list)
+    certificate: Any = None
+    signed: Any = None
     reason: str = ""
     t_done_us: int = 0
 
@@ -124,7 +145,9 @@ class JobFlow:
         self.members_lost = 0
         self._decoded: dict[bytes, Any] = {}
         self._runs: dict[tuple[int, str], int] = {}  # (node, job_id) -> run generation
-        self.owed: dict[int, list[Owed]] = {}
+        self._started: dict[tuple[int, str], tuple[int, Any]] = {}  # (node, job_id) -> (start ms, certificate)
+        self.proof_faults: dict[str, int] = {}
+        self.owed: dict[int, list[PayoutOwed]] = {}
         self.owed_meta: dict[int, tuple[int, int]] = {}
         self.balances: dict[str, int] = {}
         self.batches = 0
@@ -145,7 +168,8 @@ class JobFlow:
             self.subs[i] = Submitter(sn.identity, self.fconfig)
         world.book_nodes.sort()
         world.net.handlers["fm.msg"] = self._on_direct
-        world.net.handlers["job.result"] = self._on_result
+        world.net.handlers["job.proof"] = self._on_proof
+        world.net.handlers["job.cosign"] = self._on_cosign
 
     # -- the driver: carrying out the cores' actions ---------------------------------------
     def on_own_advert(self, node: int, advert: "Advert") -> None:
@@ -306,6 +330,7 @@ class JobFlow:
             subs.pop(node, None)
         for key in [k for k in self._runs if k[0] == node]:
             del self._runs[key]
+            self._started.pop(key, None)
         self.world.checker.on_node_down(node)
 
     def _jid(self, job_id: str) -> int:
@@ -342,6 +367,7 @@ class JobFlow:
         sm = sign_manifest(sn.identity, m)
         jid = len(self.jobs) + 1
         job = Job(jid, sm.job_id, node, m, w.engine.now_us)
+        job.signed = sm
         self.jobs[jid] = job
         self.by_job_id[sm.job_id] = jid
         self._decoded[sm.wire] = sm
@@ -360,10 +386,11 @@ class JobFlow:
         w.checker.on_confirm(jid, members)
         job.to(JobState.RUNNING)
         job.members = members
+        job.certificate = a.certificate
         job.t_confirm_us = w.engine.now_us
         self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
         w.engine.trace("job", jid, "confirm", len(members))
-        w.engine.after(int((job.manifest.duration_s_max + 15) * 1_000_000), self._result_deadline, jid)
+        w.engine.after(int((job.manifest.duration_s_max + 20) * 1_000_000), self._result_deadline, jid)
 
     # -- running, on the member --------------------------------------------------------------
     def _start(self, node: int, a: StartJob) -> None:
@@ -376,44 +403,74 @@ class JobFlow:
             return
         gen = self._runs.get((node, a.job_id), 0) + 1
         self._runs[(node, a.job_id)] = gen
+        self._started[(node, a.job_id)] = (w.engine.now_us // 1000, a.certificate)
         dur = self.rng.uniform(0.5, 1.0) * self.cfg.duration_s
-        w.engine.after(int(dur * 1_000_000), self._finish, (node, a.job_id, gen, w.engine.now_us))
+        w.engine.after(int(dur * 1_000_000), self._finish, (node, a.job_id, gen))
 
-    def _finish(self, arg: tuple[int, str, int, int]) -> None:
-        node, job_id, gen, t0 = arg
+    def _finish(self, arg: tuple[int, str, int]) -> None:
+        node, job_id, gen = arg
         w = self.world
         if self._runs.get((node, job_id)) != gen:
             return  # stopped, or the node went down
         del self._runs[(node, job_id)]
+        start_ms, cert = self._started.pop((node, job_id))
         jid = self._jid(job_id)
         job = self.jobs[jid]
-        gpu_s = job.manifest.gpus_per_node * (w.engine.now_us - t0) // 1_000_000
-        digest = hashlib.sha256(job_id.encode()).digest()  # the honest output of this job
-        w.checker.on_finish(node, jid, gpu_s)
+        g = job.manifest.gpus_per_node
+        end_ms = w.engine.now_us // 1000
+        w.checker.on_finish(node, jid, g * (end_ms - start_ms))
         fn = self.fnodes[node]
         if fn is not None:
             self.carry(node, fn.finish(job_id, w.node_now_ms(node)))
-        adv = w.nodes[node].adversary
-        if adv is not None:
-            gpu_s, digest = adv.result(gpu_s, digest)
-        w.net.send(node, job.submitter, _RESULT_BYTES, "job.result", (jid, gpu_s, digest))
+        sn = w.nodes[node]
+        assert sn.identity is not None
+        skew = sn.skew_ms
+        cert_hash = certificate_hash(cert)
+        claim = {"started_at_ms": start_ms + skew, "ended_at_ms": end_ms + skew, "gpu_ms": g * (end_ms - start_ms),
+                 "output_digest": hashlib.sha256(job_id.encode()).digest()}  # the honest output of this job
+        if sn.adversary is not None:
+            claim = sn.adversary.proof_claim(claim, job.manifest.duration_s_max * 1000)
+        proof = Proof(job_id=job_id, cert_hash=cert_hash, peer_id=sn.identity.peer_id,
+                      gpus=tuple(f"{sn.gpus[0].model} #{i}" for i in range(g)), exit_code=0, end_reason="exited",
+                      checkpoints=(), chain_head=chain_heads(job_id, cert_hash, sn.identity.peer_id, ())[-1],
+                      **claim)
+        wire = sign_proof(sn.identity, proof).wire
+        w.net.send(node, job.submitter, len(wire), "job.proof", (jid, wire))
+        # The other members saw this one's heartbeats while both ran: they co-sign.
+        for m in job.members:
+            if m != node and w.net.up[m]:
+                w.engine.after(1000, self._cosign, (m, node, jid, start_ms, end_ms, cert_hash))
 
-    # -- results and payment, on the submitter -----------------------------------------------
-    def _on_result(self, dst: int, src: int, payload: tuple[int, int, bytes]) -> None:
-        jid, gpu_s, digest = payload
+    def _cosign(self, arg: tuple[int, int, int, int, int, bytes]) -> None:
+        observer, subject, jid, start_ms, end_ms, cert_hash = arg
+        w = self.world
+        job = self.jobs[jid]
+        o, sub = w.nodes[observer], w.nodes[subject]
+        if not w.net.up[observer] or o.identity is None or sub.identity is None:
+            return
+        seen_from = max(start_ms, job.t_confirm_us // 1000)
+        co = Cosign(job_id=job.job_id, cert_hash=cert_hash, subject=sub.identity.peer_id,
+                    observer=o.identity.peer_id, first_seen_ms=seen_from + o.skew_ms, last_seen_ms=end_ms + o.skew_ms,
+                    heartbeats=max(1, (end_ms - seen_from) // 1000), last_chain_head=b"")
+        wire = sign_cosign(o.identity, co).wire
+        w.net.send(observer, job.submitter, len(wire), "job.cosign", (jid, wire))
+
+    # -- proofs and payment, on the submitter ---------------------------------------------------
+    def _on_proof(self, dst: int, src: int, payload: tuple[int, bytes]) -> None:
+        jid, wire = payload
         job = self.jobs[jid]
         if job.state is not JobState.RUNNING or src not in job.members or src in job.results:
             return
-        # The check of this model: a member cannot claim more GPU time than it
-        # could have used since the confirmation the submitter sent.
-        bound = job.manifest.gpus_per_node * ((self.world.engine.now_us - job.t_confirm_us) // 1_000_000 + 1)
-        if gpu_s > bound:
-            self.proofs_rejected += 1
-            job.results[src] = (-1, b"")
-        else:
-            job.results[src] = (gpu_s, digest)
+        job.results[src] = wire
         if len(job.results) == len(job.members):
-            self._settle(job)
+            # wait a moment for the co-signatures that follow the last proof
+            self.world.engine.after(3_000_000, self._result_deadline, jid)
+
+    def _on_cosign(self, dst: int, src: int, payload: tuple[int, bytes]) -> None:
+        jid, wire = payload
+        job = self.jobs[jid]
+        if job.state is JobState.RUNNING:
+            job.cosigns.append(wire)
 
     def _result_deadline(self, jid: int) -> None:
         job = self.jobs[jid]
@@ -421,35 +478,48 @@ class JobFlow:
             self._settle(job)
 
     def _settle(self, job: Job) -> None:
-        """Decide who is owed: valid claims, and with replicas the majority output."""
-        votes: dict[bytes, int] = {}
-        for gpu_s, digest in job.results.values():
-            if gpu_s >= 0:
-                votes[digest] = votes.get(digest, 0) + 1
-        replicated = job.manifest.replicas > 1
-        winner = max(sorted(votes), key=lambda d: votes[d]) if votes else b""
-        # Only replicas of the same work can be compared; without replication
-        # every valid claim stands on its own.
-        ok = votes.get(winner, 0) >= job.manifest.quorum if replicated else bool(votes)
-        job.to(JobState.DONE if ok and len(job.results) == len(job.members) else JobState.FAILED)
-        job.t_done_us = self.world.engine.now_us
-        self.world.engine.trace("job", job.jid, job.state.value)
-        sub = self.world.nodes[job.submitter]
+        """Verify every proof with the real proof core and turn what is owed
+        (its ``owed``, agreed prices from the certificate) into payout rows."""
+        w = self.world
+        assert job.certificate is not None and job.signed is not None
+        terms = ProofTerms.from_manifest(job.signed, tolerance_ms=5_000)
+        cosigns: dict[str, list[SignedCosign]] = {}
+        for c in job.cosigns:
+            try:
+                sc = decode_cosign(c)
+            except PeerMisbehaved:
+                continue
+            cosigns.setdefault(sc.cosign.subject, []).append(sc)
+        verified = []
+        for m in job.members:
+            wire = job.results.get(m)
+            if wire is None:
+                continue
+            ident = w.nodes[m].identity
+            assert ident is not None
+            try:
+                verified.append(verify_proof(wire, cert=job.certificate, terms=terms,
+                                             cosigns=cosigns.get(ident.peer_id, [])))
+            except ProofRejected as exc:
+                self.proofs_rejected += 1
+                self.proof_faults[exc.fault.name] = self.proof_faults.get(exc.fault.name, 0) + 1
+        rows = owed(verified, terms=terms, prices=agreed_prices(job.certificate))
+        paid_rows = [r for r in rows if r.status == "paid" and r.amount > 0]
+        complete = len(job.results) == len(job.members) and len(verified) == len(job.members)
+        job.to(JobState.DONE if complete and len(paid_rows) == len(job.members) else JobState.FAILED)
+        job.t_done_us = w.engine.now_us
+        w.engine.trace("job", job.jid, job.state.value, len(paid_rows))
+        sub = w.nodes[job.submitter]
         if sub.adversary is not None and sub.adversary.never_pays:
             return
-        for m in job.members:
-            r = job.results.get(m)
-            if not ok or r is None or r[0] <= 0 or (replicated and r[1] != winner):
-                continue
-            amount = r[0] * self.world.nodes[m].price // 3600
-            if amount <= 0:
-                continue
-            owed = Owed(owed_id=self._next_owed, proof_hash=hashlib.sha256(f"{job.job_id}/{m}".encode()).digest(),
-                        payout_address=self.world.nodes[m].payout_address, amount=amount, currency="SOL")
+        for r in paid_rows:
+            m = w.by_peer[r.peer_id]
+            row = PayoutOwed(owed_id=self._next_owed, proof_hash=r.proof_hash,
+                             payout_address=w.nodes[m].payout_address, amount=r.amount, currency="SOL")
             self.owed_meta[self._next_owed] = (job.jid, m)
             self._next_owed += 1
-            self.owed.setdefault(job.submitter, []).append(owed)
-            self.world.checker.on_owed(job.jid, m, amount)
+            self.owed.setdefault(job.submitter, []).append(row)
+            w.checker.on_owed(job.jid, m, r.amount)
 
     def _pay_tick(self, _: Any) -> None:
         """Every submitter's payer: plan batches with the real payout core and
@@ -505,6 +575,7 @@ class JobFlow:
             "jobs_failed": sum(1 for j in jobs if j.state is JobState.FAILED),
             "members_lost": self.members_lost,
             "proofs_rejected": self.proofs_rejected,
+            "proof_faults": dict(sorted(self.proof_faults.items())),
             "payouts": self.paid_count,
             "payout_batches": self.batches,
             "paid_lamports": self.paid_total,

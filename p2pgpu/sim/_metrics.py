@@ -118,6 +118,7 @@ class Metrics:
         out.update(w.jobs.stats())
         out["adversaries"] = {a.kind: len(a.nodes) for a in w.adversaries}
         out["start_without_reserved"] = w.checker.start_without_reserved
+        out["overpaid_to_adversaries_lamports"] = w.checker.overpaid_lamports
         out["invariant_violations"] = len(w.checker.violations)
         out["invariants_checked"] = w.checker.checks
         if w.checker.violations:
