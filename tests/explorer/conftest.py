@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from browser_helpers import open_driver
 from explorer_helpers import MIX, Explorer, prepare_homes, start_explorer, stop_explorer
 
 from p2pgpu.localnet import LocalNet
@@ -26,3 +28,9 @@ def explorer(net: LocalNet) -> Iterator[Explorer]:
         yield ex
     finally:
         assert stop_explorer(ex) == 0
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    """Headless Chromium; skipped only where Debian's chromium or chromium-driver is missing."""
+    yield from open_driver()

@@ -4,83 +4,22 @@ Opens the page of a ``p2pgpu explorer`` over a real LocalNet, waits until it
 lists the nodes' GPUs (rendered from the live event stream, no reload), sees
 a third node appear live, a submitted job's cluster form and its payout
 land with a transaction signature, clicks the proof's check and sees all
-three steps pass (signature, Merkle inclusion, memo on the ledger), and saves screenshots at desktop and phone width
-under ``test-artifacts/explorer/``.  At phone width nothing may overflow the
+three steps pass (signature, Merkle inclusion, memo on the ledger), and
+saves screenshots at desktop and phone width under ``test-artifacts/explorer/``.  At phone width nothing may overflow the
 screen sideways.  Skipped only when Chromium or chromium-driver is missing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from explorer_helpers import ARTIFACTS, Explorer, ensure_job, ensure_third
+from browser_helpers import screenshot, text_of, wait_js
+from explorer_helpers import Explorer, ensure_job, ensure_third
 
 from p2pgpu.localnet import LocalNet
 
 pytestmark = pytest.mark.processes
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-               "--window-size=1280,900"]
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in CHROME_ARGS:
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(30)
-    try:
-        yield drv
-    finally:
-        drv.quit()
-
-
-def wait_js(drv: Any, script: str, *, timeout_s: float = 60, what: str = "") -> Any:
-    """Wait until ``script`` returns something true; on timeout save what the page showed."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    started = time.monotonic()
-    try:
-        value = WebDriverWait(drv, timeout_s, poll_frequency=0.2).until(lambda d: d.execute_script(script))
-        print(f"{time.monotonic() - started:6.2f} s  {what or script}")  # shown when the test fails
-        return value
-    except TimeoutException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        drv.save_screenshot(str(ARTIFACTS / "failure.png"))
-        body = drv.execute_script("return document.body.innerText")
-        raise AssertionError(f"timed out waiting for {what or script}; the page shows:\n{body}") from None
-
-
-def screenshot(drv: Any, name: str, *, width: int, mobile: bool = False) -> Path:
-    """A full-page screenshot at ``width`` CSS pixels."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                        {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": mobile})
-    height = int(drv.execute_script("return Math.ceil(document.documentElement.scrollHeight)"))
-    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                        {"width": width, "height": min(height, 8000), "deviceScaleFactor": 1, "mobile": mobile})
-    path = ARTIFACTS / name
-    drv.save_screenshot(str(path))
-    return path
-
-
-def text_of(drv: Any, element_id: str) -> str:
-    return str(drv.execute_script(f"return document.getElementById('{element_id}').innerText"))
 
 
 def test_page_shows_the_gpus_live_at_desktop_and_phone_width(net: LocalNet, explorer: Explorer, driver: Any) -> None:

@@ -83,9 +83,12 @@ function renderSummary(v) {
   $("c-jobs").textContent = fmtInt(states.reduce((a, [, n]) => a + n, 0));
   $("c-jobs-states").textContent = states.map(([k, n]) => `${n} ${k}`).join(", ");
   $("c-proofs").textContent = fmtInt(s.proofs);
+  // The card holds the number; its unit goes on the line below, with the count of payouts.
   const paid = Object.entries(s.paid_total || {});
-  $("c-paid").textContent = paid.length ? paid.map(([c, a]) => fmtAmount(a, c)).join(" + ") : "0";
-  $("c-paid-n").textContent = s.payouts_paid ? s.payouts_paid + (s.payouts_paid === 1 ? " payout" : " payouts") : "";
+  const parts = paid.map(([c, a]) => fmtAmount(a, c).split(" "));
+  $("c-paid").textContent = parts.length ? parts.map((p) => p[0]).join(" + ") : "0";
+  const n = s.payouts_paid ? s.payouts_paid + (s.payouts_paid === 1 ? " payout" : " payouts") : "";
+  $("c-paid-n").textContent = [parts.map((p) => p.slice(1).join(" ")).join(" + "), n].filter(Boolean).join(", ");
   const banner = $("banner");
   if (!v.daemon_up) {
     banner.hidden = false;
