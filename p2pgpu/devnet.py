@@ -161,12 +161,18 @@ class Devnet:
         samples = [s for s in SAMPLE_JOBS if not (s == "replicated.toml" and self.nodes < 3)
                    and not (s == "pair.toml" and self.nodes < 2)]
         jobs = []
+        deadline = time.monotonic() + timeout_s
         for k in range(count):
             name = samples[k % len(samples)]
             job_id = submitter.call("job.submit", {"manifest": sample_manifest(name)})["job_id"]
             jobs.append(job_id)
             self.progress(f"job {k + 1}/{count}: submitted {name} as {job_id[:12]}")
-        deadline = time.monotonic() + timeout_s
+            # One formation at a time: the demo shows each cluster forming on
+            # its own (competing formations are benchmarks/formation.py's topic).
+            while submitter.call("job.status", {"job_id": job_id})["state"] == "forming":
+                if time.monotonic() > deadline:
+                    raise DevnetError(f"job {job_id[:12]} still forming after {timeout_s:.0f} s")
+                time.sleep(0.05)
         done: dict[str, dict[str, Any]] = {}
         reported: dict[str, str] = {}
         while len(done) < len(jobs):

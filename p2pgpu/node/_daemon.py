@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import trio
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.host.ping import PingService
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.utils import InvalidRecordType
@@ -67,6 +67,7 @@ from ._streams import StreamGone, guarded, read_frame, request, write_frame
 log = logging.getLogger("p2pgpu.node")
 
 ADVERTS_TOPIC = "/p2pgpu/adverts/1"
+PING_PROTOCOL = TProtocol("/ipfs/ping/1.0.0")
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
 STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, FORMATION_PROTOCOL, RESULTS_PROTOCOL]
@@ -487,18 +488,47 @@ class Node:
                     break
 
     async def _ping_loop(self) -> None:
+        """Round-trip time to each peer over the standard ping protocol, one
+        fresh stream per probe (py-libp2p's PingService reuses streams and calls
+        ``is_closed()`` on streams where it is a bool: a TypeError that would
+        end this loop)."""
         assert self.stack is not None
-        pinger = PingService(self.stack.host)
         while True:
             await trio.sleep(self.options.ping_interval_s)
             for peer in self.stack.host.get_connected_peers()[:32]:
+                rtt = await self._ping_once(peer)
+                if rtt is not None:
+                    self.latency_ms[peer.to_base58()] = rtt
+
+    async def _ping_once(self, peer: ID) -> float | None:
+        assert self.stack is not None
+        payload = os.urandom(32)
+        with trio.move_on_after(2.0):
+            try:
+                stream = await self.stack.host.new_stream(peer, [PING_PROTOCOL])
+            except (BaseLibp2pError, OSError) as exc:
+                log.debug("ping %s: %s", peer, exc)
+                return None
+            try:
                 start = trio.current_time()
-                with trio.move_on_after(2.0):
+                await stream.write(payload)
+                echo = b""
+                while len(echo) < len(payload):
+                    chunk = await stream.read(len(payload) - len(echo))
+                    if not chunk:
+                        break
+                    echo += chunk
+                if echo == payload:
+                    return round((trio.current_time() - start) * 1000, 3)
+            except (BaseLibp2pError, OSError) as exc:
+                log.debug("ping %s: %s", peer, exc)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     try:
-                        await pinger.ping(peer, 1)
-                        self.latency_ms[peer.to_base58()] = round((trio.current_time() - start) * 1000, 3)
-                    except (BaseLibp2pError, OSError) as exc:
-                        log.debug("ping %s failed: %s", peer, exc)
+                        await stream.close()
+                    except BaseLibp2pError:
+                        pass  # the peer already closed it
+        return None
 
     # ---------------------------------------------------------- control API
 

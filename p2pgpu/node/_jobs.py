@@ -107,7 +107,7 @@ class JobsService:
         # needs GossipSub heartbeats to build its mesh before the first offer
         # gets through (measured: 7-10 s for 2-node jobs on 8 loopback
         # processes), while the shared topic's mesh is already there.
-        config = config or FormationConfig(per_job_topics=False)
+        config = config or FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500)
         self.node = node
         self.rng = rng
         self.config = config
