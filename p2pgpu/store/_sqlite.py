@@ -22,9 +22,9 @@ collides: 100-199 the payout outbox and earnings, 200-299 jobs and proofs,
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 DB_FILE = "state.db"
 busy_timeout_ms = 10_000

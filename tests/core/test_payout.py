@@ -22,13 +22,13 @@ from p2pgpu.core._payout import (
     inclusion_proof,
     isolate_failure,
     leaf_hash,
+    memo_of_root,
     merkle_root,
     node_hash,
     payer_covers,
     plan_batches,
     recovery_verdict,
     root_of_memo,
-    memo_of_root,
     verify_inclusion,
 )
 
