@@ -212,13 +212,14 @@ def bench_propagation(n: int, adverts: int, *, patched: bool, seed: int = 7) -> 
         peers.close()
 
 
-def bench_propagation_nodes(n: int, duration_s: float, *, patched: bool, ttl_s: int = 4) -> dict[str, Any]:
+def bench_propagation_nodes(n: int, duration_s: float, *, patched: bool, ttl_s: int = 20) -> dict[str, Any]:
     """(b) on real ``p2pgpu node run`` processes (``p2pgpu.localnet``).  Each
     node republishes its advert every ``ttl_s / 2`` seconds; every node's
     ``market`` is polled over the control API, and an advert's latency is the
     time from its issue until the last other node lists it.  The figure is
     high by up to one polling sweep (printed), the cost of watching from
-    outside."""
+    outside.  Each refresh also makes the node store its advert in the DHT, so
+    a much shorter lifetime would measure DHT load rather than gossip."""
     import tempfile
     from pathlib import Path
 
@@ -437,7 +438,7 @@ def main() -> None:
         for patched in (False, True):
             tag = "patched " if patched else "upstream"
             if args.real_nodes:
-                b = bench_propagation_nodes(args.nodes, 10 if args.quick else 30, patched=patched)
+                b = bench_propagation_nodes(args.nodes, 25 if args.quick else 60, patched=patched)
                 desc = f"{b['adverts']} advert refreshes of real nodes, polled every {1000 * b['sweep_s']:.0f} ms"
                 if b["unreachable"]:
                     desc += f"; {len(b['unreachable'])} nodes stopped answering: {b['unreachable']}"
