@@ -459,12 +459,15 @@ class RayMember:
     async def _drain_ray(self, proc: trio.Process, ready: trio.Event) -> None:
         assert proc.stdout is not None
         buf = b""
-        while chunk := await proc.stdout.receive_some(65536):
-            self._ray_tail = (self._ray_tail + chunk)[-8192:]
-            if not ready.is_set():
-                buf = (buf + chunk)[-4096:]
-                if _READY_MARK in buf:
-                    ready.set()
+        try:
+            while chunk := await proc.stdout.receive_some(65536):
+                self._ray_tail = (self._ray_tail + chunk)[-8192:]
+                if not ready.is_set():
+                    buf = (buf + chunk)[-4096:]
+                    if _READY_MARK in buf:
+                        ready.set()
+        except trio.ClosedResourceError:
+            return  # a failed start was stopped and its pipe closed: nothing more to read
 
     async def _wait_ray_exit(self) -> None:
         """Until the current ``ray start`` exits.  Waits on a pidfd without
