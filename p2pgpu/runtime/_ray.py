@@ -446,6 +446,7 @@ class RayMember:
                 break
             tail = bytes(self._ray_tail[-600:]).decode(errors="replace")
             await self._stop_ray(proc)
+            self._event("ray_start_retry", attempt=attempt, tail=tail[-300:])
             if trio.current_time() >= deadline:
                 raise _RayFailed(f"ray did not start in {spec.start_timeout_ms} ms: {tail}")
             await trio.sleep(min(0.2 * attempt, 2.0))
