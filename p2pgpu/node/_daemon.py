@@ -319,6 +319,10 @@ class Node:
 
         self.jobs.db = open_db(db_path(self.home.path))
         self.jobs.load()
+        if self.ledger_spec.startswith(("http://", "https://")):
+            from p2pgpu.solana import PayerCheck, open_ledger  # noqa: PLC0415
+
+            self.jobs.payer_check = PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0)
 
     def _start_runner(self) -> None:
         from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415

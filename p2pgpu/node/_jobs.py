@@ -58,6 +58,14 @@ _FORMATION_KINDS = ("manifest", "offer", "proposal", "accept", "decline", "certi
 send_queue_max = 4096
 send_workers = 16
 records_max = 10_000
+payer_verdict_ttl_ms = 30_000
+
+
+def job_ceiling(m: Any) -> int:
+    """The most a job can cost: every member's GPUs for the whole duration
+    limit at the price ceiling (smallest currency unit, rounded up)."""
+    gpu_ms = m.members * m.gpus_per_node * m.duration_s_max * 1000
+    return -(-gpu_ms * m.price_per_gpu_hour_max // 3_600_000)
 
 
 @dataclass
@@ -120,6 +128,10 @@ class JobsService:
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
         self.collector = Collector(self)
+        #: Set by the node when its ledger is shared (an RPC endpoint).
+        self.payer_check: Any = None
+        self._payer_verdicts: dict[tuple[str, str], tuple[bool, str, int]] = {}
+        self._check_send, self._check_recv = trio.open_memory_channel[SignedManifest](1024)
         self.db: Any = None  # sqlite3.Connection in the home, when there is one
         self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
         self._out_send, self._out_recv = trio.open_memory_channel[tuple[str, bytes]](send_queue_max)
@@ -143,6 +155,8 @@ class JobsService:
             for _ in range(send_workers):
                 nursery.start_soon(self._send_worker)
             nursery.start_soon(self._start_worker)
+            if self.payer_check is not None:
+                nursery.start_soon(self._payer_check_worker)
             task_status.started()
 
     def on_advert(self, sa: SignedAdvert) -> None:
@@ -225,10 +239,55 @@ class JobsService:
             if self.formation is not None and job_id in self.formation.jobs:
                 return  # a republish of a manifest we already have
             self._record(msg, now)
+            if job_id not in self.submitter.jobs and not self._payer_gate(msg, now):
+                return  # held for a balance check, or refused: the payer cannot pay
         if job_id in self.submitter.jobs:
             self.apply(self.submitter.on_message(msg, now), origin="submitter")
         if self.formation is not None:
             self.apply(self.formation.on_message(msg, now), origin="formation")
+
+    # ------------------------------------------------ can the submitter pay?
+
+    def _payer_gate(self, sm: SignedManifest, now: int) -> bool:
+        """True when this node may consider the job now.  On a shared ledger
+        the payer's balance must cover the job's price ceiling (cached per
+        payer); an unknown payer is checked first, the manifest held meanwhile.
+        With the embedded ledger (private to this node) there is nothing to
+        check against, and every job is considered."""
+        if self.payer_check is None:
+            return True
+        m = sm.manifest
+        key = (m.payer, m.currency)
+        verdict = self._payer_verdicts.get(key)
+        if verdict is not None and now - verdict[2] < payer_verdict_ttl_ms:
+            if not verdict[0]:
+                self._decline_unpaid(sm, verdict[1])
+            return verdict[0]
+        self._queue(self._check_send, sm, "payer_check")
+        return False
+
+    def _decline_unpaid(self, sm: SignedManifest, reason: str) -> None:
+        self.counts["jobs:payer_cannot_pay"] += 1
+        rec = self.records.get(sm.job_id)
+        if rec is not None:
+            rec.reason = f"not volunteering: {reason}"
+        log.info("not volunteering for %s: %s", sm.job_id[:12], reason)
+
+    async def _payer_check_worker(self) -> None:
+        async for sm in self._check_recv:
+            m = sm.manifest
+            needed = job_ceiling(m)
+            verdict = await self.payer_check.check(m.payer, needed, m.currency)
+            self._payer_verdicts[(m.payer, m.currency)] = (verdict.ok, verdict.reason, self.node.now_ms())
+            if len(self._payer_verdicts) > 10_000:
+                self._payer_verdicts.pop(next(iter(self._payer_verdicts)))
+            if not verdict.ok:
+                self._decline_unpaid(sm, verdict.reason)
+            elif self.formation is not None and sm.job_id not in self.formation.jobs:
+                try:
+                    self.apply(self.formation.on_message(sm, self.node.now_ms()), origin="formation")
+                except PeerMisbehaved as exc:  # expired while we checked, say
+                    self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
 
     def _record(self, sm: SignedManifest, now: int) -> JobRecord:
         rec = self.records.get(sm.job_id)
