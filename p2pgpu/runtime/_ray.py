@@ -312,12 +312,11 @@ class RayMember:
         reason, detail = "exited", ""
         backend = "none" if spec.memory_backend == "none" else memory_backend(spec.memory_backend, spec.cgroup_base)
         limit: MemoryLimit | None = None
-        if backend in ("cgroup2", "cgroup1"):
-            limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=spec.cgroup_base)
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"p2pray-{spec.job_id[:6]}-",
-                                              dir=spec.temp_root))
-        (self.temp_dir / "work").mkdir()
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"p2pray-{spec.job_id[:6]}-", dir=spec.temp_root))
         try:
+            (self.temp_dir / "work").mkdir()
+            if backend in ("cgroup2", "cgroup1"):
+                limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=spec.cgroup_base)
             with trio.move_on_after(spec.time_limit_ms / 1000) as timer:
                 reason, detail = await self._run_inside(limit)
             if timer.cancelled_caught:
