@@ -60,7 +60,7 @@ from p2pgpu.home import Config, Home, NetworkSpec
 from ._control import ControlError, ControlServer
 from ._job_api import job_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
-from ._jobs import FORMATION_PROTOCOL, JOBS_TOPIC, JobsService
+from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._stack import Stack, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 
@@ -70,7 +70,7 @@ ADVERTS_TOPIC = "/p2pgpu/adverts/1"
 PING_PROTOCOL = TProtocol("/ipfs/ping/1.0.0")
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
-STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, FORMATION_PROTOCOL, RESULTS_PROTOCOL]
+STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
 market_sync_adverts_max = 2000

@@ -5,11 +5,12 @@ a worker and leader) and a :class:`~p2pgpu.core.Submitter` (this node as a
 submitter).  It is a driver in CONVENTIONS.md's sense: decode, hand to the
 core, carry out the actions.
 
-- Manifests travel on ``/p2pgpu/jobs/1``; offers, proposals and confirms on
-  the per-job topic ``/p2pgpu/jobs/1/<job_id>``; accepts, certificates,
-  declines and confirms to one peer on direct streams
-  (``/p2pgpu/formation/1.0.0``, one length-prefixed frame per message).
-  A ``Send`` to ourselves is delivered locally.
+- Manifests, offers, proposals and confirms travel on ``/p2pgpu/jobs/1`` (the
+  core can use per-job topics, but a fresh topic's mesh takes GossipSub
+  heartbeats to form); accepts, certificates, declines, confirms to one peer,
+  heartbeats, logs, proofs, co-signatures and payment notices on direct
+  streams (``/p2pgpu/direct/1.0.0``, one length-prefixed signed message per
+  frame).  A ``Send`` to ourselves is delivered locally.
 - Core calls are synchronous and never interleave (trio runs one task at a
   time and :meth:`apply` never awaits): publishes, sends and job starts go to
   bounded channels served by worker tasks of the service's nursery.
@@ -52,7 +53,7 @@ log = logging.getLogger("p2pgpu.jobs")
 
 JOBS_TOPIC = "/p2pgpu/jobs/1"
 #: Every signed message to one peer (formation, heartbeats, logs, proofs, co-signatures).
-FORMATION_PROTOCOL = "/p2pgpu/direct/1.0.0"
+DIRECT_PROTOCOL = "/p2pgpu/direct/1.0.0"
 frame_bytes_max = message_bytes_max + 1024
 _FORMATION_KINDS = ("manifest", "offer", "proposal", "accept", "decline", "certificate", "confirm", "cancel")
 send_queue_max = 4096
@@ -146,7 +147,7 @@ class JobsService:
         assert stack is not None
         stack.pubsub.set_topic_validator(JOBS_TOPIC, self._validate, False)
         sub = await stack.pubsub.subscribe(JOBS_TOPIC)
-        stack.host.set_stream_handler(FORMATION_PROTOCOL, guarded("formation", self._serve_stream, self.counts))
+        stack.host.set_stream_handler(DIRECT_PROTOCOL, guarded("formation", self._serve_stream, self.counts))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.timers.run, self._fire)
@@ -445,7 +446,7 @@ class JobsService:
         async for peer_id, data in self._out_recv:
             with trio.move_on_after(5.0):
                 try:
-                    stream = await stack.host.new_stream(ID.from_base58(peer_id), [FORMATION_PROTOCOL])
+                    stream = await stack.host.new_stream(ID.from_base58(peer_id), [DIRECT_PROTOCOL])
                 except (BaseLibp2pError, ValueError, OSError) as exc:
                     self.counts["jobs:send_failed"] += 1
                     log.info("cannot open a formation stream to %s: %s", peer_id, exc)
