@@ -167,6 +167,18 @@ class RayMemberSpec:
         if len(str(self.temp_root)) > temp_root_len_max:
             raise ValueError(f"temp_root is too long for Ray's socket paths (at most {temp_root_len_max} bytes)")
 
+    @classmethod
+    def for_manifest(cls, manifest: Any, *, job_id: str, members: tuple[str, ...], rank: int,
+                     **node: Any) -> RayMemberSpec:
+        """The spec from a ``core.Manifest`` (command, env, duration, loss
+        policy) plus what this node decides (``host``, ``rendezvous_host``,
+        ``rendezvous_port``, ``num_cpus``, ``gpus``, ``memory_bytes_max``, ...)."""
+        if manifest.runtime != "ray":
+            raise ValueError(f"the manifest asks for the {manifest.runtime!r} runtime, not 'ray'")
+        return cls(job_id=job_id, members=members, rank=rank, command=tuple(manifest.command),
+                   env=dict(manifest.env), time_limit_ms=manifest.duration_s_max * 1000,
+                   on_member_loss=manifest.on_member_loss, **node)
+
     @property
     def world_size(self) -> int:
         return len(self.members)

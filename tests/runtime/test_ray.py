@@ -425,3 +425,25 @@ def test_transition_table_is_closed() -> None:
     assert TRANSITIONS[State.DONE] == ()
     # every state but DONE can stop
     assert all(State.STOPPING in TRANSITIONS[s] for s in State if s not in (State.STOPPING, State.DONE))
+
+
+def test_spec_from_a_ray_manifest() -> None:
+    from p2pgpu.core._identity import Identity
+    from p2pgpu.core._manifest import Manifest
+
+    submitter = Identity(bytes(32)).peer_id
+    payer = "11111111111111111111111111111111"
+    manifest = Manifest(name="train", submitter=submitter, created_at_ms=0, expires_at_ms=60_000,
+                        nonce=bytes(16), payer=payer, nodes=2, runtime="ray", command=("python", "train.py"),
+                        env=(("EPOCHS", "3"),), duration_s_max=90, on_member_loss="continue")
+    spec = RayMemberSpec.for_manifest(manifest, job_id=JOB, members=("a", "b"), rank=1, host="10.0.0.2",
+                                      rendezvous_host="10.0.0.1", rendezvous_port=20001, num_cpus=8,
+                                      gpus=(0, 1), memory_bytes_max=8 << 30)
+    assert spec.command == ("python", "train.py") and dict(spec.env) == {"EPOCHS": "3"}
+    assert spec.time_limit_ms == 90_000 and spec.on_member_loss == "continue"
+    assert not spec.head and spec.world_size == 2
+    with pytest.raises(ValueError):
+        RayMemberSpec.for_manifest(Manifest(name="p", submitter=submitter, created_at_ms=0, expires_at_ms=1,
+                                            nonce=bytes(16), payer=payer, command=("true",)),
+                                   job_id=JOB, members=("a",), rank=0, host="h", rendezvous_host="h",
+                                   rendezvous_port=0, num_cpus=1, memory_bytes_max=1 << 30)
