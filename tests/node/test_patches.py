@@ -31,6 +31,7 @@ from libp2p.pubsub import pubsub as ps_mod
 from libp2p.pubsub import validators
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.rpc_queue import RpcQueue
+from libp2p.utils import varint
 from libp2p.utils.varint import encode_varint_prefixed
 
 from p2pgpu.node import _patches
@@ -39,8 +40,7 @@ TOPIC = "/p2pgpu/test/1"
 
 # Upstream's functions, from the modules the patches leave alone (they rebind
 # the names inside libp2p.pubsub.pubsub only).
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited as UPSTREAM_READ
-
+UPSTREAM_READ = varint.read_varint_prefixed_bytes_limited
 UPSTREAM_SIGNATURE_VALIDATOR = validators.signature_validator
 
 
