@@ -34,7 +34,7 @@ class Adversary:
     silent_leader = False
     params_known: tuple[str, ...] = ()
 
-    def __init__(self, world: "World", cfg: AdversarySection) -> None:
+    def __init__(self, world: World, cfg: AdversarySection) -> None:
         self.world = world
         self.cfg = cfg
         for key in cfg.params:
@@ -51,7 +51,7 @@ class Adversary:
         else:
             pool = [i for i in range(w.n) if w.nodes[i].identity is not None and not w.nodes[i].submitter
                     and i not in taken]
-        k = self.cfg.count or int(round(self.cfg.fraction * len(pool)))
+        k = self.cfg.count or round(self.cfg.fraction * len(pool))
         self.nodes = sorted(self.rng.sample(pool, min(k, len(pool))))
         for i in self.nodes:
             taken[i] = True
@@ -196,7 +196,7 @@ KINDS: dict[str, type[Adversary]] = {c.kind: c for c in (
 )}
 
 
-def make_adversaries(world: "World", sections: tuple[AdversarySection, ...]) -> list[Adversary]:
+def make_adversaries(world: World, sections: tuple[AdversarySection, ...]) -> list[Adversary]:
     out: list[Adversary] = []
     taken: dict[int, bool] = {}
     for i, sec in enumerate(sections):

@@ -26,15 +26,15 @@ def session_s(cfg: ChurnSection, rng: Any) -> float:
     mean = cfg.session_mean_s
     if cfg.session == "weibull":
         k = cfg.weibull_shape
-        return rng.weibullvariate(mean / math.gamma(1 + 1 / k), k)
+        return float(rng.weibullvariate(mean / math.gamma(1 + 1 / k), k))
     if cfg.session == "pareto":
         a = cfg.pareto_alpha
-        return rng.paretovariate(a) * mean * (a - 1) / a
-    return rng.expovariate(1.0 / mean)
+        return float(rng.paretovariate(a) * mean * (a - 1) / a)
+    return float(rng.expovariate(1.0 / mean))
 
 
 class Churn:
-    def __init__(self, world: "World", cfg: ChurnSection) -> None:
+    def __init__(self, world: World, cfg: ChurnSection) -> None:
         self.world = world
         self.cfg = cfg
         self.rng = world.engine.stream("churn")
@@ -44,7 +44,7 @@ class Churn:
         n = world.n
         self.churning = [False] * n
         if cfg.fraction > 0:
-            for i in self.rng.sample(range(n), int(round(cfg.fraction * n))):
+            for i in self.rng.sample(range(n), round(cfg.fraction * n)):
                 self.churning[i] = True
 
     def schedule_departure(self, node: int) -> None:
@@ -71,7 +71,7 @@ class Churn:
         self.schedule_departure(node)
 
 
-def partition_sides(p: PartitionSection, world: "World", rng: Any) -> list[int]:
+def partition_sides(p: PartitionSection, world: World, rng: Any) -> list[int]:
     """Side of each node (0 or 1) for one partition."""
     kind, _, arg = p.split.partition(":")
     n = world.n
@@ -81,6 +81,6 @@ def partition_sides(p: PartitionSection, world: "World", rng: Any) -> list[int]:
         return [1 if world.net.region[i] in idx else 0 for i in range(n)]
     frac = float(arg)
     side = [0] * n
-    for i in rng.sample(range(n), int(round(frac * n))):
+    for i in rng.sample(range(n), round(frac * n)):
         side[i] = 1
     return side

@@ -13,11 +13,10 @@ the real check every time instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from p2pgpu.core import PeerMisbehaved
-from p2pgpu.core import _envelope
+from p2pgpu.core import PeerMisbehaved, _envelope
 
 cache_entries_max = 2_000_000
 
@@ -49,13 +48,13 @@ class VerifyCache:
 
 @contextmanager
 def verify_cache(enabled: bool = True) -> Iterator[VerifyCache]:
-    real_fn = _envelope.verify_signature
+    real_fn = getattr(_envelope, "verify_signature")  # noqa: B009 (not re-exported; we swap it)
     cache = VerifyCache(real_fn)
     if not enabled:
         yield cache
         return
-    _envelope.verify_signature = cache  # type: ignore[assignment]
+    setattr(_envelope, "verify_signature", cache)  # noqa: B010
     try:
         yield cache
     finally:
-        _envelope.verify_signature = real_fn  # type: ignore[assignment]
+        setattr(_envelope, "verify_signature", real_fn)  # noqa: B010

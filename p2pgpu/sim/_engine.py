@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _TIE_BITS = 40
 _TIE_MASK = (1 << _TIE_BITS) - 1
@@ -42,8 +43,19 @@ class SimulationStopped(Exception):
 class Engine:
     """Virtual clock, event heap and the run's seeded streams."""
 
-    __slots__ = ("seed", "now_us", "_heap", "_seq", "_mul", "_salt", "events_run",
-                 "_trace", "_hash", "trace_records", "tracing")
+    __slots__ = (
+        "_hash",
+        "_heap",
+        "_mul",
+        "_salt",
+        "_seq",
+        "_trace",
+        "events_run",
+        "now_us",
+        "seed",
+        "trace_records",
+        "tracing",
+    )
 
     def __init__(self, seed: int, *, tracing: bool = True) -> None:
         if not 0 <= seed < 2**63:
@@ -71,14 +83,14 @@ class Engine:
     # -- scheduling -------------------------------------------------------
     def at(self, t_us: int, fn: Callable[[Any], None], arg: Any = None) -> None:
         """Run ``fn(arg)`` at virtual time ``t_us`` (never in the past)."""
-        if t_us < self.now_us:
+        if t_us < self.now_us:  # noqa: PLR1730 (hot path: no call)
             t_us = self.now_us
         self._seq += 1
         heapq.heappush(self._heap, ((t_us << _TIE_BITS) | ((self._seq * self._mul + self._salt) & _TIE_MASK),
                                     fn, arg))
 
     def after(self, delay_us: int, fn: Callable[[Any], None], arg: Any = None) -> None:
-        self.at(self.now_us + (delay_us if delay_us > 0 else 0), fn, arg)
+        self.at(self.now_us + max(0, delay_us), fn, arg)
 
     def run_until(self, end_us: int, *, progress: Callable[[int], None] | None = None,
                   progress_every_us: int = 1_000_000) -> None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._engine import Engine
 from ._network import Network
@@ -37,7 +38,7 @@ _ID_BYTES = 40  # a libp2p message id (from + seqno) is about this long
 class Msg:
     """One published message; ``seen[node]`` is that node's seen-cache flag."""
 
-    __slots__ = ("mid", "origin", "topic", "nbytes", "data", "t0_us", "seen", "valid", "delivered", "info")
+    __slots__ = ("data", "delivered", "info", "mid", "nbytes", "origin", "seen", "t0_us", "topic", "valid")
 
     def __init__(self, mid: int, origin: int, topic: str, nbytes: int, data: Any, t0_us: int, n: int) -> None:
         self.mid = mid
@@ -146,12 +147,12 @@ class GossipSub:
             if cores:
                 # all nodes share a few cores: take the one free first
                 free = heapq.heappop(cores)
-                ready = (free if free > now else now) + self._proc_us
+                ready = max(now, free) + self._proc_us
                 heapq.heappush(cores, ready)
             else:
                 # the node's own CPU is one queue: validation waits for what came before
                 free = net.uplink_free_us[dst]
-                ready = (free if free > now else now) + self._proc_us
+                ready = max(now, free) + self._proc_us
                 net.uplink_free_us[dst] = ready
             self.engine.at(ready, self._process, (dst, src, msg, net.epoch[dst]))
             return

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 
 class Checker:
-    def __init__(self, world: "World") -> None:
+    def __init__(self, world: World) -> None:
         self.world = world
         self.violations: list[dict[str, Any]] = []
         self.checks = 0

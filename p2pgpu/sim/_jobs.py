@@ -34,29 +34,27 @@ from typing import TYPE_CHECKING, Any
 from p2pgpu.core import (
     CancelTimer,
     Confirmed,
+    Cosign,
     Emit,
     Failed,
     FormationConfig,
     FormationNode,
     MemberLost,
     PeerMisbehaved,
+    Proof,
+    ProofRejected,
+    ProofTerms,
     Publish,
     Released,
     Reserved,
     Send,
     SetTimer,
+    SignedCosign,
     StartJob,
     StopJob,
     Submitter,
     Subscribe,
     Unsubscribe,
-)
-from p2pgpu.core import (
-    Cosign,
-    Proof,
-    ProofRejected,
-    ProofTerms,
-    SignedCosign,
     agreed_prices,
     certificate_hash,
     decode_cosign,
@@ -124,7 +122,7 @@ class Job:
 
 
 class JobFlow:
-    def __init__(self, world: "World", cfg: JobSection) -> None:
+    def __init__(self, world: World, cfg: JobSection) -> None:
         self.world = world
         self.cfg = cfg
         self.rng = world.engine.stream("jobs")
@@ -172,7 +170,7 @@ class JobFlow:
         world.net.handlers["job.cosign"] = self._on_cosign
 
     # -- the driver: carrying out the cores' actions ---------------------------------------
-    def on_own_advert(self, node: int, advert: "Advert") -> None:
+    def on_own_advert(self, node: int, advert: Advert) -> None:
         """A node (re)signed its advert: start its formation core, or update it."""
         if not self.enabled:
             return
@@ -317,7 +315,7 @@ class JobFlow:
         if self.world.net.epoch[node] == epoch and self.world.net.up[node]:
             self._deliver(node, msg)
 
-    def on_manifest(self, node: int, msg: "Msg") -> None:
+    def on_manifest(self, node: int, msg: Msg) -> None:
         """Gossip delivered something on the jobs topic to ``node``."""
         if msg.origin != node and (self.fnodes[node] is not None or node in self.subs):
             self._deliver(node, msg.data)
@@ -426,7 +424,7 @@ class JobFlow:
         assert sn.identity is not None
         skew = sn.skew_ms
         cert_hash = certificate_hash(cert)
-        claim = {"started_at_ms": start_ms + skew, "ended_at_ms": end_ms + skew, "gpu_ms": g * (end_ms - start_ms),
+        claim: dict[str, Any] = {"started_at_ms": start_ms + skew, "ended_at_ms": end_ms + skew, "gpu_ms": g * (end_ms - start_ms),
                  "output_digest": hashlib.sha256(job_id.encode()).digest()}  # the honest output of this job
         if sn.adversary is not None:
             claim = sn.adversary.proof_claim(claim, job.manifest.duration_s_max * 1000)
@@ -563,7 +561,7 @@ class JobFlow:
         counted = [j for j in jobs if j.state is not JobState.FORMING]
 
         def p(q: float) -> float | None:
-            return round(fms[min(len(fms) - 1, int(round(q / 100 * (len(fms) - 1))))], 1) if fms else None
+            return round(fms[min(len(fms) - 1, round(q / 100 * (len(fms) - 1)))], 1) if fms else None
 
         return {
             "jobs_submitted": len(jobs),

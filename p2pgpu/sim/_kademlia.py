@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ._engine import Engine
 from ._network import Network
@@ -36,7 +37,7 @@ class Lookup:
     origin: int
     target: int
     started_us: int
-    on_done: Callable[["Lookup"], None] | None
+    on_done: Callable[[Lookup], None] | None
     #: id -> (node, depth); depth = hops from the origin's own table
     known: dict[int, tuple[int, int]] = field(default_factory=dict)
     queried: dict[int, bool] = field(default_factory=dict)  # node -> answered?
@@ -139,7 +140,7 @@ class Kademlia:
         self.net.send(dst, src, self.cfg.message_bytes + 40 * len(found), "kad.resp", (req, dst, found))
 
     def _on_response(self, dst: int, src: int, payload: tuple[int, int, list[int]]) -> None:
-        req, responder, found = payload
+        req, _responder, found = payload
         entry = self._pending.pop(req, None)
         if entry is None:
             return  # timed out already
@@ -198,5 +199,5 @@ class Kademlia:
 def _pct(sorted_vals: list[Any], p: float) -> Any:
     if not sorted_vals:
         return None
-    i = min(len(sorted_vals) - 1, max(0, int(round(p / 100 * (len(sorted_vals) - 1)))))
+    i = min(len(sorted_vals) - 1, max(0, round(p / 100 * (len(sorted_vals) - 1))))
     return sorted_vals[i]

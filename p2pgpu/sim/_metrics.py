@@ -35,11 +35,11 @@ def pct(vals: list[float], p: float) -> float | None:
     if not vals:
         return None
     s = sorted(vals)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 class Metrics:
-    def __init__(self, world: "World") -> None:
+    def __init__(self, world: World) -> None:
         self.world = world
         self.latency_ms: dict[str, dict[int, int]] = {}
         self.deliveries = 0
@@ -48,9 +48,9 @@ class Metrics:
         self._last_deliveries = 0
         self._last_bytes = 0
         #: (msg, nodes up when it was published) for honest adverts, for the delivery ratio
-        self.tracked: list[tuple["Msg", int]] = []
+        self.tracked: list[tuple[Msg, int]] = []
 
-    def on_delivery(self, node: int, msg: "Msg") -> None:
+    def on_delivery(self, node: int, msg: Msg) -> None:
         self.deliveries += 1
         h = self.latency_ms.get(msg.topic)
         if h is None:
@@ -58,7 +58,7 @@ class Metrics:
         ms = (self.world.engine.now_us - msg.t0_us) // 1000
         h[ms] = h.get(ms, 0) + 1
 
-    def track(self, msg: "Msg") -> None:
+    def track(self, msg: Msg) -> None:
         self.tracked.append((msg, self._live))
 
     @property
@@ -201,7 +201,7 @@ class Metrics:
         if lookups:
             fig, ax = plt.subplots(figsize=(6, 4))
             hops = [lk["hops"] for lk in lookups]
-            ax.hist(hops, bins=range(0, max(hops) + 2), align="left", rwidth=0.8)
+            ax.hist(hops, bins=range(max(hops) + 2), align="left", rwidth=0.8)
             ax.set_xlabel("lookup hops")
             ax.set_ylabel("lookups")
             ax.set_title(f"{name}: Kademlia lookup hops")

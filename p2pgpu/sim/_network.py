@@ -18,9 +18,9 @@ All draws come from the ``"net"`` stream, in event order, so they replay.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
+from collections.abc import Callable
 from heapq import heappush
+from typing import Any
 
 from ._engine import _TIE_BITS, _TIE_MASK, Engine
 from ._regions import DEFAULT_WEIGHTS, REGIONS, intra_region_rtt_ms, rtt_ms
@@ -30,10 +30,34 @@ Handler = Callable[[int, int, Any], None]
 
 
 class Network:
-    __slots__ = ("engine", "cfg", "n", "region", "region_names", "_delay_us", "_jit", "_loss", "_dup",
-                 "_reorder", "_reorder_us", "_us_per_byte", "_rng", "_random", "up", "epoch", "peers", "side",
-                 "uplink_free_us", "bytes_out", "bytes_in", "dropped", "handlers",
-                 "on_peer_lost", "_detect_us", "live")
+    __slots__ = (
+        "_delay_us",
+        "_detect_us",
+        "_dup",
+        "_jit",
+        "_loss",
+        "_random",
+        "_reorder",
+        "_reorder_us",
+        "_rng",
+        "_us_per_byte",
+        "bytes_in",
+        "bytes_out",
+        "cfg",
+        "dropped",
+        "engine",
+        "epoch",
+        "handlers",
+        "live",
+        "n",
+        "on_peer_lost",
+        "peers",
+        "region",
+        "region_names",
+        "side",
+        "up",
+        "uplink_free_us",
+    )
 
     def __init__(self, engine: Engine, cfg: NetworkSection, n: int) -> None:
         self.engine = engine
@@ -101,7 +125,7 @@ class Network:
         engine = self.engine
         now = engine.now_us
         free = self.uplink_free_us[src]
-        done = (free if free > now else now) + int(nbytes * self._us_per_byte)
+        done = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136 (hot path)
         self.uplink_free_us[src] = done
         base = self._delay_us[self.region[src]][self.region[dst]]
         t = done + base
@@ -197,7 +221,7 @@ class Network:
     def random_live(self, rng: Any, tries: int = 32) -> int | None:
         """A uniformly drawn node that is up (a stand-in for a DHT random walk)."""
         for _ in range(tries):
-            c = rng.randrange(self.n)
+            c: int = rng.randrange(self.n)
             if self.up[c]:
                 return c
         return None

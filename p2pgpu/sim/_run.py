@@ -9,9 +9,10 @@ last.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ._adversary import inactive
 from ._crypto import verify_cache

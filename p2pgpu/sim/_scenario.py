@@ -193,7 +193,7 @@ class Scenario:
     adversary: tuple[AdversarySection, ...] = ()
     source: str = ""
 
-    def check(self) -> "Scenario":
+    def check(self) -> Scenario:
         r, n, g = self.run, self.network, self.gossipsub
         _need(1 <= r.nodes <= nodes_max, "run.nodes", f"must be 1..{nodes_max}")
         _need(0 < r.duration_s <= duration_s_max, "run.duration_s", "out of range")

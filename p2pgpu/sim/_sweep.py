@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import multiprocessing
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 #: metrics summarised across seeds (those a run reports as numbers)
 _SKIP = ("seed", "nodes", "trace_hash", "trace_records", "wall_s", "events_per_s", "speed_x_real_time")
@@ -117,7 +118,7 @@ class RayMissing(RuntimeError):
 
 def _on_ray(address: str, jobs: list[tuple[str, int, dict[str, Any], str]]) -> list[dict[str, Any]]:
     try:
-        import ray  # type: ignore[import-not-found]
+        import ray
     except ImportError:
         raise RayMissing("--ray needs the 'ray' package: pip install 'p2pgpu[ray]' (or pip install ray)") from None
     ray.init(address=address, ignore_reinit_error=True)

@@ -20,10 +20,12 @@ real verification of the same bytes plus their own clock check.
 
 from __future__ import annotations
 
-import base58
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
+import base58
 
 from p2pgpu.core import (
     Advert,
@@ -111,7 +113,7 @@ class World:
         catalog = s.adverts.gpu_catalog or DEFAULT_CATALOG
         weights = [int(c.get("weight", 1)) for c in catalog]
         skew = s.churn.clock_skew_ms
-        real_k = int(round(s.adverts.real_fraction * self.n))
+        real_k = round(s.adverts.real_fraction * self.n)
         real = [False] * self.n
         for i in rng.sample(range(self.n), real_k):
             real[i] = True
