@@ -57,6 +57,8 @@ async def one(n: int, two_phase: bool) -> dict[str, float]:
                     for m in members[1:]:
                         assert members[0].address is not None
                         m.set_rendezvous(members[0].address.gcs_port)
+            elif name == "ray_start_retry" and os.environ.get("VERBOSE"):
+                print(f"  member {rank}: ray start retried: {info}", flush=True)
             elif name in ("nodes_ready", "entrypoint_started"):
                 mark(name)
         return f
@@ -66,8 +68,9 @@ async def one(n: int, two_phase: bool) -> dict[str, float]:
             mark("driver_connected")
             running.set()
 
+    job_id = os.urandom(32).hex()
     for r in range(n):
-        spec = RayMemberSpec(job_id=os.urandom(32).hex(), members=peers, rank=r, command=(sys.executable, "-c", ENTRY),
+        spec = RayMemberSpec(job_id=job_id, members=peers, rank=r, command=(sys.executable, "-c", ENTRY),
                              rendezvous_host="127.0.0.1", rendezvous_port=port, host="127.0.0.1", num_cpus=1,
                              memory_bytes_max=1 << 30, time_limit_ms=600_000)
         members.append(RayMember(spec, on_line=on_line if r == 0 else None, on_event=on_event(r)))
@@ -76,6 +79,11 @@ async def one(n: int, two_phase: bool) -> dict[str, float]:
     async def run(m: RayMember) -> None:
         res = await m.run()
         left.extend(res.processes_left)
+        if not running.is_set():  # ended before the job ran: say why, stop the others
+            print(f"  member {m.spec.rank} ended early: {res.reason} {res.detail[-400:]}", flush=True)
+            for other in members:
+                other.stop("cancelled")
+            running.set()
 
     async with trio.open_nursery() as nursery:
         for m in members:

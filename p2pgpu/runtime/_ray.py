@@ -398,6 +398,13 @@ class RayMember:
     # --- starting Ray -------------------------------------------------------------------------
 
     def _base_env(self) -> dict[str, str]:
+        """What Ray's processes and the driver get: ours, then the manifest's."""
+        env = self._own_env()
+        for name in sorted(self.spec.env):
+            env[name] = self.spec.env[name]
+        return env
+
+    def _own_env(self) -> dict[str, str]:
         spec = self.spec
         assert self.temp_dir is not None
         env = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]),
@@ -410,8 +417,8 @@ class RayMember:
                "P2PGPU_JOB_ID": spec.job_id}
         if spec.auth_token:
             env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": spec.auth_token})
-        for name in sorted(spec.env):
-            env[name] = spec.env[name]
+        if os.environ.get("PYTHONPATH"):  # the operator's way of installing Ray, if any
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         return env
 
     def _start_argv(self, ports: NodePorts) -> list[str]:
@@ -538,7 +545,9 @@ class RayMember:
         alive, queue a loss for each rank Ray declares dead."""
         spec = self.spec
         assert self.address is not None
-        env = self._base_env()
+        env = self._own_env()  # our process: none of the manifest's variables
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         argv = [sys.executable, "-m", "p2pgpu.runtime._ray_watch", str(self.address),
                 "--interval-ms", str(max(100, spec.health_check_period_ms // 2))]
         everyone = list(range(spec.world_size))
