@@ -7,7 +7,9 @@ their config.toml is the mint's address); the submitter's wallet holds SOL
 priced in that mint runs, and each worker sees exactly what its proof is owed
 arrive in the associated token account of its payout address (created by the
 payer in the payout transaction: the workers hold no SOL at all), and
-``earnings`` on the worker shows the transaction signature.
+``earnings`` on the worker shows the transaction signature.  First, a job
+whose payer holds SOL but none of the tokens gets no volunteers: the workers'
+"can the submitter pay?" check reads the payer's token account.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from solders.keypair import Keypair
 from spl_helpers import create_mint, token_balance
 from test_payouts import ledger  # noqa: F401 - the `p2pgpu ledger serve` fixture, shared
 
 from p2pgpu.devnet import rpc
 from p2pgpu.home import Config
 from p2pgpu.localnet import LocalNet
+from p2pgpu.node import ControlError
 from p2pgpu.solana import load_or_create_keypair, payer_keypair_path
 
 pytestmark = pytest.mark.processes
@@ -37,11 +41,15 @@ PRICE = 360_000_000  # base units per GPU-hour the nodes ask: 100 per GPU-second
 CEILING = 1_000_000_000  # the job's price_per_gpu_hour_max, in base units
 
 
-def token_manifest(mint: str) -> str:
+def token_manifest(mint: str, payer: str = "") -> str:
+    """examples/jobs/pair.toml priced in ``mint`` (paid by ``payer`` when given,
+    else by the submitting node's wallet)."""
     text = (EXAMPLES / "pair.toml").read_text()
     text, n_currency = re.subn(r'(?m)^currency = "SOL"$', f'currency = "{mint}"', text)
     text, n_price = re.subn(r"(?m)^price_per_gpu_hour_max = \d+$", f"price_per_gpu_hour_max = {CEILING}", text)
     assert (n_currency, n_price) == (1, 1), "examples/jobs/pair.toml changed shape"
+    if payer:
+        text = text.replace(f'currency = "{mint}"', f'currency = "{mint}"\npayer = "{payer}"')
     return text
 
 
@@ -76,6 +84,27 @@ def test_token_job_pays_each_worker_its_tokens(tmp_path: Path, ledger: str) -> N
         assert token_balance(ledger, payer, token) == SUPPLY
         before = {w["payout_address"]: token_balance(ledger, w["payout_address"], token) for w in wallets}
 
+        # A payer with SOL but no tokens: the workers read its token account, not its lamports, and decline.
+        broke = str(Keypair().pubkey())
+        rpc(ledger, "requestAirdrop", [broke, 10_000_000_000])
+        unpaid = submitter.call("job.submit", {"manifest": token_manifest(mint, payer=broke)})["job_id"]
+
+        def declined() -> str | None:
+            for worker in net.nodes[1:]:
+                try:
+                    reason = str(worker.call("job.status", {"job_id": unpaid})["reason"])
+                except ControlError:
+                    continue  # the manifest has not reached this worker yet
+                if "payer balance" in reason:
+                    return reason
+            return None
+
+        reason = net.wait_until(declined, timeout_s=60, interval_s=0.5, what="a worker to decline the unfunded payer")
+        ceiling = -(-2 * 1 * 30_000 * CEILING // 3_600_000)  # 2 members x 1 GPU x duration_s_max 30 at the ceiling
+        assert reason.startswith(f"not volunteering: payer balance 0 is below the job's ceiling {ceiling} ")
+        assert submitter.call("job.status", {"job_id": unpaid})["state"] == "forming"
+        submitter.call("job.cancel", {"job_id": unpaid})
+
         job = submitter.call("job.submit", {"manifest": token_manifest(mint)})["job_id"]
 
         def settled() -> dict[str, Any] | None:
@@ -97,6 +126,7 @@ def test_token_job_pays_each_worker_its_tokens(tmp_path: Path, ledger: str) -> N
         for address, amount in owed.items():
             if address != payer:  # a worker's token account rose by exactly what it is owed
                 assert token_balance(ledger, address, token) - before[address] == amount
+                assert int(rpc(ledger, "getBalance", [address])["value"]) == 0  # its account's rent: the payer's
         # The payer's tokens went down by exactly what others were paid (a payout to itself moves nothing).
         assert token_balance(ledger, payer, token) == SUPPLY - paid_to_others
 
