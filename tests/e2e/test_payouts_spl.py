@@ -37,7 +37,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 DECIMALS = 6
 SUPPLY = 10**12  # one million tokens, in the submitter's token account
-PRICE = 360_000_000  # base units per GPU-hour the nodes ask: 100 per GPU-second
+PRICE = 360_000_000  # base units per GPU-hour the nodes ask: 100 per GPU-millisecond
 CEILING = 1_000_000_000  # the job's price_per_gpu_hour_max, in base units
 
 
