@@ -26,7 +26,7 @@ import trio
 from p2pgpu.node import ControlError, DaemonUnavailable
 
 from ._source import DaemonSource, MethodMissing
-from ._views import Raw, _int, _seen_ms, build_views, rows_of
+from ._views import Raw, _int, _seen_ms, build_views, clean_raw, rows_of
 
 log = logging.getLogger("p2pgpu.explorer")
 
@@ -80,7 +80,7 @@ class Collector:
                 setattr(raw, attr, rows_of(value))
         if raw.jobs:
             raw.jobs = await self._job_details(raw.jobs, raw)
-        self.raw = raw
+        self.raw = clean_raw(raw)  # /metrics and the proof check read it: known keys have their types
         self.polls += 1
         views = build_views(raw, now_ms=self.now_ms(), version=self.version + 1)
         if _content(views) != _content(self.views):

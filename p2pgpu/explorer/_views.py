@@ -77,6 +77,44 @@ def rows_of(value: Any) -> list[dict[str, Any]] | None:
     return None if value is None else _rows(value)
 
 
+#: The type each known key must have; a value of another type is dropped (read as missing).
+_NUMBER = (int, float)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **{k: (str,) for k in ("peer_id", "region", "currency", "model", "job_id", "state", "certificate_hash",
+                           "proof_hash", "status", "tx_signature", "name", "worker", "payout_address", "network")},
+    **{k: _NUMBER for k in ("gpus_free", "memory_mb", "count", "seen_at_ms", "formation_ms", "amount", "price",
+                            "latency_ms", "gpu_ms", "expires_at", "peers", "adverts_known", "uptime_s", "nodes",
+                            "replicas")},
+    **{k: (list,) for k in ("gpus", "members", "proofs", "payouts", "roles")},
+    **{k: (dict,) for k in ("cluster", "timings", "rejections", "jobs", "counters")},
+}
+
+
+def clean(obj: Any, depth: int = 0) -> Any:
+    """A daemon's answer with every known key of the wrong type dropped, recursively (bounded depth)."""
+    if depth > 8:
+        return None
+    if isinstance(obj, list):
+        return [clean(v, depth + 1) for v in obj[:rows_max]]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        want = FIELD_TYPES.get(k)
+        if want is not None and (not isinstance(v, want) or isinstance(v, bool)):
+            continue
+        out[str(k)] = clean(v, depth + 1)
+    return out
+
+
+def clean_raw(raw: Raw) -> Raw:
+    """:func:`clean` on every answer of a poll (idempotent)."""
+    status = clean(raw.status)
+    return Raw(status=status if isinstance(status, dict) else None, peers=clean(raw.peers),
+               market=clean(raw.market), jobs=clean(raw.jobs), proofs=clean(raw.proofs),
+               payouts=clean(raw.payouts), earnings=clean(raw.earnings), missing=raw.missing, errors=raw.errors)
+
+
 def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
@@ -245,6 +283,7 @@ def _panel(rows: Any, available: bool, raw: Raw, name: str) -> dict[str, Any]:
 
 def build_views(raw: Raw, *, now_ms: int, version: int) -> dict[str, Any]:
     """Every panel of the explorer, as the JSON API serves it."""
+    raw = clean_raw(raw)
     status = raw.status or {}
     market = raw.market or []
     job_rows = raw.jobs or []

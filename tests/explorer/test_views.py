@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from p2pgpu.explorer import Raw, build_views
-from p2pgpu.explorer._views import clusters, job_states, payouts, supply
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from p2pgpu.explorer import Collector, Raw, build_views
+from p2pgpu.explorer._metrics import registry_for, render
+from p2pgpu.explorer._views import clean_raw, clusters, job_states, payouts, supply
 
 
 def advert(peer: str, region: str, gpus: list[tuple[str, int, int]], free: int, price: int = 100) -> dict[str, Any]:
@@ -79,3 +85,36 @@ def test_summary_totals_only_paid_amounts() -> None:
     assert [(p["proof_hash"], p["paid"], p["tx_signature"]) for p in v["proofs"]["rows"]] == [
         ("p1", True, "S"), ("p2", False, None)]
     assert v["summary"]["clusters"] == 1 and v["summary"]["jobs"]["confirmed"] == 1
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=12)
+KEYS = ["peer_id", "region", "gpus", "gpus_free", "price", "currency", "model", "memory_mb", "count", "job_id",
+        "state", "cluster", "members", "certificate_hash", "timings", "seen_at_ms", "formation_ms", "proof_hash",
+        "status", "tx_signature", "amount", "proofs", "payouts", "latency_ms", "rejections", "jobs"]
+ROW = st.dictionaries(st.sampled_from(KEYS), JSON, max_size=8)
+ROWS = st.none() | st.lists(ROW, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=st.none() | ROW, peers=ROWS, market=ROWS, jobs=ROWS, proofs=ROWS, pays=ROWS, earnings=ROWS)
+def test_any_daemon_answer_gives_views_never_an_exception(status: Any, peers: Any, market: Any, jobs: Any,
+                                                          proofs: Any, pays: Any, earnings: Any) -> None:
+    """Whatever shapes a daemon answers with, the views are built (unknown shapes become empty or None)."""
+    raw = Raw(status=status, peers=peers, market=market, jobs=jobs, proofs=proofs, payouts=pays, earnings=earnings)
+    v = build_views(raw, now_ms=0, version=0)
+    json.dumps(v)
+    assert v["summary"]["gpus_total"] >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=st.none() | ROW, peers=ROWS, market=ROWS, jobs=ROWS, pays=ROWS)
+def test_any_daemon_answer_gives_parseable_metrics(status: Any, peers: Any, market: Any, jobs: Any,
+                                                   pays: Any) -> None:
+    collector = Collector(None, now_ms=lambda: 0)  # type: ignore[arg-type]  # never polled here
+    collector.raw = clean_raw(Raw(status=status, peers=peers, market=market, jobs=jobs, payouts=pays))
+    collector.views = build_views(collector.raw, now_ms=0, version=1)
+    text = render(registry_for(collector)).decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"p2pgpu_up", "p2pgpu_supply_gpus", "p2pgpu_jobs"} <= names
