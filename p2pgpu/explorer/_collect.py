@@ -61,7 +61,6 @@ class Collector:
         self.call_errors: Counter[str] = Counter()
         self.latency_s: dict[str, float] = {}
         self._changed = trio.Event()
-        self._first = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.poll()
@@ -92,7 +91,6 @@ class Collector:
             # Same content: keep the version (clients need no update), refresh the time.
             self.views["as_of_ms"] = views["as_of_ms"]
             self.views["summary"]["as_of_ms"] = views["as_of_ms"]
-        self._first.set()
 
     async def _ask(self, method: str, raw: Raw, params: dict[str, Any] | None = None) -> Any:
         try:

@@ -8,12 +8,27 @@ counters must move when a third node joins and when a job forms a cluster.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
 from typing import Any
 
 import pytest
-from explorer_helpers import MIX, REGIONS, Explorer, ensure_job, ensure_third, wait_for
+from explorer_helpers import (
+    MIX,
+    REGIONS,
+    Explorer,
+    ensure_job,
+    ensure_third,
+    start_explorer,
+    stop_explorer,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
+from p2pgpu.home import Home
 from p2pgpu.localnet import LocalNet
 
 pytestmark = pytest.mark.processes
@@ -161,3 +176,34 @@ def test_a_paid_job_passes_the_proof_check(net: LocalNet, explorer: Explorer) ->
     assert m["p2pgpu_payouts"][(("side", "owed"), ("status", "paid"))] >= 1
     summary = explorer.get("/api/summary")
     assert summary["payouts_paid"] >= 1 and summary["paid_total"]["SOL"] >= pay["amount"]
+
+
+def test_without_a_daemon_the_explorer_says_so_and_keeps_serving(tmp_path: Path) -> None:
+    home = Home(tmp_path / "lonely")
+    home.init(network="local")
+    ex = start_explorer(home)
+    try:
+        summary = ex.get("/api/summary")
+        assert summary["daemon_up"] is False and summary["nodes"] == 0
+        assert "no daemon runs" in ex.get("/api/all")["errors"]["status"]
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            ex.get("/healthz")
+        assert "p2pgpu_up 0.0" in ex.get("/metrics")
+    finally:
+        assert stop_explorer(ex) == 0
+
+
+def test_explorer_command_errors_say_what_to_do(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "p2pgpu.cli", "explorer", *args], capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    out = run("--home", str(tmp_path / "nothing"))
+    assert out.returncode == 1 and "p2pgpu init" in out.stderr
+    home = Home(tmp_path / "h")
+    home.init(network="local")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        out = run("--home", str(home.path), "--port", str(busy.getsockname()[1]))
+    assert out.returncode == 1 and "cannot listen on 127.0.0.1" in out.stderr, out.stderr
