@@ -41,6 +41,17 @@ def inventory_doc(model: str, memory_mb: int, cc: str, count: int) -> dict[str, 
             "driver_version": "550.54.15", "cuda_version": "12.4"}
 
 
+def _override_config(path: Path, extra: str) -> None:
+    """Set the top-level keys of ``extra`` (TOML lines) in a config.toml,
+    replacing a key the file already has (TOML refuses a repeated key)."""
+    import tomllib  # noqa: PLC0415
+
+    keys = set(tomllib.loads(extra))
+    kept = [ln for ln in path.read_text().splitlines()
+            if not any(ln.strip().startswith(f"{k} ") or ln.strip().startswith(f"{k}=") for k in keys)]
+    path.write_text("\n".join(kept) + "\n" + extra.strip() + "\n")
+
+
 class LocalNetError(Exception):
     """A node failed to start or answer in time; the message has its log tail."""
 
@@ -109,8 +120,7 @@ class LocalNet:
             home.init(network="local")
             extra = self.config_extra + "\n" + self.node_config.get(i, "")
             if extra.strip():
-                with open(home.config_path, "a") as f:
-                    f.write("\n" + extra.strip() + "\n")
+                _override_config(home.config_path, extra)
         inv = self.root / f"gpus{i}.json"
         if not inv.exists():
             inv.write_text(json.dumps(inventory_doc(*self.gpu_mix[i % len(self.gpu_mix)])))

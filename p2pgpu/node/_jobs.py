@@ -41,6 +41,7 @@ from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import Message, decode_message, message_bytes_max
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import SignedManifest
+from p2pgpu.core._payout import payer_covers
 
 from ._collect import Collection, Collector
 from ._streams import StreamGone, guarded, read_frame, write_frame
@@ -131,7 +132,7 @@ class JobsService:
         self.collector = Collector(self)
         #: Set by the node when its ledger is shared (an RPC endpoint).
         self.payer_check: Any = None
-        self._payer_verdicts: dict[tuple[str, str], tuple[bool, str, int]] = {}
+        self._payer_balances: dict[tuple[str, str], tuple[int | None, int]] = {}
         self._check_send, self._check_recv = trio.open_memory_channel[SignedManifest](1024)
         self.db: Any = None  # sqlite3.Connection in the home, when there is one
         self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
@@ -251,19 +252,21 @@ class JobsService:
 
     def _payer_gate(self, sm: SignedManifest, now: int) -> bool:
         """True when this node may consider the job now.  On a shared ledger
-        the payer's balance must cover the job's price ceiling (cached per
-        payer); an unknown payer is checked first, the manifest held meanwhile.
-        With the embedded ledger (private to this node) there is nothing to
-        check against, and every job is considered."""
+        the payer's balance must cover this job's price ceiling; balances are
+        cached per payer and currency (the verdict is per job: a balance that
+        covers a cheap job may not cover a dear one).  An unknown payer is
+        looked up first, the manifest held meanwhile.  With the embedded
+        ledger (private to this node) there is nothing to check against, and
+        every job is considered."""
         if self.payer_check is None:
             return True
         m = sm.manifest
-        key = (m.payer, m.currency)
-        verdict = self._payer_verdicts.get(key)
-        if verdict is not None and now - verdict[2] < payer_verdict_ttl_ms:
-            if not verdict[0]:
-                self._decline_unpaid(sm, verdict[1])
-            return verdict[0]
+        cached = self._payer_balances.get((m.payer, m.currency))
+        if cached is not None and now - cached[1] < payer_verdict_ttl_ms:
+            verdict = payer_covers(balance_lamports=cached[0], needed=job_ceiling(m))
+            if not verdict.ok:
+                self._decline_unpaid(sm, verdict.reason)
+            return verdict.ok
         self._queue(self._check_send, sm, "payer_check")
         return False
 
@@ -277,11 +280,11 @@ class JobsService:
     async def _payer_check_worker(self) -> None:
         async for sm in self._check_recv:
             m = sm.manifest
-            needed = job_ceiling(m)
-            verdict = await self.payer_check.check(m.payer, needed, m.currency)
-            self._payer_verdicts[(m.payer, m.currency)] = (verdict.ok, verdict.reason, self.node.now_ms())
-            if len(self._payer_verdicts) > 10_000:
-                self._payer_verdicts.pop(next(iter(self._payer_verdicts)))
+            balance = await self.payer_check.balance(m.payer, m.currency)
+            self._payer_balances[(m.payer, m.currency)] = (balance, self.node.now_ms())
+            if len(self._payer_balances) > 10_000:
+                self._payer_balances.pop(next(iter(self._payer_balances)))
+            verdict = payer_covers(balance_lamports=balance, needed=job_ceiling(m))
             if not verdict.ok:
                 self._decline_unpaid(sm, verdict.reason)
             elif self.formation is not None and sm.job_id not in self.formation.jobs:
