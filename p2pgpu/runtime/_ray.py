@@ -442,7 +442,7 @@ class RayMember:
         spec = self.spec
         await self._rendezvous_set.wait()
         deadline = trio.current_time() + spec.start_timeout_ms / 1000
-        attempt = 0
+        attempt, last_tail = 0, ""
         while True:
             attempt += 1
             gcs = self._rendezvous_port if spec.head else 0
@@ -462,11 +462,12 @@ class RayMember:
                 await _first(self._wait_ray_exit, ready.wait)
             if ready.is_set():
                 break
-            tail = bytes(self._ray_tail[-600:]).decode(errors="replace")
+            tail = bytes(self._ray_tail[-600:]).decode(errors="replace").strip() or last_tail
+            last_tail = tail
             await self._stop_ray(proc)
             self._event("ray_start_retry", attempt=attempt, tail=tail[-300:])
             if trio.current_time() >= deadline:
-                raise _RayFailed(f"ray did not start in {spec.start_timeout_ms} ms: {tail}")
+                raise _RayFailed(f"ray did not start in {spec.start_timeout_ms} ms ({attempt} tries): {tail}")
             await trio.sleep(min(0.2 * attempt, 2.0))
         host = spec.rendezvous_host or spec.host
         gcs_port = self.ports.gcs if spec.head else self._rendezvous_port
