@@ -169,7 +169,9 @@ def test_a_paid_job_passes_the_proof_check(net: LocalNet, explorer: Explorer) ->
 
     def paid_metrics() -> Any:
         m = metrics(explorer)
-        return m if m.get("p2pgpu_paid_amount_total") else None
+        events = m.get("p2pgpu_node_events_total", {})
+        settled = events.get((("event", "jobs_settled"),), 0) >= 1 and events.get((("event", "payouts_paid"),), 0)
+        return m if m.get("p2pgpu_paid_amount_total") and settled else None
 
     m = wait_for(paid_metrics, what="paid amount in /metrics")
     assert m["p2pgpu_paid_amount_total"][(("currency", "SOL"),)] >= pay["amount"]
