@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pgpu.sim import ScenarioError, load_scenario, scenario_from_obj
 
@@ -46,3 +48,32 @@ def test_overrides(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="not valid TOML"):
         p.write_text("[run\n")
         load_scenario(p)
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                  st.text(max_size=8), st.lists(st.integers(-3, 70), max_size=3))
+_section = st.dictionaries(st.sampled_from(["nodes", "duration_s", "D", "loss_pct", "kind", "at_s", "heal_s",
+                                            "split", "fraction", "session", "refresh_s", "ttl_s", "nodes_choices",
+                                            "latency", "books", "x"]), _leaf, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["run", "network", "gossipsub", "churn", "jobs", "adverts", "partition",
+                                        "adversary", "other"]),
+                       st.one_of(_section, st.lists(_section, max_size=2), _leaf), max_size=4))
+def test_any_scenario_table_is_a_scenario_or_a_scenario_error(obj: dict) -> None:
+    """We either build a checked Scenario or raise ScenarioError, never anything else."""
+    try:
+        s = scenario_from_obj(obj)
+    except ScenarioError:
+        return
+    assert s.run.nodes >= 1
+
+
+def test_public_api() -> None:
+    import p2pgpu.sim as sim
+
+    assert sorted(sim.__all__) == ["ADVERSARY_KINDS", "Adversary", "Engine", "RunResult", "Scenario",
+                                   "ScenarioError", "SimulationStopped", "SweepResult", "load_scenario",
+                                   "run_scenario", "scenario_from_obj", "sweep"]
+    assert all(hasattr(sim, name) for name in sim.__all__)
