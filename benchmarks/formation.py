@@ -33,8 +33,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from p2pgpu.localnet import LocalNet, NodeProc  # noqa: E402
-from p2pgpu.node import ControlError, DaemonUnavailable  # noqa: E402
+from p2pgpu.localnet import LocalNet, NodeProc
+from p2pgpu.node import ControlError, DaemonUnavailable
 
 DECIDED = ("confirmed", "running", "succeeded", "failed", "cancelled")
 CONFIRMED = ("confirmed", "running", "succeeded")
@@ -191,7 +191,7 @@ def main() -> None:
     if lat:
         doc["goal"]["met"] = doc["formation_ms"]["p50"] <= 250 and doc["formation_ms"]["p99"] <= 1000
     if not args.keep:
-        import shutil  # noqa: PLC0415
+        import shutil
 
         shutil.rmtree(root, ignore_errors=True)
     if args.json:
