@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from ._common import CliError, add_home, add_json, emit, home_of, read_path, table, wrap_home_errors
 from ._operator import daemon_call
 
-FINAL_STATES = ("succeeded", "failed", "cancelled", "paid")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -78,7 +79,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(res["job_id"], file=sys.stderr if args.json else sys.stdout, flush=True)
     doc = wait_for_job(home, res["job_id"], args.timeout)
     emit(args, doc, human_status)
-    return 0 if doc["state"] in ("succeeded", "paid", "confirmed", "running") else 1
+    return 0 if doc["state"] == "succeeded" else 1
 
 
 def wait_for_job(home: Any, job_id: str, timeout_s: float) -> dict[str, Any]:
@@ -150,6 +151,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
             emit(args, lines, lambda _: "")
             return 0
         for ln in new:
+            if args.json:  # --follow --json: one JSON object per line
+                print(json.dumps(ln, sort_keys=True), flush=True)
+                continue
             stream = sys.stderr if ln["stream"] == "stderr" else sys.stdout
             prefix = f"[{ln['member'][:8]}] " if ln.get("member") else ""
             print(prefix + ln["line"], file=stream, flush=True)

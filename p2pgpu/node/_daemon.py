@@ -58,7 +58,7 @@ from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, NetworkSpec
 
 from ._control import ControlError, ControlServer
-from ._job_api import job_handlers
+from ._job_api import inclusion_doc, job_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._stack import Stack, library_handler_errors, open_stack
@@ -309,8 +309,9 @@ class Node:
             for r in payouts(self.jobs.db):
                 if r["status"] == "paid" and r["tx_signature"] and r["proof_hash"] not in notified:
                     notified.add(r["proof_hash"])
+                    doc = inclusion_doc(self.jobs.db, r["proof_hash"])
                     self.jobs.notice_paid(r["job_id"], r["worker"], bytes.fromhex(r["proof_hash"]),
-                                          r["tx_signature"], None)
+                                          r["tx_signature"], json.dumps(doc, sort_keys=True) if doc else None)
 
     def _open_store(self) -> None:
         if self.home is None:
@@ -334,8 +335,12 @@ class Node:
         if self.sandbox_reason:
             log.warning("jobs refused: the sandbox cannot run here (%s)", self.sandbox_reason)
         root = self.home.path / "jobs" if self.home is not None else None
-        self.runner = Runner(self.jobs, root=root, policy=policy,
-                             adversary=str(self.config.extra.get("adversary", "")))
+        adversary = str(self.config.extra.get("adversary", ""))
+        if adversary and not self.network.allow_simulated:
+            log.warning("config.toml sets adversary = %r: ignored on network %s (test networks only)",
+                        adversary, self.network.name)
+            adversary = ""
+        self.runner = Runner(self.jobs, root=root, policy=policy, adversary=adversary)
 
     def capacity_changed(self) -> None:
         """Call when ``gpus_reserved`` changes: the advert is republished."""

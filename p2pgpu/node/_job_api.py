@@ -110,8 +110,56 @@ def job_handlers(node: "Node") -> dict[str, Any]:
         return {"address": _payer_address(node) or "", "payout_address": node.payout_address,
                 "ledger": node.ledger_spec}
 
-    return {"wallet": wallet, "job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
+    def _db() -> Any:
+        if jobs.db is None:
+            raise ControlError("this node has no store (no home)")
+        return jobs.db
+
+    async def proofs(params: dict[str, Any]) -> list[dict[str, Any]]:
+        from p2pgpu.store import proofs_of  # noqa: PLC0415
+
+        job_id = params.get("job_id")
+        return proofs_of(_db(), job_id if isinstance(job_id, str) else None)
+
+    async def payouts(params: dict[str, Any]) -> list[dict[str, Any]]:
+        from p2pgpu.store import payouts as payout_rows  # noqa: PLC0415
+
+        return payout_rows(_db())
+
+    async def earnings(params: dict[str, Any]) -> list[dict[str, Any]]:
+        from p2pgpu.store import earnings as earning_rows  # noqa: PLC0415
+
+        return earning_rows(_db())
+
+    async def inclusion(params: dict[str, Any]) -> dict[str, Any]:
+        proof_hash = params.get("proof_hash")
+        if not isinstance(proof_hash, str) or len(proof_hash) != 64:
+            raise ControlError("proof_hash (64 hex characters) is required")
+        doc = inclusion_doc(_db(), proof_hash)
+        if doc is None:
+            raise ControlError(f"proof {proof_hash[:16]} is not in any payout batch of this node")
+        return doc
+
+    return {"proofs": proofs, "payouts": payouts, "earnings": earnings, "proof.inclusion": inclusion,
+            "wallet": wallet, "job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
             "job.logs": logs}
+
+
+def inclusion_doc(db: Any, proof_hash: str) -> dict[str, Any] | None:
+    """The Merkle inclusion proof of a paid proof hash in the batch that paid
+    it, with that transaction's signature (as ``p2pgpu proof inclusion``)."""
+    from p2pgpu.core._payout import inclusion_proof  # noqa: PLC0415
+    from p2pgpu.store import batch_of_proof, batch_plan  # noqa: PLC0415
+
+    try:
+        found = batch_of_proof(db, proof_hash)
+    except ValueError:
+        return None
+    if found is None:
+        return None
+    batch_id, signature, state = found
+    proof = inclusion_proof(batch_plan(db, batch_id).proof_hashes, bytes.fromhex(proof_hash))
+    return {**proof.to_json(), "tx_signature": signature, "batch_state": state}
 
 
 def dry_run(node: "Node", manifest: Any) -> dict[str, Any]:

@@ -496,6 +496,9 @@ class JobsService:
 
     def cancel(self, job_id: str) -> None:
         now = self.node.now_ms()
+        rec = self.records.get(job_id)
+        if rec is not None and rec.state in ("succeeded", "failed", "cancelled", "interrupted"):
+            return  # it already ended: cancelling must not rewrite its outcome
         if job_id in self.submitter.jobs:
             self.apply(self.submitter.cancel(job_id, now), origin="submitter")
 

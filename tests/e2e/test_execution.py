@@ -169,3 +169,25 @@ def test_store_survives_kill_9_without_loss_or_duplicates(tmp_path: Path) -> Non
         # A second job still runs after the restarts.
         job2 = submit(net, EXAMPLES / "hello.toml")
         assert wait_state(net, job2, ("succeeded", "failed"))["state"] == "succeeded"
+
+
+def test_cancel_stops_every_member(tmp_path: Path) -> None:
+    with LocalNet(tmp_path, 3, gpu_mix=ONE_GPU) as net:
+        job = submit(net, LONG_JOB.replace("nodes = 3", "nodes = 2").replace('"fail"', '"continue"'))
+        doc = wait_state(net, job, ("confirmed", "running"), timeout_s=60)
+        members = [n for n in net.nodes if n.peer_id in doc["cluster"]["members"]]
+        for m in members:
+            net.wait_until(lambda m=m: m.call("job.status", {"job_id": job}).get("member_state") == "running",
+                           timeout_s=30, what="members to run")
+        cancelled_at_ms = time.time_ns() // 1_000_000
+        res = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "job", "cancel", job, "--home",
+                              str(net.nodes[0].home.path), "--json"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        for m in members:
+            st = net.wait_until(lambda m=m: (lambda d: d if d.get("member_state") not in (None, "running") else None)(
+                m.call("job.status", {"job_id": job})), timeout_s=30, what="members to stop")
+            assert st["member_ended_at_ms"] - cancelled_at_ms < 10_000  # the command alone would run 20 s
+        # A finished job cannot be "cancelled" after the fact.
+        net.nodes[0].call("job.cancel", {"job_id": job})
+        final = wait_state(net, job, ("cancelled", "failed", "succeeded"))
+        assert final["state"] in ("cancelled", "failed")
