@@ -71,7 +71,7 @@ def test_any_scenario_table_is_a_scenario_or_a_scenario_error(obj: dict) -> None
 
 
 def test_public_api() -> None:
-    import p2pgpu.sim as sim
+    from p2pgpu import sim
 
     assert sorted(sim.__all__) == ["ADVERSARY_KINDS", "Adversary", "Engine", "RunResult", "Scenario",
                                    "ScenarioError", "SimulationStopped", "SweepResult", "load_scenario",
