@@ -301,7 +301,7 @@ def build_views(raw: Raw, *, now_ms: int, version: int) -> dict[str, Any]:
         "supply": {"available": raw.market is not None, "missing_methods": [], **sup},
         "nodes": _panel(nodes(market, raw.peers, status.get("peer_id")), raw.market is not None, raw, "nodes"),
         "clusters": _panel(clusters(job_rows), raw.jobs is not None, raw, "clusters"),
-        "jobs": _panel(jobs(job_rows), raw.jobs is not None, raw, "jobs"),
+        "jobs": _panel(_with_payouts(jobs(job_rows), pay_rows), raw.jobs is not None, raw, "jobs"),
         "proofs": _panel(proofs(proof_src or [], pay_rows), proof_src is not None, raw, "proofs"),
         "payouts": _panel(pay_rows, payout_src is not None or raw.earnings is not None, raw, "payouts"),
     }
@@ -340,6 +340,17 @@ def from_jobs(job_rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]] 
             if isinstance(item, dict) and item.get("proof_hash"):
                 out.append({"job_id": j.get("job_id"), **item})
     return out[:rows_max]
+
+
+def _with_payouts(job_rows: list[dict[str, Any]], pay_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each job with how many of its payouts a ledger transaction settled (``payouts_paid`` of ``payouts_total``)."""
+    counts: dict[str, list[int]] = {}
+    for p in pay_rows:
+        c = counts.setdefault(str(p.get("job_id")), [0, 0])
+        c[0] += 1 if p["paid"] else 0
+        c[1] += 1
+    return [{**j, "payouts_paid": counts.get(str(j["job_id"]), [0, 0])[0],
+             "payouts_total": counts.get(str(j["job_id"]), [0, 0])[1]} for j in job_rows]
 
 
 def _paid_totals(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -66,6 +66,8 @@ def test_devnet_explorer_shows_clusters_paid_jobs_and_passing_checks(devnet: Dev
     wait_js(driver, "const ps = [...document.querySelectorAll('#payouts-body tbody tr')];"
                     " return ps.length === 3 && ps.every(r => r.innerText.includes('paid'))",
             what="three paid payouts (one for hello, two for pair)")
+    jobs = text_of(driver, "jobs-body")
+    assert "1/1 paid" in jobs and "2/2 paid" in jobs, jobs
     payouts = text_of(driver, "payouts-body")
     assert all(sig[:24] in payouts for sig in signatures)
 

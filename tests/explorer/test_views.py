@@ -78,13 +78,16 @@ def test_missing_methods_leave_panels_unavailable() -> None:
 
 def test_summary_totals_only_paid_amounts() -> None:
     raw = Raw(status={"peer_id": "A"}, market=[], jobs=JOBS, proofs=[{"proof_hash": "p1"}, {"proof_hash": "p2"}],
-              payouts=[{"proof_hash": "p1", "status": "paid", "tx_signature": "S", "amount": 5, "currency": "SOL"},
-                       {"proof_hash": "p2", "status": "owed", "amount": 7, "currency": "SOL"}])
+              payouts=[{"proof_hash": "p1", "status": "paid", "tx_signature": "S", "amount": 5, "currency": "SOL",
+                        "job_id": "j1"},
+                       {"proof_hash": "p2", "status": "owed", "amount": 7, "currency": "SOL", "job_id": "j1"}])
     v = build_views(raw, now_ms=0, version=0)
     assert v["summary"]["paid_total"] == {"SOL": 5} and v["summary"]["payouts_paid"] == 1
     assert [(p["proof_hash"], p["paid"], p["tx_signature"]) for p in v["proofs"]["rows"]] == [
         ("p1", True, "S"), ("p2", False, None)]
     assert v["summary"]["clusters"] == 1 and v["summary"]["jobs"]["confirmed"] == 1
+    assert [(j["job_id"], j["payouts_paid"], j["payouts_total"]) for j in v["jobs"]["rows"]] == [
+        ("j2", 0, 0), ("j1", 1, 2), ("j3", 0, 0)]
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -149,6 +149,8 @@ function renderJobs(p) {
     { label: "Replicas", num: true, render: (j) => j.replicas ?? "–" },
     { label: "Members", num: true, render: (j) => j.members.length || "–" },
     { label: "Formed in", num: true, render: (j) => fmtMs(j.formation_ms) },
+    { label: "Paid", render: (j) => !j.payouts_total ? "–" :
+        pill(`${j.payouts_paid}/${j.payouts_total} paid`, j.payouts_paid === j.payouts_total ? "ok" : "wait") },
   ], p.rows));
 }
 
