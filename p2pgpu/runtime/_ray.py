@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -55,20 +54,21 @@ from p2pgpu.core._proof import output_digest
 from ._limits import MemoryLimit, SandboxUnavailable, memory_backend, open_memory_limit
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs
 from ._ray_procs import NodePorts, choose_ports, kill_session, session_processes, signal_session
+from ._ray_spec import (  # noqa: F401 - re-exported: the runtime's public names live here
+    POLICIES,
+    REASONS,
+    RayAddress,
+    RayMemberSpec,
+    RayResult,
+    check_env,
+    object_store_bytes_min,
+)
 from ._ray_watch import MEMBER_RESOURCE
-from ._sandbox import RESERVED_ENV, ClusterEnv, JobRejected
+from ._sandbox import ClusterEnv
 
-#: Why a member's run ended.
-REASONS = ("exited", "time_limit", "member_lost", "cancelled", "finished", "ray_error")
-POLICIES = ("fail", "continue")
 LineCallback = Callable[[str, bytes], Awaitable[None]]
 EventCallback = Callable[[str, Mapping[str, Any]], None]
 LostCallback = Callable[[int, str, str], Awaitable[None]]
-members_max = 64
-#: Ray's unix sockets live at <temp dir>/session_<date>_<pid>/sockets/plasma_store, and a
-#: socket path must fit in 107 bytes: our dir is <temp_root>/p2pray-<job6>-<8 random>.
-temp_root_len_max = 20
-object_store_bytes_min = 80 << 20
 _READY_MARK = b"Ray runtime started"
 
 
@@ -99,128 +99,6 @@ def ray_unavailable() -> str | None:
     return None
 
 
-@dataclass(frozen=True, kw_only=True)
-class RayAddress:
-    """Where the members and the driver find the head."""
-
-    host: str
-    gcs_port: int
-    master_port: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.gcs_port}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class RayMemberSpec:
-    """One member's part of a ``ray`` job.
-
-    ``members`` are the peer ids in rank order; ``rendezvous_host`` is the
-    head's address as the members reach it, ``rendezvous_port`` its GCS port
-    (0 on the head: choose one, then tell the others, who call
-    :meth:`RayMember.set_rendezvous`).  ``host`` is this member's own address.
-    ``num_cpus`` and ``gpus`` (host GPU indices) come from the advert and the
-    reservation; ``memory_bytes_max`` bounds the member's whole Ray node.
-    """
-
-    job_id: str
-    members: tuple[str, ...]
-    rank: int
-    command: tuple[str, ...]
-    rendezvous_host: str
-    rendezvous_port: int
-    host: str
-    num_cpus: int
-    memory_bytes_max: int
-    time_limit_ms: int
-    gpus: tuple[int, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    on_member_loss: str = "fail"
-    auth_token: str = ""
-    temp_root: Path = Path("/tmp")
-    memory_backend: str = "auto"  # or "none": Ray's own limits only
-    cgroup_base: Path | None = None
-    start_timeout_ms: int = 120_000
-    stop_grace_ms: int = 1_000
-    head_lost_timeout_s: int = 10
-    health_check_period_ms: int = 1_000
-    health_check_failures_max: int = 3
-    log_bytes_max: int = 64 << 20
-    log_line_bytes_max: int = 16 * 1024
-    output_files_max: int = 1000
-    output_file_bytes_max: int = 1 << 30
-    output_bytes_max: int = 4 << 30
-
-    def __post_init__(self) -> None:
-        if not 0 < len(self.members) <= members_max or not 0 <= self.rank < len(self.members):
-            raise ValueError(f"1 to {members_max} members, and rank must index them")
-        if not self.command or any("\0" in a for a in self.command):
-            raise ValueError("command must be a non-empty argv without NUL")
-        if self.on_member_loss not in POLICIES:
-            raise ValueError(f"on_member_loss must be one of {', '.join(POLICIES)}")
-        if not 0 <= self.rendezvous_port < 65536 or (self.rank and not self.rendezvous_host):
-            raise ValueError("rendezvous port in 0..65535, and a host for the members to join")
-        if self.num_cpus < 1 or self.memory_bytes_max < 2 * object_store_bytes_min or self.time_limit_ms <= 0:
-            raise ValueError("at least 1 CPU, 160 MiB of memory and a positive time limit")
-        if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
-            raise ValueError("gpus must be distinct non-negative indices")
-        if len(str(self.temp_root)) > temp_root_len_max:
-            raise ValueError(f"temp_root is too long for Ray's socket paths (at most {temp_root_len_max} bytes)")
-
-    @classmethod
-    def for_manifest(cls, manifest: Any, *, job_id: str, members: tuple[str, ...], rank: int,
-                     **node: Any) -> RayMemberSpec:
-        """The spec from a ``core.Manifest`` (command, env, duration, loss
-        policy) plus what this node decides (``host``, ``rendezvous_host``,
-        ``rendezvous_port``, ``num_cpus``, ``gpus``, ``memory_bytes_max``, ...)."""
-        if manifest.runtime != "ray":
-            raise ValueError(f"the manifest asks for the {manifest.runtime!r} runtime, not 'ray'")
-        return cls(job_id=job_id, members=members, rank=rank, command=tuple(manifest.command),
-                   env=dict(manifest.env), time_limit_ms=manifest.duration_s_max * 1000,
-                   on_member_loss=manifest.on_member_loss, **node)
-
-    @property
-    def world_size(self) -> int:
-        return len(self.members)
-
-    @property
-    def head(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class RayResult:
-    reason: str
-    #: The driver's exit status (rank 0; 128+N for signal N); None elsewhere.
-    exit_code: int | None
-    wall_ms: int
-    #: From the start of :meth:`RayMember.run` to the entrypoint started (rank
-    #: 0) or to this member's node up (other ranks); -1 if it never got there.
-    startup_ms: int
-    stdout_sha256: bytes
-    stderr_sha256: bytes
-    stdout_bytes: int
-    stderr_bytes: int
-    logs_truncated: bool
-    stderr_tail: bytes
-    outputs: tuple[OutputFile, ...]
-    output_digest: bytes
-    members_lost: tuple[int, ...]
-    #: Processes of this job found alive after teardown (should be empty).
-    processes_left: tuple[int, ...]
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.reason in ("exited", "finished") and self.exit_code in (0, None)
-
-
-def _check_env(env: Mapping[str, str]) -> None:
-    for name in sorted(env):
-        if name in RESERVED_ENV or name.startswith(("P2PGPU_", "RAY_")) or "\0" in env[name]:
-            raise JobRejected(f"environment variable {name} is set by the runtime")
-
-
 class _Stream:
     """One of the driver's output streams: hashed, tailed, forwarded by line."""
 
@@ -241,7 +119,7 @@ class RayMember:
     def __init__(self, spec: RayMemberSpec, *, on_line: LineCallback | None = None,
                  on_event: EventCallback | None = None, on_member_lost: LostCallback | None = None,
                  rng: random.Random | None = None) -> None:
-        _check_env(spec.env)
+        check_env(spec.env)
         self.spec = spec
         self._on_line, self._on_event, self._on_lost = on_line, on_event, on_member_lost
         self._rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
@@ -442,6 +320,8 @@ class RayMember:
         spec = self.spec
         await self._rendezvous_set.wait()
         deadline = trio.current_time() + spec.start_timeout_ms / 1000
+        if not spec.head:
+            await self._wait_gcs(deadline)
         attempt, last_tail = 0, ""
         while True:
             attempt += 1
@@ -475,6 +355,23 @@ class RayMember:
         if spec.head:
             self._to(State.WAITING)
         self._event("ray_started", address=self.address, ms=self._ms(), attempts=attempt)
+
+    async def _wait_gcs(self, deadline: float) -> None:
+        """Until the head's GCS accepts connections.  A joining ``ray start``
+        that finds no GCS retries in ~40 s cycles, so joining before the head
+        is up would add up to 40 s; a TCP probe every 200 ms adds none."""
+        host, port = self.spec.rendezvous_host, self._rendezvous_port
+        while trio.current_time() < deadline:
+            with trio.move_on_after(2):
+                try:
+                    stream = await trio.open_tcp_stream(host, port)
+                except OSError:
+                    pass  # not up yet
+                else:
+                    await stream.aclose()
+                    return
+            await trio.sleep(0.2)
+        raise _RayFailed(f"the head's GCS at {host}:{port} did not come up in {self.spec.start_timeout_ms} ms")
 
     async def _drain_ray(self, proc: trio.Process, ready: trio.Event) -> None:
         assert proc.stdout is not None

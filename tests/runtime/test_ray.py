@@ -234,7 +234,7 @@ async def test_lost_member_fails_the_job(monkeypatch: pytest.MonkeyPatch) -> Non
 async def test_a_member_whose_head_never_comes_gives_up() -> None:
     spec = specs(2, "pass", start_timeout_ms=3_000)[1]
     result = await RayMember(spec).run()
-    assert result.reason == "ray_error" and "did not start" in result.detail
+    assert result.reason == "ray_error" and "did not come up" in result.detail
     assert result.processes_left == () and result.startup_ms == -1
 
 
