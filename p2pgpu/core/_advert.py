@@ -12,6 +12,7 @@ typed rejection out; it drops expired adverts and refuses replays.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ RUNTIMES = ("process", "ray")
 _CC_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
 
 
+@lru_cache(maxsize=256)
 def parse_compute_capability(text: str) -> tuple[int, int]:
     """``"8.6"`` -> ``(8, 6)``; raises ``ValueError`` on anything else."""
     if not isinstance(text, str) or not _CC_RE.fullmatch(text):  # fullmatch: "$" accepts "8.0\n"
@@ -44,6 +46,7 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@lru_cache(maxsize=4096)
 def is_solana_address(text: str) -> bool:
     try:
         raw = base58.b58decode(text.encode("ascii"))
@@ -102,22 +105,25 @@ class GpuInfo:
 
     @classmethod
     def from_obj(cls, obj: Any, where: str = "gpu") -> "GpuInfo":
+        # Types are checked here, ranges and lengths once in __post_init__
+        # (this is on the advert-verify hot path: one pass, no re-checks).
         if not isinstance(obj, dict):
             raise s.fail(where, "must be a map")
-        s.exact_keys(obj, {"model", "memory_mb", "compute_capability"},
-                     frozenset({"driver_version", "cuda_version", "uuid_hash", "utilization_pct"}))
+        if not _GPU_REQUIRED <= obj.keys() <= _GPU_FIELDS:
+            s.exact_keys(obj, set(_GPU_REQUIRED), _GPU_FIELDS - _GPU_REQUIRED)  # names the field
+        for key, value in obj.items():
+            if type(value) is not _GPU_TYPES[key]:
+                raise s.fail(f"{where}.{key}", f"must be {'an integer' if _GPU_TYPES[key] is int else 'a string'}")
         try:
-            return cls(
-                model=s.get_str(obj, "model", 64, len_min=1),
-                memory_mb=s.get_int(obj, "memory_mb", 1, memory_mb_max),
-                compute_capability=s.get_str(obj, "compute_capability", 5),
-                driver_version=s.get_str(obj, "driver_version", 32) if "driver_version" in obj else "",
-                cuda_version=s.get_str(obj, "cuda_version", 16) if "cuda_version" in obj else "",
-                uuid_hash=s.get_str(obj, "uuid_hash", 64) if "uuid_hash" in obj else "",
-                utilization_pct=s.get_int(obj, "utilization_pct", 0, 100) if "utilization_pct" in obj else 0,
-            )
+            return cls(**obj)
         except ValueError as exc:
             raise s.fail(where, str(exc)) from None
+
+
+_GPU_TYPES: dict[str, type] = {"model": str, "memory_mb": int, "compute_capability": str, "driver_version": str,
+                               "cuda_version": str, "uuid_hash": str, "utilization_pct": int}
+_GPU_FIELDS = frozenset(_GPU_TYPES)
+_GPU_REQUIRED = frozenset({"model", "memory_mb", "compute_capability"})
 
 
 def class_key(gpu_class: str) -> str:

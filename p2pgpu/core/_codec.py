@@ -58,6 +58,32 @@ def _check_depth(obj: Any, depth: int) -> None:
             _check_depth(v, depth + 1)
 
 
+def _check_canonical_shape(obj: Any, depth: int) -> None:
+    """Depth, string keys in sorted order, no floats: one walk.  With these,
+    re-packing the decoded object reproduces canonical bytes exactly, so the
+    canonical check needs no second walk (``encode`` would rebuild every map
+    in sorted order; this only looks)."""
+    if depth > depth_max:
+        raise PeerMisbehaved(Reason.MALFORMED, "nesting too deep")
+    t = type(obj)
+    if t is dict:
+        keys = list(obj)
+        for k in keys:
+            if type(k) is not str:
+                raise PeerMisbehaved(Reason.NON_CANONICAL, "map keys must be strings")
+        if keys != sorted(keys):
+            raise PeerMisbehaved(Reason.NON_CANONICAL, "map keys are not sorted")
+        for v in obj.values():
+            if type(v) in (dict, list, float):
+                _check_canonical_shape(v, depth + 1)
+    elif t is list:
+        for v in obj:
+            if type(v) in (dict, list, float):
+                _check_canonical_shape(v, depth + 1)
+    elif t is float:
+        raise PeerMisbehaved(Reason.NON_CANONICAL, "floats are not allowed in wire messages")
+
+
 def decode(data: bytes, *, size_max: int = message_bytes_max, canonical: bool = False) -> Any:
     """Decode one msgpack object, or raise ``PeerMisbehaved``.
 
@@ -85,12 +111,12 @@ def decode(data: bytes, *, size_max: int = message_bytes_max, canonical: bool = 
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as exc:
         # ValueError covers FormatError, StackError, OutOfData and bad UTF-8.
         raise PeerMisbehaved(Reason.MALFORMED, type(exc).__name__) from None
-    _check_depth(obj, 0)
-    if canonical:
-        try:
-            again = encode(obj)
-        except LocalProtocolError as exc:
-            raise PeerMisbehaved(Reason.NON_CANONICAL, str(exc)) from None
-        if again != bytes(data):
-            raise PeerMisbehaved(Reason.NON_CANONICAL, "bytes are not in canonical form")
+    if not canonical:
+        _check_depth(obj, 0)
+        return obj
+    _check_canonical_shape(obj, 0)
+    # Same shape, so packb gives the canonical bytes; any other encoding of
+    # the same values (a wider int, str8 for a short string...) differs.
+    if msgpack.packb(obj, use_bin_type=True) != bytes(data):
+        raise PeerMisbehaved(Reason.NON_CANONICAL, "bytes are not in canonical form")
     return obj

@@ -26,6 +26,7 @@ _PB_PREFIX = b"\x08\x01\x12\x20"
 _MH_PREFIX = b"\x00\x24"
 
 
+@lru_cache(maxsize=4096)
 def peer_id_from_public_key(public_key: bytes) -> str:
     if len(public_key) != public_key_bytes:
         raise PeerMisbehaved(Reason.BAD_SCHEMA, "public key must be 32 bytes")
