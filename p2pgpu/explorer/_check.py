@@ -136,6 +136,9 @@ class ProofChecker:
         tx_sig = (inc_doc or {}).get("tx_signature") or (pay or {}).get("tx_signature") \
             or (row or {}).get("tx_signature")
         tx_sig = tx_sig if isinstance(tx_sig, str) else None
+        if inc_doc is None and tx_sig:
+            inc_step = _step("inclusion", None, f"paid by transaction {tx_sig[:16]}…, but this node holds no "
+                                                "inclusion proof of it: check it on the payer's explorer")
         if inc is not None and inc_step["ok"] and tx_sig:
             try:
                 tx_raw = await self._transaction(tx_sig)
