@@ -124,3 +124,19 @@ async def test_a_workers_earning_row_carries_its_inclusion_proof_as_text(tmp_pat
                          "status": "paid", "tx_signature": None}])
     doc = await ProofChecker(NoDaemon(), home).check(H, build_views(raw, now_ms=0, version=1))  # type: ignore[arg-type]
     assert [s["ok"] for s in doc["steps"]] == [True, True, None] and doc["root"] == inc["root"]
+
+
+async def test_a_paid_proof_without_an_inclusion_proof_here_says_where_to_check(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.init(network="local")
+
+    class NoDaemon:
+        async def call(self, method: str, params: Any = None) -> Any:
+            from p2pgpu.explorer import MethodMissing
+
+            raise MethodMissing(method)
+
+    raw = Raw(earnings=[{"proof_hash": H, "status": "paid", "tx_signature": "5" * 88}])
+    doc = await ProofChecker(NoDaemon(), home).check(H, build_views(raw, now_ms=0, version=1))  # type: ignore[arg-type]
+    assert [s["ok"] for s in doc["steps"]] == [None, None, None] and doc["valid"] is False
+    assert "payer's explorer" in doc["steps"][1]["detail"] and doc["tx_signature"] == "5" * 88
