@@ -78,7 +78,7 @@ def specs(n: int, command: str, **kw: object) -> list[RayMemberSpec]:
     fields: dict[str, object] = {
         "job_id": JOB, "members": members, "command": (sys.executable, "-c", command),
         "rendezvous_host": "127.0.0.1", "rendezvous_port": port, "host": "127.0.0.1", "num_cpus": 1,
-        "memory_bytes_max": 2 << 30, "time_limit_ms": 120_000} | kw
+        "memory_bytes_max": 2 << 30, "time_limit_ms": 300_000} | kw
     return [RayMemberSpec(rank=r, **fields) for r in range(n)]  # type: ignore[arg-type]
 
 
