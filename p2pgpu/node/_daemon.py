@@ -164,6 +164,7 @@ class Node:
         self.rng = random.Random(rng_seed if rng_seed is not None else int.from_bytes(os.urandom(16), "big"))
         self.jobs = JobsService(self, rng=self.rng)
         self.sandbox_reason: str | None = None
+        self.ray_reason: str | None = "not checked yet"
         self.runner: Any = None
         self._payouts_due = trio.Event()
         self._wallet: Any = None
@@ -241,7 +242,7 @@ class Node:
             currency=self.config.currency,
             payout_address=self.payout_address,
             region=self.config.region,
-            runtimes=() if self.sandbox_reason else ("process",),
+            runtimes=self.runtimes,
             simulated=self.inventory.simulated,
         )
         return sign_advert(self.identity, adv)
@@ -330,8 +331,11 @@ class Node:
 
         from ._runner import Runner  # noqa: PLC0415
 
+        from p2pgpu.runtime import ray_unavailable  # noqa: PLC0415
+
         policy = SandboxPolicy(allow_network=self.config.allow_job_network)
         self.sandbox_reason = check_sandbox(policy)
+        self.ray_reason = ray_unavailable()
         if self.sandbox_reason:
             log.warning("jobs refused: the sandbox cannot run here (%s)", self.sandbox_reason)
         root = self.home.path / "jobs" if self.home is not None else None
@@ -341,6 +345,14 @@ class Node:
                         adversary, self.network.name)
             adversary = ""
         self.runner = Runner(self.jobs, root=root, policy=policy, adversary=adversary)
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """What this node can run: nothing without a sandbox; ``ray`` only
+        where Ray is installed and can start."""
+        if self.sandbox_reason:
+            return ()
+        return ("process", "ray") if self.ray_reason is None else ("process",)
 
     def capacity_changed(self) -> None:
         """Call when ``gpus_reserved`` changes: the advert is republished."""

@@ -229,6 +229,9 @@ class JobsService:
             body = body_of(env)
             if body.get("type") == "paid":
                 self._on_paid(body, env.signer_peer_id)
+            elif body.get("type") in ("ray_rendezvous", "ray_done"):
+                if self.runner_obj is not None:
+                    self.runner_obj.on_member_message(body, env.signer_peer_id)
             else:
                 self.collector.on_result(body, env.signer_peer_id)
         else:
@@ -386,6 +389,9 @@ class JobsService:
                 rec = self.records.get(a.job_id)
                 if rec is not None:
                     rec.extra.setdefault("lost_members", []).append(a.peer_id)
+                mj = self.runner_obj.running.get(a.job_id) if self.runner_obj is not None else None
+                if mj is not None and mj.ray is not None and a.peer_id in mj.start.certificate.members:
+                    mj.ray.member_lost(a.peer_id)
             else:
                 log.warning("unhandled action %r", a)
 

@@ -61,6 +61,7 @@ class MemberJob:
     log_seq: int = 0
     stop_reason: str = ""
     changed: trio.Event = field(default_factory=trio.Event)
+    ray: Any = None
 
 
 class Runner:
@@ -100,6 +101,9 @@ class Runner:
         mj = self.running.get(stop.job_id)
         if mj is not None and not mj.stop_reason:
             mj.stop_reason = stop.reason
+        if mj is not None and mj.ray is not None:
+            mj.ray.stop("cancelled", stop.reason)  # lets Ray tear down its processes itself
+            return
         scope = self._scopes.get(stop.job_id)
         if scope is not None:
             scope.cancel()
@@ -141,8 +145,11 @@ class Runner:
                 nursery.start_soon(self._checkpoints, mj)
                 with scope:
                     try:
-                        result = await run_job(spec, self.policy, on_line=self._on_line(mj))
-                    except (JobRejected, SandboxUnavailable, OSError) as exc:
+                        if m.runtime == "ray":
+                            result = await self._run_ray(mj)
+                        else:
+                            result = await run_job(spec, self.policy, on_line=self._on_line(mj))
+                    except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
                         refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
                 nursery.cancel_scope.cancel()
             if refused is not None:
@@ -152,6 +159,12 @@ class Runner:
                 exit_code = 137
             else:
                 end_reason, exit_code = result.reason, min(255, max(0, result.exit_code or 0))
+                if end_reason == "finished":  # a Ray member whose head finished the entrypoint
+                    end_reason = "exited"
+                elif end_reason == "ray_error":
+                    end_reason = "sandbox_error"
+                elif end_reason == "cancelled" and "lost" in mj.stop_reason:
+                    end_reason = "member_lost"
                 digest = result.output_digest
                 outputs = [{"path": o.path, "sha256": o.sha256.hex(), "size_bytes": o.size} for o in result.outputs]
         except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
@@ -183,6 +196,68 @@ class Runner:
         self.running.pop(start.job_id, None)
         self.jobs.finished(start.job_id)
         self.jobs.persist(start.job_id)
+
+    # --------------------------------------------------------------- ray
+
+    async def _run_ray(self, mj: MemberJob) -> Any:
+        """This member's part of a ``ray`` job (p2pgpu.runtime's RayMember): the
+        head (rank 0) starts Ray on a free port and tells the other members
+        where it is; they join; rank 0 runs the entrypoint; when it ends the
+        head tells the others to stop.  Ray runs outside bubblewrap (see
+        docs/ray.md); a node that cannot run Ray never advertises it."""
+        from p2pgpu.runtime import RayMember, RayMemberSpec  # noqa: PLC0415
+
+        start, node = mj.start, self.jobs.node
+        m = start.manifest.manifest
+        members = tuple(start.certificate.members)
+        head = members[0]
+        spec = RayMemberSpec.for_manifest(
+            m, job_id=start.job_id, members=members, rank=start.member_index, host="127.0.0.1",
+            rendezvous_host=self._host_of(head), rendezvous_port=0, num_cpus=1,
+            memory_bytes_max=job_memory_bytes_default, gpus=() if node.inventory.simulated else mj.gpus,
+            auth_token=start.certificate.digest.hex(), temp_root=Path("/tmp"))
+        def on_event(name: str, info: Any) -> None:
+            if name == "ray_started" and start.member_index == 0 and info.get("address") is not None:
+                for peer in members[1:]:
+                    self._tell(peer, mj, {"type": "ray_rendezvous", "port": int(info["address"].gcs_port)})
+
+        member = RayMember(spec, on_line=self._on_line(mj), on_event=on_event)
+        mj.ray = member
+        try:
+            result = await member.run()
+        finally:
+            mj.ray = None
+        if start.member_index == 0:
+            for peer in members[1:]:
+                self._tell(peer, mj, {"type": "ray_done"})
+        if result.processes_left:
+            log.warning("ray job %s left processes %s", start.job_id[:12], result.processes_left)
+        return result
+
+    def _host_of(self, peer_id: str) -> str:
+        """The IPv4 address a peer advertises (loopback for ourselves)."""
+        node = self.jobs.node
+        sa = node.book.adverts.get(peer_id)
+        for addr in (sa.advert.addrs if sa is not None else ()):
+            parts = addr.split("/")
+            if len(parts) > 2 and parts[1] == "ip4":
+                return parts[2]
+        return "127.0.0.1"
+
+    def _tell(self, peer: str, mj: MemberJob, body: dict[str, Any]) -> None:
+        node = self.jobs.node
+        self.jobs.send(peer, seal(node.identity, Kind.RESULT, {
+            **body, "job_id": mj.start.job_id, "peer_id": node.identity.peer_id}).to_bytes())
+
+    def on_member_message(self, body: dict[str, Any], signer: str) -> None:
+        """A message from another member of a job we run (Ray rendezvous)."""
+        mj = self.running.get(str(body.get("job_id")))
+        if mj is None or signer not in mj.start.certificate.members or mj.ray is None:
+            return
+        if body.get("type") == "ray_rendezvous" and type(body.get("port")) is int:
+            mj.ray.set_rendezvous(body["port"])
+        elif body.get("type") == "ray_done":
+            mj.ray.stop("finished")
 
     def _send_proof(self, mj: MemberJob, started: int, ended: int, exit_code: int, end_reason: str,
                     digest: bytes, outputs: list[dict[str, Any]]) -> None:
