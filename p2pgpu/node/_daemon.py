@@ -73,6 +73,7 @@ MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
+advert_republish_s_min = 1.0
 market_sync_adverts_max = 2000
 
 
@@ -359,7 +360,14 @@ class Node:
         self._republish.set()
 
     async def _advert_loop(self) -> None:
+        """Publish our advert: at once, again at half its lifetime, and when our
+        free capacity changes, but at most once per ``advert_republish_s_min``
+        (formation reserves and releases GPUs in bursts).  Only the first
+        advert and the lifetime refreshes go to the DHT: the free-GPU count
+        travels in the gossiped advert, and a DHT put plus provides on every
+        reservation cost the whole network CPU (benchmarks/formation.py)."""
         assert self.stack is not None
+        refresh = True
         while True:
             sa = self._make_advert()
             self._own = sa
@@ -367,10 +375,13 @@ class Node:
             self.book.add_own(sa)
             await self.stack.pubsub.publish(ADVERTS_TOPIC, sa.wire)
             self.counts["adverts_published"] += 1
-            self._dht_due.set()
+            if refresh:
+                self._dht_due.set()
             self._republish = trio.Event()
-            with trio.move_on_after(max(1.0, self.options.advert_ttl_s / 2)):
+            await trio.sleep(advert_republish_s_min)
+            with trio.move_on_after(max(1.0, self.options.advert_ttl_s / 2) - advert_republish_s_min) as scope:
                 await self._republish.wait()
+            refresh = scope.cancelled_caught
 
     def _validate_advert(self, forwarder: ID, msg: Any) -> bool:
         """GossipSub validator: only adverts the book accepts are forwarded;
