@@ -158,7 +158,8 @@ class Runner:
                 end_reason = "job_failed" if "failed" in mj.stop_reason or "lost" in mj.stop_reason else "cancelled"
                 exit_code = 137
             else:
-                end_reason, exit_code = result.reason, min(255, max(0, result.exit_code or 0))
+                end_reason = result.reason
+                exit_code = 255 if result.exit_code is None else min(255, max(0, result.exit_code))
                 if end_reason == "finished":  # a Ray member whose head finished the entrypoint
                     end_reason = "exited"
                 elif end_reason == "ray_error":

@@ -49,6 +49,8 @@ from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs, usage
 
 #: Why a sandboxed run ended.
 REASONS = ("exited", "time_limit", "memory_limit", "output_limit", "sandbox_error")
+#: A job whose node died is still killed this long after its time limit.
+orphan_grace_s = 10.0
 SANDBOX_UID = 65534
 WORK = "/work"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -421,7 +423,14 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
             r_fd, w_fd = os.pipe()
             status_stream = trio.lowlevel.FdStream(r_fd)  # owns r_fd
             try:
-                argv = limit.wrap(bwrap_argv(spec, policy, etc_dir=scratch / "etc", status_fd=w_fd))
+                # trio starts processes from a worker thread that exits after
+                # 10 s idle, and --die-with-parent follows the forking *thread*:
+                # bwrap was SIGKILLed 10 s into every job.  `timeout` becomes
+                # bwrap's parent instead: it lives as long as the job, and it
+                # still ends an orphaned job at its limit if the node dies.
+                hard_limit_s = spec.time_limit_ms / 1000 + orphan_grace_s
+                argv = limit.wrap([shutil.which("timeout") or "timeout", "-s", "KILL", f"{hard_limit_s:.3f}",
+                                   *bwrap_argv(spec, policy, etc_dir=scratch / "etc", status_fd=w_fd)])
                 try:
                     proc = await trio.lowlevel.open_process(
                         argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
