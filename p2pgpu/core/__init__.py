@@ -97,7 +97,6 @@ __all__ += [
 
 # Job manifests and cluster formation (docs/manifest.md, docs/formation.md).
 from ._actions import (
-    Action,
     Cancelled,
     CancelTimer,
     Confirmed,
@@ -126,7 +125,6 @@ from ._formation_messages import (
     Proposal,
     decode_message,
 )
-from ._formation_messages import Message as FormationMessage
 from ._formation_states import SubmitterState, WorkerState
 from ._formation_submitter import JobProgress, Submitter
 from ._manifest import (
@@ -141,8 +139,8 @@ from ._manifest import (
 )
 
 __all__ += [
-    "Accept", "Action", "Cancel", "CancelTimer", "Cancelled", "CapacityLedger", "Certificate", "Certified",
-    "Confirm", "Confirmed", "Decline", "Emit", "Failed", "FormationConfig", "FormationMessage", "FormationNode",
+    "Accept", "Cancel", "CancelTimer", "Cancelled", "CapacityLedger", "Certificate", "Certified",
+    "Confirm", "Confirmed", "Decline", "Emit", "Failed", "FormationConfig", "FormationNode",
     "JobInput", "JobProgress", "Manifest", "ManifestError", "MemberLost", "Offer", "Proposal", "Publish",
     "Released", "ReplayGuard", "Reserved", "Send", "SetTimer", "SignedManifest", "StartJob", "StopJob",
     "Submitter", "SubmitterState", "Subscribe", "Unsubscribe", "WorkerState", "decode_message", "leader_rank",
