@@ -32,7 +32,7 @@ import trio
 from p2pgpu.core import Kind, seal
 from p2pgpu.core._actions import StartJob, StopJob
 from p2pgpu.core._membership import Membership
-from p2pgpu.core._proof import CheckpointChain, Proof, checkpoint_interval_ms, sign_proof
+from p2pgpu.core._proof import END_REASONS, CheckpointChain, Proof, checkpoint_interval_ms, sign_proof
 from p2pgpu.runtime import ClusterEnv, JobRejected, JobSpec, SandboxPolicy, SandboxUnavailable, run_job
 
 if TYPE_CHECKING:
@@ -271,9 +271,7 @@ class Runner:
         proof = sign_proof(node.identity, Proof(
             job_id=start.job_id, cert_hash=start.certificate.digest, peer_id=node.identity.peer_id,
             gpus=tuple(gpu_names), started_at_ms=started, ended_at_ms=ended, gpu_ms=gpu_ms, exit_code=exit_code,
-            end_reason=end_reason if end_reason in ("exited", "time_limit", "memory_limit", "output_limit",
-                                                   "sandbox_error", "cancelled", "member_lost", "job_failed")
-            else "sandbox_error",
+            end_reason=end_reason if end_reason in END_REASONS else "sandbox_error",
             output_digest=digest, checkpoints=tuple(mj.chain.checkpoints), chain_head=mj.chain.head))
         self.jobs.send(m.submitter, seal(node.identity, Kind.RESULT, {
             "type": "outputs", "job_id": start.job_id, "peer_id": node.identity.peer_id,
