@@ -159,7 +159,13 @@ class Runner:
                 exit_code = 137
             else:
                 end_reason = result.reason
-                exit_code = 255 if result.exit_code is None else min(255, max(0, result.exit_code))
+                if result.exit_code is not None:
+                    exit_code = min(255, max(0, result.exit_code))
+                else:
+                    # No exit status: a Ray member other than the head ran no
+                    # command of its own (its part ended cleanly), while a
+                    # sandbox error never ran the job at all.
+                    exit_code = 0 if end_reason in ("exited", "finished") else 255
                 if end_reason == "finished":  # a Ray member whose head finished the entrypoint
                     end_reason = "exited"
                 elif end_reason == "ray_error":
