@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from p2pgpu.localnet import LocalNet, LocalNetError
+from p2pgpu.localnet import LocalNet
 
 airdrop_lamports = 100_000_000_000  # 100 SOL for every node's wallet
 SAMPLE_JOBS = ("hello.toml", "pair.toml", "replicated.toml")
