@@ -33,7 +33,6 @@ The member's lifecycle is the table :data:`TRANSITIONS`.  See ``docs/ray.md``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -51,6 +50,7 @@ import trio
 
 from p2pgpu.core._proof import output_digest
 
+from ._lines import LineForwarder, StreamState
 from ._limits import MemoryLimit, SandboxUnavailable, memory_backend, open_memory_limit
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs
 from ._ray_procs import NodePorts, choose_ports, kill_session, session_processes, signal_session
@@ -99,13 +99,6 @@ def ray_unavailable() -> str | None:
     return None
 
 
-class _Stream:
-    """One of the driver's output streams: hashed, tailed, forwarded by line."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.hash, self.bytes, self.tail = name, hashlib.sha256(), 0, bytearray()
-
-
 class RayMember:
     """Run one member's part of a ``ray`` job: ``await RayMember(spec).run()``.
 
@@ -121,7 +114,7 @@ class RayMember:
                  rng: random.Random | None = None) -> None:
         check_env(spec.env)
         self.spec = spec
-        self._on_line, self._on_event, self._on_lost = on_line, on_event, on_member_lost
+        self._on_event, self._on_lost = on_event, on_member_lost
         self._rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.state = State.STARTING
         self.address: RayAddress | None = None
@@ -141,9 +134,8 @@ class RayMember:
         self._ray_pidfd: int | None = None
         self._ray_tail = bytearray()
         self._driver: trio.Process | None = None
-        self._out, self._err = _Stream("stdout"), _Stream("stderr")
-        self._forwarded = 0
-        self._truncated = False
+        self._out, self._err = StreamState("stdout"), StreamState("stderr")
+        self._lines = LineForwarder(on_line, spec.log_bytes_max, spec.log_line_bytes_max)
         self._exit_code: int | None = None
         self._t0 = 0.0
         self._startup_ms = -1
@@ -429,8 +421,8 @@ class RayMember:
         driver = self._driver
         assert driver.stdout is not None and driver.stderr is not None
         async with trio.open_nursery() as pumps:
-            pumps.start_soon(self._pump, driver.stdout, self._out)
-            pumps.start_soon(self._pump, driver.stderr, self._err)
+            pumps.start_soon(self._lines.pump, driver.stdout, self._out)
+            pumps.start_soon(self._lines.pump, driver.stderr, self._err)
             await driver.wait()
             # The driver's children may hold the pipes: bound the wait for EOF.
             pumps.cancel_scope.deadline = trio.current_time() + 5
@@ -474,35 +466,6 @@ class RayMember:
             with trio.CancelScope(shield=True):
                 kill_session(watcher.pid)
                 await _reap(watcher)
-
-    async def _pump(self, source: trio.abc.ReceiveStream, st: _Stream) -> None:
-        line_max = self.spec.log_line_bytes_max
-        buf = b""
-        while chunk := await source.receive_some(65536):
-            st.hash.update(chunk)
-            st.bytes += len(chunk)
-            st.tail = (st.tail + chunk)[-4096:]
-            buf += chunk
-            while True:
-                i = buf.find(b"\n")
-                if 0 <= i <= line_max:
-                    line, buf = buf[:i], buf[i + 1:]
-                elif len(buf) >= line_max:
-                    line, buf = buf[:line_max], buf[line_max:]
-                else:
-                    break
-                await self._emit(st.name, line)
-        if buf:
-            await self._emit(st.name, buf)
-
-    async def _emit(self, stream: str, line: bytes) -> None:
-        if self._on_line is None:
-            return
-        if self._forwarded + len(line) > self.spec.log_bytes_max:
-            self._truncated = True
-            return
-        self._forwarded += len(line)
-        await self._on_line(stream, line)
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -557,7 +520,7 @@ class RayMember:
         return RayResult(
             reason=reason, exit_code=self._exit_code, wall_ms=self._ms(), startup_ms=self._startup_ms,
             stdout_sha256=stdout_sha, stderr_sha256=self._err.hash.digest(), stdout_bytes=self._out.bytes,
-            stderr_bytes=self._err.bytes, logs_truncated=self._truncated, stderr_tail=bytes(self._err.tail),
+            stderr_bytes=self._err.bytes, logs_truncated=self._lines.truncated, stderr_tail=bytes(self._err.tail),
             outputs=outputs, output_digest=output_digest([(f.path, f.size, f.sha256) for f in outputs], stdout_sha),
             members_lost=tuple(self._lost), processes_left=left, detail=detail)
 

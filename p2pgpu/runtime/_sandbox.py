@@ -20,7 +20,6 @@ built by a pure function (:func:`bwrap_argv`) so tests can inspect it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ import trio
 
 from p2pgpu.core._proof import output_digest
 
+from ._lines import LineForwarder, StreamState
 from ._limits import (
     MemoryLimit,
     SandboxUnavailable,
@@ -305,51 +305,12 @@ def sandbox_memory_backend(policy: SandboxPolicy | None = None) -> str:
 
 
 @dataclass
-class _StreamState:
-    name: str
-    hash: hashlib._Hash = field(default_factory=hashlib.sha256)
-    bytes: int = 0
-    tail: bytearray = field(default_factory=bytearray)
-
-
-@dataclass
 class _Run:
     spec: JobSpec
-    on_line: LineCallback | None
-    forwarded: int = 0
-    truncated: bool = False
+    lines: LineForwarder
     reason: str = "exited"
     detail: str = ""
     status: list[dict[str, int]] = field(default_factory=list)
-
-    async def emit(self, stream: str, line: bytes) -> None:
-        if self.on_line is None:
-            return
-        if self.forwarded + len(line) > self.spec.log_bytes_max:
-            self.truncated = True
-            return
-        self.forwarded += len(line)
-        await self.on_line(stream, line)
-
-    async def pump(self, source: trio.abc.ReceiveStream, st: _StreamState) -> None:
-        line_max = self.spec.log_line_bytes_max
-        buf = b""
-        while chunk := await source.receive_some(65536):
-            st.hash.update(chunk)
-            st.bytes += len(chunk)
-            st.tail = (st.tail + chunk)[-4096:]
-            buf += chunk
-            while True:
-                i = buf.find(b"\n")
-                if 0 <= i <= line_max:
-                    line, buf = buf[:i], buf[i + 1:]
-                elif len(buf) >= line_max:
-                    line, buf = buf[:line_max], buf[line_max:]
-                else:
-                    break
-                await self.emit(st.name, line)
-        if buf:
-            await self.emit(st.name, buf)
 
     async def read_status(self, source: trio.abc.ReceiveStream) -> None:
         data = b""
@@ -448,14 +409,14 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
 
 async def _supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, proc: trio.Process,
                      status_stream: trio.lowlevel.FdStream, on_line: LineCallback | None) -> SandboxResult:
-    run = _Run(spec=spec, on_line=on_line)
-    out, err = _StreamState("stdout"), _StreamState("stderr")
+    run = _Run(spec=spec, lines=LineForwarder(on_line, spec.log_bytes_max, spec.log_line_bytes_max))
+    out, err = StreamState("stdout"), StreamState("stderr")
     t0 = trio.current_time()
     try:
         assert proc.stdout is not None and proc.stderr is not None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run.pump, proc.stdout, out)
-            nursery.start_soon(run.pump, proc.stderr, err)
+            nursery.start_soon(run.lines.pump, proc.stdout, out)
+            nursery.start_soon(run.lines.pump, proc.stderr, err)
             nursery.start_soon(run.read_status, status_stream)
             async with trio.open_nursery() as watchers:
                 watchers.start_soon(_watch, run, proc, limit, policy)
@@ -497,7 +458,7 @@ async def _supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, p
     return SandboxResult(
         reason=run.reason, exit_code=exit_code, wall_ms=wall_ms, stdout_sha256=stdout_sha,
         stderr_sha256=err.hash.digest(), stdout_bytes=out.bytes, stderr_bytes=err.bytes,
-        logs_truncated=run.truncated, stderr_tail=bytes(err.tail), outputs=outputs,
+        logs_truncated=run.lines.truncated, stderr_tail=bytes(err.tail), outputs=outputs,
         output_digest=output_digest([(f.path, f.size, f.sha256) for f in outputs], stdout_sha),
         memory_backend=limit.backend, detail=run.detail,
     )
