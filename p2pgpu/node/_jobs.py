@@ -10,10 +10,12 @@ core, carry out the actions.
   heartbeats to form); accepts, certificates, declines, confirms to one peer,
   heartbeats, logs, proofs, co-signatures and payment notices on direct
   streams (``/p2pgpu/direct/1.0.0``, one length-prefixed signed message per
-  frame).  A ``Send`` to ourselves is delivered locally.
+  frame, one long-lived stream per peer: ``_direct.py``).  A ``Send`` to
+  ourselves is delivered locally.
 - Core calls are synchronous and never interleave (trio runs one task at a
   time and :meth:`apply` never awaits): publishes, sends and job starts go to
-  bounded channels served by worker tasks of the service's nursery.
+  bounded channels (or per-peer link queues) served by tasks of the
+  service's nursery.
 - Topic messages are handled in the GossipSub validator, which therefore
   rejects (and costs the sender score for) anything the cores refuse.
 - ``Reserved``/``Released`` keep the node's advert honest: its free GPUs are
@@ -44,7 +46,8 @@ from p2pgpu.core._manifest import SignedManifest
 from p2pgpu.core._payout import payer_covers
 
 from ._collect import Collection, Collector
-from ._streams import StreamGone, guarded, read_frame, write_frame
+from ._direct import DirectLinks, read_idle_s, serve_frames
+from ._streams import guarded
 from ._timers import Timers
 
 if TYPE_CHECKING:
@@ -58,7 +61,6 @@ DIRECT_PROTOCOL = "/p2pgpu/direct/1.0.0"
 frame_bytes_max = message_bytes_max + 1024
 _FORMATION_KINDS = ("manifest", "offer", "proposal", "accept", "decline", "certificate", "confirm", "cancel")
 send_queue_max = 4096
-send_workers = 16
 records_max = 10_000
 payer_verdict_ttl_ms = 30_000
 
@@ -136,7 +138,7 @@ class JobsService:
         self._check_send, self._check_recv = trio.open_memory_channel[SignedManifest](1024)
         self.db: Any = None  # sqlite3.Connection in the home, when there is one
         self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
-        self._out_send, self._out_recv = trio.open_memory_channel[tuple[str, bytes]](send_queue_max)
+        self.links: DirectLinks | None = None
         self._start_send, self._start_recv = trio.open_memory_channel[StartJob](1024)
         self._topic_scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -148,14 +150,17 @@ class JobsService:
         assert stack is not None
         stack.pubsub.set_topic_validator(JOBS_TOPIC, self._validate, False)
         sub = await stack.pubsub.subscribe(JOBS_TOPIC)
-        stack.host.set_stream_handler(DIRECT_PROTOCOL, guarded("formation", self._serve_stream, self.counts))
+        # A direct stream lives as long as its sender keeps it busy (the reader
+        # ends it after read_idle_s of silence); the guard's limit is a backstop.
+        stack.host.set_stream_handler(DIRECT_PROTOCOL, guarded("formation", self._serve_stream, self.counts,
+                                                               timeout_s=40 * read_idle_s))
+        self.links = DirectLinks(stack.host, DIRECT_PROTOCOL, self.counts, prefix="jobs")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.links.run)
             nursery.start_soon(self.timers.run, self._fire)
             nursery.start_soon(self._pubsub_worker)
             nursery.start_soon(self._drain, sub)
-            for _ in range(send_workers):
-                nursery.start_soon(self._send_worker)
             nursery.start_soon(self._start_worker)
             if self.payer_check is not None:
                 nursery.start_soon(self._payer_check_worker)
@@ -191,12 +196,11 @@ class JobsService:
                 return  # unsubscribed
 
     async def _serve_stream(self, stream: Any) -> None:
-        for _ in range(64):  # a peer may send a few messages on one stream
-            try:
-                data = await read_frame(stream, frame_bytes_max)
-            except StreamGone:
-                return
-            self.deliver(data, via="stream")
+        await serve_frames(stream, frame_bytes_max, self._on_frame)
+
+    def _on_frame(self, data: bytes) -> None:
+        self.counts["jobs:frames_in"] += 1
+        self.deliver(data, via="stream")
 
     def deliver(self, data: bytes, *, via: str) -> None:
         """Decode one message and hand it to the cores; ``PeerMisbehaved`` if bad."""
@@ -232,8 +236,11 @@ class JobsService:
             elif body.get("type") in ("ray_rendezvous", "ray_done"):
                 if self.runner_obj is not None:
                     self.runner_obj.on_member_message(body, env.signer_peer_id)
+            elif body.get("type") == "proof_ack":
+                if self.runner_obj is not None:
+                    self.runner_obj.on_ack(body, env.signer_peer_id)
             else:
-                self.collector.on_result(body, env.signer_peer_id)
+                self.collector.on_result(body, env.signer_peer_id, data)
         else:
             raise PeerMisbehaved(Reason.WRONG_KIND, f"unexpected message kind {kind!r}")
 
@@ -336,7 +343,7 @@ class JobsService:
                 if a.peer_id == me:
                     self._local(a.data)
                 else:
-                    self._queue(self._out_send, (a.peer_id, a.data), "send")
+                    self._send_out(a.peer_id, a.data)
             elif isinstance(a, Publish):
                 self._queue(self._ops_send, ("pub", a.topic, a.data), "publish")
                 if origin == "submitter" and a.topic == self.config.jobs_topic:
@@ -449,24 +456,12 @@ class JobsService:
         with scope:
             await self._drain(sub)
 
-    async def _send_worker(self) -> None:
-        stack = self.node.stack
-        assert stack is not None
-        async for peer_id, data in self._out_recv:
-            with trio.move_on_after(5.0):
-                try:
-                    stream = await stack.host.new_stream(ID.from_base58(peer_id), [DIRECT_PROTOCOL])
-                except (BaseLibp2pError, ValueError, OSError) as exc:
-                    self.counts["jobs:send_failed"] += 1
-                    log.info("cannot open a formation stream to %s: %s", peer_id, exc)
-                    continue
-                try:
-                    await write_frame(stream, data)
-                    await stream.close()
-                    self.counts["jobs:sent"] += 1
-                except (StreamGone, BaseLibp2pError) as exc:
-                    self.counts["jobs:send_failed"] += 1
-                    log.info("send to %s failed: %s", peer_id, exc)
+    def _send_out(self, peer_id: str, data: bytes) -> None:
+        if self.links is None:
+            self.counts["jobs:send_not_running"] += 1
+            return
+        # Formation retries what matters (accepts, certificates, confirms).
+        self.links.send(peer_id, data)
 
     async def _start_worker(self) -> None:
         assert self._nursery is not None
@@ -598,6 +593,11 @@ class JobsService:
             if rec.state in ("running", "confirmed", "reserved", "forming"):
                 rec.state, rec.reason = "interrupted", "the node restarted while the job was in progress"
             self.records[rec.job_id] = rec
+        # Jobs we submitted whose results were still coming in, and what we
+        # ran and owe the submitter (a proof, co-signatures): see _collect.py.
+        self.collector.reopen(self.node.now_ms())
+        if self.runner_obj is not None:
+            self.runner_obj.recover(self.node.now_ms())
 
     def record_earning(self, proof_hash: bytes, job_id: str, amount: int, currency: str) -> None:
         if self.db is None or amount <= 0:
@@ -637,10 +637,25 @@ class JobsService:
                             "proof_hash": sp.proof_hash.hex(), "reason": reason, "gpu_ms": sp.proof.gpu_ms,
                             "payout_address": address, "exit_code": sp.proof.exit_code,
                             "output_digest": sp.proof.output_digest.hex()})
+        if rec is not None:
+            ok = all(i["status"] == "owed" and i.get("exit_code") == 0 for i in summary)
+            if m.replicas > 1:
+                ok = sum(1 for i in summary if i["status"] == "owed") >= m.quorum * m.nodes
+            rec.state = "succeeded" if ok else "failed"
+            if not ok and not rec.reason:
+                bad = [i for i in summary if i["status"] != "owed" or i.get("exit_code") != 0]
+                rec.reason = "; ".join(f"{i['worker'][:12]}: {i['status']} {i['reason']}".strip() for i in bad)
+            rec.ended_at_ms = now
+            rec.extra["proofs"] = summary
+            rec.extra["member_outputs"] = {p: list(o) for p, o in sorted(c.outputs.items())}
         if self.db is not None:
             from p2pgpu.store import record_owed, record_proof, transaction  # noqa: PLC0415
 
+            # The verdicts, what they owe, the job's outcome and the
+            # collection's "settled" flag: all or nothing.
             with transaction(self.db):
+                self.collector.store_settled(c, now)
+                self.persist(c.job_id)
                 for item in summary:
                     if not item["proof_hash"]:
                         continue
@@ -653,18 +668,6 @@ class JobsService:
                     if item["status"] == "owed" and item["amount"] > 0:
                         record_owed(self.db, sp.proof_hash, peer, item["payout_address"], item["amount"],
                                     m.currency, c.job_id, created_ms=now)
-        if rec is not None:
-            ok = all(i["status"] == "owed" and i.get("exit_code") == 0 for i in summary)
-            if m.replicas > 1:
-                ok = sum(1 for i in summary if i["status"] == "owed") >= m.quorum * m.nodes
-            rec.state = "succeeded" if ok else "failed"
-            if not ok and not rec.reason:
-                bad = [i for i in summary if i["status"] != "owed" or i.get("exit_code") != 0]
-                rec.reason = "; ".join(f"{i['worker'][:12]}: {i['status']} {i['reason']}".strip() for i in bad)
-            rec.ended_at_ms = now
-            rec.extra["proofs"] = summary
-            rec.extra["member_outputs"] = {p: list(o) for p, o in sorted(c.outputs.items())}
-            self.persist(c.job_id)
         self.counts["jobs_settled"] += 1
         self.node.payouts_due()
 
