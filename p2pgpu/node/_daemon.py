@@ -61,7 +61,8 @@ from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
-from ._stack import Stack, library_handler_errors, open_stack
+from ._linkdelay import link_delay_from_config
+from ._stack import Stack, StackConfig, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 
 log = logging.getLogger("p2pgpu.node")
@@ -175,7 +176,10 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus["Node"] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_at_s = trio.current_time()
         validators: dict[str, Validator] = {"p2pgpu": AdvertRecordValidator(self)}
-        async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators) as stack:
+        link = link_delay_from_config(self.config.extra, allow=self.network.allow_simulated,
+                                      network=self.network.name, peer_id=self.identity.peer_id)
+        async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators,
+                              config=StackConfig(link_delay=link)) as stack:
             self.stack = stack
             stack.pubsub.set_topic_validator(ADVERTS_TOPIC, self._validate_advert, False)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)

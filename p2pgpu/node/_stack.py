@@ -37,6 +37,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from ._linkdelay import LinkDelay, LinkDelaySpec
+
 log = logging.getLogger("p2pgpu.node")
 
 
@@ -57,6 +59,8 @@ class StackConfig:
     graylist_score: float = -100.0
     pubsub_rpc_bytes_max: int = 1 << 20
     ping_timeout_s: float = 4.0
+    #: Injected one-way delay on every connection (test networks only; ``_linkdelay``).
+    link_delay: LinkDelaySpec | None = None
 
 
 @dataclass
@@ -172,6 +176,8 @@ async def open_stack(
     for namespace, validator in dht_validators.items():
         dht.register_validator(namespace, validator)
     async with AsyncExitStack() as stack:
+        if config.link_delay is not None:  # outermost: its connection pumps end after the host
+            await stack.enter_async_context(LinkDelay(config.link_delay).installed(host))
         await stack.enter_async_context(host.run([multiaddr.Multiaddr(a) for a in listen]))
         # Leaving host.run() cancels the swarm without closing its connections,
         # which leaks their sockets: close them explicitly (runs after the
