@@ -256,6 +256,12 @@ class Runner:
         self.jobs.send(peer, seal(node.identity, Kind.RESULT, {
             **body, "job_id": mj.start.job_id, "peer_id": node.identity.peer_id}).to_bytes())
 
+    def recover(self, now_ms: int) -> None:
+        """After a restart: resend what the submitter has not acknowledged."""
+
+    def on_ack(self, body: dict[str, Any], signer: str) -> None:
+        """The submitter acknowledged messages we sent it."""
+
     def on_member_message(self, body: dict[str, Any], signer: str) -> None:
         """A message from another member of a job we run (Ray rendezvous)."""
         mj = self.running.get(str(body.get("job_id")))

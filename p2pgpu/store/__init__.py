@@ -27,6 +27,21 @@ from ._outbox import (
     retry_failed,
 )
 from ._jobs import load_jobs, proof_wire, proofs_of, record_proof, save_job
+from ._recovery import (
+    ack_delivery,
+    add_collection_item,
+    add_delivery,
+    collection_row,
+    deliveries_of,
+    has_collection_item,
+    mark_collection_settled,
+    open_collections,
+    pending_deliveries,
+    save_collection,
+    save_member_run,
+    set_member_run,
+    unfinished_member_runs,
+)
 from ._sqlite import DB_FILE, MIGRATIONS, add_migration, apply_migrations, db_path, open_db, transaction
 
 __all__ = [
@@ -34,7 +49,20 @@ __all__ = [
     "MIGRATIONS",
     "BatchRecord",
     "OutboxConflict",
+    "ack_delivery",
+    "add_collection_item",
+    "add_delivery",
     "add_migration",
+    "collection_row",
+    "deliveries_of",
+    "has_collection_item",
+    "mark_collection_settled",
+    "open_collections",
+    "pending_deliveries",
+    "save_collection",
+    "save_member_run",
+    "set_member_run",
+    "unfinished_member_runs",
     "apply_migrations",
     "batch_of_proof",
     "batch_plan",
