@@ -1,0 +1,472 @@
+"""Calibration: real node processes against the simulator, same network.
+
+Issue 6 asks that the simulator's GossipSub and link models be compared with
+the real node "on loopback, same topology and injected latency".  This script
+does both halves and prints them side by side (docs/calibration.md):
+
+Real: N ``p2pgpu node run`` processes on 127.0.0.1 (``p2pgpu.localnet``, the
+realistic GPU mix), every one with ``link_delay_ms`` / ``link_jitter_pct`` in
+its config.toml (``p2pgpu/node/_linkdelay.py``: each byte a node receives is
+handed to Noise and Yamux that much later, order kept; the local network
+only).  The processes are this script in ``--node-proc`` mode: the real CLI
+and daemon, plus two control methods for the measurement (``calib.republish``
+makes the node sign and publish a fresh advert now, as a capacity change
+does, without a DHT put; ``calib.accepted`` returns the wall-clock time at
+which its GossipSub validator accepted each advert).  After the network has
+formed (every node knows every advert, meshes built), the benchmark reads the
+topology (each node's peers and ping RTT), then
+1. advert propagation: ``--adverts`` fresh adverts, one at a time from
+   different nodes, 2 s apart; latency = acceptance at each other node minus
+   the advert's ``issued_at`` (one machine, one clock);
+2. formation latency: ``--jobs`` jobs (1- and 2-node, ``true``), one at a
+   time from different nodes, submit to confirmed certificate as the
+   submitting daemon stamps it (``benchmarks/formation.py``'s code).
+
+Simulated: the same N nodes in ``p2pgpu.sim`` with the *measured* topology
+(the real peer lists, injected as the simulated connections), uniform links
+of ``link_ms`` +- ``jitter_pct``, GossipSub with the node's parameters
+(D 6, 4..12, 1 s heartbeat, no flood publishing: py-libp2p 0.8.1 publishes
+to its mesh only), the same advert origins and the same job sizes from the
+same submitters, the node's FormationConfig (offer window 40 ms, leader
+timeout 1.5 s, member timeout 600 ms, everything on the shared jobs topic as
+the node does), ``--seeds`` seeds.  Three model settings: the pure network
+model; plus CPU per delivered message (``processing_ms`` on ``shared_cores``
+of this machine); plus a fitted extra per-hop latency (``link_ms`` + x, x
+chosen so the simulated median propagation matches the real one).
+
+    python3 benchmarks/calibration.py [--nodes 20] [--link-ms 25] [--jitter-pct 10]
+                                      [--adverts 10] [--jobs 8] [--seeds 10] [--json]
+    python3 benchmarks/calibration.py --nodes 50      # once, for the record
+    python3 benchmarks/calibration.py --sim-only FILE # re-run the simulated half on a saved real run
+
+The simulator half uses ``p2pgpu.sim``'s World directly (as
+``benchmarks/simulator.py --calibrate`` does): the scenario format has no
+way yet to give an explicit topology, publish at set times, submit set jobs,
+or put formation on the shared jobs topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+SETTLE_S = 6.0  # after every node knows every advert: meshes, DHT bootstrap
+ADVERT_GAP_S = 2.0  # the node republishes at most once a second
+CPU_MS_PER_MESSAGE = 0.4  # docs/performance.md (p): patched node, relays and duplicates included
+
+
+# ------------------------------------------------------------------ the node process
+
+
+def node_proc(argv: list[str]) -> int:
+    """``p2pgpu node run`` with two measurement methods on its control API."""
+    import trio
+    from libp2p.peer.id import ID
+
+    from p2pgpu.cli import main as cli_main
+    from p2pgpu.node import _daemon
+
+    accepted: dict[str, float] = {}
+    validate = _daemon.Node._validate_advert
+    handlers = _daemon.Node.control_handlers
+
+    def timed_validate(self: Any, forwarder: Any, msg: Any) -> bool:
+        ok = validate(self, forwarder, msg)
+        if ok and self.stack is not None and msg.from_id != self.stack.host.get_id().to_bytes():
+            pid = ID(msg.from_id).to_base58()
+            sa = self.book.adverts.get(pid)
+            if sa is not None:
+                accepted.setdefault(f"{pid}/{sa.advert.seq}", time.time_ns() / 1e6)
+        return ok
+
+    def calib_handlers(self: Any) -> dict[str, Any]:
+        h = handlers(self)
+
+        async def republish(params: dict[str, Any]) -> dict[str, Any]:
+            before = self._own.advert.seq if self._own is not None else 0
+            self._republish.set()
+            with trio.move_on_after(5.0):
+                while self._own is None or self._own.advert.seq == before:
+                    await trio.sleep(0.002)
+            adv = self._own.advert
+            return {"peer_id": adv.peer_id, "seq": adv.seq, "issued_at_ms": adv.issued_at_ms}
+
+        async def accepted_at(params: dict[str, Any]) -> dict[str, float]:
+            return dict(accepted)
+
+        h["calib.republish"] = republish
+        h["calib.accepted"] = accepted_at
+        return h
+
+    _daemon.Node._validate_advert = timed_validate  # type: ignore[method-assign]
+    _daemon.Node.control_handlers = calib_handlers  # type: ignore[method-assign]
+    return cli_main(argv)
+
+
+# ------------------------------------------------------------------ the real network
+
+
+def make_net(root: Path, n: int, link_ms: float, jitter_pct: float) -> Any:
+    from p2pgpu import localnet
+
+    extra = f"link_delay_ms = {link_ms}\nlink_jitter_pct = {jitter_pct}\n" if link_ms > 0 else ""
+
+    class CalibNet(localnet.LocalNet):
+        """LocalNet whose processes are this script's ``--node-proc``."""
+
+        def start_node(self, i: int, *, bootstrap: list[str], wait: bool = True) -> localnet.NodeProc:
+            home = self.home(i)
+            if not home.exists():
+                home.init(network="local")
+                if self.config_extra.strip():
+                    localnet._override_config(home.config_path, self.config_extra)
+            inv = self.root / f"gpus{i}.json"
+            inv.write_text(json.dumps(localnet.inventory_doc(*self.gpu_mix[i % len(self.gpu_mix)])))
+            home.control_path.unlink(missing_ok=True)
+            args = [sys.executable, os.path.abspath(__file__), "--node-proc", "node", "run", "--home", str(home.path),
+                    "--listen", "/ip4/127.0.0.1/tcp/0", "--gpus-from", str(inv), "--advert-ttl", str(self.advert_ttl_s)]
+            for b in bootstrap[:1]:
+                args += ["--bootstrap", b]
+            log_path = self.root / f"node{i}.log"
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            node = localnet.NodeProc(index=i, home=home, proc=proc, log_path=log_path)
+            if wait:
+                self.wait_ready(node)
+            return node
+
+    return CalibNet(root, n, start_timeout_s=240, config_extra=extra)
+
+
+def measure_real(args: argparse.Namespace) -> dict[str, Any]:
+    from formation import run_job, start_parallel
+
+    root = Path(tempfile.mkdtemp(prefix="p2pgpu-calibration-"))
+    net = make_net(root, args.nodes, args.link_ms, args.jitter_pct)
+    doc: dict[str, Any] = {"load_avg_before": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        t0 = time.monotonic()
+        start_parallel(net)
+        net.wait_until(lambda: all(n.call("status")["adverts_known"] == args.nodes for n in net.nodes),
+                       timeout_s=300, interval_s=1.0, what="every node to know every advert")
+        time.sleep(SETTLE_S)
+        doc["network_start_s"] = round(time.monotonic() - t0, 1)
+        index = {n.peer_id: n.index for n in net.nodes}
+        edges: dict[tuple[int, int], float | None] = {}
+        for n in net.nodes:
+            for row in n.call("peers"):
+                j = index.get(row["peer_id"])
+                if j is not None:
+                    key = (min(n.index, j), max(n.index, j))
+                    rtt = row.get("latency_ms")
+                    if edges.get(key) is None:
+                        edges[key] = rtt
+        doc["edges"] = sorted([a, b] for a, b in edges)
+        doc["ping_rtt_ms"] = sorted(r for r in edges.values() if r is not None)
+        # 1. adverts
+        published = []
+        for r in range(args.adverts):
+            origin = (r * 7) % args.nodes
+            pub = net.nodes[origin].call("calib.republish")
+            published.append({"origin": origin, **pub})
+            time.sleep(ADVERT_GAP_S)
+        time.sleep(1.0)
+        accepted = [n.call("calib.accepted", timeout_s=30) for n in net.nodes]
+        runs = []
+        for p in published:
+            key = f"{p['peer_id']}/{p['seq']}"
+            lat = [acc[key] - p["issued_at_ms"] for i, acc in enumerate(accepted) if i != p["origin"] and key in acc]
+            runs.append({"origin": p["origin"], "reached": len(lat), "latencies_ms": sorted(round(x, 2) for x in lat)})
+        doc["advert_runs"] = runs
+        # 2. formation, one job at a time
+        rows: list[dict[str, Any]] = []
+        lock = threading.Lock()
+        load_jobs = os.getloadavg()
+        for k in range(args.jobs):
+            run_job(net, k, rows, lock)
+        rows.sort(key=lambda r: r["k"])
+        doc["jobs"] = [{"k": r["k"], "nodes": r["nodes"], "submitter": r["submitter"], "state": r.get("state"),
+                        "formation_ms": r.get("formation_ms"), "views_seen": r.get("views_seen")} for r in rows]
+        doc["load_avg_jobs"] = [round(x, 2) for x in load_jobs]
+        doc["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        net.stop()
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return doc
+
+
+# ------------------------------------------------------------------ the simulated network
+
+
+def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float, proc_ms: float, cores: int,
+             seed: int, shared_topic: bool = True) -> dict[str, Any]:
+    """One simulated run of the real run's topology, adverts and jobs."""
+    from p2pgpu.core._formation_submitter import Submitter
+    from p2pgpu.sim import scenario_from_obj
+    from p2pgpu.sim._crypto import verify_cache
+    from p2pgpu.sim._world import World
+
+    n = args.nodes
+    runs = real["advert_runs"]
+    jobs = real["jobs"]
+    t_adverts_us = 4_000_000
+    t_jobs_us = t_adverts_us + int((len(runs) + 1) * ADVERT_GAP_S * 1_000_000)
+    job_gap_us = 3_000_000
+    duration_s = t_jobs_us / 1e6 + len(jobs) * job_gap_us / 1e6 + 5
+    s = scenario_from_obj({
+        "run": {"name": "calibration", "nodes": n, "duration_s": duration_s, "settle_s": 1,
+                "progress_every_s": 1e6, "network_name": "local"},
+        "network": {"latency": "uniform", "link_ms": args.link_ms + extra_ms, "jitter_pct": args.jitter_pct,
+                    "peers_target": 1, "peers_high": 1000, "peers_max": 1000, "discovery_s": 1e6,
+                    "bandwidth_mbps": 1000},
+        "gossipsub": {"D": 6, "D_lo": 4, "D_hi": 12, "D_lazy": 6, "heartbeat_ms": 1000, "flood_publish": False,
+                      "processing_ms": proc_ms, "shared_cores": cores},
+        "kademlia": {"enabled": False},
+        "adverts": {"refresh_s": 100_000, "ttl_s": 3600, "books": "all", "initial_spread_s": 1},
+        "jobs": {"submitters": n, "rate_per_s": 0.0, "duration_s": 1, "nodes_choices": [1, 2],
+                 "offer_window_ms": 40, "leader_timeout_ms": 1500, "member_timeout_ms": 600,
+                 "lease_ms": 10_000, "formation_timeout_ms": 60_000},
+    })
+    got: dict[int, list[int]] = {}
+    probes: list[tuple[int, int]] = []  # (mid, t0_us)
+    submitted: list[tuple[int, Any]] = []
+    with verify_cache():
+        w = World(s, seed, tracing=False)
+        if shared_topic:  # as the node does (p2pgpu/node/_jobs.py): no per-job topics
+            fc = dataclasses.replace(w.jobs.fconfig, per_job_topics=False)
+            w.jobs.fconfig = fc
+            for i in list(w.jobs.subs):
+                w.jobs.subs[i] = Submitter(w.nodes[i].identity, fc)  # type: ignore[arg-type]
+        orig = w.metrics.on_delivery
+
+        def rec(node: int, msg: Any) -> None:
+            got.setdefault(msg.mid, []).append(w.engine.now_us)
+            orig(node, msg)
+
+        w.metrics.on_delivery = rec  # type: ignore[method-assign]
+
+        def wire(_: Any) -> None:  # the real topology replaces the join-time links
+            for a in range(n):
+                for b in list(w.net.peers[a]):
+                    w.net.disconnect(a, b)
+            for a, b in real["edges"]:
+                w.net.connect(a, b)
+
+        def publish(origin: int) -> None:
+            msg = w.publish_advert(origin)
+            probes.append((msg.mid, w.engine.now_us))
+
+        def submit(arg: tuple[int, int]) -> None:
+            node, size = arg
+            w.jobs.cfg = dataclasses.replace(w.jobs.cfg, nodes_choices=[size])
+            job = w.jobs.submit(node)
+            submitted.append((size, job))
+
+        w.engine.at(1_050_000, wire, None)
+        for r, run in enumerate(runs):
+            w.engine.at(t_adverts_us + int(r * ADVERT_GAP_S * 1_000_000), publish, run["origin"])
+        for k, job in enumerate(jobs):
+            w.engine.at(t_jobs_us + k * job_gap_us, submit, (job["submitter"], job["nodes"]))
+        w.run()
+    adverts = []
+    for mid, t0 in probes:
+        lat = sorted((t - t0) / 1000 for t in got.get(mid, []))
+        adverts.append({"reached": len(lat), "latencies_ms": lat})
+    formed = []
+    for size, job in submitted:
+        t = getattr(job, "t_confirm_us", None) if job is not None else None
+        if t:
+            formed.append({"nodes": size, "formation_ms": (t - job.t_submit_us) / 1000})
+    return {"advert_runs": adverts, "jobs": formed, "jobs_submitted": len(submitted)}
+
+
+# ------------------------------------------------------------------ figures
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 100)) - 1))]
+
+
+def advert_figures(runs: list[dict[str, Any]], others: int) -> dict[str, Any]:
+    full = [r for r in runs if r["latencies_ms"]]
+    pooled = [x for r in full for x in r["latencies_ms"]]
+    if not pooled:
+        return {}
+    return {
+        "runs": len(runs), "reached_all": sum(1 for r in runs if r["reached"] >= others),
+        "median_of_medians": round(statistics.median(statistics.median(r["latencies_ms"]) for r in full), 1),
+        "median_of_maxes": round(statistics.median(max(r["latencies_ms"]) for r in full), 1),
+        "max": round(max(pooled), 1),
+        "p50": round(percentile(pooled, 50), 1), "p90": round(percentile(pooled, 90), 1),
+        "p99": round(percentile(pooled, 99), 1),
+    }
+
+
+def job_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, sel in (("all", rows), ("1-node", [r for r in rows if r["nodes"] == 1]),
+                       ("2-node", [r for r in rows if r["nodes"] == 2])):
+        xs = [float(r["formation_ms"]) for r in sel if r.get("formation_ms") is not None]
+        if xs:
+            out[label] = {"n": len(xs), "p50": round(percentile(xs, 50), 1), "p90": round(percentile(xs, 90), 1),
+                          "p99": round(percentile(xs, 99), 1), "max": round(max(xs), 1)}
+    return out
+
+
+def sim_setting(real: dict[str, Any], args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
+    for seed in range(1, args.seeds + 1):
+        r = simulate(real, args, seed=seed, **kw)
+        runs += r["advert_runs"]
+        jobs += r["jobs"]
+    return {"adverts": advert_figures(runs, args.nodes - 1), "formation": job_figures(jobs), "formed": len(jobs),
+            "submitted": args.seeds * len(real["jobs"])}
+
+
+def fit_extra_ms(real: dict[str, Any], args: argparse.Namespace, target_ms: float) -> float:
+    """Extra per-hop ms (with the CPU model) whose simulated median propagation
+    is closest to the real one: bisection on a monotone response, 0..200 ms."""
+    lo, hi = 0.0, 200.0
+    fit_args = argparse.Namespace(**{**vars(args), "seeds": max(3, args.seeds // 2)})
+
+    def med(x: float) -> float:
+        return float(sim_setting(real, fit_args, extra_ms=x, proc_ms=CPU_MS_PER_MESSAGE,
+                                 cores=args.cores)["adverts"]["median_of_medians"])
+
+    if med(lo) >= target_ms:
+        return 0.0
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        if med(mid) < target_ms:
+            lo = mid
+        else:
+            hi = mid
+    return round((lo + hi) / 2, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=20)
+    ap.add_argument("--link-ms", type=float, default=25.0, help="injected one-way delay (0: plain loopback)")
+    ap.add_argument("--jitter-pct", type=float, default=10.0)
+    ap.add_argument("--adverts", type=int, default=10, help="fresh adverts measured, one at a time")
+    ap.add_argument("--jobs", type=int, default=8, help="jobs measured, one at a time (1- and 2-node)")
+    ap.add_argument("--seeds", type=int, default=10, help="simulator seeds per model setting")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="shared cores in the CPU model")
+    ap.add_argument("--no-fit", action="store_true", help="skip fitting the extra per-hop latency")
+    ap.add_argument("--sim-only", metavar="FILE", help="a --json output: simulate its real run again")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the real network's directory (logs)")
+    if len(sys.argv) > 1 and sys.argv[1] == "--node-proc":
+        sys.exit(node_proc(sys.argv[2:]))
+    args = ap.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.sim_only:
+        saved = json.loads(Path(args.sim_only).read_text())
+        real = saved["real"]
+        for key in ("nodes", "link_ms", "jitter_pct"):
+            setattr(args, key, saved["setting"][key])
+    else:
+        real = measure_real(args)
+    try:
+        commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
+                                cwd=os.path.dirname(HERE)).stdout.strip()
+    except OSError:
+        commit = ""
+    settings = [("network model only", {"extra_ms": 0.0, "proc_ms": 0.0, "cores": 0}),
+                (f"+ CPU {CPU_MS_PER_MESSAGE} ms/message on {args.cores} shared cores",
+                 {"extra_ms": 0.0, "proc_ms": CPU_MS_PER_MESSAGE, "cores": args.cores})]
+    real_adv = advert_figures(real["advert_runs"], args.nodes - 1)
+    fitted = None
+    if not args.no_fit and real_adv:
+        fitted = fit_extra_ms(real, args, real_adv["median_of_medians"])
+        settings.append((f"+ CPU and {fitted} ms extra per hop (fitted)",
+                         {"extra_ms": fitted, "proc_ms": CPU_MS_PER_MESSAGE, "cores": args.cores}))
+    sims = [(label, sim_setting(real, args, **kw)) for label, kw in settings]
+    per_job = sim_setting(real, args, extra_ms=0.0, proc_ms=CPU_MS_PER_MESSAGE, cores=args.cores, shared_topic=False)
+    degrees = [0] * args.nodes
+    for a, b in real["edges"]:
+        degrees[a] += 1
+        degrees[b] += 1
+    doc = {
+        "started": started, "commit": commit,
+        "setting": {"nodes": args.nodes, "link_ms": args.link_ms, "jitter_pct": args.jitter_pct,
+                    "adverts": args.adverts, "jobs": args.jobs, "seeds": args.seeds, "cores": args.cores},
+        "topology": {"edges": len(real["edges"]), "degree_mean": round(statistics.fmean(degrees), 1),
+                     "degree_min": min(degrees), "degree_max": max(degrees),
+                     "ping_rtt_ms_p50": round(statistics.median(real["ping_rtt_ms"]), 1) if real["ping_rtt_ms"] else None},
+        "real_figures": {"adverts": real_adv, "formation": job_figures([j for j in real["jobs"]
+                                                                         if j.get("state") in ("confirmed", "running", "succeeded")]),
+                         "jobs_failed": sum(1 for j in real["jobs"] if j.get("state") not in ("confirmed", "running", "succeeded"))},
+        "simulated": {label: fig for label, fig in sims},
+        "simulated_per_job_topics": per_job,
+        "fitted_extra_ms": fitted,
+        "real": real,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return
+    print_doc(doc)
+
+
+def print_doc(doc: dict[str, Any]) -> None:
+    st, tp = doc["setting"], doc["topology"]
+    print(f"calibration {doc['started']} at {doc['commit']}: {st['nodes']} node processes on 127.0.0.1, "
+          f"links {st['link_ms']} ms +-{st['jitter_pct']} %, {st['seeds']} seeds per simulated setting")
+    print(f"  topology: {tp['edges']} links, degree mean {tp['degree_mean']} ({tp['degree_min']}..{tp['degree_max']}), "
+          f"real ping RTT p50 {tp['ping_rtt_ms_p50']} ms; load average {doc['real'].get('load_avg_before')} -> "
+          f"{doc['real'].get('load_avg_after')}")
+    print("  advert propagation, publish -> accepted at each other node (ms):")
+    print(f"    {'':<48} {'runs':>5} {'all':>4} {'med':>7} {'max':>7} {'p50':>7} {'p90':>7} {'p99':>7}")
+
+    def adv_row(label: str, a: dict[str, Any]) -> None:
+        if a:
+            print(f"    {label:<48} {a['runs']:>5} {a['reached_all']:>4} {a['median_of_medians']:>7} "
+                  f"{a['median_of_maxes']:>7} {a['p50']:>7} {a['p90']:>7} {a['p99']:>7}")
+
+    adv_row("real", doc["real_figures"]["adverts"])
+    for label, fig in doc["simulated"].items():
+        adv_row("sim: " + label, fig["adverts"])
+    print("  formation latency, submit -> confirmed certificate (ms), p50 / p90 / max:")
+
+    def job_row(label: str, f: dict[str, Any], extra: str = "") -> None:
+        parts = []
+        for size in ("1-node", "2-node", "all"):
+            s = f.get(size)
+            parts.append(f"{size} {s['p50']:.0f} / {s['p90']:.0f} / {s['max']:.0f} (n={s['n']})" if s else f"{size} -")
+        print(f"    {label:<48} " + "   ".join(parts) + extra)
+
+    job_row("real", doc["real_figures"]["formation"], f"   failed {doc['real_figures']['jobs_failed']}")
+    for label, fig in doc["simulated"].items():
+        job_row("sim: " + label, fig["formation"], f"   formed {fig['formed']}/{fig['submitted']}")
+    pj = doc["simulated_per_job_topics"]
+    job_row("sim: + CPU, per-job topics (the simulator's default)", pj["formation"],
+            f"   formed {pj['formed']}/{pj['submitted']}")
+    if doc["fitted_extra_ms"] is not None:
+        print(f"  fitted extra per-hop latency: {doc['fitted_extra_ms']} ms (network.link_ms = "
+              f"{st['link_ms'] + doc['fitted_extra_ms']:g})")
+
+
+if __name__ == "__main__":
+    main()
