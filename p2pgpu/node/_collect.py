@@ -26,13 +26,32 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from p2pgpu.core import Identity, Kind, PeerMisbehaved, Reason, body_of, decode, encode, envelope_from_obj, seal
+from p2pgpu.core import (
+    Identity,
+    Kind,
+    PeerMisbehaved,
+    Reason,
+    body_of,
+    decode,
+    encode,
+    envelope_from_obj,
+    seal,
+)
 from p2pgpu.core._formation_messages import Certificate
 from p2pgpu.core._manifest import SignedManifest
-from p2pgpu.core._proof import ProofRejected, ProofTerms, SignedProof, decode_cosign, decode_proof, owed, verify_proof
+from p2pgpu.core._proof import (
+    ProofRejected,
+    ProofTerms,
+    SignedProof,
+    decode_cosign,
+    decode_proof,
+    owed,
+    verify_proof,
+)
 
 if TYPE_CHECKING:
     from ._jobs import JobsService
@@ -82,7 +101,7 @@ class ProofAck:
                 "status": self.status}
 
     @classmethod
-    def from_body(cls, body: Any, signer: str) -> "ProofAck":
+    def from_body(cls, body: Any, signer: str) -> ProofAck:
         """A received ack body, or ``PeerMisbehaved`` (never another exception)."""
         if not isinstance(body, dict) or sorted(body) != ["items", "job_id", "peer_id", "status", "type"]:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "proof_ack needs exactly type, job_id, peer_id, items, status")
@@ -116,6 +135,8 @@ class Collection:
     settled: bool = False
     #: item hash -> kind of every proof, co-signature and outputs list taken.
     items: dict[bytes, str] = field(default_factory=dict)
+    #: Each member's payout address from its advert at confirmation.
+    payout_addresses: dict[str, str] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -133,21 +154,23 @@ class Collection:
 
 
 class Collector:
-    def __init__(self, jobs: "JobsService") -> None:
+    def __init__(self, jobs: JobsService) -> None:
         self.jobs = jobs
         self.collections: dict[str, Collection] = {}
 
     def open(self, sm: SignedManifest, cert: Certificate, now_ms: int) -> None:
         if sm.job_id in self.collections:
             return
-        c = Collection(sm=sm, cert=cert, confirmed_at_ms=now_ms)
+        c = Collection(sm=sm, cert=cert, confirmed_at_ms=now_ms,
+                       payout_addresses={m: self.jobs._payout_address_of(m) for m in cert.members})
         self.collections[sm.job_id] = c
         deadline = now_ms + sm.manifest.duration_s_max * 1000 + settle_grace_ms
         if self.jobs.db is not None:
             from p2pgpu.store import save_collection  # noqa: PLC0415
 
             save_collection(self.jobs.db, job_id=sm.job_id, certificate=encode(cert.to_obj()),
-                            members=list(cert.members), confirmed_at_ms=now_ms, deadline_ms=deadline)
+                            members=list(cert.members), payout_addresses=c.payout_addresses,
+                            confirmed_at_ms=now_ms, deadline_ms=deadline)
         self.jobs.timers.set(f"x/{sm.job_id}/settle", deadline)
 
     def reopen(self, now_ms: int) -> int:
@@ -168,7 +191,8 @@ class Collector:
             except PeerMisbehaved as exc:
                 log.warning("stored certificate of %s does not verify: %s", row["job_id"][:12], exc)
                 continue
-            c = Collection(sm=rec.manifest, cert=cert, confirmed_at_ms=row["confirmed_at_ms"])
+            c = Collection(sm=rec.manifest, cert=cert, confirmed_at_ms=row["confirmed_at_ms"],
+                           payout_addresses=dict(row["payout_addresses"]))
             for item in row["items"]:
                 try:
                     self._replay(c, item["kind"], item["sender"], item["wire"])

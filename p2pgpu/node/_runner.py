@@ -15,6 +15,16 @@ watching the others until they are done (its co-signatures vouch for their
 time), sends its co-signatures, and frees its GPUs.  If the sandbox cannot
 run here the node advertises no runtime, so it is never asked; a job that
 still arrives is refused, never run unconfined.
+
+What the member sends the submitter that counts (its outputs list, its proof,
+its co-signatures) is stored first (``deliveries``) and resent with backoff
+until the submitter acknowledges it with a signed ``proof_ack``: a submitter
+that was down when the proof went out still gets it after its restart.  The
+member also stores its progress at every checkpoint (before the new chain
+head goes out in a heartbeat), so that if this node dies mid-job it proves,
+after its restart, the time it served up to its last checkpoint (end reason
+``interrupted``) and co-signs what it had seen of the others
+(:meth:`Runner.recover`; docs/proofs.md, "Interrupted members").
 """
 
 from __future__ import annotations
@@ -29,11 +39,23 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pgpu.core import Kind, seal
+from p2pgpu.core import Kind, PeerMisbehaved, Reason, seal
 from p2pgpu.core._actions import StartJob, StopJob
 from p2pgpu.core._membership import Membership
-from p2pgpu.core._proof import END_REASONS, CheckpointChain, Proof, checkpoint_interval_ms, sign_proof
+from p2pgpu.core._proof import (
+    END_REASONS,
+    Checkpoint,
+    CheckpointChain,
+    Cosign,
+    Proof,
+    chain_heads,
+    checkpoint_interval_ms,
+    sign_cosign,
+    sign_proof,
+)
 from p2pgpu.runtime import ClusterEnv, JobRejected, JobSpec, SandboxPolicy, SandboxUnavailable, run_job
+
+from ._collect import ProofAck, item_hash
 
 if TYPE_CHECKING:
     from ._jobs import JobsService
@@ -48,6 +70,29 @@ heartbeat_interval_ms = 500
 member_timeout_ms = 3_000
 #: After our part ends, how long we keep watching members that still run.
 watch_after_end_ms_max = 120_000
+#: Resending what the submitter has not acknowledged: first after
+#: ``resend_interval_ms_min``, doubling up to ``resend_interval_ms_max``,
+#: given up ``resend_ttl_ms`` after the message was made.
+resend_interval_ms_min = 1_000
+resend_interval_ms_max = 15_000
+resend_ttl_ms = 3_600_000
+pending_max = 10_000
+#: The exit status an interrupted member reports (killed, as by SIGKILL).
+interrupted_exit_code = 137
+
+
+@dataclass
+class Delivery:
+    """One signed message to the submitter, resent until acknowledged."""
+
+    item_hash: bytes
+    job_id: str
+    dest: str
+    kind: str
+    wire: bytes
+    created_ms: int
+    attempts: int = 0
+    next_ms: int = 0
 
 
 @dataclass
@@ -65,7 +110,7 @@ class MemberJob:
 
 
 class Runner:
-    def __init__(self, jobs: "JobsService", *, root: Path | None, policy: SandboxPolicy,
+    def __init__(self, jobs: JobsService, *, root: Path | None, policy: SandboxPolicy,
                  adversary: str = "") -> None:
         self.jobs = jobs
         self.root = root or Path(tempfile.mkdtemp(prefix="p2pgpu-jobs-"))
@@ -76,6 +121,8 @@ class Runner:
         self.running: dict[str, MemberJob] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._gpus_in_use: dict[str, tuple[int, ...]] = {}
+        #: item hash -> what we still resend to a submitter (see the module doc).
+        self.pending: dict[bytes, Delivery] = {}
         jobs.runner = self.run
         jobs.runner_obj = self
         jobs.on_stop = self.stop
@@ -92,6 +139,9 @@ class Runner:
 
     def on_timer(self, key: str, now_ms: int) -> None:
         job_id = key.split("/")[1] if key.count("/") >= 2 else ""
+        if key.endswith("/resend"):
+            self._resend(job_id, now_ms)
+            return
         mj = self.running.get(job_id)
         if mj is not None:
             self.jobs.apply(mj.membership.on_timer(key, now_ms), origin="membership")
@@ -132,11 +182,13 @@ class Runner:
         rec.started_at_ms = now()
         rec.extra["member_state"] = "running"
         rec.extra["member_started_at_ms"] = rec.started_at_ms
+        self.jobs.persist(start.job_id)
         started_ms = rec.started_at_ms
         end_reason, exit_code, digest, outputs = "sandbox_error", 255, b"", []
         try:
             spec = self._spec(start, mj)
             self.jobs.apply(mj.membership.start(started_ms), origin="membership")
+            self._save_run(mj, started_ms)
             scope = trio.CancelScope()
             self._scopes[start.job_id] = scope
             refused: Exception | None = None
@@ -198,8 +250,8 @@ class Runner:
             while not mj.membership.done:
                 await mj.changed.wait()
                 mj.changed = trio.Event()
-        for cs in mj.membership.cosigns():
-            self.jobs.send(m.submitter, cs.wire)
+        self._hand_over(start.job_id, m.submitter, [("cosign", cs.wire) for cs in mj.membership.cosigns()],
+                        cosigned=True)
         self.running.pop(start.job_id, None)
         self.jobs.finished(start.job_id)
         self.jobs.persist(start.job_id)
@@ -256,12 +308,6 @@ class Runner:
         self.jobs.send(peer, seal(node.identity, Kind.RESULT, {
             **body, "job_id": mj.start.job_id, "peer_id": node.identity.peer_id}).to_bytes())
 
-    def recover(self, now_ms: int) -> None:
-        """After a restart: resend what the submitter has not acknowledged."""
-
-    def on_ack(self, body: dict[str, Any], signer: str) -> None:
-        """The submitter acknowledged messages we sent it."""
-
     def on_member_message(self, body: dict[str, Any], signer: str) -> None:
         """A message from another member of a job we run (Ray rendezvous)."""
         mj = self.running.get(str(body.get("job_id")))
@@ -272,29 +318,189 @@ class Runner:
         elif body.get("type") == "ray_done":
             mj.ray.stop("finished")
 
+    def _gpu_names(self, mj: MemberJob) -> list[str]:
+        node, m = self.jobs.node, mj.start.manifest.manifest
+        n_gpus = len(mj.gpus) or m.gpus_per_node
+        gpu_names = [g.uuid_hash or g.gpu_class for g in node.inventory.gpus][:n_gpus] or ["simulated"] * n_gpus
+        return (gpu_names + ["simulated"] * n_gpus)[:n_gpus]
+
     def _send_proof(self, mj: MemberJob, started: int, ended: int, exit_code: int, end_reason: str,
                     digest: bytes, outputs: list[dict[str, Any]]) -> None:
         start, node = mj.start, self.jobs.node
         m = start.manifest.manifest
-        n_gpus = len(mj.gpus) or m.gpus_per_node
-        gpu_names = [g.uuid_hash or g.gpu_class for g in node.inventory.gpus][:n_gpus] or ["simulated"] * n_gpus
-        gpu_names = (gpu_names + ["simulated"] * n_gpus)[:n_gpus]
-        gpu_ms = n_gpus * min(ended - started, m.duration_s_max * 1000)
+        gpu_names = self._gpu_names(mj)
+        gpu_ms = len(gpu_names) * min(ended - started, m.duration_s_max * 1000)
         proof = sign_proof(node.identity, Proof(
             job_id=start.job_id, cert_hash=start.certificate.digest, peer_id=node.identity.peer_id,
             gpus=tuple(gpu_names), started_at_ms=started, ended_at_ms=ended, gpu_ms=gpu_ms, exit_code=exit_code,
             end_reason=end_reason if end_reason in END_REASONS else "sandbox_error",
             output_digest=digest, checkpoints=tuple(mj.chain.checkpoints), chain_head=mj.chain.head))
-        self.jobs.send(m.submitter, seal(node.identity, Kind.RESULT, {
+        outputs_wire = seal(node.identity, Kind.RESULT, {
             "type": "outputs", "job_id": start.job_id, "peer_id": node.identity.peer_id,
-            "outputs": outputs[:200], "exit_code": exit_code, "end_reason": end_reason}).to_bytes())
-        self.jobs.send(m.submitter, proof.wire)
-        price = next((a.price_per_gpu_hour for a in start.certificate.accepts
-                      if a.peer_id == node.identity.peer_id), m.price_per_gpu_hour_max)
-        expected = gpu_ms * min(price, m.price_per_gpu_hour_max) // 3_600_000
-        self.jobs.record_earning(proof.proof_hash, start.job_id, expected, m.currency)
+            "outputs": outputs[:200], "exit_code": exit_code, "end_reason": end_reason}).to_bytes()
+        expected = gpu_ms * min(self._price(start), m.price_per_gpu_hour_max) // 3_600_000
+        self._hand_over(start.job_id, m.submitter, [("outputs", outputs_wire), ("proof", proof.wire)],
+                        earning=(proof.proof_hash, expected, m.currency), observed=self._observed(mj))
         rec = self.jobs.records[start.job_id]
         rec.extra["proof_hash"] = proof.proof_hash.hex()
+
+    def _price(self, start: StartJob) -> int:
+        me = self.jobs.node.identity.peer_id
+        return next((a.price_per_gpu_hour for a in start.certificate.accepts if a.peer_id == me),
+                    start.manifest.manifest.price_per_gpu_hour_max)
+
+    # ------------------------------------------- deliveries to the submitter
+
+    def _hand_over(self, job_id: str, dest: str, items: list[tuple[str, bytes]], *, send_now: bool = True,
+                   earning: tuple[bytes, int, str] | None = None, observed: dict[str, list[Any]] | None = None,
+                   cosigned: bool = False) -> None:
+        """Store ``items`` (and what goes with them: the earning a proof
+        expects, the run's "proof signed"/"co-signed" marks) in one
+        transaction, then send them and resend until acknowledged."""
+        now = self.jobs.node.now_ms()
+        db = self.jobs.db
+        if db is not None:
+            from p2pgpu.store import add_delivery, record_earning, set_member_run, transaction  # noqa: PLC0415
+
+            with transaction(db):
+                for kind, wire in items:
+                    add_delivery(db, item_hash=item_hash(wire), job_id=job_id, dest=dest, kind=kind, wire=wire,
+                                 now_ms=now)
+                if earning is not None and earning[1] > 0:
+                    record_earning(db, earning[0], job_id=job_id, amount=earning[1], currency=earning[2],
+                                   payout_address=self.jobs.node.payout_address, created_ms=now)
+                set_member_run(db, job_id, proof_signed=earning is not None, cosigned=cosigned, observed=observed)
+        for kind, wire in items:
+            d = Delivery(item_hash=item_hash(wire), job_id=job_id, dest=dest, kind=kind, wire=wire, created_ms=now,
+                         next_ms=now)
+            if d.item_hash in self.pending or len(self.pending) >= pending_max:
+                self.jobs.counts["exec:deliveries_not_tracked"] += 1
+                if send_now:
+                    self.jobs.send(dest, wire)
+                continue
+            self.pending[d.item_hash] = d
+            if send_now:
+                self._send_delivery(d, now)
+        self._schedule(job_id)
+
+    def _send_delivery(self, d: Delivery, now_ms: int) -> None:
+        d.attempts += 1
+        d.next_ms = now_ms + min(resend_interval_ms_max, resend_interval_ms_min << min(d.attempts - 1, 16))
+        if d.attempts > 1:
+            self.jobs.counts["exec:resent"] += 1
+        self.jobs.send(d.dest, d.wire)  # may deliver locally and be acknowledged at once
+
+    def _schedule(self, job_id: str) -> None:
+        due = [d.next_ms for d in self.pending.values() if d.job_id == job_id]
+        key = f"membership/{job_id}/resend"
+        if due:
+            self.jobs.timers.set(key, min(due))
+        else:
+            self.jobs.timers.cancel(key)
+
+    def _resend(self, job_id: str, now_ms: int) -> None:
+        for d in [d for d in self.pending.values() if d.job_id == job_id and d.next_ms <= now_ms]:
+            if now_ms - d.created_ms > resend_ttl_ms:
+                log.warning("job %s: the submitter never acknowledged our %s; giving up", job_id[:12], d.kind)
+                self._settle_delivery(d, "expired", now_ms)
+                continue
+            self._send_delivery(d, now_ms)
+        self._schedule(job_id)
+
+    def _settle_delivery(self, d: Delivery, status: str, now_ms: int) -> None:
+        self.pending.pop(d.item_hash, None)
+        self.jobs.counts[f"exec:delivery_{status}"] += 1
+        if self.jobs.db is not None:
+            from p2pgpu.store import ack_delivery  # noqa: PLC0415
+
+            ack_delivery(self.jobs.db, d.item_hash, status=status, now_ms=now_ms)
+
+    def on_ack(self, body: dict[str, Any], signer: str) -> None:
+        """The submitter acknowledged messages we sent it.  Only the job's
+        submitter may: an ack from anyone else is refused (``PeerMisbehaved``)."""
+        ack = ProofAck.from_body(body, signer)
+        rec = self.jobs.records.get(ack.job_id)
+        if rec is not None and rec.manifest.manifest.submitter != signer:
+            raise PeerMisbehaved(Reason.NOT_A_MEMBER, "proof_ack from someone who did not submit that job")
+        now = self.jobs.node.now_ms()
+        taken = 0
+        for h in ack.items:
+            d = self.pending.get(h)
+            if d is None or d.job_id != ack.job_id:
+                continue
+            if d.dest != signer:
+                raise PeerMisbehaved(Reason.NOT_A_MEMBER, "proof_ack from someone who did not submit that job")
+            self._settle_delivery(d, ack.status, now)
+            taken += 1
+        if not taken:
+            self.jobs.counts["exec:ack_nothing_pending"] += 1  # a repeated ack: our resend crossed it
+        self._schedule(ack.job_id)
+
+    # ---------------------------------------------------- crash recovery
+
+    def _observed(self, mj: MemberJob) -> dict[str, list[Any]]:
+        """What we saw of the others so far, to co-sign after a crash."""
+        return {peer: [o.first_seen_ms, o.last_seen_ms, o.heartbeats, o.chain_head.hex()]
+                for peer, o in mj.membership.seen.items() if o.first_seen_ms is not None and o.last_seen_ms is not None}
+
+    def _save_run(self, mj: MemberJob, now_ms: int) -> None:
+        """Our progress so far; written before a new chain head goes out."""
+        if self.jobs.db is None:
+            return
+        from p2pgpu.store import save_member_run  # noqa: PLC0415
+
+        start, m = mj.start, mj.start.manifest.manifest
+        save_member_run(self.jobs.db, job_id=start.job_id, cert_hash=start.certificate.digest,
+                        submitter=m.submitter, members=list(start.certificate.members),
+                        price_per_gpu_hour=min(self._price(start), m.price_per_gpu_hour_max), currency=m.currency,
+                        started_at_ms=mj.membership.started_at_ms, gpus=self._gpu_names(mj),
+                        checkpoints=[(c.t_ms, c.info) for c in mj.chain.checkpoints], observed=self._observed(mj),
+                        now_ms=now_ms)
+
+    def recover(self, now_ms: int) -> None:
+        """After a restart (before the node runs): take back what the
+        submitter has not acknowledged, and for each job this node died in,
+        sign the proof of the time served up to the last checkpoint and the
+        co-signatures of what it saw.  Everything goes out when the timers run."""
+        db = self.jobs.db
+        if db is None:
+            return
+        from p2pgpu.store import pending_deliveries, unfinished_member_runs  # noqa: PLC0415
+
+        for row in pending_deliveries(db, limit=pending_max):
+            self.pending[row["item_hash"]] = Delivery(
+                item_hash=row["item_hash"], job_id=row["job_id"], dest=row["dest"], kind=row["kind"],
+                wire=row["wire"], created_ms=row["created_ms"], next_ms=now_ms)
+        for run in unfinished_member_runs(db):
+            if run["job_id"] not in self.running:
+                self._recover_run(run, now_ms)
+        for job_id in sorted({d.job_id for d in self.pending.values()}):
+            self._schedule(job_id)
+
+    def _recover_run(self, run: dict[str, Any], now_ms: int) -> None:
+        identity = self.jobs.node.identity
+        job_id = run["job_id"]
+        rec = self.jobs.records.get(job_id)
+        items: list[tuple[str, bytes]] = []
+        earning = None
+        ended = run["started_at_ms"]
+        if not run["proof_signed"]:
+            proof = interrupted_proof(identity, run, duration_ms_max=(
+                rec.manifest.manifest.duration_s_max * 1000 if rec is not None else None))
+            ended = proof.proof.ended_at_ms
+            items.append(("proof", proof.wire))
+            earning = (proof.proof_hash, proof.proof.gpu_ms * run["price_per_gpu_hour"] // 3_600_000,
+                       run["currency"])
+            if rec is not None:
+                rec.extra.update(member_state="interrupted", member_ended_at_ms=ended,
+                                 proof_hash=proof.proof_hash.hex())
+                rec.exit_code, rec.ended_at_ms = interrupted_exit_code, ended
+            self.jobs.counts["exec:interrupted_proofs"] += 1
+            log.info("job %s was interrupted here: proving %d ms served", job_id[:12], ended - run["started_at_ms"])
+        if not run["cosigned"]:
+            items += [("cosign", cs.wire) for cs in interrupted_cosigns(identity, run)]
+        self._hand_over(job_id, run["submitter"], items, send_now=False, earning=earning, cosigned=True)
+        self.jobs.persist(job_id)
 
     def _on_line(self, mj: MemberJob) -> Any:
         lines = self.logs.setdefault(mj.start.job_id, [])
@@ -338,6 +544,7 @@ class Runner:
         while True:
             await trio.sleep(interval_s)
             head = mj.chain.add(self.jobs.node.now_ms(), mj.log_hash.copy().digest())
+            self._save_run(mj, self.jobs.node.now_ms())  # stored before any heartbeat shows the head
             mj.membership.set_progress(head, len(mj.chain.checkpoints))
 
     def _assign_gpus(self, job_id: str, count: int) -> tuple[int, ...]:
@@ -386,3 +593,35 @@ class Runner:
         return JobSpec(argv=tuple(m.command), work_dir=work, time_limit_ms=m.duration_s_max * 1000,
                        memory_bytes_max=job_memory_bytes_default, env=env, inputs_dir=inputs,
                        network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id)
+
+
+def interrupted_proof(identity: Any, run: dict[str, Any], *, duration_ms_max: int | None = None) -> Any:
+    """The proof a member signs after dying mid-job: from its start to its
+    last stored checkpoint (no further: nobody saw a later head), end reason
+    ``interrupted``, no output.  Its co-signers heard its heartbeats at least
+    until that checkpoint, so it stays within what they observed."""
+    cps = tuple(Checkpoint(t_ms=t, info=i) for t, i in run["checkpoints"])
+    started = run["started_at_ms"]
+    ended = max(started, cps[-1].t_ms if cps else started)
+    served = ended - started if duration_ms_max is None else min(ended - started, duration_ms_max)
+    heads = chain_heads(run["job_id"], run["cert_hash"], identity.peer_id, cps)
+    return sign_proof(identity, Proof(
+        job_id=run["job_id"], cert_hash=run["cert_hash"], peer_id=identity.peer_id, gpus=tuple(run["gpus"]),
+        started_at_ms=started, ended_at_ms=ended, gpu_ms=len(run["gpus"]) * served,
+        exit_code=interrupted_exit_code, end_reason="interrupted", output_digest=b"", checkpoints=cps,
+        chain_head=heads[-1]))
+
+
+def interrupted_cosigns(identity: Any, run: dict[str, Any]) -> list[Any]:
+    """Co-signatures of what a member had seen of the others when it last
+    stored its progress (in member order)."""
+    out = []
+    for peer in run["members"]:
+        seen = run["observed"].get(peer)
+        if peer == identity.peer_id or seen is None:
+            continue
+        first, last, count, head = seen
+        out.append(sign_cosign(identity, Cosign(
+            job_id=run["job_id"], cert_hash=run["cert_hash"], subject=peer, observer=identity.peer_id,
+            first_seen_ms=first, last_seen_ms=last, heartbeats=count, last_chain_head=bytes.fromhex(head))))
+    return out

@@ -37,6 +37,7 @@ CREATE TABLE collections (
     job_id TEXT PRIMARY KEY,
     certificate BLOB NOT NULL,
     members TEXT NOT NULL,
+    payout_addresses TEXT NOT NULL,
     confirmed_at_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
     settled INTEGER NOT NULL DEFAULT 0,
@@ -88,12 +89,15 @@ ITEM_KINDS = ("proof", "cosign", "outputs")
 
 
 def save_collection(conn: sqlite3.Connection, *, job_id: str, certificate: bytes, members: list[str],
-                    confirmed_at_ms: int, deadline_ms: int) -> bool:
-    """A confirmed job's collection opens (idempotent: the first write wins)."""
+                    payout_addresses: dict[str, str], confirmed_at_ms: int, deadline_ms: int) -> bool:
+    """A confirmed job's collection opens (idempotent: the first write wins).
+    ``payout_addresses``: each member's, from its advert at confirmation (a
+    restarted submitter may settle before it hears the adverts again)."""
     cur = conn.execute(
-        "INSERT INTO collections (job_id, certificate, members, confirmed_at_ms, deadline_ms)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
-        (job_id, certificate, json.dumps(list(members)), confirmed_at_ms, deadline_ms))
+        "INSERT INTO collections (job_id, certificate, members, payout_addresses, confirmed_at_ms, deadline_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+        (job_id, certificate, json.dumps(list(members)), json.dumps(payout_addresses, sort_keys=True),
+         confirmed_at_ms, deadline_ms))
     return cur.rowcount == 1
 
 
@@ -145,6 +149,7 @@ def open_collections(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[d
 
 def _collection(r: sqlite3.Row) -> dict[str, Any]:
     return {"job_id": r["job_id"], "certificate": bytes(r["certificate"]), "members": json.loads(r["members"]),
+            "payout_addresses": json.loads(r["payout_addresses"]),
             "confirmed_at_ms": r["confirmed_at_ms"], "deadline_ms": r["deadline_ms"],
             "settled": bool(r["settled"])}
 
