@@ -65,8 +65,17 @@ from ._matching import exclusion
 class FormationConfig:
     """Timeouts and limits of formation; the defaults suit a loopback or LAN network."""
 
-    #: How long a volunteer collects other offers before electing a leader.
+    #: How long a volunteer collects other offers before electing a leader (it
+    #: decides sooner once it has heard the best-ranked expected volunteer).
     offer_window_ms: int = 40
+    #: With a candidate list (the peers the driver's advert book says can serve
+    #: the job), only the ``members + spare_volunteers`` best-ranked candidates
+    #: volunteer at once; the others stay quiet ...
+    spare_volunteers: int = 2
+    #: ... and volunteer this long after the manifest (one more group of the
+    #: same size per further step), unless the job was confirmed or proposals
+    #: show progress.
+    late_volunteer_ms: int = 400
     #: A view whose leader shows no progress for this long is replaced by the next view.
     leader_timeout_ms: int = 400
     #: A leader replaces proposed members that have not accepted after this long.
@@ -107,6 +116,19 @@ DEFAULT_CONFIG = FormationConfig()
 def leader_rank(job_id: str, peer_id: str) -> bytes:
     """A volunteer's rank for a job: lower leads first; every peer computes the same."""
     return hashlib.sha256(bytes.fromhex(job_id) + peer_id.encode()).digest()
+
+
+#: The most candidates a driver's list is read for (the rest are ignored).
+candidates_max = 4096
+
+
+def expected_volunteers(sm: SignedManifest, candidates: list[str], config: FormationConfig) -> list[str]:
+    """The ``members + spare_volunteers`` best-ranked of ``candidates``, best
+    first: who volunteers at once, and whom the submitter hands the manifest
+    to directly.  Every peer with the same list computes the same answer."""
+    unique = list(dict.fromkeys(candidates[:candidates_max]))
+    unique.sort(key=lambda p: leader_rank(sm.job_id, p))
+    return unique[: sm.manifest.members + config.spare_volunteers]
 
 
 @dataclass(slots=True)
@@ -168,6 +190,17 @@ class _Job:
     my_offer: Offer | None = None
     #: Known volunteers: peer id -> latest offer seq (0 if learnt from a proposal).
     volunteers: dict[str, int] = field(default_factory=dict)
+    #: The candidates expected to volunteer at once, best rank first (empty:
+    #: no candidate list, everyone who can serve volunteers).
+    eager: list[str] = field(default_factory=list)
+    #: Held back by the candidate rule until the "late" timer fires.
+    quiet: bool = False
+    #: The peer our first offer was also sent to directly (the expected leader).
+    offered_to: str = ""
+    #: When a proposal for this job was last seen (a sign formation progresses).
+    progress_ms: int = -1
+    #: When our current accept was last sent (a repeated proposal is not answered twice at once).
+    accept_sent_ms: int = -1
     ranks: dict[str, bytes] = field(default_factory=dict)
     view: int = 0
     round: int = 0
@@ -240,9 +273,18 @@ class FormationNode:
             return self._on_confirm(job, msg, now_ms)
         return self._on_cancel(job, msg, now_ms)
 
-    def on_manifest(self, sm: SignedManifest, now_ms: int) -> list[Action]:
+    def on_manifest(self, sm: SignedManifest, now_ms: int, candidates: list[str] | None = None) -> list[Action]:
         """A new job: remember it and volunteer if it matches and GPUs are free.
-        A job id seen before raises ``REPLAYED``; an expired one ``EXPIRED``."""
+        A job id seen before raises ``REPLAYED``; an expired one ``EXPIRED``.
+
+        ``candidates`` are the peers the driver believes can serve the job
+        (its advert book: matching, with free GPUs; this node need not be
+        among them).  With them, a job draws ``members + spare_volunteers``
+        offers instead of one from every matching node: the candidates are
+        put in leader-rank order and only that many from the front volunteer
+        now, the rest after ``late_volunteer_ms`` per group of that size if
+        the job is still not decided.  The list only saves messages and
+        time: a wrong or stale one delays formation, never breaks safety."""
         check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
         if len(self.jobs) >= self.config.jobs_max:
             # Forget closed jobs first (the replay guard still remembers their ids).
@@ -256,6 +298,16 @@ class FormationNode:
         job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline)
         self.jobs[sm.job_id] = job
         actions: list[Action] = [SetTimer(self._key(job, "end"), deadline + cfg.lease_ms + cfg.lease_grace_ms)]
+        if candidates is not None and self._can_serve(job):
+            order = expected_volunteers(sm, [*candidates, self.peer_id], cfg)
+            job.eager = order
+            if self.peer_id not in order:
+                job.quiet = True
+                position = sum(1 for p in candidates[:candidates_max] if leader_rank(sm.job_id, p) <
+                               leader_rank(sm.job_id, self.peer_id))
+                group = max(1, position // len(order))
+                actions.append(SetTimer(self._key(job, "late"), now_ms + group * cfg.late_volunteer_ms))
+                return actions
         if self._can_serve(job):
             actions += self._volunteer(job, now_ms)
         return actions
@@ -268,7 +320,8 @@ class FormationNode:
         if job is None:
             return []
         handler = {"window": self._t_window, "view": self._t_view, "round": self._t_round,
-                   "lease": self._t_lease, "retry": self._t_retry, "run": self._t_run, "end": self._t_end}
+                   "lease": self._t_lease, "retry": self._t_retry, "run": self._t_run, "end": self._t_end,
+                   "late": self._t_late}
         return handler[parts[2]](job, now_ms)
 
     def finish(self, job_id: str, now_ms: int) -> list[Action]:
@@ -350,11 +403,45 @@ class FormationNode:
         if not job.subscribed:
             job.subscribed = True
             actions.append(Subscribe(self.config.topic(job.job_id)))
-        actions.append(Publish(self.config.topic(job.job_id), offer.envelope.to_bytes()))
+        data = offer.envelope.to_bytes()
+        if self.peer_id in job.eager:
+            # An expected volunteer tells the other expected volunteers (the
+            # view-0 leader among them) and the submitter directly: one hop
+            # each, and nobody else has to relay or read it.
+            job.offered_to = job.eager[0]
+            actions += [Send(p, data) for p in dict.fromkeys([*job.eager, job.sm.manifest.submitter])
+                        if p != self.peer_id]
+        else:
+            actions.append(Publish(self.config.topic(job.job_id), data))
         if job.state is WorkerState.SEEN:
             self._set(job, WorkerState.OFFERED)
             actions.append(SetTimer(self._key(job, "window"), now_ms + self.config.offer_window_ms))
+            if self._leader_known(job):
+                actions += [CancelTimer(self._key(job, "window"))] + self._enter_view(job, job.view, now_ms)
         return actions
+
+    def _leader_known(self, job: _Job) -> bool:
+        """Whether the view-0 leader is settled before the window closes: no
+        expected volunteer ranks better than the best volunteer heard so far
+        (a better one that is not expected, or late, costs a view change at
+        worst)."""
+        if not job.eager or not job.volunteers:
+            return False
+        best = self._ranked(job)[0]
+        best_rank = job.ranks[best]
+        return all(p in job.volunteers or leader_rank(job.job_id, p) > best_rank for p in job.eager)
+
+    def _t_late(self, job: _Job, now_ms: int) -> list[Action]:
+        """A quiet candidate's turn: volunteer unless the job is decided or progressing."""
+        if not job.quiet or job.state is not WorkerState.SEEN or job.confirm is not None \
+                or now_ms >= job.deadline_ms:
+            return []
+        if job.progress_ms >= 0 and now_ms < job.progress_ms + self.config.leader_timeout_ms:
+            return [SetTimer(self._key(job, "late"), job.progress_ms + self.config.leader_timeout_ms)]
+        job.quiet = False
+        if not self._can_serve(job):
+            return []
+        return [Emit("formation.late_volunteer")] + self._volunteer(job, now_ms)
 
     def _on_offer(self, job: _Job, offer: Offer, now_ms: int) -> list[Action]:
         if job.state in (WorkerState.RUNNING, WorkerState.CLOSED) or offer.peer_id == self.peer_id:
@@ -363,6 +450,8 @@ class FormationNode:
             return []
         if job.state is WorkerState.LEADING and job.proposal is None:
             return self._propose(job, now_ms)  # we were waiting for enough volunteers
+        if job.state is WorkerState.OFFERED and self._leader_known(job):
+            return [CancelTimer(self._key(job, "window"))] + self._enter_view(job, job.view, now_ms)
         return []
 
     def _t_window(self, job: _Job, now_ms: int) -> list[Action]:
@@ -373,6 +462,10 @@ class FormationNode:
     def _enter_view(self, job: _Job, view: int, now_ms: int) -> list[Action]:
         """Start ``view``: lead it if this node ranks there, else follow."""
         job.view, job.round, job.proposal, job.accepts, job.certified = view, 0, None, {}, None
+        # Who declined or stayed silent for the last leader may serve this one
+        # (busy then, free now): never carrying exclusions across views keeps
+        # a loaded network from excluding everyone (a livelock seen on 16 real nodes).
+        job.excluded = {}
         actions: list[Action] = [CancelTimer(self._key(job, "round")),
                                  SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms)]
         ranked = self._ranked(job)
@@ -382,7 +475,7 @@ class FormationNode:
             actions += self._propose(job, now_ms)
         else:
             self._set(job, WorkerState.FOLLOWING)
-            if job.my_offer is not None:
+            if job.my_offer is not None and not (view == 0 and leader == job.offered_to):
                 # The leader may have subscribed to the job's topic after our
                 # offer went by: hand it over directly, so it knows its volunteers.
                 actions.append(Send(leader, job.my_offer.envelope.to_bytes()))
@@ -422,8 +515,12 @@ class FormationNode:
         prop = Proposal.sign(self.identity, job_id=job.job_id, view=job.view, round=job.round,
                              members=tuple(members), gpus_per_member=m.gpus_per_node)
         job.proposal, job.accepts = prop, {}
+        data = prop.envelope.to_bytes()
         actions: list[Action] = [
-            Publish(self.config.topic(job.job_id), prop.envelope.to_bytes()),
+            Publish(self.config.topic(job.job_id), data),
+            # The members hear it in one hop (the topic copy, a gossip path
+            # later, is answered from the same accept at most once per retry interval).
+            *[Send(p, data) for p in members if p != self.peer_id],
             SetTimer(self._key(job, "round"), now_ms + self.config.member_timeout_ms),
             SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms),
         ]
@@ -513,6 +610,7 @@ class FormationNode:
         m = job.sm.manifest
         if prop.gpus_per_member != m.gpus_per_node or len(prop.members) != m.members:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "proposal does not fit the manifest")
+        job.progress_ms = now_ms
         if prop.leader == self.peer_id or job.state in (WorkerState.RUNNING, WorkerState.CLOSED, WorkerState.SEEN):
             return []
         self._note_volunteer(job, prop.leader, 0)
@@ -542,6 +640,9 @@ class FormationNode:
         key = self._preference(job, prop)
         if job.accepted is not None:
             if job.accepted.proposal == prop.digest:
+                if 0 <= job.accept_sent_ms and now_ms - job.accept_sent_ms < self.config.accept_retry_ms // 2:
+                    return []  # the same proposal again (the topic's copy of a direct one): answered
+                job.accept_sent_ms = now_ms
                 return self._send_accept(job, job.accepted)  # a repeat: same answer
             if job.accepted_key is not None and key <= job.accepted_key:
                 return [Emit("formation.proposal_superseded")]
@@ -565,6 +666,7 @@ class FormationNode:
         if prop.leader == self.peer_id:
             return actions + self._on_accept(job, accept, now_ms)
         actions.append(SetTimer(self._key(job, "retry"), now_ms + self.config.accept_retry_ms))
+        job.accept_sent_ms = now_ms
         return actions + self._send_accept(job, accept)
 
     def _send_accept(self, job: _Job, accept: Accept) -> list[Action]:
@@ -617,6 +719,7 @@ class FormationNode:
         actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry")]
         if self.peer_id not in cert.members:
             return actions + self._close(job, "another cluster was confirmed", now_ms)
+        held_before = job.job_id in self.ledger.holds
         if not self.ledger.reserve(job.job_id, m.gpus_per_node, now_ms):
             decline = Decline.sign(self.identity, job_id=job.job_id, view=cert.proposal.view,
                                    round=cert.proposal.round, proposal=cert.proposal.digest,
@@ -625,6 +728,10 @@ class FormationNode:
                 self._close(job, "lease expired before the confirmation", now_ms)
         self.ledger.run(job.job_id)
         self._set(job, WorkerState.RUNNING)
+        if not held_before:
+            # The lease had lapsed (and was released) but the GPUs were still
+            # free: the driver must learn that they are taken again.
+            actions.append(Reserved(job.job_id, m.gpus_per_node, now_ms, self.ledger.free))
         until = now_ms + m.duration_s_max * 1000 + self.config.run_grace_ms
         return actions + [
             CancelTimer(self._key(job, "lease")),
@@ -658,7 +765,7 @@ class FormationNode:
     def _close(self, job: _Job, reason: str, now_ms: int) -> list[Action]:
         self._set(job, WorkerState.CLOSED)
         actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry",
-                                                                          "lease", "run")]
+                                                                          "lease", "run", "late")]
         if job.subscribed:
             job.subscribed = False
             actions.append(Unsubscribe(self.config.topic(job.job_id)))
@@ -676,7 +783,7 @@ class FormationNode:
             job = self.jobs[job_id]
             if now_ms >= job.deadline_ms or job.confirm is not None:
                 continue
-            again = job.state is WorkerState.SEEN or (job.declined and job.state in (
+            again = (job.state is WorkerState.SEEN and not job.quiet) or (job.declined and job.state in (
                 WorkerState.FOLLOWING, WorkerState.LEADING, WorkerState.OFFERED))
             if again and self._can_serve(job):
                 actions += self._volunteer(job, now_ms)

@@ -381,11 +381,21 @@ class Node:
             self.counts["adverts_published"] += 1
             if refresh:
                 self._dht_due.set()
-            self._republish = trio.Event()
+            published_reserved = self.gpus_reserved
             await trio.sleep(advert_republish_s_min)
-            with trio.move_on_after(max(1.0, self.options.advert_ttl_s / 2) - advert_republish_s_min) as scope:
-                await self._republish.wait()
-            refresh = scope.cancelled_caught
+            refresh_at = trio.current_time() + max(1.0, self.options.advert_ttl_s / 2) - advert_republish_s_min
+            while True:
+                # A reservation and its release within the same second (a short
+                # job, a lease let go) leave the advert as it was: say nothing.
+                self._republish = trio.Event()
+                if self.gpus_reserved != published_reserved:
+                    refresh = False
+                    break
+                with trio.move_on_at(refresh_at) as scope:
+                    await self._republish.wait()
+                if scope.cancelled_caught:
+                    refresh = True
+                    break
 
     def _validate_advert(self, forwarder: ID, msg: Any) -> bool:
         """GossipSub validator: only adverts the book accepts are forwarded;

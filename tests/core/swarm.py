@@ -91,8 +91,11 @@ class Swarm:
     def __init__(self, seed: int, *, workers: int = 50, submitters: int = 2,
                  config: FormationConfig | None = None, gpus: tuple[int, ...] = (1, 1, 2),
                  models: tuple[str, ...] = MODELS, delay_ms: tuple[int, int] = (1, 20), drop_rate: float = 0.0,
-                 faults_until_ms: int = 0) -> None:
+                 faults_until_ms: int = 0, candidates: bool = False) -> None:
         self.rng = Random(seed)
+        #: Hand the cores candidate lists (every worker whose advert matches,
+        #: crashed or busy ones included: a stale advert book), as the node does.
+        self.candidates = candidates
         self.seed = seed
         config = config or FormationConfig()
         self.config = config
@@ -237,7 +240,8 @@ class Swarm:
         try:
             if kind == "submit":
                 assert peer.submitter is not None
-                actions = peer.submitter.submit(payload[1], self.now_ms)
+                sm = payload[1]
+                actions = peer.submitter.submit(sm, self.now_ms, self.candidate_list(sm.job_id))
             elif kind == "timer":
                 _, key, gen = payload
                 if peer.timers.get(key) != gen:
@@ -246,7 +250,9 @@ class Swarm:
                 actions = core.on_timer(key, self.now_ms)
             else:
                 msg = payload[1]
-                if peer.node is not None:
+                if peer.node is not None and isinstance(msg, SignedManifest):
+                    actions = peer.node.on_manifest(msg, self.now_ms, self.candidate_list(msg.job_id))
+                elif peer.node is not None:
                     actions = peer.node.on_message(msg, self.now_ms)
                 if peer.submitter is not None:
                     actions = actions + peer.submitter.on_message(msg, self.now_ms)
@@ -262,6 +268,14 @@ class Swarm:
         self.now_ms = max(self.now_ms, until_ms)
 
     # -- liveness -----------------------------------------------------------------
+
+    def candidate_list(self, job_id: str) -> list[str] | None:
+        """What an advert book would say can serve the job (GPU free counts as
+        first advertised, so stale once jobs run), or ``None`` when off."""
+        if not self.candidates:
+            return None
+        req = self.manifests[job_id].manifest.requirements
+        return [p for p in self.workers if exclusion(self.peers[p].node._advert, req) is None]  # type: ignore[union-attr]
 
     def live_matching(self, job_id: str) -> list[str]:
         req = self.manifests[job_id].manifest.requirements

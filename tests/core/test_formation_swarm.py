@@ -30,8 +30,10 @@ SEEDS = 200
 
 
 def build(seed: int, *, drop_rate: float = 0.1, crashes: int = 4) -> tuple[Swarm, list[str]]:
+    # Half the seeds give the cores candidate lists (as the node does: only the
+    # best-ranked few volunteer at once), half let every matching peer volunteer.
     swarm = Swarm(seed, workers=50, submitters=2, delay_ms=(1, 30), drop_rate=drop_rate,
-                  faults_until_ms=FAULTS_UNTIL_MS)
+                  faults_until_ms=FAULTS_UNTIL_MS, candidates=(seed // 2) % 2 == 1)
     rng = swarm.rng
     # One job per model, one for any model: the demand always fits the live peers.
     wanted: list[tuple[str, ...]] = [(m.split()[-1],) for m in MODELS] + [()]
