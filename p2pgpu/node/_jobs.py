@@ -43,6 +43,7 @@ from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import Message, decode_message, message_bytes_max
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import SignedManifest
+from p2pgpu.core._matching import exclusion
 from p2pgpu.core._payout import payer_covers
 
 from ._collect import Collection, Collector
@@ -119,7 +120,11 @@ class JobsService:
         # needs GossipSub heartbeats to build its mesh before the first offer
         # gets through (measured: 7-10 s for 2-node jobs on 8 loopback
         # processes), while the shared topic's mesh is already there.
-        config = config or FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500)
+        # The offer window only matters when the best-ranked expected volunteer
+        # stays silent (otherwise it closes as soon as that one is heard): long
+        # enough for the manifest's spread on a busy machine.
+        config = config or FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500,
+                                           offer_window_ms=200, late_volunteer_ms=600)
         self.node = node
         self.rng = rng
         self.config = config
@@ -256,7 +261,21 @@ class JobsService:
         if job_id in self.submitter.jobs:
             self.apply(self.submitter.on_message(msg, now), origin="submitter")
         if self.formation is not None:
-            self.apply(self.formation.on_message(msg, now), origin="formation")
+            if isinstance(msg, SignedManifest):
+                self.apply(self.formation.on_manifest(msg, now, self.candidates(msg)), origin="formation")
+            else:
+                self.apply(self.formation.on_message(msg, now), origin="formation")
+
+    def candidates(self, sm: SignedManifest) -> list[str]:
+        """The peers whose adverts say they can serve the job now (matching,
+        enough free GPUs, unexpired): the cores let only the best-ranked few
+        of them volunteer at once (``FormationConfig.spare_volunteers``).  A
+        stale entry costs time, never safety."""
+        now = self.node.now_ms()
+        req = sm.manifest.requirements
+        book = self.node.book.adverts
+        return [p for p in sorted(book) if book[p].advert.expires_at_ms > now
+                and exclusion(book[p].advert, req) is None]
 
     # ------------------------------------------------ can the submitter pay?
 
@@ -299,7 +318,8 @@ class JobsService:
                 self._decline_unpaid(sm, verdict.reason)
             elif self.formation is not None and sm.job_id not in self.formation.jobs:
                 try:
-                    self.apply(self.formation.on_message(sm, self.node.now_ms()), origin="formation")
+                    self.apply(self.formation.on_manifest(sm, self.node.now_ms(), self.candidates(sm)),
+                               origin="formation")
                 except PeerMisbehaved as exc:  # expired while we checked, say
                     self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
 
@@ -493,7 +513,7 @@ class JobsService:
         rec.roles.append("submitter")
         rec.state = "forming"
         rec.submitted_at_ms = now
-        self.apply(self.submitter.submit(sm, now), origin="submitter")
+        self.apply(self.submitter.submit(sm, now, self.candidates(sm)), origin="submitter")
 
     def cancel(self, job_id: str) -> None:
         now = self.node.now_ms()
