@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 SETTLE_S = 6.0  # after every node knows every advert: meshes, DHT bootstrap
 ADVERT_GAP_S = 2.0  # the node republishes at most once a second
+LOOPBACK_MS = 0.05  # plain loopback's one-way delay, for --link-ms 0
 CPU_MS_PER_MESSAGE = 0.4  # docs/performance.md (p): patched node, relays and duplicates included
 
 
@@ -154,12 +155,22 @@ def make_net(root: Path, n: int, link_ms: float, jitter_pct: float) -> Any:
     return CalibNet(root, n, start_timeout_s=240, config_extra=extra)
 
 
+def git_commit() -> str:
+    """The commit the node processes were started from (other work lands while this runs)."""
+    try:
+        return subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
+                              cwd=os.path.dirname(HERE)).stdout.strip()
+    except OSError:
+        return ""
+
+
 def measure_real(args: argparse.Namespace) -> dict[str, Any]:
-    from formation import run_job, start_parallel
+    from formation import cpu_s, run_job, start_parallel
 
     root = Path(tempfile.mkdtemp(prefix="p2pgpu-calibration-"))
     net = make_net(root, args.nodes, args.link_ms, args.jitter_pct)
-    doc: dict[str, Any] = {"load_avg_before": [round(x, 2) for x in os.getloadavg()]}
+    doc: dict[str, Any] = {"load_avg_before": [round(x, 2) for x in os.getloadavg()],
+                           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit()}
     try:
         t0 = time.monotonic()
         start_parallel(net)
@@ -179,6 +190,12 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
                         edges[key] = rtt
         doc["edges"] = sorted([a, b] for a, b in edges)
         doc["ping_rtt_ms"] = sorted(r for r in edges.values() if r is not None)
+        # The nodes' own CPU with nothing measured running (heartbeats, pings, DHT
+        # upkeep), then during the advert runs: what the event loops had to share.
+        cpu0, w0 = sum(cpu_s(n) for n in net.nodes), time.monotonic()
+        time.sleep(5.0)
+        cpu1, w1 = sum(cpu_s(n) for n in net.nodes), time.monotonic()
+        doc["node_cpu_idle_cores"] = round((cpu1 - cpu0) / (w1 - w0), 2)
         # 1. adverts
         published = []
         for r in range(args.adverts):
@@ -187,6 +204,8 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
             published.append({"origin": origin, **pub})
             time.sleep(ADVERT_GAP_S)
         time.sleep(1.0)
+        cpu2, w2 = sum(cpu_s(n) for n in net.nodes), time.monotonic()
+        doc["node_cpu_adverts_cores"] = round((cpu2 - cpu1) / (w2 - w1), 2)
         accepted = [n.call("calib.accepted", timeout_s=30) for n in net.nodes]
         runs = []
         for p in published:
@@ -198,8 +217,10 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         lock = threading.Lock()
         load_jobs = os.getloadavg()
+        cpu3, w3 = sum(cpu_s(n) for n in net.nodes), time.monotonic()
         for k in range(args.jobs):
             run_job(net, k, rows, lock)
+        doc["node_cpu_jobs_cores"] = round((sum(cpu_s(n) for n in net.nodes) - cpu3) / (time.monotonic() - w3), 2)
         rows.sort(key=lambda r: r["k"])
         doc["jobs"] = [{"k": r["k"], "nodes": r["nodes"], "submitter": r["submitter"], "state": r.get("state"),
                         "formation_ms": r.get("formation_ms"), "views_seen": r.get("views_seen")} for r in rows]
@@ -218,7 +239,8 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float, proc_ms: float, cores: int,
-             seed: int, shared_topic: bool = True) -> dict[str, Any]:
+             seed: int, shared_topic: bool = True, jitter_pct: float | None = None,
+             jobs: bool = True) -> dict[str, Any]:
     """One simulated run of the real run's topology, adverts and jobs."""
     from p2pgpu.core._formation_submitter import Submitter
     from p2pgpu.sim import scenario_from_obj
@@ -227,7 +249,7 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
 
     n = args.nodes
     runs = real["advert_runs"]
-    jobs = real["jobs"]
+    jobs = real["jobs"] if jobs else []
     t_adverts_us = 4_000_000
     t_jobs_us = t_adverts_us + int((len(runs) + 1) * ADVERT_GAP_S * 1_000_000)
     job_gap_us = 3_000_000
@@ -235,7 +257,8 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
     s = scenario_from_obj({
         "run": {"name": "calibration", "nodes": n, "duration_s": duration_s, "settle_s": 1,
                 "progress_every_s": 1e6, "network_name": "local"},
-        "network": {"latency": "uniform", "link_ms": args.link_ms + extra_ms, "jitter_pct": args.jitter_pct,
+        "network": {"latency": "uniform", "link_ms": max(LOOPBACK_MS, args.link_ms) + extra_ms,
+                    "jitter_pct": args.jitter_pct if jitter_pct is None else jitter_pct,
                     "peers_target": 1, "peers_high": 1000, "peers_max": 1000, "discovery_s": 1e6,
                     "bandwidth_mbps": 1000},
         "gossipsub": {"D": 6, "D_lo": 4, "D_hi": 12, "D_lazy": 6, "heartbeat_ms": 1000, "flood_publish": False,
@@ -334,6 +357,7 @@ def job_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sim_setting(real: dict[str, Any], args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
+    """``args.seeds`` simulated runs of one model setting, pooled."""
     runs: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     for seed in range(1, args.seeds + 1):
@@ -344,25 +368,50 @@ def sim_setting(real: dict[str, Any], args: argparse.Namespace, **kw: Any) -> di
             "submitted": args.seeds * len(real["jobs"])}
 
 
-def fit_extra_ms(real: dict[str, Any], args: argparse.Namespace, target_ms: float) -> float:
-    """Extra per-hop ms (with the CPU model) whose simulated median propagation
-    is closest to the real one: bisection on a monotone response, 0..200 ms."""
-    lo, hi = 0.0, 200.0
-    fit_args = argparse.Namespace(**{**vars(args), "seeds": max(3, args.seeds // 2)})
-
-    def med(x: float) -> float:
-        return float(sim_setting(real, fit_args, extra_ms=x, proc_ms=CPU_MS_PER_MESSAGE,
-                                 cores=args.cores)["adverts"]["median_of_medians"])
-
-    if med(lo) >= target_ms:
-        return 0.0
-    for _ in range(8):
+def _bisect(f: Any, target: float, lo: float, hi: float, steps: int = 8) -> float:
+    """x in [lo, hi] where the increasing f(x) crosses target."""
+    if f(lo) >= target:
+        return lo
+    if f(hi) <= target:
+        return hi
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        if med(mid) < target_ms:
+        if f(mid) < target:
             lo = mid
         else:
             hi = mid
-    return round((lo + hi) / 2, 1)
+    return (lo + hi) / 2
+
+
+def fit_extra(real: dict[str, Any], args: argparse.Namespace, real_adv: dict[str, Any]) -> float:
+    """The extra per-hop latency (added to ``link_ms``, with the measured CPU
+    per message) whose simulated median propagation matches the real one."""
+    fit_args = argparse.Namespace(**{**vars(args), "seeds": max(3, args.seeds // 2)})
+    return round(_bisect(lambda x: float(sim_setting(real, fit_args, extra_ms=x, proc_ms=CPU_MS_PER_MESSAGE,
+                                                     cores=args.cores, jobs=False)["adverts"]["median_of_medians"]),
+                         real_adv["median_of_medians"], 0.0, 300.0), 1)
+
+
+def fit(real: dict[str, Any], args: argparse.Namespace, real_adv: dict[str, Any]) -> tuple[float, float]:
+    """The CPU per message (``processing_ms`` on the shared cores) and the extra
+    per-hop latency (added to ``link_ms``) that make the simulated propagation
+    match the real one: CPU queueing sets the spread (median of the runs'
+    maxima minus median of their medians), the extra latency the median.
+    Three rounds of coordinate descent, each a bisection on a monotone
+    response, with half the seeds."""
+    fit_args = argparse.Namespace(**{**vars(args), "seeds": max(3, args.seeds // 2)})
+
+    def adv(extra: float, proc: float) -> dict[str, Any]:
+        return sim_setting(real, fit_args, extra_ms=extra, proc_ms=proc, cores=args.cores, jobs=False)["adverts"]
+
+    def spread(a: dict[str, Any]) -> float:
+        return float(a["median_of_maxes"] - a["median_of_medians"])
+
+    proc, extra = CPU_MS_PER_MESSAGE, 0.0
+    for _ in range(3):
+        extra = _bisect(lambda x: adv(x, proc)["median_of_medians"], real_adv["median_of_medians"], 0.0, 300.0)
+        proc = _bisect(lambda p: spread(adv(extra, p)), spread(real_adv), CPU_MS_PER_MESSAGE, 40.0, 7)
+    return round(extra, 1), round(proc, 2)
 
 
 def main() -> None:
@@ -389,20 +438,21 @@ def main() -> None:
             setattr(args, key, saved["setting"][key])
     else:
         real = measure_real(args)
-    try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
-                                cwd=os.path.dirname(HERE)).stdout.strip()
-    except OSError:
-        commit = ""
     settings = [("network model only", {"extra_ms": 0.0, "proc_ms": 0.0, "cores": 0}),
                 (f"+ CPU {CPU_MS_PER_MESSAGE} ms/message on {args.cores} shared cores",
                  {"extra_ms": 0.0, "proc_ms": CPU_MS_PER_MESSAGE, "cores": args.cores})]
     real_adv = advert_figures(real["advert_runs"], args.nodes - 1)
     fitted = None
     if not args.no_fit and real_adv:
-        fitted = fit_extra_ms(real, args, real_adv["median_of_medians"])
-        settings.append((f"+ CPU and {fitted} ms extra per hop (fitted)",
-                         {"extra_ms": fitted, "proc_ms": CPU_MS_PER_MESSAGE, "cores": args.cores}))
+        extra1 = fit_extra(real, args, real_adv)
+        extra, proc = fit(real, args, real_adv)
+        fitted = {"extra_ms": extra1, "link_ms": round(max(LOOPBACK_MS, args.link_ms) + extra1, 2),
+                  "two": {"extra_ms": extra, "processing_ms": proc,
+                          "link_ms": round(max(LOOPBACK_MS, args.link_ms) + extra, 2)}}
+        settings.append((f"fit 1: + CPU, +{extra1} ms per hop",
+                         {"extra_ms": extra1, "proc_ms": CPU_MS_PER_MESSAGE, "cores": args.cores}))
+        settings.append((f"fit 2: CPU {proc} ms/message, +{extra} ms per hop",
+                         {"extra_ms": extra, "proc_ms": proc, "cores": args.cores}))
     sims = [(label, sim_setting(real, args, **kw)) for label, kw in settings]
     per_job = sim_setting(real, args, extra_ms=0.0, proc_ms=CPU_MS_PER_MESSAGE, cores=args.cores, shared_topic=False)
     degrees = [0] * args.nodes
@@ -410,7 +460,7 @@ def main() -> None:
         degrees[a] += 1
         degrees[b] += 1
     doc = {
-        "started": started, "commit": commit,
+        "started": real.get("started", started), "commit": real.get("commit", ""),
         "setting": {"nodes": args.nodes, "link_ms": args.link_ms, "jitter_pct": args.jitter_pct,
                     "adverts": args.adverts, "jobs": args.jobs, "seeds": args.seeds, "cores": args.cores},
         "topology": {"edges": len(real["edges"]), "degree_mean": round(statistics.fmean(degrees), 1),
@@ -421,7 +471,8 @@ def main() -> None:
                          "jobs_failed": sum(1 for j in real["jobs"] if j.get("state") not in ("confirmed", "running", "succeeded"))},
         "simulated": {label: fig for label, fig in sims},
         "simulated_per_job_topics": per_job,
-        "fitted_extra_ms": fitted,
+        "fitted": fitted,
+        "node_cpu_cores": {k: real.get(f"node_cpu_{k}_cores") for k in ("idle", "adverts", "jobs")},
         "real": real,
     }
     if args.json:
@@ -434,9 +485,10 @@ def print_doc(doc: dict[str, Any]) -> None:
     st, tp = doc["setting"], doc["topology"]
     print(f"calibration {doc['started']} at {doc['commit']}: {st['nodes']} node processes on 127.0.0.1, "
           f"links {st['link_ms']} ms +-{st['jitter_pct']} %, {st['seeds']} seeds per simulated setting")
+    print(f"  commit measured: {doc['commit']}; `uptime` load average before / during jobs / after: "
+          f"{doc['real'].get('load_avg_before')} / {doc['real'].get('load_avg_jobs')} / {doc['real'].get('load_avg_after')}")
     print(f"  topology: {tp['edges']} links, degree mean {tp['degree_mean']} ({tp['degree_min']}..{tp['degree_max']}), "
-          f"real ping RTT p50 {tp['ping_rtt_ms_p50']} ms; load average {doc['real'].get('load_avg_before')} -> "
-          f"{doc['real'].get('load_avg_after')}")
+          f"real ping RTT p50 {tp['ping_rtt_ms_p50']} ms")
     print("  advert propagation, publish -> accepted at each other node (ms):")
     print(f"    {'':<48} {'runs':>5} {'all':>4} {'med':>7} {'max':>7} {'p50':>7} {'p90':>7} {'p99':>7}")
 
@@ -463,9 +515,16 @@ def print_doc(doc: dict[str, Any]) -> None:
     pj = doc["simulated_per_job_topics"]
     job_row("sim: + CPU, per-job topics (the simulator's default)", pj["formation"],
             f"   formed {pj['formed']}/{pj['submitted']}")
-    if doc["fitted_extra_ms"] is not None:
-        print(f"  fitted extra per-hop latency: {doc['fitted_extra_ms']} ms (network.link_ms = "
-              f"{st['link_ms'] + doc['fitted_extra_ms']:g})")
+    f = doc["fitted"]
+    if f is not None:
+        print(f"  fit 1 (the median): network.link_ms = {f['link_ms']:g} ({f['extra_ms']} ms extra per hop) with "
+              f"gossipsub.processing_ms = {CPU_MS_PER_MESSAGE}, shared_cores = {st['cores']}")
+        t = f["two"]
+        print(f"  fit 2 (median and spread): gossipsub.processing_ms = {t['processing_ms']:g} on {st['cores']} "
+              f"shared cores and network.link_ms = {t['link_ms']:g} ({t['extra_ms']} ms extra per hop)")
+    c = doc["node_cpu_cores"]
+    print(f"  the node processes' CPU, in cores: idle {c['idle']}, during the advert runs {c['adverts']}, "
+          f"during the jobs {c['jobs']} (of {os.cpu_count()})")
 
 
 if __name__ == "__main__":
