@@ -1,15 +1,24 @@
-"""The discrete-event engine: virtual time, one event heap, seeded streams, the trace.
+"""The discrete-event engine: virtual time, one event queue, seeded streams, the trace.
 
 Time is an integer number of microseconds since the start of the run, so
 latencies such as 25 ms +-10 % spread events instead of piling them on the
 same millisecond, and no float rounding can differ between machines.  An
-event is ``(key, fn, arg)`` on a binary heap, where ``key`` packs the time in
-the high bits and a *seeded permutation* of the insertion counter in the low
-40 bits: events due at the same microsecond run in an order that depends on
-the seed (as in TigerBeetle's VOPR, a sweep explores interleavings), yet the
-keys are unique, so the heap never compares callbacks and one seed gives one
-order.  Packing both into one ``int`` keeps the inner loop at about a million
-events per second in CPython.
+event is ``(key, fn, arg)``, where ``key`` packs the time in the high bits and
+a *seeded permutation* of the insertion counter in the low 40 bits: events
+due at the same microsecond run in an order that depends on the seed (as in
+TigerBeetle's VOPR, a sweep explores interleavings), yet the keys are unique,
+so the queue never compares callbacks and one seed gives one order.
+
+The queue is a calendar of time buckets (``2**bucket_bits`` us each, about a
+millisecond): an event is appended to its bucket's list, a small binary heap
+holds the numbers of the non-empty buckets, and the bucket due next is sorted
+once (C's timsort over unique ints) and consumed from its end; an event due
+within the bucket being consumed is inserted in place with ``bisect``.
+Pushing is then O(1) and popping O(1) amortised plus a sort per bucket,
+instead of the binary heap's O(log n) sift over every pending event, which
+cost 5x at 100,000 pending events.  The order is the keys' order, exactly as
+a heap would give it, so the queue changes no trace.  Keys are stored negated
+so that the earliest event is at the end of the sorted list (``list.pop()``).
 
 Randomness: :meth:`Engine.stream` derives an independent ``random.Random``
 for any name (``"net"``, ``"node/17"``) from the run's seed, so adding a
@@ -24,16 +33,22 @@ the run's ``trace_hash``.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import random
+from bisect import insort
 from collections.abc import Callable
+from heapq import heappop, heappush
 from typing import Any
 
 _TIE_BITS = 40
 _TIE_MASK = (1 << _TIE_BITS) - 1
+#: log2 of a calendar bucket's width in microseconds (1,024 us)
+bucket_bits = 10
+_SHIFT = _TIE_BITS + bucket_bits
 #: Events scheduled in one run at most (the tie-break counter's range).
 events_scheduled_max = _TIE_MASK
 _TRACE_FLUSH = 4096
+
+Event = tuple[int, Callable[[Any], None], Any]  # (-key, fn, arg)
 
 
 class SimulationStopped(Exception):
@@ -41,11 +56,14 @@ class SimulationStopped(Exception):
 
 
 class Engine:
-    """Virtual clock, event heap and the run's seeded streams."""
+    """Virtual clock, event calendar and the run's seeded streams."""
 
     __slots__ = (
+        "_bheap",
+        "_buckets",
+        "_cur",
+        "_cur_b",
         "_hash",
-        "_heap",
         "_mul",
         "_salt",
         "_seq",
@@ -62,7 +80,12 @@ class Engine:
             raise ValueError("seed must be between 0 and 2**63 - 1")
         self.seed = seed
         self.now_us = 0
-        self._heap: list[tuple[int, Callable[[Any], None], Any]] = []
+        #: the bucket being consumed: its events sorted by -key (earliest last)
+        self._cur: list[Event] = []
+        self._cur_b = -1
+        #: every other non-empty bucket (all numbered above _cur_b), unsorted
+        self._buckets: dict[int, list[Event]] = {}
+        self._bheap: list[int] = []
         self._seq = 0
         tie = self.stream("engine/tiebreak")
         # (seq * odd + salt) mod 2**40 is a bijection: unique keys, seeded order.
@@ -85,9 +108,42 @@ class Engine:
         """Run ``fn(arg)`` at virtual time ``t_us`` (never in the past)."""
         if t_us < self.now_us:  # noqa: PLR1730 (hot path: no call)
             t_us = self.now_us
-        self._seq += 1
-        heapq.heappush(self._heap, ((t_us << _TIE_BITS) | ((self._seq * self._mul + self._salt) & _TIE_MASK),
-                                    fn, arg))
+        seq = self._seq = self._seq + 1
+        key = (t_us << _TIE_BITS) | ((seq * self._mul + self._salt) & _TIE_MASK)
+        b = t_us >> bucket_bits
+        if b == self._cur_b:
+            insort(self._cur, (-key, fn, arg))
+            return
+        lst = self._buckets.get(b)
+        if lst is None:
+            self._new_bucket(b, (-key, fn, arg))
+        else:
+            lst.append((-key, fn, arg))
+
+    def push_key(self, key: int, fn: Callable[[Any], None], arg: Any) -> None:
+        """Queue an event whose key the caller packed (``Network.send`` inlines
+        :meth:`at` and calls this only for a bucket that is not the open one)."""
+        b = key >> _SHIFT
+        if b == self._cur_b:
+            insort(self._cur, (-key, fn, arg))
+            return
+        lst = self._buckets.get(b)
+        if lst is None:
+            self._new_bucket(b, (-key, fn, arg))
+        else:
+            lst.append((-key, fn, arg))
+
+    def _new_bucket(self, b: int, ev: Event) -> None:
+        if b < self._cur_b:
+            # Earlier than the bucket being consumed (only possible between
+            # runs): put that bucket back among the others and open none.
+            if self._cur:
+                self._buckets[self._cur_b] = self._cur
+                heappush(self._bheap, self._cur_b)
+            self._cur = []
+            self._cur_b = -1
+        self._buckets[b] = [ev]
+        heappush(self._bheap, b)
 
     def after(self, delay_us: int, fn: Callable[[Any], None], arg: Any = None) -> None:
         self.at(self.now_us + max(0, delay_us), fn, arg)
@@ -95,15 +151,27 @@ class Engine:
     def run_until(self, end_us: int, *, progress: Callable[[int], None] | None = None,
                   progress_every_us: int = 1_000_000) -> None:
         """Run events due before ``end_us``; the clock then reads ``end_us``."""
-        heap = self._heap
-        pop = heapq.heappop
+        buckets = self._buckets
+        bheap = self._bheap
         end_key = end_us << _TIE_BITS
+        neg_end = -end_key
         next_report = self.now_us + progress_every_us if progress else end_us + 1
+        cur = self._cur
         n = 0
         try:
-            while heap and heap[0][0] < end_key:
-                key, fn, arg = pop(heap)
-                now = key >> _TIE_BITS
+            while True:
+                if not cur:
+                    if not bheap or (bheap[0] << _SHIFT) >= end_key:
+                        break
+                    b = heappop(bheap)
+                    cur = buckets.pop(b)
+                    cur.sort()
+                    self._cur = cur
+                    self._cur_b = b
+                if cur[-1][0] <= neg_end:
+                    break
+                nkey, fn, arg = cur.pop()
+                now = (-nkey) >> _TIE_BITS
                 self.now_us = now
                 fn(arg)
                 n += 1
@@ -119,7 +187,7 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        return len(self._heap)
+        return len(self._cur) + sum(len(b) for b in self._buckets.values())
 
     # -- the canonical trace ------------------------------------------------
     def trace(self, *record: Any) -> None:

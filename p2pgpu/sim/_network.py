@@ -19,10 +19,9 @@ All draws come from the ``"net"`` stream, in event order, so they replay.
 from __future__ import annotations
 
 from collections.abc import Callable
-from heapq import heappush
 from typing import Any
 
-from ._engine import _TIE_BITS, _TIE_MASK, Engine
+from ._engine import _TIE_BITS, _TIE_MASK, Engine, bucket_bits
 from ._regions import DEFAULT_WEIGHTS, REGIONS, intra_region_rtt_ms, rtt_ms
 from ._scenario import NetworkSection, ScenarioError
 
@@ -124,23 +123,58 @@ class Network:
             return False
         engine = self.engine
         now = engine.now_us
-        free = self.uplink_free_us[src]
+        ufree = self.uplink_free_us
+        free = ufree[src]
         done = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136 (hot path)
-        self.uplink_free_us[src] = done
-        base = self._delay_us[self.region[src]][self.region[dst]]
+        ufree[src] = done
+        region = self.region
+        base = self._delay_us[region[src]][region[dst]]
         t = done + base
         if self._jit:
             t += int(base * self._jit * (2.0 * rnd() - 1.0))
         if self._reorder and rnd() < self._reorder:
             t += int(rnd() * self._reorder_us)
         item = (dst, self.epoch[dst], src, nbytes, kind, payload)
-        seq = engine._seq + 1
-        engine._seq = seq
-        heappush(engine._heap, ((t << _TIE_BITS) | ((seq * engine._mul + engine._salt) & _TIE_MASK),
-                                self._arrive, item))
+        seq = engine._seq = engine._seq + 1
+        key = (t << _TIE_BITS) | ((seq * engine._mul + engine._salt) & _TIE_MASK)
+        lst = engine._buckets.get(t >> bucket_bits)
+        if lst is None:
+            engine.push_key(key, self._arrive, item)
+        else:
+            lst.append((-key, self._arrive, item))
         if self._dup and rnd() < self._dup:
             engine.at(t + int(base * self._jit * rnd()) + 1, self._arrive, item)
         return True
+
+    def account(self, src: int, dst: int, nbytes: int) -> int:
+        """Send a message whose arrival can change nothing but counters (a
+        copy of a gossip message ``dst`` has already seen, an IHAVE of ids it
+        has all seen): the sender's side is exactly :meth:`send`'s (uplink
+        time, bytes out, the cut, loss and duplication), and the copies that
+        would arrive are counted in ``bytes_in`` now, without an event.  The
+        caller counts them as duplicates.  Returns how many copies arrive
+        (0, 1 or 2).  The one difference from :meth:`send`: if ``dst`` goes
+        down while the copy is in flight, it is counted as received rather
+        than as dropped (a counter, never a decision)."""
+        if not self.up[dst]:
+            self.dropped["down"] += 1
+            return 0
+        side = self.side
+        if side is not None and side[src] != side[dst]:
+            self.dropped["partition"] += 1
+            return 0
+        self.bytes_out[src] += nbytes
+        rnd = self._random
+        if self._loss and rnd() < self._loss:
+            self.dropped["loss"] += 1
+            return 0
+        now = self.engine.now_us
+        ufree = self.uplink_free_us
+        free = ufree[src]
+        ufree[src] = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136
+        copies = 2 if self._dup and rnd() < self._dup else 1
+        self.bytes_in[dst] += nbytes * copies
+        return copies
 
     def _arrive(self, item: tuple[int, int, int, int, str, Any]) -> None:
         dst, epoch, src, nbytes, kind, payload = item
