@@ -14,7 +14,10 @@ took to reach the members (GossipSub), and the CPU the node processes used
 per job, next to the machine's load average (other work on a shared 2-core
 machine shows up directly in these figures).
 
-    python3 benchmarks/formation.py [--nodes 16] [--jobs 50] [--concurrency 1] [--quick] [--json]
+    python3 benchmarks/formation.py [--nodes 16] [--jobs 50] [--concurrency 1] [--settle-s 5] [--quick] [--json]
+
+The jobs start once the network is in its steady state: every node knows
+every advert and has made its first DHT announcement, plus ``--settle-s``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,22 @@ def start_parallel(net: LocalNet) -> None:
     net.nodes.extend(pending)
     for node in pending:
         net.wait_ready(node)
+
+
+def settle(net: LocalNet, quiet_s: float) -> None:
+    """Let the network reach its steady state before measuring: every node's
+    first DHT announcement done (16 nodes booting at once each put a record
+    and provide their GPU classes: seconds of CPU that would otherwise fall
+    on the first jobs), then ``quiet_s`` more for the DHT's own start-up
+    refresh.  Formation in a running network is what the goal is about."""
+    def announced() -> bool:
+        for n in net.nodes:
+            c = n.call("status")["counters"]
+            if not (c.get("dht_announcements") or c.get("dht_announce_failed")):
+                return False
+        return True
+    net.wait_until(announced, timeout_s=120, interval_s=0.5, what="every node's first DHT announcement")
+    time.sleep(quiet_s)
 
 
 def cpu_s(node: NodeProc) -> float:
@@ -138,6 +157,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8 nodes, 12 jobs")
     ap.add_argument("--json", action="store_true", help="one JSON document instead of text")
     ap.add_argument("--keep", action="store_true", help="keep the network's directory (logs) afterwards")
+    ap.add_argument("--settle-s", type=float, default=5.0,
+                    help="seconds to wait after every node's first DHT announcement, before the first job")
     args = ap.parse_args()
     if args.quick:
         args.nodes, args.jobs = min(args.nodes, 8), min(args.jobs, 12)
@@ -150,6 +171,7 @@ def main() -> None:
         net.wait_until(lambda: all(n.call("status")["adverts_known"] == args.nodes for n in net.nodes),
                        timeout_s=120, interval_s=0.5, what="every node to know every advert")
         started_s = time.monotonic() - t0
+        settle(net, args.settle_s)
         rows: list[dict[str, Any]] = []
         lock = threading.Lock()
         cpu0 = sum(cpu_s(n) for n in net.nodes)

@@ -159,6 +159,8 @@ class Node:
         self._own: SignedAdvert | None = None
         self._republish = trio.Event()
         self._dht_due = trio.Event()
+        #: Connected peers when our last DHT announcement succeeded (0: none yet).
+        self._dht_announced_peers = 0
         self._synced: dict[str, bool] = {}
         self._cancel: trio.CancelScope | None = None
         # Randomness enters here once (manifest nonces): seeded from the OS,
@@ -430,6 +432,7 @@ class Node:
                     for cls in sa.advert.gpu_classes:
                         await self.stack.dht.provide(class_key(cls))
                     self.counts["dht_announcements"] += 1
+                    self._dht_announced_peers = max(1, len(self.stack.host.get_connected_peers()))
                 except (BaseLibp2pError, ValueError, InvalidRecordType) as exc:
                     self.counts["dht_announce_failed"] += 1
                     log.info("DHT announcement failed: %s", exc)
@@ -510,7 +513,13 @@ class Node:
                     except (BaseLibp2pError, ValueError) as exc:
                         log.debug("DHT add_peer %s: %s", pid, exc)
                     await self._sync_market(pid)
-                    self._dht_due.set()
+                    if len(connected) >= 2 * self._dht_announced_peers:
+                        # The part of the DHT we can reach has doubled since our
+                        # last announcement (or there was none): announce again.
+                        # Not on every new connection: each announcement is a
+                        # lookup, a put and a provide per GPU class, and direct
+                        # streams make new connections all the time.
+                        self._dht_due.set()
             for pid in list(self._synced):
                 if pid not in connected:
                     del self._synced[pid]
