@@ -519,8 +519,10 @@ class FormationNode:
         actions: list[Action] = [
             Publish(self.config.topic(job.job_id), data),
             # The members hear it in one hop (the topic copy, a gossip path
-            # later, is answered from the same accept at most once per retry interval).
-            *[Send(p, data) for p in members if p != self.peer_id],
+            # later, is answered from the same accept at most once per retry
+            # interval), and so does the submitter, which can then put the
+            # certificate together from the accepts it is also sent.
+            *[Send(p, data) for p in dict.fromkeys([*members, m.submitter]) if p != self.peer_id],
             SetTimer(self._key(job, "round"), now_ms + self.config.member_timeout_ms),
             SetTimer(self._key(job, "view"), now_ms + self.config.leader_timeout_ms),
         ]
@@ -664,6 +666,8 @@ class FormationNode:
             SetTimer(self._key(job, "lease"), lease_until + self.config.lease_grace_ms),
         ]
         if prop.leader == self.peer_id:
+            if job.sm.manifest.submitter != self.peer_id:
+                actions.append(Send(job.sm.manifest.submitter, accept.envelope.to_bytes()))
             return actions + self._on_accept(job, accept, now_ms)
         actions.append(SetTimer(self._key(job, "retry"), now_ms + self.config.accept_retry_ms))
         job.accept_sent_ms = now_ms

@@ -87,6 +87,15 @@ class _Submitted:
     reason: str = ""
     lost: list[str] = field(default_factory=list)
     answered_at: dict[str, int] = field(default_factory=dict)
+    #: Proposals heard (by digest, the latest few) and the accepts of them, so
+    #: the submitter can put a certificate together itself when the last
+    #: accept reaches it before the leader's ``Certified`` does.
+    proposals: dict[bytes, Proposal] = field(default_factory=dict)
+    accepted: dict[bytes, dict[str, Accept]] = field(default_factory=dict)
+
+
+#: Proposals a submitter keeps per job for assembling certificates itself.
+proposals_kept_max = 16
 
 
 class Submitter:
@@ -219,6 +228,11 @@ class Submitter:
         if isinstance(msg, Accept):
             if job.state is SubmitterState.PUBLISHED and len(job.accepts) < self.config.volunteers_max:
                 job.accepts[msg.peer_id] = msg.view
+            if job.state is SubmitterState.PUBLISHED:
+                byp = job.accepted.setdefault(msg.proposal, {})
+                if len(byp) < job.sm.manifest.members and msg.peer_id not in byp:
+                    byp[msg.peer_id] = msg
+                    return self._assemble(job, msg.proposal, now_ms)
             return self._answer(job, msg.peer_id, now_ms)
         if isinstance(msg, Decline):
             cert = job.confirm.certificate if job.confirm is not None else None
@@ -229,6 +243,13 @@ class Submitter:
             return []
         if isinstance(msg, Proposal):
             job.views_seen = max(job.views_seen, msg.view + 1)
+            if job.state is SubmitterState.PUBLISHED and msg.digest not in job.proposals:
+                if len(job.proposals) >= proposals_kept_max:
+                    oldest = next(iter(job.proposals))
+                    del job.proposals[oldest]
+                    job.accepted.pop(oldest, None)
+                job.proposals[msg.digest] = msg
+                return self._assemble(job, msg.digest, now_ms)
             return self._answer(job, msg.leader, now_ms)
         return []  # a Confirm or Cancel: ours, echoed back
 
@@ -257,6 +278,34 @@ class Submitter:
             return "leases too short"
         return ""
 
+    def _assemble(self, job: _Submitted, digest: bytes, now_ms: int) -> list[Action]:
+        """Confirm a certificate made of a proposal and all its members' accepts,
+        when they are all here: the accepts travel to the submitter as well as
+        to the leader, so the submitter need not wait for the leader's
+        ``Certified`` (one hop less).  Safety is the same: what makes a
+        certificate is every member's signed accept of that membership."""
+        prop = job.proposals.get(digest)
+        got = job.accepted.get(digest, {})
+        if prop is None or any(m not in got for m in prop.members):
+            return []
+        if len(prop.members) != job.sm.manifest.members or prop.gpus_per_member != job.sm.manifest.gpus_per_node:
+            return []  # the leader's proposal does not fit: its Certified would be refused as well
+        for p in prop.members:
+            a = got[p]
+            if (a.job_id, a.view, a.round, a.gpus) != (prop.job_id, prop.view, prop.round, prop.gpus_per_member):
+                del got[p]  # signed for a proposal with the same digest but other terms: not ours to use
+                return []
+        cert = Certificate(proposal=prop, accepts=tuple(got[p] for p in prop.members))
+        try:
+            actions = self._confirm_if_ok(job, cert, now_ms)
+        except PeerMisbehaved:
+            # The fault is the leader's or a member's, not necessarily the sender's
+            # of the message that completed the set: refuse, blame nobody here
+            # (the leader's own Certified is judged, and blamed, on arrival).
+            job.refused += 1
+            return [Emit("formation.certificate_refused")]
+        return [Emit("formation.assembled")] + actions
+
     def _on_certified(self, job: _Submitted, msg: Certified, now_ms: int) -> list[Action]:
         cert = msg.certificate
         if job.state is not SubmitterState.PUBLISHED:
@@ -264,6 +313,9 @@ class Submitter:
                 job.refused += 1
                 return [Emit("formation.certificate_refused")] + self._answer(job, cert.leader, now_ms)
             return self._answer(job, cert.leader, now_ms)
+        return self._confirm_if_ok(job, cert, now_ms)
+
+    def _confirm_if_ok(self, job: _Submitted, cert: Certificate, now_ms: int) -> list[Action]:
         why = self._check(job, cert, now_ms)
         if why:
             job.refused += 1

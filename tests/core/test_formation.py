@@ -115,9 +115,10 @@ def start(b: Bench) -> list[Offer]:
 
 MANIFEST_IN = ["timer end", "subscribe", "publish offer", "timer window"]
 def leads(*members: str) -> list[str]:
-    """A leader proposes: on the topic, and directly to the other members."""
-    return ["cancel round", "timer view", "publish proposal", *[f"send proposal>{m}" for m in members],
-            "timer round", "timer view", "reserved", "timer lease"]
+    """A leader proposes: on the topic, and directly to the other members and
+    the submitter; it accepts its own proposal and tells the submitter."""
+    return ["cancel round", "timer view", "publish proposal", *[f"send proposal>{m}" for m in (*members, "S")],
+            "timer round", "timer view", "reserved", "timer lease", "send accept>S"]
 
 
 def follows(leader: str = "P0") -> list[str]:
@@ -202,8 +203,8 @@ def test_leader_silent_next_in_rank_takes_over_with_a_higher_view() -> None:
     assert b.summary(b.timer(2, "window", w)) == follows()
     v = w + CFG.leader_timeout_ms
     lead = b.timer(1, "view", v)
-    assert b.summary(lead) == ["emit view_change", "send offer>S"] + leads()[:-2] + [
-        "reserved", "timer lease", "cancel round", "send certified>S", "timer retry", "timer view",
+    assert b.summary(lead) == ["emit view_change", "send offer>S"] + leads() + [
+        "cancel round", "send certified>S", "timer retry", "timer view",
         "emit certified"]
     prop = b.sent(lead, Proposal)
     assert (prop.view, prop.leader, prop.members) == (1, b.p[1].peer_id, (b.p[1].peer_id,))
@@ -225,8 +226,8 @@ def test_member_refuses_and_is_replaced() -> None:
     decline = b.sent(refuse, Decline)
     assert decline.reason == "no free capacity"
     again = b.p[0].on_message(decline, w + 2)
-    assert b.summary(again) == ["emit declined", "publish proposal", "send proposal>P2", "timer round",
-                                "timer view", "reserved", "timer lease"]
+    assert b.summary(again) == ["emit declined", "publish proposal", "send proposal>P2", "send proposal>S",
+                                "timer round", "timer view", "reserved", "timer lease", "send accept>S"]
     prop1 = b.sent(again, Proposal)
     assert (prop1.view, prop1.round, prop1.members) == (0, 1, (b.p[0].peer_id, b.p[2].peer_id))
     accept = b.sent(b.p[2].on_message(prop1, w + 3), Accept)
@@ -241,8 +242,8 @@ def test_member_silent_is_replaced_after_member_timeout() -> None:
     prop0 = b.sent(b.timer(0, "window", w), Proposal)
     # P1 never answers.
     again = b.timer(0, "round", w + CFG.member_timeout_ms)
-    assert b.summary(again) == ["emit member_silent", "publish proposal", "send proposal>P2", "timer round",
-                                "timer view", "reserved", "timer lease"]
+    assert b.summary(again) == ["emit member_silent", "publish proposal", "send proposal>P2", "send proposal>S",
+                                "timer round", "timer view", "reserved", "timer lease", "send accept>S"]
     prop1 = b.sent(again, Proposal)
     assert prop1.round == 1 and b.p[1].peer_id not in prop1.members
     # P1's accept of the old proposal arrives late: it counts for nothing.
