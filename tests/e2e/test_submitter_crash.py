@@ -53,6 +53,11 @@ def member_state(node: NodeProc, job_id: str) -> str | None:
     return doc.get("member_state") if doc else None
 
 
+def settled(node: NodeProc, job_id: str) -> dict[str, Any] | None:
+    doc = job_status(node, job_id)
+    return doc if doc and doc["state"] in ("succeeded", "failed") else None
+
+
 def stored(node: NodeProc, job_id: str) -> dict[str, Any]:
     conn = open_db(db_path(node.home.path), readonly=True)
     try:
@@ -76,6 +81,12 @@ def unacked(node: NodeProc, job_id: str) -> list[dict[str, Any]]:
 
 def test_submitter_killed_mid_job_settles_after_restart(tmp_path: Path) -> None:
     with LocalNet(tmp_path, 3, gpu_mix=ONE_GPU, node_config=DEAR) as net:
+        # Start from a full mesh: without it (the members connected only
+        # through node 0, which does not serve the job) formation was seen
+        # to fail with "0 accepted" (too few volunteers heard), not the
+        # subject of this test.
+        net.wait_until(lambda: all(n.call("status")["peers"] >= 2 for n in net.nodes), timeout_s=30,
+                       what="a full mesh")
         job = net.nodes[0].call("job.submit", {"manifest": JOB})["job_id"]
         members = [net.nodes[1], net.nodes[2]]
         for m in members:
@@ -92,8 +103,8 @@ def test_submitter_killed_mid_job_settles_after_restart(tmp_path: Path) -> None:
         assert stored(net.nodes[0], job) == {"proofs": [], "owed": [], "settled": False}
 
         net.restart(0)
-        doc = net.wait_until(lambda: (lambda d: d if d and d["state"] in ("succeeded", "failed") else None)(
-            job_status(net.nodes[0], job)), timeout_s=60, what="the job to settle after the restart")
+        doc = net.wait_until(lambda: settled(net.nodes[0], job), timeout_s=60,
+                             what="the job to settle after the restart")
         assert doc["state"] == "succeeded", doc
         proofs = doc["proofs"]
         assert sorted(p["worker"] for p in proofs) == sorted(m.peer_id for m in members)
