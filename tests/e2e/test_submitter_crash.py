@@ -6,11 +6,16 @@ SIGKILL while both members run, stays down while they finish and send their
 proofs into the void, and restarts.  The members' resends reach the reopened
 collection, the job settles with two valid proofs, each proof and each owed
 row is stored exactly once, and a second kill -9 and restart changes nothing.
+
+And the other side: a member killed mid-job and restarted proves the time
+it served up to its last checkpoint (end reason ``interrupted``), and that
+proof is verified and owed.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +130,45 @@ def test_submitter_killed_mid_job_settles_after_restart(tmp_path: Path) -> None:
         assert sorted(p["proof_hash"] for p in again["proofs"]) == sorted(first["proofs"])
         assert stored(net.nodes[0], job) == first
         assert len({p["proof_hash"] for p in again["payouts"]}) == len(again["payouts"]) == 2
+
+
+THREE = """
+name = "three"
+[requirements]
+nodes = 3
+gpus_per_node = 1
+[runtime]
+command = ["sh", "-c", "echo started; sleep 9; echo done"]
+duration_s_max = 60
+[payment]
+price_per_gpu_hour_max = 36000000
+[verification]
+on_member_loss = "continue"
+"""
+
+
+def test_member_killed_mid_job_is_paid_for_the_time_it_served(tmp_path: Path) -> None:
+    with LocalNet(tmp_path, 4, gpu_mix=ONE_GPU, node_config=DEAR) as net:
+        net.wait_until(lambda: all(n.call("status")["peers"] >= 3 for n in net.nodes), timeout_s=30,
+                       what="a full mesh")
+        job = net.nodes[0].call("job.submit", {"manifest": THREE})["job_id"]
+        members = net.nodes[1:]
+        for m in members:
+            net.wait_until(lambda m=m: member_state(m, job) == "running", timeout_s=60,
+                           what=f"node {m.index} to run the job")
+        time.sleep(3)
+        victim = members[1]
+        net.terminate(victim.index, sig=signal.SIGKILL)
+        net.restart(victim.index)
+        mine = net.nodes[victim.index].call("job.status", {"job_id": job})
+        assert mine["member_state"] == "interrupted" and mine["exit_code"] == 137
+        served = mine["member_ended_at_ms"] - mine["member_started_at_ms"]
+        doc = net.wait_until(lambda: settled(net.nodes[0], job), timeout_s=60, what="the job to settle")
+        proofs = {p["worker"]: p for p in doc["proofs"]}
+        interrupted = proofs[victim.peer_id]
+        assert interrupted["status"] == "owed" and interrupted["amount"] > 0, interrupted
+        assert interrupted["proof_hash"] == mine["proof_hash"] and interrupted["exit_code"] == 137
+        assert interrupted["gpu_ms"] == served and 1_000 <= served <= 5_000  # up to its last checkpoint
+        for m in (members[0], members[2]):
+            assert proofs[m.peer_id]["status"] == "owed" and proofs[m.peer_id]["gpu_ms"] >= 9_000
+        assert doc["state"] == "failed"  # one part did not finish (exit 137)
