@@ -11,8 +11,8 @@ five NVIDIA L4 (24 GB) and three Tesla T4 (16 GB), so a requirement of
   one forms; the other fails with a reason that says why, or waits and
   forms only on GPUs the first has given back; no node ever holds both;
 - the expected leader of a job (the volunteer with the lowest
-  ``leader_rank``) is killed with SIGKILL once its offer has spread: the
-  job still ends in a confirmed cluster without it, through a view change.
+  ``leader_rank``) is killed with SIGKILL as formation starts: the job
+  still ends in a confirmed cluster of live peers without it.
 
 The tests share one network and run in this order (the last one kills
 nodes).  Every wait is bounded; nothing asserts on speed (that is
@@ -206,13 +206,18 @@ def test_two_jobs_wanting_more_than_the_network_has_never_share_capacity(net: Lo
 
 
 def test_killing_the_leader_during_formation_still_confirms_a_cluster(net: LocalNet) -> None:
-    # Submitted by a T4 for the L4s (5 volunteers, 2 needed), so the submitter
-    # never leads.  Once every volunteer's offer has reached the submitter (so
-    # the others know the expected leader too), the leader is killed; the
-    # others must move to the next view and form without it.  An attempt
-    # where the cluster was confirmed before the kill landed (the leader is in
-    # it), or where nobody waited for the leader (one view), proves nothing:
-    # another job is tried, on the nodes still alive.
+    # Submitted by a T4 for the L4s (5 matching peers, 2 needed), so the
+    # submitter never leads.  The expected leader (the best-ranked L4 for the
+    # job id) is killed with SIGKILL the moment ``job submit`` returns: the
+    # manifest is already on its way to the expected volunteers and the
+    # leader is one of them, so it dies mid-formation: after offering (the
+    # others follow it, time out, and a later view forms) or just before
+    # (the others elect the next volunteer when the offer window closes).
+    # Either way the job must end in a confirmed cluster of two live peers
+    # without it.  An attempt where the leader still made it into the
+    # cluster (it proposed and its accept arrived before it died) proves
+    # nothing: another job is tried on the nodes still alive, and at least
+    # one attempt must form without the leader.
     submitter = net.nodes[1]
     outcomes = []
     while True:
@@ -221,21 +226,17 @@ def test_killing_the_leader_during_formation_still_confirms_a_cluster(net: Local
             break
         job = submitter.call("job.submit", {"manifest": manifest(nodes=2, vram_gb_min=20)})["job_id"]
         leader = expected_leader(net, job, alive)
-        need = len(alive)
-        net.wait_until(lambda j=job, n=need: status(submitter, j)["formation"]["offers"] >= n, timeout_s=30,
-                       interval_s=0.005, what="every volunteer's offer to reach the submitter")
         net.terminate(leader.index, sig=signal.SIGKILL)
         doc = wait_decided(net, submitter, job, timeout_s=60)
         assert doc["state"] in ("confirmed", "running", "succeeded"), doc
         members = doc["cluster"]["members"]
         outcomes.append((doc["formation"]["views_seen"], leader.peer_id in members))
         if leader.peer_id in members:
-            continue  # confirmed before the kill landed
+            continue  # it proposed, and its accept was in, before the kill landed
         assert len(set(members)) == 2
         assert all(by_peer(net)[m].proc.poll() is None for m in members)
-        if doc["formation"]["views_seen"] >= 2:
-            return  # a later view's leader formed it
-    pytest.fail(f"no attempt killed the leader mid-formation: (views seen, leader in cluster) = {outcomes}")
+        return
+    pytest.fail(f"no attempt formed without the killed leader: (views seen, leader in cluster) = {outcomes}")
 
 
 def expected_leader(net: LocalNet, job_id: str, volunteers: list[NodeProc]) -> NodeProc:
