@@ -527,6 +527,18 @@ class Node:
                 await self._dial_from_adverts(connected)
             await trio.sleep(self.options.connect_interval_s)
 
+    async def dial_peer(self, peer_id: str) -> bool:
+        """Connect to a peer by the addresses in its advert (a direct message
+        to a peer we are not connected to: formation talks to the candidates
+        its advert book names, not only to our GossipSub neighbours)."""
+        sa = self.book.adverts.get(peer_id)
+        if sa is None:
+            return False
+        for addr in sa.advert.addrs[:8]:
+            if await self._dial(addr):
+                return True
+        return False
+
     async def _dial_from_adverts(self, connected: list[str]) -> None:
         # Prefer peers in an order that differs per node (rank by a hash of
         # both ids) so that nodes do not all dial the same few peers.

@@ -11,7 +11,10 @@ as one more frame on it:
 - :class:`DirectLinks` owns a task per peer with a bounded queue; a message
   waits only for the messages to the same peer queued before it (FIFO per
   peer, which also keeps a peer's log batches in order).
-- A link opens its stream on its first message, reopens it once when a write
+- A link opens its stream on its first message (connecting first, by the
+  peer's advert, when there is no connection: formation writes to the
+  candidates its advert book names, not only to GossipSub neighbours),
+  reopens it once when a write
   fails (the peer restarted, say) and closes after ``idle_s`` without
   messages; at most ``links_max`` links live at once (the least recently
   used one closes to make room).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -58,8 +61,11 @@ class _Link:
 class DirectLinks:
     """Outbound frames to peers over one long-lived stream each."""
 
-    def __init__(self, host: Any, protocol: str, counts: Counter[str], *, prefix: str = "direct") -> None:
+    def __init__(self, host: Any, protocol: str, counts: Counter[str], *, prefix: str = "direct",
+                 dial: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.host = host
+        #: Connects to a peer we have no connection to (by its advert's addresses).
+        self.dial = dial
         self.protocol = TProtocol(protocol)
         self.counts = counts
         self.prefix = prefix
@@ -105,6 +111,9 @@ class DirectLinks:
 
     async def _open(self, peer_id: str) -> Any:
         with trio.move_on_after(open_timeout_s):
+            if self.dial is not None and all(p.to_base58() != peer_id for p in self.host.get_connected_peers()):
+                if await self.dial(peer_id):
+                    self.counts[f"{self.prefix}:dialed"] += 1
             try:
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [self.protocol])
             except (BaseLibp2pError, ValueError, OSError) as exc:

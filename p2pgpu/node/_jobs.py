@@ -159,7 +159,7 @@ class JobsService:
         # ends it after read_idle_s of silence); the guard's limit is a backstop.
         stack.host.set_stream_handler(DIRECT_PROTOCOL, guarded("formation", self._serve_stream, self.counts,
                                                                timeout_s=40 * read_idle_s))
-        self.links = DirectLinks(stack.host, DIRECT_PROTOCOL, self.counts, prefix="jobs")
+        self.links = DirectLinks(stack.host, DIRECT_PROTOCOL, self.counts, prefix="jobs", dial=self.node.dial_peer)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.links.run)
