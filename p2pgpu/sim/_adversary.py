@@ -49,7 +49,7 @@ class Adversary:
         if self.pool == "submitters":
             pool = [i for i in w.jobs.submitters if i not in taken]
         else:
-            pool = [i for i in range(w.n) if w.nodes[i].identity is not None and not w.nodes[i].submitter
+            pool = [i for i in range(w.n) if w.nodes[i].real and not w.nodes[i].submitter
                     and i not in taken]
         k = self.cfg.count or round(self.cfg.fraction * len(pool))
         self.nodes = sorted(self.rng.sample(pool, min(k, len(pool))))

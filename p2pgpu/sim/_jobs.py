@@ -153,7 +153,7 @@ class JobFlow:
         self.paid_count = 0
         self.proofs_rejected = 0
         self._next_owed = 1
-        real = [i for i in range(n) if world.nodes[i].identity is not None]
+        real = [i for i in range(n) if world.nodes[i].real]
         self.submitters = sorted(self.rng.sample(real, min(len(real), cfg.submitters)))
         for i in self.submitters:
             sn = world.nodes[i]

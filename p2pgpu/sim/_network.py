@@ -34,6 +34,8 @@ class Network:
         "_detect_us",
         "_dup",
         "_jit",
+        "_live_nodes",
+        "_live_pos",
         "_loss",
         "_random",
         "_reorder",
@@ -93,6 +95,10 @@ class Network:
         self._detect_us = int(cfg.detect_ms * 1000)
         self.up = [False] * n
         self.live = 0
+        #: the nodes that are up, in no meaningful but a deterministic order
+        #: (swap-removal), and each one's place in it: one draw picks a live node
+        self._live_nodes: list[int] = []
+        self._live_pos = [-1] * n
         self.epoch = [0] * n
         self.peers: list[list[int]] = [[] for _ in range(n)]
         self.side: list[int] | None = None
@@ -218,6 +224,12 @@ class Network:
         """``node`` stops; its peers notice at once (clean close) or after detect_ms (crash)."""
         if self.up[node]:
             self.live -= 1
+            pos = self._live_pos[node]
+            last = self._live_nodes.pop()
+            if last != node:
+                self._live_nodes[pos] = last
+                self._live_pos[last] = pos
+            self._live_pos[node] = -1
         self.up[node] = False
         self.epoch[node] += 1
         peers, self.peers[node] = self.peers[node], []
@@ -231,6 +243,8 @@ class Network:
     def node_up(self, node: int) -> None:
         if not self.up[node]:
             self.live += 1
+            self._live_pos[node] = len(self._live_nodes)
+            self._live_nodes.append(node)
         self.up[node] = True
         self.uplink_free_us[node] = self.engine.now_us
 
@@ -252,10 +266,10 @@ class Network:
     def heal(self) -> None:
         self.side = None
 
-    def random_live(self, rng: Any, tries: int = 32) -> int | None:
-        """A uniformly drawn node that is up (a stand-in for a DHT random walk)."""
-        for _ in range(tries):
-            c: int = rng.randrange(self.n)
-            if self.up[c]:
-                return c
-        return None
+    def random_live(self, rng: Any) -> int | None:
+        """A uniformly drawn node that is up (a stand-in for a DHT random walk):
+        one draw from the list of live nodes, however few are up."""
+        live = self._live_nodes
+        if not live:
+            return None
+        return live[int(rng.random() * len(live))]
