@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from p2pgpu.core import (
     Identity,
     Kind,
+    LocalProtocolError,
     PeerMisbehaved,
     Reason,
     body_of,
@@ -293,6 +294,8 @@ class Collector:
     def _take(self, job_id: str, sender: str, kind: str, data: bytes, add: Callable[[Collection], bool]) -> None:
         """Take one signed message from a member: store it, then acknowledge
         it (an ack means "stored"), then see whether the job can settle."""
+        if not data:
+            raise LocalProtocolError("a member's message is taken with its signed bytes")
         h = item_hash(data)
         c = self.collections.get(job_id)
         if c is None:

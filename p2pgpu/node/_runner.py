@@ -77,6 +77,9 @@ resend_interval_ms_min = 1_000
 resend_interval_ms_max = 15_000
 resend_ttl_ms = 3_600_000
 pending_max = 10_000
+#: Acknowledged deliveries, finished runs and settled collections' items are
+#: forgotten this long after (at a start): resends stop after ``resend_ttl_ms``.
+recovery_kept_ms = 7 * 24 * 3_600_000
 #: The exit status an interrupted member reports (killed, as by SIGKILL).
 interrupted_exit_code = 137
 
@@ -465,8 +468,9 @@ class Runner:
         db = self.jobs.db
         if db is None:
             return
-        from p2pgpu.store import pending_deliveries, unfinished_member_runs  # noqa: PLC0415
+        from p2pgpu.store import pending_deliveries, prune_recovery, unfinished_member_runs  # noqa: PLC0415
 
+        prune_recovery(db, before_ms=now_ms - recovery_kept_ms)
         for row in pending_deliveries(db, limit=pending_max):
             self.pending[row["item_hash"]] = Delivery(
                 item_hash=row["item_hash"], job_id=row["job_id"], dest=row["dest"], kind=row["kind"],

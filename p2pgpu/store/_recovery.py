@@ -230,3 +230,16 @@ def unfinished_member_runs(conn: sqlite3.Connection, *, limit: int = 1_000) -> l
                     "checkpoints": [(int(c[0]), bytes(c[1])) for c in cps], "observed": json.loads(r["observed"]),
                     "proof_signed": bool(r["proof_signed"]), "cosigned": bool(r["cosigned"])})
     return out
+
+
+def prune_recovery(conn: sqlite3.Connection, *, before_ms: int) -> int:
+    """Forget what no longer matters: deliveries acknowledged (or given up)
+    before ``before_ms``, finished member runs last written before it, and the
+    items of collections settled before it (their proofs stay in ``proofs``).
+    Returns the rows deleted."""
+    n = conn.execute("DELETE FROM deliveries WHERE acked_ms IS NOT NULL AND acked_ms < ?", (before_ms,)).rowcount
+    n += conn.execute("DELETE FROM member_runs WHERE proof_signed = 1 AND cosigned = 1 AND updated_ms < ?",
+                      (before_ms,)).rowcount
+    n += conn.execute("DELETE FROM collection_items WHERE job_id IN (SELECT job_id FROM collections"
+                      " WHERE settled = 1 AND settled_ms < ?)", (before_ms,)).rowcount
+    return n

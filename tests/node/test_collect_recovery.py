@@ -46,7 +46,17 @@ from p2pgpu.node._runner import (
     resend_ttl_ms,
 )
 from p2pgpu.runtime import SandboxPolicy
-from p2pgpu.store import deliveries_of, earnings, open_db, payouts, proofs_of, save_member_run
+from p2pgpu.store import (
+    ack_delivery,
+    add_delivery,
+    deliveries_of,
+    earnings,
+    open_db,
+    payouts,
+    proofs_of,
+    prune_recovery,
+    save_member_run,
+)
 
 T0 = 1_800_000_000_000
 PAYER = "11111111111111111111111111111111"
@@ -342,3 +352,13 @@ def test_any_ack_body_decodes_or_is_refused(body: Any) -> None:
     except PeerMisbehaved:
         return
     assert ack.submitter == S.peer_id and all(len(h) == 32 for h in ack.items)
+
+
+def test_prune_forgets_only_what_is_settled_and_old(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "x.db")
+    for i, acked in ((1, T0), (2, None), (3, T0 + 10_000)):
+        add_delivery(db, item_hash=bytes([i]) * 32, job_id="j", dest="s", kind="proof", wire=b"w", now_ms=T0)
+        if acked is not None:
+            ack_delivery(db, bytes([i]) * 32, status="recorded", now_ms=acked)
+    assert prune_recovery(db, before_ms=T0 + 5_000) == 1
+    assert sorted(d["item_hash"][:2] for d in deliveries_of(db, "j")) == ["02", "03"]  # pending, recent
