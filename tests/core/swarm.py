@@ -295,23 +295,26 @@ class Swarm:
 
 def _latency_figures(seeds: int = 100) -> None:
     """Formation latency (submit to confirmed) in virtual ms, over ``seeds`` swarms
-    of 50 peers and 4 jobs each: ``python3 tests/core/swarm.py [SEEDS]``."""
-    for delay in ((1, 5), (1, 30)):
-        for drop, crashes in ((0.0, 0), (0.1, 4)):
-            lat: list[int] = []
-            for seed in range(seeds):
-                s = Swarm(seed, delay_ms=delay, drop_rate=drop, faults_until_ms=2_000)
-                wanted: list[tuple[str, ...]] = [(m.split()[-1],) for m in MODELS] + [()]
-                jobs = [s.submit_at(s.rng.randint(0, 500), s.submitter_ids[i % 2], nodes=s.rng.choice([1, 2]),
-                                    replicas=s.rng.choice([1, 2]), models=w) for i, w in enumerate(wanted)]
-                for p in s.rng.sample(s.workers, crashes):
-                    s.crash_at(s.rng.randint(0, 2_000), p)
-                s.run(40_000)
-                lat += [s.confirmed_at[j] - s.submitted_at[j] for j in jobs if j in s.confirmed_at]
-            lat.sort()
-            print(f"delay {delay[0]}-{delay[1]} ms, drop {drop:.0%} and {crashes} crashes for 2 s: "
-                  f"{len(lat)} jobs formed, p50 {lat[len(lat) // 2]} ms, p99 {lat[int(len(lat) * 0.99)]} ms, "
-                  f"max {lat[-1]} ms")
+    of 50 peers and 4 jobs each, with and without candidate lists:
+    ``python3 tests/core/swarm.py [SEEDS]``."""
+    import itertools  # noqa: PLC0415
+
+    settings = itertools.product((False, True), ((1, 5), (1, 30)), ((0.0, 0), (0.1, 4)))
+    for candidates, delay, (drop, crashes) in settings:
+        lat: list[int] = []
+        for seed in range(seeds):
+            s = Swarm(seed, delay_ms=delay, drop_rate=drop, faults_until_ms=2_000, candidates=candidates)
+            wanted: list[tuple[str, ...]] = [(m.split()[-1],) for m in MODELS] + [()]
+            jobs = [s.submit_at(s.rng.randint(0, 500), s.submitter_ids[i % 2], nodes=s.rng.choice([1, 2]),
+                                replicas=s.rng.choice([1, 2]), models=w) for i, w in enumerate(wanted)]
+            for p in s.rng.sample(s.workers, crashes):
+                s.crash_at(s.rng.randint(0, 2_000), p)
+            s.run(40_000)
+            lat += [s.confirmed_at[j] - s.submitted_at[j] for j in jobs if j in s.confirmed_at]
+        lat.sort()
+        print(f"{'candidates' if candidates else 'everyone offers'}, delay {delay[0]}-{delay[1]} ms, "
+              f"drop {drop:.0%} and {crashes} crashes for 2 s: {len(lat)} jobs formed, "
+              f"p50 {lat[len(lat) // 2]} ms, p99 {lat[int(len(lat) * 0.99)]} ms, max {lat[-1]} ms")
 
 
 if __name__ == "__main__":
