@@ -39,7 +39,8 @@ _ID_BYTES = 40  # a libp2p message id (from + seqno) is about this long
 class Msg:
     """One published message; ``seen[node]`` is that node's seen-cache flag."""
 
-    __slots__ = ("data", "delivered", "info", "mid", "nbytes", "origin", "seen", "t0_us", "topic", "valid")
+    __slots__ = ("data", "delivered", "info", "landing", "mid", "nbytes", "origin", "seen", "t0_us", "topic",
+                 "valid")
 
     def __init__(self, mid: int, origin: int, topic: str, nbytes: int, data: Any, t0_us: int, n: int) -> None:
         self.mid = mid
@@ -52,6 +53,10 @@ class Msg:
         self.valid: int | None = None  # validation verdict cached per message (see validate)
         self.delivered = 0
         self.info: Any = None
+        #: node -> [t_us, src, epoch, absorbed]: the first copy on its way to a
+        #: node that has not seen the message, and the later copies counted
+        #: as its duplicates instead of scheduled (see GossipSub._send_copy)
+        self.landing: dict[int, list[Any]] = {}
 
 
 class GossipSub:
@@ -135,7 +140,33 @@ class GossipSub:
             if seen[p]:
                 self.dups[p] += net.account(node, p, nbytes)
             else:
-                net.send(node, p, nbytes, "gs.msg", msg)
+                self._send_copy(node, p, msg)
+
+    def _send_copy(self, src: int, dst: int, msg: Msg) -> None:
+        """Send ``msg`` to ``dst``, which has not seen it.  If an earlier copy
+        is already on its way to the same incarnation of ``dst``, landing no
+        later, this one can only land as a duplicate: counted now and kept in
+        that first copy's record, not scheduled (most of the rest of the
+        copies).  Should the first copy be ignored when it lands (its sender
+        was graylisted meanwhile), the kept copies are scheduled after all."""
+        net = self.net
+        nbytes = msg.nbytes
+        t = net.depart(src, dst, nbytes)
+        if t < 0:
+            return
+        landing = msg.landing
+        rec = landing.get(dst)
+        epoch = net.epoch[dst]
+        if rec is not None and rec[2] == epoch and rec[0] >= self.engine.now_us:
+            if rec[0] <= t:
+                copies = net.absorb(dst, nbytes)
+                self.dups[dst] += copies
+                rec[3].append((t, src, copies))
+                return
+            landing[dst] = [t, src, epoch, rec[3]]
+        else:
+            landing[dst] = [t, src, epoch, []]
+        net.land(t, src, dst, nbytes, "gs.msg", msg)
 
     def _forget(self, mid: int) -> None:
         self.msgs.pop(mid, None)
@@ -153,8 +184,14 @@ class GossipSub:
         if seen[dst]:
             self.dups[dst] += 1
             return
+        rec = msg.landing.pop(dst, None)
         sc = self.score[dst]
         if sc is not None and sc.get(src, 0.0) < self.cfg.graylist_score:
+            if rec is not None:  # the copies counted behind this one land after all
+                unabsorb = self.net.unabsorb
+                for t, s, copies in rec[3]:
+                    self.dups[dst] -= copies
+                    unabsorb(t, s, dst, msg.nbytes, "gs.msg", msg, copies)
             return  # graylisted: not even looked at
         seen[dst] = 1
         if self._proc_us:
@@ -233,7 +270,7 @@ class GossipSub:
                 if m.seen[src]:
                     self.dups[src] += self.net.account(dst, src, m.nbytes)
                 else:
-                    self.net.send(dst, src, m.nbytes, "gs.msg", m)
+                    self._send_copy(dst, src, m)
 
     # -- heartbeat ------------------------------------------------------------------
     def _heartbeat(self, arg: tuple[int, int]) -> None:

@@ -112,34 +112,49 @@ class Network:
 
     # -- sending --------------------------------------------------------------
     def send(self, src: int, dst: int, nbytes: int, kind: str, payload: Any) -> bool:
-        """Queue a message; False if it was dropped at once (cut, down or lost).
+        """Queue a message; False if it was dropped at once (cut, down or lost)."""
+        t = self.depart(src, dst, nbytes)
+        if t < 0:
+            return False
+        self.land(t, src, dst, nbytes, kind, payload)
+        return True
 
-        The hot path of every run: the engine's push is inlined here."""
+    def depart(self, src: int, dst: int, nbytes: int) -> int:
+        """The sender's side of a message (the cut, bytes out, loss, the
+        uplink's queue, the link's delay, jitter and reordering): when it will
+        land at ``dst``, or -1 if it was dropped at once.  :meth:`land` then
+        schedules it, or :meth:`absorb` counts it as a certain duplicate."""
         if not self.up[dst]:
             self.dropped["down"] += 1
-            return False
+            return -1
         side = self.side
         if side is not None and side[src] != side[dst]:
             self.dropped["partition"] += 1
-            return False
+            return -1
         self.bytes_out[src] += nbytes
         rnd = self._random
         if self._loss and rnd() < self._loss:
             self.dropped["loss"] += 1
-            return False
-        engine = self.engine
-        now = engine.now_us
+            return -1
+        now = self.engine.now_us
         ufree = self.uplink_free_us
         free = ufree[src]
         done = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136 (hot path)
         ufree[src] = done
         region = self.region
         base = self._delay_us[region[src]][region[dst]]
-        t = done + base
+        t: int = done + base
         if self._jit:
             t += int(base * self._jit * (2.0 * rnd() - 1.0))
         if self._reorder and rnd() < self._reorder:
             t += int(rnd() * self._reorder_us)
+        return t
+
+    def land(self, t: int, src: int, dst: int, nbytes: int, kind: str, payload: Any) -> None:
+        """Schedule the arrival at ``t`` of what :meth:`depart` sent (and of a
+        second copy, a little later, for ``duplicate_pct``).  The engine's
+        push is inlined: this is the hot path of every run."""
+        engine = self.engine
         item = (dst, self.epoch[dst], src, nbytes, kind, payload)
         seq = engine._seq = engine._seq + 1
         key = (t << _TIE_BITS) | ((seq * engine._mul + engine._salt) & _TIE_MASK)
@@ -148,9 +163,24 @@ class Network:
             engine.push_key(key, self._arrive, item)
         else:
             lst.append((-key, self._arrive, item))
-        if self._dup and rnd() < self._dup:
-            engine.at(t + int(base * self._jit * rnd()) + 1, self._arrive, item)
-        return True
+        if self._dup and self._random() < self._dup:
+            base = self._delay_us[self.region[src]][self.region[dst]]
+            engine.at(t + int(base * self._jit * self._random()) + 1, self._arrive, item)
+
+    def absorb(self, dst: int, nbytes: int) -> int:
+        """What :meth:`depart` sent can only land as a duplicate: count the
+        copies that land (1, or 2 with ``duplicate_pct``) in ``bytes_in`` now,
+        without an event, and return how many (see :meth:`account`)."""
+        copies = 2 if self._dup and self._random() < self._dup else 1
+        self.bytes_in[dst] += nbytes * copies
+        return copies
+
+    def unabsorb(self, t: int, src: int, dst: int, nbytes: int, kind: str, payload: Any, copies: int) -> None:
+        """Take back an :meth:`absorb`: the copies land at ``t`` after all."""
+        self.bytes_in[dst] -= nbytes * copies
+        item = (dst, self.epoch[dst], src, nbytes, kind, payload)
+        for i in range(copies):
+            self.engine.at(t + i, self._arrive, item)
 
     def account(self, src: int, dst: int, nbytes: int) -> int:
         """Send a message whose arrival can change nothing but counters (a
