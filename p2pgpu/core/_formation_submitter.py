@@ -94,8 +94,10 @@ class _Submitted:
     accepted: dict[bytes, dict[str, Accept]] = field(default_factory=dict)
 
 
-#: Proposals a submitter keeps per job for assembling certificates itself.
+#: Proposals a submitter keeps per job for assembling certificates itself,
+#: and the proposal digests it keeps accepts for.
 proposals_kept_max = 16
+accepted_digests_max = 64
 
 
 class Submitter:
@@ -228,8 +230,15 @@ class Submitter:
         if isinstance(msg, Accept):
             if job.state is SubmitterState.PUBLISHED and len(job.accepts) < self.config.volunteers_max:
                 job.accepts[msg.peer_id] = msg.view
-            if job.state is SubmitterState.PUBLISHED:
+            known = job.accepted.get(msg.proposal)
+            if job.state is SubmitterState.PUBLISHED and (known is not None or
+                                                          len(job.accepted) < accepted_digests_max):
+                # Bounded: accepts of at most accepted_digests_max proposals (a
+                # proposal may arrive after its accepts), members-many each.
                 byp = job.accepted.setdefault(msg.proposal, {})
+                prop = job.proposals.get(msg.proposal)
+                if prop is not None and msg.peer_id not in prop.members:
+                    return self._answer(job, msg.peer_id, now_ms)
                 if len(byp) < job.sm.manifest.members and msg.peer_id not in byp:
                     byp[msg.peer_id] = msg
                     return self._assemble(job, msg.proposal, now_ms)
@@ -286,7 +295,11 @@ class Submitter:
         certificate is every member's signed accept of that membership."""
         prop = job.proposals.get(digest)
         got = job.accepted.get(digest, {})
-        if prop is None or any(m not in got for m in prop.members):
+        if prop is None:
+            return []
+        for p in [p for p in got if p not in prop.members]:
+            del got[p]  # arrived before the proposal, from a peer it does not name
+        if any(m not in got for m in prop.members):
             return []
         if len(prop.members) != job.sm.manifest.members or prop.gpus_per_member != job.sm.manifest.gpus_per_node:
             return []  # the leader's proposal does not fit: its Certified would be refused as well

@@ -195,3 +195,25 @@ def test_confirm_after_a_lapsed_lease_reserves_again_and_says_so() -> None:
     reserved = [a for a in acts if isinstance(a, Reserved)]
     assert len(reserved) == 1 and reserved[0].gpus_free == 0 and "startjob" in b.summary(acts)
     assert b.p[0].gpus_free == 0 and b.p[0].state(b.job) is WorkerState.RUNNING
+
+
+def test_what_the_submitter_keeps_for_assembling_is_bounded() -> None:
+    from p2pgpu.core._formation_submitter import accepted_digests_max
+
+    b = Bench(3, nodes=2)
+    start(b)
+    prop = b.sent(b.timer(0, "window", T0 + 1 + CFG.offer_window_ms), Proposal)
+    # Accepts of 3x the bound of proposals nobody made (signed by a member): kept for at most the bound.
+    for k in range(3 * accepted_digests_max):
+        fake = Proposal.sign(b.p[2].identity, job_id=b.job, view=0, round=k % 8, members=(b.p[2].peer_id,
+                             b.p[1].peer_id), gpus_per_member=1)
+        b.s.on_message(Accept.sign(b.p[2].identity, proposal=fake, lease_until_ms=T0 + CFG.lease_ms + k,
+                                   price_per_gpu_hour=1000, payout_address=""), T0 + 60)
+    job = b.s.jobs[b.job]
+    assert len(job.accepted) <= accepted_digests_max
+    # An accept from a peer the proposal does not name is not kept once the proposal is known.
+    b.s.on_message(prop, T0 + 61)
+    outsider = Accept.sign(b.p[2].identity, proposal=prop, lease_until_ms=T0 + CFG.lease_ms,
+                           price_per_gpu_hour=1000, payout_address="")
+    b.s.on_message(outsider, T0 + 62)
+    assert b.p[2].peer_id not in job.accepted.get(prop.digest, {})
