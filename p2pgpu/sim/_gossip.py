@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from itertools import islice
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
-from ._engine import Engine
+from ._engine import _TIE_BITS, _TIE_MASK, Engine
 from ._network import Network
 from ._scenario import GossipSection
 
@@ -53,13 +53,18 @@ class Msg:
         self.valid: int | None = None  # validation verdict cached per message (see validate)
         self.delivered = 0
         self.info: Any = None
-        #: node -> [t_us, src, epoch, absorbed]: the first copy on its way to a
-        #: node that has not seen the message, and the later copies counted
-        #: as its duplicates instead of scheduled (see GossipSub._send_copy)
+        #: node -> [key, src, epoch, [(key, src), ...]]: the first copy on its
+        #: way to a node that has not seen the message (its engine key), and
+        #: the later copies counted as its duplicates instead of scheduled
+        #: (see GossipSub._forward)
         self.landing: dict[int, list[Any]] = {}
 
 
 class GossipSub:
+    #: True schedules every copy as an event, as a plain router model would:
+    #: the reference that tests compare the shortcuts' traces with
+    exact = False
+
     def __init__(self, engine: Engine, net: Network, cfg: GossipSection,
                  validate: Callable[[int, int, Msg], int], deliver: Callable[[int, int, Msg], None]) -> None:
         self.engine = engine
@@ -125,47 +130,129 @@ class GossipSub:
         return msg
 
     def _forward(self, node: int, targets: list[int], skip: int, msg: Msg) -> None:
-        """Send ``msg`` to ``targets`` but ``skip`` and the origin.  A copy to a
-        peer that has already seen the message can only be a duplicate when it
-        lands: it is counted now, without an event (:meth:`Network.account`);
-        about half of all copies, and why this model's cost is not D events
-        per node per message."""
+        """Send ``msg`` to ``targets`` but ``skip`` and the origin.
+
+        Nine copies in ten of a gossip message can only land as duplicates,
+        and are known to at the sender: a copy to a peer that has already
+        seen the message, or one that lands after another copy already on
+        its way to the same incarnation of the peer (``Msg.landing``).  Such a
+        copy is counted now (:meth:`Network.absorb`), not scheduled; that is
+        why this model's cost is not D events per node per message.  Should
+        the first copy be ignored when it lands (its sender was graylisted
+        meanwhile), the counted copies behind it are scheduled after all
+        (:meth:`_on_msg`).  Absorbing takes the same draws and tie-break
+        numbers as scheduling, so the trace is that of :attr:`exact` mode,
+        where every copy is an event (tests/sim/test_fastpaths.py).
+
+        The loop is the simulator's hottest code: it inlines
+        :meth:`Network.depart` and :meth:`_send_copy`, draw for draw."""
+        if self.exact:
+            send = self.net.send
+            for p in targets:
+                if p != skip and p != msg.origin:
+                    send(node, p, msg.nbytes, "gs.msg", msg)
+            return
+        net = self.net
+        engine = self.engine
+        up = net.up
+        side = net.side
+        my_side = side[node] if side is not None else 0
+        rnd = net._random
+        loss = net._loss
+        jit = net._jit
+        reorder = net._reorder
+        region = net.region
+        delay_row = net._delay_us[region[node]]
+        epoch = net.epoch
+        dups = self.dups
+        land = net.land
+        absorb = net.absorb
         origin = msg.origin
         seen = msg.seen
-        net = self.net
+        landing = msg.landing
         nbytes = msg.nbytes
+        now = engine.now_us
+        ser = int(nbytes * net._us_per_byte)
+        ufree = net.uplink_free_us
+        free = ufree[node]
+        done = free if free > now else now  # noqa: FURB136 (hot path)
+        left = cut = lost = sent = 0
         for p in targets:
             if p == skip or p == origin:
                 continue
+            if not up[p]:
+                left += 1
+                continue
+            if side is not None and side[p] != my_side:
+                cut += 1
+                continue
+            sent += 1
+            if loss and rnd() < loss:
+                lost += 1
+                continue
+            done += ser
+            ufree[node] = done
+            base = delay_row[region[p]]
+            t = done + base
+            if jit:
+                t += int(base * jit * (2.0 * rnd() - 1.0))
+            if reorder and rnd() < reorder:
+                t += int(rnd() * net._reorder_us)
             if seen[p]:
-                self.dups[p] += net.account(node, p, nbytes)
+                dups[p] += 2 if absorb(t, node, p, nbytes)[1] else 1
+                continue
+            rec = landing.get(p)
+            e = epoch[p]
+            if rec is not None and rec[2] == e:
+                key = (t << _TIE_BITS) | (((engine._seq + 1) * engine._mul + engine._salt) & _TIE_MASK)
+                if rec[0] < key:
+                    k1, k2 = absorb(t, node, p, nbytes)
+                    rec[3].append((k1, node))
+                    dups[p] += 1
+                    if k2:
+                        rec[3].append((k2, node))
+                        dups[p] += 1
+                    continue
+                landing[p] = [key, node, e, rec[3]]
             else:
-                self._send_copy(node, p, msg)
+                landing[p] = [(t << _TIE_BITS) | (((engine._seq + 1) * engine._mul + engine._salt) & _TIE_MASK),
+                              node, e, []]
+            land(t, node, p, nbytes, "gs.msg", msg)
+        net.bytes_out[node] += sent * nbytes
+        if left or cut or lost:
+            dropped = net.dropped
+            dropped["down"] += left
+            dropped["partition"] += cut
+            dropped["loss"] += lost
 
     def _send_copy(self, src: int, dst: int, msg: Msg) -> None:
-        """Send ``msg`` to ``dst``, which has not seen it.  If an earlier copy
-        is already on its way to the same incarnation of ``dst``, landing no
-        later, this one can only land as a duplicate: counted now and kept in
-        that first copy's record, not scheduled (most of the rest of the
-        copies).  Should the first copy be ignored when it lands (its sender
-        was graylisted meanwhile), the kept copies are scheduled after all."""
+        """One copy of ``msg`` to ``dst`` (see :meth:`_forward`)."""
         net = self.net
+        if self.exact:
+            net.send(src, dst, msg.nbytes, "gs.msg", msg)
+            return
         nbytes = msg.nbytes
         t = net.depart(src, dst, nbytes)
         if t < 0:
             return
+        if msg.seen[dst]:
+            self.dups[dst] += 2 if net.absorb(t, src, dst, nbytes)[1] else 1
+            return
+        engine = self.engine
+        key = (t << _TIE_BITS) | (((engine._seq + 1) * engine._mul + engine._salt) & _TIE_MASK)
         landing = msg.landing
         rec = landing.get(dst)
-        epoch = net.epoch[dst]
-        if rec is not None and rec[2] == epoch and rec[0] >= self.engine.now_us:
-            if rec[0] <= t:
-                copies = net.absorb(dst, nbytes)
-                self.dups[dst] += copies
-                rec[3].append((t, src, copies))
+        e = net.epoch[dst]
+        if rec is not None and rec[2] == e:
+            if rec[0] < key:
+                for k in net.absorb(t, src, dst, nbytes):
+                    if k:
+                        rec[3].append((k, src))
+                        self.dups[dst] += 1
                 return
-            landing[dst] = [t, src, epoch, rec[3]]
+            landing[dst] = [key, src, e, rec[3]]
         else:
-            landing[dst] = [t, src, epoch, []]
+            landing[dst] = [key, src, e, []]
         net.land(t, src, dst, nbytes, "gs.msg", msg)
 
     def _forget(self, mid: int) -> None:
@@ -184,14 +271,14 @@ class GossipSub:
         if seen[dst]:
             self.dups[dst] += 1
             return
-        rec = msg.landing.pop(dst, None)
+        rec = msg.landing.pop(dst, None) if msg.landing else None
         sc = self.score[dst]
         if sc is not None and sc.get(src, 0.0) < self.cfg.graylist_score:
             if rec is not None:  # the copies counted behind this one land after all
                 unabsorb = self.net.unabsorb
-                for t, s, copies in rec[3]:
-                    self.dups[dst] -= copies
-                    unabsorb(t, s, dst, msg.nbytes, "gs.msg", msg, copies)
+                for key, s in rec[3]:
+                    self.dups[dst] -= 1
+                    unabsorb(key, s, dst, msg.nbytes, "gs.msg", msg)
             return  # graylisted: not even looked at
         seen[dst] = 1
         if self._proc_us:
@@ -267,10 +354,7 @@ class GossipSub:
             m = msgs.get(mid)
             if m is not None and m.seen[dst] and m.t0_us >= horizon:
                 self.iwant_served += 1
-                if m.seen[src]:
-                    self.dups[src] += self.net.account(dst, src, m.nbytes)
-                else:
-                    self._send_copy(dst, src, m)
+                self._send_copy(dst, src, m)
 
     # -- heartbeat ------------------------------------------------------------------
     def _heartbeat(self, arg: tuple[int, int]) -> None:
@@ -304,12 +388,13 @@ class GossipSub:
                 nbytes = cfg.control_bytes + _ID_BYTES * len(ids)
                 msgs = self.msgs
                 live = [m for m in map(msgs.get, ids) if m is not None]
+                exact = self.exact
                 for p in _pick(rng.random, cands, cfg.D_lazy):
                     self.ihave_sent += 1
                     # An IHAVE of ids the peer has all seen (or forgotten) asks
                     # for nothing when it lands: counted, not scheduled.
                     for m in live:
-                        if not m.seen[p]:
+                        if exact or not m.seen[p]:
                             send(node, p, nbytes, "gs.ihave", ids)
                             break
                     else:

@@ -167,50 +167,45 @@ class Network:
             base = self._delay_us[self.region[src]][self.region[dst]]
             engine.at(t + int(base * self._jit * self._random()) + 1, self._arrive, item)
 
-    def absorb(self, dst: int, nbytes: int) -> int:
-        """What :meth:`depart` sent can only land as a duplicate: count the
-        copies that land (1, or 2 with ``duplicate_pct``) in ``bytes_in`` now,
-        without an event, and return how many (see :meth:`account`)."""
-        copies = 2 if self._dup and self._random() < self._dup else 1
-        self.bytes_in[dst] += nbytes * copies
-        return copies
+    def absorb(self, t: int, src: int, dst: int, nbytes: int) -> tuple[int, int]:
+        """What :meth:`depart` sent for ``t`` can only land as a duplicate: take
+        the draws and the tie-break numbers that :meth:`land` would (so every
+        other event keeps its key, and the run its trace), count the copies
+        in ``bytes_in`` now instead of scheduling them, and return their keys
+        (the second is 0 unless ``duplicate_pct`` doubled it) so that
+        :meth:`unabsorb` can still schedule them exactly as :meth:`land` would
+        have.  The one difference from landing: a copy whose receiver goes
+        down while it is in flight is counted as received, not as dropped (a
+        counter, never a decision, and absent from the trace)."""
+        engine = self.engine
+        mul = engine._mul
+        salt = engine._salt
+        seq = engine._seq = engine._seq + 1
+        key = (t << _TIE_BITS) | ((seq * mul + salt) & _TIE_MASK)
+        key2 = 0
+        if self._dup and self._random() < self._dup:
+            base = self._delay_us[self.region[src]][self.region[dst]]
+            t2 = t + int(base * self._jit * self._random()) + 1
+            seq = engine._seq = seq + 1
+            key2 = (t2 << _TIE_BITS) | ((seq * mul + salt) & _TIE_MASK)
+            self.bytes_in[dst] += 2 * nbytes
+        else:
+            self.bytes_in[dst] += nbytes
+        return key, key2
 
-    def unabsorb(self, t: int, src: int, dst: int, nbytes: int, kind: str, payload: Any, copies: int) -> None:
-        """Take back an :meth:`absorb`: the copies land at ``t`` after all."""
-        self.bytes_in[dst] -= nbytes * copies
-        item = (dst, self.epoch[dst], src, nbytes, kind, payload)
-        for i in range(copies):
-            self.engine.at(t + i, self._arrive, item)
+    def unabsorb(self, key: int, src: int, dst: int, nbytes: int, kind: str, payload: Any) -> None:
+        """Take back one copy counted by :meth:`absorb`: it lands after all,
+        with the key it would have had."""
+        self.bytes_in[dst] -= nbytes
+        self.engine.push_key(key, self._arrive, (dst, self.epoch[dst], src, nbytes, kind, payload))
 
     def account(self, src: int, dst: int, nbytes: int) -> int:
-        """Send a message whose arrival can change nothing but counters (a
-        copy of a gossip message ``dst`` has already seen, an IHAVE of ids it
-        has all seen): the sender's side is exactly :meth:`send`'s (uplink
-        time, bytes out, the cut, loss and duplication), and the copies that
-        would arrive are counted in ``bytes_in`` now, without an event.  The
-        caller counts them as duplicates.  Returns how many copies arrive
-        (0, 1 or 2).  The one difference from :meth:`send`: if ``dst`` goes
-        down while the copy is in flight, it is counted as received rather
-        than as dropped (a counter, never a decision)."""
-        if not self.up[dst]:
-            self.dropped["down"] += 1
+        """:meth:`depart` then :meth:`absorb`: a message whose landing could
+        change nothing but counters.  Returns how many copies land (0-2)."""
+        t = self.depart(src, dst, nbytes)
+        if t < 0:
             return 0
-        side = self.side
-        if side is not None and side[src] != side[dst]:
-            self.dropped["partition"] += 1
-            return 0
-        self.bytes_out[src] += nbytes
-        rnd = self._random
-        if self._loss and rnd() < self._loss:
-            self.dropped["loss"] += 1
-            return 0
-        now = self.engine.now_us
-        ufree = self.uplink_free_us
-        free = ufree[src]
-        ufree[src] = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136
-        copies = 2 if self._dup and rnd() < self._dup else 1
-        self.bytes_in[dst] += nbytes * copies
-        return copies
+        return 2 if self.absorb(t, src, dst, nbytes)[1] else 1
 
     def _arrive(self, item: tuple[int, int, int, int, str, Any]) -> None:
         dst, epoch, src, nbytes, kind, payload = item
