@@ -199,9 +199,10 @@ def cmd_payouts(args: argparse.Namespace) -> int:
     from p2pgpu.store import payouts
 
     rows = payouts(_db(home_of(args)))
-    emit(args, {"payouts": rows}, lambda d: table(
+    # --json: a bare list of rows, as `market` and `job list` print.
+    emit(args, rows, lambda d: table(
         [[r["proof_hash"][:16], r["worker"][:16], str(r["amount"]), r["currency"][:8], r["status"],
-          r["tx_signature"] or ""] for r in d["payouts"]],
+          r["tx_signature"] or ""] for r in d],
         ["PROOF", "WORKER", "AMOUNT", "CURRENCY", "STATUS", "TX"]) or "no payouts")
     return 0
 
@@ -210,9 +211,9 @@ def cmd_earnings(args: argparse.Namespace) -> int:
     from p2pgpu.store import earnings
 
     rows = earnings(_db(home_of(args)))
-    emit(args, {"earnings": rows}, lambda d: table(
+    emit(args, rows, lambda d: table(
         [[r["job_id"][:16], str(r["amount"]), r["currency"][:8], r["status"], r["tx_signature"] or ""]
-         for r in d["earnings"]],
+         for r in d],
         ["JOB", "AMOUNT", "CURRENCY", "STATUS", "TX"]) or "no earnings")
     return 0
 

@@ -38,7 +38,7 @@ def test_devnet_once_8_nodes_5_jobs_all_paid(tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "earnings", "--json", "--home", str(root / f"node{i}")],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        for e in json.loads(out.stdout)["earnings"]:
+        for e in json.loads(out.stdout):
             assert e["status"] == "paid", e
             seen_tx.add(e["tx_signature"])
     assert seen_tx == paid_tx

@@ -89,5 +89,5 @@ def test_unfunded_payer_gets_no_volunteers_then_funded_job_pays_workers(tmp_path
             node = by_peer[p["worker"]]
             out = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "earnings", "--json", "--home",
                                   str(node.home.path)], capture_output=True, text=True, timeout=60)
-            rows = [e for e in json.loads(out.stdout)["earnings"] if e["proof_hash"] == p["proof_hash"]]
+            rows = [e for e in json.loads(out.stdout) if e["proof_hash"] == p["proof_hash"]]
             assert rows and rows[0]["tx_signature"] == p["tx_signature"] and rows[0]["amount"] == p["amount"]

@@ -57,7 +57,7 @@ def earnings_of(home: Path) -> list[dict[str, Any]]:
     out = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "earnings", "--json", "--home", str(home)],
                          check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return list(json.loads(out.stdout)["earnings"])
+    return list(json.loads(out.stdout))
 
 
 def test_token_job_pays_each_worker_its_tokens(tmp_path: Path, ledger: str) -> None:  # noqa: F811
