@@ -199,6 +199,10 @@ class Collector:
                     self._replay(c, item["kind"], item["sender"], item["wire"])
                 except PeerMisbehaved as exc:  # stored by us, so only a bug gets here
                     log.warning("stored %s of %s refused: %s", item["kind"], row["job_id"][:12], exc)
+            try:
+                self._replay_logs(c)
+            except PeerMisbehaved as exc:
+                log.warning("stored logs of %s refused: %s", row["job_id"][:12], exc)
             self.collections[c.job_id] = c
             if rec.state == "interrupted":
                 rec.state, rec.reason = "confirmed", ""
@@ -246,18 +250,57 @@ class Collector:
             return
         c = self._collection(job_id, signer)
         if kind == "log":
-            seq = body.get("seq")
-            lines = body.get("lines")
-            if type(seq) is not int or not isinstance(lines, list) or seq <= c.log_seqs.get(signer, 0):
-                return  # an old or repeated batch
-            c.log_seqs[signer] = seq
-            member_index = list(c.cert.members).index(signer)
-            for item in lines[:1000]:
-                if len(c.logs) >= logs_kept_max:
-                    break
-                if isinstance(item, list) and len(item) == 3 and isinstance(item[2], str):
-                    c.logs.append({"t_ms": item[0], "stream": str(item[1]), "line": item[2],
-                                   "member": signer, "member_index": member_index})
+            kept = len(c.logs)
+            if self._add_logs(c, signer, body) and data and self.jobs.db is not None and kept < logs_kept_max:
+                # Stored as received (signed), so `job logs` answers after a restart too.
+                from p2pgpu.store import add_log_batch  # noqa: PLC0415
+
+                add_log_batch(self.jobs.db, job_id=job_id, member=signer, seq=body["seq"],
+                              lines=len(c.logs) - kept, wire=data, now_ms=self.jobs.node.now_ms())
+
+    @staticmethod
+    def _add_logs(c: Collection, signer: str, body: dict[str, Any]) -> bool:
+        seq = body.get("seq")
+        lines = body.get("lines")
+        if type(seq) is not int or not isinstance(lines, list) or seq <= c.log_seqs.get(signer, 0):
+            return False  # an old or repeated batch
+        c.log_seqs[signer] = seq
+        member_index = list(c.cert.members).index(signer)
+        for item in lines[:1000]:
+            if len(c.logs) >= logs_kept_max:
+                break
+            if isinstance(item, list) and len(item) == 3 and isinstance(item[2], str):
+                c.logs.append({"t_ms": item[0], "stream": str(item[1]), "line": item[2],
+                               "member": signer, "member_index": member_index})
+        return True
+
+    def stored_logs(self, job_id: str) -> list[dict[str, Any]] | None:
+        """The logs of a job collected here before a restart (``None`` if none
+        are stored): rebuilt from the stored signed batches."""
+        if self.jobs.db is None:
+            return None
+        from p2pgpu.store import collection_row  # noqa: PLC0415
+
+        row = collection_row(self.jobs.db, job_id)
+        rec = self.jobs.records.get(job_id)
+        if row is None or rec is None:
+            return None
+        try:
+            cert = Certificate.from_obj(decode(row["certificate"], size_max=Kind.CERTIFICATE.bytes_max))
+        except PeerMisbehaved:
+            return None
+        c = Collection(sm=rec.manifest, cert=cert, confirmed_at_ms=row["confirmed_at_ms"])
+        self._replay_logs(c)
+        return c.logs
+
+    def _replay_logs(self, c: Collection) -> None:
+        from p2pgpu.store import log_batches  # noqa: PLC0415
+
+        for wire in log_batches(self.jobs.db, c.job_id):
+            env = envelope_from_obj(decode(wire, size_max=Kind.RESULT.bytes_max + 1024, canonical=True),
+                                    expected=Kind.RESULT)
+            if env.signer_peer_id in c.cert.members:
+                self._add_logs(c, env.signer_peer_id, body_of(env))
 
     def on_proof(self, data: bytes) -> None:
         sp = decode_proof(data)

@@ -562,6 +562,9 @@ class JobsService:
         c = self.collector.collections.get(job_id)
         if c is not None:
             return list(c.logs)
+        stored = self.collector.stored_logs(job_id)  # a job settled before a restart
+        if stored:
+            return stored
         runner = self.runner_obj
         return list(runner.logs.get(job_id, [])) if runner is not None else []
 

@@ -18,6 +18,11 @@ Three small tables, one per side of the result path:
   members, rewritten at every checkpoint (before the new chain head is shown
   to anyone in a heartbeat).
 
+* ``collected_logs`` (schema version 220): the log batches the submitter
+  collected, as the signed bytes received, so ``job logs`` still answers
+  after the submitter restarts (batches sent while it was down are lost:
+  members do not resend logs).
+
 Every write function runs in whatever transaction the caller holds (or in
 autocommit); those that must be atomic with another write say so.
 """
@@ -232,6 +237,35 @@ def unfinished_member_runs(conn: sqlite3.Connection, *, limit: int = 1_000) -> l
     return out
 
 
+add_migration(220, """
+CREATE TABLE collected_logs (
+    job_id TEXT NOT NULL,
+    member TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    lines INTEGER NOT NULL,
+    wire BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, member, seq)
+);
+""")
+
+
+def add_log_batch(conn: sqlite3.Connection, *, job_id: str, member: str, seq: int, lines: int, wire: bytes,
+                  now_ms: int) -> bool:
+    """One signed log batch a member sent; True when it is new."""
+    cur = conn.execute(
+        "INSERT INTO collected_logs (job_id, member, seq, lines, wire, received_ms) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (job_id, member, seq) DO NOTHING", (job_id, member, seq, lines, wire, now_ms))
+    return cur.rowcount == 1
+
+
+def log_batches(conn: sqlite3.Connection, job_id: str, *, limit: int = 100_000) -> list[bytes]:
+    """A job's collected log batches (signed bytes), in the order received."""
+    return [bytes(r[0]) for r in conn.execute(
+        "SELECT wire FROM collected_logs WHERE job_id = ? ORDER BY rowid LIMIT ?",
+        (job_id, limit))]
+
+
 def prune_recovery(conn: sqlite3.Connection, *, before_ms: int) -> int:
     """Forget what no longer matters: deliveries acknowledged (or given up)
     before ``before_ms``, finished member runs last written before it, and the
@@ -242,4 +276,6 @@ def prune_recovery(conn: sqlite3.Connection, *, before_ms: int) -> int:
                       (before_ms,)).rowcount
     n += conn.execute("DELETE FROM collection_items WHERE job_id IN (SELECT job_id FROM collections"
                       " WHERE settled = 1 AND settled_ms < ?)", (before_ms,)).rowcount
+    n += conn.execute("DELETE FROM collected_logs WHERE received_ms < ? AND job_id IN (SELECT job_id FROM"
+                      " collections WHERE settled = 1)", (before_ms,)).rowcount
     return n

@@ -362,3 +362,29 @@ def test_prune_forgets_only_what_is_settled_and_old(tmp_path: Path) -> None:
             ack_delivery(db, bytes([i]) * 32, status="recorded", now_ms=acked)
     assert prune_recovery(db, before_ms=T0 + 5_000) == 1
     assert sorted(d["item_hash"][:2] for d in deliveries_of(db, "j")) == ["02", "03"]  # pending, recent
+
+
+def test_collected_logs_survive_the_submitters_restart(cluster: Any) -> None:
+    """Log batches are stored as received: ``job logs`` answers the same after
+    a restart, while the job is open and after it settled; a repeated batch
+    is not stored twice."""
+    from p2pgpu.core import Kind, seal
+
+    c = cluster
+    s = c.net.nodes[S.peer_id]
+    for seq, ident in ((1, A), (1, B), (2, A)):
+        batch = seal(ident, Kind.RESULT, {"type": "log", "job_id": c.job, "peer_id": ident.peer_id, "seq": seq,
+                                          "lines": [[T0 + seq, "stdout", f"line {seq} of {ident.peer_id[-4:]}"]]})
+        s.deliver(batch.to_bytes(), via="stream")
+        s.deliver(batch.to_bytes(), via="stream")  # a repeat
+    before = s.logs_of(c.job)
+    assert [x["line"] for x in before] == [f"line 1 of {A.peer_id[-4:]}", f"line 1 of {B.peer_id[-4:]}",
+                                           f"line 2 of {A.peer_id[-4:]}"]
+    s = restart(c, S)  # open collection: reopened with its logs
+    assert s.logs_of(c.job) == before
+    member_sends(c)  # settles
+    assert s.collector.collections[c.job].settled
+    s = restart(c, S)  # settled: not reopened, the logs come from the store
+    assert c.job not in s.collector.collections
+    assert s.logs_of(c.job) == before
+    assert s.db.execute("SELECT count(*) FROM collected_logs WHERE job_id = ?", (c.job,)).fetchone()[0] == 3
