@@ -23,9 +23,7 @@ and ``deliver(node, msg)`` is called once per node per message.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Callable
-from itertools import islice
 from typing import Any
 
 from ._engine import _TIE_BITS, _TIE_MASK, Engine
@@ -74,7 +72,9 @@ class GossipSub:
         self.deliver = deliver
         n = net.n
         self.mesh: list[list[int]] = [[] for _ in range(n)]
-        self.mcache: list[deque[list[int]]] = [deque([[]]) for _ in range(n)]
+        #: per node, the message ids of its last history_length heartbeats (a
+        #: list of a few lists: a deque would cost 600 bytes a node)
+        self.mcache: list[list[list[int]]] = [[[]] for _ in range(n)]
         self.score: list[dict[int, float] | None] = [None] * n
         self.msgs: dict[int, Msg] = {}
         self.dups = [0] * n
@@ -104,11 +104,11 @@ class GossipSub:
     def start(self, node: int) -> None:
         """A node (re)starts: empty router state, heartbeat at a random phase."""
         self.mesh[node] = []
-        self.mcache[node] = deque([[]])
+        self.mcache[node] = [[]]
         self.score[node] = None
         for m in self.msgs.values():
             m.seen[node] = 0
-        self.engine.after(self.rng(node).randrange(self.hb_us), self._heartbeat, (node, self.net.epoch[node]))
+        self.engine.after(int(self.rng(node).random() * self.hb_us), self._heartbeat, (node, self.net.epoch[node]))
 
     def _peer_lost(self, node: int, peer: int) -> None:
         mesh = self.mesh[node]
@@ -368,18 +368,17 @@ class GossipSub:
         send = net.send
         if len(mesh) < cfg.D_lo:
             cands = [p for p in self._good_peers(node) if p not in mesh]
-            rng.shuffle(cands)
-            for p in cands[: cfg.D - len(mesh)]:
+            for p in _pick(rng.random, cands, cfg.D - len(mesh)):
                 mesh.append(p)
                 send(node, p, cfg.control_bytes, "gs.graft", None)
         elif len(mesh) > cfg.D_hi:
-            rng.shuffle(mesh)
+            _pick(rng.random, mesh, cfg.D)  # the D kept come first
             for p in mesh[cfg.D:]:
                 send(node, p, cfg.control_bytes, "gs.prune", None)
             del mesh[cfg.D:]
         windows = self.mcache[node]
         ids: list[int] = []
-        for w in islice(windows, max(0, len(windows) - cfg.history_gossip), None):
+        for w in windows[-cfg.history_gossip:]:
             ids.extend(w)
         if ids:
             ids = ids[-cfg.ihave_ids_max:]
@@ -401,7 +400,7 @@ class GossipSub:
                         net.account(node, p, nbytes)
         windows.append([])
         if len(windows) > cfg.history_length:
-            windows.popleft()
+            del windows[0]
         self.engine.after(self.hb_us, self._heartbeat, arg)
 
 

@@ -224,7 +224,9 @@ class Network:
         return self.up[a] and self.up[b] and (side is None or side[a] == side[b])
 
     def connect(self, a: int, b: int) -> bool:
-        if a == b or not self.reachable(a, b):
+        up = self.up
+        side = self.side
+        if a == b or not (up[a] and up[b]) or (side is not None and side[a] != side[b]):
             return False
         pa, pb = self.peers[a], self.peers[b]
         if b in pa or len(pa) >= self.cfg.peers_max or len(pb) >= self.cfg.peers_max:

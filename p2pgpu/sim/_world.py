@@ -198,7 +198,7 @@ class World:
         a = self.scenario.adverts
         spread = 2_000_000 if self.engine.now_us > 1_000_000 else \
             int(min(a.refresh_s, a.initial_spread_s or a.refresh_s) * 1_000_000)
-        self.engine.after(rng.randrange(spread), self._advertise, (node, net.epoch[node]))
+        self.engine.after(int(rng.random() * spread), self._advertise, (node, net.epoch[node]))
         self.engine.after(int(self.scenario.network.discovery_s * 1_000_000), self._discover,
                           (node, net.epoch[node]))
         adv = self.nodes[node].adversary
@@ -361,7 +361,7 @@ class World:
         start_rng = eng.stream("start")
         for i in range(self.n):
             # Joins spread over the first second, as a network that is already running.
-            eng.at(start_rng.randrange(1_000_000), self._join, i)
+            eng.at(int(start_rng.random() * 1_000_000), self._join, i)
         prng = eng.stream("partition")
         for p in s.partition:
             eng.at(int(p.at_s * 1_000_000), self._partition, p)
