@@ -10,11 +10,12 @@ its config.toml (``p2pgpu/node/_linkdelay.py``: each byte a node receives is
 handed to Noise and Yamux that much later, order kept; the local network
 only).  The processes are this script in ``--node-proc`` mode: the real CLI
 and daemon, plus two control methods for the measurement (``calib.republish``
-makes the node sign and publish a fresh advert now, as a capacity change
-does, without a DHT put; ``calib.accepted`` returns the wall-clock time at
+makes the node sign and publish a fresh advert now, one turn of its advert
+loop, without a DHT put; ``calib.accepted`` returns the wall-clock time at
 which its GossipSub validator accepted each advert).  After the network has
-formed (every node knows every advert, meshes built), the benchmark reads the
-topology (each node's peers and ping RTT), then
+formed (every node knows every advert) and settled (the nodes' CPU has
+dropped after start-up), the benchmark reads the topology (each node's peers
+and ping RTT) and the nodes' idle CPU, then
 1. advert propagation: ``--adverts`` fresh adverts, one at a time from
    different nodes, 2 s apart; latency = acceptance at each other node minus
    the advert's ``issued_at`` (one machine, one clock);
@@ -29,20 +30,25 @@ of ``link_ms`` +- ``jitter_pct``, GossipSub with the node's parameters
 to its mesh only), the same advert origins and the same job sizes from the
 same submitters, the node's FormationConfig (offer window 40 ms, leader
 timeout 1.5 s, member timeout 600 ms, everything on the shared jobs topic as
-the node does), ``--seeds`` seeds.  Three model settings: the pure network
-model; plus CPU per delivered message (``processing_ms`` on ``shared_cores``
-of this machine); plus a fitted extra per-hop latency (``link_ms`` + x, x
-chosen so the simulated median propagation matches the real one).
+the node does), ``--seeds`` seeds.  Model settings: the pure network model;
+plus CPU per delivered message (``processing_ms`` on ``shared_cores`` of this
+machine); fit 1, an extra per-hop latency (``link_ms`` + x) that matches the
+real median; fit 2, a per-copy send time (the uplink serialisation: the k-th
+peer gets its copy k times later) and a per-hop latency that match the real
+median and spread; and, for formation, the simulator's default per-job
+topics.
 
     python3 benchmarks/calibration.py [--nodes 20] [--link-ms 25] [--jitter-pct 10]
                                       [--adverts 10] [--jobs 8] [--seeds 10] [--json]
+    python3 benchmarks/calibration.py --link-ms 0      # plain loopback
     python3 benchmarks/calibration.py --nodes 50      # once, for the record
     python3 benchmarks/calibration.py --sim-only FILE # re-run the simulated half on a saved real run
 
 The simulator half uses ``p2pgpu.sim``'s World directly (as
 ``benchmarks/simulator.py --calibrate`` does): the scenario format has no
 way yet to give an explicit topology, publish at set times, submit set jobs,
-or put formation on the shared jobs topic.
+or put formation on the shared jobs topic.  About 2.5 minutes for 20 nodes
+(half of it the fits), 10 for 50.
 """
 
 from __future__ import annotations
@@ -81,7 +87,6 @@ CPU_MS_PER_MESSAGE = 0.4  # docs/performance.md (p): patched node, relays and du
 
 def node_proc(argv: list[str]) -> int:
     """``p2pgpu node run`` with two measurement methods on its control API."""
-    import trio
     from libp2p.peer.id import ID
 
     from p2pgpu.cli import main as cli_main
@@ -173,7 +178,7 @@ def make_net(root: Path, n: int, link_ms: float, jitter_pct: float) -> Any:
 def git_commit() -> str:
     """The commit the node processes were started from (other work lands while this runs)."""
     try:
-        return subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
+        return subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True, check=False,
                               cwd=os.path.dirname(HERE)).stdout.strip()
     except OSError:
         return ""
@@ -234,8 +239,8 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
         accepted = [n.call("calib.accepted", timeout_s=30) for n in net.nodes]
         runs = []
         for p in published:
-            key = f"{p['peer_id']}/{p['seq']}"
-            lat = [acc[key] - p["issued_at_ms"] for i, acc in enumerate(accepted) if i != p["origin"] and key in acc]
+            akey = f"{p['peer_id']}/{p['seq']}"
+            lat = [acc[akey] - p["issued_at_ms"] for i, acc in enumerate(accepted) if i != p["origin"] and akey in acc]
             runs.append({"origin": p["origin"], "reached": len(lat), "latencies_ms": sorted(round(x, 2) for x in lat)})
         doc["advert_runs"] = runs
         # 2. formation, one job at a time
@@ -265,7 +270,7 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
 
 def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float, proc_ms: float, cores: int,
              seed: int, shared_topic: bool = True, jitter_pct: float | None = None,
-             jobs: bool = True, send_ms: float = 0.0) -> dict[str, Any]:
+             with_jobs: bool = True, send_ms: float = 0.0) -> dict[str, Any]:
     """One simulated run of the real run's topology, adverts and jobs."""
     from p2pgpu.core._formation_submitter import Submitter
     from p2pgpu.sim import scenario_from_obj
@@ -274,7 +279,7 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
 
     n = args.nodes
     runs = real["advert_runs"]
-    jobs = real["jobs"] if jobs else []
+    jobs: list[dict[str, Any]] = real["jobs"] if with_jobs else []
     t_adverts_us = 4_000_000
     t_jobs_us = t_adverts_us + int((len(runs) + 1) * ADVERT_GAP_S * 1_000_000)
     job_gap_us = 3_000_000
@@ -415,7 +420,7 @@ def fit_extra(real: dict[str, Any], args: argparse.Namespace, real_adv: dict[str
     real one."""
     fit_args = argparse.Namespace(**{**vars(args), "seeds": max(3, args.seeds // 2)})
     return round(_bisect(lambda x: float(sim_setting(real, fit_args, extra_ms=x, proc_ms=CPU_MS_PER_MESSAGE,
-                                                     cores=args.cores, jobs=False)["adverts"]["median_of_medians"]),
+                                                     cores=args.cores, with_jobs=False)["adverts"]["median_of_medians"]),
                          real_adv["median_of_medians"], 0.0, 300.0), 1)
 
 
@@ -430,8 +435,9 @@ def fit(real: dict[str, Any], args: argparse.Namespace, real_adv: dict[str, Any]
     fit_args = argparse.Namespace(**{**vars(args), "seeds": max(3, args.seeds // 2)})
 
     def adv(extra: float, send: float) -> dict[str, Any]:
-        return sim_setting(real, fit_args, extra_ms=extra, proc_ms=CPU_MS_PER_MESSAGE, cores=args.cores,
-                           jobs=False, send_ms=send)["adverts"]
+        figures: dict[str, Any] = sim_setting(real, fit_args, extra_ms=extra, proc_ms=CPU_MS_PER_MESSAGE,
+                                              cores=args.cores, with_jobs=False, send_ms=send)["adverts"]
+        return figures
 
     def spread(a: dict[str, Any]) -> float:
         return float(a["median_of_maxes"] - a["median_of_medians"])
@@ -441,7 +447,7 @@ def fit(real: dict[str, Any], args: argparse.Namespace, real_adv: dict[str, Any]
     for send in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0):
         if adv(0.0, send)["median_of_medians"] > target * 1.05:
             break  # the send time alone already makes propagation slower than real
-        extra = _bisect(lambda x: adv(x, send)["median_of_medians"], target, 0.0, 300.0)
+        extra = _bisect(lambda x, send=send: adv(x, send)["median_of_medians"], target, 0.0, 300.0)
         err = spread(adv(extra, send)) - spread(real_adv)
         if best is None or abs(err) < abs(best[2]):
             best = (round(extra, 1), send, round(err, 1))

@@ -40,9 +40,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 from libp2p.abc import IRawConnection
@@ -224,7 +225,7 @@ class LinkDelay:
         return conn
 
     @asynccontextmanager
-    async def installed(self, host: Any) -> AsyncIterator["LinkDelay"]:
+    async def installed(self, host: Any) -> AsyncIterator[LinkDelay]:
         """Delay every connection ``host`` secures from now on (inbound and
         outbound both pass its upgrader); the pumps live in a nursery that
         ends with this context."""

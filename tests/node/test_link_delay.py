@@ -15,16 +15,20 @@ import random
 from contextlib import AsyncExitStack
 from typing import Any
 
+import multiaddr
 import pytest
 import trio
 import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.transport.upgrader import TransportUpgrader
-import multiaddr
 
 from p2pgpu.node._linkdelay import (
-    DelayedConnection, LinkDelay, LinkDelaySpec, chunks_max, link_delay_from_config,
+    DelayedConnection,
+    LinkDelay,
+    LinkDelaySpec,
+    chunks_max,
+    link_delay_from_config,
 )
 from p2pgpu.node._stack import StackConfig, open_stack
 
@@ -44,7 +48,7 @@ class FakeRaw:
     async def read(self, n: int | None = None) -> bytes:
         if self.fail is not None:
             raise self.fail
-        return await self.stream.receive_some(n)
+        return bytes(await self.stream.receive_some(n))
 
     async def write(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -161,7 +165,7 @@ async def test_close_ends_the_pump_and_the_reader(autojump_clock: Any) -> None:
 
 
 async def test_wrap_outside_installed_is_refused() -> None:
-    _, conn, raw = pair(LinkDelaySpec(link_ms=5))
+    _, _conn, raw = pair(LinkDelaySpec(link_ms=5))
     with pytest.raises(RuntimeError):
         LinkDelay(LinkDelaySpec(link_ms=5)).wrap(raw)  # type: ignore[arg-type]
 
@@ -208,7 +212,7 @@ def test_config_values_and_seed() -> None:
 async def one_message(delay_a: LinkDelaySpec | None, delay_b: LinkDelaySpec | None) -> tuple[float, Any, Any]:
     """Host B sends one frame to host A on an open stream; returns the seconds
     from B's write to A's read, and both stacks' upgraders."""
-    got: dict[str, float] = {}
+    got: dict[str, Any] = {}
     done = trio.Event()
     async with AsyncExitStack() as ex:
         a = await ex.enter_async_context(open_stack(b"a" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={},
@@ -222,7 +226,7 @@ async def one_message(delay_a: LinkDelaySpec | None, delay_b: LinkDelaySpec | No
                 await stream.write(b"ok")
                 data = await stream.read(4)
                 got["at"] = trio.current_time()
-                got["data"] = data  # type: ignore[assignment]
+                got["data"] = data
                 done.set()
             await stream.close()
 
@@ -236,8 +240,8 @@ async def one_message(delay_a: LinkDelaySpec | None, delay_b: LinkDelaySpec | No
             await stream.write(b"ping")
             await done.wait()
         await stream.close()
-        assert got["data"] == b"ping"  # type: ignore[comparison-overlap]
-        return got["at"] - t0, a.host.get_network().upgrader, b.host.get_network().upgrader
+        assert got["data"] == b"ping"
+        return got["at"] - t0, a.host.get_network().upgrader, b.host.get_network().upgrader  # type: ignore[attr-defined]
 
 
 async def test_a_message_takes_at_least_the_injected_delay() -> None:
@@ -258,8 +262,8 @@ async def test_no_delay_by_default() -> None:
     its connections (the message arrives; how fast is not asserted)."""
     seen: list[Any] = []
     async with open_stack(b"c" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}) as stack:
-        seen.append(stack.host.get_network().upgrader.upgrade_security)
+        seen.append(stack.host.get_network().upgrader.upgrade_security)  # type: ignore[attr-defined]
     assert StackConfig().link_delay is None
     assert seen[0].__func__ is TransportUpgrader.upgrade_security
-    _, up_a, up_b = await one_message(None, None)
+    _, up_a, _up_b = await one_message(None, None)
     assert up_a.upgrade_security.__func__ is TransportUpgrader.upgrade_security
