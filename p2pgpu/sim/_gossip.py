@@ -165,6 +165,8 @@ class GossipSub:
         delay_row = net._delay_us[region[node]]
         epoch = net.epoch
         dups = self.dups
+        bytes_in = net.bytes_in
+        dup = net._dup
         land = net.land
         absorb = net.absorb
         origin = msg.origin
@@ -199,7 +201,12 @@ class GossipSub:
             if reorder and rnd() < reorder:
                 t += int(rnd() * net._reorder_us)
             if seen[p]:
-                dups[p] += 2 if absorb(t, node, p, nbytes)[1] else 1
+                if dup:
+                    dups[p] += 2 if absorb(t, node, p, nbytes)[1] else 1
+                else:  # absorb() inlined: the tie-break number, the count
+                    engine._seq += 1
+                    bytes_in[p] += nbytes
+                    dups[p] += 1
                 continue
             rec = landing.get(p)
             e = epoch[p]

@@ -202,10 +202,33 @@ class Network:
     def account(self, src: int, dst: int, nbytes: int) -> int:
         """:meth:`depart` then :meth:`absorb`: a message whose landing could
         change nothing but counters.  Returns how many copies land (0-2)."""
-        t = self.depart(src, dst, nbytes)
-        if t < 0:
+        if self._dup or self._jit == 0.0 or self._reorder:
+            t = self.depart(src, dst, nbytes)
+            if t < 0:
+                return 0
+            return 2 if self.absorb(t, src, dst, nbytes)[1] else 1
+        # The common case inlined (no duplication or reordering): the same
+        # checks, counters and draws as depart() and absorb().
+        if not self.up[dst]:
+            self.dropped["down"] += 1
             return 0
-        return 2 if self.absorb(t, src, dst, nbytes)[1] else 1
+        side = self.side
+        if side is not None and side[src] != side[dst]:
+            self.dropped["partition"] += 1
+            return 0
+        self.bytes_out[src] += nbytes
+        rnd = self._random
+        if self._loss and rnd() < self._loss:
+            self.dropped["loss"] += 1
+            return 0
+        now = self.engine.now_us
+        ufree = self.uplink_free_us
+        free = ufree[src]
+        ufree[src] = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136 (hot path)
+        rnd()  # the jitter draw depart() takes
+        self.engine._seq += 1  # the tie-break number land() takes
+        self.bytes_in[dst] += nbytes
+        return 1
 
     def _arrive(self, item: tuple[int, int, int, int, str, Any]) -> None:
         dst, epoch, src, nbytes, kind, payload = item

@@ -37,11 +37,12 @@ def test_shortcuts_keep_the_trace_of_the_faulty_network(seed: int, monkeypatch: 
     assert fast["messages_dropped"]["loss"] == exact["messages_dropped"]["loss"]
 
 
+@pytest.mark.parametrize("faults", [{"duplicate_pct": 3, "reorder_pct": 10}, {}])
 def test_shortcuts_keep_the_trace_and_counters_with_graylisted_spammers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        faults: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     s = scenario_from_obj({
         "run": {"nodes": 120, "duration_s": 25, "settle_s": 5},
-        "network": {"latency": "regions", "duplicate_pct": 3, "reorder_pct": 10},
+        "network": {"latency": "regions", **faults},
         "adverts": {"refresh_s": 3, "ttl_s": 30, "observers": 40},
         "gossipsub": {"graylist_score": -1.0},
         # broken signatures get their senders graylisted: copies counted behind
