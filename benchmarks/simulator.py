@@ -23,16 +23,23 @@ Two figures:
    about D = 8 times): the printed ``min_rate`` column.
 
 Each line prints nodes, simulated seconds, wall seconds, the ratio
-(simulated/wall: above 1 is faster than real time), events, events/s and
-peak RSS in MB.  Goals (issue 6, on the 2-core machine): engine >= 1M
-events/s; with cores >= 100k events/s; 1k nodes >= 10x real time, 10k >= 1x,
-100k >= 0.1x within 16 GB.
+(simulated/wall: above 1 is faster than real time), the same ratio per
+CPU-second (``x_cpu``, setup included: what a whole core gives; on the shared
+machine the wall figure depends on what else runs), events, events/s and
+peak RSS in MB, then the load average when the size started.  Goals (issue
+6, on the 2-core machine): engine >= 1M events/s; with cores >= 100k
+events/s; 1k nodes >= 10x real time, 10k >= 1x, 100k >= 0.1x within 16 GB.
+
+``--exact`` schedules every gossip copy as an event (``GossipSub.exact``,
+the reference the shortcuts are tested against: same trace, more events),
+to show what the shortcuts save.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -62,8 +69,11 @@ def engine_alone(pending: int, events: int) -> float:
     return count[0] / (time.perf_counter() - t0)
 
 
-def world_once(nodes: int, sim_s: float, adverts_per_s: float) -> dict[str, object]:
+def world_once(nodes: int, sim_s: float, adverts_per_s: float, exact: bool = False) -> dict[str, object]:
     from p2pgpu.sim import run_scenario, scenario_from_obj
+    from p2pgpu.sim._gossip import GossipSub
+
+    GossipSub.exact = exact
 
     scenario = scenario_from_obj({
         "run": {"name": f"bench-{nodes}", "nodes": nodes, "duration_s": sim_s, "settle_s": min(2.0, sim_s / 4),
@@ -85,6 +95,7 @@ def world_once(nodes: int, sim_s: float, adverts_per_s: float) -> dict[str, obje
         "x_real_time": s["speed_x_real_time"], "events": s["events"], "events_per_s": s["events_per_s"],
         # on a shared machine wall time says little: events per CPU-second is the figure to trust
         "cpu_s": round(cpu, 1), "events_per_cpu_s": int(s["events"] / max(cpu, 1e-9)),
+        "x_cpu": round(s["sim_s"] / max(cpu, 1e-9), 2),  # setup included
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "advert_p50_ms": s["advert_propagation_ms_p50"], "advert_p99_ms": s["advert_propagation_ms_p99"],
         "delivery_ratio": s["advert_delivery_ratio"], "violations": s["invariant_violations"],
@@ -149,6 +160,7 @@ def main() -> None:
     ap.add_argument("--adverts-per-s", type=float, default=2.0, help="network-wide advert rate (default 2)")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-alone figure")
     ap.add_argument("--calibrate", action="store_true", help="only the loopback calibration (docs/calibration.md)")
+    ap.add_argument("--exact", action="store_true", help="schedule every gossip copy (no shortcuts; same trace)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.calibrate:
@@ -156,26 +168,30 @@ def main() -> None:
         return
     if args.one:
         sim_s = args.sim_s or DEFAULT_SIM_S.get(args.one, 10.0)
-        print(json.dumps(world_once(args.one, sim_s, args.adverts_per_s)))
+        print(json.dumps(world_once(args.one, sim_s, args.adverts_per_s, args.exact)))
         return
     if not args.no_engine:
         for pending in (1_000, 100_000):
             rate = engine_alone(pending, 1_000_000)
-            print(f"engine alone: {pending:>7} pending  {rate / 1e6:.2f}M events/s", flush=True)
+            print(f"engine alone: {pending:>7} pending  {rate / 1e6:.2f}M events/s  (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
     sizes = args.sizes or ([1_000, 10_000, 100_000] if args.full else [1_000, 10_000])
-    print(f"{'nodes':>7} {'sim_s':>6} {'wall_s':>7} {'x_real':>7} {'events':>10} {'events/s':>9} "
+    print(f"{'nodes':>7} {'sim_s':>6} {'wall_s':>7} {'x_real':>7} {'x_cpu':>6} {'events':>10} {'events/s':>9} "
           f"{'rss_MB':>7} {'p50_ms':>7} {'p99_ms':>7} {'ratio':>6} {'min_rate':>8}", flush=True)
     for n in sizes:
+        load = os.getloadavg()[0]
         cmd = [sys.executable, __file__, "--one", str(n), "--adverts-per-s", str(args.adverts_per_s)]
         if args.sim_s:
             cmd += ["--sim-s", str(args.sim_s)]
+        if args.exact:
+            cmd += ["--exact"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         d = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{d['nodes']:>7} {d['sim_s']:>6} {d['run_wall_s']:>7} {d['x_real_time']:>7} {d['events']:>10} "
-              f"{d['events_per_s']:>9} {d['peak_rss_mb']:>7} {d['advert_p50_ms']!s:>7} {d['advert_p99_ms']!s:>7} "
-              f"{d['delivery_ratio']!s:>6} {n / 3600:>8.2f}  (setup {d['setup_wall_s']} s, cpu {d['cpu_s']} s = "
-              f"{d['events_per_cpu_s']} events per CPU-s, violations {d['violations']})",
-              flush=True)
+        print(f"{d['nodes']:>7} {d['sim_s']:>6} {d['run_wall_s']:>7} {d['x_real_time']:>7} {d['x_cpu']:>6} "
+              f"{d['events']:>10} {d['events_per_s']:>9} {d['peak_rss_mb']:>7} {d['advert_p50_ms']!s:>7} "
+              f"{d['advert_p99_ms']!s:>7} {d['delivery_ratio']!s:>6} {n / 3600:>8.2f}  (setup {d['setup_wall_s']} s, "
+              f"cpu {d['cpu_s']} s = {d['events_per_cpu_s']} events per CPU-s, violations {d['violations']}, "
+              f"load {load:.1f})", flush=True)
 
 
 if __name__ == "__main__":
