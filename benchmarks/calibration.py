@@ -28,9 +28,9 @@ Simulated: the same N nodes in ``p2pgpu.sim`` with the *measured* topology
 of ``link_ms`` +- ``jitter_pct``, GossipSub with the node's parameters
 (D 6, 4..12, 1 s heartbeat, no flood publishing: py-libp2p 0.8.1 publishes
 to its mesh only), the same advert origins and the same job sizes from the
-same submitters, the node's FormationConfig (offer window 40 ms, leader
-timeout 1.5 s, member timeout 600 ms, everything on the shared jobs topic as
-the node does), ``--seeds`` seeds.  Model settings: the pure network model;
+same submitters, the node's FormationConfig (``NODE_FORMATION``: offer
+window 200 ms, leader timeout 1.5 s, member timeout 600 ms, everything on the
+shared jobs topic as the node does), ``--seeds`` seeds.  Model settings: the pure network model;
 plus CPU per delivered message (``processing_ms`` on ``shared_cores`` of this
 machine); fit 1, an extra per-hop latency (``link_ms`` + x) that matches the
 real median; fit 2, a per-copy send time (the uplink serialisation: the k-th
@@ -79,7 +79,10 @@ QUIET_WAIT_S = 90.0  # the node republishes at most once a second
 #: send time ``send_ms`` is turned into an uplink rate for this size.
 SIM_ADVERT_BYTES = 657
 LOOPBACK_MS = 0.05  # plain loopback's one-way delay, for --link-ms 0
-CPU_MS_PER_MESSAGE = 0.4  # docs/performance.md (p): patched node, relays and duplicates included
+CPU_MS_PER_MESSAGE = 0.4
+#: The node's FormationConfig (p2pgpu/node/_jobs.py, JobsService): keep in step.
+NODE_FORMATION = {"offer_window_ms": 200, "leader_timeout_ms": 1500, "member_timeout_ms": 600,
+                  "late_volunteer_ms": 600}  # docs/performance.md (p): patched node, relays and duplicates included
 
 
 # ------------------------------------------------------------------ the node process
@@ -296,7 +299,9 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
         "kademlia": {"enabled": False},
         "adverts": {"refresh_s": 100_000, "ttl_s": 3600, "books": "all", "initial_spread_s": 1},
         "jobs": {"submitters": n, "rate_per_s": 0.0, "duration_s": 1, "nodes_choices": [1, 2],
-                 "offer_window_ms": 40, "leader_timeout_ms": 1500, "member_timeout_ms": 600,
+                 "offer_window_ms": NODE_FORMATION["offer_window_ms"],
+                 "leader_timeout_ms": NODE_FORMATION["leader_timeout_ms"],
+                 "member_timeout_ms": NODE_FORMATION["member_timeout_ms"],
                  "lease_ms": 10_000, "formation_timeout_ms": 60_000},
     })
     got: dict[int, list[int]] = {}
@@ -305,7 +310,8 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
     with verify_cache():
         w = World(s, seed, tracing=False)
         if shared_topic:  # as the node does (p2pgpu/node/_jobs.py): no per-job topics
-            fc = dataclasses.replace(w.jobs.fconfig, per_job_topics=False)
+            fc = dataclasses.replace(w.jobs.fconfig, per_job_topics=False,
+                                     late_volunteer_ms=NODE_FORMATION["late_volunteer_ms"])
             w.jobs.fconfig = fc
             for i in list(w.jobs.subs):
                 w.jobs.subs[i] = Submitter(w.nodes[i].identity, fc)  # type: ignore[arg-type]
