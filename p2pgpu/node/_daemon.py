@@ -513,6 +513,8 @@ class Node:
                     except (BaseLibp2pError, ValueError) as exc:
                         log.debug("DHT add_peer %s: %s", pid, exc)
                     await self._sync_market(pid)
+                    if self.jobs.links is not None:
+                        self.jobs.links.warm(pid)  # formation's first message to it need not negotiate
                     if len(connected) >= 2 * self._dht_announced_peers:
                         # The part of the DHT we can reach has doubled since our
                         # last announcement (or there was none): announce again.

@@ -11,7 +11,8 @@ as one more frame on it:
 - :class:`DirectLinks` owns a task per peer with a bounded queue; a message
   waits only for the messages to the same peer queued before it (FIFO per
   peer, which also keeps a peer's log batches in order).
-- A link opens its stream on its first message (connecting first, by the
+- A link opens its stream when the peer connects (``warm``), or on its
+  first message (connecting first, by the
   peer's advert, when there is no connection: formation writes to the
   candidates its advert book names, not only to GossipSub neighbours),
   reopens it once when a write
@@ -43,8 +44,8 @@ log = logging.getLogger("p2pgpu.direct")
 
 links_max = 256
 link_queue_max = 1024
-idle_s = 30.0
-read_idle_s = 90.0
+idle_s = 300.0
+read_idle_s = 600.0
 open_timeout_s = 5.0
 write_timeout_s = 5.0
 
@@ -79,11 +80,15 @@ class DirectLinks:
             task_status.started()
             await trio.sleep_forever()
 
-    def send(self, peer_id: str, data: bytes) -> bool:
-        """Queue one frame for ``peer_id``; ``False`` (counted) when it cannot be queued."""
-        if self._nursery is None:
-            self.counts[f"{self.prefix}:not_running"] += 1
-            return False
+    def warm(self, peer_id: str) -> None:
+        """Open the stream to a peer now, before there is anything to send (a
+        newly connected peer): the first formation message to it then does
+        not wait for a stream's negotiation, a round trip on a real link."""
+        if self._nursery is not None and peer_id not in self._links and len(self._links) < links_max:
+            self._link(peer_id, warm=True)
+
+    def _link(self, peer_id: str, *, warm: bool = False) -> _Link:
+        assert self._nursery is not None
         link = self._links.get(peer_id)
         if link is None:
             while len(self._links) >= links_max:
@@ -92,9 +97,17 @@ class DirectLinks:
                 self.counts[f"{self.prefix}:link_evicted"] += 1
             link = _Link(peer_id)
             self._links[peer_id] = link
-            self._nursery.start_soon(self._serve_link, link)
+            self._nursery.start_soon(self._serve_link, link, warm)
         else:
             self._links.move_to_end(peer_id)
+        return link
+
+    def send(self, peer_id: str, data: bytes) -> bool:
+        """Queue one frame for ``peer_id``; ``False`` (counted) when it cannot be queued."""
+        if self._nursery is None:
+            self.counts[f"{self.prefix}:not_running"] += 1
+            return False
+        link = self._link(peer_id)
         try:
             link.send.send_nowait(data)
         except trio.WouldBlock:
@@ -109,9 +122,9 @@ class DirectLinks:
     def open_links(self) -> int:
         return len(self._links)
 
-    async def _open(self, peer_id: str) -> Any:
+    async def _open(self, peer_id: str, *, dial: bool = True) -> Any:
         with trio.move_on_after(open_timeout_s):
-            if self.dial is not None and all(p.to_base58() != peer_id for p in self.host.get_connected_peers()):
+            if dial and self.dial is not None and all(p.to_base58() != peer_id for p in self.host.get_connected_peers()):
                 if await self.dial(peer_id):
                     self.counts[f"{self.prefix}:dialed"] += 1
             try:
@@ -124,9 +137,13 @@ class DirectLinks:
         log.info("opening a direct stream to %s timed out", peer_id)
         return None
 
-    async def _serve_link(self, link: _Link) -> None:
+    async def _serve_link(self, link: _Link, warm: bool = False) -> None:
         stream: Any = None
         try:
+            if warm:
+                stream = await self._open(link.peer_id, dial=False)
+                if stream is None:
+                    return  # it opens again on the first message
             while True:
                 data = None
                 with trio.move_on_after(idle_s):

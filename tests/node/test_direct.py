@@ -92,6 +92,30 @@ async def test_frames_in_order_on_one_stream_and_dialing_a_stranger() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_warm_link_opens_before_the_first_message_and_is_reused() -> None:
+    counts: Counter[str] = Counter()
+    async with AsyncExitStack() as ex:
+        a = await ex.enter_async_context(open_stack(b"f" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}))
+        b = await ex.enter_async_context(open_stack(b"g" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}))
+        recv = Receiver(counts)
+        a.host.set_stream_handler(PROTOCOL, guarded("test", recv.handler, counts, timeout_s=600))
+        await b.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.addrs()[0])))
+        links = DirectLinks(b.host, PROTOCOL, counts, prefix="t")
+        a_id = a.host.get_id().to_base58()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(links.run)
+            links.warm(a_id)
+            with trio.fail_after(30):
+                while recv.streams < 1:
+                    await trio.sleep(0.01)
+            assert counts["t:opened"] == 1 and recv.frames == []
+            links.warm(a_id)  # already open: nothing more
+            links.send(a_id, b"first")
+            await recv.wait_for(1)
+            assert recv.frames == [b"first"] and recv.streams == 1 and counts["t:opened"] == 1
+            nursery.cancel_scope.cancel()
+
+
 async def test_sending_before_running_or_to_a_full_queue_is_refused_and_counted() -> None:
     counts: Counter[str] = Counter()
     links = DirectLinks(None, PROTOCOL, counts, prefix="t")
