@@ -388,15 +388,19 @@ class GossipSub:
         for w in windows[-cfg.history_gossip:]:
             ids.extend(w)
         if ids:
-            ids = ids[-cfg.ihave_ids_max:]
-            cands = [p for p in self._good_peers(node) if p not in mesh]
+            if len(ids) > cfg.ihave_ids_max:
+                ids = ids[-cfg.ihave_ids_max:]
+            sc = self.score[node]
+            cands = [p for p in net.peers[node] if p not in mesh and (sc is None or sc.get(p, 0.0) >= 0.0)]
             if cands:
                 nbytes = cfg.control_bytes + _ID_BYTES * len(ids)
                 msgs = self.msgs
                 live = [m for m in map(msgs.get, ids) if m is not None]
                 exact = self.exact
-                for p in _pick(rng.random, cands, cfg.D_lazy):
-                    self.ihave_sent += 1
+                account = net.account
+                targets = _pick(rng.random, cands, cfg.D_lazy)
+                self.ihave_sent += len(targets)
+                for p in targets:
                     # An IHAVE of ids the peer has all seen (or forgotten) asks
                     # for nothing when it lands: counted, not scheduled.
                     for m in live:
@@ -404,11 +408,12 @@ class GossipSub:
                             send(node, p, nbytes, "gs.ihave", ids)
                             break
                     else:
-                        net.account(node, p, nbytes)
+                        account(node, p, nbytes)
         windows.append([])
         if len(windows) > cfg.history_length:
             del windows[0]
-        self.engine.after(self.hb_us, self._heartbeat, arg)
+        engine = self.engine
+        engine.at(engine.now_us + self.hb_us, self._heartbeat, arg)
 
 
 def _pick(rnd: Callable[[], float], xs: list[int], k: int) -> list[int]:
