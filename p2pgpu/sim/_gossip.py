@@ -177,7 +177,7 @@ class GossipSub:
         ser = int(nbytes * net._us_per_byte)
         ufree = net.uplink_free_us
         free = ufree[node]
-        done = free if free > now else now  # noqa: FURB136 (hot path)
+        done = start = free if free > now else now  # noqa: FURB136 (hot path)
         left = cut = lost = sent = 0
         for p in targets:
             if p == skip or p == origin:
@@ -193,21 +193,25 @@ class GossipSub:
                 lost += 1
                 continue
             done += ser
-            ufree[node] = done
+            if seen[p]:
+                # depart()'s draws (the landing time is not needed), then absorb()
+                if jit:
+                    rnd()
+                if reorder and rnd() < reorder:
+                    rnd()
+                if dup:
+                    dups[p] += 2 if absorb(done, node, p, nbytes)[1] else 1
+                else:  # absorb() inlined: the tie-break number, the count
+                    engine._seq += 1
+                    bytes_in[p] += nbytes
+                    dups[p] += 1
+                continue
             base = delay_row[region[p]]
             t = done + base
             if jit:
                 t += int(base * jit * (2.0 * rnd() - 1.0))
             if reorder and rnd() < reorder:
                 t += int(rnd() * net._reorder_us)
-            if seen[p]:
-                if dup:
-                    dups[p] += 2 if absorb(t, node, p, nbytes)[1] else 1
-                else:  # absorb() inlined: the tie-break number, the count
-                    engine._seq += 1
-                    bytes_in[p] += nbytes
-                    dups[p] += 1
-                continue
             rec = landing.get(p)
             e = epoch[p]
             if rec is not None and rec[2] == e:
@@ -225,7 +229,10 @@ class GossipSub:
                 landing[p] = [(t << _TIE_BITS) | (((engine._seq + 1) * engine._mul + engine._salt) & _TIE_MASK),
                               node, e, []]
             land(t, node, p, nbytes, "gs.msg", msg)
-        net.bytes_out[node] += sent * nbytes
+        if sent:
+            net.bytes_out[node] += sent * nbytes
+            if done != start:
+                ufree[node] = done
         if left or cut or lost:
             dropped = net.dropped
             dropped["down"] += left
