@@ -135,8 +135,10 @@ class Engine:
 
     def _new_bucket(self, b: int, ev: Event) -> None:
         if b < self._cur_b:
-            # Earlier than the bucket being consumed (only possible between
-            # runs): put that bucket back among the others and open none.
+            # Earlier than the bucket being consumed.  Defensive: run_until
+            # opens a bucket only when it starts before the end, so the
+            # clock never stops before the open bucket; should that change,
+            # the open bucket goes back among the others and none is open.
             if self._cur:
                 self._buckets[self._cur_b] = self._cur
                 heappush(self._bheap, self._cur_b)
