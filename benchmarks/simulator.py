@@ -1,7 +1,7 @@
 """Simulator speed: events per second, simulated vs wall time, peak memory.
 
     python3 benchmarks/simulator.py            # engine alone + 1,000 and 10,000 nodes
-    python3 benchmarks/simulator.py --full     # ... and 100,000 nodes (minutes, several GB)
+    python3 benchmarks/simulator.py --full     # ... and 100,000 nodes (about 30 s, 650 MB)
     python3 benchmarks/simulator.py --sizes 1000 --sim-s 30
     python3 benchmarks/simulator.py --calibrate  # the loopback calibration of docs/calibration.md
 
@@ -154,7 +154,7 @@ def calibrate() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="include 100,000 nodes (minutes, several GB)")
+    ap.add_argument("--full", action="store_true", help="include 100,000 nodes (about 30 s, 650 MB)")
     ap.add_argument("--sizes", type=int, nargs="*", help="node counts to run (overrides --full)")
     ap.add_argument("--sim-s", type=float, help="simulated seconds for every size")
     ap.add_argument("--adverts-per-s", type=float, default=2.0, help="network-wide advert rate (default 2)")
