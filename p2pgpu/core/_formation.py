@@ -302,7 +302,11 @@ class FormationNode:
             order = expected_volunteers(sm, [*candidates, self.peer_id], cfg)
             job.eager = order
             if self.peer_id not in order:
+                # Quiet, but listening: the job's proposals (progress) and its
+                # CONFIRM or CANCEL (the end) travel on the job's topic.
                 job.quiet = True
+                job.subscribed = True
+                actions.append(Subscribe(self.config.topic(job.job_id)))
                 position = sum(1 for p in candidates[:candidates_max] if leader_rank(sm.job_id, p) <
                                leader_rank(sm.job_id, self.peer_id))
                 group = max(1, position // len(order))
@@ -613,6 +617,8 @@ class FormationNode:
         if prop.gpus_per_member != m.gpus_per_node or len(prop.members) != m.members:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "proposal does not fit the manifest")
         job.progress_ms = now_ms
+        if job.state is WorkerState.SEEN and job.quiet and prop.view > job.view:
+            job.view = prop.view  # should it volunteer later, it joins the view in progress
         if prop.leader == self.peer_id or job.state in (WorkerState.RUNNING, WorkerState.CLOSED, WorkerState.SEEN):
             return []
         self._note_volunteer(job, prop.leader, 0)

@@ -64,7 +64,8 @@ from p2pgpu.core import (
     verify_proof,
 )
 from p2pgpu.core._formation_messages import Accept, Certified, Proposal, decode_message
-from p2pgpu.core._manifest import Manifest, sign_manifest
+from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
+from p2pgpu.core._matching import exclusion
 from p2pgpu.core._payout import Owed as PayoutOwed
 from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 rent_exempt_min_lamports = 890_880
 initial_balance_lamports = 1_000_000_000
 decoded_cache_max = 100_000
+candidates_cache_max = 1024
 
 
 class JobState(str, Enum):
@@ -128,7 +130,11 @@ class JobFlow:
         self.rng = world.engine.stream("jobs")
         self.fconfig = FormationConfig(offer_window_ms=cfg.offer_window_ms, leader_timeout_ms=cfg.leader_timeout_ms,
                                        member_timeout_ms=cfg.member_timeout_ms, lease_ms=cfg.lease_ms,
-                                       formation_timeout_ms=cfg.formation_timeout_ms)
+                                       formation_timeout_ms=cfg.formation_timeout_ms,
+                                       spare_volunteers=cfg.spare_volunteers,
+                                       late_volunteer_ms=cfg.late_volunteer_ms)
+        #: Candidate lists per job (see :meth:`candidates`), computed once.
+        self._cands: dict[str, list[str]] = {}
         n = world.n
         self.enabled = cfg.submitters > 0
         self.fnodes: list[FormationNode | None] = [None] * n
@@ -298,7 +304,10 @@ class JobFlow:
         actions: list[Any] = []
         try:
             fn = self.fnodes[node]
-            if fn is not None:
+            if fn is not None and isinstance(msg, SignedManifest):
+                if msg.job_id not in fn.jobs:  # else a copy (direct and gossiped), as the node skips it
+                    actions = fn.on_manifest(msg, now_ms, self.candidates(msg))
+            elif fn is not None:
                 actions = fn.on_message(msg, now_ms)
             sub = self.subs.get(node)
             if sub is not None:
@@ -314,6 +323,26 @@ class JobFlow:
         node, epoch, msg = arg
         if self.world.net.epoch[node] == epoch and self.world.net.up[node]:
             self._deliver(node, msg)
+
+    def candidates(self, sm: SignedManifest) -> list[str] | None:
+        """What the node's driver hands the cores: the peers whose adverts
+        match the job with enough free GPUs.  The simulated workers keep no
+        books, so every node gets the same list, made from each node's
+        current advert (crashed nodes' included until they expire: a book is
+        stale that way too) when the job is first seen."""
+        if not self.cfg.candidates:
+            return None
+        got = self._cands.get(sm.job_id)
+        if got is None:
+            if len(self._cands) >= candidates_cache_max:
+                self._cands.pop(next(iter(self._cands)))
+            w = self.world
+            now_ms = w.engine.now_us // 1000
+            req = sm.manifest.requirements
+            got = [sn.advert.peer_id for sn in w.nodes
+                   if sn.advert is not None and sn.advert.expires_at_ms > now_ms and exclusion(sn.advert, req) is None]
+            self._cands[sm.job_id] = got
+        return got
 
     def on_manifest(self, node: int, msg: Msg) -> None:
         """Gossip delivered something on the jobs topic to ``node``."""
@@ -370,7 +399,7 @@ class JobFlow:
         self.by_job_id[sm.job_id] = jid
         self._decoded[sm.wire] = sm
         w.engine.trace("job", jid, "submit", m.members)
-        self.carry(node, self.subs[node].submit(sm, now_ms))
+        self.carry(node, self.subs[node].submit(sm, now_ms, self.candidates(sm)))
         fn = self.fnodes[node]
         if fn is not None:  # the submitter's own node may work on its own job
             self._deliver(node, sm)

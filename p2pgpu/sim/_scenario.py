@@ -161,6 +161,12 @@ class JobSection:
     member_timeout_ms: int = 800
     lease_ms: int = 10_000
     formation_timeout_ms: int = 30_000
+    #: Hand the cores candidate lists as the node does (the matching adverts
+    #: with free GPUs, here from the network-wide set of current adverts): a
+    #: job draws members + spare_volunteers offers, the rest volunteer late.
+    candidates: bool = True
+    spare_volunteers: int = 2
+    late_volunteer_ms: int = 600
 
 
 @dataclass(frozen=True, kw_only=True)

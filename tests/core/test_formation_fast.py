@@ -60,9 +60,9 @@ def test_only_the_expected_volunteers_offer_and_they_tell_each_other_directly() 
     prop = b.sent(prop_acts, Proposal)
     assert prop.members == (b.p[0].peer_id, b.p[2].peer_id)
     assert "send proposal>P2" in b.summary(prop_acts) and "send proposal>S" in b.summary(prop_acts)
-    # A quiet node (P5) offers nothing; it only sets its late timer.
+    # A quiet node (P5) offers nothing; it listens on the job's topic and sets its late timer.
     quiet = b.p[5].on_manifest(b.sm, T0 + 1, cands)
-    assert b.summary(quiet) == ["timer end", "timer late"]
+    assert b.summary(quiet) == ["timer end", "subscribe", "timer late"]
     assert b.p[5].state(b.job) is WorkerState.SEEN
 
 
@@ -79,12 +79,12 @@ def test_a_quiet_candidate_volunteers_late_unless_formation_progresses_or_ended(
     assert b.summary(b.timer(5, "late", late_at)) == ["timer late"]
     # No progress since: it offers, on the topic (it is not one of the expected few).
     acts = b.timer(5, "late", T0 + 5 + CFG.leader_timeout_ms)
-    assert b.summary(acts) == ["emit late_volunteer", "subscribe", "publish offer", "timer window"]
+    assert b.summary(acts) == ["emit late_volunteer", "publish offer", "timer window"]
     # Another quiet node whose job was confirmed meanwhile stays quiet.
     b.p[6].on_manifest(b.sm, T0, cands)
     cert = Certified.sign(b.p[0].identity, _cert_of(b, prop))
     confirm = b.sent(b.s.on_message(cert, T0 + 10), Confirm)
-    assert "unsubscribe" not in b.summary(b.p[6].on_message(confirm, T0 + 11))  # it never subscribed
+    assert "unsubscribe" in b.summary(b.p[6].on_message(confirm, T0 + 11))  # it stops listening
     assert b.p[6].state(b.job) is WorkerState.CLOSED
     assert b.timer(6, "late", late_at) == []
 
