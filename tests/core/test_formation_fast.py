@@ -124,12 +124,16 @@ def test_a_stale_candidate_list_only_costs_the_offer_window() -> None:
 # -- the submitter assembles the certificate -------------------------------------
 
 
-def test_submitter_confirms_from_the_proposal_and_every_accept_before_the_certified() -> None:
-    b = Bench(3, nodes=2)
+def proposed(b: Bench) -> tuple[Proposal, Accept]:
+    """Everyone offered; P0 proposes {P0, P1}: its proposal and its own accept."""
     start(b)
     prop_acts = b.timer(0, "window", T0 + 1 + CFG.offer_window_ms)
-    prop = b.sent(prop_acts, Proposal)
-    own_accept = b.sent([a for a in prop_acts if "accept" in b.summary([a])[0]], Accept)
+    return b.sent(prop_acts, Proposal), b.sent([a for a in prop_acts if "accept" in b.summary([a])[0]], Accept)
+
+
+def test_submitter_confirms_from_the_proposal_and_every_accept_before_the_certified() -> None:
+    b = Bench(3, nodes=2)
+    prop, own_accept = proposed(b)
     assert b.s.on_message(prop, T0 + 50) == []
     assert b.s.on_message(own_accept, T0 + 51) == []  # P1's accept still missing
     accept1 = b.sent(b.p[1].on_message(prop, T0 + 52), Accept)
@@ -146,10 +150,7 @@ def test_submitter_confirms_from_the_proposal_and_every_accept_before_the_certif
 
 def test_accepts_without_their_proposal_or_over_the_price_confirm_nothing() -> None:
     b = Bench(3, nodes=2)
-    start(b)
-    prop_acts = b.timer(0, "window", T0 + 1 + CFG.offer_window_ms)
-    prop = b.sent(prop_acts, Proposal)
-    own_accept = b.sent([a for a in prop_acts if "accept" in b.summary([a])[0]], Accept)
+    prop, own_accept = proposed(b)
     accept1 = b.sent(b.p[1].on_message(prop, T0 + 52), Accept)
     assert b.s.on_message(own_accept, T0 + 53) == [] and b.s.on_message(accept1, T0 + 54) == []  # no proposal
     # A member asking more than the ceiling: the assembled certificate is refused, nobody is blamed here.

@@ -6,7 +6,8 @@ drops it, and a bad frame costs the sender its stream, not the receiver."""
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import multiaddr
@@ -48,13 +49,20 @@ class Receiver:
                 await self.got.wait()
 
 
-async def test_frames_in_order_on_one_stream_and_dialing_a_stranger() -> None:
-    counts: Counter[str] = Counter()
+@asynccontextmanager
+async def two_hosts(counts: Counter[str]) -> AsyncIterator[tuple[Any, Any, Receiver]]:
+    """Hosts A and B on 127.0.0.1, not connected; A serves PROTOCOL into a Receiver."""
     async with AsyncExitStack() as ex:
         a = await ex.enter_async_context(open_stack(b"d" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}))
         b = await ex.enter_async_context(open_stack(b"e" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}))
         recv = Receiver(counts)
         a.host.set_stream_handler(PROTOCOL, guarded("test", recv.handler, counts, timeout_s=600))
+        yield a, b, recv
+
+
+async def test_frames_in_order_on_one_stream_and_dialing_a_stranger() -> None:
+    counts: Counter[str] = Counter()
+    async with two_hosts(counts) as (a, b, recv):
         a_id = a.host.get_id().to_base58()
         dialled: list[str] = []
 
@@ -94,11 +102,7 @@ async def test_frames_in_order_on_one_stream_and_dialing_a_stranger() -> None:
 
 async def test_a_warm_link_opens_before_the_first_message_and_is_reused() -> None:
     counts: Counter[str] = Counter()
-    async with AsyncExitStack() as ex:
-        a = await ex.enter_async_context(open_stack(b"f" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}))
-        b = await ex.enter_async_context(open_stack(b"g" * 32, ["/ip4/127.0.0.1/tcp/0"], dht_validators={}))
-        recv = Receiver(counts)
-        a.host.set_stream_handler(PROTOCOL, guarded("test", recv.handler, counts, timeout_s=600))
+    async with two_hosts(counts) as (a, b, recv):
         await b.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.addrs()[0])))
         links = DirectLinks(b.host, PROTOCOL, counts, prefix="t")
         a_id = a.host.get_id().to_base58()
