@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -51,12 +52,11 @@ write_timeout_s = 5.0
 
 
 class _Link:
-    __slots__ = ("peer_id", "send", "recv", "scope")
+    __slots__ = ("peer_id", "recv", "send")
 
     def __init__(self, peer_id: str) -> None:
         self.peer_id = peer_id
         self.send, self.recv = trio.open_memory_channel[bytes](link_queue_max)
-        self.scope = trio.CancelScope()
 
 
 class DirectLinks:
@@ -124,9 +124,9 @@ class DirectLinks:
 
     async def _open(self, peer_id: str, *, dial: bool = True) -> Any:
         with trio.move_on_after(open_timeout_s):
-            if dial and self.dial is not None and all(p.to_base58() != peer_id for p in self.host.get_connected_peers()):
-                if await self.dial(peer_id):
-                    self.counts[f"{self.prefix}:dialed"] += 1
+            connected = any(p.to_base58() == peer_id for p in self.host.get_connected_peers())
+            if dial and self.dial is not None and not connected and await self.dial(peer_id):
+                self.counts[f"{self.prefix}:dialed"] += 1
             try:
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [self.protocol])
             except (BaseLibp2pError, ValueError, OSError) as exc:

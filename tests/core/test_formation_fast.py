@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from p2pgpu.core._actions import Confirmed, Reserved
 from p2pgpu.core._formation import expected_volunteers
-from p2pgpu.core._formation_messages import Accept, Certified, Confirm, Offer, Proposal
+from p2pgpu.core._formation_messages import Accept, Certificate, Certified, Confirm, Offer, Proposal
 from p2pgpu.core._formation_states import SubmitterState, WorkerState
 
 try:
@@ -89,9 +89,7 @@ def test_a_quiet_candidate_volunteers_late_unless_formation_progresses_or_ended(
     assert b.timer(6, "late", late_at) == []
 
 
-def _cert_of(b: Bench, prop: Proposal):  # noqa: ANN202 - a test helper
-    from p2pgpu.core._formation_messages import Certificate
-
+def _cert_of(b: Bench, prop: Proposal) -> Certificate:
     accepts = []
     for peer in prop.members:
         node = next(n for n in b.p if n.peer_id == peer)
