@@ -122,13 +122,18 @@ def leader_rank(job_id: str, peer_id: str) -> bytes:
 candidates_max = 4096
 
 
+def ranked_candidates(sm: SignedManifest, candidates: list[str]) -> list[str]:
+    """The first ``candidates_max`` distinct candidates in leader-rank order, best first."""
+    unique = list(dict.fromkeys(candidates[:candidates_max]))
+    unique.sort(key=lambda p: leader_rank(sm.job_id, p))
+    return unique
+
+
 def expected_volunteers(sm: SignedManifest, candidates: list[str], config: FormationConfig) -> list[str]:
     """The ``members + spare_volunteers`` best-ranked of ``candidates``, best
     first: who volunteers at once, and whom the submitter hands the manifest
     to directly.  Every peer with the same list computes the same answer."""
-    unique = list(dict.fromkeys(candidates[:candidates_max]))
-    unique.sort(key=lambda p: leader_rank(sm.job_id, p))
-    return unique[: sm.manifest.members + config.spare_volunteers]
+    return ranked_candidates(sm, candidates)[: sm.manifest.members + config.spare_volunteers]
 
 
 @dataclass(slots=True)
@@ -298,23 +303,23 @@ class FormationNode:
         job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline)
         self.jobs[sm.job_id] = job
         actions: list[Action] = [SetTimer(self._key(job, "end"), deadline + cfg.lease_ms + cfg.lease_grace_ms)]
-        if candidates is not None and self._can_serve(job):
-            order = expected_volunteers(sm, [*candidates, self.peer_id], cfg)
-            job.eager = order
-            if self.peer_id not in order:
+        if not self._can_serve(job):
+            return actions
+        if candidates is not None:
+            ranked = ranked_candidates(sm, [*candidates[:candidates_max], self.peer_id])
+            eager_max = m.members + cfg.spare_volunteers
+            job.eager = ranked[:eager_max]
+            position = ranked.index(self.peer_id)
+            if position >= eager_max:
                 # Quiet, but listening: the job's proposals (progress) and its
                 # CONFIRM or CANCEL (the end) travel on the job's topic.
                 job.quiet = True
                 job.subscribed = True
                 actions.append(Subscribe(self.config.topic(job.job_id)))
-                position = sum(1 for p in candidates[:candidates_max] if leader_rank(sm.job_id, p) <
-                               leader_rank(sm.job_id, self.peer_id))
-                group = max(1, position // len(order))
+                group = position // eager_max
                 actions.append(SetTimer(self._key(job, "late"), now_ms + group * cfg.late_volunteer_ms))
                 return actions
-        if self._can_serve(job):
-            actions += self._volunteer(job, now_ms)
-        return actions
+        return actions + self._volunteer(job, now_ms)
 
     def on_timer(self, key: str, now_ms: int) -> list[Action]:
         parts = key.split("/")

@@ -551,10 +551,8 @@ class Node:
         for pid in candidates:
             if dialed >= 2 or len(connected) + dialed >= self.options.peers_target:
                 break
-            for addr in self.book.adverts[pid].advert.addrs:
-                if await self._dial(addr):
-                    dialed += 1
-                    break
+            if await self.dial_peer(pid):
+                dialed += 1
 
     async def _ping_loop(self) -> None:
         """Round-trip time to each peer over the standard ping protocol, one

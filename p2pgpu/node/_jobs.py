@@ -43,7 +43,7 @@ from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import Message, decode_message, message_bytes_max
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import SignedManifest
-from p2pgpu.core._matching import exclusion
+from p2pgpu.core._matching import matching
 from p2pgpu.core._payout import payer_covers
 
 from ._collect import Collection, Collector
@@ -271,11 +271,7 @@ class JobsService:
         enough free GPUs, unexpired): the cores let only the best-ranked few
         of them volunteer at once (``FormationConfig.spare_volunteers``).  A
         stale entry costs time, never safety."""
-        now = self.node.now_ms()
-        req = sm.manifest.requirements
-        book = self.node.book.adverts
-        return [p for p in sorted(book) if book[p].advert.expires_at_ms > now
-                and exclusion(book[p].advert, req) is None]
+        return [a.peer_id for a in matching(self.node.book.live(self.node.now_ms()), sm.manifest.requirements)]
 
     # ------------------------------------------------ can the submitter pay?
 

@@ -65,7 +65,7 @@ from p2pgpu.core import (
 )
 from p2pgpu.core._formation_messages import Accept, Certified, Proposal, decode_message
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
-from p2pgpu.core._matching import exclusion
+from p2pgpu.core._matching import matching
 from p2pgpu.core._payout import Owed as PayoutOwed
 from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
@@ -339,8 +339,8 @@ class JobFlow:
             w = self.world
             now_ms = w.engine.now_us // 1000
             req = sm.manifest.requirements
-            got = [sn.advert.peer_id for sn in w.nodes
-                   if sn.advert is not None and sn.advert.expires_at_ms > now_ms and exclusion(sn.advert, req) is None]
+            live = [sn.advert for sn in w.nodes if sn.advert is not None and sn.advert.expires_at_ms > now_ms]
+            got = [a.peer_id for a in matching(live, req)]
             self._cands[sm.job_id] = got
         return got
 

@@ -47,7 +47,7 @@ from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import Certificate, Message, decode_message
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
-from p2pgpu.core._matching import exclusion
+from p2pgpu.core._matching import exclusion, matching
 
 MODELS = ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090")
 PAYER = "11111111111111111111111111111111"
@@ -275,7 +275,8 @@ class Swarm:
         if not self.candidates:
             return None
         req = self.manifests[job_id].manifest.requirements
-        return [p for p in self.workers if exclusion(self.peers[p].node._advert, req) is None]  # type: ignore[union-attr]
+        return [a.peer_id for a in matching((self.peers[p].node._advert for p in self.workers),  # type: ignore[union-attr]
+                                            req)]
 
     def live_matching(self, job_id: str) -> list[str]:
         req = self.manifests[job_id].manifest.requirements

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from e2e_jobs import sleep_job
+
 from p2pgpu.localnet import LocalNet
 
 pytestmark = pytest.mark.processes
@@ -103,19 +105,7 @@ def test_replicated_job_quorum_pays_nobody_outside_it(tmp_path: Path) -> None:
         assert net.nodes[liar].peer_id not in owed_to
 
 
-LONG_JOB = """
-name = "long"
-[requirements]
-nodes = 3
-gpus_per_node = 1
-[runtime]
-command = ["sh", "-c", "echo started; sleep 20; echo done"]
-duration_s_max = 60
-[payment]
-price_per_gpu_hour_max = 36000000
-[verification]
-on_member_loss = "fail"
-"""
+LONG_JOB = sleep_job("long", nodes=3, sleep_s=20)
 
 
 def test_member_killed_mid_job_is_detected_and_proofs_cover_time_served(tmp_path: Path) -> None:
@@ -173,7 +163,7 @@ def test_store_survives_kill_9_without_loss_or_duplicates(tmp_path: Path) -> Non
 
 def test_cancel_stops_every_member(tmp_path: Path) -> None:
     with LocalNet(tmp_path, 3, gpu_mix=ONE_GPU) as net:
-        job = submit(net, LONG_JOB.replace("nodes = 3", "nodes = 2").replace('"fail"', '"continue"'))
+        job = submit(net, sleep_job("long", nodes=2, sleep_s=20, on_member_loss="continue"))
         doc = wait_state(net, job, ("confirmed", "running"), timeout_s=60)
         members = [n for n in net.nodes if n.peer_id in doc["cluster"]["members"]]
         for m in members:

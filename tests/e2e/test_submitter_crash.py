@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from e2e_jobs import sleep_job
+
 from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.node import ControlError
 from p2pgpu.store import db_path, deliveries_of, open_db
@@ -30,19 +32,7 @@ pytestmark = pytest.mark.processes
 ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 #: Node 0 (the submitter) asks more than the job's price ceiling: it never serves it.
 DEAR = {0: "price_per_gpu_hour = 360000000"}
-JOB = """
-name = "sleepy"
-[requirements]
-nodes = 2
-gpus_per_node = 1
-[runtime]
-command = ["sh", "-c", "echo started; sleep 5; echo done"]
-duration_s_max = 60
-[payment]
-price_per_gpu_hour_max = 36000000
-[verification]
-on_member_loss = "fail"
-"""
+JOB = sleep_job("sleepy", nodes=2, sleep_s=5)
 
 
 def job_status(node: NodeProc, job_id: str) -> dict[str, Any] | None:
@@ -132,19 +122,7 @@ def test_submitter_killed_mid_job_settles_after_restart(tmp_path: Path) -> None:
         assert len({p["proof_hash"] for p in again["payouts"]}) == len(again["payouts"]) == 2
 
 
-THREE = """
-name = "three"
-[requirements]
-nodes = 3
-gpus_per_node = 1
-[runtime]
-command = ["sh", "-c", "echo started; sleep 9; echo done"]
-duration_s_max = 60
-[payment]
-price_per_gpu_hour_max = 36000000
-[verification]
-on_member_loss = "continue"
-"""
+THREE = sleep_job("three", nodes=3, sleep_s=9, on_member_loss="continue")
 
 
 def test_member_killed_mid_job_is_paid_for_the_time_it_served(tmp_path: Path) -> None:
