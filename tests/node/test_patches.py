@@ -343,7 +343,10 @@ def test_validation_cache_matches_upstream(ops: list[tuple[str, int, bool]]) -> 
             assert got == model.get(k)
             if k in model:
                 model.move_to_end(k)
-            assert want is None or got == want
+            # Upstream evicts a neighbour instead of the oldest entry when a key
+            # is re-put while full, so either side may miss a key the other
+            # still has; where both answer, they must agree.
+            assert want is None or got is None or got == want
         assert list(fast.cache) == list(model)
 
 
