@@ -133,6 +133,7 @@ from ._manifest import (
     ManifestError,
     ReplayGuard,
     SignedManifest,
+    manifest_from_doc,
     manifest_from_toml,
     sign_manifest,
     verify_manifest,
@@ -144,7 +145,7 @@ __all__ += [
     "JobInput", "JobProgress", "Manifest", "ManifestError", "MemberLost", "Offer", "Proposal", "Publish",
     "Released", "ReplayGuard", "Reserved", "Send", "SetTimer", "SignedManifest", "StartJob", "StopJob",
     "Submitter", "SubmitterState", "Subscribe", "Unsubscribe", "WorkerState", "decode_message", "leader_rank",
-    "manifest_from_toml", "sign_manifest", "verify_manifest",
+    "manifest_from_doc", "manifest_from_toml", "sign_manifest", "verify_manifest",
 ]
 
 # Cluster membership while a job runs (docs/proofs.md).

@@ -407,7 +407,25 @@ def manifest_from_toml(
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError("toml", str(exc)) from None
-    for key in sorted(doc):
+    return manifest_from_doc(doc, submitter=submitter, now_ms=now_ms, rng=rng, payer=payer)
+
+
+def manifest_from_doc(
+    doc: Any,
+    *,
+    submitter: str,
+    now_ms: int,
+    rng: Random,
+    payer: str | None = None,
+) -> Manifest:
+    """A manifest from the document a TOML file parses to (the same tables and
+    keys, e.g. sent as JSON by the Python SDK), checked exactly as
+    :func:`manifest_from_toml` checks a file."""
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest", "must be a table of name, requirements, runtime, inputs, payment, ...")
+    for key in sorted(doc, key=str):
+        if not isinstance(key, str):
+            raise ManifestError(str(key), "field names must be text")
         if key not in _TOML_TOP:
             raise ManifestError(key, f"unknown field; a manifest has {', '.join(sorted(_TOML_TOP))}")
     req, rt, pay, ver = (_section(doc, n) for n in ("requirements", "runtime", "payment", "verification"))

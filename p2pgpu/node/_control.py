@@ -33,7 +33,22 @@ StreamHandler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
 
 class ControlError(Exception):
-    """A request the daemon refuses; the message goes back to the client."""
+    """A request the daemon refuses; the message goes back to the client, with
+    an optional machine-readable ``code`` (e.g. ``bad_manifest``) and
+    ``details`` (e.g. ``{"field": "requirements.nodes"}``) for the SDK."""
+
+    def __init__(self, message: str, *, code: str = "", details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = dict(details or {})
+
+    def reply(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"ok": False, "error": str(self)}
+        if self.code:
+            doc["code"] = self.code
+        if self.details:
+            doc["details"] = self.details
+        return doc
 
 
 @dataclass
@@ -87,7 +102,9 @@ class ControlServer:
                 raise ControlError(f"unknown method {method!r}")
             result = await handler(params)
             await _send(stream, {"ok": True, "result": result})
-        except (ControlError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ControlError as exc:
+            await _send(stream, exc.reply())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             await _send(stream, {"ok": False, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one bad request must never take the daemon down
             log.exception("control request failed with an internal error (a bug: please report it)")
@@ -147,7 +164,9 @@ def call_stream(port: int, token: str, method: str, params: dict[str, Any] | Non
                 raise DaemonUnavailable("the daemon closed the connection")
             msg = json.loads(line)
             if not msg.get("ok"):
-                raise ControlError(msg.get("error", "unknown error"))
+                details = msg.get("details")
+                raise ControlError(msg.get("error", "unknown error"), code=str(msg.get("code") or ""),
+                                   details=details if isinstance(details, dict) else None)
             yield msg
             if "result" in msg:
                 return

@@ -1,18 +1,33 @@
 """Control API methods for jobs: submit (or explain), status, list, cancel, logs.
 
-``job.submit`` takes the manifest's TOML text, parses it on the daemon (so
+``job.submit`` takes the manifest's TOML text (or the same document as a JSON
+object, from the Python SDK), parses it on the daemon (so
 the payer defaults to this node's wallet and the nonce comes from the node's
 RNG), signs it with the node's identity and hands it to the submitter core;
 with ``dry_run`` it publishes nothing and explains, requirement by
 requirement, how many known peers match.
+
+Refusals carry a machine-readable ``code`` beside the message (see
+``ControlError``): ``bad_manifest`` (with ``details.field``), ``unknown_job``
+(with ``details.job_id``), ``not_submitter``, ``bad_params``; the SDK
+(``p2pgpu/sdk``) turns each into its own exception type.  ``market.match``
+(the market filtered by a manifest's requirements) and ``network.jobs`` (every
+job this node has seen, with its cluster where a confirmation was seen: the
+explorer's network view) are read-only and bounded.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from p2pgpu.core import Requirement, explain
-from p2pgpu.core._manifest import ManifestError, manifest_from_toml, sign_manifest
+from p2pgpu.core import Requirement, explain, matching
+from p2pgpu.core._manifest import (
+    Manifest,
+    ManifestError,
+    manifest_from_doc,
+    manifest_from_toml,
+    sign_manifest,
+)
 
 from ._control import ControlError
 
@@ -20,6 +35,14 @@ if TYPE_CHECKING:
     from ._daemon import Node
 
 manifest_text_bytes_max = 512 * 1024
+#: Log lines per ``job.logs`` answer (a follower asks again from where it stopped).
+log_lines_per_call_max = 5_000
+#: Rows per ``network.jobs`` answer.
+network_jobs_max = 2_000
+#: A market query's price ceiling when it names none: no ceiling.
+_NO_PRICE_CEILING = 2**62
+_MATCH_KEYS = {"nodes", "gpus_per_node", "vram_gb_min", "memory_mb_min", "models", "compute_capability_min",
+               "regions", "allow_simulated"}
 
 _REQUIREMENT_WORDS = {
     Requirement.NETWORK_RULES: "simulated GPUs allowed",
@@ -35,29 +58,37 @@ _REQUIREMENT_WORDS = {
 }
 
 
-def _payer_address(node: "Node") -> str | None:
+def _payer_address(node: Node) -> str | None:
     if node.home is None:
         return None
-    from p2pgpu.solana._keys import load_or_create_keypair, payer_keypair_path  # noqa: PLC0415
+    from p2pgpu.solana._keys import load_or_create_keypair, payer_keypair_path
 
     return str(load_or_create_keypair(payer_keypair_path(node.home.path, node.config.extra)).pubkey())
 
 
-def job_handlers(node: "Node") -> dict[str, Any]:
+def job_handlers(node: Node) -> dict[str, Any]:
     jobs = node.jobs
 
     async def submit(params: dict[str, Any]) -> dict[str, Any]:
         text = params.get("manifest")
-        if not isinstance(text, str) or not text.strip():
-            raise ControlError("manifest (the TOML text) is required")
-        if len(text.encode()) > manifest_text_bytes_max:
-            raise ControlError(f"manifest larger than {manifest_text_bytes_max} bytes")
+        if isinstance(text, dict):
+            # The SDK's dict form; the control request itself is already capped in size.
+            parse: Any = manifest_from_doc
+        elif isinstance(text, str) and text.strip():
+            if len(text.encode()) > manifest_text_bytes_max:
+                raise ControlError(f"manifest larger than {manifest_text_bytes_max} bytes", code="bad_manifest",
+                                   details={"field": "manifest"})
+            parse = manifest_from_toml
+        else:
+            raise ControlError("manifest (the TOML text, or the same document as an object) is required",
+                               code="bad_manifest", details={"field": "manifest"})
         now = node.now_ms()
         try:
-            manifest = manifest_from_toml(text, submitter=node.identity.peer_id, now_ms=now, rng=node.rng,
-                                          payer=_payer_address(node))
+            manifest = parse(text, submitter=node.identity.peer_id, now_ms=now, rng=node.rng,
+                             payer=_payer_address(node))
         except ManifestError as exc:
-            raise ControlError(f"manifest: {exc}") from None
+            raise ControlError(f"manifest: {exc}", code="bad_manifest",
+                               details={"field": exc.field, "problem": exc.message}) from None
         if params.get("dry_run"):
             return dry_run(node, manifest)
         sm = sign_manifest(node.identity, manifest)
@@ -70,7 +101,13 @@ def job_handlers(node: "Node") -> dict[str, Any]:
             raise ControlError("job_id is required")
         doc = jobs.status(job_id)
         if doc is None:
-            raise ControlError(f"no job {job_id} is known to this node (see `p2pgpu job list`)")
+            raise _unknown(job_id)
+        if doc["state"] == "failed" and not doc["cluster"]["members"] and "submitter" in doc["roles"]:
+            # Formation failed: say, against the market as it is now, which
+            # requirement leaves too few peers (e.g. none can run the runtime).
+            rec = jobs.records.get(doc["job_id"])
+            if rec is not None:
+                doc["explain"] = dry_run(node, rec.manifest.manifest)
         return doc
 
     async def list_jobs(params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -79,21 +116,34 @@ def job_handlers(node: "Node") -> dict[str, Any]:
 
     async def cancel(params: dict[str, Any]) -> dict[str, Any]:
         job_id = params.get("job_id")
-        if not isinstance(job_id, str) or job_id not in jobs.submitter.jobs:
-            raise ControlError(f"no job {job_id} was submitted by this node; only its submitter can cancel it")
+        if not isinstance(job_id, str):
+            raise ControlError("job_id is required", code="bad_params")
+        if job_id not in jobs.submitter.jobs:
+            if job_id not in jobs.records:
+                raise _unknown(job_id)
+            raise ControlError(f"job {job_id} was not submitted by this node; only its submitter can cancel it",
+                               code="not_submitter", details={"job_id": job_id})
         jobs.cancel(job_id)
         return jobs.status(job_id) or {}
 
     async def logs(params: dict[str, Any]) -> list[dict[str, Any]]:
         job_id = params.get("job_id")
         if not isinstance(job_id, str):
-            raise ControlError("job_id is required")
-        return jobs.logs_of(job_id)
+            raise ControlError("job_id is required", code="bad_params")
+        since = params.get("since", 0)
+        limit = params.get("limit", log_lines_per_call_max)
+        if type(since) is not int or since < 0 or type(limit) is not int or not 1 <= limit <= log_lines_per_call_max:
+            raise ControlError(f"since must be a whole number >= 0 and limit between 1 and {log_lines_per_call_max}",
+                               code="bad_params")
+        lines = jobs.logs_of(job_id)
+        if not lines and job_id not in jobs.records:
+            raise _unknown(job_id)
+        return lines[since:since + limit]
 
     async def results(params: dict[str, Any]) -> dict[str, Any]:
-        from pathlib import Path  # noqa: PLC0415
+        from pathlib import Path
 
-        from ._results import ResultsError, fetch_results  # noqa: PLC0415
+        from ._results import ResultsError, fetch_results
 
         job_id, out = params.get("job_id"), params.get("out")
         if not isinstance(job_id, str) or not isinstance(out, str) or not out:
@@ -116,18 +166,18 @@ def job_handlers(node: "Node") -> dict[str, Any]:
         return jobs.db
 
     async def proofs(params: dict[str, Any]) -> list[dict[str, Any]]:
-        from p2pgpu.store import proofs_of  # noqa: PLC0415
+        from p2pgpu.store import proofs_of
 
         job_id = params.get("job_id")
         return proofs_of(_db(), job_id if isinstance(job_id, str) else None)
 
     async def payouts(params: dict[str, Any]) -> list[dict[str, Any]]:
-        from p2pgpu.store import payouts as payout_rows  # noqa: PLC0415
+        from p2pgpu.store import payouts as payout_rows
 
         return payout_rows(_db())
 
     async def earnings(params: dict[str, Any]) -> list[dict[str, Any]]:
-        from p2pgpu.store import earnings as earning_rows  # noqa: PLC0415
+        from p2pgpu.store import earnings as earning_rows
 
         return earning_rows(_db())
 
@@ -140,7 +190,21 @@ def job_handlers(node: "Node") -> dict[str, Any]:
             raise ControlError(f"proof {proof_hash[:16]} is not in any payout batch of this node")
         return doc
 
-    return {"proofs": proofs, "payouts": payouts, "earnings": earnings, "proof.inclusion": inclusion,
+    async def market_match(params: dict[str, Any]) -> list[dict[str, Any]]:
+        from ._daemon import market_row
+
+        manifest = requirements_manifest(node, params.get("requirements"))
+        return [market_row(a) for a in matching(node.book.live(node.now_ms()), manifest.requirements)]
+
+    async def network_jobs(params: dict[str, Any]) -> list[dict[str, Any]]:
+        limit = params.get("limit", network_jobs_max)
+        if type(limit) is not int or not 1 <= limit <= network_jobs_max:
+            raise ControlError(f"limit must be between 1 and {network_jobs_max}", code="bad_params")
+        recs = sorted(jobs.records.values(), key=lambda r: (-r.seen_at_ms, r.job_id))[:limit]
+        return [network_row(node, r) for r in recs]
+
+    return {"market.match": market_match, "network.jobs": network_jobs,
+            "proofs": proofs, "payouts": payouts, "earnings": earnings, "proof.inclusion": inclusion,
             "wallet": wallet, "job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
             "job.logs": logs}
 
@@ -148,8 +212,8 @@ def job_handlers(node: "Node") -> dict[str, Any]:
 def inclusion_doc(db: Any, proof_hash: str) -> dict[str, Any] | None:
     """The Merkle inclusion proof of a paid proof hash in the batch that paid
     it, with that transaction's signature (as ``p2pgpu proof inclusion``)."""
-    from p2pgpu.core._payout import inclusion_proof  # noqa: PLC0415
-    from p2pgpu.store import batch_of_proof, batch_plan  # noqa: PLC0415
+    from p2pgpu.core._payout import inclusion_proof
+    from p2pgpu.store import batch_of_proof, batch_plan
 
     try:
         found = batch_of_proof(db, proof_hash)
@@ -162,7 +226,7 @@ def inclusion_doc(db: Any, proof_hash: str) -> dict[str, Any] | None:
     return {**proof.to_json(), "tx_signature": signature, "batch_state": state}
 
 
-def dry_run(node: "Node", manifest: Any) -> dict[str, Any]:
+def dry_run(node: Node, manifest: Any) -> dict[str, Any]:
     req = manifest.requirements
     ex = explain(node.book.live(node.now_ms()), req)
     steps = [{"requirement": r.value, "what": _REQUIREMENT_WORDS[r], "peers_passing": n}
@@ -176,3 +240,46 @@ def dry_run(node: "Node", manifest: Any) -> dict[str, Any]:
         "enough": len(ex.matched) >= manifest.members,
         "excluded_by": {pid: r.value for pid, r in sorted(ex.excluded_by.items())},
     }
+
+
+def _unknown(job_id: str) -> ControlError:
+    return ControlError(f"no job {job_id} is known to this node (see `p2pgpu job list`)", code="unknown_job",
+                        details={"job_id": job_id})
+
+
+def requirements_manifest(node: Node, req: Any) -> Manifest:
+    """A manifest around a market query's requirements (the ``[requirements]``
+    keys plus ``runtime``, ``price_per_gpu_hour_max`` and ``currency``), checked
+    by the manifest's own parser so errors name the same fields."""
+    if req is None:
+        req = {}
+    if not isinstance(req, dict):
+        raise ControlError("requirements must be an object", code="bad_params")
+    extra = sorted(set(req) - _MATCH_KEYS - {"runtime", "price_per_gpu_hour_max", "currency"})
+    if extra:
+        raise ControlError(f"requirements.{extra[0]}: unknown field", code="bad_manifest",
+                           details={"field": f"requirements.{extra[0]}", "problem": "unknown field"})
+    doc = {"requirements": {k: v for k, v in req.items() if k in _MATCH_KEYS},
+           "runtime": {"command": ["true"], "kind": req.get("runtime", "process")},
+           "payment": {"price_per_gpu_hour_max": req.get("price_per_gpu_hour_max", _NO_PRICE_CEILING),
+                       "currency": req.get("currency", "SOL"), "payer": "11111111111111111111111111111111"}}
+    try:
+        return manifest_from_doc(doc, submitter=node.identity.peer_id, now_ms=node.now_ms(), rng=node.rng)
+    except ManifestError as exc:
+        raise ControlError(f"requirements: {exc}", code="bad_manifest",
+                           details={"field": exc.field, "problem": exc.message}) from None
+
+
+def network_row(node: Node, rec: Any) -> dict[str, Any]:
+    """One job this node has seen, whoever submitted it: what the manifest
+    asks and, where this node saw the submitter's confirmation, the cluster."""
+    m = rec.manifest.manifest
+    members, cert = list(rec.members), rec.certificate
+    if not members and node.jobs.formation is not None:
+        c = node.jobs.formation.certificate(rec.job_id)
+        if c is not None:
+            members, cert = list(c.members), c.digest.hex()
+    return {"job_id": rec.job_id, "name": rec.name, "state": rec.state, "roles": list(rec.roles),
+            "submitter": m.submitter, "nodes": m.nodes, "replicas": m.replicas, "gpus_per_node": m.gpus_per_node,
+            "runtime": m.runtime, "price_per_gpu_hour_max": m.price_per_gpu_hour_max, "currency": m.currency,
+            "seen_at_ms": rec.seen_at_ms, "members": members, "certificate_hash": cert}

@@ -655,6 +655,7 @@ class JobsService:
             summary.append({"worker": peer, "status": "owed" if status == "paid" else status, "amount": amount,
                             "proof_hash": sp.proof_hash.hex(), "reason": reason, "gpu_ms": sp.proof.gpu_ms,
                             "payout_address": address, "exit_code": sp.proof.exit_code,
+                            "end_reason": sp.proof.end_reason,
                             "output_digest": sp.proof.output_digest.hex()})
         if rec is not None:
             ok = all(i["status"] == "owed" and i.get("exit_code") == 0 for i in summary)

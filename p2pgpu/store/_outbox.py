@@ -338,7 +338,8 @@ def payouts(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str, 
     """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by CLI.md)."""
     rows = conn.execute(
         "SELECT o.proof_hash, o.worker, o.payout_address, o.amount, o.currency, o.job_id, o.status, o.error,"
-        " b.signature, b.state FROM payout_owed o LEFT JOIN payout_batches b ON b.batch_id = o.batch_id"
+        " b.signature, b.state, o.created_ms, b.updated_ms"
+        " FROM payout_owed o LEFT JOIN payout_batches b ON b.batch_id = o.batch_id"
         " ORDER BY o.owed_id LIMIT ?",
         (limit,),
     ).fetchall()
@@ -355,6 +356,9 @@ def payouts(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str, 
                 "status": r[6],
                 "error": r[7],
                 "tx_signature": r[8] if r[6] in ("paid", "batched") else None,
+                "created_ms": r[10],
+                # When the paying batch was seen on the ledger (its last state change).
+                "paid_ms": r[11] if r[6] == "paid" else None,
             }
         )
     return out
@@ -421,9 +425,12 @@ def earnings(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str,
             "payout_address": r[4],
             "status": r[5],
             "tx_signature": r[6],
+            "created_ms": r[7],
+            "paid_ms": r[8],
         }
         for r in conn.execute(
-            "SELECT proof_hash, job_id, amount, currency, payout_address, status, tx_signature FROM earnings"
+            "SELECT proof_hash, job_id, amount, currency, payout_address, status, tx_signature, created_ms, paid_ms"
+            " FROM earnings"
             " ORDER BY created_ms, proof_hash LIMIT ?",
             (limit,),
         )
