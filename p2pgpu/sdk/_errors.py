@@ -104,7 +104,8 @@ def error_from_reply(msg: dict[str, Any], method: str) -> RequestRefused:
         field = details.get("field")
         if not isinstance(field, str):
             # An older daemon: "manifest: FIELD: problem".
-            field = text.removeprefix("manifest: ").split(":", 1)[0] if ": " in text else "manifest"
+            rest = text.removeprefix("manifest: ")
+            field = rest.split(": ", 1)[0] if ": " in rest else "manifest"
         problem = details.get("problem")
         return BadManifest(text, field=field, problem=problem if isinstance(problem, str) else "", **kw)
     if code == "unknown_job" or (not code and text.startswith("no job ")):

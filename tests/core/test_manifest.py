@@ -242,3 +242,30 @@ async def test_examples_run_in_the_real_sandbox(name: str, tmp_path: Path) -> No
     expected = {"hello": b"hello from p2pgpu", "pair": b"rank 0 of 2",
                 "replicated": b"cf9cbf1cdf2e360d152d2f9c64f74d9b8e85095aac0f4761f36d5f737163c7db"}[name]
     assert lines[0] == expected
+
+
+@pytest.mark.parametrize("name", ["hello", "pair", "replicated"])
+def test_a_document_gives_the_same_manifest_as_its_toml(name: str) -> None:
+    import tomllib
+
+    from p2pgpu.core._manifest import manifest_from_doc
+
+    text = (EXAMPLES / f"{name}.toml").read_text()
+    doc = tomllib.loads(text)
+    assert manifest_from_doc(doc, submitter=ME.peer_id, now_ms=NOW, rng=random.Random(1), payer=PAYER) == parse(text)
+
+
+@pytest.mark.parametrize(("doc", "field"), [
+    ([1, 2], "manifest"),
+    ("text", "manifest"),
+    ({1: "x", "runtime": {"command": ["true"]}}, "1"),
+    ({"runtime": {"command": ["true"]}, "requirements": {"nodes": 1.5}}, "requirements.nodes"),
+    ({"runtime": {"command": ["true"]}, "requirements": {"nodes": True}}, "requirements.nodes"),
+    ({"runtime": "sh"}, "runtime"),
+])
+def test_a_hostile_document_names_the_field(doc: object, field: str) -> None:
+    from p2pgpu.core._manifest import manifest_from_doc
+
+    with pytest.raises(ManifestError) as info:
+        manifest_from_doc(doc, submitter=ME.peer_id, now_ms=NOW, rng=random.Random(1), payer=PAYER)
+    assert info.value.field == field
