@@ -28,7 +28,7 @@ async def test_submit_wait_logs_results(net: LocalNet, tmp_path: Path) -> None:
     lines: list[str] = []
 
     async def progress(p: Progress) -> None:
-        await trio.sleep(0)  # a coroutine callback is awaited
+        await trio.lowlevel.checkpoint()  # a coroutine callback is awaited
         lines.append(p.line)
 
     st = await job.wait(progress=progress, timeout_s=120)

@@ -35,8 +35,8 @@ def proof(worker: str, status: str = "owed", exit_code: int = 0, **kw: Any) -> d
      f"member {W1[:12]}: the command exited with code 3"),
     ({"state": "failed", "reason": "", "proofs": [proof(W1, exit_code=255, end_reason="sandbox_error"),
                                                  proof(W2, "missing", reason="no proof arrived")]},
-     f"member {W1[:12]}: the command exited with code 255: the sandbox could not run it; "
-     f"member {W2[:12]}: no proof of its work arrived (no proof arrived)"),
+     (f"member {W1[:12]}: the command exited with code 255: the sandbox could not run it; "
+      f"member {W2[:12]}: no proof of its work arrived (no proof arrived)")),
     ({"state": "failed", "reason": "", "proofs": [proof(W1, exit_code=137, end_reason="time_limit")]},
      f"member {W1[:12]}: the command exited with code 137: it ran past duration_s_max"),
     ({"state": "failed", "reason": "", "proofs": [proof(W1, "outside_quorum")]},
@@ -46,8 +46,8 @@ def proof(worker: str, status: str = "owed", exit_code: int = 0, **kw: Any) -> d
       "explain": {"enough": False, "known_peers": 3, "members_needed": 1, "requirements": [
           {"requirement": "simulated", "what": "simulated GPUs allowed", "peers_passing": 3},
           {"requirement": "runtime", "what": "runtime", "peers_passing": 0}]}},
-     "no cluster formed within 3 s: 0 matching peers with free GPUs offered, 1 needed; "
-     "of the 3 peers this node knows, 0 pass 'runtime' (runtime), 1 needed"),
+     ("no cluster formed within 3 s: 0 matching peers with free GPUs offered, 1 needed; "
+      "of the 3 peers this node knows, 0 pass 'runtime' (runtime), 1 needed")),
     # A member's own record: its exit code.
     ({"state": "failed", "reason": "", "exit_code": 2}, "the command exited with code 2"),
     ({"state": "cancelled", "reason": "cancelled by the submitter"}, "cancelled by the submitter"),
