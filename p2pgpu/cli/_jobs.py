@@ -1,17 +1,23 @@
-"""Submitter commands: ``job submit|status|list|cancel|logs|results``."""
+"""Submitter commands: ``job submit|status|list|cancel|logs|results``, written on the SDK.
+
+Each command is one or two calls of :class:`p2pgpu.Client` / :class:`p2pgpu.Job`
+(``p2pgpu/sdk``): the same flags and ``--json`` keys as before (shared/CLI.md),
+and a job that did not succeed always shows its reason (the SDK builds one
+from the proofs and the formation figures where the daemon recorded none).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-from ._common import CliError, add_home, add_json, emit, home_of, read_path, table, wrap_home_errors
-from ._operator import daemon_call
+from ._common import CliError, add_home, add_json, emit, read_path, table
+from ._sdk import client_of, wrap_sdk_errors
 
-FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+#: Lines of a failed job's stderr shown under its status.
+stderr_tail_lines = 5
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,43 +33,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--dry-run", action="store_true", help="publish nothing; explain the matching")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="--wait gives up after this")
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_submit))
+    p.set_defaults(func=wrap_sdk_errors(cmd_submit))
 
     p = job.add_parser("status", help="a job's state, cluster, timings, proofs and payouts")
     p.add_argument("job_id", metavar="JOB_ID")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_status))
+    p.set_defaults(func=wrap_sdk_errors(cmd_status))
 
     p = job.add_parser("list", help="jobs this node submitted or worked on")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_list))
+    p.set_defaults(func=wrap_sdk_errors(cmd_list))
 
     p = job.add_parser("cancel", help="cancel a job this node submitted (stops every member)")
     p.add_argument("job_id", metavar="JOB_ID")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_cancel))
+    p.set_defaults(func=wrap_sdk_errors(cmd_cancel))
 
     p = job.add_parser("logs", help="a job's output lines")
     p.add_argument("job_id", metavar="JOB_ID")
     add_home(p)
     p.add_argument("--follow", action="store_true", help="keep printing new lines until the job ends")
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_logs))
+    p.set_defaults(func=wrap_sdk_errors(cmd_logs))
     register_results(job)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from p2pgpu.sdk import Timeout
+
     path = read_path(args.manifest)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"{args.manifest}: cannot read it ({exc})") from None
-    home = home_of(args)
-    res = daemon_call(home, "job.submit", {"manifest": text, "dry_run": args.dry_run})
+    client = client_of(args)
     if args.dry_run:
+        res = client.dry_run(path)
+
         def human(d: dict[str, Any]) -> str:
             lines = [f"known peers: {d['known_peers']}"]
             lines += [f"  {s['what']:<40} {s['peers_passing']:>5} peers pass" for s in d["requirements"]]
@@ -73,38 +78,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
         emit(args, res, human)
         return 0 if res["enough"] else 3
+    job = client.submit(path)
     if not args.wait:
-        emit(args, res, lambda d: d["job_id"])
+        emit(args, job.submitted, lambda d: d["job_id"])
         return 0
-    print(res["job_id"], file=sys.stderr if args.json else sys.stdout, flush=True)
-    doc = wait_for_job(home, res["job_id"], args.timeout)
-    emit(args, doc, human_status)
-    return 0 if doc["state"] == "succeeded" else 1
+    print(job.id, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    def progress(p: Any) -> None:
+        print(f"[job {job.id[:12]}] {p.line}", file=sys.stderr, flush=True)
+
+    try:
+        st = job.wait(timeout_s=args.timeout, progress=progress, check=False)
+    except Timeout as exc:
+        raise CliError(str(exc)) from None
+    emit(args, st.to_json(), lambda d: human_status(d, _stderr_tail(job, st)))
+    return 0 if st.succeeded else 1
 
 
-def wait_for_job(home: Any, job_id: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while True:
-        doc = daemon_call(home, "job.status", {"job_id": job_id})
-        f = doc.get("formation", {})
-        line = f"{doc['state']}: offers {f.get('offers', 0)}, accepts {f.get('accepts', 0)}" \
-            f"/{f.get('members_needed', '?')}, views {f.get('views_seen', 0)}"
-        if doc["cluster"]["members"]:
-            line = f"{doc['state']}: cluster of {len(doc['cluster']['members'])} " \
-                   f"(certificate {doc['cluster']['certificate_hash'][:16]})"
-        if line != last:
-            print(f"[job {job_id[:12]}] {line}", file=sys.stderr, flush=True)
-            last = line
-        if doc["state"] in FINAL_STATES or doc.get("all_members_done"):
-            return doc
-        if time.monotonic() > deadline:
-            raise CliError(f"job {job_id[:12]} still {doc['state']} after {timeout_s:.0f} s; "
-                           f"follow it with `p2pgpu job status {job_id}`")
-        time.sleep(0.2)
+def _stderr_tail(job: Any, st: Any) -> list[str]:
+    """The last stderr lines of a job that did not succeed (what its command said before it ended)."""
+    from p2pgpu.sdk import P2pgpuError
+
+    if st.succeeded or not st.done:
+        return []
+    try:
+        lines = [ln for ln in job.logs() if ln.stream == "stderr"]
+    except P2pgpuError:
+        return []  # the reason stands on its own; the logs are a bonus
+    return [(f"[{ln.member[:8]}] " if ln.member else "") + ln.line for ln in lines[-stderr_tail_lines:]]
 
 
-def human_status(d: dict[str, Any]) -> str:
+def human_status(d: dict[str, Any], stderr_tail: list[str] | None = None) -> str:
     lines = [f"job       {d['job_id']}", f"name      {d['name']}", f"state     {d['state']}",
              f"roles     {', '.join(d['roles']) or '-'}"]
     if d["reason"]:
@@ -119,16 +123,21 @@ def human_status(d: dict[str, Any]) -> str:
     for key in ("proofs", "payouts"):
         if d.get(key):
             lines.append(f"{key:<9} {len(d[key])}")
+    if stderr_tail:
+        lines.append("stderr    (last lines)")
+        lines += [f"  {ln}" for ln in stderr_tail]
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    emit(args, daemon_call(home_of(args), "job.status", {"job_id": args.job_id}), human_status)
+    job = client_of(args).job(args.job_id)
+    st = job.status()
+    emit(args, st.to_json(), lambda d: human_status(d, _stderr_tail(job, st)))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = daemon_call(home_of(args), "job.list")
+    rows = [j.to_json() for j in client_of(args).jobs()]
     emit(args, rows, lambda rs: table([[r["job_id"][:16], r["name"], r["state"], ",".join(r["roles"]),
                                         str(len(r["cluster"]["members"]))] for r in rs],
                                       ["JOB_ID", "NAME", "STATE", "ROLES", "MEMBERS"]) or "no jobs")
@@ -136,33 +145,23 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    emit(args, daemon_call(home_of(args), "job.cancel", {"job_id": args.job_id}), human_status)
+    emit(args, client_of(args).job(args.job_id).cancel().to_json(), human_status)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    seen = 0
-    while True:
-        lines = daemon_call(home, "job.logs", {"job_id": args.job_id})
-        new = lines[seen:]
-        seen = len(lines)
-        if args.json and not args.follow:
-            emit(args, lines, lambda _: "")
-            return 0
-        for ln in new:
-            if args.json:  # --follow --json: one JSON object per line
-                print(json.dumps(ln, sort_keys=True), flush=True)
-                continue
-            stream = sys.stderr if ln["stream"] == "stderr" else sys.stdout
-            prefix = f"[{ln['member'][:8]}] " if ln.get("member") else ""
-            print(prefix + ln["line"], file=stream, flush=True)
-        if not args.follow:
-            return 0
-        doc = daemon_call(home, "job.status", {"job_id": args.job_id})
-        if doc["state"] in FINAL_STATES:
-            return 0
-        time.sleep(0.3)
+    job = client_of(args).job(args.job_id)
+    if args.json and not args.follow:
+        emit(args, [ln.to_json() for ln in job.logs()], lambda _: "")
+        return 0
+    for ln in job.logs(follow=args.follow):
+        if args.json:  # --follow --json: one JSON object per line
+            print(json.dumps(ln.to_json(), sort_keys=True), flush=True)
+            continue
+        stream = sys.stderr if ln.stream == "stderr" else sys.stdout
+        prefix = f"[{ln.member[:8]}] " if ln.member else ""
+        print(prefix + ln.line, file=stream, flush=True)
+    return 0
 
 
 def register_results(job: Any) -> None:
@@ -173,14 +172,15 @@ def register_results(job: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="where to put the files")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_results))
+    p.set_defaults(func=wrap_sdk_errors(cmd_results))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
     out = Path(args.out).expanduser().resolve()
-    res = daemon_call(home_of(args), "job.results", {"job_id": args.job_id, "out": str(out)}, timeout_s=3600)
-    emit(args, res, lambda d: "\n".join(f"{f['saved_as']}  ({f['size_bytes']} bytes)" for f in d["files"])
+    files = client_of(args).job(args.job_id).results(out)
+    doc = {"job_id": args.job_id, "out": str(out), "files": [f.to_json() for f in files]}
+    emit(args, doc, lambda d: "\n".join(f"{f['saved_as']}  ({f['size_bytes']} bytes)" for f in d["files"])
          or "the job produced no output files")
     return 0

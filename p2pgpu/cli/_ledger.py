@@ -1,9 +1,11 @@
 """Ledger and payout commands: ``ledger serve``, ``wallet``, ``payouts``, ``earnings``, ``proof``.
 
-``wallet``, ``payouts`` and ``earnings`` read the node home directly (its
-SQLite store and payer keypair) and, for balances, the home's ledger: the
-network's ``ledger`` setting, or ``ledger = "..."`` in ``config.toml``.  The
-embedded ledger is opened read-only when the daemon holds it.  ``proof
+``wallet``, ``payouts`` and ``earnings`` are the SDK's (``p2pgpu.Client``):
+payouts and earnings from the daemon, or from the home's SQLite store when
+none runs; the wallet is the home's payer keypair and its balance on the
+home's ledger: the network's ``ledger`` setting, or ``ledger = "..."`` in
+``config.toml``.  The embedded ledger is opened read-only when the daemon
+holds it.  ``proof
 inclusion`` prints the Merkle inclusion proof of one paid proof hash (on the
 payer's node); ``proof check`` verifies such a proof and, given a ledger,
 that its root is the memo of the transaction that paid it.
@@ -17,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from p2pgpu.home import Home, load_networks
+from p2pgpu.home import Home
 
 from ._common import CliError, add_home, add_json, emit, home_of, read_path, table, wrap_home_errors
+from ._sdk import client_of, wrap_sdk_errors
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -46,20 +49,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_home(p)
     add_json(p)
     p.add_argument("--airdrop", type=int, metavar="LAMPORTS", help="request an airdrop first (local ledgers only)")
-    p.set_defaults(func=wrap_home_errors(cmd_wallet))
+    p.set_defaults(func=wrap_sdk_errors(cmd_wallet))
 
     p = sub.add_parser("payouts", help="what this node owes and paid",
                        description="Payouts this node owes for verified proofs, and the transactions that paid them.")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_payouts))
+    p.set_defaults(func=wrap_sdk_errors(cmd_payouts))
 
     p = sub.add_parser("earnings", help="proofs this node produced and what each was paid",
                        description="Proofs this node produced, what each should be paid and the transaction "
                        "that paid it.")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_earnings))
+    p.set_defaults(func=wrap_sdk_errors(cmd_earnings))
 
     proof = sub.add_parser("proof", help="Merkle inclusion proofs of paid proofs").add_subparsers(
         dest="proof_command", metavar="SUBCOMMAND")
@@ -86,36 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _ledger_spec(home: Home) -> str:
-    cfg = home.config()
-    spec = cfg.extra.get("ledger")
-    if spec:
-        return str(spec)
-    nets = load_networks()
-    net = nets.get(cfg.network)
-    return net.ledger if net is not None else "embedded"
+    from p2pgpu.sdk._local import ledger_spec
 
-
-def _open_ledger(home: Home, *, write: bool) -> Any:
-    from p2pgpu.solana import LedgerLocked, open_ledger
-
-    spec = _ledger_spec(home)
-    try:
-        return open_ledger(spec, home_path=home.path, readonly=False) if write or spec != "embedded" else \
-            _embedded_for_read(home)
-    except LedgerLocked:
-        raise CliError("the node daemon holds the embedded ledger: stop it, or run `p2pgpu ledger serve` and set "
-                       'ledger = "http://127.0.0.1:8899" in config.toml to share one') from None
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _embedded_for_read(home: Home) -> Any:
-    from p2pgpu.solana import LedgerLocked, open_ledger
-
-    try:
-        return open_ledger("embedded", home_path=home.path)
-    except LedgerLocked:
-        return open_ledger("embedded", home_path=home.path, readonly=True)
+    return ledger_spec(home)
 
 
 def _db(home: Home) -> Any:
@@ -162,43 +138,14 @@ def cmd_ledger_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_wallet(args: argparse.Namespace) -> int:
-    import trio
-
-    from p2pgpu.solana import LedgerRejected, LedgerUnavailable, load_or_create_keypair, payer_keypair_path
-
-    home = home_of(args)
-    cfg = home.config()
-    kp = load_or_create_keypair(payer_keypair_path(home.path, cfg.extra))
-    spec = _ledger_spec(home)
-
-    async def main() -> dict[str, Any]:
-        ledger = _open_ledger(home, write=args.airdrop is not None)
-        try:
-            sig = None
-            if args.airdrop is not None:
-                if not (spec == "embedded" or "127.0.0.1" in spec or "localhost" in spec):
-                    raise CliError(f"--airdrop works on local ledgers only; {spec} is not one")
-                sig = await ledger.airdrop(kp.pubkey(), args.airdrop)
-            (balance,) = await ledger.balances([kp.pubkey()])
-            return {"address": str(kp.pubkey()), "balance": balance, "ledger": spec, "currency": "SOL",
-                    "airdrop_signature": sig}
-        except LedgerUnavailable as exc:
-            raise CliError(f"ledger unreachable: {exc}; is `p2pgpu ledger serve` running?") from None
-        except LedgerRejected as exc:
-            raise CliError(f"the ledger refused: {exc}") from None
-        finally:
-            await ledger.aclose()
-
-    doc = trio.run(main)
+    doc = client_of(args).wallet(airdrop_lamports=args.airdrop)
     emit(args, doc, lambda d: f"address  {d['address']}\nbalance  {d['balance']} lamports\nledger   {d['ledger']}"
          + (f"\nairdrop  {d['airdrop_signature']}" if d["airdrop_signature"] else ""))
     return 0
 
 
 def cmd_payouts(args: argparse.Namespace) -> int:
-    from p2pgpu.store import payouts
-
-    rows = payouts(_db(home_of(args)))
+    rows = client_of(args).payouts()
     # --json: a bare list of rows, as `market` and `job list` print.
     emit(args, rows, lambda d: table(
         [[r["proof_hash"][:16], r["worker"][:16], str(r["amount"]), r["currency"][:8], r["status"],
@@ -208,9 +155,7 @@ def cmd_payouts(args: argparse.Namespace) -> int:
 
 
 def cmd_earnings(args: argparse.Namespace) -> int:
-    from p2pgpu.store import earnings
-
-    rows = earnings(_db(home_of(args)))
+    rows = client_of(args).earnings()
     emit(args, rows, lambda d: table(
         [[r["job_id"][:16], str(r["amount"]), r["currency"][:8], r["status"], r["tx_signature"] or ""]
          for r in d],

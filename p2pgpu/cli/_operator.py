@@ -13,6 +13,7 @@ from typing import Any
 from p2pgpu.home import Home, HomeError, load_networks
 
 from ._common import CliError, add_home, add_json, emit, home_of, table, wrap_home_errors
+from ._sdk import client_of, wrap_sdk_errors
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,12 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                    "adverts known, jobs by state, uptime. Exits 1 when no daemon runs.")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_status))
+    p.set_defaults(func=wrap_sdk_errors(cmd_status))
 
     p = sub.add_parser("peers", help="connected peers", description="Peers the daemon is connected to.")
     add_home(p)
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_peers))
+    p.set_defaults(func=wrap_sdk_errors(cmd_peers))
 
     p = sub.add_parser("gpus", help="this machine's GPU inventory",
                        description="This machine's GPU inventory as the advert would carry it, or why there "
@@ -70,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--model", metavar="TEXT", help="only GPUs whose model contains TEXT (case-insensitive)")
     p.add_argument("--min-vram-gb", type=float, default=0, metavar="N", help="only GPUs with at least N GiB")
     add_json(p)
-    p.set_defaults(func=wrap_home_errors(cmd_market))
+    p.set_defaults(func=wrap_sdk_errors(cmd_market))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -169,26 +170,17 @@ async def _stop_when_node_ends(node: Any, nursery: Any) -> None:
 
 
 def daemon_call(home: Home, method: str, params: dict[str, Any] | None = None, *, timeout_s: float = 30.0) -> Any:
-    """Call the daemon of ``home``, turning every failure into a clear CliError."""
-    from p2pgpu.node import ControlError, DaemonUnavailable, call  # noqa: PLC0415
+    """Call the daemon of ``home`` through the SDK, turning every failure into a clear CliError."""
+    from p2pgpu.sdk import Client, P2pgpuError  # noqa: PLC0415
 
-    if not home.control_path.exists():
-        raise CliError(f"no daemon runs for {home.path}: start one with `p2pgpu node run --home {home.path}`")
     try:
-        doc = json.loads(home.control_path.read_text())
-        port = int(doc["port"])
-    except (OSError, ValueError, KeyError):
-        raise CliError(f"{home.control_path} is unreadable: is the daemon starting? try again") from None
-    try:
-        return call(port, home.token(), method, params, timeout_s=timeout_s)
-    except DaemonUnavailable as exc:
-        raise CliError(f"no daemon answers for {home.path} ({exc}); start one with `p2pgpu node run`") from None
-    except ControlError as exc:
+        return Client(home, timeout_s=timeout_s).call(method, params)
+    except P2pgpuError as exc:
         raise CliError(str(exc)) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    doc = daemon_call(home_of(args), "status")
+    doc = client_of(args).status()
 
     def human(d: dict[str, Any]) -> str:
         lines = [f"peer id      {d['peer_id']}", f"network      {d['network']}",
@@ -206,7 +198,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    rows = daemon_call(home_of(args), "peers")
+    rows = client_of(args).peers()
     emit(args, rows, lambda rs: table(
         [[r["peer_id"], "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", (r["addrs"] or ["-"])[0]]
          for r in rs], ["PEER_ID", "LATENCY_MS", "ADDR"]) or "no peers connected")
@@ -216,7 +208,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def cmd_market(args: argparse.Namespace) -> int:
     if args.min_vram_gb < 0:
         raise CliError("--min-vram-gb must not be negative")
-    rows = daemon_call(home_of(args), "market", {"model": args.model, "min_vram_gb": args.min_vram_gb})
+    rows = client_of(args).market(model=args.model, min_vram_gb=args.min_vram_gb)
 
     def human(rs: list[dict[str, Any]]) -> str:
         out = []

@@ -102,7 +102,7 @@ class AsyncClient:
 
     async def submit(self, manifest: ManifestLike) -> AsyncJob:
         res = await self.call("job.submit", {"manifest": manifest_param(manifest)})
-        return AsyncJob(self, str(res["job_id"]), name=str(res.get("name") or ""))
+        return AsyncJob(self, str(res["job_id"]), name=str(res.get("name") or ""), submitted=res)
 
     async def dry_run(self, manifest: ManifestLike) -> dict[str, Any]:
         res: dict[str, Any] = await self.call("job.submit", {"manifest": manifest_param(manifest), "dry_run": True})
@@ -149,10 +149,13 @@ class AsyncClient:
 class AsyncJob:
     """One job on the daemon, for trio code; see :class:`~p2pgpu.sdk.Job`."""
 
-    def __init__(self, client: AsyncClient, job_id: str, *, name: str = "") -> None:
+    def __init__(self, client: AsyncClient, job_id: str, *, name: str = "",
+                 submitted: dict[str, Any] | None = None) -> None:
         self.client = client
         self.id = job_id
         self.name = name
+        #: The daemon's answer to the submission (``job_id``, ``name``, ``members``), when this object made it.
+        self.submitted = submitted or {"job_id": job_id, "name": name}
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"

@@ -69,7 +69,7 @@ class Client:
         document as a dict (``{"requirements": {...}, "runtime": {...}, ...}``).
         Raises :class:`BadManifest` naming the field at fault."""
         res = self.call("job.submit", {"manifest": manifest_param(manifest)})
-        return Job(self, str(res["job_id"]), name=str(res.get("name") or ""))
+        return Job(self, str(res["job_id"]), name=str(res.get("name") or ""), submitted=res)
 
     def dry_run(self, manifest: ManifestLike) -> dict[str, Any]:
         """Publish nothing; explain, requirement by requirement, how many known peers match
@@ -142,10 +142,13 @@ class Client:
 class Job:
     """One job on the daemon; every method asks the daemon afresh."""
 
-    def __init__(self, client: Client, job_id: str, *, name: str = "") -> None:
+    def __init__(self, client: Client, job_id: str, *, name: str = "",
+                 submitted: dict[str, Any] | None = None) -> None:
         self.client = client
         self.id = job_id
         self.name = name
+        #: The daemon's answer to the submission (``job_id``, ``name``, ``members``), when this object made it.
+        self.submitted = submitted or {"job_id": job_id, "name": name}
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
