@@ -14,7 +14,7 @@ Public: :func:`serve_explorer`, :func:`build_app`, :class:`Collector`,
 from ._app import build_app, serve_explorer
 from ._check import ProofChecker
 from ._collect import Collector
-from ._source import DaemonSource, MethodMissing
+from ._source import DaemonSource, MethodMissing, SourceError
 from ._views import Raw, build_views
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "MethodMissing",
     "ProofChecker",
     "Raw",
+    "SourceError",
     "build_app",
     "build_views",
     "serve_explorer",

@@ -37,9 +37,8 @@ from p2pgpu.core import PeerMisbehaved
 from p2pgpu.core._payout import InclusionProof, inclusion_proof, verify_inclusion
 from p2pgpu.core._proof import decode_proof
 from p2pgpu.home import Home, HomeError
-from p2pgpu.node import ControlError, DaemonUnavailable
 
-from ._source import DaemonSource, MethodMissing
+from ._source import DaemonSource, MethodMissing, SourceError
 
 _T = TypeVar("_T")
 HASH_RE = re.compile(r"[0-9a-f]{64}")
@@ -113,9 +112,11 @@ def check_memo(root: bytes | None, tx_raw: bytes | None, signature: str | None) 
 class ProofChecker:
     """Finds a proof's inputs (daemon, home) and runs the three steps."""
 
-    def __init__(self, source: DaemonSource, home: Home) -> None:
+    def __init__(self, source: DaemonSource, home: Home, *, use_daemon: bool = True) -> None:
         self.source = source
         self.home = home
+        #: False in the public mode: a stranger's request never makes the explorer call the daemon.
+        self.use_daemon = use_daemon
 
     async def check(self, proof_hash: str, views: dict[str, Any]) -> dict[str, Any]:
         """Check ``proof_hash`` using the rows of the explorer's current ``views``."""
@@ -162,10 +163,10 @@ class ProofChecker:
                 if doc is not None:
                     return {"tx_signature": (r or {}).get("tx_signature"), **doc}
         try:
-            doc = await self.source.call("proof.inclusion", {"proof_hash": proof_hash})
+            doc = await self.source.call("proof.inclusion", {"proof_hash": proof_hash}) if self.use_daemon else None
             if isinstance(doc, dict) and doc.get("root"):
                 return doc
-        except (MethodMissing, DaemonUnavailable, ControlError):
+        except (MethodMissing, SourceError):
             pass  # no such method, or not this daemon's batch: the payer's store may know
         return self._inclusion_from_store(proof_hash)
 
@@ -213,11 +214,11 @@ class ProofChecker:
         return {**doc, "tx_signature": signature, "batch_state": state}
 
     async def _transaction(self, signature: str) -> bytes | None:
-        from p2pgpu.cli._ledger import _ledger_spec
+        from p2pgpu.sdk._local import ledger_spec
         from p2pgpu.solana import LedgerUnavailable, open_ledger
 
         try:
-            spec = _ledger_spec(self.home)
+            spec = ledger_spec(self.home)
             ledger = open_ledger(spec, home_path=Path(self.home.path), readonly=True)
         except (HomeError, ValueError, OSError) as exc:
             raise LookupError(f"no ledger to ask: {exc}") from None

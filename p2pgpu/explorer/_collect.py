@@ -23,9 +23,9 @@ from typing import Any
 
 import trio
 
-from p2pgpu.node import ControlError, DaemonUnavailable
-
-from ._source import DaemonSource, MethodMissing
+from ._network import network_view
+from ._series import NetworkSeries
+from ._source import DaemonSource, MethodMissing, SourceError
 from ._views import Raw, _int, _seen_ms, build_views, clean_raw, rows_of
 
 log = logging.getLogger("p2pgpu.explorer")
@@ -38,9 +38,12 @@ POLLED: list[tuple[str, str]] = [
     ("proofs", "proofs"),
     ("payouts", "payouts"),
     ("earnings", "earnings"),
+    ("network.jobs", "network_jobs"),
     ("job.list", "jobs"),  # last: whether to ask job.status per job depends on the methods above
 ]
 job_details_max = 20
+#: Parameters of the polled methods: the newest 500 jobs seen each poll (each is counted once, when first seen).
+POLL_PARAMS: dict[str, dict[str, Any]] = {"network.jobs": {"limit": 500}}
 
 
 def wall_ms() -> int:
@@ -55,7 +58,11 @@ class Collector:
         self.now_ms = now_ms
         self.version = 0
         self.raw = Raw()
+        #: The bounded history of the network (GPUs online, jobs and clusters per hour).
+        self.series = NetworkSeries()
         self.views: dict[str, Any] = build_views(self.raw, now_ms=now_ms(), version=0)
+        self.views["network"] = network_view(self.series, self.views, None, now_ms=self.views["as_of_ms"],
+                                             public=False)
         #: Explorer-side counters for ``/metrics``: polls, and failed calls by method.
         self.polls = 0
         self.call_errors: Counter[str] = Counter()
@@ -72,7 +79,7 @@ class Collector:
     async def poll(self) -> None:
         raw = Raw()
         for method, attr in POLLED:
-            value = await self._ask(method, raw)
+            value = await self._ask(method, raw, POLL_PARAMS.get(method))
             if attr == "status":
                 raw.status = value if isinstance(value, dict) else None
             else:
@@ -81,7 +88,11 @@ class Collector:
             raw.jobs = await self._job_details(raw.jobs, raw)
         self.raw = clean_raw(raw)  # /metrics and the proof check read it: known keys have their types
         self.polls += 1
-        views = build_views(raw, now_ms=self.now_ms(), version=self.version + 1)
+        now = self.now_ms()
+        views = build_views(raw, now_ms=now, version=self.version + 1)
+        if self.raw.status is not None:  # a daemon that is down says nothing about the network
+            self.series.observe(now, views["supply"], self._network_rows())
+        views["network"] = network_view(self.series, views, self.raw.earnings, now_ms=now, public=False)
         if _content(views) != _content(self.views):
             self.version += 1
             self.views = views
@@ -92,6 +103,18 @@ class Collector:
             self.views["as_of_ms"] = views["as_of_ms"]
             self.views["summary"]["as_of_ms"] = views["as_of_ms"]
 
+    def _network_rows(self) -> list[dict[str, Any]]:
+        """Jobs seen on the network; from this node's own job list while the daemon lacks ``network.jobs``."""
+        if self.raw.network_jobs is not None:
+            return self.raw.network_jobs
+        out = []
+        for j in self.raw.jobs or []:
+            c = j.get("cluster")
+            cluster: dict[str, Any] = c if isinstance(c, dict) else {}
+            out.append({"job_id": j.get("job_id"), "seen_at_ms": _seen_ms(j), "members": cluster.get("members"),
+                        "certificate_hash": cluster.get("certificate_hash")})
+        return out
+
     async def _ask(self, method: str, raw: Raw, params: dict[str, Any] | None = None) -> Any:
         try:
             value = await self.source.call(method, params)
@@ -99,7 +122,7 @@ class Collector:
             if method not in raw.missing:
                 raw.missing.append(method)
             return None
-        except (DaemonUnavailable, ControlError) as exc:
+        except SourceError as exc:
             self.call_errors[method] += 1
             raw.errors[method] = str(exc)
             return None

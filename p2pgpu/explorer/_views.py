@@ -55,6 +55,8 @@ class Raw:
     proofs: list[dict[str, Any]] | None = None
     payouts: list[dict[str, Any]] | None = None
     earnings: list[dict[str, Any]] | None = None
+    #: Every job the node has seen on the network (``network.jobs``), for the network view.
+    network_jobs: list[dict[str, Any]] | None = None
     missing: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -84,7 +86,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
                            "proof_hash", "status", "tx_signature", "name", "worker", "payout_address", "network")},
     **{k: _NUMBER for k in ("gpus_free", "memory_mb", "count", "seen_at_ms", "formation_ms", "amount", "price",
                             "latency_ms", "gpu_ms", "expires_at", "peers", "adverts_known", "uptime_s", "nodes",
-                            "replicas")},
+                            "replicas", "paid_ms", "created_ms")},
     **{k: (list,) for k in ("gpus", "members", "proofs", "payouts", "roles")},
     **{k: (dict,) for k in ("cluster", "timings", "rejections", "jobs", "counters")},
 }
@@ -112,7 +114,8 @@ def clean_raw(raw: Raw) -> Raw:
     status = clean(raw.status)
     return Raw(status=status if isinstance(status, dict) else None, peers=clean(raw.peers),
                market=clean(raw.market), jobs=clean(raw.jobs), proofs=clean(raw.proofs),
-               payouts=clean(raw.payouts), earnings=clean(raw.earnings), missing=raw.missing, errors=raw.errors)
+               payouts=clean(raw.payouts), earnings=clean(raw.earnings), network_jobs=clean(raw.network_jobs),
+               missing=raw.missing, errors=raw.errors)
 
 
 def _int(v: Any) -> int:

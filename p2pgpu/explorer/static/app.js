@@ -11,6 +11,7 @@ function el(tag, attrs, ...children) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") e.className = v;
     else if (k === "text") e.textContent = v;
+    else if (k === "style") e.style.cssText = v; // CSSOM: allowed by the page's Content-Security-Policy
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v === true ? "" : v);
   }
@@ -71,7 +72,9 @@ function put(id, node) { $(id).replaceChildren(node); }
 
 function renderSummary(v) {
   const s = v.summary;
-  $("network").textContent = s.network ? "network " + s.network : "";
+  $("network-name").textContent = s.network ? "network " + s.network : "";
+  $("mode").textContent = v.public ? "public" : "";
+  $("metrics-link").hidden = !!v.public;
   $("c-nodes").textContent = fmtInt(s.nodes);
   $("c-gpus").textContent = fmtInt(s.gpus_total);
   $("c-gpus-free").textContent = typeof s.gpus_free === "number" ? s.gpus_free + " free" : "";
@@ -213,9 +216,36 @@ function renderPayouts(p) {
   ], p.rows));
 }
 
+let plotsVersion = null;
+function renderNetwork(v) {
+  const n = v.network;
+  if (!n) return;
+  const since = n.since_ms ? new Date(n.since_ms).toLocaleString() : "now";
+  $("network-note").textContent =
+    `${fmtInt(n.gpus_online.total)} GPUs online on ${fmtInt(n.gpus_online.nodes)} nodes; ` +
+    `${fmtInt(n.jobs_seen_24h)} jobs seen and ${fmtInt(n.clusters_24h)} clusters formed in 24 h; ` +
+    `${fmtAmount(n.paid_30d, n.currency)} paid in 30 days. GPU history since ${since}.`;
+  if (plotsVersion !== v.version) {
+    plotsVersion = v.version;
+    for (const name of n.plots) {
+      const img = $("plot-" + name);
+      if (img) img.src = "/plots/" + encodeURIComponent(name) + ".svg?v=" + encodeURIComponent(v.version);
+    }
+  }
+  if (!n.top_earners.length) return put("earners-body", el("p", { class: "empty" }, "Nobody has been paid yet."));
+  put("earners-body", table([
+    { label: "Worker", render: (e) => el("span", {}, idSpan(e.worker, 12), e.self ? " " : "", e.self ? pill("this node", "ok") : "") },
+    { label: "Region", render: (e) => e.region ?? "–" },
+    { label: "GPUs", wide: true, render: (e) => (e.gpus || []).join(", ") || "–" },
+    { label: "Payouts", num: true, render: (e) => fmtInt(e.payouts) },
+    { label: "Paid", num: true, render: (e) => fmtAmount(e.amount, n.currency) },
+  ], n.top_earners));
+}
+
 function render(v) {
   lastViews = v;
   renderSummary(v);
+  renderNetwork(v);
   renderSupply(v.supply);
   renderNodes(v.nodes);
   renderClusters(v.clusters);
