@@ -128,6 +128,12 @@ class Devnet:
             eport = free_port()
             self._spawn(["explorer", "--home", str(self.net.nodes[0].home.path), "--port", str(eport)], "explorer.log")
             self.explorer_url = f"http://127.0.0.1:{eport}/"
+            self.progress(f"explorer: {self.explorer_url}  network view: {self.network_view_url}")
+
+    @property
+    def network_view_url(self) -> str:
+        """The explorer's network view (GPUs online, jobs per hour, payouts per day, top earners)."""
+        return f"{self.explorer_url}#network" if self.explorer_url else ""
 
     def stop(self) -> None:
         if self.net is not None:
@@ -219,6 +225,7 @@ def summarize(dev: Devnet, docs: list[dict[str, Any]], adverts_s: float) -> dict
         "nodes": len(dev.net.nodes),
         "ledger": dev.ledger_url,
         "explorer": dev.explorer_url,
+        "network_view": dev.network_view_url,
         "adverts_converged_s": round(adverts_s, 3),
         "adverts_seen": {n.peer_id: n.call("status")["adverts_known"] for n in dev.net.nodes},
         "jobs": jobs,

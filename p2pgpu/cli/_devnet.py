@@ -105,6 +105,8 @@ def _human(d: dict[str, Any]) -> str:
         return f"devnet FAILED: {d.get('error', 'unknown')}\nlogs: {d['dir']}"
     lines = [f"devnet: {d['nodes']} nodes, adverts converged in {d['adverts_converged_s']} s",
              f"ledger: {d['ledger']}" + (f"   explorer: {d['explorer']}" if d.get("explorer") else "")]
+    if d.get("network_view"):
+        lines.append(f"network view: {d['network_view']} (while the devnet runs)")
     for j in d.get("jobs", []):
         lines.append(f"  job {j['job_id'][:12]} {j['name']:<11} {j['state']:<10} cluster of {j['members']}"
                      f" formed in {j['formation_ms']} ms, {j['proofs_verified']} proofs verified,"

@@ -110,23 +110,32 @@ def plot_svg(name: str, net: Mapping[str, Any], series: NetworkSeries, *, now_ms
         return _plots.bar_chart("Jobs seen per hour (24 h)", [(p["t_ms"], p["jobs"]) for p in net["jobs_per_hour"]],
                                 bucket_ms=hour_ms, empty="no job seen yet")
     if name == "payouts_per_day":
-        return _plots.bar_chart("Payouts per day (30 days, SOL)",
-                                [(p["t_ms"], p["amount"]) for p in net["payouts_per_day"]], bucket_ms=day_ms,
-                                fmt=_plots.fmt_lamports, empty="no payout settled yet")
+        pts = [(p["t_ms"], float(p["amount"])) for p in net["payouts_per_day"]]
+        div, unit = _plots.lamport_scale(max((v for _, v in pts), default=0))
+        return _plots.bar_chart(f"Payouts per day (30 days, {unit})", [(t, v / div) for t, v in pts],
+                                bucket_ms=day_ms, fmt=_unit_fmt(unit), empty="no payout settled yet",
+                                integer=unit == "lamports")
     if name == "top_earners":
-        return _plots.hbar_chart("Top earners (paid, SOL)",
-                                 [(e["worker"][:8] + "… " + (e.get("region") or ""), e["amount"])
-                                  for e in net["top_earners"]], fmt=_plots.fmt_lamports, empty="nobody paid yet")
+        rows = [(e["worker"][:8] + "… " + (e.get("region") or ""), float(e["amount"])) for e in net["top_earners"]]
+        return _plots.hbar_chart("Top earners (paid)", rows, fmt=_plots.fmt_lamports, empty="nobody paid yet")
     if name == "earnings":
         pts = net["earnings"]
         lines: list[tuple[str, list[tuple[int, float]]]] = [("paid", _cumulative([(p["t_ms"], p["paid"]) for p in pts]))]
         if pts and "expected" in pts[0]:
             lines.append(("expected", _cumulative([(p["t_ms"], p["expected"]) for p in pts])))
-        if not any(v for _, pts_ in lines for _, v in pts_):
+        top = max((v for _, line in lines for _, v in line), default=0)
+        if not top:
             lines = []
-        return _plots.line_chart("This operator's earnings (cumulative, 30 days)", lines, now_ms=now_ms,
-                                 window_ms=payout_days * day_ms, fmt=_plots.fmt_lamports, empty="nothing earned yet")
+        div, unit = _plots.lamport_scale(top)
+        lines = [(label, [(t, v / div) for t, v in line]) for label, line in lines]
+        return _plots.line_chart(f"This operator's earnings (cumulative, 30 days, {unit})", lines, now_ms=now_ms,
+                                 window_ms=payout_days * day_ms, fmt=_unit_fmt(unit), empty="nothing earned yet",
+                                 integer=unit == "lamports")
     raise KeyError(name)
+
+
+def _unit_fmt(unit: str) -> _plots.Fmt:
+    return lambda v: f"{_plots.compact(v)} {unit}"
 
 
 def _cumulative(points: list[tuple[int, float]]) -> list[tuple[int, float]]:

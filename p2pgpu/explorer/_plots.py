@@ -39,6 +39,19 @@ def fmt_int(v: float) -> str:
     return f"{round(v):,}"
 
 
+def compact(v: float) -> str:
+    """A tick label: 3 significant digits, k/M/G for large numbers."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def lamport_scale(max_lamports: float) -> tuple[float, str]:
+    """The unit to plot an amount in: SOL from 0.01 SOL up, else lamports."""
+    return (1e9, "SOL") if max_lamports >= 1e7 else (1.0, "lamports")
+
+
 def fmt_lamports(v: float) -> str:
     """Lamports as people read them: SOL above 0.001 SOL."""
     if abs(v) >= 1_000_000:
@@ -78,18 +91,24 @@ def _time_label(t_ms: int, span_ms: int) -> str:
     return time.strftime("%H:%M", tm)
 
 
-def _y_axis(y_max: float, fmt: Fmt, plot_h: int) -> list[str]:
+def _y_max(v: float, integer: bool) -> float:
+    """The top of the y axis: a nice number; at least 4 for counts, so every tick is a whole number."""
+    m = nice_max(v)
+    return max(4.0, m) if integer and m < 4 else m
+
+
+def _y_axis(y_max: float, plot_h: int) -> list[str]:
     out = []
     for i in range(5):
         v = y_max * i / 4
         y = PAD_T + plot_h - plot_h * i / 4
         out.append(f'<line x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#262c39"/>'
-                   f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#8b93a7">{text(fmt(v), 16)}</text>')
+                   f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#8b93a7">{text(compact(v), 8)}</text>')
     return out
 
 
 def line_chart(title: str, series: Sequence[tuple[str, Sequence[tuple[int, float]]]], *, now_ms: int,
-               window_ms: int, fmt: Fmt = fmt_int, empty: str = "no data yet") -> str:
+               window_ms: int, fmt: Fmt = fmt_int, empty: str = "no data yet", integer: bool = True) -> str:
     """Step lines over ``[now - window, now]``, one per labelled series, with a legend."""
     start = now_ms - window_ms
     series = [(label, [(t, v) for t, v in pts if t >= start]) for label, pts in series]
@@ -97,9 +116,9 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[tuple[int, float
     if not series:
         return _empty(title, empty)
     plot_w, plot_h = WIDTH - PAD_L - PAD_R, HEIGHT - PAD_T - PAD_B
-    legend_rows = (len(series) + 3) // 4
+    legend_rows = (len(series) + 1) // 2
     height = HEIGHT + 14 * (legend_rows - 1)
-    y_max = nice_max(max(v for _, pts in series for _, v in pts))
+    y_max = _y_max(max(v for _, pts in series for _, v in pts), integer)
     t0 = min(t for _, pts in series for t, _ in pts)
     span = max(now_ms - t0, 60_000)
 
@@ -109,7 +128,7 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[tuple[int, float
     def y(v: float) -> float:
         return PAD_T + plot_h - plot_h * v / y_max
 
-    body = _y_axis(y_max, fmt, plot_h)
+    body = _y_axis(y_max, plot_h)
     for i in range(3):
         t = t0 + span * i // 2
         body.append(f'<text x="{x(t):.1f}" y="{HEIGHT - PAD_B + 14}" text-anchor="middle" fill="#8b93a7">'
@@ -122,23 +141,23 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[tuple[int, float
         d.append(f"H{x(now_ms):.1f}")
         body.append(f'<path d="{"".join(d)}" fill="none" stroke="{color}" stroke-width="2">'
                     f'<title>{text(label)}: {text(fmt(pts[-1][1]), 24)}</title></path>')
-        lx = PAD_L + (n % 4) * (plot_w // 4)
-        ly = HEIGHT - 10 + (n // 4) * 14
+        lx = PAD_L + (n % 2) * (plot_w // 2)
+        ly = HEIGHT - 10 + (n // 2) * 14
         body.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
-                    f'<text x="{lx + 14}" y="{ly + 1}" fill="#e6e9ef">{text(label, 22)} '
+                    f'<text x="{lx + 14}" y="{ly + 1}" fill="#e6e9ef">{text(label, 30)} '
                     f'({text(fmt(pts[-1][1]), 16)})</text>')
     return _svg(title, body, height=height)
 
 
 def bar_chart(title: str, points: Sequence[tuple[int, float]], *, bucket_ms: int, fmt: Fmt = fmt_int,
-              empty: str = "nothing yet") -> str:
+              empty: str = "nothing yet", integer: bool = True) -> str:
     """One bar per time bucket (jobs per hour, payouts per day)."""
     if not points or not any(v for _, v in points):
         return _empty(title, empty)
     plot_w, plot_h = WIDTH - PAD_L - PAD_R, HEIGHT - PAD_T - PAD_B
-    y_max = nice_max(max(v for _, v in points))
+    y_max = _y_max(max(v for _, v in points), integer)
     slot = plot_w / len(points)
-    body = _y_axis(y_max, fmt, plot_h)
+    body = _y_axis(y_max, plot_h)
     span = points[-1][0] - points[0][0] + bucket_ms
     step = max(1, len(points) // 6)
     for i, (t, v) in enumerate(points):

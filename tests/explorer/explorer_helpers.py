@@ -81,10 +81,10 @@ async def _fund(root: Path, n: int) -> None:
         await ledger.aclose()
 
 
-def start_explorer(home: Home, *, poll_interval_s: float = 0.3) -> Explorer:
+def start_explorer(home: Home, *, poll_interval_s: float = 0.3, args: tuple[str, ...] = ()) -> Explorer:
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2pgpu.cli", "explorer", "--home", str(home.path), "--port", "0",
-         "--poll-interval", str(poll_interval_s)],
+         "--poll-interval", str(poll_interval_s), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True)
     assert proc.stdout is not None
