@@ -10,6 +10,12 @@ their transaction signatures, and every proof's check passing, with its
 paying transaction fetched from the JSON-RPC ledger.  Screenshots go to
 ``test-artifacts/explorer/devnet-desktop.png`` and ``devnet-phone.png``
 (390 px wide, where nothing may overflow the screen sideways).
+
+Then, on the same devnet: the network view (plots over time, top earners;
+``devnet-network.png``), a public explorer (``--public``: public fields only,
+no ``/metrics``, security headers, 429s; ``public-network.png``), and a node
+whose advert carries HTML in its GPU model and region, shown as text
+(``hostile-strings.png``).
 """
 
 from __future__ import annotations
