@@ -12,6 +12,8 @@ import importlib
 import pkgutil
 import types
 
+import pytest
+
 import p2pgpu.core as core
 
 
@@ -73,3 +75,38 @@ def test_reason_codes_are_stable() -> None:
 def test_kind_names_are_stable() -> None:
     assert core.Kind.ADVERT.value == "advert"
     assert core.Kind.ADVERT.domain_tag == b"p2pgpu/advert/v1\x00"
+
+
+# ------------------------------------------------------- the SDK at the top
+
+
+def test_the_top_level_exports_the_sdk_lazily() -> None:
+    import subprocess
+    import sys
+
+    import p2pgpu
+    import p2pgpu.sdk as sdk
+
+    assert set(p2pgpu.__all__) == set(sdk.__all__) | {"__version__"}
+    for name in sdk.__all__:
+        assert getattr(p2pgpu, name) is getattr(sdk, name), name
+        assert not name.startswith("_")
+    for info in pkgutil.iter_modules(sdk.__path__):
+        assert info.name.startswith("_"), f"p2pgpu.sdk.{info.name} should be private"
+    # `import p2pgpu` loads nothing heavy; the SDK loads no libp2p (the CLI's daemon commands start fast).
+    code = ("import sys, p2pgpu; assert 'p2pgpu.sdk' not in sys.modules and 'trio' not in sys.modules;"
+            " from p2pgpu import Client; assert 'libp2p' not in sys.modules and 'p2pgpu.node' not in sys.modules;"
+            " print(Client)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    with pytest.raises(AttributeError):
+        p2pgpu.NotAThing  # noqa: B018 - the lookup is the test
+
+
+def test_sdk_errors_say_who_is_at_fault() -> None:
+    import p2pgpu
+
+    for name in ("DaemonNotRunning", "RequestRefused", "JobFailed", "Timeout", "ResultsMismatch"):
+        assert issubclass(getattr(p2pgpu, name), p2pgpu.P2pgpuError)
+    for name in ("BadManifest", "UnknownJob", "MethodUnavailable"):
+        assert issubclass(getattr(p2pgpu, name), p2pgpu.RequestRefused)
