@@ -85,7 +85,7 @@ def test_the_top_level_exports_the_sdk_lazily() -> None:
     import sys
 
     import p2pgpu
-    import p2pgpu.sdk as sdk
+    from p2pgpu import sdk
 
     assert set(p2pgpu.__all__) == set(sdk.__all__) | {"__version__"}
     for name in sdk.__all__:

@@ -91,7 +91,7 @@ def test_public_explorer_attacks(tmp_path: Path) -> None:
                 assert not any(k.startswith("on") for el in svg.iter() for k in el.attrib)
             texts = "".join(el.text or "" for el in ET.fromstring(get(url + "/plots/gpus_by_model.svg")[1]).iter())
             assert MODEL in texts
-            page_status, page, headers = get(url + "/")
+            _, page, headers = get(url + "/")
             assert "script-src 'self'" in headers["Content-Security-Policy"]
             assert b"<script>" not in page.replace(b'<script src="/static/app.js"></script>', b"")
 
