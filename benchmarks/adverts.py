@@ -51,6 +51,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import _gossip_peer as gp
 
+from p2pgpu import children
+
 # --- (a) ---------------------------------------------------------------------------
 
 
@@ -85,8 +87,8 @@ class Peers:
             cmd.append("--report-each")
         for i in range(n):
             extra = ["--no-validate"] if no_validate_from is not None and i >= no_validate_from else []
-            p = subprocess.Popen(cmd + extra + ["--seed-index", str(first_index + i)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            p = children.spawn(cmd + extra + ["--seed-index", str(first_index + i)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
             self.procs.append(p)
             threading.Thread(target=self._pump, args=(i, p), daemon=True).start()
         ready = self.wait_all("ready", range(n), timeout_s=60 + 3 * n)

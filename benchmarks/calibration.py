@@ -146,7 +146,7 @@ def node_proc(argv: list[str]) -> int:
 
 
 def make_net(root: Path, n: int, link_ms: float, jitter_pct: float) -> Any:
-    from p2pgpu import localnet
+    from p2pgpu import children, localnet
 
     extra = f"link_delay_ms = {link_ms}\nlink_jitter_pct = {jitter_pct}\n" if link_ms > 0 else ""
 
@@ -168,8 +168,8 @@ def make_net(root: Path, n: int, link_ms: float, jitter_pct: float) -> Any:
                 args += ["--bootstrap", b]
             log_path = self.root / f"node{i}.log"
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                proc = children.spawn(args, stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
             node = localnet.NodeProc(index=i, home=home, proc=proc, log_path=log_path)
             if wait:
                 self.wait_ready(node)

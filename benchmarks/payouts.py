@@ -31,6 +31,7 @@ from typing import Any
 import trio
 from solders.keypair import Keypair
 
+from p2pgpu import children
 from p2pgpu.core._payout import fee_per_signature_lamports, transfers_max_lookup, transfers_max_plain
 from p2pgpu.solana import EmbeddedLedger, Payer, RpcLedger, create_lookup_table, load_lookup_table
 from p2pgpu.store import open_db, record_owed, transaction
@@ -105,9 +106,9 @@ async def main(args: argparse.Namespace) -> None:
     if args.skip_server:
         return
     port = free_port_pair()
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
+    proc = children.spawn(  # started once, before timing
         [sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert proc.stdout is not None and proc.stdout.readline().startswith("ledger ready")
         for lookup in (False, True):

@@ -6,14 +6,15 @@ that ledger, funds every node's wallet with a local airdrop (so workers'
 accounts exist and the submitter can pay), optionally an explorer, then
 submits sample jobs (single-node, multi-node and replicated) and follows them
 until every proof is verified and every payout confirmed on the ledger.
-Everything is bounded in time and stops by itself; all on 127.0.0.1.
+Everything is bounded in time and stops by itself; all on 127.0.0.1.  Every
+process is started through :mod:`p2pgpu.children`, so none outlives the
+devnet, whatever ends it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from p2pgpu import children
 from p2pgpu.localnet import LocalNet
 
 airdrop_lamports = 100_000_000_000  # 100 SOL for every node's wallet
@@ -39,7 +41,7 @@ def free_port(pair: bool = False) -> int:
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
         if not pair or port >= 65535:
             return port
         with socket.socket() as s2:
@@ -94,8 +96,8 @@ class Devnet:
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(self.root / log, "ab") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "p2pgpu.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            proc = children.spawn([sys.executable, "-m", "p2pgpu.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._procs.append(proc)
         return proc
 
@@ -136,17 +138,10 @@ class Devnet:
         return f"{self.explorer_url}#network" if self.explorer_url else ""
 
     def stop(self) -> None:
+        """Stop the nodes, then the explorer and the ledger (each bounded: SIGTERM, then SIGKILL)."""
         if self.net is not None:
             self.net.stop()
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        children.stop_all(self._procs)
 
     def balance(self, address: str) -> int:
         return int(rpc(self.ledger_url, "getBalance", [address])["value"])

@@ -5,6 +5,8 @@ creates one home per node (``init``), writes a simulated GPU inventory for
 each from a realistic mix, starts the daemons bootstrapping from the first,
 waits until each answers on its control API, and stops them all (SIGTERM,
 then SIGKILL after a grace period) when closed.  Every wait is bounded.
+The daemons are started through :mod:`p2pgpu.children`: whatever ends the
+process that started them (SIGKILL included), they go with it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pgpu import children
 from p2pgpu.home import Home
 from p2pgpu.node import ControlError, DaemonUnavailable, call
 
@@ -133,7 +136,7 @@ class LocalNet:
         log_path = self.root / f"node{i}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = children.spawn(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         node = NodeProc(index=i, home=home, proc=proc, log_path=log_path)
         if wait:
             self.wait_ready(node)
@@ -172,24 +175,12 @@ class LocalNet:
             try:
                 node.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                os.killpg(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=5)
+                children.stop(node.proc, grace_s=0)  # SIGKILL its group
         return time.monotonic() - start
 
     def stop(self) -> None:
-        for node in self.nodes:
-            if node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for node in self.nodes:
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(node.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass  # exited between the check and the kill
-                node.proc.wait(timeout=5)
+        """SIGTERM every node at once; SIGKILL those still running after the grace."""
+        children.stop_all([node.proc for node in self.nodes])
 
     def wait_until(self, predicate: Any, *, timeout_s: float = 30.0, interval_s: float = 0.2, what: str = "") -> Any:
         deadline = time.monotonic() + timeout_s

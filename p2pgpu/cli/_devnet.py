@@ -6,7 +6,9 @@ first), an explorer, and submits K sample jobs (single-node, two-node and
 replicated) from a funded submitter; it follows formation, execution, proofs
 and payouts, and checks the payouts against the ledger's balances.  With
 ``--once`` it stops every process and exits 0 when every job is paid, else 1
-with the reason; without it, it keeps the network up until Ctrl-C.
+with the reason; without it, it keeps the network up until Ctrl-C, SIGTERM or
+SIGHUP, which all stop it the same way.  Every process it starts dies with it
+even when it is killed outright (``p2pgpu.children``).
 Everything runs on 127.0.0.1 and works offline (see p2pgpu/devnet.py).
 """
 
@@ -31,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "up", help="start a local network of node daemons with simulated GPUs",
         description="Start N node daemons with simulated GPUs on 127.0.0.1, wait until every node lists every "
                     "other node's GPUs, and print a summary. With --once, stop everything and exit 0 when done "
-                    "(non-zero with the reason otherwise); without it, keep running until Ctrl-C.")
+                    "(non-zero with the reason otherwise); without it, keep running until Ctrl-C or SIGTERM. "
+                    "Every process it starts stops with it, even if it is killed outright.")
     p.add_argument("--nodes", type=int, default=4, metavar="N", help="number of node daemons (default 4)")
     p.add_argument("--jobs", type=int, default=3, metavar="K",
                    help="sample jobs to submit: single-node, two-node and replicated in turn (default 3)")
@@ -49,6 +52,13 @@ def _progress(msg: str) -> None:
 
 
 def cmd_devnet_up(args: argparse.Namespace) -> int:
+    from p2pgpu.children import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # systemd, docker and `timeout` stop us the way Ctrl-C does
+        return _devnet_up(args)
+
+
+def _devnet_up(args: argparse.Namespace) -> int:
     from p2pgpu.devnet import Devnet, DevnetError, summarize  # noqa: PLC0415
     from p2pgpu.localnet import LocalNetError  # noqa: PLC0415
 
@@ -61,7 +71,7 @@ def cmd_devnet_up(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"nodes": args.nodes, "dir": str(root), "ok": False}
 
     def left() -> float:
-        return max(5.0, args.timeout - (time.monotonic() - started))
+        return max(5.0, float(args.timeout) - (time.monotonic() - started))
 
     _progress(f"starting a devnet of {args.nodes} nodes in {root}")
     dev = Devnet(root, nodes=args.nodes, explorer=not args.no_explorer, progress=_progress)
@@ -79,7 +89,8 @@ def cmd_devnet_up(args: argparse.Namespace) -> int:
         else:
             summary["ok"] = True
         if summary["ok"] and not args.once:
-            _progress(f"network is up; explorer at {dev.explorer_url or '(off)'}; press Ctrl-C to stop")
+            _progress(f"network is up; explorer at {dev.explorer_url or '(off)'}; press Ctrl-C (or send SIGTERM) "
+                      "to stop")
             for n in dev.net.nodes if dev.net else []:
                 _progress(f"  p2pgpu status --home {n.home.path}")
             while dev.net and all(n.proc.poll() is None for n in dev.net.nodes):
@@ -88,8 +99,8 @@ def cmd_devnet_up(args: argparse.Namespace) -> int:
             summary["error"] = "a node process exited; see its log in " + str(root)
     except (LocalNetError, DevnetError) as exc:
         summary["error"] = str(exc)
-    except KeyboardInterrupt:
-        _progress("stopping")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (children.Stopped)
+        _progress(f"stopping ({exc or 'interrupted'})")
     finally:
         dev.stop()
         summary["wall_s"] = round(time.monotonic() - started, 3)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pgpu import children
 from p2pgpu.devnet import free_port, rpc
 from p2pgpu.localnet import LocalNet
 from p2pgpu.node import ControlError
@@ -30,8 +31,8 @@ ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 def ledger(tmp_path: Path):
     port = free_port(pair=True)
     with open(tmp_path / "ledger.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = children.spawn([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -42,8 +43,7 @@ def ledger(tmp_path: Path):
             assert proc.poll() is None and time.monotonic() < deadline, "ledger serve did not start"
             time.sleep(0.2)
     yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    children.stop(proc)
 
 
 def balance(url: str, address: str) -> int:

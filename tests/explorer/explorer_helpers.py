@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from p2pgpu import children
 from p2pgpu.home import Home
 from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.solana import load_or_create_keypair, open_ledger, payer_keypair_path
@@ -82,11 +83,10 @@ async def _fund(root: Path, n: int) -> None:
 
 
 def start_explorer(home: Home, *, poll_interval_s: float = 0.3, args: tuple[str, ...] = ()) -> Explorer:
-    proc = subprocess.Popen(
+    proc = children.spawn(
         [sys.executable, "-m", "p2pgpu.cli", "explorer", "--home", str(home.path), "--port", "0",
          "--poll-interval", str(poll_interval_s), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("explorer ready "):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from p2pgpu import children
+
 
 def free_port_pair() -> int:
     """A port p with p and p+1 both free (RPC and websocket)."""
@@ -39,8 +41,8 @@ def start_server(state: Path | None, *, slot_ms: int = 50) -> ServerProc:
     cmd = [sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port), "--slot-ms", str(slot_ms)]
     if state is not None:
         cmd += ["--state", str(state)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = children.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("ledger ready"):
