@@ -138,37 +138,38 @@ _spawner = _Spawner()
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    for key in ("preexec_fn", "start_new_session", "process_group"):
-        if key in options:
-            raise TypeError(f"p2pgpu.children sets {key} itself (use new_session=...)")
+    if "preexec_fn" in options:
+        raise TypeError("p2pgpu.children sets preexec_fn itself (the parent-death signal)")
 
 
-def spawn(argv: Sequence[str | os.PathLike[str]], *, die_signal: int = signal.SIGKILL, new_session: bool = True,
-          **options: Any) -> subprocess.Popen[Any]:
+def spawn(argv: Sequence[str | os.PathLike[str]], *, die_signal: int = signal.SIGKILL,
+          start_new_session: bool = True, **options: Any) -> subprocess.Popen[Any]:
     """``subprocess.Popen(argv, **options)`` for a child that dies with this process.
 
     ``die_signal`` is what the child receives when this process dies (SIGKILL:
-    nothing can delay it).  ``new_session`` makes the child the leader of a
-    new session and process group (so a terminal's Ctrl-C reaches only us,
-    and :func:`stop` can signal everything the child started in its group).
-    Safe to call from any thread.
+    nothing can delay it).  ``start_new_session`` (on by default here) makes
+    the child the leader of a new session and process group, so a terminal's
+    Ctrl-C reaches only us and :func:`stop` can signal everything the child
+    started in its group.  Any other ``Popen`` option is passed on, except
+    ``preexec_fn``, which is ours.  Safe to call from any thread.
     """
     _check_options(options)
     preexec = _die_with_parent(os.getpid(), int(die_signal))
     popen: subprocess.Popen[Any] = _spawner.call(
-        partial(subprocess.Popen, list(argv), preexec_fn=preexec, start_new_session=new_session, **options))
+        partial(subprocess.Popen, list(argv), preexec_fn=preexec, start_new_session=start_new_session, **options))
     return popen
 
 
 async def open_process(argv: Sequence[str | os.PathLike[str]], *, die_signal: int = signal.SIGKILL,
-                       new_session: bool = True, stdin: Any = None, stdout: Any = None, stderr: Any = None,
+                       start_new_session: bool = True, stdin: Any = None, stdout: Any = None, stderr: Any = None,
                        **options: Any) -> trio.Process:
     """:func:`trio.lowlevel.open_process` for a child that dies with this process.
 
-    The same arguments and the same :class:`trio.Process` (``subprocess.PIPE``
-    gives trio streams; ``stderr=subprocess.STDOUT`` shares stdout's), but the
-    child is forked by the spawner thread, never by one of trio's worker
-    threads, so its parent-death signal fires only when this process dies.
+    A drop-in replacement: the same arguments and the same
+    :class:`trio.Process` (``subprocess.PIPE`` gives trio streams;
+    ``stderr=subprocess.STDOUT`` shares stdout's), but the child is forked by
+    the spawner thread, never by one of trio's worker threads, so its
+    parent-death signal fires only when this process dies.
     """
     _check_options(options)
     for key in ("universal_newlines", "text", "encoding", "errors", "bufsize"):
@@ -198,8 +199,8 @@ async def open_process(argv: Sequence[str | os.PathLike[str]], *, die_signal: in
             child_ends.callback(os.close, w)
             stderr = w
         popen = await trio.to_thread.run_sync(
-            partial(spawn, argv, die_signal=die_signal, new_session=new_session, stdin=stdin, stdout=stdout,
-                    stderr=stderr, **options))
+            partial(spawn, argv, die_signal=die_signal, start_new_session=start_new_session, stdin=stdin,
+                    stdout=stdout, stderr=stderr, **options))
         ours_on_failure.pop_all()
     # trio.Process has no public constructor; _create is how trio itself builds one.
     process: trio.Process = trio.Process._create(  # type: ignore[attr-defined]
@@ -210,7 +211,7 @@ async def open_process(argv: Sequence[str | os.PathLike[str]], *, die_signal: in
 def stop(proc: subprocess.Popen[Any], *, grace_s: float = stop_grace_s_default, group: bool = True) -> int:
     """Stop a child started by :func:`spawn`: SIGTERM, then SIGKILL after ``grace_s``.
 
-    With ``group`` (children started with ``new_session``), the signals go to
+    With ``group`` (children started with ``start_new_session``), the signals go to
     the child's whole process group while its leader is alive, so whatever it
     started in its group goes too.  Returns the exit status.  Bounded: at most
     ``grace_s + kill_wait_s_max`` seconds.

@@ -97,11 +97,10 @@ def test_stop_all_shares_one_grace_and_lets_a_clean_child_exit_cleanly() -> None
     assert took < 4, f"one shared grace, not one each: {took:.1f} s"
 
 
-def test_spawn_refuses_options_it_sets_itself() -> None:
-    for key in ("preexec_fn", "start_new_session", "process_group"):
-        options: dict[str, Any] = {key: None}
-        with pytest.raises(TypeError, match=key):
-            children.spawn(["true"], **options)
+def test_spawn_refuses_a_preexec_fn_of_its_own() -> None:
+    options: dict[str, Any] = {"preexec_fn": lambda: None}
+    with pytest.raises(TypeError, match="preexec_fn"):
+        children.spawn(["true"], **options)
 
 
 def test_sigterm_as_interrupt_runs_the_cleanup_and_ignores_a_second_signal(tmp_path: Path) -> None:
