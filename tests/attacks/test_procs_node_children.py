@@ -17,7 +17,6 @@ expected failure, strict, so that it turns red the day it passes.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -28,9 +27,17 @@ from p2pgpu.localnet import LocalNet
 
 pytestmark = pytest.mark.processes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from e2e_jobs import sleep_job  # noqa: E402
-
+SLEEPER = """
+name = "sleeper"
+[requirements]
+nodes = 1
+gpus_per_node = 1
+[runtime]
+command = ["sh", "-c", "echo started; sleep 120"]
+duration_s_max = 150
+[payment]
+price_per_gpu_hour_max = 36000000
+"""
 #: node run, timeout, bubblewrap (outer and the pid namespace's init), sh, sleep.
 sandboxed_tree_min = 6
 gone_within_s: dict[int, float] = {signal.SIGTERM: 20.0, signal.SIGKILL: 10.0}
@@ -47,7 +54,7 @@ def test_node_run_with_a_running_job_leaves_no_process_and_no_port(tmp_path: Pat
     with LocalNet(root, 1) as net:
         node = net.nodes[0]
         try:
-            node.call("job.submit", {"manifest": sleep_job("sleeper", nodes=1, sleep_s=120)})
+            node.call("job.submit", {"manifest": SLEEPER})
             deadline = time.monotonic() + 90
             while len(process_tree(node.proc.pid)) < sandboxed_tree_min:
                 assert time.monotonic() < deadline, f"the job's sandbox did not start:\n{node.log_tail()}"
