@@ -34,12 +34,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="serve a local Solana JSON-RPC endpoint over an embedded SVM",
         description="A local Solana JSON-RPC node over LiteSVM: HTTP JSON-RPC on --port, websocket subscriptions "
         "on --port + 1. Several processes (nodes, solana-py, @solana/web3.js) share one ledger through it. "
-        "Runs until SIGINT/SIGTERM; state persists in --state.",
+        "Runs until SIGINT/SIGTERM; state persists in --state. Anyone who reaches the ports may use it, so every "
+        "connection is bounded (idle and request timeouts, a connection cap that closes the longest-idle "
+        "connection to admit a new one) and so are airdrops (per address and in total; the faucet's key is "
+        "made for this ledger and kept in FILE.faucet, mode 0600). On an address other than loopback, airdrops "
+        "are off unless --airdrop-total-max is given.",
     )
     p.add_argument("--port", type=int, default=8899, help="JSON-RPC port (default 8899; websocket on port + 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--state", metavar="FILE", help="state file (snapshot; FILE.journal beside it); none: in memory")
     p.add_argument("--slot-ms", type=int, default=400, help="milliseconds per block (default 400)")
+    p.add_argument("--connections-max", type=int, default=1024, metavar="N",
+                   help="connections held at once, HTTP and websocket together (default 1024; fewer if ulimit -n "
+                        "is lower); when full, the longest-idle one is closed to admit a new one")
+    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection with no request under way (or a websocket without subscriptions) "
+                        "after this long (default 30)")
+    p.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request must arrive whole within this long of its first byte (default 10)")
+    p.add_argument("--airdrop-address-max", type=int, default=None, metavar="LAMPORTS",
+                   help="refuse an airdrop that would leave the address holding more than this "
+                        "(default 10^14, i.e. 100,000 SOL)")
+    p.add_argument("--airdrop-total-max", type=int, default=None, metavar="LAMPORTS",
+                   help="lamports the faucet gives over the ledger's life, at most (default 10^16 on loopback, "
+                        "0, i.e. no airdrops, on any other --host); 0 turns airdrops off")
     p.set_defaults(func=cmd_ledger_serve)
 
     p = sub.add_parser("wallet", help="payer address and balance on the configured ledger",
@@ -110,7 +128,14 @@ def cmd_ledger_serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from p2pgpu.solana import LedgerLocked, serve_ledger
+    from p2pgpu.solana import AirdropLimits, LedgerLocked, ServerLimits, serve_ledger
+
+    try:
+        limits = ServerLimits(connections_max=args.connections_max, idle_timeout_s=args.idle_timeout,
+                              request_timeout_s=args.request_timeout)
+        airdrops = AirdropLimits(**_airdrop_limits(args))
+    except ValueError as exc:
+        raise CliError(f"ledger serve: {exc}") from None
 
     def ready(server: Any) -> None:
         print(f"ledger ready http://{args.host}:{server.port} ws://{args.host}:{server.ws_port}", flush=True)
@@ -126,7 +151,7 @@ def cmd_ledger_serve(args: argparse.Namespace) -> int:
 
             nursery.start_soon(stop_on_signal)
             await serve_ledger(args.port, Path(args.state) if args.state else None, slot_ms=args.slot_ms,
-                               host=args.host, ready=ready)
+                               host=args.host, ready=ready, limits=limits, airdrop_limits=airdrops)
 
     try:
         trio.run(main)
@@ -135,6 +160,25 @@ def cmd_ledger_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port} or {args.port + 1}: {exc.strerror}") from None
     return 0
+
+
+def _airdrop_limits(args: argparse.Namespace) -> dict[str, int]:
+    """The airdrop limits the flags ask for; airdrops are off by default off loopback."""
+    import ipaddress
+
+    from p2pgpu.solana._faucet import airdrop_address_lamports_max_default, airdrop_total_lamports_max_default
+
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False  # a host name: treat it as reachable by others
+    total = args.airdrop_total_max
+    if total is None:
+        total = airdrop_total_lamports_max_default if loopback else 0
+    address = args.airdrop_address_max if args.airdrop_address_max is not None else \
+        airdrop_address_lamports_max_default
+    return {"address_lamports_max": address, "total_lamports_max": total,
+            "request_lamports_max": max(address, 0)}
 
 
 def cmd_wallet(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ Importing this package loads solders and solana-py; the CLI imports it lazily.
 """
 
 from ._check import PayerCheck
+from ._faucet import AirdropLimits
 from ._keys import load_keypair, load_or_create_keypair, payer_keypair_path
 from ._ledger import (
     EmbeddedLedger,
@@ -25,11 +26,12 @@ from ._ledger import (
 )
 from ._lookup import create_lookup_table, load_lookup_table
 from ._payer import Payer, PayerUnderfunded, PayReport
-from ._server import LedgerServer, serve_ledger
+from ._server import LedgerServer, ServerLimits, serve_ledger
 from ._svm import LedgerLocked, SvmLedger
 from ._tx import TokenInfo, ata, blame, build_batch, memo_root
 
 __all__ = [
+    "AirdropLimits",
     "EmbeddedLedger",
     "Ledger",
     "LedgerLocked",
@@ -41,6 +43,7 @@ __all__ = [
     "PayerCheck",
     "PayerUnderfunded",
     "RpcLedger",
+    "ServerLimits",
     "SigStatus",
     "SvmLedger",
     "TokenInfo",

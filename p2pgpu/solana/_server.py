@@ -15,12 +15,25 @@ once if it already has), ``slotSubscribe``, ``rootSubscribe`` and
 ``accountSubscribe`` (notified when a transaction touches the account).
 Each websocket has a bounded outbox; a client that does not read is
 disconnected rather than allowed to grow memory.
+
+Strangers who reach the ports (issue #18.7): every wait has a bound
+(:class:`ServerLimits`): an HTTP connection with no request under way is
+closed after ``idle_timeout_s``, a request must arrive whole within
+``request_timeout_s`` of its first byte, a reply or notification must leave
+within ``send_timeout_s``, a websocket handshake within
+``handshake_timeout_s``, and a websocket without subscriptions idles no
+longer than an HTTP connection.  At most ``connections_max`` connections
+(HTTP and websocket together, kept below the process's file-descriptor
+limit) are held; a full table closes its longest-idle connection to admit a
+newcomer (``_conns.py``), so held-open connections cannot starve new
+clients.  Airdrops are limited by the ledger (``_faucet.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -31,8 +44,10 @@ import h11
 import trio
 from solders.pubkey import Pubkey
 from solders.transaction import VersionedTransaction
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from ._conns import Conn, ConnectionTable
+from ._faucet import AirdropLimits
 from ._rpc import RpcMethods, _pubkey
 from ._svm import RpcError, SvmLedger
 
@@ -40,6 +55,35 @@ log = logging.getLogger("p2pgpu.ledger")
 request_bytes_max = 1024 * 1024
 ws_outbox_max = 1024
 subscriptions_per_socket_max = 10_000
+#: File descriptors kept free for everything but connections (state files, listeners, trio).
+fd_reserve = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerLimits:
+    """Bounds on what one client can hold (see the module docstring)."""
+
+    connections_max: int = 1024
+    idle_timeout_s: float = 30.0
+    request_timeout_s: float = 10.0
+    send_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.connections_max < 1:
+            raise ValueError("connections_max must be at least 1")
+        for name in ("idle_timeout_s", "request_timeout_s", "send_timeout_s", "handshake_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def connection_budget(wanted: int) -> int:
+    """``wanted`` connections, or fewer if the process's file-descriptor limit
+    would not leave ``fd_reserve`` free (accepting into EMFILE stalls every client)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - fd_reserve))
 _CORS = [
     (b"access-control-allow-origin", b"*"),
     (b"access-control-allow-methods", b"POST, GET, OPTIONS"),
@@ -53,11 +97,18 @@ class _Socket:
     subs: dict[int, tuple[str, Any]] = field(default_factory=dict)
 
 
+class _SlowRequest(Exception):
+    """A request did not arrive whole within the request timeout."""
+
+
 class LedgerServer:
-    def __init__(self, ledger: SvmLedger, *, slot_ms: int = 400, host: str = "127.0.0.1") -> None:
+    def __init__(self, ledger: SvmLedger, *, slot_ms: int = 400, host: str = "127.0.0.1",
+                 limits: ServerLimits | None = None) -> None:
         self.ledger = ledger
         self.slot_ms = slot_ms
         self.host = host
+        self.limits = limits or ServerLimits()
+        self.conns = ConnectionTable(connection_budget(self.limits.connections_max))
         self.rpc = RpcMethods(ledger, on_executed=self._executed)
         self._ids = count(1)
         self._sig_subs: dict[str, list[tuple[_Socket, int]]] = {}
@@ -70,17 +121,15 @@ class LedgerServer:
     # --- lifecycle -------------------------------------------------------
 
     async def serve(self, port: int = 8899, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.conns.capacity < self.limits.connections_max:
+            log.warning("at most %d connections: the file-descriptor limit (ulimit -n) leaves no room for %d",
+                        self.conns.capacity, self.limits.connections_max)
         async with trio.open_nursery() as nursery:
-            for attempt in range(50):
+            for _attempt in range(50):
                 listeners = await trio.open_tcp_listeners(port, host=self.host)
                 self.port = listeners[0].socket.getsockname()[1]
                 try:
-                    await nursery.start(
-                        lambda task_status: serve_websocket(
-                            self._ws_handler, self.host, self.port + 1, None,
-                            handler_nursery=nursery, task_status=task_status,
-                        )
-                    )
+                    ws_listeners = await trio.open_tcp_listeners(self.port + 1, host=self.host)
                 except OSError:
                     for lst in listeners:
                         await lst.aclose()
@@ -90,6 +139,7 @@ class LedgerServer:
                 break
             self.ws_port = self.port + 1
             nursery.start_soon(trio.serve_listeners, self._http_conn, listeners)
+            nursery.start_soon(trio.serve_listeners, self._ws_conn, ws_listeners)
             if self.slot_ms > 0:
                 nursery.start_soon(self._ticker)
             task_status.started(self.port)
@@ -107,38 +157,69 @@ class LedgerServer:
 
     # --- HTTP ------------------------------------------------------------
 
+    def _admit(self, kind: str, scope: trio.CancelScope) -> Conn:
+        """Hold a new connection; a full table closes its longest-idle one."""
+        conn, victim = self.conns.admit(kind=kind, close=scope.cancel, now=trio.current_time())
+        if victim is not None:
+            victim.close()
+        return conn
+
     async def _http_conn(self, stream: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:  # cancelled when evicted to make room
+            held = self._admit("http", scope)
+            try:
+                await self._http_session(stream, held)
+            finally:
+                self.conns.release(held)
+                await stream.aclose()
+
+    async def _http_session(self, stream: trio.SocketStream, held: Conn) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         try:
             while True:
-                req, body = await self._read_request(conn, stream)
+                req, body = await self._read_request(conn, stream, held)
                 if req is None:
                     return
                 status, payload = self._respond(req, body)
                 headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-                await stream.send_all(
-                    conn.send(h11.Response(status_code=status, headers=headers + _CORS))
-                    + conn.send(h11.Data(data=payload))
-                    + conn.send(h11.EndOfMessage())
-                )
+                with trio.move_on_after(self.limits.send_timeout_s) as sending:
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=status, headers=headers + _CORS))
+                        + conn.send(h11.Data(data=payload))
+                        + conn.send(h11.EndOfMessage())
+                    )
+                if sending.cancelled_caught:
+                    return  # a client that does not read its reply loses the connection
+                self.conns.touch(held, busy=False, now=trio.current_time())
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
-        except (h11.RemoteProtocolError, h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (h11.RemoteProtocolError, h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                _SlowRequest):
             return
         except Exception:  # a bug of ours costs this connection, never the ledger
             log.exception("HTTP connection failed")
             return
-        finally:
-            await stream.aclose()
 
-    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
+    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream,
+                            held: Conn) -> tuple[h11.Request | None, bytes]:
+        """The next request, or (None, b"") when the client closed or idled
+        out; raises :class:`_SlowRequest` when a started request stalls."""
         req: h11.Request | None = None
         body = bytearray()
+        deadline: float | None = None  # set by the request's first byte
         while True:
             ev = conn.next_event()
             if ev is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
+                data = await self._receive(stream, deadline)
+                if data is None:
+                    if deadline is None:
+                        return None, b""  # idle past the idle timeout
+                    raise _SlowRequest
+                now = trio.current_time()
+                if deadline is None:
+                    deadline = now + self.limits.request_timeout_s
+                self.conns.touch(held, busy=True, now=now)
                 conn.receive_data(data)
                 if not data and conn.their_state is h11.IDLE:
                     return None, b""
@@ -153,6 +234,13 @@ class LedgerServer:
                 return req, bytes(body)
             elif isinstance(ev, h11.ConnectionClosed):
                 return None, b""
+
+    async def _receive(self, stream: trio.SocketStream, deadline: float | None) -> bytes | None:
+        """The next bytes, or None at ``deadline`` (or after the idle timeout when None)."""
+        at = deadline if deadline is not None else trio.current_time() + self.limits.idle_timeout_s
+        with trio.move_on_at(at):
+            return await stream.receive_some(65536)
+        return None
 
     def _respond(self, req: h11.Request, body: bytes) -> tuple[int, bytes]:
         if req.method == b"OPTIONS":
@@ -176,40 +264,68 @@ class LedgerServer:
 
     # --- websocket -------------------------------------------------------
 
-    async def _ws_handler(self, request: WebSocketRequest) -> None:
-        # serve_websocket runs handlers in the server's nursery: an escaping error would stop the ledger.
-        try:
-            await self._ws_session(request)
-        except ConnectionClosed:
-            pass
-        except Exception:  # a bug of ours costs this connection, never the ledger
-            log.exception("websocket connection failed")
+    async def _ws_conn(self, stream: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:  # cancelled when evicted to make room
+            held = self._admit("ws", scope)
+            try:
+                async with trio.open_nursery() as nursery:  # holds the connection's reader task
+                    try:
+                        await self._ws_session(nursery, stream, held)
+                    except ConnectionClosed:
+                        pass
+                    except Exception:  # a bug of ours costs this connection, never the ledger
+                        log.exception("websocket connection failed")
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.conns.release(held)
+                await stream.aclose()
 
-    async def _ws_session(self, request: WebSocketRequest) -> None:
-        ws = await request.accept()
+    async def _ws_session(self, nursery: trio.Nursery, stream: trio.SocketStream, held: Conn) -> None:
+        ws: WebSocketConnection | None = None
+        # A connection that sends nothing is idle: the handshake gets no longer than the idle timeout either.
+        with trio.move_on_after(min(self.limits.handshake_timeout_s, self.limits.idle_timeout_s)):
+            request: WebSocketRequest = await wrap_server_stream(nursery, stream)
+            ws = await request.accept()
+        if ws is None:
+            return  # no handshake in time
         send, recv = trio.open_memory_channel[str](ws_outbox_max)
         sock = _Socket(send=send)
 
         async def writer(scope: trio.CancelScope) -> None:
+            assert ws is not None
             try:
                 async for text in recv:
-                    await ws.send_message(text)
-                await ws.aclose()  # our outbox was closed: the client did not keep up
+                    with trio.move_on_after(self.limits.send_timeout_s) as sending:
+                        await ws.send_message(text)
+                    if sending.cancelled_caught:
+                        break  # the client does not read: it loses the connection
+                else:
+                    await ws.aclose()  # our outbox was closed: the client did not keep up
             except ConnectionClosed:
                 pass
             scope.cancel()
 
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer, nursery.cancel_scope)
+            async with trio.open_nursery() as session:
+                session.start_soon(writer, session.cancel_scope)
                 try:
                     while True:
-                        self._ws_request(sock, await ws.get_message())
+                        msg = None
+                        with trio.move_on_after(self.limits.idle_timeout_s):
+                            msg = await ws.get_message()
+                        if msg is None:
+                            if sock.subs:
+                                continue  # waiting for notifications is what a subscriber does
+                            break  # idle, with nothing to wait for
+                        self._ws_request(sock, msg)
+                        self.conns.touch(held, busy=bool(sock.subs), now=trio.current_time())
                 except ConnectionClosed:
                     pass
-                nursery.cancel_scope.cancel()
+                session.cancel_scope.cancel()
         finally:
             self._drop(sock)
+            with trio.move_on_after(self.limits.handshake_timeout_s):
+                await ws.aclose()
 
     def _ws_request(self, sock: _Socket, msg: str | bytes) -> None:
         try:
@@ -323,11 +439,13 @@ async def serve_ledger(
     host: str = "127.0.0.1",
     ready: Any = None,
     fsync: bool = False,
+    limits: ServerLimits | None = None,
+    airdrop_limits: AirdropLimits | None = None,
 ) -> None:
     """Run a ledger server until cancelled; the state is compacted on the way out."""
-    ledger = SvmLedger(state, now_ms=int(time.time() * 1000), fsync=fsync)
+    ledger = SvmLedger(state, now_ms=int(time.time() * 1000), fsync=fsync, airdrop_limits=airdrop_limits)
     try:
-        server = LedgerServer(ledger, slot_ms=slot_ms, host=host)
+        server = LedgerServer(ledger, slot_ms=slot_ms, host=host, limits=limits)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, port)
             if ready is not None:

@@ -28,7 +28,12 @@ behave like a real cluster for the clients we serve:
   transactions and reproduces the same state.  ``compact()`` writes
   the state file itself (the System, Token, Token-2022 and lookup-table accounts,
   our metadata and history) atomically and empties the journal; entries carry
-  a sequence number so a crash between the two never replays twice.
+  a sequence number so a crash between the two never replays twice.  State
+  files are private (0600).
+* **A faucet of its own.**  ``requestAirdrop`` pays from a faucet whose key is
+  made for this ledger and kept in ``STATE.faucet`` (0600), within
+  :class:`~p2pgpu.solana._faucet.AirdropLimits`; what earlier ledgers' faucet
+  (derived from a constant) still holds is moved to it on open (``_faucet.py``).
 
 Not thread-safe: callers hold one lock (the notes measured no gain from more).
 """
@@ -49,7 +54,6 @@ from solders.account import Account
 from solders.address_lookup_table_account import AddressLookupTable
 from solders.hash import Hash
 from solders.instruction import Instruction
-from solders.keypair import Keypair
 from solders.litesvm import LiteSVM
 from solders.message import Message, MessageV0
 from solders.pubkey import Pubkey
@@ -58,6 +62,8 @@ from solders.system_program import TransferParams, transfer
 from solders.transaction import Transaction, VersionedTransaction
 from solders.transaction_metadata import FailedTransactionMetadata
 from solders.transaction_status import TransactionConfirmationStatus, TransactionStatus
+
+from ._faucet import AIRDROP_REFUSED_CODE, AirdropLimits, AirdropRefused, legacy_faucet, load_or_create_faucet
 
 blockhash_window = 150
 history_max = 50_000
@@ -156,12 +162,20 @@ class SvmLedger:
         now_ms: int = 0,
         fsync: bool = False,
         readonly: bool = False,
+        airdrop_limits: AirdropLimits | None = None,
     ) -> None:
         self.genesis_hash = Hash(hashlib.sha256(b"genesis" + genesis).digest())
         self._genesis = genesis
-        self.faucet = Keypair.from_seed(hashlib.sha256(b"faucet" + genesis).digest())
+        self.airdrop_limits = airdrop_limits or AirdropLimits()
+        #: Lamports the faucet gave over the ledger's life (persisted; recounted on replay).
+        self.airdropped = 0
+        # Genesis as every earlier ledger had it: the faucet derived from a
+        # constant holds the funds.  Replaying an old journal needs it; once
+        # the state is loaded its funds move to this ledger's own faucet.
+        self._legacy_faucet = legacy_faucet(genesis)
+        self.faucet = self._legacy_faucet  # until the state is loaded: see _adopt_faucet
         self.svm = LiteSVM().with_blockhash_check(False)
-        self.svm.set_account(self.faucet.pubkey(), Account(faucet_lamports, b"", SYSTEM_PROGRAM, False, 0))
+        self.svm.set_account(self._legacy_faucet.pubkey(), Account(faucet_lamports, b"", SYSTEM_PROGRAM, False, 0))
         self.height = 0
         self.time_ms = now_ms
         self.blockhashes: OrderedDict[str, int] = OrderedDict()
@@ -179,6 +193,9 @@ class SvmLedger:
         self._sync_sysvars()
         if self.state_path is not None:
             self._open_state(readonly)
+        else:
+            self.faucet = load_or_create_faucet(None, create=False)
+        self._retire_legacy_faucet()
 
     # --- blocks ----------------------------------------------------------
 
@@ -369,6 +386,8 @@ class SvmLedger:
                 return None  # never in a block
         else:
             err, meta = None, res
+            if keys[0] in (self.faucet.pubkey(), self._legacy_faucet.pubkey()):
+                self.airdropped += pre[0] - post[0] - meta.fee()  # only the faucet's own airdrops are signed by it
         w, r = self._loaded(tx)
         rec = TxRecord(
             signature=str(tx.signatures[0]),
@@ -403,7 +422,14 @@ class SvmLedger:
         return self.history.get(signature)
 
     def airdrop(self, pubkey: Pubkey, lamports: int) -> str:
-        """Pay ``lamports`` from the faucet in a real, recorded transaction."""
+        """Pay ``lamports`` from the faucet in a real, recorded transaction,
+        within :attr:`airdrop_limits` (else :class:`RpcError` -32600 saying which limit)."""
+        try:
+            self.airdrop_limits.check(lamports=lamports, recipient_balance=self.balance(pubkey),
+                                      airdropped_total=self.airdropped,
+                                      faucet_balance=self.balance(self.faucet.pubkey()))
+        except AirdropRefused as exc:
+            raise RpcError(code=AIRDROP_REFUSED_CODE, message=str(exc)) from None
         bh, _ = self.latest_blockhash()
         ixs = [
             transfer(TransferParams(from_pubkey=self.faucet.pubkey(), to_pubkey=pubkey, lamports=lamports)),
@@ -425,6 +451,8 @@ class SvmLedger:
                 os.close(fd)
                 raise LedgerLocked(f"ledger state {self.state_path} is in use by another process") from None
             self._lock_fd = fd
+        # Before the replay: the faucet's own airdrops in the journal are counted as they re-execute.
+        self.faucet = load_or_create_faucet(self.state_path, create=not readonly)
         snap = self.state_path
         if snap.exists():
             self._load_snapshot(snap.read_bytes())
@@ -439,7 +467,19 @@ class SvmLedger:
         finally:
             self._replaying = False
         if not readonly:
-            self._journal = open(jpath, "ab")  # noqa: SIM115 - held open for the ledger's lifetime
+            fd = os.open(jpath, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._journal = os.fdopen(fd, "ab")  # held open for the ledger's lifetime
+
+    def _retire_legacy_faucet(self) -> None:
+        """Move what the derivable faucet of earlier ledgers holds to this
+        ledger's own faucet, so that nobody can sign it away (journaled)."""
+        legacy = self._legacy_faucet.pubkey()
+        held = self.balance(legacy)
+        if held == 0 or self.faucet.pubkey() == legacy:
+            return
+        mine = self.balance(self.faucet.pubkey())
+        self.set_account(self.faucet.pubkey(), Account(mine + held, b"", SYSTEM_PROGRAM, False, 0))
+        self.set_account(legacy, Account(0, b"", SYSTEM_PROGRAM, False, 0))
 
     def _replay(self, data: bytes) -> int:
         pos = 0
@@ -499,6 +539,7 @@ class SvmLedger:
                 "accounts": accounts,
                 "history": [r.to_obj() for r in self.history.values()],
                 "sigs": [[k, slot, msgpack.packb(err)] for k, (slot, err) in self.sigs.items()],
+                "airdropped": self.airdropped,
             }
         ))
 
@@ -508,6 +549,10 @@ class SvmLedger:
         self.height = s["height"]
         self.time_ms = s["time_ms"]
         self.tx_count = s["tx_count"]
+        self.airdropped = s.get("airdropped", 0)  # absent from snapshots written before #18.7
+        # The snapshot holds every System account as it was: the genesis value of
+        # the legacy faucet must not survive if the snapshot no longer has it.
+        self.svm.set_account(self._legacy_faucet.pubkey(), Account(0, b"", SYSTEM_PROGRAM, False, 0))
         for pk, acc in s["accounts"]:
             self.svm.set_account(Pubkey.from_bytes(pk), Account.from_bytes(acc))
         self.history = OrderedDict((o[0], TxRecord.from_obj(o)) for o in s["history"])
@@ -522,13 +567,14 @@ class SvmLedger:
         if self.state_path is None or self._journal is None:
             return
         tmp = self._side("tmp")
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(self._snapshot_bytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
         self._journal.close()
-        self._journal = open(self._side("journal"), "wb")  # noqa: SIM115 - held open, see above
+        fd = os.open(self._side("journal"), os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o600)
+        self._journal = os.fdopen(fd, "wb")  # held open, see above
         self._journal_entries = 0
 
     def _side(self, suffix: str) -> Path:

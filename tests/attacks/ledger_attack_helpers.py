@@ -1,0 +1,93 @@
+"""A real ``p2pgpu ledger serve`` process for the ledger attack tests, and a
+few raw JSON-RPC calls.
+
+``start_ledger(..., nofile=1024)`` runs the server under that open-file limit
+(``ulimit -n 1024`` is the default of systemd services and many shells), so a
+flood of held connections reaches the limit with a few thousand sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2pgpu import children
+
+_EXEC_WITH_NOFILE = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+@dataclass
+class Ledger:
+    proc: subprocess.Popen[str]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        children.stop(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def free_port_pair() -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p: int = s.getsockname()[1]
+        if p >= 65535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def start_ledger(*args: str, state: Path | None = None, nofile: int | None = None) -> Ledger:
+    port = free_port_pair()
+    cmd = ["-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port), "--slot-ms", "100", *args]
+    if state is not None:
+        cmd += ["--state", str(state)]
+    argv = [sys.executable, *cmd] if nofile is None else [sys.executable, "-c", _EXEC_WITH_NOFILE, str(nofile), *cmd]
+    proc = children.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    said: list[str] = []
+    while not (line := proc.stdout.readline()).startswith("ledger ready"):
+        said.append(line)  # warnings before it is ready (e.g. about the file-descriptor limit)
+        if not line:
+            children.stop(proc)
+            proc.stdout.close()
+            raise RuntimeError(f"ledger server did not start: {''.join(said)}")
+    return Ledger(proc, port)
+
+
+def rpc_doc(url: str, method: str, params: list[Any], timeout_s: float = 10.0) -> dict[str, Any]:
+    """The whole JSON-RPC response (``result`` or ``error``)."""
+    req = urllib.request.Request(url, data=json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
+                                                       "params": params}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # loopback only
+        doc: dict[str, Any] = json.loads(resp.read())
+    return doc
+
+
+def rpc(url: str, method: str, params: list[Any], timeout_s: float = 10.0) -> Any:
+    doc = rpc_doc(url, method, params, timeout_s)
+    assert "error" not in doc, doc
+    return doc["result"]
