@@ -3,7 +3,9 @@
 ``--home DIR``, else ``$P2PGPU_HOME``, else ``~/.p2pgpu``.  The identity is
 the libp2p Ed25519 key in libp2p's own file format (``identity.key``, mode
 0600), so the host and our envelopes sign with the same key and the peer id
-is stable across restarts.  Everything here is file I/O, kept out of the
+is stable across restarts.  The home is private to the node's user: the
+directory 0700, the files written here 0600 (the store makes ``state.db``
+and its WAL files 0600 too).  Everything here is file I/O, kept out of the
 pure cores.
 """
 
@@ -164,7 +166,8 @@ class Home:
         os.chmod(self.path, 0o700)
         seed = seed if seed is not None else secrets.token_bytes(32)
         _write_private(self.identity_path, _libp2p_key_bytes(seed))
-        self.config_path.write_text(Config(network=network, payout_address=payout_address).to_toml())
+        _write_private(self.config_path, Config(network=network, payout_address=payout_address).to_toml().encode(),
+                       replace=True)
         if not self.token_path.exists():  # a token left by an earlier home is kept, not a crash
             _write_private(self.token_path, secrets.token_hex(32).encode())
         return Identity(seed)
@@ -188,8 +191,11 @@ class Home:
         return self.token_path.read_text().strip()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a file only the node's user can read (0600); refuse to replace one unless ``replace``."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # a replaced file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()

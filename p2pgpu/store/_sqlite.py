@@ -1,7 +1,10 @@
 """Opening the node's SQLite store, and its schema migrations.
 
 One file per home (``state.db``), in WAL mode so readers (the CLI, the
-explorer) never block the daemon's writer.  ``synchronous=FULL``: the payout
+explorer) never block the daemon's writer.  It is private to the node's
+user (0600, issue #12): :func:`open_db` creates it so before SQLite opens it,
+and SQLite gives its ``-wal`` and ``-shm`` files the database's own mode;
+files an earlier version left readable are tightened on open.  ``synchronous=FULL``: the payout
 outbox records a transaction's signature *before* sending it, and that record
 must survive a power cut, or a restart could pay the same proof twice.
 
@@ -21,6 +24,7 @@ collides: 100-199 the payout outbox and earnings, 200-299 jobs and proofs,
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +32,8 @@ from pathlib import Path
 
 DB_FILE = "state.db"
 busy_timeout_ms = 10_000
+#: The database and its WAL and shared-memory files: the node's user only.
+db_file_mode = 0o600
 
 #: (version, sql): applied in ascending version order, each once, each in its own transaction.
 MIGRATIONS: list[tuple[int, str]] = []
@@ -53,7 +59,8 @@ def open_db(path: Path | str, *, migrate: bool = True, readonly: bool = False) -
         uri = f"file:{Path(path).as_posix()}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_ms / 1000)
     else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private(Path(path))
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_ms / 1000)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
@@ -64,6 +71,19 @@ def open_db(path: Path | str, *, migrate: bool = True, readonly: bool = False) -
         if migrate:
             apply_migrations(conn)
     return conn
+
+
+def make_private(path: Path) -> None:
+    """Create ``path`` with mode 0600 if it is missing, and take group and
+    other permissions off it and its ``-wal`` and ``-shm`` files if present."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, db_file_mode))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = p.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(p, mode & 0o700)
 
 
 @contextmanager
