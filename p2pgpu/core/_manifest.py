@@ -53,6 +53,9 @@ clock_skew_ms_max = 60 * 1000
 nonce_bytes = 16
 models_max = 16
 regions_max = 16
+#: Arrays and tables nested deeper than this, or keys of more parts, are refused
+#: before parsing (see :func:`toml_depth`); a manifest needs three levels.
+toml_nesting_max = 16
 MEMBER_LOSS_POLICIES = ("fail", "continue")
 #: The body must leave room for the envelope in ``Kind.MANIFEST.bytes_max``.
 body_bytes_max = Kind.MANIFEST.bytes_max - 512
@@ -389,6 +392,110 @@ def _toml_inputs(doc: dict[str, Any]) -> tuple[JobInput, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class TomlDepth:
+    """How deep a TOML text nests, read without parsing it (:func:`toml_depth`)."""
+
+    nesting: int  # arrays and tables inside each other (an open table header counts)
+    nesting_line: int  # where that depth is first reached
+    key_dots: int  # dots in the longest dotted key (a.b.c: 2)
+    key_dots_line: int
+
+
+#: What may continue a dotted key besides dots and quoted parts.
+_KEY_RUN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_- \t")
+
+
+def toml_depth(text: str) -> TomlDepth:
+    """How deep arrays, tables and dotted keys nest in TOML ``text``, read
+    without parsing it, so without recursion and in linear time.
+
+    Python's TOML parser recurses once per nested array or inline table
+    (deep nesting ends in RecursionError) and keeps every prefix of a dotted
+    key (a key 10,000 parts deep took 400 MB).  Brackets and braces are
+    counted outside strings and comments; a table header counts while it is
+    open.  A dotted key is a run of bare-key characters, quoted parts and
+    dots; anything else ends it, so a value adds at most one dot (``1.5``).
+    Strings follow TOML's rules closely enough to agree with a parser on
+    valid TOML: basic strings with backslash escapes, literal strings
+    without, their multi-line forms (which may end with up to two extra
+    quotes), single-line strings ending at their line's end at the latest.
+    """
+    depth = deepest = dots = most_dots = 0
+    line = deepest_line = dots_line = 1
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            i, line = _skip_toml_string(text, i, line)
+            continue  # a quoted part of a dotted key does not end it
+        if c == ".":
+            dots += 1
+            if dots > most_dots:
+                most_dots, dots_line = dots, line
+        elif c not in _KEY_RUN_CHARS:
+            dots = 0
+            if c == "\n":
+                line += 1
+            elif c == "#":
+                end = text.find("\n", i)
+                i = n if end < 0 else end
+                continue  # the newline is counted on the next turn
+            elif c in "[{":
+                depth += 1
+                if depth > deepest:
+                    deepest, deepest_line = depth, line
+            elif c in "]}":
+                depth = max(0, depth - 1)
+        i += 1
+    return TomlDepth(nesting=deepest, nesting_line=deepest_line, key_dots=most_dots, key_dots_line=dots_line)
+
+
+def _skip_toml_string(text: str, i: int, line: int) -> tuple[int, int]:
+    """The index just after the string that starts at ``i``, and the line there."""
+    q, n = text[i], len(text)
+    escapes = q == '"'
+    if text.startswith(q * 3, i):
+        j = i + 3
+        while j < n:
+            if escapes and text[j] == "\\":
+                if j + 1 < n and text[j + 1] == "\n":
+                    line += 1
+                j += 2
+                continue
+            if text.startswith(q * 3, j):
+                j += 3
+                extra = 0
+                while extra < 2 and j < n and text[j] == q:  # ''''' ends with two quotes of content
+                    j, extra = j + 1, extra + 1
+                return j, line
+            if text[j] == "\n":
+                line += 1
+            j += 1
+        return n, line
+    j = i + 1
+    while j < n and text[j] != "\n":
+        if escapes and text[j] == "\\":
+            j += 2
+            continue
+        if text[j] == q:
+            return j + 1, line
+        j += 1
+    return j, line  # unterminated at the line's end: the parser refuses it; keep counting after it
+
+
+def check_toml_depth(text: str, limit: int) -> None:
+    """Raise :class:`ManifestError` if ``text`` nests arrays and tables, or
+    dots a key, more than ``limit`` levels deep."""
+    d = toml_depth(text)
+    if d.nesting > limit:
+        raise ManifestError("toml", f"arrays or tables nested more than {limit} levels deep (line "
+                            f"{d.nesting_line}); a manifest needs no more than three")
+    if d.key_dots >= limit:
+        raise ManifestError("toml", f"a dotted key more than {limit} parts long (line {d.key_dots_line}); "
+                            "a manifest's keys have at most three")
+
+
 def manifest_from_toml(
     text: str,
     *,
@@ -403,6 +510,7 @@ def manifest_from_toml(
     wallet address) is used when the file names none; ``rng`` draws the nonce.
     Raises :class:`ManifestError` naming the field at fault.
     """
+    check_toml_depth(text, toml_nesting_max)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
