@@ -128,6 +128,37 @@ class Config:
         return cfg
 
 
+#: Settings a running daemon takes on SIGHUP (``node run`` reloads config.toml);
+#: the advert is re-signed with them at once.  ``allow_job_network`` applies to
+#: jobs started afterwards, ``advert_ttl_s`` to the next advert (unless
+#: ``--advert-ttl`` was given on the command line, which wins).
+LIVE_KEYS = ("price_per_gpu_hour", "region", "payout_address", "advert_ttl_s", "allow_job_network")
+#: Settings that need a restart: the host, the control port, the network and
+#: what payments are bound to (the currency, the ledger, the payer keypair and
+#: every other key outside the dataclass) are set up once at start.
+RESTART_KEYS = ("network", "listen", "control_port", "currency")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigChanges:
+    """What a reloaded config.toml changes compared with the running one."""
+
+    live: tuple[str, ...]
+    needs_restart: tuple[str, ...]
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"applied": list(self.live), "needs_restart": list(self.needs_restart)}
+
+
+def config_changes(running: Config, new: Config) -> ConfigChanges:
+    """Split the differences between two configs into those a running daemon
+    takes at once and those that wait for a restart (pure: no I/O)."""
+    live = tuple(k for k in LIVE_KEYS if getattr(running, k) != getattr(new, k))
+    restart = [k for k in RESTART_KEYS if getattr(running, k) != getattr(new, k)]
+    restart += sorted(k for k in running.extra.keys() | new.extra.keys() if running.extra.get(k) != new.extra.get(k))
+    return ConfigChanges(live=live, needs_restart=tuple(restart))
+
+
 class Home:
     """Paths and files of one node home."""
 

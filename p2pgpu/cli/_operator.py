@@ -11,9 +11,11 @@ import time
 from typing import Any
 
 from p2pgpu.home import Home, HomeError, load_networks
+from p2pgpu.logs import LOG_FORMATS, LogSetupError, announce, setup_logging
 
 from ._common import CliError, add_home, add_json, emit, home_of, table, wrap_home_errors
 from ._sdk import client_of, wrap_sdk_errors
+from ._service import register_service
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,7 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = node.add_parser("run", help="run the daemon in the foreground until SIGINT/SIGTERM",
                         description="Run the node daemon in the foreground: join the network, advertise this "
                                     "machine's GPUs, keep the market, serve the local control API. Stops cleanly "
-                                    "on SIGINT or SIGTERM.")
+                                    "on SIGINT or SIGTERM. SIGHUP reloads config.toml: price_per_gpu_hour, region, "
+                                    "payout_address, advert_ttl_s and allow_job_network apply at once (the advert "
+                                    "is re-signed); other changes wait for a restart; a config that does not load "
+                                    "is refused and the running one kept (docs/operating.md).")
     add_home(p)
     p.add_argument("--listen", action="append", metavar="MULTIADDR",
                    help="listen address (repeatable; default from config.toml; /ip4/127.0.0.1/tcp/0 picks a port)")
@@ -44,7 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--control-port", type=int, metavar="N", help="control API port on 127.0.0.1 (0: any free)")
     p.add_argument("--advert-ttl", type=int, metavar="SECONDS", help="advert lifetime (default from config.toml)")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="text: lines on stderr; json: one JSON object per line on stdout, for journald and log "
+                        "shippers (default: text when stderr is a terminal, else json)")
     p.set_defaults(func=wrap_home_errors(cmd_node_run))
+    register_service(node)
 
     p = sub.add_parser("status", help="status of the running daemon",
                        description="Status of the daemon running for this home: peer id, addresses, peers, "
@@ -113,8 +122,11 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     from p2pgpu.node import Node, NodeOptions  # noqa: PLC0415
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        log_format = setup_logging(args.log_level, args.log_format)
+    except LogSetupError as exc:
+        raise CliError(str(exc)) from None
+    log = logging.getLogger("p2pgpu.node")
     home = home_of(args)
     identity = home.identity()
     config = home.config()
@@ -145,13 +157,24 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 await nursery.start(node.run)
-                print(json.dumps({"peer_id": identity.peer_id, "addrs": node.stack.addrs() if node.stack else [],
-                                  "control_port": node.control_port}), flush=True)
+                ready = {"peer_id": identity.peer_id, "addrs": node.stack.addrs() if node.stack else [],
+                         "control_port": node.control_port}
+                if log_format == "json":  # the ready line is a log record too, with the same three keys
+                    announce(log, "node ready", **ready)
+                else:
+                    print(json.dumps(ready), flush=True)
                 nursery.start_soon(_stop_when_node_ends, node, nursery)
                 async for signum in signals:
-                    print(f"p2pgpu: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                    if signum == signal.SIGHUP:
+                        node.reload_config(home.config, advert_ttl_fixed=args.advert_ttl is not None)
+                        continue
+                    name = signal.Signals(signum).name
+                    if log_format == "json":
+                        announce(log, f"{name}: shutting down")
+                    else:
+                        print(f"p2pgpu: {name}: shutting down", file=sys.stderr, flush=True)
                     nursery.cancel_scope.cancel()
                     break
 

@@ -27,7 +27,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import trio
@@ -55,7 +55,7 @@ from p2pgpu.core import (
     verify_advert,
 )
 from p2pgpu.gpu import Inventory
-from p2pgpu.home import Config, Home, NetworkSpec
+from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
@@ -172,6 +172,10 @@ class Node:
         self.runner: Any = None
         self._payouts_due = trio.Event()
         self._wallet: Any = None
+        #: Set by a config reload: the advert loop re-signs at once.
+        self._advert_stale = False
+        #: The outcome of the last SIGHUP reload (``status.config_reload``).
+        self.config_reload: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -231,8 +235,10 @@ class Node:
 
     # --------------------------------------------------------------- adverts
 
-    def _make_advert(self) -> SignedAdvert:
+    def _make_advert(self, config: Config | None = None, advert_ttl_s: int | None = None) -> SignedAdvert:
         assert self.stack is not None
+        config = config or self.config
+        advert_ttl_s = advert_ttl_s or self.options.advert_ttl_s
         now = self.now_ms()
         self._seq = next_seq(self._seq, now)
         gpus = self.inventory.gpus
@@ -242,17 +248,51 @@ class Node:
             addrs=tuple(self.stack.addrs()[:8]),
             seq=self._seq,
             issued_at_ms=now,
-            expires_at_ms=now + self.options.advert_ttl_s * 1000,
+            expires_at_ms=now + advert_ttl_s * 1000,
             gpus=gpus,
             gpus_free=max(0, len(gpus) - self.gpus_reserved),
-            price_per_gpu_hour=self.config.price_per_gpu_hour,
-            currency=self.config.currency,
-            payout_address=self.payout_address,
-            region=self.config.region,
+            price_per_gpu_hour=config.price_per_gpu_hour,
+            currency=config.currency,
+            payout_address=self._payout_address_of(config),
+            region=config.region,
             runtimes=self.runtimes,
             simulated=self.inventory.simulated,
         )
         return sign_advert(self.identity, adv)
+
+    def reload_config(self, load: Callable[[], Config], *, advert_ttl_fixed: bool = False) -> dict[str, Any]:
+        """SIGHUP in ``node run``: read the config again and take its live
+        settings (``home.LIVE_KEYS``; the advert is re-signed at once); the
+        others wait for a restart.  A config that cannot be read, or whose
+        settings would make an advert other nodes refuse, is refused whole and
+        the running one kept.  ``advert_ttl_fixed``: ``--advert-ttl`` was given
+        and wins over the file.  The outcome is logged and kept in
+        ``status.config_reload``."""
+        report: dict[str, Any] = {"at_ms": self.now_ms(), "ok": False, "applied": [], "needs_restart": [],
+                                  "overridden": [], "error": ""}
+        try:
+            new = load()
+            changes = config_changes(self.config, new)
+            live = replace(self.config, **{k: getattr(new, k) for k in changes.live})
+            verify_advert(self._make_advert(live, live.advert_ttl_s).wire, now_ms=self.now_ms())
+            ttl = self.options.advert_ttl_s if advert_ttl_fixed else live.advert_ttl_s
+        except (HomeError, ValueError, PeerMisbehaved) as exc:
+            report["error"] = str(exc)
+            log.error("config reload refused, the running config is kept: %s", exc)
+        else:
+            self.config, self.options.advert_ttl_s = live, ttl
+            if self.runner is not None and "allow_job_network" in changes.live:
+                self.runner.policy = replace(self.runner.policy, allow_network=live.allow_job_network)
+            self._advert_stale = bool(changes.live)
+            self._republish.set()
+            report.update(ok=True, **changes.to_json())
+            if advert_ttl_fixed and "advert_ttl_s" in changes.live:
+                report["applied"].remove("advert_ttl_s")
+                report["overridden"] = ["advert_ttl_s"]  # --advert-ttl wins over the file
+            log.warning("config reloaded: applied %s%s", ", ".join(report["applied"]) or "nothing",
+                        f"; needs a restart: {', '.join(changes.needs_restart)}" if changes.needs_restart else "")
+        self.config_reload = report
+        return report
 
     @property
     def wallet(self) -> Any:
@@ -266,8 +306,11 @@ class Node:
 
     @property
     def payout_address(self) -> str:
-        if self.config.payout_address:
-            return self.config.payout_address
+        return self._payout_address_of(self.config)
+
+    def _payout_address_of(self, config: Config) -> str:
+        if config.payout_address:
+            return config.payout_address
         return str(self.wallet.pubkey()) if self.wallet is not None else ""
 
     @property
@@ -390,6 +433,9 @@ class Node:
                 # A reservation and its release within the same second (a short
                 # job, a lease let go) leave the advert as it was: say nothing.
                 self._republish = trio.Event()
+                if self._advert_stale:  # a config reload: new terms, to the DHT too
+                    self._advert_stale, refresh = False, True
+                    break
                 if self.gpus_reserved != published_reserved:
                     refresh = False
                     break
@@ -630,6 +676,7 @@ class Node:
             "library_handler_errors": dict(sorted(library_handler_errors.items())),
             "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
+            "config_reload": self.config_reload,
         }
 
     async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
