@@ -18,6 +18,7 @@ from ._common import CliError
 #: Command modules, in the order their commands appear in ``--help``.
 COMMAND_MODULES = [
     "p2pgpu.cli._operator",
+    "p2pgpu.cli._doctor",
     "p2pgpu.cli._jobs",
     "p2pgpu.cli._sim",
     "p2pgpu.cli._ledger",
