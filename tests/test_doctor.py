@@ -18,10 +18,10 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -59,8 +59,8 @@ class FakeNvml:
     ``query_error`` fails the device queries."""
 
     class NVMLError(Exception):
-        MESSAGES = {12: "NVML Shared Library Not Found", 9: "Driver Not Loaded", 4: "Insufficient Permissions",
-                    18: "RM has detected an NVML/RM version mismatch", 15: "GPU is lost"}
+        MESSAGES: ClassVar[dict[int, str]] = {12: "NVML Shared Library Not Found", 9: "Driver Not Loaded", 4: "Insufficient Permissions",
+                                               18: "RM has detected an NVML/RM version mismatch", 15: "GPU is lost"}
 
         def __init__(self, value: int) -> None:
             self.value = value
@@ -201,13 +201,15 @@ def test_bubblewrap_present_passes_and_setuid_warns() -> None:
     assert c.status == "warn" and "NoNewPrivileges" in c.fix
 
 
+def only(tool: str) -> Callable[[str], str | None]:
+    return lambda t: f"/usr/bin/{t}" if t == tool else None
+
+
 def test_install_command_per_distribution() -> None:
-    assert install_command("bubblewrap", which=lambda t: t == "apt-get", is_root=True) == \
-        "apt-get install -y bubblewrap"
-    assert install_command("bubblewrap", which=lambda t: t == "apt-get", is_root=False) == \
+    assert install_command("bubblewrap", which=only("apt-get"), is_root=True) == "apt-get install -y bubblewrap"
+    assert install_command("bubblewrap", which=only("apt-get"), is_root=False) == \
         "sudo apt-get install -y bubblewrap"
-    assert install_command("bubblewrap", which=lambda t: t == "dnf", is_root=False) == \
-        "sudo dnf install -y bubblewrap"
+    assert install_command("bubblewrap", which=only("dnf"), is_root=False) == "sudo dnf install -y bubblewrap"
     assert "bubblewrap" in install_command("bubblewrap", which=lambda t: None, is_root=True)
 
 
