@@ -59,8 +59,9 @@ class FakeNvml:
     ``query_error`` fails the device queries."""
 
     class NVMLError(Exception):
-        MESSAGES: ClassVar[dict[int, str]] = {12: "NVML Shared Library Not Found", 9: "Driver Not Loaded", 4: "Insufficient Permissions",
-                                               18: "RM has detected an NVML/RM version mismatch", 15: "GPU is lost"}
+        MESSAGES: ClassVar[dict[int, str]] = {
+            12: "NVML Shared Library Not Found", 9: "Driver Not Loaded", 4: "Insufficient Permissions",
+            18: "RM has detected an NVML/RM version mismatch", 15: "GPU is lost"}
 
         def __init__(self, value: int) -> None:
             self.value = value
