@@ -202,7 +202,7 @@ def summarize(dev: Devnet, docs: list[dict[str, Any]], adverts_s: float) -> dict
     by_peer = {n.peer_id: n for n in dev.net.nodes}
     jobs, owed_to, tx = [], {}, set()
     for d in docs:
-        jobs.append({"job_id": d["job_id"], "name": d["name"], "state": d["state"],
+        jobs.append({"job_id": d["job_id"], "name": d["name"], "state": d["state"], "reason": d.get("reason", ""),
                      "members": len(d["cluster"]["members"]),
                      "formation_ms": d["timings"].get("formation_ms"),
                      "proofs_verified": sum(1 for p in d["proofs"] if p["status"] in ("owed", "outside_quorum")),

@@ -284,6 +284,30 @@ def check_sandbox_probe(probe: Callable[[], str | None], bubblewrap: Check | Non
                  details={"reason": reason})
 
 
+def devnet_prerequisites(*, which: Callable[[str], str | None] = shutil.which,
+                         probe: Callable[[], str | None] | None = None,
+                         installer: Callable[[str], str] = install_command,
+                         proc_sys: Path = Path("/proc/sys")) -> list[Check]:
+    """What ``devnet up`` needs before it starts anything, as the failing
+    checks (empty: go): bubblewrap, and a probe sandbox that runs as this user.
+    The rest of a devnet is Python and loopback."""
+    bw = check_bubblewrap(which=which, installer=installer)
+    if bw.status == "fail":
+        return [bw]
+    if probe is None:
+        from p2pgpu.runtime import check_sandbox
+
+        probe = check_sandbox
+    sandbox = check_sandbox_probe(probe, bw)
+    if sandbox.status != "fail":
+        return []
+    userns = check_user_namespaces(proc_sys, os.geteuid() == 0)
+    if userns.status != "pass":
+        return [Check(name="sandbox", status="fail", summary=sandbox.summary, fix=userns.fix,
+                      details=sandbox.details)]
+    return [sandbox]
+
+
 def cgroup_layout(mountinfo: str, proc_cgroup: str) -> dict[str, Any]:
     """The cgroup version (``v2``, ``hybrid``, ``v1`` or ``none``) and our own path in it."""
     v2 = v1 = False
@@ -650,5 +674,5 @@ def report(checks: list[Check], home: Path) -> dict[str, Any]:
 __all__ = ["STATUSES", "Check", "ClockSample", "NvmlSnapshot", "bind_error", "cgroup_layout", "check_bubblewrap",
            "check_cgroups", "check_clock", "check_disk", "check_gpu_devices", "check_home", "check_ledger",
            "check_nvml", "check_ports", "check_reachability", "check_sandbox_probe", "check_user_namespaces",
-           "check_wallet", "clock_sample", "daemon_status", "install_command", "nvml_snapshot", "parse_listen",
+           "check_wallet", "clock_sample", "daemon_status", "devnet_prerequisites", "install_command", "nvml_snapshot", "parse_listen",
            "report", "run_checks"]

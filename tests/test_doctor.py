@@ -430,16 +430,14 @@ def test_doctor_without_a_home_says_how_to_make_one(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
+def ledger() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    proc = subprocess.Popen([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(b"ledger ready")
-        yield f"http://127.0.0.1:{port}", proc
+        first = proc.stdout.readline().decode()
+        assert first.startswith("ledger ready http://127.0.0.1:"), first + proc.stdout.read(4000).decode()
+        yield first.split()[2], proc
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -469,3 +467,17 @@ def test_doctor_against_a_real_ledger_then_without_it(tmp_path: Path,
     checks = by_name(doc)
     assert code == 1 and checks["ledger"]["status"] == "fail" and "p2pgpu ledger serve" in checks["ledger"]["fix"]
     assert checks["wallet"]["status"] == "unknown"
+
+
+def test_devnet_prerequisites_name_the_first_missing_thing_and_its_fix(tmp_path: Path) -> None:
+    from p2pgpu.doctor import devnet_prerequisites
+
+    missing = devnet_prerequisites(which=lambda n: None, probe=lambda: "never run",
+                                   installer=lambda p: f"apt-get install -y {p}")
+    assert [(c.name, c.fix) for c in missing] == [("bubblewrap", "apt-get install -y bubblewrap")]
+    bwrap = only("bwrap")
+    assert devnet_prerequisites(which=bwrap, probe=lambda: None, proc_sys=proc_sys(tmp_path)) == []
+    off = proc_sys(tmp_path / "off", kernel__apparmor_restrict_unprivileged_userns=1)
+    (c,) = devnet_prerequisites(which=bwrap, probe=lambda: "bwrap: setting up uid map: Permission denied",
+                                proc_sys=off)
+    assert c.name == "sandbox" and "uid map" in c.summary and "bwrap-userns-restrict" in c.fix

@@ -60,12 +60,23 @@ def cmd_devnet_up(args: argparse.Namespace) -> int:
 
 def _devnet_up(args: argparse.Namespace) -> int:
     from p2pgpu.devnet import Devnet, DevnetError, summarize  # noqa: PLC0415
+    from p2pgpu.doctor import devnet_prerequisites  # noqa: PLC0415
     from p2pgpu.localnet import LocalNetError  # noqa: PLC0415
 
     if not 1 <= args.nodes <= 64:
         raise CliError("--nodes must be between 1 and 64")
     if not 0 <= args.jobs <= 1000:
         raise CliError("--jobs must be between 0 and 1000")
+    missing = devnet_prerequisites()
+    if missing:
+        # Before anything starts: no folder, no ledger, no node (jobs could not run anyway).
+        first = missing[0]
+        summary_early: dict[str, Any] = {
+            "ok": False, "nodes": args.nodes, "dir": None, "wall_s": 0.0,
+            "error": f"missing prerequisite: {first.summary}. To fix: {first.fix} (nothing was started)",
+            "prerequisites": [c.to_json() for c in missing]}
+        emit(args, summary_early, _human)
+        return 1
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="p2pgpu-devnet-"))
     started = time.monotonic()
     summary: dict[str, Any] = {"nodes": args.nodes, "dir": str(root), "ok": False}
@@ -83,7 +94,8 @@ def _devnet_up(args: argparse.Namespace) -> int:
         summary.update(summarize(dev, docs, adverts_s))
         failed = [j for j in summary["jobs"] if j["state"] != "succeeded"]
         if failed:
-            summary["error"] = f"{len(failed)} job(s) failed: " + ", ".join(j["job_id"][:12] for j in failed)
+            summary["error"] = f"{len(failed)} job(s) failed: " + "; ".join(
+                f"{j['job_id'][:12]} ({j['name']}): {j.get('reason') or j['state']}" for j in failed)
         elif not summary["ledger_matches_payouts"]:
             summary["error"] = f"ledger balances differ from the payouts: {summary['ledger_mismatch']}"
         else:
@@ -113,7 +125,15 @@ def _devnet_up(args: argparse.Namespace) -> int:
 
 def _human(d: dict[str, Any]) -> str:
     if not d.get("ok"):
-        return f"devnet FAILED: {d.get('error', 'unknown')}\nlogs: {d['dir']}"
+        lines = [f"devnet FAILED: {d.get('error', 'unknown')}"]
+        for j in d.get("jobs", []):
+            if j["state"] != "succeeded":
+                lines.append(f"  job {j['job_id'][:12]} {j['name']:<11} {j['state']}: {j.get('reason') or '?'}")
+        if d.get("dir"):
+            lines.append(f"logs: {d['dir']}")
+        if d.get("prerequisites"):
+            lines.append("`p2pgpu doctor` checks everything a node needs")
+        return "\n".join(lines)
     lines = [f"devnet: {d['nodes']} nodes, adverts converged in {d['adverts_converged_s']} s",
              f"ledger: {d['ledger']}" + (f"   explorer: {d['explorer']}" if d.get("explorer") else "")]
     if d.get("network_view"):

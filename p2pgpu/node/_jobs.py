@@ -114,6 +114,21 @@ class JobRecord:
 Runner = Callable[[StartJob], Awaitable[None]]
 
 
+def _why_failed(item: dict[str, Any]) -> str:
+    """One member's part of a failed job's reason: what the settlement said of
+    its proof, or (a valid proof of a failed run) how its run ended."""
+    if item["status"] == "owed":
+        how = _END_WORDS.get(item.get("end_reason", ""), str(item.get("end_reason") or "ended"))
+        return f"{how} (exit code {item.get('exit_code')})"
+    return f"{item['status']} {item['reason']}".strip()
+
+
+_END_WORDS = {"exited": "the command failed", "time_limit": "stopped at its time limit",
+              "memory_limit": "killed at its memory limit", "output_limit": "stopped at its output size limit",
+              "sandbox_error": "the sandbox failed", "cancelled": "cancelled", "member_lost": "a member was lost",
+              "job_failed": "the job failed on another member", "interrupted": "the worker restarted mid-job"}
+
+
 class JobsService:
     def __init__(self, node: "Node", *, rng: random.Random, config: FormationConfig | None = None) -> None:
         # One topic for every job's formation messages: a fresh per-job topic
@@ -664,7 +679,7 @@ class JobsService:
             rec.state = "succeeded" if ok else "failed"
             if not ok and not rec.reason:
                 bad = [i for i in summary if i["status"] != "owed" or i.get("exit_code") != 0]
-                rec.reason = "; ".join(f"{i['worker'][:12]}: {i['status']} {i['reason']}".strip() for i in bad)
+                rec.reason = "; ".join(f"{i['worker'][:12]}: {_why_failed(i)}" for i in bad)
             rec.ended_at_ms = now
             rec.extra["proofs"] = summary
             rec.extra["member_outputs"] = {p: list(o) for p, o in sorted(c.outputs.items())}
