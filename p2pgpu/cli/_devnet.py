@@ -60,7 +60,7 @@ def cmd_devnet_up(args: argparse.Namespace) -> int:
 
 def _devnet_up(args: argparse.Namespace) -> int:
     from p2pgpu.devnet import Devnet, DevnetError, summarize  # noqa: PLC0415
-    from p2pgpu.doctor import devnet_prerequisites  # noqa: PLC0415
+    from p2pgpu.doctor import devnet_prerequisites
     from p2pgpu.localnet import LocalNetError  # noqa: PLC0415
 
     if not 1 <= args.nodes <= 64:
