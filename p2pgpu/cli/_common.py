@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from p2pgpu.home import Home, HomeError, resolve_home
 
@@ -61,8 +63,30 @@ def wrap_home_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpa
     return run
 
 
-def read_path(path: str) -> Path:
+#: The largest file the command reads by path (a manifest, a scenario, a
+#: proof).  A manifest is the largest of them, and the daemon takes at most
+#: 512 KiB of manifest text (``node/_job_api.py manifest_text_bytes_max``):
+#: anything larger could never be submitted.
+input_file_bytes_max = 512 * 1024
+
+
+def read_path(path: str, *, bytes_max: int = input_file_bytes_max) -> Path:
+    """``path`` as a Path, once it is known to be a readable file of at most
+    ``bytes_max`` bytes (a pipe, e.g. ``<(...)``, has no size to check)."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise CliError(f"{path}: no such file")
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read it ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CliError(f"{path} is a directory: name a file")
+    if stat.S_ISREG(st.st_mode) and st.st_size > bytes_max:
+        raise CliError(f"{path} is {_size(st.st_size)}, over the {_size(bytes_max)} this command reads; a job's "
+                       "large inputs go by sha256 in the manifest, not inline (docs/manifest.md)")
     return p
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n // 1024} KiB" if n >= 1024 else f"{n} bytes"
