@@ -1,7 +1,11 @@
 """Run with the OLD release on PYTHONPATH: start a daemon on a scratch copy of
 each home and record what it reports (job.list, proofs, payouts, earnings, status)."""
-import json, shutil, subprocess, sys, time, os
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
 from p2pgpu.home import Home
 from p2pgpu.node import call
 
