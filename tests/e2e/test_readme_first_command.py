@@ -74,11 +74,14 @@ def wheelhouse() -> Path:
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f".{key}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for argv in ([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(tmp), str(REPO)],
+    src = copy_repo(base / f".{key}.{os.getpid()}.src")  # pip wheel writes build/ into its source
+    for argv in ([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(tmp), str(src)],
                  [sys.executable, "-m", "pip", "download", "-q", "-d", str(tmp), "setuptools>=68", "wheel"]):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
         if out.returncode != 0:
+            shutil.rmtree(src, ignore_errors=True)
             pytest.skip(f"cannot build the wheel directory (no package index?): {out.stderr[-500:]}")
+    shutil.rmtree(src, ignore_errors=True)
     for own in tmp.glob("p2pgpu-*.whl"):
         own.unlink()  # the command installs the project itself from source (-e .)
     (tmp / "complete").write_text("")
