@@ -15,6 +15,7 @@ documented in docs/cli.md.
 from __future__ import annotations
 
 import errno
+import http.client
 import ipaddress
 import json
 import os
@@ -423,9 +424,14 @@ def clock_sample(url: str, now_ms: Callable[[], int] = lambda: time.time_ns() //
 def _post(url: str, method: str, params: list[Any]) -> tuple[dict[str, Any], str]:
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=http_timeout_s) as resp:
-        raw = resp.read(1 << 20)
-        return json.loads(raw), resp.headers.get("Date", "")
+    try:
+        with urllib.request.urlopen(req, timeout=http_timeout_s) as resp:
+            raw = resp.read(1 << 20)
+            return json.loads(raw), resp.headers.get("Date", "")
+    except http.client.HTTPException as exc:  # a broken answer (cut short, bad status line): not an OSError
+        raise OSError(f"bad HTTP answer: {exc!r}") from None
+    except RecursionError:  # [[[[... : json gives up by recursion, not with a ValueError
+        raise ValueError("the answer is not JSON (nested too deeply)") from None
 
 
 def parse_listen(addr: str) -> tuple[str, int] | None:

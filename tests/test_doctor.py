@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import pytest
 
@@ -396,7 +396,10 @@ def test_home_verdicts(tmp_path: Path) -> None:
 def doctor(home: Path) -> tuple[int, dict[str, Any]]:
     out = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "doctor", "--json", "--home", str(home)],
                          capture_output=True, text=True, timeout=120, check=False)
-    return out.returncode, json.loads(out.stdout)
+    try:
+        return out.returncode, json.loads(out.stdout)
+    except ValueError:
+        raise AssertionError(f"doctor printed no JSON (exit {out.returncode}):\n{out.stderr[-3000:]}") from None
 
 
 def by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -484,3 +487,91 @@ def test_devnet_prerequisites_name_the_first_missing_thing_and_its_fix(tmp_path:
     (c,) = devnet_prerequisites(which=bwrap, probe=lambda: "bwrap: setting up uid map: Permission denied",
                                 proc_sys=off)
     assert c.name == "sandbox" and "uid map" in c.summary and "bwrap-userns-restrict" in c.fix
+
+
+class HostileLedger:
+    """A TCP server on 127.0.0.1 that answers every request with ``reply``
+    (or, with ``reply=None``, accepts and never answers)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        import threading
+
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            if self.reply is None:
+                self.held.append(conn)
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.reply)
+                except OSError:
+                    pass  # the client gave up on a huge answer: that is the point
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n" + b"[" * 3_000_000,
+    b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nnot json at",
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n",
+    None,
+], ids=["huge", "garbage", "error", "silent"])
+def test_a_hostile_ledger_fails_the_check_cleanly_and_in_bounded_time(tmp_path: Path, reply: bytes | None) -> None:
+    server = HostileLedger(reply)
+    try:
+        home = tmp_path / "home"
+        Home(home).init()
+        with open(home / "config.toml", "a") as f:
+            f.write(f'ledger = "{server.url}"\n')
+        t0 = time.monotonic()
+        code, doc = doctor(home)
+        checks = by_name(doc)
+        assert code == 1 and checks["ledger"]["status"] == "fail", checks["ledger"]
+        assert checks["wallet"]["status"] == "unknown"
+        assert time.monotonic() - t0 < 60
+    finally:
+        server.close()
+
+
+def test_a_deeply_nested_answer_is_refused_as_not_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pgpu import doctor as d
+
+    class Resp:
+        headers: ClassVar[dict[str, str]] = {}
+
+        def __enter__(self) -> Self:
+            return self
+
+        def __exit__(self, *a: object) -> None:
+            return None
+
+        def read(self, n: int) -> bytes:
+            return b"[" * min(n, 200_000)
+
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda req, timeout: Resp())
+    with pytest.raises(ValueError, match="nested too deeply"):
+        d._post("http://203.0.113.7:8899", "getHealth", [])
