@@ -159,3 +159,31 @@ from ._membership import (
 )
 
 __all__ += ["Heartbeat", "MemberStatus", "Membership", "SignedHeartbeat", "decode_heartbeat", "sign_heartbeat"]
+
+# Hardware challenges (docs/proofs.md, "Hardware challenges").
+from ._challenge import (
+    MODELS,
+    Admitted,
+    Challenge,
+    ChallengeAnswer,
+    ClaimBook,
+    ClaimPolicy,
+    Declined,
+    ModelSpec,
+    Outcome,
+    ProverGate,
+    SignedAnswer,
+    SignedChallenge,
+    Verdict,
+    decode_answer,
+    decode_challenge,
+    judge,
+    make_challenge,
+    model_key,
+)
+
+__all__ += [
+    "MODELS", "Admitted", "Challenge", "ChallengeAnswer", "ClaimBook", "ClaimPolicy", "Declined", "ModelSpec",
+    "Outcome", "ProverGate", "SignedAnswer", "SignedChallenge", "Verdict", "decode_answer", "decode_challenge",
+    "judge", "make_challenge", "model_key",
+]

@@ -38,6 +38,10 @@ class Kind(str, Enum):
     COSIGN = "cosign"
     RESULT = "result"
     CERTIFICATE = "certificate"
+    CHALLENGE = "challenge"
+    CHALLENGE_ANSWER = "challenge_answer"
+    RECEIPT = "receipt"
+    MEMBER_RECEIPT = "member_receipt"
 
     @property
     def bytes_max(self) -> int:
@@ -62,6 +66,10 @@ _BYTES_MAX: dict[Kind, int] = {
     Kind.COSIGN: 4 * 1024,
     Kind.RESULT: 16 * 1024,
     Kind.CERTIFICATE: 64 * 1024,
+    Kind.CHALLENGE: 1024,
+    Kind.CHALLENGE_ANSWER: 1024,
+    Kind.RECEIPT: 32 * 1024,
+    Kind.MEMBER_RECEIPT: 2 * 1024,
 }
 _ENVELOPE_OVERHEAD = 256
 _KINDS = {k.value: k for k in Kind}
