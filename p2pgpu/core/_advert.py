@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +275,10 @@ class AdvertBook:
     adverts: dict[str, SignedAdvert] = field(default_factory=dict)
     rejections: dict[Reason, int] = field(default_factory=dict)
     accepted: int = 0
+    #: What matching sees of an advert (``live``, ``market``): the hardware
+    #: challenges' claim book hides GPUs whose claim was refused
+    #: (``ClaimBook.view``, docs/proofs.md).  None: adverts as signed.
+    view: Callable[[Advert, int], Advert] | None = None
 
     def check_record(self, data: bytes, now_ms: int) -> SignedAdvert:
         """Signature, schema, time and network rules, but not the sequence
@@ -332,8 +337,9 @@ class AdvertBook:
         return gone
 
     def live(self, now_ms: int) -> list[Advert]:
-        """Unexpired adverts, in peer id order (deterministic)."""
-        return [self.adverts[p].advert for p in sorted(self.adverts) if self.adverts[p].advert.expires_at_ms > now_ms]
+        """Unexpired adverts, in peer id order (deterministic), as ``view`` shows them."""
+        live = [self.adverts[p].advert for p in sorted(self.adverts) if self.adverts[p].advert.expires_at_ms > now_ms]
+        return live if self.view is None else [self.view(a, now_ms) for a in live]
 
     def market(self, now_ms: int, *, model: str | None = None, memory_mb_min: int = 0) -> list[Advert]:
         rows = []

@@ -364,6 +364,7 @@ class Admitted:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Declined:
+    challenge: SignedChallenge
     status: str  # "busy" or "refused"
     detail: str
 
@@ -414,17 +415,18 @@ class ProverGate:
         if ch.issued_at_ms + clock_skew_ms_max + ch.deadline_ms < now_ms:
             raise PeerMisbehaved(Reason.EXPIRED, "challenge is stale")
         if ch.n > self.n_max or ch.deadline_ms > deadline_ms_max:
-            return Declined(status="refused", detail=f"n {ch.n} > {self.n_max} or deadline over {deadline_ms_max} ms")
+            return Declined(challenge=sc, status="refused",
+                            detail=f"n {ch.n} > {self.n_max} or deadline over {deadline_ms_max} ms")
         if self.busy:
-            return Declined(status="busy", detail="another challenge is running")
+            return Declined(challenge=sc, status="busy", detail="another challenge is running")
         ok, state = self._take(self._buckets.get(from_peer), self.per_challenger_burst,
                                self.per_challenger_refill_ms, now_ms)
         if not ok:
             self._buckets[from_peer] = state
-            return Declined(status="busy", detail="too many challenges from you: try later")
+            return Declined(challenge=sc, status="busy", detail="too many challenges from you: try later")
         ok_total, total = self._take(self._total, self.total_burst, self.total_refill_ms, now_ms)
         if not ok_total:
-            return Declined(status="busy", detail="too many challenges: try later")
+            return Declined(challenge=sc, status="busy", detail="too many challenges: try later")
         self._buckets[from_peer] = state
         self._buckets.move_to_end(from_peer)
         while len(self._buckets) > self.challengers_max:

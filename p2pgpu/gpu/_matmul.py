@@ -157,13 +157,13 @@ def available_backends() -> dict[str, str]:
     """Each backend and whether it can run here ("ok" or why not)."""
     found = {"numpy": "ok"}
     try:
-        import cupy  # noqa: PLC0415 - optional
+        import cupy
 
         found["cupy"] = "ok" if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA device"
     except Exception as exc:  # noqa: BLE001 - any import or driver failure means "not here"
         found["cupy"] = f"unavailable ({type(exc).__name__})"
     try:
-        import torch  # noqa: PLC0415 - optional
+        import torch
 
         found["torch"] = "ok" if torch.cuda.is_available() else "no CUDA device"
     except Exception as exc:  # noqa: BLE001 - as above
@@ -183,11 +183,11 @@ def pick_backend(name: str = "auto") -> Backend:
                 raise ValueError(f"backend {name} cannot run here: {found.get(cand)}")
             continue
         if cand == "cupy":
-            import cupy  # noqa: PLC0415
+            import cupy
 
             return CupyBackend(cupy)
         if cand == "torch":
-            import torch  # noqa: PLC0415
+            import torch
 
             return TorchBackend(torch)
     return NumpyBackend()

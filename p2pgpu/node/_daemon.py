@@ -54,9 +54,11 @@ from p2pgpu.core import (
     sign_advert,
     verify_advert,
 )
+from p2pgpu.core._challenge import n_max as n_max_challenge
 from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 
+from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
@@ -71,7 +73,7 @@ ADVERTS_TOPIC = "/p2pgpu/adverts/1"
 PING_PROTOCOL = TProtocol("/ipfs/ping/1.0.0")
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
-STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL]
+STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL, CHALLENGE_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
 advert_republish_s_min = 1.0
@@ -176,6 +178,10 @@ class Node:
         self._advert_stale = False
         #: The outcome of the last SIGHUP reload (``status.config_reload``).
         self.config_reload: dict[str, Any] | None = None
+        # Hardware challenges (#16, node/_challenge.py): refused GPU claims are
+        # hidden from matching through the book's view hook.
+        self.challenges = challenge_service(self)
+        self.book.view = self.challenges.view
 
     # ------------------------------------------------------------ lifecycle
 
@@ -192,6 +198,8 @@ class Node:
             stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
             stack.host.set_stream_handler(RESULTS_PROTOCOL, guarded(
                 "results", lambda s: serve_results(self, s), self.counts, timeout_s=600))
+            stack.host.set_stream_handler(CHALLENGE_PROTOCOL, guarded(
+                "challenge", self.challenges.serve, self.counts, timeout_s=serve_timeout_s))
             control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
                                     stream_handlers={})
             try:
@@ -203,6 +211,7 @@ class Node:
                     self.control_port = await nursery.start(control.serve, self.options.control_port)
                     self._write_control_file()
                     await nursery.start(self.jobs.run)
+                    await nursery.start(self.challenges.run)
                     for loop in (self._advert_loop, self._dht_loop, self._connect_loop, self._expire_loop,
                                  self._ping_loop, self._payout_loop):
                         nursery.start_soon(_logged, loop)
@@ -655,6 +664,7 @@ class Node:
             "dht.get_advert": self._dht_get_advert,
             "shutdown": self._shutdown,
             **job_handlers(self),
+            **challenge_handlers(self.challenges),
         }
 
     async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -754,6 +764,22 @@ class Node:
     async def _shutdown(self, params: dict[str, Any]) -> dict[str, Any]:
         self.stop()
         return {"stopping": True}
+
+
+def challenge_service(node: Node) -> ChallengeService:
+    """The node's hardware-challenge service, from its config: ``challenge_auto``
+    (default: on where the network refuses simulated GPUs), ``challenge_backend``
+    (auto, numpy, torch, cupy) and ``challenge_n_max`` (the largest size served)."""
+    from p2pgpu.gpu._matmul import pick_backend  # noqa: PLC0415 - numpy only when the daemon starts
+
+    extra = node.config.extra
+    backend_name = str(extra.get("challenge_backend", "auto"))
+    return ChallengeService(
+        identity=node.identity, book=node.book, allow_simulated=node.network.allow_simulated, now_ms=node.now_ms,
+        counts=node.counts, host=lambda: node.stack.host if node.stack else None, dial=node.dial_peer,
+        backend=None if backend_name == "auto" else pick_backend(backend_name),
+        auto=bool(extra.get("challenge_auto", not node.network.allow_simulated)),
+        n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
 
 
 async def _logged(fn: Callable[..., Any], *args: Any) -> None:

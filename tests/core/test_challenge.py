@@ -16,8 +16,7 @@ from fractions import Fraction
 
 import pytest
 
-from p2pgpu.core import Advert, GpuInfo, Identity, PeerMisbehaved, Reason, Requirements, matching, seal
-from p2pgpu.core import Kind
+from p2pgpu.core import Advert, GpuInfo, Identity, Kind, PeerMisbehaved, Reason, Requirements, matching, seal
 from p2pgpu.core._challenge import (
     MODELS,
     Admitted,
@@ -44,7 +43,14 @@ from p2pgpu.core._challenge import (
     size_for,
     throughput_floor_gflops,
 )
-from p2pgpu.gpu._matmul import Abandoned, Instance, NumpyBackend, keystream, reference_product_mod_p, verify_product
+from p2pgpu.gpu._matmul import (
+    Abandoned,
+    Instance,
+    NumpyBackend,
+    keystream,
+    reference_product_mod_p,
+    verify_product,
+)
 
 T0 = 1_700_000_000_000
 ALICE = Identity.from_rng(random.Random(1))  # challenger
@@ -206,8 +212,9 @@ def test_gate_admits_one_at_a_time() -> None:
     gate = ProverGate(peer_id=BOB.peer_id)
     first = gate.admit(_challenge(), from_peer=ALICE.peer_id, now_ms=T0)
     assert isinstance(first, Admitted) and first.abandon_at_ms == T0 + first.challenge.challenge.deadline_ms
-    assert gate.admit(_challenge(4), from_peer=ALICE.peer_id, now_ms=T0) == Declined(
-        status="busy", detail="another challenge is running")
+    busy = gate.admit(_challenge(4), from_peer=ALICE.peer_id, now_ms=T0)
+    assert isinstance(busy, Declined) and (busy.status, busy.detail) == ("busy", "another challenge is running")
+    assert busy.challenge == decode_challenge(_challenge(4))
     gate.done()
     assert isinstance(gate.admit(_challenge(5), from_peer=ALICE.peer_id, now_ms=T0), Admitted)
 
