@@ -130,16 +130,18 @@ class ChallengeService:
             await write_frame(stream, answer(self.identity, got.challenge, got.status, detail=got.detail).wire)
             return
         sc = got.challenge
+        product: bytes | None = None
         try:
             product = await self._compute(sc)
         except Abandoned as exc:
-            self.counts["challenge:served_abandoned"] += 1
             log.info("gave up a challenge from %s (%s)", peer, exc)
+        finally:
+            self.gate.done()
+        if product is None:
+            self.counts["challenge:served_abandoned"] += 1
             await write_frame(stream, answer(self.identity, sc, "refused",
                                              detail="could not finish before the deadline").wire)
             return
-        finally:
-            self.gate.done()
         h = commitment_hasher(sc.digest)
         h.update(product)
         await write_frame(stream, answer(self.identity, sc, "ok", commitment=h.digest()).wire)
