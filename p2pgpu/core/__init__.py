@@ -187,3 +187,23 @@ __all__ += [
     "Outcome", "ProverGate", "SignedAnswer", "SignedChallenge", "Verdict", "decode_answer", "decode_challenge",
     "judge", "make_challenge", "model_key",
 ]
+
+# Receipts and reputation (docs/reputation.md).
+from ._receipt import (
+    MemberReceipt,
+    Receipt,
+    ReceiptLine,
+    SignedMemberReceipt,
+    SignedReceipt,
+    decode_member_receipt,
+    decode_receipt,
+    sign_member_receipt,
+    sign_receipt,
+)
+from ._reputation import Reputation, Score, VerifiedPayment, compute_reputation, job_value_max
+
+__all__ += [
+    "MemberReceipt", "Receipt", "ReceiptLine", "Reputation", "Score", "SignedMemberReceipt", "SignedReceipt",
+    "VerifiedPayment", "compute_reputation", "decode_member_receipt", "decode_receipt", "job_value_max",
+    "sign_member_receipt", "sign_receipt",
+]
