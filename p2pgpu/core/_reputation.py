@@ -148,11 +148,18 @@ class Reputation:
 
 def compute_reputation(receipts: Iterable[SignedReceipt | bytes], *, payments: Mapping[str, VerifiedPayment],
                        now_ms: int, member_receipts: Iterable[SignedMemberReceipt | bytes] = (),
-                       job_payers: Mapping[str, str] | None = None) -> Reputation:
+                       job_payers: Mapping[str, str] | None = None,
+                       cert_addresses: Mapping[bytes, Mapping[str, str]] | None = None) -> Reputation:
     """Scores from receipts.  ``payments``: what the ledger showed for each
     transaction signature the driver could look up (a missing one verifies
     nothing).  ``job_payers``: the payer named by each job's signed manifest,
-    where known; a receipt naming another payer is refused."""
+    where known; a receipt naming another payer is refused.
+    ``cert_addresses``: per certificate hash, each member's payout address as
+    it signed it in its accept.  Given, it binds credit to identities: a
+    receipt whose certificate is not in it is refused, and a paid line whose
+    address is not the member's own credits nobody (else a forger could cite
+    someone else's payment under its own peer id).  None: no such check
+    (docs/reputation.md says what that leaves open)."""
     refused: list[Refused] = []
     rs, ms = _decode_all(receipts, member_receipts, refused)
     scores: dict[str, Score] = {}
@@ -173,10 +180,14 @@ def compute_reputation(receipts: Iterable[SignedReceipt | bytes], *, payments: M
         if (r.submitter, r.job_id) in seen_jobs:
             refused.append(Refused(digest=tag, why="a second receipt for the same job"))
             continue
+        bound = cert_addresses.get(r.cert_hash) if cert_addresses is not None else None
+        if cert_addresses is not None and bound is None:
+            refused.append(Refused(digest=tag, why="certificate unknown: payout addresses cannot be checked"))
+            continue
         seen_jobs.add((r.submitter, r.job_id))
         verified: dict[str, int] = {}
         for ln in r.lines:
-            if ln.outcome != "paid":
+            if ln.outcome != "paid" or (bound is not None and bound.get(ln.peer_id) != ln.address):
                 continue
             pay = payments.get(ln.tx_signature)
             key = (ln.tx_signature, ln.address)

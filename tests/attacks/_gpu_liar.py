@@ -13,7 +13,7 @@ from typing import Any
 
 import pynvml
 
-import p2pgpu.gpu as gpu
+from p2pgpu import gpu
 
 
 class LyingNvml:

@@ -45,9 +45,9 @@ class StrictNet(LocalNet):
     here), and node 1 runs the liar."""
 
     def start_node(self, i: int, *, bootstrap: list[str], wait: bool = True) -> NodeProc:
-        import subprocess  # noqa: PLC0415
+        import subprocess
 
-        from p2pgpu.localnet import _override_config  # noqa: PLC0415
+        from p2pgpu.localnet import _override_config
 
         home = self.home(i)
         if not home.exists():

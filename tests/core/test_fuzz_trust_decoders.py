@@ -12,7 +12,8 @@ must round-trip to the same body.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -133,7 +134,7 @@ def test_a_field_replaced_then_signed(name: str, data: st.DataObject, value: Any
        st.integers(-10**12, 10**13))
 def test_reputation_never_raises_and_stays_bounded(lines: list[tuple[int, str, int]], paid: dict[str, int],
                                                    age: int) -> None:
-    from trust_fixtures import IDS, address, tx  # noqa: PLC0415
+    from trust_fixtures import IDS, address, tx
 
     members = {}
     for i, outc, amount in lines:

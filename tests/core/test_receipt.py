@@ -3,22 +3,21 @@ obeys, the signer rule, size limits and canonical bytes."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from trust_fixtures import ALICE, BOB, SUBMITTER, line, member_receipt, receipt
 
-from p2pgpu.core import Kind, LocalProtocolError, PeerMisbehaved, Reason, encode, seal
+from p2pgpu.core import Identity, Kind, LocalProtocolError, PeerMisbehaved, Reason, encode, seal
+from p2pgpu.core._manifest import members_max
 from p2pgpu.core._receipt import (
     decode_member_receipt,
     decode_receipt,
     sign_member_receipt,
     sign_receipt,
 )
-from p2pgpu.core._manifest import members_max
-from p2pgpu.core import Identity
-import random
 
 
 def test_receipts_round_trip() -> None:
@@ -111,7 +110,7 @@ def test_hostile_member_receipt_fields(change: dict[str, Any]) -> None:
 
 
 def test_non_canonical_and_oversized_bytes_are_refused() -> None:
-    import msgpack  # noqa: PLC0415
+    import msgpack
 
     sr = sign_receipt(SUBMITTER, receipt("j1", [line(ALICE)]))
     obj = sr.envelope.to_obj()

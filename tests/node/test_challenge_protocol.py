@@ -146,7 +146,7 @@ async def test_hostile_challenge_frames_cost_the_sender_its_stream() -> None:
             assert got in (None, b"")
         assert sum(v for k, v in counts.items() if k.startswith("challenge:") and "served" not in k) >= 3
         # A challenge addressed to another prover is refused too; the prover still serves the next one.
-        from p2pgpu.core._challenge import make_challenge  # noqa: PLC0415
+        from p2pgpu.core._challenge import make_challenge
 
         wrong = make_challenge(me, prover=Identity(b"q" * 32).peer_id, model="cpu", rng=random.Random(1),
                                now_ms=wall_ms(), n=64)

@@ -1,0 +1,206 @@
+"""Reputation (``p2pgpu/core/_reputation.py``): recomputable, weighted by
+verified payments, decaying; forged and unpaid receipts carry no weight; a
+peer whose proofs were refused ranks below honest peers; new identities get
+small jobs first."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from trust_fixtures import (
+    ALICE,
+    BOB,
+    CAROL,
+    DAVE,
+    IDS,
+    MALLORY,
+    SUBMITTER,
+    T0,
+    address,
+    job_id,
+    line,
+    member_receipt,
+    receipt,
+    tx,
+)
+
+from p2pgpu.core import Kind, seal
+from p2pgpu.core._receipt import Receipt, sign_member_receipt, sign_receipt
+from p2pgpu.core._reputation import (
+    VerifiedPayment,
+    compute_reputation,
+    decayed,
+    half_life_ms,
+    job_value_base,
+    job_value_max,
+)
+
+PAYER = address("payer:" + SUBMITTER.peer_id)
+
+
+def ledger(receipts: list[Receipt]) -> dict[str, VerifiedPayment]:
+    """What an honest ledger shows for the receipts' paid lines."""
+    txs: dict[str, dict[str, int]] = {}
+    payer = {}
+    for r in receipts:
+        for ln in r.lines:
+            if ln.outcome == "paid":
+                txs.setdefault(ln.tx_signature, {})[ln.address] = ln.amount
+                payer[ln.tx_signature] = r.payer
+    return {t: VerifiedPayment(tx_signature=t, payer=payer[t], transfers=m) for t, m in txs.items()}
+
+
+def history() -> tuple[list[bytes], list[bytes], dict[str, VerifiedPayment]]:
+    """Ten jobs: Alice, Bob and Carol always paid; Dave's proof refused in three."""
+    rs = []
+    for j in range(10):
+        lines = [line(p, amount=1_000_000 + 1000 * j, txname=f"job{j}") for p in (ALICE, BOB, CAROL)]
+        lines.append(line(DAVE, "proof_refused" if j % 3 == 0 else "paid", 1_000_000, txname=f"job{j}"))
+        rs.append(receipt(f"job{j}", lines, at=T0 + j * 3_600_000))
+    members = [sign_member_receipt(p, member_receipt(f"job{j}", p, at=T0 + j * 3_600_000)).wire
+               for j in range(10) for p in (ALICE, BOB)]
+    return [sign_receipt(SUBMITTER, r).wire for r in rs], members, ledger(rs)
+
+
+def test_a_copy_of_the_receipts_gives_the_same_numbers() -> None:
+    rs, ms, pays = history()
+    now = T0 + 5 * 24 * 3_600_000
+    a = compute_reputation(rs, member_receipts=ms, payments=pays, now_ms=now)
+    copy = [bytes(x) for x in reversed(rs)]  # another node, another order, its own copy
+    shuffled_ms = list(ms)
+    random.Random(3).shuffle(shuffled_ms)
+    b = compute_reputation(copy + rs[:3], member_receipts=shuffled_ms, payments=dict(reversed(pays.items())),
+                           now_ms=now)
+    assert {p: s.to_json() for p, s in a.scores.items()} == {p: s.to_json() for p, s in b.scores.items()}
+    assert a.score(ALICE.peer_id).good > 0 and a.score(SUBMITTER.peer_id).paid > 0
+
+
+def test_a_peer_whose_proofs_were_refused_ranks_below_honest_peers() -> None:
+    rs, ms, pays = history()
+    rep = compute_reputation(rs, member_receipts=ms, payments=pays, now_ms=T0 + 24 * 3_600_000)
+    dave = rep.score(DAVE.peer_id)
+    assert dave.proofs_refused == 4 and dave.jobs_paid == 6
+    ranked = rep.ranked_workers([DAVE.peer_id, ALICE.peer_id, BOB.peer_id, CAROL.peer_id, MALLORY.peer_id])
+    assert ranked[-2:] == [MALLORY.peer_id, DAVE.peer_id] or ranked[-1] == DAVE.peer_id
+    assert all(rep.score(p).worker > dave.worker for p in (ALICE.peer_id, BOB.peer_id, CAROL.peer_id))
+    assert dave.worker < 0  # four refusals outweigh six payments at penalty 4
+    assert job_value_max(dave) == job_value_base
+
+
+def test_a_forged_receipt_is_refused() -> None:
+    rs, _, pays = history()
+    base = compute_reputation(rs, payments=pays, now_ms=T0)
+    # Mallory signs a receipt as if she were the submitter: wrong signer.
+    forged = seal(MALLORY, Kind.RECEIPT, receipt("fake", [line(MALLORY, txname="job1")]).to_obj()).to_bytes()
+    # Mallory, as her own submitter, cites Alice's real payment to pay herself.
+    cites = sign_receipt(IDS[6], receipt(
+        "fake2", [line(MALLORY, txname="job1")], submitter=IDS[6], payer=PAYER)).wire
+    # ... or invents a payment that the ledger never saw.
+    invented = sign_receipt(IDS[6], receipt("fake3", [line(MALLORY, amount=10**12, txname="never")],
+                                            submitter=IDS[6])).wire
+    rep = compute_reputation([*rs, forged, cites, invented], payments=pays, now_ms=T0)
+    assert rep.score(MALLORY.peer_id).good == 0
+    assert len(rep.refused) == 3
+    assert {p: s.good for p, s in rep.scores.items() if p in base.scores} == \
+        {p: s.good for p, s in base.scores.items()}
+
+
+def test_a_forger_cannot_take_credit_for_someone_elses_payment() -> None:
+    """Mallory's own submitter cites Alice's real payment (tx and address),
+    crediting Mallory's peer id, dated before the genuine receipt.  With the
+    members' signed payout addresses (from the certificates' accepts), the
+    credit goes to nobody but Alice."""
+    from p2pgpu.core._receipt import ReceiptLine
+
+    genuine = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0)
+    stolen = ReceiptLine(peer_id=MALLORY.peer_id, outcome="paid", amount=5_000_000,
+                         address=address(ALICE.peer_id), tx_signature=tx("j"), proof_hash=b"")
+    sybil = IDS[6]
+    forged = receipt("f", [stolen], submitter=sybil, payer=PAYER, at=T0 - 1)
+    wires = [sign_receipt(SUBMITTER, genuine).wire, sign_receipt(sybil, forged).wire]
+    bound = {genuine.cert_hash: {ALICE.peer_id: address(ALICE.peer_id)},
+             forged.cert_hash: {MALLORY.peer_id: address(MALLORY.peer_id)}}
+    rep = compute_reputation(wires, payments=ledger([genuine]), now_ms=T0, cert_addresses=bound)
+    assert rep.score(MALLORY.peer_id).good == 0 and rep.score(ALICE.peer_id).good == 5_000_000
+    # Without the binding the forger, dated first, would have taken it: the
+    # reason the wiring passes the certificates' addresses in.
+    loose = compute_reputation(wires, payments=ledger([genuine]), now_ms=T0)
+    assert loose.score(MALLORY.peer_id).good >= 4_999_000 and loose.score(ALICE.peer_id).good == 0
+    # A receipt whose certificate is unknown cannot be checked: refused.
+    assert compute_reputation(wires[:1], payments=ledger([genuine]), now_ms=T0, cert_addresses={}).scores == {}
+
+
+def test_a_second_receipt_for_a_job_and_a_payment_cited_twice_count_once() -> None:
+    r = receipt("j", [line(ALICE, amount=5_000_000, txname="j")])
+    again = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0 + 1)
+    other_job = receipt("k", [line(ALICE, amount=5_000_000, txname="j")], at=T0 + 2)
+    pays = ledger([r])
+    rep = compute_reputation([sign_receipt(SUBMITTER, x).wire for x in (r, again, other_job)], payments=pays,
+                             now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 5_000_000
+    assert len(rep.refused) == 2
+
+
+def test_weight_is_what_the_ledger_shows_not_what_the_receipt_claims() -> None:
+    r = receipt("j", [line(ALICE, amount=9_000_000, txname="j")])
+    pays = {tx("j"): VerifiedPayment(tx_signature=tx("j"), payer=PAYER, transfers={address(ALICE.peer_id): 1_000})}
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=pays, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 1_000
+    other_payer = {tx("j"): VerifiedPayment(tx_signature=tx("j"), payer=address("someone"),
+                                            transfers={address(ALICE.peer_id): 9_000_000})}
+    assert compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=other_payer,
+                              now_ms=T0).score(ALICE.peer_id).good == 0
+    # The manifest's payer, where known, must be the receipt's.
+    assert compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=ledger([r]), now_ms=T0,
+                              job_payers={job_id("j"): address("other")}).scores == {}
+
+
+def test_unpaid_receipts_carry_no_weight_good_or_bad() -> None:
+    r = receipt("j", [line(ALICE, "proof_refused"), line(BOB, "no_proof")])
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments={}, now_ms=T0)
+    assert rep.scores == {} and rep.refused[0].why == "no payment in it verified on the ledger"
+
+
+def test_late_payment_reports_need_a_reporter_with_a_record() -> None:
+    rs, _, pays = history()
+    stranger = IDS[7]
+    reports = [sign_member_receipt(ALICE, member_receipt("job1", ALICE, "unpaid", owed=500_000)).wire,
+               sign_member_receipt(stranger, member_receipt("job1", stranger, "unpaid", owed=10**12)).wire]
+    rep = compute_reputation(rs, member_receipts=reports, payments=pays, now_ms=T0)
+    sub = rep.score(SUBMITTER.peer_id)
+    assert sub.reports_late == 1 and sub.late == 500_000
+    assert sub.submitter == sub.paid - 4 * 500_000
+
+
+def test_scores_decay_with_a_half_life() -> None:
+    assert decayed(1_000, 0) == 1_000 and decayed(1_000, -5) == 1_000
+    assert decayed(1_000, half_life_ms) == 500 and decayed(1_000, 2 * half_life_ms) == 250
+    assert decayed(1_000, half_life_ms // 2) == 750  # linear between halvings
+    assert decayed(1_000, 100 * half_life_ms) == 0
+    prev = 1_000
+    for k in range(0, 4 * half_life_ms, half_life_ms // 7):
+        cur = decayed(1_000, k)
+        assert cur <= prev
+        prev = cur
+    r = receipt("j", [line(ALICE, amount=8_000_000, txname="j")])
+    pays = ledger([r])
+    wire = sign_receipt(SUBMITTER, r).wire
+    fresh = compute_reputation([wire], payments=pays, now_ms=T0).score(ALICE.peer_id).good
+    old = compute_reputation([wire], payments=pays, now_ms=T0 + half_life_ms).score(ALICE.peer_id).good
+    assert (fresh, old) == (8_000_000, 4_000_000)
+
+
+def test_new_identities_get_small_jobs_first() -> None:
+    rs, _, pays = history()
+    rep = compute_reputation(rs, payments=pays, now_ms=T0)
+    assert job_value_max(None) == job_value_max(rep.score(MALLORY.peer_id)) == job_value_base
+    alice = rep.score(ALICE.peer_id)
+    assert job_value_max(alice) == job_value_base + 2 * alice.worker > job_value_base
+
+
+def test_score_json_names_its_evidence() -> None:
+    rs, ms, pays = history()
+    doc: dict[str, Any] = compute_reputation(rs, member_receipts=ms, payments=pays,
+                                             now_ms=T0).score(ALICE.peer_id).to_json()
+    assert doc["jobs_paid"] == 10 and len(doc["evidence"]) == 10
