@@ -118,11 +118,11 @@ def _decode_all(receipts: Iterable[SignedReceipt | bytes], member_receipts: Iter
             refused.append(Refused(digest="?", why=str(exc)))
             continue
         rs[sr.digest] = sr
-    for i, item in enumerate(member_receipts):
+    for i, mitem in enumerate(member_receipts):
         if i >= receipts_max:
             break
         try:
-            sm = item if isinstance(item, SignedMemberReceipt) else decode_member_receipt(item)
+            sm = mitem if isinstance(mitem, SignedMemberReceipt) else decode_member_receipt(mitem)
         except PeerMisbehaved as exc:
             refused.append(Refused(digest="?", why=str(exc)))
             continue
