@@ -1,0 +1,99 @@
+"""Trust figures: a hardware challenge's verify cost against its compute cost,
+and receipts verified per second.
+
+Challenges (``p2pgpu/gpu/_matmul.py``), per matrix size ``n``, on this machine:
+
+* prove: what an honest prover does: derive ``A`` and ``B`` from the seed,
+  multiply (the backend ``pick_backend()`` chooses: NumPy here), reduce mod 251;
+* verify: what the challenger does: hash the product against the commitment,
+  derive ``A`` and ``B``, run Freivalds with 4 rounds (error <= 251^-4);
+* the deadline the table gives the ``cpu`` and ``h100`` entries at that size.
+
+Receipts (``p2pgpu/core/_receipt.py``, ``_reputation.py``): decode and verify
+signed receipts of 8 members each, then compute reputation over all of them
+(signature checks included) with every payment verified.  Usage:
+
+    python3 benchmarks/trust.py [--sizes 256,512,832,1024,2048] [--receipts 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
+
+from trust_fixtures import IDS, SUBMITTER, address, line, receipt  # noqa: E402
+
+from p2pgpu.core._challenge import commitment_of, deadline_ms_for, model_spec  # noqa: E402
+from p2pgpu.core._receipt import decode_receipt, sign_receipt  # noqa: E402
+from p2pgpu.core._reputation import VerifiedPayment, compute_reputation  # noqa: E402
+from p2pgpu.gpu._matmul import Instance, available_backends, pick_backend  # noqa: E402
+
+
+def challenges(sizes: list[int]) -> None:
+    backend = pick_backend()
+    cpu, h100 = model_spec("cpu"), model_spec("h100")
+    assert cpu is not None and h100 is not None
+    print(f"challenge backend: {backend.name}   (available: {available_backends()})")
+    print(f"{'n':>6} {'prove_s':>9} {'GFLOPS':>8} {'verify_s':>9} {'verify/prove':>13} "
+          f"{'cpu_deadline_s':>15} {'h100_deadline_s':>16}")
+    backend.product_mod_p(bytes(32), 64, should_stop=lambda: False)  # warm-up: BLAS threads, imports
+    for n in sizes:
+        seed = hashlib.sha256(b"bench%d" % n).digest()
+        t0 = time.perf_counter()
+        product = backend.product_mod_p(seed, n, should_stop=lambda: False)
+        t1 = time.perf_counter()
+        digest = b"d" * 32
+        commitment = commitment_of(digest, product)
+        t2 = time.perf_counter()
+        ok = commitment_of(digest, product) == commitment and Instance.from_seed(seed, n).freivalds(
+            product, rounds=4, rng=random.Random(n))
+        t3 = time.perf_counter()
+        assert ok, "an honest product failed its own check"
+        prove, verify = t1 - t0, t3 - t2
+        print(f"{n:>6} {prove:>9.3f} {2 * n**3 / prove / 1e9:>8.1f} {verify:>9.3f} {verify / prove:>13.3f} "
+              f"{deadline_ms_for(n, cpu) / 1000:>15.2f} {deadline_ms_for(n, h100) / 1000:>16.2f}")
+
+
+def receipts(count: int) -> None:
+    members = IDS[1:5] + [type(IDS[0]).from_rng(random.Random(9000 + i)) for i in range(4)]
+    wires = []
+    for j in range(count):
+        lines = [line(m, amount=1_000_000 + j, txname=f"b{j}") for m in members]
+        wires.append(sign_receipt(SUBMITTER, receipt(f"bench{j}", lines)).wire)
+    payer = address("payer:" + SUBMITTER.peer_id)
+    payments = {}
+    for w in wires:
+        r = decode_receipt(w).receipt
+        for ln in r.lines:
+            payments.setdefault(ln.tx_signature, VerifiedPayment(tx_signature=ln.tx_signature, payer=payer,
+                                                                 transfers={}))
+            payments[ln.tx_signature].transfers[ln.address] = ln.amount  # type: ignore[index]
+    t0 = time.perf_counter()
+    for w in wires:
+        decode_receipt(w)
+    t1 = time.perf_counter()
+    rep = compute_reputation(wires, payments=payments, now_ms=1_700_000_000_000)
+    t2 = time.perf_counter()
+    assert not rep.refused and len(rep.scores) == len(members) + 1
+    size = sum(len(w) for w in wires) / len(wires)
+    print(f"receipts of {len(members)} members ({size:.0f} bytes): decoded and verified "
+          f"{count / (t1 - t0):,.0f}/s; reputation over {count}: {t2 - t1:.3f} s ({count / (t2 - t1):,.0f} receipts/s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="256,512,832,1024,2048", help="matrix sizes (multiples of 64)")
+    ap.add_argument("--receipts", type=int, default=2000)
+    args = ap.parse_args()
+    challenges([int(x) for x in args.sizes.split(",")])
+    receipts(args.receipts)
+
+
+if __name__ == "__main__":
+    main()
