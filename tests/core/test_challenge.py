@@ -351,3 +351,19 @@ def test_view_never_claims_more_free_gpus_than_it_keeps() -> None:
     book.record(BOB.peer_id, "h100", Outcome.WRONG, T0)
     v = book.view(adv, T0)
     assert v.gpus == (A100,) and v.gpus_free == 1
+
+
+def test_the_advert_books_view_hook_hides_refused_gpus_from_live_and_market() -> None:
+    from p2pgpu.core import AdvertBook, sign_advert  # noqa: PLC0415
+
+    claims = ClaimBook(allow_simulated=False)
+    book = AdvertBook(network="strict", allow_simulated=False, view=claims.view)
+    liar = advert(BOB, (H100,))
+    book.ingest(sign_advert(BOB, liar).wire, T0)
+    assert [a.peer_id for a in book.live(T0)] == [BOB.peer_id]
+    assert [a.peer_id for a in book.market(T0, model="H100")] == [BOB.peer_id]
+    claims.record(BOB.peer_id, "h100", Outcome.LATE, T0)
+    assert book.live(T0)[0].gpus == ()
+    assert book.market(T0, model="H100") == [] and book.market(T0) == []
+    assert book.adverts[BOB.peer_id].advert == liar  # the signed advert itself is kept as received
+    assert AdvertBook(network="strict", allow_simulated=False).view is None  # no hook: adverts as signed
