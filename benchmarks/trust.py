@@ -27,12 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
 
-from trust_fixtures import IDS, SUBMITTER, address, line, receipt  # noqa: E402
+from trust_fixtures import IDS, SUBMITTER, address, line, receipt
 
-from p2pgpu.core._challenge import commitment_of, deadline_ms_for, model_spec  # noqa: E402
-from p2pgpu.core._receipt import decode_receipt, sign_receipt  # noqa: E402
-from p2pgpu.core._reputation import VerifiedPayment, compute_reputation  # noqa: E402
-from p2pgpu.gpu._matmul import Instance, available_backends, pick_backend  # noqa: E402
+from p2pgpu.core._challenge import commitment_of, deadline_ms_for, model_spec
+from p2pgpu.core._receipt import decode_receipt, sign_receipt
+from p2pgpu.core._reputation import VerifiedPayment, compute_reputation
+from p2pgpu.gpu._matmul import Instance, available_backends, pick_backend
 
 
 def challenges(sizes: list[int]) -> None:

@@ -76,7 +76,7 @@ class ChallengeService:
 
     def __init__(self, *, identity: Identity, book: AdvertBook, allow_simulated: bool,
                  now_ms: Callable[[], int], counts: Counter[str], host: Callable[[], Any],
-                 dial: Callable[[str], Any] | None = None, backend: Backend | None = None,
+                 dial: Callable[[str], Any] | None = None, backend: Backend | str = "auto",
                  auto: bool = False, n_max_served: int = n_max, policy: ClaimPolicy | None = None,
                  rng: random.Random | None = None) -> None:
         self.identity = identity
@@ -85,7 +85,10 @@ class ChallengeService:
         self.counts = counts
         self._host = host
         self._dial = dial
-        self._backend = backend
+        # A backend named in the config is checked now (a typo fails at start,
+        # not at the first challenge); "auto" is resolved on first use.
+        self._backend: Backend | None = (None if backend == "auto" else
+                                         pick_backend(backend) if isinstance(backend, str) else backend)
         self.auto = auto
         self.rng = rng if rng is not None else random.SystemRandom()
         self.gate = ProverGate(peer_id=identity.peer_id, n_max=n_max_served)

@@ -770,14 +770,11 @@ def challenge_service(node: Node) -> ChallengeService:
     """The node's hardware-challenge service, from its config: ``challenge_auto``
     (default: on where the network refuses simulated GPUs), ``challenge_backend``
     (auto, numpy, torch, cupy) and ``challenge_n_max`` (the largest size served)."""
-    from p2pgpu.gpu._matmul import pick_backend  # noqa: PLC0415 - numpy only when the daemon starts
-
     extra = node.config.extra
-    backend_name = str(extra.get("challenge_backend", "auto"))
     return ChallengeService(
         identity=node.identity, book=node.book, allow_simulated=node.network.allow_simulated, now_ms=node.now_ms,
         counts=node.counts, host=lambda: node.stack.host if node.stack else None, dial=node.dial_peer,
-        backend=None if backend_name == "auto" else pick_backend(backend_name),
+        backend=str(extra.get("challenge_backend", "auto")),
         auto=bool(extra.get("challenge_auto", not node.network.allow_simulated)),
         n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
 

@@ -354,7 +354,7 @@ def test_view_never_claims_more_free_gpus_than_it_keeps() -> None:
 
 
 def test_the_advert_books_view_hook_hides_refused_gpus_from_live_and_market() -> None:
-    from p2pgpu.core import AdvertBook, sign_advert  # noqa: PLC0415
+    from p2pgpu.core import AdvertBook, sign_advert
 
     claims = ClaimBook(allow_simulated=False)
     book = AdvertBook(network="strict", allow_simulated=False, view=claims.view)
