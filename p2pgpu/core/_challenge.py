@@ -51,6 +51,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from fractions import Fraction
+from functools import lru_cache
 from random import Random
 from typing import Any
 
@@ -139,9 +140,11 @@ def model_spec(key: str, models: Sequence[ModelSpec] = MODELS) -> ModelSpec | No
     return None
 
 
-def model_key(gpu_model: str, models: Sequence[ModelSpec] = MODELS) -> str | None:
+@lru_cache(maxsize=1024)
+def model_key(gpu_model: str, models: tuple[ModelSpec, ...] = MODELS) -> str | None:
     """The table key for a GPU's model name, or None when it has no entry
-    (such a claim cannot be challenged and stays untested)."""
+    (such a claim cannot be challenged and stays untested).  Cached: matching
+    asks it for every GPU of every advert."""
     name = gpu_model.lower()
     for m in models:
         if re.search(m.pattern, name):
@@ -544,19 +547,27 @@ class ClaimBook:
 
     allow_simulated: bool
     policy: ClaimPolicy = field(default_factory=ClaimPolicy)
-    models: Sequence[ModelSpec] = MODELS
+    models: tuple[ModelSpec, ...] = MODELS
     claims_max: int = 10_000
     records: OrderedDict[tuple[str, str], ClaimRecord] = field(default_factory=OrderedDict)
+    #: Records per peer: ``view`` returns an unrecorded peer's advert as is
+    #: without looking at its GPUs (matching calls it for every advert).
+    _per_peer: dict[str, int] = field(default_factory=dict)
 
     def record(self, peer_id: str, model: str, outcome: Outcome, now_ms: int) -> Verdict:
         key = (peer_id, model)
         prev = self.records.pop(key, None)
+        if prev is None:
+            self._per_peer[peer_id] = self._per_peer.get(peer_id, 0) + 1
         inconclusive = 0
         if outcome in (Outcome.BUSY, Outcome.NO_ANSWER):
             inconclusive = (prev.inconclusive if prev is not None and prev.outcome not in FAILING else 0) + 1
         self.records[key] = ClaimRecord(outcome=outcome, at_ms=now_ms, inconclusive=inconclusive)
         while len(self.records) > self.claims_max:
-            self.records.popitem(last=False)  # the least recently recorded
+            (gone, _), _rec = self.records.popitem(last=False)  # the least recently recorded
+            self._per_peer[gone] -= 1
+            if not self._per_peer[gone]:
+                del self._per_peer[gone]
         return verdict_of(self.records[key], now_ms, self.policy)
 
     def verdict(self, peer_id: str, model: str, now_ms: int) -> Verdict:
@@ -592,14 +603,16 @@ class ClaimBook:
         (or untested, under a strict policy) are left out."""
         if exempt(advert, allow_simulated=self.allow_simulated):
             return advert
-        kept = []
-        for g in advert.gpus:
-            key = model_key(g.model, self.models)
+        if self.policy.untested_believed and advert.peer_id not in self._per_peer:
+            return advert
+        hidden: set[str] = set()
+        for name in sorted({g.model for g in advert.gpus}):  # adverts repeat one model many times
+            key = model_key(name, self.models)
             v = Verdict.UNTESTED if key is None else self.verdict(advert.peer_id, key, now_ms)
             if v is Verdict.REFUSED or (v is Verdict.UNTESTED and not self.policy.untested_believed):
-                continue
-            kept.append(g)
-        if len(kept) == len(advert.gpus):
+                hidden.add(name)
+        if not hidden:
             return advert
+        kept = [g for g in advert.gpus if g.model not in hidden]
         # Adverts say how many GPUs are free, not which: never more free than kept.
         return replace(advert, gpus=tuple(kept), gpus_free=min(advert.gpus_free, len(kept)))

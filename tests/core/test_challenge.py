@@ -367,3 +367,18 @@ def test_the_advert_books_view_hook_hides_refused_gpus_from_live_and_market() ->
     assert book.market(T0, model="H100") == [] and book.market(T0) == []
     assert book.adverts[BOB.peer_id].advert == liar  # the signed advert itself is kept as received
     assert AdvertBook(network="strict", allow_simulated=False).view is None  # no hook: adverts as signed
+
+
+def test_bookkeeping_per_peer_follows_records_and_eviction() -> None:
+    book = ClaimBook(allow_simulated=False, claims_max=2)
+    book.record("p1", "h100", Outcome.LATE, T0)
+    book.record("p1", "a100", Outcome.PASSED, T0 + 1)
+    book.record("p1", "h100", Outcome.LATE, T0 + 2)  # again: still two records for p1
+    assert book._per_peer == {"p1": 2}
+    book.record("p2", "h100", Outcome.LATE, T0 + 3)  # evicts p1's a100
+    assert book._per_peer == {"p1": 1, "p2": 1} and len(book.records) == 2
+    book.record("p3", "h100", Outcome.LATE, T0 + 4)  # evicts p1's h100
+    assert book._per_peer == {"p2": 1, "p3": 1}
+    # An evicted refusal no longer hides anything: the peer is untested again.
+    adv = advert(BOB, (H100,))
+    assert book.view(adv, T0 + 5) is adv
