@@ -243,14 +243,19 @@ class ChallengeService:
         if early is not Outcome.PASSED or isinstance(got, Outcome):
             return early, elapsed_ms, "" if isinstance(got, Outcome) else got.answer.detail
         product = await self._read_product(stream, ch.n)
-        if product is None:
+        if product is Outcome.BAD_ANSWER:
+            return product, elapsed_ms, "the product stream broke the framing (a frame over what was due)"
+        if not isinstance(product, bytes):
             return Outcome.NO_ANSWER, elapsed_ms, "the product did not arrive in time"
         ok = await trio.to_thread.run_sync(partial(
             _check, sc, product, got.answer.commitment, rounds, random.Random(self.rng.getrandbits(128))))
         outcome = judge(sc, got, elapsed_ms=elapsed_ms, product_ok=ok)
         return outcome, elapsed_ms, "" if ok else "the product does not match its commitment or fails Freivalds"
 
-    async def _read_product(self, stream: Any, n: int) -> bytes | None:
+    async def _read_product(self, stream: Any, n: int) -> bytes | Outcome:
+        """Exactly ``n^2`` bytes within the transfer allowance; ``NO_ANSWER``
+        when the stream ends or stalls (retried), ``BAD_ANSWER`` for a frame
+        larger than what is still due (a protocol violation: refused)."""
         want = n * n
         buf = bytearray()
         with trio.move_on_after(transfer_ms_for(n) / 1000):
@@ -258,12 +263,14 @@ class ChallengeService:
                 while len(buf) < want:
                     frame = await read_frame(stream, min(product_frame_bytes, want - len(buf)))
                     if not frame:
-                        return None
+                        return Outcome.NO_ANSWER
                     buf += frame
-            except (StreamGone, PeerMisbehaved):
-                return None
+            except StreamGone:
+                return Outcome.NO_ANSWER
+            except PeerMisbehaved:
+                return Outcome.BAD_ANSWER
             return bytes(buf)
-        return None
+        return Outcome.NO_ANSWER
 
 
 def _check(sc: SignedChallenge, product: bytes, commitment: bytes, rounds: int, rng: random.Random) -> bool:

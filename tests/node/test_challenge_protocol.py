@@ -4,7 +4,7 @@
 An honest CPU prover passes a challenge sized for the CPU entry; the same
 prover challenged for an H100 gives up at the deadline and the claim is
 refused; a prover that commits to a wrong product, answers another
-challenge, or streams a short product is caught; a busy prover is retried,
+challenge, or streams a product of the wrong length is caught; a busy prover is retried,
 not refused; hostile challenge frames cost the sender its stream and leave
 the prover serving.
 """
@@ -107,6 +107,9 @@ def cheat(kind: str) -> Callable[[ChallengeService], Any]:
             if kind == "short":
                 await write_frame(stream, answer(svc.identity, sc, "ok", commitment_of(sc.digest, product)).wire)
                 await write_frame(stream, product[:-1])
+            elif kind == "long":
+                await write_frame(stream, answer(svc.identity, sc, "ok", commitment_of(sc.digest, product)).wire)
+                await write_frame(stream, product + b"\x00")
             elif kind == "other_commitment":
                 await write_frame(stream, answer(svc.identity, sc, "ok", commitment_of(b"x" * 32, product)).wire)
                 await write_frame(stream, product)
@@ -122,6 +125,7 @@ def cheat(kind: str) -> Callable[[ChallengeService], Any]:
 
 async def test_protocol_lies_are_caught() -> None:
     for kind, outcome, verdict in [("short", "no_answer", Verdict.UNTESTED),
+                                   ("long", "bad_answer", Verdict.REFUSED),
                                    ("other_commitment", "wrong", Verdict.REFUSED),
                                    ("answer_for_another_challenge", "bad_answer", Verdict.REFUSED),
                                    ("busy", "busy", Verdict.UNTESTED)]:
