@@ -19,13 +19,15 @@ entry passes: an honest CPU backend passes a challenge sized for it.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from p2pgpu.localnet import LocalNet, NodeProc
+from p2pgpu import children
+from p2pgpu.localnet import LocalNet, NodeProc, _override_config
 
 pytestmark = pytest.mark.processes
 
@@ -45,10 +47,6 @@ class StrictNet(LocalNet):
     here), and node 1 runs the liar."""
 
     def start_node(self, i: int, *, bootstrap: list[str], wait: bool = True) -> NodeProc:
-        import subprocess
-
-        from p2pgpu.localnet import _override_config
-
         home = self.home(i)
         if not home.exists():
             home.init(network="strict")
@@ -61,7 +59,7 @@ class StrictNet(LocalNet):
         log_path = self.root / f"node{i}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = children.spawn(args, stdout=log, stderr=subprocess.STDOUT, env=env)  # dies with us
         node = NodeProc(index=i, home=home, proc=proc, log_path=log_path)
         if wait:
             self.wait_ready(node)
