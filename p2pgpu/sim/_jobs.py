@@ -17,7 +17,8 @@ Execution is modelled (a member runs for a random share of the job's time,
 then tells its ``FormationNode`` it finished); proofs and payment are real: the
 member signs a :class:`~p2pgpu.core.Proof` (no checkpoints), the other members
 co-sign what they observed (:class:`~p2pgpu.core.Cosign`, from the time both
-ran), the submitter runs :func:`~p2pgpu.core.verify_proof` and
+ran), the submitter runs :func:`~p2pgpu.core.verify_proof` (with its own
+window of each member: confirmation to the proof's arrival) and
 :func:`~p2pgpu.core.owed` (agreed prices from the certificate, quorum over
 replicas) and pays the rows through the real :func:`plan_batches` of
 ``core/_payout.py``, on a ledger that confirms every planned batch at once.
@@ -55,6 +56,7 @@ from p2pgpu.core import (
     Submitter,
     Subscribe,
     Unsubscribe,
+    Window,
     agreed_prices,
     certificate_hash,
     decode_cosign,
@@ -111,6 +113,10 @@ class Job:
     t_confirm_us: int = 0
     #: member -> its signed proof (bytes, as received)
     results: dict[int, bytes] = field(default_factory=dict)
+    #: member -> when its proof reached the submitter (the submitter's clock)
+    results_at_ms: dict[int, int] = field(default_factory=dict)
+    #: when the submitter confirmed the cluster (its clock)
+    confirmed_at_ms: int = 0
     cosigns: list[bytes] = field(default_factory=list)
     certificate: Any = None
     signed: Any = None
@@ -415,6 +421,7 @@ class JobFlow:
         job.members = members
         job.certificate = a.certificate
         job.t_confirm_us = w.engine.now_us
+        job.confirmed_at_ms = w.node_now_ms(job.submitter)
         self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
         w.engine.trace("job", jid, "confirm", len(members))
         w.engine.after(int((job.manifest.duration_s_max + 20) * 1_000_000), self._result_deadline, jid)
@@ -489,6 +496,7 @@ class JobFlow:
         if job.state is not JobState.RUNNING or src not in job.members or src in job.results:
             return
         job.results[src] = wire
+        job.results_at_ms[src] = self.world.node_now_ms(dst)
         if len(job.results) == len(job.members):
             # wait a moment for the co-signatures that follow the last proof
             self.world.engine.after(3_000_000, self._result_deadline, jid)
@@ -509,7 +517,7 @@ class JobFlow:
         (its ``owed``, agreed prices from the certificate) into payout rows."""
         w = self.world
         assert job.certificate is not None and job.signed is not None
-        terms = ProofTerms.from_manifest(job.signed, tolerance_ms=5_000)
+        terms = ProofTerms.from_manifest(job.signed)
         cosigns: dict[str, list[SignedCosign]] = {}
         for c in job.cosigns:
             try:
@@ -524,9 +532,10 @@ class JobFlow:
                 continue
             ident = w.nodes[m].identity
             assert ident is not None
+            window = Window(confirmed_at_ms=job.confirmed_at_ms, results_at_ms=job.results_at_ms[m])
             try:
                 verified.append(verify_proof(wire, cert=job.certificate, terms=terms,
-                                             cosigns=cosigns.get(ident.peer_id, [])))
+                                             cosigns=cosigns.get(ident.peer_id, []), window=window))
             except ProofRejected as exc:
                 self.proofs_rejected += 1
                 self.proof_faults[exc.fault.name] = self.proof_faults.get(exc.fault.name, 0) + 1
