@@ -40,7 +40,7 @@ from ._actions import (
     Subscribe,
     Unsubscribe,
 )
-from ._advert import Advert
+from ._advert import Advert, SignedAdvert, sign_advert
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._formation_messages import (
     Accept,
@@ -55,6 +55,7 @@ from ._formation_messages import (
     decode_message,
     views_max,
 )
+from ._formation_rules import AdvertLookup, advert_fault, leader_fault, requirement_fault, validity_fault
 from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
 from ._identity import Identity
 from ._manifest import ReplayGuard, SignedManifest, check_manifest_time
@@ -104,6 +105,8 @@ class FormationConfig:
     #: Per-job GossipSub topics (``<jobs_topic>/<job_id>``), or everything on ``jobs_topic``.
     per_job_topics: bool = True
     clock_skew_ms: int = 60_000
+    #: The network whose adverts count (``""``: any), for adverts carried in offers.
+    network: str = ""
 
     def topic(self, job_id: str) -> str:
         return f"{self.jobs_topic}/{job_id}" if self.per_job_topics else self.jobs_topic
@@ -190,11 +193,16 @@ class _Job:
     state: WorkerState
     #: After this nobody proposes (the submitter has given up); the record goes later.
     deadline_ms: int
+    #: When this node first saw the job (views are bounded by the time since).
+    seen_ms: int = 0
     subscribed: bool = False
     offer_seq: int = 0
     my_offer: Offer | None = None
-    #: Known volunteers: peer id -> latest offer seq (0 if learnt from a proposal).
+    #: Known volunteers, every one eligible (its signed advert matches the
+    #: job): peer id -> latest offer seq (0 if learnt from a proposal).
     volunteers: dict[str, int] = field(default_factory=dict)
+    #: The adverts their offers carried (one per volunteer at most).
+    adverts: dict[str, Advert] = field(default_factory=dict)
     #: The candidates expected to volunteer at once, best rank first (empty:
     #: no candidate list, everyone who can serve volunteers).
     eager: list[str] = field(default_factory=list)
@@ -240,17 +248,29 @@ class FormationNode:
     :class:`Submitter`, if the node submitted the job).
     """
 
-    def __init__(self, identity: Identity, advert: Advert, config: FormationConfig = DEFAULT_CONFIG) -> None:
-        if advert.peer_id != identity.peer_id:
-            raise LocalProtocolError("the advert must be this node's own")
+    def __init__(self, identity: Identity, advert: Advert | SignedAdvert, config: FormationConfig = DEFAULT_CONFIG,
+                 *, adverts: AdvertLookup | None = None) -> None:
+        """``advert`` is this node's own (signed, or signed here); ``adverts``
+        finds other peers' adverts (the driver's advert book): with the ones
+        offers carry, they decide who is an eligible volunteer and leader
+        (``_formation_rules``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
-        self.ledger = CapacityLedger(len(advert.gpus))
+        self.lookup: AdvertLookup = adverts or (lambda _peer: None)
         self.guard = ReplayGuard(ids_max=config.jobs_max * 64)
         self.jobs: dict[str, _Job] = {}
-        self._advert = advert
-        self._all_free = replace(advert, gpus_free=len(advert.gpus))
+        self._set_advert(advert)
+        self.ledger = CapacityLedger(len(self._advert.gpus))
+
+    def _set_advert(self, advert: Advert | SignedAdvert) -> None:
+        signed = advert if isinstance(advert, SignedAdvert) else sign_advert(self.identity, advert) \
+            if advert.peer_id == self.identity.peer_id else None
+        if signed is None or signed.advert.peer_id != self.peer_id:
+            raise LocalProtocolError("the advert must be this node's own")
+        self._signed = signed
+        self._advert = signed.advert
+        self._all_free = replace(signed.advert, gpus_free=len(signed.advert.gpus))
 
     # -- inputs ---------------------------------------------------------------
 
@@ -300,7 +320,7 @@ class FormationNode:
         self.guard.admit(sm.job_id, sm.manifest.expires_at_ms, now_ms)
         m, cfg = sm.manifest, self.config
         deadline = min(m.expires_at_ms, m.created_at_ms + cfg.formation_timeout_ms)
-        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline)
+        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline, seen_ms=now_ms)
         self.jobs[sm.job_id] = job
         actions: list[Action] = [SetTimer(self._key(job, "end"), deadline + cfg.lease_ms + cfg.lease_grace_ms)]
         if not self._can_serve(job):
@@ -342,12 +362,9 @@ class FormationNode:
         del self.jobs[job_id]
         return actions
 
-    def update_advert(self, advert: Advert, now_ms: int) -> list[Action]:
-        if advert.peer_id != self.peer_id:
-            raise LocalProtocolError("the advert must be this node's own")
-        self._advert = advert
-        self._all_free = replace(advert, gpus_free=len(advert.gpus))
-        self.ledger.gpus_total = max(len(advert.gpus), self.ledger.reserved)
+    def update_advert(self, advert: Advert | SignedAdvert, now_ms: int) -> list[Action]:
+        self._set_advert(advert)
+        self.ledger.gpus_total = max(len(self._advert.gpus), self.ledger.reserved)
         return self._capacity_freed(now_ms)
 
     # -- queries --------------------------------------------------------------
@@ -386,9 +403,12 @@ class FormationNode:
             return False
         return self.ledger.can_hold(job.job_id, m.gpus_per_node)
 
-    def _note_volunteer(self, job: _Job, peer_id: str, seq: int) -> bool:
+    def _note_volunteer(self, job: _Job, peer_id: str, seq: int, advert: Advert | None = None) -> bool:
+        """Remember an eligible volunteer (the caller checked its advert)."""
         if peer_id not in job.volunteers and len(job.volunteers) >= self.config.volunteers_max:
             return False
+        if advert is not None:
+            job.adverts[peer_id] = advert
         if seq > job.volunteers.get(peer_id, -1):
             job.volunteers[peer_id] = seq
             job.ranks.setdefault(peer_id, leader_rank(job.job_id, peer_id))
@@ -405,7 +425,7 @@ class FormationNode:
         job.offer_seq += 1
         job.declined = False
         offer = Offer.sign(self.identity, job_id=job.job_id, seq=job.offer_seq, gpus_free=self.ledger.free,
-                           price_per_gpu_hour=self._advert.price_per_gpu_hour)
+                           price_per_gpu_hour=self._advert.price_per_gpu_hour, advert=self._signed)
         self._note_volunteer(job, self.peer_id, job.offer_seq)
         job.my_offer = offer
         actions: list[Action] = []
@@ -455,7 +475,15 @@ class FormationNode:
     def _on_offer(self, job: _Job, offer: Offer, now_ms: int) -> list[Action]:
         if job.state in (WorkerState.RUNNING, WorkerState.CLOSED) or offer.peer_id == self.peer_id:
             return []
-        if not self._note_volunteer(job, offer.peer_id, offer.seq):
+        carried = offer.advert.advert
+        if job.adverts.get(offer.peer_id) != carried:  # a new advert: does it match the job? (once)
+            lie = requirement_fault(carried, job.sm)
+            if lie is not None:
+                # Its own advert says it cannot serve the job: the offer is a lie.
+                raise PeerMisbehaved(Reason.BAD_PROOF, f"offer of {offer.peer_id[:16]}: {lie}")
+        if validity_fault(carried, now_ms, network=self.config.network) is not None:
+            return [Emit("formation.offer_ineligible")]  # expired, or another network's: nobody's lie
+        if not self._note_volunteer(job, offer.peer_id, offer.seq, carried):
             return []
         if job.state is WorkerState.LEADING and job.proposal is None:
             return self._propose(job, now_ms)  # we were waiting for enough volunteers
@@ -617,16 +645,52 @@ class FormationNode:
         rank = job.ranks.get(prop.leader) or leader_rank(job.job_id, prop.leader)
         return (prop.view, bytes(255 - b for b in rank), prop.round)
 
+    def advert_of(self, job_id: str, peer_id: str) -> Advert | None:
+        """The advert this node holds of a peer, for a job: its own, the one
+        the peer's offer carried, else the driver's book's."""
+        if peer_id == self.peer_id:
+            return self._advert
+        job = self.jobs.get(job_id)
+        carried = job.adverts.get(peer_id) if job is not None else None
+        return carried if carried is not None else self.lookup(peer_id)
+
+    def _leader_refused(self, job: _Job, prop: Proposal, now_ms: int) -> str | None:
+        """Why this node will not follow ``prop`` (``_formation_rules``): its
+        leader is no eligible volunteer, or not the rightful leader of its view."""
+        if prop.leader == self.peer_id:
+            return None
+        why = advert_fault(self.advert_of(job.job_id, prop.leader), job.sm, now_ms, network=self.config.network)
+        if why is not None:
+            return f"leader {prop.leader[:16]}: {why}"
+        elapsed = max(now_ms - job.seen_ms, now_ms - job.sm.manifest.created_at_ms)
+        return leader_fault(job.job_id, view=prop.view, leader=prop.leader, volunteers=job.volunteers,
+                            elapsed_ms=elapsed, leader_timeout_ms=self.config.leader_timeout_ms,
+                            rank=lambda p: self._rank(job, p))
+
+    def _rank(self, job: _Job, peer_id: str) -> bytes:
+        r = job.ranks.get(peer_id)
+        if r is None:
+            r = leader_rank(job.job_id, peer_id)
+            if len(job.ranks) < self.config.volunteers_max + 1:
+                job.ranks[peer_id] = r
+        return r
+
     def _on_proposal(self, job: _Job, prop: Proposal, now_ms: int) -> list[Action]:
         m = job.sm.manifest
         if prop.gpus_per_member != m.gpus_per_node or len(prop.members) != m.members:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "proposal does not fit the manifest")
+        if job.state in (WorkerState.RUNNING, WorkerState.CLOSED):
+            return []
+        if self._leader_refused(job, prop, now_ms) is not None:
+            # Not evidence of progress, and nothing to follow or accept: a
+            # stranger's proposals neither reserve our GPUs nor quiet us.
+            return [Emit("formation.proposal_refused")]
         job.progress_ms = now_ms
         if job.state is WorkerState.SEEN and job.quiet and prop.view > job.view:
             job.view = prop.view  # should it volunteer later, it joins the view in progress
-        if prop.leader == self.peer_id or job.state in (WorkerState.RUNNING, WorkerState.CLOSED, WorkerState.SEEN):
+        if prop.leader == self.peer_id or job.state is WorkerState.SEEN:
             return []
-        self._note_volunteer(job, prop.leader, 0)
+        self._note_volunteer(job, prop.leader, 0)  # eligible: checked above
         actions: list[Action] = []
         if job.state in (WorkerState.LEADING, WorkerState.CERTIFIED):
             mine = job.proposal or job.certified and job.certified.certificate.proposal

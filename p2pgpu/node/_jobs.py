@@ -34,7 +34,9 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
-from p2pgpu.core import Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, body_of, decode, envelope_from_obj, seal
+from p2pgpu.core import (
+    Advert, Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, body_of, decode, envelope_from_obj, seal,
+)
 from p2pgpu.core._actions import (
     Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
     SetTimer, StartJob, StopJob, Subscribe, Unsubscribe,
@@ -139,13 +141,14 @@ class JobsService:
         # stays silent (otherwise it closes as soon as that one is heard): long
         # enough for the manifest's spread on a busy machine.
         config = config or FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500,
-                                           offer_window_ms=200, late_volunteer_ms=600)
+                                           offer_window_ms=200, late_volunteer_ms=600,
+                                           network=getattr(node.book, "network", ""))
         self.node = node
         self.rng = rng
         self.config = config
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
-        self.submitter = Submitter(node.identity, config)
+        self.submitter = Submitter(node.identity, config, adverts=self.advert_of)
         self.formation: FormationNode | None = None
         self.records: dict[str, JobRecord] = {}
         self.runner: Runner | None = None
@@ -190,9 +193,15 @@ class JobsService:
         """Our advert changed (or exists for the first time)."""
         now = self.node.now_ms()
         if self.formation is None:
-            self.formation = FormationNode(self.node.identity, sa.advert, self.config)
+            self.formation = FormationNode(self.node.identity, sa, self.config, adverts=self.advert_of)
         else:
-            self.apply(self.formation.update_advert(sa.advert, now), origin="formation")
+            self.apply(self.formation.update_advert(sa, now), origin="formation")
+
+    def advert_of(self, peer_id: str) -> Advert | None:
+        """The cores' view of the advert book: who may volunteer, lead and be
+        a member (``core/_formation_rules.py``)."""
+        sa = self.node.book.adverts.get(peer_id)
+        return sa.advert if sa is not None else None
 
     # -------------------------------------------------------------- inbound
 

@@ -175,7 +175,7 @@ class JobFlow:
                 world.book_nodes.append(i)
             world.churn.churning[i] = False  # submitters stay up (their jobs are the measurement)
             assert sn.identity is not None
-            self.subs[i] = Submitter(sn.identity, self.fconfig)
+            self.subs[i] = Submitter(sn.identity, self.fconfig, adverts=self.advert_of)
         world.book_nodes.sort()
         world.net.handlers["fm.msg"] = self._on_direct
         world.net.handlers["job.proof"] = self._on_proof
@@ -193,17 +193,32 @@ class JobFlow:
         if fn is None:
             ident = self.world.nodes[node].identity
             assert ident is not None
-            self.fnodes[node] = FormationNode(ident, advert, self.fconfig)
+            self.fnodes[node] = FormationNode(ident, advert, self.fconfig, adverts=self.advert_of)
             self.topics.setdefault(self.fconfig.jobs_topic, {})[node] = True
         else:
             self.carry(node, fn.update_advert(advert, self.world.node_now_ms(node)))
 
+    def advert_of(self, peer_id: str) -> Advert | None:
+        """The cores' advert book: every node's current advert (the simulated
+        workers keep no books of their own; see :meth:`candidates`)."""
+        node = self.world.by_peer.get(peer_id)
+        return self.world.nodes[node].advert if node is not None else None
+
     def _decode(self, data: bytes) -> Any:
+        """The verified message, decoded once for all its receivers; ``None``
+        when its receivers would refuse it (counted as they would count it):
+        e.g. an offer carrying an advert signed with a negative
+        ``issued_at_ms`` by a node whose simulated clock is skewed below 0."""
         msg = self._decoded.get(data)
         if msg is None:
             if len(self._decoded) >= decoded_cache_max:
                 self._decoded.clear()
-            msg = self._decoded[data] = decode_message(data)
+            try:
+                msg = decode_message(data)
+            except PeerMisbehaved as exc:
+                self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
+                return None
+            self._decoded[data] = msg
         return msg
 
     def carry(self, node: int, actions: list[Any]) -> None:
@@ -211,7 +226,7 @@ class JobFlow:
         for a in actions:
             if isinstance(a, Send):
                 msg = self._decode(a.data)
-                if self._suppressed(node, msg):
+                if msg is None or self._suppressed(node, msg):
                     continue
                 dst = w.by_peer.get(a.peer_id)
                 if dst == node:
@@ -220,7 +235,7 @@ class JobFlow:
                     w.net.send(node, dst, len(a.data), "fm.msg", msg)
             elif isinstance(a, Publish):
                 msg = self._decode(a.data)
-                if self._suppressed(node, msg):
+                if msg is None or self._suppressed(node, msg):
                     continue
                 if a.topic == self.fconfig.jobs_topic:
                     w.gossip.publish(node, a.topic, len(a.data), msg)
