@@ -150,7 +150,8 @@ class Offer(_Signed):
              advert: SignedAdvert) -> Offer:
         body = {"job_id": job_id, "peer_id": identity.peer_id, "seq": seq, "gpus_free": gpus_free,
                 "price_per_gpu_hour": price_per_gpu_hour, "advert": advert.envelope.to_obj()}
-        return cls(envelope=seal(identity, cls.kind, body), **{**body, "advert": advert})
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, peer_id=identity.peer_id, seq=seq,
+                   gpus_free=gpus_free, price_per_gpu_hour=price_per_gpu_hour, advert=advert)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Offer:
