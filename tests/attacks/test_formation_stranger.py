@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import trio
-
 from hostile_peer import manifests, open_hostile
+
 from p2pgpu.core._formation_messages import Accept, Proposal
 from p2pgpu.localnet import LocalNet
 from p2pgpu.node._jobs import JOBS_TOPIC
