@@ -24,6 +24,7 @@ the same actions: everything iterates lists or dicts, randomness is not used.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from ._actions import (
@@ -55,6 +56,7 @@ from ._formation_messages import (
     decode_message,
     views_max,
 )
+from ._formation_quota import Admission, Quotas
 from ._formation_rules import AdvertLookup, advert_fault, leader_fault, requirement_fault, validity_fault
 from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
 from ._identity import Identity
@@ -107,6 +109,11 @@ class FormationConfig:
     clock_skew_ms: int = 60_000
     #: The network whose adverts count (``""``: any), for adverts carried in offers.
     network: str = ""
+    #: Per submitter and per payer: jobs open in the table, ids remembered (``_formation_quota``).
+    quotas: Quotas = Quotas()
+    #: Jobs of one submitter this node holds GPUs for under unconfirmed leases
+    #: at once: a flood of one identity's jobs holds at most this many here.
+    holds_per_submitter_max: int = 1
 
     def topic(self, job_id: str) -> str:
         return f"{self.jobs_topic}/{job_id}" if self.per_job_topics else self.jobs_topic
@@ -195,6 +202,8 @@ class _Job:
     deadline_ms: int
     #: When this node first saw the job (views are bounded by the time since).
     seen_ms: int = 0
+    #: Counted as open in the node's quotas (until it closes).
+    counted: bool = False
     subscribed: bool = False
     offer_seq: int = 0
     my_offer: Offer | None = None
@@ -259,7 +268,10 @@ class FormationNode:
         self.config = config
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
         self.guard = ReplayGuard(ids_max=config.jobs_max * 64)
+        self.admission = Admission(config.quotas)
         self.jobs: dict[str, _Job] = {}
+        #: Closed jobs still in the table, oldest first: the first to go when it is full.
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self._set_advert(advert)
         self.ledger = CapacityLedger(len(self._advert.gpus))
 
@@ -310,17 +322,15 @@ class FormationNode:
         now, the rest after ``late_volunteer_ms`` per group of that size if
         the job is still not decided.  The list only saves messages and
         time: a wrong or stale one delays formation, never breaks safety."""
-        check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
-        if len(self.jobs) >= self.config.jobs_max:
-            # Forget closed jobs first (the replay guard still remembers their ids).
-            for job_id in [j for j in sorted(self.jobs) if self.jobs[j].state is WorkerState.CLOSED]:
-                del self.jobs[job_id]
-        if len(self.jobs) >= self.config.jobs_max:
-            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many jobs in formation")
+        self.check_admission(sm, now_ms)
+        while len(self.jobs) >= self.config.jobs_max and self._closed:
+            # Forget closed jobs first, oldest first (the replay guard still remembers their ids).
+            self._forget(self._closed.popitem(last=False)[0])
         self.guard.admit(sm.job_id, sm.manifest.expires_at_ms, now_ms)
+        self.admission.admit(sm)
         m, cfg = sm.manifest, self.config
         deadline = min(m.expires_at_ms, m.created_at_ms + cfg.formation_timeout_ms)
-        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline, seen_ms=now_ms)
+        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline, seen_ms=now_ms, counted=True)
         self.jobs[sm.job_id] = job
         actions: list[Action] = [SetTimer(self._key(job, "end"), deadline + cfg.lease_ms + cfg.lease_grace_ms)]
         if not self._can_serve(job):
@@ -341,6 +351,30 @@ class FormationNode:
                 return actions
         return actions + self._volunteer(job, now_ms)
 
+    def check_admission(self, sm: SignedManifest, now_ms: int) -> None:
+        """Would :meth:`on_manifest` take this manifest?  Raises as it would
+        (``NOT_YET_VALID``, ``EXPIRED``, ``REPLAYED``, ``LIMIT_EXCEEDED``: a
+        submitter's or payer's quota, or a table full of open jobs), changing
+        nothing: the driver asks before it spends a balance lookup on it."""
+        check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
+        if sm.job_id in self.jobs or sm.job_id in self.guard:
+            raise PeerMisbehaved(Reason.REPLAYED, f"job {sm.job_id[:12]} already seen")
+        self.admission.check(sm, now_ms)
+        if len(self.jobs) - len(self._closed) >= self.config.jobs_max:
+            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many jobs in formation")
+
+    def open_ceiling(self, payer: str, currency: str) -> int:
+        """What ``payer`` may owe for its jobs open here (the sum of their
+        price ceilings): the can-it-pay check adds it to each new job's."""
+        return self.admission.open_ceiling(payer, currency)
+
+    def _forget(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        self._closed.pop(job_id, None)
+        if job is not None and job.counted:
+            job.counted = False
+            self.admission.close(job.sm)
+
     def on_timer(self, key: str, now_ms: int) -> list[Action]:
         parts = key.split("/")
         if len(parts) != 3 or parts[0] != "f":
@@ -359,7 +393,7 @@ class FormationNode:
         if job is None or job.state is not WorkerState.RUNNING:
             return []
         actions = self._close(job, "finished", now_ms)
-        del self.jobs[job_id]
+        self._forget(job_id)
         return actions
 
     def update_advert(self, advert: Advert | SignedAdvert, now_ms: int) -> list[Action]:
@@ -399,9 +433,22 @@ class FormationNode:
 
     def _can_serve(self, job: _Job) -> bool:
         m = job.sm.manifest
-        if exclusion(self._all_free, m.requirements) is not None:
+        if exclusion(self._all_free, m.requirements) is not None or self._holds_quota_full(job):
             return False
         return self.ledger.can_hold(job.job_id, m.gpus_per_node)
+
+    def _holds_quota_full(self, job: _Job) -> bool:
+        """Whether this node already holds GPUs under unconfirmed leases for
+        ``holds_per_submitter_max`` other jobs of this job's submitter."""
+        if job.job_id in self.ledger.holds:
+            return False
+        submitter = job.sm.manifest.submitter
+        held = 0
+        for job_id, hold in self.ledger.holds.items():
+            other = self.jobs.get(job_id)
+            if hold.lease_until_ms is not None and other is not None and other.sm.manifest.submitter == submitter:
+                held += 1
+        return held >= self.config.holds_per_submitter_max
 
     def _note_volunteer(self, job: _Job, peer_id: str, seq: int, advert: Advert | None = None) -> bool:
         """Remember an eligible volunteer (the caller checked its advert)."""
@@ -592,8 +639,9 @@ class FormationNode:
             return []  # a certificate with our accept may still be confirmed: keep the GPUs for it
         gpus = self.ledger.release(job.job_id)
         job.accepted, job.accepted_key, job.accepted_leader = None, None, ""
-        return [CancelTimer(self._key(job, "lease")), Released(job.job_id, gpus, "own proposal abandoned",
-                                                              self.ledger.free)] + self._capacity_freed(now_ms)
+        actions: list[Action] = [CancelTimer(self._key(job, "lease")),
+                                 Released(job.job_id, gpus, "own proposal abandoned", self.ledger.free)]
+        return actions + self._capacity_freed(now_ms)
 
     def _on_accept(self, job: _Job, accept: Accept, now_ms: int) -> list[Action]:
         if job.confirm is not None:
@@ -693,7 +741,7 @@ class FormationNode:
         self._note_volunteer(job, prop.leader, 0)  # eligible: checked above
         actions: list[Action] = []
         if job.state in (WorkerState.LEADING, WorkerState.CERTIFIED):
-            mine = job.proposal or job.certified and job.certified.certificate.proposal
+            mine = job.proposal or (job.certified.certificate.proposal if job.certified is not None else None)
             ours = (job.view, bytes(255 - b for b in job.ranks[self.peer_id]), job.round)
             if mine is not None:
                 ours = self._preference(job, mine)
@@ -724,7 +772,7 @@ class FormationNode:
             if job.accepted_key is not None and key <= job.accepted_key:
                 return [Emit("formation.proposal_superseded")]
         lease_until = now_ms + self.config.lease_ms
-        if not self.ledger.reserve(job.job_id, prop.gpus_per_member, lease_until):
+        if self._holds_quota_full(job) or not self.ledger.reserve(job.job_id, prop.gpus_per_member, lease_until):
             job.declined = True
             decline = Decline.sign(self.identity, job_id=job.job_id, view=prop.view, round=prop.round,
                                    proposal=prop.digest, reason="no free capacity")
@@ -816,7 +864,7 @@ class FormationNode:
             CancelTimer(self._key(job, "lease")),
             SetTimer(self._key(job, "run"), until),
             StartJob(job.job_id, job.sm, cert, cert.members.index(self.peer_id), confirm.envelope.to_bytes()),
-        ]
+        ] + self._capacity_freed(now_ms)  # no longer an unconfirmed hold: the submitter's other jobs may have one
 
     def _on_cancel(self, job: _Job, cancel: Cancel, now_ms: int) -> list[Action]:
         if cancel.submitter != job.sm.manifest.submitter:
@@ -831,18 +879,22 @@ class FormationNode:
             return []
         actions: list[Action] = [StopJob(job.job_id, "past duration_s_max")]
         actions += self._close(job, "past duration_s_max", now_ms)
-        del self.jobs[job.job_id]
+        self._forget(job.job_id)
         return actions
 
     def _t_end(self, job: _Job, now_ms: int) -> list[Action]:
         if job.state is WorkerState.RUNNING:
             return []  # the run timer or finish() removes it
         actions = self._close(job, "formation over", now_ms) if job.state is not WorkerState.CLOSED else []
-        del self.jobs[job.job_id]
+        self._forget(job.job_id)
         return actions
 
     def _close(self, job: _Job, reason: str, now_ms: int) -> list[Action]:
         self._set(job, WorkerState.CLOSED)
+        self._closed[job.job_id] = None
+        if job.counted:
+            job.counted = False
+            self.admission.close(job.sm)
         actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry",
                                                                           "lease", "run", "late")]
         if job.subscribed:
@@ -855,15 +907,25 @@ class FormationNode:
         return actions
 
     def _capacity_freed(self, now_ms: int) -> list[Action]:
-        """GPUs came free: volunteer for jobs still forming that this node
-        passed over or declined (offers are not binding, so all of them)."""
+        """GPUs came free (or a submitter's unconfirmed hold was confirmed):
+        volunteer for jobs still forming that this node passed over or
+        declined (offers are not binding), and propose for jobs it leads but
+        could not propose for.  At most ``holds_per_submitter_max`` jobs per
+        submitter in one pass: a flood of one submitter's jobs does not get
+        an offer each every time a GPU comes free."""
         actions: list[Action] = []
+        per_submitter: dict[str, int] = {}
         for job_id in sorted(self.jobs):
             job = self.jobs[job_id]
             if now_ms >= job.deadline_ms or job.confirm is not None:
                 continue
+            submitter = job.sm.manifest.submitter
+            if per_submitter.get(submitter, 0) >= self.config.holds_per_submitter_max:
+                continue
+            idle_leader = job.state is WorkerState.LEADING and job.proposal is None
             again = (job.state is WorkerState.SEEN and not job.quiet) or (job.declined and job.state in (
                 WorkerState.FOLLOWING, WorkerState.LEADING, WorkerState.OFFERED))
-            if again and self._can_serve(job):
-                actions += self._volunteer(job, now_ms)
+            if (again or idle_leader) and self._can_serve(job):
+                per_submitter[submitter] = per_submitter.get(submitter, 0) + 1
+                actions += self._volunteer(job, now_ms) if again else self._propose(job, now_ms)
         return actions
