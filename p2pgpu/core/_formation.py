@@ -204,6 +204,8 @@ class _Job:
     seen_ms: int = 0
     #: Counted as open in the node's quotas (until it closes).
     counted: bool = False
+    #: Leading, but left itself out of its proposal for the submitter's holds quota.
+    quota_held: bool = False
     subscribed: bool = False
     offer_seq: int = 0
     my_offer: Offer | None = None
@@ -592,6 +594,7 @@ class FormationNode:
 
     def _propose(self, job: _Job, now_ms: int) -> list[Action]:
         m = job.sm.manifest
+        job.quota_held = self._holds_quota_full(job)
         members = self._choose_members(job)
         if len(members) < m.members:
             job.proposal = None
@@ -922,7 +925,7 @@ class FormationNode:
             submitter = job.sm.manifest.submitter
             if per_submitter.get(submitter, 0) >= self.config.holds_per_submitter_max:
                 continue
-            idle_leader = job.state is WorkerState.LEADING and job.proposal is None
+            idle_leader = job.state is WorkerState.LEADING and job.proposal is None and job.quota_held
             again = (job.state is WorkerState.SEEN and not job.quiet) or (job.declined and job.state in (
                 WorkerState.FOLLOWING, WorkerState.LEADING, WorkerState.OFFERED))
             if (again or idle_leader) and self._can_serve(job):

@@ -68,6 +68,34 @@ class Hostile:
         self.sent += 1
         return True
 
+    async def stream_frames(self, peer_id: str, frames: Any) -> int:
+        """Write many frames on one direct stream, opening a new one whenever
+        the node resets it (it does after a message it refuses).  Returns how
+        many streams it took."""
+        streams, stream = 0, None
+        for data in frames:
+            for _ in range(3):
+                try:
+                    if stream is None:
+                        with trio.fail_after(5):
+                            stream = await self.stack.host.new_stream(ID.from_base58(peer_id),
+                                                                      [TProtocol(DIRECT_PROTOCOL)])
+                        streams += 1
+                    await write_frame(stream, data)
+                    self.sent += 1
+                    break
+                except (BaseLibp2pError, StreamGone, trio.TooSlowError) as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                    stream = None
+            else:
+                self.failed += 1
+        if stream is not None:
+            try:
+                await stream.close()
+            except BaseLibp2pError:
+                pass  # reset by the node as we finished: nothing left to send
+        return streams
+
     async def publish(self, topic: str, data: bytes) -> None:
         await self.stack.pubsub.publish(topic, data)
 
