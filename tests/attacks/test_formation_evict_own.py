@@ -102,6 +102,7 @@ async def test_manifest_and_cancel_floods_do_not_evict_the_submitters_own_jobs(t
         assert job in listed
         doc = await _wait_state(submitter, job, ("succeeded", "failed"), 90)
         assert doc["state"] == "succeeded", doc
+        assert doc["cluster"]["members"] == [worker.peer_id]  # it ran on the L4 worker, as it was confirmed
         assert [p["status"] for p in doc["proofs"]] == ["owed"], doc["proofs"]
         after = (await _call(submitter, "job.submit", {"manifest": own_job("after", 0)}))["job_id"]
         await _wait_state(submitter, after, ("confirmed", "running", "succeeded"), 30)
