@@ -99,6 +99,24 @@ class Hostile:
     async def publish(self, topic: str, data: bytes) -> None:
         await self.stack.pubsub.publish(topic, data)
 
+    async def flood(self, topic: str, messages: list[bytes], *, seconds: float, queue_max: int = 24) -> int:
+        """Publish ``messages`` on ``topic`` spread over ``seconds``, as fast as
+        the peers take them (GossipSub drops what overflows a peer's queue:
+        wait while any queue holds ``queue_max``).  Returns how many went out."""
+        start = trio.current_time()
+        for i, data in enumerate(messages):
+            with trio.move_on_after(5):
+                while any(len(q) >= queue_max for q in self.stack.pubsub.peer_queues.values()):
+                    await trio.sleep(0.001)
+            await self.stack.pubsub.publish(topic, data)
+            ahead = start + seconds * (i + 1) / len(messages) - trio.current_time()
+            if ahead > 0:
+                await trio.sleep(ahead)
+        return len(messages)
+
+    async def connect(self, addr: str) -> None:
+        await self.stack.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(addr)))
+
 
 @asynccontextmanager
 async def open_hostile(node_addr: str, seed: bytes, *, topics: tuple[str, ...] = ()) -> AsyncIterator[Hostile]:
