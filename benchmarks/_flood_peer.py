@@ -22,15 +22,15 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import multiaddr  # noqa: E402
-import trio  # noqa: E402
-from libp2p.peer.peerinfo import info_from_p2p_addr  # noqa: E402
+import multiaddr
+import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from p2pgpu.core import Identity  # noqa: E402
-from p2pgpu.core._manifest import Manifest, sign_manifest  # noqa: E402
-from p2pgpu.node import wall_ms  # noqa: E402
-from p2pgpu.node._jobs import JOBS_TOPIC  # noqa: E402
-from p2pgpu.node._stack import open_stack  # noqa: E402
+from p2pgpu.core import Identity
+from p2pgpu.core._manifest import Manifest, sign_manifest
+from p2pgpu.node import wall_ms
+from p2pgpu.node._jobs import JOBS_TOPIC
+from p2pgpu.node._stack import open_stack
 
 queue_max = 24
 

@@ -35,9 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from formation import CONFIRMED, cpu_s, run_job, settle, start_parallel, summary  # noqa: E402
+from formation import CONFIRMED, cpu_s, run_job, settle, start_parallel, summary
 
-from p2pgpu.localnet import LocalNet  # noqa: E402
+from p2pgpu.localnet import LocalNet
 
 
 def phase(net: LocalNet, jobs: int, first_k: int) -> list[dict[str, Any]]:

@@ -110,7 +110,7 @@ class FormationConfig:
     #: The network whose adverts count (``""``: any), for adverts carried in offers.
     network: str = ""
     #: Per submitter and per payer: jobs open in the table, ids remembered (``_formation_quota``).
-    quotas: Quotas = Quotas()
+    quotas: Quotas = field(default_factory=Quotas)
     #: Jobs of one submitter this node holds GPUs for under unconfirmed leases
     #: at once: a flood of one identity's jobs holds at most this many here.
     holds_per_submitter_max: int = 1

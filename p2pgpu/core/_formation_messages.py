@@ -197,7 +197,8 @@ class Proposal(_Signed):
              gpus_per_member: int) -> Proposal:
         body = {"job_id": job_id, "view": view, "round": round, "leader": identity.peer_id,
                 "members": list(members), "gpus_per_member": gpus_per_member}
-        return cls(envelope=seal(identity, cls.kind, body), **{**body, "members": tuple(members)})
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, view=view, round=round,
+                   leader=identity.peer_id, members=tuple(members), gpus_per_member=gpus_per_member)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Proposal:
@@ -250,7 +251,10 @@ class Accept(_Signed):
                 "proposal": proposal.digest, "peer_id": identity.peer_id, "gpus": proposal.gpus_per_member,
                 "lease_until_ms": lease_until_ms, "price_per_gpu_hour": price_per_gpu_hour,
                 "payout_address": payout_address}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+        return cls(envelope=seal(identity, cls.kind, body), job_id=proposal.job_id, view=proposal.view,
+                   round=proposal.round, proposal=proposal.digest, peer_id=identity.peer_id,
+                   gpus=proposal.gpus_per_member, lease_until_ms=lease_until_ms,
+                   price_per_gpu_hour=price_per_gpu_hour, payout_address=payout_address)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Accept:
@@ -293,7 +297,8 @@ class Decline(_Signed):
              reason: str) -> Decline:
         body = {"job_id": job_id, "view": view, "round": round, "proposal": proposal,
                 "peer_id": identity.peer_id, "reason": reason[:reason_len_max]}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, view=view, round=round,
+                   proposal=proposal, peer_id=identity.peer_id, reason=reason[:reason_len_max])
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Decline:
@@ -453,7 +458,8 @@ class Cancel(_Signed):
     @classmethod
     def sign(cls, identity: Identity, *, job_id: str, reason: str, cancelled_at_ms: int) -> Cancel:
         body = {"job_id": job_id, "reason": reason[:reason_len_max], "cancelled_at_ms": cancelled_at_ms}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, reason=reason[:reason_len_max],
+                   cancelled_at_ms=cancelled_at_ms)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Cancel:

@@ -32,8 +32,8 @@ from ._actions import (
     Subscribe,
     Unsubscribe,
 )
-from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._advert import Advert
+from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._formation import DEFAULT_CONFIG, FormationConfig, expected_volunteers, leader_rank
 from ._formation_messages import (
     Accept,
