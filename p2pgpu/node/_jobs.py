@@ -574,7 +574,7 @@ class JobsService:
             doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,
                                 "accepts": progress.accepts, "views_seen": progress.views_seen,
                                 "certificates_refused": progress.certificates_refused,
-                                "members_needed": progress.members_needed}
+                                "last_refusal": progress.refusal, "members_needed": progress.members_needed}
         if self.formation is not None:
             ws = self.formation.state(rec.job_id)
             if ws is not None:

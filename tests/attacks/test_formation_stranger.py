@@ -79,6 +79,7 @@ async def test_a_stranger_without_an_advert_cannot_take_a_job(tmp_path: Path) ->
                 assert doc["state"] == "forming", doc
                 assert stranger.peer_id not in doc["cluster"]["members"]
                 assert doc["formation"]["certificates_refused"] >= 1, doc["formation"]
+                assert "no signed advert" in doc["formation"]["last_refusal"], doc["formation"]
                 # An honest L4 node comes up: the job forms with it (the manifest is republished).
                 worker = await trio.to_thread.run_sync(lambda: net.start_node(1, bootstrap=submitter.addrs))
                 net.nodes.append(worker)
