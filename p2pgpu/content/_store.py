@@ -33,6 +33,7 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class BlobStore:
 
     @staticmethod
     def _write_atomic(dir_fd: int, name: str, data: bytes) -> None:
-        tmp = f"{name}.tmp-{os.getpid()}"
+        tmp = f"{name}.tmp-{os.getpid()}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=dir_fd)
         try:
@@ -434,6 +435,8 @@ class Partial:
         self.fd = fd
         self.have = set(have)
         self._unsynced = 0
+        #: Fetch workers write chunks from several threads.
+        self._lock = threading.Lock()
 
     @property
     def sha256(self) -> str:
@@ -448,22 +451,27 @@ class Partial:
         while view:
             n = os.pwrite(self.fd, view, pos)
             view, pos = view[n:], pos + n
-        self.have.add(index)
-        self._unsynced += 1
-        if self._unsynced >= have_flush_chunks:
+        with self._lock:
+            self.have.add(index)
+            self._unsynced += 1
+            due = self._unsynced >= have_flush_chunks
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        """fsync the data, then record what is verified (in that order)."""
-        if self.fd < 0:
-            return
+        """fsync the data, then record what is verified (in that order): only
+        chunks whose bytes were written before the fsync are recorded."""
+        with self._lock:
+            if self.fd < 0:
+                return
+            snapshot = set(self.have)
+            self._unsynced = 0
         os.fsync(self.fd)
         bits = bytearray((self.tree.chunks + 7) // 8)
-        for i in self.have:
+        for i in snapshot:
             bits[i >> 3] |= 1 << (i & 7)
         self.store._write_atomic(self.store._part_fd, f"{self.sha256}.have",
                                  encode({"tree": self.tree.to_obj(), "have": bytes(bits)}))
-        self._unsynced = 0
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -13,7 +13,10 @@ fails, with the reason, when chunks are missing and no provider is left.
 
 Resuming is starting a plan with the chunks already verified on disk
 (``have``).  Pure: no I/O, no clock; the order of providers is the order they
-were added, and runs are handed out lowest index first.
+were added.  Runs are handed out in index order from ``start`` (wrapping
+around): the driver derives ``start`` from its own peer id, so members that
+fetch one blob at once begin in different places and can serve each other
+what the other lacks (as BitTorrent's random first pieces do).
 """
 
 from __future__ import annotations
@@ -57,12 +60,14 @@ class FetchPlan:
     run_chunks: int = run_chunks_default
     failures_max: int = failures_max_default
     providers_max: int = providers_max_default
+    start: int = 0
     _providers: dict[str, _Provider] = field(default_factory=dict)
     _inflight: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.chunks < 0 or self.run_chunks < 1 or any(not 0 <= i < self.chunks for i in self.have):
             raise ValueError("chunks >= 0, run_chunks >= 1, have within range")
+        self.start = self.start % self.chunks if self.chunks else 0
 
     # ------------------------------------------------------------ providers
 
@@ -114,9 +119,10 @@ class FetchPlan:
         if p is None or p.dropped is not None:
             return []
         run: list[int] = []
-        for i in range(self.chunks):
+        for k in range(self.chunks):
+            i = (self.start + k) % self.chunks
             free = i not in self.have and i not in self._inflight and (p.has is None or i in p.has)
-            if free and (not run or i == run[-1] + 1):
+            if free and (not run or i == run[-1] + 1):  # a run never wraps: it stays contiguous
                 run.append(i)
                 if len(run) >= self.run_chunks:
                     break

@@ -200,6 +200,7 @@ class Runner:
                 nursery.start_soon(self._checkpoints, mj)
                 with scope:
                     try:
+                        spec = await self._prepare(mj, spec)
                         if m.runtime == "ray":
                             result = await self._run_ray(mj)
                         else:
@@ -233,6 +234,8 @@ class Runner:
             rec.reason = f"refused: {exc}"
             log.warning("job %s refused: %s", start.job_id[:12], exc)
         ended_ms = max(now(), started_ms)
+        if node.blobs is not None:
+            node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
         self._gpus_in_use.pop(start.job_id, None)
         self._scopes.pop(start.job_id, None)
         await self._flush_once(mj)
@@ -258,6 +261,29 @@ class Runner:
         self.running.pop(start.job_id, None)
         self.jobs.finished(start.job_id)
         self.jobs.persist(start.job_id)
+
+    async def _prepare(self, mj: MemberJob, spec: JobSpec) -> JobSpec:
+        """Before the command: stage inputs named by hash or URL (and, for
+        ``oci``, the image's root).  A failure ends the job with its reason,
+        also sent to the submitter as a line of stderr."""
+        from ._inputs import stage_inputs
+
+        on_line = self._on_line(mj)
+
+        async def say(text: str) -> None:
+            await on_line("stderr", text.encode())
+
+        try:
+            if spec.inputs_dir is not None:
+                await stage_inputs(self.jobs.node, mj.start, spec.inputs_dir, say)
+            if mj.start.manifest.manifest.runtime == "oci":
+                from ._images import prepare_image
+
+                spec = await prepare_image(self.jobs.node, mj.start, spec, say)
+        except JobRejected as exc:
+            await say(f"p2pgpu: the job cannot start: {exc}")
+            raise
+        return spec
 
     # --------------------------------------------------------------- ray
 

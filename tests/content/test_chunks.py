@@ -147,3 +147,13 @@ def test_resume_starts_from_what_is_on_disk_and_stuck_is_honest() -> None:
 def test_provider_limit() -> None:
     p = FetchPlan(chunks=1, providers_max=2)
     assert p.add_provider("A") and p.add_provider("B") and not p.add_provider("C")
+
+
+def test_start_offset_wraps_and_runs_stay_contiguous() -> None:
+    p = FetchPlan(chunks=10, run_chunks=4, start=8)
+    p.add_provider("A")
+    assert p.take("A") == [8, 9]          # a run never wraps past the end
+    assert p.take("A") == [0, 1, 2, 3]
+    assert p.take("A") == [4, 5, 6, 7]
+    assert p.take("A") == []
+    assert FetchPlan(chunks=0, start=5).start == 0
