@@ -136,6 +136,9 @@ class BlobService:
     #: Bytes served and fetched per blob (for progress in ``job status``).
     served: Counter[str] = field(default_factory=Counter)
     fetching: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Downloads in progress: their verified chunks are served at once, before
+    #: they reach the partial's on-disk record.
+    active: dict[str, Any] = field(default_factory=dict)
     #: The last fetches: sha256 -> verified chunks per provider, and who was dropped why.
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources_kept_max: int = 256
@@ -177,6 +180,9 @@ class BlobService:
                 del self._streams[peer]
 
     def _holding(self, sha: str) -> tuple[BlobTree, set[int] | None] | None:
+        partial = self.active.get(sha)
+        if partial is not None:
+            return partial.tree, set(partial.have)
         if self.store.has(sha):
             tree = self.store.tree(sha)
             return None if tree is None else (tree, None)
@@ -360,6 +366,8 @@ class _Fetch:
         counts = self.svc.counts
         # 1. A leaf list we can trust (checked against the manifest's root when there is one).
         first: dict[str, tuple[Any, frozenset[int] | None]] = {}
+        #: Peers that do not hold it yet: a member starting the same fetch may soon.
+        later: list[str] = []
         for peer in peers:
             try:
                 with trio.fail_after(fetch_request_timeout_s_min):
@@ -374,6 +382,7 @@ class _Fetch:
                 continue
             if got is None:
                 await _close(stream)
+                later.append(peer)
                 continue
             tree, has = got
             if self.tree is None:
@@ -395,6 +404,7 @@ class _Fetch:
                                      providers_max=fetch_providers_max,
                                      start=start % tree.chunks // 8 * 8 if tree.chunks else 0)
         self.resumed = len(plan.have)
+        self.svc.active[self.sha] = self.partial
         self.verified = sum(tree.span(i)[1] for i in plan.have)
         for peer, (_, has) in first.items():
             plan.add_provider(peer, has)
@@ -404,8 +414,11 @@ class _Fetch:
                 for peer, (stream, _) in first.items():
                     for k in range(streams_per_provider):
                         nursery.start_soon(self._worker, peer, stream if k == 0 else None)
+                for peer in later:
+                    nursery.start_soon(self._join_later, peer, nursery)
                 nursery.start_soon(self._watch, nursery.cancel_scope)
         finally:
+            self.svc.active.pop(self.sha, None)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.partial.close)
         if not plan.done:
@@ -418,6 +431,27 @@ class _Fetch:
                              "nothing was kept") from None
         counts["blobs:fetched"] += 1
         return done
+
+    async def _join_later(self, peer: str, nursery: trio.Nursery) -> None:
+        """Ask a peer that had nothing again, now and then, until it has part
+        of the blob (a fellow member fetching it too) or we are done."""
+        plan = self.plan
+        assert plan is not None
+        while not plan.done:
+            await trio.sleep(partial_refresh_s)
+            try:
+                with trio.fail_after(fetch_request_timeout_s_min):
+                    stream = await self._open(peer)
+                    got = await self._ask_tree(stream, peer)
+            except (PeerMisbehaved, StreamGone, trio.TooSlowError, BaseLibp2pError) as exc:
+                log.info("blob %s: %s: %s", self.sha[:12], peer[:12], exc)
+                return
+            if got is not None and got[1] != frozenset():
+                if plan.add_provider(peer, got[1]):
+                    for k in range(streams_per_provider):
+                        nursery.start_soon(self._worker, peer, stream if k == 0 else None)
+                    return
+            await _close(stream)
 
     def _commit(self) -> BlobTree:
         p = self.svc.store.partial(self.partial.tree)  # reopen: close() flushed and released it

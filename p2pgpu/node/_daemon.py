@@ -177,6 +177,8 @@ class Node:
         self.runner: Any = None
         #: The content store and /p2pgpu/blobs/1.0.0 (opened in run()).
         self.blobs: BlobService | None = None
+        #: The OCI image cache (node/_images.py), opened on the first oci job.
+        self.images: Any = None
         self._payouts_due = trio.Event()
         self._wallet: Any = None
         #: Set by a config reload: the advert loop re-signs at once.
@@ -439,7 +441,8 @@ class Node:
         where Ray is installed and can start."""
         if self.sandbox_reason:
             return ()
-        return ("process", "ray") if self.ray_reason is None else ("process",)
+        # ``oci``: images run under the same bubblewrap (node/_images.py).
+        return ("process", "ray", "oci") if self.ray_reason is None else ("process", "oci")
 
     def capacity_changed(self) -> None:
         """Call when ``gpus_reserved`` changes: the advert is republished."""

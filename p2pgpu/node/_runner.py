@@ -236,6 +236,9 @@ class Runner:
         ended_ms = max(now(), started_ms)
         if node.blobs is not None:
             node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
+        from ._images import release_image  # noqa: PLC0415
+
+        release_image(node, start.job_id)
         self._gpus_in_use.pop(start.job_id, None)
         self._scopes.pop(start.job_id, None)
         await self._flush_once(mj)
