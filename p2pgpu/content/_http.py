@@ -11,9 +11,11 @@ reason (:class:`UrlError`).  Redirects are followed up to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import httpx
+import trio
 
 from p2pgpu.core._chunks import BlobTree
 
@@ -32,7 +34,17 @@ class UrlError(Exception):
 async def fetch_url(store: BlobStore, url: str, sha256: str, size: int, *, now_ms: int,
                     stall_s: float = stall_s_default,
                     progress: Callable[[int, int], None] | None = None) -> BlobTree:
-    """Fetch ``url`` into ``store`` as blob ``sha256`` of ``size`` bytes."""
+    """Fetch ``url`` into ``store`` as blob ``sha256`` of ``size`` bytes.
+
+    The blocking client runs in a worker thread (httpx's async streams leave
+    unfinished async generators behind when a body is cut off); every read
+    is bounded by ``stall_s``, so the thread ends soon after a cancellation."""
+    return await trio.to_thread.run_sync(functools.partial(
+        _fetch_url, store, url, sha256, size, now_ms=now_ms, stall_s=stall_s, progress=progress))
+
+
+def _fetch_url(store: BlobStore, url: str, sha256: str, size: int, *, now_ms: int, stall_s: float,
+               progress: Callable[[int, int], None] | None) -> BlobTree:
     if store.has(sha256):
         store.touch(sha256, now_ms)
         tree = store.tree(sha256)
@@ -40,8 +52,8 @@ async def fetch_url(store: BlobStore, url: str, sha256: str, size: int, *, now_m
             return tree
     timeout = httpx.Timeout(connect=connect_timeout_s, read=stall_s, write=stall_s, pool=connect_timeout_s)
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=redirects_max,
-                                     trust_env=False) as client, \
+        with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=redirects_max,
+                          trust_env=False) as client, \
                 client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
             if resp.status_code != 200:
                 raise UrlError(f"{url}: the server answered HTTP {resp.status_code}")
@@ -49,7 +61,7 @@ async def fetch_url(store: BlobStore, url: str, sha256: str, size: int, *, now_m
             if declared is not None and declared.isdigit() and int(declared) != size:
                 raise UrlError(f"{url}: the server announces {declared} bytes, the manifest says {size}")
             with store.incoming(sha256, size, now_ms) as inc:
-                async for chunk in resp.aiter_raw(_READ_BYTES):
+                for chunk in resp.iter_raw(_READ_BYTES):
                     inc.write(chunk)
                     if progress is not None:
                         progress(inc.hasher.size, size)

@@ -22,11 +22,13 @@ import json
 import os
 import platform
 import re
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import trio
 
 from p2pgpu.core._manifest import parse_image_ref
 
@@ -89,26 +91,26 @@ def _hex(digest: Any, what: str) -> str:
 
 
 class _Registry:
-    def __init__(self, client: httpx.AsyncClient, base: str, name: str) -> None:
+    def __init__(self, client: httpx.Client, base: str, name: str) -> None:
         self.client, self.base, self.name = client, base, name
         self.token: str | None = None
 
-    async def _get(self, path: str, *, accept: str | None = None, stream: bool = False) -> httpx.Response:
+    def _get(self, path: str, *, accept: str | None = None, stream: bool = False) -> httpx.Response:
         headers = {"Accept": accept} if accept else {}
         for _ in range(2):
             if self.token:
                 headers["Authorization"] = f"Bearer {self.token}"
             req = self.client.build_request("GET", f"{self.base}/v2/{self.name}/{path}", headers=headers)
-            resp = await self.client.send(req, stream=stream)
+            resp = self.client.send(req, stream=stream)
             if resp.status_code == 401 and self.token is None:
                 challenge = resp.headers.get("www-authenticate", "")
-                await resp.aclose()
-                await self._login(challenge)
+                resp.close()
+                self._login(challenge)
                 continue
             return resp
         return resp
 
-    async def _login(self, challenge: str) -> None:
+    def _login(self, challenge: str) -> None:
         if not challenge.lower().startswith("bearer "):
             raise ImageError(f"{self.base}: the registry asks for credentials ({challenge[:60]!r}); "
                              "only public images can be pulled")
@@ -116,7 +118,7 @@ class _Registry:
         realm = params.pop("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise ImageError(f"{self.base}: a token realm that is not a URL")
-        resp = await self.client.get(realm, params=params)
+        resp = self.client.get(realm, params=params)
         if resp.status_code != 200:
             raise ImageError(f"{self.base}: no anonymous token (HTTP {resp.status_code})")
         doc = resp.json()
@@ -125,19 +127,19 @@ class _Registry:
             raise ImageError(f"{self.base}: the token answer has no token")
         self.token = token
 
-    async def manifest(self, digest_hex: str) -> tuple[str, dict[str, Any]]:
-        resp = await self._get(f"manifests/sha256:{digest_hex}", accept=_ACCEPT, stream=True)
+    def manifest(self, digest_hex: str) -> tuple[str, dict[str, Any]]:
+        resp = self._get(f"manifests/sha256:{digest_hex}", accept=_ACCEPT, stream=True)
         try:
             if resp.status_code != 200:
                 raise ImageError(f"{self.base}/{self.name}@sha256:{digest_hex[:12]}: the registry answered "
                                  f"HTTP {resp.status_code}")
             body = b""
-            async for chunk in resp.aiter_bytes():
+            for chunk in resp.iter_bytes():
                 body += chunk
                 if len(body) > manifest_bytes_max:
                     raise ImageError(f"a manifest over {manifest_bytes_max} bytes")
         finally:
-            await resp.aclose()
+            resp.close()
         got = hashlib.sha256(body).hexdigest()
         if got != digest_hex:
             raise ImageError(f"image digest mismatch: the registry's manifest hashes to sha256:{got}, "
@@ -151,21 +153,21 @@ class _Registry:
         media = str(doc.get("mediaType") or resp.headers.get("content-type", "").split(";")[0])
         return media, doc
 
-    async def blob(self, store: BlobStore, digest_hex: str, size: int, now_ms: int,
-                   progress: Callable[[int, int], None] | None) -> None:
-        resp = await self._get(f"blobs/sha256:{digest_hex}", stream=True)
+    def blob(self, store: BlobStore, digest_hex: str, size: int, now_ms: int,
+             progress: Callable[[int, int], None] | None) -> None:
+        resp = self._get(f"blobs/sha256:{digest_hex}", stream=True)
         try:
             if resp.status_code != 200:
                 raise ImageError(f"blob sha256:{digest_hex[:12]}: the registry answered HTTP {resp.status_code}")
             with store.incoming(digest_hex, size, now_ms) as inc:
-                async for chunk in resp.aiter_raw(1 << 20):
+                for chunk in resp.iter_raw(1 << 20):
                     inc.write(chunk)
                     if progress is not None:
                         progress(inc.hasher.size, size)
         except BlobMismatch as exc:
             raise ImageError(f"layer sha256:{digest_hex[:12]} does not match its digest: {exc}; refused") from None
         finally:
-            await resp.aclose()
+            resp.close()
 
 
 def _platform_manifest(index: dict[str, Any]) -> str:
@@ -179,12 +181,22 @@ def _platform_manifest(index: dict[str, Any]) -> str:
 
 async def pull_image(store: BlobStore, ref: str, *, now_ms: int, insecure_registries: tuple[str, ...] = (),
                      image_bytes_max: int = image_bytes_max_default,
-                     fetch_from_peers: Callable[[str, int], Any] | None = None,
+                     fetch_from_peers: Callable[[str, int], Awaitable[bool]] | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> PulledImage:
     """Pull ``ref`` (``REGISTRY/NAME@sha256:DIGEST``) into ``store``; raise :class:`ImageError`.
 
     ``fetch_from_peers(digest_hex, size)``, when given, is awaited first for
-    each missing layer and returns True if peers supplied it."""
+    each missing layer and returns True if peers supplied it.  The blocking
+    HTTP client runs in a worker thread (as in ``_http.py``); every read is
+    bounded by ``stall_s``."""
+    return await trio.to_thread.run_sync(functools.partial(
+        _pull_image, store, ref, now_ms=now_ms, insecure_registries=insecure_registries,
+        image_bytes_max=image_bytes_max, fetch_from_peers=fetch_from_peers, progress=progress))
+
+
+def _pull_image(store: BlobStore, ref: str, *, now_ms: int, insecure_registries: tuple[str, ...],
+                image_bytes_max: int, fetch_from_peers: Callable[[str, int], Awaitable[bool]] | None,
+                progress: Callable[[str, int, int], None] | None) -> PulledImage:
     try:
         registry, name, digest = parse_image_ref(ref)
     except ValueError as exc:
@@ -192,14 +204,13 @@ async def pull_image(store: BlobStore, ref: str, *, now_ms: int, insecure_regist
     scheme = "http" if registry in insecure_registries else "https"
     timeout = httpx.Timeout(connect=15.0, read=stall_s, write=stall_s, pool=15.0)
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=5,
-                                     trust_env=False) as client:
+        with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5, trust_env=False) as client:
             reg = _Registry(client, f"{scheme}://{registry}", name)
-            media, doc = await reg.manifest(digest)
+            media, doc = reg.manifest(digest)
             manifest_digest = digest
             if media in (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST) or "manifests" in doc:
                 manifest_digest = _platform_manifest(doc)
-                media, doc = await reg.manifest(manifest_digest)
+                media, doc = reg.manifest(manifest_digest)
             cfg = doc.get("config")
             layers_doc = doc.get("layers")
             if not isinstance(cfg, dict) or not isinstance(layers_doc, list):
@@ -224,9 +235,10 @@ async def pull_image(store: BlobStore, ref: str, *, now_ms: int, insecure_regist
                 if store.has(hexd):
                     store.touch(hexd, now_ms)
                     continue
-                if fetch_from_peers is not None and size > cfg_size and await fetch_from_peers(hexd, size):
+                if fetch_from_peers is not None and size > cfg_size and trio.from_thread.run(
+                        fetch_from_peers, hexd, size):
                     continue
-                await reg.blob(store, hexd, size, now_ms,
+                reg.blob(store, hexd, size, now_ms,
                                None if progress is None else (lambda d, t, h=hexd: progress(h, d, t)))
     except httpx.HTTPError as exc:
         raise ImageError(f"{registry}: {type(exc).__name__}: {exc}") from None

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from p2pgpu.core import decode, encode
 from p2pgpu.core._chunks import BlobTree, TreeHasher, chunk_bytes_default
@@ -106,12 +107,18 @@ class BlobStore:
         self._tree_fd = _open_dir(self._root_fd, "tree", create=True)
         self._part_fd = _open_dir(self._root_fd, "partial", create=True)
         self.db = sqlite3.connect(self.root / "index.sqlite", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+        #: Fetches write from worker threads: one statement at a time.
+        self._db_lock = threading.RLock()
+        self._x("PRAGMA journal_mode=WAL")
+        self._x("CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, "
                         "last_used_ms INTEGER NOT NULL)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS pins (sha256 TEXT NOT NULL, owner TEXT NOT NULL, "
+        self._x("CREATE TABLE IF NOT EXISTS pins (sha256 TEXT NOT NULL, owner TEXT NOT NULL, "
                         "PRIMARY KEY (sha256, owner))")
         self._reconcile(now_ms)
+
+    def _x(self, sql: str, args: tuple[object, ...] = ()) -> _Rows:
+        with self._db_lock:
+            return _Rows(self.db.execute(sql, args).fetchall())
 
     def close(self) -> None:
         self.db.close()
@@ -130,15 +137,15 @@ class BlobStore:
         for name in os.listdir(self._part_fd):
             if ".tmp-" in name:
                 os.unlink(name, dir_fd=self._part_fd)
-        rows = {r[0] for r in self.db.execute("SELECT sha256 FROM blobs")}
+        rows = {r[0] for r in self._x("SELECT sha256 FROM blobs")}
         files = {n for n in os.listdir(self._data_fd) if _HEX64.match(n)}
         for sha in sorted(rows - files):
-            self.db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+            self._x("DELETE FROM blobs WHERE sha256 = ?", (sha,))
         for sha in sorted(files - rows):
             tree = self._hash_fd_file(self._data_fd, sha)
             if tree.sha256.hex() == sha:
                 self._write_tree(tree)
-                self.db.execute("INSERT INTO blobs VALUES (?, ?, ?)", (sha, tree.size, now_ms))
+                self._x("INSERT INTO blobs VALUES (?, ?, ?)", (sha, tree.size, now_ms))
             else:
                 os.unlink(sha, dir_fd=self._data_fd)
 
@@ -156,20 +163,20 @@ class BlobStore:
     # ------------------------------------------------------------- queries
 
     def has(self, sha256: str) -> bool:
-        return self.db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (check_hex(sha256),)).fetchone() is not None
+        return self._x("SELECT 1 FROM blobs WHERE sha256 = ?", (check_hex(sha256),)).fetchone() is not None
 
     def info(self, sha256: str) -> BlobInfo | None:
-        row = self.db.execute("SELECT size, last_used_ms, (SELECT COUNT(*) FROM pins p WHERE p.sha256 = b.sha256) "
+        row = self._x("SELECT size, last_used_ms, (SELECT COUNT(*) FROM pins p WHERE p.sha256 = b.sha256) "
                               "FROM blobs b WHERE sha256 = ?", (check_hex(sha256),)).fetchone()
         return None if row is None else BlobInfo(sha256=sha256, size=row[0], last_used_ms=row[1], pins=row[2])
 
     def blobs(self) -> list[BlobInfo]:
-        rows = self.db.execute("SELECT sha256, size, last_used_ms, (SELECT COUNT(*) FROM pins p "
+        rows = self._x("SELECT sha256, size, last_used_ms, (SELECT COUNT(*) FROM pins p "
                                "WHERE p.sha256 = b.sha256) FROM blobs b ORDER BY sha256").fetchall()
         return [BlobInfo(sha256=r[0], size=r[1], last_used_ms=r[2], pins=r[3]) for r in rows]
 
     def used_bytes(self) -> int:
-        blobs = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
+        blobs = self._x("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
         return int(blobs) + self._partial_bytes()
 
     def _partial_bytes(self) -> int:
@@ -218,16 +225,16 @@ class BlobStore:
         return self.root / "data" / check_hex(sha256)
 
     def touch(self, sha256: str, now_ms: int) -> None:
-        self.db.execute("UPDATE blobs SET last_used_ms = ? WHERE sha256 = ?", (now_ms, check_hex(sha256)))
+        self._x("UPDATE blobs SET last_used_ms = ? WHERE sha256 = ?", (now_ms, check_hex(sha256)))
 
     # ---------------------------------------------------------------- pins
 
     def pin(self, sha256: str, owner: str) -> None:
         """Keep ``sha256`` from eviction until ``owner`` (a job id) unpins it."""
-        self.db.execute("INSERT OR IGNORE INTO pins VALUES (?, ?)", (check_hex(sha256), owner))
+        self._x("INSERT OR IGNORE INTO pins VALUES (?, ?)", (check_hex(sha256), owner))
 
     def unpin(self, owner: str) -> None:
-        self.db.execute("DELETE FROM pins WHERE owner = ?", (owner,))
+        self._x("DELETE FROM pins WHERE owner = ?", (owner,))
 
     # ------------------------------------------------------------ eviction
 
@@ -239,7 +246,7 @@ class BlobStore:
         used = self.used_bytes()
         if used + size <= self.bytes_max:
             return []
-        candidates = self.db.execute(
+        candidates = self._x(
             "SELECT sha256, size FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.sha256 = b.sha256) "
             "ORDER BY last_used_ms, sha256").fetchall()
         plan, freed = [], 0
@@ -259,8 +266,8 @@ class BlobStore:
 
     def remove(self, sha256: str) -> None:
         check_hex(sha256)
-        self.db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
-        self.db.execute("DELETE FROM pins WHERE sha256 = ?", (sha256,))
+        self._x("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+        self._x("DELETE FROM pins WHERE sha256 = ?", (sha256,))
         for fd in (self._data_fd, self._tree_fd):
             try:
                 os.unlink(sha256, dir_fd=fd)
@@ -309,7 +316,7 @@ class BlobStore:
         self._write_tree(tree)
         os.replace(tmp, sha, src_dir_fd=self._data_fd, dst_dir_fd=self._data_fd)
         os.fsync(self._data_fd)
-        self.db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", (sha, tree.size, now_ms))
+        self._x("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", (sha, tree.size, now_ms))
 
     def import_file(self, path: Path, now_ms: int, *, sha256: str | None = None,
                     progress: Progress | None = None) -> BlobTree:
@@ -394,6 +401,20 @@ class BlobStore:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple[object, ...]]) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
 
 
 class Incoming:

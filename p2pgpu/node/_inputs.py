@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pgpu.inputs")
 
 Say = Callable[[str], Awaitable[None]]
-#: Progress lines at most this often per input.
-progress_interval_s = 2.0
 
 
 class InputError(JobRejected):
@@ -68,13 +66,14 @@ async def stage_inputs(node: Node, start: Any, inputs_dir: Path, say: Say) -> li
     sources = [m.submitter] + [p for p in start.certificate.members if p != node.identity.peer_id]
     pinned = []
     for inp in wanted:
-        last = [0.0]
+        shown = [-1]
 
-        def progress(done: int, total: int, name: str = inp.name, last: list[float] = last) -> None:
-            now = trio.current_time()
-            if now - last[0] >= progress_interval_s or done == total:
-                last[0] = now
-                log.info("input %s: %d of %d bytes", name, done, total)
+        def progress(done: int, total: int, name: str = inp.name, shown: list[int] = shown) -> None:
+            # May be called from a worker thread (URL fetches): no trio here.
+            step = 100 if not total else done * 10 // total * 10
+            if step > shown[0]:
+                shown[0] = step
+                log.info("input %s: %d of %d bytes (%d%%)", name, done, total, step)
 
         await say(f"p2pgpu: input {inp.name}: fetching {inp.size_bytes} bytes "
                   + (f"from {inp.url}" if inp.url else f"(sha256 {inp.sha256[:16]}) from peers"))
