@@ -202,7 +202,7 @@ class BlobService:
         if held is None:
             return False
         tree, have = held
-        if not 0 <= first and first + count <= tree.chunks:
+        if not (0 <= first and first + count <= tree.chunks):
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "chunk range outside the blob")
         for i in range(first, first + count):
             if have is not None and i not in have:
