@@ -89,6 +89,8 @@ async def run(root: Path, tmp: Path, gpus: tuple[int, ...], cmd: str) -> tuple[i
 
 
 def host_uuids() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
     out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
                          text=True, check=False).stdout
     return [x.strip() for x in out.splitlines() if x.strip()]
