@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "content"))
 
-from p2pgpu.localnet import LocalNet  # noqa: E402
+from p2pgpu.localnet import LocalNet
 
 MIX = [("NVIDIA L4", 23034, "8.9", 1)]
 
@@ -97,7 +97,7 @@ def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int) -> float:
 
 
 def image_times(tmp: Path) -> dict[str, float]:
-    from oci_helpers import busybox_layer, have_tools, push_image, registry  # noqa: PLC0415
+    from oci_helpers import busybox_layer, have_tools, push_image, registry
 
     if have_tools() is not None:
         return {}
@@ -111,8 +111,11 @@ def image_times(tmp: Path) -> dict[str, float]:
             for label in ("image_cold_s", "image_warm_s"):
                 t0 = time.perf_counter()
                 job = net.nodes[0].call("job.submit", {"manifest": manifest})["job_id"]
-                st = net.wait_until(lambda j=job: (lambda d: d if d["state"] in ("succeeded", "failed") else None)(
-                    net.nodes[0].call("job.status", {"job_id": j})), timeout_s=120, interval_s=0.05)
+                def done(j: str = job) -> dict | None:
+                    d = net.nodes[0].call("job.status", {"job_id": j})
+                    return d if d["state"] in ("succeeded", "failed") else None
+
+                st = net.wait_until(done, timeout_s=120, interval_s=0.05)
                 assert st["state"] == "succeeded", st
                 out[label] = round(time.perf_counter() - t0, 3)
             return out

@@ -33,11 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import trio  # noqa: E402
+import trio
 
-from p2pgpu.content._unpack import unpack_layer  # noqa: E402
-from p2pgpu.runtime import JobSpec, SandboxPolicy, check_sandbox, run_job  # noqa: E402
-from p2pgpu.runtime._oci_root import driver_files  # noqa: E402
+from p2pgpu.content._unpack import unpack_layer
+from p2pgpu.runtime import JobSpec, SandboxPolicy, check_sandbox, run_job
+from p2pgpu.runtime._oci_root import driver_files
 
 OS_RELEASE = "ID=p2pgpu-gpu-check\nPRETTY_NAME=\"p2pgpu OCI GPU check image\"\n"
 GLIBC = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1")

@@ -17,12 +17,12 @@ Limits: manifest bytes, layers per image, the image's compressed size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 import re
-import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +43,7 @@ MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-_ACCEPT = ", ".join((MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST))
+_ACCEPT = f"{MEDIA_OCI_MANIFEST}, {MEDIA_OCI_INDEX}, {MEDIA_DOCKER_MANIFEST}, {MEDIA_DOCKER_LIST}"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -239,7 +239,7 @@ def _pull_image(store: BlobStore, ref: str, *, now_ms: int, insecure_registries:
                         fetch_from_peers, hexd, size):
                     continue
                 reg.blob(store, hexd, size, now_ms,
-                               None if progress is None else (lambda d, t, h=hexd: progress(h, d, t)))
+                         None if progress is None else functools.partial(progress, hexd))
     except httpx.HTTPError as exc:
         raise ImageError(f"{registry}: {type(exc).__name__}: {exc}") from None
     except StoreError as exc:

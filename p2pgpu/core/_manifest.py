@@ -429,15 +429,15 @@ def _toml_inputs(doc: dict[str, Any]) -> tuple[JobInput, ...]:
         if isinstance(spec, dict) and "path" in spec:
             raise ManifestError(f"{where}.path", "a local file is read and hashed by `p2pgpu job submit` (or the "
                                 "SDK's submit) on the submitter's machine; this form takes sha256 and size_bytes")
+        if isinstance(spec, dict) and "url" in spec and "sha256" not in spec:
+            raise ManifestError(f"{where}.sha256", "a URL input needs its sha256 (and size_bytes): what the URL "
+                                "serves is checked against them")
         if not isinstance(spec, dict) or len([k for k in ("text", "base64", "sha256") if k in spec]) != 1:
             raise ManifestError(where, "give exactly one of text = \"...\", base64 = \"...\", sha256 = \"...\" "
                                 "(with size_bytes, and url = \"...\" to fetch it from there) or path = \"...\"")
         extra = sorted(set(spec) - {"text", "base64", "sha256", "size_bytes", "tree", "url"})
         if extra:
             raise ManifestError(f"{where}.{extra[0]}", "unknown field")
-        if "url" in spec and "sha256" not in spec:
-            raise ManifestError(f"{where}.sha256", "a URL input needs its sha256 (and size_bytes): what the URL "
-                                "serves is checked against them")
         if "text" in spec:
             out.append(JobInput(name=name, data=_t_str(spec, where + ".", "text", "").encode()))
         elif "base64" in spec:

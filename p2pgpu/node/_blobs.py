@@ -446,11 +446,10 @@ class _Fetch:
             except (PeerMisbehaved, StreamGone, trio.TooSlowError, BaseLibp2pError) as exc:
                 log.info("blob %s: %s: %s", self.sha[:12], peer[:12], exc)
                 return
-            if got is not None and got[1] != frozenset():
-                if plan.add_provider(peer, got[1]):
-                    for k in range(streams_per_provider):
-                        nursery.start_soon(self._worker, peer, stream if k == 0 else None)
-                    return
+            if got is not None and got[1] != frozenset() and plan.add_provider(peer, got[1]):
+                for k in range(streams_per_provider):
+                    nursery.start_soon(self._worker, peer, stream if k == 0 else None)
+                return
             await _close(stream)
 
     def _commit(self) -> BlobTree:

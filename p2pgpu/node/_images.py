@@ -160,7 +160,7 @@ class ImageCache:
 def image_cache(node: Node) -> ImageCache:
     cache = getattr(node, "images", None)
     if cache is None:
-        import tempfile  # noqa: PLC0415
+        import tempfile
 
         extra = node.config.extra
         root = node.home.path / "images" if node.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-img-"))
@@ -192,7 +192,7 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
             members = [p for p in start.certificate.members if p != node.identity.peer_id]
 
             async def from_peers(hexd: str, size: int) -> bool:
-                from ._blobs import FetchError  # noqa: PLC0415
+                from ._blobs import FetchError
 
                 try:
                     providers = await blobs.find_providers(hexd)

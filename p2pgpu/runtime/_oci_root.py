@@ -49,7 +49,7 @@ def _load_spec(path: Path) -> dict[str, Any] | None:
             return None
     else:
         try:
-            import yaml  # type: ignore[import-untyped]  # noqa: PLC0415
+            import yaml
         except ImportError:
             return None
         try:
@@ -106,7 +106,7 @@ def driver_files() -> tuple[str, ...]:
 
 def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | None = None) -> list[str]:
     """The bubblewrap command line for ``spec`` in ``spec.root_dir``."""
-    from ._sandbox import SANDBOX_UID, WORK, JobRejected, gpu_device_paths  # noqa: PLC0415
+    from ._sandbox import SANDBOX_UID, WORK, JobRejected, gpu_device_paths
 
     root = spec.root_dir
     assert root is not None

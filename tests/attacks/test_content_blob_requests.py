@@ -8,6 +8,7 @@ requests for blobs it does not hold, malformed frames.  Each is refused
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -42,10 +43,8 @@ async def ask(host, peer: str, req: dict, frames: int = 1, size_max: int = 2 << 
     except StreamGone:
         pass
     finally:
-        try:
+        with contextlib.suppress(BaseLibp2pError):  # the node may have reset it first
             await stream.reset()
-        except Exception:  # noqa: BLE001 - the node may have reset it first
-            pass
     return out
 
 

@@ -37,7 +37,7 @@ def server(routes: dict[str, Any]) -> Iterator[str]:
         def log_message(self, *a: Any) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             r = routes.get(self.path.split("?")[0])
             if r is None:
                 self.send_response(404)

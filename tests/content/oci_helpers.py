@@ -57,9 +57,9 @@ storage:
 http:
   addr: 127.0.0.1:{port}
 """)
-    log = open(tmp / "registry.log", "wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(tmp / "registry.log", "wb") as log:
+        proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -78,7 +78,6 @@ http:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 def _tar_gz(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> tuple[bytes, str]:
@@ -151,7 +150,8 @@ def push_image(reg: str, name: str, tmp: Path, layers: list[tuple[bytes, str]]) 
          "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
     res = subprocess.run(["skopeo", "copy", "--preserve-digests", "--dest-tls-verify=false",
                           f"oci:{layout}:v1", f"docker://{reg}/{name}:v1"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp)})
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp)},
+                         check=False)
     if res.returncode != 0:
         raise RuntimeError(f"skopeo copy failed: {res.stderr}")
     return Image(ref=f"{reg}/{name}@sha256:{mdigest}", digest=mdigest,

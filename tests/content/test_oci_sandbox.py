@@ -9,7 +9,6 @@ import io
 from pathlib import Path
 
 import pytest
-
 from oci_helpers import OS_RELEASE, busybox_layer, have_tools
 
 from p2pgpu.content._unpack import unpack_layer
@@ -47,9 +46,10 @@ async def test_the_job_sees_the_images_root_not_the_hosts(rootfs: Path, tmp_path
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "x.txt").write_text("input\n")
-    spec = JobSpec(argv=("sh", "-c", "cat /etc/os-release; echo VAR=$IMAGE_VAR/$MINE; cat $P2PGPU_IN/x.txt; "
-                         "echo out > /work/result.txt; touch /bin/new 2>&1 || echo ro-root; "
-                         "ls /usr/bin/python3 2>&1 || echo no-host-python; id -u"),
+    script = ("cat /etc/os-release; echo VAR=$IMAGE_VAR/$MINE; cat $P2PGPU_IN/x.txt; "
+              "echo out > /work/result.txt; touch /bin/new 2>&1 || echo ro-root; "
+              "ls /usr/bin/python3 2>&1 || echo no-host-python; id -u")
+    spec = JobSpec(argv=("sh", "-c", script),
                    work_dir=work, inputs_dir=inputs, time_limit_ms=20_000, memory_bytes_max=256 << 20,
                    env={"MINE": "from-manifest"}, root_dir=rootfs,
                    image_env={"IMAGE_VAR": "from-image", "PATH": "/usr/bin:/bin"})
