@@ -572,12 +572,16 @@ def manifest_from_toml(
     wallet address) is used when the file names none; ``rng`` draws the nonce.
     Raises :class:`ManifestError` naming the field at fault.
     """
+    return manifest_from_doc(toml_doc(text), submitter=submitter, now_ms=now_ms, rng=rng, payer=payer)
+
+
+def toml_doc(text: str) -> dict[str, Any]:
+    """A manifest file's document (depth-checked before parsing), or ``ManifestError``."""
     check_toml_depth(text, toml_nesting_max)
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError("toml", str(exc)) from None
-    return manifest_from_doc(doc, submitter=submitter, now_ms=now_ms, rng=rng, payer=payer)
 
 
 def manifest_from_doc(

@@ -28,6 +28,7 @@ from p2pgpu.core._manifest import (
     ManifestError,
     manifest_from_doc,
     sign_manifest,
+    toml_doc,
 )
 
 from ._control import ControlError
@@ -79,13 +80,11 @@ def job_handlers(node: Node) -> dict[str, Any]:
             if len(text.encode()) > manifest_text_bytes_max:
                 raise ControlError(f"manifest larger than {manifest_text_bytes_max} bytes", code="bad_manifest",
                                    details={"field": "manifest"})
-            import tomllib
-
             try:
-                text = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise ControlError(f"manifest: toml: {exc}", code="bad_manifest",
-                                   details={"field": "toml", "problem": str(exc)}) from None
+                text = toml_doc(text)  # depth-checked; local file inputs are resolved on the document
+            except ManifestError as exc:
+                raise ControlError(f"manifest: {exc}", code="bad_manifest",
+                                   details={"field": exc.field, "problem": exc.message}) from None
             parse = manifest_from_doc
         else:
             raise ControlError("manifest (the TOML text, or the same document as an object) is required",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,12 @@ def with_local_inputs(param: str | dict[str, Any], inputs: Mapping[str, str | os
     if isinstance(param, str):
         if not inputs and "path" not in param:
             return param, 0
+        from p2pgpu.core._manifest import ManifestError, toml_doc  # noqa: PLC0415
+
         try:
-            doc: dict[str, Any] = tomllib.loads(param)
-        except tomllib.TOMLDecodeError:
-            return param, 0  # the daemon names the syntax error
+            doc: dict[str, Any] = toml_doc(param)
+        except ManifestError:
+            return param, 0  # the daemon names the error
     else:
         doc = dict(param)
     table = doc.get("inputs", {})
