@@ -116,9 +116,12 @@ def job_handlers(node: Node) -> dict[str, Any]:
         if node.blobs is not None and getattr(node, "_nursery", None) is not None:
             for sha in local:
                 node._nursery.start_soon(node.blobs.announce, sha)
-        return {"job_id": sm.job_id, "members": manifest.members, "name": manifest.name,
-                "inputs": [{"name": i.name, "sha256": i.sha256, "size_bytes": i.size_bytes}
-                           for i in manifest.inputs if i.data is None]}
+        doc: dict[str, Any] = {"job_id": sm.job_id, "members": manifest.members, "name": manifest.name}
+        by_hash = [{"name": i.name, "sha256": i.sha256, "size_bytes": i.size_bytes}
+                   for i in manifest.inputs if i.data is None]
+        if by_hash:  # added only when there are some: scripts compare the keys
+            doc["inputs"] = by_hash
+        return doc
 
     async def status(params: dict[str, Any]) -> dict[str, Any]:
         job_id = params.get("job_id")
