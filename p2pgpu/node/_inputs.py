@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ._daemon import Node
 
 log = logging.getLogger("p2pgpu.inputs")
+#: A download progress line in the job's log at most this often per input.
+progress_interval_s = 5.0
 
 Say = Callable[[str], Awaitable[None]]
 
@@ -66,28 +68,32 @@ async def stage_inputs(node: Node, start: Any, inputs_dir: Path, say: Say) -> li
     sources = [m.submitter] + [p for p in start.certificate.members if p != node.identity.peer_id]
     pinned = []
     for inp in wanted:
-        shown = [-1]
+        shown = [0]
 
-        def progress(done: int, total: int, name: str = inp.name, shown: list[int] = shown) -> None:
-            # May be called from a worker thread (URL fetches): no trio here.
-            step = 100 if not total else done * 10 // total * 10
-            if step > shown[0]:
-                shown[0] = step
-                log.info("input %s: %d of %d bytes (%d%%)", name, done, total, step)
+        def progress(done: int, total: int, shown: list[int] = shown) -> None:
+            shown[0] = done  # may be called from a worker thread (URL fetches): no trio here
 
         await say(f"p2pgpu: input {inp.name}: fetching {inp.size_bytes} bytes "
                   + (f"from {inp.url}" if inp.url else f"(sha256 {inp.sha256[:16]}) from peers"))
         store.pin(inp.sha256, start.job_id)  # before the fetch: eviction must not take it half way
         pinned.append(inp.sha256)
         t0 = trio.current_time()
-        try:
-            if inp.url:
-                await fetch_url(store, inp.url, inp.sha256, inp.size_bytes, now_ms=node.now_ms(), progress=progress)
-            else:
-                await blobs.fetch(inp.sha256, inp.size_bytes, root=bytes.fromhex(inp.tree) if inp.tree else None,
-                                  sources=sources, progress=progress)
-        except (FetchError, UrlError, StoreError) as exc:
-            raise InputError(f"input {inp.name}: {exc}") from None
+        failed: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            # Download progress for the submitter (``job logs``, the stderr of the job) every few seconds.
+            nursery.start_soon(_report, say, inp.name, shown, inp.size_bytes)
+            try:
+                if inp.url:
+                    await fetch_url(store, inp.url, inp.sha256, inp.size_bytes, now_ms=node.now_ms(),
+                                    progress=progress)
+                else:
+                    await blobs.fetch(inp.sha256, inp.size_bytes, root=bytes.fromhex(inp.tree) if inp.tree else None,
+                                      sources=sources, progress=progress)
+            except (FetchError, UrlError, StoreError) as exc:
+                failed = exc  # raised below, not wrapped in the nursery's ExceptionGroup
+            nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise InputError(f"input {inp.name}: {failed}") from None
         info = store.info(inp.sha256)
         if info is None or info.size != inp.size_bytes:
             raise InputError(f"input {inp.name}: the blob is {info.size if info else 0} bytes, the manifest says "
@@ -96,6 +102,13 @@ async def stage_inputs(node: Node, start: Any, inputs_dir: Path, say: Say) -> li
         dt = trio.current_time() - t0
         await say(f"p2pgpu: input {inp.name}: ready ({inp.size_bytes} bytes in {dt:.1f} s)")
     return pinned
+
+
+async def _report(say: Say, name: str, done: list[int], total: int) -> None:
+    while True:
+        await trio.sleep(progress_interval_s)
+        pct = 100 * done[0] // total if total else 100
+        await say(f"p2pgpu: input {name}: {done[0] >> 20} of {total >> 20} MiB ({pct}%)")
 
 
 # ------------------------------------------------------- the submitter's side

@@ -87,6 +87,8 @@ def run_two_member_job(tmp_path: Path, size: int, *, rate: int) -> None:
         logs = net.nodes[0].call("job.logs", {"job_id": st["job_id"]})
         sums = [ln for ln in logs if ln["stream"] == "stdout"]
         assert len(sums) == 2 and all(ln["line"].split()[0] == sha for ln in sums), logs  # the job checked it
+        staged = [ln["line"] for ln in logs if ln["stream"] == "stderr" and "input data.bin" in ln["line"]]
+        assert sum("ready (" in x for x in staged) == 2, staged  # download progress reached the submitter
         providers_seen = set()
         for n in net.nodes[1:]:
             src = n.call("blobs.status")["sources"][sha]
