@@ -174,7 +174,8 @@ def job_handlers(node: Node) -> dict[str, Any]:
     async def results(params: dict[str, Any]) -> dict[str, Any]:
         from pathlib import Path
 
-        from ._results import ResultsError, fetch_results
+        from ._outputs_blobs import fetch_results_any as fetch_results
+        from ._results import ResultsError
 
         job_id, out = params.get("job_id"), params.get("out")
         if not isinstance(job_id, str) or not isinstance(out, str) or not out:

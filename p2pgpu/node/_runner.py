@@ -252,6 +252,7 @@ class Runner:
             rec.state = member_state
             rec.reason = rec.reason or ("" if member_state == "succeeded" else mj.stop_reason or end_reason)
         rec.extra.update(output_digest=digest.hex(), outputs=outputs)
+        await self._keep_outputs(start.job_id, outputs)
         self._send_proof(mj, started_ms, ended_ms, exit_code, end_reason, digest, outputs)
         self.jobs.apply(mj.membership.finish(ended_ms), origin="membership")
         # Keep watching members that still run: our co-signatures vouch for their time.
@@ -264,6 +265,19 @@ class Runner:
         self.running.pop(start.job_id, None)
         self.jobs.finished(start.job_id)
         self.jobs.persist(start.job_id)
+
+    async def _keep_outputs(self, job_id: str, outputs: list[dict[str, Any]]) -> None:
+        """Outputs become blobs in our store, announced, so that ``job results``
+        can fetch them from any member that holds them (node/_outputs_blobs.py)."""
+        from ._outputs_blobs import keep_outputs
+
+        node = self.jobs.node
+        if not outputs or node.blobs is None:
+            return
+        kept = await trio.to_thread.run_sync(keep_outputs, node, self.work_dir(job_id), outputs)
+        nursery = getattr(node, "_nursery", None)
+        for sha in kept if nursery is not None else []:
+            nursery.start_soon(node.blobs.announce, sha)
 
     async def _prepare(self, mj: MemberJob, spec: JobSpec) -> JobSpec:
         """Before the command: stage inputs named by hash or URL (and, for

@@ -188,3 +188,38 @@ def test_an_input_nobody_has_ends_the_job_with_the_reason_and_nothing_in_the_sto
         status = net.nodes[1].call("blobs.status")
         assert status["blobs"] == [] and status["partials"] == {}
         assert os.listdir(net.nodes[1].home.path / "blobs" / "data") == []
+
+
+REPLICATED = """
+name = "replicated-output"
+[requirements]
+nodes = 1
+[runtime]
+command = ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\\\0' 'x' > out.bin; echo done"]
+[payment]
+price_per_gpu_hour_max = 36000000
+[verification]
+replicas = 2
+quorum = 2
+"""
+
+
+def test_outputs_are_blobs_fetched_from_any_member_that_holds_them(tmp_path: Path) -> None:
+    with LocalNet(tmp_path / "net", 3, gpu_mix=MIX) as net:
+        net.wait_until(lambda: len(net.nodes[0].call("market")) >= 2, timeout_s=30, what="market")
+        job = net.nodes[0].call("job.submit", {"manifest": REPLICATED})["job_id"]
+        st = net.wait_until(lambda: (lambda d: d if d["state"] in ("succeeded", "failed") else None)(
+            net.nodes[0].call("job.status", {"job_id": job})), timeout_s=120, what="the job to end")
+        assert st["state"] == "succeeded", st
+        members = st["cluster"]["members"]
+        by_peer = {n.peer_id: n for n in net.nodes}
+        gone = by_peer[members[0]]
+        net.terminate(gone.index)  # member 0 is down: its file must come from member 1
+        res = cli(net.nodes[0].home.path, "job", "results", job, "--out", str(tmp_path / "out"), "--json")
+        assert res.returncode == 0, res.stderr
+        files = json.loads(res.stdout)["files"]
+        assert sorted(f["member_index"] for f in files) == [0, 1]
+        for f in files:
+            assert Path(f["saved_as"]).read_bytes() == b"x" * 3_000_000
+        served = by_peer[members[1]].call("blobs.status")["served"]
+        assert served.get(files[0]["sha256"], 0) >= 3_000_000  # the live member served the other's copy
