@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p2pgpu.blobs")
 
-BLOBS_PROTOCOL = "/p2pgpu/blobs/1.0.0"
+BLOBS_PROTOCOL = TProtocol("/p2pgpu/blobs/1.0.0")
 request_bytes_max = 1024
 #: A leaf list frame: 32 bytes per chunk (16 GiB at 1 MiB chunks is 512 KiB).
 tree_frame_bytes_max = 8 << 20
@@ -346,7 +346,7 @@ class _Fetch:
         stack = self.svc.node.stack
         assert stack is not None
         try:
-            stream = await stack.host.new_stream(ID.from_base58(peer), [TProtocol(BLOBS_PROTOCOL)])
+            stream = await stack.host.new_stream(ID.from_base58(peer), [BLOBS_PROTOCOL])
         except (BaseLibp2pError, ValueError, OSError) as exc:
             raise StreamGone(f"cannot open a blob stream to {peer[:12]}: {type(exc).__name__}") from None
         muxed = getattr(stream, "muxed_stream", None)

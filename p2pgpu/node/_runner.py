@@ -276,8 +276,9 @@ class Runner:
             return
         kept = await trio.to_thread.run_sync(keep_outputs, node, self.work_dir(job_id), outputs)
         nursery = getattr(node, "_nursery", None)
-        for sha in kept if nursery is not None else []:
-            nursery.start_soon(node.blobs.announce, sha)
+        if nursery is not None:
+            for sha in kept:
+                nursery.start_soon(node.blobs.announce, sha)
 
     async def _prepare(self, mj: MemberJob, spec: JobSpec) -> JobSpec:
         """Before the command: stage inputs named by hash or URL (and, for
