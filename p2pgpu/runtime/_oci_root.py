@@ -104,9 +104,14 @@ def driver_files() -> tuple[str, ...]:
     return tuple(found[:driver_files_max])
 
 
-def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | None = None) -> list[str]:
-    """The bubblewrap command line for ``spec`` in ``spec.root_dir``."""
-    from ._sandbox import SANDBOX_UID, WORK, JobRejected, gpu_device_paths
+def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_fd: int | None = None,
+                   env_fd: int | None = None) -> list[str]:
+    """The bubblewrap command line for ``spec`` in ``spec.root_dir``: the
+    job's disk (``disk_top``: ``work``, ``in``), its environment set by
+    bubblewrap (``env_fd``) and the size-limited and read-only places exactly
+    as for a ``process`` job (``_sandbox.bwrap_argv``)."""
+    from ._disk import INPUTS_DIR, WORK_DIR
+    from ._sandbox import SANDBOX_UID, WORK, JobRejected, env_args, gpu_device_paths, job_env
 
     root = spec.root_dir
     assert root is not None
@@ -114,9 +119,12 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | Non
         raise JobRejected(f"image root {root} is missing")
     a = [shutil.which(policy.bwrap) or policy.bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
          "--die-with-parent", "--new-session", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-         "--hostname", "p2pgpu-job", "--cap-drop", "ALL", "--bind", str(root), "/"]
-    if spec.network:
+         "--hostname", "p2pgpu-job", "--cap-drop", "ALL"]
+    a += ["--args", str(env_fd)] if env_fd is not None else env_args(job_env(spec))
+    a += ["--bind", str(root), "/"]
+    if spec.network or spec.cluster_net is not None:
         a += ["--share-net"]
+    if spec.network:
         for f in ("/etc/resolv.conf", "/etc/hosts"):
             if os.path.exists(f):
                 a += ["--ro-bind", f, f]
@@ -127,10 +135,10 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | Non
         for f in driver_files():
             if os.path.exists(f):
                 a += ["--ro-bind", f, f]
-    a += ["--size", str(policy.tmp_bytes_max), "--tmpfs", "/tmp", "--bind", str(spec.work_dir), WORK]
-    if spec.inputs_dir is not None:
-        a += ["--ro-bind", str(spec.inputs_dir), WORK + "/in"]
-    a += ["--remount-ro", "/", "--chdir", WORK]
+    a += ["--size", str(policy.shm_bytes_max), "--tmpfs", "/dev/shm",
+          "--size", str(policy.tmp_bytes_max), "--tmpfs", "/tmp",
+          "--bind", str(disk_top / WORK_DIR), WORK, "--ro-bind", str(disk_top / INPUTS_DIR), WORK + "/in",
+          "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORK]
     if status_fd is not None:
         a += ["--json-status-fd", str(status_fd)]
     return a + ["--", *spec.argv]
