@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ import trio
 from p2pgpu.core import Kind, PeerMisbehaved, Reason, seal
 from p2pgpu.core._actions import StartJob, StopJob
 from p2pgpu.core._membership import Membership
+from p2pgpu.core._outcome import member_state_after, start_refusal
 from p2pgpu.core._proof import (
     END_REASONS,
     Checkpoint,
@@ -54,6 +55,8 @@ from p2pgpu.core._proof import (
     sign_proof,
 )
 from p2pgpu.runtime import ClusterEnv, JobRejected, JobSpec, SandboxPolicy, SandboxUnavailable, run_job
+from p2pgpu.runtime._leftovers import RECORD_NAME, reap_leftovers
+from p2pgpu.runtime._walk import remove_tree
 
 from ._collect import ProofAck, item_hash
 
@@ -129,6 +132,26 @@ class Runner:
         jobs.runner = self.run
         jobs.runner_obj = self
         jobs.on_stop = self.stop
+        # A previous life killed mid-job (kill -9) may have left a sandbox,
+        # its cgroups and its disk: stop and remove them before anything runs.
+        for line in reap_leftovers(self.root):
+            log.warning("cleaned up after this node's previous life: %s", line)
+            jobs.counts["exec:leftovers_reaped"] += 1
+
+    def _refuse_start(self, start: StartJob, why: str) -> None:
+        """A confirmation for a job this node already started (a repeated
+        one, or one that reached a restarted node): never run it twice."""
+        rec = self.jobs.records[start.job_id]
+        self.jobs.counts["exec:start_refused"] += 1
+        log.warning("job %s not started: %s", start.job_id[:12], why)
+        if start.job_id in self.running:
+            if "submitter" not in rec.roles:
+                rec.state = "running"
+            return
+        if "submitter" not in rec.roles:
+            rec.state = member_state_after(str(rec.extra["member_state"]))
+        self.jobs.finished(start.job_id)  # frees what the repeated confirmation reserved
+        self.jobs.persist(start.job_id)
 
     # ------------------------------------------------------------ routing
 
@@ -165,6 +188,10 @@ class Runner:
 
     async def run(self, start: StartJob) -> None:
         rec = self.jobs.records[start.job_id]
+        refusal = start_refusal(rec.extra.get("member_state"))
+        if refusal is not None:
+            self._refuse_start(start, refusal)
+            return
         node = self.jobs.node
         now = node.now_ms
         m = start.manifest.manifest
@@ -188,6 +215,7 @@ class Runner:
         self.jobs.persist(start.job_id)
         started_ms = rec.started_at_ms
         end_reason, exit_code, digest, outputs = "sandbox_error", 255, b"", []
+        ended_at_ms = 0
         try:
             spec = self._spec(start, mj)
             self.jobs.apply(mj.membership.start(started_ms), origin="membership")
@@ -204,7 +232,7 @@ class Runner:
                         if m.runtime == "ray":
                             result = await self._run_ray(mj)
                         else:
-                            result = await run_job(spec, self.policy, on_line=self._on_line(mj))
+                            result = await run_job(spec, self.policy, on_line=self._on_line(mj), now_ms=now)
                     except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
                         refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
                 nursery.cancel_scope.cancel()
@@ -230,10 +258,18 @@ class Runner:
                     end_reason = "member_lost"
                 digest = result.output_digest
                 outputs = [{"path": o.path, "sha256": o.sha256.hex(), "size_bytes": o.size} for o in result.outputs]
+                # When the job ended, not after its outputs were sealed and its disk removed.
+                ended_at_ms = getattr(result, "ended_at_ms", 0)
         except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
             rec.reason = f"refused: {exc}"
             log.warning("job %s refused: %s", start.job_id[:12], exc)
-        ended_ms = max(now(), started_ms)
+        except Exception as exc:  # noqa: BLE001 - e.g. an ExceptionGroup from the job's tasks: a bug of ours
+            # The member still proves what it served and frees its GPUs: a
+            # bug here must never leave the job "running" forever.
+            self.jobs.counts["exec:runner_error"] += 1
+            log.exception("job %s: error while running it (a bug: please report it)", start.job_id[:12])
+            rec.reason = f"sandbox error: {exc!r}"[:300]
+        ended_ms = max(ended_at_ms or now(), started_ms)
         if node.blobs is not None:
             node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
         from ._images import release_image  # noqa: PLC0415
@@ -611,15 +647,17 @@ class Runner:
 
     def _spec(self, start: StartJob, mj: MemberJob) -> JobSpec:
         m = start.manifest.manifest
+        # ``work`` receives the sealed outputs when the job has ended: the job
+        # itself writes to a disk of its own (p2pgpu.runtime._disk) and never
+        # sees this directory, nor any path of this home.
         work = self.work_dir(start.job_id)
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        # Inline inputs go to a directory beside the work dir that the sandbox
-        # binds read-only at /work/in ($P2PGPU_IN); they are not outputs.
+        for d in (work, work.parent / "in"):
+            if os.path.lexists(d):
+                remove_tree(str(d))
+        work.mkdir(parents=True, mode=0o700)
+        # Inline inputs are copied into the job's disk (read-only at /work/in,
+        # $P2PGPU_IN); they are not outputs.
         inputs = work.parent / "in"
-        if inputs.exists():
-            shutil.rmtree(inputs)
         inputs.mkdir()
         for inp in m.inputs:
             if inp.data is not None:
@@ -640,7 +678,8 @@ class Runner:
             gpus = ()  # simulated GPUs have no device nodes: the job gets none
         return JobSpec(argv=tuple(m.command), work_dir=work, time_limit_ms=m.duration_s_max * 1000,
                        memory_bytes_max=job_memory_bytes_default, env=env, inputs_dir=inputs,
-                       network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id)
+                       network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id,
+                       state_path=work.parent / RECORD_NAME)
 
 
 def interrupted_proof(identity: Any, run: dict[str, Any], *, duration_ms_max: int | None = None) -> Any:
