@@ -81,7 +81,7 @@ def reap(doc: dict[str, Any]) -> list[str]:
                 continue
             done.append(f"cleared cgroup {cg}")
     scratch, mount = doc.get("scratch"), doc.get("mount")
-    if isinstance(scratch, str) and "/job-" in scratch and os.path.isabs(scratch):
+    if isinstance(scratch, str) and "/job-" in scratch and os.path.isabs(scratch) and os.path.lexists(scratch):
         problem = remove_scratch(Path(scratch), mounted=Path(mount) if isinstance(mount, str) and mount else None)
         done.append(f"removed {scratch}" + (f" ({problem})" if problem else ""))
     return done
