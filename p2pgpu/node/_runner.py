@@ -113,6 +113,8 @@ class MemberJob:
     stop_reason: str = ""
     changed: trio.Event = field(default_factory=trio.Event)
     ray: Any = None
+    #: When the sandbox died (wall ms); no checkpoint is added after it.
+    ended_ms: int = 0
 
 
 class Runner:
@@ -232,7 +234,8 @@ class Runner:
                         if m.runtime == "ray":
                             result = await self._run_ray(mj)
                         else:
-                            result = await run_job(spec, self.policy, on_line=self._on_line(mj), now_ms=now)
+                            result = await run_job(spec, self.policy, on_line=self._on_line(mj), now_ms=now,
+                                                   on_ended=lambda t: setattr(mj, "ended_ms", t))
                     except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
                         refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
                 nursery.cancel_scope.cancel()
@@ -269,7 +272,8 @@ class Runner:
             self.jobs.counts["exec:runner_error"] += 1
             log.exception("job %s: error while running it (a bug: please report it)", start.job_id[:12])
             rec.reason = f"sandbox error: {exc!r}"[:300]
-        ended_ms = max(ended_at_ms or now(), started_ms)
+        last_checkpoint = mj.chain.checkpoints[-1].t_ms if mj.chain.checkpoints else started_ms
+        ended_ms = max(ended_at_ms or now(), started_ms, last_checkpoint)
         if node.blobs is not None:
             node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
         from ._images import release_image  # noqa: PLC0415
@@ -627,6 +631,8 @@ class Runner:
         interval_s = checkpoint_interval_ms(m.duration_s_max * 1000, 1000) / 1000
         while True:
             await trio.sleep(interval_s)
+            if mj.ended_ms:
+                return  # the job is over: the proof's end closes the chain
             head = mj.chain.add(self.jobs.node.now_ms(), mj.log_hash.copy().digest())
             self._save_run(mj, self.jobs.node.now_ms())  # stored before any heartbeat shows the head
             mj.membership.set_progress(head, len(mj.chain.checkpoints))

@@ -545,7 +545,8 @@ def _record(spec: JobSpec, disk: JobDisk, limit: MemoryLimit | None, proc: trio.
 
 
 async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
-                  on_line: LineCallback | None = None, now_ms: Callable[[], int] | None = None) -> SandboxResult:
+                  on_line: LineCallback | None = None, now_ms: Callable[[], int] | None = None,
+                  on_ended: Callable[[int], None] | None = None) -> SandboxResult:
     """Run ``spec`` sandboxed and return how it ended.
 
     ``on_line(stream, line)`` is awaited for each line of ``"stdout"`` and
@@ -554,7 +555,8 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
     forwarded.  A slow callback slows the job (the pipe fills): hand lines to
     a bounded channel if that matters.  ``now_ms`` (the wall clock) dates
     the end of the run (``SandboxResult.ended_at_ms``) at the moment the
-    sandbox died, before its outputs are sealed.  ``spec.work_dir`` must be
+    sandbox died, before its outputs are sealed; ``on_ended(ended_at_ms)``
+    is called then (the node stops extending its checkpoint chain).  ``spec.work_dir`` must be
     an empty directory: it receives the sealed outputs.  Raises
     :class:`JobRejected` if the policy forbids the job,
     :class:`SandboxUnavailable` if no sandbox can run.
@@ -574,7 +576,7 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
         limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=cgroup_base,
                                   pids_max=spec.pids_max)
         try:
-            result = await _start_and_supervise(spec, policy, limit, disk, env, on_line, now_ms)
+            result = await _start_and_supervise(spec, policy, limit, disk, env, on_line, now_ms, on_ended)
         finally:
             await limit.aclose()
         return await _seal(spec, disk, result)
@@ -589,7 +591,8 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
 
 async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, disk: JobDisk,
                                env: dict[str, str], on_line: LineCallback | None,
-                               now_ms: Callable[[], int] | None) -> SandboxResult:
+                               now_ms: Callable[[], int] | None,
+                               on_ended: Callable[[int], None] | None) -> SandboxResult:
     r_fd, w_fd = os.pipe()
     status_stream = trio.lowlevel.FdStream(r_fd)  # owns r_fd
     env_fd = _env_fd(env)
@@ -616,14 +619,14 @@ async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: Memo
             _record(spec, disk, limit, proc)
         except OSError as exc:  # the job still runs bounded; only a restart's clean-up would miss it
             log.warning("cannot record the sandbox in %s: %s", spec.state_path, exc)
-        return await _supervise(spec, policy, limit, disk, proc, status_stream, on_line, now_ms)
+        return await _supervise(spec, policy, limit, disk, proc, status_stream, on_line, now_ms, on_ended)
     finally:
         await status_stream.aclose()
 
 
 async def _supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, disk: JobDisk, proc: trio.Process,
                      status_stream: trio.lowlevel.FdStream, on_line: LineCallback | None,
-                     now_ms: Callable[[], int] | None) -> SandboxResult:
+                     now_ms: Callable[[], int] | None, on_ended: Callable[[int], None] | None) -> SandboxResult:
     run = _Run(spec=spec, lines=LineForwarder(on_line, spec.log_bytes_max, spec.log_line_bytes_max), disk=disk)
     out, err = StreamState("stdout"), StreamState("stderr")
     t0 = trio.current_time()
@@ -645,6 +648,8 @@ async def _supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, d
                 # The job is over now: its end time is this, whatever
                 # sealing and cleaning up take afterwards.
                 ended_at_ms = now_ms() if now_ms is not None else 0
+                if on_ended is not None:
+                    on_ended(ended_at_ms)
                 watchers.cancel_scope.cancel()
             # Everything in the sandbox is dead now, so the pipes reach EOF;
             # the bound only guards against a stray holder of a pipe.
