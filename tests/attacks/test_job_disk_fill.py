@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from job_attack_helpers import PY, job, run_lines
 
 from p2pgpu.runtime import SandboxPolicy, check_sandbox

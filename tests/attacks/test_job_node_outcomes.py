@@ -51,6 +51,11 @@ price_per_gpu_hour_max = 36000000
 """
 
 
+def ended(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """``doc`` once its ``key`` (state or member_state) says the job ended."""
+    return doc if doc.get(key) in ("succeeded", "failed") else None
+
+
 def status(node: NodeProc, job_id: str) -> dict[str, Any]:
     try:
         doc = node.call("job.status", {"job_id": job_id})
@@ -60,8 +65,9 @@ def status(node: NodeProc, job_id: str) -> dict[str, Any]:
 
 
 def settled(net: LocalNet, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
-    return net.wait_until(lambda: (lambda d: d if d.get("state") in ("succeeded", "failed") else None)(
-        status(net.nodes[0], job_id)), timeout_s=timeout_s, what=f"job {job_id[:12]} to settle")
+    doc: dict[str, Any] = net.wait_until(lambda: ended(status(net.nodes[0], job_id), "state"), timeout_s=timeout_s,
+                          what=f"job {job_id[:12]} to settle")
+    return doc
 
 
 def test_time_limited_job_with_a_huge_tree_is_paid_and_its_reason_is_the_limit(tmp_path: Path) -> None:

@@ -25,10 +25,10 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.node import ControlError
-from p2pgpu.runtime import check_sandbox
-from p2pgpu.runtime._leftovers import RECORD_NAME
 from p2pgpu.node._jobs import JOBS_TOPIC
 from p2pgpu.node._stack import open_stack
+from p2pgpu.runtime import check_sandbox
+from p2pgpu.runtime._leftovers import RECORD_NAME
 from p2pgpu.store import db_path, earnings, load_jobs, open_db
 
 pytestmark = [pytest.mark.processes,
@@ -60,6 +60,11 @@ def job_processes() -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def ended(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """``doc`` once its ``key`` (state or member_state) says the job ended."""
+    return doc if doc.get(key) in ("succeeded", "failed") else None
 
 
 def status(node: NodeProc, job_id: str) -> dict[str, Any]:
@@ -119,8 +124,8 @@ def test_a_worker_killed_and_restarted_never_runs_the_job_twice(tmp_path: Path) 
         worker = net.restart(worker.index)
         mine = status(worker, job)
         assert mine["member_state"] == "interrupted" and mine["state"] == "interrupted", mine
-        settled = net.wait_until(lambda: (lambda d: d if d.get("state") in ("succeeded", "failed") else None)(
-            status(submitter, job)), timeout_s=90, what="the submitter to settle")
+        settled = net.wait_until(lambda: ended(status(submitter, job), "state"), timeout_s=90,
+                                 what="the submitter to settle")
         # The manifest replayed to the restarted worker: it volunteers again and
         # the submitter answers with its confirmation.  It must not start again.
         trio.run(replay_manifest, stored_manifest(submitter, job), worker.addrs[0])

@@ -18,10 +18,12 @@ import hashlib
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import multiaddr
 import pytest
 import trio
+from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
@@ -80,6 +82,11 @@ price_per_gpu_hour_max = 36000000
 """
 
 
+def ended(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """``doc`` once its ``key`` (state or member_state) says the job ended."""
+    return doc if doc.get(key) in ("succeeded", "failed") else None
+
+
 def status(node: NodeProc, job_id: str) -> dict[str, object]:
     try:
         doc = node.call("job.status", {"job_id": job_id})
@@ -98,7 +105,7 @@ async def hammer(seed: bytes, worker_addr: str, job_id: str, requests: list[tupl
             data = b""
             try:
                 with trio.fail_after(10):
-                    stream = await stack.host.new_stream(info.peer_id, [RESULTS_PROTOCOL])
+                    stream = await stack.host.new_stream(info.peer_id, [TProtocol(RESULTS_PROTOCOL)])
                     await write_frame(stream, encode({"job_id": job_id, "path": path, "sha256": sha}))
                     while chunk := await read_frame(stream, 1 << 20):
                         data += chunk
@@ -128,10 +135,10 @@ def test_symlink_swaps_against_hundreds_of_results_requests_never_leak_a_key(tmp
         assert leaked == [], f"{len(leaked)} of {REQUESTS} requests returned bytes while the job ran"
         # When it ends: its output list is what was sealed; "out" (a link at
         # the end) is not in it, "result.txt" is, and is served whole.
-        done = net.wait_until(lambda: (lambda d: d if d.get("member_state") in ("succeeded", "failed") else None)(
-            status(worker, job)), timeout_s=120, what="the job to end")
+        done = net.wait_until(lambda: ended(status(worker, job), "member_state"), timeout_s=120,
+                              what="the job to end")
         assert done["member_state"] == "succeeded", done
-        outputs = {o["path"]: o for o in done["outputs"]}  # type: ignore[attr-defined]
+        outputs = {o["path"]: o for o in done["outputs"]}
         assert "result.txt" in outputs and "out" not in outputs, outputs
         real = outputs["result.txt"]["sha256"]
         after = trio.run(hammer, seed, worker.addrs[0], job,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from job_attack_helpers import job, run_lines
 
 from p2pgpu.runtime import SandboxPolicy, check_sandbox
