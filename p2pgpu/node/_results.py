@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import trio
+from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 
 from p2pgpu.core import PeerMisbehaved, Reason, decode, encode
@@ -134,7 +135,7 @@ async def fetch_file(node: Node, peer_id: str, job_id: str, path: str, sha256: s
         return
     with trio.fail_after(60 + size / (1 << 20)):
         try:
-            stream = await node.stack.host.new_stream(ID.from_base58(peer_id), [RESULTS_PROTOCOL])
+            stream = await node.stack.host.new_stream(ID.from_base58(peer_id), [TProtocol(RESULTS_PROTOCOL)])
         except BaseLibp2pError as exc:
             raise ResultsError(f"cannot reach {peer_id[:12]} for {path}: {exc}") from None
         try:

@@ -32,6 +32,7 @@ stdout and stderr are the job's), and exits 125 when it cannot start.
 
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import signal
@@ -112,9 +113,7 @@ def _cleanup(opts: dict[str, list[str]]) -> None:
     for scratch in opts["--scratch"]:
         if not any(os.path.ismount(m) for m in opts["--mount"]):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left it out
-            from _walk import remove_tree  # type: ignore[import-not-found]  # beside us; no package import
-
-            remove_tree(scratch)
+            importlib.import_module("_walk").remove_tree(scratch)  # beside us: no package import
 
 
 def main(argv: list[str]) -> int:
