@@ -232,7 +232,7 @@ class Runner:
                     try:
                         spec = await self._prepare(mj, spec)
                         if m.runtime == "ray":
-                            result = await self._run_ray(mj)
+                            result = await self._run_ray(mj, spec)
                         else:
                             result = await run_job(spec, self.policy, on_line=self._on_line(mj), now_ms=now,
                                                    on_ended=lambda t: setattr(mj, "ended_ms", t))
@@ -345,50 +345,55 @@ class Runner:
 
     # --------------------------------------------------------------- ray
 
-    async def _run_ray(self, mj: MemberJob) -> Any:
-        """This member's part of a ``ray`` job (p2pgpu.runtime's RayMember): the
-        head (rank 0) starts Ray on a free port and tells the other members
-        where it is; they join; rank 0 runs the entrypoint; when it ends the
-        head tells the others to stop.  Ray runs outside bubblewrap (see
-        docs/ray.md); a node that cannot run Ray never advertises it."""
+    async def _run_ray(self, mj: MemberJob, spec: JobSpec) -> Any:
+        """This member's part of a ``ray`` job (p2pgpu.runtime's RayMember),
+        every process of it in this node's sandbox, on a network that reaches
+        only the job's other members (docs/ray.md).  The head (rank 0) claims
+        the job's subnet and tells the other members (again every 2 s until
+        every node is up: a member may start later); rank 0 runs the
+        entrypoint; when it ends the head tells the others to stop."""
         from p2pgpu.runtime import RayMember, RayMemberSpec  # noqa: PLC0415
 
         start, node = mj.start, self.jobs.node
         m = start.manifest.manifest
         members = tuple(start.certificate.members)
-        head = members[0]
-        spec = RayMemberSpec.for_manifest(
-            m, job_id=start.job_id, members=members, rank=start.member_index, host="127.0.0.1",
-            rendezvous_host=self._host_of(head), rendezvous_port=0, num_cpus=1,
-            memory_bytes_max=job_memory_bytes_default, gpus=() if node.inventory.simulated else mj.gpus,
-            auth_token=start.certificate.digest.hex(), temp_root=Path("/tmp"))
-        def on_event(name: str, info: Any) -> None:
-            if name == "ray_started" and start.member_index == 0 and info.get("address") is not None:
-                for peer in members[1:]:
-                    self._tell(peer, mj, {"type": "ray_rendezvous", "port": int(info["address"].gcs_port)})
+        ray_spec = RayMemberSpec.for_manifest(
+            m, job_id=start.job_id, members=members, rank=start.member_index, work_dir=spec.work_dir,
+            num_cpus=1, memory_bytes_max=job_memory_bytes_default, gpus=spec.gpus,
+            auth_token=start.certificate.digest.hex(), state_path=spec.state_path)
+        subnet: list[str] = []
+        net_ready, nodes_ready = trio.Event(), trio.Event()
 
-        member = RayMember(spec, on_line=self._on_line(mj), on_event=on_event)
+        def on_event(name: str, info: Any) -> None:
+            if name == "net_ready":
+                subnet.append(str(info["subnet"]))
+                net_ready.set()
+            elif name in ("nodes_ready", "stopping"):
+                nodes_ready.set()
+
+        async def tell_the_others() -> None:
+            await net_ready.wait()
+            while not nodes_ready.is_set():
+                for peer in members[1:]:
+                    self._tell(peer, mj, {"type": "ray_rendezvous", "subnet": subnet[0]})
+                with trio.move_on_after(2.0):
+                    await nodes_ready.wait()
+
+        member = RayMember(ray_spec, policy=self.policy, on_line=self._on_line(mj), on_event=on_event,
+                           now_ms=node.now_ms, on_ended=lambda t: setattr(mj, "ended_ms", t))
         mj.ray = member
         try:
-            result = await member.run()
+            async with trio.open_nursery() as nursery:
+                if start.member_index == 0:
+                    nursery.start_soon(tell_the_others)
+                result = await member.run()
+                nursery.cancel_scope.cancel()
         finally:
             mj.ray = None
         if start.member_index == 0:
             for peer in members[1:]:
                 self._tell(peer, mj, {"type": "ray_done"})
-        if result.processes_left:
-            log.warning("ray job %s left processes %s", start.job_id[:12], result.processes_left)
         return result
-
-    def _host_of(self, peer_id: str) -> str:
-        """The IPv4 address a peer advertises (loopback for ourselves)."""
-        node = self.jobs.node
-        sa = node.book.adverts.get(peer_id)
-        for addr in (sa.advert.addrs if sa is not None else ()):
-            parts = addr.split("/")
-            if len(parts) > 2 and parts[1] == "ip4":
-                return parts[2]
-        return "127.0.0.1"
 
     def _tell(self, peer: str, mj: MemberJob, body: dict[str, Any]) -> None:
         node = self.jobs.node
@@ -396,12 +401,19 @@ class Runner:
             **body, "job_id": mj.start.job_id, "peer_id": node.identity.peer_id}).to_bytes())
 
     def on_member_message(self, body: dict[str, Any], signer: str) -> None:
-        """A message from another member of a job we run (Ray rendezvous)."""
+        """A message from the head of a ``ray`` job we run: the job's subnet,
+        or that the job is done.  Only the head (rank 0) is listened to, and a
+        subnet is only ever a /24 of the job pool that no other job holds
+        here (``RayMember.set_rendezvous``, ``_netns.open_member_net``)."""
         mj = self.running.get(str(body.get("job_id")))
-        if mj is None or signer not in mj.start.certificate.members or mj.ray is None:
+        if mj is None or mj.ray is None or signer != mj.start.certificate.members[0]:
             return
-        if body.get("type") == "ray_rendezvous" and type(body.get("port")) is int:
-            mj.ray.set_rendezvous(body["port"])
+        if body.get("type") == "ray_rendezvous":
+            try:
+                mj.ray.set_rendezvous(body.get("subnet"))
+            except ValueError as exc:
+                self.jobs.counts["exec:ray_rendezvous_refused"] += 1
+                raise PeerMisbehaved(Reason.BAD_SCHEMA, f"ray rendezvous: {exc}") from None
         elif body.get("type") == "ray_done":
             mj.ray.stop("finished")
 

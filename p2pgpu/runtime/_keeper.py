@@ -1,7 +1,7 @@
 """The job keeper: the sandbox's parent, which kills it when the node dies or the hard limit passes.
 
 Run as ``python -I _keeper.py NODE_PID LIMIT_S [--scratch DIR] [--mount DIR]
-[--cgroup DIR]... -- COMMAND...`` (by path, so no package is imported: it
+[--cgroup DIR]... [--netns NAME --nft TABLE --claim FILE] -- COMMAND...`` (by path, so no package is imported: it
 starts in tens of milliseconds).  It starts COMMAND (the cgroup wrapper that
 ``exec``\\ s bubblewrap) as its child, in a process group of its own, and
 waits for the first of three things:
@@ -12,7 +12,8 @@ waits for the first of three things:
   the whole process is gone, however it ended, ``kill -9`` included): the
   keeper SIGKILLs the child's group, waits for it, then takes away what
   the sandbox left on the host (``--mount`` unmounted, ``--scratch``
-  deleted, ``--cgroup`` emptied and removed), and exits;
+  deleted, ``--cgroup`` emptied and removed, the member's network namespace,
+  firewall table and subnet claim removed), and exits;
 - ``LIMIT_S`` seconds pass (the job's time limit plus a grace): it SIGKILLs
   the child's group and exits (the node, alive, cleans up).
 
@@ -26,7 +27,7 @@ with it.  The node records the keeper's pid and start time, so that a
 restarted node can finish the job if even the keeper was killed
 (``_leftovers``).
 
-Standard library only (and ``_walk`` beside it); it prints nothing (its
+Standard library only (and ``_walk`` and ``_netns`` beside it); it prints nothing (its
 stdout and stderr are the job's), and exits 125 when it cannot start.
 """
 
@@ -47,6 +48,7 @@ drain_s = 10.0
 EXIT_CANNOT_START = 125
 EXIT_KILLED = 128 + signal.SIGKILL
 _HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_PATH_OPTIONS = ("--scratch", "--mount", "--cgroup", "--claim")
 
 
 def _pidfd(pid: int) -> int | None:
@@ -69,12 +71,13 @@ def _parse(argv: list[str]) -> tuple[int, float, dict[str, list[str]], list[str]
         node_pid, limit_s = int(head[0]), float(head[1])
     except (ValueError, IndexError):
         return None
-    opts: dict[str, list[str]] = {"--scratch": [], "--mount": [], "--cgroup": []}
+    opts: dict[str, list[str]] = {"--scratch": [], "--mount": [], "--cgroup": [], "--netns": [], "--nft": [],
+                                  "--claim": []}
     rest = head[2:]
     if len(rest) % 2 or not command:
         return None
     for name, value in zip(rest[::2], rest[1::2], strict=True):
-        if name not in opts or not os.path.isabs(value):
+        if name not in opts or (name in _PATH_OPTIONS and not os.path.isabs(value)):
             return None
         opts[name].append(value)
     return node_pid, limit_s, opts, command
@@ -110,10 +113,12 @@ def _cleanup(opts: dict[str, list[str]]) -> None:
                                check=False, timeout=60)
                 if not os.path.ismount(mount):
                     break
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left it out; stdlib-only modules
     for scratch in opts["--scratch"]:
         if not any(os.path.ismount(m) for m in opts["--mount"]):
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left it out
-            importlib.import_module("_walk").remove_tree(scratch)  # beside us: no package import
+            importlib.import_module("_walk").remove_tree(scratch)
+    for netns, table, claim in zip(opts["--netns"], opts["--nft"], opts["--claim"], strict=False):
+        importlib.import_module("_netns").remove_member_net(netns=netns, table=table, claim=claim)
 
 
 def main(argv: list[str]) -> int:

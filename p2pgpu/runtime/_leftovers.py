@@ -23,6 +23,7 @@ from typing import Any
 
 from ._disk import remove_scratch
 from ._limits import SandboxUnavailable, _kill_cgroup, _try_rmdir
+from ._netns import NETNS_DIR, remove_member_net
 
 RECORD_NAME = "sandbox.json"
 record_bytes_max = 64 * 1024
@@ -80,6 +81,12 @@ def reap(doc: dict[str, Any]) -> list[str]:
             except SandboxUnavailable:
                 continue
             done.append(f"cleared cgroup {cg}")
+    netns, table, claim = doc.get("netns"), doc.get("nft_table"), doc.get("net_claim")
+    if isinstance(netns, str) and netns and isinstance(table, str) and isinstance(claim, str):
+        existed = (NETNS_DIR / netns).exists()
+        problem = remove_member_net(netns=netns, table=table, claim=claim)
+        if existed or problem:
+            done.append(f"removed network {netns}" + (f" ({problem})" if problem else ""))
     scratch, mount = doc.get("scratch"), doc.get("mount")
     if isinstance(scratch, str) and "/job-" in scratch and os.path.isabs(scratch) and os.path.lexists(scratch):
         problem = remove_scratch(Path(scratch), mounted=Path(mount) if isinstance(mount, str) and mount else None)

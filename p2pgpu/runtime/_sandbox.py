@@ -62,6 +62,7 @@ from ._limits import (
     sweep_stale_cgroups,
 )
 from ._lines import LineForwarder, StreamState
+from ._netns import ClusterNet, MemberNet, NetUnavailable, close_member_net, open_member_net
 from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs, seal_outputs
 from ._walk import walk
 
@@ -81,6 +82,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "RANK",
                 "WORLD_SIZE", "LOCAL_RANK")
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Where the sandbox puts its own things: no extra bind may cover them.
+_RESERVED_DESTS = ("/", WORK, "/tmp", "/dev", "/proc", "/etc")
 #: The /etc the job needs to run programs; no passwd/group/shadow of the host.
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
              "/etc/localtime", "/etc/nsswitch.conf", "/etc/mime.types")
@@ -182,6 +185,12 @@ class JobSpec:
     output_entries_max: int = 1_000_000
     #: Where the running sandbox is recorded for a restarted node (``_leftovers``).
     state_path: Path | None = None
+    #: A cluster member's own network (``_netns``): the sandbox joins a namespace
+    #: that reaches only the job's other members.  Independent of ``network``.
+    cluster_net: ClusterNet | None = None
+    #: More read-only binds, (host path, path in the sandbox): the Ray runtime's
+    #: Python environment.  Never the node's home; never over /work, /tmp, /dev, /proc.
+    ro_binds: tuple[tuple[str, str], ...] = ()
     log_bytes_max: int = 64 << 20
     log_line_bytes_max: int = 16 * 1024
     #: Processes and threads the job may have at once (where a pids cgroup exists).
@@ -294,8 +303,8 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_f
          "--cap-drop", "ALL"]
     a += ["--args", str(env_fd)] if env_fd is not None else env_args(job_env(spec))
     a += ["--ro-bind", "/usr", "/usr"]
-    if spec.network:
-        a.append("--share-net")
+    if spec.network or spec.cluster_net is not None:
+        a.append("--share-net")  # the host's, or the member's namespace the node entered (nsenter)
     for d in _SYSTEM_DIRS:
         if os.path.islink(d):
             a += ["--symlink", os.readlink(d), d]
@@ -307,6 +316,11 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_f
         if not os.path.isabs(extra):
             raise JobRejected(f"extra read-only path {extra!r} must be absolute")
         a += ["--ro-bind", extra, extra]
+    for src, dest in spec.ro_binds:
+        if not (os.path.isabs(src) and os.path.isabs(dest)) or any(
+                dest == r or dest.startswith(r + "/") for r in _RESERVED_DESTS):
+            raise JobRejected(f"read-only bind {src!r} -> {dest!r} is not allowed")
+        a += ["--ro-bind", src, dest]
     for name in ("passwd", "group", "hostname"):
         a += ["--ro-bind", str(disk_top / ETC_DIR / name), f"/etc/{name}"]
     a += ["--proc", "/proc", "--dev", "/dev"]
@@ -533,12 +547,15 @@ def _prepare_disk(spec: JobSpec, policy: SandboxPolicy, backend: str) -> JobDisk
     return disk
 
 
-def _record(spec: JobSpec, disk: JobDisk, limit: MemoryLimit | None, proc: trio.Process | None) -> None:
+def _record(spec: JobSpec, disk: JobDisk, limit: MemoryLimit | None, proc: trio.Process | None,
+            net: MemberNet | None) -> None:
     """Write down what this sandbox leaves on the host (``_leftovers``)."""
     if spec.state_path is None:
         return
     doc: dict[str, Any] = {"scratch": str(disk.scratch), "mount": str(disk.top) if disk.mounted else "",
                            "cgroups": [str(d) for d in (limit._dirs() if limit is not None else [])]}
+    if net is not None:
+        doc.update(netns=net.netns, nft_table=net.table, net_claim=str(net.claim))
     if proc is not None:
         doc.update(keeper_pid=proc.pid, keeper_start=process_start_ticks(proc.pid))
     write_record(spec.state_path, doc)
@@ -546,7 +563,7 @@ def _record(spec: JobSpec, disk: JobDisk, limit: MemoryLimit | None, proc: trio.
 
 async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
                   on_line: LineCallback | None = None, now_ms: Callable[[], int] | None = None,
-                  on_ended: Callable[[int], None] | None = None) -> SandboxResult:
+                  on_ended: Callable[[int], None] | None = None, pass_fds: tuple[int, ...] = ()) -> SandboxResult:
     """Run ``spec`` sandboxed and return how it ended.
 
     ``on_line(stream, line)`` is awaited for each line of ``"stdout"`` and
@@ -556,7 +573,10 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
     a bounded channel if that matters.  ``now_ms`` (the wall clock) dates
     the end of the run (``SandboxResult.ended_at_ms``) at the moment the
     sandbox died, before its outputs are sealed; ``on_ended(ended_at_ms)``
-    is called then (the node stops extending its checkpoint chain).  ``spec.work_dir`` must be
+    is called then (the node stops extending its checkpoint chain).
+    ``pass_fds`` are handed to the job's first process (the Ray runtime's
+    event pipe).  With ``spec.cluster_net`` the sandbox joins a network of
+    its own that reaches the job's other members only (``_netns``).  ``spec.work_dir`` must be
     an empty directory: it receives the sealed outputs.  Raises
     :class:`JobRejected` if the policy forbids the job,
     :class:`SandboxUnavailable` if no sandbox can run.
@@ -571,18 +591,28 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
     env = job_env(spec)
     bwrap_argv(spec, policy, disk_top=Path("/"))  # refuses before anything starts
     disk = await in_thread(_prepare_disk, spec, policy, disk_backend)
+    net: MemberNet | None = None
     try:
-        _record(spec, disk, None, None)
+        _record(spec, disk, None, None, None)
+        if spec.cluster_net is not None:
+            try:
+                net = await in_thread(open_member_net, spec.cluster_net)
+            except NetUnavailable as exc:
+                raise SandboxUnavailable(f"cannot make the member's network: {exc}") from None
+            _record(spec, disk, None, None, net)
         limit = open_memory_limit(backend, spec.memory_bytes_max, gpus=len(spec.gpus), base=cgroup_base,
                                   pids_max=spec.pids_max)
         try:
-            result = await _start_and_supervise(spec, policy, limit, disk, env, on_line, now_ms, on_ended)
+            result = await _start_and_supervise(spec, policy, limit, disk, net, env, on_line, now_ms, on_ended,
+                                                pass_fds)
         finally:
             await limit.aclose()
         return await _seal(spec, disk, result)
     finally:
         with trio.CancelScope(shield=True):
             left = await in_thread(remove_job_disk, disk)
+            if net is not None:
+                left = "; ".join(p for p in (left, await in_thread(close_member_net, net)) if p)
             if left:
                 log.warning("job disk %s not fully removed: %s", disk.scratch, left)
             elif spec.state_path is not None:
@@ -590,9 +620,9 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
 
 
 async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, disk: JobDisk,
-                               env: dict[str, str], on_line: LineCallback | None,
-                               now_ms: Callable[[], int] | None,
-                               on_ended: Callable[[int], None] | None) -> SandboxResult:
+                               net: MemberNet | None, env: dict[str, str], on_line: LineCallback | None,
+                               now_ms: Callable[[], int] | None, on_ended: Callable[[int], None] | None,
+                               pass_fds: tuple[int, ...]) -> SandboxResult:
     r_fd, w_fd = os.pipe()
     status_stream = trio.lowlevel.FdStream(r_fd)  # owns r_fd
     env_fd = _env_fd(env)
@@ -600,23 +630,29 @@ async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: Memo
         # The keeper is bubblewrap's parent for the job's whole life, and it
         # kills the job when the node dies or at the hard limit (_keeper).
         hard_limit_s = spec.time_limit_ms / 1000 + orphan_grace_s
-        inner = limit.wrap(bwrap_argv(spec, policy, disk_top=disk.top, status_fd=w_fd, env_fd=env_fd))
+        inner = bwrap_argv(spec, policy, disk_top=disk.top, status_fd=w_fd, env_fd=env_fd)
+        if net is not None:
+            inner = [shutil.which("nsenter") or "nsenter", f"--net={net.netns_path}", "--", *inner]
+        inner = limit.wrap(inner)
         argv = [sys.executable, "-I", str(Path(__file__).with_name("_keeper.py")), str(os.getpid()),
                 f"{hard_limit_s:.3f}", "--scratch", str(disk.scratch)]
         if disk.mounted:
             argv += ["--mount", str(disk.top)]
         for cg in limit._dirs():
             argv += ["--cgroup", str(cg)]
+        if net is not None:
+            argv += ["--netns", net.netns, "--nft", net.table, "--claim", str(net.claim)]
         argv += ["--", *inner]
+        fds = (w_fd, env_fd, *pass_fds)
         try:
             proc = await trio.lowlevel.open_process(
-                argv, env=_HOST_ENV | {"P2PGPU_KEEPER_PASS_FDS": f"{w_fd},{env_fd}"}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=(w_fd, env_fd))
+                argv, env=_HOST_ENV | {"P2PGPU_KEEPER_PASS_FDS": ",".join(map(str, fds))}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=fds)
         finally:
             os.close(w_fd)  # only bubblewrap holds the writing end now
             os.close(env_fd)
         try:
-            _record(spec, disk, limit, proc)
+            _record(spec, disk, limit, proc, net)
         except OSError as exc:  # the job still runs bounded; only a restart's clean-up would miss it
             log.warning("cannot record the sandbox in %s: %s", spec.state_path, exc)
         return await _supervise(spec, policy, limit, disk, proc, status_stream, on_line, now_ms, on_ended)
