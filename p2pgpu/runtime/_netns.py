@@ -244,6 +244,15 @@ def close_member_net(m: MemberNet) -> str:
 def remove_member_net(*, netns: str, table: str, claim: str) -> str:
     """The same from recorded names (a previous life's leftovers)."""
     problems = []
+    try:
+        host_if = Path(claim).read_text().split()[1]
+    except (OSError, IndexError):
+        host_if = ""
+    if host_if.startswith("pgn") and Path(f"/sys/class/net/{host_if}").exists():
+        try:  # deleting one end deletes the pair now (a namespace's deletion is deferred)
+            _run(["ip", "link", "delete", host_if])
+        except NetUnavailable as exc:
+            problems.append(str(exc))
     if table.startswith("p2pgpu_"):
         try:
             if table in _run(["nft", "list", "tables"]):
