@@ -80,7 +80,7 @@ def test_time_limited_job_with_a_huge_tree_is_paid_and_its_reason_is_the_limit(t
         (proof,) = doc["proofs"]
         assert proof["status"] == "owed" and proof["amount"] > 0, (proof, doc["reason"])
         assert proof["end_reason"] == "time_limit" and proof["exit_code"] == 137
-        assert doc["state"] == "failed" and "time_limit" in doc["reason"] and "owed" not in doc["reason"], doc
+        assert doc["state"] == "failed" and "time limit" in doc["reason"] and "owed" not in doc["reason"], doc
         mine = status(worker, job)
         assert mine["member_ended_at_ms"] - mine["member_started_at_ms"] <= 15_000 + 5_000
         assert mine["reason"] == "time_limit"
