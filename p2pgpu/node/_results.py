@@ -140,7 +140,7 @@ async def fetch_file(node: Node, peer_id: str, job_id: str, path: str, sha256: s
             raise ResultsError(f"cannot reach {peer_id[:12]} for {path}: {exc}") from None
         try:
             await write_frame(stream, encode({"job_id": job_id, "path": path, "sha256": sha256}))
-            with open(tmp, "wb") as f:
+            async with await trio.open_file(tmp, "wb") as f:  # writes off the event loop
                 while True:
                     chunk = await read_frame(stream, chunk_bytes)
                     if not chunk:
@@ -149,7 +149,7 @@ async def fetch_file(node: Node, peer_id: str, job_id: str, path: str, sha256: s
                     if got > size:
                         raise ResultsError(f"{path}: more bytes than the {size} announced")
                     digest.update(chunk)
-                    f.write(chunk)
+                    await f.write(chunk)
         except (StreamGone, PeerMisbehaved) as exc:
             tmp.unlink(missing_ok=True)
             raise ResultsError(f"{path} from {peer_id[:12]}: {exc}") from None

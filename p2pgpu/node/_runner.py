@@ -56,6 +56,7 @@ from p2pgpu.core._proof import (
 )
 from p2pgpu.runtime import ClusterEnv, JobRejected, JobSpec, SandboxPolicy, SandboxUnavailable, run_job
 from p2pgpu.runtime._leftovers import RECORD_NAME, reap_leftovers
+from p2pgpu.runtime._sandbox import sandbox_disk_backend
 from p2pgpu.runtime._walk import remove_tree
 
 from ._collect import ProofAck, item_hash
@@ -139,6 +140,13 @@ class Runner:
         for line in reap_leftovers(self.root):
             log.warning("cleaned up after this node's previous life: %s", line)
             jobs.counts["exec:leftovers_reaped"] += 1
+        try:
+            backend, why = sandbox_disk_backend(policy)
+        except SandboxUnavailable as exc:
+            log.warning("jobs' disks: %s", exc)
+        else:
+            if backend == "dir":
+                log.warning("jobs' disks are plain directories, their size is not enforced by the kernel: %s", why)
 
     def _refuse_start(self, start: StartJob, why: str) -> None:
         """A confirmation for a job this node already started (a repeated
