@@ -4,8 +4,11 @@ Walking a job's file names cannot bound what it writes: a file deleted while
 open keeps its blocks and has no name (the attack wrote 5.5 GB against a
 4 GiB limit).  So each job gets its own filesystem, made when it starts and
 destroyed when it ends, and the sandbox binds only that filesystem's
-``work`` (read-write, at ``/work``), ``in`` (read-only, at ``/work/in``) and
-``etc`` (the job's ``passwd``, ``group``, ``hostname``).  Three backends, in
+``work`` (read-write, at ``/work``) and ``etc`` (the job's ``passwd``,
+``group``, ``hostname``).  The job's inputs are not on it: they are hard
+links (a copy only across file systems) in ``in`` beside it in the job's
+scratch directory, bound read-only at ``/work/in``, so that gigabytes of
+inputs from the content store cost nothing.  Three backends, in
 the order ``auto`` tries them:
 
 ``loop``   a sparse ext4 image (no journal, ``-N`` inodes) mounted through a
@@ -25,8 +28,9 @@ the order ``auto`` tries them:
 
 A filesystem of its own also keeps the node's paths out of the sandbox's
 mount table: a bind of a filesystem's root shows ``/`` as its source path in
-``/proc/self/mountinfo``.  With ``dir``, the bind's source path (under the
-scratch root, never under the node's home) is what shows.  The disks live
+``/proc/self/mountinfo``.  With ``dir``, and for the inputs, the bind's
+source path (under the scratch root, never under the node's home) is what
+shows.  The disks live
 under a scratch root (``/var/tmp/p2pgpu-<uid>``, mode 0700) in one
 directory per job; :func:`remove_job_disk` takes everything away.
 
@@ -52,6 +56,11 @@ inode_bytes = 256
 mount_timeout_s = 60.0
 #: The job's disk, bound into the sandbox: read-write, read-only, the job's /etc files.
 WORK_DIR, INPUTS_DIR, ETC_DIR = "work", "in", "etc"
+
+
+def inputs_of(top: Path) -> Path:
+    """Where a disk's job finds its inputs (read-only at ``/work/in``)."""
+    return top.parent / INPUTS_DIR
 
 
 class DiskUnavailable(Exception):
@@ -80,7 +89,8 @@ class JobDisk:
 
     @property
     def inputs(self) -> Path:
-        return self.top / INPUTS_DIR
+        """Beside the disk, not on it: hard links to the inputs, bound read-only."""
+        return inputs_of(self.top)
 
     @property
     def etc(self) -> Path:
@@ -177,8 +187,9 @@ def make_job_disk(backend: str, scratch_root: Path, *, bytes_max: int, inodes_ma
             _run(["mount", "-t", "tmpfs", "-o", options, "p2pgpu-job", str(disk.top)])
             disk.mounted = True
         os.chmod(disk.top, 0o755)
-        for name in (WORK_DIR, INPUTS_DIR, ETC_DIR):
+        for name in (WORK_DIR, ETC_DIR):
             (disk.top / name).mkdir(mode=0o755)
+        disk.inputs.mkdir(mode=0o755)
     except (OSError, DiskUnavailable) as exc:
         remove_job_disk(disk)
         if isinstance(exc, DiskUnavailable):

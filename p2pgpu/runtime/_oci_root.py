@@ -104,13 +104,14 @@ def driver_files() -> tuple[str, ...]:
     return tuple(found[:driver_files_max])
 
 
-def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_fd: int | None = None,
-                   env_fd: int | None = None) -> list[str]:
+def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path | None = None,
+                   status_fd: int | None = None, env_fd: int | None = None) -> list[str]:
     """The bubblewrap command line for ``spec`` in ``spec.root_dir``: the
-    job's disk (``disk_top``: ``work``, ``in``), its environment set by
-    bubblewrap (``env_fd``) and the size-limited and read-only places exactly
-    as for a ``process`` job (``_sandbox.bwrap_argv``)."""
-    from ._disk import INPUTS_DIR, WORK_DIR
+    job's disk (``disk_top``; ``run_job`` always gives it: without it the
+    line names ``spec.work_dir``, for inspection only), its environment set
+    by bubblewrap (``env_fd``) and the size-limited and read-only places
+    exactly as for a ``process`` job (``_sandbox.bwrap_argv``)."""
+    from ._disk import WORK_DIR, inputs_of
     from ._sandbox import SANDBOX_UID, WORK, JobRejected, env_args, gpu_device_paths, job_env
 
     root = spec.root_dir
@@ -137,8 +138,11 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, stat
                 a += ["--ro-bind", f, f]
     a += ["--size", str(policy.shm_bytes_max), "--tmpfs", "/dev/shm",
           "--size", str(policy.tmp_bytes_max), "--tmpfs", "/tmp",
-          "--bind", str(disk_top / WORK_DIR), WORK, "--ro-bind", str(disk_top / INPUTS_DIR), WORK + "/in",
-          "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORK]
+          "--bind", str(disk_top / WORK_DIR if disk_top is not None else spec.work_dir), WORK]
+    inputs = inputs_of(disk_top) if disk_top is not None else spec.inputs_dir
+    if inputs is not None:
+        a += ["--ro-bind", str(inputs), WORK + "/in"]
+    a += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", WORK]
     if status_fd is not None:
         a += ["--json-status-fd", str(status_fd)]
     return a + ["--", *spec.argv]

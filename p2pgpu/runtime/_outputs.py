@@ -21,6 +21,7 @@ directory); :func:`open_sealed` opens one sealed output for serving.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -176,6 +177,52 @@ def _empty(dest_fd: int) -> None:
         names = [e.name for e in it]
     for name in names:
         _remove_beneath(dest_fd, name, 10_000_000)
+
+
+def link_tree(src: Path, dest: Path, *, files_max: int, bytes_max: int,
+              entries_max: int = entries_max_default) -> int:
+    """Put every regular file under ``src`` at the same path under the empty
+    directory ``dest``: a hard link (no copy; the caller binds ``dest``
+    read-only), or a copy where ``src`` is on another file system.  Links
+    are never followed.  Returns the bytes staged; raises
+    :class:`OutputLimitExceeded` past the limits."""
+    src_fd = os.open(src, _DIR)
+    try:
+        dest_fd = os.open(dest, _DIR)
+    except OSError:
+        os.close(src_fd)
+        raise
+    try:
+        total = 0
+        for rel, size in _found(src_fd, files_max, bytes_max, bytes_max, entries_max):
+            total += size
+            parent, _, name = rel.rpartition("/")
+            sdir = open_beneath(src_fd, parent, flags=_DIR) if parent else os.dup(src_fd)
+            ddir = make_dirs_beneath(dest_fd, parent)
+            try:
+                try:
+                    os.link(name, name, src_dir_fd=sdir, dst_dir_fd=ddir, follow_symlinks=False)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdir)
+                try:
+                    wfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
+                                  dir_fd=ddir)
+                    try:
+                        _copy(fd, wfd, bytes_max, rel)
+                    finally:
+                        os.close(wfd)
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(sdir)
+                os.close(ddir)
+        return total
+    finally:
+        os.close(src_fd)
+        os.close(dest_fd)
 
 
 def open_sealed(root: Path, rel: str) -> int:

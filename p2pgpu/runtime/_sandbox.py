@@ -43,10 +43,10 @@ from p2pgpu.core._proof import output_digest
 
 from ._disk import (
     ETC_DIR,
-    INPUTS_DIR,
     WORK_DIR,
     DiskUnavailable,
     JobDisk,
+    inputs_of,
     make_job_disk,
     probe_disk_backend,
     remove_job_disk,
@@ -63,7 +63,7 @@ from ._limits import (
 )
 from ._lines import LineForwarder, StreamState
 from ._netns import ClusterNet, MemberNet, NetUnavailable, close_member_net, open_member_net
-from ._outputs import OutputFile, OutputLimitExceeded, collect_outputs, seal_outputs
+from ._outputs import OutputFile, OutputLimitExceeded, link_tree, seal_outputs
 from ._walk import walk
 
 #: Why a sandboxed run ended.
@@ -97,9 +97,10 @@ log = logging.getLogger("p2pgpu.sandbox")
 _HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 #: The ``dir`` disk backend walks the job's names at most this often.
 dir_walk_interval_s = 1.0
-#: Inputs copied into a job's disk (the manifest's inline inputs are far smaller).
-inputs_files_max = 1000
-inputs_bytes_max = 64 << 20
+#: Inputs staged for a job (hard links; copied only across file systems).  The
+#: content store bounds what a manifest may name; this is the last guard.
+inputs_files_max = 100_000
+inputs_bytes_max = 1 << 40
 
 
 class JobRejected(Exception):
@@ -330,8 +331,8 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_f
     # tmpfs with --size, /work is its own disk, and / and /dev are read-only.
     a += ["--size", str(policy.shm_bytes_max), "--tmpfs", "/dev/shm",
           "--size", str(policy.tmp_bytes_max), "--tmpfs", "/tmp",
-          "--bind", str(disk_top / WORK_DIR), WORK, "--ro-bind", str(disk_top / INPUTS_DIR), WORK + "/in",
-          "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORK]
+          "--bind", str(disk_top / WORK_DIR), WORK, "--ro-bind", str(inputs_of(disk_top)), WORK + "/in",
+          "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", WORK]
     if status_fd is not None:
         a += ["--json-status-fd", str(status_fd)]
     return a + ["--", *spec.argv]
@@ -390,9 +391,9 @@ def check_sandbox(policy: SandboxPolicy | None = None) -> str | None:
     except SandboxUnavailable as exc:
         return str(exc)
     with tempfile.TemporaryDirectory(prefix="p2pgpu-check-") as tmp:
-        top = Path(tmp)
-        for name in (WORK_DIR, INPUTS_DIR, ETC_DIR):
-            (top / name).mkdir()
+        top = Path(tmp) / "disk"
+        for d in (top / WORK_DIR, top / ETC_DIR, inputs_of(top)):
+            d.mkdir(parents=True)
         _write_etc(top / ETC_DIR)
         spec = JobSpec(argv=("/bin/sh", "-c", "echo ok > probe"), work_dir=top / WORK_DIR, time_limit_ms=10_000,
                        memory_bytes_max=256 << 20)
@@ -522,28 +523,24 @@ def _check_work_dir(work_dir: Path) -> None:
 
 
 def _prepare_disk(spec: JobSpec, policy: SandboxPolicy, backend: str) -> JobDisk:
-    """Make the job's disk and lay it out: the job's /etc files, the inputs
-    (copied, never bound from the node's own directories).  Blocking."""
-    inputs = 0
-    if spec.inputs_dir is not None:
-        if not spec.inputs_dir.is_dir():
-            raise JobRejected(f"inputs dir {spec.inputs_dir} does not exist")
-        inputs = sum(f.size for f in collect_outputs(spec.inputs_dir, inputs_files_max, inputs_bytes_max,
-                                                     inputs_bytes_max))
+    """Make the job's disk and lay it out: the job's /etc files, and its
+    inputs hard-linked beside it (never bound from the node's own
+    directories, whose paths the job would read in its mount table).  Blocking."""
+    if spec.inputs_dir is not None and not spec.inputs_dir.is_dir():
+        raise JobRejected(f"inputs dir {spec.inputs_dir} does not exist")
     try:
         disk = make_job_disk(backend, policy.scratch_root or scratch_root_default(),
-                             bytes_max=spec.output_bytes_max + inputs, inodes_max=spec.output_entries_max + 256)
+                             bytes_max=spec.output_bytes_max, inodes_max=spec.output_entries_max + 256)
     except DiskUnavailable as exc:
         raise SandboxUnavailable(f"cannot make the job's disk: {exc}") from None
     try:
         _write_etc(disk.etc)
         if spec.inputs_dir is not None:
-            seal_outputs(spec.inputs_dir, disk.inputs, files_max=inputs_files_max, file_bytes_max=inputs_bytes_max,
-                         bytes_max=inputs_bytes_max)
+            link_tree(spec.inputs_dir, disk.inputs, files_max=inputs_files_max, bytes_max=inputs_bytes_max)
         disk.set_baseline()
     except (OSError, OutputLimitExceeded) as exc:
         remove_job_disk(disk)
-        raise JobRejected(f"cannot copy the inputs: {exc}") from None
+        raise JobRejected(f"cannot stage the inputs: {exc}") from None
     return disk
 
 

@@ -317,6 +317,27 @@ async def test_inputs_are_read_only(tmp_path: Path) -> None:
     assert not (inputs / "new").exists()
 
 
+async def test_inputs_are_hard_links_bound_read_only_and_their_path_is_not_shown(tmp_path: Path) -> None:
+    # Inputs staged from the content store may be gigabytes: linked, not copied,
+    # and the job reads no path of the node's home in its mount table.
+    home_inputs = tmp_path / "node-home" / "jobs" / "j1" / "in"
+    home_inputs.mkdir(parents=True)
+    big = home_inputs / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB (sparse): a copy would take a while and the disk's room
+    (home_inputs / "sub").mkdir()
+    (home_inputs / "sub" / "x.txt").write_text("x")
+    s = spec(tmp_path, "stat -c %h:%s in/big.bin; cat in/sub/x.txt; echo; grep /work/in /proc/self/mountinfo",
+             inputs_dir=home_inputs)
+    res, lines = await run(s)
+    out = stdout(lines).decode()
+    assert res.ok, res.stderr_tail
+    assert out.splitlines()[0] == f"2:{3 << 30}"  # a second link to the same inode, same size
+    assert "x" in out.splitlines()[1]
+    assert "/work/in" in out and str(tmp_path / "node-home") not in out
+    assert big.stat().st_nlink == 1  # the staging link is gone with the job
+
+
 @pytest.mark.parametrize("script,limits", [
     ("for i in 1 2 3 4; do echo $i > f$i; done", {"output_files_max": 3}),
     ("head -c 5000 /dev/zero > big", {"output_file_bytes_max": 4000}),
