@@ -27,6 +27,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
+from . import _limits as limits
 from ._actions import (
     Action,
     CancelTimer,
@@ -106,7 +107,7 @@ class FormationConfig:
     jobs_topic: str = "/p2pgpu/jobs/1"
     #: Per-job GossipSub topics (``<jobs_topic>/<job_id>``), or everything on ``jobs_topic``.
     per_job_topics: bool = True
-    clock_skew_ms: int = 60_000
+    clock_skew_ms: int = limits.clock_skew_ms_max
     #: The network whose adverts count (``""``: any), for adverts carried in offers.
     network: str = ""
     #: Per submitter and per payer: jobs open in the table, ids remembered (``_formation_quota``).

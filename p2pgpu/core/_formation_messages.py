@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar
 
+from . import _limits as limits
 from . import _schema as s
 from ._advert import Advert, SignedAdvert, is_solana_address
 from ._codec import decode, encode
@@ -36,7 +37,7 @@ from ._manifest import SignedManifest, manifest_from_envelope, members_max
 views_max = 1 << 16
 rounds_max = 1 << 16
 reason_len_max = 200
-gpus_max = 16
+gpus_max = limits.gpus_per_node_max
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 _CERT_TAG = b"p2pgpu/certificate-hash/v1\x00"
 #: The largest formation message (a CONFIRM, which carries a whole certificate).

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from . import _limits as limits
 from . import _schema as s
 from ._actions import Action, CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob
 from ._codec import decode
@@ -43,8 +44,8 @@ HEARTBEAT_STATES = ("running", "finished", "failed")
 heartbeat_interval_ms_default = 1_000
 member_timeout_ms_default = 5_000
 start_grace_ms_default = 2_000
-clock_skew_ms_max = 60_000
-members_max = 64
+clock_skew_ms_max = limits.clock_skew_ms_max
+members_max = limits.members_per_cluster_max
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
+from . import _limits as limits
 from . import _schema as s
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
@@ -34,11 +35,11 @@ from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity
 
 digest_bytes = 32
-gpus_max = 16
+gpus_max = limits.gpus_per_node_max
 gpu_name_len_max = 64
 checkpoints_max = 256
 checkpoint_info_bytes_max = 32
-peer_id_len_max = 64
+peer_id_len_max = limits.peer_id_len_max
 #: How a member's part ended (the sandbox's reasons plus the cluster's own;
 #: "interrupted": the member's node died mid-job and proves up to its last checkpoint).
 END_REASONS = ("exited", "time_limit", "memory_limit", "output_limit", "sandbox_error", "cancelled",
