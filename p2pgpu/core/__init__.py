@@ -114,6 +114,8 @@ from ._actions import (
     StartJob,
     StopJob,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
 )
 from ._formation import CapacityLedger, FormationConfig, FormationNode, leader_rank
@@ -147,7 +149,8 @@ __all__ += [
     "Confirm", "Confirmed", "Decline", "Emit", "Failed", "FormationConfig", "FormationNode",
     "JobInput", "JobProgress", "Manifest", "ManifestError", "MemberLost", "Offer", "Proposal", "Publish",
     "Released", "ReplayGuard", "Reserved", "Send", "SetTimer", "SignedManifest", "StartJob", "StopJob",
-    "Submitter", "SubmitterState", "Subscribe", "Unsubscribe", "WorkerState", "decode_message", "leader_rank",
+    "Submitter", "SubmitterState", "Subscribe", "TimerKey", "TimerOwner", "Unsubscribe", "WorkerState",
+    "decode_message", "leader_rank",
     "manifest_from_doc", "manifest_from_toml", "sign_manifest", "verify_manifest",
 ]
 

@@ -10,15 +10,19 @@ shared by every core; the rest report facts of cluster formation that the
 driver records or acts on.  All are frozen dataclasses, so a test can compare
 a core's output with an expected list.
 
-Timers are named: ``SetTimer(key, at_ms)`` replaces any pending timer of the
-same key, and when it fires the driver calls the core's ``on_timer(key, now_ms)``
-(a timer that fires late or after it was replaced is harmless: cores check
-their own deadlines).
+Timers are named by a typed :class:`TimerKey` (which core, which job, which
+timer of it), never by a string a driver would have to split:
+``SetTimer(key, at_ms)`` replaces any pending timer of the same key, and when
+it fires the driver hands the key back (to the core host, which routes it by
+``key.owner``; a core's own ``on_timer(key, now_ms)`` in a table test).  A
+timer that fires late or after it was replaced is harmless: cores check their
+own deadlines.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,17 +56,39 @@ class Unsubscribe:
     topic: str
 
 
+class TimerOwner(str, Enum):
+    """The core a timer belongs to (the host routes a firing by it)."""
+
+    FORMATION = "formation"
+    SUBMITTER = "submitter"
+    MEMBERSHIP = "membership"
+    SETTLEMENT = "settlement"
+    DELIVERY = "delivery"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TimerKey:
+    """A timer's name: its core, its job and which of that job's timers."""
+
+    owner: TimerOwner
+    job_id: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.owner.value}/{self.job_id[:12]}/{self.name}"
+
+
 @dataclass(frozen=True, slots=True)
 class SetTimer:
     """Call ``on_timer(key, now)`` at ``at_ms``; replaces a pending timer of the same key."""
 
-    key: str
+    key: TimerKey
     at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
 class CancelTimer:
-    key: str
+    key: TimerKey
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ from ._actions import (
     Send,
     SetTimer,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
 )
 from ._advert import Advert
@@ -113,7 +115,7 @@ class Submitter:
 
     :meth:`submit` a signed manifest; feed :meth:`on_message` the messages that
     reach this node (direct streams and the per-job topic); :meth:`on_timer` its
-    timers (keys ``s/<job_id>/<name>``); :meth:`cancel` on ``job cancel``;
+    timers (``TimerKey`` owned by ``TimerOwner.SUBMITTER``); :meth:`cancel` on ``job cancel``;
     read :meth:`progress`.
     """
 
@@ -128,8 +130,8 @@ class Submitter:
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
         self.jobs: dict[str, _Submitted] = {}
 
-    def _key(self, job_id: str, name: str) -> str:
-        return f"s/{job_id}/{name}"
+    def _key(self, job_id: str, name: str) -> TimerKey:
+        return TimerKey(TimerOwner.SUBMITTER, job_id, name)
 
     def _set(self, job: _Submitted, state: SubmitterState) -> None:
         job.state = advance(SUBMITTER_TRANSITIONS, job.state, state)
@@ -190,14 +192,13 @@ class Submitter:
 
     # -- timers ---------------------------------------------------------------
 
-    def on_timer(self, key: str, now_ms: int) -> list[Action]:
-        parts = key.split("/")
-        if len(parts) != 3 or parts[0] != "s":
-            raise LocalProtocolError(f"not a submitter timer: {key!r}")
-        job = self.jobs.get(parts[1])
+    def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
+        if key.owner is not TimerOwner.SUBMITTER or key.name not in ("republish", "end"):
+            raise LocalProtocolError(f"not a submitter timer: {key}")
+        job = self.jobs.get(key.job_id)
         if job is None or job.state is not SubmitterState.PUBLISHED:
             return []
-        if parts[2] == "republish":
+        if key.name == "republish":
             if len(job.offers) >= job.sm.manifest.members or job.manifest_sends > self.config.manifest_retries_max:
                 return []
             job.manifest_sends += 1

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _limits as limits
 from . import _schema as s
-from ._actions import Action, CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob
+from ._actions import Action, CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob, TimerKey, TimerOwner
 from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
@@ -173,8 +173,8 @@ class Membership:
         self.checkpoints = 0
         self.stop_reason = ""
         self.seen: dict[str, Observation] = {m: Observation() for m in self.members if m != identity.peer_id}
-        self._hb_key = f"membership/{job_id}/heartbeat"
-        self._check_key = f"membership/{job_id}/check"
+        self._hb_key = TimerKey(TimerOwner.MEMBERSHIP, job_id, "heartbeat")
+        self._check_key = TimerKey(TimerOwner.MEMBERSHIP, job_id, "check")
 
     # --- events -----------------------------------------------------------------
 
@@ -218,7 +218,7 @@ class Membership:
             actions += self._stop(now_ms, f"member {hb.peer_id[:16]} failed the job")
         return actions + self._maybe_done()
 
-    def on_timer(self, key: str, now_ms: int) -> list[Action]:
+    def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
         if key == self._hb_key and self.state == "running":
             return self._beat(now_ms)
         if key == self._check_key:

@@ -39,6 +39,8 @@ from p2pgpu.core import (
     LocalProtocolError,
     PeerMisbehaved,
     Reason,
+    TimerKey,
+    TimerOwner,
     body_of,
     decode,
     encode,
@@ -72,6 +74,10 @@ reopen_grace_ms = 25_000
 ack_items_max = 64
 ACK_STATUSES = ("recorded", "late", "ignored")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def settle_key(job_id: str) -> TimerKey:
+    return TimerKey(TimerOwner.SETTLEMENT, job_id, "settle")
 
 
 def item_hash(wire: bytes) -> bytes:
@@ -180,7 +186,7 @@ class Collector:
             save_collection(self.jobs.db, job_id=sm.job_id, certificate=encode(cert.to_obj()),
                             members=list(cert.members), payout_addresses=c.payout_addresses,
                             confirmed_at_ms=now_ms, deadline_ms=deadline)
-        self.jobs.timers.set(f"x/{sm.job_id}/settle", deadline)
+        self.jobs.timers.set(settle_key(sm.job_id), deadline)
 
     def reopen(self, now_ms: int) -> int:
         """After a restart: rebuild every unsettled collection from the store,
@@ -217,7 +223,7 @@ class Collector:
             self.jobs.counts["collections_reopened"] += 1
             reopened += 1
             at = now_ms if c.complete() else max(row["deadline_ms"], now_ms + reopen_grace_ms)
-            self.jobs.timers.set(f"x/{c.job_id}/settle", at)
+            self.jobs.timers.set(settle_key(c.job_id), at)
         return reopened
 
     def _replay(self, c: Collection, kind: str, sender: str, wire: bytes, received_ms: int) -> None:
@@ -234,9 +240,8 @@ class Collector:
             self._add_outputs(c, sender, body)
         c.items[item_hash(wire)] = kind
 
-    def on_timer(self, key: str, now_ms: int) -> None:
-        parts = key.split("/")
-        c = self.collections.get(parts[1]) if len(parts) == 3 else None
+    def on_timer(self, key: TimerKey, now_ms: int) -> None:
+        c = self.collections.get(key.job_id)
         if c is not None and not c.settled:
             self.settle(c, now_ms)
 
@@ -403,13 +408,13 @@ class Collector:
             # Every proof is in, or the job was stopped (a member lost or the
             # job cancelled): give the co-signatures a little longer, then
             # settle without waiting for proofs that will never come.
-            self.jobs.timers.set(f"x/{c.job_id}/settle", now + cosign_wait_ms)
+            self.jobs.timers.set(settle_key(c.job_id), now + cosign_wait_ms)
 
     # ------------------------------------------------------------- settle
 
     def settle(self, c: Collection, now_ms: int) -> None:
         c.settled = True
-        self.jobs.timers.cancel(f"x/{c.job_id}/settle")
+        self.jobs.timers.cancel(settle_key(c.job_id))
         terms = ProofTerms.from_manifest(c.sm)
         all_cosigns = list(c.cosigns.values())
         verified, verdicts = [], {}

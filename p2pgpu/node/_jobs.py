@@ -39,7 +39,7 @@ from p2pgpu.core import (
 )
 from p2pgpu.core._actions import (
     Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
-    SetTimer, StartJob, StopJob, Subscribe, Unsubscribe,
+    SetTimer, StartJob, StopJob, Subscribe, TimerKey, TimerOwner, Unsubscribe,
 )
 from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import Message, decode_message, message_bytes_max
@@ -361,7 +361,7 @@ class JobsService:
             self.records.make_ours(sm.job_id)
         return rec
 
-    def _fire(self, key: str, now: int) -> None:
+    def _fire(self, key: TimerKey, now: int) -> None:
         try:
             self._fire_unguarded(key, now)
         except (LocalProtocolError, PeerMisbehaved, ValueError, KeyError) as exc:
@@ -369,15 +369,15 @@ class JobsService:
             self.counts["jobs:timer_error"] += 1
             log.exception("timer %s failed (a bug: please report it): %s", key, exc)
 
-    def _fire_unguarded(self, key: str, now: int) -> None:
-        if key.startswith("membership/"):
+    def _fire_unguarded(self, key: TimerKey, now: int) -> None:
+        if key.owner in (TimerOwner.MEMBERSHIP, TimerOwner.DELIVERY):
             if self.runner_obj is not None:
                 self.runner_obj.on_timer(key, now)
-        elif key.startswith("x/"):
+        elif key.owner is TimerOwner.SETTLEMENT:
             self.collector.on_timer(key, now)
-        elif key.startswith("s/"):
+        elif key.owner is TimerOwner.SUBMITTER:
             self.apply(self.submitter.on_timer(key, now), origin="submitter")
-        elif key.startswith("f/") and self.formation is not None:
+        elif key.owner is TimerOwner.FORMATION and self.formation is not None:
             self.apply(self.formation.on_timer(key, now), origin="formation")
 
     # ------------------------------------------------------------- outbound

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pgpu.core import Kind, PeerMisbehaved, Reason, seal
+from p2pgpu.core import Kind, PeerMisbehaved, Reason, TimerKey, TimerOwner, seal
 from p2pgpu.core._actions import StartJob, StopJob
 from p2pgpu.core._membership import Membership
 from p2pgpu.core._outcome import member_state_after, start_refusal
@@ -173,9 +173,9 @@ class Runner:
         self.jobs.apply(mj.membership.on_heartbeat(data, self.jobs.node.now_ms()), origin="membership")
         mj.changed.set()
 
-    def on_timer(self, key: str, now_ms: int) -> None:
-        job_id = key.split("/")[1] if key.count("/") >= 2 else ""
-        if key.endswith("/resend"):
+    def on_timer(self, key: TimerKey, now_ms: int) -> None:
+        job_id = key.job_id
+        if key.owner is TimerOwner.DELIVERY:
             self._resend(job_id, now_ms)
             return
         mj = self.running.get(job_id)
@@ -499,7 +499,7 @@ class Runner:
 
     def _schedule(self, job_id: str) -> None:
         due = [d.next_ms for d in self.pending.values() if d.job_id == job_id]
-        key = f"membership/{job_id}/resend"
+        key = TimerKey(TimerOwner.DELIVERY, job_id, "resend")
         if due:
             self.jobs.timers.set(key, min(due))
         else:

@@ -55,6 +55,8 @@ from p2pgpu.core import (
     StopJob,
     Submitter,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
     Window,
     agreed_prices,
@@ -146,7 +148,7 @@ class JobFlow:
         self.fnodes: list[FormationNode | None] = [None] * n
         self.subs: dict[int, Submitter] = {}
         self.topics: dict[str, dict[int, bool]] = {}
-        self.timers: list[dict[str, int] | None] = [None] * n
+        self.timers: list[dict[TimerKey, int] | None] = [None] * n
         self.jobs: dict[int, Job] = {}
         self.by_job_id: dict[str, int] = {}
         self.formation_ms: list[float] = []
@@ -299,20 +301,20 @@ class JobFlow:
             return True
         return adv.silent_leader and isinstance(msg, (Proposal, Certified))
 
-    def _timers(self, node: int) -> dict[str, int]:
+    def _timers(self, node: int) -> dict[TimerKey, int]:
         t = self.timers[node]
         if t is None:
             t = self.timers[node] = {}
         return t
 
-    def _fire(self, arg: tuple[int, int, str, int]) -> None:
+    def _fire(self, arg: tuple[int, int, TimerKey, int]) -> None:
         node, epoch, key, gen = arg
         w = self.world
         t = self.timers[node]
         if w.net.epoch[node] != epoch or not w.net.up[node] or t is None or t.get(key) != gen:
             return
         now_ms = w.node_now_ms(node)
-        if key.startswith("f/"):
+        if key.owner is TimerOwner.FORMATION:
             fn = self.fnodes[node]
             if fn is not None:
                 self.carry(node, fn.on_timer(key, now_ms))

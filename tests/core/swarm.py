@@ -40,6 +40,8 @@ from p2pgpu.core._actions import (
     StartJob,
     StopJob,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
 )
 from p2pgpu.core._advert import Advert, GpuInfo
@@ -82,7 +84,7 @@ class Peer:
     submitter: Submitter | None = None
     crashed: bool = False
     topics: dict[str, bool] = field(default_factory=dict)
-    timers: dict[str, int] = field(default_factory=dict)
+    timers: dict[TimerKey, int] = field(default_factory=dict)
 
 
 class Swarm:
@@ -250,7 +252,7 @@ class Swarm:
                 _, key, gen = payload
                 if peer.timers.get(key) != gen:
                     return True
-                core: Any = peer.node if key.startswith("f/") else peer.submitter
+                core: Any = peer.node if key.owner is TimerOwner.FORMATION else peer.submitter
                 actions = core.on_timer(key, self.now_ms)
             else:
                 msg = payload[1]

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pgpu.core import Identity, Kind, PeerMisbehaved, Reason, seal
-from p2pgpu.core._actions import CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob
+from p2pgpu.core._actions import CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob, TimerKey, TimerOwner
 from p2pgpu.core._membership import (
     MEMBER_TRANSITIONS,
     Heartbeat,
@@ -40,6 +40,8 @@ from p2pgpu.core._proof import (
 RNG = random.Random(11)
 A, B, C, OUTSIDER = (Identity.from_rng(RNG) for _ in range(4))
 JOB = "cd" * 32
+HB_KEY = TimerKey(TimerOwner.MEMBERSHIP, JOB, "heartbeat")
+CHECK_KEY = TimerKey(TimerOwner.MEMBERSHIP, JOB, "check")
 CERT_HASH = b"\x42" * 32
 MEMBERS = (A.peer_id, B.peer_id, C.peer_id)
 HB, TIMEOUT, GRACE = 1_000, 5_000, 2_000
@@ -67,18 +69,18 @@ def test_start_beats_to_everyone_and_sets_timers() -> None:
     m = core()
     actions = m.start(1_000)
     assert sorted(a.peer_id for a in of(actions, Send)) == sorted([B.peer_id, C.peer_id])
-    assert of(actions, SetTimer) == [SetTimer(f"membership/{JOB}/heartbeat", 2_000),
-                                     SetTimer(f"membership/{JOB}/check", 1_000 + GRACE + TIMEOUT + 1)]
+    assert of(actions, SetTimer) == [SetTimer(HB_KEY, 2_000),
+                                     SetTimer(CHECK_KEY, 1_000 + GRACE + TIMEOUT + 1)]
     hb = decode_heartbeat(of(actions, Send)[0].data).heartbeat
     assert (hb.seq, hb.state, hb.sent_at_ms) == (1, "running", 1_000)
-    assert of(m.on_timer(f"membership/{JOB}/heartbeat", 2_000), Send)[0].data != of(actions, Send)[0].data
+    assert of(m.on_timer(HB_KEY, 2_000), Send)[0].data != of(actions, Send)[0].data
 
 
 def test_heartbeats_carry_the_chain_head() -> None:
     m = core()
     m.start(0)
     m.set_progress(b"\x07" * 32, 3)
-    hb = decode_heartbeat(of(m.on_timer(f"membership/{JOB}/heartbeat", HB), Send)[0].data).heartbeat
+    hb = decode_heartbeat(of(m.on_timer(HB_KEY, HB), Send)[0].data).heartbeat
     assert hb.chain_head == b"\x07" * 32 and hb.checkpoints == 3
 
 
@@ -143,9 +145,9 @@ def test_silent_member_is_lost_exactly_at_the_timeout(policy: str, kinds: list[t
     # B keeps beating; C falls silent after 600 ms.
     for i, t in enumerate(range(1_500, 6_000, 1_000), start=2):
         m.on_heartbeat(beat(B, i), t)
-    assert m.on_timer(f"membership/{JOB}/check", 600 + TIMEOUT) == [SetTimer(f"membership/{JOB}/check",
+    assert m.on_timer(CHECK_KEY, 600 + TIMEOUT) == [SetTimer(CHECK_KEY,
                                                                            600 + TIMEOUT + 1)]
-    actions = m.on_timer(f"membership/{JOB}/check", 600 + TIMEOUT + 1)
+    actions = m.on_timer(CHECK_KEY, 600 + TIMEOUT + 1)
     assert [type(a) for a in actions] == kinds
     assert of(actions, MemberLost)[0].peer_id == C.peer_id
     assert m.seen[C.peer_id].status is MemberStatus.LOST and m.state == state
@@ -160,8 +162,8 @@ def test_never_heard_member_gets_the_start_grace() -> None:
     m.start(0)
     m.on_heartbeat(beat(B, 1), 100)
     m.on_heartbeat(beat(B, 2), GRACE + TIMEOUT)
-    assert of(m.on_timer(f"membership/{JOB}/check", GRACE + TIMEOUT), MemberLost) == []
-    lost = of(m.on_timer(f"membership/{JOB}/check", GRACE + TIMEOUT + 1), MemberLost)
+    assert of(m.on_timer(CHECK_KEY, GRACE + TIMEOUT), MemberLost) == []
+    lost = of(m.on_timer(CHECK_KEY, GRACE + TIMEOUT + 1), MemberLost)
     assert [x.peer_id for x in lost] == [C.peer_id]
 
 
@@ -180,11 +182,11 @@ def test_finished_members_are_not_lost_and_the_job_ends_when_all_are_done() -> N
     m.on_heartbeat(beat(C, 1), 100)
     m.on_heartbeat(beat(B, 2, state="finished"), 900)
     m.on_heartbeat(beat(C, 2), 5_000)
-    assert of(m.on_timer(f"membership/{JOB}/check", 900 + TIMEOUT + 1), MemberLost) == []
+    assert of(m.on_timer(CHECK_KEY, 900 + TIMEOUT + 1), MemberLost) == []
     actions = m.finish(6_000)
     assert {a.peer_id for a in of(actions, Send)} == {C.peer_id}
-    assert CancelTimer(f"membership/{JOB}/heartbeat") in actions and not m.done
-    assert m.on_timer(f"membership/{JOB}/heartbeat", 7_000) == []
+    assert CancelTimer(HB_KEY) in actions and not m.done
+    assert m.on_timer(HB_KEY, 7_000) == []
     m.on_heartbeat(beat(C, 3, state="finished"), 8_000)
     assert m.done and m.alive() == []
 
@@ -194,7 +196,7 @@ def test_lost_member_stays_lost() -> None:
     m = core(policy="continue")
     m.start(0)
     m.on_heartbeat(beat(B, 1), 10)
-    m.on_timer(f"membership/{JOB}/check", GRACE + TIMEOUT + 1)
+    m.on_timer(CHECK_KEY, GRACE + TIMEOUT + 1)
     assert m.seen[C.peer_id].status is MemberStatus.LOST
     assert m.on_heartbeat(beat(C, 1), GRACE + TIMEOUT + 50) == [Emit("membership_heartbeats_ignored")]
     assert m.cosign(C.peer_id) is None
@@ -378,10 +380,10 @@ def test_a_member_cut_off_from_everyone(stop_when_alone: bool) -> None:
     m.on_heartbeat(beat(B, 1), 1_000)
     m.on_heartbeat(beat(C, 1), 1_200)
     assert m.vouched_until_ms() is None
-    first = m.on_timer(f"membership/{JOB}/check", 1_000 + TIMEOUT + 1)
+    first = m.on_timer(CHECK_KEY, 1_000 + TIMEOUT + 1)
     assert [x.peer_id for x in of(first, MemberLost)] == [B.peer_id] and not of(first, StopJob)
     assert m.vouched_until_ms() is None, "C still hears us"
-    second = m.on_timer(f"membership/{JOB}/check", 1_200 + TIMEOUT + 1)
+    second = m.on_timer(CHECK_KEY, 1_200 + TIMEOUT + 1)
     assert [x.peer_id for x in of(second, MemberLost)] == [C.peer_id]
     assert m.vouched_until_ms() == 1_200 + HB
     assert bool(of(second, StopJob)) is stop_when_alone

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pgpu.core import Identity, PeerMisbehaved, Reason
+from p2pgpu.core import Identity, PeerMisbehaved, Reason, TimerKey, TimerOwner
 from p2pgpu.core._actions import Confirmed
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
 from p2pgpu.core._manifest import Manifest, sign_manifest
@@ -35,7 +35,7 @@ from p2pgpu.core._proof import (
     sign_proof,
     verify_proof,
 )
-from p2pgpu.node._collect import ProofAck, ack_wire, item_hash, reopen_grace_ms
+from p2pgpu.node._collect import ProofAck, ack_wire, item_hash, reopen_grace_ms, settle_key
 from p2pgpu.node._jobs import JobsService
 from p2pgpu.node._runner import (
     Runner,
@@ -96,12 +96,12 @@ class Net:
         end = self.now + ms
         while True:
             due = [(at, key, pid) for pid, j in self.nodes.items() if pid not in self.down
-                   for key, at in j.timers._due.items() if at <= end]
+                   for key, at in j.timers.due().items() if at <= end]
             if not due:
                 break
             at, key, pid = min(due)
             self.now = max(self.now, at)
-            del self.nodes[pid].timers._due[key]
+            self.nodes[pid].timers.cancel(key)
             self.nodes[pid]._fire(key, self.now)
         self.now = end
 
@@ -187,7 +187,7 @@ def test_proofs_sent_while_the_submitter_is_down_settle_after_its_restart(cluste
     c.net.down.discard(S.peer_id)
     col = s.collector.collections[c.job]
     assert not col.settled and not col.proofs
-    assert s.timers._due[f"x/{c.job}/settle"] >= c.net.now + reopen_grace_ms
+    assert s.timers.due()[settle_key(c.job)] >= c.net.now + reopen_grace_ms
     assert s.records[c.job].state == "confirmed"
     c.net.advance(resend_interval_ms_max)  # the members' next resends arrive
     assert col.settled and s.records[c.job].state == "succeeded"
@@ -197,7 +197,7 @@ def test_proofs_sent_while_the_submitter_is_down_settle_after_its_restart(cluste
     assert sorted(p["proof_hash"] for p in payouts(s.db)) == sorted(p["proof_hash"] for p in got)
     for m in (A, B):  # acknowledged: nothing left to resend, nor after their restart
         j = c.net.nodes[m.peer_id]
-        assert not j.runner_obj.pending and f"membership/{c.job}/resend" not in j.timers._due
+        assert not j.runner_obj.pending and TimerKey(TimerOwner.DELIVERY, c.job, "resend") not in j.timers.due()
         assert all(d["ack_status"] == "recorded" for d in deliveries_of(j.db, c.job))
         assert not restart(c, m).runner_obj.pending
 
