@@ -23,7 +23,7 @@ from ._advert import (
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, open_envelope, protocol_version, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity, peer_id_from_public_key, public_key_from_peer_id, verify_signature
+from ._identity import Identity, Verifier, peer_id_from_public_key, public_key_from_peer_id, verify_signature
 from ._matching import Explanation, Requirement, Requirements, exclusion, explain, matching
 from ._proof import (
     Checkpoint,
@@ -67,6 +67,7 @@ __all__ = [
     "Requirement",
     "Requirements",
     "SignedAdvert",
+    "Verifier",
     "advert_key",
     "body_of",
     "class_key",

@@ -31,7 +31,7 @@ from ._advert import RUNTIMES, is_solana_address, parse_compute_capability
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
-from ._identity import Identity, public_key_from_peer_id
+from ._identity import Identity, Verifier, public_key_from_peer_id
 from ._matching import Requirements, nodes_max
 
 #: Members of one cluster (nodes x replicas) at most.
@@ -699,11 +699,12 @@ def check_manifest_time(sm: SignedManifest, now_ms: int, clock_skew_ms: int = cl
         raise PeerMisbehaved(Reason.EXPIRED, "manifest has expired")
 
 
-def verify_manifest(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max) -> SignedManifest:
+def verify_manifest(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max,
+                    verify: Verifier | None = None) -> SignedManifest:
     """Decode, verify and time-check manifest bytes, or raise ``PeerMisbehaved``
     (OVERSIZED, MALFORMED, BAD_SIGNATURE, BAD_SCHEMA, SIGNER_MISMATCH, EXPIRED...)."""
     obj = decode(data, size_max=Kind.MANIFEST.bytes_max, canonical=True)
-    sm = manifest_from_envelope(envelope_from_obj(obj, expected=Kind.MANIFEST))
+    sm = manifest_from_envelope(envelope_from_obj(obj, expected=Kind.MANIFEST, verify=verify))
     check_manifest_time(sm, now_ms, clock_skew_ms)
     return sm
 

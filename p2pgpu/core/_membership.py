@@ -36,7 +36,7 @@ from ._actions import Action, CancelTimer, Emit, MemberLost, Send, SetTimer, Sto
 from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity
+from ._identity import Identity, Verifier
 from ._proof import Cosign, SignedCosign, chain_genesis, digest_bytes, sign_cosign
 
 POLICIES = ("fail", "continue")
@@ -102,10 +102,10 @@ def sign_heartbeat(identity: Identity, hb: Heartbeat) -> SignedHeartbeat:
     return SignedHeartbeat(hb, seal(identity, Kind.HEARTBEAT, hb.to_obj()))
 
 
-def decode_heartbeat(data: bytes) -> SignedHeartbeat:
+def decode_heartbeat(data: bytes, *, verify: Verifier | None = None) -> SignedHeartbeat:
     """Bytes to a verified heartbeat, or ``PeerMisbehaved`` (never another exception)."""
     env = envelope_from_obj(decode(data, size_max=Kind.HEARTBEAT.bytes_max, canonical=True),
-                            expected=Kind.HEARTBEAT)
+                            expected=Kind.HEARTBEAT, verify=verify)
     hb = Heartbeat.from_obj(body_of(env))
     if env.signer_peer_id != hb.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "heartbeat not signed by its sender")
@@ -150,7 +150,8 @@ class Membership:
     def __init__(self, *, identity: Identity, job_id: str, cert_hash: bytes, members: Sequence[str],
                  policy: str, heartbeat_interval_ms: int = heartbeat_interval_ms_default,
                  member_timeout_ms: int = member_timeout_ms_default,
-                 start_grace_ms: int = start_grace_ms_default, stop_when_alone: bool = True) -> None:
+                 start_grace_ms: int = start_grace_ms_default, stop_when_alone: bool = True,
+                 verify: Verifier | None = None) -> None:
         if identity.peer_id not in members or len(set(members)) != len(members) or len(members) > members_max:
             raise LocalProtocolError("members must be distinct, at most members_max, and include us")
         if policy not in POLICIES:
@@ -166,6 +167,8 @@ class Membership:
         self.member_timeout_ms = member_timeout_ms
         self.start_grace_ms = start_grace_ms
         self.stop_when_alone = stop_when_alone
+        #: Checks heartbeats' signatures (default: the real Ed25519 check).
+        self.verify = verify
         self.state = "new"  # new -> running -> finished | failed
         self.started_at_ms = 0
         self.seq = 0
@@ -194,7 +197,7 @@ class Membership:
     def on_heartbeat(self, data: bytes, now_ms: int) -> list[Action]:
         """A heartbeat arrived.  Raises ``PeerMisbehaved`` for bad input
         (the driver penalises the sender); returns the actions it causes."""
-        hb = decode_heartbeat(data).heartbeat
+        hb = decode_heartbeat(data, verify=self.verify).heartbeat
         if hb.job_id != self.job_id or hb.cert_hash != self.cert_hash:
             raise PeerMisbehaved(Reason.UNKNOWN_JOB, "heartbeat for another job or cluster")
         obs = self.seen.get(hb.peer_id)

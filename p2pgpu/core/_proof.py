@@ -32,7 +32,7 @@ from . import _schema as s
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity
+from ._identity import Identity, Verifier
 
 digest_bytes = 32
 gpus_max = limits.gpus_per_node_max
@@ -353,18 +353,20 @@ def sign_cosign(identity: Identity, cosign: Cosign) -> SignedCosign:
     return SignedCosign(cosign, seal(identity, Kind.COSIGN, cosign.to_obj()))
 
 
-def decode_proof(data: bytes) -> SignedProof:
+def decode_proof(data: bytes, *, verify: Verifier | None = None) -> SignedProof:
     """Bytes to a signed proof whose signature, schema and signer were checked,
     or ``PeerMisbehaved`` (never another exception)."""
-    env = envelope_from_obj(decode(data, size_max=Kind.PROOF.bytes_max, canonical=True), expected=Kind.PROOF)
+    env = envelope_from_obj(decode(data, size_max=Kind.PROOF.bytes_max, canonical=True), expected=Kind.PROOF,
+                            verify=verify)
     proof = Proof.from_obj(body_of(env))
     if env.signer_peer_id != proof.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "proof not signed by its member")
     return SignedProof(proof, env)
 
 
-def decode_cosign(data: bytes) -> SignedCosign:
-    env = envelope_from_obj(decode(data, size_max=Kind.COSIGN.bytes_max, canonical=True), expected=Kind.COSIGN)
+def decode_cosign(data: bytes, *, verify: Verifier | None = None) -> SignedCosign:
+    env = envelope_from_obj(decode(data, size_max=Kind.COSIGN.bytes_max, canonical=True), expected=Kind.COSIGN,
+                            verify=verify)
     cosign = Cosign.from_obj(body_of(env))
     if env.signer_peer_id != cosign.observer:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "co-signature not signed by its observer")
@@ -470,11 +472,12 @@ class VerifiedProof:
         return self.signed.proof
 
 
-def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes]) -> SignedCosign | str:
+def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes],
+                   verify: Verifier | None = None) -> SignedCosign | str:
     """The co-signature, or why it is ignored (a bad co-signature is the
     co-signer's fault, never the proof's)."""
     try:
-        sc = c if isinstance(c, SignedCosign) else decode_cosign(c)
+        sc = c if isinstance(c, SignedCosign) else decode_cosign(c, verify=verify)
     except PeerMisbehaved as exc:
         return f"undecodable: {exc}"
     co = sc.cosign
@@ -488,7 +491,8 @@ def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes]) 
 
 
 def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: ProofTerms,
-                 cosigns: Sequence[SignedCosign | bytes] = (), window: Window | None = None) -> VerifiedProof:
+                 cosigns: Sequence[SignedCosign | bytes] = (), window: Window | None = None,
+                 verify: Verifier | None = None) -> VerifiedProof:
     """Check one proof against the confirmed certificate, the job's terms and
     what was observed of it, or raise :class:`ProofRejected`.  ``window`` is
     the submitter's own observation of this member (the submitter always
@@ -496,7 +500,7 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
     ``None`` only for a third party re-checking proofs without the
     submitter's record.  Rules, in order: docs/proofs.md."""
     try:
-        sp = proof if isinstance(proof, SignedProof) else decode_proof(proof)
+        sp = proof if isinstance(proof, SignedProof) else decode_proof(proof, verify=verify)
     except PeerMisbehaved as exc:
         fault = {Reason.BAD_SIGNATURE: ProofFault.BAD_SIGNATURE,
                  Reason.SIGNER_MISMATCH: ProofFault.SIGNER_MISMATCH}.get(exc.reason, ProofFault.MALFORMED)
@@ -528,7 +532,7 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
     used: dict[str, SignedCosign] = {}
     ignored: list[tuple[str, str]] = []
     for c in cosigns:
-        got = _usable_cosign(c, p, cert, heads)
+        got = _usable_cosign(c, p, cert, heads, verify)
         if isinstance(got, str):
             ignored.append(("?", got))
         elif got.cosign.observer in used:
