@@ -883,7 +883,7 @@ class FormationNode:
     def _t_run(self, job: _Job, now_ms: int) -> list[Action]:
         if job.state is not WorkerState.RUNNING:
             return []
-        actions: list[Action] = [StopJob(job.job_id, "past duration_s_max")]
+        actions: list[Action] = [StopJob(job.job_id, "past duration_s_max", "time_limit")]
         actions += self._close(job, "past duration_s_max", now_ms)
         self._forget(job.job_id)
         return actions

@@ -148,7 +148,14 @@ class Submitter:
         if sm.job_id in self.jobs:
             raise LocalProtocolError("job already submitted")
         if len(self.jobs) >= self.config.jobs_max:
-            raise LocalProtocolError("too many jobs submitted; forget finished ones first")
+            # Full: the oldest job that already ended (failed or cancelled) goes
+            # first; jobs still forming or running never do.
+            done = next((j for j, s in self.jobs.items()
+                         if s.state in (SubmitterState.FAILED, SubmitterState.CANCELLED)), None)
+            if done is None:
+                raise LocalProtocolError(f"{len(self.jobs)} jobs of this node are forming or running: "
+                                         "wait for some to end")
+            self.forget(done)
         deadline = min(sm.manifest.expires_at_ms, now_ms + self.config.formation_timeout_ms)
         self.jobs[sm.job_id] = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=now_ms,
                                           deadline_ms=deadline)
@@ -173,7 +180,9 @@ class Submitter:
         return actions + [Cancelled(job_id, reason)]
 
     def forget(self, job_id: str) -> None:
-        """Drop a finished job's record (the driver keeps its own history)."""
+        """Drop a finished job's record (the driver keeps its own history).
+        The core host calls it when the job is settled, or a while after it
+        failed or was cancelled."""
         self.jobs.pop(job_id, None)
 
     def progress(self, job_id: str) -> JobProgress | None:
@@ -193,8 +202,14 @@ class Submitter:
     # -- timers ---------------------------------------------------------------
 
     def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
-        if key.owner is not TimerOwner.SUBMITTER or key.name not in ("republish", "end"):
+        if key.owner is not TimerOwner.SUBMITTER or key.name not in ("republish", "end", "forget"):
             raise LocalProtocolError(f"not a submitter timer: {key}")
+        if key.name == "forget":
+            # Set by the host a while after the job failed or was cancelled.
+            forgotten = self.jobs.get(key.job_id)
+            if forgotten is not None and forgotten.state in (SubmitterState.FAILED, SubmitterState.CANCELLED):
+                self.forget(key.job_id)
+            return []
         job = self.jobs.get(key.job_id)
         if job is None or job.state is not SubmitterState.PUBLISHED:
             return []

@@ -197,7 +197,11 @@ class Membership:
     def on_heartbeat(self, data: bytes, now_ms: int) -> list[Action]:
         """A heartbeat arrived.  Raises ``PeerMisbehaved`` for bad input
         (the driver penalises the sender); returns the actions it causes."""
-        hb = decode_heartbeat(data, verify=self.verify).heartbeat
+        return self.on_signed_heartbeat(decode_heartbeat(data, verify=self.verify), now_ms)
+
+    def on_signed_heartbeat(self, shb: SignedHeartbeat, now_ms: int) -> list[Action]:
+        """A heartbeat already decoded and verified (the host decodes once)."""
+        hb = shb.heartbeat
         if hb.job_id != self.job_id or hb.cert_hash != self.cert_hash:
             raise PeerMisbehaved(Reason.UNKNOWN_JOB, "heartbeat for another job or cluster")
         obs = self.seen.get(hb.peer_id)
@@ -218,7 +222,7 @@ class Membership:
         obs.status = MEMBER_TRANSITIONS.get((obs.status, event), obs.status)
         actions: list[Action] = [Emit("membership_heartbeats")]
         if obs.status is MemberStatus.FAILED and self.state == "running":
-            actions += self._stop(now_ms, f"member {hb.peer_id[:16]} failed the job")
+            actions += self._stop(now_ms, f"member {hb.peer_id[:16]} failed the job", "job_failed")
         return actions + self._maybe_done()
 
     def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
@@ -235,6 +239,10 @@ class Membership:
             return []
         self.state = "finished"
         return self._beat(now_ms, "finished") + [CancelTimer(self._hb_key)] + self._maybe_done()
+
+    def stop_watching(self) -> list[Action]:
+        """We are done with this job (co-signatures handed over): no more timers."""
+        return [CancelTimer(self._check_key), CancelTimer(self._hb_key)]
 
     # --- queries -----------------------------------------------------------------------
 
@@ -310,18 +318,19 @@ class Membership:
                                        reason=f"no heartbeat for more than {self.member_timeout_ms} ms"),
                             Emit("membership_members_lost")]
                 if self.policy == "fail" and self.state == "running":
-                    actions += self._stop(now_ms, f"member {m[:16]} lost and the policy is fail")
+                    actions += self._stop(now_ms, f"member {m[:16]} lost and the policy is fail", "member_lost")
         if self.stop_when_alone and self.state == "running" and self.seen and all(
                 o.status is MemberStatus.LOST for o in self.seen.values()):
-            actions += self._stop(now_ms, "cut off from every other member: nobody can vouch for more work")
+            actions += self._stop(now_ms, "cut off from every other member: nobody can vouch for more work",
+                                  "member_lost")
         if not self.done:
             actions += self._schedule_check(now_ms)
         return actions + self._maybe_done()
 
-    def _stop(self, now_ms: int, reason: str) -> list[Action]:
+    def _stop(self, now_ms: int, reason: str, cause: str) -> list[Action]:
         """Policy ``fail`` (or a member that failed): stop here and tell the rest."""
         self.state, self.stop_reason = "failed", reason
-        return [StopJob(job_id=self.job_id, reason=reason)] + self._beat(now_ms, "failed") + [
+        return [StopJob(job_id=self.job_id, reason=reason, cause=cause)] + self._beat(now_ms, "failed") + [
             CancelTimer(self._hb_key)]
 
     def _maybe_done(self) -> list[Action]:

@@ -586,7 +586,7 @@ class Owed:
     gpu_ms: int
     price_per_gpu_hour: int
     amount: int
-    status: str  # "paid" (owed), "outside_quorum", "no_quorum"
+    status: str  # "paid" (owed), "outside_quorum" (nothing), "no_quorum" (its time: nobody can tell)
 
 
 def quorum_digests(proofs: Sequence[VerifiedProof], terms: ProofTerms) -> dict[int, bytes | None]:
@@ -617,8 +617,11 @@ def owed(proofs: Sequence[VerifiedProof], *, terms: ProofTerms,
     ``amount = gpu_ms * price // 3_600_000`` (floor: never more than the
     time served at the price), where ``price`` is the member's agreed price
     per GPU-hour (``prices``, e.g. from its offer) capped at the manifest's
-    ceiling, or the ceiling when none was agreed.  With ``replicas > 1`` only
-    proofs whose output digest is the quorum's for their rank are paid.
+    ceiling, or the ceiling when none was agreed.  With ``replicas > 1`` a
+    proof whose output differs from its rank's quorum digest is paid nothing
+    (``outside_quorum``: the other replicas agree it is wrong); where no
+    digest reaches a quorum (``no_quorum``) nobody can tell who is right, and
+    each is paid its time served, as every member of a failed job is.
     One proof per member counts (the first by proof hash); duplicates are dropped.
     """
     prices = prices or {}
@@ -638,7 +641,7 @@ def owed(proofs: Sequence[VerifiedProof], *, terms: ProofTerms,
         if terms.replicas > 1:
             win = winners.get(vp.rank)
             status = "no_quorum" if win is None else ("paid" if p.output_digest == win else "outside_quorum")
-        amount = p.gpu_ms * max(price, 0) // ms_per_hour if status == "paid" else 0
+        amount = p.gpu_ms * max(price, 0) // ms_per_hour if status != "outside_quorum" else 0
         rows.append(Owed(peer_id=p.peer_id, proof_hash=vp.signed.proof_hash, gpu_ms=p.gpu_ms,
                          price_per_gpu_hour=price, amount=amount, status=status))
     return rows

@@ -278,12 +278,17 @@ def test_quorum_pays_the_majority_only() -> None:
     assert rows[A.peer_id].status == rows[B.peer_id].status == "paid" and rows[A.peer_id].amount > 0
 
 
-def test_no_quorum_pays_nobody() -> None:
+def test_no_quorum_pays_each_its_time_served() -> None:
+    """Nobody can tell which replica is right: each is owed its time, as every
+    member of a failed job is (it was 0, and an honest replica tied with a
+    liar went unpaid)."""
     third = output_digest([], b"\x02" * 32)
     vps = [verified(A, REPL, CERT), verified(B, REPL, CERT, digest=OTHER_DIGEST),
            verified(C, REPL, CERT, digest=third)]
     assert quorum_digests(vps, REPL) == {0: None}
-    assert {r.status for r in owed(vps, terms=REPL)} == {"no_quorum"}
+    rows = owed(vps, terms=REPL)
+    assert {r.status for r in rows} == {"no_quorum"}
+    assert all(r.amount == r.gpu_ms * r.price_per_gpu_hour // 3_600_000 > 0 for r in rows)
     # A tie at quorum 1 is no quorum either.
     tie = dataclasses.replace(REPL, replicas=2, quorum=1)
     assert quorum_digests(vps[:2], tie) == {0: None}
