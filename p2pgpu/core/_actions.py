@@ -258,6 +258,8 @@ class MemberLine:
     exit_code: int | None = None
     end_reason: str = ""
     output_digest: bytes = b""
+    #: For a refused proof: the rule it broke (a ``ProofFault`` name).
+    fault: str = ""
 
     @property
     def succeeded(self) -> bool:
@@ -294,6 +296,17 @@ class Settled:
     #: Each member's outputs list, as its ``outputs`` message named them.
     outputs: dict[str, list[dict[str, Any]]]
 
+
+
+@dataclass(frozen=True, slots=True)
+class LateLine:
+    """A member's proof came after the job settled (held up, e.g. by a
+    partition between it and the submitter), before its deadline: store this
+    line and what it owes as ``Settled`` would have; the job's outcome stays."""
+
+    job_id: str
+    currency: str
+    line: MemberLine
 
 
 # -- a member's deliveries to the submitter (core/_member.py) -------------------------
@@ -394,6 +407,6 @@ class MemberMessage:
 Action = (
     Send | Publish | Subscribe | Unsubscribe | SetTimer | CancelTimer | Emit
     | Reserved | Released | StartJob | StopJob | Confirmed | Failed | Cancelled | MemberLost
-    | CollectionOpened | ItemTaken | LogsTaken | LookupCollection | Settled | HandOver | DeliveryDone
+    | CollectionOpened | ItemTaken | LogsTaken | LookupCollection | Settled | LateLine | HandOver | DeliveryDone
     | Refused | JobSeen | NotVolunteering | CheckBalance | MemberDone | PaidNotice | MemberMessage
 )

@@ -102,6 +102,19 @@ class _Submitted:
     #: the volunteers the rightful-leader rule counts).
     adverts: dict[str, Advert] = field(default_factory=dict)
     refusal: str = ""
+    #: The job ran and was settled (the host says so): nothing more to do for it.
+    settled: bool = False
+
+    @property
+    def over(self) -> bool:
+        """Nothing more can happen to the job: it failed, was cancelled, or ran and settled."""
+        return self.state in (SubmitterState.FAILED, SubmitterState.CANCELLED) or self.settled
+
+    def forget_at_ms(self, config: FormationConfig) -> int:
+        """When every volunteer's formation core has let the job go (its end
+        timer: the deadline plus a lease and its grace): until then the
+        submitter answers late leaders and members with the CONFIRM or CANCEL."""
+        return self.deadline_ms + config.lease_ms + config.lease_grace_ms
 
 
 #: Proposals a submitter keeps per job for assembling certificates itself,
@@ -150,8 +163,7 @@ class Submitter:
         if len(self.jobs) >= self.config.jobs_max:
             # Full: the oldest job that already ended (failed or cancelled) goes
             # first; jobs still forming or running never do.
-            done = next((j for j, s in self.jobs.items()
-                         if s.state in (SubmitterState.FAILED, SubmitterState.CANCELLED)), None)
+            done = next((j for j, s in self.jobs.items() if s.over), None)
             if done is None:
                 raise LocalProtocolError(f"{len(self.jobs)} jobs of this node are forming or running: "
                                          "wait for some to end")
@@ -179,6 +191,23 @@ class Submitter:
         self._set(job, SubmitterState.CANCELLED)
         return actions + [Cancelled(job_id, reason)]
 
+    def decided(self, job_id: str) -> list[Action]:
+        """The job was confirmed, failed or cancelled: forget it once no
+        volunteer works on it any more (and, if it ran, once it is settled)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return []
+        return [SetTimer(self._key(job_id, "forget"), job.forget_at_ms(self.config))]
+
+    def settled(self, job_id: str, now_ms: int) -> None:
+        """The job ran and was settled: forgotten now if its forget time passed."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.settled = True
+        if now_ms >= job.forget_at_ms(self.config):
+            self.forget(job_id)
+
     def forget(self, job_id: str) -> None:
         """Drop a finished job's record (the driver keeps its own history).
         The core host calls it when the job is settled, or a while after it
@@ -205,9 +234,9 @@ class Submitter:
         if key.owner is not TimerOwner.SUBMITTER or key.name not in ("republish", "end", "forget"):
             raise LocalProtocolError(f"not a submitter timer: {key}")
         if key.name == "forget":
-            # Set by the host a while after the job failed or was cancelled.
+            # Set when the job was decided, for when no volunteer still works on it.
             forgotten = self.jobs.get(key.job_id)
-            if forgotten is not None and forgotten.state in (SubmitterState.FAILED, SubmitterState.CANCELLED):
+            if forgotten is not None and forgotten.over:
                 self.forget(key.job_id)
             return []
         job = self.jobs.get(key.job_id)

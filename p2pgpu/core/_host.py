@@ -38,9 +38,10 @@ What the host owns:
   (:func:`~p2pgpu.core._member.member_proof`); the deliveries to the
   submitter, resent until acknowledged.
 - **The submitter's side**: ``Settlement`` opens when the job is confirmed
-  and settles it; the submitter core forgets each job when it is settled,
-  or a while after it failed or was cancelled, so a long-running daemon
-  never fills its table (it once refused every ``job submit`` after 1,024).
+  and settles it; the submitter core forgets each job once no volunteer can
+  still be working on it (and, if it ran, once it settled), so a
+  long-running daemon never fills its table (it once refused every
+  ``job submit`` after 1,024).
 
 Like every core it never awaits and never reads a clock: ``now_ms`` comes
 with every call, and the candidate lists and advert lookups are functions
@@ -98,6 +99,7 @@ from ._member import (
     outputs_wire,
 )
 from ._membership import Membership, decode_heartbeat
+from ._proof import SignedProof
 from ._settlement import DEFAULT_SETTLEMENT, Settlement, SettlementConfig
 
 #: Every signed message to one peer or topic is at most this long (a CONFIRM
@@ -139,10 +141,6 @@ class HostConfig:
     formation: FormationConfig = DEFAULT_CONFIG
     member: MemberConfig = DEFAULT_MEMBER
     settlement: SettlementConfig = DEFAULT_SETTLEMENT
-    #: How long the submitter core remembers a job that failed or was
-    #: cancelled before it was confirmed (it answers late volunteers with the
-    #: CANCEL meanwhile).
-    forget_after_ms: int = 60_000
 
 
 Candidates = Callable[[SignedManifest, int], "list[str] | None"]
@@ -239,10 +237,13 @@ class Host:
         if run is not None:
             run.membership.set_progress(chain_head, checkpoints)
 
-    def member_ended(self, job_id: str, part: PartEnded, now_ms: int) -> list[Action]:
+    def member_ended(self, job_id: str, part: PartEnded, now_ms: int, *,
+                     proof: SignedProof | None = None) -> list[Action]:
         """Our part ended: sign the proof, hand it (and the outputs list) to the
         submitter, tell the others, and keep watching them until they are done
-        (our co-signatures vouch for their time) or the watch runs out."""
+        (our co-signatures vouch for their time) or the watch runs out.
+        ``proof``: one the driver signed itself instead (only the simulator's
+        lying adversaries do)."""
         run = self.members.get(job_id)
         if run is None or run.ended:
             return []
@@ -251,13 +252,14 @@ class Host:
         cfg = self.config.member
 
         def go(c: _Call) -> None:
-            proof = member_proof(self.identity, job_id=job_id, cert_hash=start.certificate.digest, part=part,
-                                 duration_ms_max=m.duration_s_max * 1000, stop_cause=run.stop_cause,
-                                 vouched_until_ms=run.membership.vouched_until_ms())
+            signed = proof or member_proof(
+                self.identity, job_id=job_id, cert_hash=start.certificate.digest, part=part,
+                duration_ms_max=m.duration_s_max * 1000, stop_cause=run.stop_cause,
+                vouched_until_ms=run.membership.vouched_until_ms())
             price = min(self._agreed_price(start), m.price_per_gpu_hour_max)
-            items = [("outputs", outputs_wire(self.identity, job_id, proof, part.outputs)), ("proof", proof.wire)]
+            items = [("outputs", outputs_wire(self.identity, job_id, signed, part.outputs)), ("proof", signed.wire)]
             self._observe(c, self.deliveries.hand_over(
-                job_id, m.submitter, items, now_ms, earning=(proof.proof_hash, expected_earning(proof, price),
+                job_id, m.submitter, items, now_ms, earning=(signed.proof_hash, expected_earning(signed, price),
                                                              m.currency),
                 proof_signed=True, observed=observed(run.membership)))
             self._observe(c, run.membership.finish(now_ms))
@@ -288,9 +290,17 @@ class Host:
         return self._run(now_ms, lambda c: self._observe(c, self.deliveries.hand_over(
             job_id, dest, items, now_ms, **marks)))
 
-    def forget_settled(self, job_id: str) -> None:
-        """The driver stored a ``Settled`` outcome: forget the collection."""
-        self.settlement.forget(job_id)
+    def on_stored(self, job_id: str, sender: str, item_hash: bytes, *, members: list[str] | None, stored: bool,
+                  now_ms: int) -> list[Action]:
+        """The driver's answer to a ``LookupCollection``: the stored job's
+        members (``None``: never confirmed here) and whether it stored this item."""
+        def go(c: _Call) -> None:
+            try:
+                self._observe(c, self.settlement.stored_ack(job_id, sender, item_hash, members=members,
+                                                            stored=stored))
+            except PeerMisbehaved as exc:
+                c.out.append(Refused(exc.reason, exc.detail))
+        return self._run(now_ms, go)
 
     # -- messages -----------------------------------------------------------------------
 
@@ -336,13 +346,13 @@ class Host:
                 sub = self.submitter.jobs.get(a.job_id)
                 if sub is not None:
                     self._observe(c, self.settlement.open(sub.sm, a.certificate, c.now_ms))
+                c.out += self.submitter.decided(a.job_id)
             elif isinstance(a, (Failed, Cancelled)):
                 if isinstance(a, Cancelled):
                     self.settlement.note_cancel(a.job_id, a.reason)
-                c.out.append(SetTimer(TimerKey(TimerOwner.SUBMITTER, a.job_id, "forget"),
-                                      c.now_ms + self.config.forget_after_ms))
+                c.out += self.submitter.decided(a.job_id)
             elif isinstance(a, Settled):
-                self.submitter.forget(a.job_id)
+                self.submitter.settled(a.job_id, c.now_ms)
 
     def _handle(self, c: _Call, data: bytes, via: Via) -> None:
         before = len(c.out)

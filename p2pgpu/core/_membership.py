@@ -186,6 +186,9 @@ class Membership:
         if self.state != "new":
             raise LocalProtocolError("membership already started")
         self.state, self.started_at_ms = "running", now_ms
+        failed = next((m for m, o in self.seen.items() if o.status is MemberStatus.FAILED), None)
+        if failed is not None:  # it failed the job before we even started
+            return self._stop(now_ms, f"member {failed[:16]} failed the job", "job_failed")
         return self._beat(now_ms) + self._schedule_check(now_ms)
 
     def set_progress(self, chain_head: bytes, checkpoints: int) -> None:
@@ -211,8 +214,11 @@ class Membership:
             raise PeerMisbehaved(Reason.REPLAYED, f"seq {hb.seq} <= {obs.last_seq}")
         if hb.sent_at_ms > now_ms + clock_skew_ms_max:
             raise PeerMisbehaved(Reason.NOT_YET_VALID, "heartbeat sent in the future")
-        if self.state == "new" or obs.status is not MemberStatus.ALIVE:
+        if obs.status is not MemberStatus.ALIVE:
             return [Emit("membership_heartbeats_ignored")]
+        # Heard before our own part started (the member's confirmation, or its
+        # runtime, came first): an observation all the same, which our
+        # co-signature vouches for; loss is only judged once we run.
         obs.last_seq = hb.seq
         obs.first_seen_ms = now_ms if obs.first_seen_ms is None else obs.first_seen_ms
         obs.last_seen_ms = now_ms
@@ -221,6 +227,8 @@ class Membership:
         event = "heartbeat" if hb.state == "running" else hb.state
         obs.status = MEMBER_TRANSITIONS.get((obs.status, event), obs.status)
         actions: list[Action] = [Emit("membership_heartbeats")]
+        if self.state == "new":
+            return actions
         if obs.status is MemberStatus.FAILED and self.state == "running":
             actions += self._stop(now_ms, f"member {hb.peer_id[:16]} failed the job", "job_failed")
         return actions + self._maybe_done()
@@ -291,7 +299,12 @@ class Membership:
         hb = Heartbeat(job_id=self.job_id, cert_hash=self.cert_hash, peer_id=self.identity.peer_id, seq=self.seq,
                        sent_at_ms=now_ms, state=state, chain_head=self.chain_head, checkpoints=self.checkpoints)
         data = sign_heartbeat(self.identity, hb).envelope.to_bytes()
-        actions: list[Action] = [Send(peer_id=m, data=data) for m in self.alive()]
+        # To every member still there: running, finished or failed, they all
+        # keep watching us (a co-signature vouches for our time until our end,
+        # and a member we stop telling would take us for lost).  Only the lost
+        # are gone.
+        actions: list[Action] = [Send(peer_id=m, data=data) for m, o in self.seen.items()
+                                 if o.status is not MemberStatus.LOST]
         if state == "running":
             actions.append(SetTimer(self._hb_key, now_ms + self.heartbeat_interval_ms))
         return actions
@@ -299,7 +312,8 @@ class Membership:
     def _deadline(self, o: Observation) -> int:
         if o.last_seen_ms is None:
             return self.started_at_ms + self.start_grace_ms + self.member_timeout_ms
-        return o.last_seen_ms + self.member_timeout_ms
+        # Heard before we started: its silence counts from our start.
+        return max(o.last_seen_ms, self.started_at_ms) + self.member_timeout_ms
 
     def _schedule_check(self, now_ms: int) -> list[Action]:
         deadlines = [self._deadline(o) for o in self.seen.values() if o.status is MemberStatus.ALIVE]

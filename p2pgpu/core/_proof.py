@@ -64,6 +64,8 @@ class ProofFault(IntEnum):
     BAD_TIMES = 8
     OVER_DURATION = 9
     OVER_GPU_TIME = 10
+    #: No longer raised: a claim beyond what the co-signers saw is paid up to
+    #: their observation (``VerifiedProof.paid_gpu_ms``).  Kept: its number is stable.
     OVER_OBSERVED = 11
     NOT_OBSERVED = 12
     BROKEN_CHAIN = 13
@@ -471,6 +473,23 @@ class VerifiedProof:
     def proof(self) -> Proof:
         return self.signed.proof
 
+    @property
+    def paid_gpu_ms(self) -> int:
+        """The GPU time this proof is paid for: what it claims, but no more
+        than its GPUs times what the observations allowed (a claim beyond what
+        the co-signers saw is paid up to their observation, not refused: a
+        member that a partition cut off from them served that time too, and
+        nobody can vouch for more)."""
+        p = self.proof
+        if self.bound_ms is None:
+            return p.gpu_ms
+        return min(p.gpu_ms, len(p.gpus) * max(0, self.bound_ms))
+
+    @property
+    def capped(self) -> bool:
+        """Whether the claim went beyond what was observed (and is paid only up to it)."""
+        return self.paid_gpu_ms < self.proof.gpu_ms
+
 
 def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes],
                    verify: Verifier | None = None) -> SignedCosign | str:
@@ -547,9 +566,8 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
         raise ProofRejected(ProofFault.OVER_WINDOW,
                             f"served {p.duration_ms} ms, but only {window.ms} ms passed between the "
                             "confirmation and its results")
-    if observed is not None and p.duration_ms > _cosigned_bound_ms(terms, observed):
-        raise ProofRejected(ProofFault.OVER_OBSERVED,
-                            f"served {p.duration_ms} ms, co-signers saw at most {observed} ms")
+    # A claim beyond what the co-signers saw (OVER_OBSERVED) is not refused: it
+    # is paid up to that observation plus the tolerance (``paid_gpu_ms``).
     index = members.index(p.peer_id)
     return VerifiedProof(signed=sp, rank=index % terms.nodes, replica=index // terms.nodes,
                          cosigners=tuple(sorted(used)), observed_ms=observed, cosigns_ignored=tuple(ignored),
@@ -641,7 +659,7 @@ def owed(proofs: Sequence[VerifiedProof], *, terms: ProofTerms,
         if terms.replicas > 1:
             win = winners.get(vp.rank)
             status = "no_quorum" if win is None else ("paid" if p.output_digest == win else "outside_quorum")
-        amount = p.gpu_ms * max(price, 0) // ms_per_hour if status != "outside_quorum" else 0
+        amount = vp.paid_gpu_ms * max(price, 0) // ms_per_hour if status != "outside_quorum" else 0
         rows.append(Owed(peer_id=p.peer_id, proof_hash=vp.signed.proof_hash, gpu_ms=p.gpu_ms,
                          price_per_gpu_hour=price, amount=amount, status=status))
     return rows

@@ -58,6 +58,7 @@ from ._actions import (
     CollectionOpened,
     Emit,
     ItemTaken,
+    LateLine,
     LogsTaken,
     LookupCollection,
     MemberLine,
@@ -194,6 +195,9 @@ class Collection:
     results_at_ms: dict[str, int] = field(default_factory=dict)
     #: Set when the submitter cancelled the job: the outcome says so.
     cancel_reason: str = ""
+    #: After settling: the members whose proofs had not come (a late one is
+    #: still owed, until the deadline).
+    pending_late: dict[str, None] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -324,13 +328,6 @@ class Settlement:
             c.results_at_ms.setdefault(sender, received_ms)
         c.items[item_hash(wire)] = kind
 
-    def forget(self, job_id: str) -> None:
-        """Drop a settled collection (the driver stored its outcome); later
-        messages for it go through ``LookupCollection``."""
-        c = self.collections.get(job_id)
-        if c is not None and c.settled:
-            del self.collections[job_id]
-
     def note_cancel(self, job_id: str, reason: str) -> None:
         c = self.collections.get(job_id)
         if c is not None and not c.cancel_reason:
@@ -420,9 +417,10 @@ class Settlement:
         if sender not in c.cert.members:
             raise PeerMisbehaved(Reason.NOT_A_MEMBER, f"{sender[:16]} is not a member of {job_id[:12]}")
         actions: list[Action] = []
+        late_line = c.settled and sender in c.pending_late and kind == "proof"
         if h in c.items:
             status = "recorded"
-        elif c.settled:
+        elif c.settled and not (sender in c.pending_late or kind == "cosign" and self._about_pending(c, data)):
             status = "late"
         elif add(c):
             c.items[h] = kind
@@ -434,8 +432,12 @@ class Settlement:
             status = "ignored"
         actions += self._ack(sender, job_id, h, status)
         if actions and isinstance(actions[0], ItemTaken):
-            actions += self._maybe_settle(c, now_ms)
+            actions += self._late(c, sender, now_ms) if late_line else self._maybe_settle(c, now_ms)
         return actions
+
+    def _about_pending(self, c: Collection, data: bytes) -> bool:
+        """A co-signature of a member whose proof has not come yet (it may still, late)."""
+        return decode_cosign(data, verify=self.verify).cosign.subject in c.pending_late
 
     def stored_ack(self, job_id: str, sender: str, h: bytes, *, members: list[str] | None,
                    stored: bool) -> list[Action]:
@@ -453,6 +455,8 @@ class Settlement:
         return [Emit(f"collect:ack_{status}"), Send(member, ack_wire(self.identity, job_id, [h], status))]
 
     def _maybe_settle(self, c: Collection, now_ms: int) -> list[Action]:
+        if c.settled:
+            return []
         if c.complete():
             return self.settle(c.job_id, now_ms)
         if c.stopped():
@@ -466,18 +470,47 @@ class Settlement:
         if key.owner is not TimerOwner.SETTLEMENT or key.name != "settle":
             raise LocalProtocolError(f"not a settlement timer: {key}")
         c = self.collections.get(key.job_id)
-        if c is None or c.settled:
+        if c is None:
+            return []
+        if c.settled:  # the deadline of a job settled early: late proofs are late now
+            del self.collections[key.job_id]
             return []
         return self.settle(key.job_id, now_ms)
 
     # -- settling ------------------------------------------------------------------------
 
     def settle(self, job_id: str, now_ms: int) -> list[Action]:
-        """Verify, decide what is owed and the outcome: one ``Settled``."""
+        """Verify, decide what is owed and the outcome: one ``Settled``.  Until
+        the deadline the collection stays, so a member whose proof was held up
+        (a partition between it and us) is still owed its time: ``LateLine``."""
         c = self.collections.get(job_id)
         if c is None or c.settled:
             return []
         c.settled = True
+        lines = self._lines(c, now_ms)
+        succeeded, reason = outcome(lines, c.sm.manifest.nodes, c.sm.manifest.quorum)
+        if c.cancel_reason:
+            succeeded, reason = False, c.cancel_reason
+        c.pending_late = {ln.peer_id: None for ln in lines if ln.status == "missing"}
+        settled = Settled(job_id=job_id, succeeded=succeeded, reason=reason, currency=c.sm.manifest.currency,
+                          settled_at_ms=now_ms, lines=tuple(lines),
+                          outputs={p: list(o) for p, o in sorted(c.outputs.items())})
+        refused = sum(1 for ln in lines if ln.status == "rejected")
+        verdicts = [Emit("settlement.proofs_refused", refused)] if refused else []
+        # Kept until the deadline (late proofs are still owed, late resends
+        # acknowledged), then forgotten (on_timer).
+        keep = [SetTimer(settle_key(job_id), c.deadline_ms)] if now_ms < c.deadline_ms else []
+        if not keep:
+            del self.collections[job_id]
+        return [CancelTimer(settle_key(job_id)), *keep, *verdicts, Emit("jobs_settled"), settled]
+
+    def _late(self, c: Collection, peer: str, now_ms: int) -> list[Action]:
+        """A proof that came after the job settled, but before its deadline: its line."""
+        c.pending_late.pop(peer, None)
+        line = next(ln for ln in self._lines(c, now_ms) if ln.peer_id == peer)
+        return [Emit("settlement.late_lines"), LateLine(c.job_id, c.sm.manifest.currency, line)]
+
+    def _lines(self, c: Collection, now_ms: int) -> list[MemberLine]:
         sm, cert = c.sm, c.cert
         members = list(cert.members)
         # A co-signature is asked for only from members that were there to give
@@ -485,7 +518,7 @@ class Settlement:
         # has nobody left to vouch for it, and the window bounds it alone.
         watchers = {obs for obs, _subject in c.cosigns}
         verified: dict[str, Any] = {}
-        refused: dict[str, str] = {}
+        refused: dict[str, tuple[str, str]] = {}
         for peer in members:
             sp = c.proofs.get(peer)
             if sp is None:
@@ -498,23 +531,15 @@ class Settlement:
                 verified[peer] = verify_proof(sp, cert=cert, terms=terms, cosigns=cosigns, window=window,
                                               verify=self.verify)
             except ProofRejected as exc:
-                refused[peer] = exc.detail  # "<fault>: <what>"
+                refused[peer] = (exc.fault.name, exc.detail)  # detail: "<fault>: <what>"
         terms = ProofTerms.from_manifest(sm)
         prices = {a.peer_id: a.price_per_gpu_hour for a in cert.accepts}
         rows = {r.peer_id: r for r in owed(list(verified.values()), terms=terms, prices=prices)}
-        lines = []
-        for i, peer in enumerate(members):
-            lines.append(self._line(c, i, peer, rows.get(peer), refused.get(peer, "")))
-        succeeded, reason = outcome(lines, sm.manifest.nodes, sm.manifest.quorum)
-        if c.cancel_reason:
-            succeeded, reason = False, c.cancel_reason
-        settled = Settled(job_id=job_id, succeeded=succeeded, reason=reason, currency=sm.manifest.currency,
-                          settled_at_ms=now_ms, lines=tuple(lines),
-                          outputs={p: list(o) for p, o in sorted(c.outputs.items())})
-        verdicts = [Emit("settlement.proofs_refused", len(refused))] if refused else []
-        return [CancelTimer(settle_key(job_id)), *verdicts, Emit("jobs_settled"), settled]
+        return [self._line(c, i, peer, rows.get(peer), refused.get(peer, ("", "")), verified.get(peer))
+                for i, peer in enumerate(members)]
 
-    def _line(self, c: Collection, index: int, peer: str, row: Any, refusal: str) -> MemberLine:
+    def _line(self, c: Collection, index: int, peer: str, row: Any, refusal: tuple[str, str],
+              vp: Any) -> MemberLine:
         sp = c.proofs.get(peer)
         address = c.payout_addresses.get(peer) or self.payout_address_of(peer)
         if sp is None:
@@ -522,17 +547,22 @@ class Settlement:
                               reason=STATUS_WORDS["missing"], payout_address=address)
         p = sp.proof
         if row is None:
-            status, amount, reason = "rejected", 0, f"{STATUS_WORDS['rejected']} ({refusal})"
+            status, amount, reason = "rejected", 0, f"{STATUS_WORDS['rejected']} ({refusal[1]})"
         else:
             status, amount = ("owed" if row.status == "paid" else row.status), row.amount
             if status in PAYABLE and amount > 0 and not address:
                 status = "no_payout_address"
             reason = part_words(p.end_reason, p.exit_code) if status == "owed" else STATUS_WORDS[status]
+            if vp is not None and vp.capped:
+                cap = (f"paid for {vp.paid_gpu_ms} of the {p.gpu_ms} GPU-ms it claimed: nobody saw more "
+                       "of its work")
+                reason = f"{reason}; {cap}" if reason else cap
         return MemberLine(peer_id=peer, member_index=index, status=status, amount=amount, reason=reason,
                           payout_address=address, proof_hash=sp.proof_hash, proof_wire=sp.wire,
                           cosigns=tuple(w for (_obs, subj), w in sorted(c.cosigns.items()) if subj == peer),
                           gpu_ms=p.gpu_ms, served_ms=p.duration_ms, exit_code=p.exit_code,
-                          end_reason=p.end_reason, output_digest=p.output_digest)
+                          end_reason=p.end_reason, output_digest=p.output_digest,
+                          fault=refusal[0] if row is None else "")
 
 
 def part_words(end_reason: str, exit_code: int | None) -> str:

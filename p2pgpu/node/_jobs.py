@@ -24,6 +24,7 @@ core, carry out the actions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -65,6 +66,16 @@ DIRECT_PROTOCOL = "/p2pgpu/direct/1.0.0"
 frame_bytes_max = message_bytes_max + 1024
 _FORMATION_KINDS = ("manifest", "offer", "proposal", "accept", "decline", "certificate", "confirm", "cancel")
 send_queue_max = 4096
+#: The node's formation settings (the simulator's defaults are these:
+#: ``tests/sim/test_defaults.py``).  One topic for every job's formation
+#: messages: a fresh per-job topic needs GossipSub heartbeats to build its
+#: mesh before the first offer gets through (measured: 7-10 s for 2-node jobs
+#: on 8 loopback processes), while the shared topic's mesh is already there.
+#: The offer window only matters when the best-ranked expected volunteer stays
+#: silent (otherwise it closes as soon as that one is heard): long enough for
+#: the manifest's spread on a busy machine.
+NODE_FORMATION = FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500,
+                                 offer_window_ms=200, late_volunteer_ms=600)
 #: Job records (``core._owned_table``): strangers' jobs, in all and per
 #: submitter; and this node's own (submitted or worked on), which strangers'
 #: records never evict.
@@ -131,16 +142,7 @@ _END_WORDS = {"exited": "the command failed", "time_limit": "stopped at its time
 
 class JobsService:
     def __init__(self, node: "Node", *, rng: random.Random, config: FormationConfig | None = None) -> None:
-        # One topic for every job's formation messages: a fresh per-job topic
-        # needs GossipSub heartbeats to build its mesh before the first offer
-        # gets through (measured: 7-10 s for 2-node jobs on 8 loopback
-        # processes), while the shared topic's mesh is already there.
-        # The offer window only matters when the best-ranked expected volunteer
-        # stays silent (otherwise it closes as soon as that one is heard): long
-        # enough for the manifest's spread on a busy machine.
-        config = config or FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500,
-                                           offer_window_ms=200, late_volunteer_ms=600,
-                                           network=getattr(node.book, "network", ""))
+        config = config or dataclasses.replace(NODE_FORMATION, network=getattr(node.book, "network", ""))
         self.node = node
         self.rng = rng
         self.config = config

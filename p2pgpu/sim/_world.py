@@ -38,6 +38,7 @@ from p2pgpu.core import (
     sign_advert,
     verify_advert,
 )
+from p2pgpu.core._identity import Verifier
 
 from ._adversary import Adversary, make_adversaries
 from ._churn import Churn, partition_sides
@@ -50,6 +51,10 @@ from ._metrics import Metrics
 from ._scenario import Scenario
 
 ADVERTS = "/p2pgpu/adverts/1"
+#: Refusals that depend on the receiver's clock or state, not on the bytes:
+#: ignored, never held against the forwarder (the node's mapping is
+#: ``core/_verdict.py`` once it lands; until then these are the ones).
+_NOBODYS_FAULT = (Reason.REPLAYED, Reason.EXPIRED, Reason.NOT_YET_VALID, Reason.LIMIT_EXCEEDED)
 JOBS = "/p2pgpu/jobs/1"
 #: size of a modelled (unsigned) advert: what a 4-GPU signed advert weighs
 modelled_advert_bytes = 850
@@ -119,22 +124,24 @@ class SimNode:
 
 class World:
     def __init__(self, scenario: Scenario, seed: int, *, progress: Callable[[str], None] | None = None,
-                 tracing: bool = True, mutation: str = "") -> None:
+                 tracing: bool = True, mutation: str = "", verify: Verifier | None = None) -> None:
         self.scenario = s = scenario
         self.seed = seed
         self.mutation = mutation
+        #: Wall-clock ms at simulated time 0 (every node clock counts from it).
+        self.epoch_ms = s.run.start_epoch_ms
         self.engine = Engine(seed, tracing=tracing)
         self.progress = progress
         self.n = n = s.run.nodes
         from ._network import Network
         self.net = Network(self.engine, s.network, n)
         self.metrics = Metrics(self)
-        self.gossip = GossipSub(self.engine, self.net, s.gossipsub, self._validate, self._deliver)
+        self.gossip = GossipSub(self.engine, self.net, s.gossipsub, self._judge, self._deliver)
         self.kad = Kademlia(self.engine, self.net, s.kademlia) if s.kademlia.enabled else None
         self.checker = Checker(self)
         self.churn = Churn(self, s.churn)
         self._build_nodes()
-        self.jobs = JobFlow(self, s.jobs)
+        self.jobs = JobFlow(self, s.jobs, verify=verify)
         self.adversaries = make_adversaries(self, s.adversary)
         self._verdicts: dict[bytes, Reason | int] = {}
         self.end_us = int(s.run.duration_s * 1_000_000)
@@ -182,7 +189,16 @@ class World:
         return AdvertBook(network=self.scenario.run.network_name, allow_simulated=True)
 
     def node_now_ms(self, node: int) -> int:
-        return self.engine.now_us // 1000 + self.nodes[node].skew_ms
+        """What ``node``'s clock reads now: the epoch, the simulated time, its skew."""
+        return self.epoch_ms + self.engine.now_us // 1000 + self.nodes[node].skew_ms
+
+    def network_now_ms(self) -> int:
+        """A clock without skew (the simulator's view of wall-clock time)."""
+        return self.epoch_ms + self.engine.now_us // 1000
+
+    def engine_us_of(self, node: int, at_ms: int) -> int:
+        """The simulated time at which ``node``'s clock reads ``at_ms``."""
+        return (at_ms - self.nodes[node].skew_ms - self.epoch_ms) * 1000
 
     # -- lifecycle ----------------------------------------------------------------------
     def node_up(self, node: int) -> None:
@@ -256,7 +272,8 @@ class World:
         now_ms = self.node_now_ms(node)
         sn.seq = next_seq(sn.seq, max(now_ms, 1))
         g = gpus if gpus is not None else sn.gpus
-        fn = self.jobs.fnodes[node]
+        h = self.jobs.hosts[node]
+        fn = h.formation if h is not None else None
         free = min(len(g), (fn.gpus_free if fn is not None else len(g)) if gpus_free is None else gpus_free)
         ttl = ttl_ms or int(self.scenario.adverts.ttl_s * 1000)
         return Advert(
@@ -308,7 +325,7 @@ class World:
             except PeerMisbehaved as exc:
                 self.engine.trace("rej", node, msg.mid, int(exc.reason))
                 self.metrics.rejections[exc.reason.name] = self.metrics.rejections.get(exc.reason.name, 0) + 1
-                return IGNORE if exc.reason == Reason.REPLAYED else REJECT
+                return IGNORE if exc.reason in _NOBODYS_FAULT else REJECT
             self.engine.trace("book", node, msg.mid, sa.advert.seq)
             self.checker.on_book_store(node, sa)
             return ACCEPT
@@ -324,11 +341,20 @@ class World:
                 verdict = exc.reason
             self._verdicts[wire] = verdict
         if verdict != ACCEPT:
-            return IGNORE if verdict == Reason.REPLAYED else REJECT
+            return IGNORE if verdict in _NOBODYS_FAULT else REJECT
         adv = msg.info
         if adv is not None and (adv.expires_at_ms <= now_ms or adv.issued_at_ms > now_ms + 60_000):
-            return REJECT
+            return IGNORE  # this node's clock, not the bytes
         return ACCEPT
+
+    def _judge(self, node: int, src: int, msg: Msg) -> Any:
+        """The validator, watched: a rejection lowers the forwarder's score, and
+        the ``penalised-honest`` invariant holds that to faults an honest node
+        would never forward."""
+        verdict = self._validate(node, src, msg)
+        if verdict == REJECT and src != node:
+            self.checker.on_rejected(node, src, f"a {msg.topic} message (mid {msg.mid})")
+        return verdict
 
     def _deliver(self, node: int, src: int, msg: Msg) -> None:
         msg.delivered += 1
@@ -336,7 +362,7 @@ class World:
             self.engine.trace("dlv", msg.mid, node)
             self.metrics.on_delivery(node, msg)
         if msg.topic == JOBS:
-            self.jobs.on_manifest(node, msg)
+            self.jobs.on_topic(node, msg)
 
     # -- DHT measurements ----------------------------------------------------------------
     def _dht_tick(self, _: Any) -> None:

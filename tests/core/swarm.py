@@ -33,6 +33,8 @@ from p2pgpu.core._actions import (
     Confirmed,
     Emit,
     Failed,
+    ItemTaken,
+    LookupCollection,
     MemberLost,
     Publish,
     Refused,
@@ -136,6 +138,8 @@ class Swarm:
         #: the hosts and settle the job); without, jobs only form.
         self.run_ms = run_ms
         self.settled: dict[str, Settled] = {}
+        #: (job, item hash) of every member message a submitter stored.
+        self.stored_items: dict[tuple[str, bytes], bool] = {}
         #: (peer, job) -> when its part started, for the members running now.
         self.running: dict[tuple[str, str], int] = {}
         #: Hand the cores candidate lists (every worker whose advert matches,
@@ -232,6 +236,13 @@ class Swarm:
                 peer.timers[a.key] = peer.timers.get(a.key, 0) + 1
             elif isinstance(a, Emit):
                 self.metrics[a.metric] = self.metrics.get(a.metric, 0) + a.value
+            elif isinstance(a, ItemTaken):
+                self.stored_items[(a.job_id, a.item_hash)] = True
+            elif isinstance(a, LookupCollection):  # a late resend: answered from what was "stored"
+                cert = self.confirmed.get(a.job_id)
+                self._carry(peer_id, peer.host.on_stored(
+                    a.job_id, a.sender, a.item_hash, members=list(cert.members) if cert else None,
+                    stored=(a.job_id, a.item_hash) in self.stored_items, now_ms=self.now_ms))
             elif isinstance(a, Refused):
                 self.misbehaved[a.reason.name] = self.misbehaved.get(a.reason.name, 0) + 1
             elif isinstance(a, Confirmed):

@@ -49,8 +49,9 @@ def lifecycle(seed: int, **kw: Any) -> Swarm:
 def test_jobs_form_run_and_settle_with_every_member_owed_its_time(seed: int) -> None:
     s = lifecycle(seed)
     sub = s.submitter_ids[0]
-    jobs = [s.submit_at(100 * i, sub, nodes=n, replicas=r) for i, (n, r) in enumerate([(1, 1), (2, 1), (1, 2)])]
-    s.run(60_000)
+    jobs = [s.submit_at(100 * i, sub, nodes=n, replicas=r, duration_s_max=20)
+            for i, (n, r) in enumerate([(1, 1), (2, 1), (1, 2)])]
+    s.run(90_000)  # past every job's formation deadline and leases: all is let go
     assert sorted(s.settled) == sorted(jobs)
     for job in jobs:
         st = s.settled[job]
@@ -66,6 +67,7 @@ def test_jobs_form_run_and_settle_with_every_member_owed_its_time(seed: int) -> 
         assert not host.members and host.formation is not None and not host.formation.ledger.holds
         assert len(host.deliveries) == 0  # every proof and co-signature acknowledged
     assert not s.peers[sub].host.submitter.jobs  # settled jobs are forgotten
+    assert not s.peers[sub].host.settlement.collections  # and their collections, at their deadlines
 
 
 def test_a_crashed_member_fails_the_job_and_the_survivor_is_owed_its_time() -> None:

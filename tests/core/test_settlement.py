@@ -14,6 +14,7 @@ from p2pgpu.core._actions import (
     CollectionOpened,
     Emit,
     ItemTaken,
+    LateLine,
     LogsTaken,
     LookupCollection,
     Send,
@@ -129,6 +130,10 @@ def test_complete_collection_settles_at_once_and_owes_each_its_time() -> None:
     assert [len(ln.cosigns) for ln in s.lines] == [1, 1]
     late = b.s.on_proof(proof(A, b.job, b.cert, ran_ms=4_000), T0 + 9_000)
     assert acks(late) == [(A.peer_id, "late")]
+    # Forgotten at its deadline; after that the driver's store answers.
+    assert b.s.on_timer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), T0 + 90_000) == []
+    assert b.job not in b.s.collections
+    assert isinstance(b.s.on_proof(proof(A, b.job, b.cert), T0 + 90_001)[0], LookupCollection)
 
 
 def test_all_proofs_in_waits_for_cosignatures_then_settles() -> None:
@@ -261,13 +266,30 @@ def test_logs_new_batches_only_within_limits() -> None:
         b.s.on_result(body, B.peer_id, wire, T0)  # not signed by the peer it names
 
 
-def test_forget_only_a_settled_collection() -> None:
-    b = Bench((A,))
-    b.s.forget(b.job)
-    assert b.job in b.s.collections
-    b.s.on_proof(proof(A, b.job, b.cert), T0 + 5_100)
-    b.s.forget(b.job)
-    assert b.job not in b.s.collections
+def test_a_proof_held_up_past_settlement_is_still_owed_until_the_deadline() -> None:
+    """#13 (found by the simulator): a partition between a member and the
+    submitter held its proof up; the job settled 8 s after the other
+    member's stopped proof, and the honest member's late proof went unpaid."""
+    b = Bench()
+    key = TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE)
+    b.s.on_proof(proof(A, b.job, b.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"), T0 + 3_100)
+    s = b.settled(b.s.on_timer(key, T0 + 11_100))
+    assert [ln.status for ln in s.lines] == ["owed", "missing"]
+    acts = b.s.on_proof(proof(B, b.job, b.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"),
+                        T0 + 40_000)
+    assert acks(acts) == [(B.peer_id, "recorded")] and any(isinstance(a, ItemTaken) for a in acts)
+    (late,) = [a for a in acts if isinstance(a, LateLine)]
+    assert late.line.peer_id == B.peer_id and late.line.status == "owed" and late.line.amount == 3_000
+    # Once is all: its resend is acknowledged, not owed again.
+    again = b.s.on_proof(proof(B, b.job, b.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"),
+                         T0 + 41_000)
+    assert acks(again) == [(B.peer_id, "recorded")] and not any(isinstance(a, LateLine) for a in again)
+    # After the deadline a late proof is late: the member was away too long.
+    b2 = Bench()
+    b2.s.on_proof(proof(A, b2.job, b2.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"), T0 + 3_100)
+    b2.s.on_timer(key.__class__(key.owner, b2.job, SETTLE), T0 + 11_100)
+    b2.s.on_timer(key.__class__(key.owner, b2.job, SETTLE), T0 + 90_000)
+    assert isinstance(b2.s.on_proof(proof(B, b2.job, b2.cert), T0 + 90_001)[0], LookupCollection)
 
 
 def test_outcome_needs_quorum_clean_exits_per_rank() -> None:
