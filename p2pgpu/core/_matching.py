@@ -8,9 +8,9 @@ deterministic: adverts in, verdicts out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
 
 from . import _limits as limits
 from ._advert import Advert, GpuInfo, parse_compute_capability
