@@ -234,6 +234,10 @@ class SettlementConfig:
     outputs_max: int = 1_000
     #: Collections open at once (confirmed jobs not yet settled).
     collections_max: int = 4_096
+    #: How much a claim may exceed an observation: ``max(tolerance_ms,
+    #: observation * tolerance_ppm / 10^6)`` (``ProofTerms``; docs/proofs.md).
+    tolerance_ms: int = 1_000
+    tolerance_ppm: int = 50_000
 
 
 DEFAULT_SETTLEMENT = SettlementConfig()
@@ -253,6 +257,7 @@ class Settlement:
         self.verify = verify
         self.payout_address_of = payout_address_of or (lambda _peer: "")
         self.collections: dict[str, Collection] = {}
+        self._tolerance = {"tolerance_ms": config.tolerance_ms, "tolerance_ppm": config.tolerance_ppm}
 
     # -- opening and restoring ----------------------------------------------------------
 
@@ -524,7 +529,7 @@ class Settlement:
             if sp is None:
                 continue
             others = [m for m in members if m != peer and m in watchers]
-            terms = ProofTerms.from_manifest(sm, cosigns_min=1 if others else 0)
+            terms = ProofTerms.from_manifest(sm, cosigns_min=1 if others else 0, **self._tolerance)
             window = Window(confirmed_at_ms=c.confirmed_at_ms, results_at_ms=c.results_at_ms.get(peer, now_ms))
             cosigns = [w for (obs, subj), w in sorted(c.cosigns.items()) if subj == peer]
             try:
@@ -532,7 +537,7 @@ class Settlement:
                                               verify=self.verify)
             except ProofRejected as exc:
                 refused[peer] = (exc.fault.name, exc.detail)  # detail: "<fault>: <what>"
-        terms = ProofTerms.from_manifest(sm)
+        terms = ProofTerms.from_manifest(sm, **self._tolerance)
         prices = {a.peer_id: a.price_per_gpu_hour for a in cert.accepts}
         rows = {r.peer_id: r for r in owed(list(verified.values()), terms=terms, prices=prices)}
         return [self._line(c, i, peer, rows.get(peer), refused.get(peer, ("", "")), verified.get(peer))

@@ -140,6 +140,10 @@ class JobFlow:
         self.cfg = cfg
         self.rng = world.engine.stream("jobs")
         self.hconfig = sim_config(cfg)
+        if world.mutation == "absolute_tolerance":
+            # test-only breakage (#13): the 5 s absolute tolerance that paid an inflater 1.48x a 7 s job
+            self.hconfig = dataclasses.replace(self.hconfig, settlement=dataclasses.replace(
+                self.hconfig.settlement, tolerance_ms=5_000, tolerance_ppm=0))
         self.fconfig = self.hconfig.formation
         self.verify = verify
         #: Candidate lists per job (see :meth:`candidates`), computed once.
@@ -473,7 +477,10 @@ class JobFlow:
         mr = h.members.get(job_id)
         if mr is not None and mr.membership.vouched_until_ms() is not None:
             w.checker.on_cut_off(jid, node)  # nobody vouches for its time after the last contact
-        part = PartEnded(started_at_ms=run.started_node_ms, ended_at_ms=w.node_now_ms(node), exit_code=0,
+        started = run.started_node_ms
+        if w.mutation == "late_start_stamp" and sn.adversary is None:
+            started += 2_000  # test-only breakage: a driver that stamps the start after its setup
+        part = PartEnded(started_at_ms=started, ended_at_ms=w.node_now_ms(node), exit_code=0,
                          end_reason="exited", stopped=stopped,
                          output_digest=hashlib.sha256(job_id.encode()).digest(),  # the honest output of this job
                          gpus=tuple(f"{sn.gpus[0].model} #{i}" for i in range(g)))
