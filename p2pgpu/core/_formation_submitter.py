@@ -185,8 +185,8 @@ class Submitter:
         job = self.jobs.get(job_id)
         if job is None:
             raise LocalProtocolError(f"no job {job_id[:12]} was submitted here")
-        if job.state not in (SubmitterState.PUBLISHED, SubmitterState.CONFIRMED):
-            return []
+        if job.state not in (SubmitterState.PUBLISHED, SubmitterState.CONFIRMED) or job.settled:
+            return []  # it already ended: cancelling must not rewrite its outcome
         actions = self._withdraw(job, reason, now_ms)
         self._set(job, SubmitterState.CANCELLED)
         return actions + [Cancelled(job_id, reason)]

@@ -83,7 +83,7 @@ from ._codec import decode
 from ._envelope import Kind, body_of, envelope_from_obj
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._formation import DEFAULT_CONFIG, FormationConfig, FormationNode
-from ._formation_messages import Message, message_bytes_max, message_from_envelope
+from ._formation_messages import Certificate, Message, message_bytes_max, message_from_envelope
 from ._formation_quota import Gate, PayerChecks
 from ._formation_submitter import Submitter
 from ._identity import Identity, Verifier
@@ -289,6 +289,15 @@ class Host:
         interrupted member's proof and co-signatures after a restart)."""
         return self._run(now_ms, lambda c: self._observe(c, self.deliveries.hand_over(
             job_id, dest, items, now_ms, **marks)))
+
+    def settlement_restore(self, sm: SignedManifest, cert: Certificate, *, confirmed_at_ms: int, deadline_ms: int,
+                           payout_addresses: dict[str, str], items: list[tuple[str, str, bytes, int]],
+                           now_ms: int) -> list[Action]:
+        """After a restart: a collection the driver stored, handed back (its
+        items in the order they came; ``Settlement.restore``)."""
+        return self._run(now_ms, lambda c: self._observe(c, self.settlement.restore(
+            sm, cert, confirmed_at_ms=confirmed_at_ms, deadline_ms=deadline_ms, payout_addresses=payout_addresses,
+            items=items, now_ms=now_ms)))
 
     def on_stored(self, job_id: str, sender: str, item_hash: bytes, *, members: list[str] | None, stored: bool,
                   now_ms: int) -> list[Action]:

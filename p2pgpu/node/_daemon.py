@@ -58,6 +58,7 @@ from p2pgpu.core import (
 from p2pgpu.core._challenge import n_max as n_max_challenge
 from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
+from p2pgpu.wallet import Wallet
 
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._control import ControlError, ControlServer
@@ -66,6 +67,7 @@ from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
+from ._market import market_row
 from ._stack import Stack, StackConfig, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 
@@ -180,7 +182,8 @@ class Node:
         #: The OCI image cache (node/_images.py), opened on the first oci job.
         self.images: Any = None
         self._payouts_due = trio.Event()
-        self._wallet: Any = None
+        #: The payer keypair, the ledger and the payout address (``p2pgpu/wallet.py``).
+        self.wallet = Wallet(home.path if home is not None else None, config, network)
         #: Set by a config reload: the advert loop re-signs at once.
         self._advert_stale = False
         #: The outcome of the last SIGHUP reload (``status.config_reload``).
@@ -301,6 +304,7 @@ class Node:
             log.error("config reload refused, the running config is kept: %s", exc)
         else:
             self.config, self.options.advert_ttl_s = live, ttl
+            self.wallet = self.wallet.reconfigured(live)
             if self.runner is not None and "allow_job_network" in changes.live:
                 self.runner.policy = replace(self.runner.policy, allow_network=live.allow_job_network)
             self._advert_stale = bool(changes.live)
@@ -315,27 +319,21 @@ class Node:
         return report
 
     @property
-    def wallet(self) -> Any:
+    def payer(self) -> Any:
         """This node's Solana keypair in the home (it pays for the jobs it
         submits, and is paid when no other payout address is configured)."""
-        if self._wallet is None and self.home is not None:
-            from p2pgpu.solana._keys import load_or_create_keypair, payer_keypair_path  # noqa: PLC0415
-
-            self._wallet = load_or_create_keypair(payer_keypair_path(self.home.path, self.config.extra))
-        return self._wallet
+        return self.wallet.payer
 
     @property
     def payout_address(self) -> str:
-        return self._payout_address_of(self.config)
+        return self.wallet.payout_address
 
     def _payout_address_of(self, config: Config) -> str:
-        if config.payout_address:
-            return config.payout_address
-        return str(self.wallet.pubkey()) if self.wallet is not None else ""
+        return self.wallet.payout_address_for(config)
 
     @property
     def ledger_spec(self) -> str:
-        return str(self.config.extra.get("ledger") or self.network.ledger)
+        return self.wallet.ledger_spec
 
     def payouts_due(self) -> None:
         self._payouts_due.set()
@@ -366,7 +364,7 @@ class Node:
                 except (ValueError, OSError) as exc:
                     log.warning("cannot open the ledger %s: %s", self.ledger_spec, exc)
                     continue
-                payer = Payer(self.jobs.db, ledger, self.wallet, now_ms=self.now_ms)
+                payer = Payer(self.jobs.db, ledger, self.payer, now_ms=self.now_ms)
             try:
                 report = await payer.pay_once()
                 for err in report.errors:
@@ -394,7 +392,7 @@ class Node:
         if self.ledger_spec.startswith(("http://", "https://")):
             from p2pgpu.solana import PayerCheck, open_ledger  # noqa: PLC0415
 
-            self.jobs.payer_check = PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0)
+            self.jobs.set_payer_check(PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0))
 
     def _open_blobs(self) -> BlobService:
         """The content store in ``<home>/blobs`` (a temporary one without a
@@ -823,22 +821,3 @@ async def _logged(fn: Callable[..., Any], *args: Any) -> None:
     except Exception:
         log.exception("%s failed; the node stops", getattr(fn, "__name__", fn))
         raise
-
-
-def market_row(adv: Advert) -> dict[str, Any]:
-    by_model: dict[tuple[str, int], int] = {}
-    for g in adv.gpus:
-        by_model[(g.model, g.memory_mb)] = by_model.get((g.model, g.memory_mb), 0) + 1
-    return {
-        "peer_id": adv.peer_id,
-        "gpus": [{"model": m, "memory_mb": mb, "count": c} for (m, mb), c in sorted(by_model.items())],
-        "gpus_free": adv.gpus_free,
-        "price": adv.price_per_gpu_hour,
-        "currency": adv.currency,
-        "region": adv.region,
-        "expires_at": adv.expires_at_ms,
-        "addrs": list(adv.addrs),
-        "simulated": adv.simulated,
-        "payout_address": adv.payout_address,
-        "runtimes": list(adv.runtimes),
-    }

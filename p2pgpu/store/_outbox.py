@@ -334,15 +334,22 @@ def batch_of_proof(conn: sqlite3.Connection, proof_hash: bytes | str) -> tuple[i
     return (row[0], row[1], row[2]) if row else None
 
 
-def payouts(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str, Any]]:
-    """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by CLI.md)."""
+def payouts(conn: sqlite3.Connection, *, limit: int = 10_000, job_id: str | None = None,
+            newest: bool = False) -> list[dict[str, Any]]:
+    """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by CLI.md):
+    every row (oldest first, at most ``limit``), one job's (``job_id``), or the
+    ``limit`` newest (``newest``: a long-running node's recent payouts)."""
+    where, args = ("WHERE o.job_id = ?", [job_id]) if job_id is not None else ("", [])
+    order = "DESC" if newest else "ASC"
     rows = conn.execute(
         "SELECT o.proof_hash, o.worker, o.payout_address, o.amount, o.currency, o.job_id, o.status, o.error,"
         " b.signature, b.state, o.created_ms, b.updated_ms"
         " FROM payout_owed o LEFT JOIN payout_batches b ON b.batch_id = o.batch_id"
-        " ORDER BY o.owed_id LIMIT ?",
-        (limit,),
+        f" {where} ORDER BY o.owed_id {order} LIMIT ?",
+        (*args, limit),
     ).fetchall()
+    if newest:
+        rows = rows[::-1]
     out = []
     for r in rows:
         out.append(
