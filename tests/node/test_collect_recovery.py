@@ -25,6 +25,7 @@ from p2pgpu.core import Identity, PeerMisbehaved, Reason, TimerKey, TimerOwner
 from p2pgpu.core._actions import Confirmed
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
 from p2pgpu.core._manifest import Manifest, sign_manifest
+from p2pgpu.core._member import DEFAULT_MEMBER, interrupted_cosigns, interrupted_proof
 from p2pgpu.core._proof import (
     CheckpointChain,
     Cosign,
@@ -38,7 +39,6 @@ from p2pgpu.core._proof import (
 )
 from p2pgpu.node._collect import ProofAck, ack_wire, item_hash, reopen_grace_ms, settle_key
 from p2pgpu.node._jobs import JobsService
-from p2pgpu.core._member import DEFAULT_MEMBER, interrupted_cosigns, interrupted_proof
 from p2pgpu.node._runner import Runner
 from p2pgpu.runtime import SandboxPolicy
 from p2pgpu.store import (
