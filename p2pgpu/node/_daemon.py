@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -81,6 +81,8 @@ STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCO
                                BLOBS_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
+#: Paid notices remembered (against telling one twice in a loop of the payer).
+paid_notices_remembered_max = 20_000
 advert_republish_s_min = 1.0
 market_sync_adverts_max = 2000
 
@@ -347,40 +349,45 @@ class Node:
         from p2pgpu.solana import (  # noqa: PLC0415
             LedgerRejected, LedgerUnavailable, Payer, PayerUnderfunded, open_ledger,
         )
-        from p2pgpu.store import payouts  # noqa: PLC0415
+        from p2pgpu.store import paid_since, unsettled_count  # noqa: PLC0415
 
         payer = None
-        notified: set[str] = set()
+        #: Notices are sent once per process for rows paid since ``since``
+        #: (their batch's ``updated_ms``); ``told`` remembers the last few so a
+        #: row seen again at the same millisecond is not told twice.
+        since, told = 0, OrderedDict[str, None]()
         while True:
             with trio.move_on_after(2.0):
                 await self._payouts_due.wait()
             self._payouts_due = trio.Event()
-            rows = payouts(self.jobs.db)
-            if not any(r["status"] != "paid" for r in rows) and all(r["proof_hash"] in notified for r in rows):
-                continue
-            if payer is None:
+            if unsettled_count(self.jobs.db):
+                if payer is None:
+                    try:
+                        ledger = open_ledger(self.ledger_spec, home_path=self.home.path if self.home else None)
+                    except (ValueError, OSError) as exc:
+                        log.warning("cannot open the ledger %s: %s", self.ledger_spec, exc)
+                        continue
+                    payer = Payer(self.jobs.db, ledger, self.payer, now_ms=self.now_ms)
                 try:
-                    ledger = open_ledger(self.ledger_spec, home_path=self.home.path if self.home else None)
-                except (ValueError, OSError) as exc:
-                    log.warning("cannot open the ledger %s: %s", self.ledger_spec, exc)
+                    report = await payer.pay_once()
+                    for err in report.errors:
+                        log.warning("payer: %s", err)
+                    self.counts["payouts_paid"] += report.paid_rows
+                except (LedgerUnavailable, LedgerRejected, PayerUnderfunded, OSError, ValueError) as exc:
+                    # A ledger outage or an empty wallet must not stop the node: retried.
+                    self.counts["payouts_errors"] += 1
+                    log.warning("paying failed (will retry): %s", exc)
                     continue
-                payer = Payer(self.jobs.db, ledger, self.payer, now_ms=self.now_ms)
-            try:
-                report = await payer.pay_once()
-                for err in report.errors:
-                    log.warning("payer: %s", err)
-                self.counts["payouts_paid"] += report.paid_rows
-            except (LedgerUnavailable, LedgerRejected, PayerUnderfunded, OSError, ValueError) as exc:
-                # A ledger outage or an empty wallet must not stop the node: retried.
-                self.counts["payouts_errors"] += 1
-                log.warning("paying failed (will retry): %s", exc)
-                continue
-            for r in payouts(self.jobs.db):
-                if r["status"] == "paid" and r["tx_signature"] and r["proof_hash"] not in notified:
-                    notified.add(r["proof_hash"])
-                    doc = inclusion_doc(self.jobs.db, r["proof_hash"])
-                    self.jobs.notice_paid(r["job_id"], r["worker"], bytes.fromhex(r["proof_hash"]),
-                                          r["tx_signature"], json.dumps(doc, sort_keys=True) if doc else None)
+            for r in paid_since(self.jobs.db, since):
+                since = max(since, r["paid_ms"] or 0)
+                if r["proof_hash"] in told or not r["tx_signature"]:
+                    continue
+                told[r["proof_hash"]] = None
+                while len(told) > paid_notices_remembered_max:
+                    told.popitem(last=False)
+                doc = inclusion_doc(self.jobs.db, r["proof_hash"])
+                self.jobs.notice_paid(r["job_id"], r["worker"], bytes.fromhex(r["proof_hash"]),
+                                      r["tx_signature"], json.dumps(doc, sort_keys=True) if doc else None)
 
     def _open_store(self) -> None:
         if self.home is None:
