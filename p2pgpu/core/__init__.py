@@ -13,12 +13,14 @@ from ._advert import (
     GpuInfo,
     SignedAdvert,
     advert_key,
+    advert_time_reason,
     class_key,
     is_solana_address,
     next_seq,
     parse_compute_capability,
     sign_advert,
     verify_advert,
+    verify_advert_bytes,
 )
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, open_envelope, protocol_version, seal
@@ -49,9 +51,11 @@ from ._proof import (
     sign_proof,
     verify_proof,
 )
+from ._verdict import VERDICTS, Verdict, verdict_for
 
 __all__ = [
     "RUNTIMES",
+    "VERDICTS",
     "Advert",
     "AdvertBook",
     "Envelope",
@@ -65,7 +69,9 @@ __all__ = [
     "Requirement",
     "Requirements",
     "SignedAdvert",
+    "Verdict",
     "advert_key",
+    "advert_time_reason",
     "body_of",
     "class_key",
     "decode",
@@ -83,7 +89,9 @@ __all__ = [
     "public_key_from_peer_id",
     "seal",
     "sign_advert",
+    "verdict_for",
     "verify_advert",
+    "verify_advert_bytes",
     "verify_signature",
 ]
 
