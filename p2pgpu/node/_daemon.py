@@ -46,12 +46,14 @@ from p2pgpu.core import (
     PeerMisbehaved,
     Reason,
     SignedAdvert,
+    Verdict,
     advert_key,
     class_key,
     decode,
     encode,
     next_seq,
     sign_advert,
+    verdict_for,
     verify_advert,
 )
 from p2pgpu.core._challenge import n_max as n_max_challenge
@@ -66,6 +68,7 @@ from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
 from ._stack import Stack, StackConfig, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
+from ._supervise import supervise
 
 log = logging.getLogger("p2pgpu.node")
 
@@ -78,6 +81,28 @@ TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
 advert_republish_s_min = 1.0
 market_sync_adverts_max = 2000
+#: How often the advert book is told which peers the node works with.
+protect_interval_s = 5.0
+#: Limits of the advert book an operator may set in config.toml
+#: (docs/operating.md): name -> (default, lowest, highest).  A forwarder's
+#: share of 0 means a quarter of the book.
+BOOK_LIMITS: dict[str, tuple[int, int, int]] = {"adverts_max": (10_000, 16, 1_000_000),
+                                                "adverts_per_forwarder_max": (0, 1, 1_000_000)}
+
+
+def make_book(network: NetworkSpec, extra: dict[str, Any]) -> AdvertBook:
+    """The node's advert book, with the limits set in config.toml checked
+    (``HomeError`` says what is wrong)."""
+    got: dict[str, int] = {}
+    for key, (default, low, high) in BOOK_LIMITS.items():
+        value = extra.get(key, default)
+        if value != default and (type(value) is not int or not low <= value <= high):
+            raise HomeError(f"config.toml: {key} must be an integer from {low} to {high}, not {value!r}")
+        got[key] = value
+    if got["adverts_per_forwarder_max"] > got["adverts_max"]:
+        raise HomeError("config.toml: adverts_per_forwarder_max must not exceed adverts_max")
+    return AdvertBook(network=network.name, allow_simulated=network.allow_simulated,
+                      adverts_max=got["adverts_max"], adverts_per_forwarder_max=got["adverts_per_forwarder_max"])
 
 
 def wall_ms() -> int:
@@ -150,7 +175,7 @@ class Node:
         self.options = options
         self.home = home
         self.now_ms = now_ms
-        self.book = AdvertBook(network=network.name, allow_simulated=network.allow_simulated)
+        self.book = make_book(network, config.extra)
         self.counts: Counter[str] = Counter()
         self.latency_ms: dict[str, float] = {}
         self.gpus_reserved = 0
@@ -193,7 +218,7 @@ class Node:
         async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators,
                               config=StackConfig(link_delay=link)) as stack:
             self.stack = stack
-            stack.pubsub.set_topic_validator(ADVERTS_TOPIC, self._validate_advert, False)
+            stack.pubsub.set_topic_verdict_validator(ADVERTS_TOPIC, self._validate_advert)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
             stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
             stack.host.set_stream_handler(RESULTS_PROTOCOL, guarded(
@@ -213,9 +238,9 @@ class Node:
                     await nursery.start(self.jobs.run)
                     await nursery.start(self.challenges.run)
                     for loop in (self._advert_loop, self._dht_loop, self._connect_loop, self._expire_loop,
-                                 self._ping_loop, self._payout_loop):
-                        nursery.start_soon(_logged, loop)
-                    nursery.start_soon(_logged, self._drain, sub)
+                                 self._ping_loop, self._payout_loop, self._protect_loop):
+                        nursery.start_soon(supervise, loop.__name__.strip("_"), loop, self.counts)
+                    nursery.start_soon(supervise, "drain", lambda: self._drain(sub), self.counts)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
@@ -454,17 +479,20 @@ class Node:
                     refresh = True
                     break
 
-    def _validate_advert(self, forwarder: ID, msg: Any) -> bool:
+    def _validate_advert(self, forwarder: ID, msg: Any) -> Verdict:
         """GossipSub validator: only adverts the book accepts are forwarded;
-        the rest are counted by reason and cost the forwarder score."""
+        the rest are counted by reason (``status``'s ``rejections``), and cost
+        the forwarder score only when the fault is theirs (``verdict_for``: a
+        replay, an expiry or a full share of the book is nobody's fault)."""
         if self.stack is not None and msg.from_id == self.stack.host.get_id().to_bytes():
-            return True  # our own advert, already in the book
+            return Verdict.ACCEPT  # our own advert, already in the book
         try:
-            self.book.ingest(msg.data, self.now_ms())
+            self.book.ingest(msg.data, self.now_ms(), forwarder=forwarder.to_base58())
         except PeerMisbehaved as exc:
-            log.info("advert from %s rejected: %s", forwarder, exc)
-            return False
-        return True
+            verdict = verdict_for(exc.reason)
+            log.debug("advert from %s refused (%s): %s", forwarder, verdict.value, exc)
+            return verdict
+        return Verdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
         # Adverts are stored by the validator; the subscription is drained so
@@ -492,6 +520,39 @@ class Node:
                     self.counts["dht_announce_failed"] += 1
                     log.info("DHT announcement failed: %s", exc)
 
+    def peers_we_work_with(self) -> list[str]:
+        """The peers this node has reason to keep, most important first: its
+        bootstrap peers, then the members (and, where we were a member, the
+        submitter) of its jobs, newest job first.  The advert book never
+        evicts their adverts (and later work feeds reputation in here)."""
+        out: dict[str, None] = {}
+        for addr in [*self.network.bootstrap, *self.options.bootstrap]:
+            if "/p2p/" in addr:
+                out[addr.rsplit("/p2p/", 1)[1]] = None
+        cap = self.book.protected_max
+        for rec in reversed(self.jobs.records.values()):
+            if len(out) >= cap:
+                break
+            if not rec.members:
+                continue
+            for pid in rec.members:
+                out[pid] = None
+            if "member" in rec.roles:
+                out[rec.manifest.manifest.submitter] = None
+        out.pop(self.identity.peer_id, None)
+        return list(out)[:cap]
+
+    async def _protect_loop(self) -> None:
+        while True:
+            want = self.peers_we_work_with()
+            keep = set(want)
+            for pid in self.book.protected():
+                if pid not in keep:
+                    self.book.unprotect(pid)
+            for pid in want:
+                self.book.protect(pid)
+            await trio.sleep(protect_interval_s)
+
     async def _expire_loop(self) -> None:
         while True:
             await trio.sleep(1.0)
@@ -508,11 +569,11 @@ class Node:
         limit = req.get("limit", market_sync_adverts_max)
         if type(limit) is not int or not 0 < limit <= market_sync_adverts_max:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "limit out of range")
-        now = self.now_ms()
-        for pid in sorted(self.book.adverts)[:limit]:
-            sa = self.book.adverts[pid]
-            if sa.advert.expires_at_ms > now:
-                await write_frame(stream, sa.wire)
+        # Ours, the peers we work with, then the longest known: a newcomer
+        # syncing from us during a flood of fresh identities still gets the
+        # honest market first.
+        for sa in self.book.by_age(self.now_ms(), limit):
+            await write_frame(stream, sa.wire)
 
     async def _sync_market(self, peer_id: str) -> None:
         assert self.stack is not None
@@ -526,7 +587,7 @@ class Node:
             return
         for wire in frames:
             try:
-                self.book.ingest(wire, self.now_ms(), count_replays=False)
+                self.book.ingest(wire, self.now_ms(), forwarder=peer_id, count_replays=False)
             except PeerMisbehaved:
                 continue  # counted by the book; one bad advert spoils nothing else
         self.counts["market_syncs"] += 1
@@ -674,7 +735,9 @@ class Node:
             "peer_id": self.identity.peer_id,
             "addrs": self.stack.addrs(),
             "peers": len(self.stack.host.get_connected_peers()),
-            "adverts_known": len(self.book.live(self.now_ms())),
+            "adverts_known": self.book.live_count(self.now_ms()),
+            "adverts_evicted": self.book.evicted,
+            "gossip_ignored": self.stack.pubsub.ignored,
             "jobs": self.jobs.counts_by_state(),
             "sandbox": self.sandbox_reason or "ok",
             "uptime_s": round(trio.current_time() - self.started_at_s, 3),
@@ -777,16 +840,6 @@ def challenge_service(node: Node) -> ChallengeService:
         backend=str(extra.get("challenge_backend", "auto")),
         auto=bool(extra.get("challenge_auto", not node.network.allow_simulated)),
         n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
-
-
-async def _logged(fn: Callable[..., Any], *args: Any) -> None:
-    """Run one of the node's loops; if it fails, say so at once (the nursery
-    re-raises only after every other task has stopped, which can take a while)."""
-    try:
-        await fn(*args)
-    except Exception:
-        log.exception("%s failed; the node stops", getattr(fn, "__name__", fn))
-        raise
 
 
 def market_row(adv: Advert) -> dict[str, Any]:

@@ -17,7 +17,8 @@ core, carry out the actions.
   bounded channels (or per-peer link queues) served by tasks of the
   service's nursery.
 - Topic messages are handled in the GossipSub validator, which therefore
-  rejects (and costs the sender score for) anything the cores refuse.
+  refuses anything the cores refuse: rejected (costing the forwarder score)
+  or ignored, as ``core/_verdict.py`` maps the reason.
 - ``Reserved``/``Released`` keep the node's advert honest: its free GPUs are
   what the capacity ledger has not promised.
 """
@@ -34,7 +35,10 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
-from p2pgpu.core import Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, body_of, decode, envelope_from_obj, seal
+from p2pgpu.core import (
+    Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, Verdict, body_of, decode, envelope_from_obj, seal,
+    verdict_for,
+)
 from p2pgpu.core._actions import (
     Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
     SetTimer, StartJob, StopJob, Subscribe, Unsubscribe,
@@ -168,7 +172,7 @@ class JobsService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stack = self.node.stack
         assert stack is not None
-        stack.pubsub.set_topic_validator(JOBS_TOPIC, self._validate, False)
+        stack.pubsub.set_topic_verdict_validator(JOBS_TOPIC, self._validate)
         sub = await stack.pubsub.subscribe(JOBS_TOPIC)
         # A direct stream lives as long as its sender keeps it busy (the reader
         # ends it after read_idle_s of silence); the guard's limit is a backstop.
@@ -196,17 +200,17 @@ class JobsService:
 
     # -------------------------------------------------------------- inbound
 
-    def _validate(self, forwarder: ID, msg: Any) -> bool:
+    def _validate(self, forwarder: ID, msg: Any) -> Verdict:
         stack = self.node.stack
         if stack is not None and msg.from_id == stack.host.get_id().to_bytes():
-            return True  # our own publish; the cores already know
+            return Verdict.ACCEPT  # our own publish; the cores already know
         try:
             self.deliver(msg.data, via="topic")
         except PeerMisbehaved as exc:
             self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
-            log.info("job message from %s rejected: %s", forwarder, exc)
-            return False
-        return True
+            log.info("job message from %s refused: %s", forwarder, exc)
+            return verdict_for(exc.reason)  # a replay or a full table is not the forwarder's fault
+        return Verdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
         while True:
@@ -470,7 +474,7 @@ class JobsService:
                 if op == "pub":
                     await stack.pubsub.publish(topic, data)
                 elif op == "sub" and topic not in self._topic_scopes:
-                    stack.pubsub.set_topic_validator(topic, self._validate, False)
+                    stack.pubsub.set_topic_verdict_validator(topic, self._validate)
                     sub = await stack.pubsub.subscribe(topic)
                     scope = trio.CancelScope()
                     self._topic_scopes[topic] = scope

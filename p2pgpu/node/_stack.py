@@ -12,6 +12,10 @@ Shaped by what was measured (shared/notes/libp2p.md):
   runs crashes it.
 - The library logs multi-line errors for every failed stream: its logger is
   quieted to ERROR unless ``P2PGPU_LIBP2P_DEBUG`` is set.
+- Topic validators answer a :class:`~p2pgpu.core.Verdict` (accept, ignore,
+  reject) through :class:`VerdictPubsub`: py-libp2p's validators return a
+  bool, and a ``False`` always costs the forwarder score, while a replay or a
+  local limit is nobody's fault (``core/_verdict.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import multiaddr
 from libp2p import new_host
@@ -29,13 +33,17 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
+
+from p2pgpu.core import Verdict
 
 from ._linkdelay import LinkDelay, LinkDelaySpec
 
@@ -63,10 +71,51 @@ class StackConfig:
     link_delay: LinkDelaySpec | None = None
 
 
+class MessageIgnored(Exception):
+    """A topic validator's IGNORE verdict on its way out of py-libp2p's
+    validation (which knows only pass or fail) to :meth:`VerdictPubsub.push_msg`."""
+
+
+VerdictValidator = Callable[[ID, rpc_pb2.Message], Verdict]
+
+
+class VerdictPubsub(Pubsub):
+    """Pubsub with a third validation answer, IGNORE: the message is dropped
+    and marked seen (duplicates cost nothing more), it is not forwarded, and
+    the forwarder's score is untouched; py-libp2p's ``False`` (REJECT) still
+    counts against it (GossipSub v1.1 P4), as in go-libp2p's
+    ``ValidationIgnore`` / ``ValidationReject``.
+
+    How: the validator raises :class:`MessageIgnored`; upstream's
+    ``validate_msg`` handles only ``ValidationError``, so the exception leaves
+    it uncached and leaves ``push_msg`` before the penalty and before the
+    message is marked seen or delivered; this subclass catches it there.
+    ``tests/node/test_verdict_pubsub.py`` checks each of these on real hosts.
+    """
+
+    ignored: int = 0
+
+    def set_topic_verdict_validator(self, topic: str, fn: VerdictValidator) -> None:
+        def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            verdict = fn(forwarder, msg)
+            if verdict is Verdict.IGNORE:
+                raise MessageIgnored
+            return verdict is Verdict.ACCEPT
+
+        self.set_topic_validator(topic, validator, False)
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except MessageIgnored:
+            self._mark_msg_seen(msg)
+            self.ignored += 1
+
+
 @dataclass
 class Stack:
     host: IHost
-    pubsub: Pubsub
+    pubsub: VerdictPubsub
     gossipsub: GossipSub
     dht: KadDHT
 
@@ -171,7 +220,7 @@ async def open_stack(
         # All test peers share 127.0.0.1; IP diversity rules would starve the mesh.
         eclipse_protection_enabled=False,
     )
-    pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=config.pubsub_rpc_bytes_max)
+    pubsub = VerdictPubsub(host, gossipsub, max_inbound_rpc_size=config.pubsub_rpc_bytes_max)
     dht = KadDHT(host, DHTMode.SERVER)
     for namespace, validator in dht_validators.items():
         dht.register_validator(namespace, validator)
