@@ -181,6 +181,7 @@ class Node:
         self.gpus_reserved = 0
         self.started_at_s = 0.0
         self.control_port = 0
+        self.control: ControlServer | None = None
         self.stack: Stack | None = None
         self._seq = 0
         self._own: SignedAdvert | None = None
@@ -227,6 +228,7 @@ class Node:
                 "challenge", self.challenges.serve, self.counts, timeout_s=serve_timeout_s))
             control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
                                     stream_handlers={})
+            self.control = control
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
@@ -254,8 +256,13 @@ class Node:
             return
         doc = {"port": self.control_port, "pid": os.getpid(), "peer_id": self.identity.peer_id,
                "addrs": self.stack.addrs() if self.stack else []}
+        # 0600 from the start: other local users need not know our port and
+        # pid (the token, not this file, is what guards the API; issue #12).
         tmp = self.home.control_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc))
         os.replace(tmp, self.home.control_path)
 
     def _remove_control_file(self) -> None:
@@ -750,6 +757,7 @@ class Node:
             "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
             "config_reload": self.config_reload,
+            "control_evicted": self.control.evicted if self.control is not None else 0,
         }
 
     async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
