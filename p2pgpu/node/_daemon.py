@@ -217,7 +217,7 @@ class Node:
         link = link_delay_from_config(self.config.extra, allow=self.network.allow_simulated,
                                       network=self.network.name, peer_id=self.identity.peer_id)
         async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators,
-                              config=StackConfig(link_delay=link)) as stack:
+                              config=StackConfig(link_delay=link), provider_classes=self._provider_classes) as stack:
             self.stack = stack
             stack.pubsub.set_topic_verdict_validator(ADVERTS_TOPIC, self._validate_advert)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
@@ -527,6 +527,13 @@ class Node:
                     self.counts["dht_announce_failed"] += 1
                     log.info("DHT announcement failed: %s", exc)
 
+    def _provider_classes(self, peer_id: str) -> list[bytes] | None:
+        """The DHT provider keys ``peer_id``'s advert allows it to announce."""
+        sa = self.book.adverts.get(peer_id)
+        if sa is None:
+            return None
+        return [bytes.fromhex(class_key(c)) for c in sa.advert.gpu_classes]
+
     def peers_we_work_with(self) -> list[str]:
         """The peers this node has reason to keep, most important first: its
         bootstrap peers, then the members (and, where we were a member, the
@@ -754,11 +761,20 @@ class Node:
             "rejections": dict(sorted(rejections.items())),
             "counters": dict(sorted(self.counts.items())),
             "library_handler_errors": dict(sorted(library_handler_errors.items())),
+            "dht": self._dht_status(),
             "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
             "config_reload": self.config_reload,
             "control_evicted": self.control.evicted if self.control is not None else 0,
         }
+
+    def _dht_status(self) -> dict[str, Any]:
+        assert self.stack is not None
+        values, providers = self.stack.dht.value_store, self.stack.dht.provider_store
+        refused = {f"values:{k}": n for k, n in getattr(values, "refused", {}).items()}
+        refused.update({f"providers:{k}": n for k, n in getattr(providers, "refused", {}).items()})
+        return {"values": len(values.store), "value_bytes": getattr(values.store, "bytes", 0),
+                "provider_keys": len(providers.providers), "refused": dict(sorted(refused.items()))}
 
     async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.stack is not None

@@ -12,6 +12,8 @@ Shaped by what was measured (shared/notes/libp2p.md):
   runs crashes it.
 - The library logs multi-line errors for every failed stream: its logger is
   quieted to ERROR unless ``P2PGPU_LIBP2P_DEBUG`` is set.
+- The DHT keeps only what the node's own namespaces allow, bounded in count
+  and bytes and per peer (``_dhtstore``).
 - Topic validators answer a :class:`~p2pgpu.core.Verdict` (accept, ignore,
   reject) through :class:`VerdictPubsub`: py-libp2p's validators return a
   bool, and a ``False`` always costs the forwarder score, while a replay or a
@@ -23,14 +25,15 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
@@ -38,13 +41,14 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
-from libp2p.records.validator import Validator
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pgpu.core import Verdict
 
+from ._dhtstore import BoundedProviderStore, BoundedValueStore, DhtLimits, with_sender
 from ._linkdelay import LinkDelay, LinkDelaySpec
 
 log = logging.getLogger("p2pgpu.node")
@@ -69,6 +73,8 @@ class StackConfig:
     ping_timeout_s: float = 4.0
     #: Injected one-way delay on every connection (test networks only; ``_linkdelay``).
     link_delay: LinkDelaySpec | None = None
+    #: What strangers may store in our DHT (``_dhtstore``).
+    dht_limits: DhtLimits = field(default_factory=DhtLimits)
 
 
 class MessageIgnored(Exception):
@@ -189,8 +195,14 @@ async def open_stack(
     *,
     dht_validators: dict[str, Validator],
     config: StackConfig = StackConfig(),
+    provider_classes: Callable[[str], Iterable[bytes] | None] = lambda _pid: None,
 ) -> AsyncIterator[Stack]:
-    """Start host, Pubsub, GossipSub and DHT; stop them all on exit."""
+    """Start host, Pubsub, GossipSub and DHT; stop them all on exit.
+
+    The DHT stores values only under ``dht_validators``' namespaces (strict:
+    any other key is refused) and within ``config.dht_limits``;
+    ``provider_classes(peer_id)`` names the provider keys a peer's advert
+    allows, or None when its advert is unknown (``_dhtstore``)."""
     quiet_libp2p_logs()
     _apply_patches()
     key_pair = create_new_key_pair(seed)
@@ -221,9 +233,11 @@ async def open_stack(
         eclipse_protection_enabled=False,
     )
     pubsub = VerdictPubsub(host, gossipsub, max_inbound_rpc_size=config.pubsub_rpc_bytes_max)
-    dht = KadDHT(host, DHTMode.SERVER)
-    for namespace, validator in dht_validators.items():
-        dht.register_validator(namespace, validator)
+    dht = KadDHT(host, DHTMode.SERVER, validator=NamespacedValidator(dict(dht_validators), strict_validation=True),
+                 validator_changed=True, strict_validation=True)
+    dht.value_store = BoundedValueStore(host, dht.local_peer_id, config.dht_limits)
+    dht.provider_store = BoundedProviderStore(host, dht.peer_routing, config.dht_limits, provider_classes)
+    host.set_stream_handler(KAD_PROTOCOL_ID, with_sender(dht.handle_stream))
     async with AsyncExitStack() as stack:
         if config.link_delay is not None:  # outermost: its connection pumps end after the host
             await stack.enter_async_context(LinkDelay(config.link_delay).installed(host))
