@@ -23,6 +23,7 @@ from ._advert import (
     verify_advert_bytes,
 )
 from ._codec import decode, encode
+from ._connections import ConnectionLimits, ConnectionTable, Refusal
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, open_envelope, protocol_version, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity, peer_id_from_public_key, public_key_from_peer_id, verify_signature
@@ -58,6 +59,8 @@ __all__ = [
     "VERDICTS",
     "Advert",
     "AdvertBook",
+    "ConnectionLimits",
+    "ConnectionTable",
     "Envelope",
     "Explanation",
     "GpuInfo",
@@ -66,6 +69,7 @@ __all__ = [
     "LocalProtocolError",
     "PeerMisbehaved",
     "Reason",
+    "Refusal",
     "Requirement",
     "Requirements",
     "SignedAdvert",
