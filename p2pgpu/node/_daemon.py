@@ -42,6 +42,7 @@ import multiaddr
 from p2pgpu.core import (
     Advert,
     AdvertBook,
+    ConnectionLimits,
     Identity,
     PeerMisbehaved,
     Reason,
@@ -61,6 +62,7 @@ from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
+from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
@@ -83,26 +85,47 @@ advert_republish_s_min = 1.0
 market_sync_adverts_max = 2000
 #: How often the advert book is told which peers the node works with.
 protect_interval_s = 5.0
-#: Limits of the advert book an operator may set in config.toml
-#: (docs/operating.md): name -> (default, lowest, highest).  A forwarder's
-#: share of 0 means a quarter of the book.
+#: Limits an operator may set in config.toml (docs/operating.md): name ->
+#: (default, lowest, highest).  A forwarder's share of 0 means a quarter of
+#: the book.
 BOOK_LIMITS: dict[str, tuple[int, int, int]] = {"adverts_max": (10_000, 16, 1_000_000),
                                                 "adverts_per_forwarder_max": (0, 1, 1_000_000)}
+_CL = ConnectionLimits()
+CONNECTION_LIMITS: dict[str, tuple[int, int, int]] = {
+    "connections_max": (_CL.connections_max, 8, 100_000),
+    "newcomer_headroom": (_CL.newcomer_headroom, 0, 10_000),
+    "inbound_per_ip_max": (_CL.inbound_per_ip_max, 1, 100_000),
+    "inbound_per_subnet_max": (_CL.inbound_per_subnet_max, 1, 100_000),
+}
 
 
-def make_book(network: NetworkSpec, extra: dict[str, Any]) -> AdvertBook:
-    """The node's advert book, with the limits set in config.toml checked
-    (``HomeError`` says what is wrong)."""
+def config_limits(extra: dict[str, Any], spec: dict[str, tuple[int, int, int]]) -> dict[str, int]:
+    """The limits in ``spec`` as config.toml sets them, checked (``HomeError``
+    says what is wrong)."""
     got: dict[str, int] = {}
-    for key, (default, low, high) in BOOK_LIMITS.items():
+    for key, (default, low, high) in spec.items():
         value = extra.get(key, default)
         if value != default and (type(value) is not int or not low <= value <= high):
             raise HomeError(f"config.toml: {key} must be an integer from {low} to {high}, not {value!r}")
         got[key] = value
+    return got
+
+
+def make_book(network: NetworkSpec, extra: dict[str, Any]) -> AdvertBook:
+    """The node's advert book, with the limits set in config.toml."""
+    got = config_limits(extra, BOOK_LIMITS)
     if got["adverts_per_forwarder_max"] > got["adverts_max"]:
         raise HomeError("config.toml: adverts_per_forwarder_max must not exceed adverts_max")
     return AdvertBook(network=network.name, allow_simulated=network.allow_simulated,
                       adverts_max=got["adverts_max"], adverts_per_forwarder_max=got["adverts_per_forwarder_max"])
+
+
+def connection_limits(extra: dict[str, Any]) -> ConnectionLimits:
+    got = config_limits(extra, CONNECTION_LIMITS)
+    try:
+        return ConnectionLimits(**got)
+    except ValueError as exc:
+        raise HomeError(f"config.toml: {exc}") from None
 
 
 def wall_ms() -> int:
@@ -176,6 +199,8 @@ class Node:
         self.home = home
         self.now_ms = now_ms
         self.book = make_book(network, config.extra)
+        self.connection_limits = connection_limits(config.extra)
+        self.connmgr: ConnectionManager | None = None
         self.counts: Counter[str] = Counter()
         self.latency_ms: dict[str, float] = {}
         self.gpus_reserved = 0
@@ -217,8 +242,13 @@ class Node:
         link = link_delay_from_config(self.config.extra, allow=self.network.allow_simulated,
                                       network=self.network.name, peer_id=self.identity.peer_id)
         async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators,
-                              config=StackConfig(link_delay=link), provider_classes=self._provider_classes) as stack:
+                              config=StackConfig(link_delay=link, connections_max=self.connection_limits.connections_max),
+                              provider_classes=self._provider_classes) as stack:
             self.stack = stack
+            self.connmgr = ConnectionManager(stack.host, self.connection_limits,
+                                             now_ms=lambda: int(trio.current_time() * 1000), counts=self.counts,
+                                             valued=lambda: (self.peers_we_work_with(), list(self.book.adverts)))
+            await self.connmgr.install()
             stack.pubsub.set_topic_verdict_validator(ADVERTS_TOPIC, self._validate_advert)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
             stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
@@ -240,7 +270,7 @@ class Node:
                     await nursery.start(self.jobs.run)
                     await nursery.start(self.challenges.run)
                     for loop in (self._advert_loop, self._dht_loop, self._connect_loop, self._expire_loop,
-                                 self._ping_loop, self._payout_loop, self._protect_loop):
+                                 self._ping_loop, self._payout_loop, self._protect_loop, self.connmgr.run):
                         nursery.start_soon(supervise, loop.__name__.strip("_"), loop, self.counts)
                     nursery.start_soon(supervise, "drain", lambda: self._drain(sub), self.counts)
                     task_status.started(self)
@@ -493,12 +523,15 @@ class Node:
         replay, an expiry or a full share of the book is nobody's fault)."""
         if self.stack is not None and msg.from_id == self.stack.host.get_id().to_bytes():
             return Verdict.ACCEPT  # our own advert, already in the book
+        pid = forwarder.to_base58()
         try:
-            self.book.ingest(msg.data, self.now_ms(), forwarder=forwarder.to_base58())
+            self.book.ingest(msg.data, self.now_ms(), forwarder=pid)
         except PeerMisbehaved as exc:
             verdict = verdict_for(exc.reason)
             log.debug("advert from %s refused (%s): %s", forwarder, verdict.value, exc)
             return verdict
+        if self.connmgr is not None:
+            self.connmgr.touch(pid)  # it brought us a new, valid advert
         return Verdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
@@ -605,6 +638,8 @@ class Node:
             except PeerMisbehaved:
                 continue  # counted by the book; one bad advert spoils nothing else
         self.counts["market_syncs"] += 1
+        if self.connmgr is not None:
+            self.connmgr.touch(peer_id)
 
     # ----------------------------------------------------------- connections
 
@@ -762,6 +797,7 @@ class Node:
             "counters": dict(sorted(self.counts.items())),
             "library_handler_errors": dict(sorted(library_handler_errors.items())),
             "dht": self._dht_status(),
+            "connections": self.connmgr.status() if self.connmgr is not None else {},
             "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
             "config_reload": self.config_reload,

@@ -59,6 +59,10 @@ def quiet_libp2p_logs() -> None:
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
+#: How far py-libp2p's own connection limits sit above the node's.
+connections_margin = 16
+
+
 @dataclass(frozen=True, kw_only=True)
 class StackConfig:
     mesh_degree: int = 6
@@ -73,6 +77,9 @@ class StackConfig:
     ping_timeout_s: float = 4.0
     #: Injected one-way delay on every connection (test networks only; ``_linkdelay``).
     link_delay: LinkDelaySpec | None = None
+    #: Connections in all (the node's connection manager keeps room for
+    #: newcomers below it; py-libp2p's own limits are set to the same).
+    connections_max: int = 160
     #: What strangers may store in our DHT (``_dhtstore``).
     dht_limits: DhtLimits = field(default_factory=DhtLimits)
 
@@ -186,6 +193,7 @@ def _apply_patches() -> None:
     apply = getattr(_patches, "apply", None)
     if callable(apply):  # the patch layer is optional; absent means upstream behaviour
         apply()
+    _patches.apply_fixes()  # correctness fixes: not optional
 
 
 @asynccontextmanager
@@ -212,6 +220,14 @@ async def open_stack(
         sec_opt=sec_opt,
         muxer_preference="YAMUX",
         connection_config=ConnectionConfig(
+            # Our connection manager (_connmgr) decides and counts what it
+            # refuses; the library's limits, a little above ours, only back it
+            # up (min 0: upstream keeps 50 of 300 slots for its auto-connector,
+            # which the node stops).
+            max_connections=config.connections_max + connections_margin,
+            min_connections=0,
+            low_watermark=0,
+            high_watermark=config.connections_max + connections_margin,
             max_connections_per_peer=1,
             enable_health_monitoring=True,
             ping_timeout=config.ping_timeout_s,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import multiaddr
 import trio
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from p2pgpu.core import Advert, GpuInfo, Identity, sign_advert
@@ -55,3 +57,57 @@ async def publish_paced(stack: Stack, topic: str, payloads: list[bytes], *, batc
         with trio.fail_after(120):
             while any(len(q) for q in stack.pubsub.peer_queues.values()):
                 await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def sybil_hosts(n: int, *, source_ip: str, target: str, seed: int) -> AsyncIterator[list[str]]:
+    """``n`` bare libp2p hosts, each a fresh identity whose TCP connections
+    leave from ``source_ip`` (any 127.x.y.z is loopback), each trying to hold
+    one connection to ``target``.  Yields the peer ids that got connected.
+    Each host lives in its own task (no deep nesting), and its auto-connector
+    is stopped: they hold what they got, as in #18.6."""
+    connected: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for k in range(n):
+            key = seed.to_bytes(4, "big") + k.to_bytes(4, "big") + bytes(24)
+            pid = await nursery.start(_hold_one_connection, key, source_ip, target)
+            if pid:
+                connected.append(pid)
+        yield connected
+        nursery.cancel_scope.cancel()
+
+
+async def _hold_one_connection(seed: bytes, source_ip: str, target: str,
+                               task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+    from libp2p.network.config import ConnectionConfig, RetryConfig
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.transport.tcp.tcp import TCP
+
+    kp = create_new_key_pair(seed)
+    host = new_host(key_pair=kp, sec_opt={NOISE: NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)},
+                    muxer_preference="YAMUX", connection_config=ConnectionConfig(max_connections_per_peer=1))
+    swarm = host.get_network()
+    swarm.retry_config = RetryConfig(max_retries=0)
+    for t in swarm.transport_manager.get_transports():
+        if isinstance(t, TCP):
+            t.dial = (lambda tr: lambda maddr: tr.dial_with_source(maddr, (source_ip, 0)))(t)  # type: ignore[method-assign]
+    async with host.run([]):
+        await swarm.auto_connector.stop()
+        try:
+            with trio.fail_after(10):
+                await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(target)))
+        except (BaseLibp2pError, OSError, trio.TooSlowError):
+            task_status.started("")  # refused: what a limit should do
+            return
+        task_status.started(host.get_id().to_base58())
+        try:
+            await trio.sleep_forever()
+        finally:
+            # Leaving host.run() would leave the socket open (see _stack._close_network).
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for conn in list(swarm.get_connections()):
+                    await conn.close()
