@@ -8,6 +8,7 @@ connection attack tests (``test_flood_*.py``).
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -94,7 +95,7 @@ async def _hold_one_connection(seed: bytes, source_ip: str, target: str,
     swarm.retry_config = RetryConfig(max_retries=0)
     for t in swarm.transport_manager.get_transports():
         if isinstance(t, TCP):
-            t.dial = (lambda tr: lambda maddr: tr.dial_with_source(maddr, (source_ip, 0)))(t)  # type: ignore[method-assign]
+            t.dial = functools.partial(t.dial_with_source, source=(source_ip, 0))  # type: ignore[method-assign]
     async with host.run([]):
         await swarm.auto_connector.stop()
         try:
