@@ -251,8 +251,8 @@ class Node:
             await self.connmgr.install()
             stack.pubsub.set_topic_verdict_validator(ADVERTS_TOPIC, self._validate_advert)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
-            stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
-            stack.host.set_stream_handler(RESULTS_PROTOCOL, guarded(
+            stack.host.set_stream_handler(TProtocol(MARKET_PROTOCOL), guarded("market", self._serve_market, self.counts))
+            stack.host.set_stream_handler(TProtocol(RESULTS_PROTOCOL), guarded(
                 "results", lambda s: serve_results(self, s), self.counts, timeout_s=600))
             stack.host.set_stream_handler(CHALLENGE_PROTOCOL, guarded(
                 "challenge", self.challenges.serve, self.counts, timeout_s=serve_timeout_s))
