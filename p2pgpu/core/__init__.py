@@ -52,7 +52,7 @@ from ._proof import (
     sign_proof,
     verify_proof,
 )
-from ._verdict import VERDICTS, Verdict, verdict_for
+from ._verdict import VERDICTS, GossipVerdict, verdict_for
 
 __all__ = [
     "RUNTIMES",
@@ -63,6 +63,7 @@ __all__ = [
     "ConnectionTable",
     "Envelope",
     "Explanation",
+    "GossipVerdict",
     "GpuInfo",
     "Identity",
     "Kind",
@@ -73,7 +74,6 @@ __all__ = [
     "Requirement",
     "Requirements",
     "SignedAdvert",
-    "Verdict",
     "advert_key",
     "advert_time_reason",
     "body_of",

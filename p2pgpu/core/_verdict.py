@@ -14,7 +14,7 @@ and state and was right to pass it on.
 Both drivers use :func:`verdict_for`: the node's GossipSub validators
 (adverts and jobs topics, ``p2pgpu/node``) and the simulator's gossip model
 (``p2pgpu/sim/_gossip.py``), so the simulator penalises exactly what the node
-does.  :class:`Verdict` is a plain ``Enum``: its members never compare equal to
+does.  :class:`GossipVerdict` is a plain ``Enum``: its members never compare equal to
 a :class:`~p2pgpu.core.Reason` (the simulator once had ``ACCEPT == 1 ==
 Reason.OVERSIZED``, and oversized adverts passed).
 """
@@ -26,7 +26,7 @@ from enum import Enum
 from ._errors import Reason
 
 
-class Verdict(Enum):
+class GossipVerdict(Enum):
     """What a gossip validator answers for one message."""
 
     ACCEPT = "accept"
@@ -36,37 +36,37 @@ class Verdict(Enum):
 
 #: Every reason's verdict, with why.  ``tests/core/test_verdict.py`` checks
 #: that each ``Reason`` is listed, so a new reason cannot slip through.
-VERDICTS: dict[Reason, Verdict] = {
+VERDICTS: dict[Reason, GossipVerdict] = {
     # The bytes themselves are bad: the forwarder should have dropped them.
-    Reason.OVERSIZED: Verdict.REJECT,
-    Reason.MALFORMED: Verdict.REJECT,
-    Reason.BAD_SCHEMA: Verdict.REJECT,
-    Reason.NON_CANONICAL: Verdict.REJECT,
-    Reason.BAD_SIGNATURE: Verdict.REJECT,
-    Reason.WRONG_KIND: Verdict.REJECT,
-    Reason.SIGNER_MISMATCH: Verdict.REJECT,
-    Reason.BAD_PROOF: Verdict.REJECT,
+    Reason.OVERSIZED: GossipVerdict.REJECT,
+    Reason.MALFORMED: GossipVerdict.REJECT,
+    Reason.BAD_SCHEMA: GossipVerdict.REJECT,
+    Reason.NON_CANONICAL: GossipVerdict.REJECT,
+    Reason.BAD_SIGNATURE: GossipVerdict.REJECT,
+    Reason.WRONG_KIND: GossipVerdict.REJECT,
+    Reason.SIGNER_MISMATCH: GossipVerdict.REJECT,
+    Reason.BAD_PROOF: GossipVerdict.REJECT,
     # Rules of the network every node on it shares (bootstrap_peers.toml).
-    Reason.WRONG_NETWORK: Verdict.REJECT,
-    Reason.SIMULATED_FORBIDDEN: Verdict.REJECT,
+    Reason.WRONG_NETWORK: GossipVerdict.REJECT,
+    Reason.SIMULATED_FORBIDDEN: GossipVerdict.REJECT,
     # A newer node may forward a version we do not speak yet (upgrades roll).
-    Reason.UNSUPPORTED_VERSION: Verdict.IGNORE,
+    Reason.UNSUPPORTED_VERSION: GossipVerdict.IGNORE,
     # Our clock, not the bytes: a message can expire in flight, and clocks
     # differ by up to the allowed skew.
-    Reason.EXPIRED: Verdict.IGNORE,
-    Reason.NOT_YET_VALID: Verdict.IGNORE,
+    Reason.EXPIRED: GossipVerdict.IGNORE,
+    Reason.NOT_YET_VALID: GossipVerdict.IGNORE,
     # Our state, not the bytes: the forwarder may not have seen the earlier
     # copy, does not share our limits, and may know jobs we do not.
-    Reason.REPLAYED: Verdict.IGNORE,
-    Reason.LIMIT_EXCEEDED: Verdict.IGNORE,
-    Reason.UNKNOWN_JOB: Verdict.IGNORE,
-    Reason.NOT_A_MEMBER: Verdict.IGNORE,
-    Reason.CONFLICT: Verdict.IGNORE,
+    Reason.REPLAYED: GossipVerdict.IGNORE,
+    Reason.LIMIT_EXCEEDED: GossipVerdict.IGNORE,
+    Reason.UNKNOWN_JOB: GossipVerdict.IGNORE,
+    Reason.NOT_A_MEMBER: GossipVerdict.IGNORE,
+    Reason.CONFLICT: GossipVerdict.IGNORE,
 }
 
 
-def verdict_for(reason: Reason) -> Verdict:
+def verdict_for(reason: Reason) -> GossipVerdict:
     """The gossip verdict for a message refused with ``reason``.  A reason
     missing from :data:`VERDICTS` (a test forbids it) is ignored, never held
     against the forwarder."""
-    return VERDICTS.get(reason, Verdict.IGNORE)
+    return VERDICTS.get(reason, GossipVerdict.IGNORE)

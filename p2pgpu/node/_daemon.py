@@ -47,7 +47,7 @@ from p2pgpu.core import (
     PeerMisbehaved,
     Reason,
     SignedAdvert,
-    Verdict,
+    GossipVerdict,
     advert_key,
     class_key,
     decode,
@@ -516,13 +516,13 @@ class Node:
                     refresh = True
                     break
 
-    def _validate_advert(self, forwarder: ID, msg: Any) -> Verdict:
+    def _validate_advert(self, forwarder: ID, msg: Any) -> GossipVerdict:
         """GossipSub validator: only adverts the book accepts are forwarded;
         the rest are counted by reason (``status``'s ``rejections``), and cost
         the forwarder score only when the fault is theirs (``verdict_for``: a
         replay, an expiry or a full share of the book is nobody's fault)."""
         if self.stack is not None and msg.from_id == self.stack.host.get_id().to_bytes():
-            return Verdict.ACCEPT  # our own advert, already in the book
+            return GossipVerdict.ACCEPT  # our own advert, already in the book
         pid = forwarder.to_base58()
         try:
             self.book.ingest(msg.data, self.now_ms(), forwarder=pid)
@@ -532,7 +532,7 @@ class Node:
             return verdict
         if self.connmgr is not None:
             self.connmgr.touch(pid)  # it brought us a new, valid advert
-        return Verdict.ACCEPT
+        return GossipVerdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
         # Adverts are stored by the validator; the subscription is drained so

@@ -36,8 +36,8 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from p2pgpu.core import (
-    Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, Verdict, body_of, decode, envelope_from_obj, seal,
-    verdict_for,
+    GossipVerdict, Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, body_of, decode, envelope_from_obj,
+    seal, verdict_for,
 )
 from p2pgpu.core._actions import (
     Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
@@ -200,17 +200,17 @@ class JobsService:
 
     # -------------------------------------------------------------- inbound
 
-    def _validate(self, forwarder: ID, msg: Any) -> Verdict:
+    def _validate(self, forwarder: ID, msg: Any) -> GossipVerdict:
         stack = self.node.stack
         if stack is not None and msg.from_id == stack.host.get_id().to_bytes():
-            return Verdict.ACCEPT  # our own publish; the cores already know
+            return GossipVerdict.ACCEPT  # our own publish; the cores already know
         try:
             self.deliver(msg.data, via="topic")
         except PeerMisbehaved as exc:
             self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
             log.info("job message from %s refused: %s", forwarder, exc)
             return verdict_for(exc.reason)  # a replay or a full table is not the forwarder's fault
-        return Verdict.ACCEPT
+        return GossipVerdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
         while True:

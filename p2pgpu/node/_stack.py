@@ -14,7 +14,7 @@ Shaped by what was measured (shared/notes/libp2p.md):
   quieted to ERROR unless ``P2PGPU_LIBP2P_DEBUG`` is set.
 - The DHT keeps only what the node's own namespaces allow, bounded in count
   and bytes and per peer (``_dhtstore``).
-- Topic validators answer a :class:`~p2pgpu.core.Verdict` (accept, ignore,
+- Topic validators answer a :class:`~p2pgpu.core.GossipVerdict` (accept, ignore,
   reject) through :class:`VerdictPubsub`: py-libp2p's validators return a
   bool, and a ``False`` always costs the forwarder score, while a replay or a
   local limit is nobody's fault (``core/_verdict.py``).
@@ -46,7 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2pgpu.core import Verdict
+from p2pgpu.core import GossipVerdict
 
 from ._dhtstore import BoundedProviderStore, BoundedValueStore, DhtLimits, with_sender
 from ._linkdelay import LinkDelay, LinkDelaySpec
@@ -89,7 +89,7 @@ class MessageIgnored(Exception):
     validation (which knows only pass or fail) to :meth:`VerdictPubsub.push_msg`."""
 
 
-VerdictValidator = Callable[[ID, rpc_pb2.Message], Verdict]
+VerdictValidator = Callable[[ID, rpc_pb2.Message], GossipVerdict]
 
 
 class VerdictPubsub(Pubsub):
@@ -111,9 +111,9 @@ class VerdictPubsub(Pubsub):
     def set_topic_verdict_validator(self, topic: str, fn: VerdictValidator) -> None:
         def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
             verdict = fn(forwarder, msg)
-            if verdict is Verdict.IGNORE:
+            if verdict is GossipVerdict.IGNORE:
                 raise MessageIgnored
-            return verdict is Verdict.ACCEPT
+            return verdict is GossipVerdict.ACCEPT
 
         self.set_topic_validator(topic, validator, False)
 

@@ -16,7 +16,7 @@ node.  What is simplified, and why (each is listed in docs/simulation.md):
   ``history_length`` heartbeats.
 
 Validation is the application's: ``validate(node, src, msg)`` returns a
-:class:`~p2pgpu.core.Verdict` (this is where the real advert core runs, and
+:class:`~p2pgpu.core.GossipVerdict` (this is where the real advert core runs, and
 where a rejection reason becomes a verdict through the same
 :func:`~p2pgpu.core.verdict_for` as the node's validators): ``REJECT`` drops
 the message and costs the sender score, ``IGNORE`` only drops it.
@@ -29,7 +29,7 @@ import heapq
 from collections.abc import Callable
 from typing import Any
 
-from p2pgpu.core import Verdict
+from p2pgpu.core import GossipVerdict
 
 from ._engine import _TIE_BITS, _TIE_MASK, Engine
 from ._network import Network
@@ -37,7 +37,7 @@ from ._scenario import GossipSection
 
 #: The verdicts, as the core defines them: an ``Enum``, never equal to a
 #: ``Reason`` (plain integers here once made ``Reason.OVERSIZED`` an accept).
-ACCEPT, IGNORE, REJECT = Verdict.ACCEPT, Verdict.IGNORE, Verdict.REJECT
+ACCEPT, IGNORE, REJECT = GossipVerdict.ACCEPT, GossipVerdict.IGNORE, GossipVerdict.REJECT
 _ID_BYTES = 40  # a libp2p message id (from + seqno) is about this long
 
 
@@ -55,7 +55,7 @@ class Msg:
         self.data = data
         self.t0_us = t0_us
         self.seen = bytearray(n)
-        self.valid: Verdict | None = None  # validation verdict cached per message (see validate)
+        self.valid: GossipVerdict | None = None  # validation verdict cached per message (see validate)
         self.delivered = 0
         self.info: Any = None
         #: node -> [key, src, epoch, [(key, src), ...]]: the first copy on its
@@ -71,7 +71,7 @@ class GossipSub:
     exact = False
 
     def __init__(self, engine: Engine, net: Network, cfg: GossipSection,
-                 validate: Callable[[int, int, Msg], Verdict], deliver: Callable[[int, int, Msg], None]) -> None:
+                 validate: Callable[[int, int, Msg], GossipVerdict], deliver: Callable[[int, int, Msg], None]) -> None:
         self.engine = engine
         self.net = net
         self.cfg = cfg

@@ -34,7 +34,7 @@ from p2pgpu.core import (
     Identity,
     PeerMisbehaved,
     Reason,
-    Verdict,
+    GossipVerdict,
     advert_time_reason,
     next_seq,
     sign_advert,
@@ -299,7 +299,7 @@ class World:
         self.engine.after(int(self.scenario.adverts.refresh_s * 1_000_000), self._advertise, arg)
 
     # -- gossip validation and delivery (the advert core runs here) ----------------------------
-    def _validate(self, node: int, src: int, msg: Msg) -> Verdict:
+    def _validate(self, node: int, src: int, msg: Msg) -> GossipVerdict:
         """The node's advert validator, with the node's mapping from a
         rejection reason to a verdict (``verdict_for``)."""
         if msg.topic == JOBS:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from p2pgpu.core import VERDICTS, Reason, Verdict, verdict_for
+from p2pgpu.core import VERDICTS, GossipVerdict, Reason, verdict_for
 
 
 def test_every_reason_has_a_verdict() -> None:
     assert set(VERDICTS) == set(Reason), "add the new reason to core/_verdict.py's table"
-    assert all(isinstance(v, Verdict) for v in VERDICTS.values())
+    assert all(isinstance(v, GossipVerdict) for v in VERDICTS.values())
 
 
 # Issue #13: "the node rejects, and so penalises the forwarder of, replayed
@@ -30,12 +30,12 @@ FORWARDERS_FAULT = [Reason.OVERSIZED, Reason.MALFORMED, Reason.BAD_SCHEMA, Reaso
 
 @pytest.mark.parametrize("reason", NOBODYS_FAULT, ids=lambda r: r.name)
 def test_what_the_forwarder_could_not_know_is_ignored(reason: Reason) -> None:
-    assert verdict_for(reason) is Verdict.IGNORE
+    assert verdict_for(reason) is GossipVerdict.IGNORE
 
 
 @pytest.mark.parametrize("reason", FORWARDERS_FAULT, ids=lambda r: r.name)
 def test_bad_bytes_are_rejected(reason: Reason) -> None:
-    assert verdict_for(reason) is Verdict.REJECT
+    assert verdict_for(reason) is GossipVerdict.REJECT
 
 
 def test_the_two_lists_cover_every_reason_once() -> None:
@@ -43,7 +43,7 @@ def test_the_two_lists_cover_every_reason_once() -> None:
 
 
 def test_no_reason_maps_to_accept_and_verdicts_never_equal_reasons() -> None:
-    assert Verdict.ACCEPT not in VERDICTS.values()
+    assert GossipVerdict.ACCEPT not in VERDICTS.values()
     for reason in Reason:
-        for verdict in Verdict:
+        for verdict in GossipVerdict:
             assert verdict != reason and reason != verdict

@@ -18,7 +18,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from p2pgpu.core import Verdict
+from p2pgpu.core import GossipVerdict
 from p2pgpu.node._stack import open_stack
 
 TOPIC = "/p2pgpu/test-verdicts/1"
@@ -36,9 +36,9 @@ async def test_accept_ignore_reject_on_real_hosts() -> None:
                                                            dht_validators={})) for k in (31, 32, 33)]
         seen_by_b: list[Any] = []
 
-        def judge(forwarder: ID, msg: Any) -> Verdict:
+        def judge(forwarder: ID, msg: Any) -> GossipVerdict:
             seen_by_b.append(msg)
-            return Verdict(msg.data.split(b"-")[0].decode())
+            return GossipVerdict(msg.data.split(b"-")[0].decode())
 
         b.pubsub.set_topic_verdict_validator(TOPIC, judge)
         for s in (a, c):

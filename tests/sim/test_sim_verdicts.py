@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from p2pgpu.core import Advert, AdvertBook, GpuInfo, Identity, Verdict, sign_advert
+from p2pgpu.core import Advert, AdvertBook, GossipVerdict, GpuInfo, Identity, sign_advert
 from p2pgpu.sim import scenario_from_obj
 from p2pgpu.sim._gossip import Msg
 from p2pgpu.sim._world import ADVERTS, World
@@ -46,7 +46,7 @@ def test_an_oversized_advert_is_rejected_on_nodes_without_a_book() -> None:
     w = _world()
     node = _no_book(w)[0]
     msg = _msg(w, b"\x80" * 9000)
-    assert w._validate(node, 1, msg) is Verdict.REJECT
+    assert w._validate(node, 1, msg) is GossipVerdict.REJECT
     # ... and the forwarder pays for it in the gossip model.
     w.gossip._accept(node, 1, msg)
     score = w.gossip.score[node]
@@ -61,11 +61,11 @@ def test_each_node_judges_time_with_its_own_clock() -> None:
     ident = Identity.from_rng(random.Random(3))
     now_a = w.node_now_ms(a)
     first = _wire(ident, issued_ms=now_a - 59_000, ttl_ms=60_000)  # expires 1 s after a's now
-    assert w._validate(a, 1, _msg(w, first)) is Verdict.ACCEPT
-    assert w._validate(b, 1, _msg(w, first)) is Verdict.IGNORE  # expired at b's clock, not b's peer's fault
+    assert w._validate(a, 1, _msg(w, first)) is GossipVerdict.ACCEPT
+    assert w._validate(b, 1, _msg(w, first)) is GossipVerdict.IGNORE  # expired at b's clock, not b's peer's fault
     second = _wire(ident, issued_ms=now_a - 59_000, ttl_ms=60_000, seq=2)
-    assert w._validate(b, 1, _msg(w, second)) is Verdict.IGNORE  # the other order: b first ...
-    assert w._validate(a, 1, _msg(w, second)) is Verdict.ACCEPT  # ... does not decide for a
+    assert w._validate(b, 1, _msg(w, second)) is GossipVerdict.IGNORE  # the other order: b first ...
+    assert w._validate(a, 1, _msg(w, second)) is GossipVerdict.ACCEPT  # ... does not decide for a
 
 
 def test_a_replay_or_a_full_book_costs_the_forwarder_nothing() -> None:
@@ -75,12 +75,12 @@ def test_a_replay_or_a_full_book_costs_the_forwarder_nothing() -> None:
     now = w.node_now_ms(node)
     ids = [Identity.from_rng(random.Random(10 + k)) for k in range(3)]
     first = _msg(w, _wire(ids[0], issued_ms=now))
-    assert w._validate(node, 1, first) is Verdict.ACCEPT
+    assert w._validate(node, 1, first) is GossipVerdict.ACCEPT
     replay = _msg(w, _wire(ids[0], issued_ms=now))
-    assert w._validate(node, 2, replay) is Verdict.IGNORE
-    assert w._validate(node, 3, _msg(w, _wire(ids[1], issued_ms=now))) is Verdict.ACCEPT
+    assert w._validate(node, 2, replay) is GossipVerdict.IGNORE
+    assert w._validate(node, 3, _msg(w, _wire(ids[1], issued_ms=now))) is GossipVerdict.ACCEPT
     over = _msg(w, _wire(ids[2], issued_ms=now))
-    assert w._validate(node, 1, over) is Verdict.IGNORE  # forwarder 1's share of a 2-advert book is full
+    assert w._validate(node, 1, over) is GossipVerdict.IGNORE  # forwarder 1's share of a 2-advert book is full
     for forwarder, msg in ((2, _msg(w, _wire(ids[0], issued_ms=now))), (1, _msg(w, _wire(ids[2], issued_ms=now)))):
         w.gossip._accept(node, forwarder, msg)
     assert not w.gossip.score[node]  # nobody was penalised
