@@ -12,7 +12,7 @@ import logging
 import sys
 
 import trio
-from hostile_peer import sybil_hosts
+from flood_peer import sybil_hosts
 
 
 async def main(target: str, seed: int, plan: list[tuple[str, int]]) -> None:

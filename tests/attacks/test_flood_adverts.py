@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import trio
-from hostile_peer import fresh_identity_adverts, hostile_peer, publish_paced
+from flood_peer import fresh_identity_adverts, flood_peer, publish_paced
 
 from p2pgpu.localnet import LocalNet
 from p2pgpu.node import ADVERTS_TOPIC, wall_ms
@@ -64,7 +64,7 @@ async def test_flood_of_fresh_identity_adverts_stops_no_node(tmp_path: Path) -> 
             timeout_s=60, what="every market lists every node"))
         latencies: list[float] = []
         stop = trio.Event()
-        async with hostile_peer(b"F" * 32, connect_to=[net.nodes[0].addrs[0]]) as attacker:
+        async with flood_peer(b"F" * 32, connect_to=[net.nodes[0].addrs[0]]) as attacker:
             await attacker.pubsub.subscribe(ADVERTS_TOPIC)
             await trio.sleep(2.5)  # the mesh forms on 1 s heartbeats
             async with trio.open_nursery() as n:

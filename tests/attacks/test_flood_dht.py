@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hostile_peer import L4, hostile_peer
+from flood_peer import L4, flood_peer
 from libp2p.peer.id import ID
 
 from p2pgpu.core import Advert, Identity, advert_key, sign_advert
@@ -55,7 +55,7 @@ async def test_dht_keeps_nothing_foreign_and_bounds_what_it_keeps(tmp_path: Path
         await trio.sleep(1.0)
         rss_before = rss_mb(node.proc.pid)
         target = ID.from_base58(node.peer_id)
-        async with hostile_peer(b"D" * 32, connect_to=[node.addrs[0]]) as atk:
+        async with flood_peer(b"D" * 32, connect_to=[node.addrs[0]]) as atk:
             big = b"\xaa" * 1_000_000
             stored = 0
             for i in range(300):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hostile_peer import fresh_identity_adverts, hostile_peer, publish_paced
+from flood_peer import fresh_identity_adverts, flood_peer, publish_paced
 
 from p2pgpu.core import verify_advert_bytes
 from p2pgpu.localnet import LocalNet
@@ -32,7 +32,7 @@ async def test_relaying_replays_and_expired_adverts_costs_no_score(tmp_path: Pat
     await trio.to_thread.run_sync(net.start)
     try:
         node0, node1 = net.nodes
-        async with hostile_peer(b"P" * 32, connect_to=[node0.addrs[0]]) as relay:
+        async with flood_peer(b"P" * 32, connect_to=[node0.addrs[0]]) as relay:
             sub = await relay.pubsub.subscribe(ADVERTS_TOPIC)
             await trio.sleep(2.5)  # mesh
             old = fresh_identity_adverts(1, now_ms=wall_ms(), seed=5)[0]
