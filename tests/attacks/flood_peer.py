@@ -26,7 +26,7 @@ L4 = GpuInfo(model="NVIDIA L4", memory_mb=23034, compute_capability="8.9")
 
 
 @asynccontextmanager
-async def hostile_peer(seed: bytes, *, connect_to: list[str], listen: str = "/ip4/127.0.0.1/tcp/0"
+async def flood_peer(seed: bytes, *, connect_to: list[str], listen: str = "/ip4/127.0.0.1/tcp/0"
                        ) -> AsyncIterator[Stack]:
     async with open_stack(seed, [listen], dht_validators={}) as stack:
         for addr in connect_to:
