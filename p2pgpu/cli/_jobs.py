@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.add_argument("--dry-run", action="store_true", help="publish nothing; explain the matching")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="--wait gives up after this")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="a local file as input NAME (in $P2PGPU_IN): hashed here, copied into this node's content "
+                        "store and served to the job's members, who check every chunk; repeat for more files")
     add_json(p)
     p.set_defaults(func=wrap_sdk_errors(cmd_submit))
 
@@ -78,7 +81,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
         emit(args, res, human)
         return 0 if res["enough"] else 3
-    job = client.submit(path)
+    inputs = {}
+    for item in args.input:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise CliError(f"--input {item!r}: give NAME=PATH, e.g. --input data.bin=./data.bin")
+        inputs[name] = file
+    job = client.submit(path, inputs=inputs, progress=_input_progress())
     if not args.wait:
         emit(args, job.submitted, lambda d: d["job_id"])
         return 0
@@ -93,6 +102,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     emit(args, st.to_json(), lambda d: human_status(d, _stderr_tail(job, st)))
     return 0 if st.succeeded else 1
+
+
+def _input_progress() -> Any:
+    """Hashing progress of local inputs on stderr: a line at most every 10%."""
+    shown: dict[str, int] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        step = 100 if total == 0 else done * 10 // total * 10
+        if shown.get(name, -1) < step:
+            shown[name] = step
+            print(f"[input {name}] hashing {done >> 20}/{total >> 20} MiB ({step}%)", file=sys.stderr, flush=True)
+
+    return progress
 
 
 def _stderr_tail(job: Any, st: Any) -> list[str]:

@@ -40,8 +40,10 @@ from ._proof import (
     SignedCosign,
     SignedProof,
     VerifiedProof,
+    Window,
     agreed_prices,
     certificate_hash,
+    claim_bound_ms,
     decode_cosign,
     decode_proof,
     output_digest,
@@ -102,7 +104,8 @@ __all__ = [
 # Work proofs (docs/proofs.md).
 __all__ += [
     "Checkpoint", "CheckpointChain", "Cosign", "Owed", "Proof", "ProofFault", "ProofRejected", "ProofTerms",
-    "SignedCosign", "SignedProof", "VerifiedProof", "agreed_prices", "certificate_hash", "decode_cosign",
+    "SignedCosign", "SignedProof", "VerifiedProof", "Window", "agreed_prices", "certificate_hash",
+    "claim_bound_ms", "decode_cosign",
     "decode_proof", "output_digest", "owed", "owed_total", "quorum_digests", "sign_cosign", "sign_proof",
     "verify_proof",
 ]

@@ -34,7 +34,7 @@ ttl_ms_max = 60 * 60 * 1000
 clock_skew_ms_max = 60 * 1000
 memory_mb_max = 1 << 22
 #: Runtimes a manifest can ask for.
-RUNTIMES = ("process", "ray")
+RUNTIMES = ("process", "ray", "oci")
 _CC_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
 
 

@@ -55,7 +55,7 @@ class Kind(str, Enum):
 _BYTES_MAX: dict[Kind, int] = {
     Kind.ADVERT: 8 * 1024,
     Kind.MANIFEST: 64 * 1024,
-    Kind.OFFER: 4 * 1024,
+    Kind.OFFER: 12 * 1024,  # with the volunteer's signed advert (8 KiB at most)
     Kind.PROPOSAL: 16 * 1024,
     Kind.ACCEPT: 4 * 1024,
     Kind.DECLINE: 4 * 1024,

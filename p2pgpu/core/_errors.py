@@ -33,6 +33,8 @@ class Reason(IntEnum):
     NOT_A_MEMBER = 16
     CONFLICT = 17
     BAD_PROOF = 18
+    #: Bytes that do not match the hash that names them (a blob chunk, a leaf list).
+    BAD_CONTENT = 19
 
 
 class PeerMisbehaved(Exception):

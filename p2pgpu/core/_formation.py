@@ -24,6 +24,7 @@ the same actions: everything iterates lists or dicts, randomness is not used.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from ._actions import (
@@ -40,7 +41,7 @@ from ._actions import (
     Subscribe,
     Unsubscribe,
 )
-from ._advert import Advert
+from ._advert import Advert, SignedAdvert, sign_advert
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._formation_messages import (
     Accept,
@@ -55,6 +56,8 @@ from ._formation_messages import (
     decode_message,
     views_max,
 )
+from ._formation_quota import Admission, Quotas
+from ._formation_rules import AdvertLookup, advert_fault, leader_fault, requirement_fault, validity_fault
 from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
 from ._identity import Identity
 from ._manifest import ReplayGuard, SignedManifest, check_manifest_time
@@ -104,6 +107,13 @@ class FormationConfig:
     #: Per-job GossipSub topics (``<jobs_topic>/<job_id>``), or everything on ``jobs_topic``.
     per_job_topics: bool = True
     clock_skew_ms: int = 60_000
+    #: The network whose adverts count (``""``: any), for adverts carried in offers.
+    network: str = ""
+    #: Per submitter and per payer: jobs open in the table, ids remembered (``_formation_quota``).
+    quotas: Quotas = field(default_factory=Quotas)
+    #: Jobs of one submitter this node holds GPUs for under unconfirmed leases
+    #: at once: a flood of one identity's jobs holds at most this many here.
+    holds_per_submitter_max: int = 1
 
     def topic(self, job_id: str) -> str:
         return f"{self.jobs_topic}/{job_id}" if self.per_job_topics else self.jobs_topic
@@ -190,11 +200,20 @@ class _Job:
     state: WorkerState
     #: After this nobody proposes (the submitter has given up); the record goes later.
     deadline_ms: int
+    #: When this node first saw the job (views are bounded by the time since).
+    seen_ms: int = 0
+    #: Counted as open in the node's quotas (until it closes).
+    counted: bool = False
+    #: Leading, but left itself out of its proposal for the submitter's holds quota.
+    quota_held: bool = False
     subscribed: bool = False
     offer_seq: int = 0
     my_offer: Offer | None = None
-    #: Known volunteers: peer id -> latest offer seq (0 if learnt from a proposal).
+    #: Known volunteers, every one eligible (its signed advert matches the
+    #: job): peer id -> latest offer seq (0 if learnt from a proposal).
     volunteers: dict[str, int] = field(default_factory=dict)
+    #: The adverts their offers carried (one per volunteer at most).
+    adverts: dict[str, Advert] = field(default_factory=dict)
     #: The candidates expected to volunteer at once, best rank first (empty:
     #: no candidate list, everyone who can serve volunteers).
     eager: list[str] = field(default_factory=list)
@@ -240,17 +259,32 @@ class FormationNode:
     :class:`Submitter`, if the node submitted the job).
     """
 
-    def __init__(self, identity: Identity, advert: Advert, config: FormationConfig = DEFAULT_CONFIG) -> None:
-        if advert.peer_id != identity.peer_id:
-            raise LocalProtocolError("the advert must be this node's own")
+    def __init__(self, identity: Identity, advert: Advert | SignedAdvert, config: FormationConfig = DEFAULT_CONFIG,
+                 *, adverts: AdvertLookup | None = None) -> None:
+        """``advert`` is this node's own (signed, or signed here); ``adverts``
+        finds other peers' adverts (the driver's advert book): with the ones
+        offers carry, they decide who is an eligible volunteer and leader
+        (``_formation_rules``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
-        self.ledger = CapacityLedger(len(advert.gpus))
+        self.lookup: AdvertLookup = adverts or (lambda _peer: None)
         self.guard = ReplayGuard(ids_max=config.jobs_max * 64)
+        self.admission = Admission(config.quotas)
         self.jobs: dict[str, _Job] = {}
-        self._advert = advert
-        self._all_free = replace(advert, gpus_free=len(advert.gpus))
+        #: Closed jobs still in the table, oldest first: the first to go when it is full.
+        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._set_advert(advert)
+        self.ledger = CapacityLedger(len(self._advert.gpus))
+
+    def _set_advert(self, advert: Advert | SignedAdvert) -> None:
+        signed = advert if isinstance(advert, SignedAdvert) else sign_advert(self.identity, advert) \
+            if advert.peer_id == self.identity.peer_id else None
+        if signed is None or signed.advert.peer_id != self.peer_id:
+            raise LocalProtocolError("the advert must be this node's own")
+        self._signed = signed
+        self._advert = signed.advert
+        self._all_free = replace(signed.advert, gpus_free=len(signed.advert.gpus))
 
     # -- inputs ---------------------------------------------------------------
 
@@ -290,17 +324,15 @@ class FormationNode:
         now, the rest after ``late_volunteer_ms`` per group of that size if
         the job is still not decided.  The list only saves messages and
         time: a wrong or stale one delays formation, never breaks safety."""
-        check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
-        if len(self.jobs) >= self.config.jobs_max:
-            # Forget closed jobs first (the replay guard still remembers their ids).
-            for job_id in [j for j in sorted(self.jobs) if self.jobs[j].state is WorkerState.CLOSED]:
-                del self.jobs[job_id]
-        if len(self.jobs) >= self.config.jobs_max:
-            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many jobs in formation")
+        self.check_admission(sm, now_ms)
+        while len(self.jobs) >= self.config.jobs_max and self._closed:
+            # Forget closed jobs first, oldest first (the replay guard still remembers their ids).
+            self._forget(self._closed.popitem(last=False)[0])
         self.guard.admit(sm.job_id, sm.manifest.expires_at_ms, now_ms)
+        self.admission.admit(sm)
         m, cfg = sm.manifest, self.config
         deadline = min(m.expires_at_ms, m.created_at_ms + cfg.formation_timeout_ms)
-        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline)
+        job = _Job(sm=sm, state=WorkerState.SEEN, deadline_ms=deadline, seen_ms=now_ms, counted=True)
         self.jobs[sm.job_id] = job
         actions: list[Action] = [SetTimer(self._key(job, "end"), deadline + cfg.lease_ms + cfg.lease_grace_ms)]
         if not self._can_serve(job):
@@ -321,6 +353,30 @@ class FormationNode:
                 return actions
         return actions + self._volunteer(job, now_ms)
 
+    def check_admission(self, sm: SignedManifest, now_ms: int) -> None:
+        """Would :meth:`on_manifest` take this manifest?  Raises as it would
+        (``NOT_YET_VALID``, ``EXPIRED``, ``REPLAYED``, ``LIMIT_EXCEEDED``: a
+        submitter's or payer's quota, or a table full of open jobs), changing
+        nothing: the driver asks before it spends a balance lookup on it."""
+        check_manifest_time(sm, now_ms, self.config.clock_skew_ms)
+        if sm.job_id in self.jobs or sm.job_id in self.guard:
+            raise PeerMisbehaved(Reason.REPLAYED, f"job {sm.job_id[:12]} already seen")
+        self.admission.check(sm, now_ms)
+        if len(self.jobs) - len(self._closed) >= self.config.jobs_max:
+            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many jobs in formation")
+
+    def open_ceiling(self, payer: str, currency: str) -> int:
+        """What ``payer`` may owe for its jobs open here (the sum of their
+        price ceilings): the can-it-pay check adds it to each new job's."""
+        return self.admission.open_ceiling(payer, currency)
+
+    def _forget(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        self._closed.pop(job_id, None)
+        if job is not None and job.counted:
+            job.counted = False
+            self.admission.close(job.sm)
+
     def on_timer(self, key: str, now_ms: int) -> list[Action]:
         parts = key.split("/")
         if len(parts) != 3 or parts[0] != "f":
@@ -339,15 +395,12 @@ class FormationNode:
         if job is None or job.state is not WorkerState.RUNNING:
             return []
         actions = self._close(job, "finished", now_ms)
-        del self.jobs[job_id]
+        self._forget(job_id)
         return actions
 
-    def update_advert(self, advert: Advert, now_ms: int) -> list[Action]:
-        if advert.peer_id != self.peer_id:
-            raise LocalProtocolError("the advert must be this node's own")
-        self._advert = advert
-        self._all_free = replace(advert, gpus_free=len(advert.gpus))
-        self.ledger.gpus_total = max(len(advert.gpus), self.ledger.reserved)
+    def update_advert(self, advert: Advert | SignedAdvert, now_ms: int) -> list[Action]:
+        self._set_advert(advert)
+        self.ledger.gpus_total = max(len(self._advert.gpus), self.ledger.reserved)
         return self._capacity_freed(now_ms)
 
     # -- queries --------------------------------------------------------------
@@ -382,13 +435,29 @@ class FormationNode:
 
     def _can_serve(self, job: _Job) -> bool:
         m = job.sm.manifest
-        if exclusion(self._all_free, m.requirements) is not None:
+        if exclusion(self._all_free, m.requirements) is not None or self._holds_quota_full(job):
             return False
         return self.ledger.can_hold(job.job_id, m.gpus_per_node)
 
-    def _note_volunteer(self, job: _Job, peer_id: str, seq: int) -> bool:
+    def _holds_quota_full(self, job: _Job) -> bool:
+        """Whether this node already holds GPUs under unconfirmed leases for
+        ``holds_per_submitter_max`` other jobs of this job's submitter."""
+        if job.job_id in self.ledger.holds:
+            return False
+        submitter = job.sm.manifest.submitter
+        held = 0
+        for job_id, hold in self.ledger.holds.items():
+            other = self.jobs.get(job_id)
+            if hold.lease_until_ms is not None and other is not None and other.sm.manifest.submitter == submitter:
+                held += 1
+        return held >= self.config.holds_per_submitter_max
+
+    def _note_volunteer(self, job: _Job, peer_id: str, seq: int, advert: Advert | None = None) -> bool:
+        """Remember an eligible volunteer (the caller checked its advert)."""
         if peer_id not in job.volunteers and len(job.volunteers) >= self.config.volunteers_max:
             return False
+        if advert is not None:
+            job.adverts[peer_id] = advert
         if seq > job.volunteers.get(peer_id, -1):
             job.volunteers[peer_id] = seq
             job.ranks.setdefault(peer_id, leader_rank(job.job_id, peer_id))
@@ -405,7 +474,7 @@ class FormationNode:
         job.offer_seq += 1
         job.declined = False
         offer = Offer.sign(self.identity, job_id=job.job_id, seq=job.offer_seq, gpus_free=self.ledger.free,
-                           price_per_gpu_hour=self._advert.price_per_gpu_hour)
+                           price_per_gpu_hour=self._advert.price_per_gpu_hour, advert=self._signed)
         self._note_volunteer(job, self.peer_id, job.offer_seq)
         job.my_offer = offer
         actions: list[Action] = []
@@ -455,7 +524,15 @@ class FormationNode:
     def _on_offer(self, job: _Job, offer: Offer, now_ms: int) -> list[Action]:
         if job.state in (WorkerState.RUNNING, WorkerState.CLOSED) or offer.peer_id == self.peer_id:
             return []
-        if not self._note_volunteer(job, offer.peer_id, offer.seq):
+        carried = offer.advert.advert
+        if job.adverts.get(offer.peer_id) != carried:  # a new advert: does it match the job? (once)
+            lie = requirement_fault(carried, job.sm)
+            if lie is not None:
+                # Its own advert says it cannot serve the job: the offer is a lie.
+                raise PeerMisbehaved(Reason.BAD_PROOF, f"offer of {offer.peer_id[:16]}: {lie}")
+        if validity_fault(carried, now_ms, network=self.config.network) is not None:
+            return [Emit("formation.offer_ineligible")]  # expired, or another network's: nobody's lie
+        if not self._note_volunteer(job, offer.peer_id, offer.seq, carried):
             return []
         if job.state is WorkerState.LEADING and job.proposal is None:
             return self._propose(job, now_ms)  # we were waiting for enough volunteers
@@ -517,6 +594,7 @@ class FormationNode:
 
     def _propose(self, job: _Job, now_ms: int) -> list[Action]:
         m = job.sm.manifest
+        job.quota_held = self._holds_quota_full(job)
         members = self._choose_members(job)
         if len(members) < m.members:
             job.proposal = None
@@ -564,8 +642,9 @@ class FormationNode:
             return []  # a certificate with our accept may still be confirmed: keep the GPUs for it
         gpus = self.ledger.release(job.job_id)
         job.accepted, job.accepted_key, job.accepted_leader = None, None, ""
-        return [CancelTimer(self._key(job, "lease")), Released(job.job_id, gpus, "own proposal abandoned",
-                                                              self.ledger.free)] + self._capacity_freed(now_ms)
+        actions: list[Action] = [CancelTimer(self._key(job, "lease")),
+                                 Released(job.job_id, gpus, "own proposal abandoned", self.ledger.free)]
+        return actions + self._capacity_freed(now_ms)
 
     def _on_accept(self, job: _Job, accept: Accept, now_ms: int) -> list[Action]:
         if job.confirm is not None:
@@ -617,19 +696,55 @@ class FormationNode:
         rank = job.ranks.get(prop.leader) or leader_rank(job.job_id, prop.leader)
         return (prop.view, bytes(255 - b for b in rank), prop.round)
 
+    def advert_of(self, job_id: str, peer_id: str) -> Advert | None:
+        """The advert this node holds of a peer, for a job: its own, the one
+        the peer's offer carried, else the driver's book's."""
+        if peer_id == self.peer_id:
+            return self._advert
+        job = self.jobs.get(job_id)
+        carried = job.adverts.get(peer_id) if job is not None else None
+        return carried if carried is not None else self.lookup(peer_id)
+
+    def _leader_refused(self, job: _Job, prop: Proposal, now_ms: int) -> str | None:
+        """Why this node will not follow ``prop`` (``_formation_rules``): its
+        leader is no eligible volunteer, or not the rightful leader of its view."""
+        if prop.leader == self.peer_id:
+            return None
+        why = advert_fault(self.advert_of(job.job_id, prop.leader), job.sm, now_ms, network=self.config.network)
+        if why is not None:
+            return f"leader {prop.leader[:16]}: {why}"
+        elapsed = max(now_ms - job.seen_ms, now_ms - job.sm.manifest.created_at_ms)
+        return leader_fault(job.job_id, view=prop.view, leader=prop.leader, volunteers=job.volunteers,
+                            elapsed_ms=elapsed, leader_timeout_ms=self.config.leader_timeout_ms,
+                            rank=lambda p: self._rank(job, p))
+
+    def _rank(self, job: _Job, peer_id: str) -> bytes:
+        r = job.ranks.get(peer_id)
+        if r is None:
+            r = leader_rank(job.job_id, peer_id)
+            if len(job.ranks) < self.config.volunteers_max + 1:
+                job.ranks[peer_id] = r
+        return r
+
     def _on_proposal(self, job: _Job, prop: Proposal, now_ms: int) -> list[Action]:
         m = job.sm.manifest
         if prop.gpus_per_member != m.gpus_per_node or len(prop.members) != m.members:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "proposal does not fit the manifest")
+        if job.state in (WorkerState.RUNNING, WorkerState.CLOSED):
+            return []
+        if self._leader_refused(job, prop, now_ms) is not None:
+            # Not evidence of progress, and nothing to follow or accept: a
+            # stranger's proposals neither reserve our GPUs nor quiet us.
+            return [Emit("formation.proposal_refused")]
         job.progress_ms = now_ms
         if job.state is WorkerState.SEEN and job.quiet and prop.view > job.view:
             job.view = prop.view  # should it volunteer later, it joins the view in progress
-        if prop.leader == self.peer_id or job.state in (WorkerState.RUNNING, WorkerState.CLOSED, WorkerState.SEEN):
+        if prop.leader == self.peer_id or job.state is WorkerState.SEEN:
             return []
-        self._note_volunteer(job, prop.leader, 0)
+        self._note_volunteer(job, prop.leader, 0)  # eligible: checked above
         actions: list[Action] = []
         if job.state in (WorkerState.LEADING, WorkerState.CERTIFIED):
-            mine = job.proposal or job.certified and job.certified.certificate.proposal
+            mine = job.proposal or (job.certified.certificate.proposal if job.certified is not None else None)
             ours = (job.view, bytes(255 - b for b in job.ranks[self.peer_id]), job.round)
             if mine is not None:
                 ours = self._preference(job, mine)
@@ -660,7 +775,7 @@ class FormationNode:
             if job.accepted_key is not None and key <= job.accepted_key:
                 return [Emit("formation.proposal_superseded")]
         lease_until = now_ms + self.config.lease_ms
-        if not self.ledger.reserve(job.job_id, prop.gpus_per_member, lease_until):
+        if self._holds_quota_full(job) or not self.ledger.reserve(job.job_id, prop.gpus_per_member, lease_until):
             job.declined = True
             decline = Decline.sign(self.identity, job_id=job.job_id, view=prop.view, round=prop.round,
                                    proposal=prop.digest, reason="no free capacity")
@@ -752,7 +867,7 @@ class FormationNode:
             CancelTimer(self._key(job, "lease")),
             SetTimer(self._key(job, "run"), until),
             StartJob(job.job_id, job.sm, cert, cert.members.index(self.peer_id), confirm.envelope.to_bytes()),
-        ]
+        ] + self._capacity_freed(now_ms)  # no longer an unconfirmed hold: the submitter's other jobs may have one
 
     def _on_cancel(self, job: _Job, cancel: Cancel, now_ms: int) -> list[Action]:
         if cancel.submitter != job.sm.manifest.submitter:
@@ -767,18 +882,22 @@ class FormationNode:
             return []
         actions: list[Action] = [StopJob(job.job_id, "past duration_s_max")]
         actions += self._close(job, "past duration_s_max", now_ms)
-        del self.jobs[job.job_id]
+        self._forget(job.job_id)
         return actions
 
     def _t_end(self, job: _Job, now_ms: int) -> list[Action]:
         if job.state is WorkerState.RUNNING:
             return []  # the run timer or finish() removes it
         actions = self._close(job, "formation over", now_ms) if job.state is not WorkerState.CLOSED else []
-        del self.jobs[job.job_id]
+        self._forget(job.job_id)
         return actions
 
     def _close(self, job: _Job, reason: str, now_ms: int) -> list[Action]:
         self._set(job, WorkerState.CLOSED)
+        self._closed[job.job_id] = None
+        if job.counted:
+            job.counted = False
+            self.admission.close(job.sm)
         actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry",
                                                                           "lease", "run", "late")]
         if job.subscribed:
@@ -791,15 +910,25 @@ class FormationNode:
         return actions
 
     def _capacity_freed(self, now_ms: int) -> list[Action]:
-        """GPUs came free: volunteer for jobs still forming that this node
-        passed over or declined (offers are not binding, so all of them)."""
+        """GPUs came free (or a submitter's unconfirmed hold was confirmed):
+        volunteer for jobs still forming that this node passed over or
+        declined (offers are not binding), and propose for jobs it leads but
+        could not propose for.  At most ``holds_per_submitter_max`` jobs per
+        submitter in one pass: a flood of one submitter's jobs does not get
+        an offer each every time a GPU comes free."""
         actions: list[Action] = []
+        per_submitter: dict[str, int] = {}
         for job_id in sorted(self.jobs):
             job = self.jobs[job_id]
             if now_ms >= job.deadline_ms or job.confirm is not None:
                 continue
+            submitter = job.sm.manifest.submitter
+            if per_submitter.get(submitter, 0) >= self.config.holds_per_submitter_max:
+                continue
+            idle_leader = job.state is WorkerState.LEADING and job.proposal is None and job.quota_held
             again = (job.state is WorkerState.SEEN and not job.quiet) or (job.declined and job.state in (
                 WorkerState.FOLLOWING, WorkerState.LEADING, WorkerState.OFFERED))
-            if again and self._can_serve(job):
-                actions += self._volunteer(job, now_ms)
+            if (again or idle_leader) and self._can_serve(job):
+                per_submitter[submitter] = per_submitter.get(submitter, 0) + 1
+                actions += self._volunteer(job, now_ms) if again else self._propose(job, now_ms)
         return actions

@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 from . import _schema as s
-from ._advert import is_solana_address
+from ._advert import Advert, SignedAdvert, is_solana_address
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
@@ -108,10 +108,24 @@ class _Signed:
         return cls.from_envelope(env)
 
 
+def _advert_from_obj(obj: Any) -> SignedAdvert:
+    """A signed advert carried inside another message: its envelope verified
+    and signed by the peer it describes (time and network rules are the
+    cores', which know ``now``)."""
+    env = envelope_from_obj(obj, expected=Kind.ADVERT)
+    advert = Advert.from_obj(body_of(env))
+    if signer_of(env.signer) != advert.peer_id:
+        raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "carried advert not signed by its peer")
+    return SignedAdvert(advert, env)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Offer(_Signed):
     """A matching peer with free capacity volunteers for a job.  Not binding;
-    a newer ``seq`` from the same peer replaces an older offer."""
+    a newer ``seq`` from the same peer replaces an older offer.  It carries
+    the volunteer's own signed advert (at most ``Kind.ADVERT.bytes_max``), so
+    whoever checks that a cluster's members match the job can do so even
+    for a peer whose advert it has not heard by gossip."""
 
     kind: ClassVar[Kind] = Kind.OFFER
     job_id: str
@@ -119,6 +133,7 @@ class Offer(_Signed):
     seq: int
     gpus_free: int
     price_per_gpu_hour: int
+    advert: SignedAdvert
     envelope: Envelope = field(repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,21 +142,25 @@ class Offer(_Signed):
             raise ValueError("seq or gpus_free out of range")
         if not 0 <= self.price_per_gpu_hour <= s.int_max:
             raise ValueError("price out of range")
+        if self.advert.advert.peer_id != self.peer_id:
+            raise ValueError("the carried advert is another peer's")
 
     @classmethod
-    def sign(cls, identity: Identity, *, job_id: str, seq: int, gpus_free: int, price_per_gpu_hour: int) -> Offer:
+    def sign(cls, identity: Identity, *, job_id: str, seq: int, gpus_free: int, price_per_gpu_hour: int,
+             advert: SignedAdvert) -> Offer:
         body = {"job_id": job_id, "peer_id": identity.peer_id, "seq": seq, "gpus_free": gpus_free,
-                "price_per_gpu_hour": price_per_gpu_hour}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+                "price_per_gpu_hour": price_per_gpu_hour, "advert": advert.envelope.to_obj()}
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, peer_id=identity.peer_id, seq=seq,
+                   gpus_free=gpus_free, price_per_gpu_hour=price_per_gpu_hour, advert=advert)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Offer:
         b = _open(env, cls.kind)
-        s.exact_keys(b, {"job_id", "peer_id", "seq", "gpus_free", "price_per_gpu_hour"})
+        s.exact_keys(b, {"job_id", "peer_id", "seq", "gpus_free", "price_per_gpu_hour", "advert"})
         msg: Offer = _build(cls, env, {
             "job_id": s.get_str(b, "job_id", 64), "peer_id": s.get_str(b, "peer_id", 64),
             "seq": s.get_int(b, "seq", 1), "gpus_free": s.get_int(b, "gpus_free", 0, gpus_max),
-            "price_per_gpu_hour": s.get_int(b, "price_per_gpu_hour")})
+            "price_per_gpu_hour": s.get_int(b, "price_per_gpu_hour"), "advert": _advert_from_obj(b["advert"])})
         _signed_by(msg, msg.peer_id)
         return msg
 
@@ -178,7 +197,8 @@ class Proposal(_Signed):
              gpus_per_member: int) -> Proposal:
         body = {"job_id": job_id, "view": view, "round": round, "leader": identity.peer_id,
                 "members": list(members), "gpus_per_member": gpus_per_member}
-        return cls(envelope=seal(identity, cls.kind, body), **{**body, "members": tuple(members)})
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, view=view, round=round,
+                   leader=identity.peer_id, members=tuple(members), gpus_per_member=gpus_per_member)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Proposal:
@@ -231,7 +251,10 @@ class Accept(_Signed):
                 "proposal": proposal.digest, "peer_id": identity.peer_id, "gpus": proposal.gpus_per_member,
                 "lease_until_ms": lease_until_ms, "price_per_gpu_hour": price_per_gpu_hour,
                 "payout_address": payout_address}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+        return cls(envelope=seal(identity, cls.kind, body), job_id=proposal.job_id, view=proposal.view,
+                   round=proposal.round, proposal=proposal.digest, peer_id=identity.peer_id,
+                   gpus=proposal.gpus_per_member, lease_until_ms=lease_until_ms,
+                   price_per_gpu_hour=price_per_gpu_hour, payout_address=payout_address)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Accept:
@@ -274,7 +297,8 @@ class Decline(_Signed):
              reason: str) -> Decline:
         body = {"job_id": job_id, "view": view, "round": round, "proposal": proposal,
                 "peer_id": identity.peer_id, "reason": reason[:reason_len_max]}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, view=view, round=round,
+                   proposal=proposal, peer_id=identity.peer_id, reason=reason[:reason_len_max])
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Decline:
@@ -434,7 +458,8 @@ class Cancel(_Signed):
     @classmethod
     def sign(cls, identity: Identity, *, job_id: str, reason: str, cancelled_at_ms: int) -> Cancel:
         body = {"job_id": job_id, "reason": reason[:reason_len_max], "cancelled_at_ms": cancelled_at_ms}
-        return cls(envelope=seal(identity, cls.kind, body), **body)
+        return cls(envelope=seal(identity, cls.kind, body), job_id=job_id, reason=reason[:reason_len_max],
+                   cancelled_at_ms=cancelled_at_ms)
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Cancel:

@@ -32,8 +32,9 @@ from ._actions import (
     Subscribe,
     Unsubscribe,
 )
+from ._advert import Advert
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._formation import DEFAULT_CONFIG, FormationConfig, expected_volunteers
+from ._formation import DEFAULT_CONFIG, FormationConfig, expected_volunteers, leader_rank
 from ._formation_messages import (
     Accept,
     Cancel,
@@ -45,6 +46,7 @@ from ._formation_messages import (
     Offer,
     Proposal,
 )
+from ._formation_rules import AdvertLookup, advert_fault, leader_fault
 from ._formation_states import SUBMITTER_TRANSITIONS, SubmitterState, advance
 from ._identity import Identity
 from ._manifest import SignedManifest
@@ -68,6 +70,8 @@ class JobProgress:
     confirmed_at_ms: int | None
     reason: str
     lost_members: tuple[str, ...]
+    #: Why the last certificate was refused ("" if none was).
+    refusal: str = ""
 
 
 @dataclass(slots=True)
@@ -92,6 +96,10 @@ class _Submitted:
     #: accept reaches it before the leader's ``Certified`` does.
     proposals: dict[bytes, Proposal] = field(default_factory=dict)
     accepted: dict[bytes, dict[str, Accept]] = field(default_factory=dict)
+    #: The eligible volunteers' adverts, as their offers carried them (keys:
+    #: the volunteers the rightful-leader rule counts).
+    adverts: dict[str, Advert] = field(default_factory=dict)
+    refusal: str = ""
 
 
 #: Proposals a submitter keeps per job for assembling certificates itself,
@@ -109,10 +117,15 @@ class Submitter:
     read :meth:`progress`.
     """
 
-    def __init__(self, identity: Identity, config: FormationConfig = DEFAULT_CONFIG) -> None:
+    def __init__(self, identity: Identity, config: FormationConfig = DEFAULT_CONFIG, *,
+                 adverts: AdvertLookup | None = None) -> None:
+        """``adverts`` finds a peer's advert (the driver's advert book); with
+        the ones offers carry, it decides who may be in a confirmed cluster
+        and who may lead it (``_formation_rules``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
+        self.lookup: AdvertLookup = adverts or (lambda _peer: None)
         self.jobs: dict[str, _Submitted] = {}
 
     def _key(self, job_id: str, name: str) -> str:
@@ -172,6 +185,7 @@ class Submitter:
             views_seen=job.views_seen, certificates_refused=job.refused,
             members=cert.members if cert is not None else (), certificate_digest=cert.digest.hex() if cert else "",
             confirmed_at_ms=job.confirmed_at_ms, reason=job.reason, lost_members=tuple(job.lost),
+            refusal=job.refusal,
         )
 
     # -- timers ---------------------------------------------------------------
@@ -225,7 +239,10 @@ class Submitter:
         if isinstance(msg, Offer):
             if msg.peer_id not in job.offers and len(job.offers) >= self.config.volunteers_max:
                 return []
+            if advert_fault(msg.advert.advert, job.sm, now_ms, network=self.config.network) is not None:
+                return [Emit("formation.offer_ineligible")] + self._answer(job, msg.peer_id, now_ms)
             job.offers[msg.peer_id] = max(msg.seq, job.offers.get(msg.peer_id, 0))
+            job.adverts[msg.peer_id] = msg.advert.advert
             return self._answer(job, msg.peer_id, now_ms)
         if isinstance(msg, Accept):
             if job.state is SubmitterState.PUBLISHED and len(job.accepts) < self.config.volunteers_max:
@@ -275,8 +292,21 @@ class Submitter:
         job.answered_at[peer_id] = now_ms
         return [Send(peer_id, final.envelope.to_bytes())]
 
+    def advert_of(self, job_id: str, peer_id: str) -> Advert | None:
+        """A peer's advert for one of our jobs: the one its offer carried, else the book's."""
+        job = self.jobs.get(job_id)
+        carried = job.adverts.get(peer_id) if job is not None else None
+        return carried if carried is not None else self.lookup(peer_id)
+
     def _check(self, job: _Submitted, cert: Certificate, now_ms: int) -> str:
-        """Why a certificate can't be confirmed ('' if it can); raises for a peer's fault."""
+        """Why a certificate can't be confirmed ('' if it can); raises for a peer's fault.
+
+        Besides its fit, prices and leases: every member and the leader are
+        eligible volunteers (their signed adverts match the job), and the
+        leader is the rightful leader of the proposal's view as far as the
+        volunteers we heard tell (``_formation_rules``).  Those two refuse
+        without blame: we may lack an advert, or know a volunteer the leader
+        did not."""
         m = job.sm.manifest
         if len(cert.members) != m.members or cert.proposal.gpus_per_member != m.gpus_per_node:
             raise PeerMisbehaved(Reason.BAD_PROOF, "certificate does not fit the manifest")
@@ -285,7 +315,14 @@ class Submitter:
                 raise PeerMisbehaved(Reason.BAD_PROOF, f"{a.peer_id[:16]} asks more than the price ceiling")
         if cert.lease_until_ms < now_ms + self.config.confirm_margin_ms:
             return "leases too short"
-        return ""
+        for role, peer in [*(("member", p) for p in cert.members), ("leader", cert.leader)]:
+            why = advert_fault(self.advert_of(job.sm.job_id, peer), job.sm, now_ms, network=self.config.network)
+            if why is not None:
+                return f"{role} {peer[:16]}: {why}"
+        job_id = job.sm.job_id
+        return leader_fault(job_id, view=cert.proposal.view, leader=cert.leader, volunteers=job.adverts,
+                            elapsed_ms=now_ms - job.submitted_at_ms, leader_timeout_ms=self.config.leader_timeout_ms,
+                            rank=lambda p: leader_rank(job_id, p)) or ""
 
     def _assemble(self, job: _Submitted, digest: bytes, now_ms: int) -> list[Action]:
         """Confirm a certificate made of a proposal and all its members' accepts,
@@ -332,6 +369,7 @@ class Submitter:
         why = self._check(job, cert, now_ms)
         if why:
             job.refused += 1
+            job.refusal = why
             return [Emit("formation.certificate_refused")]
         confirm = Confirm.sign(self.identity, cert, confirmed_at_ms=now_ms)
         job.confirm, job.confirmed_at_ms = confirm, now_ms

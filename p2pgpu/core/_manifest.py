@@ -63,6 +63,28 @@ body_bytes_max = Kind.MANIFEST.bytes_max - 512
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+url_len_max = 2048
+_URL_RE = re.compile(r"^https?://[^\s/?#@]+(/[^\s#]*)?$")
+image_ref_len_max = 512
+#: ``REGISTRY/NAME@sha256:DIGEST``: a registry host (with a dot, a port or
+#: ``localhost``), a repository path of lowercase components, a digest.  By
+#: digest only, so what runs is exactly what was signed.
+_IMAGE_RE = re.compile(
+    r"^(?P<registry>(?:[a-zA-Z0-9-]+\.)*[a-zA-Z0-9-]+(?::[0-9]{1,5})?)/"
+    r"(?P<name>[a-z0-9]+(?:[._-]{1,2}[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]{1,2}[a-z0-9]+)*)*)"
+    r"@sha256:(?P<digest>[0-9a-f]{64})$")
+
+
+def parse_image_ref(ref: str) -> tuple[str, str, str]:
+    """``(registry, name, digest hex)`` of ``REGISTRY/NAME@sha256:DIGEST``, or ``ValueError``."""
+    m = _IMAGE_RE.match(ref) if len(ref) <= image_ref_len_max else None
+    if m is None:
+        raise ValueError("an image by digest: REGISTRY/NAME@sha256:<64 hex>, e.g. "
+                         "registry.example.org/team/pytorch@sha256:9f86...; tags are not accepted")
+    registry = m.group("registry")
+    if "." not in registry and ":" not in registry and registry != "localhost":
+        raise ValueError(f"{registry!r} is not a registry host (name one with a dot, a port or localhost)")
+    return registry, m.group("name"), m.group("digest")
 
 
 class ManifestError(ValueError):
@@ -77,12 +99,17 @@ class ManifestError(ValueError):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JobInput:
     """A file placed in the job's work directory: inline ``data``, or named by
-    ``sha256`` (hex) and ``size_bytes`` for the runtime to fetch."""
+    ``sha256`` (hex) and ``size_bytes`` for the runtime to fetch from peers
+    (``tree``: the root of its chunk tree, hex, so every chunk is checked as
+    it arrives; ``core/_chunks.py``), or from ``url`` (checked against
+    ``sha256`` and ``size_bytes``)."""
 
     name: str
     data: bytes | None = None
     sha256: str = ""
     size_bytes: int = 0
+    tree: str = ""
+    url: str = ""
 
     def __post_init__(self) -> None:
         if not _INPUT_NAME_RE.match(self.name) or ".." in self.name:
@@ -90,7 +117,7 @@ class JobInput:
                                 "(no slashes, not starting with '.'), at most 128 characters")
         where = f"inputs.{self.name}"
         if self.data is not None:
-            if self.sha256 or self.size_bytes:
+            if self.sha256 or self.size_bytes or self.tree or self.url:
                 raise ManifestError(where, "give either inline data or sha256, not both")
             if len(self.data) > inline_bytes_max:
                 raise ManifestError(where, f"inline data is over {inline_bytes_max} bytes; pass it by sha256")
@@ -99,6 +126,13 @@ class JobInput:
                 raise ManifestError(where, "sha256 must be 64 lowercase hex digits")
             if not 0 <= self.size_bytes <= input_size_bytes_max:
                 raise ManifestError(where, "size_bytes out of range")
+            if self.tree and not _SHA256_RE.match(self.tree):
+                raise ManifestError(f"{where}.tree", "the chunk tree root: 64 lowercase hex digits")
+            if self.url and (len(self.url) > url_len_max or not _URL_RE.match(self.url)):
+                raise ManifestError(f"{where}.url", f"an http:// or https:// URL of at most {url_len_max} "
+                                    "characters, without credentials")
+            if self.url and self.tree:
+                raise ManifestError(f"{where}.tree", "a URL input is checked by its sha256; give no tree")
 
     @property
     def digest(self) -> str:
@@ -108,7 +142,12 @@ class JobInput:
     def to_obj(self) -> dict[str, Any]:
         if self.data is not None:
             return {"name": self.name, "data": self.data}
-        return {"name": self.name, "sha256": self.sha256, "size_bytes": self.size_bytes}
+        obj: dict[str, Any] = {"name": self.name, "sha256": self.sha256, "size_bytes": self.size_bytes}
+        if self.tree:
+            obj["tree"] = self.tree
+        if self.url:
+            obj["url"] = self.url
+        return obj
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -136,6 +175,8 @@ class Manifest:
     env: tuple[tuple[str, str], ...] = ()
     network: bool = False
     duration_s_max: int = 60
+    #: ``REGISTRY/NAME@sha256:DIGEST`` for ``runtime = "oci"`` (docs/sandbox.md).
+    image: str = ""
     inputs: tuple[JobInput, ...] = ()
     price_per_gpu_hour_max: int = 0
     currency: str = "SOL"
@@ -190,6 +231,7 @@ class Manifest:
                 "env": dict(self.env),
                 "network": self.network,
                 "duration_s_max": self.duration_s_max,
+                **({"image": self.image} if self.image else {}),
             },
             "inputs": [i.to_obj() for i in self.inputs],
             "payment": {
@@ -210,7 +252,7 @@ class Manifest:
         req, rt, pay, ver = (s.get_map(body, k) for k in ("requirements", "runtime", "payment", "verification"))
         s.exact_keys(req, {"nodes", "gpus_per_node", "memory_mb_min", "models", "compute_capability_min",
                            "regions", "allow_simulated"})
-        s.exact_keys(rt, {"kind", "command", "env", "network", "duration_s_max"})
+        s.exact_keys(rt, {"kind", "command", "env", "network", "duration_s_max"}, frozenset({"image"}))
         s.exact_keys(pay, {"price_per_gpu_hour_max", "currency", "payer"})
         s.exact_keys(ver, {"replicas", "quorum", "on_member_loss"})
         env = s.get_map(rt, "env")
@@ -223,11 +265,13 @@ class Manifest:
             if "data" in item:
                 s.exact_keys(item, {"name", "data"})
                 inputs.append((s.get_str(item, "name", input_name_len_max), s.get_bytes(item, "data", inline_bytes_max),
-                               "", 0))
+                               "", 0, "", ""))
             else:
-                s.exact_keys(item, {"name", "sha256", "size_bytes"})
+                s.exact_keys(item, {"name", "sha256", "size_bytes"}, frozenset({"tree", "url"}))
                 inputs.append((s.get_str(item, "name", input_name_len_max), None, s.get_str(item, "sha256", 64),
-                               s.get_int(item, "size_bytes", 0, input_size_bytes_max)))
+                               s.get_int(item, "size_bytes", 0, input_size_bytes_max),
+                               s.get_str(item, "tree", 64) if "tree" in item else "",
+                               s.get_str(item, "url", url_len_max) if "url" in item else ""))
         try:
             return cls(
                 name=s.get_str(body, "name", name_len_max),
@@ -247,7 +291,9 @@ class Manifest:
                 env=tuple(sorted((str(k), v) for k, v in env.items())),
                 network=s.get_bool(rt, "network"),
                 duration_s_max=s.get_int(rt, "duration_s_max", 1, duration_s_max_max),
-                inputs=tuple(JobInput(name=n, data=d, sha256=h, size_bytes=z) for n, d, h, z in inputs),
+                image=s.get_str(rt, "image", image_ref_len_max, len_min=1) if "image" in rt else "",
+                inputs=tuple(JobInput(name=n, data=d, sha256=h, size_bytes=z, tree=t, url=u)
+                             for n, d, h, z, t, u in inputs),
                 price_per_gpu_hour_max=s.get_int(pay, "price_per_gpu_hour_max"),
                 currency=s.get_str(pay, "currency", 64, len_min=1),
                 payer=s.get_str(pay, "payer", 64),
@@ -285,6 +331,13 @@ def _check_manifest(m: Manifest) -> None:
     except ValueError as exc:
         raise ManifestError("requirements.compute_capability_min", str(exc)) from None
     need(m.runtime in RUNTIMES, "runtime.kind", f"one of {', '.join(RUNTIMES)}")
+    if m.runtime == "oci" or m.image:
+        need(m.runtime == "oci", "runtime.image", "an image is run by kind = \"oci\"")
+        need(bool(m.image), "runtime.image", "kind = \"oci\" needs image = \"REGISTRY/NAME@sha256:DIGEST\"")
+        try:
+            parse_image_ref(m.image)
+        except ValueError as exc:
+            raise ManifestError("runtime.image", str(exc)) from None
     need(1 <= len(m.command) <= argv_len_max, "runtime.command",
          f"a list of 1 to {argv_len_max} strings (the argv), e.g. [\"sh\", \"-c\", \"echo hello\"]")
     need(all(0 < len(a) <= arg_len_max for a in m.command), "runtime.command",
@@ -321,7 +374,7 @@ _TOML_TOP = {"name", "expires_in_s", "requirements", "runtime", "inputs", "payme
 _TOML_SECTIONS = {
     "requirements": {"nodes", "gpus_per_node", "vram_gb_min", "memory_mb_min", "models",
                      "compute_capability_min", "regions", "allow_simulated"},
-    "runtime": {"kind", "command", "env", "network", "duration_s_max"},
+    "runtime": {"kind", "command", "env", "network", "duration_s_max", "image"},
     "payment": {"price_per_gpu_hour_max", "currency", "payer"},
     "verification": {"replicas", "quorum", "on_member_loss"},
 }
@@ -369,13 +422,20 @@ def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
 def _toml_inputs(doc: dict[str, Any]) -> tuple[JobInput, ...]:
     table = doc.get("inputs", {})
     if not isinstance(table, dict):
-        raise ManifestError("inputs", "must be a table of file name = { text | base64 | sha256 }")
+        raise ManifestError("inputs", "must be a table of file name = { text | base64 | sha256 | url | path }")
     out = []
     for name in sorted(table):
         spec, where = table[name], f"inputs.{name}"
+        if isinstance(spec, dict) and "path" in spec:
+            raise ManifestError(f"{where}.path", "a local file is read and hashed by `p2pgpu job submit` (or the "
+                                "SDK's submit) on the submitter's machine; this form takes sha256 and size_bytes")
+        if isinstance(spec, dict) and "url" in spec and "sha256" not in spec:
+            raise ManifestError(f"{where}.sha256", "a URL input needs its sha256 (and size_bytes): what the URL "
+                                "serves is checked against them")
         if not isinstance(spec, dict) or len([k for k in ("text", "base64", "sha256") if k in spec]) != 1:
-            raise ManifestError(where, "give exactly one of text = \"...\", base64 = \"...\" or sha256 = \"...\"")
-        extra = sorted(set(spec) - {"text", "base64", "sha256", "size_bytes"})
+            raise ManifestError(where, "give exactly one of text = \"...\", base64 = \"...\", sha256 = \"...\" "
+                                "(with size_bytes, and url = \"...\" to fetch it from there) or path = \"...\"")
+        extra = sorted(set(spec) - {"text", "base64", "sha256", "size_bytes", "tree", "url"})
         if extra:
             raise ManifestError(f"{where}.{extra[0]}", "unknown field")
         if "text" in spec:
@@ -388,7 +448,9 @@ def _toml_inputs(doc: dict[str, Any]) -> tuple[JobInput, ...]:
             out.append(JobInput(name=name, data=data))
         else:
             out.append(JobInput(name=name, sha256=_t_str(spec, where + ".", "sha256", "").lower(),
-                                size_bytes=_t_int(spec, where + ".", "size_bytes", 0)))
+                                size_bytes=_t_int(spec, where + ".", "size_bytes", 0),
+                                tree=_t_str(spec, where + ".", "tree", "").lower(),
+                                url=_t_str(spec, where + ".", "url", "")))
     return tuple(out)
 
 
@@ -510,12 +572,16 @@ def manifest_from_toml(
     wallet address) is used when the file names none; ``rng`` draws the nonce.
     Raises :class:`ManifestError` naming the field at fault.
     """
+    return manifest_from_doc(toml_doc(text), submitter=submitter, now_ms=now_ms, rng=rng, payer=payer)
+
+
+def toml_doc(text: str) -> dict[str, Any]:
+    """A manifest file's document (depth-checked before parsing), or ``ManifestError``."""
     check_toml_depth(text, toml_nesting_max)
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError("toml", str(exc)) from None
-    return manifest_from_doc(doc, submitter=submitter, now_ms=now_ms, rng=rng, payer=payer)
 
 
 def manifest_from_doc(
@@ -571,6 +637,7 @@ def manifest_from_doc(
         env=tuple(sorted(env_t.items())),
         network=_t_bool(rt, "runtime.", "network", False),
         duration_s_max=_t_int(rt, "runtime.", "duration_s_max", 60),
+        image=_t_str(rt, "runtime.", "image", ""),
         inputs=_toml_inputs(doc),
         price_per_gpu_hour_max=_t_int(pay, "payment.", "price_per_gpu_hour_max", 0),
         currency=_t_str(pay, "payment.", "currency", "SOL"),

@@ -428,13 +428,20 @@ class FundsVerdict:
     reason: str = ""
 
 
-def payer_covers(*, balance_lamports: int | None, needed: int, reserve_lamports: int = 0) -> FundsVerdict:
-    """Can a submitter whose balance is ``balance_lamports`` pay ``needed``?"""
+def payer_covers(*, balance_lamports: int | None, needed: int, open_lamports: int = 0,
+                 reserve_lamports: int = 0) -> FundsVerdict:
+    """Can a submitter whose balance is ``balance_lamports`` pay ``needed``
+    on top of ``open_lamports``, what it may already owe for its other open
+    jobs (the sum of their ceilings, as the caller counts them)?  Judging each
+    job alone let one payer holding enough for one job open a thousand
+    (#18.3)."""
     if balance_lamports is None:
         return FundsVerdict(ok=False, reason="payer balance unknown (ledger unreachable)")
-    if balance_lamports < needed + reserve_lamports:
+    if balance_lamports < needed + open_lamports + reserve_lamports:
+        also = f" plus {open_lamports} for its other open jobs" if open_lamports else ""
         return FundsVerdict(
             ok=False,
-            reason=f"payer balance {balance_lamports} is below the job's ceiling {needed} plus reserve {reserve_lamports}",
+            reason=f"payer balance {balance_lamports} is below the job's ceiling {needed}{also} "
+                   f"plus reserve {reserve_lamports}",
         )
     return FundsVerdict(ok=True)

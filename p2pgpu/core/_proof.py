@@ -66,6 +66,9 @@ class ProofFault(IntEnum):
     OVER_OBSERVED = 11
     NOT_OBSERVED = 12
     BROKEN_CHAIN = 13
+    #: More time than passed, on the submitter's own clock, between its
+    #: confirmation of the cluster and the arrival of the member's results.
+    OVER_WINDOW = 14
 
 
 _FAULT_REASON = {ProofFault.MALFORMED: Reason.BAD_SCHEMA, ProofFault.BAD_SIGNATURE: Reason.BAD_SIGNATURE,
@@ -369,14 +372,29 @@ def decode_cosign(data: bytes) -> SignedCosign:
 
 # --- verification -----------------------------------------------------------------
 
+#: Default tolerances (``ProofTerms``): a floor, and a share of the observation.
+tolerance_ms_default = 1_000
+tolerance_ppm_default = 50_000
+#: The node's heartbeat interval: what a co-signer's first sight of a member may lag its start.
+heartbeat_interval_ms_default = 1_000
+ppm = 1_000_000
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ProofTerms:
     """What a proof is checked against: the manifest's terms for this job.
 
-    ``tolerance_ms`` absorbs clock skew and the gap between a member's start
-    and its first heartbeat; set it to at least one heartbeat interval plus
-    the expected skew.  ``cosigns_min`` is how many other members must vouch
-    for a proof (default: one when the cluster has other members).
+    Every time claim is bounded by an observation plus a tolerance
+    *proportional to that observation*, with a small floor:
+    ``tolerance(x) = max(tolerance_ms, x * tolerance_ppm / 10^6)`` (1 s or
+    5 %).  An absolute tolerance let a member inflate a short job by most of
+    it (#13: 1.48x on a 7 s job with 5 s); a proportional one keeps the
+    excess a small share whatever the length.  A co-signer's observation
+    (first to last heartbeat it received) is credited with one
+    ``heartbeat_interval_ms`` first: it may have heard the member first one
+    interval after the member started.  ``cosigns_min`` is how many other
+    members must vouch for a proof (default: one when the cluster has other
+    members).
     """
 
     job_id: str
@@ -386,7 +404,9 @@ class ProofTerms:
     nodes: int = 1
     replicas: int = 1
     quorum: int = 1
-    tolerance_ms: int = 5_000
+    tolerance_ms: int = tolerance_ms_default
+    tolerance_ppm: int = tolerance_ppm_default
+    heartbeat_interval_ms: int = heartbeat_interval_ms_default
     cosigns_min: int | None = None
 
     def __post_init__(self) -> None:
@@ -394,14 +414,40 @@ class ProofTerms:
             raise ValueError("duration and GPUs must be positive, price not negative")
         if self.nodes < 1 or not 1 <= self.quorum <= self.replicas or self.tolerance_ms < 0:
             raise ValueError("need nodes >= 1, 1 <= quorum <= replicas, tolerance >= 0")
+        if not 0 <= self.tolerance_ppm <= ppm or self.heartbeat_interval_ms < 0:
+            raise ValueError("tolerance_ppm in 0..10^6, heartbeat interval >= 0")
+
+    def tolerance(self, observed_ms: int) -> int:
+        """How much a claim may exceed an observation of ``observed_ms``."""
+        return max(self.tolerance_ms, max(0, observed_ms) * self.tolerance_ppm // ppm)
 
     @classmethod
-    def from_manifest(cls, signed_manifest: Any, *, tolerance_ms: int = 5_000) -> ProofTerms:
-        """Terms of a ``SignedManifest`` (``p2pgpu.core._manifest``)."""
+    def from_manifest(cls, signed_manifest: Any, **over: Any) -> ProofTerms:
+        """Terms of a ``SignedManifest`` (``p2pgpu.core._manifest``); ``over``
+        sets the tolerances or ``heartbeat_interval_ms``."""
         m = signed_manifest.manifest
         return cls(job_id=signed_manifest.job_id, duration_ms_max=m.duration_s_max * 1000,
                    gpus_per_member=m.gpus_per_node, price_per_gpu_hour_max=m.price_per_gpu_hour_max,
-                   nodes=m.nodes, replicas=m.replicas, quorum=m.quorum, tolerance_ms=tolerance_ms)
+                   nodes=m.nodes, replicas=m.replicas, quorum=m.quorum, **over)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Window:
+    """What the submitter itself saw of one member, on its own clock: when it
+    confirmed the cluster (``confirmed_at_ms``, the time in its signed
+    CONFIRM) and when that member's results first arrived (``results_at_ms``:
+    its proof or its outputs list, whichever came first).  An honest member
+    starts after the confirmation and sends its results after it ended, so
+    its whole part lies inside the window, whatever the clocks say (only
+    durations are compared: the member's clock may be off by any constant).
+    """
+
+    confirmed_at_ms: int
+    results_at_ms: int
+
+    @property
+    def ms(self) -> int:
+        return max(0, self.results_at_ms - self.confirmed_at_ms)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -414,6 +460,9 @@ class VerifiedProof:
     cosigners: tuple[str, ...]
     observed_ms: int | None
     cosigns_ignored: tuple[tuple[str, str], ...]
+    #: The most time this proof could have claimed (``None``: nothing bounded it
+    #: but the duration limit): what the observations allowed.
+    bound_ms: int | None = None
 
     @property
     def proof(self) -> Proof:
@@ -438,9 +487,13 @@ def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes]) 
 
 
 def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: ProofTerms,
-                 cosigns: Sequence[SignedCosign | bytes] = ()) -> VerifiedProof:
-    """Check one proof against the confirmed certificate and the job's terms,
-    or raise :class:`ProofRejected`.  Rules, in order: docs/proofs.md."""
+                 cosigns: Sequence[SignedCosign | bytes] = (), window: Window | None = None) -> VerifiedProof:
+    """Check one proof against the confirmed certificate, the job's terms and
+    what was observed of it, or raise :class:`ProofRejected`.  ``window`` is
+    the submitter's own observation of this member (the submitter always
+    passes it, for every cluster size: it is what bounds a lone member);
+    ``None`` only for a third party re-checking proofs without the
+    submitter's record.  Rules, in order: docs/proofs.md."""
     try:
         sp = proof if isinstance(proof, SignedProof) else decode_proof(proof)
     except PeerMisbehaved as exc:
@@ -458,7 +511,7 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
         raise ProofRejected(ProofFault.NOT_A_MEMBER, f"{p.peer_id[:16]} is not in the certificate")
     if len(p.gpus) > terms.gpus_per_member:
         raise ProofRejected(ProofFault.TOO_MANY_GPUS, f"{len(p.gpus)} GPUs > {terms.gpus_per_member}")
-    if p.duration_ms > terms.duration_ms_max + terms.tolerance_ms:
+    if p.duration_ms > terms.duration_ms_max + terms.tolerance(terms.duration_ms_max):
         raise ProofRejected(ProofFault.OVER_DURATION, f"{p.duration_ms} ms > limit {terms.duration_ms_max} ms")
     if p.gpu_ms > len(p.gpus) * min(p.duration_ms, terms.duration_ms_max):
         raise ProofRejected(ProofFault.OVER_GPU_TIME, f"{p.gpu_ms} GPU-ms > {len(p.gpus)} GPUs x duration")
@@ -485,12 +538,36 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
     if len(used) < cosigns_min:
         raise ProofRejected(ProofFault.NOT_OBSERVED, f"{len(used)} usable co-signatures < {cosigns_min}")
     observed = max((sc.cosign.observed_ms for sc in used.values()), default=None)
-    if observed is not None and p.duration_ms > observed + terms.tolerance_ms:
+    if window is not None and p.duration_ms > window.ms + terms.tolerance(window.ms):
+        raise ProofRejected(ProofFault.OVER_WINDOW,
+                            f"served {p.duration_ms} ms, but only {window.ms} ms passed between the "
+                            "confirmation and its results")
+    if observed is not None and p.duration_ms > _cosigned_bound_ms(terms, observed):
         raise ProofRejected(ProofFault.OVER_OBSERVED,
                             f"served {p.duration_ms} ms, co-signers saw at most {observed} ms")
     index = members.index(p.peer_id)
     return VerifiedProof(signed=sp, rank=index % terms.nodes, replica=index // terms.nodes,
-                         cosigners=tuple(sorted(used)), observed_ms=observed, cosigns_ignored=tuple(ignored))
+                         cosigners=tuple(sorted(used)), observed_ms=observed, cosigns_ignored=tuple(ignored),
+                         bound_ms=claim_bound_ms(terms, observed_ms=observed, window=window))
+
+
+def _cosigned_bound_ms(terms: ProofTerms, observed_ms: int) -> int:
+    credited = observed_ms + terms.heartbeat_interval_ms
+    return credited + terms.tolerance(credited)
+
+
+def claim_bound_ms(terms: ProofTerms, *, observed_ms: int | None, window: Window | None) -> int | None:
+    """The longest part a proof may claim given what was observed: the
+    submitter's window plus its tolerance, and the best co-signer's
+    observation (credited one heartbeat interval) plus its tolerance,
+    whichever is smaller; ``None`` when neither was observed.  What a
+    verified proof is paid never exceeds this (times its GPUs)."""
+    bounds = []
+    if window is not None:
+        bounds.append(window.ms + terms.tolerance(window.ms))
+    if observed_ms is not None:
+        bounds.append(_cosigned_bound_ms(terms, observed_ms))
+    return min(bounds) if bounds else None
 
 
 # --- quorum and what is owed --------------------------------------------------------

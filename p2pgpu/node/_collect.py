@@ -6,7 +6,10 @@ other members made of them.  It settles the job when every member's proof
 and the co-signatures of every other finished member are in, or at a
 deadline (the duration limit plus a grace period after confirmation, so a
 member that died does not hold the job up).  Settling verifies each proof
-(``verify_proof``), applies the replica quorum and computes what is owed
+(``verify_proof``, with the submitter's own window of each member: from
+its confirmation to the arrival of that member's results, which bounds
+every claim whatever the cluster size), applies the replica quorum and
+computes what is owed
 (``owed``), then writes each proof's verdict and what it owes in ONE SQLite
 transaction (``record_proof`` + ``record_owed``): a crash can lose neither
 half alone, and a proof is never owed twice.
@@ -48,6 +51,7 @@ from p2pgpu.core._proof import (
     ProofRejected,
     ProofTerms,
     SignedProof,
+    Window,
     decode_cosign,
     decode_proof,
     owed,
@@ -138,6 +142,10 @@ class Collection:
     items: dict[bytes, str] = field(default_factory=dict)
     #: Each member's payout address from its advert at confirmation.
     payout_addresses: dict[str, str] = field(default_factory=dict)
+    #: When each member's results (its proof or outputs list, whichever came
+    #: first) reached us, on our clock: the end of the window its claim must
+    #: fit in (``core.Window``).
+    results_at_ms: dict[str, int] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -196,7 +204,7 @@ class Collector:
                            payout_addresses=dict(row["payout_addresses"]))
             for item in row["items"]:
                 try:
-                    self._replay(c, item["kind"], item["sender"], item["wire"])
+                    self._replay(c, item["kind"], item["sender"], item["wire"], item.get("received_ms", now_ms))
                 except PeerMisbehaved as exc:  # stored by us, so only a bug gets here
                     log.warning("stored %s of %s refused: %s", item["kind"], row["job_id"][:12], exc)
             try:
@@ -212,7 +220,9 @@ class Collector:
             self.jobs.timers.set(f"x/{c.job_id}/settle", at)
         return reopened
 
-    def _replay(self, c: Collection, kind: str, sender: str, wire: bytes) -> None:
+    def _replay(self, c: Collection, kind: str, sender: str, wire: bytes, received_ms: int) -> None:
+        if kind in ("proof", "outputs"):
+            c.results_at_ms.setdefault(sender, received_ms)
         if kind == "proof":
             sp = decode_proof(wire)
             self._add_proof(c, sp)
@@ -353,6 +363,8 @@ class Collector:
             status = "late"
         elif add(c):
             c.items[h] = kind
+            if kind in ("proof", "outputs"):
+                c.results_at_ms.setdefault(sender, self.jobs.node.now_ms())
             if self.jobs.db is not None:
                 from p2pgpu.store import add_collection_item  # noqa: PLC0415
 
@@ -405,8 +417,9 @@ class Collector:
             sp = c.proofs.get(peer)
             if sp is None:
                 continue
+            window = Window(confirmed_at_ms=c.confirmed_at_ms, results_at_ms=c.results_at_ms.get(peer, now_ms))
             try:
-                verified.append(verify_proof(sp, cert=c.cert, terms=terms, cosigns=all_cosigns))
+                verified.append(verify_proof(sp, cert=c.cert, terms=terms, cosigns=all_cosigns, window=window))
             except ProofRejected as exc:
                 verdicts[peer] = ("rejected", f"{exc.fault.name.lower()}: {exc.detail}")
         prices = {a.peer_id: a.price_per_gpu_hour for a in c.cert.accepts}

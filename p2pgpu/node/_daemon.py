@@ -28,6 +28,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import trio
@@ -65,6 +66,7 @@ from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers
 from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
+from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
@@ -78,7 +80,8 @@ ADVERTS_TOPIC = "/p2pgpu/adverts/1"
 PING_PROTOCOL = TProtocol("/ipfs/ping/1.0.0")
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
-STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL, CHALLENGE_PROTOCOL]
+STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL, CHALLENGE_PROTOCOL,
+                               BLOBS_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
 advert_republish_s_min = 1.0
@@ -223,6 +226,10 @@ class Node:
         self.sandbox_reason: str | None = None
         self.ray_reason: str | None = "not checked yet"
         self.runner: Any = None
+        #: The content store and /p2pgpu/blobs/1.0.0 (opened in run()).
+        self.blobs: BlobService | None = None
+        #: The OCI image cache (node/_images.py), opened on the first oci job.
+        self.images: Any = None
         self._payouts_due = trio.Event()
         self._wallet: Any = None
         #: Set by a config reload: the advert loop re-signs at once.
@@ -256,6 +263,10 @@ class Node:
                 "results", lambda s: serve_results(self, s), self.counts, timeout_s=600))
             stack.host.set_stream_handler(CHALLENGE_PROTOCOL, guarded(
                 "challenge", self.challenges.serve, self.counts, timeout_s=serve_timeout_s))
+            self.blobs = self._open_blobs()
+            # A blob stream carries many requests; the service has its own idle timeout.
+            stack.host.set_stream_handler(BLOBS_PROTOCOL, guarded(
+                "blobs", self.blobs.serve, self.counts, timeout_s=24 * 3600))
             control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
                                     stream_handlers={})
             self.control = control
@@ -447,6 +458,25 @@ class Node:
 
             self.jobs.payer_check = PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0)
 
+    def _open_blobs(self) -> BlobService:
+        """The content store in ``<home>/blobs`` (a temporary one without a
+        home), with the operator's limits from config.toml."""
+        import tempfile  # noqa: PLC0415
+
+        from p2pgpu.content import BlobStore  # noqa: PLC0415
+        from p2pgpu.content._store import blob_bytes_max_default, bytes_max_default  # noqa: PLC0415
+
+        from ._blobs import Pacer, serve_bytes_per_s_max  # noqa: PLC0415
+
+        root = self.home.path / "blobs" if self.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-blobs-"))
+        extra = self.config.extra
+        store = BlobStore(root, bytes_max=int(extra.get("blobs_bytes_max", bytes_max_default)),
+                          blob_bytes_max=int(extra.get("blob_bytes_max", blob_bytes_max_default)),
+                          now_ms=self.now_ms())
+        adversary = str(extra.get("adversary", "")) if self.network.allow_simulated else ""
+        return BlobService(node=self, store=store, counts=self.counts, adversary=adversary,
+                           pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
+
     def _start_runner(self) -> None:
         from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415
 
@@ -473,7 +503,8 @@ class Node:
         where Ray is installed and can start."""
         if self.sandbox_reason:
             return ()
-        return ("process", "ray") if self.ray_reason is None else ("process",)
+        # ``oci``: images run under the same bubblewrap (node/_images.py).
+        return ("process", "ray", "oci") if self.ray_reason is None else ("process", "oci")
 
     def capacity_changed(self) -> None:
         """Call when ``gpus_reserved`` changes: the advert is republished."""
@@ -772,6 +803,7 @@ class Node:
             "gpus": self._gpus,
             "dht.providers": self._providers,
             "dht.get_advert": self._dht_get_advert,
+            **blob_handlers(self),
             "shutdown": self._shutdown,
             **job_handlers(self),
             **challenge_handlers(self.challenges),

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from p2pgpu.core import Requirement, explain, matching
 from p2pgpu.core._manifest import (
     Manifest,
     ManifestError,
     manifest_from_doc,
-    manifest_from_toml,
     sign_manifest,
+    toml_doc,
 )
 
 from ._control import ControlError
@@ -78,10 +80,28 @@ def job_handlers(node: Node) -> dict[str, Any]:
             if len(text.encode()) > manifest_text_bytes_max:
                 raise ControlError(f"manifest larger than {manifest_text_bytes_max} bytes", code="bad_manifest",
                                    details={"field": "manifest"})
-            parse = manifest_from_toml
+            try:
+                text = toml_doc(text)  # depth-checked; local file inputs are resolved on the document
+            except ManifestError as exc:
+                raise ControlError(f"manifest: {exc}", code="bad_manifest",
+                                   details={"field": exc.field, "problem": exc.message}) from None
+            parse = manifest_from_doc
         else:
             raise ControlError("manifest (the TOML text, or the same document as an object) is required",
                                code="bad_manifest", details={"field": "manifest"})
+        from ._inputs import import_local_inputs, local_input_paths
+
+        local: list[str] = []
+        if local_input_paths(text) and not params.get("dry_run"):
+            try:
+                local = await trio.to_thread.run_sync(import_local_inputs, node, text)
+            except ValueError as exc:
+                field = str(exc).split(":", 1)[0]
+                raise ControlError(f"manifest: {exc}", code="bad_manifest",
+                                   details={"field": field, "problem": str(exc)}) from None
+        elif local_input_paths(text):
+            for name, _spec in local_input_paths(text):  # a dry run reads no file: a placeholder name
+                text["inputs"][name] = {"sha256": "0" * 64, "size_bytes": 0}
         now = node.now_ms()
         try:
             manifest = parse(text, submitter=node.identity.peer_id, now_ms=now, rng=node.rng,
@@ -93,7 +113,15 @@ def job_handlers(node: Node) -> dict[str, Any]:
             return dry_run(node, manifest)
         sm = sign_manifest(node.identity, manifest)
         jobs.submit(sm)
-        return {"job_id": sm.job_id, "members": manifest.members, "name": manifest.name}
+        if node.blobs is not None and getattr(node, "_nursery", None) is not None:
+            for sha in local:
+                node._nursery.start_soon(node.blobs.announce, sha)
+        doc: dict[str, Any] = {"job_id": sm.job_id, "members": manifest.members, "name": manifest.name}
+        by_hash = [{"name": i.name, "sha256": i.sha256, "size_bytes": i.size_bytes}
+                   for i in manifest.inputs if i.data is None]
+        if by_hash:  # added only when there are some: scripts compare the keys
+            doc["inputs"] = by_hash
+        return doc
 
     async def status(params: dict[str, Any]) -> dict[str, Any]:
         job_id = params.get("job_id")
@@ -102,6 +130,9 @@ def job_handlers(node: Node) -> dict[str, Any]:
         doc = jobs.status(job_id)
         if doc is None:
             raise _unknown(job_id)
+        rec = jobs.records.get(doc["job_id"])
+        if rec is not None and node.blobs is not None:
+            doc["inputs"] = input_transfers(node, rec)
         if doc["state"] == "failed" and not doc["cluster"]["members"] and "submitter" in doc["roles"]:
             # Formation failed: say, against the market as it is now, which
             # requirement leaves too few peers (e.g. none can run the runtime).
@@ -143,7 +174,8 @@ def job_handlers(node: Node) -> dict[str, Any]:
     async def results(params: dict[str, Any]) -> dict[str, Any]:
         from pathlib import Path
 
-        from ._results import ResultsError, fetch_results
+        from ._outputs_blobs import fetch_results_any as fetch_results
+        from ._results import ResultsError
 
         job_id, out = params.get("job_id"), params.get("out")
         if not isinstance(job_id, str) or not isinstance(out, str) or not out:
@@ -207,6 +239,23 @@ def job_handlers(node: Node) -> dict[str, Any]:
             "proofs": proofs, "payouts": payouts, "earnings": earnings, "proof.inclusion": inclusion,
             "wallet": wallet, "job.results": results, "job.submit": submit, "job.status": status, "job.list": list_jobs, "job.cancel": cancel,
             "job.logs": logs}
+
+
+def input_transfers(node: Node, rec: Any) -> list[dict[str, Any]]:
+    """Where each by-hash input stands on this node: bytes served to peers
+    (the submitter, members that hold it), bytes fetched so far, held."""
+    blobs = node.blobs
+    assert blobs is not None
+    out = []
+    for i in rec.manifest.manifest.inputs:
+        if i.data is not None:
+            continue
+        fetched = blobs.fetching.get(i.sha256)
+        held = blobs.store.has(i.sha256)
+        out.append({"name": i.name, "sha256": i.sha256, "size_bytes": i.size_bytes,
+                    "served_bytes": blobs.served.get(i.sha256, 0),
+                    "fetched_bytes": i.size_bytes if held else (fetched[0] if fetched else 0), "held": held})
+    return out
 
 
 def inclusion_doc(db: Any, proof_hash: str) -> dict[str, Any] | None:

@@ -36,8 +36,8 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from p2pgpu.core import (
-    GossipVerdict, Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, body_of, decode, envelope_from_obj,
-    seal, verdict_for,
+    Advert, GossipVerdict, Kind, LocalProtocolError, PeerMisbehaved, Reason, SignedAdvert, body_of, decode,
+    envelope_from_obj, seal, verdict_for,
 )
 from p2pgpu.core._actions import (
     Action, CancelTimer, Cancelled, Confirmed, Emit, Failed, MemberLost, Publish, Released, Reserved, Send,
@@ -45,10 +45,11 @@ from p2pgpu.core._actions import (
 )
 from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import Message, decode_message, message_bytes_max
+from p2pgpu.core._formation_quota import Gate, PayerChecks
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import SignedManifest
 from p2pgpu.core._matching import matching
-from p2pgpu.core._payout import payer_covers
+from p2pgpu.core._owned_table import OwnedTable
 
 from ._collect import Collection, Collector
 from ._direct import DirectLinks, read_idle_s, serve_frames
@@ -66,15 +67,12 @@ DIRECT_PROTOCOL = "/p2pgpu/direct/1.0.0"
 frame_bytes_max = message_bytes_max + 1024
 _FORMATION_KINDS = ("manifest", "offer", "proposal", "accept", "decline", "certificate", "confirm", "cancel")
 send_queue_max = 4096
+#: Job records (``core._owned_table``): strangers' jobs, in all and per
+#: submitter; and this node's own (submitted or worked on), which strangers'
+#: records never evict.
 records_max = 10_000
-payer_verdict_ttl_ms = 30_000
-
-
-def job_ceiling(m: Any) -> int:
-    """The most a job can cost: every member's GPUs for the whole duration
-    limit at the price ceiling (smallest currency unit, rounded up)."""
-    gpu_ms = m.members * m.gpus_per_node * m.duration_s_max * 1000
-    return -(-gpu_ms * m.price_per_gpu_hour_max // 3_600_000)
+records_per_submitter_max = 256
+own_records_max = 10_000
 
 
 @dataclass
@@ -143,23 +141,25 @@ class JobsService:
         # stays silent (otherwise it closes as soon as that one is heard): long
         # enough for the manifest's spread on a busy machine.
         config = config or FormationConfig(per_job_topics=False, member_timeout_ms=600, leader_timeout_ms=1500,
-                                           offer_window_ms=200, late_volunteer_ms=600)
+                                           offer_window_ms=200, late_volunteer_ms=600,
+                                           network=getattr(node.book, "network", ""))
         self.node = node
         self.rng = rng
         self.config = config
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
-        self.submitter = Submitter(node.identity, config)
+        self.submitter = Submitter(node.identity, config, adverts=self.advert_of)
         self.formation: FormationNode | None = None
-        self.records: dict[str, JobRecord] = {}
+        self.records: OwnedTable[str, JobRecord] = OwnedTable(
+            theirs_max=records_max, per_owner_max=records_per_submitter_max, ours_max=own_records_max)
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
         self.collector = Collector(self)
         #: Set by the node when its ledger is shared (an RPC endpoint).
         self.payer_check: Any = None
-        self._payer_balances: dict[tuple[str, str], tuple[int | None, int]] = {}
-        self._check_send, self._check_recv = trio.open_memory_channel[SignedManifest](1024)
+        self.payer_checks = PayerChecks()
+        self._check_send, self._check_recv = trio.open_memory_channel[tuple[str, str]](1024)
         self.db: Any = None  # sqlite3.Connection in the home, when there is one
         self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
         self.links: DirectLinks | None = None
@@ -194,9 +194,15 @@ class JobsService:
         """Our advert changed (or exists for the first time)."""
         now = self.node.now_ms()
         if self.formation is None:
-            self.formation = FormationNode(self.node.identity, sa.advert, self.config)
+            self.formation = FormationNode(self.node.identity, sa, self.config, adverts=self.advert_of)
         else:
-            self.apply(self.formation.update_advert(sa.advert, now), origin="formation")
+            self.apply(self.formation.update_advert(sa, now), origin="formation")
+
+    def advert_of(self, peer_id: str) -> Advert | None:
+        """The cores' view of the advert book: who may volunteer, lead and be
+        a member (``core/_formation_rules.py``)."""
+        sa = self.node.book.adverts.get(peer_id)
+        return sa.advert if sa is not None else None
 
     # -------------------------------------------------------------- inbound
 
@@ -271,17 +277,28 @@ class JobsService:
     def _route(self, msg: Message) -> None:
         now = self.node.now_ms()
         job_id = msg.job_id
+        ours = job_id in self.submitter.jobs
         if isinstance(msg, SignedManifest):
             if self.formation is not None and job_id in self.formation.jobs:
                 return  # a republish of a manifest we already have
+            if not ours and self.formation is not None:
+                # Quotas first: a stranger's flood beyond its share costs no
+                # record and no balance lookup, and is not forwarded.
+                self.formation.check_admission(msg, now)
             self._record(msg, now)
-            if job_id not in self.submitter.jobs and not self._payer_gate(msg, now):
+            if not ours and not self._payer_gate(msg, now):
                 return  # held for a balance check, or refused: the payer cannot pay
-        if job_id in self.submitter.jobs:
+        if ours:
             self.apply(self.submitter.on_message(msg, now), origin="submitter")
         if self.formation is not None:
             if isinstance(msg, SignedManifest):
-                self.apply(self.formation.on_manifest(msg, now, self.candidates(msg)), origin="formation")
+                try:
+                    self.apply(self.formation.on_manifest(msg, now, self.candidates(msg)), origin="formation")
+                except PeerMisbehaved as exc:
+                    if not ours:
+                        raise
+                    # Our own job beyond our own worker's quota: others serve it.
+                    self.counts[f"jobs:own_not_volunteering_{exc.reason.name.lower()}"] += 1
             else:
                 self.apply(self.formation.on_message(msg, now), origin="formation")
 
@@ -296,23 +313,23 @@ class JobsService:
 
     def _payer_gate(self, sm: SignedManifest, now: int) -> bool:
         """True when this node may consider the job now.  On a shared ledger
-        the payer's balance must cover this job's price ceiling; balances are
-        cached per payer and currency (the verdict is per job: a balance that
-        covers a cheap job may not cover a dear one).  An unknown payer is
-        looked up first, the manifest held meanwhile.  With the embedded
-        ledger (private to this node) there is nothing to check against, and
-        every job is considered."""
+        the payer's balance must cover this job's price ceiling *plus* the
+        ceilings of its jobs already open here (``core._formation_quota``:
+        ``PayerChecks`` decides, the formation core counts what is open).  An
+        unknown payer's balance is looked up first, the manifest held
+        meanwhile (a few per payer).  With the embedded ledger (private to
+        this node) there is nothing to check against, and every job is
+        considered."""
         if self.payer_check is None:
             return True
         m = sm.manifest
-        cached = self._payer_balances.get((m.payer, m.currency))
-        if cached is not None and now - cached[1] < payer_verdict_ttl_ms:
-            verdict = payer_covers(balance_lamports=cached[0], needed=job_ceiling(m))
-            if not verdict.ok:
-                self._decline_unpaid(sm, verdict.reason)
-            return verdict.ok
-        self._queue(self._check_send, sm, "payer_check")
-        return False
+        open_lamports = self.formation.open_ceiling(m.payer, m.currency) if self.formation is not None else 0
+        verdict = self.payer_checks.gate(sm, now, open_lamports=open_lamports)
+        if verdict.gate is Gate.REFUSE:
+            self._decline_unpaid(sm, verdict.reason)
+        elif verdict.lookup:
+            self._queue(self._check_send, (m.payer, m.currency), "payer_check")
+        return verdict.gate is Gate.ADMIT
 
     def _decline_unpaid(self, sm: SignedManifest, reason: str) -> None:
         self.counts["jobs:payer_cannot_pay"] += 1
@@ -322,31 +339,28 @@ class JobsService:
         log.info("not volunteering for %s: %s", sm.job_id[:12], reason)
 
     async def _payer_check_worker(self) -> None:
-        async for sm in self._check_recv:
-            m = sm.manifest
-            balance = await self.payer_check.balance(m.payer, m.currency)
-            self._payer_balances[(m.payer, m.currency)] = (balance, self.node.now_ms())
-            if len(self._payer_balances) > 10_000:
-                self._payer_balances.pop(next(iter(self._payer_balances)))
-            verdict = payer_covers(balance_lamports=balance, needed=job_ceiling(m))
-            if not verdict.ok:
-                self._decline_unpaid(sm, verdict.reason)
-            elif self.formation is not None and sm.job_id not in self.formation.jobs:
+        async for payer, currency in self._check_recv:
+            balance = await self.payer_check.balance(payer, currency)
+            now = self.node.now_ms()
+            for sm in self.payer_checks.resolved(payer, currency, balance, now):
+                if self.formation is None or sm.job_id in self.formation.jobs or not self._payer_gate(sm, now):
+                    continue
                 try:
-                    self.apply(self.formation.on_manifest(sm, self.node.now_ms(), self.candidates(sm)),
-                               origin="formation")
-                except PeerMisbehaved as exc:  # expired while we checked, say
+                    self.apply(self.formation.on_manifest(sm, now, self.candidates(sm)), origin="formation")
+                except PeerMisbehaved as exc:  # expired while we checked, or a quota filled meanwhile
                     self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
 
-    def _record(self, sm: SignedManifest, now: int) -> JobRecord:
+    def _record(self, sm: SignedManifest, now: int, *, ours: bool = False) -> JobRecord:
+        """The job's record, made if new: a stranger's (evictable within its
+        submitter's quota) or, with ``ours``, one of this node's own jobs
+        (``core._owned_table``: never evicted by strangers' records)."""
         rec = self.records.get(sm.job_id)
         if rec is None:
-            if len(self.records) >= records_max:
-                oldest = min(self.records.values(), key=lambda r: (r.seen_at_ms, r.job_id))
-                del self.records[oldest.job_id]
             rec = JobRecord(job_id=sm.job_id, name=sm.manifest.name, roles=[], state="seen", seen_at_ms=now,
                             manifest=sm)
-            self.records[sm.job_id] = rec
+            self.records.put(sm.job_id, rec, owner=sm.manifest.submitter, ours=ours)
+        elif ours:
+            self.records.make_ours(sm.job_id)
         return rec
 
     def _fire(self, key: str, now: int) -> None:
@@ -411,8 +425,12 @@ class JobsService:
                 if self.on_stop is not None:
                     self.on_stop(a)
             elif isinstance(a, Confirmed):
-                rec = self.records.get(a.job_id)
+                sub = self.submitter.jobs.get(a.job_id)
+                rec = self._record(sub.sm, self.node.now_ms(), ours=True) if sub is not None \
+                    else self.records.get(a.job_id)
                 if rec is not None:
+                    if sub is not None and "submitter" not in rec.roles:
+                        rec.roles.append("submitter")
                     rec.state = "confirmed"
                     rec.confirmed_at_ms = self.node.now_ms()
                     rec.members = list(a.certificate.members)
@@ -456,7 +474,7 @@ class JobsService:
             self.counts[f"jobs:{what}_queue_full"] += 1
 
     def _on_start(self, a: StartJob) -> None:
-        rec = self._record(a.manifest, self.node.now_ms())
+        rec = self._record(a.manifest, self.node.now_ms(), ours=True)
         if "member" not in rec.roles:
             rec.roles.append("member")
         rec.state = "confirmed"
@@ -524,7 +542,7 @@ class JobsService:
 
     def submit(self, sm: SignedManifest) -> None:
         now = self.node.now_ms()
-        rec = self._record(sm, now)
+        rec = self._record(sm, now, ours=True)
         rec.roles.append("submitter")
         rec.state = "forming"
         rec.submitted_at_ms = now
@@ -558,7 +576,7 @@ class JobsService:
             doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,
                                 "accepts": progress.accepts, "views_seen": progress.views_seen,
                                 "certificates_refused": progress.certificates_refused,
-                                "members_needed": progress.members_needed}
+                                "last_refusal": progress.refusal, "members_needed": progress.members_needed}
         if self.formation is not None:
             ws = self.formation.state(rec.job_id)
             if ws is not None:
@@ -630,7 +648,7 @@ class JobsService:
                     rec.extra[key] = doc[key]
             if rec.state in ("running", "confirmed", "reserved", "forming"):
                 rec.state, rec.reason = "interrupted", "the node restarted while the job was in progress"
-            self.records[rec.job_id] = rec
+            self.records.put(rec.job_id, rec, owner=sm.manifest.submitter, ours=bool(rec.roles))
         # Jobs we submitted whose results were still coming in, and what we
         # ran and owe the submitter (a proof, co-signatures): see _collect.py.
         self.collector.reopen(self.node.now_ms())

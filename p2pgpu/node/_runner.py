@@ -200,6 +200,7 @@ class Runner:
                 nursery.start_soon(self._checkpoints, mj)
                 with scope:
                     try:
+                        spec = await self._prepare(mj, spec)
                         if m.runtime == "ray":
                             result = await self._run_ray(mj)
                         else:
@@ -233,6 +234,11 @@ class Runner:
             rec.reason = f"refused: {exc}"
             log.warning("job %s refused: %s", start.job_id[:12], exc)
         ended_ms = max(now(), started_ms)
+        if node.blobs is not None:
+            node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
+        from ._images import release_image  # noqa: PLC0415
+
+        release_image(node, start.job_id)
         self._gpus_in_use.pop(start.job_id, None)
         self._scopes.pop(start.job_id, None)
         await self._flush_once(mj)
@@ -246,6 +252,7 @@ class Runner:
             rec.state = member_state
             rec.reason = rec.reason or ("" if member_state == "succeeded" else mj.stop_reason or end_reason)
         rec.extra.update(output_digest=digest.hex(), outputs=outputs)
+        await self._keep_outputs(start.job_id, outputs)
         self._send_proof(mj, started_ms, ended_ms, exit_code, end_reason, digest, outputs)
         self.jobs.apply(mj.membership.finish(ended_ms), origin="membership")
         # Keep watching members that still run: our co-signatures vouch for their time.
@@ -258,6 +265,43 @@ class Runner:
         self.running.pop(start.job_id, None)
         self.jobs.finished(start.job_id)
         self.jobs.persist(start.job_id)
+
+    async def _keep_outputs(self, job_id: str, outputs: list[dict[str, Any]]) -> None:
+        """Outputs become blobs in our store, announced, so that ``job results``
+        can fetch them from any member that holds them (node/_outputs_blobs.py)."""
+        from ._outputs_blobs import keep_outputs
+
+        node = self.jobs.node
+        if not outputs or node.blobs is None:
+            return
+        kept = await trio.to_thread.run_sync(keep_outputs, node, self.work_dir(job_id), outputs)
+        nursery = getattr(node, "_nursery", None)
+        if nursery is not None:
+            for sha in kept:
+                nursery.start_soon(node.blobs.announce, sha)
+
+    async def _prepare(self, mj: MemberJob, spec: JobSpec) -> JobSpec:
+        """Before the command: stage inputs named by hash or URL (and, for
+        ``oci``, the image's root).  A failure ends the job with its reason,
+        also sent to the submitter as a line of stderr."""
+        from ._inputs import stage_inputs
+
+        on_line = self._on_line(mj)
+
+        async def say(text: str) -> None:
+            await on_line("stderr", text.encode())
+
+        try:
+            if spec.inputs_dir is not None:
+                await stage_inputs(self.jobs.node, mj.start, spec.inputs_dir, say)
+            if mj.start.manifest.manifest.runtime == "oci":
+                from ._images import prepare_image
+
+                spec = await prepare_image(self.jobs.node, mj.start, spec, say)
+        except JobRejected as exc:
+            await say(f"p2pgpu: the job cannot start: {exc}")
+            raise
+        return spec
 
     # --------------------------------------------------------------- ray
 

@@ -149,6 +149,10 @@ class JobSpec:
     log_line_bytes_max: int = 16 * 1024
     #: Processes and threads the job may have at once (where a pids cgroup exists).
     pids_max: int = 4096
+    #: An OCI image's unpacked root: the job runs in it instead of the host's
+    #: /usr (runtime/_oci_root.py), with the image's ``Env`` under its own.
+    root_dir: Path | None = None
+    image_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 < len(self.argv) <= argv_max or any("\0" in a for a in self.argv):
@@ -188,6 +192,11 @@ def job_env(spec: JobSpec) -> dict[str, str]:
     if len(spec.env) > env_vars_max:
         raise JobRejected(f"more than {env_vars_max} environment variables")
     env = {"PATH": DEFAULT_PATH}
+    for name in sorted(spec.image_env):  # an image's own Env first: the manifest's and ours win
+        value = spec.image_env[name]
+        if _ENV_NAME.match(name) and "\0" not in value and len(value.encode()) <= env_value_bytes_max \
+                and name not in RESERVED_ENV and not name.startswith("P2PGPU_") and len(env) < env_vars_max:
+            env[name] = value
     for name in sorted(spec.env):
         value = spec.env[name]
         if not _ENV_NAME.match(name) or "\0" in value or len(value.encode()) > env_value_bytes_max:
@@ -226,6 +235,10 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, etc_dir: Path, status_fd
     """The bubblewrap command line for ``spec`` (pure but for existence checks)."""
     if spec.network and not policy.allow_network:
         raise JobRejected("the job asks for the network and this node does not allow it")
+    if spec.root_dir is not None:
+        from ._oci_root import oci_bwrap_argv  # noqa: PLC0415
+
+        return oci_bwrap_argv(spec, policy, status_fd=status_fd)
     # Absolute: the job's cleared environment has no PATH to find it with.
     a = [shutil.which(policy.bwrap) or policy.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
          "--new-session", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "p2pgpu-job",

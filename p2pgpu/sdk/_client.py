@@ -23,6 +23,7 @@ from p2pgpu.home import Home
 
 from . import _local
 from ._errors import DaemonNotRunning, JobFailed, Timeout
+from ._inputs import InputProgress, with_local_inputs
 from ._model import (
     JobStatus,
     LogLine,
@@ -40,6 +41,18 @@ from ._transport import call, home_of
 log_lines_per_call = 5_000
 #: How long one ``job results`` may take: it fetches every member's files.
 results_timeout_s = 3600.0
+#: The slowest rate at which a daemon is expected to copy a local input into its store.
+local_import_bytes_per_s = 20 << 20
+
+
+def _manifest_dir(manifest: ManifestLike) -> Path | None:
+    """The directory of a manifest given as a file (relative input paths start there)."""
+    if isinstance(manifest, os.PathLike) or (isinstance(manifest, str) and "\n" not in manifest
+                                             and "=" not in manifest):
+        p = Path(manifest).expanduser()
+        if p.is_file():
+            return p.resolve().parent
+    return None
 
 
 class Client:
@@ -62,13 +75,23 @@ class Client:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, manifest: ManifestLike) -> Job:
+    def submit(self, manifest: ManifestLike, *, inputs: Mapping[str, str | os.PathLike[str]] | None = None,
+               progress: InputProgress | None = None) -> Job:
         """Sign (with the node's identity) and publish a job.
 
         ``manifest`` is a path to a manifest file, its TOML text, or the same
         document as a dict (``{"requirements": {...}, "runtime": {...}, ...}``).
+        ``inputs`` adds local files (``{"data.bin": "/path/to/file"}``), as
+        ``{ path = "..." }`` does in the manifest: each is hashed here
+        (``progress(name, done_bytes, total_bytes)``), copied into the node's
+        content store and served from there to the job's members.
         Raises :class:`BadManifest` naming the field at fault."""
-        res = self.call("job.submit", {"manifest": manifest_param(manifest)})
+        param = manifest_param(manifest)
+        base = _manifest_dir(manifest)
+        param, local_bytes = with_local_inputs(param, inputs, base, progress)
+        # The daemon copies and re-hashes local files before it answers.
+        timeout = self.timeout_s + local_bytes / local_import_bytes_per_s
+        res = self.call("job.submit", {"manifest": param}, timeout_s=timeout)
         return Job(self, str(res["job_id"]), name=str(res.get("name") or ""), submitted=res)
 
     def dry_run(self, manifest: ManifestLike) -> dict[str, Any]:

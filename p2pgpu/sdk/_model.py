@@ -181,7 +181,12 @@ def progress_line(doc: Mapping[str, Any]) -> str:
     cluster = _dict(doc.get("cluster"))
     members = cluster.get("members") or []
     if members:
-        return f"{state}: cluster of {len(members)} (certificate {str(cluster.get('certificate_hash', ''))[:16]})"
+        line = f"{state}: cluster of {len(members)} (certificate {str(cluster.get('certificate_hash', ''))[:16]})"
+        served = [i for i in doc.get("inputs") or [] if isinstance(i, dict) and i.get("served_bytes")]
+        if served:  # uploads: what this node has sent of its inputs to the members
+            line += "; inputs served " + ", ".join(
+                f"{i.get('name')} {int(i['served_bytes']) >> 20} MiB" for i in served)
+        return line
     f = _dict(doc.get("formation"))
     return (f"{state}: offers {f.get('offers', 0)}, accepts {f.get('accepts', 0)}/{f.get('members_needed', '?')}, "
             f"views {f.get('views_seen', 0)}")

@@ -136,8 +136,9 @@ class InflateGpuSeconds(Adversary):
     """Runs the job, then signs a proof claiming ``factor`` times the work:
     ``mode = "gpu_time"`` inflates GPU-milliseconds over the same span (the
     proof core refuses it: OVER_GPU_TIME); ``mode = "duration"`` moves its
-    start earlier, up to the manifest's limit, with matching GPU time (only
-    the other members' co-signatures can refuse it: OVER_OBSERVED)."""
+    start earlier, up to the manifest's limit, with matching GPU time (the
+    submitter's own window refuses it, OVER_WINDOW, and so do the other
+    members' co-signatures, OVER_OBSERVED)."""
 
     kind = "inflate_gpu_seconds"
     params_known = ("factor", "mode")

@@ -17,7 +17,8 @@ Execution is modelled (a member runs for a random share of the job's time,
 then tells its ``FormationNode`` it finished); proofs and payment are real: the
 member signs a :class:`~p2pgpu.core.Proof` (no checkpoints), the other members
 co-sign what they observed (:class:`~p2pgpu.core.Cosign`, from the time both
-ran), the submitter runs :func:`~p2pgpu.core.verify_proof` and
+ran), the submitter runs :func:`~p2pgpu.core.verify_proof` (with its own
+window of each member: confirmation to the proof's arrival) and
 :func:`~p2pgpu.core.owed` (agreed prices from the certificate, quorum over
 replicas) and pays the rows through the real :func:`plan_batches` of
 ``core/_payout.py``, on a ledger that confirms every planned batch at once.
@@ -55,6 +56,7 @@ from p2pgpu.core import (
     Submitter,
     Subscribe,
     Unsubscribe,
+    Window,
     agreed_prices,
     certificate_hash,
     decode_cosign,
@@ -111,6 +113,10 @@ class Job:
     t_confirm_us: int = 0
     #: member -> its signed proof (bytes, as received)
     results: dict[int, bytes] = field(default_factory=dict)
+    #: member -> when its proof reached the submitter (the submitter's clock)
+    results_at_ms: dict[int, int] = field(default_factory=dict)
+    #: when the submitter confirmed the cluster (its clock)
+    confirmed_at_ms: int = 0
     cosigns: list[bytes] = field(default_factory=list)
     certificate: Any = None
     signed: Any = None
@@ -169,7 +175,7 @@ class JobFlow:
                 world.book_nodes.append(i)
             world.churn.churning[i] = False  # submitters stay up (their jobs are the measurement)
             assert sn.identity is not None
-            self.subs[i] = Submitter(sn.identity, self.fconfig)
+            self.subs[i] = Submitter(sn.identity, self.fconfig, adverts=self.advert_of)
         world.book_nodes.sort()
         world.net.handlers["fm.msg"] = self._on_direct
         world.net.handlers["job.proof"] = self._on_proof
@@ -187,17 +193,32 @@ class JobFlow:
         if fn is None:
             ident = self.world.nodes[node].identity
             assert ident is not None
-            self.fnodes[node] = FormationNode(ident, advert, self.fconfig)
+            self.fnodes[node] = FormationNode(ident, advert, self.fconfig, adverts=self.advert_of)
             self.topics.setdefault(self.fconfig.jobs_topic, {})[node] = True
         else:
             self.carry(node, fn.update_advert(advert, self.world.node_now_ms(node)))
 
+    def advert_of(self, peer_id: str) -> Advert | None:
+        """The cores' advert book: every node's current advert (the simulated
+        workers keep no books of their own; see :meth:`candidates`)."""
+        node = self.world.by_peer.get(peer_id)
+        return self.world.nodes[node].advert if node is not None else None
+
     def _decode(self, data: bytes) -> Any:
+        """The verified message, decoded once for all its receivers; ``None``
+        when its receivers would refuse it (counted as they would count it):
+        e.g. an offer carrying an advert signed with a negative
+        ``issued_at_ms`` by a node whose simulated clock is skewed below 0."""
         msg = self._decoded.get(data)
         if msg is None:
             if len(self._decoded) >= decoded_cache_max:
                 self._decoded.clear()
-            msg = self._decoded[data] = decode_message(data)
+            try:
+                msg = decode_message(data)
+            except PeerMisbehaved as exc:
+                self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
+                return None
+            self._decoded[data] = msg
         return msg
 
     def carry(self, node: int, actions: list[Any]) -> None:
@@ -205,7 +226,7 @@ class JobFlow:
         for a in actions:
             if isinstance(a, Send):
                 msg = self._decode(a.data)
-                if self._suppressed(node, msg):
+                if msg is None or self._suppressed(node, msg):
                     continue
                 dst = w.by_peer.get(a.peer_id)
                 if dst == node:
@@ -214,7 +235,7 @@ class JobFlow:
                     w.net.send(node, dst, len(a.data), "fm.msg", msg)
             elif isinstance(a, Publish):
                 msg = self._decode(a.data)
-                if self._suppressed(node, msg):
+                if msg is None or self._suppressed(node, msg):
                     continue
                 if a.topic == self.fconfig.jobs_topic:
                     w.gossip.publish(node, a.topic, len(a.data), msg)
@@ -415,6 +436,7 @@ class JobFlow:
         job.members = members
         job.certificate = a.certificate
         job.t_confirm_us = w.engine.now_us
+        job.confirmed_at_ms = w.node_now_ms(job.submitter)
         self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
         w.engine.trace("job", jid, "confirm", len(members))
         w.engine.after(int((job.manifest.duration_s_max + 20) * 1_000_000), self._result_deadline, jid)
@@ -489,6 +511,7 @@ class JobFlow:
         if job.state is not JobState.RUNNING or src not in job.members or src in job.results:
             return
         job.results[src] = wire
+        job.results_at_ms[src] = self.world.node_now_ms(dst)
         if len(job.results) == len(job.members):
             # wait a moment for the co-signatures that follow the last proof
             self.world.engine.after(3_000_000, self._result_deadline, jid)
@@ -509,7 +532,7 @@ class JobFlow:
         (its ``owed``, agreed prices from the certificate) into payout rows."""
         w = self.world
         assert job.certificate is not None and job.signed is not None
-        terms = ProofTerms.from_manifest(job.signed, tolerance_ms=5_000)
+        terms = ProofTerms.from_manifest(job.signed)
         cosigns: dict[str, list[SignedCosign]] = {}
         for c in job.cosigns:
             try:
@@ -524,9 +547,10 @@ class JobFlow:
                 continue
             ident = w.nodes[m].identity
             assert ident is not None
+            window = Window(confirmed_at_ms=job.confirmed_at_ms, results_at_ms=job.results_at_ms[m])
             try:
                 verified.append(verify_proof(wire, cert=job.certificate, terms=terms,
-                                             cosigns=cosigns.get(ident.peer_id, [])))
+                                             cosigns=cosigns.get(ident.peer_id, []), window=window))
             except ProofRejected as exc:
                 self.proofs_rejected += 1
                 self.proof_faults[exc.fault.name] = self.proof_faults.get(exc.fault.name, 0) + 1

@@ -145,8 +145,9 @@ def open_collections(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[d
     for r in rows:
         doc = _collection(r)
         doc["items"] = [{"item_hash": bytes(i["item_hash"]), "kind": i["kind"], "sender": i["sender"],
-                         "wire": bytes(i["wire"])} for i in conn.execute(
-            "SELECT item_hash, kind, sender, wire FROM collection_items WHERE job_id = ? ORDER BY item_id",
+                         "wire": bytes(i["wire"]), "received_ms": i["received_ms"]} for i in conn.execute(
+            "SELECT item_hash, kind, sender, wire, received_ms FROM collection_items WHERE job_id = ?"
+            " ORDER BY item_id",
             (r["job_id"],))]
         out.append(doc)
     return out

@@ -120,16 +120,20 @@ class Swarm:
         self.started: dict[str, list[str]] = {}
         self.lost: dict[str, list[str]] = {}
         self.trace: list[tuple[int, str, str]] = []
+        #: Every worker's advert: the advert book every peer consults (the
+        #: cores also learn adverts from the offers that carry them).
+        self.book: dict[str, Advert] = {}
         for i in range(workers):
             ident = Identity.from_rng(self.rng)
             advert = make_advert(ident, gpus=self.rng.choice(gpus), model=models[i % len(models)])
-            peer = Peer(ident, node=FormationNode(ident, advert, config))
+            self.book[ident.peer_id] = advert
+            peer = Peer(ident, node=FormationNode(ident, advert, config, adverts=self.book.get))
             peer.topics[config.jobs_topic] = True
             self.peers[ident.peer_id] = peer
             self.workers.append(ident.peer_id)
         for _ in range(submitters):
             ident = Identity.from_rng(self.rng)
-            self.peers[ident.peer_id] = Peer(ident, submitter=Submitter(ident, config))
+            self.peers[ident.peer_id] = Peer(ident, submitter=Submitter(ident, config, adverts=self.book.get))
             self.submitter_ids.append(ident.peer_id)
 
     # -- scheduling ---------------------------------------------------------------

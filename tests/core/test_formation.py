@@ -69,8 +69,10 @@ class Bench:
         self.job = self.sm.job_id
         ids = sorted((Identity(bytes([i + 1]) * 32) for i in range(n)),
                      key=lambda i: leader_rank(self.job, i.peer_id))
-        self.p = [FormationNode(i, make_advert(i, gpus=gpus, model="NVIDIA A100"), CFG) for i in ids]
-        self.s = Submitter(SUBMITTER, CFG)
+        # Every advert book knows every worker (as a node's does once gossip settled).
+        adverts = {i.peer_id: make_advert(i, gpus=gpus, model="NVIDIA A100") for i in ids}
+        self.p = [FormationNode(i, adverts[i.peer_id], CFG, adverts=adverts.get) for i in ids]
+        self.s = Submitter(SUBMITTER, CFG, adverts=adverts.get)
         self.names = {node.peer_id: f"P{k}" for k, node in enumerate(self.p)} | {SUBMITTER.peer_id: "S"}
 
     def summary(self, actions: list[Action]) -> list[str]:
@@ -550,8 +552,8 @@ def _valid_bodies() -> list[tuple[Kind, dict[str, Any], Identity]]:
     cert = {"proposal": prop.envelope.to_obj(), "accepts": [a.envelope.to_obj() for a in accepts]}
     p0, p1 = b.p[0].identity, b.p[1].identity
     return [
-        (Kind.OFFER, {"job_id": b.job, "peer_id": p0.peer_id, "seq": 1, "gpus_free": 1, "price_per_gpu_hour": 5},
-         p0),
+        (Kind.OFFER, {"job_id": b.job, "peer_id": p0.peer_id, "seq": 1, "gpus_free": 1, "price_per_gpu_hour": 5,
+                      "advert": b.p[0]._signed.envelope.to_obj()}, p0),
         (Kind.PROPOSAL, {"job_id": b.job, "view": 0, "round": 0, "leader": p0.peer_id,
                          "members": list(prop.members), "gpus_per_member": 1}, p0),
         (Kind.ACCEPT, {"job_id": b.job, "view": 0, "round": 0, "proposal": prop.digest, "peer_id": p1.peer_id,

@@ -157,7 +157,10 @@ def cluster(tmp_path: Path) -> Any:
 
 
 def member_sends(c: Any) -> None:
-    """Both members finish: proof and co-signature handed over (no outputs list)."""
+    """Both members finish: proof and co-signature handed over (no outputs list).
+    They ran 5 s from the confirmation: the clock moves on first (the
+    submitter bounds every claim by its own window, confirm to results)."""
+    c.net.advance(max(0, T0 + 5_100 - c.net.now))
     for me, other in ((A, B), (B, A)):
         w = work(me, other, c.job, c.cert)
         runner = c.net.nodes[me.peer_id].runner_obj
@@ -388,3 +391,57 @@ def test_collected_logs_survive_the_submitters_restart(cluster: Any) -> None:
     assert c.job not in s.collector.collections
     assert s.logs_of(c.job) == before
     assert s.db.execute("SELECT count(*) FROM collected_logs WHERE job_id = ?", (c.job,)).fetchone()[0] == 3
+
+
+def lone_cluster(tmp_path: Path) -> Any:
+    """A one-member job (A alone: no co-signer) confirmed by S at T0."""
+    net = Net()
+    m = Manifest(name="lone", submitter=S.peer_id, created_at_ms=T0, expires_at_ms=T0 + 600_000, nonce=b"l" * 16,
+                 nodes=1, gpus_per_node=1, command=("echo", "hi"), duration_s_max=3_600,
+                 price_per_gpu_hour_max=3_600_000, payer=PAYER)
+    sm = sign_manifest(S, m)
+    prop = Proposal.sign(A, job_id=sm.job_id, view=0, round=0, members=(A.peer_id,), gpus_per_member=1)
+    cert = Certificate(proposal=prop, accepts=(Accept.sign(A, proposal=prop, lease_until_ms=T0 + 60_000,
+                                                           price_per_gpu_hour=3_600_000, payout_address=""),))
+    s = net.service(S, tmp_path / "s.db")
+    s._record(sm, net.now).roles.append("submitter")
+    s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b"")], origin="submitter")
+    return SimpleNamespace(net=net, sm=sm, cert=cert, s=s, job=sm.job_id, db=tmp_path / "s.db")
+
+
+def lone_proof(c: Any, *, claimed_ms: int, end: int) -> bytes:
+    return sign_proof(A, Proof(job_id=c.job, cert_hash=c.cert.digest, peer_id=A.peer_id, gpus=("g0",),
+                               started_at_ms=end - claimed_ms, ended_at_ms=end, gpu_ms=claimed_ms, exit_code=0,
+                               end_reason="exited", output_digest=b"", checkpoints=(),
+                               chain_head=CheckpointChain(c.job, c.cert.digest, A.peer_id).head)).wire
+
+
+def test_a_lone_member_is_paid_no_more_than_the_submitters_window(tmp_path: Path) -> None:
+    """#12.3 through the collector: a lone worker ran ``echo`` for 67 ms and
+    claimed an hour.  Its proof reached the submitter 120 ms after the
+    confirmation: refused (``over_window``), nothing owed."""
+    c = lone_cluster(tmp_path)
+    c.net.advance(120)
+    c.s.deliver(lone_proof(c, claimed_ms=3_600_000, end=c.net.now), via="stream")
+    got = proofs_of(c.s.db, c.job)
+    assert [p["status"] for p in got] == ["rejected"] and "over_window" in got[0]["reason"], got
+    assert payouts(c.s.db) == []
+
+
+def test_the_window_survives_a_submitter_restart(tmp_path: Path) -> None:
+    """The arrival time is the stored one: a submitter that restarts ten
+    minutes later does not widen the window to ten minutes."""
+    c = lone_cluster(tmp_path)
+    c.net.advance(2_000)
+    proof = lone_proof(c, claimed_ms=300_000, end=c.net.now)  # claims 5 minutes after 2 s
+    with c.s.db:  # what _take stores on arrival; the node dies before it settles
+        from p2pgpu.store import add_collection_item
+        add_collection_item(c.s.db, job_id=c.job, item_hash=item_hash(proof), kind="proof", sender=A.peer_id,
+                            wire=proof, now_ms=c.net.now)
+    c.net.now += 600_000
+    s = restart(SimpleNamespace(net=c.net, files={S.peer_id: c.db}), S)
+    col = s.collector.collections[c.job]
+    assert col.results_at_ms[A.peer_id] == T0 + 2_000
+    c.net.advance(reopen_grace_ms + 1)
+    got = proofs_of(s.db, c.job)
+    assert [p["status"] for p in got] == ["rejected"] and "over_window" in got[0]["reason"], got

@@ -1,0 +1,149 @@
+"""Blob transfer between real node processes on loopback, next to raw TCP, and
+an OCI image's cold and warm start.
+
+    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--json]
+
+Prints, in one run on this machine:
+- ``raw_tcp_mb_s``: one TCP connection on 127.0.0.1 between two processes
+  (sendfile on one side, recv_into on the other): the ceiling;
+- ``p2p_1_provider_mb_s``: ``/p2pgpu/blobs/1.0.0`` from one node process to
+  another (Noise, Yamux, every chunk hashed and written to the store, the
+  whole SHA-256 checked at the end);
+- ``p2p_2_providers_mb_s``: the same blob from two providers at once;
+- ``image_cold_s`` / ``image_warm_s``: an ``oci`` job from submit to success,
+  first with the image pulled from a local docker-registry and unpacked, then
+  from the node's cache (needs docker-registry, skopeo and busybox).
+The goal (issue 15) is at least 200 MB/s from one provider, more from two.
+Figures depend on the machine and its load: rerun before comparing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "content"))
+
+from p2pgpu.localnet import LocalNet
+
+MIX = [("NVIDIA L4", 23034, "8.9", 1)]
+
+
+def make_blob(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(size >> 20):
+            piece = i.to_bytes(8, "big") + block[8:]
+            f.write(piece)
+            h.update(piece)
+    return h.hexdigest()
+
+
+_SENDER = """
+import os, socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+with open(sys.argv[1], "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    off = 0
+    while off < size:
+        off += os.sendfile(c.fileno(), f.fileno(), off, size - off)
+c.close()
+"""
+
+
+def raw_tcp(path: Path) -> float:
+    proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        got = 0
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            while n := c.recv_into(view):
+                got += n
+        dt = time.perf_counter() - t0
+    finally:
+        proc.wait(timeout=30)
+    return got / dt / 1e6
+
+
+def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int) -> float:
+    with LocalNet(tmp / f"net{providers}", providers + 1, gpu_mix=MIX) as net:
+        tree = ""
+        for i in range(providers):
+            tree = net.nodes[i].call("blobs.add", {"path": str(blob)}, timeout_s=300)["tree"]
+        fetcher = net.nodes[providers]
+        t0 = time.perf_counter()
+        got = fetcher.call("blobs.fetch", {"sha256": sha, "size_bytes": size, "tree": tree,
+                                           "sources": [n.peer_id for n in net.nodes[:providers]]}, timeout_s=600)
+        dt = time.perf_counter() - t0
+        assert sum(got["chunks_from"].values()) == size >> 20, got
+        return size / dt / 1e6
+
+
+def image_times(tmp: Path) -> dict[str, float]:
+    from oci_helpers import busybox_layer, have_tools, push_image, registry
+
+    if have_tools() is not None:
+        return {}
+    with registry(tmp) as reg:
+        img = push_image(reg, "bench/busybox", tmp, [busybox_layer()])
+        with LocalNet(tmp / "netimg", 1, gpu_mix=MIX, config_extra=f'oci_insecure_registries = ["{reg}"]') as net:
+            manifest = {"requirements": {"nodes": 1}, "runtime": {"kind": "oci", "image": img.ref,
+                        "command": ["cat", "/etc/os-release"], "duration_s_max": 60},
+                        "payment": {"price_per_gpu_hour_max": 36000000}}
+            out = {}
+            for label in ("image_cold_s", "image_warm_s"):
+                t0 = time.perf_counter()
+                job = net.nodes[0].call("job.submit", {"manifest": manifest})["job_id"]
+                def done(j: str = job) -> dict | None:
+                    d = net.nodes[0].call("job.status", {"job_id": j})
+                    return d if d["state"] in ("succeeded", "failed") else None
+
+                st = net.wait_until(done, timeout_s=120, interval_s=0.05)
+                assert st["state"] == "succeeded", st
+                out[label] = round(time.perf_counter() - t0, 3)
+            return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=256, help="blob size in MiB")
+    ap.add_argument("--no-image", action="store_true", help="skip the OCI image start times")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    size = args.mib << 20
+    with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-transfer-") as t:
+        tmp = Path(t)
+        blob = tmp / "blob.bin"
+        sha = make_blob(blob, size)
+        res: dict[str, float] = {"blob_mib": args.mib}
+        res["raw_tcp_mb_s"] = round(raw_tcp(blob), 1)
+        res["p2p_1_provider_mb_s"] = round(p2p(tmp, blob, sha, size, 1), 1)
+        res["p2p_2_providers_mb_s"] = round(p2p(tmp, blob, sha, size, 2), 1)
+        if not args.no_image:
+            res.update(image_times(tmp))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:<24} {v}")
+
+
+if __name__ == "__main__":
+    main()

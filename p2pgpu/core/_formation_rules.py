@@ -1,0 +1,84 @@
+"""Who may be in a cluster and who may lead it: the rules that keep strangers out.
+
+A certificate only ever names *volunteers whose signed adverts match the
+job*, proposed by *the rightful leader of its view* (#18.1: a stranger with
+no advert and no GPU sent a submitter a proposal naming itself and its own
+accept, and was confirmed).  Both the submitter (before it confirms) and
+every worker (before it follows or accepts a proposal) apply these rules,
+with the adverts they hold: the driver's advert book (``AdvertLookup``) and
+the signed advert every offer carries (``Offer.advert``), so an advert not
+yet heard by gossip still counts.
+
+- **Eligible** (:func:`advert_fault`): the peer's signed advert is known,
+  unexpired, of this network, and matches the job's requirements with all
+  its GPUs counted free (whether GPUs are free *now* is the peer's own
+  business: it accepts only by reserving them).
+- **Rightful leader** (:func:`leader_fault`): the leader of view ``v`` is the
+  volunteer at position ``v mod n`` in rank order (``leader_rank``), so at
+  most ``v`` eligible volunteers the checker knows of may rank before it,
+  and view ``v`` can only be reached after ``v`` leader timeouts (one view
+  of slack for the manifest's spread).  Checkers know different volunteers,
+  so this only refuses what *no* honest leader could propose: one that
+  misses a better volunteer the checker knows is outranked by that volunteer
+  (which leads the same view and wins it) or replaced at the next view.  A
+  stranger that matches still leads only the jobs its rank gives it, and
+  only after the better-ranked volunteers had their views.
+
+Pure: adverts, times and ids in, a reason (or ``None``) out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from ._advert import Advert
+from ._manifest import SignedManifest
+from ._matching import Requirement, exclusion
+
+#: How a core finds a peer's advert that did not come with an offer (the
+#: driver's advert book): ``None`` when it knows none.
+AdvertLookup = Callable[[str], Advert | None]
+
+
+def requirement_fault(advert: Advert, sm: SignedManifest) -> str | None:
+    """Why ``advert`` does not match the job, all its GPUs counted free
+    (free GPUs are checked last, so failing only that one is a match)."""
+    why = exclusion(advert, sm.manifest.requirements)
+    return None if why in (None, Requirement.FREE_GPUS) else f"its advert does not match the job ({why.value})"
+
+
+def validity_fault(advert: Advert, now_ms: int, *, network: str = "") -> str | None:
+    """Why ``advert`` does not count now: another network's, or expired."""
+    if network and advert.network != network:
+        return f"its advert is for network {advert.network!r}"
+    if advert.expires_at_ms <= now_ms:
+        return "its advert has expired"
+    return None
+
+
+def advert_fault(advert: Advert | None, sm: SignedManifest, now_ms: int, *, network: str = "") -> str | None:
+    """Why the peer with ``advert`` may not serve the job (``None``: it may)."""
+    if advert is None:
+        return "no signed advert of it is known"
+    return validity_fault(advert, now_ms, network=network) or requirement_fault(advert, sm)
+
+
+def views_reachable(elapsed_ms: int, leader_timeout_ms: int) -> int:
+    """The highest view an honest volunteer can be in ``elapsed_ms`` after the
+    job appeared: one per leader timeout, plus one of slack."""
+    return 1 + max(0, elapsed_ms) // max(1, leader_timeout_ms)
+
+
+def leader_fault(job_id: str, *, view: int, leader: str, volunteers: Iterable[str], elapsed_ms: int,
+                 leader_timeout_ms: int, rank: Callable[[str], bytes]) -> str | None:
+    """Why ``leader`` cannot be the rightful leader of ``view`` for a checker
+    that knows these eligible ``volunteers`` (``None``: it can).  ``rank`` is
+    ``leader_rank`` bound to the job (the cores cache it)."""
+    reachable = views_reachable(elapsed_ms, leader_timeout_ms)
+    if view > reachable:
+        return f"view {view} cannot have been reached {max(0, elapsed_ms)} ms after the job appeared"
+    mine = rank(leader)
+    better = sum(1 for v in volunteers if v != leader and rank(v) < mine)
+    if better > view:
+        return f"{better} eligible volunteers rank before {leader[:16]}: it cannot lead view {view}"
+    return None
