@@ -46,6 +46,7 @@ VERDICTS: dict[Reason, GossipVerdict] = {
     Reason.WRONG_KIND: GossipVerdict.REJECT,
     Reason.SIGNER_MISMATCH: GossipVerdict.REJECT,
     Reason.BAD_PROOF: GossipVerdict.REJECT,
+    Reason.BAD_CONTENT: GossipVerdict.REJECT,  # bytes that do not hash to their name: only their sender made them
     # Rules of the network every node on it shares (bootstrap_peers.toml).
     Reason.WRONG_NETWORK: GossipVerdict.REJECT,
     Reason.SIMULATED_FORBIDDEN: GossipVerdict.REJECT,
