@@ -25,7 +25,7 @@ NOBODYS_FAULT = [Reason.REPLAYED, Reason.LIMIT_EXCEEDED, Reason.EXPIRED, Reason.
                  Reason.UNKNOWN_JOB, Reason.NOT_A_MEMBER, Reason.CONFLICT, Reason.UNSUPPORTED_VERSION]
 FORWARDERS_FAULT = [Reason.OVERSIZED, Reason.MALFORMED, Reason.BAD_SCHEMA, Reason.NON_CANONICAL,
                     Reason.BAD_SIGNATURE, Reason.WRONG_KIND, Reason.SIGNER_MISMATCH, Reason.BAD_PROOF,
-                    Reason.WRONG_NETWORK, Reason.SIMULATED_FORBIDDEN]
+                    Reason.WRONG_NETWORK, Reason.SIMULATED_FORBIDDEN, Reason.BAD_CONTENT]
 
 
 @pytest.mark.parametrize("reason", NOBODYS_FAULT, ids=lambda r: r.name)
