@@ -608,7 +608,7 @@ class Node:
             if "/p2p/" in addr:
                 out[addr.rsplit("/p2p/", 1)[1]] = None
         cap = self.book.protected_max
-        for rec in reversed(self.jobs.records.values()):
+        for rec in self.jobs.records.ours_newest_first():  # strangers' jobs name nobody we work with
             if len(out) >= cap:
                 break
             if not rec.members:
