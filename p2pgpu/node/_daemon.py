@@ -486,7 +486,10 @@ class Node:
 
         policy = SandboxPolicy(allow_network=self.config.allow_job_network)
         self.sandbox_reason = check_sandbox(policy)
-        self.ray_reason = ray_unavailable()
+        self.ray_reason = ray_unavailable(enabled=self.config.extra.get("allow_ray_jobs") is True,
+                                          home=self.home.path if self.home is not None else None)
+        if self.ray_reason:
+            log.info("ray jobs not offered: %s", self.ray_reason)
         if self.sandbox_reason:
             log.warning("jobs refused: the sandbox cannot run here (%s)", self.sandbox_reason)
         root = self.home.path / "jobs" if self.home is not None else None
@@ -500,7 +503,8 @@ class Node:
     @property
     def runtimes(self) -> tuple[str, ...]:
         """What this node can run: nothing without a sandbox; ``ray`` only
-        where Ray is installed and can start."""
+        when the operator turned it on (``allow_ray_jobs = true``), Ray is
+        installed and jobs' networks can be confined (docs/ray.md)."""
         if self.sandbox_reason:
             return ()
         # ``oci``: images run under the same bubblewrap (node/_images.py).

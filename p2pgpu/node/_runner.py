@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ import trio
 from p2pgpu.core import Kind, PeerMisbehaved, Reason, seal
 from p2pgpu.core._actions import StartJob, StopJob
 from p2pgpu.core._membership import Membership
+from p2pgpu.core._outcome import member_state_after, start_refusal
 from p2pgpu.core._proof import (
     END_REASONS,
     Checkpoint,
@@ -54,6 +55,9 @@ from p2pgpu.core._proof import (
     sign_proof,
 )
 from p2pgpu.runtime import ClusterEnv, JobRejected, JobSpec, SandboxPolicy, SandboxUnavailable, run_job
+from p2pgpu.runtime._leftovers import RECORD_NAME, reap_leftovers
+from p2pgpu.runtime._sandbox import sandbox_disk_backend
+from p2pgpu.runtime._walk import remove_tree
 
 from ._collect import ProofAck, item_hash
 
@@ -110,6 +114,8 @@ class MemberJob:
     stop_reason: str = ""
     changed: trio.Event = field(default_factory=trio.Event)
     ray: Any = None
+    #: When the sandbox died (wall ms); no checkpoint is added after it.
+    ended_ms: int = 0
 
 
 class Runner:
@@ -129,6 +135,33 @@ class Runner:
         jobs.runner = self.run
         jobs.runner_obj = self
         jobs.on_stop = self.stop
+        # A previous life killed mid-job (kill -9) may have left a sandbox,
+        # its cgroups and its disk: stop and remove them before anything runs.
+        for line in reap_leftovers(self.root):
+            log.warning("cleaned up after this node's previous life: %s", line)
+            jobs.counts["exec:leftovers_reaped"] += 1
+        try:
+            backend, why = sandbox_disk_backend(policy)
+        except SandboxUnavailable as exc:
+            log.warning("jobs' disks: %s", exc)
+        else:
+            if backend == "dir":
+                log.warning("jobs' disks are plain directories, their size is not enforced by the kernel: %s", why)
+
+    def _refuse_start(self, start: StartJob, why: str) -> None:
+        """A confirmation for a job this node already started (a repeated
+        one, or one that reached a restarted node): never run it twice."""
+        rec = self.jobs.records[start.job_id]
+        self.jobs.counts["exec:start_refused"] += 1
+        log.warning("job %s not started: %s", start.job_id[:12], why)
+        if start.job_id in self.running:
+            if "submitter" not in rec.roles:
+                rec.state = "running"
+            return
+        if "submitter" not in rec.roles:
+            rec.state = member_state_after(str(rec.extra["member_state"]))
+        self.jobs.finished(start.job_id)  # frees what the repeated confirmation reserved
+        self.jobs.persist(start.job_id)
 
     # ------------------------------------------------------------ routing
 
@@ -165,6 +198,10 @@ class Runner:
 
     async def run(self, start: StartJob) -> None:
         rec = self.jobs.records[start.job_id]
+        refusal = start_refusal(rec.extra.get("member_state"))
+        if refusal is not None:
+            self._refuse_start(start, refusal)
+            return
         node = self.jobs.node
         now = node.now_ms
         m = start.manifest.manifest
@@ -188,6 +225,7 @@ class Runner:
         self.jobs.persist(start.job_id)
         started_ms = rec.started_at_ms
         end_reason, exit_code, digest, outputs = "sandbox_error", 255, b"", []
+        ended_at_ms = 0
         try:
             spec = self._spec(start, mj)
             self.jobs.apply(mj.membership.start(started_ms), origin="membership")
@@ -202,9 +240,10 @@ class Runner:
                     try:
                         spec = await self._prepare(mj, spec)
                         if m.runtime == "ray":
-                            result = await self._run_ray(mj)
+                            result = await self._run_ray(mj, spec)
                         else:
-                            result = await run_job(spec, self.policy, on_line=self._on_line(mj))
+                            result = await run_job(spec, self.policy, on_line=self._on_line(mj), now_ms=now,
+                                                   on_ended=lambda t: setattr(mj, "ended_ms", t))
                     except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
                         refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
                 nursery.cancel_scope.cancel()
@@ -230,10 +269,19 @@ class Runner:
                     end_reason = "member_lost"
                 digest = result.output_digest
                 outputs = [{"path": o.path, "sha256": o.sha256.hex(), "size_bytes": o.size} for o in result.outputs]
+                # When the job ended, not after its outputs were sealed and its disk removed.
+                ended_at_ms = getattr(result, "ended_at_ms", 0)
         except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
             rec.reason = f"refused: {exc}"
             log.warning("job %s refused: %s", start.job_id[:12], exc)
-        ended_ms = max(now(), started_ms)
+        except Exception as exc:  # noqa: BLE001 - e.g. an ExceptionGroup from the job's tasks: a bug of ours
+            # The member still proves what it served and frees its GPUs: a
+            # bug here must never leave the job "running" forever.
+            self.jobs.counts["exec:runner_error"] += 1
+            log.exception("job %s: error while running it (a bug: please report it)", start.job_id[:12])
+            rec.reason = f"sandbox error: {exc!r}"[:300]
+        last_checkpoint = mj.chain.checkpoints[-1].t_ms if mj.chain.checkpoints else started_ms
+        ended_ms = max(ended_at_ms or now(), started_ms, last_checkpoint)
         if node.blobs is not None:
             node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
         from ._images import release_image  # noqa: PLC0415
@@ -305,50 +353,55 @@ class Runner:
 
     # --------------------------------------------------------------- ray
 
-    async def _run_ray(self, mj: MemberJob) -> Any:
-        """This member's part of a ``ray`` job (p2pgpu.runtime's RayMember): the
-        head (rank 0) starts Ray on a free port and tells the other members
-        where it is; they join; rank 0 runs the entrypoint; when it ends the
-        head tells the others to stop.  Ray runs outside bubblewrap (see
-        docs/ray.md); a node that cannot run Ray never advertises it."""
+    async def _run_ray(self, mj: MemberJob, spec: JobSpec) -> Any:
+        """This member's part of a ``ray`` job (p2pgpu.runtime's RayMember),
+        every process of it in this node's sandbox, on a network that reaches
+        only the job's other members (docs/ray.md).  The head (rank 0) claims
+        the job's subnet and tells the other members (again every 2 s until
+        every node is up: a member may start later); rank 0 runs the
+        entrypoint; when it ends the head tells the others to stop."""
         from p2pgpu.runtime import RayMember, RayMemberSpec  # noqa: PLC0415
 
         start, node = mj.start, self.jobs.node
         m = start.manifest.manifest
         members = tuple(start.certificate.members)
-        head = members[0]
-        spec = RayMemberSpec.for_manifest(
-            m, job_id=start.job_id, members=members, rank=start.member_index, host="127.0.0.1",
-            rendezvous_host=self._host_of(head), rendezvous_port=0, num_cpus=1,
-            memory_bytes_max=job_memory_bytes_default, gpus=() if node.inventory.simulated else mj.gpus,
-            auth_token=start.certificate.digest.hex(), temp_root=Path("/tmp"))
-        def on_event(name: str, info: Any) -> None:
-            if name == "ray_started" and start.member_index == 0 and info.get("address") is not None:
-                for peer in members[1:]:
-                    self._tell(peer, mj, {"type": "ray_rendezvous", "port": int(info["address"].gcs_port)})
+        ray_spec = RayMemberSpec.for_manifest(
+            m, job_id=start.job_id, members=members, rank=start.member_index, work_dir=spec.work_dir,
+            num_cpus=1, memory_bytes_max=job_memory_bytes_default, gpus=spec.gpus,
+            auth_token=start.certificate.digest.hex(), state_path=spec.state_path)
+        subnet: list[str] = []
+        net_ready, nodes_ready = trio.Event(), trio.Event()
 
-        member = RayMember(spec, on_line=self._on_line(mj), on_event=on_event)
+        def on_event(name: str, info: Any) -> None:
+            if name == "net_ready":
+                subnet.append(str(info["subnet"]))
+                net_ready.set()
+            elif name in ("nodes_ready", "stopping"):
+                nodes_ready.set()
+
+        async def tell_the_others() -> None:
+            await net_ready.wait()
+            while not nodes_ready.is_set():
+                for peer in members[1:]:
+                    self._tell(peer, mj, {"type": "ray_rendezvous", "subnet": subnet[0]})
+                with trio.move_on_after(2.0):
+                    await nodes_ready.wait()
+
+        member = RayMember(ray_spec, policy=self.policy, on_line=self._on_line(mj), on_event=on_event,
+                           now_ms=node.now_ms, on_ended=lambda t: setattr(mj, "ended_ms", t))
         mj.ray = member
         try:
-            result = await member.run()
+            async with trio.open_nursery() as nursery:
+                if start.member_index == 0:
+                    nursery.start_soon(tell_the_others)
+                result = await member.run()
+                nursery.cancel_scope.cancel()
         finally:
             mj.ray = None
         if start.member_index == 0:
             for peer in members[1:]:
                 self._tell(peer, mj, {"type": "ray_done"})
-        if result.processes_left:
-            log.warning("ray job %s left processes %s", start.job_id[:12], result.processes_left)
         return result
-
-    def _host_of(self, peer_id: str) -> str:
-        """The IPv4 address a peer advertises (loopback for ourselves)."""
-        node = self.jobs.node
-        sa = node.book.adverts.get(peer_id)
-        for addr in (sa.advert.addrs if sa is not None else ()):
-            parts = addr.split("/")
-            if len(parts) > 2 and parts[1] == "ip4":
-                return parts[2]
-        return "127.0.0.1"
 
     def _tell(self, peer: str, mj: MemberJob, body: dict[str, Any]) -> None:
         node = self.jobs.node
@@ -356,12 +409,19 @@ class Runner:
             **body, "job_id": mj.start.job_id, "peer_id": node.identity.peer_id}).to_bytes())
 
     def on_member_message(self, body: dict[str, Any], signer: str) -> None:
-        """A message from another member of a job we run (Ray rendezvous)."""
+        """A message from the head of a ``ray`` job we run: the job's subnet,
+        or that the job is done.  Only the head (rank 0) is listened to, and a
+        subnet is only ever a /24 of the job pool that no other job holds
+        here (``RayMember.set_rendezvous``, ``_netns.open_member_net``)."""
         mj = self.running.get(str(body.get("job_id")))
-        if mj is None or signer not in mj.start.certificate.members or mj.ray is None:
+        if mj is None or mj.ray is None or signer != mj.start.certificate.members[0]:
             return
-        if body.get("type") == "ray_rendezvous" and type(body.get("port")) is int:
-            mj.ray.set_rendezvous(body["port"])
+        if body.get("type") == "ray_rendezvous":
+            try:
+                mj.ray.set_rendezvous(body.get("subnet"))
+            except ValueError as exc:
+                self.jobs.counts["exec:ray_rendezvous_refused"] += 1
+                raise PeerMisbehaved(Reason.BAD_SCHEMA, f"ray rendezvous: {exc}") from None
         elif body.get("type") == "ray_done":
             mj.ray.stop("finished")
 
@@ -591,6 +651,8 @@ class Runner:
         interval_s = checkpoint_interval_ms(m.duration_s_max * 1000, 1000) / 1000
         while True:
             await trio.sleep(interval_s)
+            if mj.ended_ms:
+                return  # the job is over: the proof's end closes the chain
             head = mj.chain.add(self.jobs.node.now_ms(), mj.log_hash.copy().digest())
             self._save_run(mj, self.jobs.node.now_ms())  # stored before any heartbeat shows the head
             mj.membership.set_progress(head, len(mj.chain.checkpoints))
@@ -611,15 +673,17 @@ class Runner:
 
     def _spec(self, start: StartJob, mj: MemberJob) -> JobSpec:
         m = start.manifest.manifest
+        # ``work`` receives the sealed outputs when the job has ended: the job
+        # itself writes to a disk of its own (p2pgpu.runtime._disk) and never
+        # sees this directory, nor any path of this home.
         work = self.work_dir(start.job_id)
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        # Inline inputs go to a directory beside the work dir that the sandbox
-        # binds read-only at /work/in ($P2PGPU_IN); they are not outputs.
+        for d in (work, work.parent / "in"):
+            if os.path.lexists(d):
+                remove_tree(str(d))
+        work.mkdir(parents=True, mode=0o700)
+        # Inline inputs are copied into the job's disk (read-only at /work/in,
+        # $P2PGPU_IN); they are not outputs.
         inputs = work.parent / "in"
-        if inputs.exists():
-            shutil.rmtree(inputs)
         inputs.mkdir()
         for inp in m.inputs:
             if inp.data is not None:
@@ -640,7 +704,8 @@ class Runner:
             gpus = ()  # simulated GPUs have no device nodes: the job gets none
         return JobSpec(argv=tuple(m.command), work_dir=work, time_limit_ms=m.duration_s_max * 1000,
                        memory_bytes_max=job_memory_bytes_default, env=env, inputs_dir=inputs,
-                       network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id)
+                       network=m.network, gpus=gpus, cluster=cluster, job_id=start.job_id,
+                       state_path=work.parent / RECORD_NAME)
 
 
 def interrupted_proof(identity: Any, run: dict[str, Any], *, duration_ms_max: int | None = None) -> Any:

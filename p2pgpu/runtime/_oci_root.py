@@ -104,9 +104,15 @@ def driver_files() -> tuple[str, ...]:
     return tuple(found[:driver_files_max])
 
 
-def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | None = None) -> list[str]:
-    """The bubblewrap command line for ``spec`` in ``spec.root_dir``."""
-    from ._sandbox import SANDBOX_UID, WORK, JobRejected, gpu_device_paths
+def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path | None = None,
+                   status_fd: int | None = None, env_fd: int | None = None) -> list[str]:
+    """The bubblewrap command line for ``spec`` in ``spec.root_dir``: the
+    job's disk (``disk_top``; ``run_job`` always gives it: without it the
+    line names ``spec.work_dir``, for inspection only), its environment set
+    by bubblewrap (``env_fd``) and the size-limited and read-only places
+    exactly as for a ``process`` job (``_sandbox.bwrap_argv``)."""
+    from ._disk import WORK_DIR, inputs_of
+    from ._sandbox import SANDBOX_UID, WORK, JobRejected, env_args, gpu_device_paths, job_env
 
     root = spec.root_dir
     assert root is not None
@@ -114,9 +120,12 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | Non
         raise JobRejected(f"image root {root} is missing")
     a = [shutil.which(policy.bwrap) or policy.bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
          "--die-with-parent", "--new-session", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-         "--hostname", "p2pgpu-job", "--cap-drop", "ALL", "--bind", str(root), "/"]
-    if spec.network:
+         "--hostname", "p2pgpu-job", "--cap-drop", "ALL"]
+    a += ["--args", str(env_fd)] if env_fd is not None else env_args(job_env(spec))
+    a += ["--bind", str(root), "/"]
+    if spec.network or spec.cluster_net is not None:
         a += ["--share-net"]
+    if spec.network:
         for f in ("/etc/resolv.conf", "/etc/hosts"):
             if os.path.exists(f):
                 a += ["--ro-bind", f, f]
@@ -127,10 +136,13 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, status_fd: int | Non
         for f in driver_files():
             if os.path.exists(f):
                 a += ["--ro-bind", f, f]
-    a += ["--size", str(policy.tmp_bytes_max), "--tmpfs", "/tmp", "--bind", str(spec.work_dir), WORK]
-    if spec.inputs_dir is not None:
-        a += ["--ro-bind", str(spec.inputs_dir), WORK + "/in"]
-    a += ["--remount-ro", "/", "--chdir", WORK]
+    a += ["--size", str(policy.shm_bytes_max), "--tmpfs", "/dev/shm",
+          "--size", str(policy.tmp_bytes_max), "--tmpfs", "/tmp",
+          "--bind", str(disk_top / WORK_DIR if disk_top is not None else spec.work_dir), WORK]
+    inputs = inputs_of(disk_top) if disk_top is not None else spec.inputs_dir
+    if inputs is not None:
+        a += ["--ro-bind", str(inputs), WORK + "/in"]
+    a += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", WORK]
     if status_fd is not None:
         a += ["--json-status-fd", str(status_fd)]
     return a + ["--", *spec.argv]

@@ -18,18 +18,20 @@ from ._outputs import OutputFile
 from ._sandbox import RESERVED_ENV, JobRejected
 
 #: Why a member's run ended.
-REASONS = ("exited", "time_limit", "member_lost", "cancelled", "finished", "ray_error")
+REASONS = ("exited", "time_limit", "memory_limit", "output_limit", "member_lost", "cancelled", "finished",
+           "ray_error")
 POLICIES = ("fail", "continue")
 members_max = 64
-#: Ray's unix sockets live at <temp dir>/session_<date>_<pid>/sockets/plasma_store, and a
-#: socket path must fit in 107 bytes: our dir is <temp_root>/p2pray-<job6>-<8 random>.
-temp_root_len_max = 20
 object_store_bytes_min = 80 << 20
+#: Inside a member's own network namespace every port is free: Ray's defaults
+#: for the GCS, and a fixed rendezvous port handed to torch as MASTER_PORT.
+gcs_port_default = 6379
+master_port_default = 29500
 
 
 @dataclass(frozen=True, kw_only=True)
 class RayAddress:
-    """Where the members and the driver find the head."""
+    """Where the members and the driver find the head (its sandbox's address)."""
 
     host: str
     gcs_port: int
@@ -43,21 +45,19 @@ class RayAddress:
 class RayMemberSpec:
     """One member's part of a ``ray`` job.
 
-    ``members`` are the peer ids in rank order; ``rendezvous_host`` is the
-    head's address as the members reach it, ``rendezvous_port`` its GCS port
-    (0 on the head: choose one, then tell the others, who call
-    :meth:`RayMember.set_rendezvous`).  ``host`` is this member's own address.
-    ``num_cpus`` and ``gpus`` (host GPU indices) come from the advert and the
-    reservation; ``memory_bytes_max`` bounds the member's whole Ray node.
+    ``members`` are the peer ids in rank order (rank 0 is the head).
+    ``work_dir`` is an empty directory of the node's that receives this
+    member's sealed outputs; ``state_path`` where its running sandbox is
+    recorded for a restarted node.  ``num_cpus`` and ``gpus`` (host GPU
+    indices) come from the advert and the reservation; ``memory_bytes_max``
+    bounds the member's whole sandbox, Ray and driver included.
     """
 
     job_id: str
     members: tuple[str, ...]
     rank: int
     command: tuple[str, ...]
-    rendezvous_host: str
-    rendezvous_port: int
-    host: str
+    work_dir: Path
     num_cpus: int
     memory_bytes_max: int
     time_limit_ms: int
@@ -65,14 +65,13 @@ class RayMemberSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     on_member_loss: str = "fail"
     auth_token: str = ""
-    temp_root: Path = Path("/tmp")
-    memory_backend: str = "auto"  # or "none": Ray's own limits only
-    cgroup_base: Path | None = None
+    state_path: Path | None = None
     start_timeout_ms: int = 120_000
-    stop_grace_ms: int = 1_000
     head_lost_timeout_s: int = 10
     health_check_period_ms: int = 1_000
     health_check_failures_max: int = 3
+    gcs_port: int = gcs_port_default
+    master_port: int = master_port_default
     log_bytes_max: int = 64 << 20
     log_line_bytes_max: int = 16 * 1024
     output_files_max: int = 1000
@@ -86,21 +85,21 @@ class RayMemberSpec:
             raise ValueError("command must be a non-empty argv without NUL")
         if self.on_member_loss not in POLICIES:
             raise ValueError(f"on_member_loss must be one of {', '.join(POLICIES)}")
-        if not 0 <= self.rendezvous_port < 65536 or (self.rank and not self.rendezvous_host):
-            raise ValueError("rendezvous port in 0..65535, and a host for the members to join")
         if self.num_cpus < 1 or self.memory_bytes_max < 2 * object_store_bytes_min or self.time_limit_ms <= 0:
             raise ValueError("at least 1 CPU, 160 MiB of memory and a positive time limit")
         if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
             raise ValueError("gpus must be distinct non-negative indices")
-        if len(str(self.temp_root)) > temp_root_len_max:
-            raise ValueError(f"temp_root is too long for Ray's socket paths (at most {temp_root_len_max} bytes)")
+        if not (0 < self.gcs_port < 65536 and 0 < self.master_port < 65536) or self.gcs_port == self.master_port:
+            raise ValueError("gcs_port and master_port: two different ports in 1..65535")
+        if self.start_timeout_ms <= 0:
+            raise ValueError("start_timeout_ms must be positive")
 
     @classmethod
     def for_manifest(cls, manifest: Any, *, job_id: str, members: tuple[str, ...], rank: int,
                      **node: Any) -> RayMemberSpec:
         """The spec from a ``core.Manifest`` (command, env, duration, loss
-        policy) plus what this node decides (``host``, ``rendezvous_host``,
-        ``rendezvous_port``, ``num_cpus``, ``gpus``, ``memory_bytes_max``, ...)."""
+        policy) plus what this node decides (``work_dir``, ``num_cpus``,
+        ``gpus``, ``memory_bytes_max``, ``auth_token``, ...)."""
         if manifest.runtime != "ray":
             raise ValueError(f"the manifest asks for the {manifest.runtime!r} runtime, not 'ray'")
         return cls(job_id=job_id, members=members, rank=rank, command=tuple(manifest.command),
@@ -134,9 +133,9 @@ class RayResult:
     outputs: tuple[OutputFile, ...]
     output_digest: bytes
     members_lost: tuple[int, ...]
-    #: Processes of this job found alive after teardown (should be empty).
-    processes_left: tuple[int, ...]
     detail: str = ""
+    #: The wall clock when the member's sandbox died (0 without a clock).
+    ended_at_ms: int = 0
 
     @property
     def ok(self) -> bool:

@@ -1,17 +1,16 @@
 """#12.5 (with #12.6): a `node run` that has children leaves nothing behind when it is stopped.
 
-A node running a job has children: the job's sandbox (``timeout``, two
+A node running a job has children: the job's sandbox (its keeper, two
 bubblewrap processes, the job's shell and its ``sleep``).  The node is
 started as ``localnet`` starts it (through ``p2pgpu.children``), a job that
 sleeps is submitted to it, and once the sandbox runs the node is signalled.
 Every process of its tree must be gone, and its ports closed, within a bound.
 
 SIGTERM: the node's own shutdown stops the sandbox (this held before #12.5;
-kept as a guard).  SIGKILL: nothing in the node runs, so only a parent-death
-signal on the sandbox's outer process can end it; the sandbox is started by
-``runtime/_sandbox.py`` (the "runtime" engineer's, issue #12.6), which must
-start it with ``p2pgpu.children.open_process``.  Until then that case is an
-expected failure, strict, so that it turns red the day it passes.
+kept as a guard).  SIGKILL: nothing in the node runs; the sandbox's parent,
+its keeper (``runtime/_keeper.py``, #12.6: single-threaded, so bubblewrap's
+``--die-with-parent`` follows it), watches the node through a pidfd and kills
+the sandbox when the node dies.
 """
 
 from __future__ import annotations
@@ -38,16 +37,12 @@ duration_s_max = 150
 [payment]
 price_per_gpu_hour_max = 36000000
 """
-#: node run, timeout, bubblewrap (outer and the pid namespace's init), sh, sleep.
+#: node run, the keeper, bubblewrap (outer and the pid namespace's init), sh, sleep.
 sandboxed_tree_min = 6
 gone_within_s: dict[int, float] = {signal.SIGTERM: 20.0, signal.SIGKILL: 10.0}
 
 
-@pytest.mark.parametrize("sig", [
-    signal.SIGTERM,
-    pytest.param(signal.SIGKILL, marks=pytest.mark.xfail(
-        strict=True, reason="#12.6 (runtime): the sandbox must be started with p2pgpu.children.open_process")),
-], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_node_run_with_a_running_job_leaves_no_process_and_no_port(tmp_path: Path, sig: int) -> None:
     root = tmp_path / "net"
     tree: list[int] = []

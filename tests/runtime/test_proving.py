@@ -93,7 +93,7 @@ async def test_gpu_time_is_capped_at_the_duration_limit(tmp_path: Path) -> None:
 
 def test_bwrap_argv_shape(tmp_path: Path) -> None:
     spec = JobSpec(argv=("prog", "--flag"), work_dir=tmp_path, time_limit_ms=1, memory_bytes_max=1)
-    argv = bwrap_argv(spec, SandboxPolicy(extra_ro_paths=("/opt",)), etc_dir=tmp_path, status_fd=7)
+    argv = bwrap_argv(spec, SandboxPolicy(extra_ro_paths=("/opt",)), disk_top=tmp_path, status_fd=7)
     assert argv[0].startswith("/"), "absolute: the job's environment has no PATH"
     for flag in ("--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"):
         assert flag in argv

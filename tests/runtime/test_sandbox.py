@@ -218,7 +218,7 @@ async def test_only_assigned_gpus_are_visible(tmp_path: Path) -> None:
     dev = fake_dev(tmp_path, ["nvidia0", "nvidia1", "nvidia2", "nvidia3", "nvidiactl", "nvidia-uvm"])
     s = spec(tmp_path, "ls /dev; echo CVD=$CUDA_VISIBLE_DEVICES", gpus=(1, 3))
     policy = SandboxPolicy(dev_dir=dev)
-    argv = bwrap_argv(s, policy, etc_dir=tmp_path)
+    argv = bwrap_argv(s, policy, disk_top=tmp_path)
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--dev-bind"]
     assert binds == [str(dev / n) for n in ("nvidia1", "nvidia3", "nvidiactl", "nvidia-uvm")]
     env = job_env(s)
@@ -232,7 +232,7 @@ async def test_only_assigned_gpus_are_visible(tmp_path: Path) -> None:
 async def test_no_gpus_no_nvidia_nodes(tmp_path: Path) -> None:
     dev = fake_dev(tmp_path, ["nvidia0", "nvidiactl", "nvidia-uvm"])
     s = spec(tmp_path, "ls /dev; echo CVD=[$CUDA_VISIBLE_DEVICES]")
-    assert "--dev-bind" not in bwrap_argv(s, SandboxPolicy(dev_dir=dev), etc_dir=tmp_path)
+    assert "--dev-bind" not in bwrap_argv(s, SandboxPolicy(dev_dir=dev), disk_top=tmp_path)
     _res, lines = await run(s, SandboxPolicy(dev_dir=dev))
     assert b"nvidia" not in stdout(lines).replace(b"CVD=[]", b"") and b"CVD=[]" in stdout(lines)
 
@@ -240,7 +240,7 @@ async def test_no_gpus_no_nvidia_nodes(tmp_path: Path) -> None:
 def test_missing_gpu_is_refused(tmp_path: Path) -> None:
     dev = fake_dev(tmp_path, ["nvidia0"])
     with pytest.raises(JobRejected, match="GPU 2"):
-        bwrap_argv(spec(tmp_path, "true", gpus=(2,)), SandboxPolicy(dev_dir=dev), etc_dir=tmp_path)
+        bwrap_argv(spec(tmp_path, "true", gpus=(2,)), SandboxPolicy(dev_dir=dev), disk_top=tmp_path)
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -317,6 +317,27 @@ async def test_inputs_are_read_only(tmp_path: Path) -> None:
     assert not (inputs / "new").exists()
 
 
+async def test_inputs_are_hard_links_bound_read_only_and_their_path_is_not_shown(tmp_path: Path) -> None:
+    # Inputs staged from the content store may be gigabytes: linked, not copied,
+    # and the job reads no path of the node's home in its mount table.
+    home_inputs = tmp_path / "node-home" / "jobs" / "j1" / "in"
+    home_inputs.mkdir(parents=True)
+    big = home_inputs / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB (sparse): a copy would take a while and the disk's room
+    (home_inputs / "sub").mkdir()
+    (home_inputs / "sub" / "x.txt").write_text("x")
+    s = spec(tmp_path, "stat -c %h:%s in/big.bin; cat in/sub/x.txt; echo; grep /work/in /proc/self/mountinfo",
+             inputs_dir=home_inputs)
+    res, lines = await run(s)
+    out = stdout(lines).decode()
+    assert res.ok, res.stderr_tail
+    assert out.splitlines()[0] == f"2:{3 << 30}"  # a second link to the same inode, same size
+    assert "x" in out.splitlines()[1]
+    assert "/work/in" in out and str(tmp_path / "node-home") not in out
+    assert big.stat().st_nlink == 1  # the staging link is gone with the job
+
+
 @pytest.mark.parametrize("script,limits", [
     ("for i in 1 2 3 4; do echo $i > f$i; done", {"output_files_max": 3}),
     ("head -c 5000 /dev/zero > big", {"output_file_bytes_max": 4000}),
@@ -335,8 +356,13 @@ async def test_output_limit_while_running(tmp_path: Path) -> None:
 
 
 async def test_sandbox_error_is_not_a_job_exit(tmp_path: Path) -> None:
-    res, _ = await run(spec(tmp_path, "true", inputs_dir=tmp_path / "missing"))
+    res, _ = await run(spec(tmp_path, "true"), SandboxPolicy(extra_ro_paths=(str(tmp_path / "missing"),)))
     assert res.reason == "sandbox_error" and res.exit_code is None and "missing" in res.detail
+
+
+async def test_missing_inputs_dir_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(JobRejected, match="inputs dir"):
+        await run(spec(tmp_path, "true", inputs_dir=tmp_path / "missing"))
 
 
 # --- cancellation ------------------------------------------------------------------------------
