@@ -515,6 +515,10 @@ class AdvertBook:
         """How many evictable identities ``forwarder`` holds."""
         return len(self._by_forwarder.get(forwarder, ()))
 
+    def largest_share(self) -> int:
+        """The most evictable identities any one forwarder holds (``status``)."""
+        return max((len(ids) for ids in self._by_forwarder.values()), default=0)
+
     def expire(self, now_ms: int) -> list[str]:
         gone = sorted(pid for pid, sa in self.adverts.items()
                       if sa.advert.expires_at_ms <= now_ms and pid != self.own_peer_id)

@@ -822,6 +822,7 @@ class Node:
             "peers": len(self.stack.host.get_connected_peers()),
             "adverts_known": self.book.live_count(self.now_ms()),
             "adverts_evicted": self.book.evicted,
+            "adverts_share_max": self.book.largest_share(),
             "gossip_ignored": self.stack.pubsub.ignored,
             "jobs": self.jobs.counts_by_state(),
             "sandbox": self.sandbox_reason or "ok",

@@ -91,9 +91,13 @@ async def test_flood_of_fresh_identity_adverts_stops_no_node(tmp_path: Path) -> 
             assert honest <= listed, f"node {node.index} lost honest peers: {honest - listed}"
             assert not any(k.startswith("loop_crashed") for k in st["counters"]), st["counters"]
         st0 = await trio.to_thread.run_sync(net.nodes[0].call, "status")
-        # The flood took the attacker's share of node 0's book, no more, and
-        # cost it no score: a full share is nobody's fault (ignored, not rejected).
-        assert st0["adverts_known"] <= 4 + 2_500
+        # The flood took at most one forwarder's share of node 0's book, and
+        # cost it no score: a full share is nobody's fault (ignored, not
+        # rejected).  Flooded adverts that an honest peer relays later (once
+        # node 0's seen-cache forgot them) count against that peer's share,
+        # never the attacker's: each forwarder's share is bounded.
+        assert st0["adverts_share_max"] <= 2_500
+        assert st0["adverts_known"] <= 4 + 2_500 * len(net.nodes)
         assert st0["gossip_ignored"] >= FLOOD - 2_500
         assert latencies, "status was never sampled"
         assert statistics.median(latencies) < 1.0, sorted(latencies)[-10:]

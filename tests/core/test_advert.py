@@ -597,6 +597,8 @@ def test_sybil_forwarders_share_a_full_book_and_honest_shares_survive() -> None:
     assert len(b.adverts) == 200
     assert all(ident.peer_id in b.adverts for ident in honest)
     assert max(b.held_by(f"sybil{k}") for k in range(40)) <= 5
+    forwarders = [*(f"sybil{k}" for k in range(40)), *(f"honest{i}" for i in range(4))]
+    assert b.largest_share() == max(b.held_by(f) for f in forwarders) > 0
 
 
 class _ReferenceBook:
