@@ -1,6 +1,6 @@
 """The libp2p stack of one node: host, GossipSub, Kademlia DHT, on trio.
 
-Shaped by what was measured (shared/notes/libp2p.md):
+Shaped by what was measured (docs/performance.md has the figures):
 - Noise only: the library's default security list also accepts plaintext,
   TLS and SECIO; a node must refuse unencrypted connections.
 - ``max_connections_per_peer=1`` cuts connect time from ~250 ms to ~10 ms, and

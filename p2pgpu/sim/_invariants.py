@@ -8,7 +8,7 @@ when it happens; the first violation stops the run (``SimulationStopped``)
 with a message that names the invariant, the time and the actors, so that
 ``p2pgpu sim run SCENARIO --seed N`` replays straight to it.
 
-Invariants (``shared/ARCHITECTURE.md``), as far as the cores exist:
+Invariants (``docs/simulation.md`` lists them with what each checks):
 
 - ``capacity``: no honest node holds (reserved or running) more GPUs than it
   has (an adversary that lies about its GPUs is outside what a protocol can
