@@ -55,11 +55,11 @@ def tolerance(observed_ms: int) -> int:
     return max(tolerance_ms_floor, max(0, observed_ms) * tolerance_share_ppm // 1_000_000)
 
 
-def _cosigns(wires: Any) -> list[Any]:
+def _cosigns(wires: Any, verify: Any = None) -> list[Any]:
     out = []
     for wire in wires:
         try:
-            out.append(decode_cosign(wire).cosign)
+            out.append(decode_cosign(wire, verify=verify).cosign)
         except PeerMisbehaved:
             continue
     return out
@@ -256,12 +256,12 @@ class Checker:
         if confirmed is not None and results is not None:
             window = max(0, results - confirmed)
             bounds.append(window + tolerance(window))
-        observed = [c.last_seen_ms - c.first_seen_ms for c in _cosigns(line.cosigns)
+        observed = [c.last_seen_ms - c.first_seen_ms for c in _cosigns(line.cosigns, self.world.verify)
                     if c.subject == line.peer_id and c.observer != line.peer_id]
         if observed:
             credited = max(observed) + cosigner_credit_ms
             bounds.append(credited + tolerance(credited))
-        elif any(c.observer != line.peer_id for other in lines for c in _cosigns(other.cosigns)):
+        elif any(c.observer != line.peer_id for other in lines for c in _cosigns(other.cosigns, self.world.verify)):
             bounds.append(0)
         return min(bounds) if bounds else None
 
