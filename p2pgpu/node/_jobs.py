@@ -269,7 +269,7 @@ class JobsService:
         try:
             self.deliver(msg.data, via=Via.TOPIC)
         except PeerMisbehaved as exc:
-            self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
+            # (counted once, where apply() met the host's Refused)
             log.info("job message from %s refused: %s", forwarder, exc)
             return verdict_for(exc.reason)  # a replay or a full table is not the forwarder's fault
         return GossipVerdict.ACCEPT
