@@ -180,6 +180,9 @@ class JobsService:
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
+        #: Receipts (#16, ``_receipts.py``): told of each settlement and payment notice.
+        self.on_settled: Callable[[Settled], None] | None = None
+        self.on_paid: Callable[[PaidNotice], None] | None = None
         self.collector = Collector(self)
         #: Set by the node when its ledger is shared (an RPC endpoint): the payer gate.
         self.payer_check: Any = None
@@ -383,6 +386,8 @@ class JobsService:
             self.apply(self.collector.lookup(a))
         elif isinstance(a, Settled):
             self.collector.settled(a)
+            if self.on_settled is not None:
+                self.on_settled(a)
         elif isinstance(a, LateLine):
             self.collector.late_line(a)
         elif isinstance(a, HandOver):
@@ -395,6 +400,8 @@ class JobsService:
             self.persist(a.job_id)
         elif isinstance(a, PaidNotice):
             self._on_paid(a, now)
+            if self.on_paid is not None:
+                self.on_paid(a)
         elif isinstance(a, MemberMessage):
             if self.runner_obj is not None:
                 self.runner_obj.on_member_message(a.body, a.signer)

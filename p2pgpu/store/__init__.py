@@ -47,9 +47,23 @@ from ._recovery import (
     set_member_run,
     unfinished_member_runs,
 )
+from ._receipts import (
+    add_receipt,
+    add_receipt_due,
+    has_receipt,
+    receipt_rows,
+    receipts_due,
+    remove_receipt_due,
+)
 from ._sqlite import DB_FILE, MIGRATIONS, add_migration, apply_migrations, db_path, open_db, transaction
 
 __all__ = [
+    "add_receipt",
+    "add_receipt_due",
+    "has_receipt",
+    "receipt_rows",
+    "receipts_due",
+    "remove_receipt_due",
     "DB_FILE",
     "MIGRATIONS",
     "BatchRecord",
