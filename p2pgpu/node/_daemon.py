@@ -200,6 +200,7 @@ class Node:
         self.receipts = ReceiptService(self)
         self.jobs.on_settled = self.receipts.on_settled
         self.jobs.on_paid = self.receipts.on_paid
+        self.jobs.standing = self.receipts.standing
 
     # ------------------------------------------------------------ lifecycle
 

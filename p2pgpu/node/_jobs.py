@@ -174,12 +174,14 @@ class JobsService:
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
         self.host = Host(node.identity, self.config, adverts=self.advert_of, candidates=self.candidates,
-                         submitter_of=self._submitter_of)
+                         submitter_of=self._submitter_of, standing=self._standing)
         self.records: OwnedTable[str, JobRecord] = OwnedTable(
             theirs_max=records_max, per_owner_max=records_per_submitter_max, ours_max=own_records_max)
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
+        #: A peer's worker score from the receipts held (#16, ``_receipts.py``), if known.
+        self.standing: Callable[[str], int | None] | None = None
         #: Receipts (#16, ``_receipts.py``): told of each settlement and payment notice.
         self.on_settled: Callable[[Settled], None] | None = None
         self.on_paid: Callable[[PaidNotice], None] | None = None
@@ -247,6 +249,9 @@ class JobsService:
         of them volunteer at once (``FormationConfig.spare_volunteers``).  A
         stale entry costs time, never safety."""
         return [a.peer_id for a in matching(self.node.book.live(now_ms), sm.manifest.requirements)]
+
+    def _standing(self, peer_id: str) -> int | None:
+        return self.standing(peer_id) if self.standing is not None else None
 
     def _submitter_of(self, job_id: str) -> str | None:
         rec = self.records.get(job_id)

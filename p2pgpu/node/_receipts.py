@@ -96,8 +96,10 @@ class ReceiptSettings:
     member_due_ms: int = 600_000
     #: How often due receipts and unpaid earnings are looked at.
     sweep_s: float = 1.0
-    #: Scores are recomputed at most this often (``reputation``).
+    #: Scores are recomputed at most this often (``reputation``) ...
     compute_every_s: float = 2.0
+    #: ... and at least this often (formation reads the last ones).
+    refresh_s: float = 15.0
 
 
 class ReceiptService:
@@ -204,6 +206,10 @@ class ReceiptService:
             self._due = trio.Event()
             self.sign_due()
             self.report_unpaid()
+            if trio.current_time() - self._last_clock >= self.settings.refresh_s:
+                # Formation and the advert book read the last scores without
+                # waiting: keep them fresh.
+                await self.reputation(fresh=True)
 
     def sign_due(self) -> int:
         """Sign the due receipts that are ready; returns how many were signed."""
@@ -438,11 +444,11 @@ class ReceiptService:
         """The last computed score of a peer (``None``: no record)."""
         return self.last.scores.get(peer_id) if self.last is not None else None
 
-    def standing(self, peer_id: str) -> int:
-        """The last computed worker score (0 without a record): for formation
-        and the advert book, which must not wait for the ledger."""
+    def standing(self, peer_id: str) -> int | None:
+        """The last computed worker score (``None`` without a record): for
+        formation and the advert book, which must not wait for the ledger."""
         s = self.score(peer_id)
-        return s.worker if s is not None else 0
+        return s.worker if s is not None else None
 
     def job_value_max(self, peer_id: str) -> int:
         return job_value_max(self.score(peer_id))

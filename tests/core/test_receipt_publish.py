@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
 from trust_fixtures import ALICE, BOB, CAROL, MALLORY, SUBMITTER, T0, address, job_id, tx
 
 from p2pgpu.core import PeerMisbehaved, Reason, decode, encode

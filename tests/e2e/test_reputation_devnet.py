@@ -93,6 +93,11 @@ def forge(wire: bytes) -> bytes:
     return encode(outer)
 
 
+def settled(node: Any, job: str) -> dict[str, Any] | None:
+    doc: dict[str, Any] = node.call("job.status", {"job_id": job})
+    return doc if doc["state"] in ("succeeded", "failed") else None
+
+
 def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: Path, ledger_url: str) -> None:
     with LocalNet(tmp_path / "net", 4, gpu_mix=ONE_GPU, config_extra=f'ledger = "{ledger_url}"',
                   node_config={LIAR: 'adversary = "tamper_output"'}) as net:
@@ -106,8 +111,7 @@ def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: P
         jobs, liar_jobs = [], 0
         for _ in range(6):
             job = submitter.call("job.submit", {"manifest": manifest})["job_id"]
-            doc = net.wait_until(lambda: (lambda d: d if d["state"] in ("succeeded", "failed") else None)(
-                submitter.call("job.status", {"job_id": job})), timeout_s=120, what="the job to settle")
+            doc = net.wait_until(lambda job=job: settled(submitter, job), timeout_s=120, what="the job to settle")
             jobs.append(job)
             liar_jobs += liar in doc["cluster"]["members"]
             if liar_jobs and len(jobs) >= 2:
@@ -120,7 +124,7 @@ def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: P
         # The submitter signs each receipt once its payouts are on the ledger,
         # and gossip brings the receipts to every node.
         for node in net.nodes:
-            net.wait_until(lambda: set(jobs) <= set(receipts_of(node)) or None, timeout_s=90,
+            net.wait_until(lambda node=node: set(jobs) <= set(receipts_of(node)) or None, timeout_s=90,
                            what=f"node {node.index} to hold every receipt")
         paid_lines = [ln for r in receipts_of(submitter).values()
                       for ln in decode_item(bytes.fromhex(r["wire"])).receipt.lines]  # type: ignore[union-attr]
@@ -152,7 +156,7 @@ def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: P
 
         # peers --json: each peer's score and the evidence behind it.
         res = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "peers", "--json", "--home",
-                              str(net.nodes[1].home.path)], capture_output=True, text=True, timeout=60)
+                              str(net.nodes[1].home.path)], check=False, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         rows = {r["peer_id"]: r for r in json.loads(res.stdout)}
         if liar in rows:

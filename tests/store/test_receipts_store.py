@@ -6,8 +6,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from p2pgpu.store import add_receipt, add_receipt_due, has_receipt, open_db, receipt_rows, receipts_due, \
-    remove_receipt_due
+from p2pgpu.store import (
+    add_receipt,
+    add_receipt_due,
+    has_receipt,
+    open_db,
+    receipt_rows,
+    receipts_due,
+    remove_receipt_due,
+)
 
 
 def digest(i: int, who: str = "x") -> bytes:
