@@ -368,21 +368,35 @@ class ReceiptService:
                         self.counts["receipts:dht_put_failed"] += 1
                         log.info("DHT put of a receipt failed: %s", exc)
 
-    async def fetch(self, peer_id: str) -> bool:
-        """Ask the DHT for the newest receipt naming ``peer_id`` and keep it (True if new)."""
+    async def fetch(self, peer_id: str) -> dict[str, Any]:
+        """Ask the DHT for the newest receipt naming ``peer_id`` and keep it:
+        ``found`` (a valid one came back), ``new`` (we did not hold it),
+        ``job_id`` and ``digest`` of what came."""
         stack = self.node.stack
         assert stack is not None
         key = receipts_key(peer_id)
         stack.dht.value_store.remove(key.encode())  # ask the network, not a stale local copy
+        value = None
         with trio.move_on_after(10):
             value = await stack.dht.get_value(key)
-            if value:
-                try:
-                    self.ingest(value)
-                    return True
-                except PeerMisbehaved as exc:
-                    log.info("receipt from the DHT not kept: %s", exc)
-        return False
+        if not value:
+            return {"found": False, "new": False}
+        try:
+            item = decode_item(value)
+            if not isinstance(item, PublishedReceipt) or not item.names(peer_id):
+                raise PeerMisbehaved(Reason.BAD_PROOF, "not a published receipt naming that peer")
+            new = True
+            try:
+                self.ingest(value)
+            except PeerMisbehaved as exc:
+                if exc.reason is not Reason.REPLAYED:
+                    raise
+                new = False
+        except PeerMisbehaved as exc:
+            log.info("receipt from the DHT not kept: %s", exc)
+            self.counts[f"receipts:dht_refused_{exc.reason.name.lower()}"] += 1
+            return {"found": False, "new": False}
+        return {"found": True, "new": new, "job_id": item.receipt.job_id, "digest": item.digest.hex()}
 
     # -- scores ---------------------------------------------------------------------------
 
@@ -456,7 +470,12 @@ class ReceiptService:
     # -- control ---------------------------------------------------------------------------
 
     async def control_reputation(self, params: dict[str, Any]) -> dict[str, Any]:
-        rep = await self.reputation(fresh=bool(params.get("fresh")))
+        from ._control import ControlError
+
+        fresh = params.get("fresh", False)
+        if not isinstance(fresh, bool):
+            raise ControlError("fresh must be true or false", code="bad_params")
+        rep = await self.reputation(fresh=fresh)
         published, members = self.held()
         return {"computed_at_ms": self.last_at_ms, "receipts_held": len(published),
                 "member_receipts_held": len(members),
@@ -476,9 +495,9 @@ class ReceiptService:
         from ._control import ControlError
 
         pid = params.get("peer_id")
-        if not isinstance(pid, str) or not pid:
-            raise ControlError("peer_id is required")
-        return {"found": await self.fetch(pid)}
+        if not isinstance(pid, str) or not 0 < len(pid) <= 128:
+            raise ControlError("peer_id is required (a peer id, e.g. from p2pgpu peers)", code="bad_params")
+        return await self.fetch(pid)
 
     def handlers(self) -> dict[str, Any]:
         return {"reputation": self.control_reputation, "receipts.list": self.control_list,

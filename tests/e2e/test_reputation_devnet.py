@@ -154,6 +154,10 @@ def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: P
             decode_item(forge(real))
         assert refused.value.reason is Reason.BAD_SIGNATURE
 
+        # The DHT holds the newest receipt naming each member, under its key.
+        got = net.nodes[2].call("receipts.fetch", {"peer_id": liar})
+        assert got["found"] and got["job_id"] in jobs, got
+
         # peers --json: each peer's score and the evidence behind it.
         res = subprocess.run([sys.executable, "-m", "p2pgpu.cli", "peers", "--json", "--home",
                               str(net.nodes[1].home.path)], check=False, capture_output=True, text=True, timeout=60)
