@@ -119,6 +119,8 @@ class ReceiptService:
         self.last_at_ms = 0
         self._last_clock = float("-inf")
         self._compute_lock = trio.Lock()
+        #: Receipts held, decoded (their signatures checked once), by digest.
+        self._decoded: dict[bytes, PublishedReceipt | SignedMemberReceipt] = {}
 
     @property
     def db(self) -> Any:
@@ -285,14 +287,14 @@ class ReceiptService:
             await self.report_paid(notice, at_ms)
 
     async def report_paid(self, a: PaidNotice, at_ms: int) -> None:
-        from p2pgpu.store import earnings
-
         rec = self.node.jobs.records.get(a.job_id)
         if rec is None or self.db is None or not rec.certificate:
             return
-        earning = next((e for e in earnings(self.db) if e["proof_hash"] == a.proof_hash.hex()), None)
-        if earning is None:
+        row = self.db.execute("SELECT amount, payout_address FROM earnings WHERE proof_hash = ?",
+                              (a.proof_hash,)).fetchone()
+        if row is None:
             return
+        earning = {"amount": row[0], "payout_address": row[1]}
         owed = int(earning["amount"])
         received = owed
         lookup = self._payments()
@@ -322,8 +324,9 @@ class ReceiptService:
         return made
 
     def _reported(self, job_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM receipts WHERE kind = 'member_receipt' AND job_id = ? AND signer = ?",
-                               (job_id, self.node.identity.peer_id)).fetchone() is not None
+        from p2pgpu.store import member_reported
+
+        return member_reported(self.db, job_id, self.node.identity.peer_id)
 
     def _member_receipt(self, rec: Any, *, owed: int, received: int, tx: str, verdict: str, now_ms: int) -> int:
         me = self.node.identity.peer_id
@@ -438,19 +441,27 @@ class ReceiptService:
         """The receipts in the store, decoded (a row that no longer decodes is skipped)."""
         if self.db is None:
             return [], []
-        from p2pgpu.store import receipt_rows
+        from p2pgpu.store import receipt_digests, receipt_wires
 
-        published: list[PublishedReceipt] = []
-        members: list[SignedMemberReceipt] = []
-        for row in receipt_rows(self.db, limit=compute_receipts_max):
+        # Decoding verifies every signature of a receipt and its certificate:
+        # done once per receipt, then remembered (receipts never change).
+        digests = receipt_digests(self.db, limit=compute_receipts_max)
+        new = [d for d in digests if d not in self._decoded]
+        for d, wire in receipt_wires(self.db, new).items():
             try:
-                item = decode_item(row["wire"])
+                self._decoded[d] = decode_item(wire)
             except PeerMisbehaved:
                 self.counts["receipts:stored_refused"] += 1
-                continue
+        held = set(digests)
+        for d in [d for d in self._decoded if d not in held]:
+            del self._decoded[d]  # evicted from the store
+        published: list[PublishedReceipt] = []
+        members: list[SignedMemberReceipt] = []
+        for d in digests:
+            item = self._decoded.get(d)
             if isinstance(item, PublishedReceipt):
                 published.append(item)
-            else:
+            elif item is not None:
                 members.append(item)
         return published, members
 

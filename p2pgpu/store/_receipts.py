@@ -33,6 +33,7 @@ CREATE TABLE receipts (
 );
 CREATE INDEX receipts_by_age ON receipts (ours, at_ms);
 CREATE INDEX receipts_by_signer ON receipts (signer, at_ms);
+CREATE INDEX receipts_by_job ON receipts (job_id, kind, signer);
 CREATE TABLE receipts_due (
     job_id TEXT PRIMARY KEY,
     settled_at_ms INTEGER NOT NULL,
@@ -82,6 +83,29 @@ def receipt_rows(conn: sqlite3.Connection, *, kind: str | None = None,
                         " ORDER BY at_ms DESC, digest LIMIT ?", (*args, limit)).fetchall()
     return [{"digest": bytes(r[0]), "kind": r[1], "job_id": r[2], "signer": r[3], "at_ms": r[4],
              "wire": bytes(r[5]), "ours": bool(r[6]), "received_ms": r[7]} for r in rows]
+
+
+def receipt_digests(conn: sqlite3.Connection, *, limit: int = receipts_kept_max) -> list[bytes]:
+    """The digests of the receipts held, newest first (at most ``limit``)."""
+    return [bytes(r[0]) for r in conn.execute("SELECT digest FROM receipts ORDER BY at_ms DESC, digest LIMIT ?",
+                                              (limit,))]
+
+
+def receipt_wires(conn: sqlite3.Connection, digests: list[bytes]) -> dict[bytes, bytes]:
+    """The signed bytes of these receipts (those still held)."""
+    out: dict[bytes, bytes] = {}
+    for i in range(0, len(digests), 500):
+        chunk = digests[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        for d, w in conn.execute(f"SELECT digest, wire FROM receipts WHERE digest IN ({marks})", chunk):
+            out[bytes(d)] = bytes(w)
+    return out
+
+
+def member_reported(conn: sqlite3.Connection, job_id: str, member: str) -> bool:
+    """Whether ``member`` signed a member receipt for this job already."""
+    return conn.execute("SELECT 1 FROM receipts WHERE job_id = ? AND kind = 'member_receipt' AND signer = ?",
+                        (job_id, member)).fetchone() is not None
 
 
 def add_receipt_due(conn: sqlite3.Connection, *, job_id: str, settled_at_ms: int, currency: str,
