@@ -17,6 +17,7 @@ publishes it; the members sign what they saw of the payment.  Then:
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -154,8 +155,17 @@ def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: P
             decode_item(forge(real))
         assert refused.value.reason is Reason.BAD_SIGNATURE
 
+        # What a node holds survives kill -9 and a restart, and scores the same.
+        before = net.nodes[2].call("receipts.list")
+        net.terminate(2, sig=signal.SIGKILL)
+        restarted = net.restart(2)
+        assert restarted.call("receipts.list") == before
+        rep = restarted.call("reputation", {"fresh": True})
+        assert recompute(ledger_url, [bytes.fromhex(r["wire"]) for r in before], rep["computed_at_ms"]) == \
+            {s["peer_id"]: s for s in rep["scores"]}
+
         # The DHT holds the newest receipt naming each member, under its key.
-        got = net.nodes[2].call("receipts.fetch", {"peer_id": liar})
+        got = net.nodes[1].call("receipts.fetch", {"peer_id": liar})
         assert got["found"] and got["job_id"] in jobs, got
 
         # peers --json: each peer's score and the evidence behind it.
