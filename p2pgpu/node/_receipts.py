@@ -46,7 +46,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
 
-from p2pgpu.core import Kind, PeerMisbehaved, Reason
+from p2pgpu.core import GossipVerdict, Kind, PeerMisbehaved, Reason, verdict_for
 from p2pgpu.core._actions import PaidNotice, Settled
 from p2pgpu.core._codec import decode
 from p2pgpu.core._formation_messages import Certificate
@@ -131,7 +131,7 @@ class ReceiptService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stack = self.node.stack
         assert stack is not None
-        stack.pubsub.set_topic_validator(RECEIPTS_TOPIC, self._validate, False)
+        stack.pubsub.set_topic_verdict_validator(RECEIPTS_TOPIC, self._validate)
         sub = await stack.pubsub.subscribe(RECEIPTS_TOPIC)
         try:
             async with trio.open_nursery() as nursery:
@@ -173,17 +173,20 @@ class ReceiptService:
         self.counts["receipts:kept" if kept else "receipts:not_kept_full"] += 1
         return item
 
-    def _validate(self, forwarder: Any, msg: Any) -> bool:
+    def _validate(self, forwarder: Any, msg: Any) -> GossipVerdict:
+        """Kept, or refused as the reason says (``core/_verdict.py``): a
+        replay is ignored (not forwarded, nobody penalised), bad bytes are
+        rejected and cost the forwarder."""
         stack = self.node.stack
         if stack is not None and msg.from_id == stack.host.get_id().to_bytes():
-            return True  # our own, kept when signed
+            return GossipVerdict.ACCEPT  # our own, kept when signed
         try:
             self.ingest(bytes(msg.data))
         except PeerMisbehaved as exc:
             self.counts[f"receipts:refused_{exc.reason.name.lower()}"] += 1
             log.info("receipt from %s refused: %s", forwarder, exc)
-            return False
-        return True
+            return verdict_for(exc.reason)
+        return GossipVerdict.ACCEPT
 
     # -- the submitter's receipts --------------------------------------------------------
 
