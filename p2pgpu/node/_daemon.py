@@ -620,14 +620,18 @@ class Node:
 
     def peers_we_work_with(self) -> list[str]:
         """The peers this node has reason to keep, most important first: its
-        bootstrap peers, then the members (and, where we were a member, the
-        submitter) of its jobs, newest job first.  The advert book never
-        evicts their adverts (and later work feeds reputation in here)."""
+        bootstrap peers, then the peers with a record in the receipts it
+        holds (best first, at most half the room: #16), then the members (and,
+        where we were a member, the submitter) of its jobs, newest job first.
+        The advert book never evicts their adverts."""
         out: dict[str, None] = {}
         for addr in [*self.network.bootstrap, *self.options.bootstrap]:
             if "/p2p/" in addr:
                 out[addr.rsplit("/p2p/", 1)[1]] = None
         cap = self.book.protected_max
+        if self.receipts.last is not None:
+            for pid in self.receipts.last.with_record(cap // 2):
+                out[pid] = None
         for rec in self.jobs.records.ours_newest_first():  # strangers' jobs name nobody we work with
             if len(out) >= cap:
                 break
