@@ -31,24 +31,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import multiaddr
 import trio
-from libp2p.exceptions import BaseLibp2pError
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
-import multiaddr
 
 from p2pgpu.core import (
     Advert,
     AdvertBook,
     ConnectionLimits,
+    GossipVerdict,
     Identity,
     PeerMisbehaved,
     Reason,
     SignedAdvert,
-    GossipVerdict,
     advert_key,
     class_key,
     decode,
@@ -64,16 +64,16 @@ from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 from p2pgpu.wallet import Wallet
 
+from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
-from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
-from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._receipts import RECEIPTS_TOPIC, P2pgpuRecordValidator, ReceiptRecordValidator, ReceiptService
 from ._linkdelay import link_delay_from_config
 from ._market import market_row
+from ._results import RESULTS_PROTOCOL, serve_results
 from ._stack import Stack, StackConfig, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 from ._supervise import supervise
@@ -418,7 +418,11 @@ class Node:
         if self.jobs.db is None:
             return
         from p2pgpu.solana import (  # noqa: PLC0415
-            LedgerRejected, LedgerUnavailable, Payer, PayerUnderfunded, open_ledger,
+            LedgerRejected,
+            LedgerUnavailable,
+            Payer,
+            PayerUnderfunded,
+            open_ledger,
         )
         from p2pgpu.store import paid_since, unsettled_count  # noqa: PLC0415
 
@@ -494,11 +498,13 @@ class Node:
                            pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
 
     def _start_runner(self) -> None:
-        from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415
+        from p2pgpu.runtime import (  # noqa: PLC0415
+            SandboxPolicy,
+            check_sandbox,
+            ray_unavailable,  # noqa: PLC0415
+        )
 
         from ._runner import Runner  # noqa: PLC0415
-
-        from p2pgpu.runtime import ray_unavailable  # noqa: PLC0415
 
         policy = SandboxPolicy(allow_network=self.config.allow_job_network)
         self.sandbox_reason = check_sandbox(policy)

@@ -44,7 +44,14 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from p2pgpu.core import (
-    Advert, GossipVerdict, Kind, LocalProtocolError, PeerMisbehaved, SignedAdvert, seal, verdict_for,
+    Advert,
+    GossipVerdict,
+    Kind,
+    LocalProtocolError,
+    PeerMisbehaved,
+    SignedAdvert,
+    seal,
+    verdict_for,
 )
 from p2pgpu.core._actions import (
     Action,

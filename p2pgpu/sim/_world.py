@@ -30,11 +30,11 @@ import base58
 from p2pgpu.core import (
     Advert,
     AdvertBook,
+    GossipVerdict,
     GpuInfo,
     Identity,
     PeerMisbehaved,
     Reason,
-    GossipVerdict,
     advert_time_reason,
     next_seq,
     sign_advert,
