@@ -56,7 +56,8 @@ def ledger_url(tmp_path: Path):
             rpc(url, "getHealth", [], timeout_s=2)
             break
         except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "ledger serve did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"ledger serve did not start: {(tmp_path / 'ledger.log').read_text(errors='replace')[-2000:]}"
             time.sleep(0.2)
     yield url
     children.stop(proc)
