@@ -171,6 +171,8 @@ class ReceiptService:
                                signer=m.member, at_ms=m.reported_at_ms, wire=item.wire, ours=ours,
                                now_ms=self.node.now_ms())
         self.counts["receipts:kept" if kept else "receipts:not_kept_full"] += 1
+        if kept and len(self._decoded) < compute_receipts_max:
+            self._decoded[item.digest] = item  # checked: not decoded again to score it
         return item
 
     def _validate(self, forwarder: Any, msg: Any) -> GossipVerdict:
