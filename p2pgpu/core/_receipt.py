@@ -301,9 +301,13 @@ class SettledLine:
 
 def receipt_ready(lines: list[SettledLine], *, settled_at_ms: int, now_ms: int, wait_ms: int) -> bool:
     """Whether the submitter signs its receipt now: every payable line has its
-    transaction, or ``wait_ms`` passed since settlement (the receipt then says
-    ``unpaid`` for the rest, which is what the member's own report will say)."""
-    return all(ln.tx_signature for ln in lines if ln.payable) or now_ms - settled_at_ms >= wait_ms
+    transaction and no member's proof is still missing (one may come late,
+    and be owed, until the collection's deadline), or ``wait_ms`` passed since
+    settlement (the receipt then says what is true then: ``unpaid``,
+    ``no_proof``, which is what the member's own report will say)."""
+    if now_ms - settled_at_ms >= wait_ms:
+        return True
+    return all(ln.tx_signature for ln in lines if ln.payable) and not any(ln.status == "missing" for ln in lines)
 
 
 def build_receipt(*, job_id: str, cert_hash: bytes, submitter: str, payer: str, currency: str,

@@ -89,6 +89,10 @@ def test_receipt_waits_for_payouts_or_the_wait() -> None:
     assert receipt_ready(unpaid, settled_at_ms=T0, now_ms=T0 + 60_000, wait_ms=60_000)
     refused_only = [settled(ALICE), settled(BOB, "rejected", 0, "")]
     assert receipt_ready(refused_only, settled_at_ms=T0, now_ms=T0, wait_ms=60_000)
+    # A missing proof may still come late (and be owed) until the deadline: wait.
+    missing = [settled(ALICE), settled(BOB, "missing", 0, "")]
+    assert not receipt_ready(missing, settled_at_ms=T0, now_ms=T0 + 1000, wait_ms=60_000)
+    assert receipt_ready(missing, settled_at_ms=T0, now_ms=T0 + 60_000, wait_ms=60_000)
 
 
 def test_member_verdicts() -> None:

@@ -78,7 +78,7 @@ def test_a_due_receipt_waits_for_payouts_then_says_unpaid(tmp_path: Path) -> Non
 
 
 def test_a_receipt_that_owes_nothing_is_signed_at_once(tmp_path: Path) -> None:
-    svc, _clock = service(tmp_path, ME, ME.peer_id, [proof(A, "outside_quorum", 0), proof(B, "missing", 0)])
+    svc, _clock = service(tmp_path, ME, ME.peer_id, [proof(A, "outside_quorum", 0), proof(B, "rejected", 0)])
     add_receipt_due(svc.db, job_id=JOB, settled_at_ms=T0, currency="SOL", now_ms=T0)
     assert svc.sign_due() == 1
 
