@@ -94,6 +94,8 @@ class ReceiptSettings:
     sign_wait_ms: int = 120_000
     #: A member calls a payment late that comes more than this after its part ended.
     member_due_ms: int = 600_000
+    #: After a restart, settled jobs this recent without a receipt get one.
+    recover_window_ms: int = 24 * 3600 * 1000
     #: How often due receipts and unpaid earnings are looked at.
     sweep_s: float = 1.0
     #: Scores are recomputed at most this often (``reputation``) ...
@@ -206,7 +208,26 @@ class ReceiptService:
         """The payer paid something: due receipts may be ready."""
         self._due.set()
 
+    def recover_due(self) -> int:
+        """After a restart: jobs settled in the last ``recover_window_ms`` whose
+        receipt was never noted as due (a crash right after settling) are due."""
+        if self.db is None:
+            return 0
+        from p2pgpu.store import add_receipt_due, settled_without_receipt
+
+        found = 0
+        now = self.node.now_ms()
+        for job_id, settled_ms in settled_without_receipt(self.db, since_ms=now - self.settings.recover_window_ms):
+            rec = self.node.jobs.records.get(job_id)
+            if rec is None or rec.manifest.manifest.submitter != self.node.identity.peer_id:
+                continue
+            add_receipt_due(self.db, job_id=job_id, settled_at_ms=settled_ms,
+                            currency=rec.manifest.manifest.currency, now_ms=now)
+            found += 1
+        return found
+
     async def _sweep_loop(self) -> None:
+        self.recover_due()
         while True:
             with trio.move_on_after(self.settings.sweep_s):
                 await self._due.wait()

@@ -57,6 +57,7 @@ from ._receipts import (
     receipt_wires,
     receipts_due,
     remove_receipt_due,
+    settled_without_receipt,
 )
 from ._sqlite import DB_FILE, MIGRATIONS, add_migration, apply_migrations, db_path, open_db, transaction
 
@@ -70,6 +71,7 @@ __all__ = [
     "receipt_wires",
     "receipts_due",
     "remove_receipt_due",
+    "settled_without_receipt",
     "DB_FILE",
     "MIGRATIONS",
     "BatchRecord",

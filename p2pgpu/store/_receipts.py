@@ -114,6 +114,16 @@ def add_receipt_due(conn: sqlite3.Connection, *, job_id: str, settled_at_ms: int
                  " ON CONFLICT (job_id) DO NOTHING", (job_id, settled_at_ms, currency, now_ms))
 
 
+def settled_without_receipt(conn: sqlite3.Connection, *, since_ms: int, limit: int = 1_000) -> list[tuple[str, int]]:
+    """Collections settled since ``since_ms`` whose receipt was neither signed
+    here nor noted as due: ``(job_id, settled_ms)`` (a crash between the
+    settlement's transaction and the note leaves such a job)."""
+    return [(r[0], r[1]) for r in conn.execute(
+        "SELECT job_id, settled_ms FROM collections WHERE settled = 1 AND settled_ms >= ?"
+        " AND job_id NOT IN (SELECT job_id FROM receipts WHERE kind = 'receipt' AND ours = 1)"
+        " AND job_id NOT IN (SELECT job_id FROM receipts_due) ORDER BY settled_ms LIMIT ?", (since_ms, limit))]
+
+
 def receipts_due(conn: sqlite3.Connection, *, limit: int = 1_000) -> list[dict[str, Any]]:
     rows = conn.execute("SELECT job_id, settled_at_ms, currency FROM receipts_due ORDER BY settled_at_ms, job_id"
                         " LIMIT ?", (limit,)).fetchall()

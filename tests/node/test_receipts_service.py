@@ -94,3 +94,19 @@ def test_a_member_reports_an_unpaid_earning_once(tmp_path: Path) -> None:
     (row,) = receipt_rows(svc.db)
     m = decode_item(row["wire"]).receipt
     assert (m.member, m.submitter, m.owed, m.received, m.verdict) == (A.peer_id, ME.peer_id, 700, 0, "unpaid")
+
+
+def test_a_job_settled_just_before_a_crash_still_gets_its_receipt(tmp_path: Path) -> None:
+    """The settlement's transaction committed, the note that its receipt is
+    due did not (kill -9 in between): after the restart it is due again."""
+    from p2pgpu.store import mark_collection_settled, transaction
+
+    svc, clock = service(tmp_path, ME, ME.peer_id, [proof(A, "outside_quorum", 0), proof(B, "rejected", 0)])
+    svc.node.jobs.records[JOB].manifest.manifest.currency = "SOL"
+    with transaction(svc.db):
+        mark_collection_settled(svc.db, JOB, now_ms=T0)
+    clock.ms = T0 + 1000
+    assert svc.recover_due() == 1
+    assert svc.recover_due() == 0  # noted once
+    assert svc.sign_due() == 1
+    assert svc.recover_due() == 0  # signed: never again
