@@ -1,7 +1,7 @@
 """Receipts and reputation through real node processes (issue #16, "done when").
 
 A devnet of four daemons on one ledger server, one of them tampering with its
-outputs (``adversary = "tamper_output"``).  Replicated jobs run and are paid;
+outputs (``adversary = "tamper_output"``).  Replicated jobs (four replicas, quorum three) run and are paid;
 the submitter signs a receipt for each (with the payout transactions) and
 publishes it; the members sign what they saw of the payment.  Then:
 
@@ -109,15 +109,17 @@ def test_scores_recomputed_from_a_copy_match_and_the_liar_ranks_last(tmp_path: P
             rpc(ledger_url, "requestAirdrop", [w["address"], 10_000_000_000])
         submitter = net.nodes[0]
         liar = net.nodes[LIAR].peer_id
-        manifest = (EXAMPLES / "replicated.toml").read_text()
+        # Four replicas, quorum three: every node serves, the tamperer included
+        # (a leader would otherwise pick it last once its record is bad).
+        manifest = (EXAMPLES / "replicated.toml").read_text().replace("replicas = 3", "replicas = 4") \
+            .replace("quorum = 2", "quorum = 3")
+        assert "replicas = 4" in manifest and "quorum = 3" in manifest
         jobs, liar_jobs = [], 0
-        for _ in range(6):
+        for _ in range(2):
             job = submitter.call("job.submit", {"manifest": manifest})["job_id"]
             doc = net.wait_until(lambda job=job: settled(submitter, job), timeout_s=120, what="the job to settle")
             jobs.append(job)
             liar_jobs += liar in doc["cluster"]["members"]
-            if liar_jobs and len(jobs) >= 2:
-                break
         assert liar_jobs, "the tampering node was never chosen"
 
         def receipts_of(node: Any) -> dict[str, Any]:
