@@ -29,13 +29,13 @@ yet heard by gossip still counts.
   volunteers it picked (only that each is eligible and that it is the
   rightful leader), so this choice, unlike the leader's rank, may use what
   only this leader knows: the reputation it computed from the receipts it
-  holds (``core/_reputation.py``).  Volunteers with a verified record come
-  first, then new identities, then those with a negative record, and last
-  those the job is too valuable for (``job_value_max``); within a tier the
-  rank order stands.  Two leaders holding different receipts propose
-  different members, which the rules already tolerate (a proposal is the
-  leader's alone); and a tier only orders, it never excludes, so a network
-  of newcomers still forms jobs.
+  holds (``core/_reputation.py``).  Volunteers in good standing come
+  first (no record, or one that is not negative), then those with a
+  negative record, and last those the job is too valuable for
+  (``job_value_max``); within a tier the rank order stands.  Two leaders
+  holding different receipts propose different members, which the rules
+  already tolerate (a proposal is the leader's alone); and a tier only
+  orders, it never excludes, so a network of newcomers still forms jobs.
 
 Pure: adverts, times and ids in, a reason (or ``None``) out.
 """
@@ -61,13 +61,15 @@ def job_value(sm: SignedManifest) -> int:
 
 
 def member_tier(score: int | None, value: int) -> int:
-    """0: a verified record; 1: no record; 2: a negative record; 3: the job is
-    worth more than this peer may be offered (``job_value_max``)."""
+    """0: in good standing (no record, or a record that is not negative);
+    1: a negative record; 2: the job is worth more than this peer may be
+    offered (``job_value_max``: a new identity gets small jobs first).
+    Good standing is one tier on purpose: preferring proven peers over new
+    ones would starve newcomers of the work they need to earn a record, and
+    the hash order already spreads jobs fairly among peers in good standing."""
     if value > job_value_max_of(score):
-        return 3
-    if score is None or score == 0:
-        return 1
-    return 0 if score > 0 else 2
+        return 2
+    return 1 if score is not None and score < 0 else 0
 
 
 def job_value_max_of(score: int | None) -> int:
