@@ -879,7 +879,8 @@ class Node:
     async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.stack is not None
         store = self.stack.host.get_peerstore()
-        rep = await self.receipts.reputation()
+        # The last scores (refreshed in the background): peers never waits on the ledger.
+        rep = self.receipts.last or await self.receipts.reputation()
         rows = []
         for peer in sorted(self.stack.host.get_connected_peers(), key=lambda p: p.to_base58()):
             pid = peer.to_base58()
