@@ -97,9 +97,10 @@ class PaymentLookup:
         try:
             (status,) = await self.ledger.statuses([sig])
             raw = await self.ledger.transaction(sig) if status is not None and status.err is None else None
-        except (LedgerUnavailable, OSError, ValueError) as exc:
+        except (LedgerUnavailable, OSError, ValueError):
+            # Unreachable now, or not a signature the ledger can look up:
+            # unverified (no weight), counted, asked again after miss_ttl_s.
             self.unavailable += 1
-            del exc  # unreachable now: unverified, asked again after miss_ttl_s
             raw = None
         found: VerifiedPayment | None = None
         if raw is not None:
