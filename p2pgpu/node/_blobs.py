@@ -151,6 +151,10 @@ class BlobService:
             self.counts["blobs:streams_refused"] += 1
             raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many blob streams")
         self._streams[peer] += 1
+        muxed = getattr(stream, "muxed_stream", None)
+        if muxed is not None:
+            # A chunk and its length prefix in one Yamux frame (_patches.py, B1).
+            muxed.p2pgpu_frame_bytes_max = chunk_bytes_max + 16
         try:
             while True:
                 with trio.move_on_after(serve_idle_timeout_s) as idle:
