@@ -845,7 +845,7 @@ def _install_noise_buffered_reads(undo: Undo) -> None:
             return await upstream_read_msg(self, prefix_encoded)  # the handshake: never read ahead
         buf: bytearray | None = self.__dict__.get("_p2pgpu_rbuf")
         if buf is None:
-            buf = self._p2pgpu_rbuf = bytearray()
+            buf = self.__dict__["_p2pgpu_rbuf"] = bytearray()
         conn = self.read_writer.read_write_closer
         while True:
             if len(buf) >= len_bytes:
