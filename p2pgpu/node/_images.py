@@ -4,12 +4,21 @@
 whose root is the image: on the first job the node pulls the image
 (``content/_oci.py``: layers into the content store, each checked against its
 digest; layers other nodes hold are fetched from them first), unpacks the
-layers in order into ``<home>/images/.tmp-*`` (``content/_unpack.py``: nothing
+layers in order into ``<cache>/.tmp-*`` (``content/_unpack.py``: nothing
 escapes the root), adds the mount points the sandbox needs, and renames the
-directory to ``<home>/images/<manifest digest>``: a crash never leaves a
+directory to ``<cache>/<manifest digest>``: a crash never leaves a
 half-unpacked image that looks complete.  Later jobs on the node start from
 that cache.  The cache is bounded (``images_bytes_max``): the least recently
 used images that no running job uses are removed to make room.
+
+The cache is not in the node's home: an ``oci`` job's root is a bind of the
+cached root, and a bind's source path shows in the job's
+``/proc/self/mountinfo``.  It lives beside the job disks, under the scratch
+root (``runtime/_disk.py``: ``/var/tmp/p2pgpu-<uid>``, mode 0700), as
+``images-<16 hex of the home's path hash>``, so a job sees only that neutral
+path and its image's digest (which its manifest names anyway).  An ``owner``
+file there names the home; a node removes the caches of homes that no longer
+exist when it opens its own.
 
 The job's environment starts from the image's ``Env``, then the manifest's,
 then the sandbox's own variables; its working directory is ``/work``.
@@ -18,6 +27,7 @@ then the sandbox's own variables; its working directory is ``/work``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -62,8 +72,41 @@ def _dir_bytes(root: Path) -> int:
     return total
 
 
+#: Orphaned caches (their home is gone) removed per start, at most.
+orphan_caches_swept_max = 64
+
+
+def images_dir(home: Path, scratch_root: Path) -> Path:
+    """Where the node whose home is ``home`` keeps its images (see the module doc)."""
+    key = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+    return scratch_root / f"images-{key}"
+
+
+def sweep_orphan_caches(scratch_root: Path, *, keep: Path) -> list[Path]:
+    """Remove image caches whose ``owner`` home no longer exists (a test's or
+    a deleted node's); return what was removed.  A cache without an owner
+    file is left alone: it is not known to be ours to remove."""
+    removed: list[Path] = []
+    try:
+        names = sorted(n for n in os.listdir(scratch_root) if n.startswith("images-"))
+    except OSError:
+        return removed
+    for name in names:
+        d = scratch_root / name
+        if d == keep or len(removed) >= orphan_caches_swept_max:
+            continue
+        try:
+            owner = (d / "owner").read_text().strip()
+        except OSError:
+            continue
+        if owner.startswith("/") and not os.path.exists(owner):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class ImageCache:
-    """``<home>/images``: one read-only root per image manifest digest."""
+    """One read-only root per image manifest digest (see the module doc)."""
 
     def __init__(self, root: Path, *, bytes_max: int = images_bytes_max_default,
                  unpacked_bytes_max: int = unpacked_bytes_max_default,
@@ -162,8 +205,23 @@ def image_cache(node: Node) -> ImageCache:
     if cache is None:
         import tempfile
 
+        from p2pgpu.runtime._disk import DiskUnavailable, _ensure_root, scratch_root_default
+
         extra = node.config.extra
-        root = node.home.path / "images" if node.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-img-"))
+        policy = getattr(getattr(node, "runner", None), "policy", None)
+        scratch = getattr(policy, "scratch_root", None) or scratch_root_default()
+        if node.home is not None:
+            try:
+                _ensure_root(scratch)
+            except (DiskUnavailable, OSError) as exc:
+                raise ImageRefused(f"no place for the image cache: {exc}") from None
+            root = images_dir(node.home.path, scratch)
+            for gone in sweep_orphan_caches(scratch, keep=root):
+                log.info("removed the image cache %s: its node home no longer exists", gone)
+            root.mkdir(mode=0o700, exist_ok=True)
+            (root / "owner").write_text(str(node.home.path.resolve()) + "\n")
+        else:
+            root = Path(tempfile.mkdtemp(prefix="p2pgpu-img-"))
         cache = ImageCache(root, bytes_max=int(extra.get("images_bytes_max", images_bytes_max_default)),
                            unpacked_bytes_max=int(extra.get("image_unpacked_bytes_max", unpacked_bytes_max_default)),
                            image_bytes_max=int(extra.get("image_bytes_max", image_bytes_max_default)))
