@@ -67,6 +67,7 @@ from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
 from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
+from ._inputs import input_pins_loop
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
@@ -284,6 +285,7 @@ class Node:
                                  self._ping_loop, self._payout_loop, self._protect_loop, self.connmgr.run):
                         nursery.start_soon(supervise, loop.__name__.strip("_"), loop, self.counts)
                     nursery.start_soon(supervise, "drain", lambda: self._drain(sub), self.counts)
+                    nursery.start_soon(supervise, "input_pins", lambda: input_pins_loop(self), self.counts)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
