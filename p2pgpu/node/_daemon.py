@@ -67,6 +67,7 @@ from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
 from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
+from ._images import advertised_images
 from ._inputs import input_pins_loop
 from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
@@ -341,6 +342,7 @@ class Node:
             region=config.region,
             runtimes=self.runtimes,
             simulated=self.inventory.simulated,
+            images=advertised_images(self),
         )
         return sign_advert(self.identity, adv)
 
@@ -957,4 +959,5 @@ def market_row(adv: Advert) -> dict[str, Any]:
         "simulated": adv.simulated,
         "payout_address": adv.payout_address,
         "runtimes": list(adv.runtimes),
+        "images": list(adv.images),
     }

@@ -274,6 +274,7 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
             for layer in meta["layers"]:
                 if nursery := getattr(node, "_nursery", None):
                     nursery.start_soon(blobs.announce, layer)
+            _readvertise(node)  # the advert lists cached images: say we have one more
             await say(f"p2pgpu: image {m.image}: ready ({meta['unpacked_bytes']} bytes unpacked in "
                       f"{trio.current_time() - t0:.1f} s)")
         else:
@@ -282,6 +283,34 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
         cache.jobs[start.job_id] = meta["manifest_digest"]
     node.counts["images:cache_hits" if found is not None else "images:pulls"] += 1
     return dataclasses.replace(spec, root_dir=root, image_env=dict(meta["env"]))
+
+
+def _readvertise(node: Node) -> None:
+    """Have the advert loop publish a fresh advert (new terms: the image list)."""
+    if hasattr(node, "_advert_stale"):
+        node._advert_stale = True
+        node.capacity_changed()  # wakes the advert loop
+
+
+def advertised_images(node: Node) -> tuple[str, ...]:
+    """The cached images this node's advert lists (``core/_advert.images_max``
+    of them, the most recently used; sorted): nothing unless it runs ``oci``."""
+    from p2pgpu.core._advert import images_max
+
+    if "oci" not in getattr(node, "runtimes", ()):
+        return ()
+    try:
+        cache = image_cache(node)
+        used = []
+        for d in cache.cached():
+            try:
+                used.append(((cache.root / d / "image.json").stat().st_mtime, d))
+            except OSError:
+                continue
+    except (ImageRefused, OSError) as exc:
+        log.info("cached images not advertised: %s", exc)
+        return ()
+    return tuple(sorted(d for _t, d in sorted(used, reverse=True)[:images_max]))
 
 
 def release_image(node: Node, job_id: str) -> None:

@@ -78,6 +78,11 @@ def test_oci_image_from_a_real_registry_runs_and_is_cached(tmp_path: Path) -> No
             assert f"/{images_dir(net.nodes[1].home.path, Path('/')).name}/{good.digest}/rootfs / " in out, out
             for node in net.nodes:
                 assert str(node.home.path.resolve()) not in out and str(node.home.path) not in out, out
+            # The worker's advert now lists the image as cached (matching prefers warm nodes).
+            worker = net.nodes[1].peer_id
+            net.wait_until(lambda: any(r["peer_id"] == worker and good.digest in r["images"]
+                                       for r in net.nodes[0].call("market")), timeout_s=30,
+                           what="the worker's advert lists its cached image")
             assert Path("/etc/os-release").read_text().strip() not in out
             assert any("pulling" in ln["line"] for ln in logs if ln["stream"] == "stderr")
             # The layers are content-addressed blobs in the worker's store.
