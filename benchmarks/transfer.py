@@ -1,7 +1,7 @@
 """Blob transfer between real node processes on loopback, next to raw TCP, and
 an OCI image's cold and warm start.
 
-    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--json]
+    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 30] [--json]
 
 Prints, in one run on this machine:
 - ``raw_tcp_mb_s``: one TCP connection on 127.0.0.1 between two processes
@@ -14,6 +14,9 @@ Prints, in one run on this machine:
   busiest process (fetcher or a provider, all threads): the rate with a core
   per process, whatever else the machine runs (a shared machine makes the
   wall-clock figures swing 2-3x between runs; this one moves far less);
+- ``p2p_paced_*``: one and two providers whose upload is capped
+  (``blobs_serve_bytes_per_s_max``, ``--paced-mb-s``): where the providers'
+  uplinks are the limit, two providers give about twice one's rate;
 - ``*_upstream``: the same figures with ``P2PGPU_LIBP2P_PATCHES=0`` (py-libp2p
   as released: no Yamux/Noise speed-ups), in the same run, for before/after;
 - ``image_cold_s`` / ``image_warm_s``: an ``oci`` job from submit to success,
@@ -94,10 +97,14 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int, *, upstream: bool = False) -> tuple[float, float]:
-    """(MB/s on the wall clock, MB per CPU second of the busiest process)."""
+def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int, *, upstream: bool = False,
+        pace: int = 0) -> tuple[float, float]:
+    """(MB/s on the wall clock, MB per CPU second of the busiest process);
+    ``pace``: each provider's upload limit in bytes/s (0: none)."""
     env = {"P2PGPU_LIBP2P_PATCHES": "0"} if upstream else {}
-    with LocalNet(tmp / f"net{providers}{'u' if upstream else ''}", providers + 1, gpu_mix=MIX, env=env) as net:
+    paced = {i: f"blobs_serve_bytes_per_s_max = {pace}" for i in range(providers)} if pace else {}
+    name = f"net{providers}{'u' if upstream else ''}{'p' if pace else ''}"
+    with LocalNet(tmp / name, providers + 1, gpu_mix=MIX, env=env, node_config=paced) as net:
         tree = ""
         for i in range(providers):
             tree = net.nodes[i].call("blobs.add", {"path": str(blob)}, timeout_s=300)["tree"]
@@ -143,6 +150,8 @@ def main() -> None:
     ap.add_argument("--no-image", action="store_true", help="skip the OCI image start times")
     ap.add_argument("--no-upstream", action="store_true",
                     help="skip the run with P2PGPU_LIBP2P_PATCHES=0 (py-libp2p as released)")
+    ap.add_argument("--paced-mb-s", type=float, default=30.0,
+                    help="also fetch from 1 and 2 providers each capped at this upload rate (0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     size = args.mib << 20
@@ -158,6 +167,12 @@ def main() -> None:
                 wall, per_cpu = p2p(tmp, blob, sha, size, n, upstream=upstream)
                 res[f"{label}_mb_s{tail}"] = round(wall, 1)
                 res[f"{label}_cpu_mb_s{tail}"] = round(per_cpu, 1)
+        if args.paced_mb_s:
+            # Providers whose upload is the limit (an operator's cap, a home
+            # uplink): two of them should give about twice one's rate.
+            for n, label in ((1, "p2p_paced_1_provider"), (2, "p2p_paced_2_providers")):
+                wall, _ = p2p(tmp, blob, sha, size, n, pace=int(args.paced_mb_s * 1e6))
+                res[f"{label}_mb_s"] = round(wall, 1)
         if not args.no_image:
             res.update(image_times(tmp))
     if args.json:
