@@ -1,7 +1,7 @@
 """Blob transfer between real node processes on loopback, next to raw TCP, and
 an OCI image's cold and warm start.
 
-    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 30] [--json]
+    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 10] [--json]
 
 Prints, in one run on this machine:
 - ``raw_tcp_mb_s``: one TCP connection on 127.0.0.1 between two processes
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--no-image", action="store_true", help="skip the OCI image start times")
     ap.add_argument("--no-upstream", action="store_true",
                     help="skip the run with P2PGPU_LIBP2P_PATCHES=0 (py-libp2p as released)")
-    ap.add_argument("--paced-mb-s", type=float, default=30.0,
+    ap.add_argument("--paced-mb-s", type=float, default=10.0,
                     help="also fetch from 1 and 2 providers each capped at this upload rate (0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
