@@ -123,6 +123,8 @@ class ImageCache:
         self.jobs: dict[str, str] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.pulls = 0
+        #: Orphaned caches of other homes looked for yet (``_sweep_once``).
+        self.swept = False
 
     def lock(self, digest: str) -> trio.Lock:
         return self._locks.setdefault(digest, trio.Lock())
@@ -200,24 +202,31 @@ class ImageCache:
         return final / "rootfs", meta
 
 
+def _scratch_root(node: Node) -> Path:
+    from p2pgpu.runtime._disk import scratch_root_default
+
+    policy = getattr(getattr(node, "runner", None), "policy", None)
+    return getattr(policy, "scratch_root", None) or scratch_root_default()
+
+
 def image_cache(node: Node) -> ImageCache:
+    """The node's cache, opened on first use (its directory made, its owner
+    file written; orphaned caches are swept by :func:`prepare_image`, in a
+    worker thread)."""
     cache = getattr(node, "images", None)
     if cache is None:
         import tempfile
 
-        from p2pgpu.runtime._disk import DiskUnavailable, _ensure_root, scratch_root_default
+        from p2pgpu.runtime._disk import DiskUnavailable, _ensure_root
 
         extra = node.config.extra
-        policy = getattr(getattr(node, "runner", None), "policy", None)
-        scratch = getattr(policy, "scratch_root", None) or scratch_root_default()
         if node.home is not None:
+            scratch = _scratch_root(node)
             try:
                 _ensure_root(scratch)
             except (DiskUnavailable, OSError) as exc:
                 raise ImageRefused(f"no place for the image cache: {exc}") from None
             root = images_dir(node.home.path, scratch)
-            for gone in sweep_orphan_caches(scratch, keep=root):
-                log.info("removed the image cache %s: its node home no longer exists", gone)
             root.mkdir(mode=0o700, exist_ok=True)
             (root / "owner").write_text(str(node.home.path.resolve()) + "\n")
         else:
@@ -229,6 +238,16 @@ def image_cache(node: Node) -> ImageCache:
     return cache
 
 
+async def _sweep_once(node: Node, cache: ImageCache) -> None:
+    """Remove the caches of homes that no longer exist, once per node run
+    (a worker thread: a cache can hold gigabytes)."""
+    if getattr(cache, "swept", True) is False and node.home is not None:
+        cache.swept = True
+        scratch = _scratch_root(node)
+        for gone in await trio.to_thread.run_sync(lambda: sweep_orphan_caches(scratch, keep=cache.root)):
+            log.info("removed the image cache %s: its node home no longer exists", gone)
+
+
 async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[str], Awaitable[None]]) -> JobSpec:
     """The spec of an ``oci`` job: its image's root, env and working directory."""
     m = start.manifest.manifest
@@ -237,6 +256,7 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
     except ValueError as exc:
         raise ImageRefused(str(exc)) from None
     cache = image_cache(node)
+    await _sweep_once(node, cache)
     blobs = node.blobs
     if blobs is None:
         raise ImageRefused("this node has no content store")
@@ -294,22 +314,32 @@ def _readvertise(node: Node) -> None:
 
 def advertised_images(node: Node) -> tuple[str, ...]:
     """The cached images this node's advert lists (``core/_advert.images_max``
-    of them, the most recently used; sorted): nothing unless it runs ``oci``."""
+    of them, the most recently used; sorted): nothing unless it runs ``oci``.
+    Reads the cache directory only (a listing and a stat per image): it is
+    called for every advert, on the event loop."""
     from p2pgpu.core._advert import images_max
 
     if "oci" not in getattr(node, "runtimes", ()):
         return ()
-    try:
-        cache = image_cache(node)
-        used = []
-        for d in cache.cached():
-            try:
-                used.append(((cache.root / d / "image.json").stat().st_mtime, d))
-            except OSError:
-                continue
-    except (ImageRefused, OSError) as exc:
-        log.info("cached images not advertised: %s", exc)
+    cache = getattr(node, "images", None)
+    if cache is not None:
+        root = cache.root
+    elif node.home is not None:
+        root = images_dir(node.home.path, _scratch_root(node))
+    else:
         return ()
+    used = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return ()  # no image cached yet
+    for d in names[:4096]:
+        if len(d) != 64:
+            continue
+        try:
+            used.append(((root / d / "image.json").stat().st_mtime, d))
+        except OSError:
+            continue
     return tuple(sorted(d for _t, d in sorted(used, reverse=True)[:images_max]))
 
 
