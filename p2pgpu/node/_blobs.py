@@ -24,7 +24,10 @@ over 50 bytes).
 workers per provider, every chunk checked against its leaf as it arrives
 (``core/_chunks.py``), a provider that sends one bad chunk dropped at once,
 verified chunks written to a resumable partial in the store, the whole
-SHA-256 checked before the blob is committed.
+SHA-256 checked before the blob is committed.  The fetcher reads its streams
+in large pieces and cuts frames out of them (:class:`FrameReader`); the
+server asks py-libp2p for chunk-sized Yamux frames on its streams
+(``_patches.py``, "Bulk transfer").
 """
 
 from __future__ import annotations

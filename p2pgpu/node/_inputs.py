@@ -8,6 +8,12 @@ the job (eviction never takes it while the job needs it) and linked, read-only,
 into the job's inputs directory (``$P2PGPU_IN``).  Any failure ends the job
 before its command starts, with :class:`InputError` saying which input and
 why; nothing half-written is left in the store.
+
+The submitter's side: ``job submit`` copies each local file into the
+submitter's store (:func:`import_local_inputs`) and pins it for the job
+(:func:`pin_local_inputs`: a row in the store's SQLite index, so it survives
+a crash) until :func:`input_pins_loop` sees the job ended
+(``core/_fetch.submitted_inputs_done``).
 """
 
 from __future__ import annotations
