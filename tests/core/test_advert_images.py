@@ -30,6 +30,7 @@ from p2pgpu.core._advert import (
     verify_advert,
 )
 from p2pgpu.core._envelope import Kind
+from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._manifest import sign_manifest
 from p2pgpu.core._matching import image_digest, is_warm, warm_first
 
@@ -120,7 +121,11 @@ def test_warm_first_is_a_stable_tie_breaker() -> None:
 def _oci_swarm(seed: int, warm: set[int], eligible_warm: bool = True) -> tuple[Swarm, list[str]]:
     """Eight one-GPU workers that run ``oci``; those in ``warm`` have image 7
     cached (and, unless ``eligible_warm``, ask more than the job pays)."""
-    sw = Swarm(seed, workers=8, submitters=1, gpus=(1,))
+    # Every candidate volunteers at once (spare_volunteers) and the leader
+    # waits long enough to hear them all (messages take 1-20 ms here), so the
+    # choice among them is what is tested.
+    sw = Swarm(seed, workers=8, submitters=1, gpus=(1,),
+               config=FormationConfig(spare_volunteers=8, offer_window_ms=200))
     for n, pid in enumerate(sw.workers):
         over: dict[str, object] = {"runtimes": ("process", "oci")}
         if n in warm:
@@ -145,14 +150,42 @@ def _submit_oci(sw: Swarm, nodes: int) -> str:
     return sm.job_id
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_the_leader_chooses_warm_volunteers_first(seed: int) -> None:
-    sw, warm = _oci_swarm(seed, {2, 5, 6})
-    job = _submit_oci(sw, nodes=3)
-    sw.run(until_ms=60_000)
-    members = set(sw.confirmed[job].members)
-    # Every member but the leader itself (always first when it can serve) is warm.
-    assert len(members & set(warm)) >= 2, (members, warm)
+def _record_choices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], set[str], list[str]]]:
+    """Observe every leader's choice: (leader, volunteers it heard in rank
+    order, the warm ones among them, the members it chose)."""
+    calls: list[tuple[str, list[str], set[str], list[str]]] = []
+    original = FormationNode._choose_members
+
+    def choose(self: FormationNode, job: object) -> list[str]:
+        chosen = original(self, job)
+        heard = self._ranked(job)  # type: ignore[arg-type]
+        adverts = job.adverts  # type: ignore[attr-defined]
+        warm = {p for p in heard if adverts.get(p) is not None and digest(7) in adverts[p].images}
+        calls.append((self.peer_id, heard, warm, chosen))
+        return chosen
+
+    monkeypatch.setattr(FormationNode, "_choose_members", choose)
+    return calls
+
+
+def test_the_leader_chooses_warm_volunteers_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _record_choices(monkeypatch)
+    for seed in range(12):
+        start = len(calls)
+        sw, warm = _oci_swarm(seed, {2, 5, 6})
+        job = _submit_oci(sw, nodes=3)
+        sw.run(until_ms=60_000)
+        assert job in sw.confirmed
+        for leader, _heard, heard_warm, chosen in calls[start:]:
+            others = [p for p in chosen if p != leader]
+            # The leader itself comes first (when it can serve); then every
+            # warm volunteer it heard, before any cold one.
+            want = min(len(heard_warm - {leader}), len(others))
+            assert set(others[:want]) <= heard_warm, (seed, others, heard_warm)
+            assert heard_warm <= set(warm)
+        assert len(calls) > start
+    # Warm volunteers were heard and chosen (the check above is not vacuous).
+    assert sum(1 for c in calls if set(c[3]) & (c[2] - {c[0]})) >= 3
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -160,8 +193,7 @@ def test_cold_volunteers_fill_in_when_too_few_are_warm(seed: int) -> None:
     sw, _warm = _oci_swarm(seed, {4})
     job = _submit_oci(sw, nodes=4)
     sw.run(until_ms=60_000)
-    # (The warm one is among them only if it volunteered: only the best-ranked
-    # members + spare_volunteers candidates volunteer at once.)
+    # (The warm one is among them only if the leader heard it in time.)
     assert len(sw.confirmed[job].members) == 4
 
 
