@@ -64,7 +64,7 @@ from ._formation_rules import AdvertLookup, advert_fault, leader_fault, requirem
 from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
 from ._identity import Identity
 from ._manifest import ReplayGuard, SignedManifest, check_manifest_time
-from ._matching import exclusion
+from ._matching import exclusion, warm_first
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -596,6 +596,10 @@ class FormationNode:
         ranked = self._ranked(job)
         at = ranked.index(self.peer_id) if self.peer_id in ranked else 0
         order = ranked[at + 1:] + ranked[:at]
+        # Volunteers whose advert lists the job's image as cached first (a
+        # warm start), rank order otherwise: only a tie-breaker among eligible
+        # volunteers (core/_matching.warm_first).
+        order = warm_first(order, job.adverts, job.sm.manifest.image)
         members = [self.peer_id] if self._can_serve(job) else []
         members += [p for p in order if p != self.peer_id and p not in job.excluded]
         return members[: job.sm.manifest.members]

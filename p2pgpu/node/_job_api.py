@@ -109,6 +109,10 @@ def job_handlers(node: Node) -> dict[str, Any]:
             return dry_run(node, manifest)
         sm = sign_manifest(node.identity, manifest)
         jobs.submit(sm)
+        if local:
+            from ._inputs import pin_local_inputs
+
+            pin_local_inputs(node, sm, local)  # until the job ends (_inputs.input_pins_loop)
         if node.blobs is not None and getattr(node, "_nursery", None) is not None:
             for sha in local:
                 node._nursery.start_soon(node.blobs.announce, sha)
