@@ -122,9 +122,8 @@ def test_interval_is_validated_and_absent_keeps_the_job_id() -> None:
         Manifest(**{**base, "duration_s_max": 7 * 24 * 3600}, interval_s=10)
     # On the wire an explicit 0 (never canonical) or a tiny interval is the sender's fault.
     body = Manifest(**base, interval_s=10).to_obj()
-    bads: tuple[object, ...] = (0, 2, "10")
-    for bad in bads:
-        body["payment"]["interval_s"] = bad
+    for wrong in (0, 2, "10"):
+        body["payment"]["interval_s"] = wrong
         with pytest.raises(PeerMisbehaved):
             Manifest.from_obj(body)
     body["payment"]["interval_s"] = 30
