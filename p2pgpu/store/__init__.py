@@ -28,6 +28,7 @@ from ._outbox import (
     record_signed,
     retry_failed,
 )
+from ._installments import installments_of, record_installment
 from ._jobs import load_jobs, proof_wire, proofs_of, record_proof, save_job
 from ._recovery import (
     ack_delivery,
@@ -62,6 +63,8 @@ __all__ = [
     "collection_row",
     "deliveries_of",
     "has_collection_item",
+    "installments_of",
+    "record_installment",
     "log_batches",
     "mark_collection_settled",
     "open_collections",
