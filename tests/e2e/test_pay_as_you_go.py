@@ -207,24 +207,24 @@ def test_submitter_killed_mid_interval_and_after_a_payment_pays_each_interval_on
     with open_net(tmp_path, ledger) as net:
         _payer, payout = fund(net, ledger)
         before = balance(ledger, payout)
-        submitter, worker = net.nodes
-        job = submitter.call("job.submit", {"manifest": payg_job("crashy", 36)})["job_id"]
+        worker = net.nodes[1]
+        job = net.nodes[0].call("job.submit", {"manifest": payg_job("crashy", 36)})["job_id"]
         net.wait_until(lambda: (status(worker, job) or {}).get("member_state") == "running", timeout_s=60,
                        what="the worker to run the job")
         time.sleep(INTERVAL_S / 2)
         net.terminate(0, sig=signal.SIGKILL)  # mid-interval: nothing claimed yet
         net.restart(0)
-        net.wait_until(lambda: paid_intervals(worker, submitter, job) == [1], timeout_s=40,
+        net.wait_until(lambda: paid_intervals(worker, net.nodes[0], job) == [1], timeout_s=40,
                        what="the first interval to be paid")
         net.terminate(0, sig=signal.SIGKILL)  # right after a payment went out
         net.restart(0)
         doc = net.wait_until(lambda: (lambda d: d if d and d["state"] in ("succeeded", "failed") and d["payouts"]
                                       and all(p["status"] == "paid" for p in d["payouts"]) else None)(
-            status(submitter, job)), timeout_s=90, what="the job to settle and be paid")
+            status(net.nodes[0], job)), timeout_s=90, what="the job to settle and be paid")
         assert doc["state"] == "succeeded", doc["reason"]
         mine = status(worker, job)
         assert mine is not None and mine["member_state"] == "succeeded", mine
-        rows = installments(submitter, job)
+        rows = installments(net.nodes[0], job)
         assert [r["interval"] for r in rows] == [1, 2, 3]
         line = doc["proofs"][0]
         assert line["prepaid"] == 3 * rows[0]["amount"] > 0
@@ -236,3 +236,31 @@ def test_submitter_killed_mid_interval_and_after_a_payment_pays_each_interval_on
                        what="the worker's balance to show every payment")
         time.sleep(3)
         assert balance(ledger, payout) - before == total
+
+
+@pytest.mark.slow
+def test_member_killed_after_a_payment_is_owed_only_the_rest_of_its_time(tmp_path: Path, ledger: str) -> None:
+    with open_net(tmp_path, ledger) as net:
+        _payer, payout = fund(net, ledger)
+        before = balance(ledger, payout)
+        submitter = net.nodes[0]
+        job = submitter.call("job.submit", {"manifest": payg_job("victim", 100)})["job_id"]
+        net.wait_until(lambda: (status(net.nodes[1], job) or {}).get("member_state") == "running", timeout_s=60,
+                       what="the worker to run the job")
+        net.wait_until(lambda: paid_intervals(net.nodes[1], submitter, job) == [1], timeout_s=40,
+                       what="the first interval to be paid")
+        net.terminate(1, sig=signal.SIGKILL)
+        net.restart(1)
+        mine = status(net.nodes[1], job)
+        assert mine is not None and mine["member_state"] == "interrupted"
+        doc = net.wait_until(lambda: (lambda d: d if d and d["state"] in ("succeeded", "failed")
+                                      and all(p["status"] == "paid" for p in d["payouts"]) else None)(
+            status(submitter, job)), timeout_s=90, what="the job to settle and be paid")
+        line = doc["proofs"][0]
+        rows = installments(submitter, job)
+        assert line["end_reason"] == "interrupted" and line["prepaid"] == len(rows) * rows[0]["amount"]
+        total = sum(p["amount"] for p in doc["payouts"])
+        assert total == line["prepaid"] + line["amount"]
+        assert len({p["proof_hash"] for p in doc["payouts"]}) == len(doc["payouts"])
+        net.wait_until(lambda: balance(ledger, payout) - before == total, timeout_s=30,
+                       what="the worker's balance to show every payment")
