@@ -5,6 +5,8 @@ when imported; importing ``p2pgpu.store`` imports them all, so ``open_db``
 always brings the schema up to date.  This file names the public API.
 """
 
+from ._installments import installments_of, record_installment
+from ._jobs import load_jobs, proof_wire, proofs_of, record_proof, save_job
 from ._outbox import (
     BatchRecord,
     OutboxConflict,
@@ -22,14 +24,12 @@ from ._outbox import (
     owed_totals,
     paid_since,
     payouts,
-    unsettled_count,
     record_earning,
     record_owed,
     record_signed,
     retry_failed,
+    unsettled_count,
 )
-from ._installments import installments_of, record_installment
-from ._jobs import load_jobs, proof_wire, proofs_of, record_proof, save_job
 from ._recovery import (
     ack_delivery,
     add_collection_item,

@@ -124,6 +124,22 @@ def status(node: NodeProc, job_id: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def stopped(node: NodeProc, job_id: str) -> dict[str, Any] | None:
+    """The worker's status once its part is no longer running."""
+    d = status(node, job_id)
+    return d if d and d.get("member_state") not in ("running", None) else None
+
+
+def settled(node: NodeProc, job_id: str, *, paid: bool = False) -> dict[str, Any] | None:
+    """The submitter's status once the job settled (and, with ``paid``, every payout is paid)."""
+    d = status(node, job_id)
+    if not d or d["state"] not in ("succeeded", "failed"):
+        return None
+    if paid and not (d["payouts"] and all(p["status"] == "paid" for p in d["payouts"])):
+        return None
+    return d
+
+
 def earnings(node: NodeProc, job_id: str) -> list[dict[str, Any]]:
     """The worker's earnings of a job: one per claimed interval, and one for its proof."""
     conn = open_db(db_path(node.home.path), readonly=True)
@@ -173,9 +189,8 @@ def test_a_submitter_that_stops_paying_loses_its_worker_within_interval_plus_gra
                        what="the first interval to be paid")
         drain(ledger, submitter)
         drained = time.monotonic()
-        doc = net.wait_until(lambda: (lambda d: d if d and d.get("member_state") not in ("running", None)
-                                      else None)(status(worker, job)),
-                             timeout_s=INTERVAL_S + GRACE_S + 20, what="the worker to stop")
+        doc = net.wait_until(lambda: stopped(worker, job), timeout_s=INTERVAL_S + GRACE_S + 20,
+                             what="the worker to stop")
         stopped_after_s = time.monotonic() - drained
         # Interval 2 was claimed at most one interval after the drain and was due
         # GRACE_S later: the worker stops within one interval plus the grace
@@ -196,8 +211,7 @@ def test_a_submitter_that_stops_paying_loses_its_worker_within_interval_plus_gra
         assert all(0 < r["amount"] == expected[r["key"]] == rows[0]["amount"] for r in rows), (rows, expected)
         assert len({h for h, _ in owed_rows(submitter, job)}) == len(owed_rows(submitter, job))
         # The submitter's outcome says why the part ended.
-        sub = net.wait_until(lambda: (lambda d: d if d and d["state"] in ("succeeded", "failed") else None)(
-            status(submitter, job)), timeout_s=60, what="the job to settle")
+        sub = net.wait_until(lambda: settled(submitter, job), timeout_s=60, what="the job to settle")
         line = sub["proofs"][0]
         assert line["end_reason"] == "unpaid" and line.get("prepaid") == 2 * rows[0]["amount"], line
 
@@ -218,9 +232,8 @@ def test_submitter_killed_mid_interval_and_after_a_payment_pays_each_interval_on
                        what="the first interval to be paid")
         net.terminate(0, sig=signal.SIGKILL)  # right after a payment went out
         net.restart(0)
-        doc = net.wait_until(lambda: (lambda d: d if d and d["state"] in ("succeeded", "failed") and d["payouts"]
-                                      and all(p["status"] == "paid" for p in d["payouts"]) else None)(
-            status(net.nodes[0], job)), timeout_s=90, what="the job to settle and be paid")
+        doc = net.wait_until(lambda: settled(net.nodes[0], job, paid=True), timeout_s=90,
+                             what="the job to settle and be paid")
         assert doc["state"] == "succeeded", doc["reason"]
         mine = status(worker, job)
         assert mine is not None and mine["member_state"] == "succeeded", mine
@@ -253,9 +266,8 @@ def test_member_killed_after_a_payment_is_owed_only_the_rest_of_its_time(tmp_pat
         net.restart(1)
         mine = status(net.nodes[1], job)
         assert mine is not None and mine["member_state"] == "interrupted"
-        doc = net.wait_until(lambda: (lambda d: d if d and d["state"] in ("succeeded", "failed")
-                                      and all(p["status"] == "paid" for p in d["payouts"]) else None)(
-            status(submitter, job)), timeout_s=90, what="the job to settle and be paid")
+        doc = net.wait_until(lambda: settled(submitter, job, paid=True), timeout_s=90,
+                             what="the job to settle and be paid")
         line = doc["proofs"][0]
         rows = installments(submitter, job)
         assert line["end_reason"] == "interrupted" and line["prepaid"] == len(rows) * rows[0]["amount"]
