@@ -589,6 +589,8 @@ class Host:
         if self.members.pop(job_id, None) is None:
             return
         m = run.start.manifest.manifest
+        if run.pay is not None:
+            self._observe(c, run.pay.close())
         cosigns = [("cosign", cs.wire) for cs in run.membership.cosigns()]
         self._observe(c, run.membership.stop_watching())
         self._observe(c, self.deliveries.hand_over(job_id, m.submitter, cosigns, c.now_ms, cosigned=True))
@@ -607,12 +609,14 @@ class Host:
             return
         start = run.start
         cosigns = tuple(cs.wire for cs in run.membership.cosigns())[:claim_cosigns_max]
+        if k == 0 and not cosigns:
+            return  # nothing seen of anyone: nothing to vouch for
         wire = claim_wire(self.identity, Claim(job_id=start.job_id, peer_id=self.peer_id,
                                                cert_hash=start.certificate.digest, interval=k,
                                                chain_head=run.membership.chain_head, cosigns=cosigns))
+        earning = (pay.key(k), pay.amount, pay.currency) if k else None  # 0: co-signatures only
         self._observe(c, self.deliveries.hand_over(start.job_id, start.manifest.manifest.submitter,
-                                                   [("claim", wire)], c.now_ms,
-                                                   earning=(pay.key(k), pay.amount, pay.currency)))
+                                                   [("claim", wire)], c.now_ms, earning=earning))
 
     def _agreed_price(self, start: StartJob) -> int:
         return next((a.price_per_gpu_hour for a in start.certificate.accepts if a.peer_id == self.peer_id),

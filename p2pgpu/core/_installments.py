@@ -8,8 +8,10 @@ bounded amount of unpaid work for a submitter that stops paying:
   claim at each boundary ``start + k*I + claim_delay_ms`` of its own part
   (``Kind.RESULT``, ``type = "interval_claim"``): the job, its certificate,
   the interval ``k``, the head of its checkpoint chain, and its
-  co-signatures of the other members so far (what it observed of them).  A
-  claim goes through the member's deliveries (stored, resent until the
+  co-signatures of the other members so far (what it observed of them);
+  after its own part ended, while it still watches the others, it sends
+  its co-signatures at each boundary (a claim of interval 0), so that the
+  others' intervals stay observed.  A claim goes through the member's deliveries (stored, resent until the
   submitter acknowledges it), with the earning it expects.  Interval ``k``
   is due ``grace_ms`` after its claim; when a payment notice for it has not
   come by then the member stops the job with end reason ``unpaid`` and says
@@ -116,7 +118,9 @@ DEFAULT_INSTALLMENTS = InstallmentConfig()
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Claim:
-    """A member's signed claim to have served ``interval`` intervals of a job."""
+    """A member's signed claim to have served ``interval`` intervals of a job
+    (``0``: none claimed, the message carries co-signatures only: a member
+    whose part ended and still watches the others)."""
 
     job_id: str
     peer_id: str
@@ -131,8 +135,8 @@ class Claim:
             raise ValueError("job_id must be 64 hex characters, peer_id a peer id")
         if len(self.cert_hash) != 32 or len(self.chain_head) != 32:
             raise ValueError("cert_hash and chain_head are 32 bytes")
-        if not 1 <= self.interval <= intervals_max:
-            raise ValueError(f"interval in 1..{intervals_max}")
+        if not 0 <= self.interval <= intervals_max:
+            raise ValueError(f"interval in 0..{intervals_max} (0: co-signatures only)")
         if len(self.cosigns) > claim_cosigns_max or any(len(c) > cosign_bytes_max for c in self.cosigns):
             raise ValueError(f"at most {claim_cosigns_max} co-signatures of {cosign_bytes_max} bytes")
 
@@ -189,6 +193,9 @@ class MemberInstallments:
     #: Set once we stopped for want of payment: why, in words.
     stopped_reason: str = ""
     finished: bool = False
+    closed: bool = False
+    #: Boundaries passed (claims made while we worked, co-signature updates after).
+    tick: int = 0
     peer_id: str = ""
 
     @property
@@ -211,19 +218,24 @@ class MemberInstallments:
 
     def claim_due(self, now_ms: int) -> tuple[int | None, list[Action]]:
         """The claim timer fired: the interval to claim now (the host signs
-        and hands it over), and the timers that follow."""
-        if self.finished or self.stopped_reason or self.started_at_ms is None:
+        and hands it over; ``0``: our part ended, send only our co-signatures
+        of the others, who are still paid by what we saw of them), and the
+        timers that follow."""
+        if self.closed or self.stopped_reason and not self.finished or self.started_at_ms is None:
             return None, []
-        k = self.claimed + 1
+        k = self.tick + 1
         if k > self.intervals_max or now_ms < self._boundary(k):
             return None, ([SetTimer(claim_timer(self.job_id), self._boundary(k))]
                           if k <= self.intervals_max else [])
-        self.claimed = k
-        self.due_ms[k] = now_ms + self.config.grace_ms
-        out: list[Action] = [Emit("installments:claimed")]
+        self.tick = k
+        out: list[Action] = []
         if k + 1 <= self.intervals_max:
             out.append(SetTimer(claim_timer(self.job_id), self._boundary(k + 1)))
-        return k, out + self._schedule_due()
+        if self.finished:
+            return 0, [Emit("installments:cosigns_sent"), *out]
+        self.claimed = k
+        self.due_ms[k] = now_ms + self.config.grace_ms
+        return k, [Emit("installments:claimed"), *out, *self._schedule_due()]
 
     def on_paid(self, key: bytes) -> list[Action]:
         """A payment notice for one of our keys came (from the job's submitter)."""
@@ -250,10 +262,18 @@ class MemberInstallments:
                 CancelTimer(due_timer(self.job_id)), StopJob(self.job_id, self.stopped_reason, cause=UNPAID)]
 
     def finish(self) -> list[Action]:
-        """Our part ended: the final proof covers the rest; no more claims."""
+        """Our part ended: the final proof covers the rest; no more claims and
+        no payment deadlines.  While we still watch the others our
+        co-signatures go on at each boundary (until :meth:`close`)."""
         if self.finished:
             return []
         self.finished = True
+        self.due_ms.clear()
+        return [CancelTimer(due_timer(self.job_id))]
+
+    def close(self) -> list[Action]:
+        """We no longer watch anyone in this job."""
+        self.closed = True
         return [CancelTimer(claim_timer(self.job_id)), CancelTimer(due_timer(self.job_id))]
 
     def _schedule_due(self) -> list[Action]:

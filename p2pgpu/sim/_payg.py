@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pgpu.core import Kind, Send, seal
 from p2pgpu.core._actions import InstallmentsOwed
+from p2pgpu.core._host import Via
 from p2pgpu.core._payout import Owed as PayoutOwed
 
 if TYPE_CHECKING:
@@ -69,7 +70,13 @@ class Payg:
         self.installments_paid += 1
         body: dict[str, Any] = {"type": "paid", "job_id": job_id, "proof_hash": key,
                                 "tx_signature": f"sim-{owed_id}"}
-        self.flow.carry(submitter, [Send(peer_id, seal(ident, Kind.RESULT, body).to_bytes())])
+        wire = seal(ident, Kind.RESULT, body).to_bytes()
+        host = self.flow.hosts[submitter]
+        if w.by_peer.get(peer_id) == submitter and host is not None:
+            # The submitter served its own job: its node tells itself (the node's deliver_local).
+            self.flow.carry(submitter, host.on_bytes(wire, w.node_now_ms(submitter), via=Via.LOCAL))
+        else:
+            self.flow.carry(submitter, [Send(peer_id, wire)])
         return True
 
     def stopped(self, node: int, job_id: str) -> None:

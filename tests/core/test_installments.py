@@ -198,7 +198,36 @@ def test_member_paid_in_time_keeps_working() -> None:
     assert pay.on_paid(installment_key(pay.job_id, A.peer_id, 1)) == [Emit("installments:paid"),
                                                                        CancelTimer(due_timer(pay.job_id))]
     assert not any(isinstance(a, StopJob) for a in pay.on_due(T0 + I_MS + 60_000))
-    assert pay.finish() == [CancelTimer(claim_timer(pay.job_id)), CancelTimer(due_timer(pay.job_id))]
+    assert pay.finish() == [CancelTimer(due_timer(pay.job_id))]
+
+
+def test_a_member_whose_part_ended_keeps_sending_its_cosignatures_while_it_watches() -> None:
+    """Found by the simulator: a member whose part ended sent no more co-signatures,
+    so the other member's later intervals were never observed, never paid, and
+    that honest member stopped for want of payment."""
+    pay = member()
+    pay.start(T0)
+    assert pay.claim_due(T0 + I_MS + 2_000)[0] == 1
+    assert pay.finish() == [CancelTimer(due_timer(pay.job_id))] and not pay.due_ms  # no deadline after our part
+    k, actions = pay.claim_due(T0 + 2 * I_MS + 2_000)
+    assert k == 0 and SetTimer(claim_timer(pay.job_id), T0 + 3 * I_MS + 2_000) in actions  # co-signatures only
+    assert pay.claimed == 1 and not any(isinstance(a, SetTimer) and a.key == due_timer(pay.job_id)
+                                        for a in actions)
+    assert pay.close() == [CancelTimer(claim_timer(pay.job_id)), CancelTimer(due_timer(pay.job_id))]
+    assert pay.claim_due(T0 + 3 * I_MS + 2_000) == (None, [])
+
+
+def test_cosignatures_alone_release_a_held_interval() -> None:
+    b = Bench((A, B))
+    b.send(b.claim(A, 1, cosigns=(cosign(A, B, b.job, b.cert, 11_500),)), T0 + 12_000)
+    b.send(b.claim(B, 1, cosigns=(cosign(B, A, b.job, b.cert, 11_500),)), T0 + 12_000)
+    # A's part ended; B claims its second interval: only 11.5 s of B were observed.
+    out = b.send(b.claim(B, 2, cosigns=(cosign(B, A, b.job, b.cert, 15_000),)), T0 + 22_000)
+    assert owed_rows(out) == [] and Emit("installments:claim_held") in out
+    # A, still watching, sends what it saw of B (interval 0: nothing claimed for itself).
+    out = b.send(b.claim(A, 0, cosigns=(cosign(A, B, b.job, b.cert, 21_600),)), T0 + 22_100)
+    assert owed_rows(out) == [(B.peer_id, 2, 10_000)]
+    assert b.inst.intervals_owed(b.job, A.peer_id) == 1  # A's own count did not move
 
 
 def test_no_installments_without_an_interval() -> None:

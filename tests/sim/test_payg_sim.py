@@ -47,3 +47,17 @@ def test_without_an_interval_nothing_is_paid_as_it_goes() -> None:
 def test_the_shipped_scenario_parses_and_pays_as_it_goes() -> None:
     sc = load_scenario(SCENARIO)
     assert sc.jobs.interval_s == 10 and sc.jobs.payment_grace_s == 15
+
+
+def test_no_member_of_an_honest_submitter_stops_for_want_of_payment() -> None:
+    """Found by this scenario: seed 2, a member whose part ended sent no more
+    co-signatures, so its peer's later intervals were never observed nor paid;
+    seed 5, a submitter serving its own job never told itself it had paid.
+    Both stopped honest members after the grace."""
+    for seed in (2, 5):
+        r = run_scenario(load_scenario(SCENARIO), seed, plots=False)
+        assert r.ok, r.violations
+        flow = r.world.jobs
+        stops = list(flow.payg.exposure_ms)
+        honest = [(jid, m) for jid, m in stops if r.world.nodes[flow.jobs[jid].submitter].adversary is None]
+        assert stops and honest == [], honest
