@@ -13,14 +13,17 @@ from ._advert import (
     GpuInfo,
     SignedAdvert,
     advert_key,
+    advert_time_reason,
     class_key,
     is_solana_address,
     next_seq,
     parse_compute_capability,
     sign_advert,
     verify_advert,
+    verify_advert_bytes,
 )
 from ._codec import decode, encode
+from ._connections import ConnectionLimits, ConnectionTable, Refusal
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, open_envelope, protocol_version, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity, Verifier, peer_id_from_public_key, public_key_from_peer_id, verify_signature
@@ -51,24 +54,31 @@ from ._proof import (
     sign_proof,
     verify_proof,
 )
+from ._verdict import VERDICTS, GossipVerdict, verdict_for
 
 __all__ = [
     "RUNTIMES",
+    "VERDICTS",
     "Advert",
     "AdvertBook",
+    "ConnectionLimits",
+    "ConnectionTable",
     "Envelope",
     "Explanation",
+    "GossipVerdict",
     "GpuInfo",
     "Identity",
     "Kind",
     "LocalProtocolError",
     "PeerMisbehaved",
     "Reason",
+    "Refusal",
     "Requirement",
     "Requirements",
     "SignedAdvert",
     "Verifier",
     "advert_key",
+    "advert_time_reason",
     "body_of",
     "class_key",
     "decode",
@@ -86,7 +96,9 @@ __all__ = [
     "public_key_from_peer_id",
     "seal",
     "sign_advert",
+    "verdict_for",
     "verify_advert",
+    "verify_advert_bytes",
     "verify_signature",
 ]
 

@@ -24,7 +24,7 @@ from . import _limits as limits
 from . import _schema as s
 from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
-from ._errors import PeerMisbehaved, Reason
+from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity
 
 gpus_max = limits.gpus_per_node_max
@@ -106,7 +106,7 @@ class GpuInfo:
         }
 
     @classmethod
-    def from_obj(cls, obj: Any, where: str = "gpu") -> "GpuInfo":
+    def from_obj(cls, obj: Any, where: str = "gpu") -> GpuInfo:
         # Types are checked here, ranges and lengths once in __post_init__
         # (this is on the advert-verify hot path: one pass, no re-checks).
         if not isinstance(obj, dict):
@@ -197,7 +197,7 @@ class Advert:
         }
 
     @classmethod
-    def from_obj(cls, body: dict[str, Any]) -> "Advert":
+    def from_obj(cls, body: dict[str, Any]) -> Advert:
         if not isinstance(body, dict):
             raise s.fail("advert", "must be a map")
         s.exact_keys(body, set(_ADVERT_FIELDS))
@@ -247,18 +247,39 @@ def sign_advert(identity: Identity, advert: Advert) -> SignedAdvert:
     return SignedAdvert(advert, seal(identity, Kind.ADVERT, advert.to_obj()))
 
 
-def verify_advert(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max) -> SignedAdvert:
-    """Decode, verify and time-check advert bytes, or raise ``PeerMisbehaved``."""
+def advert_time_reason(issued_at_ms: int, expires_at_ms: int, now_ms: int,
+                       clock_skew_ms: int = clock_skew_ms_max) -> Reason | None:
+    """Why an advert is not valid at ``now_ms`` (``NOT_YET_VALID``,
+    ``EXPIRED``), or ``None``.  Split from the byte checks so that a driver
+    may cache what depends on the bytes alone and still judge time with each
+    node's own clock (the simulator does)."""
+    if issued_at_ms > now_ms + clock_skew_ms:
+        return Reason.NOT_YET_VALID
+    if expires_at_ms <= now_ms:
+        return Reason.EXPIRED
+    return None
+
+
+def verify_advert_bytes(data: bytes) -> SignedAdvert:
+    """Decode and verify advert bytes (size, encoding, envelope, signature,
+    schema, signer), without the time check, or raise ``PeerMisbehaved``."""
     obj = decode(data, size_max=Kind.ADVERT.bytes_max, canonical=True)
     env = envelope_from_obj(obj, expected=Kind.ADVERT)
     advert = Advert.from_obj(body_of(env))
     if env.signer_peer_id != advert.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "advert not signed by its peer")
-    if advert.issued_at_ms > now_ms + clock_skew_ms:
-        raise PeerMisbehaved(Reason.NOT_YET_VALID, "issued in the future")
-    if advert.expires_at_ms <= now_ms:
-        raise PeerMisbehaved(Reason.EXPIRED, "advert has expired")
     return SignedAdvert(advert, env)
+
+
+def verify_advert(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max) -> SignedAdvert:
+    """Decode, verify and time-check advert bytes, or raise ``PeerMisbehaved``."""
+    sa = verify_advert_bytes(data)
+    reason = advert_time_reason(sa.advert.issued_at_ms, sa.advert.expires_at_ms, now_ms, clock_skew_ms)
+    if reason is Reason.NOT_YET_VALID:
+        raise PeerMisbehaved(reason, "issued in the future")
+    if reason is Reason.EXPIRED:
+        raise PeerMisbehaved(reason, "advert has expired")
+    return sa
 
 
 @dataclass(slots=True)
@@ -266,13 +287,38 @@ class AdvertBook:
     """The adverts a node knows, newest per peer; the pure market core.
 
     ``ingest`` either stores a strictly newer advert or raises; ``expire``
-    drops the stale ones.  At most ``adverts_max`` peers are kept: when full, a
-    newcomer replaces the advert that expires first, if it outlives it.
+    drops the stale ones.  Everything a stranger sends is bounded, and the
+    entries that matter are never what a flood pushes out:
+
+    - our own advert (:meth:`add_own`) is never refused and never evicted, and
+      does not count against ``adverts_max``;
+    - peers the node was told to keep (:meth:`protect`: peers it works with,
+      bootstrap peers; later, reputation) are never evicted;
+    - every other advert is attributed to the peer that delivered it first
+      (its *forwarder*: the GossipSub neighbour, the peer a market sync came
+      from), and no forwarder holds more than ``adverts_per_forwarder_max``
+      identities; past that, a new identity from it is refused;
+    - when the book is full, a new identity evicts the newest identity of the
+      forwarder holding the most, if that forwarder holds at least two more
+      than the newcomer's own; otherwise the newcomer, the newest identity of
+      an equally heavy forwarder, is refused.
+
+    So a flood of fresh identities through one peer costs that peer its own
+    share only, long-known peers go last (newest first within a forwarder),
+    and honest forwarders keep a share of the book however many identities
+    an attacker makes.  Every insert and eviction is O(1): identities are
+    kept per forwarder in insertion order, and forwarders in buckets by how
+    many they hold (the largest is found without a scan).  Refused and evicted
+    adverts are counted (``rejections[LIMIT_EXCEEDED]``, ``evicted``).
     """
 
     network: str
     allow_simulated: bool
     adverts_max: int = 10_000
+    #: Identities one forwarder may hold (default: a quarter of the book).
+    adverts_per_forwarder_max: int = 0
+    #: Peers that may be protected at once (at most half the book).
+    protected_max: int = 1_024
     adverts: dict[str, SignedAdvert] = field(default_factory=dict)
     rejections: dict[Reason, int] = field(default_factory=dict)
     accepted: int = 0
@@ -280,6 +326,29 @@ class AdvertBook:
     #: challenges' claim book hides GPUs whose claim was refused
     #: (``ClaimBook.view``, docs/proofs.md).  None: adverts as signed.
     view: Callable[[Advert, int], Advert] | None = None
+    evicted: int = 0
+    own_peer_id: str = ""
+    #: peer id -> the forwarder it is attributed to ("" for a local source).
+    _forwarder_of: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    #: forwarder -> its identities, oldest first (dicts keep insertion order).
+    _by_forwarder: dict[str, dict[str, None]] = field(default_factory=dict, init=False, repr=False)
+    #: count -> forwarders holding exactly that many identities.
+    _buckets: dict[int, dict[str, None]] = field(default_factory=dict, init=False, repr=False)
+    _count_max: int = field(default=0, init=False, repr=False)
+    #: every stored peer id but ours, oldest first (the order market syncs serve).
+    _first_seen: dict[str, None] = field(default_factory=dict, init=False, repr=False)
+    _protected: dict[str, None] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.adverts_max < 2:
+            raise ValueError("adverts_max must be at least 2")
+        if not self.adverts_per_forwarder_max:
+            self.adverts_per_forwarder_max = max(1, self.adverts_max // 4)
+        if not 0 < self.adverts_per_forwarder_max <= self.adverts_max:
+            raise ValueError("adverts_per_forwarder_max must be between 1 and adverts_max")
+        self.protected_max = max(0, min(self.protected_max, self.adverts_max // 2))
+
+    # ----------------------------------------------------------- validation
 
     def check_record(self, data: bytes, now_ms: int) -> SignedAdvert:
         """Signature, schema, time and network rules, but not the sequence
@@ -302,40 +371,184 @@ class AdvertBook:
             raise PeerMisbehaved(Reason.REPLAYED, f"seq {adv.seq} <= known {known.advert.seq}")
         return sa
 
-    def ingest(self, data: bytes, now_ms: int, *, count_replays: bool = True) -> SignedAdvert:
-        """Store a newer advert or raise.  ``count_replays=False`` is for
-        syncing a peer's whole book, where already-known adverts are normal."""
+    def ingest(self, data: bytes, now_ms: int, *, forwarder: str = "", count_replays: bool = True) -> SignedAdvert:
+        """Store a newer advert delivered by ``forwarder`` or raise.
+        ``count_replays=False`` is for syncing a peer's whole book, where
+        already-known adverts are normal."""
         try:
             sa = self.check(data, now_ms)
+            self._store(sa, forwarder)
         except PeerMisbehaved as exc:
             if count_replays or exc.reason is not Reason.REPLAYED:
                 self.rejections[exc.reason] = self.rejections.get(exc.reason, 0) + 1
             raise
-        self._store(sa)
         return sa
 
     def add_own(self, sa: SignedAdvert) -> None:
-        """Our own advert: already trusted, still subject to the seq rule."""
-        known = self.adverts.get(sa.advert.peer_id)
-        if known is None or sa.advert.seq > known.advert.seq:
-            self._store(sa)
-
-    def _store(self, sa: SignedAdvert) -> None:
+        """Our own advert: already trusted, still subject to the seq rule, and
+        never refused for space."""
         pid = sa.advert.peer_id
-        if pid not in self.adverts and len(self.adverts) >= self.adverts_max:
-            victim = min(self.adverts.values(), key=lambda a: (a.advert.expires_at_ms, a.advert.peer_id))
-            if victim.advert.expires_at_ms >= sa.advert.expires_at_ms:
-                self.rejections[Reason.LIMIT_EXCEEDED] = self.rejections.get(Reason.LIMIT_EXCEEDED, 0) + 1
-                raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "advert book is full")
-            del self.adverts[victim.advert.peer_id]
+        if self.own_peer_id and pid != self.own_peer_id:
+            raise LocalProtocolError("a book holds one own advert: this is another peer's")
+        if not self.own_peer_id:
+            # It may have come from the network first (an earlier life of ours):
+            # keep the advert, drop it from the evictable structures.
+            if pid in self._forwarder_of:
+                self._detach(pid)
+                del self._forwarder_of[pid]
+            self._first_seen.pop(pid, None)
+            self._protected.pop(pid, None)
+            self.own_peer_id = pid
+        known = self.adverts.get(pid)
+        if known is None or sa.advert.seq > known.advert.seq:
+            self.adverts[pid] = sa
+
+    # --------------------------------------------------------- protection
+
+    def protect(self, peer_id: str) -> bool:
+        """Never evict ``peer_id``'s advert (a peer the node works with).
+        False if ``protected_max`` peers are protected already."""
+        if peer_id in self._protected or peer_id == self.own_peer_id:
+            return True
+        if len(self._protected) >= self.protected_max:
+            return False
+        self._protected[peer_id] = None
+        if peer_id in self._forwarder_of:
+            self._detach(peer_id)
+        return True
+
+    def unprotect(self, peer_id: str) -> None:
+        """Make ``peer_id`` evictable again, as the newest identity of the
+        forwarder that delivered it."""
+        if peer_id not in self._protected:
+            return
+        del self._protected[peer_id]
+        if peer_id in self._forwarder_of:
+            self._attach(peer_id, self._forwarder_of[peer_id])
+
+    def protected(self) -> list[str]:
+        return list(self._protected)
+
+    # ------------------------------------------------------------- storing
+
+    def _store(self, sa: SignedAdvert, forwarder: str) -> None:
+        pid = sa.advert.peer_id
+        if pid in self.adverts or pid == self.own_peer_id:
+            self.adverts[pid] = sa  # a known peer's update is never refused for space
+            self.accepted += 1
+            return
+        if pid not in self._protected:
+            self._make_room(forwarder)
+        elif self._size() >= self.adverts_max:
+            self._evict(self._heaviest())  # protected_max <= adverts_max / 2: someone is evictable
         self.adverts[pid] = sa
+        self._first_seen[pid] = None
+        self._forwarder_of[pid] = forwarder
+        if pid not in self._protected:
+            self._attach(pid, forwarder)
         self.accepted += 1
 
+    def _make_room(self, forwarder: str) -> None:
+        held = len(self._by_forwarder.get(forwarder, ()))
+        if held >= self.adverts_per_forwarder_max:
+            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "this forwarder's share of the advert book is full")
+        if self._size() < self.adverts_max:
+            return
+        if self._count_max < held + 2:
+            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "advert book is full")
+        self._evict(self._heaviest())
+
+    def _size(self) -> int:
+        return len(self.adverts) - (self.own_peer_id in self.adverts)
+
+    def _heaviest(self) -> str:
+        # Of equally heavy forwarders, the one that reached that count last:
+        # its newest identity is likely the newest of theirs.
+        return next(reversed(self._buckets[self._count_max]))
+
+    def _evict(self, forwarder: str) -> None:
+        victim = next(reversed(self._by_forwarder[forwarder]))  # its newest identity
+        self._forget(victim)
+        self.evicted += 1
+
+    def _attach(self, pid: str, forwarder: str) -> None:
+        ids = self._by_forwarder.setdefault(forwarder, {})
+        n = len(ids)
+        if n:
+            self._unbucket(forwarder, n)
+        ids[pid] = None
+        self._buckets.setdefault(n + 1, {})[forwarder] = None
+        self._count_max = max(self._count_max, n + 1)
+
+    def _detach(self, pid: str) -> None:
+        forwarder = self._forwarder_of[pid]
+        ids = self._by_forwarder.get(forwarder)
+        if ids is None or pid not in ids:
+            return  # protected: in no bucket
+        n = len(ids)
+        del ids[pid]
+        self._unbucket(forwarder, n)
+        if n > 1:
+            self._buckets.setdefault(n - 1, {})[forwarder] = None
+        else:
+            del self._by_forwarder[forwarder]
+        if not self._buckets.get(self._count_max):
+            self._count_max -= 1  # counts move by one: the next bucket down is the largest now
+            while self._count_max > 0 and not self._buckets.get(self._count_max):
+                self._count_max -= 1  # only when the book empties
+
+    def _unbucket(self, forwarder: str, n: int) -> None:
+        bucket = self._buckets[n]
+        del bucket[forwarder]
+        if not bucket:
+            del self._buckets[n]
+
+    def _forget(self, pid: str) -> None:
+        if pid in self._forwarder_of:
+            self._detach(pid)
+            del self._forwarder_of[pid]
+        self._first_seen.pop(pid, None)
+        self.adverts.pop(pid, None)
+
+    # ----------------------------------------------------------- reading
+
+    def held_by(self, forwarder: str) -> int:
+        """How many evictable identities ``forwarder`` holds."""
+        return len(self._by_forwarder.get(forwarder, ()))
+
+    def largest_share(self) -> int:
+        """The most evictable identities any one forwarder holds (``status``)."""
+        return max((len(ids) for ids in self._by_forwarder.values()), default=0)
+
     def expire(self, now_ms: int) -> list[str]:
-        gone = sorted(pid for pid, sa in self.adverts.items() if sa.advert.expires_at_ms <= now_ms)
+        gone = sorted(pid for pid, sa in self.adverts.items()
+                      if sa.advert.expires_at_ms <= now_ms and pid != self.own_peer_id)
         for pid in gone:
-            del self.adverts[pid]
+            self._forget(pid)
+        own = self.adverts.get(self.own_peer_id)
+        if own is not None and own.advert.expires_at_ms <= now_ms:
+            del self.adverts[self.own_peer_id]
+            gone.append(self.own_peer_id)
         return gone
+
+    def by_age(self, now_ms: int, limit: int) -> list[SignedAdvert]:
+        """Up to ``limit`` live adverts for a peer that syncs our market: ours,
+        then protected peers', then the rest oldest first (long-known peers
+        before the newest identities a flood brings)."""
+        out: list[SignedAdvert] = []
+        seen: dict[str, None] = {}
+        for source in ([self.own_peer_id], self._protected, self._first_seen):
+            for pid in source:
+                if len(out) >= limit:
+                    return out
+                sa = self.adverts.get(pid)
+                if sa is not None and pid not in seen and sa.advert.expires_at_ms > now_ms:
+                    seen[pid] = None
+                    out.append(sa)
+        return out
+
+    def live_count(self, now_ms: int) -> int:
+        return sum(1 for sa in self.adverts.values() if sa.advert.expires_at_ms > now_ms)
 
     def live(self, now_ms: int) -> list[Advert]:
         """Unexpired adverts, in peer id order (deterministic), as ``view`` shows them."""

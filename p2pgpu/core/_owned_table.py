@@ -60,6 +60,10 @@ class OwnedTable(Mapping[K, V], Generic[K, V]):
     def theirs_count(self) -> int:
         return len(self._theirs)
 
+    def ours_newest_first(self) -> Iterator[V]:
+        """The node's own entries, the most recently added first."""
+        return (self._values[k] for k in reversed(self._ours))
+
     def owned_by(self, owner: str) -> int:
         """How many of theirs ``owner`` caused."""
         keys = self._by_owner.get(owner)

@@ -31,18 +31,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import multiaddr
 import trio
-from libp2p.exceptions import BaseLibp2pError
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
-import multiaddr
 
 from p2pgpu.core import (
     Advert,
     AdvertBook,
+    ConnectionLimits,
+    GossipVerdict,
     Identity,
     PeerMisbehaved,
     Reason,
@@ -53,6 +55,7 @@ from p2pgpu.core import (
     encode,
     next_seq,
     sign_advert,
+    verdict_for,
     verify_advert,
 )
 from p2pgpu.core._challenge import n_max as n_max_challenge
@@ -60,16 +63,18 @@ from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 from p2pgpu.wallet import Wallet
 
+from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
+from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
-from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
-from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
 from ._market import market_row
+from ._results import RESULTS_PROTOCOL, serve_results
 from ._stack import Stack, StackConfig, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
+from ._supervise import supervise
 
 log = logging.getLogger("p2pgpu.node")
 
@@ -85,6 +90,49 @@ market_request_bytes_max = 1024
 paid_notices_remembered_max = 20_000
 advert_republish_s_min = 1.0
 market_sync_adverts_max = 2000
+#: How often the advert book is told which peers the node works with.
+protect_interval_s = 5.0
+#: Limits an operator may set in config.toml (docs/operating.md): name ->
+#: (default, lowest, highest).  A forwarder's share of 0 means a quarter of
+#: the book.
+BOOK_LIMITS: dict[str, tuple[int, int, int]] = {"adverts_max": (10_000, 16, 1_000_000),
+                                                "adverts_per_forwarder_max": (0, 1, 1_000_000)}
+_CL = ConnectionLimits()
+CONNECTION_LIMITS: dict[str, tuple[int, int, int]] = {
+    "connections_max": (_CL.connections_max, 8, 100_000),
+    "newcomer_headroom": (_CL.newcomer_headroom, 0, 10_000),
+    "inbound_per_ip_max": (_CL.inbound_per_ip_max, 1, 100_000),
+    "inbound_per_subnet_max": (_CL.inbound_per_subnet_max, 1, 100_000),
+}
+
+
+def config_limits(extra: dict[str, Any], spec: dict[str, tuple[int, int, int]]) -> dict[str, int]:
+    """The limits in ``spec`` as config.toml sets them, checked (``HomeError``
+    says what is wrong)."""
+    got: dict[str, int] = {}
+    for key, (default, low, high) in spec.items():
+        value = extra.get(key, default)
+        if value != default and (type(value) is not int or not low <= value <= high):
+            raise HomeError(f"config.toml: {key} must be an integer from {low} to {high}, not {value!r}")
+        got[key] = value
+    return got
+
+
+def make_book(network: NetworkSpec, extra: dict[str, Any]) -> AdvertBook:
+    """The node's advert book, with the limits set in config.toml."""
+    got = config_limits(extra, BOOK_LIMITS)
+    if got["adverts_per_forwarder_max"] > got["adverts_max"]:
+        raise HomeError("config.toml: adverts_per_forwarder_max must not exceed adverts_max")
+    return AdvertBook(network=network.name, allow_simulated=network.allow_simulated,
+                      adverts_max=got["adverts_max"], adverts_per_forwarder_max=got["adverts_per_forwarder_max"])
+
+
+def connection_limits(extra: dict[str, Any]) -> ConnectionLimits:
+    got = config_limits(extra, CONNECTION_LIMITS)
+    try:
+        return ConnectionLimits(**got)
+    except ValueError as exc:
+        raise HomeError(f"config.toml: {exc}") from None
 
 
 def wall_ms() -> int:
@@ -157,12 +205,15 @@ class Node:
         self.options = options
         self.home = home
         self.now_ms = now_ms
-        self.book = AdvertBook(network=network.name, allow_simulated=network.allow_simulated)
+        self.book = make_book(network, config.extra)
+        self.connection_limits = connection_limits(config.extra)
+        self.connmgr: ConnectionManager | None = None
         self.counts: Counter[str] = Counter()
         self.latency_ms: dict[str, float] = {}
         self.gpus_reserved = 0
         self.started_at_s = 0.0
         self.control_port = 0
+        self.control: ControlServer | None = None
         self.stack: Stack | None = None
         self._seq = 0
         self._own: SignedAdvert | None = None
@@ -203,12 +254,17 @@ class Node:
         link = link_delay_from_config(self.config.extra, allow=self.network.allow_simulated,
                                       network=self.network.name, peer_id=self.identity.peer_id)
         async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators,
-                              config=StackConfig(link_delay=link)) as stack:
+                              config=StackConfig(link_delay=link, connections_max=self.connection_limits.connections_max),
+                              provider_classes=self._provider_classes) as stack:
             self.stack = stack
-            stack.pubsub.set_topic_validator(ADVERTS_TOPIC, self._validate_advert, False)
+            self.connmgr = ConnectionManager(stack.host, self.connection_limits,
+                                             now_ms=lambda: int(trio.current_time() * 1000), counts=self.counts,
+                                             valued=lambda: (self.peers_we_work_with(), list(self.book.adverts)))
+            await self.connmgr.install()
+            stack.pubsub.set_topic_verdict_validator(ADVERTS_TOPIC, self._validate_advert)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
-            stack.host.set_stream_handler(MARKET_PROTOCOL, guarded("market", self._serve_market, self.counts))
-            stack.host.set_stream_handler(RESULTS_PROTOCOL, guarded(
+            stack.host.set_stream_handler(TProtocol(MARKET_PROTOCOL), guarded("market", self._serve_market, self.counts))
+            stack.host.set_stream_handler(TProtocol(RESULTS_PROTOCOL), guarded(
                 "results", lambda s: serve_results(self, s), self.counts, timeout_s=600))
             stack.host.set_stream_handler(CHALLENGE_PROTOCOL, guarded(
                 "challenge", self.challenges.serve, self.counts, timeout_s=serve_timeout_s))
@@ -218,6 +274,7 @@ class Node:
                 "blobs", self.blobs.serve, self.counts, timeout_s=24 * 3600))
             control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
                                     stream_handlers={})
+            self.control = control
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
@@ -229,9 +286,9 @@ class Node:
                     await nursery.start(self.jobs.run)
                     await nursery.start(self.challenges.run)
                     for loop in (self._advert_loop, self._dht_loop, self._connect_loop, self._expire_loop,
-                                 self._ping_loop, self._payout_loop):
-                        nursery.start_soon(_logged, loop)
-                    nursery.start_soon(_logged, self._drain, sub)
+                                 self._ping_loop, self._payout_loop, self._protect_loop, self.connmgr.run):
+                        nursery.start_soon(supervise, loop.__name__.strip("_"), loop, self.counts)
+                    nursery.start_soon(supervise, "drain", lambda: self._drain(sub), self.counts)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
@@ -245,8 +302,13 @@ class Node:
             return
         doc = {"port": self.control_port, "pid": os.getpid(), "peer_id": self.identity.peer_id,
                "addrs": self.stack.addrs() if self.stack else []}
+        # 0600 from the start: other local users need not know our port and
+        # pid (the token, not this file, is what guards the API; issue #12).
         tmp = self.home.control_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc))
         os.replace(tmp, self.home.control_path)
 
     def _remove_control_file(self) -> None:
@@ -347,7 +409,11 @@ class Node:
         if self.jobs.db is None:
             return
         from p2pgpu.solana import (  # noqa: PLC0415
-            LedgerRejected, LedgerUnavailable, Payer, PayerUnderfunded, open_ledger,
+            LedgerRejected,
+            LedgerUnavailable,
+            Payer,
+            PayerUnderfunded,
+            open_ledger,
         )
         from p2pgpu.store import paid_since, unsettled_count  # noqa: PLC0415
 
@@ -421,11 +487,13 @@ class Node:
                            pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
 
     def _start_runner(self) -> None:
-        from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415
+        from p2pgpu.runtime import (  # noqa: PLC0415
+            SandboxPolicy,
+            check_sandbox,
+            ray_unavailable,  # noqa: PLC0415
+        )
 
         from ._runner import Runner  # noqa: PLC0415
-
-        from p2pgpu.runtime import ray_unavailable  # noqa: PLC0415
 
         policy = SandboxPolicy(allow_network=self.config.allow_job_network)
         self.sandbox_reason = check_sandbox(policy)
@@ -494,17 +562,23 @@ class Node:
                     refresh = True
                     break
 
-    def _validate_advert(self, forwarder: ID, msg: Any) -> bool:
+    def _validate_advert(self, forwarder: ID, msg: Any) -> GossipVerdict:
         """GossipSub validator: only adverts the book accepts are forwarded;
-        the rest are counted by reason and cost the forwarder score."""
+        the rest are counted by reason (``status``'s ``rejections``), and cost
+        the forwarder score only when the fault is theirs (``verdict_for``: a
+        replay, an expiry or a full share of the book is nobody's fault)."""
         if self.stack is not None and msg.from_id == self.stack.host.get_id().to_bytes():
-            return True  # our own advert, already in the book
+            return GossipVerdict.ACCEPT  # our own advert, already in the book
+        pid = forwarder.to_base58()
         try:
-            self.book.ingest(msg.data, self.now_ms())
+            self.book.ingest(msg.data, self.now_ms(), forwarder=pid)
         except PeerMisbehaved as exc:
-            log.info("advert from %s rejected: %s", forwarder, exc)
-            return False
-        return True
+            verdict = verdict_for(exc.reason)
+            log.debug("advert from %s refused (%s): %s", forwarder, verdict.value, exc)
+            return verdict
+        if self.connmgr is not None:
+            self.connmgr.touch(pid)  # it brought us a new, valid advert
+        return GossipVerdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
         # Adverts are stored by the validator; the subscription is drained so
@@ -532,6 +606,46 @@ class Node:
                     self.counts["dht_announce_failed"] += 1
                     log.info("DHT announcement failed: %s", exc)
 
+    def _provider_classes(self, peer_id: str) -> list[bytes] | None:
+        """The DHT provider keys ``peer_id``'s advert allows it to announce."""
+        sa = self.book.adverts.get(peer_id)
+        if sa is None:
+            return None
+        return [bytes.fromhex(class_key(c)) for c in sa.advert.gpu_classes]
+
+    def peers_we_work_with(self) -> list[str]:
+        """The peers this node has reason to keep, most important first: its
+        bootstrap peers, then the members (and, where we were a member, the
+        submitter) of its jobs, newest job first.  The advert book never
+        evicts their adverts (and later work feeds reputation in here)."""
+        out: dict[str, None] = {}
+        for addr in [*self.network.bootstrap, *self.options.bootstrap]:
+            if "/p2p/" in addr:
+                out[addr.rsplit("/p2p/", 1)[1]] = None
+        cap = self.book.protected_max
+        for rec in self.jobs.records.ours_newest_first():  # strangers' jobs name nobody we work with
+            if len(out) >= cap:
+                break
+            if not rec.members:
+                continue
+            for pid in rec.members:
+                out[pid] = None
+            if "member" in rec.roles:
+                out[rec.manifest.manifest.submitter] = None
+        out.pop(self.identity.peer_id, None)
+        return list(out)[:cap]
+
+    async def _protect_loop(self) -> None:
+        while True:
+            want = self.peers_we_work_with()
+            keep = set(want)
+            for pid in self.book.protected():
+                if pid not in keep:
+                    self.book.unprotect(pid)
+            for pid in want:
+                self.book.protect(pid)
+            await trio.sleep(protect_interval_s)
+
     async def _expire_loop(self) -> None:
         while True:
             await trio.sleep(1.0)
@@ -548,11 +662,11 @@ class Node:
         limit = req.get("limit", market_sync_adverts_max)
         if type(limit) is not int or not 0 < limit <= market_sync_adverts_max:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, "limit out of range")
-        now = self.now_ms()
-        for pid in sorted(self.book.adverts)[:limit]:
-            sa = self.book.adverts[pid]
-            if sa.advert.expires_at_ms > now:
-                await write_frame(stream, sa.wire)
+        # Ours, the peers we work with, then the longest known: a newcomer
+        # syncing from us during a flood of fresh identities still gets the
+        # honest market first.
+        for sa in self.book.by_age(self.now_ms(), limit):
+            await write_frame(stream, sa.wire)
 
     async def _sync_market(self, peer_id: str) -> None:
         assert self.stack is not None
@@ -566,10 +680,12 @@ class Node:
             return
         for wire in frames:
             try:
-                self.book.ingest(wire, self.now_ms(), count_replays=False)
+                self.book.ingest(wire, self.now_ms(), forwarder=peer_id, count_replays=False)
             except PeerMisbehaved:
                 continue  # counted by the book; one bad advert spoils nothing else
         self.counts["market_syncs"] += 1
+        if self.connmgr is not None:
+            self.connmgr.touch(peer_id)
 
     # ----------------------------------------------------------- connections
 
@@ -715,7 +831,10 @@ class Node:
             "peer_id": self.identity.peer_id,
             "addrs": self.stack.addrs(),
             "peers": len(self.stack.host.get_connected_peers()),
-            "adverts_known": len(self.book.live(self.now_ms())),
+            "adverts_known": self.book.live_count(self.now_ms()),
+            "adverts_evicted": self.book.evicted,
+            "adverts_share_max": self.book.largest_share(),
+            "gossip_ignored": self.stack.pubsub.ignored,
             "jobs": self.jobs.counts_by_state(),
             "sandbox": self.sandbox_reason or "ok",
             "uptime_s": round(trio.current_time() - self.started_at_s, 3),
@@ -725,10 +844,21 @@ class Node:
             "rejections": dict(sorted(rejections.items())),
             "counters": dict(sorted(self.counts.items())),
             "library_handler_errors": dict(sorted(library_handler_errors.items())),
+            "dht": self._dht_status(),
+            "connections": self.connmgr.status() if self.connmgr is not None else {},
             "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
             "config_reload": self.config_reload,
+            "control_evicted": self.control.evicted if self.control is not None else 0,
         }
+
+    def _dht_status(self) -> dict[str, Any]:
+        assert self.stack is not None
+        values, providers = self.stack.dht.value_store, self.stack.dht.provider_store
+        refused = {f"values:{k}": n for k, n in getattr(values, "refused", {}).items()}
+        refused.update({f"providers:{k}": n for k, n in getattr(providers, "refused", {}).items()})
+        return {"values": len(values.store), "value_bytes": getattr(values.store, "bytes", 0),
+                "provider_keys": len(providers.providers), "refused": dict(sorted(refused.items()))}
 
     async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.stack is not None
@@ -820,11 +950,3 @@ def challenge_service(node: Node) -> ChallengeService:
         n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
 
 
-async def _logged(fn: Callable[..., Any], *args: Any) -> None:
-    """Run one of the node's loops; if it fails, say so at once (the nursery
-    re-raises only after every other task has stopped, which can take a while)."""
-    try:
-        await fn(*args)
-    except Exception:
-        log.exception("%s failed; the node stops", getattr(fn, "__name__", fn))
-        raise

@@ -20,7 +20,9 @@ back.
   served by tasks of the service's nursery; what the host says to store is
   stored at once, before any send that follows it can leave.
 - Topic messages are handled in the GossipSub validator, which therefore
-  refuses anything the host refuses (a ``Refused`` action).
+  refuses anything the host refuses (a ``Refused`` action): rejected
+  (costing the forwarder score) or ignored, as ``core/_verdict.py`` maps the
+  reason.
 - ``Reserved``/``Released`` keep the node's advert honest: its free GPUs are
   what the capacity ledger has not promised.
 - The settlement's actions are persisted by ``_collect.py``; the member's
@@ -41,7 +43,16 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
-from p2pgpu.core import Advert, Kind, LocalProtocolError, PeerMisbehaved, SignedAdvert, seal
+from p2pgpu.core import (
+    Advert,
+    GossipVerdict,
+    Kind,
+    LocalProtocolError,
+    PeerMisbehaved,
+    SignedAdvert,
+    seal,
+    verdict_for,
+)
 from p2pgpu.core._actions import (
     Action,
     Cancelled,
@@ -222,7 +233,7 @@ class JobsService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stack = self.node.stack
         assert stack is not None
-        stack.pubsub.set_topic_validator(JOBS_TOPIC, self._validate, False)
+        stack.pubsub.set_topic_verdict_validator(JOBS_TOPIC, self._validate)
         sub = await stack.pubsub.subscribe(JOBS_TOPIC)
         # A direct stream lives as long as its sender keeps it busy (the reader
         # ends it after read_idle_s of silence); the guard's limit is a backstop.
@@ -263,16 +274,17 @@ class JobsService:
 
     # -------------------------------------------------------------- inbound
 
-    def _validate(self, forwarder: ID, msg: Any) -> bool:
+    def _validate(self, forwarder: ID, msg: Any) -> GossipVerdict:
         stack = self.node.stack
         if stack is not None and msg.from_id == stack.host.get_id().to_bytes():
-            return True  # our own publish; the host already handled it
+            return GossipVerdict.ACCEPT  # our own publish; the host already handled it
         try:
             self.deliver(msg.data, via=Via.TOPIC)
         except PeerMisbehaved as exc:
+            self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
             log.info("job message from %s refused: %s", forwarder, exc)
-            return False
-        return True
+            return verdict_for(exc.reason)  # a replay or a full table is not the forwarder's fault
+        return GossipVerdict.ACCEPT
 
     async def _drain(self, sub: Any) -> None:
         while True:
@@ -531,7 +543,7 @@ class JobsService:
                 if op == "pub":
                     await stack.pubsub.publish(topic, data)
                 elif op == "sub" and topic not in self._topic_scopes:
-                    stack.pubsub.set_topic_validator(topic, self._validate, False)
+                    stack.pubsub.set_topic_verdict_validator(topic, self._validate)
                     sub = await stack.pubsub.subscribe(topic)
                     scope = trio.CancelScope()
                     self._topic_scopes[topic] = scope

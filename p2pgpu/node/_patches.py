@@ -517,6 +517,158 @@ PATCHES: dict[str, Callable[[Undo], None]] = {
 }
 
 
+# === Fixes (correctness and security, not speed) ===================================
+# Applied whatever P2PGPU_LIBP2P_PATCHES says: turning the speed-ups off must
+# not reopen a hole.  Each replaces one upstream function whose source is
+# pinned by hash (not only the library's version), and is skipped, loudly, if
+# the source differs, so an upgrade cannot silently run a stale copy.
+
+
+def _source_sha256(fn: Any) -> str:
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+
+
+# --- F1. an inbound connection's slot lives as long as the connection ----------------
+# Upstream's Swarm._do_handle_inbound_connection keeps its handler (and the
+# inbound slot it holds: max_connections - min_connections of them) until the
+# *swarm* ends ("intentional barrier: keep handler alive"), not until the
+# connection ends: every inbound connection ever accepted holds a slot for
+# good, and after 250 of them (260 Sybils, #18.6) the node accepts no inbound
+# connection at all, even after they left.  Here the handler waits for its
+# own connection to close.  It also asks the node's connection manager
+# (``swarm.p2pgpu_inbound_gate``: ``admit(ip) -> bool``, ``release(ip)``)
+# before any handshake, so limits per IP and per subnet cost a refused
+# connection nothing but an accept.
+
+INBOUND_HANDLER_SHA256 = "c22fdfd5289f671c6ca1d2141200153d74bd1b81c873259215d3f2f5b91bc782"
+
+
+def _remote_ip(read_write_closer: Any) -> str | None:
+    get = getattr(read_write_closer, "get_remote_address", None)
+    try:
+        remote = get() if callable(get) else None
+    except (OSError, AttributeError):
+        return None
+    if isinstance(remote, (tuple, list)) and remote and isinstance(remote[0], str):
+        return remote[0]
+    return None
+
+
+async def _until_closed(swarm: Any, muxed_conn: Any) -> None:
+    import trio
+
+    event = getattr(muxed_conn, "event_closed", None)
+    if isinstance(event, trio.Event):
+        await event.wait()
+    else:  # a muxer without a close event: upstream's behaviour
+        await swarm.manager.wait_finished()
+
+
+def _install_inbound_slot_release(undo: Undo) -> None:
+    from libp2p.abc import IMuxedConn
+    from libp2p.network import swarm as swarm_mod
+    from libp2p.network.connection.raw_connection import RawConnection
+
+    if _source_sha256(swarm_mod.Swarm._do_handle_inbound_connection) != INBOUND_HANDLER_SHA256:
+        raise _SourceChanged("Swarm._do_handle_inbound_connection")
+
+    async def _do_handle_inbound_connection(self: Any, read_write_closer: Any, maddr: Any,
+                                            failure_event: Any) -> None:
+        gate: Any = getattr(self, "p2pgpu_inbound_gate", None)
+        ip = _remote_ip(read_write_closer) if gate is not None else None
+        if ip is not None and not gate.admit(ip):
+            try:
+                await read_write_closer.close()
+            except Exception:  # noqa: BLE001 - closing a refused socket; nothing to add
+                logger.debug("closing a refused inbound connection from %s failed", ip)
+            return
+        try:
+            await _handle_inbound(self, read_write_closer, maddr, failure_event)
+        finally:
+            if ip is not None:
+                gate.release(ip)
+
+    async def _handle_inbound(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+        # Upstream's body, with its two barriers waiting for this connection.
+        remote_maddr = self._build_remote_multiaddr(read_write_closer)
+        if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
+            try:
+                await read_write_closer.close()
+                failure_event.conn_incoming_error = True
+                if self.metric_send_channel is not None:
+                    await self.metric_send_channel.send(failure_event)
+            except Exception:  # noqa: BLE001 - as upstream
+                logger.debug("closing a gated inbound connection failed")
+            return
+        if isinstance(read_write_closer, IMuxedConn):
+            try:
+                await self.add_conn(read_write_closer, direction="inbound")
+                await _until_closed(self, read_write_closer)
+            except Exception:  # noqa: BLE001 - as upstream: any failure closes the connection
+                await read_write_closer.close()
+                failure_event.conn_incoming_error = True
+                if self.metric_send_channel is not None:
+                    await self.metric_send_channel.send(failure_event)
+            return
+        raw_conn = None
+        try:
+            raw_conn = RawConnection(read_write_closer, False)
+            muxed = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+            await _until_closed(self, muxed)
+        except Exception as e:  # noqa: BLE001 - as upstream: any failure closes the connection
+            logger.debug("Error handling incoming connection: %s", e)
+            try:
+                if raw_conn is not None:
+                    await raw_conn.close()
+                else:
+                    await read_write_closer.close()
+                    failure_event.conn_incoming_error = True
+                    if self.metric_send_channel is not None:
+                        await self.metric_send_channel.send(failure_event)
+            except Exception:  # noqa: BLE001 - as upstream
+                logger.debug("closing a failed inbound connection failed")
+
+    _replace(undo, swarm_mod.Swarm, "_do_handle_inbound_connection", _do_handle_inbound_connection,
+             "inbound_slot_release")
+
+
+class _SourceChanged(Exception):
+    """The upstream function a fix replaces is not the one it was written for."""
+
+
+#: Every fix, applied by :func:`apply_fixes`: name -> installer.
+FIXES: dict[str, Callable[[Undo], None]] = {
+    "inbound_slot_release": _install_inbound_slot_release,
+}
+_fixed: dict[str, Undo] = {}
+
+
+def apply_fixes() -> list[str]:
+    """Install every fix whose upstream source is the one it was written for
+    (whatever ``P2PGPU_LIBP2P_PATCHES`` says); return the names installed.
+    Idempotent."""
+    for name, install in FIXES.items():
+        if name in _fixed:
+            continue
+        undo: Undo = []
+        try:
+            install(undo)
+        except _SourceChanged as exc:
+            _restore(undo)
+            logger.warning("py-libp2p fix %s NOT applied: upstream %s changed; re-check the fix", name, exc)
+            continue
+        _fixed[name] = undo
+    return [n for n in FIXES if n in _fixed]
+
+
+def remove_fixes() -> None:
+    for name in reversed(list(_fixed)):
+        _restore(_fixed.pop(name))
+
+
 def apply(only: Iterable[str] | None = None) -> list[str]:
     """Install the patches (all, or the named ones); return the names now
     installed.  Idempotent.  On a libp2p other than :data:`PINNED_VERSION` it

@@ -12,6 +12,12 @@ Shaped by what was measured (shared/notes/libp2p.md):
   runs crashes it.
 - The library logs multi-line errors for every failed stream: its logger is
   quieted to ERROR unless ``P2PGPU_LIBP2P_DEBUG`` is set.
+- The DHT keeps only what the node's own namespaces allow, bounded in count
+  and bytes and per peer (``_dhtstore``).
+- Topic validators answer a :class:`~p2pgpu.core.GossipVerdict` (accept, ignore,
+  reject) through :class:`VerdictPubsub`: py-libp2p's validators return a
+  bool, and a ``False`` always costs the forwarder score, while a replay or a
+  local limit is nobody's fault (``core/_verdict.py``).
 """
 
 from __future__ import annotations
@@ -19,24 +25,30 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
-from libp2p.records.validator import Validator
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2pgpu.core import GossipVerdict
+
+from ._dhtstore import BoundedProviderStore, BoundedValueStore, DhtLimits, with_sender
 from ._linkdelay import LinkDelay, LinkDelaySpec
 
 log = logging.getLogger("p2pgpu.node")
@@ -45,6 +57,10 @@ log = logging.getLogger("p2pgpu.node")
 def quiet_libp2p_logs() -> None:
     if not os.environ.get("P2PGPU_LIBP2P_DEBUG"):
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+#: How far py-libp2p's own connection limits sit above the node's.
+connections_margin = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,12 +77,58 @@ class StackConfig:
     ping_timeout_s: float = 4.0
     #: Injected one-way delay on every connection (test networks only; ``_linkdelay``).
     link_delay: LinkDelaySpec | None = None
+    #: Connections in all (the node's connection manager keeps room for
+    #: newcomers below it; py-libp2p's own limits are set to the same).
+    connections_max: int = 160
+    #: What strangers may store in our DHT (``_dhtstore``).
+    dht_limits: DhtLimits = field(default_factory=DhtLimits)
+
+
+class MessageIgnored(Exception):
+    """A topic validator's IGNORE verdict on its way out of py-libp2p's
+    validation (which knows only pass or fail) to :meth:`VerdictPubsub.push_msg`."""
+
+
+VerdictValidator = Callable[[ID, rpc_pb2.Message], GossipVerdict]
+
+
+class VerdictPubsub(Pubsub):
+    """Pubsub with a third validation answer, IGNORE: the message is dropped
+    and marked seen (duplicates cost nothing more), it is not forwarded, and
+    the forwarder's score is untouched; py-libp2p's ``False`` (REJECT) still
+    counts against it (GossipSub v1.1 P4), as in go-libp2p's
+    ``ValidationIgnore`` / ``ValidationReject``.
+
+    How: the validator raises :class:`MessageIgnored`; upstream's
+    ``validate_msg`` handles only ``ValidationError``, so the exception leaves
+    it uncached and leaves ``push_msg`` before the penalty and before the
+    message is marked seen or delivered; this subclass catches it there.
+    ``tests/node/test_verdict_pubsub.py`` checks each of these on real hosts.
+    """
+
+    ignored: int = 0
+
+    def set_topic_verdict_validator(self, topic: str, fn: VerdictValidator) -> None:
+        def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            verdict = fn(forwarder, msg)
+            if verdict is GossipVerdict.IGNORE:
+                raise MessageIgnored
+            return verdict is GossipVerdict.ACCEPT
+
+        self.set_topic_validator(topic, validator, False)
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except MessageIgnored:
+            self._mark_msg_seen(msg)
+            self.ignored += 1
 
 
 @dataclass
 class Stack:
     host: IHost
-    pubsub: Pubsub
+    pubsub: VerdictPubsub
     gossipsub: GossipSub
     dht: KadDHT
 
@@ -131,6 +193,7 @@ def _apply_patches() -> None:
     apply = getattr(_patches, "apply", None)
     if callable(apply):  # the patch layer is optional; absent means upstream behaviour
         apply()
+    _patches.apply_fixes()  # correctness fixes: not optional
 
 
 @asynccontextmanager
@@ -140,8 +203,14 @@ async def open_stack(
     *,
     dht_validators: dict[str, Validator],
     config: StackConfig = StackConfig(),
+    provider_classes: Callable[[str], Iterable[bytes] | None] = lambda _pid: None,
 ) -> AsyncIterator[Stack]:
-    """Start host, Pubsub, GossipSub and DHT; stop them all on exit."""
+    """Start host, Pubsub, GossipSub and DHT; stop them all on exit.
+
+    The DHT stores values only under ``dht_validators``' namespaces (strict:
+    any other key is refused) and within ``config.dht_limits``;
+    ``provider_classes(peer_id)`` names the provider keys a peer's advert
+    allows, or None when its advert is unknown (``_dhtstore``)."""
     quiet_libp2p_logs()
     _apply_patches()
     key_pair = create_new_key_pair(seed)
@@ -151,6 +220,14 @@ async def open_stack(
         sec_opt=sec_opt,
         muxer_preference="YAMUX",
         connection_config=ConnectionConfig(
+            # Our connection manager (_connmgr) decides and counts what it
+            # refuses; the library's limits, a little above ours, only back it
+            # up (min 0: upstream keeps 50 of 300 slots for its auto-connector,
+            # which the node stops).
+            max_connections=config.connections_max + connections_margin,
+            min_connections=0,
+            low_watermark=0,
+            high_watermark=config.connections_max + connections_margin,
             max_connections_per_peer=1,
             enable_health_monitoring=True,
             ping_timeout=config.ping_timeout_s,
@@ -171,10 +248,12 @@ async def open_stack(
         # All test peers share 127.0.0.1; IP diversity rules would starve the mesh.
         eclipse_protection_enabled=False,
     )
-    pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=config.pubsub_rpc_bytes_max)
-    dht = KadDHT(host, DHTMode.SERVER)
-    for namespace, validator in dht_validators.items():
-        dht.register_validator(namespace, validator)
+    pubsub = VerdictPubsub(host, gossipsub, max_inbound_rpc_size=config.pubsub_rpc_bytes_max)
+    dht = KadDHT(host, DHTMode.SERVER, validator=NamespacedValidator(dict(dht_validators), strict_validation=True),
+                 validator_changed=True, strict_validation=True)
+    dht.value_store = BoundedValueStore(host, dht.local_peer_id, config.dht_limits)
+    dht.provider_store = BoundedProviderStore(host, dht.peer_routing, config.dht_limits, provider_classes)
+    host.set_stream_handler(KAD_PROTOCOL_ID, with_sender(dht.handle_stream))
     async with AsyncExitStack() as stack:
         if config.link_delay is not None:  # outermost: its connection pumps end after the host
             await stack.enter_async_context(LinkDelay(config.link_delay).installed(host))

@@ -15,9 +15,12 @@ node.  What is simplified, and why (each is listed in docs/simulation.md):
 - the message cache answers IWANT while the message is younger than
   ``history_length`` heartbeats.
 
-Validation is the application's: ``validate(node, src, msg)`` returns
-``ACCEPT``, ``IGNORE`` or ``REJECT`` (this is where the real advert core runs)
-and ``deliver(node, msg)`` is called once per node per message.
+Validation is the application's: ``validate(node, src, msg)`` returns a
+:class:`~p2pgpu.core.GossipVerdict` (this is where the real advert core runs, and
+where a rejection reason becomes a verdict through the same
+:func:`~p2pgpu.core.verdict_for` as the node's validators): ``REJECT`` drops
+the message and costs the sender score, ``IGNORE`` only drops it.
+``deliver(node, msg)`` is called once per node per message.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import heapq
 from collections.abc import Callable
 from typing import Any
 
+from p2pgpu.core import GossipVerdict
+
 from ._engine import _TIE_BITS, _TIE_MASK, Engine
 from ._network import Network
 from ._scenario import GossipSection
 
-ACCEPT, IGNORE, REJECT = 1, 0, -1
+#: The verdicts, as the core defines them: an ``Enum``, never equal to a
+#: ``Reason`` (plain integers here once made ``Reason.OVERSIZED`` an accept).
+ACCEPT, IGNORE, REJECT = GossipVerdict.ACCEPT, GossipVerdict.IGNORE, GossipVerdict.REJECT
 _ID_BYTES = 40  # a libp2p message id (from + seqno) is about this long
 
 
@@ -48,7 +55,7 @@ class Msg:
         self.data = data
         self.t0_us = t0_us
         self.seen = bytearray(n)
-        self.valid: int | None = None  # validation verdict cached per message (see validate)
+        self.valid: GossipVerdict | None = None  # validation verdict cached per message (see validate)
         self.delivered = 0
         self.info: Any = None
         #: node -> [key, src, epoch, [(key, src), ...]]: the first copy on its
@@ -64,7 +71,7 @@ class GossipSub:
     exact = False
 
     def __init__(self, engine: Engine, net: Network, cfg: GossipSection,
-                 validate: Callable[[int, int, Msg], int], deliver: Callable[[int, int, Msg], None]) -> None:
+                 validate: Callable[[int, int, Msg], GossipVerdict], deliver: Callable[[int, int, Msg], None]) -> None:
         self.engine = engine
         self.net = net
         self.cfg = cfg
@@ -320,8 +327,8 @@ class GossipSub:
 
     def _accept(self, dst: int, src: int, msg: Msg) -> None:
         verdict = self.validate(dst, src, msg)
-        if verdict != ACCEPT:
-            if verdict == REJECT:
+        if verdict is not ACCEPT:
+            if verdict is REJECT:
                 self._penalise(dst, src)
             return
         self.deliver(dst, src, msg)

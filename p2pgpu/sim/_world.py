@@ -30,20 +30,23 @@ import base58
 from p2pgpu.core import (
     Advert,
     AdvertBook,
+    GossipVerdict,
     GpuInfo,
     Identity,
     PeerMisbehaved,
     Reason,
+    advert_time_reason,
     next_seq,
     sign_advert,
-    verify_advert,
+    verdict_for,
+    verify_advert_bytes,
 )
 from p2pgpu.core._identity import Verifier
 
 from ._adversary import Adversary, make_adversaries
 from ._churn import Churn, partition_sides
 from ._engine import Engine, SimulationStopped
-from ._gossip import ACCEPT, IGNORE, REJECT, GossipSub, Msg
+from ._gossip import ACCEPT, REJECT, GossipSub, Msg
 from ._invariants import Checker
 from ._jobs import JobFlow
 from ._kademlia import Kademlia, Lookup
@@ -51,10 +54,6 @@ from ._metrics import Metrics
 from ._scenario import Scenario
 
 ADVERTS = "/p2pgpu/adverts/1"
-#: Refusals that depend on the receiver's clock or state, not on the bytes:
-#: ignored, never held against the forwarder (the node's mapping is
-#: ``core/_verdict.py`` once it lands; until then these are the ones).
-_NOBODYS_FAULT = (Reason.REPLAYED, Reason.EXPIRED, Reason.NOT_YET_VALID, Reason.LIMIT_EXCEEDED)
 JOBS = "/p2pgpu/jobs/1"
 #: size of a modelled (unsigned) advert: what a 4-GPU signed advert weighs
 modelled_advert_bytes = 850
@@ -143,7 +142,9 @@ class World:
         self._build_nodes()
         self.jobs = JobFlow(self, s.jobs, verify=verify)
         self.adversaries = make_adversaries(self, s.adversary)
-        self._verdicts: dict[bytes, Reason | int] = {}
+        #: advert bytes -> their reason for refusal, or their (issued, expires)
+        #: times for each node's own clock check
+        self._verdicts: dict[bytes, Reason | tuple[int, int]] = {}
         self.end_us = int(s.run.duration_s * 1_000_000)
         self.quiet_us = self.end_us - int(s.run.settle_s * 1_000_000)
         self.stopped: str = ""
@@ -311,41 +312,41 @@ class World:
         self.engine.after(int(self.scenario.adverts.refresh_s * 1_000_000), self._advertise, arg)
 
     # -- gossip validation and delivery (the advert core runs here) ----------------------------
-    def _validate(self, node: int, src: int, msg: Msg) -> int:
+    def _validate(self, node: int, src: int, msg: Msg) -> GossipVerdict:
+        """The node's advert validator, with the node's mapping from a
+        rejection reason to a verdict (``verdict_for``)."""
         if msg.topic == JOBS:
             return ACCEPT
         wire = msg.data
         if wire is None:
-            return REJECT if msg.valid == REJECT else ACCEPT
+            return msg.valid or ACCEPT
         sn = self.nodes[node]
         now_ms = self.node_now_ms(node)
         if sn.book is not None:
             try:
-                sa = sn.book.ingest(wire, now_ms)
+                sa = sn.book.ingest(wire, now_ms, forwarder=str(src))
             except PeerMisbehaved as exc:
                 self.engine.trace("rej", node, msg.mid, int(exc.reason))
                 self.metrics.rejections[exc.reason.name] = self.metrics.rejections.get(exc.reason.name, 0) + 1
-                return IGNORE if exc.reason in _NOBODYS_FAULT else REJECT
+                return verdict_for(exc.reason)
             self.engine.trace("book", node, msg.mid, sa.advert.seq)
             self.checker.on_book_store(node, sa)
             return ACCEPT
         # No book: the first real verification of these bytes decides for all
         # (signature and schema are pure functions of the bytes); the time
         # check is this node's own, at its own skewed clock.
-        verdict = self._verdicts.get(wire)
-        if verdict is None:
+        cached = self._verdicts.get(wire)
+        if cached is None:
             try:
-                verify_advert(wire, now_ms=now_ms)
-                verdict = ACCEPT
+                adv = verify_advert_bytes(wire).advert
+                cached = (adv.issued_at_ms, adv.expires_at_ms)
             except PeerMisbehaved as exc:
-                verdict = exc.reason
-            self._verdicts[wire] = verdict
-        if verdict != ACCEPT:
-            return IGNORE if verdict in _NOBODYS_FAULT else REJECT
-        adv = msg.info
-        if adv is not None and (adv.expires_at_ms <= now_ms or adv.issued_at_ms > now_ms + 60_000):
-            return IGNORE  # this node's clock, not the bytes
-        return ACCEPT
+                cached = exc.reason
+            self._verdicts[wire] = cached
+        if isinstance(cached, Reason):
+            return verdict_for(cached)
+        late = advert_time_reason(cached[0], cached[1], now_ms)
+        return ACCEPT if late is None else verdict_for(late)
 
     def _judge(self, node: int, src: int, msg: Msg) -> Any:
         """The validator, watched: a rejection lowers the forwarder's score, and

@@ -1,8 +1,9 @@
 """GPU adverts: the message rules, verification, and the market book.
 
 Each rejection rule has its own row and its own ``Reason``; the book counts
-every rejection by reason, refuses replays, evicts the advert that expires
-first when full, and forgets expired adverts.  Time is an argument
+every rejection by reason, refuses replays, bounds what each forwarder may
+hold and evicts by a table-tested policy when full (the node's own advert and
+protected peers never), and forgets expired adverts.  Time is an argument
 (``now_ms``), so the tests name exact instants.
 """
 
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pgpu.core import (
     Advert,
@@ -24,7 +28,9 @@ from p2pgpu.core import (
     PeerMisbehaved,
     Reason,
     SignedAdvert,
+    _advert,
     advert_key,
+    advert_time_reason,
     class_key,
     encode,
     is_solana_address,
@@ -34,8 +40,8 @@ from p2pgpu.core import (
     seal,
     sign_advert,
     verify_advert,
+    verify_advert_bytes,
 )
-from p2pgpu.core import _advert
 
 T0 = 1_700_000_000_000  # an arbitrary "now" in ms
 TTL = 600_000
@@ -50,12 +56,12 @@ A10 = GpuInfo(model="NVIDIA A10", memory_mb=23028, compute_capability="8.6")
 
 
 def make_advert(ident: Identity = ALICE, **over: Any) -> Advert:
-    fields: dict[str, Any] = dict(
-        peer_id=ident.peer_id, network="local", addrs=("/ip4/127.0.0.1/tcp/4001",), seq=1,
-        issued_at_ms=T0, expires_at_ms=T0 + TTL, gpus=(H100, H100), gpus_free=2,
-        price_per_gpu_hour=1_000_000, currency="SOL", payout_address=PAYOUT, region="eu-west",
-        runtimes=("process",), simulated=False,
-    )
+    fields: dict[str, Any] = {
+        "peer_id": ident.peer_id, "network": "local", "addrs": ("/ip4/127.0.0.1/tcp/4001",), "seq": 1,
+        "issued_at_ms": T0, "expires_at_ms": T0 + TTL, "gpus": (H100, H100), "gpus_free": 2,
+        "price_per_gpu_hour": 1_000_000, "currency": "SOL", "payout_address": PAYOUT, "region": "eu-west",
+        "runtimes": ("process",), "simulated": False,
+    }
     fields.update(over)
     return Advert(**fields)
 
@@ -304,6 +310,20 @@ def test_validity_window_edges() -> None:
     assert reason_of(lambda: verify_advert(data, now_ms=T0 - 1, clock_skew_ms=0)) is Reason.NOT_YET_VALID
 
 
+def test_time_is_judged_apart_from_the_bytes() -> None:
+    # What depends on the bytes can be cached; time is each node's own.
+    data = wire()
+    sa = verify_advert_bytes(data)
+    assert sa.advert.peer_id == ALICE.peer_id
+    adv = sa.advert
+    assert advert_time_reason(adv.issued_at_ms, adv.expires_at_ms, T0) is None
+    assert advert_time_reason(adv.issued_at_ms, adv.expires_at_ms, T0 + TTL) is Reason.EXPIRED
+    assert advert_time_reason(adv.issued_at_ms, adv.expires_at_ms, T0 - 60_001) is Reason.NOT_YET_VALID
+    assert advert_time_reason(adv.issued_at_ms, adv.expires_at_ms, T0 - 1, 0) is Reason.NOT_YET_VALID
+    assert reason_of(lambda: verify_advert_bytes(b"\x80" * 9000)) is Reason.OVERSIZED
+    assert reason_of(lambda: verify_advert_bytes(_resign_as(MALLORY, data))) is Reason.SIGNER_MISMATCH
+
+
 def test_envelope_version_is_checked() -> None:
     obj = sign_advert(ALICE, make_advert()).envelope.to_obj()
     obj["v"] = protocol_version + 1
@@ -336,7 +356,7 @@ def test_replays_are_refused_and_counted() -> None:
     b = book()
     b.ingest(wire(seq=5), T0)
     for seq in (5, 4, 1):
-        assert reason_of(lambda: b.ingest(wire(seq=seq), T0)) is Reason.REPLAYED
+        assert reason_of(lambda s=seq: b.ingest(wire(seq=s), T0)) is Reason.REPLAYED
     assert b.rejections == {Reason.REPLAYED: 3}
     b.ingest(wire(seq=6, gpus_free=1), T0 + 1)
     assert b.adverts[ALICE.peer_id].advert.seq == 6
@@ -422,29 +442,268 @@ def test_after_expiry_a_lower_seq_is_accepted_again() -> None:
     assert b.adverts[ALICE.peer_id].advert.seq == 3
 
 
-def test_full_book_evicts_the_advert_that_expires_first() -> None:
-    b = book(adverts_max=2)
-    b.ingest(wire(ALICE, expires_at_ms=T0 + 2000), T0)
-    b.ingest(wire(BOB, expires_at_ms=T0 + 1000), T0)
-    # Mallory's advert outlives Bob's: Bob's goes.
-    b.ingest(wire(MALLORY, expires_at_ms=T0 + 3000), T0)
-    assert sorted(b.adverts) == sorted([ALICE.peer_id, MALLORY.peer_id])
-    # A newcomer that would not outlive anyone is refused and counted.
-    carol = Identity.from_rng(random.Random(13))
-    assert reason_of(lambda: b.ingest(wire(carol, expires_at_ms=T0 + 2000), T0)) is Reason.LIMIT_EXCEEDED
-    assert b.rejections == {Reason.LIMIT_EXCEEDED: 1}
-    # A known peer's update is never refused for space.
-    b.ingest(wire(ALICE, seq=2, expires_at_ms=T0 + 500), T0)
-    assert len(b.adverts) == 2 and b.adverts[ALICE.peer_id].advert.seq == 2
+# --- the book under a flood: eviction is table-driven -------------------------------
+#
+# Peers are named p1, p2, ...; forwarders F, G, H.  Each step is one of
+#   ("in", peer, forwarder)       ingest succeeds
+#   ("full", peer, forwarder)     ingest is refused with LIMIT_EXCEEDED
+#   ("own", peer)                 add_own (never refused)
+#   ("protect", peer) / ("unprotect", peer)
+#   ("update", peer, forwarder)   a newer advert of a known peer (never refused)
+# and the row names the peers the book holds at the end.
+
+POOL = {f"p{i}": Identity.from_rng(random.Random(1000 + i)) for i in range(1, 13)}
+_SEQ = iter(range(1, 1_000_000))
 
 
-def test_full_book_eviction_tie_breaks_by_peer_id() -> None:
-    b = book(adverts_max=2)
-    b.ingest(wire(ALICE, expires_at_ms=T0 + 1000), T0)
-    b.ingest(wire(BOB, expires_at_ms=T0 + 1000), T0)
-    b.ingest(wire(MALLORY, expires_at_ms=T0 + 3000), T0)
-    survivor = max(ALICE.peer_id, BOB.peer_id)
-    assert sorted(b.adverts) == sorted([survivor, MALLORY.peer_id])
+def _step(b: AdvertBook, step: tuple[str, ...]) -> None:
+    op, name = step[0], step[1]
+    ident = POOL[name]
+    if op == "in" or op == "update":
+        b.ingest(wire(ident, seq=next(_SEQ)), T0, forwarder=step[2])
+    elif op == "full":
+        assert reason_of(lambda: b.ingest(wire(ident, seq=next(_SEQ)), T0, forwarder=step[2])) \
+            is Reason.LIMIT_EXCEEDED
+    elif op == "own":
+        b.add_own(sign_advert(ident, make_advert(ident, seq=next(_SEQ))))
+    elif op == "protect":
+        assert b.protect(ident.peer_id)
+    elif op == "unprotect":
+        b.unprotect(ident.peer_id)
+    else:
+        raise AssertionError(op)
+
+
+EVICTION: list[tuple[str, dict[str, int], list[tuple[str, ...]], list[str]]] = [
+    ("a lighter forwarder's newcomer evicts the heaviest forwarder's newest", {"adverts_max": 4, "adverts_per_forwarder_max": 4},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "F"), ("in", "p4", "G"), ("in", "p5", "G")],
+     ["p1", "p2", "p4", "p5"]),
+    ("equally heavy: the newcomer is the newest, it is refused", {"adverts_max": 4, "adverts_per_forwarder_max": 4},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "G"), ("in", "p4", "G"), ("full", "p5", "G"),
+      ("full", "p5", "F")],
+     ["p1", "p2", "p3", "p4"]),
+    ("a new forwarder gets a share: two lighter than the heaviest is enough", {"adverts_max": 4,
+                                                                              "adverts_per_forwarder_max": 4},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "G"), ("in", "p4", "G"), ("in", "p5", "H")],
+     ["p1", "p2", "p3", "p5"]),
+    ("one forwarder's share is capped even with room left", {"adverts_max": 10, "adverts_per_forwarder_max": 2},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("full", "p3", "F"), ("in", "p3", "G")],
+     ["p1", "p2", "p3"]),
+    ("the default share is a quarter of the book", {"adverts_max": 8},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("full", "p3", "F"), ("in", "p3", "G")],
+     ["p1", "p2", "p3"]),
+    ("our own advert is never refused and takes no one's place", {"adverts_max": 2, "adverts_per_forwarder_max": 2},
+     [("in", "p1", "F"), ("in", "p2", "G"), ("own", "p9"), ("own", "p9"), ("full", "p3", "H")],
+     ["p1", "p2", "p9"]),
+    ("our own advert, first heard from the network, leaves the forwarder's share", {"adverts_max": 8},
+     [("in", "p9", "F"), ("in", "p1", "F"), ("own", "p9"), ("in", "p2", "F")],
+     ["p1", "p2", "p9"]),
+    ("a known peer's update is never refused for space", {"adverts_max": 4, "adverts_per_forwarder_max": 4},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "G"), ("in", "p4", "G"), ("update", "p1", "H"),
+      ("update", "p4", "F")],
+     ["p1", "p2", "p3", "p4"]),
+    ("a protected peer is never evicted: the forwarder's next newest goes", {"adverts_max": 4, "adverts_per_forwarder_max": 4},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "F"), ("protect", "p3"), ("in", "p4", "G"),
+      ("full", "p5", "G"), ("in", "p6", "H")],
+     ["p1", "p3", "p4", "p6"]),
+    ("a protected newcomer takes the heaviest forwarder's newest place", {"adverts_max": 4, "adverts_per_forwarder_max": 4},
+     [("protect", "p5"), ("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "F"), ("in", "p4", "G"),
+      ("in", "p5", "G")],
+     ["p1", "p2", "p4", "p5"]),
+    ("unprotected again, a peer is its forwarder's newest", {"adverts_max": 4, "adverts_per_forwarder_max": 4},
+     [("in", "p1", "F"), ("protect", "p1"), ("in", "p2", "F"), ("in", "p3", "F"), ("unprotect", "p1"),
+      ("in", "p4", "G"), ("in", "p5", "G")],
+     ["p2", "p3", "p4", "p5"]),
+    ("ties go against the forwarder that grew last", {"adverts_max": 6, "adverts_per_forwarder_max": 6},
+     [("in", "p1", "F"), ("in", "p2", "F"), ("in", "p3", "G"), ("in", "p4", "H"), ("in", "p5", "H"),
+      ("in", "p6", "G"), ("in", "p7", "K")],
+     ["p1", "p2", "p3", "p4", "p5", "p7"]),
+]
+
+
+@pytest.mark.parametrize(("kw", "steps", "kept"), [r[1:] for r in EVICTION], ids=[r[0] for r in EVICTION])
+def test_book_eviction(kw: dict[str, int], steps: list[tuple[str, ...]], kept: list[str]) -> None:
+    b = book(**kw)
+    for step in steps:
+        _step(b, step)
+    assert sorted(b.adverts) == sorted(POOL[k].peer_id for k in kept)
+    refused = sum(1 for s in steps if s[0] == "full")
+    assert b.rejections.get(Reason.LIMIT_EXCEEDED, 0) == refused
+
+
+def test_protected_peers_are_bounded_to_half_the_book() -> None:
+    b = book(adverts_max=4, protected_max=100)
+    assert b.protected_max == 2
+    assert b.protect(POOL["p1"].peer_id) and b.protect(POOL["p2"].peer_id)
+    assert not b.protect(POOL["p3"].peer_id)
+    assert b.protected() == [POOL["p1"].peer_id, POOL["p2"].peer_id]
+
+
+@pytest.mark.parametrize("kw", [{"adverts_max": 1}, {"adverts_max": 4, "adverts_per_forwarder_max": 5},
+                                {"adverts_per_forwarder_max": -1}])
+def test_book_limits_are_checked(kw: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        book(**kw)
+
+
+def test_a_flood_through_one_forwarder_keeps_every_honest_advert() -> None:
+    """#12.2: 10,000 valid adverts from fresh identities, all through one
+    peer, against a book of the default size that already holds 40 honest
+    adverts from four honest forwarders.  The flood takes its forwarder's share
+    only; every honest advert stays; our own refresh and a new honest peer are
+    still accepted."""
+    b = book()
+    honest = [Identity.from_rng(random.Random(5000 + i)) for i in range(41)]
+    for i, ident in enumerate(honest[:40]):
+        b.ingest(wire(ident), T0, forwarder=f"honest{i % 4}")
+    b.add_own(sign_advert(ALICE, make_advert(ALICE, seq=1)))
+    base = sign_advert(MALLORY, make_advert(MALLORY)).envelope
+    flooded = refused = 0
+    rng = random.Random(99)
+    for _ in range(10_000):
+        fake = Identity.from_rng(rng)
+        try:
+            b.ingest(wire(fake, expires_at_ms=T0 + 3_600_000), T0, forwarder="attacker")
+            flooded += 1
+        except PeerMisbehaved as exc:
+            assert exc.reason is Reason.LIMIT_EXCEEDED
+            refused += 1
+    assert base is not None
+    assert flooded == b.adverts_per_forwarder_max == 2_500 and refused == 7_500
+    assert all(ident.peer_id in b.adverts for ident in honest[:40])
+    b.add_own(sign_advert(ALICE, make_advert(ALICE, seq=2)))  # the refresh that used to crash the daemon
+    assert b.adverts[ALICE.peer_id].advert.seq == 2
+    b.ingest(wire(honest[40]), T0, forwarder="honest0")
+    # A market sync serves ours first, then the oldest: the honest peers.
+    served = [sa.advert.peer_id for sa in b.by_age(T0, 41)]
+    assert served == [ALICE.peer_id] + [i.peer_id for i in honest[:40]]
+
+
+def test_sybil_forwarders_share_a_full_book_and_honest_shares_survive() -> None:
+    """Forty flooding forwarders (Sybil connections) against a full book: the
+    heaviest forwarder always pays, so the honest forwarders, each lighter
+    than the attackers' share, keep all they had."""
+    b = book(adverts_max=200)
+    honest = [Identity.from_rng(random.Random(6000 + i)) for i in range(20)]
+    for i, ident in enumerate(honest):
+        b.ingest(wire(ident), T0, forwarder=f"honest{i % 4}")  # 5 each
+    rng = random.Random(7)
+    for round_ in range(30):
+        for k in range(40):
+            try:
+                b.ingest(wire(Identity.from_rng(rng)), T0, forwarder=f"sybil{k}")
+            except PeerMisbehaved as exc:
+                assert exc.reason is Reason.LIMIT_EXCEEDED
+    assert len(b.adverts) == 200
+    assert all(ident.peer_id in b.adverts for ident in honest)
+    assert max(b.held_by(f"sybil{k}") for k in range(40)) <= 5
+    forwarders = [*(f"sybil{k}" for k in range(40)), *(f"honest{i}" for i in range(4))]
+    assert b.largest_share() == max(b.held_by(f) for f in forwarders) > 0
+
+
+class _ReferenceBook:
+    """The eviction policy written the slow, obvious way (a scan per insert),
+    to check the O(1) bookkeeping of :class:`AdvertBook` against."""
+
+    def __init__(self, adverts_max: int, quota: int) -> None:
+        self.max, self.quota = adverts_max, quota
+        self.stored: set[str] = set()
+        self.attached: dict[str, tuple[str, int]] = {}  # evictable pid -> (forwarder, stamp)
+        self.origin: dict[str, str] = {}
+        self.protected: list[str] = []
+        self.moved: dict[str, int] = {}  # forwarder -> when its count last changed
+        self.clock = 0
+        self.refused = 0
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def _attach(self, pid: str, fwd: str) -> None:
+        self.attached[pid] = (fwd, self._tick())
+        self.moved[fwd] = self.clock
+
+    def _detach(self, pid: str) -> None:
+        fwd, _ = self.attached.pop(pid)
+        self.moved[fwd] = self._tick()
+
+    def _counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for fwd, _ in self.attached.values():
+            out[fwd] = out.get(fwd, 0) + 1
+        return out
+
+    def _evict_heaviest(self) -> None:
+        counts = self._counts()
+        top = max(counts.values())
+        heavy = max((f for f, c in counts.items() if c == top), key=lambda f: self.moved[f])
+        victim = max((p for p, (f, _) in self.attached.items() if f == heavy), key=lambda p: self.attached[p][1])
+        self._detach(victim)
+        self.stored.discard(victim)
+
+    def ingest(self, pid: str, fwd: str) -> None:
+        if pid in self.stored:
+            return
+        if pid not in self.protected:
+            held = self._counts().get(fwd, 0)
+            if held >= self.quota:
+                self.refused += 1
+                return
+            if len(self.stored) >= self.max:
+                if max(self._counts().values()) < held + 2:
+                    self.refused += 1
+                    return
+                self._evict_heaviest()
+        elif len(self.stored) >= self.max:
+            self._evict_heaviest()
+        self.stored.add(pid)
+        self.origin[pid] = fwd
+        if pid not in self.protected:
+            self._attach(pid, fwd)
+
+    def protect(self, pid: str) -> None:
+        if pid in self.protected or len(self.protected) >= self.max // 2:
+            return
+        self.protected.append(pid)
+        if pid in self.attached:
+            self._detach(pid)
+
+    def unprotect(self, pid: str) -> None:
+        if pid in self.protected:
+            self.protected.remove(pid)
+            if pid in self.stored:
+                self._attach(pid, self.origin[pid])
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["in", "in", "in", "protect", "unprotect"]),
+                          st.sampled_from(sorted(POOL)), st.sampled_from("FGH")), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_OPS, adverts_max=st.integers(2, 6), quota=st.integers(1, 6))
+def test_book_matches_the_reference_policy(ops: list[tuple[str, str, str]], adverts_max: int, quota: int) -> None:
+    quota = min(quota, adverts_max)
+    b = book(adverts_max=adverts_max, adverts_per_forwarder_max=quota, protected_max=adverts_max)
+    ref = _ReferenceBook(adverts_max, quota)
+    for op, name, fwd in ops:
+        pid = POOL[name].peer_id
+        if op == "in":
+            try:
+                b.ingest(wire(POOL[name], seq=next(_SEQ)), T0, forwarder=fwd)
+            except PeerMisbehaved as exc:
+                assert exc.reason is Reason.LIMIT_EXCEEDED
+            ref.ingest(pid, fwd)
+        elif op == "protect":
+            b.protect(pid)
+            ref.protect(pid)
+        else:
+            b.unprotect(pid)
+            ref.unprotect(pid)
+        assert set(b.adverts) == ref.stored
+        assert b.rejections.get(Reason.LIMIT_EXCEEDED, 0) == ref.refused
+        assert len(b.adverts) <= adverts_max
+        for f in "FGH":
+            assert b.held_by(f) == ref._counts().get(f, 0)
 
 
 def test_add_own_follows_the_seq_rule() -> None:
@@ -462,7 +721,7 @@ def test_market_filters() -> None:
     b.ingest(wire(ALICE, gpus=(H100,), gpus_free=1), T0)
     b.ingest(wire(BOB, gpus=(A10, A10), gpus_free=2), T0)
     b.ingest(wire(MALLORY, gpus=(), gpus_free=0, expires_at_ms=T0 + 10), T0)
-    ids = lambda rows: [a.peer_id for a in rows]  # noqa: E731
+    ids = lambda rows: [a.peer_id for a in rows]
     assert ids(b.market(T0)) == sorted([ALICE.peer_id, BOB.peer_id])  # no GPUs: not on the market
     assert ids(b.market(T0, model="h100")) == [ALICE.peer_id]
     assert ids(b.market(T0, model="A10")) == [BOB.peer_id]

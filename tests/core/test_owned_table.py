@@ -60,6 +60,15 @@ def test_an_entry_can_become_ours_but_not_theirs_again() -> None:
     assert t.pop("j") == 2 and "j" not in t and t.pop("j") is None
 
 
+def test_ours_newest_first_lists_only_ours_in_reverse_order_of_arrival() -> None:
+    t = table(theirs=5, per_owner=5, ours=3)
+    t.put("m1", 1, owner="me", ours=True)
+    t.put("x", 9, owner="s")
+    t.put("m2", 2, owner="me", ours=True)
+    t.make_ours("x")  # a stranger's job we then worked on becomes our newest
+    assert list(t.ours_newest_first()) == [9, 2, 1]
+
+
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError):
         table(theirs=0)
