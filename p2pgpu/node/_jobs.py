@@ -198,6 +198,10 @@ class JobsService:
         self.timers = Timers(node.now_ms)
         self.host = Host(node.identity, self.config, adverts=self.advert_of, candidates=self.candidates,
                          submitter_of=self._submitter_of)
+        #: A test network's adversary (config.toml ``adversary``; the daemon
+        #: sets it only where simulated GPUs are allowed): ``claim_ahead``
+        #: also claims the interval after each one it served.
+        self.adversary = ""
         self.records: OwnedTable[str, JobRecord] = OwnedTable(
             theirs_max=records_max, per_owner_max=records_per_submitter_max, ours_max=own_records_max)
         self.runner: Runner | None = None
@@ -505,6 +509,23 @@ class JobsService:
                                payout_address=self.node.payout_address, created_ms=now)
             set_member_run(self.db, a.job_id, proof_signed=a.proof_signed or None, cosigned=a.cosigned or None,
                            observed=a.observed)
+        if self.adversary == "claim_ahead":
+            self._claim_ahead(a)
+
+    def _claim_ahead(self, a: HandOver) -> None:
+        """Adversary (test networks only): claim one interval more than served."""
+        from p2pgpu.core._codec import decode
+        from p2pgpu.core._envelope import body_of, envelope_from_obj
+        from p2pgpu.core._installments import Claim, claim_wire
+
+        for kind, wire in a.items:
+            if kind != "claim":
+                continue
+            c = Claim.from_body(body_of(envelope_from_obj(decode(wire, size_max=1 << 16, canonical=True))),
+                                self.node.identity.peer_id)
+            if c.interval:
+                self.counts["adversary:claims_ahead"] += 1
+                self.send(a.dest, claim_wire(self.node.identity, dataclasses.replace(c, interval=c.interval + 1)))
 
     def _delivery_done(self, a: DeliveryDone, now: int) -> None:
         if a.status == "expired":
