@@ -513,6 +513,7 @@ class Node:
             log.warning("config.toml sets adversary = %r: ignored on network %s (test networks only)",
                         adversary, self.network.name)
             adversary = ""
+        self.jobs.adversary = adversary
         self.runner = Runner(self.jobs, root=root, policy=policy, adversary=adversary)
 
     @property
