@@ -109,7 +109,10 @@ SOURCES = [("batch_writes", "Pubsub.handle_sending_messages"),
            ("validation_cache_o1", "ValidationCache"),
            ("signer_key_cache", "signature_validator"),
            ("send_rpc_fast_path", "GossipSub.send_rpc"),
-           ("queue_sizes", "RpcQueue.__init__")]
+           ("queue_sizes", "RpcQueue.__init__"),
+           ("yamux_bulk_frames", "YamuxStream.write"),
+           ("noise_write_once", "BaseNoiseMsgReadWriter.write_msg"),
+           ("noise_buffered_reads", "BaseNoiseMsgReadWriter.read_msg")]
 
 
 def test_every_patch_and_every_pinned_source_is_listed() -> None:
