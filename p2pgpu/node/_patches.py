@@ -838,10 +838,11 @@ UPSTREAM_SHA256.update({
 
 
 def _pinned(fn: Any, sha: str, what: str) -> None:
-    """``fn`` must be the upstream source ``what`` (its ``sha`` is listed in
-    :data:`UPSTREAM_SHA256`, where the tests can change it)."""
-    del sha  # the table's entry is the one checked
+    """``fn`` must be the upstream source ``what``: its hash ``sha``, also
+    listed in :data:`UPSTREAM_SHA256` with every other pin."""
     _check_source(what, fn)
+    if _source_sha256(fn) != sha:
+        raise _SourceChanged(what)
 
 
 def _install_yamux_bulk_frames(undo: Undo) -> None:
