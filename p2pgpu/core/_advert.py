@@ -25,6 +25,7 @@ from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity
+from ._reach import check_advert_addr
 
 gpus_max = 16
 addrs_max = 8
@@ -172,6 +173,12 @@ class Advert:
         for r in self.runtimes:
             if r not in RUNTIMES:
                 raise ValueError(f"unknown runtime {r!r}")
+        for a in self.addrs:
+            # A TCP multiaddr (maybe through a relay) that names no other
+            # peer and that someone can dial (core/_reach.py).
+            why = check_advert_addr(a, self.peer_id)
+            if why is not None:
+                raise ValueError(f"addrs: {why}")
 
     @property
     def gpu_classes(self) -> tuple[str, ...]:
