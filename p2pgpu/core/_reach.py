@@ -197,7 +197,8 @@ def dialable(addrs: list[str] | tuple[str, ...], world: Scope | None) -> list[st
     """The addresses of an advert worth dialling from ``world``: direct ones of
     that very scope first, then relay addresses (whose relay is in it).  Before
     we know our world, every dialable address is tried, narrowest first."""
-    direct, relayed = [], []
+    direct: list[tuple[Scope, str]] = []
+    relayed: list[tuple[Scope, str]] = []
     for text in addrs:
         a = parse_addr(text)
         if a is None or a.scope is None:
