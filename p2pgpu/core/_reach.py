@@ -549,6 +549,12 @@ class RelayBook:
         c.bytes += n
         return None
 
+    def cut_now(self, circuit_id: int, why: CircuitCut, now_ms: int) -> None:
+        """The driver cut a circuit itself (its duration ran out while idle)."""
+        c = self.circuits.get(circuit_id)
+        if c is not None:
+            self._cut(c, why, now_ms)
+
     def _cut(self, c: Circuit, why: CircuitCut, now_ms: int) -> CircuitCut:
         self._count(self.cut, why.value)
         self._strike(c.src, now_ms)
