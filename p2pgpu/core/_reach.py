@@ -385,6 +385,7 @@ class RelayRefusal(str, Enum):
     RESERVATIONS_PER_IP = "reservations_per_ip"
     CIRCUITS_FULL = "circuits_full"
     CIRCUITS_PER_PEER = "circuits_per_peer"
+    CIRCUITS_PER_DESTINATION = "circuits_per_destination"
     NO_RESERVATION = "no_reservation"
     BANNED = "banned"
     SELF = "self"
@@ -403,8 +404,11 @@ class RelayLimits:
     reservations_per_ip_max: int = 8
     reservation_ttl_ms: int = 3600_000
     circuits_max: int = 64
-    #: Open circuits from one source peer, and to one destination.
+    #: Open circuits from one source peer.
     circuits_per_peer_max: int = 8
+    #: Open circuits to one destination (above the per-source limit, so one
+    #: source over its limit cannot lock others out of a destination).
+    circuits_per_destination_max: int = 32
     circuit_duration_ms_max: int = 3600_000
     #: Bytes in both directions together, per circuit.
     circuit_bytes_max: int = 1 << 30
@@ -418,8 +422,8 @@ class RelayLimits:
 
     def __post_init__(self) -> None:
         for name in ("reservations_max", "reservations_per_ip_max", "reservation_ttl_ms", "circuits_max",
-                     "circuits_per_peer_max", "circuit_duration_ms_max", "circuit_bytes_max", "strikes_max",
-                     "strike_window_ms", "strike_table_max"):
+                     "circuits_per_peer_max", "circuits_per_destination_max", "circuit_duration_ms_max",
+                     "circuit_bytes_max", "strikes_max", "strike_window_ms", "strike_table_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"relay limit {name} must be at least 1")
         if self.ban_ms < 0:
@@ -528,8 +532,8 @@ class RelayBook:
             return self._refuse(RelayRefusal.CIRCUITS_FULL, src, now_ms, strike=False)
         if sum(1 for c in self.circuits.values() if c.src == src) >= lim.circuits_per_peer_max:
             return self._refuse(RelayRefusal.CIRCUITS_PER_PEER, src, now_ms, strike=True)
-        if sum(1 for c in self.circuits.values() if c.dst == dst) >= lim.circuits_per_peer_max:
-            return self._refuse(RelayRefusal.CIRCUITS_PER_PEER, src, now_ms, strike=False)
+        if sum(1 for c in self.circuits.values() if c.dst == dst) >= lim.circuits_per_destination_max:
+            return self._refuse(RelayRefusal.CIRCUITS_PER_DESTINATION, src, now_ms, strike=False)
         self._next_id += 1
         c = Circuit(id=self._next_id, src=src, dst=dst, opened_ms=now_ms)
         self.circuits[c.id] = c

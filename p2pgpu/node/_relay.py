@@ -77,6 +77,7 @@ _REFUSAL_STATUS = {
     RelayRefusal.RESERVATIONS_PER_IP: RESERVATION_REFUSED,
     RelayRefusal.CIRCUITS_FULL: RESOURCE_LIMIT_EXCEEDED,
     RelayRefusal.CIRCUITS_PER_PEER: RESOURCE_LIMIT_EXCEEDED,
+    RelayRefusal.CIRCUITS_PER_DESTINATION: RESOURCE_LIMIT_EXCEEDED,
     RelayRefusal.NO_RESERVATION: NO_RESERVATION,
     RelayRefusal.BANNED: PERMISSION_DENIED,
     RelayRefusal.SELF: PERMISSION_DENIED,
@@ -185,8 +186,8 @@ class RelayService:
         circuit = self.book.open_circuit(src.to_base58(), dst.to_base58(), self.now_ms())
         if isinstance(circuit, RelayRefusal):
             await self._status(stream, _REFUSAL_STATUS[circuit], "relay_connect")
-            if circuit is RelayRefusal.BANNED:
-                await self._disconnect(src)
+            if self.book.is_banned(src.to_base58(), self.now_ms()):
+                await self._disconnect(src)  # this refusal was its last strike, or it came back banned
             return
         if not self.host.get_network().get_connections(dst):
             # A slot holds only while its holder is connected to us.

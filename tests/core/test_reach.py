@@ -238,14 +238,14 @@ def test_relay_reservations_limits() -> None:
 
 
 def test_relay_circuits_need_a_reservation_and_are_bounded() -> None:
-    b = _book(circuits_max=3, circuits_per_peer_max=2)
+    b = _book(circuits_max=3, circuits_per_peer_max=2, circuits_per_destination_max=2)
     assert b.open_circuit("x", "dst", 0) is RelayRefusal.NO_RESERVATION
     b.reserve("dst", "198.51.100.11", 0)
     b.reserve("dst2", "198.51.100.12", 0)
     c1, c2 = b.open_circuit("x", "dst", 0), b.open_circuit("x", "dst", 0)
     assert not isinstance(c1, RelayRefusal) and not isinstance(c2, RelayRefusal)
     assert b.open_circuit("x", "dst2", 0) is RelayRefusal.CIRCUITS_PER_PEER  # source's share
-    assert b.open_circuit("y", "dst", 0) is RelayRefusal.CIRCUITS_PER_PEER  # destination's share
+    assert b.open_circuit("y", "dst", 0) is RelayRefusal.CIRCUITS_PER_DESTINATION  # destination's share
     assert not isinstance(b.open_circuit("y", "dst2", 0), RelayRefusal)
     assert b.open_circuit("z", "dst2", 0) is RelayRefusal.CIRCUITS_FULL
     b.close_circuit(c1.id)
