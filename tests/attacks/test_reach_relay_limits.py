@@ -15,11 +15,10 @@ from typing import Any
 
 import trio
 from libp2p.exceptions import BaseLibp2pError
+from reach_relay_helpers import ECHO, echo_through, relayed
 
 from p2pgpu.core import RelayLimits
 from p2pgpu.node._relay import HOP_PROTOCOL, OK, RESOURCE_LIMIT_EXCEEDED, HopMessage, PbPeer, _read, _write
-
-from reach_relay_helpers import ECHO, echo_through, relayed
 
 
 async def _raw_connect(host: Any, relay: Any, dest: Any) -> tuple[int, Any]:
@@ -35,7 +34,7 @@ async def test_circuits_over_the_per_source_limit_are_refused_and_the_source_is_
     limits = RelayLimits(circuits_per_peer_max=2, circuits_per_destination_max=8, strikes_max=3,
                          strike_window_ms=60_000, ban_ms=60_000)
     async with AsyncExitStack() as ex, relayed(limits, ex=ex) as r:
-        attacker, a_client = await r.client(ex, b"a" * 32)
+        attacker, _ = await r.client(ex, b"a" * 32)
         await attacker.host.connect(_info(r.relay))
         rid, did = r.relay.host.get_id(), r.dest.host.get_id()
         statuses = []
@@ -109,7 +108,7 @@ async def test_an_idle_circuit_is_cut_at_its_duration() -> None:
     limits = RelayLimits(circuit_duration_ms_max=1500)
     async with AsyncExitStack() as ex, relayed(limits, ex=ex) as r:
         did = r.dest.host.get_id()
-        attacker, a_client = await r.client(ex, b"a" * 32)
+        _attacker, a_client = await r.client(ex, b"a" * 32)
         conn = await a_client.dial(r.circuit, did, 20)
         with trio.fail_after(15):
             while not conn.is_closed:

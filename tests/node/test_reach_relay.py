@@ -12,7 +12,7 @@ from p2pgpu.core import RelayLimits
 from p2pgpu.node._holepunch import connection_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attacks"))
-from reach_relay_helpers import echo_through, relayed  # noqa: E402 - shared with the relay attack tests
+from reach_relay_helpers import echo_through, relayed
 
 
 async def test_dial_through_a_relay_and_stream_over_it() -> None:
@@ -35,7 +35,7 @@ async def test_no_reservation_no_circuit() -> None:
     """A peer without a slot on the relay cannot be reached through it."""
     async with AsyncExitStack() as ex, relayed(RelayLimits(), ex=ex) as r:
         other, _ = await r.client(ex, b"o" * 32)
-        src, client = await r.client(ex, b"s" * 32)
+        _src, client = await r.client(ex, b"s" * 32)
         fake = r.circuit.replace(r.dest.peer_id, other.peer_id)
         try:
             await client.dial(fake, other.host.get_id(), 20)
