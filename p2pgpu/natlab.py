@@ -32,14 +32,19 @@ Commands run in a host with :meth:`NatLab.cmd` (``ip netns exec``).
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import ipaddress
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Self, TypeVar
+
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000
 
 PREFIX = "p2pgpu-lab-"
 PUBLIC_NET = ipaddress.IPv4Network("198.51.100.0/24")
@@ -283,6 +288,36 @@ class NatLab:
             timeout_s: float = command_timeout_s) -> subprocess.CompletedProcess[str]:
         return _run(self.cmd(host, argv), check=check, timeout_s=timeout_s)
 
+    def call_in(self, host: Host, fn: Callable[..., T], *args: object, timeout_s: float = 60.0) -> T:
+        """``fn(*args)`` run in a thread that joined ``host``'s network
+        namespace first: its sockets live there (a node's control API on
+        that host's 127.0.0.1, the ledger on the lab's internet), while the
+        calling process stays where it is."""
+        return call_in_netns(host.netns, fn, *args, timeout_s=timeout_s)
+
     def conntrack_mappings(self, nat: Nat) -> str:
         """The router's NAT table as the kernel holds it (for reports)."""
         return _run(["ip", "netns", "exec", nat.netns, "cat", "/proc/net/nf_conntrack"], check=False).stdout
+
+
+def _enter_netns(ns: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise LabError(f"setns into {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def call_in_netns(ns: str, fn: Callable[..., T], *args: object, timeout_s: float = 60.0) -> T:
+    """``fn(*args)`` in a fresh thread inside network namespace ``ns`` (a
+    network namespace is per thread; the thread ends with the call)."""
+
+    def run() -> T:
+        _enter_netns(ns)
+        return fn(*args)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result(timeout=timeout_s)
