@@ -82,7 +82,8 @@ class NatNet:
         with open(self.root / "ledger.log", "wb") as log:
             self.ledger_proc = children.spawn(self.lab.cmd(boot, [
                 sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--host", boot.ip,
-                "--port", str(LEDGER_PORT)]), stdout=log, stderr=subprocess.STDOUT)
+                "--port", str(LEDGER_PORT), "--airdrop-total-max", str(10**15), "--airdrop-address-max",
+                str(10**14)]), stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: _healthy(self), timeout_s=60, what="the ledger")
 
     def start_node(self, name: str, gpu: tuple[str, int, str, int], *, bootstrap: list[str],

@@ -123,7 +123,7 @@ def test_job_across_two_nats_forms_runs_returns_results_and_is_paid(natnet: NatN
 
     doc = wait_until(settled, timeout_s=240, what="the job to run and be paid")
     assert doc["state"] == "succeeded", doc
-    assert sorted(doc["members"]) == sorted([nodes["a1"].peer_id, nodes["b1"].peer_id])
+    assert sorted(doc["cluster"]["members"]) == sorted([nodes["a1"].peer_id, nodes["b1"].peer_id])
     out = tmp_path / "results"
     got = submitter.call("job.results", {"job_id": job, "out": str(out)}, timeout_s=120)
     texts = sorted(p.read_text() for p in out.rglob("result-*.txt"))
