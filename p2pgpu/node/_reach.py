@@ -14,8 +14,9 @@ all in the nursery of :meth:`ReachService.run`:
   they expire; drop the ones whose connection died.
 - **punch**: for each relayed connection we accepted, try a hole punch
   once (``PunchBook`` bounds retries); when a direct connection to a peer
-  exists, close its relayed ones once they carry no stream, and tell the
-  node (its direct links reopen their streams on the direct connection).
+  exists, close its relayed ones once they carry no stream, or after
+  ``retire_busy_after_s`` whatever they carry (new streams open on the
+  direct connection meanwhile: the swarm prefers direct ones).
 - whenever what we would advertise changes, ``on_addrs_changed`` is called
   (the node re-signs its advert).
 
@@ -74,8 +75,13 @@ tick_s = 2.0
 relay_retry_s = 60.0
 #: A slot is renewed when less than this share of its life is left.
 renew_at_share = 0.25
-#: A relayed connection with a direct twin closes once idle and this old.
+#: A relayed connection with a direct twin closes once idle and the twin
+#: this old; a busy one (long-lived direct-link streams, a transfer) once the
+#: twin is ``retire_busy_after_s`` old: new streams already open on the
+#: direct one (the swarm prefers direct), and a direct link whose stream is
+#: cut reopens it there.
 retire_after_s = 2.0
+retire_busy_after_s = 60.0
 punches_concurrent_max = 4
 autonat_answer_timeout_s = 20.0
 interfaces_ttl_s = 30.0
@@ -491,7 +497,8 @@ class ReachService:
             if direct and relayed:
                 since = self._direct_since.setdefault(pid, now_s)
                 for c in relayed:
-                    if now_s - since >= retire_after_s and not c.get_streams():
+                    idle = not c.get_streams()
+                    if (idle and now_s - since >= retire_after_s) or now_s - since >= retire_busy_after_s:
                         self.counts["relayed_retired"] += 1
                         log.info("closing the relayed connection to %s: a direct one took over", pid)
                         self.on_direct(pid)
@@ -518,6 +525,10 @@ class ReachService:
                     self.host.get_peerstore().add_addrs(peer, known, 600)
                 with trio.move_on_after(60.0):
                     ok = bool(await self.puncher.initiate_hole_punch(peer))
+                # Upstream answers True from a cache of peers it once saw
+                # directly connected: count only a direct connection we hold.
+                ok = ok and any(connection_kind(c) == "direct" and not c.is_closed
+                                for c in self.direct_conns().get(pid, []))
         except (BaseLibp2pError, OSError, ValueError) as exc:
             log.info("hole punch to %s failed: %s", pid, exc)
         finally:

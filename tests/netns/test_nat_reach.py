@@ -25,11 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from natnet import MEMBER_GPU, LabNode, NatNet, build, connection_kinds, wait_until
 
 from p2pgpu import natlab
 from p2pgpu.core import Scope, parse_addr
-
-from natnet import MEMBER_GPU, NatNet, build, connection_kinds, wait_until
 
 pytestmark = pytest.mark.processes
 WHY_NOT = natlab.unavailable()
@@ -77,7 +76,7 @@ def natnet(tmp_path: Path) -> Iterator[NatNet]:
         assert not [ns for ns in natlab.lab_namespaces() if ns.startswith(lab.run_id)]
 
 
-def _advertised(node) -> list[str]:  # noqa: ANN001 - a natnet.LabNode
+def _advertised(node: LabNode) -> list[str]:
     return node.call("status")["reachability"]["advertised_addrs"]
 
 
@@ -97,9 +96,12 @@ def test_job_across_two_nats_forms_runs_returns_results_and_is_paid(natnet: NatN
             assert p is not None and p.scope is Scope.PUBLIC, f"{n.name} advertises {a}"
             assert p.is_relay, f"{n.name} behind a NAT advertises a direct address {a}"
     # Public nodes: public, their own public address only.
+    def public(n: LabNode) -> dict | None:
+        st = n.call("status")["reachability"]
+        return st if st["reachability"] == "public" else None
+
     for n in (nodes["boot"], nodes["relay"]):
-        st = wait_until(lambda n=n: (lambda s: s if s["reachability"] == "public" else None)(
-            n.call("status")["reachability"]), timeout_s=90, what=f"{n.name} to be found public")
+        st = wait_until(lambda n=n: public(n), timeout_s=90, what=f"{n.name} to be found public")
         assert st["advertised_addrs"] == [f"/ip4/{n.host.ip}/tcp/4001/p2p/{n.peer_id}"]
 
     # Every node's market lists every GPU.
