@@ -145,3 +145,54 @@ def test_job_across_two_nats_forms_runs_returns_results_and_is_paid(natnet: NatN
     # have punched through to it.
     assert direct == 0
     assert relayed >= 1
+
+
+@pytest.fixture
+def punchnet(tmp_path: Path) -> Iterator[NatNet]:
+    """A public bootstrap node (the relay) and one node behind each of two
+    NATs that keep one public port per inside port: hole punching can work."""
+    if WHY_NOT is not None:
+        pytest.skip(f"network namespaces unavailable: {WHY_NOT}")
+    lab = natlab.NatLab(tag=f"p{os.getpid() % 10000}", delay_ms=5)
+    net = None
+    try:
+        lab.open()
+        lab.add_public("boot")
+        for i, name in ((1, "x"), (2, "y")):
+            lab.add_private(lab.add_nat(f"home{i}"), name)
+        net = NatNet(lab=lab, root=tmp_path)
+        net.start_ledger()
+        boot = net.start_node("boot", MEMBER_GPU, bootstrap=[], config='relay_service = "on"')
+        for name in ("x", "y"):
+            net.start_node(name, MEMBER_GPU, bootstrap=[boot.bootstrap_addr])
+        yield net
+    except BaseException:
+        if net is not None:
+            for n in net.nodes.values():
+                print(f"--- {n.name} ({n.host.ip}) log tail ---\n{n.log_tail(60)}")
+        raise
+    finally:
+        if net is not None:
+            net.stop()
+        lab.close()
+        assert not [ns for ns in natlab.lab_namespaces() if ns.startswith(lab.run_id)]
+
+
+def test_hole_punching_turns_a_relayed_connection_direct(punchnet: NatNet) -> None:
+    x, y = punchnet.nodes["x"], punchnet.nodes["y"]
+    # They find each other in the market and connect through the relay; the
+    # side that accepted the relayed connection punches.
+    wait_until(lambda: x.peer_id in {r["peer_id"] for r in y.call("market")}
+               and y.peer_id in {r["peer_id"] for r in x.call("market")}, timeout_s=90, what="both markets")
+    def direct() -> dict[str, list[str]] | None:
+        k = connection_kinds(x, [y])
+        return k if "direct" in k["y"] else None
+
+    kinds = wait_until(direct, timeout_s=120, what="a direct connection between the two NATed nodes")
+    print(f"x-y connections: {kinds}; hole punches: x {x.call('status')['reachability']['hole_punch']}, "
+          f"y {y.call('status')['reachability']['hole_punch']}")
+    st = [n.call("status")["reachability"]["hole_punch"] for n in (x, y)]
+    assert sum(s["succeeded"] for s in st) >= 1
+    # Neither advertises a direct address: the punch needs none.
+    for n in (x, y):
+        assert all("/p2p-circuit" in a for a in _advertised(n))
