@@ -36,12 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from google.protobuf.message import DecodeError
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
+from multiaddr.exceptions import Error as MultiaddrError
 
 from p2pgpu.core import parse_addr
 
@@ -165,7 +167,7 @@ class AutoNatServer:
         try:
             req.ParseFromString(data)
             peer = ID(req.dial.peer.id)
-        except (ValueError, TypeError) as exc:  # protobuf DecodeError is a ValueError
+        except (DecodeError, ValueError, TypeError) as exc:
             return self._reply(Message.E_BAD_REQUEST, f"bad request: {type(exc).__name__}")
         requester = stream.muxed_conn.peer_id
         if req.type != Message.DIAL or peer != requester:
@@ -186,7 +188,7 @@ class AutoNatServer:
         for raw in list(req.dial.peer.addrs)[:32]:
             try:
                 a = parse_addr(str(Multiaddr(bytes(raw))))
-            except (ValueError, TypeError, BaseLibp2pError):
+            except (ValueError, TypeError, LookupError, MultiaddrError, BaseLibp2pError):
                 continue
             if a is not None and not a.is_relay and a.port not in ports:
                 ports.append(a.port)
@@ -234,13 +236,13 @@ async def ask(host: Any, server: ID, addrs: list[str], timeout_s: float) -> Answ
     resp = Message()
     try:
         resp.ParseFromString(data)
-    except ValueError:
+    except (DecodeError, ValueError):
         return Answer(judged=False, ok=False, addr="", detail="garbled answer")
     status, text = resp.dialResponse.status, resp.dialResponse.statusText[:200]
     if status == Message.OK:
         try:
             addr = str(Multiaddr(bytes(resp.dialResponse.addr)))
-        except (ValueError, TypeError, BaseLibp2pError):
+        except (ValueError, TypeError, LookupError, MultiaddrError, BaseLibp2pError):
             return Answer(judged=False, ok=False, addr="", detail="answer with a garbled address")
         return Answer(judged=True, ok=True, addr=addr, detail="")
     if status == Message.E_DIAL_ERROR:

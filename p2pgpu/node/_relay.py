@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from google.protobuf.message import DecodeError
 from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
@@ -48,7 +49,7 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as PbPeer
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
-from p2pgpu.core import CircuitCut, RelayBook, RelayLimits, RelayRefusal, parse_addr
+from p2pgpu.core import CircuitCut, PeerMisbehaved, Reason, RelayBook, RelayLimits, RelayRefusal, parse_addr
 
 from ._autonat import is_relayed, remote_ip
 
@@ -89,8 +90,12 @@ class RelayDialFailed(Exception):
 
 
 async def _read(stream: Any, cls: Any) -> Any:
+    """One varint-prefixed protobuf message; garbage is the peer's fault."""
     msg = cls()
-    msg.ParseFromString(await read_varint_prefixed_bytes_limited(stream, message_bytes_max))
+    try:
+        msg.ParseFromString(await read_varint_prefixed_bytes_limited(stream, message_bytes_max))
+    except DecodeError as exc:
+        raise PeerMisbehaved(Reason.MALFORMED, f"not a {cls.__name__}: {exc}") from None
     return msg
 
 
@@ -203,7 +208,7 @@ class RelayService:
                     await _write(dst_stream, StopMessage(type=StopMessage.CONNECT, peer=PbPeer(id=src.to_bytes()),
                                                          limit=self._limit()))
                     answer = await _read(dst_stream, StopMessage)
-            except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError) as exc:
+            except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError, PeerMisbehaved) as exc:
                 log.debug("relay: %s unreachable for %s: %s", dst, src, exc)
                 await self._status(stream, CONNECTION_FAILED, "relay_connect")
                 return
@@ -380,7 +385,7 @@ class RelayClient:
                     return "the relay is itself reached through a relay"
                 await _write(stream, HopMessage(type=HopMessage.RESERVE))
                 answer = await _read(stream, HopMessage)
-        except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError) as exc:
+        except (trio.TooSlowError, BaseLibp2pError, OSError, ValueError, PeerMisbehaved) as exc:
             self.counts["relay_reserve_failed"] += 1
             return f"{type(exc).__name__}: {exc}"[:200]
         finally:
@@ -431,7 +436,7 @@ class RelayClient:
                 stream = None
         except trio.TooSlowError:
             raise RelayDialFailed("timed out") from None
-        except (BaseLibp2pError, OSError, ValueError) as exc:
+        except (BaseLibp2pError, OSError, ValueError, PeerMisbehaved) as exc:
             raise RelayDialFailed(f"{type(exc).__name__}: {exc}"[:200]) from None
         finally:
             if stream is not None:
