@@ -159,7 +159,8 @@ class AutoNatServer:
             m.dialResponse.statusText = text
         if addr:
             m.dialResponse.addr = addr
-        self.counts[f"autonat_served:{Message.ResponseStatus.Name(status).lower()}"] += 1
+        name = Message.ResponseStatus.Name(status)  # type: ignore[arg-type]
+        self.counts[f"autonat_served:{name.lower()}"] += 1
         return m
 
     async def _answer(self, stream: Any, data: bytes) -> Message:

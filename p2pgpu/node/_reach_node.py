@@ -78,7 +78,7 @@ def reach_config(extra: dict[str, Any], *, announce: list[str], bootstrap: list[
         return ReachConfig(
             announce=tuple(dict.fromkeys([*listed, *announce])),
             relay_service=mode,
-            relay_limits=RelayLimits(**relay),  # type: ignore[arg-type]
+            relay_limits=RelayLimits(**relay),
             relays_target=_int(extra, "relays_target", 2, 0, 8),
             reach_limits=ReachLimits(confirmations=_int(extra, "reach_confirmations", 3, 1, 32)),
             hole_punching=punch,
