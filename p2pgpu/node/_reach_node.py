@@ -24,7 +24,9 @@ config.toml keys (docs/operating.md, "Behind a NAT"):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from multiaddr import Multiaddr
@@ -36,7 +38,22 @@ from ._holepunch import connection_kind
 from ._reach import RELAY_MODES, ReachConfig, ReachService
 
 if TYPE_CHECKING:
-    from ._daemon import Node
+    from p2pgpu.core import AdvertBook
+
+    from ._connmgr import ConnectionManager
+    from ._stack import Stack
+
+
+class ReachPorts(Protocol):
+    """What :func:`attach` needs of the node (``_daemon.Node`` has it)."""
+
+    stack: Stack | None
+    connmgr: ConnectionManager | None
+    book: AdvertBook
+    counts: Counter[str]
+    now_ms: Callable[[], int]
+
+    def addrs_changed(self) -> None: ...
 
 _RL = RelayLimits()
 #: config.toml key -> (RelayLimits field, default, lowest, highest, scale to the field's unit).
@@ -117,7 +134,7 @@ class _Watch(INotifee):
         return None
 
 
-def attach(node: Node, config: ReachConfig) -> ReachService:
+def attach(node: ReachPorts, config: ReachConfig) -> ReachService:
     """The node's reachability service, its handlers installed (call after
     the connection manager is, before any peer is dialled; start it with
     ``nursery.start(service.run)``)."""
