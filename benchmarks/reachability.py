@@ -5,14 +5,14 @@ and relayed connections, on real nodes in an emulated internet (#14).
 
 The lab (``p2pgpu.natlab``, network namespaces; needs root, ip, iptables):
 an internet on 198.51.100.0/24 with a bootstrap node (and the ledger), a
-relay node and two more public nodes; ``home1`` and ``home3``, NATs that
-keep one public port per inside port (hole punching can work), and
-``home2`` with ``--random-fully`` (punching fails).  Three 2-node jobs, each
+relay node and two more public nodes; ``home1``, ``home3`` and ``home4``,
+NATs that keep one public port per inside port (hole punching can work),
+and ``home2`` with ``--random-fully`` (punching fails).  Three 2-node jobs, each
 writing a ``--mib`` MiB result file per member:
 
 - ``direct``: submitter ``boot``, members ``p1``, ``p2`` (public);
 - ``hole_punched``: submitter ``a1`` (behind home1), members ``c1``, ``c2``
-  (behind home3): they meet through a relay and punch;
+  (behind home3 and home4): they meet through a relay and punch;
 - ``relayed``: submitter ``a1``, members ``b1``, ``b2`` (behind home2): the
   results come through the relay.
 
@@ -74,11 +74,13 @@ on_member_loss = "fail"
 def build(lab: natlab.NatLab, root: Path) -> NatNet:
     for name in ("boot", "relay", "p1", "p2"):
         lab.add_public(name)
-    home1, home2, home3 = lab.add_nat("home1"), lab.add_nat("home2", random_ports=True), lab.add_nat("home3")
+    home1, home2 = lab.add_nat("home1"), lab.add_nat("home2", random_ports=True)
     lab.add_private(home1, "a1")
-    for nat, names in ((home2, ("b1", "b2")), (home3, ("c1", "c2"))):
-        for n in names:
-            lab.add_private(nat, n)
+    for n in ("b1", "b2"):
+        lab.add_private(home2, n)
+    # One node per port-keeping NAT: two behind one NAT cannot both keep port 4001.
+    lab.add_private(lab.add_nat("home3"), "c1")
+    lab.add_private(lab.add_nat("home4"), "c2")
     net = NatNet(lab=lab, root=root)
     net.start_ledger()
     boot = net.start_node("boot", OTHER, bootstrap=[])
