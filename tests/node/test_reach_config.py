@@ -48,3 +48,31 @@ def test_wildcard_listen_addresses_expand_to_interfaces() -> None:
     got = expand_listen(["/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001", "/ip4/198.51.100.2/tcp/5"], ifaces)
     assert got == ["/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.1.2/tcp/4001", "/ip6/::1/tcp/4001",
                    "/ip6/2001:db8::5/tcp/4001", "/ip4/198.51.100.2/tcp/5"]
+
+
+async def test_a_node_listens_on_all_ipv4_and_ipv6_interfaces() -> None:
+    """``--listen /ip4/0.0.0.0/tcp/0 --listen /ip6/::/tcp/0``: peers reach it
+    over IPv4 and over IPv6."""
+    from contextlib import AsyncExitStack
+
+    import multiaddr
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from p2pgpu.node._reach import interface_addresses
+    from p2pgpu.node._stack import open_stack
+
+    if "::1" not in interface_addresses():
+        pytest.skip("no IPv6 loopback on this machine")
+    async with AsyncExitStack() as ex:
+        node = await ex.enter_async_context(open_stack(b"w" * 32, ["/ip4/0.0.0.0/tcp/0", "/ip6/::/tcp/0"],
+                                                       dht_validators={}))
+        listen = expand_listen([str(a) for a in node.host.get_transport_addrs()], interface_addresses())
+        v4 = next(a for a in listen if a.startswith("/ip4/127.0.0.1/"))
+        v6 = next(a for a in listen if a.startswith("/ip6/::1/"))
+        for i, addr in enumerate((v4, v6)):
+            peer = await ex.enter_async_context(open_stack(bytes([65 + i]) * 32, ["/ip4/127.0.0.1/tcp/0"],
+                                                           dht_validators={}))
+            await peer.host.connect(PeerInfo(ID.from_base58(node.peer_id), [multiaddr.Multiaddr(addr)]))
+            # PeerInfo named only this address: the connection came over it.
+            assert peer.host.get_network().get_connections(ID.from_base58(node.peer_id)), addr
