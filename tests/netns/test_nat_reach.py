@@ -104,6 +104,16 @@ def test_job_across_two_nats_forms_runs_returns_results_and_is_paid(natnet: NatN
         st = wait_until(lambda n=n: public(n), timeout_s=90, what=f"{n.name} to be found public")
         assert st["advertised_addrs"] == [f"/ip4/{n.host.ip}/tcp/4001/p2p/{n.peer_id}"]
 
+    # AutoNAT: the two public servers could not dial the private nodes back.
+    def verdict(n: LabNode) -> dict | None:
+        st = n.call("status")["reachability"]
+        return st if st["reachability"] != "unknown" else None
+
+    for n in private:
+        st = wait_until(lambda n=n: verdict(n), timeout_s=90, what=f"{n.name}'s AutoNAT verdict")
+        assert st["reachability"] == "private", st
+        assert "could not dial us back" in st["why"]
+
     # Every node's market lists every GPU.
     want = {n.peer_id for n in everyone}
     for n in everyone:
