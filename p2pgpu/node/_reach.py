@@ -494,6 +494,18 @@ class ReachService:
             relayed = [c for c in conns if connection_kind(c) == "relayed" and not c.is_closed]
             if not direct:
                 self._direct_since.pop(pid, None)
+            if len(relayed) > 1:
+                # Both sides dialled through relays at once: keep one, close
+                # the idle twins (each holds a relay's circuit).  Both ends
+                # must keep the same one: the one the smaller peer id dialled.
+                mine = Direction.OUTBOUND if self.me < pid else Direction.INBOUND
+                relayed.sort(key=lambda c: (getattr(c, "direction", None) != mine, -len(c.get_streams())))
+                for c in relayed[1:]:
+                    if not c.get_streams():
+                        self.counts["relayed_twin_closed"] += 1
+                        with trio.move_on_after(2.0):
+                            await c.close()
+                relayed = [c for c in relayed if not c.is_closed]
             if direct and relayed:
                 since = self._direct_since.setdefault(pid, now_s)
                 for c in relayed:
