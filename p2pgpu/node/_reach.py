@@ -83,6 +83,8 @@ renew_at_share = 0.25
 retire_after_s = 2.0
 retire_busy_after_s = 60.0
 punches_concurrent_max = 4
+#: Market peers looked at for relay slots per round.
+relay_candidates_max = 256
 autonat_answer_timeout_s = 20.0
 interfaces_ttl_s = 30.0
 
@@ -179,7 +181,8 @@ class ReachService:
     def __init__(self, host: Any, *, config: ReachConfig, counts: Counter[str], now_ms: Callable[[], int],
                  on_addrs_changed: Callable[[], None], peer_addrs: Callable[[str], list[str]],
                  admit_relayed: Callable[[str], str | None], release_relayed: Callable[[str], None],
-                 on_direct: Callable[[str], None] = lambda _p: None) -> None:
+                 on_direct: Callable[[str], None] = lambda _p: None,
+                 known_peers: Callable[[], list[str]] = list) -> None:
         self.host = host
         self.me = host.get_id().to_base58()
         self.config = config
@@ -189,6 +192,8 @@ class ReachService:
         #: A peer's advertised addresses (from its signed advert), or [].
         self.peer_addrs = peer_addrs
         self.on_direct = on_direct
+        #: Peers with a live advert in our market (gossip, market syncs, the DHT).
+        self.known_peers = known_peers
         self.tracker = ReachabilityTracker(config.reach_limits)
         self.punches = PunchBook()
         self.autonat = AutoNatServer(host, counts, now_s=lambda: self.now_ms() / 1000)
@@ -400,12 +405,16 @@ class ReachService:
             self.counts["autonat_asked:no_verdict"] += 1
 
     def _relay_candidates(self) -> tuple[list[str], list[str]]:
-        """Peers that may lend us a slot: our bootstrap peers, and connected
-        peers whose signed advert shows a direct address of our world."""
+        """Peers that may lend us a slot: our bootstrap peers, then peers
+        (connected, or known from the market) whose signed advert shows a
+        direct address of our world.  ``choose_relays`` ranks the others by a
+        hash of both ids, so private nodes spread over the network's relays
+        instead of all crowding the bootstrap peers."""
         boot = [a.peer for a in (parse_addr(b) for b in self.config.bootstrap) if a is not None and a.peer]
         world = self.world()
         cands = list(boot)
-        for pid in self.direct_conns():
+        pool = list(dict.fromkeys([*self.direct_conns(), *self.known_peers()[:relay_candidates_max]]))
+        for pid in pool:
             if any("/p2p-circuit" not in x for x in dialable(self.peer_addrs(pid), world)):
                 cands.append(pid)
         return cands, boot

@@ -150,7 +150,8 @@ def attach(node: ReachPorts, config: ReachConfig) -> ReachService:
 
     service = ReachService(node.stack.host, config=config, counts=node.counts, now_ms=node.now_ms,
                            on_addrs_changed=addrs_changed, peer_addrs=peer_addrs,
-                           admit_relayed=connmgr.admit_relayed, release_relayed=connmgr.release_relayed)
+                           admit_relayed=connmgr.admit_relayed, release_relayed=connmgr.release_relayed,
+                           known_peers=lambda: list(node.book.adverts))
     service.install()
     node.stack.host.get_network().register_notifee(_Watch(service))
     return service
