@@ -20,7 +20,8 @@ changes what the node decides itself:
   :class:`~p2pgpu.core.PunchBook`;
 - what it sends: predicted public addresses and its listen addresses
   without wildcards (upstream sends ``/ip4/0.0.0.0/...``);
-- what it dials: only addresses of its own world (``core.dialable``): a
+- what it dials: only addresses of its own world (``core.dialable``), in
+  the exchange and in the plain dial that comes first (spec step 0): a
   stranger's private address would be dialled on our own LAN;
 - when the relayed connection goes: not 60 s after the punch whatever runs
   on it, but when it carries no stream any more (``_reach``).
@@ -42,6 +43,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import trio
 from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
@@ -69,6 +71,21 @@ class HolePuncher(DCUtRProtocol):
     def _schedule_relay_close(self, peer_id: ID) -> None:
         """Nothing: the reachability service retires idle relayed connections."""
         return
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        """Spec step 0 (a plain dial before punching), on the addresses of
+        our world only: upstream dials every address the peerstore holds,
+        and identify fills it with the peer's own LAN and loopback
+        addresses, which a node on the internet must not dial."""
+        known = [str(a) for a in self.host.get_peerstore().addrs(peer_id)]
+        addrs = [Multiaddr(a) for a in dialable(known, self.world()) if "/p2p-circuit" not in a][:addrs_max]
+        if not addrs:
+            return False
+        with trio.move_on_after(self.dial_timeout):
+            async with trio.open_nursery() as nursery:
+                for addr in addrs:
+                    nursery.start_soon(self._dial_peer, peer_id, addr)
+        return bool(await self._verify_direct_connection(peer_id))
 
     def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[Multiaddr]:
         got = super()._decode_observed_addrs(list(addr_bytes)[:addrs_max])
