@@ -82,6 +82,26 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "RANK",
                 "WORLD_SIZE", "LOCAL_RANK")
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Kernel settings under the job's fresh ``/proc``, made read-only over it.
+#: The job's uid is the node's own outside its user namespace, so when the
+#: node runs as root every root-owned, owner-writable sysctl file (765 of them
+#: here) was writable by job code: the host's kernel settings, not a copy.
+#: bubblewrap covers ``/proc/sys`` only when the directory itself is
+#: writable (it is 0555), so it did not.  ``/proc/pressure`` takes PSI
+#: triggers.  (bubblewrap covers ``/proc/irq`` and ``/proc/bus`` itself, and
+#: ``/proc/sysrq-trigger`` when it is writable: covered here whatever it is.)
+PROC_READ_ONLY = ("/proc/sys", "/proc/pressure", "/proc/sysrq-trigger")
+
+
+def proc_args() -> list[str]:
+    """bubblewrap options for the job's ``/proc``: its own pid namespace's,
+    with the kernel's settings read-only (``PROC_READ_ONLY``)."""
+    a = ["--proc", "/proc"]
+    for p in PROC_READ_ONLY:
+        a += ["--ro-bind-try", p, p]
+    return a
+
+
 #: Where the sandbox puts its own things: no extra bind may cover them.
 _RESERVED_DESTS = ("/", WORK, "/tmp", "/dev", "/proc", "/etc")
 #: The /etc the job needs to run programs; no passwd/group/shadow of the host.
@@ -324,7 +344,7 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_f
         a += ["--ro-bind", src, dest]
     for name in ("passwd", "group", "hostname"):
         a += ["--ro-bind", str(disk_top / ETC_DIR / name), f"/etc/{name}"]
-    a += ["--proc", "/proc", "--dev", "/dev"]
+    a += [*proc_args(), "--dev", "/dev"]
     for p in gpu_device_paths(spec.gpus, policy.dev_dir):
         a += ["--dev-bind", str(p), f"/dev/{p.name}"]
     # Everything the job can write is size-limited: /dev/shm and /tmp are

@@ -123,3 +123,74 @@ if os.fork() == 0:
         assert naming(marker) == [], "a daemonised child of the job outlived it"
     finally:
         kill_all([], marker)
+
+
+WRITE_EVERYWHERE = r"""
+import os, stat, sys
+mark, allowed = sys.argv[1], ("/work", "/tmp", "/dev/shm")
+made, opened, seen = [], [], 0
+def walk(top, skip=()):
+    global seen
+    for root, dirs, files in os.walk(top):
+        if root in skip:
+            dirs[:] = []
+            continue
+        seen += 1
+        if seen > 60000:
+            return
+        try:
+            fd = os.open(os.path.join(root, mark), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            made.append(root)
+        except OSError:
+            pass
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                if not stat.S_ISREG(os.lstat(p).st_mode):
+                    continue
+                fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                os.close(fd)
+                opened.append(p)
+            except OSError:
+                pass
+walk("/", skip=("/proc", "/sys"))
+# The kernel's files in /proc (not the job's own processes' directories).
+pid_dirs = tuple(f"/proc/{p}" for p in os.listdir("/proc") if p.isdigit() or p in ("self", "thread-self"))
+walk("/proc", skip=pid_dirs)
+print("SEEN", seen)
+for d in made:
+    print("MADE", d)
+for p in opened:
+    print("OPENED", p)
+"""
+
+
+async def test_a_job_that_writes_everywhere_writes_only_its_own_places(tmp_path: Path) -> None:
+    # Guards: the read-only system binds, the read-only ``/work/in``, the
+    # kernel's settings in ``/proc`` read-only (``_sandbox.PROC_READ_ONLY``:
+    # 765 sysctl files of the host were writable when the node runs as root),
+    # and that nothing of the host is bound writable.  The job tries to create
+    # a file in every directory it can reach and to open every regular file
+    # for writing (opening writes nothing).
+    mark = "p2pgpu-was-here-5150"
+    host_places = [tmp_path, Path("/tmp"), Path("/dev/shm"), Path.home()]
+    res, lines = await run_lines(job(tmp_path, f'{PY} -c "$PROBE" {mark}', time_limit_ms=120_000,
+                                             env={"PROBE": WRITE_EVERYWHERE}))
+    assert res.ok, (res.reason, res.detail, res.stderr_tail)
+    assert lines and lines[0].startswith(b"SEEN") and int(lines[0].split()[1]) > 100, lines[:3]
+    made = [ln.split(b" ", 1)[1].decode() for ln in lines if ln.startswith(b"MADE ")]
+    opened = [ln.split(b" ", 1)[1].decode() for ln in lines if ln.startswith(b"OPENED ")]
+    own = ("/work", "/tmp", "/dev/shm")
+
+    def is_own(path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in own) and not path.startswith("/work/in")
+
+    assert made and all(is_own(d) for d in made), [d for d in made if not is_own(d)]
+    assert "/work" in made and "/tmp" in made  # the probe works: it did write where it may
+    assert all(is_own(p) for p in opened), [p for p in opened if not is_own(p)]
+    # Nothing named by the mark appeared on the host outside the job's disk.
+    for place in host_places:
+        stray = [p for p in place.glob(mark)] + [p for p in place.glob(f"*/{mark}")]
+        stray = [p for p in stray if (tmp_path / "work") not in p.parents]
+        assert stray == [], stray
