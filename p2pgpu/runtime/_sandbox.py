@@ -113,7 +113,9 @@ LineCallback = Callable[[str, bytes], Awaitable[None]]
 T = TypeVar("T")
 log = logging.getLogger("p2pgpu.sandbox")
 #: The whole environment of the processes the node starts outside the
-#: sandbox (keeper, cgroup wrapper, bubblewrap): nothing of the job's.
+#: sandbox (keeper, cgroup wrapper, bubblewrap): nothing of the job's, and
+#: nothing of the node's (they start in ``/``: the job can read bubblewrap's
+#: environment as its ``/proc/1/environ``).
 _HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 #: The ``dir`` disk backend walks the job's names at most this often.
 dir_walk_interval_s = 1.0
@@ -664,7 +666,10 @@ async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: Memo
         try:
             proc = await trio.lowlevel.open_process(
                 argv, env=_HOST_ENV | {"P2PGPU_KEEPER_PASS_FDS": ",".join(map(str, fds))}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=fds)
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=fds,
+                # The job reads the sandbox's init (bubblewrap) in its /proc/1: its
+                # environment's PWD was the node's working directory (often its home).
+                cwd="/")
         finally:
             os.close(w_fd)  # only bubblewrap holds the writing end now
             os.close(env_fd)
