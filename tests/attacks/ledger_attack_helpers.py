@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ _EXEC_WITH_NOFILE = (
 
 @dataclass
 class Ledger:
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[Any]
     port: int
 
     @property
@@ -58,14 +59,21 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def start_ledger(*args: str, state: Path | None = None, nofile: int | None = None) -> Ledger:
-    port = free_port_pair()
+def start_ledger(*args: str, state: Path | None = None, nofile: int | None = None, port: int | None = None,
+                 log: Path | None = None) -> Ledger:
+    """A ledger server on ``port`` (default: a free pair), ready when this returns.
+    With ``log`` its output goes to that file (appended: a restarted ledger
+    keeps one log) instead of a pipe nobody reads after start-up, which a
+    long run would fill."""
+    port = port if port is not None else free_port_pair()
     cmd = ["-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port), "--slot-ms", "100", *args]
     if state is not None:
         cmd += ["--state", str(state)]
     argv = [sys.executable, *cmd] if nofile is None else [sys.executable, "-c", _EXEC_WITH_NOFILE, str(nofile), *cmd]
-    proc = children.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if log is not None:
+        return _start_logged(argv, env, port, log)
+    proc = children.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     said: list[str] = []
     while not (line := proc.stdout.readline()).startswith("ledger ready"):
@@ -74,6 +82,19 @@ def start_ledger(*args: str, state: Path | None = None, nofile: int | None = Non
             children.stop(proc)
             proc.stdout.close()
             raise RuntimeError(f"ledger server did not start: {''.join(said)}")
+    return Ledger(proc, port)
+
+
+def _start_logged(argv: list[str], env: dict[str, str], port: int, log: Path) -> Ledger:
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        proc = children.spawn(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 60
+    while b"ledger ready" not in log.read_bytes()[start:]:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            children.stop(proc)
+            raise RuntimeError(f"ledger server did not start: {log.read_bytes()[start:][-2000:]!r}")
+        time.sleep(0.05)
     return Ledger(proc, port)
 
 

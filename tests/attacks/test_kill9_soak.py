@@ -1,0 +1,230 @@
+"""#12 (held): ``kill -9`` of any process at random points of a devnet-like run.
+
+A real ledger server (``p2pgpu ledger serve`` with a state file), a
+submitter and workers (``node run``, each with its own ledger wallet), and
+several jobs submitted together.  While they form, run and pay, a seeded
+schedule kills a process with SIGKILL (the submitter, a worker or the
+ledger), waits a moment and restarts it (same home, same ledger port and
+state).  Then, when every job has ended:
+
+- every job ends in a state both sides agree on: for each member the proof
+  the submitter holds is the one the worker signed, and the worker expects
+  exactly what the submitter owes it (``earnings`` against ``payouts``);
+- every proof owed is paid exactly once: each worker's balance on the
+  ledger grew by exactly the sum of the payouts the submitter recorded as
+  paid to it (a payment made twice, or lost, would show), each payout row
+  names a transaction the ledger knows, and no proof is owed twice;
+- nothing is left: no sandbox record, no job process, and (after the nodes
+  stop) no process that names the run's directory.
+
+What it guards: the outbox's exactly-once payment across payer and ledger
+deaths (``store/_outbox.py``, ``solana/_payer.py``), collection recovery on
+the submitter (``node/_collect.py``), a worker's recovery of an interrupted
+job (``runtime/_leftovers.py``, ``core/_outcome.py``) and the keeper that
+kills a dead node's sandbox.  The default run is short (two kills); the
+soak (more seeds, more jobs, more kills) is ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ledger_attack_helpers import Ledger, free_port_pair, rpc, start_ledger
+from procs_helpers import kill_all, naming, wait_gone
+
+from p2pgpu.localnet import LocalNet, LocalNetError, NodeProc
+from p2pgpu.node import ControlError, DaemonUnavailable
+from p2pgpu.runtime import check_sandbox
+from p2pgpu.store import db_path, earnings, open_db, payouts
+
+pytestmark = [pytest.mark.processes,
+              pytest.mark.skipif(check_sandbox() is not None, reason=f"no sandbox here: {check_sandbox()}")]
+
+ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
+#: The submitter (node 0) asks more than the jobs' ceiling: it only submits and pays.
+DEAR = {0: "price_per_gpu_hour = 360000000"}
+ENDED = ("succeeded", "failed", "cancelled")
+#: Job processes are found by this number in their command line.
+MARKER = "2.7182"
+PAYER_LAMPORTS = 50_000_000_000
+WORKER_LAMPORTS = 1_000_000_000  # a payout address must exist (rent-exempt) before it is paid
+
+
+def job_manifest(k: int, nodes: int) -> str:
+    return f"""
+name = "soak-{k}"
+[requirements]
+nodes = {nodes}
+gpus_per_node = 1
+[runtime]
+command = ["sh", "-c", "echo started; sleep {MARKER}{k}; echo done"]
+duration_s_max = 60
+[payment]
+price_per_gpu_hour_max = 36000000
+[verification]
+on_member_loss = "continue"
+"""
+
+
+@dataclass
+class Run:
+    root: Path
+    net: LocalNet
+    ledger: Ledger
+    ledger_state: Path
+    ledger_log: Path
+    rng: random.Random
+    kills: list[str] = field(default_factory=list)
+
+    @property
+    def submitter(self) -> NodeProc:
+        return self.net.nodes[0]
+
+    def kill_and_restart(self, victim: str) -> None:
+        """SIGKILL ``victim`` ("submitter", "worker", "ledger"), wait a moment, restart it."""
+        if victim == "ledger":
+            self.ledger.proc.send_signal(signal.SIGKILL)
+            self.ledger.proc.wait()
+            time.sleep(self.rng.uniform(0.2, 2.0))
+            self.ledger = start_ledger(state=self.ledger_state, port=self.ledger.port, log=self.ledger_log)
+        else:
+            i = 0 if victim == "submitter" else self.rng.randrange(1, len(self.net.nodes))
+            self.net.terminate(i, sig=signal.SIGKILL)
+            time.sleep(self.rng.uniform(0.2, 2.0))
+            self.net.restart(i)
+            victim = f"worker {i}" if i else victim
+        self.kills.append(victim)
+
+
+def call(node: NodeProc, method: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        return node.call(method, params, timeout_s=10.0)
+    except (ControlError, DaemonUnavailable):
+        return None  # not known there (yet), or restarting
+
+
+def db_rows(node: NodeProc, read: Any) -> list[dict[str, Any]]:
+    conn = open_db(db_path(node.home.path), readonly=True)
+    try:
+        rows: list[dict[str, Any]] = read(conn)
+        return rows
+    finally:
+        conn.close()
+
+
+def job_processes() -> list[int]:
+    return [p for p in naming(f"sleep {MARKER}") if p]
+
+
+def all_settled(run: Run, jobs: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Every job ended on the submitter and every payout it owes paid."""
+    docs = {}
+    for job in jobs:
+        doc = call(run.submitter, "job.status", {"job_id": job})
+        if doc is None or doc["state"] not in ENDED:
+            return None
+        docs[job] = doc
+    owed = db_rows(run.submitter, payouts)
+    if any(p["status"] != "paid" for p in owed):
+        return None
+    return docs
+
+
+def soak(tmp_path: Path, *, seed: int, workers: int, jobs_n: int, kills_n: int, settle_s: float) -> None:
+    rng = random.Random(seed)
+    print(f"seed {seed}")  # the schedule replays from it
+    state, log = tmp_path / "ledger.state", tmp_path / "ledger.log"
+    ledger = start_ledger(state=state, port=free_port_pair(), log=log)
+    net = LocalNet(tmp_path / "net", workers + 1, gpu_mix=ONE_GPU, node_config=DEAR,
+                   config_extra=f'ledger = "{ledger.url}"')
+    run = Run(root=tmp_path, net=net, ledger=ledger, ledger_state=state, ledger_log=log, rng=rng)
+    try:
+        net.start()
+        wallets = [n.call("wallet") for n in net.nodes]
+        rpc(ledger.url, "requestAirdrop", [wallets[0]["address"], PAYER_LAMPORTS])
+        for w in wallets[1:]:
+            rpc(ledger.url, "requestAirdrop", [w["payout_address"], WORKER_LAMPORTS])
+        start_balance = {w["payout_address"]: int(rpc(ledger.url, "getBalance", [w["payout_address"]])["value"])
+                         for w in wallets[1:]}
+        net.wait_until(lambda: call(run.submitter, "status")["adverts_known"] >= workers + 1, timeout_s=60,
+                       what="the submitter to see every worker")
+        jobs = [run.submitter.call("job.submit", {"manifest": job_manifest(k, rng.choice([1, 1, 2]))})["job_id"]
+                for k in range(jobs_n)]
+        # The kills: at random points while the jobs form, run and are paid.
+        victims = ["submitter", "worker", "ledger"]
+        for _ in range(kills_n):
+            time.sleep(rng.uniform(0.5, 4.0))
+            run.kill_and_restart(rng.choice(victims))
+        docs = net.wait_until(lambda: all_settled(run, jobs), timeout_s=settle_s, interval_s=0.5,
+                              what=f"every job to end and be paid after kills {run.kills}")
+        check_agreement(run, jobs, docs)
+        check_ledger(run, start_balance)
+        # No sandbox left running, and none recorded as running.
+        assert wait_gone(job_processes(), 15) == [], "a job's sandbox outlived its job"
+        for node in net.nodes:
+            assert list(node.home.path.glob("jobs/*/sandbox.json")) == [], node.index
+    except (AssertionError, LocalNetError) as exc:
+        raise AssertionError(f"seed {seed}, kills {run.kills}: {exc}") from exc
+    finally:
+        net.stop()
+        run.ledger.stop()
+        left = wait_gone(naming(str(tmp_path)), 15)
+        kill_all(left, str(tmp_path))
+        assert left == [], f"processes of the run outlived it: {left}"
+
+
+def check_agreement(run: Run, jobs: list[str], docs: dict[str, dict[str, Any]]) -> None:
+    by_peer = {n.peer_id: n for n in run.net.nodes}
+    owed_rows = db_rows(run.submitter, payouts)
+    assert len({p["proof_hash"] for p in owed_rows}) == len(owed_rows), "a proof owed twice"
+    for job in jobs:
+        doc = docs[job]
+        members = doc["cluster"]["members"]
+        proofs = {p["worker"]: p for p in doc["proofs"]}
+        for member in members:
+            worker = by_peer[member]
+            mine = call(worker, "job.status", {"job_id": job})
+            assert mine is not None, f"worker {worker.index} does not know job {job[:12]}"
+            assert mine.get("member_state") in ("succeeded", "failed", "interrupted"), \
+                (worker.index, {k: mine.get(k) for k in ("state", "member_state", "reason", "timings", "roles")},
+                 {k: doc.get(k) for k in ("state", "reason", "proofs", "timings")})
+            theirs = proofs.get(member)
+            expected = [e for e in db_rows(worker, earnings) if e["job_id"] == job]
+            owed = [p for p in owed_rows if p["job_id"] == job and p["worker"] == member]
+            if theirs is None or theirs["status"] == "missing":
+                assert expected == [], f"worker {worker.index} expects pay for job {job[:12]} that is never owed"
+                continue
+            assert theirs["proof_hash"] == mine["proof_hash"], (worker.index, theirs, mine)
+            assert [(e["proof_hash"], e["amount"]) for e in expected] == \
+                [(p["proof_hash"], p["amount"]) for p in owed], (worker.index, expected, owed)
+
+
+def check_ledger(run: Run, start_balance: dict[str, int]) -> None:
+    owed_rows = db_rows(run.submitter, payouts)
+    paid: dict[str, int] = {a: 0 for a in start_balance}
+    for p in owed_rows:
+        assert p["status"] == "paid" and p["tx_signature"], p
+        paid[p["payout_address"]] = paid.get(p["payout_address"], 0) + p["amount"]
+    sigs = sorted({p["tx_signature"] for p in owed_rows})
+    if sigs:
+        statuses = rpc(run.ledger.url, "getSignatureStatuses", [sigs])["value"]
+        assert all(s is not None and s.get("err") is None for s in statuses), list(zip(sigs, statuses))
+    for address, before in start_balance.items():
+        now = int(rpc(run.ledger.url, "getBalance", [address])["value"])
+        assert now - before == paid[address], f"{address}: the ledger shows {now - before}, paid {paid[address]}"
+
+
+def test_kill_9_of_any_process_pays_every_proof_exactly_once(tmp_path: Path) -> None:
+    soak(tmp_path, seed=12, workers=2, jobs_n=3, kills_n=2, settle_s=180)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_soak(tmp_path: Path, seed: int) -> None:
+    soak(tmp_path, seed=seed, workers=3, jobs_n=8, kills_n=8, settle_s=300)
