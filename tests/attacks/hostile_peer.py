@@ -12,7 +12,7 @@ honest worker and lie only where a test wants it to.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +144,7 @@ async def open_hostile(node_addr: str, seed: bytes, *, topics: tuple[str, ...] =
         yield hostile
 
 
-async def manifests(sub: Any) -> AsyncIterator[SignedManifest]:
+async def manifests(sub: Any) -> AsyncGenerator[SignedManifest, None]:
     """Manifests arriving on a jobs-topic subscription."""
     while True:
         msg = await sub.get()
