@@ -118,13 +118,20 @@ class MemberJob:
     ended_ms: int = 0
 
 
+#: ``adversary = "inflate_time"``: how much earlier than it did a lying member claims it started.
+inflate_time_ms = 20_000
+
+
 class Runner:
     def __init__(self, jobs: JobsService, *, root: Path | None, policy: SandboxPolicy,
                  adversary: str = "") -> None:
         self.jobs = jobs
         self.root = root or Path(tempfile.mkdtemp(prefix="p2pgpu-jobs-"))
         self.policy = policy
-        #: Test networks only: "tamper_output" makes this node lie about its output.
+        #: Test networks only: "tamper_output" makes this node lie about its
+        #: output; "inflate_time" makes its proofs claim it started
+        #: ``inflate_time_ms`` before it did (the submitter's window and the
+        #: co-signers' observations must refuse the claim).
         self.adversary = adversary
         self.logs: dict[str, list[dict[str, Any]]] = {}
         self.running: dict[str, MemberJob] = {}
@@ -301,7 +308,8 @@ class Runner:
             rec.reason = rec.reason or ("" if member_state == "succeeded" else mj.stop_reason or end_reason)
         rec.extra.update(output_digest=digest.hex(), outputs=outputs)
         await self._keep_outputs(start.job_id, outputs)
-        self._send_proof(mj, started_ms, ended_ms, exit_code, end_reason, digest, outputs)
+        claimed_start_ms = started_ms - inflate_time_ms if self.adversary == "inflate_time" else started_ms
+        self._send_proof(mj, claimed_start_ms, ended_ms, exit_code, end_reason, digest, outputs)
         self.jobs.apply(mj.membership.finish(ended_ms), origin="membership")
         # Keep watching members that still run: our co-signatures vouch for their time.
         with trio.move_on_after(min(watch_after_end_ms_max, m.duration_s_max * 1000 + member_timeout_ms) / 1000):
