@@ -4,6 +4,13 @@ few raw JSON-RPC calls.
 ``start_ledger(..., nofile=1024)`` runs the server under that open-file limit
 (``ulimit -n 1024`` is the default of systemd services and many shells), so a
 flood of held connections reaches the limit with a few thousand sockets.
+
+For runs of real nodes that pay on it: :func:`fund_wallets` gives the
+submitter's payer lamports and makes every worker's payout address exist,
+:func:`node_rows` reads a node's own store, and :func:`check_paid_as_recorded`
+holds the ledger to the submitter's payout records (every worker's balance
+grew by exactly what it was recorded as paid: a payment made twice, lost, or
+made to someone never owed shows).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pgpu import children
+from p2pgpu.store import db_path, open_db
 
 _EXEC_WITH_NOFILE = (
     "import os, resource, sys; n = int(sys.argv[1]); "
@@ -112,3 +120,47 @@ def rpc(url: str, method: str, params: list[Any], timeout_s: float = 10.0) -> An
     doc = rpc_doc(url, method, params, timeout_s)
     assert "error" not in doc, doc
     return doc["result"]
+
+
+#: A payout address must exist (rent-exempt) before it is paid.
+PAYOUT_ADDRESS_LAMPORTS = 1_000_000_000
+
+
+def fund_wallets(url: str, payer: Any, workers: list[Any], payer_lamports: int = 50_000_000_000) -> dict[str, int]:
+    """Fund node ``payer``'s wallet and open each worker's payout address;
+    return the workers' balances by payout address (what they start from)."""
+    rpc(url, "requestAirdrop", [payer.call("wallet")["address"], payer_lamports])
+    start: dict[str, int] = {}
+    for node in workers:
+        address = node.call("wallet")["payout_address"]
+        rpc(url, "requestAirdrop", [address, PAYOUT_ADDRESS_LAMPORTS])
+        start[address] = int(rpc(url, "getBalance", [address])["value"])
+    return start
+
+
+def node_rows(node: Any, read: Any) -> list[dict[str, Any]]:
+    """Rows a ``p2pgpu.store`` reader (``payouts``, ``earnings``...) returns
+    from a node's own database, read-only while the node runs."""
+    conn = open_db(db_path(node.home.path), readonly=True)
+    try:
+        rows: list[dict[str, Any]] = read(conn)
+        return rows
+    finally:
+        conn.close()
+
+
+def check_paid_as_recorded(url: str, payout_rows: list[dict[str, Any]], start_balance: dict[str, int]) -> None:
+    """Every payout row is paid by a transaction the ledger holds as
+    succeeded, and each address in ``start_balance`` grew by exactly the sum
+    recorded as paid to it (zero for one never owed)."""
+    paid: dict[str, int] = {a: 0 for a in start_balance}
+    for p in payout_rows:
+        assert p["status"] == "paid" and p["tx_signature"], p
+        paid[p["payout_address"]] = paid.get(p["payout_address"], 0) + p["amount"]
+    sigs = sorted({p["tx_signature"] for p in payout_rows})
+    if sigs:
+        statuses = rpc(url, "getSignatureStatuses", [sigs])["value"]
+        assert all(s is not None and s.get("err") is None for s in statuses), list(zip(sigs, statuses))
+    for address, before in start_balance.items():
+        now = int(rpc(url, "getBalance", [address])["value"])
+        assert now - before == paid[address], f"{address}: the ledger shows {now - before}, paid {paid[address]}"

@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 import trio
 from hostile_peer import manifests, open_hostile
+from ledger_attack_helpers import node_rows
 
 from p2pgpu.core import Identity, encode
 from p2pgpu.core._envelope import Kind, protocol_version, seal
@@ -44,7 +45,7 @@ from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
 from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.node import wall_ms
 from p2pgpu.node._jobs import JOBS_TOPIC
-from p2pgpu.store import db_path, earnings, open_db, payouts
+from p2pgpu.store import earnings, payouts
 
 pytestmark = pytest.mark.processes
 
@@ -107,15 +108,6 @@ async def _call(node: NodeProc, method: str, params: dict[str, Any] | None = Non
     return await trio.to_thread.run_sync(lambda: node.call(method, params, timeout_s=30.0))
 
 
-def _rows(node: NodeProc, read: Any) -> list[dict[str, Any]]:
-    conn = open_db(db_path(node.home.path), readonly=True)
-    try:
-        rows: list[dict[str, Any]] = read(conn)
-        return rows
-    finally:
-        conn.close()
-
-
 async def _snapshot(submitter: NodeProc, worker: NodeProc) -> dict[str, Any]:
     """What a bad manifest must not change on either node."""
     out: dict[str, Any] = {}
@@ -123,9 +115,9 @@ async def _snapshot(submitter: NodeProc, worker: NodeProc) -> dict[str, Any]:
         status = await _call(node, "status")
         out[role] = {"jobs": status["jobs"], "gpus_free": status["gpus_free"],
                      "listed": sorted(r["job_id"] for r in await _call(node, "job.list"))}
-    out["earnings"] = [(e["job_id"], e["proof_hash"], e["amount"]) for e in _rows(worker, earnings)]
+    out["earnings"] = [(e["job_id"], e["proof_hash"], e["amount"]) for e in node_rows(worker, earnings)]
     # (Whether a payout has gone out yet is the payer's business, not the attack's.)
-    out["payouts"] = [(p["job_id"], p["proof_hash"], p["amount"]) for p in _rows(submitter, payouts)]
+    out["payouts"] = [(p["job_id"], p["proof_hash"], p["amount"]) for p in node_rows(submitter, payouts)]
     return out
 
 
@@ -155,7 +147,7 @@ async def test_bad_and_replayed_manifests_are_refused_by_reason_and_change_nothi
                             break
             with trio.fail_after(60):
                 while (doc := await _call(submitter, "job.status", {"job_id": job}))["state"] not in (
-                        "succeeded", "failed") or not _rows(worker, earnings):
+                        "succeeded", "failed") or not node_rows(worker, earnings):
                     await trio.sleep(0.3)
             assert doc["state"] == "succeeded", doc
             assert doc["cluster"]["members"] == [worker.peer_id], doc
