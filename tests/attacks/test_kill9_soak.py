@@ -211,7 +211,7 @@ def check_agreement(run: Run, jobs: list[str], docs: dict[str, dict[str, Any]]) 
                 continue
             assert theirs["proof_hash"] == mine["proof_hash"], (worker.index, theirs, mine)
             assert [(e["proof_hash"], e["amount"]) for e in expected] == \
-                [(p["proof_hash"], p["amount"]) for p in owed], (worker.index, expected, owed)
+                [(p["proof_hash"], p["amount"]) for p in owed], (worker.index, expected, owed, theirs)
 
 
 def test_kill_9_of_any_process_pays_every_proof_exactly_once(tmp_path: Path) -> None:
