@@ -259,3 +259,49 @@ def test_a_job_acknowledged_while_forming_survives_kill_9_of_its_submitter(tmp_p
         assert doc["state"] in ("forming", "interrupted", "failed"), doc
     finally:
         net.stop()
+
+
+PAIR_UNEVEN = """
+name = "uneven"
+[requirements]
+nodes = 2
+gpus_per_node = 1
+[runtime]
+command = ["sh", "-c", "if [ \\"$P2PGPU_RANK\\" = 0 ]; then sleep 1; else sleep 8; fi; echo done"]
+duration_s_max = 60
+[payment]
+price_per_gpu_hour_max = 36000000
+"""
+
+
+def test_a_member_killed_after_its_proof_keeps_what_it_did(tmp_path: Path) -> None:
+    # Guards: a member's end (its state and proof) is stored as soon as its
+    # proof is signed, not only once it stops watching the members still
+    # running; found by the soak (seed 3): a worker killed in that window came
+    # back "interrupted", member state "running", no proof, while the
+    # submitter owed and paid the proof it had sent: the two sides disagreed.
+    net = LocalNet(tmp_path, 3, gpu_mix=ONE_GPU, node_config=DEAR)
+    try:
+        net.start()
+        net.wait_until(lambda: call(net.nodes[0], "status")["adverts_known"] >= 3, timeout_s=60,
+                       what="the submitter to see both workers")
+        job = net.nodes[0].call("job.submit", {"manifest": PAIR_UNEVEN})["job_id"]
+        by_peer = {n.peer_id: n for n in net.nodes}
+        doc = net.wait_until(lambda: (d := call(net.nodes[0], "job.status", {"job_id": job})) and
+                             d["cluster"]["members"] and d, timeout_s=60, what="the job to form")
+        first = by_peer[doc["cluster"]["members"][0]]  # rank 0: done after 1 s; rank 1 runs 8 s more
+        done = net.wait_until(lambda: (d := call(first, "job.status", {"job_id": job})) and
+                              d.get("member_state") == "succeeded" and d, timeout_s=60,
+                              what="rank 0 to finish and prove")
+        assert call(by_peer[doc["cluster"]["members"][1]], "job.status", {"job_id": job})["state"] == "running"
+        net.terminate(first.index, sig=signal.SIGKILL)
+        first = net.restart(first.index)
+        mine = call(first, "job.status", {"job_id": job})
+        assert (mine["state"], mine.get("member_state"), mine.get("proof_hash")) == \
+            ("succeeded", "succeeded", done["proof_hash"]), mine
+        theirs = net.wait_until(lambda: (d := call(net.nodes[0], "job.status", {"job_id": job}))
+                                and d["state"] in ENDED and d, timeout_s=60, what="the job to end")
+        proof = next(p for p in theirs["proofs"] if p["worker"] == first.peer_id)
+        assert (proof["status"], proof["proof_hash"]) == ("owed", done["proof_hash"]), proof
+    finally:
+        net.stop()
