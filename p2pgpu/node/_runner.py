@@ -310,6 +310,10 @@ class Runner:
         await self._keep_outputs(start.job_id, outputs)
         claimed_start_ms = started_ms - inflate_time_ms if self.adversary == "inflate_time" else started_ms
         self._send_proof(mj, claimed_start_ms, ended_ms, exit_code, end_reason, digest, outputs)
+        # Stored now, not only after the watch below: a node killed while it
+        # watches the others must come back knowing how its own part ended
+        # and which proof it sent (the submitter already holds that proof).
+        self.jobs.persist(start.job_id)
         self.jobs.apply(mj.membership.finish(ended_ms), origin="membership")
         # Keep watching members that still run: our co-signatures vouch for their time.
         with trio.move_on_after(min(watch_after_end_ms_max, m.duration_s_max * 1000 + member_timeout_ms) / 1000):
