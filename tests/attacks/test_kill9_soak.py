@@ -170,8 +170,9 @@ def soak(tmp_path: Path, *, seed: int, workers: int, jobs_n: int, kills_n: int, 
         start_balance = fund_wallets(ledger.url, net.nodes[0], net.nodes[1:])
         net.wait_until(lambda: call(run.submitter, "status")["adverts_known"] >= workers + 1, timeout_s=60,
                        what="the submitter to see every worker")
-        jobs = [run.submitter.call("job.submit", {"manifest": job_manifest(k, rng.choice([1, 1, 2]) if TWO_NODE_JOBS else 1)})["job_id"]
-                for k in range(jobs_n)]
+        sizes = [rng.choice([1, 1, 2]) if TWO_NODE_JOBS else 1 for _ in range(jobs_n)]
+        jobs = [run.submitter.call("job.submit", {"manifest": job_manifest(k, n)})["job_id"]
+                for k, n in enumerate(sizes)]
         # The kills: at random points while the jobs form, run and are paid.
         victims = ["submitter", "worker", "ledger"]
         for _ in range(kills_n):
