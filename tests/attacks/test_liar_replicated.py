@@ -1,13 +1,14 @@
 """#12 (held): liars in a replicated job, paid on a real ledger server.
 
 A 3-replica job (quorum 2) runs on three real workers, one of them a liar,
-and the submitter pays on a real ``p2pgpu ledger serve``:
+and the submitter pays on a real ``p2pgpu ledger serve`` (both cases run
+under ``-m slow``, about 30 s each):
 
 - a liar about time (``adversary = "inflate_time"``: its proof claims it
   started 20 s before it did, on a job that ran for about a second): its
   proof is refused (the submitter's own window, ``over_window``, or the
   co-signers' observations, ``over_observed``) and owed nothing;
-- (``-m slow``) a liar about its output (``adversary = "tamper_output"``):
+- a liar about its output (``adversary = "tamper_output"``):
   its proof is outside the quorum and owed nothing.
 
 In both, the two honest replicas form the quorum and are paid, and the
@@ -113,6 +114,7 @@ def run_liar(tmp_path: Path, adversary: str) -> dict[str, Any]:
         ledger.stop()
 
 
+@pytest.mark.slow  # about 30 s; the default run has test_liar_one_node.py (the window bound) and tests/sim
 def test_a_replica_that_claims_more_time_than_it_served_is_not_paid(tmp_path: Path) -> None:
     lie = run_liar(tmp_path, "inflate_time")
     assert lie["status"] == "rejected" and lie["amount"] == 0, lie
