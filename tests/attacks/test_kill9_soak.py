@@ -282,6 +282,19 @@ price_per_gpu_hour_max = 36000000
 """
 
 
+def form_pair(net: LocalNet, manifest: str) -> tuple[str, list[NodeProc]]:
+    """Start ``net`` (a dear submitter and two workers), submit a 2-node job;
+    its id and its members in rank order, once it formed."""
+    net.start()
+    net.wait_until(lambda: call(net.nodes[0], "status")["adverts_known"] >= 3, timeout_s=60,
+                   what="the submitter to see both workers")
+    job: str = net.nodes[0].call("job.submit", {"manifest": manifest})["job_id"]
+    by_peer = {n.peer_id: n for n in net.nodes}
+    doc = net.wait_until(lambda: (d := call(net.nodes[0], "job.status", {"job_id": job})) and
+                         d["cluster"]["members"] and d, timeout_s=60, what="the job to form")
+    return job, [by_peer[m] for m in doc["cluster"]["members"]]
+
+
 def test_a_member_killed_after_its_proof_keeps_what_it_did(tmp_path: Path) -> None:
     # Guards: a member's end (its state and proof) is stored as soon as its
     # proof is signed, not only once it stops watching the members still
@@ -290,18 +303,12 @@ def test_a_member_killed_after_its_proof_keeps_what_it_did(tmp_path: Path) -> No
     # submitter owed and paid the proof it had sent: the two sides disagreed.
     net = LocalNet(tmp_path, 3, gpu_mix=ONE_GPU, node_config=DEAR)
     try:
-        net.start()
-        net.wait_until(lambda: call(net.nodes[0], "status")["adverts_known"] >= 3, timeout_s=60,
-                       what="the submitter to see both workers")
-        job = net.nodes[0].call("job.submit", {"manifest": PAIR_UNEVEN})["job_id"]
-        by_peer = {n.peer_id: n for n in net.nodes}
-        doc = net.wait_until(lambda: (d := call(net.nodes[0], "job.status", {"job_id": job})) and
-                             d["cluster"]["members"] and d, timeout_s=60, what="the job to form")
-        first = by_peer[doc["cluster"]["members"][0]]  # rank 0: done after 1 s; rank 1 runs 8 s more
+        job, (first, second) = form_pair(net, PAIR_UNEVEN)
+        # first is rank 0: done after 1 s; rank 1 runs 8 s more
         done = net.wait_until(lambda: (d := call(first, "job.status", {"job_id": job})) and
-                              d.get("member_state") == "succeeded" and d, timeout_s=60,
+                              d.get("member_state") == "succeeded" and d.get("proof_hash") and d, timeout_s=60,
                               what="rank 0 to finish and prove")
-        assert call(by_peer[doc["cluster"]["members"][1]], "job.status", {"job_id": job})["state"] == "running"
+        assert call(second, "job.status", {"job_id": job})["state"] == "running"
         net.terminate(first.index, sig=signal.SIGKILL)
         first = net.restart(first.index)
         mine = call(first, "job.status", {"job_id": job})
@@ -344,14 +351,7 @@ def test_the_survivor_of_a_pair_is_paid_when_its_co_member_is_killed(tmp_path: P
     # submitter's window), and worker and submitter agree on it.
     net = LocalNet(tmp_path, 3, gpu_mix=ONE_GPU, node_config=DEAR)
     try:
-        net.start()
-        net.wait_until(lambda: call(net.nodes[0], "status")["adverts_known"] >= 3, timeout_s=60,
-                       what="the submitter to see both workers")
-        job = net.nodes[0].call("job.submit", {"manifest": PAIR_CONTINUE})["job_id"]
-        by_peer = {n.peer_id: n for n in net.nodes}
-        doc = net.wait_until(lambda: (d := call(net.nodes[0], "job.status", {"job_id": job})) and
-                             d["cluster"]["members"] and d, timeout_s=60, what="the job to form")
-        survivor, victim = (by_peer[m] for m in doc["cluster"]["members"])
+        job, (survivor, victim) = form_pair(net, PAIR_CONTINUE)
         net.wait_until(lambda: (d := call(victim, "job.status", {"job_id": job})) and d["state"] == "running",
                        timeout_s=30, what="the victim to run")
         net.terminate(victim.index, sig=signal.SIGKILL)
