@@ -295,6 +295,7 @@ def form_pair(net: LocalNet, manifest: str) -> tuple[str, list[NodeProc]]:
     return job, [by_peer[m] for m in doc["cluster"]["members"]]
 
 
+@pytest.mark.slow  # about 25 s; the default run's soak kills members at random points too
 def test_a_member_killed_after_its_proof_keeps_what_it_did(tmp_path: Path) -> None:
     # Guards: a member's end (its state and proof) is stored as soon as its
     # proof is signed, not only once it stops watching the members still
