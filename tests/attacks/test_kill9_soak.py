@@ -67,11 +67,9 @@ SUBMITTER_KILLS_WHILE_FORMING = False
 MARKER = "2.7182"
 
 
-#: A pair whose member dies before co-signing leaves the survivor unpaid (the
-#: strict xfail ``test_the_survivor_of_a_pair_is_paid_when_its_co_member_is_killed``
-#: below).  Until that is fixed the soak's jobs are 1-node jobs, so that it
-#: tests everything else; set this to True with the fix.
-TWO_NODE_JOBS = False
+#: 2-node jobs among the soak's (a pair whose member died before co-signing
+#: left the survivor unpaid before #13: ``test_the_survivor_of_a_pair_is_paid_when_its_co_member_is_killed``).
+TWO_NODE_JOBS = True
 
 
 def job_manifest(k: int, nodes: int) -> str:
@@ -340,16 +338,13 @@ on_member_loss = "continue"
 
 @pytest.mark.slow  # about two minutes: the submitter waits out the dead member
 @pytest.mark.timeout(400)
-@pytest.mark.xfail(strict=True, reason=(
-    "#12 (found by the soak, seeds 2 and 3): in a 2-member job whose other member dies before it co-signs, "
-    "the survivor's proof is rejected (not_observed: 0 usable co-signatures < 1) although the submitter's own "
-    "window bounds it; the survivor expects pay that is never owed. The rule (core/_proof.py cosigns_min) "
-    "and the collector (node/_collect.py, under the #13 refactor) must count a lost member's missing "
-    "co-signature as waived, the window still bounding the claim."))
 def test_the_survivor_of_a_pair_is_paid_when_its_co_member_is_killed(tmp_path: Path) -> None:
     # Guards: an honest member that served its whole job under
     # on_member_loss = "continue" is owed what it served (bounded by the
-    # submitter's window), and worker and submitter agree on it.
+    # submitter's window), and worker and submitter agree on it.  Found by the
+    # soak (seeds 2 and 3) before #13's refactor: the survivor's proof was
+    # rejected (not_observed: 0 usable co-signatures < 1) and never owed,
+    # while the survivor expected its pay; main as merged here pays it.
     net = LocalNet(tmp_path, 3, gpu_mix=ONE_GPU, node_config=DEAR)
     try:
         job, (survivor, victim) = form_pair(net, PAIR_CONTINUE)
