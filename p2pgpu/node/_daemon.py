@@ -67,6 +67,8 @@ from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
+from ._images import advertised_images
+from ._inputs import input_pins_loop
 from ._job_api import inclusion_doc, job_handlers
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
@@ -289,6 +291,7 @@ class Node:
                                  self._ping_loop, self._payout_loop, self._protect_loop, self.connmgr.run):
                         nursery.start_soon(supervise, loop.__name__.strip("_"), loop, self.counts)
                     nursery.start_soon(supervise, "drain", lambda: self._drain(sub), self.counts)
+                    nursery.start_soon(supervise, "input_pins", lambda: input_pins_loop(self), self.counts)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
@@ -344,6 +347,7 @@ class Node:
             region=config.region,
             runtimes=self.runtimes,
             simulated=self.inventory.simulated,
+            images=advertised_images(self),
         )
         return sign_advert(self.identity, adv)
 
@@ -509,6 +513,7 @@ class Node:
             log.warning("config.toml sets adversary = %r: ignored on network %s (test networks only)",
                         adversary, self.network.name)
             adversary = ""
+        self.jobs.adversary = adversary
         self.runner = Runner(self.jobs, root=root, policy=policy, adversary=adversary)
 
     @property
@@ -948,5 +953,3 @@ def challenge_service(node: Node) -> ChallengeService:
         backend=str(extra.get("challenge_backend", "auto")),
         auto=bool(extra.get("challenge_auto", not node.network.allow_simulated)),
         n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
-
-
