@@ -125,6 +125,7 @@ price_per_gpu_hour_max = 36000000
 """
 
 
+@pytest.mark.slow  # about 25 s; tests/runtime/test_sandbox.py keeps the keys and the network out in the default run
 def test_job_code_finds_no_key_no_process_and_no_port_of_its_node(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the nodes' working directory: no job may learn it
