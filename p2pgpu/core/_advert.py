@@ -311,7 +311,8 @@ class AdvertBook:
     - our own advert (:meth:`add_own`) is never refused and never evicted, and
       does not count against ``adverts_max``;
     - peers the node was told to keep (:meth:`protect`: peers it works with,
-      bootstrap peers; later, reputation) are never evicted;
+      bootstrap peers, peers with a record: ``Node.peers_we_work_with``) are
+      never evicted;
     - every other advert is attributed to the peer that delivered it first
       (its *forwarder*: the GossipSub neighbour, the peer a market sync came
       from), and no forwarder holds more than ``adverts_per_forwarder_max``

@@ -60,7 +60,16 @@ from ._formation_messages import (
     views_max,
 )
 from ._formation_quota import Admission, Quotas
-from ._formation_rules import AdvertLookup, advert_fault, leader_fault, requirement_fault, validity_fault
+from ._formation_rules import (
+    AdvertLookup,
+    Standing,
+    advert_fault,
+    job_value,
+    leader_fault,
+    member_tier,
+    requirement_fault,
+    validity_fault,
+)
 from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
 from ._identity import Identity
 from ._manifest import ReplayGuard, SignedManifest, check_manifest_time
@@ -268,12 +277,15 @@ class FormationNode:
     """
 
     def __init__(self, identity: Identity, advert: Advert | SignedAdvert, config: FormationConfig = DEFAULT_CONFIG,
-                 *, adverts: AdvertLookup | None = None) -> None:
+                 *, adverts: AdvertLookup | None = None, standing: Standing | None = None) -> None:
         """``advert`` is this node's own (signed, or signed here); ``adverts``
         finds other peers' adverts (the driver's advert book): with the ones
         offers carry, they decide who is an eligible volunteer and leader
-        (``_formation_rules``)."""
+        (``_formation_rules``).  ``standing``: each peer's worker score as
+        this node computed it, which orders the members it proposes when it
+        leads (``member_tier``)."""
         self.identity = identity
+        self.standing: Standing = standing or (lambda _peer: None)
         self.peer_id = identity.peer_id
         self.config = config
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
@@ -601,7 +613,12 @@ class FormationNode:
         # volunteers (core/_matching.warm_first).
         order = warm_first(order, job.adverts, job.sm.manifest.image)
         members = [self.peer_id] if self._can_serve(job) else []
-        members += [p for p in order if p != self.peer_id and p not in job.excluded]
+        others = [p for p in order if p != self.peer_id and p not in job.excluded]
+        # By standing first (_formation_rules.member_tier), rank order within
+        # a tier: a stable sort of a list already in rank order.
+        value = job_value(job.sm)
+        others.sort(key=lambda p: member_tier(self.standing(p), value))
+        members += others
         return members[: job.sm.manifest.members]
 
     def _propose(self, job: _Job, now_ms: int) -> list[Action]:

@@ -177,13 +177,17 @@ class Host:
                  candidates: Candidates | None = None,
                  submitter_of: Callable[[str], str | None] | None = None,
                  payer_checks: PayerChecks | None = None,
-                 verify: Verifier | None = None) -> None:
+                 verify: Verifier | None = None,
+                 standing: Callable[[str], int | None] | None = None) -> None:
         """``adverts`` looks a peer's advert up in the driver's book;
         ``candidates`` lists the peers it says can serve a job now (``None``:
         no list, every matching peer volunteers); ``submitter_of`` names the
         submitter of a job the driver knows (for payment notices);
         ``payer_checks`` is given on a shared ledger only (the payer gate);
-        ``verify`` checks signatures (default: the real Ed25519 check)."""
+        ``verify`` checks signatures (default: the real Ed25519 check);
+        ``standing`` gives a peer's worker score from the receipts the driver
+        holds (the members this node proposes when it leads are ordered by
+        it: ``core._formation_rules.member_tier``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
@@ -192,6 +196,7 @@ class Host:
         self.candidates: Candidates = candidates or (lambda _sm, _now: None)
         self.submitter_of = submitter_of or (lambda _job: None)
         self.payer_checks = payer_checks
+        self.standing = standing
         self.formation: FormationNode | None = None
         self.submitter = Submitter(identity, config.formation, adverts=self.adverts)
         self.installments = Installments(identity, config.installments,
@@ -210,7 +215,8 @@ class Host:
         """Our advert changed (or exists for the first time): the worker's
         formation core is built from it, or told its new terms."""
         if self.formation is None:
-            self.formation = FormationNode(self.identity, advert, self.config.formation, adverts=self.adverts)
+            self.formation = FormationNode(self.identity, advert, self.config.formation, adverts=self.adverts,
+                                           standing=self.standing)
             return []
         return self._run(now_ms, lambda c: self._observe(c, self.formation.update_advert(advert, now_ms)))  # type: ignore[union-attr]
 

@@ -197,7 +197,7 @@ class JobsService:
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
         self.host = Host(node.identity, self.config, adverts=self.advert_of, candidates=self.candidates,
-                         submitter_of=self._submitter_of)
+                         submitter_of=self._submitter_of, standing=self._standing)
         #: A test network's adversary (config.toml ``adversary``; the daemon
         #: sets it only where simulated GPUs are allowed): ``claim_ahead``
         #: also claims the interval after each one it served.
@@ -207,6 +207,11 @@ class JobsService:
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
+        #: A peer's worker score from the receipts held (#16, ``_receipts.py``), if known.
+        self.standing: Callable[[str], int | None] | None = None
+        #: Receipts (#16, ``_receipts.py``): told of each settlement and payment notice.
+        self.on_settled: Callable[[Settled], None] | None = None
+        self.on_paid: Callable[[PaidNotice], None] | None = None
         self.collector = Collector(self)
         #: Set by the node when its ledger is shared (an RPC endpoint): the payer gate.
         self.payer_check: Any = None
@@ -271,6 +276,9 @@ class JobsService:
         of them volunteer at once (``FormationConfig.spare_volunteers``).  A
         stale entry costs time, never safety."""
         return [a.peer_id for a in matching(self.node.book.live(now_ms), sm.manifest.requirements)]
+
+    def _standing(self, peer_id: str) -> int | None:
+        return self.standing(peer_id) if self.standing is not None else None
 
     def _submitter_of(self, job_id: str) -> str | None:
         rec = self.records.get(job_id)
@@ -411,6 +419,8 @@ class JobsService:
             self.apply(self.collector.lookup(a))
         elif isinstance(a, Settled):
             self.collector.settled(a)
+            if self.on_settled is not None:
+                self.on_settled(a)
         elif isinstance(a, LateLine):
             self.collector.late_line(a)
         elif isinstance(a, InstallmentsOwed):
@@ -425,6 +435,8 @@ class JobsService:
             self.persist(a.job_id)
         elif isinstance(a, PaidNotice):
             self._on_paid(a, now)
+            if self.on_paid is not None:
+                self.on_paid(a)
         elif isinstance(a, MemberMessage):
             if self.runner_obj is not None:
                 self.runner_obj.on_member_message(a.body, a.signer)

@@ -48,9 +48,31 @@ from ._recovery import (
     set_member_run,
     unfinished_member_runs,
 )
+from ._receipts import (
+    add_receipt,
+    add_receipt_due,
+    has_receipt,
+    member_reported,
+    receipt_digests,
+    receipt_rows,
+    receipt_wires,
+    receipts_due,
+    remove_receipt_due,
+    settled_without_receipt,
+)
 from ._sqlite import DB_FILE, MIGRATIONS, add_migration, apply_migrations, db_path, open_db, transaction
 
 __all__ = [
+    "add_receipt",
+    "add_receipt_due",
+    "has_receipt",
+    "member_reported",
+    "receipt_digests",
+    "receipt_rows",
+    "receipt_wires",
+    "receipts_due",
+    "remove_receipt_due",
+    "settled_without_receipt",
     "DB_FILE",
     "MIGRATIONS",
     "BatchRecord",
