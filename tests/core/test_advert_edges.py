@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_advert import ALICE, BOB, H100, T0, TTL, book, make_advert, signed_body, wire
+from test_advert import ALICE, BOB, H100, MALLORY, T0, TTL, book, make_advert, signed_body, wire
 
 from p2pgpu.core import (
     Advert,
@@ -212,3 +212,15 @@ def test_advert_from_obj_of_a_non_map() -> None:
     with pytest.raises(PeerMisbehaved) as err:
         Advert.from_obj(["advert"])  # type: ignore[arg-type]
     assert err.value.detail == "advert: must be a map"
+
+
+def test_every_refusal_of_a_full_book_is_counted() -> None:
+    b = book(adverts_max=2)
+    b.ingest(wire(ALICE), T0)
+    b.ingest(wire(BOB), T0)
+    for seq in (1, 2):
+        with pytest.raises(PeerMisbehaved) as err:
+            b.ingest(wire(MALLORY, seq=seq), T0)
+        assert (err.value.reason, err.value.detail) == (Reason.LIMIT_EXCEEDED, "advert book is full")
+    assert b.rejections == {Reason.LIMIT_EXCEEDED: 2}
+    assert sorted(b.adverts) == sorted([ALICE.peer_id, BOB.peer_id])
