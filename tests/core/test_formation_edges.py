@@ -1,0 +1,249 @@
+"""The worker's formation core at its edges (#19): the capacity ledger on
+both sides of every bound, the local calls and queries, the timers no
+scenario reached (the run limit, the late volunteer), the candidate rule's
+groups, and the inputs a driver may get wrong.  Built on the table-driven
+``Bench`` of ``test_formation.py``."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from random import Random
+
+import pytest
+from swarm import make_advert, make_manifest
+from test_formation import CFG, SUBMITTER, T0, Bench, start
+
+from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason
+from p2pgpu.core._actions import (
+    CancelTimer,
+    Emit,
+    Released,
+    SetTimer,
+    StopJob,
+    Subscribe,
+)
+from p2pgpu.core._formation import (
+    CapacityLedger,
+    FormationNode,
+    candidates_max,
+    expected_volunteers,
+    leader_rank,
+    ranked_candidates,
+)
+from p2pgpu.core._formation_messages import Certified, Confirm, Offer, Proposal
+from p2pgpu.core._formation_states import WorkerState
+
+W = T0 + 1 + CFG.offer_window_ms
+
+
+# --- the capacity ledger -------------------------------------------------------------
+
+
+def test_ledger_holds_at_most_what_is_free() -> None:
+    ledger = CapacityLedger(2)
+    assert (ledger.free, ledger.reserved) == (2, 0)
+    assert ledger.can_hold("a", 2) and not ledger.can_hold("a", 3)
+    assert ledger.reserve("a", 1, 100)
+    assert (ledger.free, ledger.reserved) == (1, 1)
+    assert ledger.can_hold("b", 1) and not ledger.can_hold("b", 2)
+    assert not ledger.reserve("b", 2, 100) and "b" not in ledger.holds
+    assert ledger.reserve("b", 1, 100) and ledger.free == 0
+
+
+def test_ledger_one_hold_per_job_with_the_longest_lease() -> None:
+    ledger = CapacityLedger(2)
+    ledger.reserve("a", 1, 100)
+    assert ledger.can_hold("a", 1) and not ledger.can_hold("a", 2)  # a job's hold is what counts for it
+    assert ledger.reserve("a", 1, 50) and ledger.holds["a"].lease_until_ms == 100  # never shortened
+    assert ledger.reserve("a", 1, 150) and ledger.holds["a"].lease_until_ms == 150
+    assert ledger.reserved == 1
+    ledger.run("a")
+    assert ledger.holds["a"].lease_until_ms is None
+    assert ledger.reserve("a", 1, 999) and ledger.holds["a"].lease_until_ms is None  # running: no lease
+    assert ledger.release("a") == 1 and ledger.release("a") == 0 and ledger.free == 2
+    with pytest.raises(LocalProtocolError, match="run without a hold"):
+        ledger.run("a")
+
+
+# --- ranks and candidates ---------------------------------------------------------------
+
+
+def test_leader_rank_is_sha256_of_the_job_and_the_peer() -> None:
+    job = "ab" * 32
+    assert leader_rank(job, "peer") == hashlib.sha256(bytes.fromhex(job) + b"peer").digest()
+
+
+def test_candidates_are_deduplicated_ranked_and_capped() -> None:
+    b = Bench(6)
+    ids = [n.peer_id for n in b.p]
+    ranked = ranked_candidates(b.sm, list(reversed(ids)) + ids)
+    assert ranked == sorted(ids, key=lambda p: leader_rank(b.job, p))
+    assert expected_volunteers(b.sm, ids, CFG) == ranked[: b.sm.manifest.members + CFG.spare_volunteers]
+    many = [f"p{i}" for i in range(candidates_max + 5)]
+    got = ranked_candidates(b.sm, many)
+    assert len(got) == candidates_max and set(got) == set(many[:candidates_max])
+
+
+def test_quiet_candidates_volunteer_in_groups() -> None:
+    # 1 member + 2 spares volunteer at once; the next three wait one step, the next three two.
+    b = Bench(9)
+    ids = [n.peer_id for n in b.p]  # already in rank order
+    for k, node in enumerate(b.p):
+        acts = node.on_manifest(b.sm, T0, candidates=ids)
+        if k < 3:
+            assert b.sent(acts, Offer).peer_id == node.peer_id
+            assert node.state(b.job) is not WorkerState.SEEN
+        else:
+            assert acts[1:] == [Subscribe(CFG.topic(b.job)),
+                                SetTimer(f"f/{b.job}/late", T0 + (k // 3) * CFG.late_volunteer_ms)]
+            assert node.state(b.job) is WorkerState.SEEN
+
+
+def test_a_late_candidate_volunteers_unless_the_job_progresses() -> None:
+    b = Bench(4)
+    ids = [n.peer_id for n in b.p]
+    late = b.p[3]
+    late.on_manifest(b.sm, T0, candidates=ids)
+    at = T0 + CFG.late_volunteer_ms
+    # A proposal was seen just now: wait one leader timeout past it.
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=2, round=0, members=(b.p[0].peer_id,),
+                         gpus_per_member=1)
+    assert late.on_message(prop, at - 10) == []
+    assert late.jobs[b.job].view == 2  # it would join the view in progress
+    assert late.on_timer(f"f/{b.job}/late", at) == [SetTimer(f"f/{b.job}/late", at - 10 + CFG.leader_timeout_ms)]
+    acts = late.on_timer(f"f/{b.job}/late", at - 10 + CFG.leader_timeout_ms)
+    assert acts[0] == Emit("formation.late_volunteer") and isinstance(b.sent(acts, Offer), Offer)
+    assert late.state(b.job) is WorkerState.OFFERED
+    assert late.on_timer(f"f/{b.job}/late", at + 10**4) == []  # once
+
+
+def test_a_late_candidate_stays_quiet_past_the_deadline() -> None:
+    b = Bench(4)
+    ids = [n.peer_id for n in b.p]
+    late = b.p[3]
+    late.on_manifest(b.sm, T0, candidates=ids)
+    deadline = late.jobs[b.job].deadline_ms
+    assert late.on_timer(f"f/{b.job}/late", deadline) == []
+    late.jobs[b.job].quiet = True
+    assert late.on_timer(f"f/{b.job}/late", deadline - 1)[0] == Emit("formation.late_volunteer")
+
+
+# --- local calls and queries ---------------------------------------------------------------
+
+
+def test_a_node_runs_on_its_own_advert_only() -> None:
+    me, other = Identity(bytes([50]) * 32), Identity(bytes([51]) * 32)
+    with pytest.raises(LocalProtocolError, match="the advert must be this node's own"):
+        FormationNode(me, make_advert(other, gpus=1, model="A100"), CFG)
+    node = FormationNode(me, make_advert(me, gpus=2, model="A100"), CFG)
+    with pytest.raises(LocalProtocolError, match="the advert must be this node's own"):
+        node.update_advert(make_advert(other, gpus=1, model="A100"), T0)
+
+
+def test_update_advert_never_drops_capacity_below_what_is_held() -> None:
+    me = Identity(bytes([50]) * 32)
+    node = FormationNode(me, make_advert(me, gpus=2, model="A100"), CFG)
+    node.ledger.reserve("a" * 64, 2, T0 + 10**6)
+    node.update_advert(make_advert(me, gpus=1, model="A100"), T0)
+    assert node.ledger.gpus_total == 2 and node.gpus_free == 0
+    node.ledger.release("a" * 64)
+    node.update_advert(make_advert(me, gpus=3, model="A100"), T0)
+    assert node.ledger.gpus_total == 3 and node.gpus_free == 3
+
+
+def test_queries_of_unknown_jobs() -> None:
+    b = Bench(2)
+    assert b.p[0].state(b.job) is None and b.p[0].certificate(b.job) is None
+    assert b.p[0].leader_of(b.job, 0) is None
+    assert b.p[0].finish(b.job, T0) == []
+    assert b.p[0].on_timer(f"f/{b.job}/end", T0) == []
+    for bad in ("x", "s/a/end", "f/a/b/c"):
+        with pytest.raises(LocalProtocolError, match="not a formation node timer"):
+            b.p[0].on_timer(bad, T0)
+
+
+def test_leader_of_each_view_wraps_around_the_volunteers() -> None:
+    b = Bench(3)
+    start(b)
+    ids = [n.peer_id for n in b.p]
+    assert [b.p[1].leader_of(b.job, v) for v in range(5)] == [ids[0], ids[1], ids[2], ids[0], ids[1]]
+
+
+def test_on_bytes_decodes_then_handles() -> None:
+    b = Bench(2)
+    b.s.submit(b.sm, T0)
+    assert b.summary(b.p[0].on_bytes(b.sm.wire, T0)) == ["timer end", "subscribe", "publish offer", "timer window"]
+    with pytest.raises(PeerMisbehaved) as err:
+        b.p[0].on_bytes(b"\x00garbage", T0)
+    assert err.value.reason is Reason.MALFORMED
+    other = Bench(2, seed=11)
+    assert b.p[0].on_message(b.sent(other.p[0].on_manifest(other.sm, T0), Offer), T0) == [
+        Emit("formation.unknown_job")]
+
+
+def _running(b: Bench) -> Confirm:
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    confirm: Confirm = b.sent(b.s.on_message(cert, W + 1), Confirm)
+    b.p[0].on_message(confirm, W + 2)
+    assert b.p[0].state(b.job) is WorkerState.RUNNING
+    return confirm
+
+
+def test_the_run_limit_stops_a_job_and_forgets_it() -> None:
+    b = Bench(1)
+    _running(b)
+    until = W + 2 + b.sm.manifest.duration_s_max * 1000 + CFG.run_grace_ms
+    acts = b.p[0].on_timer(f"f/{b.job}/run", until)
+    assert acts[0] == StopJob(b.job, "past duration_s_max")
+    assert Released(b.job, 1, "past duration_s_max", 1) in acts
+    assert b.p[0].state(b.job) is None and b.p[0].gpus_free == 1
+    assert b.p[0].on_timer(f"f/{b.job}/run", until + 1) == []
+
+
+def test_the_run_timer_of_a_job_not_running_does_nothing() -> None:
+    b = Bench(1)
+    start(b)
+    assert b.p[0].on_timer(f"f/{b.job}/run", W) == []
+    assert b.p[0].state(b.job) is WorkerState.OFFERED
+
+
+def test_the_end_timer_keeps_a_running_job() -> None:
+    b = Bench(1)
+    _running(b)
+    assert b.p[0].on_timer(f"f/{b.job}/end", W + 10**6) == []
+    assert b.p[0].state(b.job) is WorkerState.RUNNING
+    acts = b.p[0].finish(b.job, W + 10**6)
+    assert Released(b.job, 1, "finished", 1) in acts and b.p[0].state(b.job) is None
+
+
+def test_the_confirm_starts_the_run_timer_at_the_duration_plus_grace() -> None:
+    b = Bench(1)
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    confirm = b.sent(b.s.on_message(cert, W + 1), Confirm)
+    acts = b.p[0].on_message(confirm, W + 2)
+    assert SetTimer(f"f/{b.job}/run", W + 2 + b.sm.manifest.duration_s_max * 1000 + CFG.run_grace_ms) in acts
+    assert CancelTimer(f"f/{b.job}/lease") in acts
+
+
+def test_jobs_table_at_its_bound() -> None:
+    cfg = replace(CFG, jobs_max=2)
+    ident = Identity(bytes([9]) * 32)
+    node = FormationNode(ident, make_advert(ident, gpus=1, model="A100"), cfg)
+    rng = Random(5)
+    a, b = (make_manifest(SUBMITTER, rng, now_ms=T0) for _ in range(2))
+    node.on_manifest(a, T0)
+    node.on_manifest(b, T0)  # the second of two fits
+    assert len(node.jobs) == 2
+    assert node.guard.ids_max == 2 * 64
+
+
+def test_the_end_timer_after_the_deadline_forgets_the_job() -> None:
+    b = Bench(1)
+    acts = b.p[0].on_manifest(b.sm, T0)
+    end = T0 + CFG.formation_timeout_ms + CFG.lease_ms + CFG.lease_grace_ms
+    assert acts[0] == SetTimer(f"f/{b.job}/end", end)
+    b.p[0].on_timer(f"f/{b.job}/end", end)
+    assert b.p[0].state(b.job) is None
