@@ -151,6 +151,21 @@ MISTAKES: list[tuple[str, str, str, str]] = [
     ("expires 0", "expires_in_s = 0\n" + M, "expires_in_s", "between 1 and 86400 seconds"),
     ("expires over", "expires_in_s = 86401\n" + M, "expires_in_s", "between 1 and 86400 seconds"),
     ("expires a string", "expires_in_s = '1'\n" + M, "expires_in_s", "must be a whole number, not '1'"),
+    ("memory a string", M + "[requirements]\nmemory_mb_min = '8'\n", "requirements.memory_mb_min",
+     "must be a whole number, not '8'"),
+    ("nodes a string", M + "[requirements]\nnodes = '2'\n", "requirements.nodes", "must be a whole number, not '2'"),
+    ("regions a string", M + "[requirements]\nregions = 'eu'\n", "requirements.regions",
+     "must be a list of strings"),
+    ("command a string", '[runtime]\ncommand = "echo hi"\n', "runtime.command", "must be a list of strings"),
+    ("currency int", M + "[payment]\ncurrency = 1\n", "payment.currency", "must be a string, not 1"),
+    ("replicas a string", M + "[verification]\nreplicas = '2'\n", "verification.replicas",
+     "must be a whole number, not '2'"),
+    ("quorum a string", M + "[verification]\nquorum = '1'\n", "verification.quorum",
+     "must be a whole number, not '1'"),
+    ("on_member_loss int", M + "[verification]\non_member_loss = 1\n", "verification.on_member_loss",
+     "must be a string, not 1"),
+    ("base64 int", M + "[inputs]\nx = { base64 = 1 }\n", "inputs.x.base64", "must be a string, not 1"),
+    ("sha256 int", M + "[inputs]\nx = { sha256 = 1 }\n", "inputs.x.sha256", "must be a string, not 1"),
     ("unknown top field", "colour = 1\n" + M, "colour",
      "unknown field; a manifest has expires_in_s, inputs, name, payment, requirements, runtime, verification"),
 ]
@@ -275,6 +290,19 @@ def test_an_oversized_manifest_says_how_big() -> None:
 
 
 # --- job inputs ------------------------------------------------------------------------
+
+
+def test_a_manifest_of_exactly_the_size_limit_is_accepted() -> None:
+    def sized(last: int) -> str:
+        args = ", ".join(['"' + "a" * 3_900 + '"'] * 16 + ['"' + "b" * last + '"'])
+        return f"[runtime]\ncommand = [{args}]\n"
+
+    base = len(encode(parse(sized(1_000)).to_obj())) - 1_000
+    exact = body_bytes_max - base
+    assert len(encode(parse(sized(exact)).to_obj())) == body_bytes_max
+    with pytest.raises(ManifestError) as err:
+        parse(sized(exact + 1))
+    assert err.value.message.startswith(f"the manifest is {body_bytes_max + 1} bytes")
 
 
 def test_job_input_rules() -> None:
