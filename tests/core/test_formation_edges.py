@@ -19,9 +19,11 @@ from p2pgpu.core._actions import (
     CancelTimer,
     Emit,
     Released,
+    Send,
     SetTimer,
     StopJob,
     Subscribe,
+    Unsubscribe,
 )
 from p2pgpu.core._formation import (
     CapacityLedger,
@@ -31,7 +33,7 @@ from p2pgpu.core._formation import (
     leader_rank,
     ranked_candidates,
 )
-from p2pgpu.core._formation_messages import Certified, Confirm, Offer, Proposal
+from p2pgpu.core._formation_messages import Accept, Cancel, Certified, Confirm, Decline, Offer, Proposal
 from p2pgpu.core._formation_states import WorkerState
 
 W = T0 + 1 + CFG.offer_window_ms
@@ -247,3 +249,74 @@ def test_the_end_timer_after_the_deadline_forgets_the_job() -> None:
     assert acts[0] == SetTimer(f"f/{b.job}/end", end)
     b.p[0].on_timer(f"f/{b.job}/end", end)
     assert b.p[0].state(b.job) is None
+
+
+# --- what each timer and message returns, field by field ------------------------------
+
+
+def test_a_cancelled_quiet_candidate_never_volunteers() -> None:
+    b = Bench(4)
+    ids = [n.peer_id for n in b.p]
+    late = b.p[3]
+    late.on_manifest(b.sm, T0, candidates=ids)
+    late.on_message(Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=T0), T0 + 1)
+    assert late.state(b.job) is WorkerState.CLOSED
+    assert late.on_timer(f"f/{b.job}/late", T0 + CFG.late_volunteer_ms) == []
+
+
+def test_a_decline_from_outside_the_proposal_is_the_senders_fault() -> None:
+    b = Bench(3, replicas=2)
+    start(b)
+    prop = b.sent(b.timer(0, "window", W), Proposal)
+    stranger = Decline.sign(b.p[2].identity, job_id=b.job, view=prop.view, round=prop.round, proposal=prop.digest,
+                            reason="x")
+    with pytest.raises(PeerMisbehaved) as err:
+        b.p[0].on_message(stranger, W + 1)
+    assert (err.value.reason, err.value.detail) == (Reason.NOT_A_MEMBER, "decline from a peer that was not proposed")
+    accept = Accept.sign(b.p[2].identity, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=0,
+                         payout_address="")
+    with pytest.raises(PeerMisbehaved) as err:
+        b.p[0].on_message(accept, W + 1)
+    assert (err.value.reason, err.value.detail) == (Reason.NOT_A_MEMBER, "accept from a peer that was not proposed")
+
+
+def test_a_certified_leader_resends_its_certificate_on_retry() -> None:
+    b = Bench(1)
+    start(b)
+    certified = b.sent(b.timer(0, "window", W), Certified)
+    assert b.p[0].state(b.job) is WorkerState.CERTIFIED
+    assert b.timer(0, "retry", W + CFG.certificate_retry_ms) == [
+        Send(SUBMITTER.peer_id, certified.envelope.to_bytes()),
+        SetTimer(f"f/{b.job}/retry", W + CFG.certificate_retry_ms + min(CFG.accept_retry_ms,
+                                                                         CFG.certificate_retry_ms))]
+
+
+def test_a_lapsed_lease_is_released_field_by_field() -> None:
+    b = Bench(1)
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    lapse = cert.certificate.lease_until_ms + CFG.lease_grace_ms
+    assert b.timer(0, "lease", lapse - 1) == [SetTimer(f"f/{b.job}/lease", lapse)]
+    assert b.timer(0, "lease", lapse) == [Released(b.job, 1, "lease expired", 1)]
+    assert b.timer(0, "lease", lapse + 1) == []
+
+
+def test_a_cancel_stops_the_running_job_by_its_id() -> None:
+    b = Bench(1)
+    _running(b)
+    acts = b.p[0].on_message(Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=W), W + 3)
+    assert acts[0] == StopJob(b.job, "cancelled") and Released(b.job, 1, "cancelled", 1) in acts
+    assert b.p[0].on_message(Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=W), W + 4) == []
+
+
+def test_the_end_timer_closes_what_is_open_and_forgets_what_is_closed() -> None:
+    b = Bench(1)
+    b.p[0].on_manifest(b.sm, T0)
+    end = T0 + CFG.formation_timeout_ms + CFG.lease_ms + CFG.lease_grace_ms
+    acts = b.p[0].on_timer(f"f/{b.job}/end", end)
+    assert [a for a in acts if not isinstance(a, CancelTimer)] == [Unsubscribe(CFG.topic(b.job))]
+    assert b.p[0].state(b.job) is None
+    c = Bench(1, seed=12)
+    c.p[0].on_manifest(c.sm, T0)
+    c.p[0].on_message(Cancel.sign(SUBMITTER, job_id=c.job, reason="x", cancelled_at_ms=T0), T0 + 1)
+    assert c.p[0].on_timer(f"f/{c.job}/end", end) == [] and c.p[0].state(c.job) is None
