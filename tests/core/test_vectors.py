@@ -2,9 +2,11 @@
 
 Every input of a hash or a signature that leaves a node is pinned here: peer
 ids, the domain tags, the canonical bytes of each signed message (advert,
-manifest, proof, co-signature, proposal, accept) and of its envelope, the
-hashes that name things (job id, proof hash, certificate digest, output
-digest, checkpoint chain, payout Merkle root and audit path, DHT keys).
+manifest, proof, co-signature, proposal, accept, receipt, member receipt,
+challenge, challenge answer) and of its envelope, the hashes that name things
+(job id, proof hash, certificate digest, output digest, checkpoint chain,
+payout Merkle root and audit path, DHT keys, a challenge's matrix keys and
+product commitment).
 Ed25519 signatures are deterministic, so the signed bytes are pinned too.
 
 A change of format must be a decision: it fails these tests until the vectors
@@ -27,6 +29,14 @@ import pytest
 
 from p2pgpu.core import Accept, Certificate, Identity, Kind, Proposal, decode, encode, open_envelope, seal
 from p2pgpu.core._advert import Advert, GpuInfo, advert_key, class_key, sign_advert, verify_advert
+from p2pgpu.core._challenge import (
+    Challenge,
+    ChallengeAnswer,
+    commitment_of,
+    decode_answer,
+    decode_challenge,
+    matrix_keys,
+)
 from p2pgpu.core._manifest import JobInput, Manifest, sign_manifest, verify_manifest
 from p2pgpu.core._payout import inclusion_proof, memo_of_root, merkle_root, verify_inclusion
 from p2pgpu.core._proof import (
@@ -40,8 +50,18 @@ from p2pgpu.core._proof import (
     sign_cosign,
     sign_proof,
 )
+from p2pgpu.core._receipt import (
+    MemberReceipt,
+    Receipt,
+    ReceiptLine,
+    decode_member_receipt,
+    decode_receipt,
+    sign_member_receipt,
+    sign_receipt,
+)
 
 VECTORS = Path(__file__).resolve().parent.parent / "data" / "vectors.json"
+ADDRESS = "4wBqpZM9xaSheZzJSMawUKKwhdpChKbZ5eu5ky4Vigw"
 SEEDS = {"alice": bytes(range(32)), "bob": bytes(range(32, 64)), "carol": bytes(range(64, 96))}
 T0 = 1_700_000_000_000
 
@@ -133,6 +153,34 @@ def build() -> dict[str, Any]:
     sc = sign_cosign(carol, cosign)
     out["cosign"] = _signed(Kind.COSIGN, cosign.to_obj(), sc.wire, digest=sc.envelope.digest)
 
+    tx_sig = "5" + "K" * 86  # 87 base58 characters, the shape of a transaction signature
+    rc = Receipt(job_id=job_id, cert_hash=cert.digest, submitter=bob.peer_id, payer=ADDRESS, currency="SOL",
+                 settled_at_ms=T0 + 60_000, lines=tuple(sorted((
+                     ReceiptLine(peer_id=alice.peer_id, outcome="paid", amount=13_888, address=ADDRESS,
+                                 tx_signature=tx_sig, proof_hash=sp.proof_hash),
+                     ReceiptLine(peer_id=carol.peer_id, outcome="no_proof", amount=0, address="", tx_signature="",
+                                 proof_hash=b"")), key=lambda ln: ln.peer_id)))
+    sr = sign_receipt(bob, rc)
+    out["receipt"] = _signed(Kind.RECEIPT, rc.to_obj(), sr.wire, digest=sr.digest)
+    mr = MemberReceipt(job_id=job_id, cert_hash=cert.digest, member=alice.peer_id, submitter=bob.peer_id,
+                       owed=13_888, received=13_888, tx_signature=tx_sig, verdict="on_time",
+                       reported_at_ms=T0 + 61_000)
+    smr = sign_member_receipt(alice, mr)
+    out["member_receipt"] = _signed(Kind.MEMBER_RECEIPT, mr.to_obj(), smr.wire, digest=smr.digest)
+
+    seed = bytes(range(100, 132))
+    ch = Challenge(challenger=bob.peer_id, prover=alice.peer_id, model="h100", n=8192, seed=seed, deadline_ms=2_516,
+                   issued_at_ms=T0)
+    sch = seal(bob, Kind.CHALLENGE, ch.to_obj())
+    product = bytes(i % 251 for i in range(64))
+    commit = commitment_of(sch.digest, product)
+    ans = ChallengeAnswer(challenge=sch.digest, prover=alice.peer_id, status="ok", commitment=commit)
+    out["challenge"] = _signed(Kind.CHALLENGE, ch.to_obj(), sch.to_bytes(), digest=sch.digest,
+                               matrix_key_a=matrix_keys(seed)[0], matrix_key_b=matrix_keys(seed)[1],
+                               product_mod_p=product, commitment=commit)
+    out["challenge_answer"] = _signed(Kind.CHALLENGE_ANSWER, ans.to_obj(),
+                                      seal(alice, Kind.CHALLENGE_ANSWER, ans.to_obj()).to_bytes())
+
     hashes = [bytes([i]) * 32 for i in range(1, 6)]
     ip = inclusion_proof(hashes, hashes[2])
     out["merkle"] = {"proof_hashes": [h.hex() for h in hashes],
@@ -157,7 +205,8 @@ def built() -> dict[str, Any]:
 
 
 SECTIONS = ["identities", "domain_tags", "advert", "manifest", "proposal", "accepts", "certificate",
-            "output_digest", "chain", "proof", "cosign", "merkle"]
+            "output_digest", "chain", "proof", "cosign", "merkle", "receipt", "member_receipt", "challenge",
+            "challenge_answer"]
 
 
 @pytest.mark.parametrize("section", SECTIONS)
@@ -173,7 +222,7 @@ def test_vectors_are_independent_of_the_code_that_wrote_them(vectors: dict[str, 
     sha = hashlib.sha256
     for kind, tag in vectors["domain_tags"].items():
         assert bytes.fromhex(tag) == f"p2pgpu/{kind}/v1\x00".encode()
-    for name in ("advert", "manifest", "proof", "cosign"):
+    for name in ("advert", "manifest", "proof", "cosign", "receipt", "member_receipt", "challenge"):
         v = vectors[name]
         tag = bytes.fromhex(vectors["domain_tags"][v["kind"]])
         digest = sha(tag + bytes.fromhex(v["body"])).hexdigest()
@@ -210,6 +259,13 @@ def test_vectors_are_independent_of_the_code_that_wrote_them(vectors: dict[str, 
 
     cert_obj = {"proposal": env(vectors["proposal"]), "accepts": [env(a) for a in vectors["accepts"]]}
     assert sha(b"p2pgpu/certificate-hash/v1\x00" + encode(cert_obj)).hexdigest() == vectors["certificate"]["digest"]
+    # The challenge's matrix keys and the commitment to the product.
+    chv = vectors["challenge"]
+    seed = bytes.fromhex(chv["body_obj"]["seed"]["hex"])
+    assert sha(b"p2pgpu/challenge-matrix/v1\x00" + seed + b"A").hexdigest() == chv["matrix_key_a"]
+    assert sha(b"p2pgpu/challenge-matrix/v1\x00" + seed + b"B").hexdigest() == chv["matrix_key_b"]
+    assert sha(b"p2pgpu/challenge-commit/v1\x00" + bytes.fromhex(chv["digest"]) + bytes.fromhex(
+        chv["product_mod_p"])).hexdigest() == chv["commitment"]
     # DHT keys.
     adv = vectors["advert"]
     assert adv["class_key"] == "1220" + sha(f"/p2pgpu/class/{adv['gpu_class']}".encode()).hexdigest()
@@ -228,6 +284,14 @@ def test_every_signed_vector_verifies_and_decodes_to_its_fields(vectors: dict[st
     assert sp.proof_hash.hex() == vectors["proof"]["proof_hash"]
     sc = decode_cosign(wire["cosign"])
     assert _j(sc.cosign.to_obj()) == vectors["cosign"]["body_obj"]
+    assert _j(decode_receipt(bytes.fromhex(vectors["receipt"]["wire"])).receipt.to_obj()) == \
+        vectors["receipt"]["body_obj"]
+    assert _j(decode_member_receipt(bytes.fromhex(vectors["member_receipt"]["wire"])).receipt.to_obj()) == \
+        vectors["member_receipt"]["body_obj"]
+    assert _j(decode_challenge(bytes.fromhex(vectors["challenge"]["wire"])).challenge.to_obj()) == \
+        vectors["challenge"]["body_obj"]
+    assert _j(decode_answer(bytes.fromhex(vectors["challenge_answer"]["wire"])).answer.to_obj()) == \
+        vectors["challenge_answer"]["body_obj"]
     for v in [vectors["proposal"], *vectors["accepts"]]:
         env, body = open_envelope(bytes.fromhex(v["wire"]))
         assert env.kind.value == v["kind"] and _j(body) == v["body_obj"]
@@ -245,7 +309,9 @@ def test_every_signed_vector_verifies_and_decodes_to_its_fields(vectors: dict[st
 
 def test_a_signature_is_over_the_tag_and_the_body(vectors: dict[str, Any]) -> None:
     ids = _ids()
-    for name, signer in (("advert", "alice"), ("manifest", "bob"), ("proof", "alice"), ("cosign", "carol")):
+    for name, signer in (("advert", "alice"), ("manifest", "bob"), ("proof", "alice"), ("cosign", "carol"),
+                         ("receipt", "bob"), ("member_receipt", "alice"), ("challenge", "bob"),
+                         ("challenge_answer", "alice")):
         v = vectors[name]
         obj = decode(bytes.fromhex(v["wire"]))
         assert obj == {"k": v["kind"], "v": 1, "b": bytes.fromhex(v["body"]), "s": ids[signer].public_key,
