@@ -18,6 +18,7 @@ from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason
 from p2pgpu.core._actions import (
     CancelTimer,
     Emit,
+    Publish,
     Released,
     Send,
     SetTimer,
@@ -320,3 +321,16 @@ def test_the_end_timer_closes_what_is_open_and_forgets_what_is_closed() -> None:
     c.p[0].on_manifest(c.sm, T0)
     c.p[0].on_message(Cancel.sign(SUBMITTER, job_id=c.job, reason="x", cancelled_at_ms=T0), T0 + 1)
     assert c.p[0].on_timer(f"f/{c.job}/end", end) == [] and c.p[0].state(c.job) is None
+
+
+@pytest.mark.parametrize("margin,offers", [(0, False), (1, True)], ids=["at its deadline", "before it"])
+def test_freed_capacity_goes_to_a_passed_over_job_only_before_its_deadline(margin: int, offers: bool) -> None:
+    b = Bench(1)
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    lapse = cert.certificate.lease_until_ms + CFG.lease_grace_ms
+    other = make_manifest(SUBMITTER, Random(99), now_ms=lapse + margin - CFG.formation_timeout_ms)
+    assert b.summary(b.p[0].on_manifest(other, W + 1)) == ["timer end"]  # no free GPU: passed over
+    acts = b.p[0].on_timer(f"f/{b.job}/lease", lapse)
+    assert acts[0] == Released(b.job, 1, "lease expired", 1)
+    assert any(isinstance(a, Publish) for a in acts) is offers
