@@ -129,6 +129,7 @@ def test_member_receipt_field_bounds() -> None:
                  {"received": int_max}, {"reported_at_ms": 0}):
         assert replace(m, **over) is not None
     assert replace(m, verdict="late").verdict == "late"
+    assert replace(m, received=1).received == 1  # one lamport received is paid, with its transaction
     unpaid = member_receipt("j", ALICE, "unpaid")
     bad: list[tuple[MemberReceipt, dict[str, Any], str]] = [
         (m, {"job_id": "AB" * 32}, "job_id is 64 hex characters and cert_hash 32 bytes"),
