@@ -399,3 +399,98 @@ def test_view_keeps_believed_and_hides_refused_models_only() -> None:
     book.record(BOB.peer_id, "h100", Outcome.WRONG, T0)
     v = book.view(adv, T0)
     assert (v.gpus, v.gpus_free) == ((A100,), 1)
+
+
+def test_allowances_are_exact_to_the_flop() -> None:
+    # Values where the quotient sits just past a whole number: an allowance
+    # off by one part per million in its rate would round the other way.
+    assert compute_ms_for(2368, spec(1)) == 106_228
+    assert throughput_floor_gflops(8000, 1024) == 1000
+
+
+def test_an_answer_without_detail_has_none() -> None:
+    sc = make_challenge(ALICE, prover=BOB.peer_id, model="cpu", rng=random.Random(1), now_ms=T0)
+    assert answer(BOB, sc, "busy").answer.detail == ""
+    assert answer(BOB, sc, "ok", bytes(32)).answer == ChallengeAnswer(challenge=sc.digest, prover=BOB.peer_id,
+                                                                      status="ok", commitment=bytes(32))
+
+
+def test_a_claim_book_uses_its_own_model_table() -> None:
+    table = (ModelSpec(key="foo", pattern=r"\bfoo\b", gflops=10),)
+    book = ClaimBook(allow_simulated=False, models=table)
+    from p2pgpu.core import GpuInfo
+
+    foo = GpuInfo(model="Foo 9000", memory_mb=1024, compute_capability="8.0")
+    adv = advert(BOB, (foo, H100))
+    assert book.claims(adv) == ["foo"]  # H100 is not in this table
+    book.record(BOB.peer_id, "foo", Outcome.WRONG, T0)
+    assert book.view(adv, T0).gpus == (H100,)
+
+
+def test_due_is_capped_at_sixteen_by_default() -> None:
+    from p2pgpu.core import GpuInfo
+
+    gpus = tuple(GpuInfo(model=name, memory_mb=1024, compute_capability="8.0")
+                 for name in ("H200", "H100 PCIe", "H100", "A100", "L40S", "L40", "L4", "A10", "RTX 4090",
+                              "RTX 3090", "V100", "T4"))
+    ads = [advert(Identity.from_rng(random.Random(600 + i)), gpus) for i in range(2)]
+    assert len(ClaimBook(allow_simulated=False).due(ads, T0, me="me")) == 16
+
+
+def test_a_believed_claim_is_not_due_and_a_waiting_one_does_not_hide_the_next() -> None:
+    book = ClaimBook(allow_simulated=False)
+    a, b = sorted((advert(Identity.from_rng(random.Random(700 + i)), (H100,)) for i in range(2)),
+                  key=lambda ad: ad.peer_id)
+    retry = ClaimPolicy().retry_ms
+    book.record(a.peer_id, "h100", Outcome.PASSED, T0)
+    assert book.due([a], T0 + retry, me="me") == []
+    book.record(a.peer_id, "h100", Outcome.BUSY, T0)
+    assert book.due([a, b], T0 + 1, me="me") == [(b.peer_id, "h100")]
+
+
+def test_a_one_ms_refill_and_a_clock_going_back() -> None:
+    gate = ProverGate(peer_id=BOB.peer_id, per_challenger_burst=1, per_challenger_refill_ms=1, total_burst=100)
+    seeds = iter(range(800, 900))
+
+    def take(now: int) -> bool:
+        got = gate.admit(wire_at(T0, next(seeds)), from_peer=ALICE.peer_id, now_ms=now)
+        gate.done()
+        return isinstance(got, Admitted)
+
+    assert [take(T0), take(T0), take(T0 - 5), take(T0 + 1)] == [True, False, False, True]
+
+
+def test_refill_time_is_kept_exactly() -> None:
+    gate = ProverGate(peer_id=BOB.peer_id, per_challenger_burst=2, per_challenger_refill_ms=1_000, total_burst=100)
+    seeds = iter(range(900, 1000))
+
+    def take(now: int) -> bool:
+        got = gate.admit(wire_at(T0, next(seeds)), from_peer=ALICE.peer_id, now_ms=now)
+        gate.done()
+        return isinstance(got, Admitted)
+
+    assert [take(T0), take(T0), take(T0)] == [True, True, False]
+    assert take(T0 + 1_000) is True and take(T0 + 1_999) is False and take(T0 + 2_000) is True
+    # A full bucket's time restarts when it is next used: 10.5 s later two
+    # tokens, and the next one 1 s after that use, not at the 11 s mark.
+    assert [take(T0 + 12_500), take(T0 + 12_500)] == [True, True]
+    assert take(T0 + 13_000) is False and take(T0 + 13_500) is True
+
+
+def test_every_declined_challenge_is_returned_with_its_status() -> None:
+    gate = ProverGate(peer_id=BOB.peer_id, n_max=64, per_challenger_burst=1, total_burst=1)
+    wire = wire_at(T0)
+    sc = decode_challenge(wire)
+    big = gate.admit(wire, from_peer=ALICE.peer_id, now_ms=T0)
+    assert isinstance(big, Declined) and (big.challenge, big.status) == (sc, "refused")
+    small = wire_at(T0, n=64)
+    assert isinstance(gate.admit(small, from_peer=ALICE.peer_id, now_ms=T0), Admitted)
+    gate.done()
+    again = wire_at(T0, seed=9, n=64)
+    got = gate.admit(again, from_peer=ALICE.peer_id, now_ms=T0)
+    assert isinstance(got, Declined) and (got.challenge, got.status) == (decode_challenge(again), "busy")
+    carol = Identity.from_rng(random.Random(77))
+    other = make_challenge(carol, prover=BOB.peer_id, model="cpu", rng=random.Random(3), now_ms=T0, n=64).wire
+    got = gate.admit(other, from_peer=carol.peer_id, now_ms=T0)
+    assert isinstance(got, Declined) and (got.challenge, got.status, got.detail) == (
+        decode_challenge(other), "busy", "too many challenges: try later")
