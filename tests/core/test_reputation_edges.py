@@ -169,3 +169,63 @@ def test_a_payment_shared_by_receipts_counts_for_the_earliest() -> None:
     assert [x.why for x in rep.refused] == ["no payment in it verified on the ledger"]
     assert rep.refused[0].digest == sign_receipt(SUBMITTER, r2).digest.hex()[:16]
     assert tx("shared") == r1.lines[0].tx_signature
+
+
+def test_contributions_add_up_across_jobs_and_reports() -> None:
+    r1 = receipt("j1", [line(ALICE, amount=300, txname="a")], at=T0)
+    r2 = receipt("j2", [line(ALICE, amount=200, txname="b")], at=T0)
+    ms = [sign_member_receipt(ALICE, member_receipt(j, ALICE, "late", owed=100)) for j in ("j1", "j2")]
+    rep = compute_reputation([sign_receipt(SUBMITTER, r) for r in (r1, r2)], payments=ledger([r1, r2]), now_ms=T0,
+                             member_receipts=ms)
+    alice, sub = rep.scores[ALICE.peer_id], rep.scores[SUBMITTER.peer_id]
+    assert (alice.peer_id, alice.good, alice.jobs_paid) == (ALICE.peer_id, 500, 2)
+    assert (sub.peer_id, sub.paid, sub.late, sub.reports_late) == (SUBMITTER.peer_id, 500, 200, 2)
+
+
+def test_a_wrong_output_counts_as_bad_like_a_refused_proof() -> None:
+    r = receipt("j", [line(ALICE, amount=600), line(BOB, "outside_quorum"), line(CAROL, "proof_refused")])
+    rep = compute_reputation([sign_receipt(SUBMITTER, r)], payments=ledger([r]), now_ms=T0)
+    for p in (BOB, CAROL):
+        assert (rep.scores[p.peer_id].bad, rep.scores[p.peer_id].proofs_refused) == (200, 1)
+
+
+def test_one_refused_receipt_or_report_does_not_stop_the_others() -> None:
+    good = receipt("g", [line(ALICE, txname="g")])
+    for bad in (receipt("b", [line(ALICE, txname="b")], payer=address("other")),  # payer differs
+                receipt("g", [line(BOB, txname="x")], at=T0 + 1)):               # a second receipt for g
+        rs = sorted([good, bad], key=lambda r: r.settled_at_ms)
+        job_payers = {bad.job_id: PAYER} if bad.job_id != good.job_id else None
+        rep = compute_reputation([sign_receipt(SUBMITTER, r) for r in rs], payments=ledger([good]), now_ms=T0,
+                                 job_payers=job_payers)
+        assert rep.scores[ALICE.peer_id].jobs_paid == 1 and len(rep.refused) == 1
+    # Refused first in the canonical order, and a good one after it.
+    early_bad = receipt("b", [line(ALICE, txname="b")], at=T0 - 1, payer=address("other"))
+    rep = compute_reputation([sign_receipt(SUBMITTER, r) for r in (early_bad, good)], payments=ledger([good]),
+                             now_ms=T0, job_payers={early_bad.job_id: PAYER})
+    assert rep.scores[ALICE.peer_id].jobs_paid == 1
+    # Member reports: an undecodable one, an on-time one, a weightless one, then one that counts.
+    base = [sign_receipt(SUBMITTER, good)]
+    ms = [b"\x00", sign_member_receipt(ALICE, member_receipt("g", ALICE, "on_time", at=T0 - 3)),
+          sign_member_receipt(BOB, member_receipt("g", BOB, "late", at=T0 - 2)),
+          sign_member_receipt(ALICE, member_receipt("g", ALICE, "late", owed=1, at=T0))]
+    rep = compute_reputation(base, payments=ledger([good]), now_ms=T0, member_receipts=ms)
+    s = rep.scores[SUBMITTER.peer_id]
+    assert (s.late, s.reports_late) == (1, 1)  # a weight of one lamport counts
+    assert rep.refused == [Refused(digest="?", why="bad_schema: not an envelope")]
+
+
+def test_an_unpaid_line_before_a_paid_one_in_a_receipt() -> None:
+    first, second = sorted((ALICE, BOB), key=lambda i: i.peer_id)
+    r = receipt("j", [line(first, "no_proof"), line(second, amount=100)])
+    rep = compute_reputation([sign_receipt(SUBMITTER, r)], payments=ledger([r]), now_ms=T0)
+    assert rep.scores[second.peer_id].good == 100 and rep.scores[first.peer_id].good == 0
+
+
+def test_only_verified_transfers_count_even_of_one_lamport() -> None:
+    r = receipt("j", [line(ALICE, amount=100, txname="t"), line(BOB, amount=100, txname="t")])
+    a, b = (next(ln for ln in r.lines if ln.peer_id == p.peer_id) for p in (ALICE, BOB))
+    pay = {a.tx_signature: VerifiedPayment(tx_signature=a.tx_signature, payer=PAYER,
+                                           transfers={a.address: 1, b.address: 0})}
+    rep = compute_reputation([sign_receipt(SUBMITTER, r)], payments=pay, now_ms=T0)
+    assert (rep.scores[ALICE.peer_id].good, rep.scores[ALICE.peer_id].jobs_paid) == (1, 1)
+    assert (rep.scores[BOB.peer_id].good, rep.scores[BOB.peer_id].jobs_paid) == (0, 0)
