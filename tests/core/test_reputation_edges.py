@@ -12,7 +12,7 @@ from test_reputation import PAYER, ledger
 from trust_fixtures import ALICE, BOB, CAROL, SUBMITTER, T0, address, line, member_receipt, receipt, tx
 
 from p2pgpu.core import _reputation
-from p2pgpu.core._receipt import sign_member_receipt, sign_receipt
+from p2pgpu.core._receipt import SignedMemberReceipt, sign_member_receipt, sign_receipt
 from p2pgpu.core._reputation import (
     Refused,
     Reputation,
@@ -205,7 +205,7 @@ def test_one_refused_receipt_or_report_does_not_stop_the_others() -> None:
     assert rep.scores[ALICE.peer_id].jobs_paid == 1
     # Member reports: an undecodable one, an on-time one, a weightless one, then one that counts.
     base = [sign_receipt(SUBMITTER, good)]
-    ms = [b"\x00", sign_member_receipt(ALICE, member_receipt("g", ALICE, "on_time", at=T0 - 3)),
+    ms: list[SignedMemberReceipt | bytes] = [b"\x00", sign_member_receipt(ALICE, member_receipt("g", ALICE, "on_time", at=T0 - 3)),
           sign_member_receipt(BOB, member_receipt("g", BOB, "late", at=T0 - 2)),
           sign_member_receipt(ALICE, member_receipt("g", ALICE, "late", owed=1, at=T0))]
     rep = compute_reputation(base, payments=ledger([good]), now_ms=T0, member_receipts=ms)
