@@ -20,6 +20,7 @@ from p2pgpu.core._actions import (
     Emit,
     Publish,
     Released,
+    Reserved,
     Send,
     SetTimer,
     StopJob,
@@ -28,6 +29,7 @@ from p2pgpu.core._actions import (
 )
 from p2pgpu.core._formation import (
     CapacityLedger,
+    FormationConfig,
     FormationNode,
     candidates_max,
     expected_volunteers,
@@ -334,3 +336,152 @@ def test_freed_capacity_goes_to_a_passed_over_job_only_before_its_deadline(margi
     acts = b.p[0].on_timer(f"f/{b.job}/lease", lapse)
     assert acts[0] == Released(b.job, 1, "lease expired", 1)
     assert any(isinstance(a, Publish) for a in acts) is offers
+
+
+def test_the_topic_of_a_job() -> None:
+    assert FormationConfig().topic("ab") == "/p2pgpu/jobs/1/ab"
+    assert FormationConfig(per_job_topics=False).topic("ab") == "/p2pgpu/jobs/1"
+
+
+def test_a_node_counts_its_own_gpus_not_its_adverts_free_count() -> None:
+    me = Identity(bytes([60]) * 32)
+    busy_advert = replace(make_advert(me, gpus=1, model="NVIDIA A100"), gpus_free=0)
+    node = FormationNode(me, busy_advert, CFG)
+    sm = make_manifest(SUBMITTER, Random(3), now_ms=T0)
+    assert any(isinstance(a, Publish) for a in node.on_manifest(sm, T0))
+
+
+def test_a_repeated_proposal_is_answered_once_per_half_retry_interval() -> None:
+    b = Bench(3, replicas=2)
+    start(b)
+    prop = b.sent(b.timer(0, "window", W), Proposal)
+    b.p[1].on_message(prop, W + 5)
+    half = CFG.accept_retry_ms // 2
+    assert b.summary(b.p[1].on_message(prop, W + 5 + half - 1)) == ["timer view"]
+    assert "send accept>P0" in b.summary(b.p[1].on_message(prop, W + 5 + half))
+
+
+def test_an_equivocating_leader_gets_one_accept_per_view_and_round() -> None:
+    b = Bench(3, replicas=2)
+    start(b)
+    prop = b.sent(b.timer(0, "window", W), Proposal)
+    acts = b.p[1].on_message(prop, W + 1)
+    accept = b.sent(acts, Accept)
+    assert Reserved(b.job, 1, accept.lease_until_ms, 0) in acts
+    twin = Proposal.sign(b.p[0].identity, job_id=b.job, view=prop.view, round=prop.round,
+                         members=(b.p[1].peer_id, b.p[2].peer_id), gpus_per_member=1)
+    assert b.p[1].on_message(twin, W + 2) == [SetTimer(f"f/{b.job}/view", W + 2 + CFG.leader_timeout_ms),
+                                              Emit("formation.proposal_superseded")]
+
+
+def test_a_leader_that_accepted_another_leaders_proposal_keeps_its_gpus() -> None:
+    # P1 accepted P0's view-0 proposal; P0 goes silent; P1 leads view 1 and
+    # its own proposal dies.  A certificate with P1's accept of P0's proposal
+    # may still be confirmed, so P1 keeps its GPU.
+    b = Bench(2, replicas=2)
+    start(b)
+    prop0 = b.sent(b.timer(0, "window", W), Proposal)
+    b.timer(1, "window", W)
+    b.p[1].on_message(prop0, W + 1)
+    v = W + 1 + CFG.leader_timeout_ms
+    prop1 = b.sent(b.timer(1, "view", v), Proposal)
+    assert prop1.leader == b.p[1].peer_id
+    acts = b.timer(1, "round", v + CFG.member_timeout_ms)  # P0 silent: too few volunteers left
+    assert Emit("formation.too_few_volunteers") in acts
+    assert not any(isinstance(a, Released) for a in acts) and b.job in b.p[1].ledger.holds
+
+
+def test_a_dead_own_proposal_releases_field_by_field() -> None:
+    b = Bench(2, replicas=2)
+    start(b)
+    prop = b.sent(b.timer(0, "window", W), Proposal)
+    assert b.p[1].ledger.reserve("e" * 64, 1, T0 + 10**9)
+    decline = b.sent(b.p[1].on_message(prop, W + 1), Decline)
+    acts = b.p[0].on_message(decline, W + 2)
+    assert acts == [Emit("formation.declined"), Emit("formation.too_few_volunteers"),
+                    CancelTimer(f"f/{b.job}/lease"), Released(b.job, 1, "own proposal abandoned", 1)]
+
+
+def test_a_full_volunteer_table_ignores_new_volunteers() -> None:
+    cfg = replace(CFG, volunteers_max=2)
+    b = Bench(3, replicas=3)
+    nodes = [FormationNode(n.identity, make_advert(n.identity, gpus=1, model="NVIDIA A100"), cfg) for n in b.p]
+    offers = [b.sent(n.on_manifest(b.sm, T0), Offer) for n in nodes]
+    nodes[0].on_message(offers[1], T0 + 1)
+    lead = nodes[0].on_timer(f"f/{b.job}/window", W)
+    assert Emit("formation.too_few_volunteers") in lead and nodes[0].state(b.job) is WorkerState.LEADING
+    assert nodes[0].on_message(offers[2], W + 1) == []  # the table is full: not heard
+    assert list(nodes[0].jobs[b.job].volunteers) == [b.p[0].peer_id, b.p[1].peer_id]
+
+
+def test_a_confirm_too_late_for_the_lease_is_reported_exactly() -> None:
+    b = Bench(1)
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    confirm = b.sent(b.s.on_message(cert, W + 1), Confirm)
+    lapse = W + CFG.lease_ms + CFG.lease_grace_ms
+    b.p[0].on_timer(f"f/{b.job}/lease", lapse)
+    assert b.p[0].ledger.reserve("e" * 64, 1, T0 + 10**9)
+    acts = b.p[0].on_message(confirm, lapse + 1)
+    decline = b.sent(acts, Decline)
+    assert decline.reason == "lease expired and the GPUs are taken"
+    assert acts[4:6] == [Send(SUBMITTER.peer_id, decline.envelope.to_bytes()), Emit("formation.member_lost")]
+
+
+def test_only_a_quiet_candidate_adopts_a_view_in_progress() -> None:
+    b = Bench(1)
+    node = b.p[0]
+    assert node.ledger.reserve("e" * 64, 1, T0 + 10**9)  # passed over: SEEN, not quiet
+    node.on_manifest(b.sm, T0)
+    other = Identity(bytes([61]) * 32)
+    prop = Proposal.sign(other, job_id=b.job, view=3, round=0, members=(other.peer_id,), gpus_per_member=1)
+    node.on_message(prop, T0 + 1)
+    assert node.jobs[b.job].view == 0
+
+
+def test_a_leader_stepping_down_cancels_its_round_timer() -> None:
+    b = Bench(3, replicas=2)
+    start(b)
+    b.sent(b.timer(0, "window", W), Proposal)
+    b.timer(1, "window", W)
+    v = W + CFG.leader_timeout_ms
+    better = Proposal.sign(b.p[1].identity, job_id=b.job, view=1, round=0,
+                           members=(b.p[1].peer_id, b.p[0].peer_id), gpus_per_member=1)
+    acts = b.p[0].on_message(better, v)
+    assert acts[:2] == [CancelTimer(f"f/{b.job}/round"), Emit("formation.stepped_down")]
+    assert b.p[0].state(b.job) is WorkerState.FOLLOWING
+
+
+def test_progress_seen_at_time_zero_still_delays_a_late_candidate() -> None:
+    b = Bench(4)
+    sm = make_manifest(SUBMITTER, Random(21), now_ms=0)
+    ids = sorted((n.peer_id for n in b.p), key=lambda p: leader_rank(sm.job_id, p))
+    late = next(n for n in b.p if n.peer_id == ids[3])
+    late.on_manifest(sm, 0, candidates=ids)
+    leader = next(n for n in b.p if n.peer_id == ids[0])
+    prop = Proposal.sign(leader.identity, job_id=sm.job_id, view=0, round=0, members=(ids[0],), gpus_per_member=1)
+    late.on_message(prop, 0)
+    assert late.on_timer(f"f/{sm.job_id}/late", 200) == [SetTimer(f"f/{sm.job_id}/late", CFG.leader_timeout_ms)]
+
+
+def test_a_late_candidate_without_gpus_volunteers_when_they_free() -> None:
+    b = Bench(4)
+    ids = [n.peer_id for n in b.p]
+    late = b.p[3]
+    late.on_manifest(b.sm, T0, candidates=ids)
+    assert late.ledger.reserve("e" * 64, 1, T0 + 1_000)  # another job's lease, lapsing soon
+    assert late.on_timer(f"f/{b.job}/late", T0 + CFG.late_volunteer_ms) == []  # no GPU now
+    late.ledger.release("e" * 64)
+    acts = late.update_advert(late._advert, T0 + CFG.late_volunteer_ms + 1)
+    assert b.sent(acts, Offer).peer_id == late.peer_id
+
+
+def test_giving_up_releases_and_says_why() -> None:
+    b = Bench(1)
+    start(b)
+    b.sent(b.timer(0, "window", W), Certified)
+    deadline = b.p[0].jobs[b.job].deadline_ms
+    acts = b.p[0].on_timer(f"f/{b.job}/view", deadline)
+    assert acts[-1] == Emit("formation.gave_up")
+    assert Released(b.job, 1, "formation gave up", 1) in acts
+    assert b.p[0].state(b.job) is WorkerState.CLOSED
