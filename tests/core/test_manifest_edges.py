@@ -21,11 +21,13 @@ from p2pgpu.core._manifest import (
     Manifest,
     ManifestError,
     ReplayGuard,
+    TomlDepth,
     body_bytes_max,
     check_manifest_time,
     manifest_from_envelope,
     manifest_from_toml,
     sign_manifest,
+    toml_depth,
     verify_manifest,
 )
 
@@ -553,3 +555,34 @@ def test_replay_guard_pruning_keeps_a_readmitted_id() -> None:
     guard.prune(NOW + 30)
     assert "a" not in guard
     assert ReplayGuard().ids_max == 100_000
+
+
+# --- the TOML depth scan: where it points, and the ends of the text -------------------
+
+
+@pytest.mark.parametrize(("text", "depth"), [
+    ('a = """x\\\ny"""\nb = [[1]]\n', TomlDepth(nesting=2, nesting_line=3, key_dots=0, key_dots_line=1)),
+    ('a = """x\ny\nz"""\nb = [[1]]', TomlDepth(nesting=2, nesting_line=4, key_dots=0, key_dots_line=1)),
+    ("a = '''x\ny'''\nb = [1]", TomlDepth(nesting=1, nesting_line=3, key_dots=0, key_dots_line=1)),
+    ('a = """\n\n"""\nx.y.z = 1', TomlDepth(nesting=0, nesting_line=1, key_dots=2, key_dots_line=4)),
+    ('a = """x"""""\nb = [[[1]]]', TomlDepth(nesting=3, nesting_line=2, key_dots=0, key_dots_line=1)),
+    ("a = 'x\nb = [1]", TomlDepth(nesting=1, nesting_line=2, key_dots=0, key_dots_line=1)),
+], ids=["backslash-newline", "multi-line basic", "multi-line literal", "dots after a string",
+        "two extra quotes", "unterminated single-line"])
+def test_the_line_a_depth_is_reached_counts_lines_inside_strings(text: str, depth: TomlDepth) -> None:
+    assert toml_depth(text) == depth
+
+
+@pytest.mark.parametrize("text", ['a = """x"""', 'a = """abc', 'a = """abc\\', "a = '''abc", 'a = "abc\\'],
+                         ids=["closed at the end", "unterminated", "a backslash last", "literal unterminated",
+                              "basic backslash last"])
+def test_a_string_at_the_very_end_of_the_text(text: str) -> None:
+    assert toml_depth(text) == TomlDepth(nesting=0, nesting_line=1, key_dots=0, key_dots_line=1)
+
+
+def test_a_deep_manifest_error_names_its_line() -> None:
+    deep = 'a = """x\ny"""\nb = ' + "[" * 17 + "]" * 17 + "\n"
+    with pytest.raises(ManifestError) as err:
+        parse(deep + M)
+    assert (err.value.field, err.value.message) == (
+        "toml", "arrays or tables nested more than 16 levels deep (line 3); a manifest needs no more than three")
