@@ -426,3 +426,90 @@ def test_messages_of_other_jobs_and_echoes_are_ignored() -> None:
     assert b.s.on_message(offer, T0) == []
     cancel = Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=T0)
     assert b.s.on_message(decode_message(cancel.envelope.to_bytes()), T0) == []
+
+
+def test_accepts_after_a_decision_are_not_counted_as_progress() -> None:
+    b, certified, _, _ = confirmed_bench(2)
+    before = b.s.progress(b.job).accepts  # type: ignore[union-attr]
+    prop = certified.certificate.proposal
+    late = Accept.sign(b.p[2].identity, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=0,
+                       payout_address="")
+    b.s.on_message(late, W + 10)
+    assert b.s.progress(b.job).accepts == before  # type: ignore[union-attr]
+
+
+def test_the_answer_interval_is_a_whole_half() -> None:
+    cfg = replace(CFG, accept_retry_ms=501)
+    b = Bench(3)
+    s = Submitter(SUBMITTER, cfg)
+    s.submit(b.sm, T0)
+    s.cancel(b.job, T0 + 1)
+    offer = start_offers(b)[0]
+    assert len(s.on_message(offer, T0 + 10)) == 1
+    assert s.on_message(offer, T0 + 10 + 249) == []
+    assert len(s.on_message(offer, T0 + 10 + 250)) == 1  # 501 // 2
+
+
+def test_the_answered_table_is_capped() -> None:
+    cfg = replace(CFG, volunteers_max=2)
+    b = Bench(3, replicas=3)
+    s = Submitter(SUBMITTER, cfg)
+    s.submit(b.sm, T0)
+    s.cancel(b.job, T0 + 1)
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0, members=tuple(n.peer_id for n in b.p),
+                         gpus_per_member=1)
+    answered = [s.on_message(Accept.sign(n.identity, proposal=prop, lease_until_ms=T0 + 10**6,
+                                         price_per_gpu_hour=0, payout_address=""), T0 + 2) for n in b.p]
+    assert [len(a) for a in answered] == [1, 1, 0]
+    assert len(s.on_message(Accept.sign(b.p[0].identity, proposal=prop, lease_until_ms=T0 + 10**6,
+                                        price_per_gpu_hour=0, payout_address=""), T0 + 2 + CFG.accept_retry_ms)) == 1
+
+
+def test_a_price_at_the_ceiling_is_confirmed() -> None:
+    b = Bench(3, replicas=2)
+    for o in start(b):
+        b.s.on_message(o, T0 + 2)
+    ceiling = b.sm.manifest.price_per_gpu_hour_max
+    acts = b.s.on_message(_certified(b, 2, price=ceiling), T0 + 5)
+    assert isinstance(acts[-1], Confirmed)
+
+
+def test_a_proposal_that_does_not_fit_is_never_assembled() -> None:
+    for members, gpus in ((2, 2), (3, 1)):
+        b = Bench(3, replicas=2)
+        b.s.submit(b.sm, T0)
+        prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0,
+                             members=tuple(n.peer_id for n in b.p[:members]), gpus_per_member=gpus)
+        b.s.on_message(prop, W)
+        acts = [b.s.on_message(Accept.sign(n.identity, proposal=prop, lease_until_ms=T0 + 10**6,
+                                           price_per_gpu_hour=0, payout_address=""), W + 1) for n in b.p[:members]]
+        assert acts == [[]] * members
+        assert b.s.progress(b.job).certificates_refused == 0  # type: ignore[union-attr]
+
+
+def test_refusals_are_counted_one_by_one() -> None:
+    b = Bench(3)
+    offers = start(b)
+    for o in offers:
+        b.s.on_message(o, T0 + 2)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    late = cert.certificate.lease_until_ms
+    b.s.on_message(cert, late)
+    b.s.on_message(cert, late + 1)
+    assert b.s.progress(b.job).certificates_refused == 2  # type: ignore[union-attr]
+
+    # After a confirm, each other certificate is refused and counted too.
+    c = Bench(3)
+    for o in start(c):
+        c.s.on_message(o, T0 + 2)
+    lt = CFG.leader_timeout_ms
+    cert0 = c.sent(c.timer(0, "window", W), Certified)
+    c.timer(1, "window", W)
+    c.timer(2, "window", W)
+    cert1 = c.sent(c.timer(1, "view", W + lt), Certified)
+    c.timer(2, "view", W + lt)
+    cert2 = c.sent(c.timer(2, "view", W + 2 * lt), Certified)
+    assert isinstance(c.s.on_message(cert0, W + 2 * lt)[-1], Confirmed)
+    c.s.on_message(cert1, W + 2 * lt + 1)
+    c.s.on_message(cert2, W + 2 * lt + 2)
+    assert c.s.progress(c.job).certificates_refused == 2  # type: ignore[union-attr]
