@@ -112,10 +112,10 @@ def test_a_late_candidate_volunteers_unless_the_job_progresses() -> None:
     late.on_manifest(b.sm, T0, candidates=ids)
     at = T0 + CFG.late_volunteer_ms
     # A proposal was seen just now: wait one leader timeout past it.
-    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=2, round=0, members=(b.p[0].peer_id,),
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=1, round=0, members=(b.p[0].peer_id,),
                          gpus_per_member=1)
     assert late.on_message(prop, at - 10) == []
-    assert late.jobs[b.job].view == 2  # it would join the view in progress
+    assert late.jobs[b.job].view == 1  # it would join the view in progress
     assert late.on_timer(f"f/{b.job}/late", at) == [SetTimer(f"f/{b.job}/late", at - 10 + CFG.leader_timeout_ms)]
     acts = late.on_timer(f"f/{b.job}/late", at - 10 + CFG.leader_timeout_ms)
     assert acts[0] == Emit("formation.late_volunteer") and isinstance(b.sent(acts, Offer), Offer)
@@ -429,13 +429,13 @@ def test_a_confirm_too_late_for_the_lease_is_reported_exactly() -> None:
 
 
 def test_only_a_quiet_candidate_adopts_a_view_in_progress() -> None:
-    b = Bench(1)
+    b = Bench(2)
     node = b.p[0]
     assert node.ledger.reserve("e" * 64, 1, T0 + 10**9)  # passed over: SEEN, not quiet
     node.on_manifest(b.sm, T0)
-    other = Identity(bytes([61]) * 32)
-    prop = Proposal.sign(other, job_id=b.job, view=3, round=0, members=(other.peer_id,), gpus_per_member=1)
-    node.on_message(prop, T0 + 1)
+    prop = Proposal.sign(b.p[1].identity, job_id=b.job, view=1, round=0, members=(b.p[1].peer_id,),
+                         gpus_per_member=1)
+    assert node.on_message(prop, T0 + 1) == []
     assert node.jobs[b.job].view == 0
 
 

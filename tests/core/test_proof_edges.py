@@ -153,16 +153,29 @@ def test_cosign_field_bounds() -> None:
 
 def test_terms_bounds() -> None:
     base = {"job_id": JOB, "duration_ms_max": 1, "gpus_per_member": 1, "price_per_gpu_hour_max": 0}
-    t = ProofTerms(**base, nodes=1, replicas=1, quorum=1, tolerance_ms=0)  # type: ignore[arg-type]
-    assert (t.duration_ms_max, t.tolerance_ms, t.cosigns_min) == (1, 0, None)
-    assert ProofTerms(job_id=JOB, duration_ms_max=1, gpus_per_member=1, price_per_gpu_hour_max=0).tolerance_ms == 5_000
-    ProofTerms(**base, replicas=3, quorum=3)  # type: ignore[arg-type]
+    t = ProofTerms(**base, nodes=1, replicas=1, quorum=1, tolerance_ms=0, tolerance_ppm=0,  # type: ignore[arg-type]
+                   heartbeat_interval_ms=0)
+    assert (t.duration_ms_max, t.tolerance_ms, t.tolerance_ppm, t.heartbeat_interval_ms, t.cosigns_min) == (
+        1, 0, 0, 0, None)
+    d = ProofTerms(job_id=JOB, duration_ms_max=1, gpus_per_member=1, price_per_gpu_hour_max=0)
+    assert (d.tolerance_ms, d.tolerance_ppm, d.heartbeat_interval_ms) == (1_000, 50_000, 1_000)
+    ProofTerms(**base, replicas=3, quorum=3, tolerance_ppm=1_000_000)  # type: ignore[arg-type]
     for over in ({"duration_ms_max": 0}, {"gpus_per_member": 0}, {"price_per_gpu_hour_max": -1}):
         with pytest.raises(ValueError, match="duration and GPUs must be positive, price not negative"):
             ProofTerms(**{**base, **over})  # type: ignore[arg-type]
     for over in ({"nodes": 0}, {"quorum": 0}, {"quorum": 2}, {"tolerance_ms": -1}):
         with pytest.raises(ValueError, match=r"need nodes >= 1, 1 <= quorum <= replicas, tolerance >= 0"):
             ProofTerms(**base, **over)  # type: ignore[arg-type]
+    for over in ({"tolerance_ppm": -1}, {"tolerance_ppm": 1_000_001}, {"heartbeat_interval_ms": -1}):
+        with pytest.raises(ValueError, match=r"tolerance_ppm in 0..10\^6, heartbeat interval >= 0"):
+            ProofTerms(**base, **over)  # type: ignore[arg-type]
+
+
+def test_tolerance_is_the_larger_of_the_floor_and_the_share() -> None:
+    t = ProofTerms(job_id=JOB, duration_ms_max=1, gpus_per_member=1, price_per_gpu_hour_max=0, tolerance_ms=1_000,
+                   tolerance_ppm=50_000)
+    assert [t.tolerance(x) for x in (-5, 0, 19_999, 20_000, 20_019, 20_020, 100_000)] == [
+        1_000, 1_000, 1_000, 1_000, 1_000, 1_001, 5_000]
 
 
 def test_terms_from_a_manifest_carry_every_field() -> None:
@@ -174,7 +187,7 @@ def test_terms_from_a_manifest_carry_every_field() -> None:
     sm = sign_manifest(A, m)
     assert ProofTerms.from_manifest(sm) == ProofTerms(
         job_id=sm.job_id, duration_ms_max=90_000, gpus_per_member=2, price_per_gpu_hour_max=500, nodes=2,
-        replicas=3, quorum=2, tolerance_ms=5_000)
+        replicas=3, quorum=2, tolerance_ms=1_000, tolerance_ppm=50_000, heartbeat_interval_ms=1_000)
     assert ProofTerms.from_manifest(sm, tolerance_ms=7).tolerance_ms == 7
 
 
@@ -361,13 +374,14 @@ def rejected(wire: bytes | Any, cert: Any = CERT, terms: ProofTerms = TERMS, cos
 
 
 def test_duration_at_the_limit_plus_tolerance() -> None:
-    # TERMS: 60 s limit, 2 s tolerance.  62 s is in, 62.001 s is out.
-    at = proof(end=T0 + 62_000, gpu_ms=120_000)
-    vp = verify_proof(signed(at), cert=CERT, terms=TERMS, cosigns=[cosign(B, last=T0 + 62_000)])
-    assert vp.proof.duration_ms == 62_000
-    over = proof(end=T0 + 62_001, gpu_ms=120_000)
-    err = rejected(signed(over), cosigns=[cosign(B, last=T0 + 62_001)])
+    # TERMS: 60 s limit, tolerance max(2 s, 5 % of 60 s) = 3 s.  63 s is in, 63.001 s is out.
+    at = proof(end=T0 + 63_000, gpu_ms=120_000)
+    vp = verify_proof(signed(at), cert=CERT, terms=TERMS, cosigns=[cosign(B, last=T0 + 63_000)])
+    assert vp.proof.duration_ms == 63_000
+    over = proof(end=T0 + 63_001, gpu_ms=120_000)
+    err = rejected(signed(over), cosigns=[cosign(B, last=T0 + 63_001)])
     assert err.fault is ProofFault.OVER_DURATION
+    assert err.detail == "over_duration: 63001 ms > limit 60000 ms"
 
 
 def test_gpu_time_at_gpus_times_duration() -> None:
@@ -380,11 +394,36 @@ def test_gpu_time_at_gpus_times_duration() -> None:
 
 
 def test_observed_duration_at_the_tolerance() -> None:
-    # Served 30 s; the co-signer saw 28 s; tolerance 2 s: in.  27.999 s: out.
-    assert verify_proof(signed(proof()), cert=CERT, terms=TERMS,
-                        cosigns=[cosign(B, first=T0 + 1_000, last=T0 + 29_000)]).observed_ms == 28_000
-    err = rejected(signed(proof()), cosigns=[cosign(B, first=T0 + 1_001, last=T0 + 29_000)])
+    # Served 30 s.  A co-signer that saw 27 s is credited one heartbeat (28 s)
+    # plus max(2 s, 5 % of 28 s) = 30 s: in.  26.999 s seen: out.
+    vp = verify_proof(signed(proof()), cert=CERT, terms=TERMS, cosigns=[cosign(B, first=T0 + 1_000, last=T0 + 28_000)])
+    assert (vp.observed_ms, vp.bound_ms) == (27_000, 30_000)
+    err = rejected(signed(proof()), cosigns=[cosign(B, first=T0 + 1_001, last=T0 + 28_000)])
     assert err.fault is ProofFault.OVER_OBSERVED
+    assert err.detail == "over_observed: served 30000 ms, co-signers saw at most 26999 ms"
+
+
+def test_the_window_at_its_tolerance() -> None:
+    # A window of 28 s allows 28 s + max(2 s, 1.4 s) = 30 s.
+    from p2pgpu.core._proof import Window, claim_bound_ms
+
+    ok = verify_proof(signed(proof()), cert=CERT, terms=TERMS, cosigns=[cosign(B)],
+                      window=Window(confirmed_at_ms=5, results_at_ms=28_005))
+    assert ok.bound_ms == 30_000
+    err = rejected_window(Window(confirmed_at_ms=5, results_at_ms=28_004))
+    assert err.fault is ProofFault.OVER_WINDOW and err.detail == (
+        "over_window: served 30000 ms, but only 27999 ms passed between the confirmation and its results")
+    assert Window(confirmed_at_ms=10, results_at_ms=5).ms == 0
+    assert claim_bound_ms(TERMS, observed_ms=None, window=None) is None
+    assert claim_bound_ms(TERMS, observed_ms=None, window=Window(confirmed_at_ms=0, results_at_ms=100_000)) == 105_000
+    assert claim_bound_ms(TERMS, observed_ms=27_000, window=Window(confirmed_at_ms=0, results_at_ms=100_000)) == 30_000
+    assert claim_bound_ms(TERMS, observed_ms=99_000, window=Window(confirmed_at_ms=0, results_at_ms=28_000)) == 30_000
+
+
+def rejected_window(window: Any) -> ProofRejected:
+    with pytest.raises(ProofRejected) as err:
+        verify_proof(signed(proof()), cert=CERT, terms=TERMS, cosigns=[cosign(B)], window=window)
+    return err.value
 
 
 def test_checkpoints_at_the_start_the_end_and_at_one_time() -> None:
@@ -468,8 +507,8 @@ def test_every_field_of_a_verified_proof() -> None:
     w = signed(proof())
     vp = verify_proof(w, cert=CERT, terms=TERMS, cosigns=[cosign(C, last=T0 + 20_000), cosign(B)])
     assert vp.signed.wire == w and vp.proof == proof()
-    assert (vp.rank, vp.replica, vp.cosigners, vp.observed_ms, vp.cosigns_ignored) == (
-        0, 0, tuple(sorted([B.peer_id, C.peer_id])), 29_000, ())
+    assert (vp.rank, vp.replica, vp.cosigners, vp.observed_ms, vp.cosigns_ignored, vp.bound_ms) == (
+        0, 0, tuple(sorted([B.peer_id, C.peer_id])), 29_000, (), 32_000)
 
 
 def test_rejection_text() -> None:
