@@ -26,6 +26,7 @@ from p2pgpu.core._manifest import (
     check_manifest_time,
     manifest_from_envelope,
     manifest_from_toml,
+    parse_image_ref,
     sign_manifest,
     toml_depth,
     verify_manifest,
@@ -589,3 +590,116 @@ def test_a_deep_manifest_error_names_its_line() -> None:
         parse(deep + M)
     assert (err.value.field, err.value.message) == (
         "toml", "arrays or tables nested more than 16 levels deep (line 3); a manifest needs no more than three")
+
+
+# --- inputs by tree or URL, and OCI images (#15) --------------------------------------
+
+D = "cd" * 32
+URL_RULE = "an http:// or https:// URL of at most 2048 characters, without credentials"
+IMAGE_RULE = ("an image by digest: REGISTRY/NAME@sha256:<64 hex>, e.g. registry.example.org/team/pytorch@sha256:"
+              "9f86...; tags are not accepted")
+
+CONTENT_MISTAKES: list[tuple[str, str, str, str]] = [
+    ("tree not hex", f'"a" = {{ sha256 = "{SHA}", size_bytes = 1, tree = "xyz" }}', "inputs.a.tree",
+     "the chunk tree root: 64 lowercase hex digits"),
+    ("tree of 63", f'"a" = {{ sha256 = "{SHA}", size_bytes = 1, tree = "{D[:63]}" }}', "inputs.a.tree",
+     "the chunk tree root: 64 lowercase hex digits"),
+    ("ftp url", f'"a" = {{ url = "ftp://h/x", sha256 = "{SHA}", size_bytes = 1 }}', "inputs.a.url", URL_RULE),
+    ("url with credentials", f'"a" = {{ url = "https://u:p@h/x", sha256 = "{SHA}", size_bytes = 1 }}',
+     "inputs.a.url", URL_RULE),
+    ("url of 2049", '"a" = { url = "https://h/' + "x" * 2039 + f'", sha256 = "{SHA}", size_bytes = 1 }}',
+     "inputs.a.url", URL_RULE),
+    ("url without sha256", '"a" = { url = "https://h/x", size_bytes = 1 }', "inputs.a.sha256",
+     "a URL input needs its sha256 (and size_bytes): what the URL serves is checked against them"),
+    ("url with a tree", f'"a" = {{ url = "https://h/x", sha256 = "{SHA}", size_bytes = 1, tree = "{D}" }}',
+     "inputs.a.tree", "a URL input is checked by its sha256; give no tree"),
+    ("a local path", '"a" = { path = "x" }', "inputs.a.path",
+     ("a local file is read and hashed by `p2pgpu job submit` (or the SDK's submit) on the submitter's machine; "
+     "this form takes sha256 and size_bytes")),
+    ("tree int", f'"a" = {{ sha256 = "{SHA}", size_bytes = 1, tree = 1 }}', "inputs.a.tree",
+     "must be a string, not 1"),
+    ("url int", f'"a" = {{ url = 1, sha256 = "{SHA}", size_bytes = 1 }}', "inputs.a.url", "must be a string, not 1"),
+]
+
+
+@pytest.mark.parametrize("body,field,message", [c[1:] for c in CONTENT_MISTAKES], ids=[c[0] for c in CONTENT_MISTAKES])
+def test_content_inputs_name_their_field(body: str, field: str, message: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        parse(M + "[inputs]\n" + body + "\n")
+    assert (err.value.field, err.value.message) == (field, message)
+
+
+def test_content_inputs_at_their_limits() -> None:
+    url = "https://h/" + "x" * 2038  # 2048 characters
+    m = parse(M + f'[inputs]\n"a" = {{ url = "{url}", sha256 = "{SHA.upper()}", size_bytes = 1 }}\n'
+              f'"b" = {{ sha256 = "{SHA}", size_bytes = 2, tree = "{D.upper()}" }}\n')
+    assert m.inputs == (JobInput(name="a", sha256=SHA, size_bytes=1, url=url),
+                        JobInput(name="b", sha256=SHA, size_bytes=2, tree=D))
+    assert m.to_obj()["inputs"] == [{"name": "a", "sha256": SHA, "size_bytes": 1, "url": url},
+                                    {"name": "b", "sha256": SHA, "size_bytes": 2, "tree": D}]
+    assert verify_manifest(sign_manifest(ME, m).wire, now_ms=NOW).manifest == m
+    assert parse(M + '[inputs]\n"a" = { url = "http://h", sha256 = "' + SHA + '", size_bytes = 1 }\n').inputs[0].url \
+        == "http://h"
+    with pytest.raises(ManifestError) as err:
+        JobInput(name="a", data=b"x", tree=D)
+    assert err.value.message == "give either inline data or sha256, not both"
+    with pytest.raises(ManifestError) as err:
+        JobInput(name="a", data=b"x", url="https://h/x")
+    assert err.value.message == "give either inline data or sha256, not both"
+
+
+OCI = '[runtime]\nkind = "oci"\ncommand = ["true"]\n'
+
+
+@pytest.mark.parametrize("ref,parts", [
+    (f"localhost/a@sha256:{D}", ("localhost", "a", D)),
+    (f"h:5/a__b--c.d/e@sha256:{D}", ("h:5", "a__b--c.d/e", D)),
+    (f"a.b/{'x' * 436}@sha256:{D}", ("a.b", "x" * 436, D)),  # 512 characters
+])
+def test_image_references_at_their_limits(ref: str, parts: tuple[str, str, str]) -> None:
+    assert parse_image_ref(ref) == parts
+    assert parse(OCI + f'image = "{ref}"\n').image == ref
+
+
+@pytest.mark.parametrize("ref,message", [
+    (f"a.b/{'x' * 437}@sha256:{D}", IMAGE_RULE),  # 513 characters
+    (f"a.b/x___y@sha256:{D}", IMAGE_RULE), (f"a.b/x@sha256:{D.upper()}", IMAGE_RULE),
+    (f"a.b/x@sha256:{D}0", IMAGE_RULE), ("a.b/x:latest", IMAGE_RULE),
+    (f"x/a@sha256:{D}", "'x' is not a registry host (name one with a dot, a port or localhost)"),
+])
+def test_image_references_refused(ref: str, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_image_ref(ref)
+    assert str(err.value) == message
+    with pytest.raises(ManifestError) as merr:
+        parse(OCI + f'image = "{ref}"\n')
+    assert (merr.value.field, merr.value.message) == ("runtime.image", message)
+
+
+def test_image_and_kind_go_together() -> None:
+    with pytest.raises(ManifestError) as err:
+        parse(M + f'image = "ghcr.io/a@sha256:{D}"\n')
+    assert (err.value.field, err.value.message) == ("runtime.image", 'an image is run by kind = "oci"')
+    with pytest.raises(ManifestError) as err:
+        parse(OCI)
+    assert (err.value.field, err.value.message) == ("runtime.image",
+                                                    'kind = "oci" needs image = "REGISTRY/NAME@sha256:DIGEST"')
+    m = parse(OCI + f'image = "ghcr.io/a@sha256:{D}"\n')
+    assert m.to_obj()["runtime"]["image"] == m.image and "image" not in parse(M).to_obj()["runtime"]
+
+
+@pytest.mark.parametrize("path,value,detail", [
+    (("runtime", "image"), "", "image: length must be in [1, 512]"),
+    (("runtime", "image"), "i" * 513, "image: length must be in [1, 512]"),
+    (("inputs",), [{"name": "y", "sha256": SHA, "size_bytes": 1, "tree": D + "0"}], "tree: length must be in [0, 64]"),
+    (("inputs",), [{"name": "y", "sha256": SHA, "size_bytes": 1, "url": "https://h/" + "x" * 2039}],
+     "url: length must be in [0, 2048]"),
+    (("inputs",), [{"name": "y", "sha256": SHA, "size_bytes": 1, "tree": "z" * 64}],
+     "inputs.y.tree: the chunk tree root"),
+    (("inputs",), [{"name": "y", "sha256": SHA, "size_bytes": 1, "url": "javascript:x"}],
+     "inputs.y.url: an http:// or https:// URL"),
+    (("inputs",), [{"name": "y", "sha256": SHA, "size_bytes": 1, "mode": 1}], "mode: unknown field"),
+], ids=["empty image", "long image", "long tree", "long url", "tree not hex", "not a url", "unknown input field"])
+def test_content_wire_refusals_name_the_field(path: tuple[str, ...], value: Any, detail: str) -> None:
+    err = refused(body_with(path, value))
+    assert err.reason is Reason.BAD_SCHEMA and err.detail.startswith(detail), err.detail
