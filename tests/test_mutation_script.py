@@ -81,3 +81,16 @@ def test_apply_diff_finds_a_methods_hunk_dedented() -> None:
     assert M.apply_diff(SOURCE, d) == SOURCE.replace("if x > 3:", "if x >= 3:")
     with pytest.raises(ValueError, match="not found exactly once"):
         M.apply_diff(SOURCE + SOURCE, d)
+
+
+def test_scratch_copy_narrows_the_module_and_its_test_selection(tmp_path: Path) -> None:
+    work = M.scratch_copy("p2pgpu/core/_codec.py", tmp_path)
+    text = (work / "pyproject.toml").read_text()
+    assert 'only_mutate = ["p2pgpu/core/_codec.py"]' in text
+    assert 'pytest_add_cli_args_test_selection = ["tests/core/test_codec.py", ' in text
+    for t in M.MODULE_TESTS["_codec"]:
+        assert (work / t).is_file()
+    plain = (M.scratch_copy("p2pgpu/core/_chunks.py", tmp_path) / "pyproject.toml").read_text()
+    assert 'only_mutate = ["p2pgpu/core/_chunks.py"]' in plain
+    assert 'pytest_add_cli_args_test_selection = ["tests/core"]' in plain
+    assert not (work.parent / "_codec" / "mutants").exists()
