@@ -87,7 +87,7 @@ def test_scratch_copy_narrows_the_module_and_its_test_selection(tmp_path: Path) 
     work = M.scratch_copy("p2pgpu/core/_codec.py", tmp_path)
     text = (work / "pyproject.toml").read_text()
     assert 'only_mutate = ["p2pgpu/core/_codec.py"]' in text
-    assert 'pytest_add_cli_args_test_selection = ["tests/core/test_codec.py", ' in text
+    assert "pytest_add_cli_args_test_selection = [\"tests/core/test_codec.py\", " in text
     for t in M.MODULE_TESTS["_codec"]:
         assert (work / t).is_file()
     plain = (M.scratch_copy("p2pgpu/core/_chunks.py", tmp_path) / "pyproject.toml").read_text()
