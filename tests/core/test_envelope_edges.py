@@ -114,3 +114,23 @@ def test_refusals_say_what_is_wrong() -> None:
         envelope_from_obj(obj, expected=Kind.ACCEPT)
     assert e.value.reason is Reason.WRONG_KIND
     assert envelope_from_obj(obj, expected=Kind.OFFER) == env
+
+
+@pytest.mark.parametrize("k", [["offer"], {"offer": 1}, 1, b"offer", None], ids=repr)
+def test_a_kind_of_any_type_is_refused_as_a_wrong_kind(k: object) -> None:
+    # An unhashable kind (a list, a map) must not reach the kind table's lookup.
+    obj = {**seal(ALICE, Kind.OFFER, {"a": 1}).to_obj(), "k": k}
+    with pytest.raises(PeerMisbehaved, match="unknown kind") as e:
+        envelope_from_obj(obj)
+    assert e.value.reason is Reason.WRONG_KIND
+
+
+def test_body_of_decodes_under_the_kinds_ceiling_even_for_an_envelope_made_by_hand() -> None:
+    # Only seal and envelope_from_obj should make an Envelope, and both check
+    # the size; body_of still decodes with the kind's own ceiling.
+    body = encode(body_of_size(Kind.CHALLENGE.bytes_max + 1))
+    env = _envelope.Envelope(kind=Kind.CHALLENGE, version=1, body=body, signer=ALICE.public_key,
+                             signature=ALICE.sign(Kind.CHALLENGE.domain_tag + body))
+    with pytest.raises(PeerMisbehaved, match=f"{len(body)} bytes > {Kind.CHALLENGE.bytes_max}") as e:
+        _envelope.body_of(env)
+    assert e.value.reason is Reason.OVERSIZED
