@@ -275,7 +275,6 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
              seed: int, shared_topic: bool = True, jitter_pct: float | None = None,
              with_jobs: bool = True, send_ms: float = 0.0) -> dict[str, Any]:
     """One simulated run of the real run's topology, adverts and jobs."""
-    from p2pgpu.core._formation_submitter import Submitter
     from p2pgpu.sim import scenario_from_obj
     from p2pgpu.sim._crypto import verify_cache
     from p2pgpu.sim._world import World
@@ -302,19 +301,16 @@ def simulate(real: dict[str, Any], args: argparse.Namespace, *, extra_ms: float,
                  "offer_window_ms": NODE_FORMATION["offer_window_ms"],
                  "leader_timeout_ms": NODE_FORMATION["leader_timeout_ms"],
                  "member_timeout_ms": NODE_FORMATION["member_timeout_ms"],
-                 "lease_ms": 10_000, "formation_timeout_ms": 60_000},
+                 "lease_ms": 10_000, "formation_timeout_ms": 60_000,
+                 "late_volunteer_ms": NODE_FORMATION["late_volunteer_ms"],
+                 # as the node does (p2pgpu/node/_jobs.py): one shared topic, no per-job topics
+                 "per_job_topics": not shared_topic},
     })
     got: dict[int, list[int]] = {}
     probes: list[tuple[int, int]] = []  # (mid, t0_us)
     submitted: list[tuple[int, Any]] = []
-    with verify_cache():
-        w = World(s, seed, tracing=False)
-        if shared_topic:  # as the node does (p2pgpu/node/_jobs.py): no per-job topics
-            fc = dataclasses.replace(w.jobs.fconfig, per_job_topics=False,
-                                     late_volunteer_ms=NODE_FORMATION["late_volunteer_ms"])
-            w.jobs.fconfig = fc
-            for i in list(w.jobs.subs):
-                w.jobs.subs[i] = Submitter(w.nodes[i].identity, fc)  # type: ignore[arg-type]
+    with verify_cache() as cache:
+        w = World(s, seed, tracing=False, verify=cache)
         orig = w.metrics.on_delivery
 
         def rec(node: int, msg: Any) -> None:

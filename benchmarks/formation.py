@@ -12,9 +12,13 @@ Besides the percentiles it prints what explains them: how many jobs needed
 a view change (each costs ``leader_timeout_ms``), how long the manifest
 took to reach the members (GossipSub), and the CPU the node processes used
 per job, next to the machine's load average (other work on a shared 2-core
-machine shows up directly in these figures).
+machine shows up directly in these figures).  It also prints the rate jobs
+formed at (jobs formed per second of the run: with ``--concurrency 8`` the
+network's formation throughput) and the node CPU per formed job (every
+process's user + system time during the run, over the jobs that formed).
 
     python3 benchmarks/formation.py [--nodes 16] [--jobs 50] [--concurrency 1] [--settle-s 5] [--quick] [--json]
+    python3 benchmarks/formation.py --concurrency 8 --jobs 80    # throughput
 
 The jobs start once the network is in its steady state: every node knows
 every advert and has made its first DHT announcement, plus ``--settle-s``.
@@ -206,6 +210,8 @@ def main() -> None:
         "views_seen_max": max((r["views_seen"] for r in ok), default=0),
         "manifest_to_member_ms": summary([float(h) for h in hops]),
         "node_cpu_s_per_job": round(cpu_used / max(1, len(rows)), 3),
+        "jobs_formed_per_s": round(len(ok) / wall_s, 2) if wall_s else 0.0,
+        "node_cpu_s_per_formed_job": round(cpu_used / max(1, len(ok)), 3),
         "node_cpu_share": round(cpu_used / wall_s / (os.cpu_count() or 1), 2) if wall_s else 0.0,
         "goal": {"p50_ms_max": 250, "p99_ms_max": 1000},
         "root": str(root) if args.keep else "",
@@ -239,6 +245,8 @@ def main() -> None:
     print(f"  jobs that needed a view change: {doc['view_changes']} (most views: {doc['views_seen_max']})")
     print(f"  node CPU per job: {doc['node_cpu_s_per_job']} s; the nodes used {doc['node_cpu_share']:.0%} "
           f"of the machine while jobs ran")
+    print(f"  jobs formed per second: {doc['jobs_formed_per_s']} ({args.concurrency} at a time); node CPU per "
+          f"formed job: {doc['node_cpu_s_per_formed_job']} s")
     for fl in doc["failures"][:10]:
         print(f"  failed job {fl['k']}: {fl['state']}: {fl['reason']}")
 

@@ -26,7 +26,7 @@ from ._codec import decode, encode
 from ._connections import ConnectionLimits, ConnectionTable, Refusal
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, open_envelope, protocol_version, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity, peer_id_from_public_key, public_key_from_peer_id, verify_signature
+from ._identity import Identity, Verifier, peer_id_from_public_key, public_key_from_peer_id, verify_signature
 from ._matching import Explanation, Requirement, Requirements, exclusion, explain, matching
 from ._proof import (
     Checkpoint,
@@ -76,6 +76,7 @@ __all__ = [
     "Requirement",
     "Requirements",
     "SignedAdvert",
+    "Verifier",
     "advert_key",
     "advert_time_reason",
     "body_of",
@@ -126,6 +127,8 @@ from ._actions import (
     StartJob,
     StopJob,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
 )
 from ._formation import CapacityLedger, FormationConfig, FormationNode, leader_rank
@@ -159,7 +162,8 @@ __all__ += [
     "Confirm", "Confirmed", "Decline", "Emit", "Failed", "FormationConfig", "FormationNode",
     "JobInput", "JobProgress", "Manifest", "ManifestError", "MemberLost", "Offer", "Proposal", "Publish",
     "Released", "ReplayGuard", "Reserved", "Send", "SetTimer", "SignedManifest", "StartJob", "StopJob",
-    "Submitter", "SubmitterState", "Subscribe", "Unsubscribe", "WorkerState", "decode_message", "leader_rank",
+    "Submitter", "SubmitterState", "Subscribe", "TimerKey", "TimerOwner", "Unsubscribe", "WorkerState",
+    "decode_message", "leader_rank",
     "manifest_from_doc", "manifest_from_toml", "sign_manifest", "verify_manifest",
 ]
 

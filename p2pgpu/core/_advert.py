@@ -20,18 +20,19 @@ from typing import Any
 
 import base58
 
+from . import _limits as limits
 from . import _schema as s
 from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity
 
-gpus_max = 16
+gpus_max = limits.gpus_per_node_max
 addrs_max = 8
 addr_len_max = 256
 runtimes_max = 8
 ttl_ms_max = 60 * 60 * 1000
-clock_skew_ms_max = 60 * 1000
+clock_skew_ms_max = limits.clock_skew_ms_max
 memory_mb_max = 1 << 22
 #: Runtimes a manifest can ask for.
 RUNTIMES = ("process", "ray", "oci")

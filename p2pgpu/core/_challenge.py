@@ -55,6 +55,7 @@ from functools import lru_cache
 from random import Random
 from typing import Any
 
+from . import _limits as limits
 from . import _schema as s
 from ._advert import Advert
 from ._codec import decode
@@ -88,8 +89,8 @@ transfer_base_ms = 10_000
 rounds_default = 4
 model_len_max = 64
 detail_len_max = 128
-peer_id_len_max = 64
-clock_skew_ms_max = 60_000
+peer_id_len_max = limits.peer_id_len_max
+clock_skew_ms_max = limits.clock_skew_ms_max
 
 _MATRIX_TAG = b"p2pgpu/challenge-matrix/v1\x00"
 _COMMIT_TAG = b"p2pgpu/challenge-commit/v1\x00"

@@ -17,7 +17,7 @@ from typing import Any
 
 from ._codec import decode, encode
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity, peer_id_from_public_key, verify_signature
+from ._identity import Identity, Verifier, peer_id_from_public_key, verify_signature
 
 protocol_version = 1
 
@@ -115,8 +115,9 @@ def seal(identity: Identity, kind: Kind, body: dict[str, Any]) -> Envelope:
     )
 
 
-def envelope_from_obj(obj: Any, *, expected: Kind | None = None) -> Envelope:
-    """Check an already-decoded envelope map and its signature."""
+def envelope_from_obj(obj: Any, *, expected: Kind | None = None, verify: Verifier | None = None) -> Envelope:
+    """Check an already-decoded envelope map and its signature (with
+    ``verify``, default :func:`~p2pgpu.core.verify_signature`)."""
     if not isinstance(obj, dict) or set(obj) != {"k", "v", "b", "s", "g"}:
         raise PeerMisbehaved(Reason.BAD_SCHEMA, "not an envelope")
     kind = _KINDS.get(obj["k"]) if isinstance(obj["k"], str) else None
@@ -132,14 +133,15 @@ def envelope_from_obj(obj: Any, *, expected: Kind | None = None) -> Envelope:
         raise PeerMisbehaved(Reason.BAD_SCHEMA, "body, signer and signature must be bytes")
     if len(body) + _ENVELOPE_OVERHEAD > kind.bytes_max:
         raise PeerMisbehaved(Reason.OVERSIZED, f"{kind.value} body of {len(body)} bytes")
-    verify_signature(signer, kind.domain_tag + body, signature)
+    (verify or verify_signature)(signer, kind.domain_tag + body, signature)
     return Envelope(kind=kind, version=version, body=body, signer=signer, signature=signature)
 
 
-def open_envelope(data: bytes, *, expected: Kind | None = None) -> tuple[Envelope, dict[str, Any]]:
+def open_envelope(data: bytes, *, expected: Kind | None = None,
+                  verify: Verifier | None = None) -> tuple[Envelope, dict[str, Any]]:
     """Decode and verify an envelope; return it with its decoded body map."""
     size_max = expected.bytes_max if expected is not None else max(_BYTES_MAX.values())
-    env = envelope_from_obj(decode(data, size_max=size_max, canonical=True), expected=expected)
+    env = envelope_from_obj(decode(data, size_max=size_max, canonical=True), expected=expected, verify=verify)
     return env, body_of(env)
 
 

@@ -27,6 +27,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
+from . import _limits as limits
 from ._actions import (
     Action,
     CancelTimer,
@@ -39,6 +40,8 @@ from ._actions import (
     StartJob,
     StopJob,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
 )
 from ._advert import Advert, SignedAdvert, sign_advert
@@ -106,7 +109,7 @@ class FormationConfig:
     jobs_topic: str = "/p2pgpu/jobs/1"
     #: Per-job GossipSub topics (``<jobs_topic>/<job_id>``), or everything on ``jobs_topic``.
     per_job_topics: bool = True
-    clock_skew_ms: int = 60_000
+    clock_skew_ms: int = limits.clock_skew_ms_max
     #: The network whose adverts count (``""``: any), for adverts carried in offers.
     network: str = ""
     #: Per submitter and per payer: jobs open in the table, ids remembered (``_formation_quota``).
@@ -276,6 +279,9 @@ class FormationNode:
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._set_advert(advert)
         self.ledger = CapacityLedger(len(self._advert.gpus))
+        self._handlers = {"window": self._t_window, "view": self._t_view, "round": self._t_round,
+                          "lease": self._t_lease, "retry": self._t_retry, "run": self._t_run, "end": self._t_end,
+                          "late": self._t_late}
 
     def _set_advert(self, advert: Advert | SignedAdvert) -> None:
         signed = advert if isinstance(advert, SignedAdvert) else sign_advert(self.identity, advert) \
@@ -377,17 +383,14 @@ class FormationNode:
             job.counted = False
             self.admission.close(job.sm)
 
-    def on_timer(self, key: str, now_ms: int) -> list[Action]:
-        parts = key.split("/")
-        if len(parts) != 3 or parts[0] != "f":
-            raise LocalProtocolError(f"not a formation node timer: {key!r}")
-        job = self.jobs.get(parts[1])
+    def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
+        handler = self._handlers.get(key.name) if key.owner is TimerOwner.FORMATION else None
+        if handler is None:
+            raise LocalProtocolError(f"not a formation node timer: {key}")
+        job = self.jobs.get(key.job_id)
         if job is None:
             return []
-        handler = {"window": self._t_window, "view": self._t_view, "round": self._t_round,
-                   "lease": self._t_lease, "retry": self._t_retry, "run": self._t_run, "end": self._t_end,
-                   "late": self._t_late}
-        return handler[parts[2]](job, now_ms)
+        return handler(job, now_ms)
 
     def finish(self, job_id: str, now_ms: int) -> list[Action]:
         """The job this node ran has ended: free its GPUs."""
@@ -427,8 +430,8 @@ class FormationNode:
 
     # -- volunteering and electing --------------------------------------------
 
-    def _key(self, job: _Job, name: str) -> str:
-        return f"f/{job.job_id}/{name}"
+    def _key(self, job: _Job, name: str) -> TimerKey:
+        return TimerKey(TimerOwner.FORMATION, job.job_id, name)
 
     def _set(self, job: _Job, state: WorkerState) -> None:
         job.state = advance(WORKER_TRANSITIONS, job.state, state)
@@ -880,7 +883,7 @@ class FormationNode:
     def _t_run(self, job: _Job, now_ms: int) -> list[Action]:
         if job.state is not WorkerState.RUNNING:
             return []
-        actions: list[Action] = [StopJob(job.job_id, "past duration_s_max")]
+        actions: list[Action] = [StopJob(job.job_id, "past duration_s_max", "time_limit")]
         actions += self._close(job, "past duration_s_max", now_ms)
         self._forget(job.job_id)
         return actions

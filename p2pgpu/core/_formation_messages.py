@@ -25,18 +25,19 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar
 
+from . import _limits as limits
 from . import _schema as s
 from ._advert import Advert, SignedAdvert, is_solana_address
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
-from ._identity import Identity, peer_id_from_public_key, public_key_from_peer_id
+from ._identity import Identity, Verifier, peer_id_from_public_key, public_key_from_peer_id
 from ._manifest import SignedManifest, manifest_from_envelope, members_max
 
 views_max = 1 << 16
 rounds_max = 1 << 16
 reason_len_max = 200
-gpus_max = 16
+gpus_max = limits.gpus_per_node_max
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 _CERT_TAG = b"p2pgpu/certificate-hash/v1\x00"
 #: The largest formation message (a CONFIRM, which carries a whole certificate).
@@ -98,21 +99,24 @@ class _Signed:
         return self.envelope.to_bytes()
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Any:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Any:
+        """The message in a verified envelope (``verify`` checks the
+        signatures of the envelopes it carries)."""
         raise NotImplementedError
 
     @classmethod
-    def decode(cls, data: bytes) -> Any:
+    def decode(cls, data: bytes, *, verify: Verifier | None = None) -> Any:
         """Bytes as this kind of message, or ``PeerMisbehaved`` (never another error)."""
-        env = envelope_from_obj(decode(data, size_max=cls.kind.bytes_max, canonical=True), expected=cls.kind)
-        return cls.from_envelope(env)
+        env = envelope_from_obj(decode(data, size_max=cls.kind.bytes_max, canonical=True), expected=cls.kind,
+                                verify=verify)
+        return cls.from_envelope(env, verify)
 
 
-def _advert_from_obj(obj: Any) -> SignedAdvert:
+def _advert_from_obj(obj: Any, verify: Verifier | None = None) -> SignedAdvert:
     """A signed advert carried inside another message: its envelope verified
     and signed by the peer it describes (time and network rules are the
     cores', which know ``now``)."""
-    env = envelope_from_obj(obj, expected=Kind.ADVERT)
+    env = envelope_from_obj(obj, expected=Kind.ADVERT, verify=verify)
     advert = Advert.from_obj(body_of(env))
     if signer_of(env.signer) != advert.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "carried advert not signed by its peer")
@@ -154,13 +158,13 @@ class Offer(_Signed):
                    gpus_free=gpus_free, price_per_gpu_hour=price_per_gpu_hour, advert=advert)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Offer:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Offer:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "peer_id", "seq", "gpus_free", "price_per_gpu_hour", "advert"})
         msg: Offer = _build(cls, env, {
             "job_id": s.get_str(b, "job_id", 64), "peer_id": s.get_str(b, "peer_id", 64),
             "seq": s.get_int(b, "seq", 1), "gpus_free": s.get_int(b, "gpus_free", 0, gpus_max),
-            "price_per_gpu_hour": s.get_int(b, "price_per_gpu_hour"), "advert": _advert_from_obj(b["advert"])})
+            "price_per_gpu_hour": s.get_int(b, "price_per_gpu_hour"), "advert": _advert_from_obj(b["advert"], verify)})
         _signed_by(msg, msg.peer_id)
         return msg
 
@@ -201,7 +205,7 @@ class Proposal(_Signed):
                    leader=identity.peer_id, members=tuple(members), gpus_per_member=gpus_per_member)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Proposal:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Proposal:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "view", "round", "leader", "members", "gpus_per_member"})
         msg: Proposal = _build(cls, env, {
@@ -257,7 +261,7 @@ class Accept(_Signed):
                    price_per_gpu_hour=price_per_gpu_hour, payout_address=payout_address)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Accept:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Accept:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "view", "round", "proposal", "peer_id", "gpus", "lease_until_ms",
                          "price_per_gpu_hour", "payout_address"})
@@ -301,7 +305,7 @@ class Decline(_Signed):
                    proposal=proposal, peer_id=identity.peer_id, reason=reason[:reason_len_max])
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Decline:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Decline:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "view", "round", "proposal", "peer_id", "reason"})
         msg: Decline = _build(cls, env, {
@@ -358,14 +362,15 @@ class Certificate:
         return hashlib.sha256(_CERT_TAG + encode(self.to_obj())).digest()
 
     @classmethod
-    def from_obj(cls, obj: Any) -> Certificate:
+    def from_obj(cls, obj: Any, verify: Verifier | None = None) -> Certificate:
         """Verify every signature and that each accept is its member's, for this proposal."""
         if not isinstance(obj, dict):
             raise s.fail("certificate", "must be a map")
         s.exact_keys(obj, {"proposal", "accepts"})
-        proposal = Proposal.from_envelope(envelope_from_obj(obj["proposal"], expected=Kind.PROPOSAL))
+        proposal = Proposal.from_envelope(envelope_from_obj(obj["proposal"], expected=Kind.PROPOSAL, verify=verify))
         raw = s.get_list(obj, "accepts", members_max)
-        accepts = tuple(Accept.from_envelope(envelope_from_obj(a, expected=Kind.ACCEPT)) for a in raw)
+        accepts = tuple(Accept.from_envelope(envelope_from_obj(a, expected=Kind.ACCEPT, verify=verify))
+                        for a in raw)
         try:
             return cls(proposal=proposal, accepts=accepts)
         except ValueError as exc:
@@ -391,11 +396,11 @@ class Certified(_Signed):
         return cls(envelope=seal(identity, cls.kind, body), job_id=certificate.job_id, certificate=certificate)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Certified:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Certified:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "certificate"})
         msg: Certified = _build(cls, env, {"job_id": s.get_str(b, "job_id", 64),
-                                           "certificate": Certificate.from_obj(b["certificate"])})
+                                           "certificate": Certificate.from_obj(b["certificate"], verify)})
         _signed_by(msg, msg.certificate.leader)
         return msg
 
@@ -427,11 +432,11 @@ class Confirm(_Signed):
                    confirmed_at_ms=confirmed_at_ms)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Confirm:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Confirm:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "certificate", "confirmed_at_ms"})
         msg: Confirm = _build(cls, env, {"job_id": s.get_str(b, "job_id", 64),
-                                         "certificate": Certificate.from_obj(b["certificate"]),
+                                         "certificate": Certificate.from_obj(b["certificate"], verify),
                                          "confirmed_at_ms": s.get_int(b, "confirmed_at_ms")})
         return msg
 
@@ -462,7 +467,7 @@ class Cancel(_Signed):
                    cancelled_at_ms=cancelled_at_ms)
 
     @classmethod
-    def from_envelope(cls, env: Envelope) -> Cancel:
+    def from_envelope(cls, env: Envelope, verify: Verifier | None = None) -> Cancel:
         b = _open(env, cls.kind)
         s.exact_keys(b, {"job_id", "reason", "cancelled_at_ms"})
         msg: Cancel = _build(cls, env, {"job_id": s.get_str(b, "job_id", 64),
@@ -475,25 +480,25 @@ Message = SignedManifest | Offer | Proposal | Accept | Decline | Certified | Con
 _CLASSES: dict[Kind, Any] = {c.kind: c for c in (Offer, Proposal, Accept, Decline, Certified, Confirm, Cancel)}
 
 
-def message_from_envelope(env: Envelope) -> Message:
+def message_from_envelope(env: Envelope, verify: Verifier | None = None) -> Message:
     """A verified envelope as a formation message (a manifest without time checks)."""
     if env.kind is Kind.MANIFEST:
         return manifest_from_envelope(env)
     cls = _CLASSES.get(env.kind)
     if cls is None:
         raise PeerMisbehaved(Reason.WRONG_KIND, f"{env.kind.value} is not a formation message")
-    msg: Message = cls.from_envelope(env)
+    msg: Message = cls.from_envelope(env, verify)
     return msg
 
 
-def decode_message(data: bytes) -> Message:
+def decode_message(data: bytes, *, verify: Verifier | None = None) -> Message:
     """Bytes from the network as a formation message, or ``PeerMisbehaved``.
 
     Decode once and hand the object to every core that wants it: the
     signatures are checked here, not again in the cores.
     """
     obj = decode(data, size_max=message_bytes_max, canonical=True)
-    env = envelope_from_obj(obj)
+    env = envelope_from_obj(obj, verify=verify)
     if len(data) > env.kind.bytes_max + 512:
         raise PeerMisbehaved(Reason.OVERSIZED, f"{env.kind.value} of {len(data)} bytes")
-    return message_from_envelope(env)
+    return message_from_envelope(env, verify)

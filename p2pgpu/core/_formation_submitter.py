@@ -30,6 +30,8 @@ from ._actions import (
     Send,
     SetTimer,
     Subscribe,
+    TimerKey,
+    TimerOwner,
     Unsubscribe,
 )
 from ._advert import Advert
@@ -100,6 +102,19 @@ class _Submitted:
     #: the volunteers the rightful-leader rule counts).
     adverts: dict[str, Advert] = field(default_factory=dict)
     refusal: str = ""
+    #: The job ran and was settled (the host says so): nothing more to do for it.
+    settled: bool = False
+
+    @property
+    def over(self) -> bool:
+        """Nothing more can happen to the job: it failed, was cancelled, or ran and settled."""
+        return self.state in (SubmitterState.FAILED, SubmitterState.CANCELLED) or self.settled
+
+    def forget_at_ms(self, config: FormationConfig) -> int:
+        """When every volunteer's formation core has let the job go (its end
+        timer: the deadline plus a lease and its grace): until then the
+        submitter answers late leaders and members with the CONFIRM or CANCEL."""
+        return self.deadline_ms + config.lease_ms + config.lease_grace_ms
 
 
 #: Proposals a submitter keeps per job for assembling certificates itself,
@@ -113,7 +128,7 @@ class Submitter:
 
     :meth:`submit` a signed manifest; feed :meth:`on_message` the messages that
     reach this node (direct streams and the per-job topic); :meth:`on_timer` its
-    timers (keys ``s/<job_id>/<name>``); :meth:`cancel` on ``job cancel``;
+    timers (``TimerKey`` owned by ``TimerOwner.SUBMITTER``); :meth:`cancel` on ``job cancel``;
     read :meth:`progress`.
     """
 
@@ -128,8 +143,8 @@ class Submitter:
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
         self.jobs: dict[str, _Submitted] = {}
 
-    def _key(self, job_id: str, name: str) -> str:
-        return f"s/{job_id}/{name}"
+    def _key(self, job_id: str, name: str) -> TimerKey:
+        return TimerKey(TimerOwner.SUBMITTER, job_id, name)
 
     def _set(self, job: _Submitted, state: SubmitterState) -> None:
         job.state = advance(SUBMITTER_TRANSITIONS, job.state, state)
@@ -146,7 +161,13 @@ class Submitter:
         if sm.job_id in self.jobs:
             raise LocalProtocolError("job already submitted")
         if len(self.jobs) >= self.config.jobs_max:
-            raise LocalProtocolError("too many jobs submitted; forget finished ones first")
+            # Full: the oldest job that already ended (failed or cancelled) goes
+            # first; jobs still forming or running never do.
+            done = next((j for j, s in self.jobs.items() if s.over), None)
+            if done is None:
+                raise LocalProtocolError(f"{len(self.jobs)} jobs of this node are forming or running: "
+                                         "wait for some to end")
+            self.forget(done)
         deadline = min(sm.manifest.expires_at_ms, now_ms + self.config.formation_timeout_ms)
         self.jobs[sm.job_id] = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=now_ms,
                                           deadline_ms=deadline)
@@ -164,14 +185,33 @@ class Submitter:
         job = self.jobs.get(job_id)
         if job is None:
             raise LocalProtocolError(f"no job {job_id[:12]} was submitted here")
-        if job.state not in (SubmitterState.PUBLISHED, SubmitterState.CONFIRMED):
-            return []
+        if job.state not in (SubmitterState.PUBLISHED, SubmitterState.CONFIRMED) or job.settled:
+            return []  # it already ended: cancelling must not rewrite its outcome
         actions = self._withdraw(job, reason, now_ms)
         self._set(job, SubmitterState.CANCELLED)
         return actions + [Cancelled(job_id, reason)]
 
+    def decided(self, job_id: str) -> list[Action]:
+        """The job was confirmed, failed or cancelled: forget it once no
+        volunteer works on it any more (and, if it ran, once it is settled)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return []
+        return [SetTimer(self._key(job_id, "forget"), job.forget_at_ms(self.config))]
+
+    def settled(self, job_id: str, now_ms: int) -> None:
+        """The job ran and was settled: forgotten now if its forget time passed."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.settled = True
+        if now_ms >= job.forget_at_ms(self.config):
+            self.forget(job_id)
+
     def forget(self, job_id: str) -> None:
-        """Drop a finished job's record (the driver keeps its own history)."""
+        """Drop a finished job's record (the driver keeps its own history).
+        The core host calls it when the job is settled, or a while after it
+        failed or was cancelled."""
         self.jobs.pop(job_id, None)
 
     def progress(self, job_id: str) -> JobProgress | None:
@@ -190,14 +230,19 @@ class Submitter:
 
     # -- timers ---------------------------------------------------------------
 
-    def on_timer(self, key: str, now_ms: int) -> list[Action]:
-        parts = key.split("/")
-        if len(parts) != 3 or parts[0] != "s":
-            raise LocalProtocolError(f"not a submitter timer: {key!r}")
-        job = self.jobs.get(parts[1])
+    def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
+        if key.owner is not TimerOwner.SUBMITTER or key.name not in ("republish", "end", "forget"):
+            raise LocalProtocolError(f"not a submitter timer: {key}")
+        if key.name == "forget":
+            # Set when the job was decided, for when no volunteer still works on it.
+            forgotten = self.jobs.get(key.job_id)
+            if forgotten is not None and forgotten.over:
+                self.forget(key.job_id)
+            return []
+        job = self.jobs.get(key.job_id)
         if job is None or job.state is not SubmitterState.PUBLISHED:
             return []
-        if parts[2] == "republish":
+        if key.name == "republish":
             if len(job.offers) >= job.sm.manifest.members or job.manifest_sends > self.config.manifest_retries_max:
                 return []
             job.manifest_sends += 1

@@ -10,6 +10,7 @@ the node's business (``p2pgpu.node``), not the core's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import base58
@@ -50,6 +51,13 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
 def _verify_key(public_key: bytes) -> nacl.signing.VerifyKey:
     # Building a VerifyKey costs about as much as a verify: cache per signer.
     return nacl.signing.VerifyKey(public_key)
+
+
+#: What checks one signature: ``verify(public_key, message, signature)`` returns
+#: or raises ``PeerMisbehaved(BAD_SIGNATURE)``.  The cores take one as an
+#: argument (default :func:`verify_signature`); the simulator passes a
+#: memoising one (``p2pgpu/sim/_crypto.py``), never patching this module.
+Verifier = Callable[[bytes, bytes, bytes], None]
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> None:

@@ -25,18 +25,19 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
+from . import _limits as limits
 from . import _schema as s
 from ._advert import RUNTIMES, is_solana_address, parse_compute_capability
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
-from ._identity import Identity, public_key_from_peer_id
+from ._identity import Identity, Verifier, public_key_from_peer_id
 from ._matching import Requirements, nodes_max
 
 #: Members of one cluster (nodes x replicas) at most.
-members_max = 64
-replicas_max = 8
-gpus_per_node_max = 16
+members_max = limits.members_per_cluster_max
+replicas_max = limits.replicas_max
+gpus_per_node_max = limits.gpus_per_node_max
 name_len_max = 64
 argv_len_max = 64
 arg_len_max = 4096
@@ -49,7 +50,7 @@ input_size_bytes_max = 1 << 40
 duration_s_max_max = 7 * 24 * 3600
 ttl_ms_max = 24 * 3600 * 1000
 ttl_ms_default = 10 * 60 * 1000
-clock_skew_ms_max = 60 * 1000
+clock_skew_ms_max = limits.clock_skew_ms_max
 nonce_bytes = 16
 models_max = 16
 regions_max = 16
@@ -698,11 +699,12 @@ def check_manifest_time(sm: SignedManifest, now_ms: int, clock_skew_ms: int = cl
         raise PeerMisbehaved(Reason.EXPIRED, "manifest has expired")
 
 
-def verify_manifest(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max) -> SignedManifest:
+def verify_manifest(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max,
+                    verify: Verifier | None = None) -> SignedManifest:
     """Decode, verify and time-check manifest bytes, or raise ``PeerMisbehaved``
     (OVERSIZED, MALFORMED, BAD_SIGNATURE, BAD_SCHEMA, SIGNER_MISMATCH, EXPIRED...)."""
     obj = decode(data, size_max=Kind.MANIFEST.bytes_max, canonical=True)
-    sm = manifest_from_envelope(envelope_from_obj(obj, expected=Kind.MANIFEST))
+    sm = manifest_from_envelope(envelope_from_obj(obj, expected=Kind.MANIFEST, verify=verify))
     check_manifest_time(sm, now_ms, clock_skew_ms)
     return sm
 

@@ -8,13 +8,14 @@ deterministic: adverts in, verdicts out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
 
+from . import _limits as limits
 from ._advert import Advert, GpuInfo, parse_compute_capability
 
-nodes_max = 64
+nodes_max = limits.nodes_per_job_max
 
 
 class Requirement(str, Enum):

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from . import _limits as limits
 from . import _schema as s
-from ._actions import Action, CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob
+from ._actions import Action, CancelTimer, Emit, MemberLost, Send, SetTimer, StopJob, TimerKey, TimerOwner
 from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity
+from ._identity import Identity, Verifier
 from ._proof import Cosign, SignedCosign, chain_genesis, digest_bytes, sign_cosign
 
 POLICIES = ("fail", "continue")
@@ -43,8 +44,8 @@ HEARTBEAT_STATES = ("running", "finished", "failed")
 heartbeat_interval_ms_default = 1_000
 member_timeout_ms_default = 5_000
 start_grace_ms_default = 2_000
-clock_skew_ms_max = 60_000
-members_max = 64
+clock_skew_ms_max = limits.clock_skew_ms_max
+members_max = limits.members_per_cluster_max
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -101,10 +102,10 @@ def sign_heartbeat(identity: Identity, hb: Heartbeat) -> SignedHeartbeat:
     return SignedHeartbeat(hb, seal(identity, Kind.HEARTBEAT, hb.to_obj()))
 
 
-def decode_heartbeat(data: bytes) -> SignedHeartbeat:
+def decode_heartbeat(data: bytes, *, verify: Verifier | None = None) -> SignedHeartbeat:
     """Bytes to a verified heartbeat, or ``PeerMisbehaved`` (never another exception)."""
     env = envelope_from_obj(decode(data, size_max=Kind.HEARTBEAT.bytes_max, canonical=True),
-                            expected=Kind.HEARTBEAT)
+                            expected=Kind.HEARTBEAT, verify=verify)
     hb = Heartbeat.from_obj(body_of(env))
     if env.signer_peer_id != hb.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "heartbeat not signed by its sender")
@@ -149,7 +150,8 @@ class Membership:
     def __init__(self, *, identity: Identity, job_id: str, cert_hash: bytes, members: Sequence[str],
                  policy: str, heartbeat_interval_ms: int = heartbeat_interval_ms_default,
                  member_timeout_ms: int = member_timeout_ms_default,
-                 start_grace_ms: int = start_grace_ms_default, stop_when_alone: bool = True) -> None:
+                 start_grace_ms: int = start_grace_ms_default, stop_when_alone: bool = True,
+                 verify: Verifier | None = None) -> None:
         if identity.peer_id not in members or len(set(members)) != len(members) or len(members) > members_max:
             raise LocalProtocolError("members must be distinct, at most members_max, and include us")
         if policy not in POLICIES:
@@ -165,6 +167,8 @@ class Membership:
         self.member_timeout_ms = member_timeout_ms
         self.start_grace_ms = start_grace_ms
         self.stop_when_alone = stop_when_alone
+        #: Checks heartbeats' signatures (default: the real Ed25519 check).
+        self.verify = verify
         self.state = "new"  # new -> running -> finished | failed
         self.started_at_ms = 0
         self.seq = 0
@@ -172,8 +176,8 @@ class Membership:
         self.checkpoints = 0
         self.stop_reason = ""
         self.seen: dict[str, Observation] = {m: Observation() for m in self.members if m != identity.peer_id}
-        self._hb_key = f"membership/{job_id}/heartbeat"
-        self._check_key = f"membership/{job_id}/check"
+        self._hb_key = TimerKey(TimerOwner.MEMBERSHIP, job_id, "heartbeat")
+        self._check_key = TimerKey(TimerOwner.MEMBERSHIP, job_id, "check")
 
     # --- events -----------------------------------------------------------------
 
@@ -182,6 +186,9 @@ class Membership:
         if self.state != "new":
             raise LocalProtocolError("membership already started")
         self.state, self.started_at_ms = "running", now_ms
+        failed = next((m for m, o in self.seen.items() if o.status is MemberStatus.FAILED), None)
+        if failed is not None:  # it failed the job before we even started
+            return self._stop(now_ms, f"member {failed[:16]} failed the job", "job_failed")
         return self._beat(now_ms) + self._schedule_check(now_ms)
 
     def set_progress(self, chain_head: bytes, checkpoints: int) -> None:
@@ -193,7 +200,11 @@ class Membership:
     def on_heartbeat(self, data: bytes, now_ms: int) -> list[Action]:
         """A heartbeat arrived.  Raises ``PeerMisbehaved`` for bad input
         (the driver penalises the sender); returns the actions it causes."""
-        hb = decode_heartbeat(data).heartbeat
+        return self.on_signed_heartbeat(decode_heartbeat(data, verify=self.verify), now_ms)
+
+    def on_signed_heartbeat(self, shb: SignedHeartbeat, now_ms: int) -> list[Action]:
+        """A heartbeat already decoded and verified (the host decodes once)."""
+        hb = shb.heartbeat
         if hb.job_id != self.job_id or hb.cert_hash != self.cert_hash:
             raise PeerMisbehaved(Reason.UNKNOWN_JOB, "heartbeat for another job or cluster")
         obs = self.seen.get(hb.peer_id)
@@ -203,8 +214,11 @@ class Membership:
             raise PeerMisbehaved(Reason.REPLAYED, f"seq {hb.seq} <= {obs.last_seq}")
         if hb.sent_at_ms > now_ms + clock_skew_ms_max:
             raise PeerMisbehaved(Reason.NOT_YET_VALID, "heartbeat sent in the future")
-        if self.state == "new" or obs.status is not MemberStatus.ALIVE:
+        if obs.status is not MemberStatus.ALIVE:
             return [Emit("membership_heartbeats_ignored")]
+        # Heard before our own part started (the member's confirmation, or its
+        # runtime, came first): an observation all the same, which our
+        # co-signature vouches for; loss is only judged once we run.
         obs.last_seq = hb.seq
         obs.first_seen_ms = now_ms if obs.first_seen_ms is None else obs.first_seen_ms
         obs.last_seen_ms = now_ms
@@ -213,11 +227,13 @@ class Membership:
         event = "heartbeat" if hb.state == "running" else hb.state
         obs.status = MEMBER_TRANSITIONS.get((obs.status, event), obs.status)
         actions: list[Action] = [Emit("membership_heartbeats")]
+        if self.state == "new":
+            return actions
         if obs.status is MemberStatus.FAILED and self.state == "running":
-            actions += self._stop(now_ms, f"member {hb.peer_id[:16]} failed the job")
+            actions += self._stop(now_ms, f"member {hb.peer_id[:16]} failed the job", "job_failed")
         return actions + self._maybe_done()
 
-    def on_timer(self, key: str, now_ms: int) -> list[Action]:
+    def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
         if key == self._hb_key and self.state == "running":
             return self._beat(now_ms)
         if key == self._check_key:
@@ -231,6 +247,10 @@ class Membership:
             return []
         self.state = "finished"
         return self._beat(now_ms, "finished") + [CancelTimer(self._hb_key)] + self._maybe_done()
+
+    def stop_watching(self) -> list[Action]:
+        """We are done with this job (co-signatures handed over): no more timers."""
+        return [CancelTimer(self._check_key), CancelTimer(self._hb_key)]
 
     # --- queries -----------------------------------------------------------------------
 
@@ -279,7 +299,12 @@ class Membership:
         hb = Heartbeat(job_id=self.job_id, cert_hash=self.cert_hash, peer_id=self.identity.peer_id, seq=self.seq,
                        sent_at_ms=now_ms, state=state, chain_head=self.chain_head, checkpoints=self.checkpoints)
         data = sign_heartbeat(self.identity, hb).envelope.to_bytes()
-        actions: list[Action] = [Send(peer_id=m, data=data) for m in self.alive()]
+        # To every member still there: running, finished or failed, they all
+        # keep watching us (a co-signature vouches for our time until our end,
+        # and a member we stop telling would take us for lost).  Only the lost
+        # are gone.
+        actions: list[Action] = [Send(peer_id=m, data=data) for m, o in self.seen.items()
+                                 if o.status is not MemberStatus.LOST]
         if state == "running":
             actions.append(SetTimer(self._hb_key, now_ms + self.heartbeat_interval_ms))
         return actions
@@ -287,7 +312,8 @@ class Membership:
     def _deadline(self, o: Observation) -> int:
         if o.last_seen_ms is None:
             return self.started_at_ms + self.start_grace_ms + self.member_timeout_ms
-        return o.last_seen_ms + self.member_timeout_ms
+        # Heard before we started: its silence counts from our start.
+        return max(o.last_seen_ms, self.started_at_ms) + self.member_timeout_ms
 
     def _schedule_check(self, now_ms: int) -> list[Action]:
         deadlines = [self._deadline(o) for o in self.seen.values() if o.status is MemberStatus.ALIVE]
@@ -306,18 +332,19 @@ class Membership:
                                        reason=f"no heartbeat for more than {self.member_timeout_ms} ms"),
                             Emit("membership_members_lost")]
                 if self.policy == "fail" and self.state == "running":
-                    actions += self._stop(now_ms, f"member {m[:16]} lost and the policy is fail")
+                    actions += self._stop(now_ms, f"member {m[:16]} lost and the policy is fail", "member_lost")
         if self.stop_when_alone and self.state == "running" and self.seen and all(
                 o.status is MemberStatus.LOST for o in self.seen.values()):
-            actions += self._stop(now_ms, "cut off from every other member: nobody can vouch for more work")
+            actions += self._stop(now_ms, "cut off from every other member: nobody can vouch for more work",
+                                  "member_lost")
         if not self.done:
             actions += self._schedule_check(now_ms)
         return actions + self._maybe_done()
 
-    def _stop(self, now_ms: int, reason: str) -> list[Action]:
+    def _stop(self, now_ms: int, reason: str, cause: str) -> list[Action]:
         """Policy ``fail`` (or a member that failed): stop here and tell the rest."""
         self.state, self.stop_reason = "failed", reason
-        return [StopJob(job_id=self.job_id, reason=reason)] + self._beat(now_ms, "failed") + [
+        return [StopJob(job_id=self.job_id, reason=reason, cause=cause)] + self._beat(now_ms, "failed") + [
             CancelTimer(self._hb_key)]
 
     def _maybe_done(self) -> list[Action]:

@@ -27,18 +27,19 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
+from . import _limits as limits
 from . import _schema as s
 from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity
+from ._identity import Identity, Verifier
 
 digest_bytes = 32
-gpus_max = 16
+gpus_max = limits.gpus_per_node_max
 gpu_name_len_max = 64
 checkpoints_max = 256
 checkpoint_info_bytes_max = 32
-peer_id_len_max = 64
+peer_id_len_max = limits.peer_id_len_max
 #: How a member's part ended (the sandbox's reasons plus the cluster's own;
 #: "interrupted": the member's node died mid-job and proves up to its last checkpoint).
 END_REASONS = ("exited", "time_limit", "memory_limit", "output_limit", "sandbox_error", "cancelled",
@@ -63,6 +64,8 @@ class ProofFault(IntEnum):
     BAD_TIMES = 8
     OVER_DURATION = 9
     OVER_GPU_TIME = 10
+    #: No longer raised: a claim beyond what the co-signers saw is paid up to
+    #: their observation (``VerifiedProof.paid_gpu_ms``).  Kept: its number is stable.
     OVER_OBSERVED = 11
     NOT_OBSERVED = 12
     BROKEN_CHAIN = 13
@@ -352,18 +355,20 @@ def sign_cosign(identity: Identity, cosign: Cosign) -> SignedCosign:
     return SignedCosign(cosign, seal(identity, Kind.COSIGN, cosign.to_obj()))
 
 
-def decode_proof(data: bytes) -> SignedProof:
+def decode_proof(data: bytes, *, verify: Verifier | None = None) -> SignedProof:
     """Bytes to a signed proof whose signature, schema and signer were checked,
     or ``PeerMisbehaved`` (never another exception)."""
-    env = envelope_from_obj(decode(data, size_max=Kind.PROOF.bytes_max, canonical=True), expected=Kind.PROOF)
+    env = envelope_from_obj(decode(data, size_max=Kind.PROOF.bytes_max, canonical=True), expected=Kind.PROOF,
+                            verify=verify)
     proof = Proof.from_obj(body_of(env))
     if env.signer_peer_id != proof.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "proof not signed by its member")
     return SignedProof(proof, env)
 
 
-def decode_cosign(data: bytes) -> SignedCosign:
-    env = envelope_from_obj(decode(data, size_max=Kind.COSIGN.bytes_max, canonical=True), expected=Kind.COSIGN)
+def decode_cosign(data: bytes, *, verify: Verifier | None = None) -> SignedCosign:
+    env = envelope_from_obj(decode(data, size_max=Kind.COSIGN.bytes_max, canonical=True), expected=Kind.COSIGN,
+                            verify=verify)
     cosign = Cosign.from_obj(body_of(env))
     if env.signer_peer_id != cosign.observer:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "co-signature not signed by its observer")
@@ -468,12 +473,30 @@ class VerifiedProof:
     def proof(self) -> Proof:
         return self.signed.proof
 
+    @property
+    def paid_gpu_ms(self) -> int:
+        """The GPU time this proof is paid for: what it claims, but no more
+        than its GPUs times what the observations allowed (a claim beyond what
+        the co-signers saw is paid up to their observation, not refused: a
+        member that a partition cut off from them served that time too, and
+        nobody can vouch for more)."""
+        p = self.proof
+        if self.bound_ms is None:
+            return p.gpu_ms
+        return min(p.gpu_ms, len(p.gpus) * max(0, self.bound_ms))
 
-def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes]) -> SignedCosign | str:
+    @property
+    def capped(self) -> bool:
+        """Whether the claim went beyond what was observed (and is paid only up to it)."""
+        return self.paid_gpu_ms < self.proof.gpu_ms
+
+
+def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes],
+                   verify: Verifier | None = None) -> SignedCosign | str:
     """The co-signature, or why it is ignored (a bad co-signature is the
     co-signer's fault, never the proof's)."""
     try:
-        sc = c if isinstance(c, SignedCosign) else decode_cosign(c)
+        sc = c if isinstance(c, SignedCosign) else decode_cosign(c, verify=verify)
     except PeerMisbehaved as exc:
         return f"undecodable: {exc}"
     co = sc.cosign
@@ -487,7 +510,8 @@ def _usable_cosign(c: Any, p: Proof, cert: CertificateLike, heads: list[bytes]) 
 
 
 def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: ProofTerms,
-                 cosigns: Sequence[SignedCosign | bytes] = (), window: Window | None = None) -> VerifiedProof:
+                 cosigns: Sequence[SignedCosign | bytes] = (), window: Window | None = None,
+                 verify: Verifier | None = None) -> VerifiedProof:
     """Check one proof against the confirmed certificate, the job's terms and
     what was observed of it, or raise :class:`ProofRejected`.  ``window`` is
     the submitter's own observation of this member (the submitter always
@@ -495,7 +519,7 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
     ``None`` only for a third party re-checking proofs without the
     submitter's record.  Rules, in order: docs/proofs.md."""
     try:
-        sp = proof if isinstance(proof, SignedProof) else decode_proof(proof)
+        sp = proof if isinstance(proof, SignedProof) else decode_proof(proof, verify=verify)
     except PeerMisbehaved as exc:
         fault = {Reason.BAD_SIGNATURE: ProofFault.BAD_SIGNATURE,
                  Reason.SIGNER_MISMATCH: ProofFault.SIGNER_MISMATCH}.get(exc.reason, ProofFault.MALFORMED)
@@ -527,7 +551,7 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
     used: dict[str, SignedCosign] = {}
     ignored: list[tuple[str, str]] = []
     for c in cosigns:
-        got = _usable_cosign(c, p, cert, heads)
+        got = _usable_cosign(c, p, cert, heads, verify)
         if isinstance(got, str):
             ignored.append(("?", got))
         elif got.cosign.observer in used:
@@ -542,9 +566,8 @@ def verify_proof(proof: SignedProof | bytes, *, cert: CertificateLike, terms: Pr
         raise ProofRejected(ProofFault.OVER_WINDOW,
                             f"served {p.duration_ms} ms, but only {window.ms} ms passed between the "
                             "confirmation and its results")
-    if observed is not None and p.duration_ms > _cosigned_bound_ms(terms, observed):
-        raise ProofRejected(ProofFault.OVER_OBSERVED,
-                            f"served {p.duration_ms} ms, co-signers saw at most {observed} ms")
+    # A claim beyond what the co-signers saw (OVER_OBSERVED) is not refused: it
+    # is paid up to that observation plus the tolerance (``paid_gpu_ms``).
     index = members.index(p.peer_id)
     return VerifiedProof(signed=sp, rank=index % terms.nodes, replica=index // terms.nodes,
                          cosigners=tuple(sorted(used)), observed_ms=observed, cosigns_ignored=tuple(ignored),
@@ -581,7 +604,7 @@ class Owed:
     gpu_ms: int
     price_per_gpu_hour: int
     amount: int
-    status: str  # "paid" (owed), "outside_quorum", "no_quorum"
+    status: str  # "paid" (owed), "outside_quorum" (nothing), "no_quorum" (its time: nobody can tell)
 
 
 def quorum_digests(proofs: Sequence[VerifiedProof], terms: ProofTerms) -> dict[int, bytes | None]:
@@ -612,8 +635,11 @@ def owed(proofs: Sequence[VerifiedProof], *, terms: ProofTerms,
     ``amount = gpu_ms * price // 3_600_000`` (floor: never more than the
     time served at the price), where ``price`` is the member's agreed price
     per GPU-hour (``prices``, e.g. from its offer) capped at the manifest's
-    ceiling, or the ceiling when none was agreed.  With ``replicas > 1`` only
-    proofs whose output digest is the quorum's for their rank are paid.
+    ceiling, or the ceiling when none was agreed.  With ``replicas > 1`` a
+    proof whose output differs from its rank's quorum digest is paid nothing
+    (``outside_quorum``: the other replicas agree it is wrong); where no
+    digest reaches a quorum (``no_quorum``) nobody can tell who is right, and
+    each is paid its time served, as every member of a failed job is.
     One proof per member counts (the first by proof hash); duplicates are dropped.
     """
     prices = prices or {}
@@ -633,7 +659,7 @@ def owed(proofs: Sequence[VerifiedProof], *, terms: ProofTerms,
         if terms.replicas > 1:
             win = winners.get(vp.rank)
             status = "no_quorum" if win is None else ("paid" if p.output_digest == win else "outside_quorum")
-        amount = p.gpu_ms * max(price, 0) // ms_per_hour if status == "paid" else 0
+        amount = vp.paid_gpu_ms * max(price, 0) // ms_per_hour if status != "outside_quorum" else 0
         rows.append(Owed(peer_id=p.peer_id, proof_hash=vp.signed.proof_hash, gpu_ms=p.gpu_ms,
                          price_per_gpu_hour=price, amount=amount, status=status))
     return rows

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import _limits as limits
 from . import _schema as s
 from ._advert import is_solana_address
 from ._codec import decode
@@ -31,7 +32,7 @@ from ._errors import PeerMisbehaved, Reason
 from ._identity import Identity
 from ._manifest import members_max
 
-peer_id_len_max = 64
+peer_id_len_max = limits.peer_id_len_max
 currency_len_max = 64
 #: A Solana transaction signature: 64 bytes in base58, 87 or 88 characters.
 tx_signature_len_max = 88

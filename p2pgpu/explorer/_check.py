@@ -214,11 +214,11 @@ class ProofChecker:
         return {**doc, "tx_signature": signature, "batch_state": state}
 
     async def _transaction(self, signature: str) -> bytes | None:
-        from p2pgpu.sdk._local import ledger_spec
         from p2pgpu.solana import LedgerUnavailable, open_ledger
+        from p2pgpu.wallet import home_ledger_spec
 
         try:
-            spec = ledger_spec(self.home)
+            spec = home_ledger_spec(self.home)
             ledger = open_ledger(spec, home_path=Path(self.home.path), readonly=True)
         except (HomeError, ValueError, OSError) as exc:
             raise LookupError(f"no ledger to ask: {exc}") from None

@@ -5,7 +5,8 @@ the control API client (:func:`call`, :class:`DaemonUnavailable`).
 """
 
 from ._control import ControlError, DaemonUnavailable, call, call_stream
-from ._daemon import ADVERTS_TOPIC, MARKET_PROTOCOL, STREAM_PROTOCOLS, TOPICS, Node, NodeOptions, market_row, wall_ms
+from ._daemon import ADVERTS_TOPIC, MARKET_PROTOCOL, STREAM_PROTOCOLS, TOPICS, Node, NodeOptions, wall_ms
+from ._market import market_row
 
 __all__ = [
     "ADVERTS_TOPIC",

@@ -49,7 +49,7 @@ from p2pgpu.core._fetch import Drop, FetchPlan
 from ._streams import StreamGone, read_frame, write_frame
 
 if TYPE_CHECKING:
-    from ._daemon import Node
+    from ._ports import NodePorts as Node
 
 log = logging.getLogger("p2pgpu.blobs")
 

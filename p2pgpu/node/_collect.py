@@ -1,198 +1,193 @@
-"""The submitter's side of execution: logs, outputs, proofs, verdicts, payouts.
+"""The submitter's settlement, stored: what the settlement core says to keep, kept.
 
-For each confirmed job a :class:`Collection` gathers what the members send:
-log batches, their output lists, their signed proofs and the co-signatures
-other members made of them.  It settles the job when every member's proof
-and the co-signatures of every other finished member are in, or at a
-deadline (the duration limit plus a grace period after confirmation, so a
-member that died does not hold the job up).  Settling verifies each proof
-(``verify_proof``, with the submitter's own window of each member: from
-its confirmation to the arrival of that member's results, which bounds
-every claim whatever the cluster size), applies the replica quorum and
-computes what is owed
-(``owed``), then writes each proof's verdict and what it owes in ONE SQLite
-transaction (``record_proof`` + ``record_owed``): a crash can lose neither
-half alone, and a proof is never owed twice.
+Every rule about collecting a job's proofs, co-signatures, outputs and logs,
+acknowledging them, settling and what is owed lives in the settlement core
+(``core/_settlement.py``, driven through the core host).  This module only
+persists what its actions ask, each in the transaction the action stands
+for (``docs/state.md``, "Results across restarts"):
 
-The collection survives ``kill -9`` of the submitter (docs/state.md, "Results
-across restarts"): the certificate is stored when the job is confirmed, and
-every proof, co-signature and outputs list is stored (its signed bytes) before
-the submitter answers it with a signed ``proof_ack`` (a ``Kind.RESULT`` body).
-Members resend what was not acknowledged (``_runner.py``), so what they sent
-while the submitter was down arrives after its restart, when :meth:`reopen`
-has rebuilt every unsettled collection with its settle deadline.  The
-``settled`` flag is written in the settlement's own transaction.
+- ``CollectionOpened``: the collection (certificate, members, payout
+  addresses, deadline), before any CONFIRM leaves;
+- ``ItemTaken``: a member's signed proof, co-signature or outputs list,
+  before the acknowledgement that follows it goes out;
+- ``LogsTaken``: a log batch, as received (``job logs`` answers after a
+  restart), and its lines for ``job logs`` now;
+- ``Settled``: every line's verdict, what it owes, the job's record and the
+  collection's "settled" flag, in ONE transaction, then the payer is woken;
+- ``LateLine``: a proof that came after settlement but in time, and what it owes;
+- ``LookupCollection``: a member's resend for a job no longer open in memory
+  is answered from the store.
+
+After a restart :meth:`Collector.reopen` hands every unsettled collection
+back to the core (``Settlement.restore``) with its items in the order they
+came.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from p2pgpu.core import (
-    Identity,
-    Kind,
-    LocalProtocolError,
-    PeerMisbehaved,
-    Reason,
-    body_of,
-    decode,
-    encode,
-    envelope_from_obj,
-    seal,
+from p2pgpu.core import Kind, PeerMisbehaved, encode
+from p2pgpu.core._actions import (
+    Action,
+    CollectionOpened,
+    ItemTaken,
+    LateLine,
+    LogsTaken,
+    LookupCollection,
+    MemberLine,
+    Settled,
 )
+from p2pgpu.core._codec import decode
 from p2pgpu.core._formation_messages import Certificate
-from p2pgpu.core._manifest import SignedManifest
-from p2pgpu.core._proof import (
-    ProofRejected,
-    ProofTerms,
-    SignedProof,
-    Window,
-    decode_cosign,
-    decode_proof,
-    owed,
-    verify_proof,
-)
+from p2pgpu.core._settlement import DEFAULT_SETTLEMENT, ProofAck, ack_wire, item_hash, settle_key
 
 if TYPE_CHECKING:
+    from p2pgpu.core._settlement import Collection
+
     from ._jobs import JobsService
+
+__all__ = ["Collector", "ProofAck", "ack_wire", "item_hash", "reopen_grace_ms", "settle_key"]
 
 log = logging.getLogger("p2pgpu.collect")
 
-logs_kept_max = 50_000
-settle_grace_ms = 30_000
-cosign_wait_ms = 8_000
 #: After a restart, how long an unsettled collection waits at least for the
-#: members' resends (their backoff is at most ``resend_interval_ms_max``).
-reopen_grace_ms = 25_000
-ack_items_max = 64
-ACK_STATUSES = ("recorded", "late", "ignored")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def item_hash(wire: bytes) -> bytes:
-    """What an acknowledgement names: sha256 of the signed message's bytes
-    (canonical, and Ed25519 signatures are deterministic, so a resent
-    message has the same hash)."""
-    return hashlib.sha256(wire).digest()
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ProofAck:
-    """The submitter's signed receipt of a member's messages (``Kind.RESULT``,
-    ``type = "proof_ack"``): ``recorded`` (stored, it counts), ``late`` (the
-    job was settled without it) or ``ignored`` (a second, different message
-    where one counts).  Any of them stops the member's resends."""
-
-    job_id: str
-    submitter: str
-    items: tuple[bytes, ...]
-    status: str
-
-    def __post_init__(self) -> None:
-        if not _HEX64.match(self.job_id) or not 0 < len(self.submitter) <= 64:
-            raise ValueError("job_id must be 64 hex characters, submitter a peer id")
-        if not 0 < len(self.items) <= ack_items_max or any(len(h) != 32 for h in self.items):
-            raise ValueError(f"1..{ack_items_max} items of 32 bytes")
-        if self.status not in ACK_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(ACK_STATUSES)}")
-
-    def to_body(self) -> dict[str, Any]:
-        return {"type": "proof_ack", "job_id": self.job_id, "peer_id": self.submitter, "items": list(self.items),
-                "status": self.status}
-
-    @classmethod
-    def from_body(cls, body: Any, signer: str) -> ProofAck:
-        """A received ack body, or ``PeerMisbehaved`` (never another exception)."""
-        if not isinstance(body, dict) or sorted(body) != ["items", "job_id", "peer_id", "status", "type"]:
-            raise PeerMisbehaved(Reason.BAD_SCHEMA, "proof_ack needs exactly type, job_id, peer_id, items, status")
-        if body["type"] != "proof_ack" or body["peer_id"] != signer:
-            raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "proof_ack not signed by the peer it names")
-        items = body["items"]
-        if not isinstance(items, list) or not all(isinstance(h, bytes) for h in items):
-            raise PeerMisbehaved(Reason.BAD_SCHEMA, "proof_ack items must be a list of hashes")
-        try:
-            return cls(job_id=body["job_id"] if isinstance(body["job_id"], str) else "", submitter=signer,
-                       items=tuple(items), status=body["status"] if isinstance(body["status"], str) else "")
-        except ValueError as exc:
-            raise PeerMisbehaved(Reason.BAD_SCHEMA, f"proof_ack: {exc}") from None
-
-
-def ack_wire(identity: Identity, job_id: str, items: list[bytes], status: str) -> bytes:
-    return seal(identity, Kind.RESULT, ProofAck(job_id=job_id, submitter=identity.peer_id, items=tuple(items),
-                                                status=status).to_body()).to_bytes()
-
-
-@dataclass
-class Collection:
-    sm: SignedManifest
-    cert: Certificate
-    confirmed_at_ms: int
-    proofs: dict[str, SignedProof] = field(default_factory=dict)
-    cosigns: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (observer, subject) -> wire
-    outputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    logs: list[dict[str, Any]] = field(default_factory=list)
-    log_seqs: dict[str, int] = field(default_factory=dict)
-    settled: bool = False
-    #: item hash -> kind of every proof, co-signature and outputs list taken.
-    items: dict[bytes, str] = field(default_factory=dict)
-    #: Each member's payout address from its advert at confirmation.
-    payout_addresses: dict[str, str] = field(default_factory=dict)
-    #: When each member's results (its proof or outputs list, whichever came
-    #: first) reached us, on our clock: the end of the window its claim must
-    #: fit in (``core.Window``).
-    results_at_ms: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def job_id(self) -> str:
-        return self.sm.job_id
-
-    def complete(self) -> bool:
-        members = list(self.cert.members)
-        if any(m not in self.proofs for m in members):
-            return False
-        for subject in members:
-            for observer in members:
-                if observer != subject and (observer, subject) not in self.cosigns:
-                    return False
-        return True
+#: members' resends (the settlement core's setting, named here for the docs).
+reopen_grace_ms = DEFAULT_SETTLEMENT.reopen_grace_ms
+#: Jobs whose collected log lines stay in memory for ``job logs`` (older
+#: ones are read back from the store).
+log_jobs_kept_max = 64
 
 
 class Collector:
+    """Persistence of the submitter's settlement (see the module doc)."""
+
     def __init__(self, jobs: JobsService) -> None:
         self.jobs = jobs
-        self.collections: dict[str, Collection] = {}
+        #: job -> its collected log lines (the most recent jobs only).
+        self.logs: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
-    def open(self, sm: SignedManifest, cert: Certificate, now_ms: int) -> None:
-        if sm.job_id in self.collections:
+    @property
+    def collections(self) -> dict[str, Collection]:
+        """The collections the settlement core holds now (open, or settled and
+        waiting for late proofs until their deadline)."""
+        return self.jobs.host.settlement.collections
+
+    @property
+    def _db(self) -> Any:
+        return self.jobs.db
+
+    # -- the actions ------------------------------------------------------------------
+
+    def opened(self, a: CollectionOpened) -> None:
+        if self._db is None:
             return
-        c = Collection(sm=sm, cert=cert, confirmed_at_ms=now_ms,
-                       payout_addresses={m: self.jobs._payout_address_of(m) for m in cert.members})
-        self.collections[sm.job_id] = c
-        deadline = now_ms + sm.manifest.duration_s_max * 1000 + settle_grace_ms
-        if self.jobs.db is not None:
-            from p2pgpu.store import save_collection  # noqa: PLC0415
+        from p2pgpu.store import save_collection
 
-            save_collection(self.jobs.db, job_id=sm.job_id, certificate=encode(cert.to_obj()),
-                            members=list(cert.members), payout_addresses=c.payout_addresses,
-                            confirmed_at_ms=now_ms, deadline_ms=deadline)
-        self.jobs.timers.set(f"x/{sm.job_id}/settle", deadline)
+        save_collection(self._db, job_id=a.job_id, certificate=encode(a.certificate.to_obj()),
+                        members=list(a.certificate.members), payout_addresses=a.payout_addresses,
+                        confirmed_at_ms=a.confirmed_at_ms, deadline_ms=a.deadline_ms)
+
+    def item(self, a: ItemTaken) -> None:
+        if self._db is None:
+            return
+        from p2pgpu.store import add_collection_item
+
+        add_collection_item(self._db, job_id=a.job_id, item_hash=a.item_hash, kind=a.kind, sender=a.sender,
+                            wire=a.wire, now_ms=a.received_ms)
+
+    def logs_taken(self, a: LogsTaken, *, store: bool = True) -> None:
+        lines = self.logs.get(a.job_id)
+        if lines is None:
+            lines = self.logs[a.job_id] = []
+            while len(self.logs) > log_jobs_kept_max:
+                self.logs.popitem(last=False)
+        self.logs.move_to_end(a.job_id)
+        lines += [{"t_ms": t, "stream": stream, "line": text, "member": a.member, "member_index": a.member_index}
+                  for t, stream, text in a.lines]
+        if store and a.wire and self._db is not None:
+            from p2pgpu.store import add_log_batch
+
+            add_log_batch(self._db, job_id=a.job_id, member=a.member, seq=a.seq, lines=len(a.lines), wire=a.wire,
+                          now_ms=self.jobs.node.now_ms())
+
+    def lookup(self, a: LookupCollection) -> list[Action]:
+        """Answer a resend for a job not open in memory from the store."""
+        members, stored = None, False
+        if self._db is not None:
+            from p2pgpu.store import collection_row, has_collection_item
+
+            row = collection_row(self._db, a.job_id)
+            if row is not None:
+                members = list(row["members"])
+                stored = has_collection_item(self._db, a.job_id, a.item_hash)
+        return self.jobs.host.on_stored(a.job_id, a.sender, a.item_hash, members=members, stored=stored,
+                                        now_ms=self.jobs.node.now_ms())
+
+    def settled(self, a: Settled) -> None:
+        """The verdicts, what they owe, the job's outcome and the collection's
+        "settled" flag: all or nothing."""
+        jobs = self.jobs
+        rec = jobs.records.get(a.job_id)
+        if rec is not None:
+            rec.state = "succeeded" if a.succeeded else "failed"
+            rec.reason = a.reason
+            rec.ended_at_ms = a.settled_at_ms
+            rec.extra["proofs"] = [ln.to_json() for ln in a.lines]
+            rec.extra["member_outputs"] = {p: list(o) for p, o in a.outputs.items()}
+        if self._db is not None:
+            from p2pgpu.store import mark_collection_settled, transaction
+
+            with transaction(self._db):
+                mark_collection_settled(self._db, a.job_id, now_ms=a.settled_at_ms)
+                jobs.persist(a.job_id)
+                for line in a.lines:
+                    self._record_line(a.job_id, a.currency, line, a.settled_at_ms)
+        jobs.node.payouts_due()
+
+    def late_line(self, a: LateLine) -> None:
+        """A proof owed after the job settled (it came late, but in time)."""
+        rec = self.jobs.records.get(a.job_id)
+        if rec is not None:
+            rows = [r for r in rec.extra.get("proofs", []) if r.get("worker") != a.line.peer_id]
+            rec.extra["proofs"] = [*rows, a.line.to_json()]
+        now = self.jobs.node.now_ms()
+        if self._db is not None:
+            from p2pgpu.store import transaction
+
+            with transaction(self._db):
+                self.jobs.persist(a.job_id)
+                self._record_line(a.job_id, a.currency, a.line, now)
+        self.jobs.node.payouts_due()
+
+    def _record_line(self, job_id: str, currency: str, line: MemberLine, now_ms: int) -> None:
+        """Inside the caller's transaction: one line's verdict and what it owes."""
+        if not line.proof_hash:
+            return
+        from p2pgpu.store import record_owed, record_proof
+
+        record_proof(self._db, proof_hash=line.proof_hash, job_id=job_id, peer_id=line.peer_id, wire=line.proof_wire,
+                     cosigns=list(line.cosigns), status=line.status, reason=line.reason, amount=line.amount,
+                     currency=currency, gpu_ms=line.gpu_ms, now_ms=now_ms)
+        if line.payable:
+            record_owed(self._db, line.proof_hash, line.peer_id, line.payout_address, line.amount, currency, job_id,
+                        created_ms=now_ms)
+
+    # -- after a restart ------------------------------------------------------------------
 
     def reopen(self, now_ms: int) -> int:
-        """After a restart: rebuild every unsettled collection from the store,
-        with its settle deadline (at least ``reopen_grace_ms`` away, so the
-        members' resends have time to arrive).  Returns how many reopened."""
-        if self.jobs.db is None:
+        """Rebuild every unsettled collection from the store (the settlement
+        core replays its items and sets its deadline).  Returns how many."""
+        if self._db is None:
             return 0
-        from p2pgpu.store import open_collections  # noqa: PLC0415
+        from p2pgpu.store import log_batches, open_collections
 
+        jobs = self.jobs
         reopened = 0
-        for row in open_collections(self.jobs.db):
-            rec = self.jobs.records.get(row["job_id"])
+        for row in open_collections(self._db):
+            rec = jobs.records.get(row["job_id"])
             if rec is None or row["job_id"] in self.collections:
                 continue
             try:
@@ -200,98 +195,36 @@ class Collector:
             except PeerMisbehaved as exc:
                 log.warning("stored certificate of %s does not verify: %s", row["job_id"][:12], exc)
                 continue
-            c = Collection(sm=rec.manifest, cert=cert, confirmed_at_ms=row["confirmed_at_ms"],
-                           payout_addresses=dict(row["payout_addresses"]))
-            for item in row["items"]:
-                try:
-                    self._replay(c, item["kind"], item["sender"], item["wire"], item.get("received_ms", now_ms))
-                except PeerMisbehaved as exc:  # stored by us, so only a bug gets here
-                    log.warning("stored %s of %s refused: %s", item["kind"], row["job_id"][:12], exc)
-            try:
-                self._replay_logs(c)
-            except PeerMisbehaved as exc:
-                log.warning("stored logs of %s refused: %s", row["job_id"][:12], exc)
-            self.collections[c.job_id] = c
+            items = [(i["kind"], i["sender"], i["wire"], i.get("received_ms", now_ms)) for i in row["items"]]
+            jobs.apply(jobs.host.settlement_restore(rec.manifest, cert, confirmed_at_ms=row["confirmed_at_ms"],
+                                                    deadline_ms=row["deadline_ms"],
+                                                    payout_addresses=dict(row["payout_addresses"]), items=items,
+                                                    now_ms=now_ms))
+            for taken in jobs.host.settlement.restore_logs(row["job_id"], log_batches(self._db, row["job_id"])):
+                if isinstance(taken, LogsTaken):
+                    self.logs_taken(taken, store=False)
             if rec.state == "interrupted":
                 rec.state, rec.reason = "confirmed", ""
-            self.jobs.counts["collections_reopened"] += 1
+            jobs.counts["collections_reopened"] += 1
             reopened += 1
-            at = now_ms if c.complete() else max(row["deadline_ms"], now_ms + reopen_grace_ms)
-            self.jobs.timers.set(f"x/{c.job_id}/settle", at)
         return reopened
 
-    def _replay(self, c: Collection, kind: str, sender: str, wire: bytes, received_ms: int) -> None:
-        if kind in ("proof", "outputs"):
-            c.results_at_ms.setdefault(sender, received_ms)
-        if kind == "proof":
-            sp = decode_proof(wire)
-            self._add_proof(c, sp)
-        elif kind == "cosign":
-            self._add_cosign(c, wire)
-        elif kind == "outputs":
-            body = body_of(envelope_from_obj(decode(wire, size_max=Kind.RESULT.bytes_max + 1024, canonical=True),
-                                             expected=Kind.RESULT))
-            self._add_outputs(c, sender, body)
-        c.items[item_hash(wire)] = kind
-
-    def on_timer(self, key: str, now_ms: int) -> None:
-        parts = key.split("/")
-        c = self.collections.get(parts[1]) if len(parts) == 3 else None
-        if c is not None and not c.settled:
-            self.settle(c, now_ms)
-
-    # ------------------------------------------------------------ inbound
-
-    def _collection(self, job_id: str, sender: str) -> Collection:
-        c = self.collections.get(job_id)
-        if c is None:
-            raise PeerMisbehaved(Reason.UNKNOWN_JOB, f"no confirmed job {job_id[:12]} here")
-        if sender not in c.cert.members:
-            raise PeerMisbehaved(Reason.NOT_A_MEMBER, f"{sender[:16]} is not a member of {job_id[:12]}")
-        return c
-
-    def on_result(self, body: dict[str, Any], signer: str, data: bytes = b"") -> None:
-        job_id = body.get("job_id")
-        if not isinstance(job_id, str) or body.get("peer_id") != signer:
-            raise PeerMisbehaved(Reason.BAD_SCHEMA, "result without job_id, or not signed by its peer")
-        kind = body.get("type")
-        if kind == "outputs":
-            self._take(job_id, signer, "outputs", data, lambda c: self._add_outputs(c, signer, body))
-            return
-        c = self._collection(job_id, signer)
-        if kind == "log":
-            kept = len(c.logs)
-            if self._add_logs(c, signer, body) and data and self.jobs.db is not None and kept < logs_kept_max:
-                # Stored as received (signed), so `job logs` answers after a restart too.
-                from p2pgpu.store import add_log_batch  # noqa: PLC0415
-
-                add_log_batch(self.jobs.db, job_id=job_id, member=signer, seq=body["seq"],
-                              lines=len(c.logs) - kept, wire=data, now_ms=self.jobs.node.now_ms())
-
-    @staticmethod
-    def _add_logs(c: Collection, signer: str, body: dict[str, Any]) -> bool:
-        seq = body.get("seq")
-        lines = body.get("lines")
-        if type(seq) is not int or not isinstance(lines, list) or seq <= c.log_seqs.get(signer, 0):
-            return False  # an old or repeated batch
-        c.log_seqs[signer] = seq
-        member_index = list(c.cert.members).index(signer)
-        for item in lines[:1000]:
-            if len(c.logs) >= logs_kept_max:
-                break
-            if isinstance(item, list) and len(item) == 3 and isinstance(item[2], str):
-                c.logs.append({"t_ms": item[0], "stream": str(item[1]), "line": item[2],
-                               "member": signer, "member_index": member_index})
-        return True
+    def logs_of(self, job_id: str) -> list[dict[str, Any]] | None:
+        """A job's collected logs: in memory, else rebuilt from the stored batches."""
+        lines = self.logs.get(job_id)
+        if lines is not None:
+            return list(lines)
+        return self.stored_logs(job_id)
 
     def stored_logs(self, job_id: str) -> list[dict[str, Any]] | None:
-        """The logs of a job collected here before a restart (``None`` if none
-        are stored): rebuilt from the stored signed batches."""
-        if self.jobs.db is None:
+        """The logs of a job collected here (``None`` if none are stored),
+        rebuilt from the stored signed batches by the settlement core's rules."""
+        if self._db is None:
             return None
-        from p2pgpu.store import collection_row  # noqa: PLC0415
+        from p2pgpu.core._settlement import Settlement
+        from p2pgpu.store import collection_row, log_batches
 
-        row = collection_row(self.jobs.db, job_id)
+        row = collection_row(self._db, job_id)
         rec = self.jobs.records.get(job_id)
         if row is None or rec is None:
             return None
@@ -299,136 +232,12 @@ class Collector:
             cert = Certificate.from_obj(decode(row["certificate"], size_max=Kind.CERTIFICATE.bytes_max))
         except PeerMisbehaved:
             return None
-        c = Collection(sm=rec.manifest, cert=cert, confirmed_at_ms=row["confirmed_at_ms"])
-        self._replay_logs(c)
-        return c.logs
-
-    def _replay_logs(self, c: Collection) -> None:
-        from p2pgpu.store import log_batches  # noqa: PLC0415
-
-        for wire in log_batches(self.jobs.db, c.job_id):
-            env = envelope_from_obj(decode(wire, size_max=Kind.RESULT.bytes_max + 1024, canonical=True),
-                                    expected=Kind.RESULT)
-            if env.signer_peer_id in c.cert.members:
-                self._add_logs(c, env.signer_peer_id, body_of(env))
-
-    def on_proof(self, data: bytes) -> None:
-        sp = decode_proof(data)
-        self._take(sp.proof.job_id, sp.proof.peer_id, "proof", data, lambda c: self._add_proof(c, sp))
-
-    def on_cosign(self, data: bytes) -> None:
-        sc = decode_cosign(data)
-        self._take(sc.cosign.job_id, sc.cosign.observer, "cosign", data, lambda c: self._add_cosign(c, data))
-
-    @staticmethod
-    def _add_proof(c: Collection, sp: SignedProof) -> bool:
-        if sp.proof.peer_id in c.proofs:
-            return False  # one proof per member counts: the first
-        c.proofs[sp.proof.peer_id] = sp
-        return True
-
-    @staticmethod
-    def _add_cosign(c: Collection, data: bytes) -> bool:
-        sc = decode_cosign(data)
-        key = (sc.cosign.observer, sc.cosign.subject)
-        if key in c.cosigns:
-            return False
-        c.cosigns[key] = data
-        return True
-
-    @staticmethod
-    def _add_outputs(c: Collection, sender: str, body: dict[str, Any]) -> bool:
-        outs = body.get("outputs")
-        if not isinstance(outs, list) or sender in c.outputs:
-            return False
-        c.outputs[sender] = [o for o in outs[:1000] if isinstance(o, dict)]
-        return True
-
-    def _take(self, job_id: str, sender: str, kind: str, data: bytes, add: Callable[[Collection], bool]) -> None:
-        """Take one signed message from a member: store it, then acknowledge
-        it (an ack means "stored"), then see whether the job can settle."""
-        if not data:
-            raise LocalProtocolError("a member's message is taken with its signed bytes")
-        h = item_hash(data)
-        c = self.collections.get(job_id)
-        if c is None:
-            self._ack_stored(job_id, sender, h)
-            return
-        if sender not in c.cert.members:
-            raise PeerMisbehaved(Reason.NOT_A_MEMBER, f"{sender[:16]} is not a member of {job_id[:12]}")
-        taken = False
-        if h in c.items:
-            status = "recorded"
-        elif c.settled:
-            status = "late"
-        elif add(c):
-            c.items[h] = kind
-            if kind in ("proof", "outputs"):
-                c.results_at_ms.setdefault(sender, self.jobs.node.now_ms())
-            if self.jobs.db is not None:
-                from p2pgpu.store import add_collection_item  # noqa: PLC0415
-
-                add_collection_item(self.jobs.db, job_id=job_id, item_hash=h, kind=kind, sender=sender, wire=data,
-                                    now_ms=self.jobs.node.now_ms())
-            status, taken = "recorded", True
-        else:
-            status = "ignored"
-        self._ack(sender, job_id, h, status)
-        if taken:
-            self._maybe_settle(c)
-
-    def _ack_stored(self, job_id: str, sender: str, h: bytes) -> None:
-        """A message for a job not open here: acknowledge it if the job was
-        ours and is settled (its member resends until told), else refuse it."""
-        from p2pgpu.store import collection_row, has_collection_item  # noqa: PLC0415
-
-        row = collection_row(self.jobs.db, job_id) if self.jobs.db is not None else None
-        if row is None:
-            raise PeerMisbehaved(Reason.UNKNOWN_JOB, f"no confirmed job {job_id[:12]} here")
-        if sender not in row["members"]:
-            raise PeerMisbehaved(Reason.NOT_A_MEMBER, f"{sender[:16]} is not a member of {job_id[:12]}")
-        stored = has_collection_item(self.jobs.db, job_id, h)
-        self._ack(sender, job_id, h, "recorded" if stored else "late")
-
-    def _ack(self, member: str, job_id: str, h: bytes, status: str) -> None:
-        self.jobs.counts[f"collect:ack_{status}"] += 1
-        self.jobs.send(member, ack_wire(self.jobs.node.identity, job_id, [h], status))
-
-    def _maybe_settle(self, c: Collection) -> None:
-        now = self.jobs.node.now_ms()
-        if c.complete():
-            self.settle(c, now)
-        elif len(c.proofs) == len(c.cert.members) or any(
-                sp.proof.end_reason in ("job_failed", "member_lost", "cancelled") for sp in c.proofs.values()):
-            # Every proof is in, or the job was stopped (a member lost or the
-            # job cancelled): give the co-signatures a little longer, then
-            # settle without waiting for proofs that will never come.
-            self.jobs.timers.set(f"x/{c.job_id}/settle", now + cosign_wait_ms)
-
-    # ------------------------------------------------------------- settle
-
-    def settle(self, c: Collection, now_ms: int) -> None:
-        c.settled = True
-        self.jobs.timers.cancel(f"x/{c.job_id}/settle")
-        terms = ProofTerms.from_manifest(c.sm)
-        all_cosigns = list(c.cosigns.values())
-        verified, verdicts = [], {}
-        for peer in c.cert.members:
-            sp = c.proofs.get(peer)
-            if sp is None:
-                continue
-            window = Window(confirmed_at_ms=c.confirmed_at_ms, results_at_ms=c.results_at_ms.get(peer, now_ms))
-            try:
-                verified.append(verify_proof(sp, cert=c.cert, terms=terms, cosigns=all_cosigns, window=window))
-            except ProofRejected as exc:
-                verdicts[peer] = ("rejected", f"{exc.fault.name.lower()}: {exc.detail}")
-        prices = {a.peer_id: a.price_per_gpu_hour for a in c.cert.accepts}
-        rows = owed(verified, terms=terms, prices=prices)
-        self.jobs.store_settlement(c, rows, verdicts)
-
-    def store_settled(self, c: Collection, now_ms: int) -> None:
-        """Inside the settlement's transaction: this collection never reopens."""
-        if self.jobs.db is not None:
-            from p2pgpu.store import mark_collection_settled  # noqa: PLC0415
-
-            mark_collection_settled(self.jobs.db, c.job_id, now_ms=now_ms)
+        reader = Settlement(self.jobs.node.identity)
+        reader.restore(rec.manifest, cert, confirmed_at_ms=row["confirmed_at_ms"], deadline_ms=row["deadline_ms"],
+                       payout_addresses={}, items=[], now_ms=0)
+        out: list[dict[str, Any]] = []
+        for taken in reader.restore_logs(job_id, log_batches(self._db, job_id)):
+            if isinstance(taken, LogsTaken):
+                out += [{"t_ms": t, "stream": s, "line": text, "member": taken.member,
+                         "member_index": taken.member_index} for t, s, text in taken.lines]
+        return out

@@ -26,29 +26,29 @@ import logging
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import multiaddr
 import trio
-from libp2p.exceptions import BaseLibp2pError
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
-import multiaddr
 
 from p2pgpu.core import (
     Advert,
     AdvertBook,
     ConnectionLimits,
+    GossipVerdict,
     Identity,
     PeerMisbehaved,
     Reason,
     SignedAdvert,
-    GossipVerdict,
     advert_key,
     class_key,
     decode,
@@ -61,15 +61,17 @@ from p2pgpu.core import (
 from p2pgpu.core._challenge import n_max as n_max_challenge
 from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
+from p2pgpu.wallet import Wallet
 
+from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
 from ._job_api import inclusion_doc, job_handlers
-from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
-from ._results import RESULTS_PROTOCOL, serve_results
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
 from ._linkdelay import link_delay_from_config
+from ._market import market_row
+from ._results import RESULTS_PROTOCOL, serve_results
 from ._stack import Stack, StackConfig, library_handler_errors, open_stack
 from ._streams import StreamGone, guarded, read_frame, request, write_frame
 from ._supervise import supervise
@@ -84,6 +86,8 @@ STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCO
                                BLOBS_PROTOCOL]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
 market_request_bytes_max = 1024
+#: Paid notices remembered (against telling one twice in a loop of the payer).
+paid_notices_remembered_max = 20_000
 advert_republish_s_min = 1.0
 market_sync_adverts_max = 2000
 #: How often the advert book is told which peers the node works with.
@@ -231,7 +235,8 @@ class Node:
         #: The OCI image cache (node/_images.py), opened on the first oci job.
         self.images: Any = None
         self._payouts_due = trio.Event()
-        self._wallet: Any = None
+        #: The payer keypair, the ledger and the payout address (``p2pgpu/wallet.py``).
+        self.wallet = Wallet(home.path if home is not None else None, config, network)
         #: Set by a config reload: the advert loop re-signs at once.
         self._advert_stale = False
         #: The outcome of the last SIGHUP reload (``status.config_reload``).
@@ -363,6 +368,7 @@ class Node:
             log.error("config reload refused, the running config is kept: %s", exc)
         else:
             self.config, self.options.advert_ttl_s = live, ttl
+            self.wallet = self.wallet.reconfigured(live)
             if self.runner is not None and "allow_job_network" in changes.live:
                 self.runner.policy = replace(self.runner.policy, allow_network=live.allow_job_network)
             self._advert_stale = bool(changes.live)
@@ -377,27 +383,21 @@ class Node:
         return report
 
     @property
-    def wallet(self) -> Any:
+    def payer(self) -> Any:
         """This node's Solana keypair in the home (it pays for the jobs it
         submits, and is paid when no other payout address is configured)."""
-        if self._wallet is None and self.home is not None:
-            from p2pgpu.solana._keys import load_or_create_keypair, payer_keypair_path  # noqa: PLC0415
-
-            self._wallet = load_or_create_keypair(payer_keypair_path(self.home.path, self.config.extra))
-        return self._wallet
+        return self.wallet.payer
 
     @property
     def payout_address(self) -> str:
-        return self._payout_address_of(self.config)
+        return self.wallet.payout_address
 
     def _payout_address_of(self, config: Config) -> str:
-        if config.payout_address:
-            return config.payout_address
-        return str(self.wallet.pubkey()) if self.wallet is not None else ""
+        return self.wallet.payout_address_for(config)
 
     @property
     def ledger_spec(self) -> str:
-        return str(self.config.extra.get("ledger") or self.network.ledger)
+        return self.wallet.ledger_spec
 
     def payouts_due(self) -> None:
         self._payouts_due.set()
@@ -409,42 +409,51 @@ class Node:
         if self.jobs.db is None:
             return
         from p2pgpu.solana import (  # noqa: PLC0415
-            LedgerRejected, LedgerUnavailable, Payer, PayerUnderfunded, open_ledger,
+            LedgerRejected,
+            LedgerUnavailable,
+            Payer,
+            PayerUnderfunded,
+            open_ledger,
         )
-        from p2pgpu.store import payouts  # noqa: PLC0415
+        from p2pgpu.store import paid_since, unsettled_count  # noqa: PLC0415
 
         payer = None
-        notified: set[str] = set()
+        #: Notices are sent once per process for rows paid since ``since``
+        #: (their batch's ``updated_ms``); ``told`` remembers the last few so a
+        #: row seen again at the same millisecond is not told twice.
+        since, told = 0, OrderedDict[str, None]()
         while True:
             with trio.move_on_after(2.0):
                 await self._payouts_due.wait()
             self._payouts_due = trio.Event()
-            rows = payouts(self.jobs.db)
-            if not any(r["status"] != "paid" for r in rows) and all(r["proof_hash"] in notified for r in rows):
-                continue
-            if payer is None:
+            if unsettled_count(self.jobs.db):
+                if payer is None:
+                    try:
+                        ledger = open_ledger(self.ledger_spec, home_path=self.home.path if self.home else None)
+                    except (ValueError, OSError) as exc:
+                        log.warning("cannot open the ledger %s: %s", self.ledger_spec, exc)
+                        continue
+                    payer = Payer(self.jobs.db, ledger, self.payer, now_ms=self.now_ms)
                 try:
-                    ledger = open_ledger(self.ledger_spec, home_path=self.home.path if self.home else None)
-                except (ValueError, OSError) as exc:
-                    log.warning("cannot open the ledger %s: %s", self.ledger_spec, exc)
+                    report = await payer.pay_once()
+                    for err in report.errors:
+                        log.warning("payer: %s", err)
+                    self.counts["payouts_paid"] += report.paid_rows
+                except (LedgerUnavailable, LedgerRejected, PayerUnderfunded, OSError, ValueError) as exc:
+                    # A ledger outage or an empty wallet must not stop the node: retried.
+                    self.counts["payouts_errors"] += 1
+                    log.warning("paying failed (will retry): %s", exc)
                     continue
-                payer = Payer(self.jobs.db, ledger, self.wallet, now_ms=self.now_ms)
-            try:
-                report = await payer.pay_once()
-                for err in report.errors:
-                    log.warning("payer: %s", err)
-                self.counts["payouts_paid"] += report.paid_rows
-            except (LedgerUnavailable, LedgerRejected, PayerUnderfunded, OSError, ValueError) as exc:
-                # A ledger outage or an empty wallet must not stop the node: retried.
-                self.counts["payouts_errors"] += 1
-                log.warning("paying failed (will retry): %s", exc)
-                continue
-            for r in payouts(self.jobs.db):
-                if r["status"] == "paid" and r["tx_signature"] and r["proof_hash"] not in notified:
-                    notified.add(r["proof_hash"])
-                    doc = inclusion_doc(self.jobs.db, r["proof_hash"])
-                    self.jobs.notice_paid(r["job_id"], r["worker"], bytes.fromhex(r["proof_hash"]),
-                                          r["tx_signature"], json.dumps(doc, sort_keys=True) if doc else None)
+            for r in paid_since(self.jobs.db, since):
+                since = max(since, r["paid_ms"] or 0)
+                if r["proof_hash"] in told or not r["tx_signature"]:
+                    continue
+                told[r["proof_hash"]] = None
+                while len(told) > paid_notices_remembered_max:
+                    told.popitem(last=False)
+                doc = inclusion_doc(self.jobs.db, r["proof_hash"])
+                self.jobs.notice_paid(r["job_id"], r["worker"], bytes.fromhex(r["proof_hash"]),
+                                      r["tx_signature"], json.dumps(doc, sort_keys=True) if doc else None)
 
     def _open_store(self) -> None:
         if self.home is None:
@@ -456,7 +465,7 @@ class Node:
         if self.ledger_spec.startswith(("http://", "https://")):
             from p2pgpu.solana import PayerCheck, open_ledger  # noqa: PLC0415
 
-            self.jobs.payer_check = PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0)
+            self.jobs.set_payer_check(PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0))
 
     def _open_blobs(self) -> BlobService:
         """The content store in ``<home>/blobs`` (a temporary one without a
@@ -478,11 +487,13 @@ class Node:
                            pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
 
     def _start_runner(self) -> None:
-        from p2pgpu.runtime import SandboxPolicy, check_sandbox  # noqa: PLC0415
+        from p2pgpu.runtime import (  # noqa: PLC0415
+            SandboxPolicy,
+            check_sandbox,
+            ray_unavailable,  # noqa: PLC0415
+        )
 
         from ._runner import Runner  # noqa: PLC0415
-
-        from p2pgpu.runtime import ray_unavailable  # noqa: PLC0415
 
         policy = SandboxPolicy(allow_network=self.config.allow_job_network)
         self.sandbox_reason = check_sandbox(policy)
@@ -939,20 +950,3 @@ def challenge_service(node: Node) -> ChallengeService:
         n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
 
 
-def market_row(adv: Advert) -> dict[str, Any]:
-    by_model: dict[tuple[str, int], int] = {}
-    for g in adv.gpus:
-        by_model[(g.model, g.memory_mb)] = by_model.get((g.model, g.memory_mb), 0) + 1
-    return {
-        "peer_id": adv.peer_id,
-        "gpus": [{"model": m, "memory_mb": mb, "count": c} for (m, mb), c in sorted(by_model.items())],
-        "gpus_free": adv.gpus_free,
-        "price": adv.price_per_gpu_hour,
-        "currency": adv.currency,
-        "region": adv.region,
-        "expires_at": adv.expires_at_ms,
-        "addrs": list(adv.addrs),
-        "simulated": adv.simulated,
-        "payout_address": adv.payout_address,
-        "runtimes": list(adv.runtimes),
-    }

@@ -36,7 +36,7 @@ from p2pgpu.runtime import JobRejected, JobSpec
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._daemon import Node
+    from ._ports import NodePorts as Node
 
 log = logging.getLogger("p2pgpu.images")
 

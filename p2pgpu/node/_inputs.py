@@ -28,7 +28,7 @@ from p2pgpu.runtime import JobRejected
 from ._blobs import FetchError
 
 if TYPE_CHECKING:
-    from ._daemon import Node
+    from ._ports import NodePorts as Node
 
 log = logging.getLogger("p2pgpu.inputs")
 #: A download progress line in the job's log at most this often per input.

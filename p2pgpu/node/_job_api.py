@@ -34,7 +34,7 @@ from p2pgpu.core._manifest import (
 from ._control import ControlError
 
 if TYPE_CHECKING:
-    from ._daemon import Node
+    from ._ports import NodePorts as Node
 
 manifest_text_bytes_max = 512 * 1024
 #: Log lines per ``job.logs`` answer (a follower asks again from where it stopped).
@@ -61,11 +61,7 @@ _REQUIREMENT_WORDS = {
 
 
 def _payer_address(node: Node) -> str | None:
-    if node.home is None:
-        return None
-    from p2pgpu.solana._keys import load_or_create_keypair, payer_keypair_path
-
-    return str(load_or_create_keypair(payer_keypair_path(node.home.path, node.config.extra)).pubkey())
+    return node.wallet.payer_address if node.home is not None else None
 
 
 def job_handlers(node: Node) -> dict[str, Any]:
@@ -223,7 +219,7 @@ def job_handlers(node: Node) -> dict[str, Any]:
         return doc
 
     async def market_match(params: dict[str, Any]) -> list[dict[str, Any]]:
-        from ._daemon import market_row
+        from ._market import market_row
 
         manifest = requirements_manifest(node, params.get("requirements"))
         return [market_row(a) for a in matching(node.book.live(node.now_ms()), manifest.requirements)]

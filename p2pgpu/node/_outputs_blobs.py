@@ -25,7 +25,7 @@ from ._blobs import FetchError
 from ._results import ResultsError, fetch_file, safe_relpath
 
 if TYPE_CHECKING:
-    from ._daemon import Node
+    from ._ports import NodePorts as Node
 
 log = logging.getLogger("p2pgpu.outputs")
 

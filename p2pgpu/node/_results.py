@@ -32,7 +32,7 @@ from p2pgpu.runtime._outputs import OutputLimitExceeded, open_sealed, sha256_fd
 from ._streams import StreamGone, read_frame, write_frame
 
 if TYPE_CHECKING:
-    from ._daemon import Node
+    from ._ports import NodePorts as Node
 
 log = logging.getLogger("p2pgpu.results")
 RESULTS_PROTOCOL = "/p2pgpu/results/1.0.0"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2pgpu.home import Home, load_networks
+from p2pgpu.home import Home
+from p2pgpu.wallet import home_ledger_spec
 
 from ._errors import P2pgpuError
 
@@ -23,13 +24,8 @@ class LedgerUnreachable(P2pgpuError):
 
 
 def ledger_spec(home: Home) -> str:
-    """The home's ledger: ``ledger`` in ``config.toml``, else the network's."""
-    cfg = home.config()
-    spec = cfg.extra.get("ledger")
-    if spec:
-        return str(spec)
-    net = load_networks().get(cfg.network)
-    return net.ledger if net is not None else "embedded"
+    """The home's ledger: ``ledger`` in ``config.toml``, else the network's (``p2pgpu/wallet.py``)."""
+    return home_ledger_spec(home)
 
 
 def open_home_ledger(home: Home, *, write: bool) -> Any:

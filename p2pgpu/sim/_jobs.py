@@ -1,27 +1,30 @@
-"""Jobs in the simulated world: the real formation cores, execution, payouts.
+"""Jobs in the simulated world: one core host per node, carried over the modelled network.
 
-Every node with a real identity runs a :class:`~p2pgpu.core.FormationNode`
-built from its own signed advert; every submitter runs a
-:class:`~p2pgpu.core.Submitter`.  Submitters sign real manifests
-(:func:`~p2pgpu.core.sign_manifest`).  This module is their driver, the twin
-of the node's: it carries the cores' actions (``docs/formation.md``,
-"Driving the cores") onto the simulated network: ``Publish`` on the jobs
-topic is GossipSub to every node; ``Publish`` on a per-job topic goes to the
-topic's current subscribers directly (a topic of a handful of peers is one
-hop in GossipSub); ``Send`` is a direct message; ``SetTimer`` is an engine
-event at the node's own (skewed) clock.  Each message is decoded and verified
-once where it is sent (``decode_message``) and the verified object handed to
-every receiver, as ``tests/core/swarm.py`` does.
+Every node with a real identity runs a :class:`~p2pgpu.core.Host`, the same
+object the libp2p node drives: formation (worker and submitter), membership
+(heartbeats and loss detection between the members of a running job),
+settlement, the member's deliveries.  This module is only its driver, the
+twin of ``p2pgpu/node/_jobs.py``: it hands each host the bytes that reach
+its node and the timers that fire at its own (skewed) clock, and carries out
+the actions: ``Publish`` on the jobs topic goes through the GossipSub model
+(the node's settings: its mesh only), a per-job topic to its current
+subscribers, ``Send`` is a direct message over the modelled links (lost,
+delayed, cut by partitions like any other), ``SetTimer`` an engine event.
+Heartbeats and co-signatures are therefore real messages between members:
+a member that goes down, or that a partition cuts off, stops beating, the
+others detect the loss after ``member_timeout_ms`` and apply the manifest's
+policy, and each co-signs what it observed.
 
-Execution is modelled (a member runs for a random share of the job's time,
-then tells its ``FormationNode`` it finished); proofs and payment are real: the
-member signs a :class:`~p2pgpu.core.Proof` (no checkpoints), the other members
-co-sign what they observed (:class:`~p2pgpu.core.Cosign`, from the time both
-ran), the submitter runs :func:`~p2pgpu.core.verify_proof` (with its own
-window of each member: confirmation to the proof's arrival) and
-:func:`~p2pgpu.core.owed` (agreed prices from the certificate, quorum over
-replicas) and pays the rows through the real :func:`plan_batches` of
-``core/_payout.py``, on a ledger that confirms every planned batch at once.
+What is modelled is the job's execution (a member runs for a random share
+of ``jobs.duration_s``, then tells its host its part ended) and the ledger
+(every planned payout batch confirms at once); proofs, co-signatures,
+verification, quorum, what is owed and the batches are the real code.
+Adversaries change what their nodes do at the few places a real node's
+software could lie: what they send, whether they run, the proof they sign.
+
+The ground truth only the simulator knows (who really ran, for how long,
+who went down mid-job, who was cut off from every other member) is handed to
+the invariant checker (``_invariants.py``) as it happens.
 """
 
 from __future__ import annotations
@@ -35,39 +38,30 @@ from typing import TYPE_CHECKING, Any
 from p2pgpu.core import (
     CancelTimer,
     Confirmed,
-    Cosign,
     Emit,
     Failed,
     FormationConfig,
-    FormationNode,
     MemberLost,
-    PeerMisbehaved,
     Proof,
-    ProofRejected,
-    ProofTerms,
     Publish,
     Released,
     Reserved,
     Send,
     SetTimer,
-    SignedCosign,
     StartJob,
     StopJob,
-    Submitter,
     Subscribe,
+    TimerKey,
     Unsubscribe,
-    Window,
-    agreed_prices,
-    certificate_hash,
-    decode_cosign,
-    owed,
-    sign_cosign,
+    decode,
     sign_proof,
-    verify_proof,
 )
-from p2pgpu.core._formation_messages import Accept, Certified, Proposal, decode_message
+from p2pgpu.core._actions import ItemTaken, LateLine, LookupCollection, MemberDone, Refused, Settled
+from p2pgpu.core._host import Host, HostConfig, Via
+from p2pgpu.core._identity import Verifier
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
 from p2pgpu.core._matching import matching
+from p2pgpu.core._member import MemberConfig, PartEnded
 from p2pgpu.core._payout import Owed as PayoutOwed
 from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
@@ -82,7 +76,6 @@ if TYPE_CHECKING:
 
 rent_exempt_min_lamports = 890_880
 initial_balance_lamports = 1_000_000_000
-decoded_cache_max = 100_000
 candidates_cache_max = 1024
 
 
@@ -103,6 +96,8 @@ TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
 
 @dataclass(slots=True)
 class Job:
+    """What the simulator knows of one job (ground truth, for metrics and checks)."""
+
     jid: int
     job_id: str
     submitter: int
@@ -111,51 +106,62 @@ class Job:
     state: JobState = JobState.FORMING
     members: list[int] = field(default_factory=list)
     t_confirm_us: int = 0
-    #: member -> its signed proof (bytes, as received)
-    results: dict[int, bytes] = field(default_factory=dict)
-    #: member -> when its proof reached the submitter (the submitter's clock)
-    results_at_ms: dict[int, int] = field(default_factory=dict)
-    #: when the submitter confirmed the cluster (its clock)
-    confirmed_at_ms: int = 0
-    cosigns: list[bytes] = field(default_factory=list)
-    certificate: Any = None
-    signed: Any = None
     reason: str = ""
     t_done_us: int = 0
+    signed: Any = None
+    settled: Any = None
 
-    def to(self, new: JobState) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise AssertionError(f"job {self.jid}: {self.state.value} -> {new.value} is not in the table")
-        self.state = new
+
+@dataclass(slots=True)
+class Run:
+    """A member's modelled run of a job."""
+
+    gen: int
+    started_engine_ms: int
+    started_node_ms: int
+
+
+def sim_config(cfg: JobSection) -> HostConfig:
+    """The hosts' settings: formation from ``[jobs]`` (defaults: the node's),
+    membership timings from ``[jobs]`` too."""
+    formation = FormationConfig(offer_window_ms=cfg.offer_window_ms, leader_timeout_ms=cfg.leader_timeout_ms,
+                                member_timeout_ms=cfg.member_timeout_ms, lease_ms=cfg.lease_ms,
+                                formation_timeout_ms=cfg.formation_timeout_ms,
+                                spare_volunteers=cfg.spare_volunteers, late_volunteer_ms=cfg.late_volunteer_ms,
+                                per_job_topics=cfg.per_job_topics)
+    member = MemberConfig(heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                          member_timeout_ms=cfg.member_loss_timeout_ms)
+    return HostConfig(formation=formation, member=member)
 
 
 class JobFlow:
-    def __init__(self, world: World, cfg: JobSection) -> None:
+    def __init__(self, world: World, cfg: JobSection, *, verify: Verifier | None = None) -> None:
         self.world = world
         self.cfg = cfg
         self.rng = world.engine.stream("jobs")
-        self.fconfig = FormationConfig(offer_window_ms=cfg.offer_window_ms, leader_timeout_ms=cfg.leader_timeout_ms,
-                                       member_timeout_ms=cfg.member_timeout_ms, lease_ms=cfg.lease_ms,
-                                       formation_timeout_ms=cfg.formation_timeout_ms,
-                                       spare_volunteers=cfg.spare_volunteers,
-                                       late_volunteer_ms=cfg.late_volunteer_ms)
+        self.hconfig = sim_config(cfg)
+        if world.mutation == "absolute_tolerance":
+            # test-only breakage (#13): the 5 s absolute tolerance that paid an inflater 1.48x a 7 s job
+            self.hconfig = dataclasses.replace(self.hconfig, settlement=dataclasses.replace(
+                self.hconfig.settlement, tolerance_ms=5_000, tolerance_ppm=0))
+        self.fconfig = self.hconfig.formation
+        self.verify = verify
         #: Candidate lists per job (see :meth:`candidates`), computed once.
         self._cands: dict[str, list[str]] = {}
         n = world.n
         self.enabled = cfg.submitters > 0
-        self.fnodes: list[FormationNode | None] = [None] * n
-        self.subs: dict[int, Submitter] = {}
+        self.hosts: list[Host | None] = [None] * n
         self.topics: dict[str, dict[int, bool]] = {}
-        self.timers: list[dict[str, int] | None] = [None] * n
+        self.timers: list[dict[TimerKey, int] | None] = [None] * n
         self.jobs: dict[int, Job] = {}
         self.by_job_id: dict[str, int] = {}
         self.formation_ms: list[float] = []
         self.emitted: dict[str, int] = {}
         self.misbehaved: dict[str, int] = {}
-        self.members_lost = 0
-        self._decoded: dict[bytes, Any] = {}
-        self._runs: dict[tuple[int, str], int] = {}  # (node, job_id) -> run generation
-        self._started: dict[tuple[int, str], tuple[int, Any]] = {}  # (node, job_id) -> (start ms, certificate)
+        #: Distinct (job, member) pairs some other member (or the submitter) reported lost.
+        self.lost_pairs: dict[tuple[int, int], bool] = {}
+        self.runs: dict[tuple[int, str], Run] = {}
+        self._gens: dict[tuple[int, str], int] = {}
         self.proof_faults: dict[str, int] = {}
         self.owed: dict[int, list[PayoutOwed]] = {}
         self.owed_meta: dict[int, tuple[int, int]] = {}
@@ -164,7 +170,10 @@ class JobFlow:
         self.paid_total = 0
         self.paid_count = 0
         self.proofs_rejected = 0
+        self.late_lines = 0
         self._next_owed = 1
+        #: (job id, item hash) of what submitters took (their stores, for late resends).
+        self.stored: dict[tuple[str, bytes], bool] = {}
         real = [i for i in range(n) if world.nodes[i].real]
         self.submitters = sorted(self.rng.sample(real, min(len(real), cfg.submitters)))
         for i in self.submitters:
@@ -174,29 +183,29 @@ class JobFlow:
                 sn.book = world._new_book()
                 world.book_nodes.append(i)
             world.churn.churning[i] = False  # submitters stay up (their jobs are the measurement)
-            assert sn.identity is not None
-            self.subs[i] = Submitter(sn.identity, self.fconfig, adverts=self.advert_of)
         world.book_nodes.sort()
-        world.net.handlers["fm.msg"] = self._on_direct
-        world.net.handlers["job.proof"] = self._on_proof
-        world.net.handlers["job.cosign"] = self._on_cosign
+        world.net.handlers["job.msg"] = self._on_direct
 
-    # -- the driver: carrying out the cores' actions ---------------------------------------
+    # -- hosts -------------------------------------------------------------------------------
+    def host(self, node: int) -> Host:
+        h = self.hosts[node]
+        if h is None:
+            ident = self.world.nodes[node].identity
+            assert ident is not None
+            h = self.hosts[node] = Host(ident, self.hconfig, adverts=self.advert_of,
+                                        candidates=lambda sm, _now: self.candidates(sm),
+                                        submitter_of=self._submitter_of, verify=self.verify)
+            self.topics.setdefault(self.fconfig.jobs_topic, {})[node] = True
+        return h
+
     def on_own_advert(self, node: int, advert: Advert) -> None:
-        """A node (re)signed its advert: start its formation core, or update it."""
+        """A node (re)signed its advert: its host's worker core follows it."""
         if not self.enabled:
             return
         if self.world.mutation == "overcommit" and self.world.nodes[node].adversary is None:
             # test-only breakage: the driver tells the core it has twice the GPUs it has
             advert = dataclasses.replace(advert, gpus=advert.gpus * 2, gpus_free=2 * advert.gpus_free)
-        fn = self.fnodes[node]
-        if fn is None:
-            ident = self.world.nodes[node].identity
-            assert ident is not None
-            self.fnodes[node] = FormationNode(ident, advert, self.fconfig, adverts=self.advert_of)
-            self.topics.setdefault(self.fconfig.jobs_topic, {})[node] = True
-        else:
-            self.carry(node, fn.update_advert(advert, self.world.node_now_ms(node)))
+        self.carry(node, self.host(node).set_advert(advert, self.world.node_now_ms(node)))
 
     def advert_of(self, peer_id: str) -> Advert | None:
         """The cores' advert book: every node's current advert (the simulated
@@ -204,146 +213,9 @@ class JobFlow:
         node = self.world.by_peer.get(peer_id)
         return self.world.nodes[node].advert if node is not None else None
 
-    def _decode(self, data: bytes) -> Any:
-        """The verified message, decoded once for all its receivers; ``None``
-        when its receivers would refuse it (counted as they would count it):
-        e.g. an offer carrying an advert signed with a negative
-        ``issued_at_ms`` by a node whose simulated clock is skewed below 0."""
-        msg = self._decoded.get(data)
-        if msg is None:
-            if len(self._decoded) >= decoded_cache_max:
-                self._decoded.clear()
-            try:
-                msg = decode_message(data)
-            except PeerMisbehaved as exc:
-                self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
-                return None
-            self._decoded[data] = msg
-        return msg
-
-    def carry(self, node: int, actions: list[Any]) -> None:
-        w = self.world
-        for a in actions:
-            if isinstance(a, Send):
-                msg = self._decode(a.data)
-                if msg is None or self._suppressed(node, msg):
-                    continue
-                dst = w.by_peer.get(a.peer_id)
-                if dst == node:
-                    w.engine.after(0, self._local, (node, w.net.epoch[node], msg))
-                elif dst is not None:
-                    w.net.send(node, dst, len(a.data), "fm.msg", msg)
-            elif isinstance(a, Publish):
-                msg = self._decode(a.data)
-                if msg is None or self._suppressed(node, msg):
-                    continue
-                if a.topic == self.fconfig.jobs_topic:
-                    w.gossip.publish(node, a.topic, len(a.data), msg)
-                else:
-                    for dst in self.topics.get(a.topic, {}):
-                        if dst != node:
-                            w.net.send(node, dst, len(a.data), "fm.msg", msg)
-            elif isinstance(a, SetTimer):
-                t = self._timers(node)
-                gen = t.get(a.key, 0) + 1
-                t[a.key] = gen
-                at_us = (a.at_ms - w.nodes[node].skew_ms) * 1000
-                w.engine.at(at_us, self._fire, (node, w.net.epoch[node], a.key, gen))
-            elif isinstance(a, CancelTimer):
-                t = self._timers(node)
-                t[a.key] = t.get(a.key, 0) + 1
-            elif isinstance(a, Subscribe):
-                self.topics.setdefault(a.topic, {})[node] = True
-            elif isinstance(a, Unsubscribe):
-                subs = self.topics.get(a.topic)
-                if subs is not None:
-                    subs.pop(node, None)
-                    if not subs:
-                        del self.topics[a.topic]
-            elif isinstance(a, Emit):
-                self.emitted[a.metric] = self.emitted.get(a.metric, 0) + a.value
-            else:
-                self._fact(node, a)
-
-    def _fact(self, node: int, a: Any) -> None:
-        w = self.world
-        if isinstance(a, Reserved):
-            w.checker.on_hold(node, self._jid(a.job_id), a.gpus)
-            w.engine.trace("hold", node, self._jid(a.job_id), a.gpus)
-        elif isinstance(a, Released):
-            w.checker.on_release(node, self._jid(a.job_id))
-            w.engine.trace("release", node, self._jid(a.job_id))
-        elif isinstance(a, StartJob):
-            self._start(node, a)
-        elif isinstance(a, StopJob):
-            self._runs.pop((node, a.job_id), None)
-            w.checker.on_release(node, self._jid(a.job_id))
-        elif isinstance(a, Confirmed):
-            self._confirmed(a)
-        elif isinstance(a, Failed):
-            job = self.jobs.get(self._jid(a.job_id))
-            if job is not None and job.state is JobState.FORMING:
-                job.to(JobState.FAILED)
-                job.reason = a.reason
-                w.engine.trace("job", job.jid, "failed")
-        elif isinstance(a, MemberLost):
-            self.members_lost += 1
-
-    def _suppressed(self, node: int, msg: Any) -> bool:
-        """Adversaries act by not sending: a silent leader sends no proposal or
-        certificate; a member that never accepts sends no accept."""
-        adv = self.world.nodes[node].adversary
-        if adv is None:
-            return False
-        if adv.never_accepts and isinstance(msg, Accept):
-            return True
-        return adv.silent_leader and isinstance(msg, (Proposal, Certified))
-
-    def _timers(self, node: int) -> dict[str, int]:
-        t = self.timers[node]
-        if t is None:
-            t = self.timers[node] = {}
-        return t
-
-    def _fire(self, arg: tuple[int, int, str, int]) -> None:
-        node, epoch, key, gen = arg
-        w = self.world
-        t = self.timers[node]
-        if w.net.epoch[node] != epoch or not w.net.up[node] or t is None or t.get(key) != gen:
-            return
-        now_ms = w.node_now_ms(node)
-        if key.startswith("f/"):
-            fn = self.fnodes[node]
-            if fn is not None:
-                self.carry(node, fn.on_timer(key, now_ms))
-        else:
-            self.carry(node, self.subs[node].on_timer(key, now_ms))
-
-    def _deliver(self, node: int, msg: Any) -> None:
-        w = self.world
-        now_ms = w.node_now_ms(node)
-        actions: list[Any] = []
-        try:
-            fn = self.fnodes[node]
-            if fn is not None and isinstance(msg, SignedManifest):
-                if msg.job_id not in fn.jobs:  # else a copy (direct and gossiped), as the node skips it
-                    actions = fn.on_manifest(msg, now_ms, self.candidates(msg))
-            elif fn is not None:
-                actions = fn.on_message(msg, now_ms)
-            sub = self.subs.get(node)
-            if sub is not None:
-                actions = actions + sub.on_message(msg, now_ms)
-        except PeerMisbehaved as exc:
-            self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
-        self.carry(node, actions)
-
-    def _on_direct(self, dst: int, src: int, msg: Any) -> None:
-        self._deliver(dst, msg)
-
-    def _local(self, arg: tuple[int, int, Any]) -> None:
-        node, epoch, msg = arg
-        if self.world.net.epoch[node] == epoch and self.world.net.up[node]:
-            self._deliver(node, msg)
+    def _submitter_of(self, job_id: str) -> str | None:
+        job = self.jobs.get(self.by_job_id.get(job_id, 0))
+        return job.manifest.submitter if job is not None else None
 
     def candidates(self, sm: SignedManifest) -> list[str] | None:
         """What the node's driver hands the cores: the peers whose adverts
@@ -358,28 +230,150 @@ class JobFlow:
             if len(self._cands) >= candidates_cache_max:
                 self._cands.pop(next(iter(self._cands)))
             w = self.world
-            now_ms = w.engine.now_us // 1000
-            req = sm.manifest.requirements
+            now_ms = w.network_now_ms()
             live = [sn.advert for sn in w.nodes if sn.advert is not None and sn.advert.expires_at_ms > now_ms]
-            got = [a.peer_id for a in matching(live, req)]
+            got = [a.peer_id for a in matching(live, sm.manifest.requirements)]
             self._cands[sm.job_id] = got
         return got
 
-    def on_manifest(self, node: int, msg: Msg) -> None:
+    # -- carrying out the host's actions -----------------------------------------------------
+    def carry(self, node: int, actions: list[Any]) -> None:
+        w = self.world
+        for a in actions:
+            if isinstance(a, Send):
+                if self._suppressed(node, a.data):
+                    continue
+                dst = w.by_peer.get(a.peer_id)
+                if dst is not None and dst != node:
+                    w.net.send(node, dst, len(a.data), "job.msg", a.data)
+            elif isinstance(a, Publish):
+                if self._suppressed(node, a.data):
+                    continue
+                if a.topic == self.fconfig.jobs_topic:
+                    w.gossip.publish(node, a.topic, len(a.data), a.data)
+                else:
+                    for dst in self.topics.get(a.topic, {}):
+                        if dst != node:
+                            w.net.send(node, dst, len(a.data), "job.msg", a.data)
+            elif isinstance(a, SetTimer):
+                t = self._timers(node)
+                gen = t.get(a.key, 0) + 1
+                t[a.key] = gen
+                w.engine.at(max(w.engine.now_us, w.engine_us_of(node, a.at_ms)), self._fire,
+                            (node, w.net.epoch[node], a.key, gen))
+            elif isinstance(a, CancelTimer):
+                t = self._timers(node)
+                t[a.key] = t.get(a.key, 0) + 1
+            elif isinstance(a, Subscribe):
+                self.topics.setdefault(a.topic, {})[node] = True
+            elif isinstance(a, Unsubscribe):
+                subs = self.topics.get(a.topic)
+                if subs is not None:
+                    subs.pop(node, None)
+                    if not subs:
+                        del self.topics[a.topic]
+            elif isinstance(a, Emit):
+                self.emitted[a.metric] = self.emitted.get(a.metric, 0) + a.value
+            elif isinstance(a, Refused):
+                self.misbehaved[a.reason.name] = self.misbehaved.get(a.reason.name, 0) + 1
+            else:
+                self._fact(node, a)
+
+    def _fact(self, node: int, a: Any) -> None:
+        w = self.world
+        if isinstance(a, Reserved):
+            w.checker.on_hold(node, self._jid(a.job_id), a.gpus)
+            w.engine.trace("hold", node, self._jid(a.job_id), a.gpus)
+        elif isinstance(a, Released):
+            w.checker.on_release(node, self._jid(a.job_id))
+            w.engine.trace("release", node, self._jid(a.job_id))
+        elif isinstance(a, StartJob):
+            self._start(node, a)
+        elif isinstance(a, StopJob):
+            self._stop(node, a)
+        elif isinstance(a, Confirmed):
+            self._confirmed(a)
+        elif isinstance(a, Failed):
+            job = self.jobs.get(self._jid(a.job_id))
+            if job is not None and job.state is JobState.FORMING:
+                self._to(job, JobState.FAILED)
+                job.reason = a.reason
+                w.engine.trace("job", job.jid, "failed")
+        elif isinstance(a, MemberLost):
+            lost = w.by_peer.get(a.peer_id)
+            jid = self._jid(a.job_id)
+            if lost is not None and jid:
+                self.lost_pairs[(jid, lost)] = True
+        elif isinstance(a, MemberDone):
+            w.engine.trace("member_done", node, self._jid(a.job_id))
+        elif isinstance(a, Settled):
+            self._settled(node, a)
+        elif isinstance(a, ItemTaken):
+            self.stored[(a.job_id, a.item_hash)] = True  # what a node's store would hold
+            member = w.by_peer.get(a.sender)
+            if member is not None and a.kind in ("proof", "outputs"):
+                w.checker.on_results(self._jid(a.job_id), member, a.received_ms)
+        elif isinstance(a, LookupCollection):  # a resend after the collection was forgotten
+            job = self.jobs.get(self._jid(a.job_id))
+            members = [w.nodes[m].identity.peer_id for m in job.members  # type: ignore[union-attr]
+                       ] if job is not None and job.members else None
+            h = self.hosts[node]
+            if h is not None:
+                self.carry(node, h.on_stored(a.job_id, a.sender, a.item_hash, members=members,
+                                             stored=(a.job_id, a.item_hash) in self.stored,
+                                             now_ms=w.node_now_ms(node)))
+        elif isinstance(a, LateLine):
+            self._late_line(a)
+
+    def _suppressed(self, node: int, data: bytes) -> bool:
+        """Adversaries act by not sending: a silent leader sends no proposal or
+        certificate; a member that never accepts sends no accept."""
+        adv = self.world.nodes[node].adversary
+        if adv is None or not (adv.never_accepts or adv.silent_leader):
+            return False
+        obj = decode(data, size_max=len(data) + 1, canonical=False)
+        kind = obj.get("k") if isinstance(obj, dict) else None
+        if adv.never_accepts and kind == "accept":
+            return True
+        return adv.silent_leader and kind in ("proposal", "certificate")
+
+    def _timers(self, node: int) -> dict[TimerKey, int]:
+        t = self.timers[node]
+        if t is None:
+            t = self.timers[node] = {}
+        return t
+
+    def _fire(self, arg: tuple[int, int, TimerKey, int]) -> None:
+        node, epoch, key, gen = arg
+        w = self.world
+        t = self.timers[node]
+        h = self.hosts[node]
+        if w.net.epoch[node] != epoch or not w.net.up[node] or t is None or t.get(key) != gen or h is None:
+            return
+        self.carry(node, h.on_timer(key, w.node_now_ms(node)))
+
+    def _on_direct(self, dst: int, src: int, data: bytes) -> None:
+        h = self.hosts[dst]
+        if h is not None and self.world.net.up[dst]:
+            self.carry(dst, h.on_bytes(data, self.world.node_now_ms(dst), via=Via.DIRECT))
+
+    def on_topic(self, node: int, msg: Msg) -> None:
         """Gossip delivered something on the jobs topic to ``node``."""
-        if msg.origin != node and (self.fnodes[node] is not None or node in self.subs):
-            self._deliver(node, msg.data)
+        h = self.hosts[node]
+        if msg.origin != node and h is not None:
+            self.carry(node, h.on_bytes(msg.data, self.world.node_now_ms(node), via=Via.TOPIC))
 
     def on_node_down(self, node: int) -> None:
-        """Formation state lives in memory: a restart begins afresh."""
-        self.fnodes[node] = None
+        """A node's host lives in memory: a restart begins afresh (its runs are lost)."""
+        w = self.world
+        for key in [k for k in self.runs if k[0] == node]:
+            del self.runs[key]
+            w.checker.on_member_down(self._jid(key[1]), node)
+        self.hosts[node] = None
         self.timers[node] = None
         for subs in self.topics.values():
             subs.pop(node, None)
-        for key in [k for k in self._runs if k[0] == node]:
-            del self._runs[key]
-            self._started.pop(key, None)
-        self.world.checker.on_node_down(node)
+        w.checker.on_node_down(node)
 
     def _jid(self, job_id: str) -> int:
         return self.by_job_id.get(job_id, 0)
@@ -411,6 +405,7 @@ class JobFlow:
             gpus_per_node=self.rng.choice(self.cfg.gpus_per_node_choices), command=("true",),
             duration_s_max=max(1, int(self.cfg.duration_s * 1.5)), price_per_gpu_hour_max=self.cfg.price_max,
             payer=sn.payout_address, replicas=replicas, quorum=replicas // 2 + 1,
+            on_member_loss=self.cfg.on_member_loss,
         )
         sm = sign_manifest(sn.identity, m)
         jid = len(self.jobs) + 1
@@ -418,13 +413,15 @@ class JobFlow:
         job.signed = sm
         self.jobs[jid] = job
         self.by_job_id[sm.job_id] = jid
-        self._decoded[sm.wire] = sm
         w.engine.trace("job", jid, "submit", m.members)
-        self.carry(node, self.subs[node].submit(sm, now_ms, self.candidates(sm)))
-        fn = self.fnodes[node]
-        if fn is not None:  # the submitter's own node may work on its own job
-            self._deliver(node, sm)
+        self.carry(node, self.host(node).submit(sm, now_ms))
         return job
+
+    @staticmethod
+    def _to(job: Job, new: JobState) -> None:
+        if new not in TRANSITIONS[job.state]:
+            raise AssertionError(f"job {job.jid}: {job.state.value} -> {new.value} is not in the table")
+        job.state = new
 
     def _confirmed(self, a: Confirmed) -> None:
         w = self.world
@@ -432,16 +429,14 @@ class JobFlow:
         job = self.jobs[jid]
         members = [w.by_peer[p] for p in a.certificate.members]
         w.checker.on_confirm(jid, members)
-        job.to(JobState.RUNNING)
+        self._to(job, JobState.RUNNING)
         job.members = members
-        job.certificate = a.certificate
         job.t_confirm_us = w.engine.now_us
-        job.confirmed_at_ms = w.node_now_ms(job.submitter)
         self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
+        w.checker.on_confirmed_at(jid, w.node_now_ms(job.submitter))
         w.engine.trace("job", jid, "confirm", len(members))
-        w.engine.after(int((job.manifest.duration_s_max + 20) * 1_000_000), self._result_deadline, jid)
 
-    # -- running, on the member --------------------------------------------------------------
+    # -- running, on the member (the modelled execution) ------------------------------------
     def _start(self, node: int, a: StartJob) -> None:
         w = self.world
         jid = self._jid(a.job_id)
@@ -450,127 +445,108 @@ class JobFlow:
         adv = w.nodes[node].adversary
         if adv is not None and adv.never_runs:
             return
-        gen = self._runs.get((node, a.job_id), 0) + 1
-        self._runs[(node, a.job_id)] = gen
-        self._started[(node, a.job_id)] = (w.engine.now_us // 1000, a.certificate)
+        key = (node, a.job_id)
+        gen = self._gens.get(key, 0) + 1
+        self._gens[key] = gen
+        self.runs[key] = Run(gen, w.engine.now_us // 1000, w.node_now_ms(node))
+        w.checker.on_running(jid, node)
+        self.carry(node, self.host(node).member_started(a.job_id, w.node_now_ms(node)))
         dur = self.rng.uniform(0.5, 1.0) * self.cfg.duration_s
-        w.engine.after(int(dur * 1_000_000), self._finish, (node, a.job_id, gen))
+        w.engine.after(int(dur * 1_000_000), self._end, (node, a.job_id, gen, False))
 
-    def _finish(self, arg: tuple[int, str, int]) -> None:
-        node, job_id, gen = arg
+    def _stop(self, node: int, a: StopJob) -> None:
+        run = self.runs.get((node, a.job_id))
+        if run is not None:
+            self._end((node, a.job_id, run.gen, True))
+
+    def _end(self, arg: tuple[int, str, int, bool]) -> None:
+        node, job_id, gen, stopped = arg
         w = self.world
-        if self._runs.get((node, job_id)) != gen:
-            return  # stopped, or the node went down
-        del self._runs[(node, job_id)]
-        start_ms, cert = self._started.pop((node, job_id))
+        run = self.runs.get((node, job_id))
+        h = self.hosts[node]
+        if run is None or run.gen != gen or h is None:
+            return  # stopped before, or the node went down
+        del self.runs[(node, job_id)]
         jid = self._jid(job_id)
         job = self.jobs[jid]
         g = job.manifest.gpus_per_node
         end_ms = w.engine.now_us // 1000
-        w.checker.on_finish(node, jid, g * (end_ms - start_ms))
-        fn = self.fnodes[node]
-        if fn is not None:
-            self.carry(node, fn.finish(job_id, w.node_now_ms(node)))
+        w.checker.on_finish(node, jid, g * (end_ms - run.started_engine_ms))
         sn = w.nodes[node]
         assert sn.identity is not None
-        skew = sn.skew_ms
-        cert_hash = certificate_hash(cert)
-        claim: dict[str, Any] = {"started_at_ms": start_ms + skew, "ended_at_ms": end_ms + skew, "gpu_ms": g * (end_ms - start_ms),
-                 "output_digest": hashlib.sha256(job_id.encode()).digest()}  # the honest output of this job
-        if sn.adversary is not None:
-            claim = sn.adversary.proof_claim(claim, job.manifest.duration_s_max * 1000)
-        proof = Proof(job_id=job_id, cert_hash=cert_hash, peer_id=sn.identity.peer_id,
-                      gpus=tuple(f"{sn.gpus[0].model} #{i}" for i in range(g)), exit_code=0, end_reason="exited",
-                      checkpoints=(), chain_head=chain_heads(job_id, cert_hash, sn.identity.peer_id, ())[-1],
-                      **claim)
-        wire = sign_proof(sn.identity, proof).wire
-        w.net.send(node, job.submitter, len(wire), "job.proof", (jid, wire))
-        # The other members saw this one's heartbeats while both ran: they co-sign.
-        for m in job.members:
-            if m != node and w.net.up[m]:
-                w.engine.after(1000, self._cosign, (m, node, jid, start_ms, end_ms, cert_hash))
+        mr = h.members.get(job_id)
+        if mr is not None and mr.membership.vouched_until_ms() is not None:
+            w.checker.on_cut_off(jid, node)  # nobody vouches for its time after the last contact
+        started = run.started_node_ms
+        if w.mutation == "late_start_stamp" and sn.adversary is None:
+            started += 2_000  # test-only breakage: a driver that stamps the start after its setup
+        part = PartEnded(started_at_ms=started, ended_at_ms=w.node_now_ms(node), exit_code=0,
+                         end_reason="exited", stopped=stopped,
+                         output_digest=hashlib.sha256(job_id.encode()).digest(),  # the honest output of this job
+                         gpus=tuple(f"{sn.gpus[0].model} #{i}" for i in range(g)))
+        proof = None
+        if sn.adversary is not None and mr is not None:
+            proof = self._lie(node, job_id, mr.start.certificate.digest, part, job.manifest.duration_s_max * 1000)
+        self.carry(node, h.member_ended(job_id, part, w.node_now_ms(node), proof=proof))
 
-    def _cosign(self, arg: tuple[int, int, int, int, int, bytes]) -> None:
-        observer, subject, jid, start_ms, end_ms, cert_hash = arg
+    def _lie(self, node: int, job_id: str, cert_hash: bytes, part: PartEnded, duration_ms_max: int) -> Any:
+        """The proof an adversary signs instead of the honest one (or ``None``)."""
+        sn = self.world.nodes[node]
+        assert sn.adversary is not None and sn.identity is not None
+        honest = {"started_at_ms": part.started_at_ms, "ended_at_ms": part.ended_at_ms,
+                  "gpu_ms": len(part.gpus) * min(part.ended_at_ms - part.started_at_ms, duration_ms_max),
+                  "output_digest": part.output_digest}
+        claim = sn.adversary.proof_claim(dict(honest), duration_ms_max)
+        if claim == honest:
+            return None
+        return sign_proof(sn.identity, Proof(
+            job_id=job_id, cert_hash=cert_hash, peer_id=sn.identity.peer_id, gpus=part.gpus,
+            exit_code=0, end_reason="exited", checkpoints=(),
+            chain_head=chain_heads(job_id, cert_hash, sn.identity.peer_id, ())[-1], **claim))
+
+    # -- settlement and payment, on the submitter ------------------------------------------------
+    def _settled(self, node: int, s: Settled) -> None:
+        """The submitter's settlement core decided: record the outcome, check
+        it against the ground truth, queue what is owed for payment."""
         w = self.world
-        job = self.jobs[jid]
-        o, sub = w.nodes[observer], w.nodes[subject]
-        if not w.net.up[observer] or o.identity is None or sub.identity is None:
+        jid = self._jid(s.job_id)
+        job = self.jobs.get(jid)
+        if job is None or job.state is not JobState.RUNNING:
             return
-        seen_from = max(start_ms, job.t_confirm_us // 1000)
-        co = Cosign(job_id=job.job_id, cert_hash=cert_hash, subject=sub.identity.peer_id,
-                    observer=o.identity.peer_id, first_seen_ms=seen_from + o.skew_ms, last_seen_ms=end_ms + o.skew_ms,
-                    heartbeats=max(1, (end_ms - seen_from) // 1000), last_chain_head=b"")
-        wire = sign_cosign(o.identity, co).wire
-        w.net.send(observer, job.submitter, len(wire), "job.cosign", (jid, wire))
-
-    # -- proofs and payment, on the submitter ---------------------------------------------------
-    def _on_proof(self, dst: int, src: int, payload: tuple[int, bytes]) -> None:
-        jid, wire = payload
-        job = self.jobs[jid]
-        if job.state is not JobState.RUNNING or src not in job.members or src in job.results:
-            return
-        job.results[src] = wire
-        job.results_at_ms[src] = self.world.node_now_ms(dst)
-        if len(job.results) == len(job.members):
-            # wait a moment for the co-signatures that follow the last proof
-            self.world.engine.after(3_000_000, self._result_deadline, jid)
-
-    def _on_cosign(self, dst: int, src: int, payload: tuple[int, bytes]) -> None:
-        jid, wire = payload
-        job = self.jobs[jid]
-        if job.state is JobState.RUNNING:
-            job.cosigns.append(wire)
-
-    def _result_deadline(self, jid: int) -> None:
-        job = self.jobs[jid]
-        if job.state is JobState.RUNNING:
-            self._settle(job)
-
-    def _settle(self, job: Job) -> None:
-        """Verify every proof with the real proof core and turn what is owed
-        (its ``owed``, agreed prices from the certificate) into payout rows."""
-        w = self.world
-        assert job.certificate is not None and job.signed is not None
-        terms = ProofTerms.from_manifest(job.signed)
-        cosigns: dict[str, list[SignedCosign]] = {}
-        for c in job.cosigns:
-            try:
-                sc = decode_cosign(c)
-            except PeerMisbehaved:
-                continue
-            cosigns.setdefault(sc.cosign.subject, []).append(sc)
-        verified = []
-        for m in job.members:
-            wire = job.results.get(m)
-            if wire is None:
-                continue
-            ident = w.nodes[m].identity
-            assert ident is not None
-            window = Window(confirmed_at_ms=job.confirmed_at_ms, results_at_ms=job.results_at_ms[m])
-            try:
-                verified.append(verify_proof(wire, cert=job.certificate, terms=terms,
-                                             cosigns=cosigns.get(ident.peer_id, []), window=window))
-            except ProofRejected as exc:
-                self.proofs_rejected += 1
-                self.proof_faults[exc.fault.name] = self.proof_faults.get(exc.fault.name, 0) + 1
-        rows = owed(verified, terms=terms, prices=agreed_prices(job.certificate))
-        paid_rows = [r for r in rows if r.status == "paid" and r.amount > 0]
-        complete = len(job.results) == len(job.members) and len(verified) == len(job.members)
-        job.to(JobState.DONE if complete and len(paid_rows) == len(job.members) else JobState.FAILED)
+        job.settled = s
+        self._to(job, JobState.DONE if s.succeeded else JobState.FAILED)
+        job.reason = s.reason
         job.t_done_us = w.engine.now_us
-        w.engine.trace("job", job.jid, job.state.value, len(paid_rows))
-        sub = w.nodes[job.submitter]
-        if sub.adversary is not None and sub.adversary.never_pays:
+        paid = [ln for ln in s.lines if ln.payable]
+        w.engine.trace("job", jid, job.state.value, len(paid))
+        w.checker.on_settled(jid, s)
+        for ln in s.lines:
+            self._line(job, ln)
+
+    def _late_line(self, a: LateLine) -> None:
+        job = self.jobs.get(self._jid(a.job_id))
+        if job is None or job.settled is None:
             return
-        for r in paid_rows:
-            m = w.by_peer[r.peer_id]
-            row = PayoutOwed(owed_id=self._next_owed, proof_hash=r.proof_hash,
-                             payout_address=w.nodes[m].payout_address, amount=r.amount, currency="SOL")
-            self.owed_meta[self._next_owed] = (job.jid, m)
-            self._next_owed += 1
-            self.owed.setdefault(job.submitter, []).append(row)
-            w.checker.on_owed(job.jid, m, r.amount)
+        self.late_lines += 1
+        self.world.checker.on_line(job.jid, a.line, job.settled.lines)
+        self._line(job, a.line)
+
+    def _line(self, job: Job, ln: Any) -> None:
+        """One member's line: counted, and owed (paid at the next tick)."""
+        w = self.world
+        if ln.status == "rejected":
+            self.proofs_rejected += 1
+            self.proof_faults[ln.fault] = self.proof_faults.get(ln.fault, 0) + 1
+        sub = w.nodes[job.submitter]
+        if not ln.payable or (sub.adversary is not None and sub.adversary.never_pays):
+            return
+        m = w.by_peer[ln.peer_id]
+        row = PayoutOwed(owed_id=self._next_owed, proof_hash=ln.proof_hash,
+                         payout_address=w.nodes[m].payout_address, amount=ln.amount, currency="SOL")
+        self.owed_meta[self._next_owed] = (job.jid, m)
+        self._next_owed += 1
+        self.owed.setdefault(job.submitter, []).append(row)
+        w.checker.on_owed(job.jid, m, ln.amount)
 
     def _pay_tick(self, _: Any) -> None:
         """Every submitter's payer: plan batches with the real payout core and
@@ -593,7 +569,7 @@ class JobFlow:
                 for row in rows:
                     if row.owed_id in in_batch:
                         paid_ids[row.owed_id] = True
-                        jid, member = self.owed_meta[row.owed_id]
+                        jid, member = self.owed_meta.pop(row.owed_id)
                         self.paid_total += row.amount
                         self.paid_count += 1
                         w.checker.on_paid(jid, member, row.proof_hash, row.amount)
@@ -624,8 +600,11 @@ class JobFlow:
             "formation_latency_ms_p99": p(99),
             "jobs_completed": sum(1 for j in jobs if j.state is JobState.DONE),
             "jobs_failed": sum(1 for j in jobs if j.state is JobState.FAILED),
-            "members_lost": self.members_lost,
+            "members_lost": len(self.lost_pairs),
+            "members_down_while_running": self.world.checker.down_while_running,
             "proofs_rejected": self.proofs_rejected,
+            "proofs_capped": self.world.checker.capped,
+            "late_lines": self.late_lines,
             "proof_faults": dict(sorted(self.proof_faults.items())),
             "payouts": self.paid_count,
             "payout_batches": self.batches,

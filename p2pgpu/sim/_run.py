@@ -38,7 +38,7 @@ def run_scenario(scenario: Scenario, seed: int, *, out_dir: str | Path | None = 
                  progress: Callable[[str], None] | None = None, mutation: str = "",
                  tracing: bool = True) -> RunResult:
     with verify_cache(scenario.adverts.verify == "cached") as cache:
-        world = World(scenario, seed, progress=progress, tracing=tracing, mutation=mutation)
+        world = World(scenario, seed, progress=progress, tracing=tracing, mutation=mutation, verify=cache)
         world.run()
     body = world.metrics.summary()
     body["signature_verifies_real"] = cache.real

@@ -36,6 +36,12 @@ class RunSection:
     settle_s: float = 10.0
     progress_every_s: float = 10.0
     network_name: str = "sim"
+    #: The wall-clock time (Unix ms) at simulated time 0: node clocks read
+    #: this plus the simulated time plus their skew, so a node skewed back
+    #: still signs times after 1970 (clocks once started at 0, and a node with
+    #: negative skew signed a negative ``issued_at_ms`` every peer refused).
+    #: Default: 2026-01-01T00:00:00Z.
+    start_epoch_ms: int = 1_767_225_600_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,14 +76,19 @@ class NetworkSection:
 
 @dataclass(frozen=True, kw_only=True)
 class GossipSection:
-    D: int = 8
-    D_lo: int = 6
+    """Defaults: the node's GossipSub (``node/_stack.py``'s ``StackConfig`` and
+    py-libp2p 0.8.1's own defaults for what it does not set); a test keeps
+    them equal (``tests/sim/test_defaults.py``).  The node publishes to its
+    mesh only (py-libp2p has no flood publishing)."""
+
+    D: int = 6
+    D_lo: int = 4
     D_hi: int = 12
     D_lazy: int = 6
     heartbeat_ms: float = 1000.0
     history_length: int = 5
     history_gossip: int = 3
-    flood_publish: bool = True
+    flood_publish: bool = False
     seen_ttl_s: float = 120.0
     #: message ids per IHAVE at most
     ihave_ids_max: int = 5000
@@ -147,6 +158,10 @@ class ChurnSection:
 
 @dataclass(frozen=True, kw_only=True)
 class JobSection:
+    """Defaults: the node's formation and membership settings
+    (``node/_jobs.py``'s ``NODE_FORMATION``, ``core/_member.py``'s
+    ``DEFAULT_MEMBER``); a test keeps them equal."""
+
     submitters: int = 0
     rate_per_s: float = 0.0
     duration_s: float = 20.0
@@ -155,12 +170,21 @@ class JobSection:
     #: replicas per job (the same work on k members, majority quorum)
     replicas_choices: list[int] = field(default_factory=lambda: [1])
     price_max: int = 2_000_000
-    #: FormationConfig for a wide-area network (the core's defaults suit a LAN)
-    offer_window_ms: int = 300
+    #: What the members do when one of them is lost ("fail" or "continue").
+    on_member_loss: str = "fail"
+    #: FormationConfig, as the node sets it
+    offer_window_ms: int = 200
     leader_timeout_ms: int = 1500
-    member_timeout_ms: int = 800
+    member_timeout_ms: int = 600
     lease_ms: int = 10_000
-    formation_timeout_ms: int = 30_000
+    formation_timeout_ms: int = 60_000
+    #: Formation messages on one shared jobs topic (the node's choice), or on
+    #: a topic per job.
+    per_job_topics: bool = False
+    #: Membership while a job runs: heartbeats between members, and silence
+    #: after which a member is lost.
+    heartbeat_interval_ms: int = 500
+    member_loss_timeout_ms: int = 3_000
     #: Hand the cores candidate lists as the node does (the matching adverts
     #: with free GPUs, here from the network-wide set of current adverts): a
     #: job draws members + spare_volunteers offers, the rest volunteer late.
@@ -234,6 +258,10 @@ class Scenario:
               "jobs.gpus_per_node_choices", "1..16")
         _need(bool(j.replicas_choices) and all(1 <= x <= 8 for x in j.replicas_choices),
               "jobs.replicas_choices", "1..8")
+        _need(j.on_member_loss in ("fail", "continue"), "jobs.on_member_loss", "is 'fail' or 'continue'")
+        _need(0 < j.heartbeat_interval_ms < j.member_loss_timeout_ms <= 600_000, "jobs.heartbeat_interval_ms",
+              "needs 0 < heartbeat_interval_ms < member_loss_timeout_ms <= 600000")
+        _need(0 <= r.start_epoch_ms <= 2**52, "run.start_epoch_ms", "a Unix time in ms")
         _need(len(self.partition) <= 100 and len(self.adversary) <= 100, "scenario", "at most 100 entries")
         for i, p in enumerate(self.partition):
             _need(0 <= p.at_s < p.heal_s, f"partition[{i}]", "needs at_s < heal_s")

@@ -30,22 +30,23 @@ import base58
 from p2pgpu.core import (
     Advert,
     AdvertBook,
+    GossipVerdict,
     GpuInfo,
     Identity,
     PeerMisbehaved,
     Reason,
-    GossipVerdict,
     advert_time_reason,
     next_seq,
     sign_advert,
     verdict_for,
     verify_advert_bytes,
 )
+from p2pgpu.core._identity import Verifier
 
 from ._adversary import Adversary, make_adversaries
 from ._churn import Churn, partition_sides
 from ._engine import Engine, SimulationStopped
-from ._gossip import ACCEPT, GossipSub, Msg
+from ._gossip import ACCEPT, REJECT, GossipSub, Msg
 from ._invariants import Checker
 from ._jobs import JobFlow
 from ._kademlia import Kademlia, Lookup
@@ -122,22 +123,24 @@ class SimNode:
 
 class World:
     def __init__(self, scenario: Scenario, seed: int, *, progress: Callable[[str], None] | None = None,
-                 tracing: bool = True, mutation: str = "") -> None:
+                 tracing: bool = True, mutation: str = "", verify: Verifier | None = None) -> None:
         self.scenario = s = scenario
         self.seed = seed
         self.mutation = mutation
+        #: Wall-clock ms at simulated time 0 (every node clock counts from it).
+        self.epoch_ms = s.run.start_epoch_ms
         self.engine = Engine(seed, tracing=tracing)
         self.progress = progress
         self.n = n = s.run.nodes
         from ._network import Network
         self.net = Network(self.engine, s.network, n)
         self.metrics = Metrics(self)
-        self.gossip = GossipSub(self.engine, self.net, s.gossipsub, self._validate, self._deliver)
+        self.gossip = GossipSub(self.engine, self.net, s.gossipsub, self._judge, self._deliver)
         self.kad = Kademlia(self.engine, self.net, s.kademlia) if s.kademlia.enabled else None
         self.checker = Checker(self)
         self.churn = Churn(self, s.churn)
         self._build_nodes()
-        self.jobs = JobFlow(self, s.jobs)
+        self.jobs = JobFlow(self, s.jobs, verify=verify)
         self.adversaries = make_adversaries(self, s.adversary)
         #: advert bytes -> their reason for refusal, or their (issued, expires)
         #: times for each node's own clock check
@@ -187,7 +190,16 @@ class World:
         return AdvertBook(network=self.scenario.run.network_name, allow_simulated=True)
 
     def node_now_ms(self, node: int) -> int:
-        return self.engine.now_us // 1000 + self.nodes[node].skew_ms
+        """What ``node``'s clock reads now: the epoch, the simulated time, its skew."""
+        return self.epoch_ms + self.engine.now_us // 1000 + self.nodes[node].skew_ms
+
+    def network_now_ms(self) -> int:
+        """A clock without skew (the simulator's view of wall-clock time)."""
+        return self.epoch_ms + self.engine.now_us // 1000
+
+    def engine_us_of(self, node: int, at_ms: int) -> int:
+        """The simulated time at which ``node``'s clock reads ``at_ms``."""
+        return (at_ms - self.nodes[node].skew_ms - self.epoch_ms) * 1000
 
     # -- lifecycle ----------------------------------------------------------------------
     def node_up(self, node: int) -> None:
@@ -261,7 +273,8 @@ class World:
         now_ms = self.node_now_ms(node)
         sn.seq = next_seq(sn.seq, max(now_ms, 1))
         g = gpus if gpus is not None else sn.gpus
-        fn = self.jobs.fnodes[node]
+        h = self.jobs.hosts[node]
+        fn = h.formation if h is not None else None
         free = min(len(g), (fn.gpus_free if fn is not None else len(g)) if gpus_free is None else gpus_free)
         ttl = ttl_ms or int(self.scenario.adverts.ttl_s * 1000)
         return Advert(
@@ -335,13 +348,22 @@ class World:
         late = advert_time_reason(cached[0], cached[1], now_ms)
         return ACCEPT if late is None else verdict_for(late)
 
+    def _judge(self, node: int, src: int, msg: Msg) -> Any:
+        """The validator, watched: a rejection lowers the forwarder's score, and
+        the ``penalised-honest`` invariant holds that to faults an honest node
+        would never forward."""
+        verdict = self._validate(node, src, msg)
+        if verdict == REJECT and src != node:
+            self.checker.on_rejected(node, src, f"a {msg.topic} message (mid {msg.mid})")
+        return verdict
+
     def _deliver(self, node: int, src: int, msg: Msg) -> None:
         msg.delivered += 1
         if node != msg.origin:
             self.engine.trace("dlv", msg.mid, node)
             self.metrics.on_delivery(node, msg)
         if msg.topic == JOBS:
-            self.jobs.on_manifest(node, msg)
+            self.jobs.on_topic(node, msg)
 
     # -- DHT measurements ----------------------------------------------------------------
     def _dht_tick(self, _: Any) -> None:

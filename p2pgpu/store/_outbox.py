@@ -334,15 +334,22 @@ def batch_of_proof(conn: sqlite3.Connection, proof_hash: bytes | str) -> tuple[i
     return (row[0], row[1], row[2]) if row else None
 
 
-def payouts(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str, Any]]:
-    """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by CLI.md)."""
+def payouts(conn: sqlite3.Connection, *, limit: int = 10_000, job_id: str | None = None,
+            newest: bool = False) -> list[dict[str, Any]]:
+    """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by CLI.md):
+    every row (oldest first, at most ``limit``), one job's (``job_id``), or the
+    ``limit`` newest (``newest``: a long-running node's recent payouts)."""
+    where, args = ("WHERE o.job_id = ?", [job_id]) if job_id is not None else ("", [])
+    order = "DESC" if newest else "ASC"
     rows = conn.execute(
         "SELECT o.proof_hash, o.worker, o.payout_address, o.amount, o.currency, o.job_id, o.status, o.error,"
         " b.signature, b.state, o.created_ms, b.updated_ms"
         " FROM payout_owed o LEFT JOIN payout_batches b ON b.batch_id = o.batch_id"
-        " ORDER BY o.owed_id LIMIT ?",
-        (limit,),
+        f" {where} ORDER BY o.owed_id {order} LIMIT ?",
+        (*args, limit),
     ).fetchall()
+    if newest:
+        rows = rows[::-1]
     out = []
     for r in rows:
         out.append(
@@ -362,6 +369,27 @@ def payouts(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str, 
             }
         )
     return out
+
+
+def unsettled_count(conn: sqlite3.Connection) -> int:
+    """Rows the payer still has work on (``owed`` or ``batched``)."""
+    return int(conn.execute("SELECT count(*) FROM payout_owed WHERE status IN ('owed', 'batched')").fetchone()[0])
+
+
+def paid_since(conn: sqlite3.Connection, since_ms: int, *, limit: int = 1_000) -> list[dict[str, Any]]:
+    """Rows whose batch was seen paid at or after ``since_ms`` (oldest first),
+    with the keys of :func:`payouts` and ``paid_ms``: what a long-running node
+    tells its workers, without reading every row it ever paid."""
+    rows = conn.execute(
+        "SELECT o.proof_hash, o.worker, o.payout_address, o.amount, o.currency, o.job_id, o.status, o.error,"
+        " b.signature, b.state, o.created_ms, b.updated_ms"
+        " FROM payout_owed o JOIN payout_batches b ON b.batch_id = o.batch_id"
+        " WHERE o.status = 'paid' AND b.updated_ms >= ? ORDER BY b.updated_ms, o.owed_id LIMIT ?",
+        (since_ms, limit),
+    ).fetchall()
+    return [{"proof_hash": bytes(r[0]).hex(), "worker": r[1], "payout_address": r[2], "amount": r[3],
+             "currency": r[4], "job_id": r[5], "status": r[6], "error": r[7], "tx_signature": r[8],
+             "created_ms": r[10], "paid_ms": r[11]} for r in rows]
 
 
 def owed_totals(conn: sqlite3.Connection, *, currency: str) -> dict[str, dict[str, int]]:

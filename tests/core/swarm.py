@@ -1,13 +1,14 @@
-"""An in-memory network that routes the formation cores' actions between peers.
+"""An in-memory network that carries the core host's actions between peers.
 
 Not a driver for real use (that is ``p2pgpu.node`` and ``p2pgpu.sim``): a
-test harness in the TigerBeetle manner.  One seed drives everything: the
-peers' keys, GPUs and models, the jobs and when they are submitted, each
-message's delay, which messages are dropped while faults last, and which peers
-crash (crash-stop) and when.  Publish goes to the peers subscribed to the topic
-when it is sent; Send to one peer; timers are named and replaceable, as the
-actions module says.  Each message is decoded once, where it is sent, and the
-verified object handed to every receiver, as a driver does.
+test harness in the TigerBeetle manner, and, like them, only a carrier: every
+peer is one :class:`~p2pgpu.core.Host` (the same object the node and the
+simulator drive), handed bytes and timer firings, whose actions are carried
+out here.  One seed drives everything: the peers' keys, GPUs and models, the
+jobs and when they are submitted, each message's delay, which messages are
+dropped while faults last, and which peers crash (crash-stop) and when.
+Publish goes to the peers subscribed to the topic when it is sent; Send to
+one peer; timers are typed and replaceable, as the actions module says.
 
 After every step, :meth:`Swarm.check_step` checks the safety invariants on
 what that step changed: no peer holds more GPUs than it has; at most one
@@ -19,35 +20,43 @@ had enough live matching peers but formed no cluster (the liveness check).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
-from p2pgpu.core import Identity, PeerMisbehaved
+from p2pgpu.core import Identity, PeerMisbehaved, verify_signature
 from p2pgpu.core._actions import (
     Action,
     CancelTimer,
     Confirmed,
     Emit,
     Failed,
+    ItemTaken,
+    LookupCollection,
     MemberLost,
     Publish,
+    Refused,
     Released,
     Reserved,
     Send,
     SetTimer,
+    Settled,
     StartJob,
     StopJob,
     Subscribe,
+    TimerKey,
     Unsubscribe,
 )
 from p2pgpu.core._advert import Advert, GpuInfo
 from p2pgpu.core._formation import FormationConfig, FormationNode
-from p2pgpu.core._formation_messages import Certificate, Message, decode_message
+from p2pgpu.core._formation_messages import Certificate
 from p2pgpu.core._formation_submitter import Submitter
+from p2pgpu.core._host import Host, HostConfig, Via
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
 from p2pgpu.core._matching import exclusion, matching
+from p2pgpu.core._member import PartEnded
 
 MODELS = ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090")
 PAYER = "11111111111111111111111111111111"
@@ -55,6 +64,26 @@ PAYER = "11111111111111111111111111111111"
 
 class InvariantViolated(AssertionError):
     pass
+
+
+class MemoVerifier:
+    """The real signature check, once per distinct (key, message, signature):
+    every receiver decodes the bytes it gets, as a node does."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[bytes, bytes, bytes], PeerMisbehaved | None] = {}
+
+    def __call__(self, key: bytes, message: bytes, signature: bytes) -> None:
+        k = (key, message, signature)
+        if k not in self.seen:
+            try:
+                verify_signature(key, message, signature)
+                self.seen[k] = None
+            except PeerMisbehaved as exc:
+                self.seen[k] = exc
+        err = self.seen[k]
+        if err is not None:
+            raise PeerMisbehaved(err.reason, err.detail)
 
 
 def make_advert(identity: Identity, *, gpus: int, model: str, price: int = 1000, now_ms: int = 0) -> Advert:
@@ -68,21 +97,31 @@ def make_advert(identity: Identity, *, gpus: int, model: str, price: int = 1000,
 
 
 def make_manifest(submitter: Identity, rng: Random, *, now_ms: int, nodes: int = 1, replicas: int = 1,
-                  gpus_per_node: int = 1, models: tuple[str, ...] = (), ttl_ms: int = 600_000) -> SignedManifest:
+                  gpus_per_node: int = 1, models: tuple[str, ...] = (), ttl_ms: int = 600_000,
+                  duration_s_max: int = 3_600, on_member_loss: str = "fail") -> SignedManifest:
     m = Manifest(name="swarm", submitter=submitter.peer_id, created_at_ms=now_ms, expires_at_ms=now_ms + ttl_ms,
                  nonce=rng.randbytes(16), nodes=nodes, replicas=replicas, quorum=1, gpus_per_node=gpus_per_node,
-                 models=models, command=("true",), price_per_gpu_hour_max=10_000, payer=PAYER)
+                 models=models, command=("true",), price_per_gpu_hour_max=10_000, payer=PAYER,
+                 duration_s_max=duration_s_max, on_member_loss=on_member_loss)
     return sign_manifest(submitter, m)
 
 
 @dataclass
 class Peer:
     identity: Identity
-    node: FormationNode | None = None
-    submitter: Submitter | None = None
+    host: Host
     crashed: bool = False
     topics: dict[str, bool] = field(default_factory=dict)
-    timers: dict[str, int] = field(default_factory=dict)
+    timers: dict[TimerKey, int] = field(default_factory=dict)
+
+    @property
+    def node(self) -> FormationNode | None:
+        """This peer's worker formation core (``None`` for a submitter)."""
+        return self.host.formation
+
+    @property
+    def submitter(self) -> Submitter:
+        return self.host.submitter
 
 
 class Swarm:
@@ -91,8 +130,18 @@ class Swarm:
     def __init__(self, seed: int, *, workers: int = 50, submitters: int = 2,
                  config: FormationConfig | None = None, gpus: tuple[int, ...] = (1, 1, 2),
                  models: tuple[str, ...] = MODELS, delay_ms: tuple[int, int] = (1, 20), drop_rate: float = 0.0,
-                 faults_until_ms: int = 0, candidates: bool = False) -> None:
+                 faults_until_ms: int = 0, candidates: bool = False, run_ms: tuple[int, int] | None = None,
+                 host_config: HostConfig | None = None) -> None:
         self.rng = Random(seed)
+        #: With ``run_ms``, members run each job they start for a random span
+        #: in that range (their heartbeats, proofs and co-signatures go through
+        #: the hosts and settle the job); without, jobs only form.
+        self.run_ms = run_ms
+        self.settled: dict[str, Settled] = {}
+        #: (job, item hash) of every member message a submitter stored.
+        self.stored_items: dict[tuple[str, bytes], bool] = {}
+        #: (peer, job) -> when its part started, for the members running now.
+        self.running: dict[tuple[str, str], int] = {}
         #: Hand the cores candidate lists (every worker whose advert matches,
         #: crashed or busy ones included: a stale advert book), as the node does.
         self.candidates = candidates
@@ -123,20 +172,27 @@ class Swarm:
         #: Every worker's advert: the advert book every peer consults (the
         #: cores also learn adverts from the offers that carry them).
         self.book: dict[str, Advert] = {}
+        self.verify = MemoVerifier()
+        host_config = host_config or HostConfig(formation=config)
         for i in range(workers):
             ident = Identity.from_rng(self.rng)
             advert = make_advert(ident, gpus=self.rng.choice(gpus), model=models[i % len(models)])
             self.book[ident.peer_id] = advert
-            peer = Peer(ident, node=FormationNode(ident, advert, config, adverts=self.book.get))
+            peer = Peer(ident, self._host(ident, host_config))
+            peer.host.set_advert(advert, 0)
             peer.topics[config.jobs_topic] = True
             self.peers[ident.peer_id] = peer
             self.workers.append(ident.peer_id)
         for _ in range(submitters):
             ident = Identity.from_rng(self.rng)
-            self.peers[ident.peer_id] = Peer(ident, submitter=Submitter(ident, config, adverts=self.book.get))
+            self.peers[ident.peer_id] = Peer(ident, self._host(ident, host_config))
             self.submitter_ids.append(ident.peer_id)
 
-    # -- scheduling ---------------------------------------------------------------
+    def _host(self, ident: Identity, config: HostConfig) -> Host:
+        return Host(ident, config, adverts=self.book.get, verify=self.verify,
+                    candidates=lambda sm, _now: self.candidate_list(sm.job_id))
+
+# -- scheduling ---------------------------------------------------------------
 
     def _push(self, at_ms: int, kind: str, payload: Any) -> None:
         self._seq += 1
@@ -152,10 +208,10 @@ class Swarm:
     def crash_at(self, at_ms: int, peer_id: str) -> None:
         self._push(at_ms, "crash", peer_id)
 
-    def _transmit(self, sender: str, to: str, msg: Message) -> None:
+    def _transmit(self, sender: str, to: str, data: bytes, via: Via) -> None:
         if self.now_ms < self.faults_until_ms and self.rng.random() < self.drop_rate:
             return
-        self._push(self.now_ms + self.rng.randint(*self.delay_ms), "msg", (to, msg))
+        self._push(self.now_ms + self.rng.randint(*self.delay_ms), "msg", (to, data, via))
 
     # -- carrying out actions -----------------------------------------------------
 
@@ -163,12 +219,11 @@ class Swarm:
         peer = self.peers[peer_id]
         for a in actions:
             if isinstance(a, Send):
-                self._transmit(peer_id, a.peer_id, decode_message(a.data))
+                self._transmit(peer_id, a.peer_id, a.data, Via.DIRECT)
             elif isinstance(a, Publish):
-                msg = decode_message(a.data)
                 for other_id in self.peers:
                     if other_id != peer_id and self.peers[other_id].topics.get(a.topic):
-                        self._transmit(peer_id, other_id, msg)
+                        self._transmit(peer_id, other_id, a.data, Via.TOPIC)
             elif isinstance(a, Subscribe):
                 peer.topics[a.topic] = True
             elif isinstance(a, Unsubscribe):
@@ -181,16 +236,33 @@ class Swarm:
                 peer.timers[a.key] = peer.timers.get(a.key, 0) + 1
             elif isinstance(a, Emit):
                 self.metrics[a.metric] = self.metrics.get(a.metric, 0) + a.value
+            elif isinstance(a, ItemTaken):
+                self.stored_items[(a.job_id, a.item_hash)] = True
+            elif isinstance(a, LookupCollection):  # a late resend: answered from what was "stored"
+                cert = self.confirmed.get(a.job_id)
+                self._carry(peer_id, peer.host.on_stored(
+                    a.job_id, a.sender, a.item_hash, members=list(cert.members) if cert else None,
+                    stored=(a.job_id, a.item_hash) in self.stored_items, now_ms=self.now_ms))
+            elif isinstance(a, Refused):
+                self.misbehaved[a.reason.name] = self.misbehaved.get(a.reason.name, 0) + 1
             elif isinstance(a, Confirmed):
                 self._on_confirmed(a)
             elif isinstance(a, StartJob):
                 self._on_started(peer_id, a)
+                if self.run_ms is not None:
+                    self._push(self.now_ms, "run", (peer_id, a.job_id))
+            elif isinstance(a, Settled):
+                if a.job_id in self.settled:
+                    raise InvariantViolated(f"seed {self.seed}: job {a.job_id[:12]} settled twice")
+                self.settled[a.job_id] = a
             elif isinstance(a, Failed):
                 self.failed[a.job_id] = a.reason
             elif isinstance(a, MemberLost):
                 self.lost.setdefault(a.job_id, []).append(a.peer_id)
             elif isinstance(a, (Reserved, Released, StopJob)):
                 self.trace.append((self.now_ms, peer_id, repr(a)))
+                if isinstance(a, StopJob) and (peer_id, a.job_id) in self.running:
+                    self._push(self.now_ms, "end", (peer_id, a.job_id, True))
             else:
                 self.trace.append((self.now_ms, peer_id, type(a).__name__))
 
@@ -240,28 +312,29 @@ class Swarm:
         peer = self.peers[peer_id]
         if peer.crashed:
             return True
-        actions: list[Action] = []
-        try:
-            if kind == "submit":
-                assert peer.submitter is not None
-                sm = payload[1]
-                actions = peer.submitter.submit(sm, self.now_ms, self.candidate_list(sm.job_id))
-            elif kind == "timer":
-                _, key, gen = payload
-                if peer.timers.get(key) != gen:
-                    return True
-                core: Any = peer.node if key.startswith("f/") else peer.submitter
-                actions = core.on_timer(key, self.now_ms)
-            else:
-                msg = payload[1]
-                if peer.node is not None and isinstance(msg, SignedManifest):
-                    actions = peer.node.on_manifest(msg, self.now_ms, self.candidate_list(msg.job_id))
-                elif peer.node is not None:
-                    actions = peer.node.on_message(msg, self.now_ms)
-                if peer.submitter is not None:
-                    actions = actions + peer.submitter.on_message(msg, self.now_ms)
-        except PeerMisbehaved as exc:
-            self.misbehaved[exc.reason.name] = self.misbehaved.get(exc.reason.name, 0) + 1
+        if kind == "submit":
+            actions = peer.host.submit(payload[1], self.now_ms)
+        elif kind == "run":
+            job_id = payload[1]
+            self.running[(peer_id, job_id)] = self.now_ms
+            self._push(self.now_ms + self.rng.randint(*(self.run_ms or (1, 1))), "end", (peer_id, job_id, False))
+            actions = peer.host.member_started(job_id, self.now_ms)
+        elif kind == "end":
+            _, job_id, stopped = payload
+            started = self.running.pop((peer_id, job_id), None)
+            if started is None:
+                return True  # already ended (stopped first)
+            part = PartEnded(started_at_ms=started, ended_at_ms=self.now_ms, exit_code=0, end_reason="exited",
+                             stopped=stopped, output_digest=hashlib.sha256(job_id.encode()).digest(),
+                             gpus=("g",) * self.manifests[job_id].manifest.gpus_per_node)
+            actions = peer.host.member_ended(job_id, part, self.now_ms)
+        elif kind == "timer":
+            _, key, gen = payload
+            if peer.timers.get(key) != gen:
+                return True
+            actions = peer.host.on_timer(key, self.now_ms)
+        else:
+            actions = peer.host.on_bytes(payload[1], self.now_ms, via=payload[2])
         self._carry(peer_id, actions)
         self.check_step(peer_id)
         return True
@@ -279,8 +352,7 @@ class Swarm:
         if not self.candidates:
             return None
         req = self.manifests[job_id].manifest.requirements
-        return [a.peer_id for a in matching((self.peers[p].node._advert for p in self.workers),  # type: ignore[union-attr]
-                                            req)]
+        return [a.peer_id for a in matching((self.book[p] for p in self.workers), req)]
 
     def live_matching(self, job_id: str) -> list[str]:
         req = self.manifests[job_id].manifest.requirements
@@ -302,7 +374,7 @@ def _latency_figures(seeds: int = 100) -> None:
     """Formation latency (submit to confirmed) in virtual ms, over ``seeds`` swarms
     of 50 peers and 4 jobs each, with and without candidate lists:
     ``python3 tests/core/swarm.py [SEEDS]``."""
-    import itertools  # noqa: PLC0415
+    import itertools
 
     settings = itertools.product((False, True), ((1, 5), (1, 30)), ((0.0, 0), (0.1, 4)))
     for candidates, delay, (drop, crashes) in settings:

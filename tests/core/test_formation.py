@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pgpu.core import Identity, Kind, LocalProtocolError, PeerMisbehaved, Reason, seal
+from p2pgpu.core import Identity, Kind, LocalProtocolError, PeerMisbehaved, Reason, TimerKey, TimerOwner, seal
 from p2pgpu.core._actions import (
     Action,
     CancelTimer,
@@ -51,6 +51,11 @@ from p2pgpu.core._formation_states import (
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._manifest import SignedManifest
 
+
+def fkey(job_id: str, name: str) -> TimerKey:
+    """A formation timer's key."""
+    return TimerKey(TimerOwner.FORMATION, job_id, name)
+
 try:
     from .swarm import Swarm, make_advert, make_manifest
 except ImportError:  # tests/core is not a package: pytest put this directory on sys.path
@@ -83,9 +88,9 @@ class Bench:
             elif isinstance(a, Publish):
                 out.append(f"publish {type(decode_message(a.data)).__name__.lower()}")
             elif isinstance(a, SetTimer):
-                out.append(f"timer {a.key.split('/')[-1]}")
+                out.append(f"timer {a.key.name}")
             elif isinstance(a, CancelTimer):
-                out.append(f"cancel {a.key.split('/')[-1]}")
+                out.append(f"cancel {a.key.name}")
             elif isinstance(a, Emit):
                 out.append(f"emit {a.metric.split('.')[-1]}")
             elif isinstance(a, Released):
@@ -102,7 +107,7 @@ class Bench:
         return found[0]
 
     def timer(self, k: int, name: str, now_ms: int) -> list[Action]:
-        return self.p[k].on_timer(f"f/{self.job}/{name}", now_ms)
+        return self.p[k].on_timer(fkey(self.job, name), now_ms)
 
 
 def start(b: Bench) -> list[Offer]:
@@ -333,7 +338,7 @@ def test_a_job_passed_over_for_lack_of_gpus_gets_an_offer_when_they_free() -> No
     assert b.summary(b.p[0].on_manifest(other, w + 1)) == ["timer end"]  # no free GPU: no offer
     assert b.p[0].state(other.job_id) is WorkerState.SEEN
     lapse = cert.certificate.lease_until_ms + CFG.lease_grace_ms
-    acts = b.p[0].on_timer(f"f/{b.job}/lease", lapse)  # never confirmed
+    acts = b.p[0].on_timer(fkey(b.job, "lease"), lapse)  # never confirmed
     assert b.summary(acts) == ["released (lease expired)", "subscribe", "publish offer", "timer window"]
     assert b.p[0].state(other.job_id) is WorkerState.OFFERED
 
@@ -462,7 +467,7 @@ def test_replayed_or_expired_manifest_changes_nothing() -> None:
         fresh.on_manifest(b.sm, b.sm.manifest.expires_at_ms)
     assert info.value.reason is Reason.EXPIRED and fresh.jobs == {}
     # A replay after the job was closed and forgotten is still refused.
-    node.on_timer(f"f/{b.job}/end", T0 + CFG.formation_timeout_ms + CFG.lease_ms + CFG.lease_grace_ms)
+    node.on_timer(fkey(b.job, "end"), T0 + CFG.formation_timeout_ms + CFG.lease_ms + CFG.lease_grace_ms)
     assert node.jobs == {}
     with pytest.raises(PeerMisbehaved) as info:
         node.on_manifest(b.sm, T0 + 100_000)
@@ -500,7 +505,7 @@ def test_member_whose_lease_lapsed_reports_itself_lost() -> None:
     w = T0 + 1 + CFG.offer_window_ms
     cert = b.sent(b.timer(0, "window", w), Certified)
     confirm = b.sent(b.s.on_message(cert, w + 1), Confirm)
-    b.p[0].on_timer(f"f/{b.job}/lease", w + CFG.lease_ms + CFG.lease_grace_ms)  # lease lapsed
+    b.p[0].on_timer(fkey(b.job, "lease"), w + CFG.lease_ms + CFG.lease_grace_ms)  # lease lapsed
     assert b.p[0].ledger.reserve("e" * 64, 1, T0 + 10**9)  # and the GPU went to another job
     acts = b.p[0].on_message(confirm, w + CFG.lease_ms + CFG.lease_grace_ms + 1)
     assert "send decline>S" in b.summary(acts) and "startjob" not in b.summary(acts)

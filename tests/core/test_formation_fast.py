@@ -6,10 +6,15 @@ the view-0 leader whenever it volunteers."""
 
 from __future__ import annotations
 
-from p2pgpu.core._actions import Confirmed, Reserved
+from p2pgpu.core._actions import Confirmed, Reserved, TimerKey, TimerOwner
 from p2pgpu.core._formation import expected_volunteers
 from p2pgpu.core._formation_messages import Accept, Certificate, Certified, Confirm, Offer, Proposal
 from p2pgpu.core._formation_states import SubmitterState, WorkerState
+
+
+def fkey(job_id: str, name: str) -> TimerKey:
+    """A formation timer's key."""
+    return TimerKey(TimerOwner.FORMATION, job_id, name)
 
 try:
     from .test_formation import CFG, T0, Bench, start
@@ -189,7 +194,7 @@ def test_confirm_after_a_lapsed_lease_reserves_again_and_says_so() -> None:
     cert = b.sent(b.timer(0, "window", w), Certified)
     confirm = b.sent(b.s.on_message(cert, w + 1), Confirm)
     lapse = w + CFG.lease_ms + CFG.lease_grace_ms
-    assert b.summary(b.p[0].on_timer(f"f/{b.job}/lease", lapse))[0] == "released (lease expired)"
+    assert b.summary(b.p[0].on_timer(fkey(b.job, "lease"), lapse))[0] == "released (lease expired)"
     acts = b.p[0].on_message(confirm, lapse + 1)  # the GPU is still free: run, and say it is taken
     reserved = [a for a in acts if isinstance(a, Reserved)]
     assert len(reserved) == 1 and reserved[0].gpus_free == 0 and "startjob" in b.summary(acts)

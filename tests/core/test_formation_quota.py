@@ -10,7 +10,7 @@ from random import Random
 import pytest
 
 from p2pgpu.core import Identity, PeerMisbehaved, Reason
-from p2pgpu.core._actions import Action, Publish, Reserved, Send
+from p2pgpu.core._actions import Action, Publish, Reserved, Send, TimerKey, TimerOwner
 from p2pgpu.core._formation import FormationConfig, FormationNode
 from p2pgpu.core._formation_messages import (
     Accept,
@@ -24,6 +24,11 @@ from p2pgpu.core._formation_messages import (
 from p2pgpu.core._formation_quota import Admission, Gate, PayerChecks, Quotas, job_ceiling
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
 from p2pgpu.core._payout import payer_covers
+
+
+def fkey(job_id: str, name: str) -> TimerKey:
+    """A formation timer's key."""
+    return TimerKey(TimerOwner.FORMATION, job_id, name)
 
 try:
     from .swarm import make_advert
@@ -138,7 +143,7 @@ def test_open_ceilings_are_summed_per_payer() -> None:
 def _propose(node: FormationNode, sm: SignedManifest, now: int) -> list[Action]:
     """This node leads its own view-0 proposal of itself (the only volunteer)."""
     node.on_manifest(sm, now)
-    return node.on_timer(f"f/{sm.job_id}/window", now + node.config.offer_window_ms)
+    return node.on_timer(fkey(sm.job_id, "window"), now + node.config.offer_window_ms)
 
 
 def test_a_submitter_holds_at_most_one_unconfirmed_lease_here() -> None:
@@ -151,8 +156,8 @@ def test_a_submitter_holds_at_most_one_unconfirmed_lease_here() -> None:
     first, second, third = manifest(FLOODER), manifest(FLOODER), manifest(FLOODER)
     assert offers(node.on_manifest(first, T0)) and offers(node.on_manifest(second, T0))
     window = T0 + node.config.offer_window_ms
-    assert any(isinstance(a, Reserved) for a in node.on_timer(f"f/{first.job_id}/window", window))
-    acts = node.on_timer(f"f/{second.job_id}/window", window)
+    assert any(isinstance(a, Reserved) for a in node.on_timer(fkey(first.job_id, "window"), window))
+    acts = node.on_timer(fkey(second.job_id, "window"), window)
     assert not any(isinstance(a, Reserved) for a in acts) and node.gpus_free == 1
     assert node.jobs[second.job_id].proposal is None  # it leads, but proposes nobody yet
     assert not offers(node.on_manifest(third, T0 + 1)), "no offer while the quota is used"
@@ -180,10 +185,10 @@ def test_a_leader_that_could_not_propose_proposes_once_the_quota_frees() -> None
     node.on_manifest(first, T0)
     node.on_manifest(second, T0)
     window = T0 + node.config.offer_window_ms
-    acts = node.on_timer(f"f/{first.job_id}/window", window)
+    acts = node.on_timer(fkey(first.job_id, "window"), window)
     prop = next(m for a in acts if isinstance(a, Publish) for m in [decode_message(a.data)] if isinstance(m, Proposal))
     accept = next(m for a in acts if isinstance(a, Send) for m in [decode_message(a.data)] if isinstance(m, Accept))
-    node.on_timer(f"f/{second.job_id}/window", window)
+    node.on_timer(fkey(second.job_id, "window"), window)
     confirm = Confirm.sign(FLOODER, Certificate(proposal=prop, accepts=(accept,)), confirmed_at_ms=window + 5)
     after = node.on_message(confirm, window + 5)
     assert any(isinstance(a, Reserved) and a.job_id == second.job_id for a in after)

@@ -109,7 +109,9 @@ def test_the_submitters_window_bounds_every_claim(window_ms: int, claimed_ms: in
         assert err.value.fault is ProofFault.OVER_WINDOW
 
 
-# co-signer observed ms, claimed ms, accepted?  (credited one 1 s heartbeat interval, then tolerance)
+# co-signer observed ms, claimed ms, paid for all of it?  (credited one 1 s heartbeat interval, then
+# tolerance; beyond that the claim is paid up to the bound, not refused: #13, a member cut off from its
+# co-signers by a partition served that time too)
 COSIGNED_CASES = [
     (7_000, 9_000, True),  # 7 s + 1 s interval + 1 s floor
     (7_000, 9_001, False),
@@ -121,16 +123,16 @@ COSIGNED_CASES = [
 
 
 @pytest.mark.parametrize(("observed_ms", "claimed_ms", "ok"), COSIGNED_CASES)
-def test_co_signers_observation_bounds_the_claim(observed_ms: int, claimed_ms: int, ok: bool) -> None:
+def test_co_signers_observation_bounds_what_the_claim_is_paid(observed_ms: int, claimed_ms: int, ok: bool) -> None:
     wire = claim(T0, claimed_ms)
     cosigns = [seen_by_b(T0 + 500, observed_ms)]
-    if ok:
-        vp = verify_proof(wire, cert=PAIR, terms=TERMS, cosigns=cosigns)
-        assert vp.bound_ms == observed_ms + 1_000 + TERMS.tolerance(observed_ms + 1_000)
-    else:
-        with pytest.raises(ProofRejected) as err:
-            verify_proof(wire, cert=PAIR, terms=TERMS, cosigns=cosigns)
-        assert err.value.fault is ProofFault.OVER_OBSERVED
+    vp = verify_proof(wire, cert=PAIR, terms=TERMS, cosigns=cosigns)
+    bound = observed_ms + 1_000 + TERMS.tolerance(observed_ms + 1_000)
+    assert vp.bound_ms == bound
+    assert vp.capped is not ok
+    assert paid(vp) == (claimed_ms if ok else bound)  # never beyond the bound
+    (row,) = owed([vp], terms=TERMS)
+    assert row.amount == paid(vp)
 
 
 def test_the_tighter_observation_wins() -> None:
@@ -164,9 +166,9 @@ def test_inflater_on_a_seven_second_job_is_paid_no_more_than_the_bound(cluster: 
     cosigns = [seen_by_b(T0 + 600, 6_900)] if cluster == "pair" else []
     bound = claim_bound_ms(TERMS, observed_ms=6_900 if cosigns else None, window=window)
     assert bound is not None and bound <= 8_150 < int(7_000 * 1.48)
-    with pytest.raises(ProofRejected) as err:
+    with pytest.raises(ProofRejected) as err:  # beyond the submitter's own window: refused
         verify_proof(claim(T0 + 100, int(7_000 * 1.48)), cert=cert, terms=TERMS, cosigns=cosigns, window=window)
-    assert err.value.fault in (ProofFault.OVER_WINDOW, ProofFault.OVER_OBSERVED)
+    assert err.value.fault is ProofFault.OVER_WINDOW
     # The most it can get away with is the bound itself, and that is what it is paid at most.
     best = verify_proof(claim(T0 + 100, bound), cert=cert, terms=TERMS, cosigns=cosigns, window=window)
     assert paid(best) == bound and bound / 7_000 < 1.17

@@ -1,10 +1,11 @@
 """Results across restarts: the submitter's stored collection, the members'
 resends and the signed ``proof_ack``, interrupted members' proofs.
 
-Real ``JobsService``, ``Collector`` and ``Runner`` objects over real SQLite
-files; only the network (a router that can drop everything to a peer that is
-"down") and the clock (an int) are stand-ins.  A restart is a new
-``JobsService`` over the same database file, as after ``kill -9``.
+Real ``JobsService`` (with its core host), ``Collector`` and ``Runner``
+objects over real SQLite files; only the network (a router that can drop
+everything to a peer that is "down") and the clock (an int) are stand-ins.
+A restart is a new ``JobsService`` over the same database file, as after
+``kill -9``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pgpu.core import Identity, PeerMisbehaved, Reason
+from p2pgpu.core import Identity, PeerMisbehaved, Reason, TimerKey, TimerOwner
 from p2pgpu.core._actions import Confirmed
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
 from p2pgpu.core._manifest import Manifest, sign_manifest
+from p2pgpu.core._member import DEFAULT_MEMBER, interrupted_cosigns, interrupted_proof
 from p2pgpu.core._proof import (
     CheckpointChain,
     Cosign,
@@ -35,16 +37,9 @@ from p2pgpu.core._proof import (
     sign_proof,
     verify_proof,
 )
-from p2pgpu.node._collect import ProofAck, ack_wire, item_hash, reopen_grace_ms
+from p2pgpu.node._collect import ProofAck, ack_wire, item_hash, reopen_grace_ms, settle_key
 from p2pgpu.node._jobs import JobsService
-from p2pgpu.node._runner import (
-    Runner,
-    interrupted_cosigns,
-    interrupted_proof,
-    resend_interval_ms_max,
-    resend_interval_ms_min,
-    resend_ttl_ms,
-)
+from p2pgpu.node._runner import Runner
 from p2pgpu.runtime import SandboxPolicy
 from p2pgpu.store import (
     ack_delivery,
@@ -59,6 +54,9 @@ from p2pgpu.store import (
 )
 
 T0 = 1_800_000_000_000
+resend_interval_ms_min = DEFAULT_MEMBER.resend_interval_ms_min
+resend_interval_ms_max = DEFAULT_MEMBER.resend_interval_ms_max
+resend_ttl_ms = DEFAULT_MEMBER.resend_ttl_ms
 PAYER = "11111111111111111111111111111111"
 S, A, B = (Identity.from_rng(Random(i)) for i in (1, 2, 3))
 
@@ -82,7 +80,7 @@ class Net:
         jobs.db = open_db(db_file)
         Runner(jobs, root=db_file.parent / "jobs", policy=SandboxPolicy())
         me = identity.peer_id
-        jobs.send = lambda peer, data: self._send(me, peer, data)  # type: ignore[method-assign]
+        jobs._send_out = lambda peer, data: self._send(me, peer, data)  # type: ignore[method-assign]
         self.nodes[me] = jobs
         return jobs
 
@@ -96,12 +94,12 @@ class Net:
         end = self.now + ms
         while True:
             due = [(at, key, pid) for pid, j in self.nodes.items() if pid not in self.down
-                   for key, at in j.timers._due.items() if at <= end]
+                   for key, at in j.timers.due().items() if at <= end]
             if not due:
                 break
             at, key, pid = min(due)
             self.now = max(self.now, at)
-            del self.nodes[pid].timers._due[key]
+            self.nodes[pid].timers.cancel(key)
             self.nodes[pid]._fire(key, self.now)
         self.now = end
 
@@ -146,7 +144,7 @@ def cluster(tmp_path: Path) -> Any:
     s = net.service(S, files[S.peer_id])
     rec = s._record(sm, net.now)
     rec.roles.append("submitter")
-    s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b"")], origin="submitter")
+    confirm(s, sm, cert, net.now)
     for ident in (A, B):
         j = net.service(ident, files[ident.peer_id])
         r = j._record(sm, net.now)
@@ -156,6 +154,17 @@ def cluster(tmp_path: Path) -> Any:
     return SimpleNamespace(net=net, sm=sm, cert=cert, files=files, job=sm.job_id)
 
 
+def confirm(s: JobsService, sm: Any, cert: Certificate, now: int) -> None:
+    """The submitter confirmed ``cert``: its record, and the settlement's collection."""
+    s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b"")])
+    s.apply(s.host.settlement.open(sm, cert, now))
+
+
+def hand_over(j: JobsService, job: str, items: list[tuple[str, bytes]], **marks: Any) -> None:
+    """A member hands signed messages to the submitter through its host's deliveries."""
+    j.apply(j.host.hand_over(job, S.peer_id, items, j.node.now_ms(), **marks))
+
+
 def member_sends(c: Any) -> None:
     """Both members finish: proof and co-signature handed over (no outputs list).
     They ran 5 s from the confirmation: the clock moves on first (the
@@ -163,9 +172,9 @@ def member_sends(c: Any) -> None:
     c.net.advance(max(0, T0 + 5_100 - c.net.now))
     for me, other in ((A, B), (B, A)):
         w = work(me, other, c.job, c.cert)
-        runner = c.net.nodes[me.peer_id].runner_obj
-        runner._hand_over(c.job, S.peer_id, [("proof", w["proof"])], earning=(b"\x01" * 32, 0, "SOL"))
-        runner._hand_over(c.job, S.peer_id, [("cosign", w["cosign"])], cosigned=True)
+        j = c.net.nodes[me.peer_id]
+        hand_over(j, c.job, [("proof", w["proof"])], earning=(b"\x01" * 32, 0, "SOL"), proof_signed=True)
+        hand_over(j, c.job, [("cosign", w["cosign"])], cosigned=True)
 
 
 def restart(c: Any, ident: Identity) -> JobsService:
@@ -187,7 +196,7 @@ def test_proofs_sent_while_the_submitter_is_down_settle_after_its_restart(cluste
     c.net.down.discard(S.peer_id)
     col = s.collector.collections[c.job]
     assert not col.settled and not col.proofs
-    assert s.timers._due[f"x/{c.job}/settle"] >= c.net.now + reopen_grace_ms
+    assert s.timers.due()[settle_key(c.job)] >= c.net.now + reopen_grace_ms
     assert s.records[c.job].state == "confirmed"
     c.net.advance(resend_interval_ms_max)  # the members' next resends arrive
     assert col.settled and s.records[c.job].state == "succeeded"
@@ -197,7 +206,7 @@ def test_proofs_sent_while_the_submitter_is_down_settle_after_its_restart(cluste
     assert sorted(p["proof_hash"] for p in payouts(s.db)) == sorted(p["proof_hash"] for p in got)
     for m in (A, B):  # acknowledged: nothing left to resend, nor after their restart
         j = c.net.nodes[m.peer_id]
-        assert not j.runner_obj.pending and f"membership/{c.job}/resend" not in j.timers._due
+        assert not j.runner_obj.pending and TimerKey(TimerOwner.DELIVERY, c.job, "resend") not in j.timers.due()
         assert all(d["ack_status"] == "recorded" for d in deliveries_of(j.db, c.job))
         assert not restart(c, m).runner_obj.pending
 
@@ -236,7 +245,7 @@ def test_a_proof_after_settlement_is_acknowledged_late(cluster: Any) -> None:
     c = cluster
     s = c.net.nodes[S.peer_id]
     c.net.advance(60_000 + 31_000)  # the deadline: settled with nothing
-    assert s.collector.collections[c.job].settled and s.records[c.job].state == "failed"
+    assert c.job not in s.collector.collections and s.records[c.job].state == "failed"  # settled and forgotten
     s.deliver(work(A, B, c.job, c.cert)["proof"], via="stream")
     assert s.counts["collect:ack_late"] == 1
     assert proofs_of(s.db, c.job) == []
@@ -296,8 +305,8 @@ def test_a_member_killed_mid_job_proves_its_time_up_to_its_last_checkpoint(clust
     b_cosign = sign_cosign(B, Cosign(job_id=c.job, cert_hash=c.cert.digest, subject=A.peer_id,
                                      observer=B.peer_id, first_seen_ms=T0 + 150, last_seen_ms=T0 + 4_400,
                                      heartbeats=9, last_chain_head=chain.head))
-    b.runner_obj._hand_over(c.job, S.peer_id, [("proof", w["proof"]), ("cosign", b_cosign.wire)],
-                            earning=(b"\x02" * 32, 0, "SOL"))
+    hand_over(b, c.job, [("proof", w["proof"]), ("cosign", b_cosign.wire)], earning=(b"\x02" * 32, 0, "SOL"),
+              proof_signed=True)
     c.net.advance(resend_interval_ms_min)  # A's recovered proof and co-signature go out
     s = c.net.nodes[S.peer_id]
     assert not a.runner_obj.pending
@@ -405,7 +414,7 @@ def lone_cluster(tmp_path: Path) -> Any:
                                                            price_per_gpu_hour=3_600_000, payout_address=""),))
     s = net.service(S, tmp_path / "s.db")
     s._record(sm, net.now).roles.append("submitter")
-    s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b"")], origin="submitter")
+    confirm(s, sm, cert, net.now)
     return SimpleNamespace(net=net, sm=sm, cert=cert, s=s, job=sm.job_id, db=tmp_path / "s.db")
 
 

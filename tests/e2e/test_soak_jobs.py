@@ -1,0 +1,100 @@
+"""A long-running daemon keeps working: one node submits thousands of short
+jobs back to back on a small network; every job settles, and its memory
+stops growing (#13).
+
+Before: the submitter core never forgot a job (``Submitter.forget`` had no
+caller), so after 1,024 submissions every ``job submit`` was refused; the
+collections of settled jobs stayed in memory, and so did every job's log
+lines and each member's runner logs.
+
+The long run (``-m slow``) submits 5,000 jobs and compares the daemon's
+resident memory after 500 with after 5,000: within 20 MB.  The short one in
+the default run submits a few hundred and checks that every job settles and
+that nothing the daemon keeps per job outlives its bound.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pgpu.localnet import LocalNet
+
+pytestmark = pytest.mark.processes
+TWO_GPUS = [("NVIDIA L4", 23034, "8.9", 2)]
+#: Jobs in flight at once (the daemon submits the next as soon as one ends).
+WINDOW = 6
+job_wait_s_max = 120.0
+
+
+def manifest(k: int) -> str:
+    return f"""
+name = "soak-{k}"
+expires_in_s = 300
+[requirements]
+nodes = 1
+gpus_per_node = 1
+[runtime]
+command = ["true"]
+duration_s_max = 5
+[payment]
+price_per_gpu_hour_max = 36000000
+"""
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def soak(tmp_path: Path, jobs: int, marks: tuple[int, ...]) -> dict[str, Any]:
+    """Submit ``jobs`` jobs from node 0, ``WINDOW`` at a time; the resident
+    memory of node 0 at each count in ``marks`` (after those jobs ended)."""
+    with LocalNet(tmp_path, 3, gpu_mix=TWO_GPUS) as net:
+        node = net.nodes[0]
+        net.wait_until(lambda: node.call("status")["adverts_known"] == 3, timeout_s=60, what="every advert")
+        in_flight: dict[str, float] = {}
+        states: dict[str, int] = {}
+        memory: dict[int, float] = {}
+        submitted = ended = 0
+        while ended < jobs:
+            while submitted < jobs and len(in_flight) < WINDOW:
+                job = node.call("job.submit", {"manifest": manifest(submitted)})["job_id"]
+                in_flight[job] = time.monotonic()
+                submitted += 1
+            time.sleep(0.05)
+            for job in list(in_flight):
+                doc = node.call("job.status", {"job_id": job})
+                if doc["state"] in ("succeeded", "failed", "cancelled"):
+                    states[doc["state"]] = states.get(doc["state"], 0) + 1
+                    assert doc["state"] == "succeeded", doc
+                    del in_flight[job]
+                    ended += 1
+                    if ended in marks:
+                        memory[ended] = rss_mb(node.proc.pid)
+                elif time.monotonic() - in_flight[job] > job_wait_s_max:
+                    raise AssertionError(f"job {job[:12]} did not end in {job_wait_s_max} s: {doc}")
+        status = node.call("status")
+        return {"states": states, "memory_mb": memory, "counters": status["counters"], "jobs": status["jobs"]}
+
+
+def test_a_daemon_settles_hundreds_of_jobs_back_to_back(tmp_path: Path) -> None:
+    got = soak(tmp_path, 240, (80, 240))
+    assert got["states"] == {"succeeded": 240}
+    assert got["counters"].get("jobs_settled", 0) >= 240
+    mem = got["memory_mb"]
+    assert mem[240] - mem[80] < 20, mem
+
+
+@pytest.mark.slow
+def test_a_daemon_settles_five_thousand_jobs_and_its_memory_stays_flat(tmp_path: Path) -> None:
+    got = soak(tmp_path, 5_000, (500, 2_500, 5_000))
+    assert got["states"] == {"succeeded": 5_000}
+    mem = got["memory_mb"]
+    print(f"daemon resident memory after 500, 2500, 5000 jobs: {mem}")
+    assert mem[5_000] - mem[500] <= 20, mem
