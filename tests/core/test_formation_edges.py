@@ -14,7 +14,7 @@ import pytest
 from swarm import make_advert, make_manifest
 from test_formation import CFG, SUBMITTER, T0, Bench, start
 
-from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason
+from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason, TimerKey, TimerOwner
 from p2pgpu.core._actions import (
     CancelTimer,
     Emit,
@@ -101,7 +101,7 @@ def test_quiet_candidates_volunteer_in_groups() -> None:
             assert node.state(b.job) is not WorkerState.SEEN
         else:
             assert acts[1:] == [Subscribe(CFG.topic(b.job)),
-                                SetTimer(f"f/{b.job}/late", T0 + (k // 3) * CFG.late_volunteer_ms)]
+                                SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "late"), T0 + (k // 3) * CFG.late_volunteer_ms)]
             assert node.state(b.job) is WorkerState.SEEN
 
 
@@ -116,11 +116,11 @@ def test_a_late_candidate_volunteers_unless_the_job_progresses() -> None:
                          gpus_per_member=1)
     assert late.on_message(prop, at - 10) == []
     assert late.jobs[b.job].view == 1  # it would join the view in progress
-    assert late.on_timer(f"f/{b.job}/late", at) == [SetTimer(f"f/{b.job}/late", at - 10 + CFG.leader_timeout_ms)]
-    acts = late.on_timer(f"f/{b.job}/late", at - 10 + CFG.leader_timeout_ms)
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), at) == [SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "late"), at - 10 + CFG.leader_timeout_ms)]
+    acts = late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), at - 10 + CFG.leader_timeout_ms)
     assert acts[0] == Emit("formation.late_volunteer") and isinstance(b.sent(acts, Offer), Offer)
     assert late.state(b.job) is WorkerState.OFFERED
-    assert late.on_timer(f"f/{b.job}/late", at + 10**4) == []  # once
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), at + 10**4) == []  # once
 
 
 def test_a_late_candidate_stays_quiet_past_the_deadline() -> None:
@@ -129,9 +129,9 @@ def test_a_late_candidate_stays_quiet_past_the_deadline() -> None:
     late = b.p[3]
     late.on_manifest(b.sm, T0, candidates=ids)
     deadline = late.jobs[b.job].deadline_ms
-    assert late.on_timer(f"f/{b.job}/late", deadline) == []
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), deadline) == []
     late.jobs[b.job].quiet = True
-    assert late.on_timer(f"f/{b.job}/late", deadline - 1)[0] == Emit("formation.late_volunteer")
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), deadline - 1)[0] == Emit("formation.late_volunteer")
 
 
 # --- local calls and queries ---------------------------------------------------------------
@@ -162,8 +162,9 @@ def test_queries_of_unknown_jobs() -> None:
     assert b.p[0].state(b.job) is None and b.p[0].certificate(b.job) is None
     assert b.p[0].leader_of(b.job, 0) is None
     assert b.p[0].finish(b.job, T0) == []
-    assert b.p[0].on_timer(f"f/{b.job}/end", T0) == []
-    for bad in ("x", "s/a/end", "f/a/b/c"):
+    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "end"), T0) == []
+    for bad in (TimerKey(TimerOwner.SUBMITTER, b.job, "end"), TimerKey(TimerOwner.FORMATION, b.job, "republish"),
+                TimerKey(TimerOwner.MEMBERSHIP, b.job, "run")):
         with pytest.raises(LocalProtocolError, match="not a formation node timer"):
             b.p[0].on_timer(bad, T0)
 
@@ -200,24 +201,24 @@ def test_the_run_limit_stops_a_job_and_forgets_it() -> None:
     b = Bench(1)
     _running(b)
     until = W + 2 + b.sm.manifest.duration_s_max * 1000 + CFG.run_grace_ms
-    acts = b.p[0].on_timer(f"f/{b.job}/run", until)
-    assert acts[0] == StopJob(b.job, "past duration_s_max")
+    acts = b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "run"), until)
+    assert acts[0] == StopJob(b.job, "past duration_s_max", "time_limit")
     assert Released(b.job, 1, "past duration_s_max", 1) in acts
     assert b.p[0].state(b.job) is None and b.p[0].gpus_free == 1
-    assert b.p[0].on_timer(f"f/{b.job}/run", until + 1) == []
+    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "run"), until + 1) == []
 
 
 def test_the_run_timer_of_a_job_not_running_does_nothing() -> None:
     b = Bench(1)
     start(b)
-    assert b.p[0].on_timer(f"f/{b.job}/run", W) == []
+    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "run"), W) == []
     assert b.p[0].state(b.job) is WorkerState.OFFERED
 
 
 def test_the_end_timer_keeps_a_running_job() -> None:
     b = Bench(1)
     _running(b)
-    assert b.p[0].on_timer(f"f/{b.job}/end", W + 10**6) == []
+    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "end"), W + 10**6) == []
     assert b.p[0].state(b.job) is WorkerState.RUNNING
     acts = b.p[0].finish(b.job, W + 10**6)
     assert Released(b.job, 1, "finished", 1) in acts and b.p[0].state(b.job) is None
@@ -229,8 +230,8 @@ def test_the_confirm_starts_the_run_timer_at_the_duration_plus_grace() -> None:
     cert = b.sent(b.timer(0, "window", W), Certified)
     confirm = b.sent(b.s.on_message(cert, W + 1), Confirm)
     acts = b.p[0].on_message(confirm, W + 2)
-    assert SetTimer(f"f/{b.job}/run", W + 2 + b.sm.manifest.duration_s_max * 1000 + CFG.run_grace_ms) in acts
-    assert CancelTimer(f"f/{b.job}/lease") in acts
+    assert SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "run"), W + 2 + b.sm.manifest.duration_s_max * 1000 + CFG.run_grace_ms) in acts
+    assert CancelTimer(TimerKey(TimerOwner.FORMATION, b.job, "lease")) in acts
 
 
 def test_jobs_table_at_its_bound() -> None:
@@ -249,8 +250,8 @@ def test_the_end_timer_after_the_deadline_forgets_the_job() -> None:
     b = Bench(1)
     acts = b.p[0].on_manifest(b.sm, T0)
     end = T0 + CFG.formation_timeout_ms + CFG.lease_ms + CFG.lease_grace_ms
-    assert acts[0] == SetTimer(f"f/{b.job}/end", end)
-    b.p[0].on_timer(f"f/{b.job}/end", end)
+    assert acts[0] == SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "end"), end)
+    b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "end"), end)
     assert b.p[0].state(b.job) is None
 
 
@@ -264,7 +265,7 @@ def test_a_cancelled_quiet_candidate_never_volunteers() -> None:
     late.on_manifest(b.sm, T0, candidates=ids)
     late.on_message(Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=T0), T0 + 1)
     assert late.state(b.job) is WorkerState.CLOSED
-    assert late.on_timer(f"f/{b.job}/late", T0 + CFG.late_volunteer_ms) == []
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), T0 + CFG.late_volunteer_ms) == []
 
 
 def test_a_decline_from_outside_the_proposal_is_the_senders_fault() -> None:
@@ -290,7 +291,7 @@ def test_a_certified_leader_resends_its_certificate_on_retry() -> None:
     assert b.p[0].state(b.job) is WorkerState.CERTIFIED
     assert b.timer(0, "retry", W + CFG.certificate_retry_ms) == [
         Send(SUBMITTER.peer_id, certified.envelope.to_bytes()),
-        SetTimer(f"f/{b.job}/retry", W + CFG.certificate_retry_ms + min(CFG.accept_retry_ms,
+        SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "retry"), W + CFG.certificate_retry_ms + min(CFG.accept_retry_ms,
                                                                          CFG.certificate_retry_ms))]
 
 
@@ -299,7 +300,7 @@ def test_a_lapsed_lease_is_released_field_by_field() -> None:
     start(b)
     cert = b.sent(b.timer(0, "window", W), Certified)
     lapse = cert.certificate.lease_until_ms + CFG.lease_grace_ms
-    assert b.timer(0, "lease", lapse - 1) == [SetTimer(f"f/{b.job}/lease", lapse)]
+    assert b.timer(0, "lease", lapse - 1) == [SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "lease"), lapse)]
     assert b.timer(0, "lease", lapse) == [Released(b.job, 1, "lease expired", 1)]
     assert b.timer(0, "lease", lapse + 1) == []
 
@@ -316,13 +317,13 @@ def test_the_end_timer_closes_what_is_open_and_forgets_what_is_closed() -> None:
     b = Bench(1)
     b.p[0].on_manifest(b.sm, T0)
     end = T0 + CFG.formation_timeout_ms + CFG.lease_ms + CFG.lease_grace_ms
-    acts = b.p[0].on_timer(f"f/{b.job}/end", end)
+    acts = b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "end"), end)
     assert [a for a in acts if not isinstance(a, CancelTimer)] == [Unsubscribe(CFG.topic(b.job))]
     assert b.p[0].state(b.job) is None
     c = Bench(1, seed=12)
     c.p[0].on_manifest(c.sm, T0)
     c.p[0].on_message(Cancel.sign(SUBMITTER, job_id=c.job, reason="x", cancelled_at_ms=T0), T0 + 1)
-    assert c.p[0].on_timer(f"f/{c.job}/end", end) == [] and c.p[0].state(c.job) is None
+    assert c.p[0].on_timer(TimerKey(TimerOwner.FORMATION, c.job, "end"), end) == [] and c.p[0].state(c.job) is None
 
 
 @pytest.mark.parametrize("margin,offers", [(0, False), (1, True)], ids=["at its deadline", "before it"])
@@ -333,7 +334,7 @@ def test_freed_capacity_goes_to_a_passed_over_job_only_before_its_deadline(margi
     lapse = cert.certificate.lease_until_ms + CFG.lease_grace_ms
     other = make_manifest(SUBMITTER, Random(99), now_ms=lapse + margin - CFG.formation_timeout_ms)
     assert b.summary(b.p[0].on_manifest(other, W + 1)) == ["timer end"]  # no free GPU: passed over
-    acts = b.p[0].on_timer(f"f/{b.job}/lease", lapse)
+    acts = b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "lease"), lapse)
     assert acts[0] == Released(b.job, 1, "lease expired", 1)
     assert any(isinstance(a, Publish) for a in acts) is offers
 
@@ -370,7 +371,7 @@ def test_an_equivocating_leader_gets_one_accept_per_view_and_round() -> None:
     assert Reserved(b.job, 1, accept.lease_until_ms, 0) in acts
     twin = Proposal.sign(b.p[0].identity, job_id=b.job, view=prop.view, round=prop.round,
                          members=(b.p[1].peer_id, b.p[2].peer_id), gpus_per_member=1)
-    assert b.p[1].on_message(twin, W + 2) == [SetTimer(f"f/{b.job}/view", W + 2 + CFG.leader_timeout_ms),
+    assert b.p[1].on_message(twin, W + 2) == [SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "view"), W + 2 + CFG.leader_timeout_ms),
                                               Emit("formation.proposal_superseded")]
 
 
@@ -399,7 +400,7 @@ def test_a_dead_own_proposal_releases_field_by_field() -> None:
     decline = b.sent(b.p[1].on_message(prop, W + 1), Decline)
     acts = b.p[0].on_message(decline, W + 2)
     assert acts == [Emit("formation.declined"), Emit("formation.too_few_volunteers"),
-                    CancelTimer(f"f/{b.job}/lease"), Released(b.job, 1, "own proposal abandoned", 1)]
+                    CancelTimer(TimerKey(TimerOwner.FORMATION, b.job, "lease")), Released(b.job, 1, "own proposal abandoned", 1)]
 
 
 def test_a_full_volunteer_table_ignores_new_volunteers() -> None:
@@ -408,7 +409,7 @@ def test_a_full_volunteer_table_ignores_new_volunteers() -> None:
     nodes = [FormationNode(n.identity, make_advert(n.identity, gpus=1, model="NVIDIA A100"), cfg) for n in b.p]
     offers = [b.sent(n.on_manifest(b.sm, T0), Offer) for n in nodes]
     nodes[0].on_message(offers[1], T0 + 1)
-    lead = nodes[0].on_timer(f"f/{b.job}/window", W)
+    lead = nodes[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "window"), W)
     assert Emit("formation.too_few_volunteers") in lead and nodes[0].state(b.job) is WorkerState.LEADING
     assert nodes[0].on_message(offers[2], W + 1) == []  # the table is full: not heard
     assert list(nodes[0].jobs[b.job].volunteers) == [b.p[0].peer_id, b.p[1].peer_id]
@@ -420,7 +421,7 @@ def test_a_confirm_too_late_for_the_lease_is_reported_exactly() -> None:
     cert = b.sent(b.timer(0, "window", W), Certified)
     confirm = b.sent(b.s.on_message(cert, W + 1), Confirm)
     lapse = W + CFG.lease_ms + CFG.lease_grace_ms
-    b.p[0].on_timer(f"f/{b.job}/lease", lapse)
+    b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "lease"), lapse)
     assert b.p[0].ledger.reserve("e" * 64, 1, T0 + 10**9)
     acts = b.p[0].on_message(confirm, lapse + 1)
     decline = b.sent(acts, Decline)
@@ -448,7 +449,7 @@ def test_a_leader_stepping_down_cancels_its_round_timer() -> None:
     better = Proposal.sign(b.p[1].identity, job_id=b.job, view=1, round=0,
                            members=(b.p[1].peer_id, b.p[0].peer_id), gpus_per_member=1)
     acts = b.p[0].on_message(better, v)
-    assert acts[:2] == [CancelTimer(f"f/{b.job}/round"), Emit("formation.stepped_down")]
+    assert acts[:2] == [CancelTimer(TimerKey(TimerOwner.FORMATION, b.job, "round")), Emit("formation.stepped_down")]
     assert b.p[0].state(b.job) is WorkerState.FOLLOWING
 
 
@@ -461,7 +462,7 @@ def test_progress_seen_at_time_zero_still_delays_a_late_candidate() -> None:
     leader = next(n for n in b.p if n.peer_id == ids[0])
     prop = Proposal.sign(leader.identity, job_id=sm.job_id, view=0, round=0, members=(ids[0],), gpus_per_member=1)
     late.on_message(prop, 0)
-    assert late.on_timer(f"f/{sm.job_id}/late", 200) == [SetTimer(f"f/{sm.job_id}/late", CFG.leader_timeout_ms)]
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, sm.job_id, "late"), 200) == [SetTimer(TimerKey(TimerOwner.FORMATION, sm.job_id, "late"), CFG.leader_timeout_ms)]
 
 
 def test_a_late_candidate_without_gpus_volunteers_when_they_free() -> None:
@@ -470,7 +471,7 @@ def test_a_late_candidate_without_gpus_volunteers_when_they_free() -> None:
     late = b.p[3]
     late.on_manifest(b.sm, T0, candidates=ids)
     assert late.ledger.reserve("e" * 64, 1, T0 + 1_000)  # another job's lease, lapsing soon
-    assert late.on_timer(f"f/{b.job}/late", T0 + CFG.late_volunteer_ms) == []  # no GPU now
+    assert late.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "late"), T0 + CFG.late_volunteer_ms) == []  # no GPU now
     late.ledger.release("e" * 64)
     acts = late.update_advert(late._advert, T0 + CFG.late_volunteer_ms + 1)
     assert b.sent(acts, Offer).peer_id == late.peer_id
@@ -481,7 +482,7 @@ def test_giving_up_releases_and_says_why() -> None:
     start(b)
     b.sent(b.timer(0, "window", W), Certified)
     deadline = b.p[0].jobs[b.job].deadline_ms
-    acts = b.p[0].on_timer(f"f/{b.job}/view", deadline)
+    acts = b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "view"), deadline)
     assert acts[-1] == Emit("formation.gave_up")
     assert Released(b.job, 1, "formation gave up", 1) in acts
     assert b.p[0].state(b.job) is WorkerState.CLOSED

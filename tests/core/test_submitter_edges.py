@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 from test_formation import CFG, SUBMITTER, T0, Bench, _cert_obj, start
 
-from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason
+from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason, TimerKey, TimerOwner
 from p2pgpu.core._actions import (
     Cancelled,
     CancelTimer,
@@ -46,8 +46,8 @@ from p2pgpu.core._formation_submitter import Submitter, accepted_digests_max, pr
 W = T0 + 1 + CFG.offer_window_ms  # when the offer windows close
 
 
-def key(b: Bench, name: str) -> str:
-    return f"s/{b.job}/{name}"
+def key(b: Bench, name: str) -> TimerKey:
+    return TimerKey(TimerOwner.SUBMITTER, b.job, name)
 
 
 def confirmed_bench(members: int = 1) -> tuple[Bench, Certified, Confirm, list[Offer]]:
@@ -112,9 +112,13 @@ def test_submit_refusals() -> None:
     with pytest.raises(LocalProtocolError, match="job already submitted"):
         b.s.submit(b.sm, T0)
     full = Submitter(SUBMITTER, replace(CFG, jobs_max=1))
-    full.submit(Bench(3, seed=8).sm, T0)
-    with pytest.raises(LocalProtocolError, match="too many jobs submitted; forget finished ones first"):
+    first = Bench(3, seed=8).sm
+    full.submit(first, T0)
+    with pytest.raises(LocalProtocolError, match="^1 jobs of this node are forming or running: wait for some to end$"):
         full.submit(b.sm, T0)
+    full.cancel(first.job_id, T0)  # an ended job makes room: the oldest ended one is forgotten
+    full.submit(b.sm, T0)
+    assert list(full.jobs) == [b.job]
     one = Submitter(SUBMITTER, replace(CFG, jobs_max=2))
     one.submit(b.sm, T0)
     one.submit(Bench(3, seed=8).sm, T0)  # the second of two fits
@@ -160,10 +164,12 @@ def test_cancel_after_a_confirm_tells_every_member() -> None:
 
 def test_timer_keys_are_checked() -> None:
     b = Bench(3)
-    for bad in ("x", "f/j/end", "s/a/b/c", "s//end/x"):
+    for bad in (TimerKey(TimerOwner.FORMATION, b.job, "end"), TimerKey(TimerOwner.SUBMITTER, b.job, "run"),
+                TimerKey(TimerOwner.SETTLEMENT, b.job, "republish")):
         with pytest.raises(LocalProtocolError, match="not a submitter timer"):
             b.s.on_timer(bad, T0)
-    assert b.s.on_timer("s/" + "0" * 64 + "/end", T0) == []  # an unknown job
+    for name in ("republish", "end", "forget"):
+        assert b.s.on_timer(TimerKey(TimerOwner.SUBMITTER, "0" * 64, name), T0) == []  # an unknown job
 
 
 def test_republish_until_the_cap() -> None:
