@@ -1,0 +1,129 @@
+"""The settlement core's restart path at its edges (#19): what ``restore``
+and ``restore_logs`` rebuild from stored items, item by item and field by
+field, and the answer to a lookup of a stored collection, so that a wrong
+change to what a restarted submitter remembers (and so pays) fails a test.
+Found by a mutation sample of ``core/_settlement.py`` (#13)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_settlement import SETTLE, T0, A, B, Bench, C, acks, cosign, proof
+
+from p2pgpu.core import LocalProtocolError, PeerMisbehaved, Reason
+from p2pgpu.core._actions import Emit, LogsTaken, SetTimer, TimerKey, TimerOwner
+from p2pgpu.core._envelope import Kind, seal
+from p2pgpu.core._settlement import Settlement, SettlementConfig, item_hash
+
+DEADLINE = T0 + 90_000
+
+
+def outputs(me: Any, job: str, files: list[Any]) -> bytes:
+    return seal(me, Kind.RESULT, {"type": "outputs", "job_id": job, "peer_id": me.peer_id, "outputs": files}).to_bytes()
+
+
+def logs(me: Any, job: str, seq: int, n: int) -> tuple[dict[str, Any], bytes]:
+    body = {"type": "log", "job_id": job, "peer_id": me.peer_id, "seq": seq, "lines": [[i, "o", f"l{i}"] for i in range(n)]}
+    return body, seal(me, Kind.RESULT, body).to_bytes()
+
+
+def restored(b: Bench, items: list[tuple[str, str, bytes, int]], now_ms: int = T0 + 10_000,
+             s: Settlement | None = None) -> tuple[Settlement, list[Any]]:
+    s = s or Settlement(b.s.identity)
+    return s, s.restore(b.sm, b.cert, confirmed_at_ms=T0, deadline_ms=DEADLINE, payout_addresses={},
+                        items=items, now_ms=now_ms)
+
+
+def test_restore_rebuilds_each_kind_of_item() -> None:
+    b = Bench()
+    pa, pb = proof(A, b.job, b.cert), proof(B, b.job, b.cert)
+    ca = cosign(A, B, b.job, b.cert)
+    oa = outputs(A, b.job, [{"path": "out", "sha256": "00" * 32}, "not a map"])
+    s, acts = restored(b, [("proof", A.peer_id, pa, T0 + 5_100), ("outputs", A.peer_id, oa, T0 + 5_200),
+                           ("cosign", A.peer_id, ca, T0 + 5_300), ("outputs", B.peer_id, outputs(B, b.job, []),
+                                                                    T0 + 5_400), ("proof", B.peer_id, pb, T0 + 5_500)])
+    c = s.collections[b.job]
+    assert acts == [Emit("settlement.reopened"), SetTimer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE),
+                                                          max(DEADLINE, T0 + 10_000 + s.config.reopen_grace_ms))]
+    assert list(c.proofs) == [A.peer_id, B.peer_id]
+    assert c.outputs == {A.peer_id: [{"path": "out", "sha256": "00" * 32}], B.peer_id: []}
+    # The first result of each member is when its results arrived (the window's end); a co-signature is not one.
+    assert c.results_at_ms == {A.peer_id: T0 + 5_100, B.peer_id: T0 + 5_400}
+    assert c.items == {item_hash(pa): "proof", item_hash(oa): "outputs", item_hash(ca): "cosign",
+                       item_hash(outputs(B, b.job, [])): "outputs", item_hash(pb): "proof"}
+    # Every stored item, resent, is acknowledged as recorded and taken no second time.
+    for wire, who in ((pa, A), (ca, A)):
+        on = s.on_proof if wire is pa else s.on_cosign
+        assert acks(on(wire, T0 + 10_001)) == [(who.peer_id, "recorded")]
+
+
+def test_restore_refuses_a_non_members_item_and_counts_each_refusal() -> None:
+    b = Bench()
+    s, acts = restored(b, [("proof", C.peer_id, proof(C, b.job, b.cert), T0), ("proof", A.peer_id, b"junk", T0),
+                           ("cosign", B.peer_id, b"junk", T0)])
+    assert acts[:3] == [Emit("settlement.stored_item_refused")] * 3 and acts[3] == Emit("settlement.reopened")
+    c = s.collections[b.job]
+    assert c.proofs == {} and c.items == {} and c.results_at_ms == {}
+
+
+def test_a_complete_restored_collection_settles_now_and_restoring_twice_does_nothing() -> None:
+    b = Bench((A,))
+    s, acts = restored(b, [("proof", A.peer_id, proof(A, b.job, b.cert), T0 + 5_100)], now_ms=T0 + 6_000)
+    assert acts[-1] == SetTimer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), T0 + 6_000)
+    assert restored(b, [], s=s)[1] == []
+
+
+def test_reopening_waits_until_the_deadline_or_the_grace_whichever_is_later() -> None:
+    b = Bench()
+    grace = Settlement(b.s.identity).config.reopen_grace_ms
+    key = TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE)
+    assert restored(b, [], now_ms=DEADLINE - grace - 1)[1][-1] == SetTimer(key, DEADLINE)
+    assert restored(b, [], now_ms=DEADLINE - grace + 1)[1][-1] == SetTimer(key, DEADLINE + 1)
+
+
+def test_restore_is_bounded_by_the_collections_limit() -> None:
+    b = Bench()
+    s = Settlement(b.s.identity, SettlementConfig(collections_max=1))
+    restored(b, [], s=s)
+    other = Bench((A,))
+    with pytest.raises(LocalProtocolError, match="more than 1 collections open"):
+        restored(other, [], s=s)
+
+
+def test_restore_logs_rebuilds_the_sequence_numbers_and_keeps_what_the_fresh_path_keeps() -> None:
+    b = Bench()
+    assert Settlement(b.s.identity).restore_logs(b.job, []) == []  # no open collection
+    s, _ = restored(b, [])
+    a1, a2, b1 = logs(A, b.job, 1, 3), logs(A, b.job, 2, 2), logs(B, b.job, 1, 1)
+    c1 = logs(C, b.job, 1, 1)  # not a member
+    got = s.restore_logs(b.job, [a1[1], b"junk", a2[1], c1[1], b1[1], a1[1]])
+    assert all(isinstance(t, LogsTaken) for t in got)
+    got_logs = [t for t in got if isinstance(t, LogsTaken)]
+    assert [(t.member, t.seq, len(t.lines)) for t in got_logs] == [(A.peer_id, 1, 3), (A.peer_id, 2, 2), (B.peer_id, 1, 1)]
+    assert got[0] == LogsTaken(b.job, A.peer_id, 0, 1, ((0, "o", "l0"), (1, "o", "l1"), (2, "o", "l2")), b"")
+    assert got_logs[2].member_index == 1
+    # The fresh path keeps the same lines; the restored path has no wire to store again.
+    fresh = Bench()
+    (taken,) = fresh.s.on_result(a1[0], A.peer_id, a1[1], T0)
+    assert isinstance(taken, LogsTaken) and (taken.lines, taken.seq, taken.wire) == (got_logs[0].lines, 1, a1[1])
+    # Known again: a resend is repeated, the next batch is new.
+    assert s.on_result(a2[0], A.peer_id, a2[1], T0) == [Emit("settlement.logs_repeated")]
+    a3 = logs(A, b.job, 3, 1)
+    (t3,) = s.on_result(a3[0], A.peer_id, a3[1], T0)
+    assert isinstance(t3, LogsTaken) and t3.seq == 3
+
+
+def test_a_lookup_answer_acknowledges_only_a_stored_collections_member() -> None:
+    b = Bench()
+    h = item_hash(proof(A, b.job, b.cert))
+    members = [A.peer_id, B.peer_id]
+    assert acks(b.s.stored_ack(b.job, B.peer_id, h, members=members, stored=True)) == [(B.peer_id, "recorded")]
+    assert acks(b.s.stored_ack(b.job, B.peer_id, h, members=members, stored=False)) == [(B.peer_id, "late")]
+    with pytest.raises(PeerMisbehaved, match=f"no confirmed job {b.job[:12]} here") as e:
+        b.s.stored_ack(b.job, A.peer_id, h, members=None, stored=True)
+    assert e.value.reason is Reason.UNKNOWN_JOB
+    with pytest.raises(PeerMisbehaved, match=f"{C.peer_id[:16]} is not a member of {b.job[:12]}") as e:
+        b.s.stored_ack(b.job, C.peer_id, h, members=members, stored=True)
+    assert e.value.reason is Reason.NOT_A_MEMBER
+    assert b.s.stored_ack(b.job, A.peer_id, h, members=members, stored=True)[0] == Emit("collect:ack_recorded")
