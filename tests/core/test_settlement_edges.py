@@ -12,7 +12,7 @@ import pytest
 from test_settlement import SETTLE, T0, A, B, Bench, C, acks, cosign, proof
 
 from p2pgpu.core import LocalProtocolError, PeerMisbehaved, Reason
-from p2pgpu.core._actions import Emit, LogsTaken, SetTimer, TimerKey, TimerOwner
+from p2pgpu.core._actions import Emit, ItemTaken, LogsTaken, SetTimer, TimerKey, TimerOwner
 from p2pgpu.core._envelope import Kind, seal
 from p2pgpu.core._settlement import Settlement, SettlementConfig, item_hash
 
@@ -127,3 +127,66 @@ def test_a_lookup_answer_acknowledges_only_a_stored_collections_member() -> None
         b.s.stored_ack(b.job, C.peer_id, h, members=members, stored=True)
     assert e.value.reason is Reason.NOT_A_MEMBER
     assert b.s.stored_ack(b.job, A.peer_id, h, members=members, stored=True)[0] == Emit("collect:ack_recorded")
+
+
+def test_outputs_and_cosignatures_are_taken_as_what_they_are() -> None:
+    b = Bench()
+    oa = outputs(A, b.job, [{"path": "out"}, 7])
+    body = {"type": "outputs", "job_id": b.job, "peer_id": A.peer_id, "outputs": [{"path": "out"}, 7]}
+    acts = b.s.on_result(body, A.peer_id, oa, T0 + 5_000)
+    assert acts[0] == ItemTaken(b.job, item_hash(oa), "outputs", A.peer_id, oa, T0 + 5_000)
+    assert acks(acts) == [(A.peer_id, "recorded")]
+    c = b.s.collections[b.job]
+    assert c.outputs == {A.peer_id: [{"path": "out"}]} and c.results_at_ms == {A.peer_id: T0 + 5_000}
+    assert c.items == {item_hash(oa): "outputs"}
+    ca = cosign(B, A, b.job, b.cert)
+    acts = b.s.on_cosign(ca, T0 + 5_100)
+    assert acts[0] == ItemTaken(b.job, item_hash(ca), "cosign", B.peer_id, ca, T0 + 5_100)
+    assert c.results_at_ms == {A.peer_id: T0 + 5_000}  # a co-signature is not a member's result
+    assert c.items[item_hash(ca)] == "cosign"
+
+
+def test_log_batches_of_an_unknown_job_or_a_stranger_are_refused_naming_them() -> None:
+    b = Bench()
+    body, wire = logs(A, b.job, 1, 1)
+    b.s.collections.clear()
+    with pytest.raises(PeerMisbehaved, match=f"no confirmed job {b.job[:12]} here") as e:
+        b.s.on_result(body, A.peer_id, wire, T0)
+    assert e.value.reason is Reason.UNKNOWN_JOB
+    b = Bench()
+    body, wire = logs(C, b.job, 1, 1)
+    with pytest.raises(PeerMisbehaved, match=f"{C.peer_id[:16]} is not a member of {b.job[:12]}$") as e:
+        b.s.on_result(body, C.peer_id, wire, T0)
+    assert e.value.reason is Reason.NOT_A_MEMBER
+
+
+def test_log_lines_of_the_wrong_shape_are_dropped_and_the_rest_cut_to_size() -> None:
+    b = Bench()
+    lines: list[Any] = [[1, "o", "ok"], [2, "o"], ["3", "o", "x"], [4, "o", 5], "line", [5, 7, "stream as int"],
+                        [6, "s" * 20, "x" * 5_000]]
+    body = {"type": "log", "job_id": b.job, "peer_id": A.peer_id, "seq": 1, "lines": lines}
+    (taken,) = b.s.on_result(body, A.peer_id, seal(A, Kind.RESULT, body).to_bytes(), T0)
+    assert isinstance(taken, LogsTaken)
+    assert taken.lines == ((1, "o", "ok"), (5, "7", "stream as int"), (6, "s" * 16, "x" * 4_096))
+    for bad in ({"seq": "2"}, {"seq": 2, "lines": "x"}, {"seq": True}):
+        body2 = {**body, **bad}
+        assert b.s.on_result(body2, A.peer_id, seal(A, Kind.RESULT, body2).to_bytes(), T0) == [
+            Emit("settlement.logs_repeated")]
+
+
+def test_the_log_lines_limit_of_a_job_on_both_sides() -> None:
+    b = Bench()
+    b.s = Settlement(b.s.identity, SettlementConfig(log_lines_max=5))
+    b.s.open(b.sm, b.cert, T0)
+
+    def send(seq: int, n: int) -> LogsTaken:
+        body, wire = logs(A, b.job, seq, n)
+        (taken,) = b.s.on_result(body, A.peer_id, wire, T0)
+        assert isinstance(taken, LogsTaken)
+        return taken
+
+    assert len(send(1, 3).lines) == 3
+    assert len(send(2, 4).lines) == 2  # 5 in all: exactly the limit
+    full = send(3, 1)
+    assert full.lines == () and full.seq == 3  # a batch past the limit is still seen (its seq moves on)
+    assert b.s.collections[b.job].log_lines == 5
