@@ -190,3 +190,19 @@ def test_the_log_lines_limit_of_a_job_on_both_sides() -> None:
     full = send(3, 1)
     assert full.lines == () and full.seq == 3  # a batch past the limit is still seen (its seq moves on)
     assert b.s.collections[b.job].log_lines == 5
+
+
+def test_after_settling_only_co_signatures_about_a_member_still_owed_are_taken() -> None:
+    # B's proof is held up past settlement (it may still come, and be owed):
+    # C's co-signature of B is taken; C's of A (settled) is late.
+    b = Bench((A, B, C))
+    key = TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE)
+    for me in (A, C):
+        b.s.on_proof(proof(me, b.job, b.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"), T0 + 3_100)
+    b.settled(b.s.on_timer(key, T0 + 11_100))
+    about_b = cosign(C, B, b.job, b.cert)
+    acts = b.s.on_cosign(about_b, T0 + 20_000)
+    assert acts[0] == ItemTaken(b.job, item_hash(about_b), "cosign", C.peer_id, about_b, T0 + 20_000)
+    assert acks(acts) == [(C.peer_id, "recorded")]
+    about_a = cosign(C, A, b.job, b.cert)
+    assert acks(b.s.on_cosign(about_a, T0 + 20_000)) == [(C.peer_id, "late")]
