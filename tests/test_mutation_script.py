@@ -94,3 +94,13 @@ def test_scratch_copy_narrows_the_module_and_its_test_selection(tmp_path: Path) 
     assert 'only_mutate = ["p2pgpu/core/_chunks.py"]' in plain
     assert 'pytest_add_cli_args_test_selection = ["tests/core"]' in plain
     assert not (work.parent / "_codec" / "mutants").exists()
+
+
+def test_every_selected_test_file_exists_and_each_module_selects_its_edge_tests() -> None:
+    root = SCRIPT.parent.parent
+    for stem, tests in M.MODULE_TESTS.items():
+        for t in tests:
+            assert (root / t).is_file(), (stem, t)
+        edges = root / "tests" / "core" / f"test{stem}_edges.py"
+        if edges.is_file():
+            assert str(edges.relative_to(root)) in tests, stem
