@@ -9,12 +9,30 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_settlement import SETTLE, T0, A, B, Bench, C, acks, cosign, proof
+from test_settlement import ADDRS, SETTLE, T0, A, B, Bench, C, acks, cosign, proof
 
 from p2pgpu.core import LocalProtocolError, PeerMisbehaved, Reason
-from p2pgpu.core._actions import Emit, ItemTaken, LogsTaken, SetTimer, TimerKey, TimerOwner
+from p2pgpu.core._actions import (
+    CollectionOpened,
+    Emit,
+    ItemTaken,
+    LogsTaken,
+    MemberLine,
+    SetTimer,
+    TimerKey,
+    TimerOwner,
+)
+from p2pgpu.core._codec import decode as decode_any
 from p2pgpu.core._envelope import Kind, seal
-from p2pgpu.core._settlement import Settlement, SettlementConfig, item_hash
+from p2pgpu.core._proof import decode_proof
+from p2pgpu.core._settlement import (
+    ProofAck,
+    Settlement,
+    SettlementConfig,
+    ack_items_max,
+    item_hash,
+    part_words,
+)
 
 DEADLINE = T0 + 90_000
 
@@ -206,3 +224,112 @@ def test_after_settling_only_co_signatures_about_a_member_still_owed_are_taken()
     assert acks(acts) == [(C.peer_id, "recorded")]
     about_a = cosign(C, A, b.job, b.cert)
     assert acks(b.s.on_cosign(about_a, T0 + 20_000)) == [(C.peer_id, "late")]
+
+
+# --- settling: every field of what is owed ------------------------------------------------
+
+
+def test_every_field_of_a_settled_line_and_the_actions_around_it() -> None:
+    b = Bench((A,))
+    pa = proof(A, b.job, b.cert, ran_ms=2_000)
+    acts = b.s.on_proof(pa, T0 + 2_100)
+    s = b.settled(acts)
+    sp = decode_proof(pa)
+    assert s.lines == (MemberLine(peer_id=A.peer_id, member_index=0, status="owed", amount=2_000, reason="",
+                                  payout_address=ADDRS[0], proof_hash=sp.proof_hash, proof_wire=pa, cosigns=(),
+                                  gpu_ms=2_000, served_ms=2_000, exit_code=0, end_reason="exited",
+                                  output_digest=b"\x07" * 32, fault=""),)
+    assert (s.succeeded, s.reason, s.settled_at_ms) == (True, "", T0 + 2_100)
+    tail = acts[acts.index(s) - 2:]
+    assert tail[:2] == [SetTimer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), b.s.collections[b.job].deadline_ms),
+                        Emit("jobs_settled")]
+    assert b.s.settle(b.job, T0 + 2_200) == []  # once
+
+
+def test_a_refused_proof_is_counted_and_names_its_fault() -> None:
+    b = Bench((A,))
+    bad = proof(A, b.job, b.cert, ran_ms=61_000 + 5_000)  # past the 60 s limit and its tolerance
+    acts = b.s.on_proof(bad, T0 + 66_100)
+    s = b.settled(acts)
+    (line,) = s.lines
+    assert (line.status, line.amount, line.fault) == ("rejected", 0, "OVER_DURATION")
+    assert line.reason.startswith("its proof was refused (") and line.proof_hash == decode_proof(bad).proof_hash
+    assert Emit("settlement.proofs_refused", 1) in acts
+
+
+def test_a_claim_beyond_what_co_signers_saw_is_paid_up_to_it_and_says_so() -> None:
+    b = Bench()
+    b.s.on_cosign(cosign(B, A, b.job, b.cert, seen_ms=2_000), T0 + 2_000)
+    b.s.on_cosign(cosign(A, B, b.job, b.cert, seen_ms=5_000), T0 + 5_000)
+    b.s.on_proof(proof(B, b.job, b.cert), T0 + 5_100)
+    s = b.settled(b.s.on_proof(proof(A, b.job, b.cert), T0 + 5_100))
+    line = s.lines[0]
+    assert line.status == "owed" and 0 < line.amount < 5_000
+    assert line.reason == (f"paid for {line.amount} of the 5000 GPU-ms it claimed: nobody saw more of its work")
+    assert s.lines[1].reason == "" and s.lines[1].amount == 5_000
+
+
+def test_a_member_without_a_payout_address_is_owed_nothing_it_can_receive() -> None:
+    b = Bench((A,))
+    s, _ = restored(b, [("proof", A.peer_id, proof(A, b.job, b.cert), T0 + 5_100)], now_ms=T0 + 6_000)
+    settled = b.settled(s.settle(b.job, T0 + 6_000))
+    (line,) = settled.lines
+    assert (line.status, line.amount, line.reason, line.payout_address) == (
+        "no_payout_address", 5_000, "it advertises no payout address", "")
+
+
+def test_the_advert_books_payout_address_comes_before_the_accepts() -> None:
+    b = Bench((A, B))
+    book = {A.peer_id: "AdvertAddressOfA"}
+    s = Settlement(b.s.identity, payout_address_of=lambda peer: book.get(peer, ""))
+    opened = s.open(b.sm, b.cert, T0)
+    assert opened[0] == CollectionOpened(b.job, b.cert, {A.peer_id: "AdvertAddressOfA", B.peer_id: ADDRS[1]}, T0,
+                                         T0 + 60_000 + s.config.settle_grace_ms)
+
+
+def test_part_words_for_unknown_and_empty_end_reasons() -> None:
+    assert part_words("exited", 3) == "the command exited with code 3"
+    assert part_words("time_limit", None) == "time limit reached"
+    assert part_words("gone_fishing", None) == "gone_fishing"
+    assert part_words("", None) == "it ended for no reason it gave"
+
+
+def test_a_proof_ack_at_its_limits() -> None:
+    job = "ab" * 32
+    ok = ProofAck(job_id=job, submitter="p" * 64, items=(b"h" * 32,) * ack_items_max, status="late")
+    assert ProofAck.from_body(ok.to_body(), "p" * 64) == ok
+    for over in ({"submitter": ""}, {"submitter": "p" * 65}, {"items": ()}, {"items": (b"h" * 32,) * (ack_items_max + 1)},
+                 {"items": (b"h" * 31,)}, {"items": (b"h" * 32, b"h" * 33)}, {"status": "paid"}, {"job_id": "AB" * 32}):
+        with pytest.raises(ValueError):
+            ProofAck(**{"job_id": job, "submitter": "p", "items": (b"h" * 32,), "status": "late", **over})
+
+
+def test_restore_logs_skips_a_non_canonical_batch() -> None:
+    import msgpack
+
+    b = Bench()
+    s, _ = restored(b, [])
+    _, wire = logs(A, b.job, 1, 1)
+    env = decode_any(wire)
+    odd = msgpack.packb(dict(reversed(list(env.items()))), use_bin_type=True)
+    assert odd != wire
+    assert s.restore_logs(b.job, [odd]) == []
+    assert len(s.restore_logs(b.job, [wire])) == 1
+
+
+def test_the_verifier_handed_in_checks_stored_items_too() -> None:
+    from p2pgpu.core._identity import verify_signature
+
+    calls: list[bytes] = []
+
+    def counting(key: bytes, msg: bytes, sig: bytes) -> None:
+        calls.append(msg)
+        verify_signature(key, msg, sig)
+
+    b = Bench()
+    s = Settlement(b.s.identity, verify=counting)
+    items = [("outputs", A.peer_id, outputs(A, b.job, []), T0), ("cosign", A.peer_id, cosign(A, B, b.job, b.cert), T0)]
+    restored(b, items, s=s)
+    assert len(calls) == 2
+    s.on_cosign(cosign(B, A, b.job, b.cert), T0 + 1)
+    assert len(calls) >= 3
