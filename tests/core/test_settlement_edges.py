@@ -301,7 +301,8 @@ def test_a_proof_ack_at_its_limits() -> None:
     for over in ({"submitter": ""}, {"submitter": "p" * 65}, {"items": ()}, {"items": (b"h" * 32,) * (ack_items_max + 1)},
                  {"items": (b"h" * 31,)}, {"items": (b"h" * 32, b"h" * 33)}, {"status": "paid"}, {"job_id": "AB" * 32}):
         with pytest.raises(ValueError):
-            ProofAck(**{"job_id": job, "submitter": "p", "items": (b"h" * 32,), "status": "late", **over})
+            args: dict[str, Any] = {"job_id": job, "submitter": "p", "items": (b"h" * 32,), "status": "late", **over}
+            ProofAck(**args)
 
 
 def test_restore_logs_skips_a_non_canonical_batch() -> None:
