@@ -123,12 +123,11 @@ def test_the_indexes_stay_consistent_through_a_random_run() -> None:
     rng = random.Random(19)
     pool = [Identity.from_rng(random.Random(7200 + i)) for i in range(24)]
     b = book(adverts_max=8, adverts_per_forwarder_max=4)
-    seq = 0
     for step in range(400):
         now = T0 + step * 100
         op = rng.random()
         who = rng.choice(pool)
-        seq += 1
+        seq = step + 1
         if op < 0.55:
             try:
                 b.ingest(wire(who, seq=seq, issued_at_ms=now, expires_at_ms=now + rng.choice((500, 5_000))), now,
