@@ -176,3 +176,12 @@ def test_live_adverts_are_shown_through_the_view() -> None:
     assert shown.gpus_free == 0 and shown.peer_id == PEERS[0].peer_id
     assert seen == [(PEERS[0].peer_id, T0 + 5)]
     assert b.market(T0 + 5) == [shown]
+
+
+def test_every_stored_advert_is_counted_as_accepted_updates_too() -> None:
+    b = book(adverts_max=8)
+    b.ingest(wire(PEERS[0], seq=1), T0, forwarder="F")
+    b.ingest(wire(PEERS[0], seq=2), T0, forwarder="F")  # an update of a known peer
+    b.ingest(wire(PEERS[1], seq=1), T0, forwarder="G")
+    b.ingest(wire(PEERS[0], seq=3), T0, forwarder="G")
+    assert b.accepted == 4
