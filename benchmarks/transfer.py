@@ -1,7 +1,7 @@
 """Blob transfer between real node processes on loopback, next to raw TCP, and
 an OCI image's cold and warm start.
 
-    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--json]
+    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 10] [--json]
 
 Prints, in one run on this machine:
 - ``raw_tcp_mb_s``: one TCP connection on 127.0.0.1 between two processes
@@ -10,6 +10,15 @@ Prints, in one run on this machine:
   another (Noise, Yamux, every chunk hashed and written to the store, the
   whole SHA-256 checked at the end);
 - ``p2p_2_providers_mb_s``: the same blob from two providers at once;
+- ``*_cpu_mb_s``: the same transfer's bytes divided by the CPU seconds of its
+  busiest process (fetcher or a provider, all threads): the rate with a core
+  per process, whatever else the machine runs (a shared machine makes the
+  wall-clock figures swing 2-3x between runs; this one moves far less);
+- ``p2p_paced_*``: one and two providers whose upload is capped
+  (``blobs_serve_bytes_per_s_max``, ``--paced-mb-s``): where the providers'
+  uplinks are the limit, two providers give about twice one's rate;
+- ``*_upstream``: the same figures with ``P2PGPU_LIBP2P_PATCHES=0`` (py-libp2p
+  as released: no Yamux/Noise speed-ups), in the same run, for before/after;
 - ``image_cold_s`` / ``image_warm_s``: an ``oci`` job from submit to success,
   first with the image pulled from a local docker-registry and unpacked, then
   from the node's cache (needs docker-registry, skopeo and busybox).
@@ -82,18 +91,32 @@ def raw_tcp(path: Path) -> float:
     return got / dt / 1e6
 
 
-def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int) -> float:
-    with LocalNet(tmp / f"net{providers}", providers + 1, gpu_mix=MIX) as net:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int, *, upstream: bool = False,
+        pace: int = 0) -> tuple[float, float]:
+    """(MB/s on the wall clock, MB per CPU second of the busiest process);
+    ``pace``: each provider's upload limit in bytes/s (0: none)."""
+    env = {"P2PGPU_LIBP2P_PATCHES": "0"} if upstream else {}
+    paced = {i: f"blobs_serve_bytes_per_s_max = {pace}" for i in range(providers)} if pace else {}
+    name = f"net{providers}{'u' if upstream else ''}{'p' if pace else ''}"
+    with LocalNet(tmp / name, providers + 1, gpu_mix=MIX, env=env, node_config=paced) as net:
         tree = ""
         for i in range(providers):
             tree = net.nodes[i].call("blobs.add", {"path": str(blob)}, timeout_s=300)["tree"]
         fetcher = net.nodes[providers]
+        c0 = [cpu_s(n.proc.pid) for n in net.nodes]
         t0 = time.perf_counter()
         got = fetcher.call("blobs.fetch", {"sha256": sha, "size_bytes": size, "tree": tree,
                                            "sources": [n.peer_id for n in net.nodes[:providers]]}, timeout_s=600)
         dt = time.perf_counter() - t0
+        busiest = max(cpu_s(n.proc.pid) - c for n, c in zip(net.nodes, c0))
         assert sum(got["chunks_from"].values()) == size >> 20, got
-        return size / dt / 1e6
+        return size / dt / 1e6, size / busiest / 1e6
 
 
 def image_times(tmp: Path) -> dict[str, float]:
@@ -125,6 +148,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256, help="blob size in MiB")
     ap.add_argument("--no-image", action="store_true", help="skip the OCI image start times")
+    ap.add_argument("--no-upstream", action="store_true",
+                    help="skip the run with P2PGPU_LIBP2P_PATCHES=0 (py-libp2p as released)")
+    ap.add_argument("--paced-mb-s", type=float, default=10.0,
+                    help="also fetch from 1 and 2 providers each capped at this upload rate (0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     size = args.mib << 20
@@ -134,8 +161,18 @@ def main() -> None:
         sha = make_blob(blob, size)
         res: dict[str, float] = {"blob_mib": args.mib}
         res["raw_tcp_mb_s"] = round(raw_tcp(blob), 1)
-        res["p2p_1_provider_mb_s"] = round(p2p(tmp, blob, sha, size, 1), 1)
-        res["p2p_2_providers_mb_s"] = round(p2p(tmp, blob, sha, size, 2), 1)
+        for upstream in ([False, True] if not args.no_upstream else [False]):
+            tail = "_upstream" if upstream else ""
+            for n, label in ((1, "p2p_1_provider"), (2, "p2p_2_providers")):
+                wall, per_cpu = p2p(tmp, blob, sha, size, n, upstream=upstream)
+                res[f"{label}_mb_s{tail}"] = round(wall, 1)
+                res[f"{label}_cpu_mb_s{tail}"] = round(per_cpu, 1)
+        if args.paced_mb_s:
+            # Providers whose upload is the limit (an operator's cap, a home
+            # uplink): two of them should give about twice one's rate.
+            for n, label in ((1, "p2p_paced_1_provider"), (2, "p2p_paced_2_providers")):
+                wall, _ = p2p(tmp, blob, sha, size, n, pace=int(args.paced_mb_s * 1e6))
+                res[f"{label}_mb_s"] = round(wall, 1)
         if not args.no_image:
             res.update(image_times(tmp))
     if args.json:

@@ -11,7 +11,9 @@ Challenges (``p2pgpu/gpu/_matmul.py``), per matrix size ``n``, on this machine:
 
 Receipts (``p2pgpu/core/_receipt.py``, ``_reputation.py``): decode and verify
 signed receipts of 8 members each, then compute reputation over all of them
-(signature checks included) with every payment verified.  Usage:
+(signature checks included) with every payment verified; and what a node
+does with each receipt that reaches it (``decode_published``: the receipt
+and its job's certificate, every signature checked).  Usage:
 
     python3 benchmarks/trust.py [--sizes 256,512,832,1024,2048] [--receipts 2000]
 """
@@ -30,7 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
 from trust_fixtures import IDS, SUBMITTER, address, line, receipt
 
 from p2pgpu.core._challenge import commitment_of, deadline_ms_for, model_spec
-from p2pgpu.core._receipt import decode_receipt, sign_receipt
+from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
+from p2pgpu.core._receipt import (
+    SettledLine,
+    build_receipt,
+    decode_published,
+    decode_receipt,
+    publish_wire,
+    sign_receipt,
+)
 from p2pgpu.core._reputation import VerifiedPayment, compute_reputation
 from p2pgpu.gpu._matmul import Instance, available_backends, pick_backend
 
@@ -86,6 +96,32 @@ def receipts(count: int) -> None:
           f"{count / (t1 - t0):,.0f}/s; reputation over {count}: {t2 - t1:.3f} s ({count / (t2 - t1):,.0f} receipts/s)")
 
 
+def published(count: int, members_n: int = 3) -> None:
+    """Published receipts (receipt + certificate of ``members_n``), as gossip brings them."""
+    members = [type(IDS[0]).from_rng(random.Random(9100 + i)) for i in range(members_n)]
+    wires = []
+    for j in range(count):
+        job = hashlib.sha256(f"published{j}".encode()).hexdigest()
+        prop = Proposal.sign(members[0], job_id=job, view=0, round=0, members=tuple(m.peer_id for m in members),
+                             gpus_per_member=1)
+        cert = Certificate(proposal=prop, accepts=tuple(
+            Accept.sign(m, proposal=prop, lease_until_ms=2**40, price_per_gpu_hour=1,
+                        payout_address=address(m.peer_id)) for m in members))
+        lines = [SettledLine(peer_id=m.peer_id, status="owed", amount=1000, address=address(m.peer_id),
+                             proof_hash=b"p" * 32, tx_signature="5" * 87) for m in members]
+        r = build_receipt(job_id=job, cert_hash=cert.digest, submitter=SUBMITTER.peer_id, payer=address("p"),
+                          currency="SOL", settled_at_ms=1, lines=lines)
+        assert r is not None
+        wires.append(publish_wire(sign_receipt(SUBMITTER, r), cert))
+    t0 = time.perf_counter()
+    for w in wires:
+        decode_published(w)
+    dt = time.perf_counter() - t0
+    size = sum(len(w) for w in wires) / len(wires)
+    print(f"published receipts of {members_n} members with their certificate ({size:.0f} bytes): "
+          f"checked {count / dt:,.0f}/s (the receipt's, the proposal's and {members_n} accepts' signatures)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="256,512,832,1024,2048", help="matrix sizes (multiples of 64)")
@@ -93,6 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     challenges([int(x) for x in args.sizes.split(",")])
     receipts(args.receipts)
+    published(max(1, args.receipts // 4))
 
 
 if __name__ == "__main__":

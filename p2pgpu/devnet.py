@@ -36,6 +36,11 @@ class DevnetError(Exception):
     """The devnet did not reach its goal; the message says where it stopped."""
 
 
+#: The devnet's pay-as-you-go interval and grace (a node's defaults are
+#: ``core._manifest.interval_s_default`` and ``core._installments.InstallmentConfig``).
+devnet_interval_s = 10
+devnet_grace_s = 15
+
 def free_port(pair: bool = False) -> int:
     """A free TCP port on 127.0.0.1 (and, with ``pair``, port+1 free too)."""
     for _ in range(50):
@@ -117,7 +122,10 @@ class Devnet:
                 if ledger.poll() is not None or time.monotonic() > deadline:
                     raise DevnetError(f"the ledger did not start; see {self.root / 'ledger.log'}") from None
                 time.sleep(0.2)
-        self.net = LocalNet(self.root, 0, config_extra=f'ledger = "{self.ledger_url}"')
+        # A short pay-as-you-go interval (docs/payouts.md): installments show within a minute.
+        self.net = LocalNet(self.root, 0, config_extra=f'ledger = "{self.ledger_url}"\n'
+                                                       f"payment_interval_s = {devnet_interval_s}\n"
+                                                       f"payment_grace_s = {devnet_grace_s}")
         for i in range(self.nodes):
             node = self.net.start_node(i, bootstrap=self.net.nodes[0].addrs if self.net.nodes else [])
             self.net.nodes.append(node)

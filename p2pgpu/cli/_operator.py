@@ -62,7 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_json(p)
     p.set_defaults(func=wrap_sdk_errors(cmd_status))
 
-    p = sub.add_parser("peers", help="connected peers", description="Peers the daemon is connected to.")
+    p = sub.add_parser("peers", help="connected peers", description=(
+        "Peers the daemon is connected to, each with its reputation computed from the receipts this node holds "
+        "(worker score = verified lamports earned - 4 x lamports of refused work, decayed with a 30-day half-life; "
+        "--json shows the evidence behind it: docs/reputation.md)."))
     add_home(p)
     add_json(p)
     p.set_defaults(func=wrap_sdk_errors(cmd_peers))
@@ -223,8 +226,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_peers(args: argparse.Namespace) -> int:
     rows = client_of(args).peers()
     emit(args, rows, lambda rs: table(
-        [[r["peer_id"], "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", (r["addrs"] or ["-"])[0]]
-         for r in rs], ["PEER_ID", "LATENCY_MS", "ADDR"]) or "no peers connected")
+        [[r["peer_id"], "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
+          str((r.get("reputation") or {}).get("worker", "-")), str((r.get("reputation") or {}).get("jobs_paid", "-")),
+          (r["addrs"] or ["-"])[0]]
+         for r in rs], ["PEER_ID", "LATENCY_MS", "WORKER_SCORE", "JOBS_PAID", "ADDR"]) or "no peers connected")
     return 0
 
 

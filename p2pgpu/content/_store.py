@@ -233,6 +233,12 @@ class BlobStore:
         """Keep ``sha256`` from eviction until ``owner`` (a job id) unpins it."""
         self._x("INSERT OR IGNORE INTO pins VALUES (?, ?)", (check_hex(sha256), owner))
 
+    def pin_owners(self, prefix: str, *, limit: int) -> list[str]:
+        """Owners of pins that start with ``prefix`` (at most ``limit``)."""
+        rows = self._x("SELECT DISTINCT owner FROM pins WHERE substr(owner, 1, ?) = ? ORDER BY owner LIMIT ?",
+                       (len(prefix), prefix, limit))
+        return [r[0] for r in rows]
+
     def unpin(self, owner: str) -> None:
         self._x("DELETE FROM pins WHERE owner = ?", (owner,))
 

@@ -65,6 +65,8 @@ class TimerOwner(str, Enum):
     MEMBERSHIP = "membership"
     SETTLEMENT = "settlement"
     DELIVERY = "delivery"
+    #: Pay as you go (``core/_installments.py``): a member's claims and payment deadlines.
+    INSTALLMENT = "installment"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -260,6 +262,9 @@ class MemberLine:
     output_digest: bytes = b""
     #: For a refused proof: the rule it broke (a ``ProofFault`` name).
     fault: str = ""
+    #: Paid before settlement in installments (pay as you go); ``amount`` is
+    #: what remains on top of them.
+    prepaid: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -275,6 +280,8 @@ class MemberLine:
         """The row ``job status`` shows under ``proofs``."""
         doc: dict[str, Any] = {"worker": self.peer_id, "status": self.status, "amount": self.amount,
                                "proof_hash": self.proof_hash.hex(), "reason": self.reason}
+        if self.prepaid:
+            doc["prepaid"] = self.prepaid
         if self.proof_hash:
             doc.update(gpu_ms=self.gpu_ms, payout_address=self.payout_address, exit_code=self.exit_code,
                        end_reason=self.end_reason, output_digest=self.output_digest.hex())
@@ -404,9 +411,34 @@ class MemberMessage:
     body: dict[str, Any]
 
 
+
+@dataclass(frozen=True, slots=True)
+class Installment:
+    """One interval of one member's work, owed by pay as you go: ``key``
+    (``core._installments.installment_key``: job, member, interval) is what
+    the outbox pays it under, so it is paid at most once."""
+
+    key: bytes
+    peer_id: str
+    interval: int
+    amount: int
+    payout_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstallmentsOwed:
+    """Record these installments in the outbox (one transaction) before the
+    acknowledgement that follows goes out; recording one again is a no-op."""
+
+    job_id: str
+    currency: str
+    rows: tuple[Installment, ...]
+
+
 Action = (
     Send | Publish | Subscribe | Unsubscribe | SetTimer | CancelTimer | Emit
     | Reserved | Released | StartJob | StopJob | Confirmed | Failed | Cancelled | MemberLost
     | CollectionOpened | ItemTaken | LogsTaken | LookupCollection | Settled | LateLine | HandOver | DeliveryDone
     | Refused | JobSeen | NotVolunteering | CheckBalance | MemberDone | PaidNotice | MemberMessage
+    | InstallmentsOwed
 )

@@ -31,6 +31,11 @@ gpus_max = limits.gpus_per_node_max
 addrs_max = 8
 addr_len_max = 256
 runtimes_max = 8
+#: OCI images a node says it has cached (manifest digests, 64 hex each), so
+#: that matching can prefer warm nodes: 8 x 66 bytes keeps the largest
+#: advert (7.7 KiB) under its 8 KiB limit (tests/core/test_advert_images.py;
+#: 16 would not fit).
+images_max = 8
 ttl_ms_max = 60 * 60 * 1000
 clock_skew_ms_max = limits.clock_skew_ms_max
 memory_mb_max = 1 << 22
@@ -156,6 +161,10 @@ class Advert:
     region: str
     runtimes: tuple[str, ...]
     simulated: bool
+    #: Cached OCI images (sha256 manifest digests, hex), at most ``images_max``,
+    #: sorted, distinct; on the wire only when not empty (older peers refuse
+    #: unknown keys).
+    images: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.gpus) > gpus_max or len(self.addrs) > addrs_max:
@@ -173,6 +182,10 @@ class Advert:
         for r in self.runtimes:
             if r not in RUNTIMES:
                 raise ValueError(f"unknown runtime {r!r}")
+        if len(self.images) > images_max:
+            raise ValueError(f"at most {images_max} cached images")
+        if list(self.images) != sorted(set(self.images)) or not all(_is_digest(d) for d in self.images):
+            raise ValueError("images: distinct sha256 digests (64 lowercase hex), sorted")
 
     @property
     def gpu_classes(self) -> tuple[str, ...]:
@@ -194,13 +207,13 @@ class Advert:
             "region": self.region,
             "runtimes": list(self.runtimes),
             "simulated": self.simulated,
-        }
+        } | ({"images": list(self.images)} if self.images else {})
 
     @classmethod
     def from_obj(cls, body: dict[str, Any]) -> Advert:
         if not isinstance(body, dict):
             raise s.fail("advert", "must be a map")
-        s.exact_keys(body, set(_ADVERT_FIELDS))
+        s.exact_keys(body, set(_ADVERT_FIELDS), frozenset({"images"}))
         gpus = tuple(GpuInfo.from_obj(g, f"gpus[{i}]") for i, g in enumerate(s.get_list(body, "gpus", gpus_max)))
         try:
             return cls(
@@ -218,9 +231,14 @@ class Advert:
                 region=s.get_str(body, "region", 32, len_min=1),
                 runtimes=s.get_str_list(body, "runtimes", runtimes_max, 16),
                 simulated=s.get_bool(body, "simulated"),
+                images=s.get_str_list(body, "images", images_max, 64) if "images" in body else (),
             )
         except ValueError as exc:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, str(exc)) from None
+
+
+def _is_digest(d: str) -> bool:
+    return len(d) == 64 and all(c in "0123456789abcdef" for c in d)
 
 
 _ADVERT_FIELDS = (
@@ -293,7 +311,8 @@ class AdvertBook:
     - our own advert (:meth:`add_own`) is never refused and never evicted, and
       does not count against ``adverts_max``;
     - peers the node was told to keep (:meth:`protect`: peers it works with,
-      bootstrap peers; later, reputation) are never evicted;
+      bootstrap peers, peers with a record: ``Node.peers_we_work_with``) are
+      never evicted;
     - every other advert is attributed to the peer that delivered it first
       (its *forwarder*: the GossipSub neighbour, the peer a market sync came
       from), and no forwarder holds more than ``adverts_per_forwarder_max``

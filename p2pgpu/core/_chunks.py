@@ -64,7 +64,9 @@ def chunk_span(index: int, size: int, chunk_bytes: int = chunk_bytes_default) ->
 
 
 def leaf_hash(chunk: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + chunk).digest()
+    h = hashlib.sha256(b"\x00")  # no copy of the chunk to prefix it
+    h.update(chunk)
+    return h.digest()
 
 
 def merkle_root(leaves: list[bytes]) -> bytes:

@@ -194,3 +194,23 @@ class FetchPlan:
         return (f"{self.missing()} of {self.chunks} chunks missing; "
                 + (f"providers dropped: {'; '.join(parts)}; " if parts else "")
                 + (f"{len(live)} providers left without them" if live else "no provider left"))
+
+
+
+#: States in which a job this node submitted needs nothing more from it.
+ENDED_STATES = ("succeeded", "failed", "cancelled")
+#: After a job's deadline (manifest expiry plus its longest run), how long its
+#: submitter still keeps serving its inputs (formation and start-up slack).
+input_pin_grace_ms = 10 * 60 * 1000
+
+
+def submitted_inputs_done(state: str | None, *, deadline_ms: int, now_ms: int) -> bool:
+    """May the submitter release the pins of a job's local inputs?  Yes once
+    the job ended (``ENDED_STATES``); otherwise (forming, running,
+    ``interrupted`` by a restart of ours while its members may still be
+    fetching, or no record at all: a crash before the job was first saved)
+    only once no member can still run it: ``deadline_ms`` (its manifest's
+    expiry plus its longest run) plus :data:`input_pin_grace_ms`."""
+    if state in ENDED_STATES:
+        return True
+    return now_ms > deadline_ms + input_pin_grace_ms

@@ -60,11 +60,20 @@ from ._formation_messages import (
     views_max,
 )
 from ._formation_quota import Admission, Quotas
-from ._formation_rules import AdvertLookup, advert_fault, leader_fault, requirement_fault, validity_fault
+from ._formation_rules import (
+    AdvertLookup,
+    Standing,
+    advert_fault,
+    job_value,
+    leader_fault,
+    member_tier,
+    requirement_fault,
+    validity_fault,
+)
 from ._formation_states import WORKER_TRANSITIONS, WorkerState, advance
 from ._identity import Identity
 from ._manifest import ReplayGuard, SignedManifest, check_manifest_time
-from ._matching import exclusion
+from ._matching import exclusion, warm_first
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,6 +111,9 @@ class FormationConfig:
     formation_timeout_ms: int = 60_000
     #: A running job is stopped this long after ``duration_s_max`` if nobody said it finished.
     run_grace_ms: int = 60_000
+    #: A job told to stop (cancelled, past its time) keeps its GPUs until the
+    #: driver says its run ended (``finish``), or this long at most.
+    stop_grace_ms: int = 60_000
     #: Proposals one leader makes in one view before it lets the view time out.
     rounds_max: int = 8
     volunteers_max: int = 256
@@ -245,6 +257,8 @@ class _Job:
     accepted_other: bool = False
     declined: bool = False
     confirm: Confirm | None = None
+    #: A running job told to stop: its GPUs stay held until its run has ended.
+    stopping: bool = False
 
     @property
     def job_id(self) -> str:
@@ -263,12 +277,15 @@ class FormationNode:
     """
 
     def __init__(self, identity: Identity, advert: Advert | SignedAdvert, config: FormationConfig = DEFAULT_CONFIG,
-                 *, adverts: AdvertLookup | None = None) -> None:
+                 *, adverts: AdvertLookup | None = None, standing: Standing | None = None) -> None:
         """``advert`` is this node's own (signed, or signed here); ``adverts``
         finds other peers' adverts (the driver's advert book): with the ones
         offers carry, they decide who is an eligible volunteer and leader
-        (``_formation_rules``)."""
+        (``_formation_rules``).  ``standing``: each peer's worker score as
+        this node computed it, which orders the members it proposes when it
+        leads (``member_tier``)."""
         self.identity = identity
+        self.standing: Standing = standing or (lambda _peer: None)
         self.peer_id = identity.peer_id
         self.config = config
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
@@ -281,7 +298,7 @@ class FormationNode:
         self.ledger = CapacityLedger(len(self._advert.gpus))
         self._handlers = {"window": self._t_window, "view": self._t_view, "round": self._t_round,
                           "lease": self._t_lease, "retry": self._t_retry, "run": self._t_run, "end": self._t_end,
-                          "late": self._t_late}
+                          "late": self._t_late, "stop": self._t_stop}
 
     def _set_advert(self, advert: Advert | SignedAdvert) -> None:
         signed = advert if isinstance(advert, SignedAdvert) else sign_advert(self.identity, advert) \
@@ -591,8 +608,17 @@ class FormationNode:
         ranked = self._ranked(job)
         at = ranked.index(self.peer_id) if self.peer_id in ranked else 0
         order = ranked[at + 1:] + ranked[:at]
+        # Volunteers whose advert lists the job's image as cached first (a
+        # warm start), rank order otherwise: only a tie-breaker among eligible
+        # volunteers (core/_matching.warm_first).
+        order = warm_first(order, job.adverts, job.sm.manifest.image)
         members = [self.peer_id] if self._can_serve(job) else []
-        members += [p for p in order if p != self.peer_id and p not in job.excluded]
+        others = [p for p in order if p != self.peer_id and p not in job.excluded]
+        # By standing first (_formation_rules.member_tier), rank order within
+        # a tier: a stable sort of a list already in rank order.
+        value = job_value(job.sm)
+        others.sort(key=lambda p: member_tier(self.standing(p), value))
+        members += others
         return members[: job.sm.manifest.members]
 
     def _propose(self, job: _Job, now_ms: int) -> list[Action]:
@@ -877,14 +903,33 @@ class FormationNode:
             raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "cancel not signed by the job's submitter")
         if job.state is WorkerState.CLOSED:
             return []
-        stop: list[Action] = [StopJob(job.job_id, "cancelled")] if job.state is WorkerState.RUNNING else []
-        return stop + self._close(job, "cancelled", now_ms)
+        if job.state is WorkerState.RUNNING:
+            return self._stop_running(job, StopJob(job.job_id, "cancelled"), now_ms)
+        return self._close(job, "cancelled", now_ms)
+
+    def _stop_running(self, job: _Job, stop: StopJob, now_ms: int) -> list[Action]:
+        """Stop a job running here.  Its GPUs stay held until the driver says
+        its run has ended (:meth:`finish`), or ``stop_grace_ms`` at most: a
+        sandbox being stopped still holds them, and freeing them at the stop
+        order promised them to the next job while the runner still had them
+        (a job confirmed right after a cancel was refused "1 GPUs asked, 0
+        free here")."""
+        if job.stopping:
+            return []
+        job.stopping = True
+        return [stop, SetTimer(self._key(job, "stop"), now_ms + self.config.stop_grace_ms)]
 
     def _t_run(self, job: _Job, now_ms: int) -> list[Action]:
         if job.state is not WorkerState.RUNNING:
             return []
-        actions: list[Action] = [StopJob(job.job_id, "past duration_s_max", "time_limit")]
-        actions += self._close(job, "past duration_s_max", now_ms)
+        return self._stop_running(job, StopJob(job.job_id, "past duration_s_max", "time_limit"), now_ms)
+
+    def _t_stop(self, job: _Job, now_ms: int) -> list[Action]:
+        """The run was told to stop ``stop_grace_ms`` ago and the driver never
+        said it ended: free its GPUs anyway (a bounded hold, not a leak)."""
+        if job.state is not WorkerState.RUNNING:
+            return []
+        actions = self._close(job, "stopped, its end never reported", now_ms)
         self._forget(job.job_id)
         return actions
 
@@ -902,7 +947,7 @@ class FormationNode:
             job.counted = False
             self.admission.close(job.sm)
         actions: list[Action] = [CancelTimer(self._key(job, k)) for k in ("window", "view", "round", "retry",
-                                                                          "lease", "run", "late")]
+                                                                          "lease", "run", "late", "stop")]
         if job.subscribed:
             job.subscribed = False
             actions.append(Unsubscribe(self.config.topic(job.job_id)))

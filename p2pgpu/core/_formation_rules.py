@@ -24,6 +24,19 @@ yet heard by gossip still counts.
   stranger that matches still leads only the jobs its rank gives it, and
   only after the better-ranked volunteers had their views.
 
+- **Members by standing** (:func:`member_tier`): a leader picks the members
+  of its proposal among its volunteers.  Nobody checks *which* eligible
+  volunteers it picked (only that each is eligible and that it is the
+  rightful leader), so this choice, unlike the leader's rank, may use what
+  only this leader knows: the reputation it computed from the receipts it
+  holds (``core/_reputation.py``).  Volunteers in good standing come
+  first (no record, or one that is not negative), then those with a
+  negative record, and last those the job is too valuable for
+  (``job_value_max``); within a tier the rank order stands.  Two leaders
+  holding different receipts propose different members, which the rules
+  already tolerate (a proposal is the leader's alone); and a tier only
+  orders, it never excludes, so a network of newcomers still forms jobs.
+
 Pure: adverts, times and ids in, a reason (or ``None``) out.
 """
 
@@ -34,6 +47,34 @@ from collections.abc import Callable, Iterable
 from ._advert import Advert
 from ._manifest import SignedManifest
 from ._matching import Requirement, exclusion
+from ._reputation import job_value_base, job_value_growth
+
+#: A peer's worker score as this node computed it (``None``: no record).
+Standing = Callable[[str], "int | None"]
+
+
+def job_value(sm: SignedManifest) -> int:
+    """What one member of the job can be paid at most, in lamports (its
+    price ceiling for its GPUs over the job's time limit)."""
+    m = sm.manifest
+    return m.price_per_gpu_hour_max * m.gpus_per_node * m.duration_s_max // 3600
+
+
+def member_tier(score: int | None, value: int) -> int:
+    """0: in good standing (no record, or a record that is not negative);
+    1: a negative record; 2: the job is worth more than this peer may be
+    offered (``job_value_max``: a new identity gets small jobs first).
+    Good standing is one tier on purpose: preferring proven peers over new
+    ones would starve newcomers of the work they need to earn a record, and
+    the hash order already spreads jobs fairly among peers in good standing."""
+    if value > job_value_max_of(score):
+        return 2
+    return 1 if score is not None and score < 0 else 0
+
+
+def job_value_max_of(score: int | None) -> int:
+    return job_value_base + job_value_growth * max(0, score or 0)
+
 
 #: How a core finds a peer's advert that did not come with an offer (the
 #: driver's advert book): ``None`` when it knows none.

@@ -87,6 +87,16 @@ from ._formation_messages import Certificate, Message, message_bytes_max, messag
 from ._formation_quota import Gate, PayerChecks
 from ._formation_submitter import Submitter
 from ._identity import Identity, Verifier
+from ._installments import (
+    DEFAULT_INSTALLMENTS,
+    Claim,
+    InstallmentConfig,
+    Installments,
+    MemberInstallments,
+    claim_cosigns_max,
+    claim_wire,
+    member_installments,
+)
 from ._manifest import SignedManifest
 from ._member import (
     DEFAULT_MEMBER,
@@ -134,6 +144,8 @@ class MemberRun:
     #: Our own part ended (proof handed over); we only watch the others now.
     ended: bool = False
     started: bool = False
+    #: Pay as you go (``core/_installments.py``): None when paid at the end only.
+    pay: MemberInstallments | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -141,6 +153,7 @@ class HostConfig:
     formation: FormationConfig = DEFAULT_CONFIG
     member: MemberConfig = DEFAULT_MEMBER
     settlement: SettlementConfig = DEFAULT_SETTLEMENT
+    installments: InstallmentConfig = DEFAULT_INSTALLMENTS
 
 
 Candidates = Callable[[SignedManifest, int], "list[str] | None"]
@@ -164,13 +177,17 @@ class Host:
                  candidates: Candidates | None = None,
                  submitter_of: Callable[[str], str | None] | None = None,
                  payer_checks: PayerChecks | None = None,
-                 verify: Verifier | None = None) -> None:
+                 verify: Verifier | None = None,
+                 standing: Callable[[str], int | None] | None = None) -> None:
         """``adverts`` looks a peer's advert up in the driver's book;
         ``candidates`` lists the peers it says can serve a job now (``None``:
         no list, every matching peer volunteers); ``submitter_of`` names the
         submitter of a job the driver knows (for payment notices);
         ``payer_checks`` is given on a shared ledger only (the payer gate);
-        ``verify`` checks signatures (default: the real Ed25519 check)."""
+        ``verify`` checks signatures (default: the real Ed25519 check);
+        ``standing`` gives a peer's worker score from the receipts the driver
+        holds (the members this node proposes when it leads are ordered by
+        it: ``core._formation_rules.member_tier``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
@@ -179,10 +196,16 @@ class Host:
         self.candidates: Candidates = candidates or (lambda _sm, _now: None)
         self.submitter_of = submitter_of or (lambda _job: None)
         self.payer_checks = payer_checks
+        self.standing = standing
         self.formation: FormationNode | None = None
         self.submitter = Submitter(identity, config.formation, adverts=self.adverts)
+        self.installments = Installments(identity, config.installments,
+                                         tolerance_ms=config.settlement.tolerance_ms,
+                                         tolerance_ppm=config.settlement.tolerance_ppm,
+                                         heartbeat_interval_ms=config.member.heartbeat_interval_ms, verify=verify)
         self.settlement = Settlement(identity, config.settlement, verify=verify,
-                                     payout_address_of=self._payout_address_of)
+                                     payout_address_of=self._payout_address_of,
+                                     prepaid=self.installments.prepaid)
         self.deliveries = Deliveries(config.member)
         self.members: dict[str, MemberRun] = {}
 
@@ -192,7 +215,8 @@ class Host:
         """Our advert changed (or exists for the first time): the worker's
         formation core is built from it, or told its new terms."""
         if self.formation is None:
-            self.formation = FormationNode(self.identity, advert, self.config.formation, adverts=self.adverts)
+            self.formation = FormationNode(self.identity, advert, self.config.formation, adverts=self.adverts,
+                                           standing=self.standing)
             return []
         return self._run(now_ms, lambda c: self._observe(c, self.formation.update_advert(advert, now_ms)))  # type: ignore[union-attr]
 
@@ -229,7 +253,12 @@ class Host:
         if run is None or run.started:
             return []
         run.started = True
-        return self._run(now_ms, lambda c: self._observe(c, run.membership.start(now_ms)))
+
+        def go(c: _Call) -> None:
+            self._observe(c, run.membership.start(now_ms))
+            if run.pay is not None:
+                self._observe(c, run.pay.start(now_ms))
+        return self._run(now_ms, go)
 
     def member_progress(self, job_id: str, chain_head: bytes, checkpoints: int) -> None:
         """Our checkpoint chain grew: the next heartbeats carry its head."""
@@ -252,6 +281,8 @@ class Host:
         cfg = self.config.member
 
         def go(c: _Call) -> None:
+            if run.pay is not None:
+                self._observe(c, run.pay.finish())
             signed = proof or member_proof(
                 self.identity, job_id=job_id, cert_hash=start.certificate.digest, part=part,
                 duration_ms_max=m.duration_s_max * 1000, stop_cause=run.stop_cause,
@@ -295,9 +326,18 @@ class Host:
                            now_ms: int) -> list[Action]:
         """After a restart: a collection the driver stored, handed back (its
         items in the order they came; ``Settlement.restore``)."""
-        return self._run(now_ms, lambda c: self._observe(c, self.settlement.restore(
-            sm, cert, confirmed_at_ms=confirmed_at_ms, deadline_ms=deadline_ms, payout_addresses=payout_addresses,
-            items=items, now_ms=now_ms)))
+        def go(c: _Call) -> None:
+            self.installments.open(sm, cert, confirmed_at_ms, payout_addresses)
+            for kind, sender, wire, received_ms in items:
+                if kind == "claim":  # replayed first: the settlement's remainder needs them
+                    try:
+                        self._observe(c, self.installments.restore_claim(sm.job_id, sender, wire, received_ms))
+                    except PeerMisbehaved:
+                        c.out.append(Emit("installments.stored_claim_refused"))
+            self._observe(c, self.settlement.restore(
+                sm, cert, confirmed_at_ms=confirmed_at_ms, deadline_ms=deadline_ms,
+                payout_addresses=payout_addresses, items=items, now_ms=now_ms))
+        return self._run(now_ms, go)
 
     def on_stored(self, job_id: str, sender: str, item_hash: bytes, *, members: list[str] | None, stored: bool,
                   now_ms: int) -> list[Action]:
@@ -355,6 +395,9 @@ class Host:
                 sub = self.submitter.jobs.get(a.job_id)
                 if sub is not None:
                     self._observe(c, self.settlement.open(sub.sm, a.certificate, c.now_ms))
+                    col = self.settlement.collections.get(a.job_id)
+                    if col is not None:
+                        self.installments.open(sub.sm, a.certificate, col.confirmed_at_ms, col.payout_addresses)
                 c.out += self.submitter.decided(a.job_id)
             elif isinstance(a, (Failed, Cancelled)):
                 if isinstance(a, Cancelled):
@@ -362,6 +405,9 @@ class Host:
                 c.out += self.submitter.decided(a.job_id)
             elif isinstance(a, Settled):
                 self.submitter.settled(a.job_id, c.now_ms)
+                self.installments.close(a.job_id)
+                if a.job_id not in self.settlement.collections:
+                    self.installments.forget(a.job_id)
 
     def _handle(self, c: _Call, data: bytes, via: Via) -> None:
         before = len(c.out)
@@ -406,7 +452,13 @@ class Host:
     def _result(self, c: _Call, body: dict[str, Any], signer: str, data: bytes) -> None:
         kind = body.get("type")
         if kind == "paid":
-            c.out.append(self._paid(body, signer))
+            notice = self._paid(body, signer)
+            c.out.append(notice)
+            run = self.members.get(notice.job_id)
+            if run is not None and run.pay is not None:
+                self._observe(c, run.pay.on_paid(notice.proof_hash))
+        elif kind == "interval_claim":
+            self._observe(c, self.installments.on_claim(body, signer, data, c.now_ms))
         elif kind == "proof_ack":
             self._observe(c, self.deliveries.on_ack(body, signer))
         elif kind in MEMBER_MESSAGE_TYPES:
@@ -507,6 +559,12 @@ class Host:
             self._maybe_close(c, run)
         elif key.owner is TimerOwner.SETTLEMENT:
             self._observe(c, self.settlement.on_timer(key, now))
+            if key.job_id not in self.settlement.collections:
+                self.installments.forget(key.job_id)
+        elif key.owner is TimerOwner.INSTALLMENT:
+            run = self.members.get(key.job_id)
+            if run is not None and run.pay is not None:
+                self._installment_timer(c, run, run.pay, key)
         else:
             self._observe(c, self.deliveries.on_timer(key, now))
 
@@ -522,7 +580,9 @@ class Host:
                                 heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                 member_timeout_ms=cfg.member_timeout_ms, start_grace_ms=cfg.start_grace_ms,
                                 verify=self.verify)
-        self.members[start.job_id] = MemberRun(start=start, membership=membership)
+        pay = member_installments(start.manifest, peer_id=self.peer_id, price_per_gpu_hour=self._agreed_price(start),
+                                  config=self.config.installments)
+        self.members[start.job_id] = MemberRun(start=start, membership=membership, pay=pay)
 
     def _maybe_close(self, c: _Call, run: MemberRun) -> None:
         if run.ended and run.membership.done and run.start.job_id in self.members:
@@ -535,12 +595,34 @@ class Host:
         if self.members.pop(job_id, None) is None:
             return
         m = run.start.manifest.manifest
+        if run.pay is not None:
+            self._observe(c, run.pay.close())
         cosigns = [("cosign", cs.wire) for cs in run.membership.cosigns()]
         self._observe(c, run.membership.stop_watching())
         self._observe(c, self.deliveries.hand_over(job_id, m.submitter, cosigns, c.now_ms, cosigned=True))
         if self.formation is not None:
             self._observe(c, self.formation.finish(job_id, c.now_ms))
         c.out.append(MemberDone(job_id))
+
+    def _installment_timer(self, c: _Call, run: MemberRun, pay: MemberInstallments, key: TimerKey) -> None:
+        """Pay as you go, the member's side: claim an interval, or stop when a payment is overdue."""
+        if key.name == "due":
+            self._observe(c, pay.on_due(c.now_ms))
+            return
+        k, actions = pay.claim_due(c.now_ms)
+        self._observe(c, actions)
+        if k is None:
+            return
+        start = run.start
+        cosigns = tuple(cs.wire for cs in run.membership.cosigns())[:claim_cosigns_max]
+        if k == 0 and not cosigns:
+            return  # nothing seen of anyone: nothing to vouch for
+        wire = claim_wire(self.identity, Claim(job_id=start.job_id, peer_id=self.peer_id,
+                                               cert_hash=start.certificate.digest, interval=k,
+                                               chain_head=run.membership.chain_head, cosigns=cosigns))
+        earning = (pay.key(k), pay.amount, pay.currency) if k else None  # 0: co-signatures only
+        self._observe(c, self.deliveries.hand_over(start.job_id, start.manifest.manifest.submitter,
+                                                   [("claim", wire)], c.now_ms, earning=earning))
 
     def _agreed_price(self, start: StartJob) -> int:
         return next((a.price_per_gpu_hour for a in start.certificate.accepts if a.peer_id == self.peer_id),

@@ -58,6 +58,15 @@ regions_max = 16
 #: before parsing (see :func:`toml_depth`); a manifest needs three levels.
 toml_nesting_max = 16
 MEMBER_LOSS_POLICIES = ("fail", "continue")
+#: ``payment.interval_s``: pay as you go every this many seconds (0: at the end
+#: only).  The minimum keeps anyone from asking for a payment every
+#: millisecond; the intervals of one job are bounded (``intervals_max``).
+interval_s_min = 10
+#: When a manifest file names no interval: one every five minutes for jobs
+#: longer than that (a network may set its own, e.g. the devnet's 10 s).
+interval_s_default = 300
+#: Installments one job may have at most (``duration_s_max // interval_s``).
+intervals_max = 4_096
 #: The body must leave room for the envelope in ``Kind.MANIFEST.bytes_max``.
 body_bytes_max = Kind.MANIFEST.bytes_max - 512
 
@@ -185,6 +194,8 @@ class Manifest:
     replicas: int = 1
     quorum: int = 1
     on_member_loss: str = "fail"
+    #: ``payment.interval_s``: pay as you go (docs/payouts.md); 0 = at the end only.
+    interval_s: int = 0
 
     def __post_init__(self) -> None:
         _check_manifest(self)
@@ -239,6 +250,8 @@ class Manifest:
                 "price_per_gpu_hour_max": self.price_per_gpu_hour_max,
                 "currency": self.currency,
                 "payer": self.payer,
+                # Only when set: manifests without it keep their job ids.
+                **({"interval_s": self.interval_s} if self.interval_s else {}),
             },
             "verification": {"replicas": self.replicas, "quorum": self.quorum, "on_member_loss": self.on_member_loss},
         }
@@ -254,7 +267,7 @@ class Manifest:
         s.exact_keys(req, {"nodes", "gpus_per_node", "memory_mb_min", "models", "compute_capability_min",
                            "regions", "allow_simulated"})
         s.exact_keys(rt, {"kind", "command", "env", "network", "duration_s_max"}, frozenset({"image"}))
-        s.exact_keys(pay, {"price_per_gpu_hour_max", "currency", "payer"})
+        s.exact_keys(pay, {"price_per_gpu_hour_max", "currency", "payer"}, frozenset({"interval_s"}))
         s.exact_keys(ver, {"replicas", "quorum", "on_member_loss"})
         env = s.get_map(rt, "env")
         if len(env) > env_len_max or not all(isinstance(v, str) for v in env.values()):
@@ -298,6 +311,8 @@ class Manifest:
                 price_per_gpu_hour_max=s.get_int(pay, "price_per_gpu_hour_max"),
                 currency=s.get_str(pay, "currency", 64, len_min=1),
                 payer=s.get_str(pay, "payer", 64),
+                interval_s=s.get_int(pay, "interval_s", interval_s_min, duration_s_max_max)
+                if "interval_s" in pay else 0,
                 replicas=s.get_int(ver, "replicas", 1, replicas_max),
                 quorum=s.get_int(ver, "quorum", 1, replicas_max),
                 on_member_loss=s.get_str(ver, "on_member_loss", 16),
@@ -361,6 +376,10 @@ def _check_manifest(m: Manifest) -> None:
          "a whole number of the currency's smallest units (lamports for SOL)")
     need(0 < len(m.currency) <= 64, "payment.currency", "\"SOL\" or an SPL token mint address")
     need(is_solana_address(m.payer), "payment.payer", "a Solana address (base58) that pays for the job")
+    need(m.interval_s == 0 or interval_s_min <= m.interval_s <= duration_s_max_max, "payment.interval_s",
+         f"0 (pay at the end only) or at least {interval_s_min} seconds between payments")
+    need(m.interval_s == 0 or m.duration_s_max // m.interval_s <= intervals_max, "payment.interval_s",
+         f"at most {intervals_max} intervals in runtime.duration_s_max; choose a longer interval")
     need(1 <= m.replicas <= replicas_max, "verification.replicas", f"between 1 and {replicas_max}")
     need(1 <= m.quorum <= m.replicas, "verification.quorum", "between 1 and replicas")
     need(m.nodes * m.replicas <= members_max, "verification.replicas",
@@ -376,7 +395,7 @@ _TOML_SECTIONS = {
     "requirements": {"nodes", "gpus_per_node", "vram_gb_min", "memory_mb_min", "models",
                      "compute_capability_min", "regions", "allow_simulated"},
     "runtime": {"kind", "command", "env", "network", "duration_s_max", "image"},
-    "payment": {"price_per_gpu_hour_max", "currency", "payer"},
+    "payment": {"price_per_gpu_hour_max", "currency", "payer", "interval_s"},
     "verification": {"replicas", "quorum", "on_member_loss"},
 }
 
@@ -566,6 +585,7 @@ def manifest_from_toml(
     now_ms: int,
     rng: Random,
     payer: str | None = None,
+    interval_s_default: int = interval_s_default,
 ) -> Manifest:
     """Parse a person's manifest file.
 
@@ -573,7 +593,8 @@ def manifest_from_toml(
     wallet address) is used when the file names none; ``rng`` draws the nonce.
     Raises :class:`ManifestError` naming the field at fault.
     """
-    return manifest_from_doc(toml_doc(text), submitter=submitter, now_ms=now_ms, rng=rng, payer=payer)
+    return manifest_from_doc(toml_doc(text), submitter=submitter, now_ms=now_ms, rng=rng, payer=payer,
+                             interval_s_default=interval_s_default)
 
 
 def toml_doc(text: str) -> dict[str, Any]:
@@ -592,6 +613,7 @@ def manifest_from_doc(
     now_ms: int,
     rng: Random,
     payer: str | None = None,
+    interval_s_default: int = interval_s_default,
 ) -> Manifest:
     """A manifest from the document a TOML file parses to (the same tables and
     keys, e.g. sent as JSON by the Python SDK), checked exactly as
@@ -620,6 +642,11 @@ def manifest_from_doc(
     payer_text = _t_str(pay, "payment.", "payer", payer or "")
     if not payer_text:
         raise ManifestError("payment.payer", "missing: name the Solana address that pays, or configure a wallet")
+    duration_s_max = _t_int(rt, "runtime.", "duration_s_max", 60)
+    # Absent: the network's default, for jobs longer than one interval (a
+    # shorter job is paid at the end only).  0 asks for the end only.
+    interval_s = _t_int(pay, "payment.", "interval_s",
+                        interval_s_default if duration_s_max > interval_s_default > 0 else 0)
     m = Manifest(
         name=_t_str(doc, "", "name", ""),
         submitter=submitter,
@@ -637,12 +664,13 @@ def manifest_from_doc(
         command=_t_strs(rt, "runtime.", "command"),
         env=tuple(sorted(env_t.items())),
         network=_t_bool(rt, "runtime.", "network", False),
-        duration_s_max=_t_int(rt, "runtime.", "duration_s_max", 60),
+        duration_s_max=duration_s_max,
         image=_t_str(rt, "runtime.", "image", ""),
         inputs=_toml_inputs(doc),
         price_per_gpu_hour_max=_t_int(pay, "payment.", "price_per_gpu_hour_max", 0),
         currency=_t_str(pay, "payment.", "currency", "SOL"),
         payer=payer_text,
+        interval_s=interval_s,
         replicas=replicas,
         quorum=_t_int(ver, "verification.", "quorum", replicas // 2 + 1),
         on_member_loss=_t_str(ver, "verification.", "on_member_loss", "fail"),

@@ -98,6 +98,29 @@ def matching(adverts: Iterable[Advert], req: Requirements) -> list[Advert]:
     return [a for a in adverts if exclusion(a, req) is None]
 
 
+def image_digest(image_ref: str) -> str:
+    """The hex digest an image reference pins (``...@sha256:<hex>``), or ``""``."""
+    _, at, digest = image_ref.rpartition("@sha256:")
+    return digest if at and len(digest) == 64 else ""
+
+
+def is_warm(adv: Advert | None, image_ref: str) -> bool:
+    """Does ``adv`` say its node has the image ``image_ref`` cached?"""
+    digest = image_digest(image_ref)
+    return bool(digest) and adv is not None and digest in adv.images
+
+
+def warm_first(peers: list[str], adverts: dict[str, Advert], image_ref: str) -> list[str]:
+    """``peers`` with those whose advert lists ``image_ref``'s digest as
+    cached moved to the front, each group in its given order: a tie-breaker
+    among peers that are already eligible, never a filter (a cold peer is
+    still chosen when there are not enough warm ones)."""
+    if not image_digest(image_ref):
+        return list(peers)
+    warm = [p for p in peers if is_warm(adverts.get(p), image_ref)]
+    return warm + [p for p in peers if p not in warm]
+
+
 @dataclass(frozen=True, slots=True)
 class Explanation:
     """How many known peers survive each requirement, in checking order."""

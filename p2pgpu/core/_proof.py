@@ -41,9 +41,10 @@ checkpoints_max = 256
 checkpoint_info_bytes_max = 32
 peer_id_len_max = limits.peer_id_len_max
 #: How a member's part ended (the sandbox's reasons plus the cluster's own;
-#: "interrupted": the member's node died mid-job and proves up to its last checkpoint).
+#: "interrupted": the member's node died mid-job and proves up to its last checkpoint;
+#: "unpaid": the member stopped because an installment was overdue, core/_installments.py).
 END_REASONS = ("exited", "time_limit", "memory_limit", "output_limit", "sandbox_error", "cancelled",
-               "member_lost", "job_failed", "interrupted")
+               "member_lost", "job_failed", "interrupted", "unpaid")
 #: GPU-milliseconds per GPU-hour: prices are per GPU-hour.
 ms_per_hour = 3_600_000
 _OUTPUTS_TAG = b"p2pgpu/outputs/v1\x00"

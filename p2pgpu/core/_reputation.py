@@ -141,6 +141,14 @@ class Reputation:
     def score(self, peer_id: str) -> Score:
         return self.scores.get(peer_id) or Score(peer_id=peer_id)
 
+    def with_record(self, limit: int) -> list[str]:
+        """Peers with a positive record (as a worker or as a submitter), best
+        first, at most ``limit``: the ones a node keeps in its advert book
+        when strangers crowd it (``AdvertBook.protect``)."""
+        good = [s for s in self.scores.values() if s.worker > 0 or s.submitter > 0]
+        good.sort(key=lambda s: (-max(s.worker, s.submitter), s.peer_id))
+        return [s.peer_id for s in good[:max(0, limit)]]
+
     def ranked_workers(self, peer_ids: Iterable[str]) -> list[str]:
         """Best worker first; ties by peer id (deterministic)."""
         return sorted(peer_ids, key=lambda p: (-self.score(p).worker, -self.score(p).good, p))

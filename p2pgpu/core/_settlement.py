@@ -91,7 +91,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Line statuses whose amount is owed (a tie of replicas pays each its time).
 PAYABLE = ("owed", "no_quorum")
 #: End reasons of a proof that say the job was stopped (no further proofs may come).
-STOPPED_REASONS = ("job_failed", "member_lost", "cancelled")
+STOPPED_REASONS = ("job_failed", "member_lost", "cancelled", "unpaid")
 
 #: What a member's part came to, in words, by its proof's end reason.
 END_WORDS = {
@@ -103,6 +103,7 @@ END_WORDS = {
     "member_lost": "stopped: another member was lost",
     "job_failed": "stopped: the job failed on another member",
     "interrupted": "the worker restarted in the middle of the job",
+    "unpaid": "stopped: the submitter did not pay an interval in time",
 }
 #: Why a member's proof earned nothing, by its line's status.
 STATUS_WORDS = {
@@ -248,14 +249,18 @@ class Settlement:
 
     def __init__(self, identity: Identity, config: SettlementConfig = DEFAULT_SETTLEMENT, *,
                  verify: Verifier | None = None,
-                 payout_address_of: Callable[[str], str] | None = None) -> None:
+                 payout_address_of: Callable[[str], str] | None = None,
+                 prepaid: Callable[[str, str], int] | None = None) -> None:
         """``payout_address_of`` finds a member's payout address in the
         driver's advert book (asked at confirmation, and again at settlement
-        for a member that had none)."""
+        for a member that had none); ``prepaid(job, member)`` is what was
+        already owed to it in installments (pay as you go,
+        ``core/_installments.py``): its line pays only the rest."""
         self.identity = identity
         self.config = config
         self.verify = verify
         self.payout_address_of = payout_address_of or (lambda _peer: "")
+        self.prepaid = prepaid or (lambda _job, _peer: 0)
         self.collections: dict[str, Collection] = {}
         self._tolerance = {"tolerance_ms": config.tolerance_ms, "tolerance_ppm": config.tolerance_ppm}
 
@@ -547,9 +552,10 @@ class Settlement:
               vp: Any) -> MemberLine:
         sp = c.proofs.get(peer)
         address = c.payout_addresses.get(peer) or self.payout_address_of(peer)
+        prepaid = self.prepaid(c.job_id, peer)
         if sp is None:
             return MemberLine(peer_id=peer, member_index=index, status="missing", amount=0,
-                              reason=STATUS_WORDS["missing"], payout_address=address)
+                              reason=STATUS_WORDS["missing"], payout_address=address, prepaid=prepaid)
         p = sp.proof
         if row is None:
             status, amount, reason = "rejected", 0, f"{STATUS_WORDS['rejected']} ({refusal[1]})"
@@ -562,12 +568,15 @@ class Settlement:
                 cap = (f"paid for {vp.paid_gpu_ms} of the {p.gpu_ms} GPU-ms it claimed: nobody saw more "
                        "of its work")
                 reason = f"{reason}; {cap}" if reason else cap
+            if prepaid and status in PAYABLE:
+                # Paid as it went: the line owes only what the installments did not cover.
+                amount = max(0, amount - prepaid)
         return MemberLine(peer_id=peer, member_index=index, status=status, amount=amount, reason=reason,
                           payout_address=address, proof_hash=sp.proof_hash, proof_wire=sp.wire,
                           cosigns=tuple(w for (_obs, subj), w in sorted(c.cosigns.items()) if subj == peer),
                           gpu_ms=p.gpu_ms, served_ms=p.duration_ms, exit_code=p.exit_code,
                           end_reason=p.end_reason, output_digest=p.output_digest,
-                          fault=refusal[0] if row is None else "")
+                          fault=refusal[0] if row is None else "", prepaid=prepaid)
 
 
 def part_words(end_reason: str, exit_code: int | None) -> str:

@@ -24,13 +24,17 @@ over 50 bytes).
 workers per provider, every chunk checked against its leaf as it arrives
 (``core/_chunks.py``), a provider that sends one bad chunk dropped at once,
 verified chunks written to a resumable partial in the store, the whole
-SHA-256 checked before the blob is committed.
+SHA-256 checked before the blob is committed.  The fetcher reads its streams
+in large pieces and cuts frames out of them (:class:`FrameReader`); the
+server asks py-libp2p for chunk-sized Yamux frames on its streams
+(``_patches.py``, "Bulk transfer").
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +155,10 @@ class BlobService:
             self.counts["blobs:streams_refused"] += 1
             raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many blob streams")
         self._streams[peer] += 1
+        muxed = getattr(stream, "muxed_stream", None)
+        if muxed is not None:
+            # A chunk and its length prefix in one Yamux frame (_patches.py, B1).
+            muxed.p2pgpu_frame_bytes_max = chunk_bytes_max + 16
         try:
             while True:
                 with trio.move_on_after(serve_idle_timeout_s) as idle:
@@ -356,7 +364,7 @@ class _Fetch:
 
     async def _ask_tree(self, stream: Any, peer: str) -> tuple[BlobTree, frozenset[int] | None] | None:
         await write_frame(stream, encode({"op": "tree", "sha256": bytes.fromhex(self.sha)}))
-        obj = decode(await read_frame(stream, tree_frame_bytes_max), size_max=tree_frame_bytes_max)
+        obj = decode(await frame_reader(stream).frame(tree_frame_bytes_max), size_max=tree_frame_bytes_max)
         if isinstance(obj, dict) and "error" in obj:
             return None
         return self._check_tree(peer, obj)
@@ -501,13 +509,14 @@ class _Fetch:
                         break
                     plan.add_provider(peer, got[1])
                     continue
+                reader = frame_reader(stream)
                 timeout = fetch_request_timeout_s_min + len(run) * tree.chunk_bytes / fetch_bytes_per_s_min
                 with trio.fail_after(timeout):
                     await write_frame(stream, encode({"op": "get", "sha256": tree.sha256, "first": run[0],
                                                       "count": len(run)}))
                     while run:
                         i = run[0]
-                        data = await read_frame(stream, tree.chunk_bytes)
+                        data = await reader.frame(tree.chunk_bytes)
                         try:
                             await trio.to_thread.run_sync(self._verify_and_write, i, data)
                         except PeerMisbehaved:
@@ -543,6 +552,68 @@ class _Fetch:
         assert self.tree is not None
         self.tree.check_chunk(index, data)
         self.partial.write_chunk(index, data)
+
+
+#: Bytes asked of a fetch stream per read (what Yamux has buffered, up to this).
+fetch_read_bytes = 4 << 20
+_readers: weakref.WeakKeyDictionary[Any, FrameReader] = weakref.WeakKeyDictionary()
+
+
+class FrameReader:
+    """Frames (``_streams``' varint length and bytes) cut from large reads of
+    one stream: a chunk costs one read of what is buffered and one copy,
+    where reading the length a byte at a time and the body in pieces cost a
+    muxer read (a lock, a window update) each and several copies."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _fill(self) -> None:
+        try:
+            got = await self.stream.read(fetch_read_bytes)
+        except BaseLibp2pError as exc:
+            raise StreamGone(type(exc).__name__) from None
+        if not got:
+            raise StreamGone("end of stream")
+        self.buf += got
+
+    async def frame(self, size_max: int) -> bytes:
+        """One frame, or ``PeerMisbehaved`` for a bad length, ``StreamGone`` on EOF."""
+        while True:
+            length, used = _uvarint_prefix(self.buf)
+            if used:
+                break
+            await self._fill()
+        if length > size_max:
+            raise PeerMisbehaved(Reason.OVERSIZED, f"frame of {length} bytes > {size_max}")
+        while len(self.buf) < used + length:
+            await self._fill()
+        data = bytes(memoryview(self.buf)[used:used + length])
+        del self.buf[:used + length]
+        return data
+
+
+def _uvarint_prefix(buf: bytearray) -> tuple[int, int]:
+    """(value, bytes used) of the varint at the start of ``buf``; (0, 0) when
+    it is not complete yet; ``PeerMisbehaved`` past 10 bytes."""
+    value = 0
+    for i in range(min(len(buf), 10)):
+        byte = buf[i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, i + 1
+    if len(buf) >= 10:
+        raise PeerMisbehaved(Reason.MALFORMED, "frame length varint too long")
+    return 0, 0
+
+
+def frame_reader(stream: Any) -> FrameReader:
+    """The one reader of ``stream`` (bytes it read ahead stay with it)."""
+    reader = _readers.get(stream)
+    if reader is None:
+        reader = _readers[stream] = FrameReader(stream)
+    return reader
 
 
 def job_blobs(rec: Any) -> set[str]:

@@ -15,6 +15,10 @@ for (``docs/state.md``, "Results across restarts"):
 - ``Settled``: every line's verdict, what it owes, the job's record and the
   collection's "settled" flag, in ONE transaction, then the payer is woken;
 - ``LateLine``: a proof that came after settlement but in time, and what it owes;
+- ``InstallmentsOwed``: intervals owed by pay as you go (``core/_installments.py``),
+  each with its payout row under its (job, member, interval) key, in one
+  transaction, before the claim's acknowledgement goes out; a claim is an
+  ``ItemTaken`` of kind ``claim`` (replayed after a restart);
 - ``LookupCollection``: a member's resend for a job no longer open in memory
   is answered from the store.
 
@@ -33,6 +37,7 @@ from p2pgpu.core import Kind, PeerMisbehaved, encode
 from p2pgpu.core._actions import (
     Action,
     CollectionOpened,
+    InstallmentsOwed,
     ItemTaken,
     LateLine,
     LogsTaken,
@@ -160,6 +165,21 @@ class Collector:
             with transaction(self._db):
                 self.jobs.persist(a.job_id)
                 self._record_line(a.job_id, a.currency, a.line, now)
+        self.jobs.node.payouts_due()
+
+    def installments_owed(self, a: InstallmentsOwed) -> None:
+        """Intervals owed as the job goes: recorded once each (a replay is a no-op), then paid."""
+        if self._db is None:
+            return
+        from p2pgpu.store import record_installment, transaction
+
+        now = self.jobs.node.now_ms()
+        with transaction(self._db):
+            for r in a.rows:
+                record_installment(self._db, key=r.key, job_id=a.job_id, peer_id=r.peer_id, interval=r.interval,
+                                   amount=r.amount, currency=a.currency, payout_address=r.payout_address,
+                                   now_ms=now)
+        self.jobs.counts["installments_owed"] += len(a.rows)
         self.jobs.node.payouts_due()
 
     def _record_line(self, job_id: str, currency: str, line: MemberLine, now_ms: int) -> None:

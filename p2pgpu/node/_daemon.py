@@ -59,6 +59,7 @@ from p2pgpu.core import (
     verify_advert,
 )
 from p2pgpu.core._challenge import n_max as n_max_challenge
+from p2pgpu.core._reputation import job_value_max
 from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 from p2pgpu.wallet import Wallet
@@ -67,8 +68,11 @@ from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._connmgr import ConnectionManager
 from ._control import ControlError, ControlServer
+from ._images import advertised_images
+from ._inputs import input_pins_loop
 from ._job_api import inclusion_doc, job_handlers
 from ._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, JobsService
+from ._receipts import RECEIPTS_TOPIC, P2pgpuRecordValidator, ReceiptRecordValidator, ReceiptService
 from ._linkdelay import link_delay_from_config
 from ._market import market_row
 from ._results import RESULTS_PROTOCOL, serve_results
@@ -84,7 +88,7 @@ MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
 STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL, CHALLENGE_PROTOCOL,
                                BLOBS_PROTOCOL]
-TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC]
+TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC, RECEIPTS_TOPIC]
 market_request_bytes_max = 1024
 #: Paid notices remembered (against telling one twice in a loop of the payer).
 paid_notices_remembered_max = 20_000
@@ -245,12 +249,18 @@ class Node:
         # hidden from matching through the book's view hook.
         self.challenges = challenge_service(self)
         self.book.view = self.challenges.view
+        # Receipts and reputation (#16, node/_receipts.py).
+        self.receipts = ReceiptService(self)
+        self.jobs.on_settled = self.receipts.on_settled
+        self.jobs.on_paid = self.receipts.on_paid
+        self.jobs.standing = self.receipts.standing
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus["Node"] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_at_s = trio.current_time()
-        validators: dict[str, Validator] = {"p2pgpu": AdvertRecordValidator(self)}
+        validators: dict[str, Validator] = {"p2pgpu": P2pgpuRecordValidator(
+            AdvertRecordValidator(self), ReceiptRecordValidator(self.counts))}
         link = link_delay_from_config(self.config.extra, allow=self.network.allow_simulated,
                                       network=self.network.name, peer_id=self.identity.peer_id)
         async with open_stack(self.identity.seed, self.options.listen, dht_validators=validators,
@@ -285,10 +295,12 @@ class Node:
                     self._write_control_file()
                     await nursery.start(self.jobs.run)
                     await nursery.start(self.challenges.run)
+                    await nursery.start(self.receipts.run)
                     for loop in (self._advert_loop, self._dht_loop, self._connect_loop, self._expire_loop,
                                  self._ping_loop, self._payout_loop, self._protect_loop, self.connmgr.run):
                         nursery.start_soon(supervise, loop.__name__.strip("_"), loop, self.counts)
                     nursery.start_soon(supervise, "drain", lambda: self._drain(sub), self.counts)
+                    nursery.start_soon(supervise, "input_pins", lambda: input_pins_loop(self), self.counts)
                     task_status.started(self)
             finally:
                 self._remove_control_file()
@@ -344,6 +356,7 @@ class Node:
             region=config.region,
             runtimes=self.runtimes,
             simulated=self.inventory.simulated,
+            images=advertised_images(self),
         )
         return sign_advert(self.identity, adv)
 
@@ -439,6 +452,8 @@ class Node:
                     for err in report.errors:
                         log.warning("payer: %s", err)
                     self.counts["payouts_paid"] += report.paid_rows
+                    if report.paid_rows:
+                        self.receipts.wake()
                 except (LedgerUnavailable, LedgerRejected, PayerUnderfunded, OSError, ValueError) as exc:
                     # A ledger outage or an empty wallet must not stop the node: retried.
                     self.counts["payouts_errors"] += 1
@@ -509,6 +524,7 @@ class Node:
             log.warning("config.toml sets adversary = %r: ignored on network %s (test networks only)",
                         adversary, self.network.name)
             adversary = ""
+        self.jobs.adversary = adversary
         self.runner = Runner(self.jobs, root=root, policy=policy, adversary=adversary)
 
     @property
@@ -615,14 +631,18 @@ class Node:
 
     def peers_we_work_with(self) -> list[str]:
         """The peers this node has reason to keep, most important first: its
-        bootstrap peers, then the members (and, where we were a member, the
-        submitter) of its jobs, newest job first.  The advert book never
-        evicts their adverts (and later work feeds reputation in here)."""
+        bootstrap peers, then the peers with a record in the receipts it
+        holds (best first, at most half the room: #16), then the members (and,
+        where we were a member, the submitter) of its jobs, newest job first.
+        The advert book never evicts their adverts."""
         out: dict[str, None] = {}
         for addr in [*self.network.bootstrap, *self.options.bootstrap]:
             if "/p2p/" in addr:
                 out[addr.rsplit("/p2p/", 1)[1]] = None
         cap = self.book.protected_max
+        if self.receipts.last is not None:
+            for pid in self.receipts.last.with_record(cap // 2):
+                out[pid] = None
         for rec in self.jobs.records.ours_newest_first():  # strangers' jobs name nobody we work with
             if len(out) >= cap:
                 break
@@ -822,6 +842,7 @@ class Node:
             "shutdown": self._shutdown,
             **job_handlers(self),
             **challenge_handlers(self.challenges),
+            **self.receipts.handlers(),
         }
 
     async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -863,11 +884,16 @@ class Node:
     async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.stack is not None
         store = self.stack.host.get_peerstore()
+        # The last scores (refreshed in the background): peers never waits on the ledger.
+        rep = self.receipts.last or await self.receipts.reputation()
         rows = []
         for peer in sorted(self.stack.host.get_connected_peers(), key=lambda p: p.to_base58()):
             pid = peer.to_base58()
+            score = rep.score(pid)
             rows.append({"peer_id": pid, "addrs": [str(a) for a in store.addrs(peer)][:8],
-                         "latency_ms": self.latency_ms.get(pid)})
+                         "latency_ms": self.latency_ms.get(pid),
+                         # Its record from the receipts this node holds (docs/reputation.md).
+                         "reputation": score.to_json() | {"job_value_max": job_value_max(score)}})
         return rows
 
     async def _market(self, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -948,5 +974,3 @@ def challenge_service(node: Node) -> ChallengeService:
         backend=str(extra.get("challenge_backend", "auto")),
         auto=bool(extra.get("challenge_auto", not node.network.allow_simulated)),
         n_max_served=int(extra.get("challenge_n_max", n_max_challenge)))
-
-

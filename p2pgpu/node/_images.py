@@ -4,12 +4,21 @@
 whose root is the image: on the first job the node pulls the image
 (``content/_oci.py``: layers into the content store, each checked against its
 digest; layers other nodes hold are fetched from them first), unpacks the
-layers in order into ``<home>/images/.tmp-*`` (``content/_unpack.py``: nothing
+layers in order into ``<cache>/.tmp-*`` (``content/_unpack.py``: nothing
 escapes the root), adds the mount points the sandbox needs, and renames the
-directory to ``<home>/images/<manifest digest>``: a crash never leaves a
+directory to ``<cache>/<manifest digest>``: a crash never leaves a
 half-unpacked image that looks complete.  Later jobs on the node start from
 that cache.  The cache is bounded (``images_bytes_max``): the least recently
 used images that no running job uses are removed to make room.
+
+The cache is not in the node's home: an ``oci`` job's root is a bind of the
+cached root, and a bind's source path shows in the job's
+``/proc/self/mountinfo``.  It lives beside the job disks, under the scratch
+root (``runtime/_disk.py``: ``/var/tmp/p2pgpu-<uid>``, mode 0700), as
+``images-<16 hex of the home's path hash>``, so a job sees only that neutral
+path and its image's digest (which its manifest names anyway).  An ``owner``
+file there names the home; a node removes the caches of homes that no longer
+exist when it opens its own.
 
 The job's environment starts from the image's ``Env``, then the manifest's,
 then the sandbox's own variables; its working directory is ``/work``.
@@ -18,6 +27,7 @@ then the sandbox's own variables; its working directory is ``/work``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -62,8 +72,41 @@ def _dir_bytes(root: Path) -> int:
     return total
 
 
+#: Orphaned caches (their home is gone) removed per start, at most.
+orphan_caches_swept_max = 64
+
+
+def images_dir(home: Path, scratch_root: Path) -> Path:
+    """Where the node whose home is ``home`` keeps its images (see the module doc)."""
+    key = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+    return scratch_root / f"images-{key}"
+
+
+def sweep_orphan_caches(scratch_root: Path, *, keep: Path) -> list[Path]:
+    """Remove image caches whose ``owner`` home no longer exists (a test's or
+    a deleted node's); return what was removed.  A cache without an owner
+    file is left alone: it is not known to be ours to remove."""
+    removed: list[Path] = []
+    try:
+        names = sorted(n for n in os.listdir(scratch_root) if n.startswith("images-"))
+    except OSError:
+        return removed
+    for name in names:
+        d = scratch_root / name
+        if d == keep or len(removed) >= orphan_caches_swept_max:
+            continue
+        try:
+            owner = (d / "owner").read_text().strip()
+        except OSError:
+            continue
+        if owner.startswith("/") and not os.path.exists(owner):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class ImageCache:
-    """``<home>/images``: one read-only root per image manifest digest."""
+    """One read-only root per image manifest digest (see the module doc)."""
 
     def __init__(self, root: Path, *, bytes_max: int = images_bytes_max_default,
                  unpacked_bytes_max: int = unpacked_bytes_max_default,
@@ -80,6 +123,8 @@ class ImageCache:
         self.jobs: dict[str, str] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.pulls = 0
+        #: Orphaned caches of other homes looked for yet (``_sweep_once``).
+        self.swept = False
 
     def lock(self, digest: str) -> trio.Lock:
         return self._locks.setdefault(digest, trio.Lock())
@@ -157,18 +202,50 @@ class ImageCache:
         return final / "rootfs", meta
 
 
+def _scratch_root(node: Node) -> Path:
+    from p2pgpu.runtime._disk import scratch_root_default
+
+    policy = getattr(getattr(node, "runner", None), "policy", None)
+    return getattr(policy, "scratch_root", None) or scratch_root_default()
+
+
 def image_cache(node: Node) -> ImageCache:
+    """The node's cache, opened on first use (its directory made, its owner
+    file written; orphaned caches are swept by :func:`prepare_image`, in a
+    worker thread)."""
     cache = getattr(node, "images", None)
     if cache is None:
         import tempfile
 
+        from p2pgpu.runtime._disk import DiskUnavailable, _ensure_root
+
         extra = node.config.extra
-        root = node.home.path / "images" if node.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-img-"))
+        if node.home is not None:
+            scratch = _scratch_root(node)
+            try:
+                _ensure_root(scratch)
+            except (DiskUnavailable, OSError) as exc:
+                raise ImageRefused(f"no place for the image cache: {exc}") from None
+            root = images_dir(node.home.path, scratch)
+            root.mkdir(mode=0o700, exist_ok=True)
+            (root / "owner").write_text(str(node.home.path.resolve()) + "\n")
+        else:
+            root = Path(tempfile.mkdtemp(prefix="p2pgpu-img-"))
         cache = ImageCache(root, bytes_max=int(extra.get("images_bytes_max", images_bytes_max_default)),
                            unpacked_bytes_max=int(extra.get("image_unpacked_bytes_max", unpacked_bytes_max_default)),
                            image_bytes_max=int(extra.get("image_bytes_max", image_bytes_max_default)))
         node.images = cache
     return cache
+
+
+async def _sweep_once(node: Node, cache: ImageCache) -> None:
+    """Remove the caches of homes that no longer exist, once per node run
+    (a worker thread: a cache can hold gigabytes)."""
+    if getattr(cache, "swept", True) is False and node.home is not None:
+        cache.swept = True
+        scratch = _scratch_root(node)
+        for gone in await trio.to_thread.run_sync(lambda: sweep_orphan_caches(scratch, keep=cache.root)):
+            log.info("removed the image cache %s: its node home no longer exists", gone)
 
 
 async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[str], Awaitable[None]]) -> JobSpec:
@@ -179,6 +256,7 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
     except ValueError as exc:
         raise ImageRefused(str(exc)) from None
     cache = image_cache(node)
+    await _sweep_once(node, cache)
     blobs = node.blobs
     if blobs is None:
         raise ImageRefused("this node has no content store")
@@ -216,6 +294,7 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
             for layer in meta["layers"]:
                 if nursery := getattr(node, "_nursery", None):
                     nursery.start_soon(blobs.announce, layer)
+            _readvertise(node)  # the advert lists cached images: say we have one more
             await say(f"p2pgpu: image {m.image}: ready ({meta['unpacked_bytes']} bytes unpacked in "
                       f"{trio.current_time() - t0:.1f} s)")
         else:
@@ -224,6 +303,44 @@ async def prepare_image(node: Node, start: Any, spec: JobSpec, say: Callable[[st
         cache.jobs[start.job_id] = meta["manifest_digest"]
     node.counts["images:cache_hits" if found is not None else "images:pulls"] += 1
     return dataclasses.replace(spec, root_dir=root, image_env=dict(meta["env"]))
+
+
+def _readvertise(node: Node) -> None:
+    """Have the advert loop publish a fresh advert (new terms: the image list)."""
+    if hasattr(node, "_advert_stale"):
+        node._advert_stale = True
+        node.capacity_changed()  # wakes the advert loop
+
+
+def advertised_images(node: Node) -> tuple[str, ...]:
+    """The cached images this node's advert lists (``core/_advert.images_max``
+    of them, the most recently used; sorted): nothing unless it runs ``oci``.
+    Reads the cache directory only (a listing and a stat per image): it is
+    called for every advert, on the event loop."""
+    from p2pgpu.core._advert import images_max
+
+    if "oci" not in getattr(node, "runtimes", ()):
+        return ()
+    cache = getattr(node, "images", None)
+    if cache is not None:
+        root = cache.root
+    elif node.home is not None:
+        root = images_dir(node.home.path, _scratch_root(node))
+    else:
+        return ()
+    used = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return ()  # no image cached yet
+    for d in names[:4096]:
+        if len(d) != 64:
+            continue
+        try:
+            used.append(((root / d / "image.json").stat().st_mtime, d))
+        except OSError:
+            continue
+    return tuple(sorted(d for _t, d in sorted(used, reverse=True)[:images_max]))
 
 
 def release_image(node: Node, job_id: str) -> None:

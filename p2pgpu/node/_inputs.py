@@ -8,6 +8,12 @@ the job (eviction never takes it while the job needs it) and linked, read-only,
 into the job's inputs directory (``$P2PGPU_IN``).  Any failure ends the job
 before its command starts, with :class:`InputError` saying which input and
 why; nothing half-written is left in the store.
+
+The submitter's side: ``job submit`` copies each local file into the
+submitter's store (:func:`import_local_inputs`) and pins it for the job
+(:func:`pin_local_inputs`: a row in the store's SQLite index, so it survives
+a crash) until :func:`input_pins_loop` sees the job ended
+(``core/_fetch.submitted_inputs_done``).
 """
 
 from __future__ import annotations
@@ -115,6 +121,53 @@ async def _report(say: Say, name: str, done: list[int], total: int) -> None:
 
 #: Local files per manifest that ``job submit`` reads and serves.
 local_inputs_max = 32
+#: Pins of a submitter's local inputs are owned by ``submit:<job id>:<deadline
+#: ms>`` (a member's own pins on the same node are owned by the job id and
+#: unpinned when it finishes running, which must not release what the
+#: submitter serves; the deadline decides when no job record is left).
+SUBMIT_PIN_PREFIX = "submit:"
+input_pins_check_s = 2.0
+#: Pin owners looked at per check.
+input_pins_checked_max = 10_000
+
+
+def pin_local_inputs(node: Node, sm: Any, shas: list[str]) -> None:
+    """Keep a submitted job's local inputs from eviction until it ends.  The
+    pins are rows in the store's SQLite index: they survive a restart."""
+    if node.blobs is not None:
+        m = sm.manifest
+        deadline_ms = m.expires_at_ms + m.duration_s_max * 1000
+        for sha in shas:
+            node.blobs.store.pin(sha, f"{SUBMIT_PIN_PREFIX}{sm.job_id}:{deadline_ms}")
+
+
+def release_ended_input_pins(node: Node) -> list[str]:
+    """Unpin the local inputs of submitted jobs that need them no more
+    (``core/_fetch.submitted_inputs_done``); return the job ids released."""
+    from p2pgpu.core._fetch import submitted_inputs_done
+
+    if node.blobs is None:
+        return []
+    store, now = node.blobs.store, node.now_ms()
+    released = []
+    for owner in store.pin_owners(SUBMIT_PIN_PREFIX, limit=input_pins_checked_max):
+        job_id, _, deadline = owner[len(SUBMIT_PIN_PREFIX):].partition(":")
+        rec = node.jobs.records.get(job_id)
+        if submitted_inputs_done(None if rec is None else rec.state, now_ms=now,
+                                 deadline_ms=int(deadline) if deadline.isdigit() else 0):
+            store.unpin(owner)
+            released.append(job_id)
+    return released
+
+
+async def input_pins_loop(node: Node) -> None:
+    """Release the pins of ended jobs' local inputs now and then (also the
+    first thing after a restart: pins of jobs that ended meanwhile go)."""
+    while True:
+        for job_id in release_ended_input_pins(node):
+            log.info("job %s ended: its local inputs may be evicted now", job_id[:12])
+            node.counts["inputs:pins_released"] += 1
+        await trio.sleep(input_pins_check_s)
 
 
 def local_input_paths(doc: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -26,6 +26,7 @@ from p2pgpu.core import Requirement, explain, matching
 from p2pgpu.core._manifest import (
     Manifest,
     ManifestError,
+    interval_s_default,
     manifest_from_doc,
     sign_manifest,
     toml_doc,
@@ -62,6 +63,13 @@ _REQUIREMENT_WORDS = {
 
 def _payer_address(node: Node) -> str | None:
     return node.wallet.payer_address if node.home is not None else None
+
+
+def payment_interval_s_default(node: Node) -> int:
+    """The pay-as-you-go interval of a manifest that names none (``payment_interval_s``
+    in config.toml; the devnet writes a short one)."""
+    value = node.config.extra.get("payment_interval_s", interval_s_default)
+    return value if type(value) is int and value >= 0 else interval_s_default
 
 
 def job_handlers(node: Node) -> dict[str, Any]:
@@ -101,7 +109,7 @@ def job_handlers(node: Node) -> dict[str, Any]:
         now = node.now_ms()
         try:
             manifest = parse(text, submitter=node.identity.peer_id, now_ms=now, rng=node.rng,
-                             payer=_payer_address(node))
+                             payer=_payer_address(node), interval_s_default=payment_interval_s_default(node))
         except ManifestError as exc:
             raise ControlError(f"manifest: {exc}", code="bad_manifest",
                                details={"field": exc.field, "problem": exc.message}) from None
@@ -109,6 +117,10 @@ def job_handlers(node: Node) -> dict[str, Any]:
             return dry_run(node, manifest)
         sm = sign_manifest(node.identity, manifest)
         jobs.submit(sm)
+        if local:
+            from ._inputs import pin_local_inputs
+
+            pin_local_inputs(node, sm, local)  # until the job ends (_inputs.input_pins_loop)
         if node.blobs is not None and getattr(node, "_nursery", None) is not None:
             for sha in local:
                 node._nursery.start_soon(node.blobs.announce, sha)

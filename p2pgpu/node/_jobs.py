@@ -64,6 +64,7 @@ from p2pgpu.core._actions import (
     Emit,
     Failed,
     HandOver,
+    InstallmentsOwed,
     ItemTaken,
     JobSeen,
     LateLine,
@@ -92,6 +93,7 @@ from p2pgpu.core._formation_messages import message_bytes_max
 from p2pgpu.core._formation_quota import PayerChecks
 from p2pgpu.core._formation_submitter import Submitter
 from p2pgpu.core._host import Host, HostConfig, Via
+from p2pgpu.core._installments import DEFAULT_INSTALLMENTS, InstallmentConfig
 from p2pgpu.core._manifest import SignedManifest
 from p2pgpu.core._matching import matching
 from p2pgpu.core._owned_table import OwnedTable
@@ -176,21 +178,40 @@ class JobRecord:
 Runner = Callable[[StartJob], Awaitable[None]]
 
 
+def installment_config(node: NodePorts) -> InstallmentConfig:
+    """The worker's pay-as-you-go grace: ``payment_grace_s`` in config.toml
+    (how long after claiming an interval it keeps working unpaid)."""
+    extra = getattr(getattr(node, "config", None), "extra", None) or {}
+    grace = extra.get("payment_grace_s")
+    if type(grace) is not int or not 1 <= grace <= 24 * 3600:
+        return DEFAULT_INSTALLMENTS
+    return dataclasses.replace(DEFAULT_INSTALLMENTS, grace_ms=grace * 1000)
+
+
 class JobsService:
     def __init__(self, node: NodePorts, *, rng: random.Random, config: HostConfig | None = None) -> None:
         formation = dataclasses.replace(NODE_FORMATION, network=getattr(node.book, "network", ""))
         self.node = node
         self.rng = rng
-        self.config = config or HostConfig(formation=formation)
+        self.config = config or HostConfig(formation=formation, installments=installment_config(node))
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
         self.host = Host(node.identity, self.config, adverts=self.advert_of, candidates=self.candidates,
-                         submitter_of=self._submitter_of)
+                         submitter_of=self._submitter_of, standing=self._standing)
+        #: A test network's adversary (config.toml ``adversary``; the daemon
+        #: sets it only where simulated GPUs are allowed): ``claim_ahead``
+        #: also claims the interval after each one it served.
+        self.adversary = ""
         self.records: OwnedTable[str, JobRecord] = OwnedTable(
             theirs_max=records_max, per_owner_max=records_per_submitter_max, ours_max=own_records_max)
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
+        #: A peer's worker score from the receipts held (#16, ``_receipts.py``), if known.
+        self.standing: Callable[[str], int | None] | None = None
+        #: Receipts (#16, ``_receipts.py``): told of each settlement and payment notice.
+        self.on_settled: Callable[[Settled], None] | None = None
+        self.on_paid: Callable[[PaidNotice], None] | None = None
         self.collector = Collector(self)
         #: Set by the node when its ledger is shared (an RPC endpoint): the payer gate.
         self.payer_check: Any = None
@@ -255,6 +276,9 @@ class JobsService:
         of them volunteer at once (``FormationConfig.spare_volunteers``).  A
         stale entry costs time, never safety."""
         return [a.peer_id for a in matching(self.node.book.live(now_ms), sm.manifest.requirements)]
+
+    def _standing(self, peer_id: str) -> int | None:
+        return self.standing(peer_id) if self.standing is not None else None
 
     def _submitter_of(self, job_id: str) -> str | None:
         rec = self.records.get(job_id)
@@ -395,8 +419,12 @@ class JobsService:
             self.apply(self.collector.lookup(a))
         elif isinstance(a, Settled):
             self.collector.settled(a)
+            if self.on_settled is not None:
+                self.on_settled(a)
         elif isinstance(a, LateLine):
             self.collector.late_line(a)
+        elif isinstance(a, InstallmentsOwed):
+            self.collector.installments_owed(a)
         elif isinstance(a, HandOver):
             self._hand_over(a, now)
         elif isinstance(a, DeliveryDone):
@@ -407,6 +435,8 @@ class JobsService:
             self.persist(a.job_id)
         elif isinstance(a, PaidNotice):
             self._on_paid(a, now)
+            if self.on_paid is not None:
+                self.on_paid(a)
         elif isinstance(a, MemberMessage):
             if self.runner_obj is not None:
                 self.runner_obj.on_member_message(a.body, a.signer)
@@ -491,6 +521,23 @@ class JobsService:
                                payout_address=self.node.payout_address, created_ms=now)
             set_member_run(self.db, a.job_id, proof_signed=a.proof_signed or None, cosigned=a.cosigned or None,
                            observed=a.observed)
+        if self.adversary == "claim_ahead":
+            self._claim_ahead(a)
+
+    def _claim_ahead(self, a: HandOver) -> None:
+        """Adversary (test networks only): claim one interval more than served."""
+        from p2pgpu.core._codec import decode
+        from p2pgpu.core._envelope import body_of, envelope_from_obj
+        from p2pgpu.core._installments import Claim, claim_wire
+
+        for kind, wire in a.items:
+            if kind != "claim":
+                continue
+            c = Claim.from_body(body_of(envelope_from_obj(decode(wire, size_max=1 << 16, canonical=True))),
+                                self.node.identity.peer_id)
+            if c.interval:
+                self.counts["adversary:claims_ahead"] += 1
+                self.send(a.dest, claim_wire(self.node.identity, dataclasses.replace(c, interval=c.interval + 1)))
 
     def _delivery_done(self, a: DeliveryDone, now: int) -> None:
         if a.status == "expired":
@@ -596,6 +643,11 @@ class JobsService:
         doc = rec.to_json()
         doc["proofs"] = list(rec.extra.get("proofs", []))
         doc["payouts"] = self.payouts_of(rec.job_id)
+        if self.db is not None and rec.manifest.manifest.interval_s:
+            from p2pgpu.store import installments_of
+
+            # Pay as you go: each interval owed (submitter) and its payout's status.
+            doc["installments"] = installments_of(self.db, rec.job_id)
         progress = self.host.submitter.progress(rec.job_id)
         if progress is not None:
             doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,

@@ -27,4 +27,5 @@ def market_row(adv: Advert) -> dict[str, Any]:
         "simulated": adv.simulated,
         "payout_address": adv.payout_address,
         "runtimes": list(adv.runtimes),
+        "images": list(adv.images),
     }

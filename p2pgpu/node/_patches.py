@@ -691,6 +691,10 @@ def apply(only: Iterable[str] | None = None) -> list[str]:
         undo: Undo = []
         try:
             PATCHES[name](undo)
+        except _SourceChanged as exc:  # pinned by hash (the bulk-transfer block)
+            _restore(undo)
+            logger.warning("py-libp2p patch %s NOT applied: upstream %s changed; re-check it", name, exc)
+            continue
         except BaseException:
             _restore(undo)
             raise
@@ -715,3 +719,162 @@ def installed() -> list[str]:
 def _restore(undo: Undo) -> None:
     for owner, attr, original in reversed(undo):
         setattr(owner, attr, original)
+
+
+# === Bulk transfer (blobs, #15) =====================================================
+# A self-contained block: speed-ups for streams that carry megabytes (blob
+# chunks), applied and removed with the others (``PATCHES`` below), each
+# pinned to a hash of the upstream source it replaces and skipped, loudly, if
+# that source changed.  The wire stays exactly what upstream sends and
+# accepts, so an unpatched py-libp2p (or go/js) peer interoperates
+# (``tests/content/test_bulk_patches.py``).  Measured with
+# ``benchmarks/transfer.py`` (docs/performance.md, "Blob transfer").
+#
+# B1. Larger Yamux frames on streams that ask for them.  Upstream cuts every
+#     write into 64 KiB frames (go-yamux's *send* default); each frame costs
+#     the sender two locks, a header and a copy, and the receiver a header
+#     parse, ~10 debug f-strings, two locks and a buffer append.  A receiver
+#     accepts any DATA frame up to the window it granted (go-yamux, js-yamux,
+#     py-libp2p: length <= receive window), so a stream that sets
+#     ``muxed_stream.p2pgpu_frame_bytes_max`` is written in frames up to that
+#     size (never more than the peer's window); every other stream keeps 64 KiB.
+# B2. One socket write per Noise write.  Upstream encrypts a write larger than
+#     a Noise message (65,519 bytes of plaintext) piece by piece and sends each
+#     piece separately (a trio send and a lock each); here the pieces are
+#     encrypted in the same order with the same nonces and sent at once.
+# B3. Buffered reads under Noise.  Upstream reads each Noise message with two
+#     exact reads (2 bytes of length, then the body, each a ``receive_some``);
+#     here the transport reader (the only reader of its connection once the
+#     handshake is over) reads up to ``noise_read_bytes`` at a time and cuts
+#     messages out of its buffer.  The handshake reader is left alone: bytes
+#     read ahead during the handshake would be lost to the transport reader.
+
+YAMUX_WRITE_SHA256 = "d87f74dfb53ab194e7907a44c7400ce2f7e64f8cde63b5840af83772b17547af"
+NOISE_WRITE_SHA256 = "00818920318f86aa35a975a694953d4afb06267afe15922ee8447c6f10875330"
+NOISE_READ_SHA256 = "b2fa218c135c82c09e8741282b92839f70c7275c05a78f23bfa30c7bd67ddf85"
+#: Largest Yamux frame a bulk stream may ask for (its own attribute says how large).
+bulk_frame_bytes_max = (4 << 20) + 64
+#: Bytes asked of the socket per read under Noise (a Noise message is <= 65,537 bytes).
+noise_read_bytes = 256 * 1024
+
+
+def _pinned(fn: Any, sha: str, what: str) -> None:
+    if _source_sha256(fn) != sha:
+        raise _SourceChanged(what)
+
+
+def _install_yamux_bulk_frames(undo: Undo) -> None:
+    import struct
+
+    import trio
+    from libp2p.stream_muxer.exceptions import MuxedStreamError
+    from libp2p.stream_muxer.yamux import yamux as ymod
+
+    _pinned(ymod.YamuxStream.write, YAMUX_WRITE_SHA256, "YamuxStream.write")
+    header_size, default_payload = ymod.HEADER_SIZE, ymod.MAX_MESSAGE_SIZE - ymod.HEADER_SIZE
+
+    async def write(self: Any, data: bytes) -> None:
+        # Upstream's body; only the frame size (and one copy fewer) differ.
+        if self.send_closed:
+            raise MuxedStreamError("Stream is closed for sending")
+        payload_max = min(getattr(self, "p2pgpu_frame_bytes_max", 0) or default_payload, bulk_frame_bytes_max)
+        view = memoryview(data)
+        total_len, sent = len(view), 0
+        while sent < total_len:
+            frame: bytes | None = None
+            while frame is None:
+                async with self.rw_lock.write_lock():
+                    if self.send_closed:
+                        raise MuxedStreamError("Stream is closed for sending")
+                    async with self.window_lock:
+                        if self.closed:
+                            raise MuxedStreamError("Stream is closed")
+                        if self.send_window > 0:
+                            to_send = min(self.send_window, payload_max, total_len - sent)
+                            self.send_window -= to_send
+                            frame = struct.pack(ymod.YAMUX_HEADER_FORMAT, 0, ymod.TYPE_DATA, 0, self.stream_id,
+                                                to_send) + view[sent:sent + to_send]
+                if frame is not None:
+                    break
+                self._zero_window_waits += 1
+                with trio.move_on_after(5.0) as cancel_scope:
+                    while True:
+                        async with self.window_lock:
+                            if self.send_window > 0 or self.closed:
+                                break
+                        await trio.sleep(0.01)
+                if cancel_scope.cancelled_caught:
+                    raise MuxedStreamError("Timed out waiting for window update after 5 seconds.")
+            await self.conn._write_frame(frame)
+            sent += len(frame) - header_size
+
+    _replace(undo, ymod.YamuxStream, "write", write, "yamux_bulk_frames")
+
+
+def _install_noise_write_once(undo: Undo) -> None:
+    from libp2p.security.noise import io as nio
+
+    _pinned(nio.BaseNoiseMsgReadWriter.write_msg, NOISE_WRITE_SHA256, "BaseNoiseMsgReadWriter.write_msg")
+    piece_max = nio.MAX_PLAINTEXT_LENGTH
+    len_bytes = nio.SIZE_NOISE_MESSAGE_LEN
+
+    async def write_msg(self: Any, msg: bytes, prefix_encoded: bool = False) -> None:
+        parts: list[bytes] = []
+        for start in range(0, max(len(msg), 1), piece_max):
+            encrypted = self.encrypt(msg[start:start + piece_max])
+            if prefix_encoded and start == 0:
+                encrypted = self.prefix + encrypted
+            parts.append(len(encrypted).to_bytes(len_bytes, "big"))
+            parts.append(encrypted)
+        await self.read_writer.read_write_closer.write(b"".join(parts))
+
+    _replace(undo, nio.BaseNoiseMsgReadWriter, "write_msg", write_msg, "noise_write_once")
+
+
+def _install_noise_buffered_reads(undo: Undo) -> None:
+    from libp2p.io.exceptions import IncompleteReadError
+    from libp2p.security.noise import io as nio
+
+    _pinned(nio.BaseNoiseMsgReadWriter.read_msg, NOISE_READ_SHA256, "BaseNoiseMsgReadWriter.read_msg")
+    len_bytes = nio.SIZE_NOISE_MESSAGE_LEN
+
+    upstream_read_msg = nio.BaseNoiseMsgReadWriter.read_msg
+
+    async def read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
+        if not isinstance(self, nio.NoiseTransportReadWriter):
+            return await upstream_read_msg(self, prefix_encoded)  # the handshake: never read ahead
+        buf: bytearray | None = self.__dict__.get("_p2pgpu_rbuf")
+        if buf is None:
+            buf = self.__dict__["_p2pgpu_rbuf"] = bytearray()
+        conn = self.read_writer.read_write_closer
+        while True:
+            if len(buf) >= len_bytes:
+                end = len_bytes + int.from_bytes(buf[:len_bytes], "big")
+                if len(buf) >= end:
+                    encrypted = bytes(buf[len_bytes:end])
+                    del buf[:end]
+                    break
+                want = end - len(buf)
+            else:
+                want = len_bytes - len(buf)
+            more = await conn.read(max(want, noise_read_bytes))
+            if not more:
+                # As upstream's two exact reads (length, then body): the error
+                # counts the bytes of the read that was cut (0: a clean close).
+                part = len(buf) if len(buf) < len_bytes else len(buf) - len_bytes
+                raise IncompleteReadError(f"Connection closed during read operation: {len(buf)} bytes of a "
+                                          "Noise message buffered", expected_bytes=part + want,
+                                          received_bytes=part)
+            buf += more
+        if prefix_encoded:
+            encrypted = encrypted[len(self.prefix):]
+        return self.decrypt(encrypted)
+
+    _replace(undo, nio.BaseNoiseMsgReadWriter, "read_msg", read_msg, "noise_buffered_reads")
+
+
+PATCHES.update({
+    "yamux_bulk_frames": _install_yamux_bulk_frames,
+    "noise_write_once": _install_noise_write_once,
+    "noise_buffered_reads": _install_noise_buffered_reads,
+})

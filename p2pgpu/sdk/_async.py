@@ -121,6 +121,12 @@ class AsyncClient:
     async def peers(self) -> list[dict[str, Any]]:
         return list(await self.call("peers"))
 
+    async def reputation(self, *, fresh: bool = False) -> dict[str, Any]:
+        return dict(await self.call("reputation", {"fresh": fresh}))
+
+    async def receipts(self) -> list[dict[str, Any]]:
+        return list(await self.call("receipts.list"))
+
     async def market(self, requirements: Mapping[str, Any] | None = None, *, model: str | None = None,
                      min_vram_gb: float = 0) -> list[dict[str, Any]]:
         if requirements is not None:

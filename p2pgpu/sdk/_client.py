@@ -116,8 +116,22 @@ class Client:
         return res
 
     def peers(self) -> list[dict[str, Any]]:
-        """Connected peers: ``peer_id``, ``addrs``, ``latency_ms``."""
+        """Connected peers: ``peer_id``, ``addrs``, ``latency_ms``, and
+        ``reputation`` (the peer's score and its evidence, docs/reputation.md)."""
         res: list[dict[str, Any]] = self.call("peers")
+        return res
+
+    def reputation(self, *, fresh: bool = False) -> dict[str, Any]:
+        """Every peer's score from the receipts this node holds:
+        ``computed_at_ms``, ``scores``, ``refused`` (docs/reputation.md)."""
+        res: dict[str, Any] = self.call("reputation", {"fresh": fresh})
+        return res
+
+    def receipts(self) -> list[dict[str, Any]]:
+        """The receipts this node holds (``kind``, ``digest``, ``job_id``,
+        ``signer``, ``at_ms``, ``ours``, ``wire`` as hex): a copy anyone can
+        recompute the scores from."""
+        res: list[dict[str, Any]] = self.call("receipts.list")
         return res
 
     def market(self, requirements: Mapping[str, Any] | None = None, *, model: str | None = None,

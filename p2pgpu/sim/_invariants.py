@@ -206,7 +206,8 @@ class Checker:
         member = w.by_peer[line.peer_id]
         key = (jid, member)
         self.checks += 1
-        got = line.amount if line.payable else 0
+        # Paid as it went (installments) plus the line's remainder: what the member gets in all.
+        got = (line.amount if line.payable else 0) + getattr(line, "prepaid", 0)
         self.owed_amounts[key] = got
         bound_ms = self._observed_bound_ms(jid, member, line, lines)
         if line.payable and bound_ms is not None and line.amount > 0:
@@ -280,11 +281,30 @@ class Checker:
         if (jid, member) not in self.ran:
             self.fail("proof-before-pay", f"job {jid}: member {member} is owed {amount} but never ran")
 
-    def on_paid(self, jid: int, member: int, proof_hash: bytes, amount: int) -> None:
+    def on_installment_owed(self, jid: int, member: int, amount: int) -> None:
+        """An interval owed while the job runs: only to a confirmed member that started it."""
+        self.checks += 1
+        if member not in self.confirmed.get(jid, []) or member not in self.started.get(jid, {}):
+            self.fail("proof-before-pay", f"job {jid}: member {member} owed an installment of {amount} "
+                      "without running as a member")
+
+    def on_unpaid_stop(self, jid: int, member: int, exposure_ms: int, bound_ms: int) -> None:
+        """``unpaid-exposure``: a member that stops for want of payment served
+        at most one interval plus the claim delay and the grace unpaid."""
+        self.checks += 1
+        if exposure_ms > bound_ms:
+            self.fail("unpaid-exposure", f"job {jid}: member {member} served {exposure_ms} ms unpaid before it "
+                      f"stopped, over the bound of {bound_ms} ms")
+
+    def on_paid(self, jid: int, member: int, proof_hash: bytes, amount: int, *, installment: bool = False) -> None:
         self.checks += 1
         if proof_hash in self.paid:
             self.fail("paid-once", f"proof {proof_hash.hex()[:16]} (job {jid}, member {member}) paid twice")
         self.paid[proof_hash] = amount
+        if installment:  # paid while the job runs: its worth is checked at settlement (on_line, at_end)
+            key = (jid, member)
+            self.paid_by_member[key] = self.paid_by_member.get(key, 0) + amount
+            return
         if (jid, member) not in self.ran or member not in self.confirmed.get(jid, []):
             self.fail("proof-before-pay", f"job {jid}: member {member} paid {amount} without a run as a member")
             return

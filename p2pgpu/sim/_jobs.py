@@ -56,9 +56,18 @@ from p2pgpu.core import (
     decode,
     sign_proof,
 )
-from p2pgpu.core._actions import ItemTaken, LateLine, LookupCollection, MemberDone, Refused, Settled
+from p2pgpu.core._actions import (
+    InstallmentsOwed,
+    ItemTaken,
+    LateLine,
+    LookupCollection,
+    MemberDone,
+    Refused,
+    Settled,
+)
 from p2pgpu.core._host import Host, HostConfig, Via
 from p2pgpu.core._identity import Verifier
+from p2pgpu.core._installments import DEFAULT_INSTALLMENTS, UNPAID
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
 from p2pgpu.core._matching import matching
 from p2pgpu.core._member import MemberConfig, PartEnded
@@ -66,6 +75,7 @@ from p2pgpu.core._payout import Owed as PayoutOwed
 from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
 
+from ._payg import Payg
 from ._scenario import JobSection
 
 if TYPE_CHECKING:
@@ -131,7 +141,8 @@ def sim_config(cfg: JobSection) -> HostConfig:
                                 per_job_topics=cfg.per_job_topics)
     member = MemberConfig(heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                           member_timeout_ms=cfg.member_loss_timeout_ms)
-    return HostConfig(formation=formation, member=member)
+    installments = dataclasses.replace(DEFAULT_INSTALLMENTS, grace_ms=cfg.payment_grace_s * 1000)
+    return HostConfig(formation=formation, member=member, installments=installments)
 
 
 class JobFlow:
@@ -144,6 +155,11 @@ class JobFlow:
             # test-only breakage (#13): the 5 s absolute tolerance that paid an inflater 1.48x a 7 s job
             self.hconfig = dataclasses.replace(self.hconfig, settlement=dataclasses.replace(
                 self.hconfig.settlement, tolerance_ms=5_000, tolerance_ppm=0))
+        if world.mutation == "late_unpaid_stop":
+            # test-only breakage: a member that keeps working 10 s past its grace when unpaid
+            inst = self.hconfig.installments
+            self.hconfig = dataclasses.replace(self.hconfig, installments=dataclasses.replace(
+                inst, grace_ms=inst.grace_ms + 10_000))
         self.fconfig = self.hconfig.formation
         self.verify = verify
         #: Candidate lists per job (see :meth:`candidates`), computed once.
@@ -174,6 +190,8 @@ class JobFlow:
         self._next_owed = 1
         #: (job id, item hash) of what submitters took (their stores, for late resends).
         self.stored: dict[tuple[str, bytes], bool] = {}
+        #: Pay as you go: installments owed, paid with a notice, workers' exposure (sim/_payg.py).
+        self.payg = Payg(self)
         real = [i for i in range(n) if world.nodes[i].real]
         self.submitters = sorted(self.rng.sample(real, min(len(real), cfg.submitters)))
         for i in self.submitters:
@@ -290,7 +308,11 @@ class JobFlow:
         elif isinstance(a, StartJob):
             self._start(node, a)
         elif isinstance(a, StopJob):
+            if a.cause == UNPAID:
+                self.payg.stopped(node, a.job_id)
             self._stop(node, a)
+        elif isinstance(a, InstallmentsOwed):
+            self.payg.owed(node, a)
         elif isinstance(a, Confirmed):
             self._confirmed(a)
         elif isinstance(a, Failed):
@@ -405,7 +427,7 @@ class JobFlow:
             gpus_per_node=self.rng.choice(self.cfg.gpus_per_node_choices), command=("true",),
             duration_s_max=max(1, int(self.cfg.duration_s * 1.5)), price_per_gpu_hour_max=self.cfg.price_max,
             payer=sn.payout_address, replicas=replicas, quorum=replicas // 2 + 1,
-            on_member_loss=self.cfg.on_member_loss,
+            on_member_loss=self.cfg.on_member_loss, interval_s=self.cfg.interval_s,
         )
         sm = sign_manifest(sn.identity, m)
         jid = len(self.jobs) + 1
@@ -572,9 +594,11 @@ class JobFlow:
                         jid, member = self.owed_meta.pop(row.owed_id)
                         self.paid_total += row.amount
                         self.paid_count += 1
-                        w.checker.on_paid(jid, member, row.proof_hash, row.amount)
+                        w.checker.on_paid(jid, member, row.proof_hash, row.amount,
+                                          installment=self.payg.paid(sub, row.owed_id))
                         if w.mutation == "double_pay":
-                            w.checker.on_paid(jid, member, row.proof_hash, row.amount)
+                            w.checker.on_paid(jid, member, row.proof_hash, row.amount,
+                                          installment=self.payg.paid(sub, row.owed_id))
             self.owed[sub] = [r for r in rows if r.owed_id not in paid_ids]
         w.engine.after(2_000_000, self._pay_tick, None)
 
@@ -610,6 +634,7 @@ class JobFlow:
             "payout_batches": self.batches,
             "paid_lamports": self.paid_total,
             "owed_unpaid_lamports": sum(r.amount for rows in self.owed.values() for r in rows),
+            **self.payg.stats(),
             "formation_misbehaved": dict(sorted(self.misbehaved.items())),
             "formation_emitted": dict(sorted(self.emitted.items())),
         }

@@ -191,6 +191,11 @@ class JobSection:
     candidates: bool = True
     spare_volunteers: int = 2
     late_volunteer_ms: int = 600
+    #: Pay as you go (``payment.interval_s`` of every job; 0: at the end only)
+    #: and the workers' grace before they stop an unpaid job (the node's
+    #: ``InstallmentConfig.grace_ms``).
+    interval_s: int = 0
+    payment_grace_s: int = 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +264,9 @@ class Scenario:
         _need(bool(j.replicas_choices) and all(1 <= x <= 8 for x in j.replicas_choices),
               "jobs.replicas_choices", "1..8")
         _need(j.on_member_loss in ("fail", "continue"), "jobs.on_member_loss", "is 'fail' or 'continue'")
+        _need(j.interval_s == 0 or 10 <= j.interval_s <= 86_400, "jobs.interval_s",
+              "0 (pay at the end) or 10..86400 seconds")
+        _need(1 <= j.payment_grace_s <= 86_400, "jobs.payment_grace_s", "1..86400 seconds")
         _need(0 < j.heartbeat_interval_ms < j.member_loss_timeout_ms <= 600_000, "jobs.heartbeat_interval_ms",
               "needs 0 < heartbeat_interval_ms < member_loss_timeout_ms <= 600000")
         _need(0 <= r.start_epoch_ms <= 2**52, "run.start_epoch_ms", "a Unix time in ms")

@@ -87,7 +87,8 @@ CREATE TABLE member_runs (
 );
 """)
 
-ITEM_KINDS = ("proof", "cosign", "outputs")
+#: "claim": an interval claim (pay as you go; the kind is allowed from schema version 230 on).
+ITEM_KINDS = ("proof", "cosign", "outputs", "claim")
 
 
 # --- the submitter's collections -------------------------------------------------

@@ -191,7 +191,7 @@ def test_normal_formation() -> None:
     assert b.summary(b.p[2].on_message(confirm, w + 8)) == [
         "cancel window", "cancel view", "cancel round", "cancel retry",
         "cancel window", "cancel view", "cancel round", "cancel retry", "cancel lease", "cancel run", "cancel late",
-        "unsubscribe"]
+        "cancel stop", "unsubscribe"]
     assert b.p[2].state(b.job) is WorkerState.CLOSED and b.p[2].gpus_free == 1
     # Finishing frees the GPUs.
     assert b.summary(b.p[1].finish(b.job, w + 5000))[-2:] == ["unsubscribe", "released (finished)"]
@@ -495,8 +495,28 @@ def test_cancel_stops_a_running_job_and_frees_gpus() -> None:
     assert b.summary(cancel_acts) == ["publish cancel", "send cancel>P0", "cancel end", "cancel republish",
                                       "unsubscribe", "cancelled"]
     acts = b.p[0].on_message(b.sent(cancel_acts, Cancel), w + 4)
-    assert b.summary(acts)[0] == "stopjob" and b.summary(acts)[-1] == "released (cancelled)"
-    assert b.p[0].gpus_free == 1 and b.p[0].state(b.job) is WorkerState.CLOSED
+    # Stopped, but its GPUs stay held while the sandbox is being stopped: a
+    # job confirmed meanwhile must not be promised them (the runner still has them).
+    assert b.summary(acts)[0] == "stopjob" and not any(s.startswith("released") for s in b.summary(acts))
+    assert b.p[0].gpus_free == 0 and b.p[0].state(b.job) is WorkerState.RUNNING
+    assert b.p[0].on_message(b.sent(cancel_acts, Cancel), w + 5) == []  # a second cancel stops nothing twice
+    acts = b.p[0].finish(b.job, w + 6)  # the driver: the run has ended
+    assert b.summary(acts)[-1] == "released (finished)"
+    assert b.p[0].gpus_free == 1 and b.p[0].state(b.job) is None  # closed and forgotten, as any finished job
+
+
+def test_a_stopped_job_whose_end_is_never_reported_frees_its_gpus_after_the_grace() -> None:
+    b = Bench(1)
+    start(b)
+    w = T0 + 1 + CFG.offer_window_ms
+    cert = b.sent(b.timer(0, "window", w), Certified)
+    confirm = b.sent(b.s.on_message(cert, w + 1), Confirm)
+    b.p[0].on_message(confirm, w + 2)
+    acts = b.p[0].on_message(b.sent(b.s.cancel(b.job, w + 3), Cancel), w + 4)
+    assert b.summary(acts) == ["stopjob", "timer stop"]
+    acts = b.p[0].on_timer(fkey(b.job, "stop"), w + 4 + CFG.stop_grace_ms)
+    assert b.summary(acts)[-1].startswith("released") and b.p[0].gpus_free == 1
+    assert b.p[0].state(b.job) is None  # forgotten: nothing of it left to grow the table
 
 
 def test_member_whose_lease_lapsed_reports_itself_lost() -> None:

@@ -206,3 +206,13 @@ def test_score_json_names_its_evidence() -> None:
     doc: dict[str, Any] = compute_reputation(rs, member_receipts=ms, payments=pays,
                                              now_ms=T0).score(ALICE.peer_id).to_json()
     assert doc["jobs_paid"] == 10 and len(doc["evidence"]) == 10
+
+
+
+def test_peers_with_a_record_best_first() -> None:
+    """The advert book keeps these when strangers crowd it (#16)."""
+    r = receipt("rec", [line(ALICE, amount=3_000, txname="rec"), line(BOB, amount=1_000, txname="rec"),
+                        line(CAROL, "proof_refused")])
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=ledger([r]), now_ms=T0)
+    assert rep.with_record(10) == [SUBMITTER.peer_id, ALICE.peer_id, BOB.peer_id]  # CAROL: a negative record
+    assert rep.with_record(1) == [SUBMITTER.peer_id]

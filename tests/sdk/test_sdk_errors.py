@@ -228,6 +228,9 @@ def test_only_the_submitter_may_cancel(net: LocalNet) -> None:
     ("network.jobs", {"limit": 0}),
     ("network.jobs", {"limit": 10**9}),
     ("market.match", {"requirements": "H100"}),
+    ("reputation", {"fresh": "yes"}),
+    ("receipts.fetch", {"peer_id": 7}),
+    ("receipts.fetch", {"peer_id": "x" * 1000}),
 ])
 def test_hostile_params_are_refused(net: LocalNet, method: str, params: dict[str, object]) -> None:
     with pytest.raises(RequestRefused) as info:

@@ -55,6 +55,10 @@ def test_formation_and_membership_defaults_are_the_nodes() -> None:
                 "confirm_margin_ms", "accept_retry_ms", "certificate_retry_ms", "jobs_topic"):
         assert getattr(sim.formation, key) == getattr(NODE_FORMATION, key), key
     assert sim.member == DEFAULT_MEMBER
+    # Pay as you go: the workers' grace is the node's (config.toml payment_grace_s unset).
+    from p2pgpu.core._installments import DEFAULT_INSTALLMENTS
+
+    assert sim.installments == DEFAULT_INSTALLMENTS
 
 
 def test_the_shipped_gossipsub_scenario_runs_the_nodes_settings() -> None:
