@@ -202,10 +202,15 @@ def test_the_run_limit_stops_a_job_and_forgets_it() -> None:
     _running(b)
     until = W + 2 + b.sm.manifest.duration_s_max * 1000 + CFG.run_grace_ms
     acts = b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "run"), until)
-    assert acts[0] == StopJob(b.job, "past duration_s_max", "time_limit")
-    assert Released(b.job, 1, "past duration_s_max", 1) in acts
+    # The GPUs stay held until the run ends or stop_grace_ms passes (#13).
+    assert acts == [StopJob(b.job, "past duration_s_max", "time_limit"),
+                    SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "stop"), until + CFG.stop_grace_ms)]
+    assert b.p[0].gpus_free == 0
+    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "run"), until + 1) == []  # told once
+    acts = b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "stop"), until + CFG.stop_grace_ms)
+    assert Released(b.job, 1, "stopped, its end never reported", 1) in acts
     assert b.p[0].state(b.job) is None and b.p[0].gpus_free == 1
-    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "run"), until + 1) == []
+    assert b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "stop"), until + CFG.stop_grace_ms + 1) == []
 
 
 def test_the_run_timer_of_a_job_not_running_does_nothing() -> None:
@@ -309,8 +314,12 @@ def test_a_cancel_stops_the_running_job_by_its_id() -> None:
     b = Bench(1)
     _running(b)
     acts = b.p[0].on_message(Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=W), W + 3)
-    assert acts[0] == StopJob(b.job, "cancelled") and Released(b.job, 1, "cancelled", 1) in acts
+    assert acts == [StopJob(b.job, "cancelled"), SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "stop"),
+                                                           W + 3 + CFG.stop_grace_ms)]
+    assert b.p[0].gpus_free == 0  # held until the run ends
     assert b.p[0].on_message(Cancel.sign(SUBMITTER, job_id=b.job, reason="x", cancelled_at_ms=W), W + 4) == []
+    assert Released(b.job, 1, "finished", 1) in b.p[0].finish(b.job, W + 10)  # the driver says it ended
+    assert b.p[0].gpus_free == 1 and b.p[0].state(b.job) is None
 
 
 def test_the_end_timer_closes_what_is_open_and_forgets_what_is_closed() -> None:

@@ -143,7 +143,7 @@ MISTAKES: list[tuple[str, str, str, str]] = [
     ("payer not an address", M + "[payment]\npayer = 'x'\n", "payment.payer",
      "a Solana address (base58) that pays for the job"),
     ("unknown payment field", M + "[payment]\nprice = 1\n", "payment.price",
-     "unknown field; [payment] takes currency, payer, price_per_gpu_hour_max"),
+     "unknown field; [payment] takes currency, interval_s, payer, price_per_gpu_hour_max"),
     ("replicas 0", M + "[verification]\nreplicas = 0\n", "verification.replicas", "between 1 and 8"),
     ("replicas 9", M + "[verification]\nreplicas = 9\n", "verification.replicas", "between 1 and 8"),
     ("quorum 0", M + "[verification]\nquorum = 0\n", "verification.quorum", "between 1 and replicas"),
