@@ -229,3 +229,24 @@ def test_only_verified_transfers_count_even_of_one_lamport() -> None:
     rep = compute_reputation([sign_receipt(SUBMITTER, r)], payments=pay, now_ms=T0)
     assert (rep.scores[ALICE.peer_id].good, rep.scores[ALICE.peer_id].jobs_paid) == (1, 1)
     assert (rep.scores[BOB.peer_id].good, rep.scores[BOB.peer_id].jobs_paid) == (0, 0)
+
+
+def test_a_receipt_of_an_unknown_certificate_does_not_stop_the_next() -> None:
+    unknown = receipt("u", [line(ALICE, txname="u")], at=T0 - 1)
+    known = receipt("k", [line(ALICE, txname="k")])
+    k = known.lines[0]
+    bound = {known.cert_hash: {ALICE.peer_id: k.address}}
+    rep = compute_reputation([sign_receipt(SUBMITTER, r) for r in (unknown, known)],
+                             payments=ledger([unknown, known]), now_ms=T0, cert_addresses=bound)
+    assert [x.why for x in rep.refused] == ["certificate unknown: payout addresses cannot be checked"]
+    assert rep.scores[ALICE.peer_id].jobs_paid == 1 and rep.scores[ALICE.peer_id].good == 1_000_000
+
+
+def test_a_line_whose_payment_is_not_found_does_not_stop_the_next_line() -> None:
+    first, second = sorted((ALICE, BOB), key=lambda i: i.peer_id)
+    r = receipt("j", [line(first, txname="missing"), line(second, amount=100, txname="found")])
+    found = next(ln for ln in r.lines if ln.peer_id == second.peer_id)
+    pays = {found.tx_signature: VerifiedPayment(tx_signature=found.tx_signature, payer=r.payer,
+                                                transfers={found.address: 100})}
+    rep = compute_reputation([sign_receipt(SUBMITTER, r)], payments=pays, now_ms=T0)
+    assert rep.scores[second.peer_id].good == 100 and rep.scores[first.peer_id].good == 0
