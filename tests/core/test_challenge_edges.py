@@ -494,3 +494,13 @@ def test_every_declined_challenge_is_returned_with_its_status() -> None:
     got = gate.admit(other, from_peer=carol.peer_id, now_ms=T0)
     assert isinstance(got, Declined) and (got.challenge, got.status, got.detail) == (
         decode_challenge(other), "busy", "too many challenges: try later")
+
+
+def test_a_waiting_model_does_not_hide_the_same_adverts_next_model() -> None:
+    from test_challenge import A100
+
+    book = ClaimBook(allow_simulated=False)
+    adv = advert(BOB, (H100, A100))
+    assert book.claims(adv) == ["a100", "h100"]
+    book.record(BOB.peer_id, "a100", Outcome.BUSY, T0)  # inconclusive: retried only after retry_ms
+    assert book.due([adv], T0 + 1, me="me") == [(BOB.peer_id, "h100")]
