@@ -92,8 +92,12 @@ def test_the_smallest_valid_fields() -> None:
 
 
 def test_the_largest_valid_fields() -> None:
+    # The longest address an advert may carry: a dialable DNS multiaddr naming its owner (core/_reach.py).
+    tail = f"/tcp/65535/p2p/{ALICE.peer_id}"
+    longest = "/dns4/" + "h" * (256 - len("/dns4/") - len(tail)) + tail
+    assert len(longest) == 256
     adv = make_advert(peer_id=ALICE.peer_id, currency="c" * 64, region="r" * 32, runtimes=("process",) * 8,
-                      gpus=(H100,) * 16, gpus_free=16, addrs=("a" * 256,) * 8)
+                      gpus=(H100,) * 16, gpus_free=16, addrs=(longest,) * 8)
     assert verify_advert(sign_advert(ALICE, adv).wire, now_ms=T0).advert == adv
 
 
