@@ -57,12 +57,10 @@ ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 #: The submitter (node 0) asks more than the jobs' ceiling: it only submits and pays.
 DEAR = {0: "price_per_gpu_hour = 360000000"}
 ENDED = ("succeeded", "failed", "cancelled")
-#: A submitter killed while one of its jobs forms forgets that job (the
-#: strict xfail ``test_a_job_acknowledged_while_forming_survives_kill_9_of_its_submitter``
-#: below; the fix is node/_jobs.py's).  Until it lands the soak spares the
-#: submitter while a job forms, so that it tests everything else; set this
-#: to True with the fix.
-SUBMITTER_KILLS_WHILE_FORMING = False
+#: The soak also kills the submitter while a job forms (it used to forget
+#: that job: ``test_a_job_acknowledged_while_forming_survives_kill_9_of_its_submitter``
+#: below, fixed in node/_jobs.py by storing a job when it is submitted).
+SUBMITTER_KILLS_WHILE_FORMING = True
 #: Job processes are found by this number in their command line.
 MARKER = "2.7182"
 
@@ -245,11 +243,6 @@ price_per_gpu_hour_max = 36000000
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "#12 (found by the soak): a submitted job is stored only once it is confirmed (node/_jobs.py: "
-    "JobsService.submit records it in memory; persist() runs on Confirmed), so a kill -9 of the submitter "
-    "while the job forms forgets a job whose id the user was given. The fix (persist at submit; load() "
-    "then marks it interrupted) belongs in node/_jobs.py, which the #13 refactor is rewriting."))
 def test_a_job_acknowledged_while_forming_survives_kill_9_of_its_submitter(tmp_path: Path) -> None:
     # Guards: a job the control API acknowledged (a job id returned) is known
     # after any restart, in a state that says what happened to it.
