@@ -87,10 +87,17 @@ class FormationConfig:
     #: the job), only the ``members + spare_volunteers`` best-ranked candidates
     #: volunteer at once; the others stay quiet ...
     spare_volunteers: int = 2
-    #: ... and volunteer this long after the manifest (one more group of the
-    #: same size per further step), unless the job was confirmed or proposals
-    #: show progress.
+    #: ... and volunteer this long after the manifest, one step per group,
+    #: each group twice the size of the one before (:func:`quiet_group`: the
+    #: turn grows with the log of the rank, not the rank), unless the job was
+    #: confirmed or proposals show progress.
     late_volunteer_ms: int = 400
+    #: No candidate stays quiet longer than this many steps of
+    #: ``late_volunteer_ms`` after it saw the manifest, whatever its rank and
+    #: whatever proposals it sees: candidates from the advert book that never
+    #: offer (silent Sybils) or a stranger's proposals every few hundred ms
+    #: cannot hold a free, matching worker back past it (#12).
+    quiet_steps_max: int = 8
     #: A view whose leader shows no progress for this long is replaced by the next view.
     leader_timeout_ms: int = 400
     #: A leader replaces proposed members that have not accepted after this long.
@@ -152,6 +159,18 @@ def ranked_candidates(sm: SignedManifest, candidates: list[str]) -> list[str]:
     unique = list(dict.fromkeys(candidates[:candidates_max]))
     unique.sort(key=lambda p: leader_rank(sm.job_id, p))
     return unique
+
+
+def quiet_group(position: int, eager_max: int) -> int:
+    """The step at which the candidate at ``position`` (0 = best rank)
+    volunteers: 0 for the ``eager_max`` first (at once), then groups that
+    double: ``eager_max * (2**k - 1)`` to ``eager_max * (2**(k+1) - 1) - 1``
+    wait ``k`` steps.  An honest network draws a few offers first and twice
+    as many per step while the job is undecided; candidates that never offer
+    (fresh identities whose free, matching adverts fill the book) delay a
+    worker behind ``n`` of them by ``log2(n / eager_max + 1)`` steps, not
+    ``n / eager_max`` (400 of them: 7 steps, not 133)."""
+    return (position // max(1, eager_max) + 1).bit_length() - 1
 
 
 def expected_volunteers(sm: SignedManifest, candidates: list[str], config: FormationConfig) -> list[str]:
@@ -344,9 +363,11 @@ class FormationNode:
         among them).  With them, a job draws ``members + spare_volunteers``
         offers instead of one from every matching node: the candidates are
         put in leader-rank order and only that many from the front volunteer
-        now, the rest after ``late_volunteer_ms`` per group of that size if
-        the job is still not decided.  The list only saves messages and
-        time: a wrong or stale one delays formation, never breaks safety."""
+        now, the rest in groups that double, one ``late_volunteer_ms`` step
+        each (:func:`quiet_group`), at most ``quiet_steps_max`` steps, if the
+        job is still not decided.  The list only saves messages and time: a
+        wrong or stale one (or one full of identities that never offer)
+        delays formation by a bounded time, never breaks safety."""
         self.check_admission(sm, now_ms)
         while len(self.jobs) >= self.config.jobs_max and self._closed:
             # Forget closed jobs first, oldest first (the replay guard still remembers their ids).
@@ -361,7 +382,10 @@ class FormationNode:
         if not self._can_serve(job):
             return actions
         if candidates is not None:
-            ranked = ranked_candidates(sm, [*candidates[:candidates_max], self.peer_id])
+            # This node first: a list of ``candidates_max`` others (a book
+            # full of matching adverts) must not push it out of its own
+            # ranking (``index`` raised ValueError on every manifest).
+            ranked = ranked_candidates(sm, [self.peer_id, *candidates[:candidates_max - 1]])
             eager_max = m.members + cfg.spare_volunteers
             job.eager = ranked[:eager_max]
             position = ranked.index(self.peer_id)
@@ -371,8 +395,8 @@ class FormationNode:
                 job.quiet = True
                 job.subscribed = True
                 actions.append(Subscribe(self.config.topic(job.job_id)))
-                group = position // eager_max
-                actions.append(SetTimer(self._key(job, "late"), now_ms + group * cfg.late_volunteer_ms))
+                steps = min(quiet_group(position, eager_max), cfg.quiet_steps_max)
+                actions.append(SetTimer(self._key(job, "late"), now_ms + steps * cfg.late_volunteer_ms))
                 return actions
         return actions + self._volunteer(job, now_ms)
 
@@ -534,8 +558,13 @@ class FormationNode:
         if not job.quiet or job.state is not WorkerState.SEEN or job.confirm is not None \
                 or now_ms >= job.deadline_ms:
             return []
-        if job.progress_ms >= 0 and now_ms < job.progress_ms + self.config.leader_timeout_ms:
-            return [SetTimer(self._key(job, "late"), job.progress_ms + self.config.leader_timeout_ms)]
+        # Progress (an eligible, rightful leader's proposal) defers the turn,
+        # but never past ``quiet_steps_max`` steps after the manifest: a
+        # matching stranger proposing every few hundred ms would otherwise
+        # keep every quiet candidate quiet until the job fails.
+        latest = job.seen_ms + self.config.quiet_steps_max * self.config.late_volunteer_ms
+        if job.progress_ms >= 0 and now_ms < job.progress_ms + self.config.leader_timeout_ms and now_ms < latest:
+            return [SetTimer(self._key(job, "late"), min(job.progress_ms + self.config.leader_timeout_ms, latest))]
         job.quiet = False
         if not self._can_serve(job):
             return []

@@ -91,8 +91,9 @@ def test_candidates_are_deduplicated_ranked_and_capped() -> None:
 
 
 def test_quiet_candidates_volunteer_in_groups() -> None:
-    # 1 member + 2 spares volunteer at once; the next three wait one step, the next three two.
-    b = Bench(9)
+    # 1 member + 2 spares volunteer at once; the next six wait one step, the next twelve two (#12: groups
+    # double, so candidates that never offer delay the others by the log of their number).
+    b = Bench(12)
     ids = [n.peer_id for n in b.p]  # already in rank order
     for k, node in enumerate(b.p):
         acts = node.on_manifest(b.sm, T0, candidates=ids)
@@ -101,7 +102,7 @@ def test_quiet_candidates_volunteer_in_groups() -> None:
             assert node.state(b.job) is not WorkerState.SEEN
         else:
             assert acts[1:] == [Subscribe(CFG.topic(b.job)),
-                                SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "late"), T0 + (k // 3) * CFG.late_volunteer_ms)]
+                                SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "late"), T0 + (1 if k < 9 else 2) * CFG.late_volunteer_ms)]
             assert node.state(b.job) is WorkerState.SEEN
 
 

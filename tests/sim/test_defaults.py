@@ -51,7 +51,7 @@ def test_formation_and_membership_defaults_are_the_nodes() -> None:
 
     sim = sim_config(JobSection())
     for key in ("offer_window_ms", "leader_timeout_ms", "member_timeout_ms", "lease_ms", "lease_grace_ms",
-                "formation_timeout_ms", "spare_volunteers", "late_volunteer_ms", "per_job_topics",
+                "formation_timeout_ms", "spare_volunteers", "late_volunteer_ms", "quiet_steps_max", "per_job_topics",
                 "confirm_margin_ms", "accept_retry_ms", "certificate_retry_ms", "jobs_topic"):
         assert getattr(sim.formation, key) == getattr(NODE_FORMATION, key), key
     assert sim.member == DEFAULT_MEMBER
