@@ -1,33 +1,32 @@
 """#12 (Sybil floods beyond adverts): fresh identities that match every job and never volunteer.
 
-Found by this attack, not fixed: a hostile peer publishes ``SYBILS`` valid
-adverts, each from a fresh identity (a key and a signature each; GPUs are
-not attested until a hardware challenge, one per 5 s), all matching an L4
-job, and then does nothing else: no offer, no proposal, no accept.  Both
-nodes keep the adverts (one forwarder may place 2,500 in a book).
+A hostile peer publishes ``SYBILS`` valid adverts, each from a fresh
+identity (a key and a signature each; GPUs are not attested until a hardware
+challenge, one per 5 s), all matching an L4 job, and then does nothing else:
+no offer, no proposal, no accept.  Both nodes keep the adverts (one
+forwarder may place 2,500 in a book).
 
 Formation lets only the ``members + spare_volunteers`` best-ranked
-candidates volunteer at once; the others stay quiet, the candidate at
-position ``p`` for ``(p // (members + 2)) x late_volunteer_ms`` (400 ms)
-(``core/_formation.py`` ``FormationNode.on_manifest``).  Rank is a hash of
-the job and the peer, so the honest worker lands at a random position among
-the Sybils and waits while silent Sybils hold every earlier turn: behind 600
-of them, 80 s, past the 60 s formation deadline: the job fails ("no cluster
-formed within 60 s") on a network with a free, honest, matching worker
-(seen with 2,000 Sybils, the worker behind 977).  Here 400 Sybils, to keep
-the run short: a job whose worker ranks behind 150 of them is held 20 s.
+candidates volunteer at once; the others stay quiet for a turn
+(``core/_formation.py`` ``quiet_group``).  Rank is a hash of the job and the
+peer, so the honest worker lands at a random position among the Sybils.
+Found here: the turn was ``(p // (members + 2)) x late_volunteer_ms`` (600 ms
+on a node), so silent Sybils held every earlier turn: behind 150 of them an
+honest worker waited 30 s, behind 300 past the 60 s formation deadline, and
+the job failed ("no cluster formed within 60 s") on a network with a free,
+honest, matching worker (seen with 2,000 Sybils, the worker behind 977).
+Fixed: the groups double, so the turn grows with the log of the rank (behind
+150: 5 steps, 3 s), and no turn is later than ``quiet_steps_max`` (8) steps,
+4.8 s on a node, however many Sybils rank before.
 
 The test submits jobs until one ranks the honest worker behind at least
 ``BEHIND`` Sybils (each job's id is random; most do), then expects that job
-to form within ``FORM_S`` seconds (a quiet network: well under one).  It is
-a strict expected failure until formation stops deferring to candidates that
-never volunteer (the quiet delay bounded, or candidates counted only once
-they offer or once their GPUs passed a challenge): ``core/_formation*.py``,
-which the #13 refactor is rewriting.  The sim's Sybils (``tests/sim``) send
-bad adverts, not valid silent ones.
+to form within ``FORM_S`` seconds.  The sim's Sybils (``tests/sim``) send bad
+adverts, not valid silent ones; the core's table is
+``tests/core/test_formation_sybil_quiet.py``.
 
-What it guards (once fixed): that a free honest worker serves a job whatever
-number of matching strangers' adverts its book holds.
+What it guards: that a free honest worker serves a job whatever number of
+matching strangers' adverts its book holds.
 """
 
 from __future__ import annotations
@@ -51,8 +50,9 @@ pytestmark = pytest.mark.processes
 #: The submitter has a T4; the job needs an L4: only the worker (and the Sybils) match.
 MIX = [("Tesla T4", 15360, "7.5", 1), ("NVIDIA L4", 23034, "8.9", 1)]
 SYBILS = 400
-#: The honest worker ranks behind this many Sybils: (150 // 3) x 400 ms = 20 s of quiet (2,000
-#: Sybils, one forwarder's share, put most jobs' worker behind 450 of them: past the 60 s deadline).
+#: The honest worker ranks behind this many Sybils: (150 // 3) x 600 ms = 30 s of quiet before the fix
+#: (2,000 Sybils, one forwarder's share, put most jobs' worker behind 450 of them: past the 60 s
+#: deadline); 5 steps, 3 s, after it.
 BEHIND = 150
 FORM_S = 10.0
 L4_JOB = """
@@ -86,11 +86,7 @@ async def _ended(node: NodeProc, job: str, timeout_s: float = 90) -> None:
             await trio.sleep(0.3)
 
 
-@pytest.mark.slow  # about 25 s, for a known failure
-@pytest.mark.xfail(strict=True, reason=(
-    "#12 (found here): silent Sybil adverts that match a job keep an honest candidate quiet "
-    "(p // (members + 2)) x 400 ms, past the 60 s formation deadline; the fix is core/_formation*.py's "
-    "(under the #13 refactor)"))
+@pytest.mark.slow  # about 25 s
 async def test_silent_sybil_adverts_do_not_stop_an_honest_worker_serving_a_job(tmp_path: Path) -> None:
     adverts = fresh_identity_adverts(SYBILS, now_ms=wall_ms(), seed=12)
     sybils = [verify_advert_bytes(a).advert.peer_id for a in adverts]
@@ -118,6 +114,7 @@ async def test_silent_sybil_adverts_do_not_stop_an_honest_worker_serving_a_job(t
                 while (doc := await _call(submitter, "job.status", {"job_id": job}))["state"] == "forming":
                     await trio.sleep(0.2)
             waited_s = time.monotonic() - submitted
+            print(f"{doc['state']} {waited_s:.1f} s after submission, its worker ranked behind {behind} silent Sybils")
         assert doc["state"] in ("confirmed", "running", "succeeded"), (
             f"still {doc['state']} after {waited_s:.1f} s, the worker ranked behind {behind} silent Sybils",
             doc["formation"])
