@@ -193,3 +193,14 @@ def test_silent_sybils_never_lead_a_view() -> None:
         if isinstance(a, Publish) or (isinstance(a, Send) and a.peer_id == SUBMITTER.peer_id):
             done = confirmed(s.on_message(decode_message(a.data), window.at_ms + 1)) or done
     assert done and window.at_ms + 1 - T0 <= CFG.quiet_steps_max * STEP + CFG.offer_window_ms + 1
+
+
+@pytest.mark.parametrize("others", [4_095, 4_096, 5_000, 10_000])
+def test_a_full_candidate_list_never_pushes_the_node_out_of_its_own_ranking(others: int) -> None:
+    """A book with ``candidates_max`` or more matching adverts (two forwarders'
+    share) made ``on_manifest`` raise ``ValueError`` on every manifest: the
+    list was cut after the node added itself at its end."""
+    node = worker()
+    cands = [f"12D3KooSybil{i:06d}" for i in range(others)]
+    acts = node.on_manifest(SM, T0, candidates=cands)
+    assert offers(acts) or late_timer(acts) - T0 <= CFG.quiet_steps_max * STEP
