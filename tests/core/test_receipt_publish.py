@@ -71,7 +71,7 @@ def test_build_receipt_maps_every_settlement_status() -> None:
     r = build_receipt(job_id=JOB, cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id, payer=address("payer"),
                       currency="SOL", settled_at_ms=T0, lines=lines)
     assert r is not None
-    got = {ln.peer_id: (ln.outcome, ln.amount, bool(ln.tx_signature)) for ln in r.lines}
+    got = {ln.peer_id: (ln.outcome, ln.amount, bool(ln.payments)) for ln in r.lines}
     assert got == {ALICE.peer_id: ("paid", 1000, True), BOB.peer_id: ("proof_refused", 0, False),
                    CAROL.peer_id: ("no_proof", 0, False), MALLORY.peer_id: ("unpaid", 0, False)}
     assert SUBMITTER.peer_id not in got  # its own part of its own job is no evidence

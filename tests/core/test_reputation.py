@@ -45,9 +45,9 @@ def ledger(receipts: list[Receipt]) -> dict[str, VerifiedPayment]:
     payer = {}
     for r in receipts:
         for ln in r.lines:
-            if ln.outcome == "paid":
-                txs.setdefault(ln.tx_signature, {})[ln.address] = ln.amount
-                payer[ln.tx_signature] = r.payer
+            for t, amount in ln.payments:
+                txs.setdefault(t, {})[ln.address] = amount
+                payer[t] = r.payer
     return {t: VerifiedPayment(tx_signature=t, payer=payer[t], transfers=m) for t, m in txs.items()}
 
 
@@ -117,7 +117,7 @@ def test_a_forger_cannot_take_credit_for_someone_elses_payment() -> None:
 
     genuine = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0)
     stolen = ReceiptLine(peer_id=MALLORY.peer_id, outcome="paid", amount=5_000_000,
-                         address=address(ALICE.peer_id), tx_signature=tx("j"), proof_hash=b"")
+                         address=address(ALICE.peer_id), payments=((tx("j"), 5_000_000),), proof_hash=b"")
     sybil = IDS[6]
     forged = receipt("f", [stolen], submitter=sybil, payer=PAYER, at=T0 - 1)
     wires = [sign_receipt(SUBMITTER, genuine).wire, sign_receipt(sybil, forged).wire]

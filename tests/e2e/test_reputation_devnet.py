@@ -72,7 +72,7 @@ def recompute(url: str, wires: list[bytes], now_ms: int) -> dict[str, dict[str, 
     async def payments() -> Any:
         ledger = open_ledger(url)
         try:
-            sigs = [ln.tx_signature for p in published for ln in p.receipt.lines if ln.outcome == "paid"]
+            sigs = [t for p in published for ln in p.receipt.lines for t in ln.tx_signatures]
             return await PaymentLookup(ledger).payments(sigs)
         finally:
             await ledger.aclose()
