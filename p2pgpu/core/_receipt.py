@@ -95,9 +95,15 @@ def _payments_rule(payments: tuple[tuple[str, int], ...], amount: int) -> None:
         raise ValueError("one entry per transaction")
     if list(payments) != sorted(payments, key=lambda p: (-p[1], p[0])):
         raise ValueError("payments are listed largest first, then by signature")
-    listed = sum(p for _, p in payments)
-    if listed > amount or (len(payments) < line_payments_max and listed != amount):
+    if sum(p for _, p in payments) > amount:
         raise ValueError("amount is the total of the payments (more only when the list is full)")
+
+
+def payments_cap(paying_lines: int) -> int:
+    """Payments listed per line in a receipt with ``paying_lines`` lines that
+    cite payments: ``line_payments_max``, less when many lines share the
+    receipt's ``receipt_payments_max``."""
+    return max(1, min(line_payments_max, receipt_payments_max // max(1, paying_lines)))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -184,8 +190,10 @@ class Receipt:
             raise ValueError("settled_at_ms out of range")
         if any(ln.payments for ln in self.lines) and not self.payer:
             raise ValueError("a receipt with payments names its payer")
-        if sum(len(ln.payments) for ln in self.lines) > receipt_payments_max:
-            raise ValueError(f"at most {receipt_payments_max} payments a receipt")
+        cap = payments_cap(sum(1 for ln in self.lines if ln.payments))
+        for ln in self.lines:
+            if len(ln.payments) > cap or (sum(p for _, p in ln.payments) != ln.amount and len(ln.payments) < cap):
+                raise ValueError(f"a line lists all its payments, or its {cap} largest")
 
     @property
     def paid_total(self) -> int:
@@ -391,7 +399,7 @@ def build_receipt(*, job_id: str, cert_hash: bytes, submitter: str, payer: str, 
     kept = [ln for ln in sorted(lines, key=lambda x: x.peer_id) if ln.peer_id != submitter][:members_max]
     # our own part of our own job is no evidence about anyone
     paying = sum(1 for ln in kept if ln.installments or (ln.payable and ln.tx_signature))
-    cap = max(1, min(line_payments_max, receipt_payments_max // max(1, paying)))
+    cap = payments_cap(paying)
     out: list[ReceiptLine] = []
     for ln in kept:
         total, pays = line_payments(ln, cap)

@@ -216,3 +216,31 @@ def test_peers_with_a_record_best_first() -> None:
     rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=ledger([r]), now_ms=T0)
     assert rep.with_record(10) == [SUBMITTER.peer_id, ALICE.peer_id, BOB.peer_id]  # CAROL: a negative record
     assert rep.with_record(1) == [SUBMITTER.peer_id]
+
+
+def test_every_verified_installment_counts_and_only_those() -> None:
+    """Pay as you go: Alice's line cites three payments (two installments and
+    the remainder).  Each verified payment adds to her good and to the
+    submitter's paid; one the ledger does not show adds nothing, one that
+    moved less counts for what moved, and one already credited elsewhere
+    counts once.  Before #16's fix a line cited one transaction only."""
+    from p2pgpu.core._receipt import ReceiptLine
+
+    a = address(ALICE.peer_id)
+    pays = tuple(sorted(((tx("i1"), 400), (tx("i2"), 300), (tx("fin"), 200)), key=lambda p: (-p[1], p[0])))
+    ln = ReceiptLine(peer_id=ALICE.peer_id, outcome="paid", amount=900, address=a, payments=pays, proof_hash=b"")
+    r = receipt("payg", [ln], payer=PAYER)
+    ledger_all = {t: VerifiedPayment(tx_signature=t, payer=PAYER, transfers={a: n}) for t, n in pays}
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=ledger_all, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 900 and rep.score(SUBMITTER.peer_id).paid == 900
+    partial = dict(ledger_all)
+    del partial[tx("i2")]
+    partial[tx("fin")] = VerifiedPayment(tx_signature=tx("fin"), payer=PAYER, transfers={a: 50})
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=partial, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 400 + 50
+    # a second job's receipt citing one of the same payments: counted once
+    again = receipt("payg2", [ReceiptLine(peer_id=ALICE.peer_id, outcome="paid", amount=400, address=a,
+                                          payments=((tx("i1"), 400),), proof_hash=b"")], payer=PAYER, at=T0 + 1)
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire, sign_receipt(SUBMITTER, again).wire],
+                             payments=ledger_all, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 900

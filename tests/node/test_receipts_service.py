@@ -126,8 +126,8 @@ def test_a_job_settled_just_before_a_crash_still_gets_its_receipt(tmp_path: Path
 
 def _pay(db: Any, rows: list[tuple[bytes, Identity, int]], sig: str, now_ms: int) -> None:
     """Owe ``rows`` (outbox key, worker, amount) and pay them in one batch ``sig``."""
-    from p2pgpu.store import mark_paid, owed_rows, record_signed, transaction
     from p2pgpu.core._payout import plan_batches
+    from p2pgpu.store import mark_paid, owed_rows, record_signed, transaction
 
     with transaction(db):
         for key, who, amount in rows:
@@ -150,7 +150,7 @@ def test_a_member_paid_by_installments_is_paid_in_the_receipt(tmp_path: Path) ->
     from p2pgpu.store import transaction
 
     fin_a, fin_b = proof(A, "owed", 0), proof(B, "owed", 50)
-    svc, clock = service(tmp_path, ME, ME.peer_id, [fin_a, fin_b], interval_s=60)
+    svc, _clock = service(tmp_path, ME, ME.peer_id, [fin_a, fin_b], interval_s=60)
     _pay(svc.db, [(installment_key(JOB, A.peer_id, 1), A, 300), (installment_key(JOB, B.peer_id, 1), B, 300)],
          SIG1, T0)
     _pay(svc.db, [(installment_key(JOB, A.peer_id, 2), A, 200)], SIG2, T0)
@@ -158,8 +158,8 @@ def test_a_member_paid_by_installments_is_paid_in_the_receipt(tmp_path: Path) ->
         record_owed(svc.db, installment_key(JOB, B.peer_id, 2), B.peer_id, ADDRESS, 200, "SOL", JOB, created_ms=T0)
     add_receipt_due(svc.db, job_id=JOB, settled_at_ms=T0, currency="SOL", now_ms=T0)
     assert svc.sign_due() == 0  # an installment still in the outbox, B's remainder unpaid
-    from p2pgpu.store import mark_paid, owed_rows, record_signed
     from p2pgpu.core._payout import plan_batches
+    from p2pgpu.store import mark_paid, owed_rows, record_signed
 
     with transaction(svc.db):
         record_owed(svc.db, bytes.fromhex(fin_b["proof_hash"]), B.peer_id, ADDRESS, 50, "SOL", JOB, created_ms=T0)
