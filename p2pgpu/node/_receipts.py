@@ -372,7 +372,8 @@ class ReceiptService:
                  found: dict[str, Any]) -> MemberAccount | None:
         m = rec.manifest.manifest
         me = self.node.identity.peer_id
-        n = min(intervals_max, m.duration_s_max // m.interval_s) if m.interval_s else 0
+        # Intervals are claimed in order from 1: at most one key per row to try.
+        n = min(intervals_max, m.duration_s_max // m.interval_s, len(rows)) if m.interval_s else 0
         keys = {installment_key(rec.job_id, me, k) for k in range(1, n + 1)} if n else set()
         earnings = []
         for r in rows:
