@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from trust_fixtures import (
     ALICE,
     BOB,
@@ -244,3 +245,44 @@ def test_every_verified_installment_counts_and_only_those() -> None:
     rep = compute_reputation([sign_receipt(SUBMITTER, r).wire, sign_receipt(SUBMITTER, again).wire],
                              payments=ledger_all, now_ms=T0)
     assert rep.score(ALICE.peer_id).good == 900
+
+
+@pytest.mark.xfail(strict=True, reason="#16: a backdated receipt with the forger's own accept naming the victim's "
+                                       "payout address takes the victim's credit (not fixed yet)")
+def test_a_backdated_receipt_cannot_take_credit_for_someone_elses_payment() -> None:
+    """#16 (found while building receipts that cite installments): a forger can
+    take credit for someone else's real payment.
+    
+    Mallory controls a sybil submitter.  It signs a certificate for a job of its
+    own in which **its own accept names Alice's payout address** (an accept is
+    signed by the member alone: nothing ties a payout address to one peer), and
+    a receipt, dated one millisecond before Alice's genuine one, whose line pays
+    Mallory at that address, citing Alice's real payout transaction and naming
+    the genuine payer.  Every check of ``compute_reputation`` passes: the
+    signatures, the certificate binding (Mallory -> that address, as Mallory
+    signed it), the payer, the ledger transfer; and since each ``(transaction,
+    address)`` credits only the receipt taken first in ``(settled_at_ms,
+    digest)`` order, the backdated forgery takes Alice's credit.
+    
+    What would close it: a receipt line that proves its payment belongs to its
+    proof (the payout batch's Merkle root of ``(proof hash, address, amount)``
+    committed in the transaction, and an inclusion proof per cited payment), or
+    a receipt co-signed by the payer key.  Neither is built: this test is a
+    strict xfail until one is."""
+    from p2pgpu.core._receipt import ReceiptLine
+
+    payer = address("payer:" + SUBMITTER.peer_id)
+    genuine = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0)
+    stolen = ReceiptLine(peer_id=MALLORY.peer_id, outcome="paid", amount=5_000_000,
+                         address=address(ALICE.peer_id), payments=((tx("j"), 5_000_000),), proof_hash=b"")
+    sybil = IDS[6]
+    forged = receipt("f", [stolen], submitter=sybil, payer=payer, at=T0 - 1)
+    ledger = {tx("j"): VerifiedPayment(tx_signature=tx("j"), payer=payer,
+                                       transfers={address(ALICE.peer_id): 5_000_000})}
+    # Each certificate as its accepts were signed: Alice's by Alice, Mallory's by Mallory.
+    bound = {genuine.cert_hash: {ALICE.peer_id: address(ALICE.peer_id)},
+             forged.cert_hash: {MALLORY.peer_id: address(ALICE.peer_id)}}
+    rep = compute_reputation([sign_receipt(SUBMITTER, genuine).wire, sign_receipt(sybil, forged).wire],
+                             payments=ledger, now_ms=T0, cert_addresses=bound)
+    assert rep.score(MALLORY.peer_id).good == 0
+    assert rep.score(ALICE.peer_id).good == 5_000_000
