@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="listen address (repeatable; default from config.toml; /ip4/127.0.0.1/tcp/0 picks a port)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                    help="a peer to join through, ending in /p2p/PEER_ID (repeatable; adds to the network's list)")
+    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                   help="an address the world reaches this node at, such as a port forwarded on your router: "
+                        "/ip4/203.0.113.7/tcp/4001 (repeatable; advertised as is; adds to config.toml's "
+                        "announce). Listen on all interfaces with --listen /ip4/0.0.0.0/tcp/4001 "
+                        "--listen /ip6/::/tcp/4001")
     p.add_argument("--gpus-from", metavar="FILE",
                    help="read the GPU inventory from a JSON file instead of NVML (test networks only; "
                         "the adverts are marked simulated)")
@@ -155,6 +160,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         control_port=config.control_port if args.control_port is None else args.control_port,
         advert_ttl_s=args.advert_ttl or config.advert_ttl_s,
+        announce=args.announce,
     )
     node = Node(identity=identity, config=config, network=network, inventory=inventory, options=options, home=home)
 
@@ -213,6 +219,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                  f"peers        {d['peers']}", f"adverts      {d['adverts_known']}",
                  f"gpus         {d['gpus']} ({d['gpus_free']} free)", f"uptime       {d['uptime_s']:.0f} s"]
         lines += [f"address      {a}" for a in d["addrs"]]
+        reach = d.get("reachability")
+        if reach:
+            lines.append(f"reachability {reach['reachability']}: {reach['why']}")
+            lines += [f"advertised   {a}" for a in reach["advertised_addrs"]]
+            conns = reach["connections"]
+            lines.append(f"connections  {conns['direct']} direct, {conns['relayed']} relayed")
         if d["jobs"]:
             lines.append("jobs         " + ", ".join(f"{k}: {v}" for k, v in sorted(d["jobs"].items())))
         if d["rejections"]:
@@ -227,9 +239,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
     rows = client_of(args).peers()
     emit(args, rows, lambda rs: table(
         [[r["peer_id"], "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
+          ",".join(r.get("connections") or []) or "-",
           str((r.get("reputation") or {}).get("worker", "-")), str((r.get("reputation") or {}).get("jobs_paid", "-")),
           (r["addrs"] or ["-"])[0]]
-         for r in rs], ["PEER_ID", "LATENCY_MS", "WORKER_SCORE", "JOBS_PAID", "ADDR"]) or "no peers connected")
+         for r in rs], ["PEER_ID", "LATENCY_MS", "VIA", "WORKER_SCORE", "JOBS_PAID", "ADDR"]) or "no peers connected")
     return 0
 
 

@@ -26,6 +26,7 @@ from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity
+from ._reach import check_advert_addr
 
 gpus_max = limits.gpus_per_node_max
 addrs_max = 8
@@ -182,6 +183,12 @@ class Advert:
         for r in self.runtimes:
             if r not in RUNTIMES:
                 raise ValueError(f"unknown runtime {r!r}")
+        for a in self.addrs:
+            # A TCP multiaddr (maybe through a relay) that names no other
+            # peer and that someone can dial (core/_reach.py).
+            why = check_advert_addr(a, self.peer_id)
+            if why is not None:
+                raise ValueError(f"addrs: {why}")
         if len(self.images) > images_max:
             raise ValueError(f"at most {images_max} cached images")
         if list(self.images) != sorted(set(self.images)) or not all(_is_digest(d) for d in self.images):

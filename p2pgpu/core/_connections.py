@@ -9,6 +9,12 @@ honest newcomer had no peer for 40 s).  This core decides, the driver
   ``inbound_per_ip_max`` inbound connections (live or handshaking) from one
   IP, ``inbound_per_subnet_max`` from one subnet (IPv4 /24, IPv6 /48 by
   default), and ``connections_max`` in all.
+- **Relayed connections are counted by the remote peer**, not by address:
+  every connection that comes through a relay arrives over the relay's one
+  connection, from the relay's IP, so counting them by IP would let one
+  relay's clients exhaust the per-IP limit (and a hostile relay fill it).
+  At most ``inbound_relayed_per_peer_max`` from one peer and
+  ``inbound_relayed_max`` in all, within ``connections_max``.
 - **Room for newcomers**: whenever more than ``connections_max -
   newcomer_headroom`` connections are open, the least useful peers are
   closed until that headroom is free again, so a newcomer always finds a
@@ -43,11 +49,15 @@ class ConnectionLimits:
     grace_ms: int = 10_000
     #: Connections closed per decision (the rest at the next one).
     close_batch_max: int = 32
+    #: Inbound connections through relays, in all and from one peer.
+    inbound_relayed_max: int = 64
+    inbound_relayed_per_peer_max: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.newcomer_headroom < self.connections_max:
             raise ValueError("newcomer_headroom must be below connections_max")
-        if min(self.inbound_per_ip_max, self.inbound_per_subnet_max, self.close_batch_max) < 1:
+        if min(self.inbound_per_ip_max, self.inbound_per_subnet_max, self.close_batch_max,
+               self.inbound_relayed_max, self.inbound_relayed_per_peer_max) < 1:
             raise ValueError("per-IP, per-subnet and batch limits must be at least 1")
         if not (0 < self.subnet_prefix_v4 <= 32 and 0 < self.subnet_prefix_v6 <= 128):
             raise ValueError("subnet prefixes out of range")
@@ -59,6 +69,8 @@ class Refusal:
     PER_IP = "per_ip"
     PER_SUBNET = "per_subnet"
     FULL = "full"
+    RELAYED_PER_PEER = "relayed_per_peer"
+    RELAYED_FULL = "relayed_full"
 
 
 @dataclass(slots=True)
@@ -74,6 +86,8 @@ class ConnectionTable:
     #: Inbound connections admitted and not yet released, by IP and by subnet.
     per_ip: dict[str, int] = field(default_factory=dict)
     per_subnet: dict[str, int] = field(default_factory=dict)
+    #: Inbound relayed connections admitted and not yet released, by peer.
+    relayed: dict[str, int] = field(default_factory=dict)
     peers: dict[str, _Peer] = field(default_factory=dict)
     protected: dict[str, None] = field(default_factory=dict)
     known: dict[str, None] = field(default_factory=dict)
@@ -86,11 +100,11 @@ class ConnectionTable:
         return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
     def inbound_open(self) -> int:
-        return sum(self.per_ip.values())
+        return sum(self.per_ip.values()) + sum(self.relayed.values())
 
     def total(self) -> int:
-        """Open connections: admitted inbound (handshaking or live) plus
-        outbound."""
+        """Open connections: admitted inbound (handshaking or live, direct or
+        relayed) plus outbound."""
         return self.inbound_open() + sum(1 for p in self.peers.values() if not p.inbound)
 
     def admit(self, ip: str) -> str | None:
@@ -116,6 +130,26 @@ class ConnectionTable:
             table[key] -= 1
             if not table[key]:
                 del table[key]
+
+    def admit_relayed(self, peer: str) -> str | None:
+        """Admit an inbound connection from ``peer`` through a relay (its
+        slot is held until :meth:`release_relayed`), or say why not."""
+        lim = self.limits
+        if self.relayed.get(peer, 0) >= lim.inbound_relayed_per_peer_max:
+            return Refusal.RELAYED_PER_PEER
+        if sum(self.relayed.values()) >= lim.inbound_relayed_max:
+            return Refusal.RELAYED_FULL
+        if self.total() >= lim.connections_max:
+            return Refusal.FULL
+        self.relayed[peer] = self.relayed.get(peer, 0) + 1
+        return None
+
+    def release_relayed(self, peer: str) -> None:
+        if self.relayed.get(peer, 0) < 1:
+            raise LocalProtocolError(f"release of a relayed connection from {peer} without an admission")
+        self.relayed[peer] -= 1
+        if not self.relayed[peer]:
+            del self.relayed[peer]
 
     # ----------------------------------------------------------- peers
 

@@ -88,6 +88,18 @@ class ConnectionManager:
     def release(self, ip: str) -> None:
         self.table.release(ip)
 
+    # -- relayed connections: counted by the remote peer, not the relay's IP ------
+    def admit_relayed(self, peer: str) -> str | None:
+        """Admit a connection from ``peer`` through a relay (``_relay.StopHandler``);
+        the refusal, or None."""
+        refusal = self.table.admit_relayed(peer)
+        if refusal is not None:
+            self.counts[f"connections_refused:{refusal}"] += 1
+        return refusal
+
+    def release_relayed(self, peer: str) -> None:
+        self.table.release_relayed(peer)
+
     def touch(self, peer_id: str) -> None:
         self.table.touch(peer_id, self.now_ms())
 

@@ -67,6 +67,9 @@ from p2pgpu.wallet import Wallet
 from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._connmgr import ConnectionManager
+from ._reach import ReachService
+from ._reach_node import attach as attach_reach
+from ._reach_node import peer_connections, reach_config
 from ._control import ControlError, ControlServer
 from ._images import advertised_images
 from ._inputs import input_pins_loop
@@ -154,6 +157,8 @@ class NodeOptions:
     connect_interval_s: float = 1.0
     ping_interval_s: float = 5.0
     dial_timeout_s: float = 3.0
+    #: Transport multiaddrs the world reaches us at (``--announce``, a forwarded port).
+    announce: list[str] = field(default_factory=list)
 
 
 class AdvertRecordValidator(Validator):
@@ -212,6 +217,10 @@ class Node:
         self.book = make_book(network, config.extra)
         self.connection_limits = connection_limits(config.extra)
         self.connmgr: ConnectionManager | None = None
+        #: AutoNAT, relays, hole punching, what we advertise (``_reach_node``).
+        self.reach_config = reach_config(config.extra, announce=options.announce,
+                                         bootstrap=[*network.bootstrap, *options.bootstrap])
+        self.reach: ReachService | None = None
         self.counts: Counter[str] = Counter()
         self.latency_ms: dict[str, float] = {}
         self.gpus_reserved = 0
@@ -271,6 +280,7 @@ class Node:
                                              now_ms=lambda: int(trio.current_time() * 1000), counts=self.counts,
                                              valued=lambda: (self.peers_we_work_with(), list(self.book.adverts)))
             await self.connmgr.install()
+            self.reach = attach_reach(self, self.reach_config)
             stack.pubsub.set_topic_verdict_validator(ADVERTS_TOPIC, self._validate_advert)
             sub = await stack.pubsub.subscribe(ADVERTS_TOPIC)
             stack.host.set_stream_handler(TProtocol(MARKET_PROTOCOL), guarded("market", self._serve_market, self.counts))
@@ -292,6 +302,7 @@ class Node:
                     self._start_runner()
                     self._open_store()
                     self.control_port = await nursery.start(control.serve, self.options.control_port)
+                    await nursery.start(self.reach.run)
                     self._write_control_file()
                     await nursery.start(self.jobs.run)
                     await nursery.start(self.challenges.run)
@@ -344,7 +355,7 @@ class Node:
         adv = Advert(
             peer_id=self.identity.peer_id,
             network=self.network.name,
-            addrs=tuple(self.stack.addrs()[:8]),
+            addrs=tuple(self.reach.advertised()[:8]) if self.reach is not None else (),
             seq=self._seq,
             issued_at_ms=now,
             expires_at_ms=now + advert_ttl_s * 1000,
@@ -359,6 +370,11 @@ class Node:
             images=advertised_images(self),
         )
         return sign_advert(self.identity, adv)
+
+    def addrs_changed(self) -> None:
+        """What we advertise changed (``_reach``): re-sign the advert."""
+        self._advert_stale = True
+        self._republish.set()
 
     def reload_config(self, load: Callable[[], Config], *, advert_ttl_fixed: bool = False) -> dict[str, Any]:
         """SIGHUP in ``node run``: read the config again and take its live
@@ -711,6 +727,8 @@ class Node:
 
     async def _dial(self, addr: str) -> bool:
         assert self.stack is not None
+        if self.reach is not None:  # direct, or through the relay the address names
+            return await self.reach.dial(addr, self.options.dial_timeout_s)
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except (ValueError, BaseLibp2pError) as exc:
@@ -767,7 +785,8 @@ class Node:
         sa = self.book.adverts.get(peer_id)
         if sa is None:
             return False
-        for addr in sa.advert.addrs[:8]:
+        order = self.reach.dial_order(sa.advert.addrs[:8]) if self.reach is not None else sa.advert.addrs[:8]
+        for addr in order:
             if await self._dial(addr):
                 return True
         return False
@@ -867,6 +886,7 @@ class Node:
             "library_handler_errors": dict(sorted(library_handler_errors.items())),
             "dht": self._dht_status(),
             "connections": self.connmgr.status() if self.connmgr is not None else {},
+            **({"reachability": self.reach.status()} if self.reach is not None else {}),
             "protocols": sorted(str(p) for p in self.stack.host.get_mux().handlers if p),
             "control_port": self.control_port,
             "config_reload": self.config_reload,
@@ -892,6 +912,7 @@ class Node:
             score = rep.score(pid)
             rows.append({"peer_id": pid, "addrs": [str(a) for a in store.addrs(peer)][:8],
                          "latency_ms": self.latency_ms.get(pid),
+                         "connections": peer_connections(self.reach, self.stack.host, peer),
                          # Its record from the receipts this node holds (docs/reputation.md).
                          "reputation": score.to_json() | {"job_value_max": job_value_max(score)}})
         return rows

@@ -624,6 +624,9 @@ class JobsService:
         rec.state = "forming"
         rec.submitted_at_ms = now
         self.apply(self.host.submit(sm, now))
+        # Stored before the job id goes back to the user: a kill -9 while it
+        # forms must not forget a job whose id was given (found by the soak).
+        self.persist(sm.job_id)
 
     def cancel(self, job_id: str) -> None:
         self.apply(self.host.cancel(job_id, self.node.now_ms()))

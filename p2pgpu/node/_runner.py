@@ -87,13 +87,20 @@ class MemberJob:
     ended_ms: int = 0
 
 
+#: ``adversary = "inflate_time"``: how much earlier than it did a lying member claims it started.
+inflate_time_ms = 20_000
+
+
 class Runner:
     def __init__(self, jobs: JobsService, *, root: Path | None, policy: SandboxPolicy,
                  adversary: str = "") -> None:
         self.jobs = jobs
         self.root = root or Path(tempfile.mkdtemp(prefix="p2pgpu-jobs-"))
         self.policy = policy
-        #: Test networks only: "tamper_output" makes this node lie about its output.
+        #: Test networks only: "tamper_output" makes this node lie about its
+        #: output; "inflate_time" makes its proofs claim it started
+        #: ``inflate_time_ms`` before it did (the submitter's window and the
+        #: co-signers' observations must refuse the claim).
         self.adversary = adversary
         #: job -> its own log lines (the most recent jobs only).
         self.logs: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
@@ -262,8 +269,9 @@ class Runner:
         await self._keep_outputs(start.job_id, outputs)
         # The host signs the proof, hands it over (resent until acknowledged),
         # keeps watching the others, then co-signs and frees the GPUs.
-        part = PartEnded(started_at_ms=started_ms, ended_at_ms=ended_ms, exit_code=exit_code, end_reason=end_reason,
-                         stopped=stopped, output_digest=digest, gpus=tuple(self._gpu_names(mj)),
+        claimed_start_ms = started_ms - inflate_time_ms if self.adversary == "inflate_time" else started_ms
+        part = PartEnded(started_at_ms=claimed_start_ms, ended_at_ms=ended_ms, exit_code=exit_code,
+                         end_reason=end_reason, stopped=stopped, output_digest=digest, gpus=tuple(self._gpu_names(mj)),
                          checkpoints=tuple(mj.chain.checkpoints), outputs=tuple(outputs))
         self.running.pop(start.job_id, None)
         self.jobs.apply(self.jobs.host.member_ended(start.job_id, part, now()))

@@ -9,8 +9,9 @@ Three ways to bound a job's memory, tried in this order by :func:`memory_backend
 ``cgroup1``  the same with the v1 memory controller (``memory.limit_in_bytes``,
              ``memory.oom_control``'s ``oom_kill``) on hybrid hosts, where the
              v2 hierarchy has no memory controller (this development machine).
-``rlimit``   ``RLIMIT_AS`` (``ulimit -v``) on the sandbox plus a watchdog
-             summing the resident set of the sandbox's processes.  The job's
+``rlimit``   ``RLIMIT_AS`` (``ulimit -v``) on each process of the sandbox
+             plus a watchdog summing the resident set of all of them (the
+             rlimit alone bounds each process, not their sum).  The job's
              allocation fails instead of being killed, so the reason is
              inferred (watchdog trip, or a failing exit whose stderr says it ran
              out of memory).  CUDA reserves huge virtual ranges, so a GPU job
@@ -89,7 +90,14 @@ class MemoryLimit:
     backend: str
     limit_bytes: int
     cgroup: Path | None = None
+    #: Sum the resident memory of the job's processes every poll and kill the
+    #: job above the limit: always with the rlimit backend, whose
+    #: ``RLIMIT_AS`` bounds each process alone (six processes under the
+    #: limit each held six times it; ``tests/attacks/test_job_held_limits.py``).
     watchdog: bool = False
+    #: ``RLIMIT_AS`` on every process of the job (rlimit backend, not for GPU
+    #: jobs: CUDA reserves huge virtual ranges).
+    address_space: bool = False
     #: A v1 ``pids`` cgroup bounding the job's processes (v2 bounds them in
     #: ``cgroup`` itself when the pids controller is there).
     pids_cgroup: Path | None = None
@@ -102,7 +110,7 @@ class MemoryLimit:
         then execs ``argv``."""
         dirs = self._dirs()
         steps = [f'echo $$ > "${{{i}}}/cgroup.procs" || exit 125' for i in range(len(dirs))]
-        if self.backend == "rlimit" and not self.watchdog:
+        if self.address_space:
             steps.append(f"ulimit -v {max(1, self.limit_bytes // 1024)} || exit 125")
         if not steps:
             return argv
@@ -279,7 +287,7 @@ def open_memory_limit(backend: str, limit_bytes: int, *, gpus: int, base: Path |
     rlimit), and at most ``pids_max`` processes where a pids controller is
     available (v2 in the same cgroup, else a v1 pids cgroup; 0: no bound)."""
     if backend == "rlimit":
-        return MemoryLimit(backend=backend, limit_bytes=limit_bytes, watchdog=bool(gpus),
+        return MemoryLimit(backend=backend, limit_bytes=limit_bytes, watchdog=True, address_space=not gpus,
                            pids_cgroup=_pids_cgroup(pids_max))
     where = base or cgroup_base(backend)
     if where is None:

@@ -112,7 +112,7 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path | Non
     by bubblewrap (``env_fd``) and the size-limited and read-only places
     exactly as for a ``process`` job (``_sandbox.bwrap_argv``)."""
     from ._disk import WORK_DIR, inputs_of
-    from ._sandbox import SANDBOX_UID, WORK, JobRejected, env_args, gpu_device_paths, job_env
+    from ._sandbox import SANDBOX_UID, WORK, JobRejected, env_args, gpu_device_paths, job_env, proc_args
 
     root = spec.root_dir
     assert root is not None
@@ -129,7 +129,7 @@ def oci_bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path | Non
         for f in ("/etc/resolv.conf", "/etc/hosts"):
             if os.path.exists(f):
                 a += ["--ro-bind", f, f]
-    a += ["--proc", "/proc", "--dev", "/dev"]
+    a += [*proc_args(), "--dev", "/dev"]
     for p in gpu_device_paths(spec.gpus, policy.dev_dir):
         a += ["--dev-bind", str(p), f"/dev/{p.name}"]
     if spec.gpus:

@@ -82,6 +82,26 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "RANK",
                 "WORLD_SIZE", "LOCAL_RANK")
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Kernel settings under the job's fresh ``/proc``, made read-only over it.
+#: The job's uid is the node's own outside its user namespace, so when the
+#: node runs as root every root-owned, owner-writable sysctl file (765 of them
+#: here) was writable by job code: the host's kernel settings, not a copy.
+#: bubblewrap covers ``/proc/sys`` only when the directory itself is
+#: writable (it is 0555), so it did not.  ``/proc/pressure`` takes PSI
+#: triggers.  (bubblewrap covers ``/proc/irq`` and ``/proc/bus`` itself, and
+#: ``/proc/sysrq-trigger`` when it is writable: covered here whatever it is.)
+PROC_READ_ONLY = ("/proc/sys", "/proc/pressure", "/proc/sysrq-trigger")
+
+
+def proc_args() -> list[str]:
+    """bubblewrap options for the job's ``/proc``: its own pid namespace's,
+    with the kernel's settings read-only (``PROC_READ_ONLY``)."""
+    a = ["--proc", "/proc"]
+    for p in PROC_READ_ONLY:
+        a += ["--ro-bind-try", p, p]
+    return a
+
+
 #: Where the sandbox puts its own things: no extra bind may cover them.
 _RESERVED_DESTS = ("/", WORK, "/tmp", "/dev", "/proc", "/etc")
 #: The /etc the job needs to run programs; no passwd/group/shadow of the host.
@@ -93,7 +113,9 @@ LineCallback = Callable[[str, bytes], Awaitable[None]]
 T = TypeVar("T")
 log = logging.getLogger("p2pgpu.sandbox")
 #: The whole environment of the processes the node starts outside the
-#: sandbox (keeper, cgroup wrapper, bubblewrap): nothing of the job's.
+#: sandbox (keeper, cgroup wrapper, bubblewrap): nothing of the job's, and
+#: nothing of the node's (they start in ``/``: the job can read bubblewrap's
+#: environment as its ``/proc/1/environ``).
 _HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 #: The ``dir`` disk backend walks the job's names at most this often.
 dir_walk_interval_s = 1.0
@@ -324,7 +346,7 @@ def bwrap_argv(spec: JobSpec, policy: SandboxPolicy, *, disk_top: Path, status_f
         a += ["--ro-bind", src, dest]
     for name in ("passwd", "group", "hostname"):
         a += ["--ro-bind", str(disk_top / ETC_DIR / name), f"/etc/{name}"]
-    a += ["--proc", "/proc", "--dev", "/dev"]
+    a += [*proc_args(), "--dev", "/dev"]
     for p in gpu_device_paths(spec.gpus, policy.dev_dir):
         a += ["--dev-bind", str(p), f"/dev/{p.name}"]
     # Everything the job can write is size-limited: /dev/shm and /tmp are
@@ -644,7 +666,10 @@ async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: Memo
         try:
             proc = await trio.lowlevel.open_process(
                 argv, env=_HOST_ENV | {"P2PGPU_KEEPER_PASS_FDS": ",".join(map(str, fds))}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=fds)
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=fds,
+                # The job reads the sandbox's init (bubblewrap) in its /proc/1: its
+                # environment's PWD was the node's working directory (often its home).
+                cwd="/")
         finally:
             os.close(w_fd)  # only bubblewrap holds the writing end now
             os.close(env_fd)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._engine import _TIE_BITS, _TIE_MASK, Engine, bucket_bits
+from ._nat import NatModel
 from ._regions import DEFAULT_WEIGHTS, REGIONS, intra_region_rtt_ms, rtt_ms
 from ._scenario import NetworkSection, ScenarioError
 
@@ -51,6 +52,7 @@ class Network:
         "handlers",
         "live",
         "n",
+        "nat",
         "on_peer_lost",
         "peers",
         "region",
@@ -109,6 +111,8 @@ class Network:
         self.handlers: dict[str, Handler] = {}
         #: called as on_peer_lost(node, peer) when ``node`` notices ``peer`` is gone
         self.on_peer_lost: list[Callable[[int, int], None]] = []
+        #: NATs, relays and hole punching (``_nat.py``), when any node is behind one
+        self.nat: NatModel | None = NatModel(self) if cfg.nat_pct > 0 else None
 
     # -- sending --------------------------------------------------------------
     def send(self, src: int, dst: int, nbytes: int, kind: str, payload: Any) -> bool:
@@ -142,7 +146,20 @@ class Network:
         done = (free if free > now else now) + int(nbytes * self._us_per_byte)  # noqa: FURB136 (hot path)
         ufree[src] = done
         region = self.region
-        base = self._delay_us[region[src]][region[dst]]
+        nat = self.nat
+        if nat is None:
+            base = self._delay_us[region[src]][region[dst]]
+        else:
+            hop = nat.path(src, dst)
+            if hop == -2:
+                nat.counts["messages_no_relay"] += 1
+                self.dropped["nat"] = self.dropped.get("nat", 0) + 1
+                return -1
+            if hop >= 0:
+                nat.counts["messages_relayed"] += 1
+                base = self._delay_us[region[src]][region[hop]] + self._delay_us[region[hop]][region[dst]]
+            else:
+                base = self._delay_us[region[src]][region[dst]]
         t: int = done + base
         if self._jit:
             t += int(base * self._jit * (2.0 * rnd() - 1.0))
@@ -202,7 +219,7 @@ class Network:
     def account(self, src: int, dst: int, nbytes: int) -> int:
         """:meth:`depart` then :meth:`absorb`: a message whose landing could
         change nothing but counters.  Returns how many copies land (0-2)."""
-        if self._dup or self._jit == 0.0 or self._reorder:
+        if self._dup or self._jit == 0.0 or self._reorder or self.nat is not None:
             t = self.depart(src, dst, nbytes)
             if t < 0:
                 return 0
@@ -254,6 +271,8 @@ class Network:
         pa, pb = self.peers[a], self.peers[b]
         if b in pa or len(pa) >= self.cfg.peers_max or len(pb) >= self.cfg.peers_max:
             return False
+        if self.nat is not None and not self.nat.connect(a, b):
+            return False
         pa.append(b)
         pb.append(a)
         return True
@@ -262,6 +281,8 @@ class Network:
         pa = self.peers[a]
         if b in pa:
             pa.remove(b)
+            if self.nat is not None and a not in self.peers[b]:
+                self.nat.dropped(a, b)  # both ends closed: the circuit is free
             for cb in self.on_peer_lost:
                 cb(a, b)
 
@@ -286,9 +307,16 @@ class Network:
         delay = self._detect_us if crash else 1000
         for p in peers:
             self.engine.after(delay, self._notice_gone, (p, node))
+        if self.nat is not None:
+            for a, b in self.nat.relay_down(node):  # circuits through it die too
+                self.engine.after(self._detect_us, self._cut_pair, (a, b))
 
     def _notice_gone(self, pair: tuple[int, int]) -> None:
         self._drop_link(*pair)
+
+    def _cut_pair(self, pair: tuple[int, int]) -> None:
+        self._drop_link(*pair)
+        self._drop_link(pair[1], pair[0])
 
     def node_up(self, node: int) -> None:
         if not self.up[node]:

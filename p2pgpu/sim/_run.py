@@ -46,6 +46,8 @@ def run_scenario(scenario: Scenario, seed: int, *, out_dir: str | Path | None = 
     body["adversaries_inactive"] = inactive(world.adversaries)
     if world.stopped:
         body["stopped"] = world.stopped
+    if world.net.nat is not None:
+        body["nat"] = world.net.nat.summary()
     th = world.engine.trace_hash()
     summary = {"seed": seed, **body, "trace_records": world.engine.trace_records, "trace_hash": th}
     files: list[str] = []

@@ -72,6 +72,15 @@ class NetworkSection:
     discovery_s: float = 10.0
     #: connection manager high watermark; 0 means peers_target + 8
     peers_high: int = 0
+    #: NAT (``_nat.py``): share of nodes behind NATs, share of those behind
+    #: symmetric ones (hole punching fails), the chance a punch between two
+    #: port-keeping NATs works, circuits a public node relays, relay slots
+    #: each private node holds
+    nat_pct: float = 0.0
+    nat_symmetric_pct: float = 30.0
+    punch_success_pct: float = 70.0
+    relay_circuits_max: int = 64
+    relays_per_private: int = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +250,10 @@ class Scenario:
             _need(0 <= getattr(n, k) <= 100, f"network.{k}", "is a percentage")
         _need(n.bandwidth_mbps > 0 and n.link_ms >= 0, "network", "bandwidth and link_ms must be positive")
         _need(1 <= n.peers_target <= n.peers_max <= 1000, "network.peers_target", "1 <= target <= max <= 1000")
+        for k in ("nat_pct", "nat_symmetric_pct", "punch_success_pct"):
+            _need(0 <= getattr(n, k) <= 100, f"network.{k}", "is a percentage")
+        _need(0 <= n.relay_circuits_max <= 100_000, "network.relay_circuits_max", "0..100000")
+        _need(1 <= n.relays_per_private <= 8, "network.relays_per_private", "1..8")
         _need(1 <= g.D_lo <= g.D <= g.D_hi <= 100, "gossipsub.D", "needs 1 <= D_lo <= D <= D_hi <= 100")
         _need(g.heartbeat_ms >= 10 and 1 <= g.history_gossip <= g.history_length <= 100,
               "gossipsub", "heartbeat_ms >= 10 and history_gossip <= history_length")

@@ -5,14 +5,12 @@ its own identity, that speaks the node's protocol (after
 It can publish on the adverts and jobs topics, read what arrives there,
 send any signed message to a peer over the direct protocol (one fresh stream
 per message: a node resets a stream that carried a message it refused), and
-receive what nodes send it directly.  :func:`drive_worker` runs a real
-``FormationNode`` core for it, so it can volunteer, lead and accept like an
-honest worker and lie only where a test wants it to.
+receive what nodes send it directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +23,10 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from p2pgpu.core import Identity, PeerMisbehaved
-from p2pgpu.core._actions import Action, CancelTimer, Publish, Send, SetTimer, StartJob
-from p2pgpu.core._formation import FormationNode
 from p2pgpu.core._formation_messages import decode_message
 from p2pgpu.core._manifest import SignedManifest
 from p2pgpu.node._direct import serve_frames
-from p2pgpu.node._jobs import DIRECT_PROTOCOL, JOBS_TOPIC, frame_bytes_max
+from p2pgpu.node._jobs import DIRECT_PROTOCOL, frame_bytes_max
 from p2pgpu.node._stack import Stack, open_stack
 from p2pgpu.node._streams import StreamGone, write_frame
 
@@ -144,7 +140,7 @@ async def open_hostile(node_addr: str, seed: bytes, *, topics: tuple[str, ...] =
         yield hostile
 
 
-async def manifests(sub: Any) -> AsyncIterator[SignedManifest]:
+async def manifests(sub: Any) -> AsyncGenerator[SignedManifest, None]:
     """Manifests arriving on a jobs-topic subscription."""
     while True:
         msg = await sub.get()
@@ -154,65 +150,3 @@ async def manifests(sub: Any) -> AsyncIterator[SignedManifest]:
             continue
         if isinstance(decoded, SignedManifest):
             yield decoded
-
-
-async def drive_worker(hostile: Hostile, core: FormationNode, *, now_ms: Callable[[], int],
-                       on_start: Callable[[StartJob], Awaitable[None]], jobs_sub: Any) -> None:
-    """Run a real formation core for the hostile peer: messages from the jobs
-    topic and its inbox in, actions out (sends and publishes on the wire,
-    timers here); ``on_start`` gets each ``StartJob`` (where a liar lies)."""
-    timers: dict[str, int] = {}
-    wake = trio.Event()
-    async with trio.open_nursery() as nursery:
-        def apply(actions: list[Action]) -> None:
-            nonlocal wake
-            for a in actions:
-                if isinstance(a, Send):
-                    if a.peer_id == hostile.peer_id:
-                        apply(core.on_bytes(a.data, now_ms()))
-                    else:
-                        nursery.start_soon(hostile.send, a.peer_id, a.data)
-                elif isinstance(a, Publish):
-                    nursery.start_soon(hostile.publish, JOBS_TOPIC, a.data)
-                elif isinstance(a, SetTimer):
-                    timers[a.key] = a.at_ms
-                    wake.set()
-                elif isinstance(a, CancelTimer):
-                    timers.pop(a.key, None)
-                elif isinstance(a, StartJob):
-                    nursery.start_soon(on_start, a)
-
-        def handle(data: bytes) -> None:
-            try:
-                msg = decode_message(data)
-                if isinstance(msg, SignedManifest):
-                    if msg.job_id not in core.jobs:
-                        apply(core.on_manifest(msg, now_ms(), [hostile.peer_id]))
-                else:
-                    apply(core.on_message(msg, now_ms()))
-            except PeerMisbehaved as exc:
-                hostile.errors.append(f"refused: {exc}"[:200])
-
-        async def from_topic() -> None:
-            while True:
-                handle((await jobs_sub.get()).data)
-
-        async def from_inbox() -> None:
-            async for data in hostile.inbox:
-                handle(data)
-
-        async def fire_timers() -> None:
-            nonlocal wake
-            while True:
-                due = [k for k, at in sorted(timers.items(), key=lambda kv: kv[1]) if at <= now_ms()]
-                for key in due:
-                    timers.pop(key, None)
-                    apply(core.on_timer(key, now_ms()))
-                nxt = min(timers.values(), default=None)
-                wake = trio.Event()
-                with trio.move_on_after(0.5 if nxt is None else max(0.0, (nxt - now_ms()) / 1000)):
-                    await wake.wait()
-
-        nursery.start_soon(from_topic)
-        nursery.start_soon(from_inbox)
-        nursery.start_soon(fire_timers)

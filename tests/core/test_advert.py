@@ -97,8 +97,11 @@ def test_valid_advert_round_trips() -> None:
 def test_maximal_advert_fits_the_size_limit() -> None:
     gpu = GpuInfo(model="M" * 64, memory_mb=_advert.memory_mb_max, compute_capability="10.10",
                   driver_version="d" * 32, cuda_version="c" * 16, uuid_hash="u" * 64, utilization_pct=100)
+    tail = f"/tcp/65535/p2p/{ALICE.peer_id}"
+    longest = "/dns4/" + "a" * (_advert.addr_len_max - len("/dns4/") - len(tail)) + tail
+    assert len(longest) == _advert.addr_len_max
     adv = make_advert(
-        network="n" * 32, addrs=tuple("a" * _advert.addr_len_max for _ in range(_advert.addrs_max)),
+        network="n" * 32, addrs=(longest,) * _advert.addrs_max,
         seq=2**63 - 1, issued_at_ms=2**62, expires_at_ms=2**62 + _advert.ttl_ms_max,
         gpus=(gpu,) * _advert.gpus_max,
         gpus_free=_advert.gpus_max, price_per_gpu_hour=2**63 - 1, currency="c" * 64, region="r" * 32,
@@ -246,7 +249,18 @@ BODY_BAD: list[tuple[str, Any]] = [
     ("addr empty", _body(addrs=[""])),
     ("addr not str", _body(addrs=[b"/ip4"])),
     ("addr too long", _body(addrs=["a" * 257])),
-    ("9 addrs", _body(addrs=["a"] * 9)),
+    ("9 addrs", _body(addrs=["/ip4/1.2.3.4/tcp/1"] * 9)),
+    # #14: an advert's addresses are TCP multiaddrs someone can dial that name
+    # no peer but their owner (and, through a relay, the relay).
+    ("addr not a multiaddr", _body(addrs=["a"])),
+    ("addr not tcp", _body(addrs=["/ip4/1.2.3.4/udp/1/quic-v1"])),
+    ("addr port 0", _body(addrs=["/ip4/1.2.3.4/tcp/0"])),
+    ("addr unspecified", _body(addrs=["/ip4/0.0.0.0/tcp/4001"])),
+    ("addr multicast", _body(addrs=["/ip6/ff02::1/tcp/4001"])),
+    ("addr names another peer", _body(addrs=[f"/ip4/1.2.3.4/tcp/1/p2p/{BOB.peer_id}"])),
+    ("addr through itself", _body(addrs=[f"/ip4/1.2.3.4/tcp/1/p2p/{ALICE.peer_id}/p2p-circuit"])),
+    ("relay addr for another peer",
+     _body(addrs=[f"/ip4/1.2.3.4/tcp/1/p2p/{BOB.peer_id}/p2p-circuit/p2p/{BOB.peer_id}"])),
     ("runtime unknown", _body(runtimes=["docker"])),
     ("9 runtimes", _body(runtimes=["process"] * 9)),
     ("simulated as int", _body(simulated=0)),

@@ -97,7 +97,12 @@ def test_the_largest_advert_fits_its_limit() -> None:
     ident = Identity.from_rng(Random(4))
     gpu = GpuInfo(model="M" * 64, memory_mb=1 << 22, compute_capability="12.9", driver_version="d" * 32,
                   cuda_version="c" * 16, uuid_hash="u" * 64, utilization_pct=100)
-    big = advert(ident, network="n" * 32, addrs=tuple("/" + "x" * (addr_len_max - 1) for _ in range(addrs_max)),
+    # The longest address an advert may carry: a DNS name (core/_reach.py
+    # checks that each address is a dialable TCP multiaddr naming its owner).
+    tail = f"/tcp/65535/p2p/{ident.peer_id}"
+    longest = "/dns4/" + "h" * (addr_len_max - len("/dns4/") - len(tail)) + tail
+    assert len(longest) == addr_len_max
+    big = advert(ident, network="n" * 32, addrs=(longest,) * addrs_max,
                  seq=2**62, issued_at_ms=2**50, expires_at_ms=2**50 + 3_600_000, gpus=(gpu,) * gpus_max,
                  gpus_free=gpus_max, price_per_gpu_hour=2**62, region="r" * 32, currency="c" * 64,
                  runtimes=("process", "ray", "oci"), images=tuple(sorted(digest(i) for i in range(images_max))))

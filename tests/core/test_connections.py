@@ -108,3 +108,32 @@ def test_closing_is_batched_and_disconnects_are_forgotten() -> None:
 def test_limits_are_checked(kw: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         ConnectionLimits(**kw)
+
+
+# --- #14: connections through relays are counted by peer, not by the relay's IP ------------
+
+def test_relayed_connections_are_counted_by_peer_not_by_the_relays_ip() -> None:
+    lim = ConnectionLimits(connections_max=40, newcomer_headroom=2, inbound_per_ip_max=2, inbound_relayed_max=30,
+                           inbound_relayed_per_peer_max=1)
+    t = ConnectionTable(lim)
+    # 20 peers behind one relay: all arrive from the relay's IP, yet each is
+    # its own peer (a per-IP limit of 2 would have refused 18 of them)
+    assert [t.admit_relayed(f"peer{i}") for i in range(20)] == [None] * 20
+    assert t.admit_relayed("peer0") == Refusal.RELAYED_PER_PEER
+    # ... and the relay's own direct connection is still one IP among others
+    assert t.admit("198.51.100.3") is None
+    assert t.inbound_open() == 21 and t.total() == 21
+    t.release_relayed("peer0")
+    assert t.admit_relayed("peer0") is None
+    with pytest.raises(LocalProtocolError):
+        t.release_relayed("nobody")
+
+
+def test_relayed_connections_are_bounded_in_all_and_within_the_total() -> None:
+    t = ConnectionTable(ConnectionLimits(connections_max=8, newcomer_headroom=2, inbound_relayed_max=5))
+    assert [t.admit_relayed(f"p{i}") for i in range(6)] == [None] * 5 + [Refusal.RELAYED_FULL]
+    assert [t.admit(f"10.0.{i}.1") for i in range(4)] == [None, None, None, Refusal.FULL]
+    t2 = ConnectionTable(ConnectionLimits(connections_max=8, newcomer_headroom=2, inbound_relayed_max=20))
+    for i in range(8):
+        assert t2.admit(f"10.0.{i}.1") is None
+    assert t2.admit_relayed("late") == Refusal.FULL
