@@ -199,6 +199,15 @@ class WrongOutput(Adversary):
         return {**claim, "output_digest": self.rng.randbytes(32)}
 
 
+class ReceiptForger(Adversary):
+    """Signs receipts (as sybil submitters) that say it was paid: citing a
+    payment the ledger never saw, or someone else's real payment, and
+    tampers with a genuine receipt's bytes (sim/_receipts.py).  Reputation
+    refuses them and its score does not move."""
+
+    kind = "receipt_forger"
+
+
 class NeverPay(Adversary):
     """A submitter that takes the work and never pays for it."""
 
@@ -226,7 +235,7 @@ class LyingLeader(Adversary):
 
 
 KINDS: dict[str, type[Adversary]] = {c.kind: c for c in (
-    FakeCapability, GpuLiar, AdvertSpam, NeverAccept, InflateGpuSeconds, WrongOutput, NeverPay, SilentLeader, LyingLeader,
+    FakeCapability, GpuLiar, ReceiptForger, AdvertSpam, NeverAccept, InflateGpuSeconds, WrongOutput, NeverPay, SilentLeader, LyingLeader,
 )}
 
 

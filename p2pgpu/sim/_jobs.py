@@ -76,6 +76,7 @@ from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
 
 from ._payg import Payg
+from ._receipts import SimReceipts
 from ._scenario import JobSection
 from ._trust import Challenges
 
@@ -197,6 +198,8 @@ class JobFlow:
         self.submitters = sorted(self.rng.sample(real, min(len(real), cfg.submitters)))
         #: Hardware challenges by the submitters (sim/_trust.py).
         self.challenges = Challenges(self)
+        #: Receipts at the end of the run, and receipt forgers (sim/_receipts.py).
+        self.receipts = SimReceipts(self)
         for i in self.submitters:
             sn = world.nodes[i]
             sn.submitter = True
@@ -461,6 +464,7 @@ class JobFlow:
         job.t_confirm_us = w.engine.now_us
         self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
         self.challenges.on_confirmed(job.submitter, members)
+        self.receipts.on_confirmed(jid, a.certificate)
         w.checker.on_confirmed_at(jid, w.node_now_ms(job.submitter))
         w.engine.trace("job", jid, "confirm", len(members))
 
@@ -594,10 +598,12 @@ class JobFlow:
                 for t in batch.transfers:
                     self.balances[t.address] += t.amount
                 in_batch = dict.fromkeys(batch.owed_ids, True)
+                tx = self.receipts.batch(sub, batch.merkle_root(), [(t.address, t.amount) for t in batch.transfers])
                 for row in rows:
                     if row.owed_id in in_batch:
                         paid_ids[row.owed_id] = True
                         jid, member = self.owed_meta.pop(row.owed_id)
+                        self.receipts.paid(jid, member, row.proof_hash, tx, row.amount)
                         self.paid_total += row.amount
                         self.paid_count += 1
                         w.checker.on_paid(jid, member, row.proof_hash, row.amount,
@@ -642,6 +648,7 @@ class JobFlow:
             "owed_unpaid_lamports": sum(r.amount for rows in self.owed.values() for r in rows),
             **self.payg.stats(),
             **self.challenges.stats(),
+            **self.receipts.stats(),
             "formation_misbehaved": dict(sorted(self.misbehaved.items())),
             "formation_emitted": dict(sorted(self.emitted.items())),
         }

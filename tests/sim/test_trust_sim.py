@@ -1,11 +1,14 @@
 """The trust adversaries in the simulator (#16): GPU liars refused by the
 submitters' hardware challenges (the core's ``make_challenge``, ``judge`` and
-``ClaimBook``, sim/_trust.py), and the workers' exposure to a submitter that
-never pays (sim/_payg.py), in one run of ``simulations/trust.toml``'s kind.
+``ClaimBook``, sim/_trust.py), receipt forgers whose receipts reputation
+refuses (the core's receipts and ``compute_reputation``, sim/_receipts.py),
+and the workers' exposure to a submitter that never pays (sim/_payg.py), in
+one run of ``simulations/trust.toml``'s kind.
 
 Each check fails when the adversary goes undetected: the mutation
 ``challenge_blind`` (a challenger that records every answer as passed)
-leaves every liar believed, and the detection test says so."""
+leaves every liar believed, ``forgery_blind`` (a verifier that believes every
+cited payment) lets the forgers gain, and the checks say so."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ SMALL: dict[str, Any] = {
     "jobs": {"submitters": 3, "rate_per_s": 0.4, "duration_s": 40, "nodes_choices": [1, 2], "interval_s": 10,
              "payment_grace_s": 15, "challenge_every_s": 5},
     "adversary": [{"kind": "gpu_liar", "count": 3}, {"kind": "fake_capability", "count": 1},
-                  {"kind": "never_pay", "count": 1}],
+                  {"kind": "never_pay", "count": 1}, {"kind": "receipt_forger", "count": 2}],
 }
 
 
@@ -87,3 +90,21 @@ def test_without_challenges_nothing_is_challenged() -> None:
 def test_the_shipped_scenario_parses() -> None:
     sc = load_scenario(SCENARIO)
     assert sc.jobs.challenge_every_s == 5 and {a.kind for a in sc.adversary} >= {"gpu_liar", "never_pay"}
+
+
+def _forgeries_refused(s: dict[str, Any]) -> None:
+    assert s["receipts_signed"] > 0 and s["paid_peers_with_a_score"] > 0, s
+    # 2 forgers x (an invented payment, a borrowed one, a tampered receipt)
+    assert s["receipts_forged"] == 6 and s["receipts_forged_refused"] == 6, s
+    assert s["forger_score_gain_lamports"] == 0, s
+
+
+def test_forged_receipts_are_refused_and_move_no_score(honest_run: Any) -> None:
+    _forgeries_refused(honest_run.summary)
+
+
+def test_a_verifier_that_believes_receipts_lets_forgers_gain() -> None:
+    s = _run(SMALL, mutation="forgery_blind").summary
+    assert s["forger_score_gain_lamports"] > 0
+    with pytest.raises(AssertionError):
+        _forgeries_refused(s)
