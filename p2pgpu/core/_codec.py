@@ -44,7 +44,8 @@ def _canonical(obj: Any, depth: int) -> Any:
 
 def encode(obj: Any) -> bytes:
     """Canonical bytes of ``obj`` (maps sorted by key, no floats)."""
-    return msgpack.packb(_canonical(obj, 0), use_bin_type=True)
+    data: bytes = msgpack.packb(_canonical(obj, 0), use_bin_type=True)
+    return data
 
 
 def _check_depth(obj: Any, depth: int) -> None:
@@ -66,6 +67,10 @@ def _check_canonical_shape(obj: Any, depth: int) -> None:
     if depth > depth_max:
         raise PeerMisbehaved(Reason.MALFORMED, "nesting too deep")
     t = type(obj)
+    if depth == depth_max and (t is dict or t is list) and obj:
+        # Its items sit one level too deep; scalars are not walked, so say it here
+        # (the same depth rule as ``_check_depth`` and ``encode``).
+        raise PeerMisbehaved(Reason.MALFORMED, "nesting too deep")
     if t is dict:
         keys = list(obj)
         for k in keys:
