@@ -136,6 +136,11 @@ class ReceiptLine:
     def tx_signatures(self) -> list[str]:
         return [tx for tx, _ in self.payments]
 
+    @property
+    def tx_signature(self) -> str:
+        """The largest payment's transaction ("" when none)."""
+        return self.payments[0][0] if self.payments else ""
+
     def to_obj(self) -> list[Any]:
         return [self.peer_id, self.outcome, self.amount, self.address, [[tx, a] for tx, a in self.payments],
                 self.proof_hash]
