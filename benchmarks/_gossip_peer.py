@@ -69,12 +69,15 @@ async def open_gossip_node(
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.crypto.x25519 import create_new_key_pair as create_x25519
     from libp2p.network.config import ConnectionConfig
-    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
-    from libp2p.pubsub.pubsub import Pubsub
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.tools.anyio_service import background_trio_service
     from multiaddr import Multiaddr
+
+    # The node's classes: with their patches off they are upstream's.
+    from p2pgpu.node._patches import FastGossipSub as GossipSub
+    from p2pgpu.node._patches import FastPubsub as Pubsub
 
     key_pair = create_new_key_pair(seed)
     sec_opt = {NOISE_ID: NoiseTransport(key_pair, noise_privkey=create_x25519().private_key)}

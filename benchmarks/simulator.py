@@ -120,8 +120,8 @@ def calibration_probe(proc_ms: float, cores: int, link_ms: float, seed: int) -> 
         "kademlia": {"enabled": False},
         "adverts": {"refresh_s": 1000, "ttl_s": 3600, "books": "all"},
     })
-    with verify_cache():
-        w = World(s, seed)
+    with verify_cache() as cache:
+        w = World(s, seed, verify=cache)
         got: dict[object, list[int]] = {}
         orig = w.metrics.on_delivery
 

@@ -1,4 +1,4 @@
-"""The ``p2pgpu`` command (see docs/cli.md; the contract is shared/CLI.md).
+"""The ``p2pgpu`` command (see docs/cli.md, which is its contract).
 
 Each command group lives in its own module with a ``register(subparsers)``
 function; this file only assembles them.  Modules import heavy libraries

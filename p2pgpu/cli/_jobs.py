@@ -1,7 +1,7 @@
 """Submitter commands: ``job submit|status|list|cancel|logs|results``, written on the SDK.
 
 Each command is one or two calls of :class:`p2pgpu.Client` / :class:`p2pgpu.Job`
-(``p2pgpu/sdk``): the same flags and ``--json`` keys as before (shared/CLI.md),
+(``p2pgpu/sdk``): the same flags and ``--json`` keys as before (docs/cli.md),
 and a job that did not succeed always shows its reason (the SDK builds one
 from the proofs and the formation figures where the daemon recorded none).
 """

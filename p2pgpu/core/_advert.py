@@ -25,7 +25,7 @@ from . import _schema as s
 from ._codec import decode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
-from ._identity import Identity
+from ._identity import Identity, Verifier
 from ._reach import check_advert_addr
 
 gpus_max = limits.gpus_per_node_max
@@ -285,20 +285,22 @@ def advert_time_reason(issued_at_ms: int, expires_at_ms: int, now_ms: int,
     return None
 
 
-def verify_advert_bytes(data: bytes) -> SignedAdvert:
-    """Decode and verify advert bytes (size, encoding, envelope, signature,
-    schema, signer), without the time check, or raise ``PeerMisbehaved``."""
+def verify_advert_bytes(data: bytes, *, verify: Verifier | None = None) -> SignedAdvert:
+    """Decode and verify advert bytes (size, encoding, envelope, signature
+    with ``verify``, schema, signer), without the time check, or raise
+    ``PeerMisbehaved``."""
     obj = decode(data, size_max=Kind.ADVERT.bytes_max, canonical=True)
-    env = envelope_from_obj(obj, expected=Kind.ADVERT)
+    env = envelope_from_obj(obj, expected=Kind.ADVERT, verify=verify)
     advert = Advert.from_obj(body_of(env))
     if env.signer_peer_id != advert.peer_id:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "advert not signed by its peer")
     return SignedAdvert(advert, env)
 
 
-def verify_advert(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max) -> SignedAdvert:
+def verify_advert(data: bytes, *, now_ms: int, clock_skew_ms: int = clock_skew_ms_max,
+                  verify: Verifier | None = None) -> SignedAdvert:
     """Decode, verify and time-check advert bytes, or raise ``PeerMisbehaved``."""
-    sa = verify_advert_bytes(data)
+    sa = verify_advert_bytes(data, verify=verify)
     reason = advert_time_reason(sa.advert.issued_at_ms, sa.advert.expires_at_ms, now_ms, clock_skew_ms)
     if reason is Reason.NOT_YET_VALID:
         raise PeerMisbehaved(reason, "issued in the future")
@@ -354,6 +356,9 @@ class AdvertBook:
     view: Callable[[Advert, int], Advert] | None = None
     evicted: int = 0
     own_peer_id: str = ""
+    #: The signature check (default :func:`~p2pgpu.core.verify_signature`;
+    #: the simulator hands in a memoised one).
+    verify: Verifier | None = None
     #: peer id -> the forwarder it is attributed to ("" for a local source).
     _forwarder_of: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     #: forwarder -> its identities, oldest first (dicts keep insertion order).
@@ -379,7 +384,7 @@ class AdvertBook:
     def check_record(self, data: bytes, now_ms: int) -> SignedAdvert:
         """Signature, schema, time and network rules, but not the sequence
         rule: what a DHT record must satisfy to be stored or served."""
-        sa = verify_advert(data, now_ms=now_ms)
+        sa = verify_advert(data, now_ms=now_ms, verify=self.verify)
         adv = sa.advert
         if adv.network != self.network:
             raise PeerMisbehaved(Reason.WRONG_NETWORK, f"advert for network {adv.network!r}")

@@ -1,7 +1,7 @@
 """Cluster formation, the worker's side: volunteer, elect, propose, accept, run.
 
 :class:`FormationNode` is one node's pure state machine for every job it has
-seen (flow 3 of ARCHITECTURE.md; the protocol is in ``docs/formation.md``).
+seen (flow 3 of docs/architecture.md; the protocol is in ``docs/formation.md``).
 Its inputs are verified messages (from :func:`decode_message`), named timers
 and local calls, each with ``now_ms``; its output is a list of actions
 (``p2pgpu.core._actions``).  It holds the node's :class:`CapacityLedger`, the

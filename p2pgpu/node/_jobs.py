@@ -3,9 +3,9 @@
 :class:`JobsService` holds this node's :class:`~p2pgpu.core.Host` (every rule
 of a job's lifecycle: formation as worker and submitter, membership while a
 job runs, settlement, the member's deliveries to submitters) and does only
-what a driver does (CONVENTIONS.md): it hands the host the bytes that reach
-the node and the timers that fire, and carries out the actions that come
-back.
+what a driver does (docs/architecture.md, "Two drivers of the same cores"):
+it hands the host the bytes that reach the node and the timers that fire,
+and carries out the actions that come back.
 
 - Formation messages travel on ``/p2pgpu/jobs/1`` (``NODE_FORMATION``: one
   shared topic; a fresh per-job topic's mesh takes GossipSub heartbeats to
@@ -293,7 +293,7 @@ class JobsService:
         try:
             self.deliver(msg.data, via=Via.TOPIC)
         except PeerMisbehaved as exc:
-            self.counts[f"jobs:{exc.reason.name.lower()}"] += 1
+            # (counted once, where apply() met the host's Refused)
             log.info("job message from %s refused: %s", forwarder, exc)
             return verdict_for(exc.reason)  # a replay or a full table is not the forwarder's fault
         return GossipVerdict.ACCEPT

@@ -13,10 +13,18 @@ still rejected.  Each comment says what upstream does wrong and the gain
 measured here (``benchmarks/adverts.py``, ``docs/performance.md``); each fix
 has a test in ``tests/node/test_patches.py`` that fails if it is lost.
 
-The fixes are checked against ``libp2p==0.8.1`` only.  :func:`apply` refuses
-(logs and skips) on any other version, so an upgrade falls back to upstream
-behaviour, slower but correct, until the patches are re-checked or upstreamed;
-so does ``P2PGPU_LIBP2P_PATCHES=0`` in the environment.
+Where the function is a method of an object the node builds itself, the fix
+is an override in a subclass (:class:`FastPubsub`, :class:`FastGossipSub`:
+``_stack.py`` builds those), not a replaced attribute: the batched writer, the
+inline reader and the ``send_rpc`` fast path.  The override takes its fast
+path only while its patch is on, so :func:`remove` and
+``P2PGPU_LIBP2P_PATCHES=0`` still give upstream's behaviour.  The others
+replace names the node does not own (module functions, the Yamux stream, the
+validation cache, the queues).  Every fix, override or replacement, checks a
+sha256 of the upstream source it stands in for (:data:`UPSTREAM_SHA256`) as
+well as the library's version (``libp2p==0.8.1``): on any difference it is
+skipped, loudly, so an upgrade falls back to upstream behaviour, slower but
+correct, until the fix is re-checked or upstreamed.
 :func:`apply` is idempotent; :func:`remove` restores upstream (tests,
 benchmarks).  Call :func:`apply` before creating hosts: the queue sizes take
 effect for queues created afterwards.
@@ -32,6 +40,9 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +74,44 @@ signer_keys_max = 4096
 Undo = list[tuple[Any, str, Any]]
 _installed: dict[str, Undo] = {}
 
+#: The sha256 of each upstream function or class a patch stands in for, in
+#: py-libp2p 0.8.1 (``inspect.getsource``).
+UPSTREAM_SHA256: dict[str, str] = {
+    "Pubsub.handle_sending_messages": "4eb0b978f9c4b1420cc6bd70e26726d25e3a369c43597983cbca95ae1fd9ea2c",
+    "read_varint_prefixed_bytes_limited": "75623a1c5c4e2c39cdd128685dd7eb8c510939bf06f957489d4dccc4e7ca47fd",
+    "env_to_send_in_RPC": "9fea9d702c187d224bec58beb9b09961e93c863bcad8a94baa90a79a287fed36",
+    "maybe_consume_signed_record": "11b2181c27d75df4753635abc3ee3c7e9adaf6a0dd7829d8e6c416f161ef0f8b",
+    "YamuxStream._auto_tune_and_send_window_update":
+        "6ebcbd822fe7f996efbc9efd5dceea1e8d0d729380a807eb7e4aa81cf79ca036",
+    "Pubsub.continuously_read_stream": "ac0c4ad87ca39288d70fcc5a58a842613bc8c47f32c171995a5775bc83fa4430",
+    "ValidationCache": "fccf4cb10b96c6ff5094538cf23a8af7fd1c61f6575af90e971ee20742570ecd",
+    "signature_validator": "4ef201cd300c8e3e0f8ff3b6806f5d24a3432a6d5a2b26136502a59ff21cee7c",
+    "GossipSub.send_rpc": "9829bb1473a299fb8a54b2541fe8f05c5b7974b84c75eab114680460b0c37257",
+    "RpcQueue.__init__": "29b912ed933ac51fc0fd7270d4ffe938c6a7ddc23b23787674a921c9d2b9a882",
+}
+
+
+class _SourceChanged(Exception):
+    """The upstream function a fix replaces is not the one it was written for."""
+
+
+def _source_sha256(fn: Any) -> str:
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+
+
+def _check_source(name: str, upstream: Any) -> None:
+    """Raise :class:`_SourceChanged` unless ``upstream`` is the source the fix
+    named ``name`` in :data:`UPSTREAM_SHA256` was written against."""
+    if _source_sha256(upstream) != UPSTREAM_SHA256[name]:
+        raise _SourceChanged(name)
+
+
+def _on(name: str) -> bool:
+    return name in _installed
+
 
 def libp2p_version() -> str:
     return importlib.metadata.version("libp2p")
@@ -87,36 +136,37 @@ def _replace(undo: Undo, owner: Any, attr: str, new: Any, name: str) -> None:
 
 
 def _install_batch_writes(undo: Undo) -> None:
+    # The fix is FastPubsub.handle_sending_messages; this turns it on.
+    _check_source("Pubsub.handle_sending_messages", Pubsub.handle_sending_messages)
+
+
+async def _batched_sending(self: Any, peer_id: Any, stream: Any, queue: Any) -> None:
     from libp2p.network.stream.exceptions import StreamClosed, StreamReset
-    from libp2p.pubsub import pubsub as ps_mod
     from libp2p.utils.varint import encode_varint_prefixed
 
-    async def handle_sending_messages(self: Any, peer_id: Any, stream: Any, queue: Any) -> None:
-        try:
-            while True:
-                rpc = await queue.pop()
-                if rpc is None:
-                    return  # queue closed: the peer is gone
-                parts = [encode_varint_prefixed(rpc.SerializeToString())]
-                size = len(parts[0])
-                while size < write_batch_bytes_max:
-                    more = queue._queue.pop()  # non-blocking, priority first, as pop()
-                    if more is None:
-                        break
-                    frame = encode_varint_prefixed(more.SerializeToString())
-                    parts.append(frame)
-                    size += len(frame)
-                try:
-                    await stream.write(b"".join(parts))
-                except (StreamClosed, StreamReset):
-                    logger.debug("pubsub write to %s failed: stream closed or reset", peer_id)
-                    self._handle_dead_peer(peer_id)
-                    return
-        except Exception:
-            logger.debug("sending loop for %s terminated with error", peer_id, exc_info=True)
-            self._handle_dead_peer(peer_id)
-
-    _replace(undo, ps_mod.Pubsub, "handle_sending_messages", handle_sending_messages, "batch_writes")
+    try:
+        while True:
+            rpc = await queue.pop()
+            if rpc is None:
+                return  # queue closed: the peer is gone
+            parts = [encode_varint_prefixed(rpc.SerializeToString())]
+            size = len(parts[0])
+            while size < write_batch_bytes_max:
+                more = queue._queue.pop()  # non-blocking, priority first, as pop()
+                if more is None:
+                    break
+                frame = encode_varint_prefixed(more.SerializeToString())
+                parts.append(frame)
+                size += len(frame)
+            try:
+                await stream.write(b"".join(parts))
+            except (StreamClosed, StreamReset):
+                logger.debug("pubsub write to %s failed: stream closed or reset", peer_id)
+                self._handle_dead_peer(peer_id)
+                return
+    except Exception:
+        logger.debug("sending loop for %s terminated with error", peer_id, exc_info=True)
+        self._handle_dead_peer(peer_id)
 
 
 # --- 2. buffered length-prefixed reads -----------------------------------------
@@ -135,6 +185,8 @@ def _install_buffered_reads(undo: Undo) -> None:
     from libp2p.exceptions import ParseError
     from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
     from libp2p.pubsub import pubsub as ps_mod
+
+    _check_source("read_varint_prefixed_bytes_limited", vars(ps_mod)["read_varint_prefixed_bytes_limited"])
 
     async def read_varint_prefixed_bytes_limited(reader: Any, max_length: int) -> bytes:
         if max_length <= 0:
@@ -194,6 +246,7 @@ def _install_sender_record_cache(undo: Undo) -> None:
     from libp2p.pubsub import pubsub as ps_mod
 
     original = peerstore.env_to_send_in_RPC
+    _check_source("env_to_send_in_RPC", original)
 
     def env_to_send_in_RPC(host: Any) -> tuple[bytes, bool]:
         now = time.monotonic()
@@ -226,6 +279,7 @@ def _install_record_verify_once(undo: Undo) -> None:
     from libp2p.pubsub import pubsub as ps_mod
 
     original = utils.maybe_consume_signed_record
+    _check_source("maybe_consume_signed_record", original)
 
     def maybe_consume_signed_record(msg: Any, host: Any, peer_id: Any) -> bool:
         if not msg.HasField("senderRecord"):
@@ -262,6 +316,8 @@ def _install_record_verify_once(undo: Undo) -> None:
 def _install_yamux_half_window(undo: Undo) -> None:
     from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
+    _check_source("YamuxStream._auto_tune_and_send_window_update", YamuxStream._auto_tune_and_send_window_update)
+
     async def _auto_tune_and_send_window_update(self: Any, *, bytes_read: int = 0) -> None:
         total_delta = 0
         async with self.window_lock:
@@ -291,6 +347,11 @@ def _install_yamux_half_window(undo: Undo) -> None:
 
 
 def _install_inline_inbound(undo: Undo) -> None:
+    # The fix is FastPubsub.continuously_read_stream; this turns it on.
+    _check_source("Pubsub.continuously_read_stream", Pubsub.continuously_read_stream)
+
+
+async def _inline_reading(self: Any, stream: Any) -> None:
     from libp2p.io.exceptions import IOException, MessageTooLarge
     from libp2p.network.connection.exceptions import RawConnError
     from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -298,65 +359,61 @@ def _install_inline_inbound(undo: Undo) -> None:
     from libp2p.pubsub.pb import rpc_pb2
 
     names = vars(ps_mod)  # looked up per call: the buffered reader and record cache may be on or off
-
-    async def continuously_read_stream(self: Any, stream: Any) -> None:
-        # Upstream's loop (pubsub.py, continuously_read_stream) with one change:
-        # publish messages whose validators are all synchronous are pushed
-        # inline instead of through manager.run_task.
-        peer_id = stream.muxed_conn.peer_id
+    # Upstream's loop (pubsub.py, continuously_read_stream) with one change:
+    # publish messages whose validators are all synchronous are pushed
+    # inline instead of through manager.run_task.
+    peer_id = stream.muxed_conn.peer_id
+    try:
+        while self.manager.is_running:
+            incoming = await names["read_varint_prefixed_bytes_limited"](stream, self.max_inbound_rpc_size)
+            rpc_incoming = rpc_pb2.RPC()
+            rpc_incoming.ParseFromString(incoming)
+            if not names["maybe_consume_signed_record"](rpc_incoming, self.host, peer_id):
+                logger.debug("invalid signed peer record from %s, RPC ignored", peer_id)
+                continue
+            event = ps_mod.GossipsubEvent()
+            event.peer_id = peer_id.pretty()
+            event.message_size = len(incoming)
+            if rpc_incoming.publish:
+                event.publish = True
+                for msg in rpc_incoming.publish:
+                    if not self._is_subscribed_to_msg(msg) or not self.manager.is_running:
+                        continue
+                    if any(v.is_async for v in self.get_msg_validators(msg)):
+                        self.manager.run_task(self.push_msg, peer_id, msg)
+                        continue
+                    try:
+                        await self.push_msg(peer_id, msg)
+                    except Exception:
+                        # Upstream would lose the task (and with it, often the
+                        # service); a validator's bug must not end the reader.
+                        logger.warning("message from %s dropped: push_msg failed", peer_id, exc_info=True)
+            if rpc_incoming.subscriptions:
+                event.subopts = True
+                if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
+                    logger.warning("peer %s sent %d subscriptions, over the limit %d; ignored",
+                                   peer_id, len(rpc_incoming.subscriptions), self.max_subscriptions_per_rpc)
+                else:
+                    for message in rpc_incoming.subscriptions:
+                        self.handle_subscription(peer_id, message)
+            if rpc_incoming.HasField("control"):
+                event.control = True
+                await self.router.handle_rpc(rpc_incoming, peer_id)
+            if stream.metric_send_channel is not None:
+                await stream.metric_send_channel.send(event)
+    except MessageTooLarge as error:
+        logger.warning("inbound pubsub RPC from %s over the size limit: %s", peer_id, error)
         try:
-            while self.manager.is_running:
-                incoming = await names["read_varint_prefixed_bytes_limited"](stream, self.max_inbound_rpc_size)
-                rpc_incoming = rpc_pb2.RPC()
-                rpc_incoming.ParseFromString(incoming)
-                if not names["maybe_consume_signed_record"](rpc_incoming, self.host, peer_id):
-                    logger.debug("invalid signed peer record from %s, RPC ignored", peer_id)
-                    continue
-                event = ps_mod.GossipsubEvent()
-                event.peer_id = peer_id.pretty()
-                event.message_size = len(incoming)
-                if rpc_incoming.publish:
-                    event.publish = True
-                    for msg in rpc_incoming.publish:
-                        if not self._is_subscribed_to_msg(msg) or not self.manager.is_running:
-                            continue
-                        if any(v.is_async for v in self.get_msg_validators(msg)):
-                            self.manager.run_task(self.push_msg, peer_id, msg)
-                            continue
-                        try:
-                            await self.push_msg(peer_id, msg)
-                        except Exception:
-                            # Upstream would lose the task (and with it, often the
-                            # service); a validator's bug must not end the reader.
-                            logger.warning("message from %s dropped: push_msg failed", peer_id, exc_info=True)
-                if rpc_incoming.subscriptions:
-                    event.subopts = True
-                    if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
-                        logger.warning("peer %s sent %d subscriptions, over the limit %d; ignored",
-                                       peer_id, len(rpc_incoming.subscriptions), self.max_subscriptions_per_rpc)
-                    else:
-                        for message in rpc_incoming.subscriptions:
-                            self.handle_subscription(peer_id, message)
-                if rpc_incoming.HasField("control"):
-                    event.control = True
-                    await self.router.handle_rpc(rpc_incoming, peer_id)
-                if stream.metric_send_channel is not None:
-                    await stream.metric_send_channel.send(event)
-        except MessageTooLarge as error:
-            logger.warning("inbound pubsub RPC from %s over the size limit: %s", peer_id, error)
-            try:
-                await stream.reset()
-            except (StreamError, IOException, RawConnError):
-                logger.debug("reset of %s's stream failed", peer_id)
-            self._handle_dead_peer(peer_id)
-        except StreamEOF:
-            logger.debug("stream closed for peer %s", peer_id)
-        except StreamError as error:
-            logger.debug("stream error for peer %s: %s", peer_id, error)
-        except (IOException, RawConnError) as error:
-            logger.debug("connection closed for peer %s during read: %s", peer_id, error)
-
-    _replace(undo, ps_mod.Pubsub, "continuously_read_stream", continuously_read_stream, "inline_inbound")
+            await stream.reset()
+        except (StreamError, IOException, RawConnError):
+            logger.debug("reset of %s's stream failed", peer_id)
+        self._handle_dead_peer(peer_id)
+    except StreamEOF:
+        logger.debug("stream closed for peer %s", peer_id)
+    except StreamError as error:
+        logger.debug("stream error for peer %s: %s", peer_id, error)
+    except (IOException, RawConnError) as error:
+        logger.debug("connection closed for peer %s during read: %s", peer_id, error)
 
 
 # --- 7. an O(1) validation cache ---------------------------------------------------
@@ -370,6 +427,7 @@ def _install_validation_cache_o1(undo: Undo) -> None:
     from libp2p.pubsub import pubsub as ps_mod
 
     cls = ps_mod.ValidationCache
+    _check_source("ValidationCache", cls)
 
     def __init__(self: Any, ttl: int = 300, max_size: int = 1000) -> None:
         self.ttl = ttl
@@ -419,6 +477,7 @@ def _install_signer_key_cache(undo: Undo) -> None:
     from libp2p.pubsub.pb import rpc_pb2
 
     original = validators.signature_validator
+    _check_source("signature_validator", original)
     prefix = validators.PUBSUB_SIGNING_PREFIX.encode()
     # identity multihash (0x00, 36 bytes) of protobuf PublicKey{Ed25519, 32 bytes}
     ed25519_id_prefix = b"\x00\x24\x08\x01\x12\x20"
@@ -464,23 +523,8 @@ def _install_signer_key_cache(undo: Undo) -> None:
 
 
 def _install_send_rpc_fast_path(undo: Undo) -> None:
-    from libp2p.pubsub import gossipsub
-    from libp2p.pubsub.rpc_queue import _rpc_has_data
-
-    cls = gossipsub.GossipSub
-    original = cls.send_rpc
-
-    def send_rpc(self: Any, peer_id: Any, rpc: Any, priority: bool = False) -> None:
-        pubsub = self.pubsub
-        queue = pubsub.peer_queues.get(peer_id) if pubsub is not None else None
-        if queue is None or peer_id in self._pending_control or rpc.ByteSize() > queue.max_message_size \
-                or not _rpc_has_data(rpc):  # an RPC with no content: leave it to upstream's splitter
-            original(self, peer_id, rpc, priority)
-            return
-        if not queue.push(rpc, priority=priority):
-            self._handle_dropped_rpc(peer_id, rpc, "queue_full")
-
-    _replace(undo, cls, "send_rpc", send_rpc, "send_rpc_fast_path")
+    # The fix is FastGossipSub.send_rpc; this turns it on.
+    _check_source("GossipSub.send_rpc", GossipSub.send_rpc)
 
 
 # --- 10. queues sized for the rate -----------------------------------------------------
@@ -493,6 +537,10 @@ def _install_send_rpc_fast_path(undo: Undo) -> None:
 def _install_queue_sizes(undo: Undo) -> None:
     from libp2p.pubsub import pubsub as ps_mod
     from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
+
+    _check_source("RpcQueue.__init__", RpcQueue.__init__)
+    if ps_mod.SUBSCRIPTION_CHANNEL_SIZE != 32:
+        raise _SourceChanged("SUBSCRIPTION_CHANNEL_SIZE")
 
     class SizedRpcQueue(RpcQueue):
         def __init__(self, max_size: int | None = None, max_message_size: int = DefaultMaxMessageSize) -> None:
@@ -517,18 +565,45 @@ PATCHES: dict[str, Callable[[Undo], None]] = {
 }
 
 
+class FastPubsub(Pubsub):
+    """py-libp2p's Pubsub with the batched writer (patch 1) and the inline
+    reader (patch 6), each taken only while its patch is on."""
+
+    async def handle_sending_messages(self, peer_id: Any, stream: Any, queue: Any) -> None:
+        if _on("batch_writes"):
+            await _batched_sending(self, peer_id, stream, queue)
+        else:
+            await super().handle_sending_messages(peer_id, stream, queue)
+
+    async def continuously_read_stream(self, stream: Any) -> None:
+        if _on("inline_inbound"):
+            await _inline_reading(self, stream)
+        else:
+            await super().continuously_read_stream(stream)
+
+
+class FastGossipSub(GossipSub):
+    """py-libp2p's GossipSub with one RPC object per message (patch 9), taken
+    only while its patch is on."""
+
+    def send_rpc(self, peer_id: Any, rpc: Any, priority: bool = False) -> None:
+        from libp2p.pubsub.rpc_queue import _rpc_has_data
+
+        pubsub = self.pubsub
+        queue = pubsub.peer_queues.get(peer_id) if pubsub is not None and _on("send_rpc_fast_path") else None
+        if queue is None or peer_id in self._pending_control or rpc.ByteSize() > queue.max_message_size \
+                or not _rpc_has_data(rpc):  # an RPC with no content: leave it to upstream's splitter
+            super().send_rpc(peer_id, rpc, priority)
+            return
+        if not queue.push(rpc, priority=priority):
+            self._handle_dropped_rpc(peer_id, rpc, "queue_full")
+
+
 # === Fixes (correctness and security, not speed) ===================================
 # Applied whatever P2PGPU_LIBP2P_PATCHES says: turning the speed-ups off must
 # not reopen a hole.  Each replaces one upstream function whose source is
 # pinned by hash (not only the library's version), and is skipped, loudly, if
 # the source differs, so an upgrade cannot silently run a stale copy.
-
-
-def _source_sha256(fn: Any) -> str:
-    import hashlib
-    import inspect
-
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
 
 
 # --- F1. an inbound connection's slot lives as long as the connection ----------------
@@ -635,10 +710,6 @@ def _install_inbound_slot_release(undo: Undo) -> None:
              "inbound_slot_release")
 
 
-class _SourceChanged(Exception):
-    """The upstream function a fix replaces is not the one it was written for."""
-
-
 #: Every fix, applied by :func:`apply_fixes`: name -> installer.
 FIXES: dict[str, Callable[[Undo], None]] = {
     "inbound_slot_release": _install_inbound_slot_release,
@@ -691,9 +762,10 @@ def apply(only: Iterable[str] | None = None) -> list[str]:
         undo: Undo = []
         try:
             PATCHES[name](undo)
-        except _SourceChanged as exc:  # pinned by hash (the bulk-transfer block)
+        except _SourceChanged as exc:
             _restore(undo)
-            logger.warning("py-libp2p patch %s NOT applied: upstream %s changed; re-check it", name, exc)
+            logger.warning("py-libp2p speed patch %s NOT applied: upstream %s changed; re-check the patch",
+                           name, exc)
             continue
         except BaseException:
             _restore(undo)
@@ -758,7 +830,17 @@ bulk_frame_bytes_max = (4 << 20) + 64
 noise_read_bytes = 256 * 1024
 
 
+UPSTREAM_SHA256.update({
+    "YamuxStream.write": YAMUX_WRITE_SHA256,
+    "BaseNoiseMsgReadWriter.write_msg": NOISE_WRITE_SHA256,
+    "BaseNoiseMsgReadWriter.read_msg": NOISE_READ_SHA256,
+})
+
+
 def _pinned(fn: Any, sha: str, what: str) -> None:
+    """``fn`` must be the upstream source ``what``: its hash ``sha``, also
+    listed in :data:`UPSTREAM_SHA256` with every other pin."""
+    _check_source(what, fn)
     if _source_sha256(fn) != sha:
         raise _SourceChanged(what)
 

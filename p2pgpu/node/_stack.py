@@ -1,6 +1,6 @@
 """The libp2p stack of one node: host, GossipSub, Kademlia DHT, on trio.
 
-Shaped by what was measured (shared/notes/libp2p.md):
+Shaped by what was measured (docs/performance.md has the figures):
 - Noise only: the library's default security list also accepts plaintext,
   TLS and SECIO; a node must refuse unencrypted connections.
 - ``max_connections_per_peer=1`` cuts connect time from ~250 ms to ~10 ms, and
@@ -39,7 +39,6 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -48,8 +47,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2pgpu.core import GossipVerdict
 
+from . import _patches
 from ._dhtstore import BoundedProviderStore, BoundedValueStore, DhtLimits, with_sender
 from ._linkdelay import LinkDelay, LinkDelaySpec
+from ._patches import FastGossipSub, FastPubsub
 
 log = logging.getLogger("p2pgpu.node")
 
@@ -92,7 +93,7 @@ class MessageIgnored(Exception):
 VerdictValidator = Callable[[ID, rpc_pb2.Message], GossipVerdict]
 
 
-class VerdictPubsub(Pubsub):
+class VerdictPubsub(FastPubsub):
     """Pubsub with a third validation answer, IGNORE: the message is dropped
     and marked seen (duplicates cost nothing more), it is not forwarded, and
     the forwarder's score is untouched; py-libp2p's ``False`` (REJECT) still
@@ -186,13 +187,7 @@ async def _close_network(host: IHost) -> None:
 
 
 def _apply_patches() -> None:
-    try:
-        from p2pgpu.node import _patches  # noqa: PLC0415 - optional speed layer
-    except ImportError:
-        return
-    apply = getattr(_patches, "apply", None)
-    if callable(apply):  # the patch layer is optional; absent means upstream behaviour
-        apply()
+    _patches.apply()  # speed-ups (P2PGPU_LIBP2P_PATCHES=0 turns them off)
     _patches.apply_fixes()  # correctness fixes: not optional
 
 
@@ -237,7 +232,7 @@ async def open_stack(
         p4_invalid_messages=TopicScoreParams(weight=config.invalid_message_weight, cap=100.0, decay=0.9),
         graylist_threshold=config.graylist_score,
     )
-    gossipsub = GossipSub(
+    gossipsub = FastGossipSub(
         [PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=config.mesh_degree,
         degree_low=config.mesh_degree_low,

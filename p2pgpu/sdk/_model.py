@@ -1,7 +1,7 @@
 """What the SDK hands back, and the decisions both clients share: pure code.
 
 The daemon answers JSON documents (their keys are the contract of
-``shared/CLI.md`` and ``docs/cli.md``); this module wraps them in small typed
+``docs/cli.md``); this module wraps them in small typed
 objects that keep the document as ``raw`` (so ``--json`` prints exactly what
 the daemon said) and decides, once for the blocking and the trio client:
 

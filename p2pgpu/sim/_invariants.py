@@ -8,7 +8,7 @@ when it happens; the first violation stops the run (``SimulationStopped``)
 with a message that names the invariant, the time and the actors, so that
 ``p2pgpu sim run SCENARIO --seed N`` replays straight to it.
 
-Invariants (``shared/ARCHITECTURE.md``), as far as the cores exist:
+Invariants (``docs/simulation.md`` lists them with what each checks):
 
 - ``capacity``: no honest node holds (reserved or running) more GPUs than it
   has (an adversary that lies about its GPUs is outside what a protocol can
@@ -55,11 +55,11 @@ def tolerance(observed_ms: int) -> int:
     return max(tolerance_ms_floor, max(0, observed_ms) * tolerance_share_ppm // 1_000_000)
 
 
-def _cosigns(wires: Any) -> list[Any]:
+def _cosigns(wires: Any, verify: Any = None) -> list[Any]:
     out = []
     for wire in wires:
         try:
-            out.append(decode_cosign(wire).cosign)
+            out.append(decode_cosign(wire, verify=verify).cosign)
         except PeerMisbehaved:
             continue
     return out
@@ -257,12 +257,12 @@ class Checker:
         if confirmed is not None and results is not None:
             window = max(0, results - confirmed)
             bounds.append(window + tolerance(window))
-        observed = [c.last_seen_ms - c.first_seen_ms for c in _cosigns(line.cosigns)
+        observed = [c.last_seen_ms - c.first_seen_ms for c in _cosigns(line.cosigns, self.world.verify)
                     if c.subject == line.peer_id and c.observer != line.peer_id]
         if observed:
             credited = max(observed) + cosigner_credit_ms
             bounds.append(credited + tolerance(credited))
-        elif any(c.observer != line.peer_id for other in lines for c in _cosigns(other.cosigns)):
+        elif any(c.observer != line.peer_id for other in lines for c in _cosigns(other.cosigns, self.world.verify)):
             bounds.append(0)
         return min(bounds) if bounds else None
 

@@ -1,8 +1,8 @@
 """One run of a scenario with one seed: build the world, run it, report.
 
 :func:`run_scenario` is what ``p2pgpu sim run``, the sweep, the tests and
-the benchmark call.  It installs the signature-verification cache for the
-run only (see :mod:`._crypto`) and returns a :class:`RunResult` whose
+the benchmark call.  It makes the run's signature verifier (memoised, see
+:mod:`._crypto`), hands it to the world's cores, and returns a :class:`RunResult` whose
 ``summary`` is plain JSON-ready data with ``seed`` first and ``trace_hash``
 last.
 """

@@ -127,6 +127,9 @@ class World:
         self.scenario = s = scenario
         self.seed = seed
         self.mutation = mutation
+        #: The signature check every core of this world uses (the run's
+        #: memoised one, ``_crypto.py``; None: the real check each time).
+        self.verify = verify
         #: Wall-clock ms at simulated time 0 (every node clock counts from it).
         self.epoch_ms = s.run.start_epoch_ms
         self.engine = Engine(seed, tracing=tracing)
@@ -187,7 +190,7 @@ class World:
             self.nodes[i].book = self._new_book()
 
     def _new_book(self) -> AdvertBook:
-        return AdvertBook(network=self.scenario.run.network_name, allow_simulated=True)
+        return AdvertBook(network=self.scenario.run.network_name, allow_simulated=True, verify=self.verify)
 
     def node_now_ms(self, node: int) -> int:
         """What ``node``'s clock reads now: the epoch, the simulated time, its skew."""
@@ -338,7 +341,7 @@ class World:
         cached = self._verdicts.get(wire)
         if cached is None:
             try:
-                adv = verify_advert_bytes(wire).advert
+                adv = verify_advert_bytes(wire, verify=self.verify).advert
                 cached = (adv.issued_at_ms, adv.expires_at_ms)
             except PeerMisbehaved as exc:
                 cached = exc.reason

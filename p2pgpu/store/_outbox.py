@@ -336,7 +336,7 @@ def batch_of_proof(conn: sqlite3.Connection, proof_hash: bytes | str) -> tuple[i
 
 def payouts(conn: sqlite3.Connection, *, limit: int = 10_000, job_id: str | None = None,
             newest: bool = False) -> list[dict[str, Any]]:
-    """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by CLI.md):
+    """What this node owes and paid, for ``p2pgpu payouts`` (keys fixed by docs/cli.md):
     every row (oldest first, at most ``limit``), one job's (``job_id``), or the
     ``limit`` newest (``newest``: a long-running node's recent payouts)."""
     where, args = ("WHERE o.job_id = ?", [job_id]) if job_id is not None else ("", [])
@@ -443,7 +443,7 @@ def mark_earning_paid(
 
 
 def earnings(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[dict[str, Any]]:
-    """For ``p2pgpu earnings`` (keys fixed by CLI.md)."""
+    """For ``p2pgpu earnings`` (keys fixed by docs/cli.md)."""
     return [
         {
             "proof_hash": bytes(r[0]).hex(),

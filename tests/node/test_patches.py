@@ -75,9 +75,12 @@ def test_apply_is_idempotent_and_remove_restores_upstream(upstream: None) -> Non
     first = _patches.apply()
     assert first == list(_patches.PATCHES)
     assert _patches.apply() == first
-    assert ps_mod.Pubsub.handle_sending_messages.__p2pgpu_patch__ == "batch_writes"
     assert ps_mod.read_varint_prefixed_bytes_limited.__p2pgpu_patch__ == "buffered_reads"
-    assert ps_mod.Pubsub.continuously_read_stream.__p2pgpu_patch__ == "inline_inbound"
+    # The node's own Pubsub and GossipSub are subclasses: upstream's classes
+    # are left as they are.
+    assert ps_mod.Pubsub.handle_sending_messages is originals["send"]
+    assert ps_mod.Pubsub.continuously_read_stream is originals["reader"]
+    assert issubclass(_patches.FastPubsub, ps_mod.Pubsub)
     _patches.remove()
     assert _patches.installed() == []
     assert ps_mod.Pubsub.handle_sending_messages is originals["send"]
@@ -93,7 +96,58 @@ def test_refuses_another_libp2p_version(upstream: None, monkeypatch: pytest.Monk
         assert _patches.apply() == []
     assert _patches.installed() == []
     assert "0.9.0" in caplog.text
-    assert not hasattr(ps_mod.Pubsub.handle_sending_messages, "__p2pgpu_patch__")
+    assert not hasattr(ps_mod.read_varint_prefixed_bytes_limited, "__p2pgpu_patch__")
+
+
+#: Each patch and the upstream source it stands in for.
+SOURCES = [("batch_writes", "Pubsub.handle_sending_messages"),
+           ("buffered_reads", "read_varint_prefixed_bytes_limited"),
+           ("sender_record_cache", "env_to_send_in_RPC"),
+           ("record_verify_once", "maybe_consume_signed_record"),
+           ("yamux_half_window", "YamuxStream._auto_tune_and_send_window_update"),
+           ("inline_inbound", "Pubsub.continuously_read_stream"),
+           ("validation_cache_o1", "ValidationCache"),
+           ("signer_key_cache", "signature_validator"),
+           ("send_rpc_fast_path", "GossipSub.send_rpc"),
+           ("queue_sizes", "RpcQueue.__init__"),
+           ("yamux_bulk_frames", "YamuxStream.write"),
+           ("noise_write_once", "BaseNoiseMsgReadWriter.write_msg"),
+           ("noise_buffered_reads", "BaseNoiseMsgReadWriter.read_msg")]
+
+
+def test_every_patch_and_every_pinned_source_is_listed() -> None:
+    assert [n for n, _ in SOURCES] == list(_patches.PATCHES)
+    assert sorted(src for _, src in SOURCES) == sorted(_patches.UPSTREAM_SHA256)
+
+
+@pytest.mark.parametrize(("name", "source"), SOURCES, ids=[n for n, _ in SOURCES])
+def test_a_patch_whose_upstream_source_changed_is_skipped(upstream: None, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture, name: str,
+                                                          source: str) -> None:
+    """Same version, different source (a patched release, a local edit): the
+    patch that stands in for it is skipped, loudly, and its code is not used
+    (an override falls back to upstream's method); the others still apply."""
+    monkeypatch.delenv(_patches.DISABLE_ENV, raising=False)
+    monkeypatch.setitem(_patches.UPSTREAM_SHA256, source, "0" * 64)
+    with caplog.at_level(logging.WARNING, logger=_patches.__name__):
+        got = _patches.apply()
+    try:
+        assert got == [n for n in _patches.PATCHES if n != name]
+        assert f"{name} NOT applied" in caplog.text and source in caplog.text
+        assert not _patches._on(name)
+    finally:
+        _patches.remove()
+
+
+async def test_the_node_classes_take_upstreams_path_while_a_patch_is_off(upstream: None) -> None:
+    queue = RpcQueue(max_size=100)
+    for i in range(5):
+        queue.push(rpc_with(i))
+    queue.close()
+    stream = RecordingStream()
+    ps = object.__new__(_patches.FastPubsub)  # only its sending loop is used
+    await ps.handle_sending_messages("peer", stream, queue)
+    assert len(stream.writes) == 5  # upstream: one write per RPC
 
 
 def test_environment_can_turn_the_layer_off(upstream: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,7 +277,7 @@ async def test_batched_writes_keep_order_and_bytes(patched: None) -> None:
         assert queue.push(r, priority=r.HasField("control"))
     queue.close()
     stream, owner = RecordingStream(), DeadPeers()
-    await ps_mod.Pubsub.handle_sending_messages(owner, "peer", stream, queue)
+    await _patches.FastPubsub.handle_sending_messages(owner, "peer", stream, queue)
     assert len(stream.writes) == 1  # upstream: 40
     reader = ChunkReader(b"".join(stream.writes), [])
     got = [rpc_pb2.RPC.FromString(await UPSTREAM_READ(reader, 1 << 20)) for _ in range(40)]
@@ -239,7 +293,7 @@ async def test_batched_writes_report_a_closed_stream(patched: None) -> None:
     queue = RpcQueue()
     queue.push(rpc_with(1))
     owner = DeadPeers()
-    await ps_mod.Pubsub.handle_sending_messages(owner, "peer", RecordingStream(StreamClosed()), queue)
+    await _patches.FastPubsub.handle_sending_messages(owner, "peer", RecordingStream(StreamClosed()), queue)
     assert owner.dead == ["peer"]
 
 
@@ -250,7 +304,7 @@ async def test_batched_writes_are_bounded(patched: None) -> None:
         queue.push(r)
     queue.close()
     stream = RecordingStream()
-    await ps_mod.Pubsub.handle_sending_messages(DeadPeers(), "peer", stream, queue)
+    await _patches.FastPubsub.handle_sending_messages(DeadPeers(), "peer", stream, queue)
     assert len(stream.writes) > 1
     assert all(len(w) <= _patches.write_batch_bytes_max + 6000 for w in stream.writes)
     assert sum(len(w) for w in stream.writes) == sum(len(encode_varint_prefixed(r.SerializeToString())) for r in big)
@@ -373,9 +427,9 @@ class QueuesOnly:
 
 
 def test_send_rpc_shares_one_rpc_and_keeps_piggybacked_control(patched: None) -> None:
-    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 
-    gs = GossipSub([PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=4)
+    gs = _patches.FastGossipSub([PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=4)
     gs.pubsub = QueuesOnly("p")  # a unit test of the router: only its queues are used
     rpc = rpc_with(1)
     gs.send_rpc("p", rpc)
@@ -450,8 +504,7 @@ async def open_node(index: int) -> AsyncIterator[tuple[Any, Any]]:
     from libp2p import new_host
     from libp2p.crypto.x25519 import create_new_key_pair as create_x25519
     from libp2p.network.config import ConnectionConfig
-    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
-    from libp2p.pubsub.pubsub import Pubsub
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.tools.anyio_service import background_trio_service
@@ -460,9 +513,9 @@ async def open_node(index: int) -> AsyncIterator[tuple[Any, Any]]:
     kp = create_new_key_pair(hashlib.sha256(b"test-node-%d" % index).digest())
     host = new_host(key_pair=kp, sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=create_x25519().private_key)},
                     muxer_preference="YAMUX", connection_config=ConnectionConfig(max_connections_per_peer=1))
-    gs = GossipSub([PROTOCOL_ID_V11, PROTOCOL_ID], degree=3, degree_low=2, degree_high=4, heartbeat_interval=1,
-                   spam_protection_enabled=False, eclipse_protection_enabled=False)
-    ps = Pubsub(host, gs)
+    gs = _patches.FastGossipSub([PROTOCOL_ID_V11, PROTOCOL_ID], degree=3, degree_low=2, degree_high=4,
+                                heartbeat_interval=1, spam_protection_enabled=False, eclipse_protection_enabled=False)
+    ps = _patches.FastPubsub(host, gs)
     try:
         async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             try:

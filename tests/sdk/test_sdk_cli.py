@@ -1,5 +1,5 @@
 """The job commands of the CLI, now written on the SDK, against real daemons:
-same flags, same ``--json`` keys (shared/CLI.md), and a failed job always
+same flags, same ``--json`` keys (docs/cli.md), and a failed job always
 says why on screen, in ``job status`` and in ``job submit --wait``.
 """
 
