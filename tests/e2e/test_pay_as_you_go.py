@@ -24,21 +24,19 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_jobs import balance, ledger_server
 from solders.hash import Hash
 from solders.keypair import Keypair
 from solders.system_program import TransferParams, transfer
 from solders.transaction import Transaction
 
-from p2pgpu import children
-from p2pgpu.devnet import free_port, rpc
+from p2pgpu.devnet import rpc
 from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.node import ControlError
 from p2pgpu.store import db_path, open_db
@@ -71,25 +69,9 @@ interval_s = {INTERVAL_S}
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[str]:
-    port = free_port(pair=True)
-    with open(tmp_path / "ledger.log", "wb") as log:
-        proc = children.spawn([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            rpc(url, "getHealth", [], timeout_s=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "ledger serve did not start"
-            time.sleep(0.2)
-    yield url
-    children.stop(proc)
+    with ledger_server(tmp_path) as url:
+        yield url
 
-
-def balance(url: str, address: str) -> int:
-    return int(rpc(url, "getBalance", [address])["value"])
 
 
 def open_net(tmp_path: Path, ledger: str) -> LocalNet:
