@@ -71,13 +71,53 @@ def _check_address(addr: str, what: str) -> None:
         raise ValueError(f"{what} is not a Solana address")
 
 
+#: Payments a receipt line lists at most (the largest; ``amount`` is the total).
+line_payments_max = 8
+#: Payments one receipt lists at most, over all its lines (so that 64 lines of
+#: the longest peer ids still fit ``Kind.RECEIPT``: ``test_the_largest_receipt_fits_its_kind``).
+receipt_payments_max = 128
+
+
+def _payments_rule(payments: tuple[tuple[str, int], ...], amount: int) -> None:
+    """A line's payments: unique transactions, each a positive amount, the
+    largest first (then by signature: one canonical order), at most
+    ``line_payments_max``; together exactly ``amount`` when all are listed,
+    at most ``amount`` when the list is full (the smallest left out)."""
+    if len(payments) > line_payments_max:
+        raise ValueError(f"at most {line_payments_max} payments a line")
+    for tx, paid in payments:
+        if not (isinstance(tx, str) and tx and isinstance(paid, int) and not isinstance(paid, bool)):
+            raise ValueError("a payment is [tx_signature, amount]")
+        _check_tx(tx)
+        if not 0 < paid <= s.int_max:
+            raise ValueError("a payment's amount is positive")
+    if len({tx for tx, _ in payments}) != len(payments):
+        raise ValueError("one entry per transaction")
+    if list(payments) != sorted(payments, key=lambda p: (-p[1], p[0])):
+        raise ValueError("payments are listed largest first, then by signature")
+    if sum(p for _, p in payments) > amount:
+        raise ValueError("amount is the total of the payments (more only when the list is full)")
+
+
+def payments_cap(paying_lines: int) -> int:
+    """Payments listed per line in a receipt with ``paying_lines`` lines that
+    cite payments: ``line_payments_max``, less when many lines share the
+    receipt's ``receipt_payments_max``."""
+    return max(1, min(line_payments_max, receipt_payments_max // max(1, paying_lines)))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ReceiptLine:
+    """One member's line.  ``outcome`` says how its final part ended for the
+    payer; ``amount`` is what it was paid in all (pay-as-you-go installments
+    and the final remainder), ``payments`` the transactions that paid it,
+    ``(tx_signature, amount)``, largest first, at most ``line_payments_max``."""
+
     peer_id: str
     outcome: str
     amount: int
     address: str
-    tx_signature: str
+    payments: tuple[tuple[str, int], ...]
     proof_hash: bytes
 
     def __post_init__(self) -> None:
@@ -85,25 +125,42 @@ class ReceiptLine:
             raise ValueError(f"peer_id, and outcome one of {', '.join(LINE_OUTCOMES)}")
         if not 0 <= self.amount <= s.int_max or len(self.proof_hash) not in (0, 32):
             raise ValueError("amount in [0, 2^63) and proof_hash empty or 32 bytes")
-        _check_tx(self.tx_signature)
+        _payments_rule(self.payments, self.amount)
         _check_address(self.address, "address")
-        paid = self.outcome == "paid"
-        if paid != (self.amount > 0) or paid != bool(self.tx_signature) or paid != bool(self.address):
-            raise ValueError("a paid line has an amount, an address and a transaction; others have none")
+        if (self.amount > 0) != bool(self.payments) or (self.amount > 0) != bool(self.address):
+            raise ValueError("a line that was paid has an amount, an address and its transactions; others none")
+        if self.outcome == "paid" and not self.payments:
+            raise ValueError("a paid line has an amount, an address and its transactions")
+
+    @property
+    def tx_signatures(self) -> list[str]:
+        return [tx for tx, _ in self.payments]
+
+    @property
+    def tx_signature(self) -> str:
+        """The largest payment's transaction ("" when none)."""
+        return self.payments[0][0] if self.payments else ""
 
     def to_obj(self) -> list[Any]:
-        return [self.peer_id, self.outcome, self.amount, self.address, self.tx_signature, self.proof_hash]
+        return [self.peer_id, self.outcome, self.amount, self.address, [[tx, a] for tx, a in self.payments],
+                self.proof_hash]
 
     @classmethod
     def from_obj(cls, row: Any, where: str) -> ReceiptLine:
         if not (isinstance(row, list) and len(row) == 6):
-            raise s.fail(where, "must be [peer_id, outcome, amount, address, tx_signature, proof_hash]")
-        body = dict(zip(("peer_id", "outcome", "amount", "address", "tx_signature", "proof_hash"), row))
+            raise s.fail(where, "must be [peer_id, outcome, amount, address, payments, proof_hash]")
+        body = dict(zip(("peer_id", "outcome", "amount", "address", "payments", "proof_hash"), row))
         try:
+            pays = s.get_list(body, "payments", line_payments_max)
+            if not all(isinstance(p, list) and len(p) == 2 for p in pays):
+                raise ValueError("payments: each is [tx_signature, amount]")
+            for tx, _ in pays:
+                if not isinstance(tx, str) or not 0 < len(tx) <= tx_signature_len_max:
+                    raise ValueError(f"payments: a tx_signature is 1..{tx_signature_len_max} characters")
             return cls(peer_id=s.get_str(body, "peer_id", peer_id_len_max, len_min=1),
                        outcome=s.get_str(body, "outcome", 16), amount=s.get_int(body, "amount"),
-                       address=s.get_str(body, "address", 44), tx_signature=s.get_str(body, "tx_signature",
-                                                                                       tx_signature_len_max),
+                       address=s.get_str(body, "address", 44),
+                       payments=tuple((tx, a) for tx, a in pays),
                        proof_hash=s.get_bytes(body, "proof_hash", 32))
         except ValueError as exc:
             raise s.fail(where, str(exc)) from None
@@ -136,8 +193,12 @@ class Receipt:
             raise ValueError("the submitter is not one of its members")
         if not 0 <= self.settled_at_ms <= s.int_max:
             raise ValueError("settled_at_ms out of range")
-        if any(ln.outcome == "paid" for ln in self.lines) and not self.payer:
-            raise ValueError("a receipt with paid lines names its payer")
+        if any(ln.payments for ln in self.lines) and not self.payer:
+            raise ValueError("a receipt with payments names its payer")
+        cap = payments_cap(sum(1 for ln in self.lines if ln.payments))
+        for ln in self.lines:
+            if len(ln.payments) > cap or (sum(p for _, p in ln.payments) != ln.amount and len(ln.payments) < cap):
+                raise ValueError(f"a line lists all its payments, or its {cap} largest")
 
     @property
     def paid_total(self) -> int:
@@ -284,8 +345,11 @@ PAYABLE_STATUSES = ("owed", "no_quorum")
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SettledLine:
     """One member's line as the submitter's store has it after settlement:
-    its status and amount, the address it is paid at, and the payout
-    transaction's signature once the outbox paid it ("" until then)."""
+    its status and amount (pay as you go: only the remainder the
+    installments did not cover), the address it is paid at, the payout
+    transaction's signature once the outbox paid that line ("" until then),
+    and its installments: ``installments`` those paid, ``(tx_signature,
+    amount)``, and ``installments_pending`` how many are still in the outbox."""
 
     peer_id: str
     status: str
@@ -293,6 +357,8 @@ class SettledLine:
     address: str
     proof_hash: bytes
     tx_signature: str = ""
+    installments: tuple[tuple[str, int], ...] = ()
+    installments_pending: int = 0
 
     @property
     def payable(self) -> bool:
@@ -301,33 +367,59 @@ class SettledLine:
 
 def receipt_ready(lines: list[SettledLine], *, settled_at_ms: int, now_ms: int, wait_ms: int) -> bool:
     """Whether the submitter signs its receipt now: every payable line has its
-    transaction and no member's proof is still missing (one may come late,
-    and be owed, until the collection's deadline), or ``wait_ms`` passed since
-    settlement (the receipt then says what is true then: ``unpaid``,
-    ``no_proof``, which is what the member's own report will say)."""
+    transaction, no installment is still in the outbox, and no member's proof
+    is still missing (one may come late, and be owed, until the collection's
+    deadline), or ``wait_ms`` passed since settlement (the receipt then says
+    what is true then: ``unpaid``, ``no_proof``, which is what the member's
+    own report will say)."""
     if now_ms - settled_at_ms >= wait_ms:
         return True
-    return all(ln.tx_signature for ln in lines if ln.payable) and not any(ln.status == "missing" for ln in lines)
+    return all(ln.tx_signature for ln in lines if ln.payable) and not any(ln.status == "missing" for ln in lines) \
+        and not any(ln.installments_pending for ln in lines)
+
+
+def line_payments(ln: SettledLine, cap: int = line_payments_max) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """What a member was paid in all, and the payments a receipt lists: its
+    paid installments and its paid final line, one entry per transaction
+    (a batch that paid two of its rows is one payment of their sum), the
+    ``cap`` largest."""
+    by_tx: dict[str, int] = {}
+    for tx, amount in ln.installments:
+        if tx and amount > 0:
+            by_tx[tx] = by_tx.get(tx, 0) + amount
+    if ln.payable and ln.tx_signature:
+        by_tx[ln.tx_signature] = by_tx.get(ln.tx_signature, 0) + ln.amount
+    pays = sorted(by_tx.items(), key=lambda p: (-p[1], p[0]))
+    return sum(by_tx.values()), tuple(pays[:max(1, cap)])
 
 
 def build_receipt(*, job_id: str, cert_hash: bytes, submitter: str, payer: str, currency: str,
                   settled_at_ms: int, lines: list[SettledLine]) -> Receipt | None:
     """The receipt for a settled job (``None`` when the submitter was its only
-    member: nobody to speak of).  A line is ``paid`` only with its transaction."""
+    member: nobody to speak of).  A line's ``amount`` is what the member was
+    paid in all (installments and remainder), its ``payments`` the
+    transactions (the largest, bounded per line and per receipt); its
+    outcome is ``paid`` when its final line was paid, or needed nothing more
+    (installments covered it) and something was paid."""
+    kept = [ln for ln in sorted(lines, key=lambda x: x.peer_id) if ln.peer_id != submitter][:members_max]
+    # our own part of our own job is no evidence about anyone
+    paying = sum(1 for ln in kept if ln.installments or (ln.payable and ln.tx_signature))
+    cap = payments_cap(paying)
     out: list[ReceiptLine] = []
-    for ln in sorted(lines, key=lambda x: x.peer_id):
-        if ln.peer_id == submitter:
-            continue  # our own part of our own job: no evidence about anyone
-        paid = ln.payable and bool(ln.tx_signature) and bool(ln.address)
-        out.append(ReceiptLine(peer_id=ln.peer_id, outcome="paid" if paid else STATUS_OUTCOMES.get(ln.status, "unpaid"),
-                               amount=ln.amount if paid else 0, address=ln.address if paid else "",
-                               tx_signature=ln.tx_signature if paid else "",
+    for ln in kept:
+        total, pays = line_payments(ln, cap)
+        address = ln.address if total > 0 and ln.address else ""
+        if not address:
+            total, pays = 0, ()
+        final_done = ln.status in PAYABLE_STATUSES and (ln.amount == 0 or bool(ln.tx_signature))
+        outcome = "paid" if final_done and pays else STATUS_OUTCOMES.get(ln.status, "unpaid")
+        out.append(ReceiptLine(peer_id=ln.peer_id, outcome=outcome, amount=total, address=address, payments=pays,
                                proof_hash=ln.proof_hash if len(ln.proof_hash) == 32 else b""))
     if not out:
         return None
-    paid_any = any(ln.outcome == "paid" for ln in out)
-    return Receipt(job_id=job_id, cert_hash=cert_hash, submitter=submitter, payer=payer if paid_any else "",
-                   currency=currency, settled_at_ms=settled_at_ms, lines=tuple(out[:members_max]))
+    return Receipt(job_id=job_id, cert_hash=cert_hash, submitter=submitter,
+                   payer=payer if any(ln.payments for ln in out) else "", currency=currency,
+                   settled_at_ms=settled_at_ms, lines=tuple(out))
 
 
 def member_verdict(*, owed: int, received: int, due_ms: int, paid_at_ms: int | None) -> str:
@@ -336,6 +428,63 @@ def member_verdict(*, owed: int, received: int, due_ms: int, paid_at_ms: int | N
     if received <= 0 or paid_at_ms is None:
         return "unpaid"
     return "late" if paid_at_ms > due_ms or received < owed else "on_time"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Earning:
+    """One row of a member's earnings for a job: an installment (an interval
+    it claimed) or its final proof; ``on_ledger`` what the ledger showed the
+    paying transaction gave its address (``None`` when the ledger could not
+    be asked: the row's amount is believed), ``paid_at_ms`` when the payment
+    notice came."""
+
+    amount: int
+    installment: bool
+    tx_signature: str = ""
+    on_ledger: int | None = None
+    paid_at_ms: int | None = None
+    created_ms: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemberAccount:
+    owed: int
+    received: int
+    tx_signature: str
+    verdict: str
+
+
+def member_account(earnings: list[Earning], *, due_ms: int, now_ms: int) -> MemberAccount | None:
+    """What a member reports of one job it worked on, or ``None`` when it is
+    too early to say.  What it was owed is its final proof's earning (the
+    whole part: installments are a part of it paid early), or the
+    installments it claimed when it has no final proof; what it received is
+    the sum of every payment of the job, installments included, each
+    transaction counted once (a batch may pay two rows).  It reports once
+    the final proof is in and everything owed came, or at ``due_ms``
+    (``unpaid`` when nothing came, ``late`` when less than owed or after
+    ``due_ms``); ``tx_signature`` cites the largest payment."""
+    final = [e for e in earnings if not e.installment]
+    inst = [e for e in earnings if e.installment]
+    owed = sum(e.amount for e in final) if final else sum(e.amount for e in inst)
+    rows: dict[str, int] = {}
+    ledger: dict[str, int] = {}
+    last_paid: int | None = None
+    for e in earnings:
+        if e.tx_signature and e.paid_at_ms is not None:
+            rows[e.tx_signature] = rows.get(e.tx_signature, 0) + e.amount
+            if e.on_ledger is not None:
+                ledger[e.tx_signature] = e.on_ledger
+            last_paid = e.paid_at_ms if last_paid is None else max(last_paid, e.paid_at_ms)
+    # The ledger shows one transfer per address and transaction: rows paid by
+    # one batch share it (counted once, at most what it moved).
+    by_tx = {tx: min(n, ledger.get(tx, n)) for tx, n in rows.items()}
+    received = sum(by_tx.values())
+    if not (final and received >= owed) and now_ms < due_ms:
+        return None
+    tx = min(((t, n) for t, n in by_tx.items() if n > 0), key=lambda p: (-p[1], p[0]))[0] if received > 0 else ""
+    return MemberAccount(owed=owed, received=received, tx_signature=tx,
+                         verdict=member_verdict(owed=owed, received=received, due_ms=due_ms, paid_at_ms=last_paid))
 
 
 # -- what travels: the receipt and its certificate -------------------------------------------

@@ -10,8 +10,9 @@ numbers, byte for byte.  The formula is ``docs/reputation.md``'s:
 
 - evidence counts only with money behind it: a receipt line adds to a
   worker's ``good`` only what the ledger shows its payer transferred to the
-  line's address in the cited transaction, and each ``(transaction,
-  address)`` pair counts once, whoever cites it;  a receipt whose lines pay
+  line's address in the transactions it cites (every payment of the job:
+  pay-as-you-go installments and the final remainder), and each
+  ``(transaction, address)`` pair counts once, whoever cites it;  a receipt whose lines pay
   nothing verified carries no weight at all, good or bad, so forging
   evidence costs real transfers and their fees;
 - a refused proof (``proof_refused``) or a wrong output (``outside_quorum``)
@@ -195,15 +196,22 @@ def compute_reputation(receipts: Iterable[SignedReceipt | bytes], *, payments: M
         seen_jobs.add((r.submitter, r.job_id))
         verified: dict[str, int] = {}
         for ln in r.lines:
-            if ln.outcome != "paid" or (bound is not None and bound.get(ln.peer_id) != ln.address):
+            if not ln.payments or (bound is not None and bound.get(ln.peer_id) != ln.address):
                 continue
-            pay = payments.get(ln.tx_signature)
-            key = (ln.tx_signature, ln.address)
-            if pay is None or pay.payer != r.payer or key in used:
-                continue
-            amount = min(ln.amount, pay.transfers.get(ln.address, 0))
+            amount = 0
+            for tx_sig, listed in ln.payments:
+                # Every payment the line lists (pay-as-you-go installments and
+                # the final remainder): each verified on its own.
+                pay = payments.get(tx_sig)
+                key = (tx_sig, ln.address)
+                if pay is None or pay.payer != r.payer or key in used:
+                    continue
+                got = min(listed, pay.transfers.get(ln.address, 0))
+                if got > 0:
+                    used.add(key)
+                    amount += got
+            amount = min(amount, ln.amount)
             if amount > 0:
-                used.add(key)
                 verified[ln.peer_id] = amount
         value = sum(verified.values())
         if value == 0:
@@ -220,7 +228,9 @@ def compute_reputation(receipts: Iterable[SignedReceipt | bytes], *, payments: M
             if ln.peer_id in verified:
                 w.good += decayed(verified[ln.peer_id], age)
                 w.jobs_paid += 1
-            elif ln.outcome in ("proof_refused", "outside_quorum"):
+            if ln.outcome in ("proof_refused", "outside_quorum"):
+                # (installments paid before a refused final proof still count
+                # as good: others co-signed those intervals)
                 w.bad += decayed(per_member, age)
                 w.proofs_refused += 1
     for sm in ms:

@@ -15,8 +15,10 @@ The driver of ``core/_receipt.py`` and ``core/_reputation.py`` (issue #16):
   (``PaidNotice``) the member looks the transaction up on the ledger and
   signs a member receipt: ``on_time``, or ``late`` when it came after
   ``member_due_ms`` from the end of its part or paid less than expected
-  (:func:`~p2pgpu.core._receipt.member_verdict`); an earning still unpaid
-  ``member_due_ms`` after the part ended is reported ``unpaid``.
+  (:func:`~p2pgpu.core._receipt.member_account`, which counts every
+  payment of the job, pay-as-you-go installments included); an earning
+  still unpaid ``member_due_ms`` after the part ended is reported ``unpaid``
+  (or ``late`` when installments paid part of it).
 - **Everyone keeps and checks.**  The topic's validator (and the DHT's, for
   records under ``/p2pgpu/receipts/``) admits only what decodes: a receipt
   signed by its submitter with its certificate, canonical and within size,
@@ -50,7 +52,11 @@ from p2pgpu.core import GossipVerdict, Kind, PeerMisbehaved, Reason, verdict_for
 from p2pgpu.core._actions import PaidNotice, Settled
 from p2pgpu.core._codec import decode
 from p2pgpu.core._formation_messages import Certificate
+from p2pgpu.core._installments import installment_key
+from p2pgpu.core._manifest import intervals_max
 from p2pgpu.core._receipt import (
+    Earning,
+    MemberAccount,
     MemberReceipt,
     PublishedReceipt,
     SettledLine,
@@ -58,7 +64,7 @@ from p2pgpu.core._receipt import (
     build_receipt,
     decode_member_receipt,
     decode_published,
-    member_verdict,
+    member_account,
     publish_wire,
     published_bytes_max,
     receipt_ready,
@@ -233,7 +239,7 @@ class ReceiptService:
                 await self._due.wait()
             self._due = trio.Event()
             self.sign_due()
-            self.report_unpaid()
+            await self.report_due()
             if trio.current_time() - self._last_clock >= self.settings.refresh_s:
                 # Formation and the advert book read the last scores without
                 # waiting: keep them fresh.
@@ -274,13 +280,31 @@ class ReceiptService:
         if rec is None or row is None:
             raise ValueError("no record or collection of the job")
         cert = Certificate.from_obj(decode(bytes(row["certificate"]), size_max=Kind.CERTIFICATE.bytes_max))
-        paid = {p["proof_hash"]: p["tx_signature"] for p in payouts(self.db, job_id=job_id)
+        proofs = rec.extra.get("proofs", [])
+        finals = {p.get("proof_hash") or "" for p in proofs}
+        rows = payouts(self.db, job_id=job_id)
+        paid = {p["proof_hash"]: p["tx_signature"] for p in rows
                 if p.get("status") == "paid" and p.get("tx_signature")}
+        # The job's other outbox rows are its pay-as-you-go installments
+        # (keyed by core._installments.installment_key), per member.
+        inst: dict[str, list[tuple[str, int]]] = {}
+        pending: Counter[str] = Counter()
+        inst_address: dict[str, str] = {}
+        for p in rows:
+            if p["proof_hash"] in finals:
+                continue
+            if p.get("status") == "paid" and p.get("tx_signature"):
+                inst.setdefault(p["worker"], []).append((p["tx_signature"], int(p["amount"])))
+                inst_address.setdefault(p["worker"], p.get("payout_address") or "")
+            elif p.get("status") in ("owed", "batched"):
+                pending[p["worker"]] += 1
         lines = [SettledLine(peer_id=p["worker"], status=p["status"], amount=int(p.get("amount") or 0),
-                             address=p.get("payout_address") or "",
+                             address=p.get("payout_address") or inst_address.get(p["worker"], ""),
                              proof_hash=bytes.fromhex(p["proof_hash"]) if p.get("proof_hash") else b"",
-                             tx_signature=paid.get(p.get("proof_hash") or "", ""))
-                 for p in rec.extra.get("proofs", [])]
+                             tx_signature=paid.get(p.get("proof_hash") or "", ""),
+                             installments=tuple(inst.get(p["worker"], ())),
+                             installments_pending=pending[p["worker"]])
+                 for p in proofs]
         if not receipt_ready(lines, settled_at_ms=settled_at_ms, now_ms=now_ms, wait_ms=self.settings.sign_wait_ms):
             return None
         me = self.node.identity.peer_id
@@ -313,40 +337,81 @@ class ReceiptService:
             await self.report_paid(notice, at_ms)
 
     async def report_paid(self, a: PaidNotice, at_ms: int) -> None:
-        rec = self.node.jobs.records.get(a.job_id)
-        if rec is None or self.db is None or not rec.certificate:
-            return
-        row = self.db.execute("SELECT amount, payout_address FROM earnings WHERE proof_hash = ?",
-                              (a.proof_hash,)).fetchone()
-        if row is None:
-            return
-        earning = {"amount": row[0], "payout_address": row[1]}
-        owed = int(earning["amount"])
-        received = owed
-        lookup = self._payments()
-        if lookup is not None:
-            found = (await lookup.payments([a.tx_signature])).get(a.tx_signature)
-            if found is not None:
-                received = found.transfers.get(earning["payout_address"], 0)
-        ended = int(rec.extra.get("member_ended_at_ms") or at_ms)
-        verdict = member_verdict(owed=owed, received=received, due_ms=ended + self.settings.member_due_ms,
-                                 paid_at_ms=at_ms)
-        self._member_receipt(rec, owed=owed, received=received, tx=a.tx_signature if received else "",
-                             verdict=verdict, now_ms=at_ms)
+        await self.report_job(a.job_id, at_ms)
 
-    def report_unpaid(self) -> int:
-        """Earnings still unpaid ``member_due_ms`` after they were recorded: reported ``unpaid`` once."""
+    async def report_job(self, job_id: str, now_ms: int) -> int:
+        """Sign our member receipt of ``job_id`` once there is something to
+        say (``core._receipt.member_account``: every payment of the job,
+        pay-as-you-go installments included, each looked up on the ledger);
+        1 when signed."""
+        rec = self.node.jobs.records.get(job_id)
+        if rec is None or self.db is None or not rec.certificate or self._reported(job_id) \
+                or rec.manifest.manifest.submitter == self.node.identity.peer_id:
+            return 0
+        rows = self._earning_rows(rec)
+        if not rows or self._account(rec, rows, now_ms, {}) is None:
+            return 0  # nothing to say yet: no ledger lookups
+        sigs = sorted({r["tx_signature"] for r in rows if r["tx_signature"]})
+        lookup = self._payments()
+        found = await lookup.payments(sigs) if lookup is not None and sigs else {}
+        acct = self._account(rec, rows, now_ms, found)
+        if acct is None:
+            return 0
+        return self._member_receipt(rec, owed=acct.owed, received=acct.received, tx=acct.tx_signature,
+                                    verdict=acct.verdict, now_ms=now_ms)
+
+    def _earning_rows(self, rec: Any) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT proof_hash, amount, payout_address, status, tx_signature, paid_ms, created_ms"
+                              " FROM earnings WHERE job_id = ? ORDER BY created_ms LIMIT ?",
+                              (rec.job_id, intervals_max + 8))
+        return [{"proof_hash": bytes(r[0]), "amount": int(r[1]), "address": r[2] or "",
+                 "tx_signature": (r[4] or "") if r[3] == "paid" else "", "paid_ms": r[5], "created_ms": r[6] or 0}
+                for r in cur.fetchall()]
+
+    def _account(self, rec: Any, rows: list[dict[str, Any]], now_ms: int,
+                 found: dict[str, Any]) -> MemberAccount | None:
+        m = rec.manifest.manifest
+        me = self.node.identity.peer_id
+        # Intervals are claimed in order from 1: at most one key per row to try.
+        n = min(intervals_max, m.duration_s_max // m.interval_s, len(rows)) if m.interval_s else 0
+        keys = {installment_key(rec.job_id, me, k) for k in range(1, n + 1)} if n else set()
+        earnings = []
+        for r in rows:
+            pay = found.get(r["tx_signature"]) if r["tx_signature"] else None
+            earnings.append(Earning(amount=r["amount"], installment=r["proof_hash"] in keys,
+                                    tx_signature=r["tx_signature"],
+                                    on_ledger=pay.transfers.get(r["address"], 0) if pay is not None else None,
+                                    paid_at_ms=(r["paid_ms"] or now_ms) if r["tx_signature"] else None,
+                                    created_ms=r["created_ms"]))
+        finals = [e.created_ms for e in earnings if not e.installment]
+        ended = int(rec.extra.get("member_ended_at_ms") or (max(finals) if finals else 0)
+                    or max(e.created_ms for e in earnings))
+        return member_account(earnings, due_ms=ended + self.settings.member_due_ms, now_ms=now_ms)
+
+    async def report_due(self) -> int:
+        """Jobs we worked on with something to report: an earning still
+        unpaid ``member_due_ms`` after the part ended (``unpaid`` or
+        ``late``), or a recent job whose payments (installments covering
+        it all) came without a final notice.  Reported once each."""
         if self.db is None:
             return 0
         now = self.node.now_ms()
+        me = self.node.identity.peer_id
+        # Jobs already reported drop out (not only skipped: else 256 old ones
+        # would hide every newer one).
+        unreported = ("NOT EXISTS (SELECT 1 FROM receipts r WHERE r.job_id = e.job_id"
+                      " AND r.kind = 'member_receipt' AND r.signer = ?)")
+        due = self.db.execute("SELECT DISTINCT e.job_id FROM earnings e WHERE e.status != 'paid'"
+                              f" AND e.created_ms <= ? AND e.created_ms > ? AND {unreported}"
+                              " ORDER BY e.created_ms LIMIT 256",
+                              (now - self.settings.member_due_ms, now - self.settings.recover_window_ms,
+                               me)).fetchall()
+        recent = self.db.execute(f"SELECT DISTINCT e.job_id FROM earnings e WHERE e.created_ms > ? AND {unreported}"
+                                 " ORDER BY e.created_ms DESC LIMIT 256",
+                                 (now - self.settings.member_due_ms, me)).fetchall()
         made = 0
-        rows = self.db.execute("SELECT job_id, amount FROM earnings WHERE status != 'paid' AND created_ms <= ?"
-                               " ORDER BY created_ms LIMIT 256", (now - self.settings.member_due_ms,)).fetchall()
-        for job_id, amount in rows:
-            rec = self.node.jobs.records.get(job_id)
-            if rec is None or not rec.certificate or self._reported(job_id):
-                continue
-            made += self._member_receipt(rec, owed=int(amount), received=0, tx="", verdict="unpaid", now_ms=now)
+        for (job_id,) in dict.fromkeys([*due, *recent]):
+            made += await self.report_job(job_id, now)
         return made
 
     def _reported(self, job_id: str) -> bool:
@@ -452,7 +517,7 @@ class ReceiptService:
                     and trio.current_time() - self._last_clock < self.settings.compute_every_s:
                 return self.last
             published, members = self.held()
-            sigs = [ln.tx_signature for p in published for ln in p.receipt.lines if ln.outcome == "paid"]
+            sigs = [tx for p in published for ln in p.receipt.lines for tx in ln.tx_signatures]
             lookup = self._payments()
             payments = await lookup.payments(sigs) if lookup is not None else {}
             now = self.node.now_ms()

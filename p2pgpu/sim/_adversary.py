@@ -32,6 +32,8 @@ class Adversary:
     never_runs = False
     never_pays = False
     silent_leader = False
+    #: Advertises a GPU model it does not have (hardware challenges catch it: sim/_trust.py).
+    lies_about_gpu = False
     params_known: tuple[str, ...] = ()
 
     def __init__(self, world: World, cfg: AdversarySection) -> None:
@@ -73,6 +75,10 @@ class Adversary:
         """GPUs the node really has (the checker's ground truth)."""
         return claimed
 
+    def real_gpu_model(self, advertised: str) -> str:
+        """The device it really computes a hardware challenge on (ground truth)."""
+        return advertised
+
 
 class FakeCapability(Adversary):
     """Advertises eight H100s it does not have, volunteers, and cannot run."""
@@ -81,6 +87,7 @@ class FakeCapability(Adversary):
     replaces_adverts = True
     claims_capacity = True
     never_runs = True
+    lies_about_gpu = True
     params_known = ("gpus",)
     _gpu = GpuInfo(model="NVIDIA H100 80GB HBM3", memory_mb=81559, compute_capability="9.0")
 
@@ -91,6 +98,32 @@ class FakeCapability(Adversary):
 
     def real_gpus(self, claimed: int) -> int:
         return 0
+
+    def real_gpu_model(self, advertised: str) -> str:
+        return "cpu"
+
+
+class GpuLiar(Adversary):
+    """Advertises its GPUs as a better model (``model``, an H100 by default)
+    than the device it really has (``real_model``: a CPU by default), and runs
+    the jobs it wins.  Submitters' hardware challenges (``jobs.challenge_every_s``)
+    time its answer against the claimed model's deadline and refuse the claim;
+    their matching then no longer sees its GPUs."""
+
+    kind = "gpu_liar"
+    replaces_adverts = True
+    lies_about_gpu = True
+    params_known = ("model", "real_model")
+
+    def advertise(self, node: int) -> None:
+        w = self.world
+        sn = w.nodes[node]
+        fake = GpuInfo(model=str(self.cfg.params.get("model", "NVIDIA H100 80GB HBM3")), memory_mb=81559,
+                       compute_capability="9.0")
+        w.publish_advert(node, w.make_advert(node, gpus=(fake,) * len(sn.gpus)))
+
+    def real_gpu_model(self, advertised: str) -> str:
+        return str(self.cfg.params.get("real_model", "cpu"))
 
 
 class AdvertSpam(Adversary):
@@ -166,6 +199,15 @@ class WrongOutput(Adversary):
         return {**claim, "output_digest": self.rng.randbytes(32)}
 
 
+class ReceiptForger(Adversary):
+    """Signs receipts (as sybil submitters) that say it was paid: citing a
+    payment the ledger never saw, or someone else's real payment, and
+    tampers with a genuine receipt's bytes (sim/_receipts.py).  Reputation
+    refuses them and its score does not move."""
+
+    kind = "receipt_forger"
+
+
 class NeverPay(Adversary):
     """A submitter that takes the work and never pays for it."""
 
@@ -193,7 +235,7 @@ class LyingLeader(Adversary):
 
 
 KINDS: dict[str, type[Adversary]] = {c.kind: c for c in (
-    FakeCapability, AdvertSpam, NeverAccept, InflateGpuSeconds, WrongOutput, NeverPay, SilentLeader, LyingLeader,
+    FakeCapability, GpuLiar, ReceiptForger, AdvertSpam, NeverAccept, InflateGpuSeconds, WrongOutput, NeverPay, SilentLeader, LyingLeader,
 )}
 
 

@@ -76,7 +76,9 @@ from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
 
 from ._payg import Payg
+from ._receipts import SimReceipts
 from ._scenario import JobSection
+from ._trust import Challenges
 
 if TYPE_CHECKING:
     from p2pgpu.core import Advert
@@ -194,6 +196,10 @@ class JobFlow:
         self.payg = Payg(self)
         real = [i for i in range(n) if world.nodes[i].real]
         self.submitters = sorted(self.rng.sample(real, min(len(real), cfg.submitters)))
+        #: Hardware challenges by the submitters (sim/_trust.py).
+        self.challenges = Challenges(self)
+        #: Receipts at the end of the run, and receipt forgers (sim/_receipts.py).
+        self.receipts = SimReceipts(self)
         for i in self.submitters:
             sn = world.nodes[i]
             sn.submitter = True
@@ -250,6 +256,7 @@ class JobFlow:
             w = self.world
             now_ms = w.network_now_ms()
             live = [sn.advert for sn in w.nodes if sn.advert is not None and sn.advert.expires_at_ms > now_ms]
+            live = self.challenges.view(w.by_peer.get(sm.manifest.submitter), live)
             got = [a.peer_id for a in matching(live, sm.manifest.requirements)]
             self._cands[sm.job_id] = got
         return got
@@ -405,6 +412,7 @@ class JobFlow:
         if self.submitters and self.cfg.rate_per_s > 0:
             self.world.engine.at(5_000_000, self._arrival, None)
             self.world.engine.at(2_000_000, self._pay_tick, None)
+        self.challenges.start()
 
     def _arrival(self, _: Any) -> None:
         w = self.world
@@ -455,6 +463,8 @@ class JobFlow:
         job.members = members
         job.t_confirm_us = w.engine.now_us
         self.formation_ms.append((job.t_confirm_us - job.t_submit_us) / 1000)
+        self.challenges.on_confirmed(job.submitter, members)
+        self.receipts.on_confirmed(jid, a.certificate)
         w.checker.on_confirmed_at(jid, w.node_now_ms(job.submitter))
         w.engine.trace("job", jid, "confirm", len(members))
 
@@ -588,10 +598,12 @@ class JobFlow:
                 for t in batch.transfers:
                     self.balances[t.address] += t.amount
                 in_batch = dict.fromkeys(batch.owed_ids, True)
+                tx = self.receipts.batch(sub, batch.merkle_root(), [(t.address, t.amount) for t in batch.transfers])
                 for row in rows:
                     if row.owed_id in in_batch:
                         paid_ids[row.owed_id] = True
                         jid, member = self.owed_meta.pop(row.owed_id)
+                        self.receipts.paid(jid, member, row.proof_hash, tx, row.amount)
                         self.paid_total += row.amount
                         self.paid_count += 1
                         w.checker.on_paid(jid, member, row.proof_hash, row.amount,
@@ -635,6 +647,8 @@ class JobFlow:
             "paid_lamports": self.paid_total,
             "owed_unpaid_lamports": sum(r.amount for rows in self.owed.values() for r in rows),
             **self.payg.stats(),
+            **self.challenges.stats(),
+            **self.receipts.stats(),
             "formation_misbehaved": dict(sorted(self.misbehaved.items())),
             "formation_emitted": dict(sorted(self.emitted.items())),
         }

@@ -205,6 +205,9 @@ class JobSection:
     #: ``InstallmentConfig.grace_ms``).
     interval_s: int = 0
     payment_grace_s: int = 30
+    #: Submitters challenge the GPU claims of live adverts this often (seconds;
+    #: 0: never): hardware challenges, ``sim/_trust.py``.
+    challenge_every_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,6 +283,8 @@ class Scenario:
         _need(j.interval_s == 0 or 10 <= j.interval_s <= 86_400, "jobs.interval_s",
               "0 (pay at the end) or 10..86400 seconds")
         _need(1 <= j.payment_grace_s <= 86_400, "jobs.payment_grace_s", "1..86400 seconds")
+        _need(j.challenge_every_s == 0 or 1 <= j.challenge_every_s <= 3600, "jobs.challenge_every_s",
+              "0 (no challenges) or 1..3600 seconds")
         _need(0 < j.heartbeat_interval_ms < j.member_loss_timeout_ms <= 600_000, "jobs.heartbeat_interval_ms",
               "needs 0 < heartbeat_interval_ms < member_loss_timeout_ms <= 600000")
         _need(0 <= r.start_epoch_ms <= 2**52, "run.start_epoch_ms", "a Unix time in ms")

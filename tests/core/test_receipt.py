@@ -126,3 +126,83 @@ def test_non_canonical_and_oversized_bytes_are_refused() -> None:
     with pytest.raises(LocalProtocolError):
         seal(SUBMITTER, Kind.RECEIPT, huge)  # we would never send it
     assert encode(huge)  # ... though it encodes
+
+
+# -- payments: a line cites every payment of its member (pay as you go) -------------------------
+
+def _paid_row(payments: Any, amount: int) -> list[Any]:
+    from trust_fixtures import address
+    return [ALICE.peer_id, "paid", amount, address(ALICE.peer_id), payments, b""]
+
+
+def test_a_line_lists_installments_and_remainder() -> None:
+    from trust_fixtures import tx
+    pays = [[tx("a"), 300], [tx("b"), 200]]
+    pays.sort(key=lambda p: (-p[1], p[0]))
+    body = receipt("j1", [line(ALICE)]).to_obj()
+    body["lines"] = [_paid_row(pays, 500)]
+    r = decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body)).receipt
+    assert r.lines[0].amount == 500 and r.lines[0].tx_signatures == [p[0] for p in pays]
+
+
+def _nine() -> list[list[Any]]:
+    from trust_fixtures import tx
+    return sorted([[tx(f"n{i}"), 100 + i] for i in range(9)], key=lambda p: (-p[1], p[0]))
+
+
+@pytest.mark.parametrize("pays,amount", [
+    ("tx", 5),                                                     # not a list
+    ([], 5),                                                       # paid, nothing cited
+    ([["5" * 87, 3], ["5" * 87, 2]], 5),                           # one transaction twice
+    ([["5" * 87, 2], ["6" * 87, 3]], 5),                           # not largest first
+    ([["5" * 87, 3]], 5),                                          # total differs from the payments
+    ([["5" * 87, 0]], 0),                                          # a zero payment
+    ([["5" * 87, True]], 1),                                       # a bool for an amount
+    ([["0OIl", 5]], 5),                                            # not base58
+    ([["5" * 89, 5]], 5),                                          # too long
+    ([["5" * 87]], 5), ([["5" * 87, 5, 1]], 5),                    # not a pair
+    (_nine(), sum(p[1] for p in _nine())),                         # more than line_payments_max
+])
+def test_hostile_line_payments(pays: Any, amount: int) -> None:
+    body = receipt("j1", [line(ALICE)]).to_obj()
+    body["lines"] = [_paid_row(pays, amount)]
+    with pytest.raises(PeerMisbehaved) as exc:
+        decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body))
+    assert exc.value.reason is Reason.BAD_SCHEMA
+
+
+def test_a_full_payment_list_may_leave_the_smallest_out() -> None:
+    from p2pgpu.core._receipt import line_payments_max
+    eight = _nine()[:line_payments_max]
+    body = receipt("j1", [line(ALICE)]).to_obj()
+    body["lines"] = [_paid_row(eight, sum(p[1] for p in eight) + 99)]  # 99 more in a payment not listed
+    assert decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body)).receipt.lines[0].amount == 99 + sum(
+        p[1] for p in eight)
+
+
+def test_a_receipt_lists_at_most_receipt_payments_max_and_the_largest_fits() -> None:
+    """64 members with the longest peer ids, payments up to the receipt's cap
+    of the longest signatures and amounts: fits ``Kind.RECEIPT``; one more
+    payment is refused."""
+    from trust_fixtures import address, tx
+
+    from p2pgpu.core._receipt import ReceiptLine, line_payments_max, receipt_payments_max
+    per = receipt_payments_max // members_max
+    lines = []
+    for i in range(members_max):
+        pays = tuple(sorted(((tx(f"{i}-{j}").ljust(88, "z"), 2**61 - j) for j in range(per)),
+                            key=lambda p: (-p[1], p[0])))
+        lines.append(ReceiptLine(peer_id=f"{i:02d}".ljust(64, "P"), outcome="paid", amount=sum(a for _, a in pays),
+                                 address=address(str(i)), payments=pays, proof_hash=b"h" * 32))
+    big = replace(receipt("big", [line(ALICE)]), lines=tuple(lines))
+    assert len(sign_receipt(SUBMITTER, big).wire) <= Kind.RECEIPT.bytes_max
+    assert per < line_payments_max
+    extra = lines[0].payments + (("1".ljust(88, "y"), 1),)
+    more = replace(lines[0], amount=lines[0].amount + 1, payments=extra)
+    with pytest.raises(ValueError):
+        replace(big, lines=(more, *lines[1:]))
+    body = big.to_obj()
+    body["lines"][0] = more.to_obj()
+    with pytest.raises(PeerMisbehaved) as exc:
+        decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body))
+    assert exc.value.reason in (Reason.BAD_SCHEMA, Reason.OVERSIZED)

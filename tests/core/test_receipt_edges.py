@@ -1,5 +1,5 @@
 """Receipts at their edges (#19): every bound of every field on both sides,
-the rule that ties a paid line's amount, address and transaction together
+the rule that ties a paid line's amount, address and transactions together
 taken apart one condition at a time, each decoder refusal naming its field,
 and the signer, kind, canonical and size rules with their details.  The signed
 bytes are pinned in ``tests/data/vectors.json`` (``test_vectors.py``)."""
@@ -42,8 +42,10 @@ def refused(decoder: Any, wire: bytes) -> PeerMisbehaved:
 
 
 def test_line_field_bounds() -> None:
-    for over in ({"peer_id": "x"}, {"peer_id": "x" * 64}, {"amount": int_max}, {"amount": 1},
-                 {"proof_hash": b""}, {"tx_signature": "1"}, {"tx_signature": "z" * 88}):
+    for over in ({"peer_id": "x"}, {"peer_id": "x" * 64}, {"amount": int_max},
+                 {"amount": 1, "payments": ((TX88, 1),)}, {"proof_hash": b""},
+                 {"payments": (("1", 1_000_000),)}, {"payments": (("z" * 88, 1_000_000),)},
+                 {"payments": ((TX88, 600_000), (tx("u"), 400_000))}):
         assert replace(PAID, **over) is not None
     for outcome in LINE_OUTCOMES[1:]:
         assert replace(UNPAID, outcome=outcome).outcome == outcome
@@ -55,8 +57,13 @@ def test_line_field_bounds() -> None:
         (UNPAID, {"amount": -1}, r"amount in \[0, 2\^63\)"),
         (PAID, {"proof_hash": b"\x00" * 31}, "proof_hash empty or 32 bytes"),
         (PAID, {"proof_hash": b"\x00" * 33}, "proof_hash empty or 32 bytes"),
-        (PAID, {"tx_signature": "0OIl"}, "tx_signature must be base58"),
-        (PAID, {"tx_signature": "z" * 89}, "tx_signature must be base58"),
+        (PAID, {"payments": (("0OIl", 1_000_000),)}, "tx_signature must be base58"),
+        (PAID, {"payments": (("z" * 89, 1_000_000),)}, "tx_signature must be base58"),
+        (PAID, {"payments": ((TX88, 0),)}, "a payment's amount is positive"),
+        (PAID, {"payments": ((TX88, 500_000), (TX88, 500_000))}, "one entry per transaction"),
+        (PAID, {"payments": ((tx("u"), 400_000), (TX88, 600_000))}, "payments are listed largest first"),
+        (PAID, {"payments": tuple((tx(str(i)), 1) for i in range(9))}, "at most 8 payments a line"),
+        (PAID, {"payments": ((TX88, 1_000_001),)}, "amount is the total of the payments"),
         (PAID, {"address": "x"}, "address is not a Solana address"),
     ]
     for base, over, why in bad:
@@ -64,18 +71,34 @@ def test_line_field_bounds() -> None:
             replace(base, **over)
 
 
-@pytest.mark.parametrize("over", [{"amount": 0}, {"tx_signature": ""}, {"address": ""}],
-                         ids=["no amount", "no transaction", "no address"])
-def test_a_paid_line_needs_amount_address_and_transaction(over: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="a paid line has an amount, an address and a transaction; others have none"):
+TIED = "a line that was paid has an amount, an address and its transactions; others none"
+
+
+@pytest.mark.parametrize("over,why", [({"amount": 0}, "amount is the total of the payments"),
+                                      ({"payments": ()}, TIED), ({"address": ""}, TIED),
+                                      ({"amount": 0, "payments": (), "address": ""},
+                                       "a paid line has an amount, an address and its transactions")],
+                         ids=["no amount", "no transaction", "no address", "none"])
+def test_a_paid_line_needs_amount_address_and_transaction(over: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         replace(PAID, **over)
 
 
-@pytest.mark.parametrize("over", [{"amount": 1}, {"tx_signature": TX88}, {"address": address("x")}],
+@pytest.mark.parametrize("over,why", [({"amount": 1}, TIED),
+                                      ({"payments": ((TX88, 1),)}, "amount is the total of the payments"),
+                                      ({"address": address("x")}, TIED)],
                          ids=["an amount", "a transaction", "an address"])
-def test_an_unpaid_line_has_none_of_them(over: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="a paid line has an amount"):
+def test_an_unpaid_line_has_none_of_them(over: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         replace(UNPAID, **over)
+
+
+def test_an_unpaid_line_may_cite_installments_paid_before() -> None:
+    """#16: a line whose final part was not paid (or was refused) still says
+    what installments paid it, with their transactions."""
+    for outcome in ("unpaid", "proof_refused", "no_proof"):
+        ln = replace(UNPAID, outcome=outcome, amount=300, address=address("x"), payments=((TX88, 300),))
+        assert ln.amount == 300 and ln.tx_signatures == [TX88]
 
 
 # --- receipts -----------------------------------------------------------------------
@@ -98,7 +121,7 @@ def test_receipt_field_bounds() -> None:
         ({"lines": (PAID, PAID)}, "one line per member, sorted by peer id"),
         ({"lines": (line(SUBMITTER),)}, "the submitter is not one of its members"),
         ({"settled_at_ms": -1}, "settled_at_ms out of range"), ({"settled_at_ms": int_max + 1}, "settled_at_ms"),
-        ({"payer": ""}, "a receipt with paid lines names its payer"),
+        ({"payer": ""}, "a receipt with payments names its payer"),
     ]
     for over, why in bad:
         with pytest.raises(ValueError, match=why):
@@ -189,17 +212,24 @@ RECEIPT_REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"currency": "c" * 65}, "currency: length must be in [1, 64]"),
     ({"settled_at_ms": -1}, "settled_at_ms: must be in [0, "),
     ({"lines": []}, "lines: must have between 1 and 64 items"),
-    ({"lines": [5]}, "lines[0]: must be [peer_id, outcome, amount, address, tx_signature, proof_hash]"),
+    ({"lines": [5]}, "lines[0]: must be [peer_id, outcome, amount, address, payments, proof_hash]"),
     ({"lines": [PAID.to_obj()[:5]]}, "lines[0]: must be [peer_id, outcome"),
     ({"lines": [["x" * 65, *PAID.to_obj()[1:]]]}, "peer_id: length must be in [1, 64]"),
     ({"lines": [[PAID.peer_id, "o" * 17, *PAID.to_obj()[2:]]]}, "outcome: length must be in [0, 16]"),
     ({"lines": [[*PAID.to_obj()[:2], "1", *PAID.to_obj()[3:]]]}, "amount: must be an integer"),
     ({"lines": [[*PAID.to_obj()[:3], "a" * 45, *PAID.to_obj()[4:]]]}, "address: length must be in [0, 44]"),
-    ({"lines": [[*PAID.to_obj()[:4], "z" * 89, PAID.proof_hash]]},
-     "tx_signature: length must be in [0, 88]"),
+    ({"lines": [[*PAID.to_obj()[:4], "z" * 88, PAID.proof_hash]]}, "payments: must be a list"),
+    ({"lines": [[*PAID.to_obj()[:4], [["z" * 89, 1_000_000]], PAID.proof_hash]]},
+     "payments: a tx_signature is 1..88 characters"),
+    ({"lines": [[*PAID.to_obj()[:4], [[TX88]], PAID.proof_hash]]}, "payments: each is [tx_signature, amount]"),
+    ({"lines": [[*PAID.to_obj()[:4], [[TX88, "1"]], PAID.proof_hash]]}, "a payment is [tx_signature, amount]"),
+    ({"lines": [[*PAID.to_obj()[:4], [[tx(str(i)), 1] for i in range(9)], PAID.proof_hash]]},
+     "payments: must have between 0 and 8 items"),
     ({"lines": [[*PAID.to_obj()[:5], b"\x00" * 33]]}, "proof_hash: length must be in [0, 32]"),
-    ({"lines": [[*PAID.to_obj()[:2], 0, *PAID.to_obj()[3:]]]}, "lines[0]: a paid line has an amount"),
-    ({"payer": ""}, "a receipt with paid lines names its payer"),
+    ({"lines": [[*PAID.to_obj()[:2], 0, *PAID.to_obj()[3:]]]}, "lines[0]: amount is the total of the payments"),
+    ({"lines": [[*PAID.to_obj()[:2], 2_000_000, *PAID.to_obj()[3:]]]},
+     "a line lists all its payments, or its 8 largest"),
+    ({"payer": ""}, "a receipt with payments names its payer"),
     ({"extra": 1}, "extra: unknown field"),
 ]
 

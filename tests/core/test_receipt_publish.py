@@ -13,12 +13,15 @@
 from __future__ import annotations
 
 import hashlib
+import random
+from dataclasses import replace
 
 import pytest
 from trust_fixtures import ALICE, BOB, CAROL, MALLORY, SUBMITTER, T0, address, job_id, tx
 
-from p2pgpu.core import PeerMisbehaved, Reason, decode, encode
+from p2pgpu.core import Identity, Kind, PeerMisbehaved, Reason, decode, encode
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
+from p2pgpu.core._manifest import members_max
 from p2pgpu.core._receipt import (
     SettledLine,
     build_receipt,
@@ -71,7 +74,7 @@ def test_build_receipt_maps_every_settlement_status() -> None:
     r = build_receipt(job_id=JOB, cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id, payer=address("payer"),
                       currency="SOL", settled_at_ms=T0, lines=lines)
     assert r is not None
-    got = {ln.peer_id: (ln.outcome, ln.amount, bool(ln.tx_signature)) for ln in r.lines}
+    got = {ln.peer_id: (ln.outcome, ln.amount, bool(ln.payments)) for ln in r.lines}
     assert got == {ALICE.peer_id: ("paid", 1000, True), BOB.peer_id: ("proof_refused", 0, False),
                    CAROL.peer_id: ("no_proof", 0, False), MALLORY.peer_id: ("unpaid", 0, False)}
     assert SUBMITTER.peer_id not in got  # its own part of its own job is no evidence
@@ -179,3 +182,77 @@ def test_cert_addresses_from_published_receipts_credit_only_the_members_own_addr
     assert rep.score(ALICE.peer_id).good == 1000
     assert rep.score(BOB.peer_id).good == 0
     assert rep.score(CAROL.peer_id).bad == 1000 // 3  # the verified value per member
+
+
+# -- pay as you go: installments in the receipt and in the member's report ---------------------
+
+def test_a_member_paid_only_by_installments_is_paid_with_its_total() -> None:
+    """Its final line owes nothing (installments covered it): before #16's
+    fix it said ``unpaid`` with no weight; now ``paid``, the total of its
+    installments, each transaction cited (one batch paying two is one)."""
+    lines = [SettledLine(peer_id=ALICE.peer_id, status="owed", amount=0, address=address(ALICE.peer_id),
+                         proof_hash=b"p" * 32, installments=((tx("i1"), 300), (tx("i2"), 200), (tx("i1"), 100))),
+             SettledLine(peer_id=BOB.peer_id, status="owed", amount=50, address=address(BOB.peer_id),
+                         proof_hash=b"q" * 32, tx_signature=tx("fin"), installments=((tx("i1"), 300),)),
+             SettledLine(peer_id=CAROL.peer_id, status="rejected", amount=0, address=address(CAROL.peer_id),
+                         proof_hash=b"r" * 32, installments=((tx("i2"), 70),))]
+    r = build_receipt(job_id=job_id("payg"), cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id,
+                      payer=address("payer"), currency="SOL", settled_at_ms=T0, lines=lines)
+    assert r is not None
+    got = {ln.peer_id: (ln.outcome, ln.amount, dict(ln.payments)) for ln in r.lines}
+    assert got[ALICE.peer_id] == ("paid", 600, {tx("i1"): 400, tx("i2"): 200})
+    assert got[BOB.peer_id] == ("paid", 350, {tx("i1"): 300, tx("fin"): 50})
+    assert got[CAROL.peer_id] == ("proof_refused", 70, {tx("i2"): 70})  # refused at the end, paid before
+    # A remainder not yet paid: the line says so, and cites what was paid.
+    unpaid = build_receipt(job_id=job_id("payg"), cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id,
+                           payer=address("payer"), currency="SOL", settled_at_ms=T0,
+                           lines=[replace(lines[1], tx_signature="")])
+    assert unpaid is not None and (unpaid.lines[0].outcome, unpaid.lines[0].amount) == ("unpaid", 300)
+
+
+def test_receipt_waits_for_installments_in_the_outbox() -> None:
+    ln = SettledLine(peer_id=ALICE.peer_id, status="owed", amount=0, address=address(ALICE.peer_id),
+                     proof_hash=b"p" * 32, installments=((tx("i1"), 300),), installments_pending=1)
+    assert not receipt_ready([ln], settled_at_ms=T0, now_ms=T0, wait_ms=1000)
+    assert receipt_ready([replace(ln, installments_pending=0)], settled_at_ms=T0, now_ms=T0, wait_ms=1000)
+    assert receipt_ready([ln], settled_at_ms=T0, now_ms=T0 + 1000, wait_ms=1000)
+
+
+def test_many_payments_are_capped_per_line_and_per_receipt() -> None:
+    from p2pgpu.core._receipt import line_payments_max, receipt_payments_max
+
+    members = [Identity.from_rng(random.Random(7000 + i)) for i in range(members_max)]
+    lines = [SettledLine(peer_id=m.peer_id, status="owed", amount=0, address=address(m.peer_id), proof_hash=b"",
+                         installments=tuple((tx(f"{i}-{k}"), 10 + k) for k in range(20)))
+             for i, m in enumerate(members)]
+    r = build_receipt(job_id=job_id("many"), cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id,
+                      payer=address("payer"), currency="SOL", settled_at_ms=T0, lines=lines)
+    assert r is not None and sum(len(ln.payments) for ln in r.lines) <= receipt_payments_max
+    assert all(ln.amount == sum(10 + k for k in range(20)) and ln.payments[0][1] == 29 for ln in r.lines)
+    assert len(sign_receipt(SUBMITTER, r).wire) <= Kind.RECEIPT.bytes_max
+    one = build_receipt(job_id=job_id("one"), cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id,
+                        payer=address("payer"), currency="SOL", settled_at_ms=T0, lines=lines[:1])
+    assert one is not None and len(one.lines[0].payments) == line_payments_max
+
+
+def test_member_account_counts_installments() -> None:
+    from p2pgpu.core._receipt import Earning, member_account
+
+    inst = [Earning(amount=300, installment=True, tx_signature="a", paid_at_ms=T0),
+            Earning(amount=200, installment=True, tx_signature="b", paid_at_ms=T0 + 1)]
+    assert member_account(inst, due_ms=T0 + 10, now_ms=T0 + 5) is None  # running: not yet
+    final = Earning(amount=500, installment=False, created_ms=T0 + 2)
+    acct = member_account([*inst, final], due_ms=T0 + 10, now_ms=T0 + 5)
+    assert acct is not None and (acct.owed, acct.received, acct.verdict, acct.tx_signature) == (500, 500, "on_time",
+                                                                                                  "a")
+    # the ledger showed less for one transaction: late, at the due time
+    short = [replace(inst[0], on_ledger=100), inst[1], final]
+    assert member_account(short, due_ms=T0 + 10, now_ms=T0 + 5) is None
+    acct = member_account(short, due_ms=T0 + 10, now_ms=T0 + 10)
+    assert acct is not None and (acct.received, acct.verdict) == (300, "late")
+    # two rows paid by one batch: counted once, at most what the ledger moved
+    same = [replace(inst[0], on_ledger=500), replace(inst[1], tx_signature="a", on_ledger=500), final]
+    acct = member_account(same, due_ms=T0 + 10, now_ms=T0 + 5)
+    assert acct is not None and (acct.received, acct.verdict) == (500, "on_time")
+    nothing = member_account([final], due_ms=T0 + 10, now_ms=T0 + 10)
+    assert nothing is not None and (nothing.received, nothing.verdict, nothing.tx_signature) == (0, "unpaid", "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from trust_fixtures import (
     ALICE,
     BOB,
@@ -45,9 +46,9 @@ def ledger(receipts: list[Receipt]) -> dict[str, VerifiedPayment]:
     payer = {}
     for r in receipts:
         for ln in r.lines:
-            if ln.outcome == "paid":
-                txs.setdefault(ln.tx_signature, {})[ln.address] = ln.amount
-                payer[ln.tx_signature] = r.payer
+            for t, amount in ln.payments:
+                txs.setdefault(t, {})[ln.address] = amount
+                payer[t] = r.payer
     return {t: VerifiedPayment(tx_signature=t, payer=payer[t], transfers=m) for t, m in txs.items()}
 
 
@@ -117,7 +118,7 @@ def test_a_forger_cannot_take_credit_for_someone_elses_payment() -> None:
 
     genuine = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0)
     stolen = ReceiptLine(peer_id=MALLORY.peer_id, outcome="paid", amount=5_000_000,
-                         address=address(ALICE.peer_id), tx_signature=tx("j"), proof_hash=b"")
+                         address=address(ALICE.peer_id), payments=((tx("j"), 5_000_000),), proof_hash=b"")
     sybil = IDS[6]
     forged = receipt("f", [stolen], submitter=sybil, payer=PAYER, at=T0 - 1)
     wires = [sign_receipt(SUBMITTER, genuine).wire, sign_receipt(sybil, forged).wire]
@@ -216,3 +217,72 @@ def test_peers_with_a_record_best_first() -> None:
     rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=ledger([r]), now_ms=T0)
     assert rep.with_record(10) == [SUBMITTER.peer_id, ALICE.peer_id, BOB.peer_id]  # CAROL: a negative record
     assert rep.with_record(1) == [SUBMITTER.peer_id]
+
+
+def test_every_verified_installment_counts_and_only_those() -> None:
+    """Pay as you go: Alice's line cites three payments (two installments and
+    the remainder).  Each verified payment adds to her good and to the
+    submitter's paid; one the ledger does not show adds nothing, one that
+    moved less counts for what moved, and one already credited elsewhere
+    counts once.  Before #16's fix a line cited one transaction only."""
+    from p2pgpu.core._receipt import ReceiptLine
+
+    a = address(ALICE.peer_id)
+    pays = tuple(sorted(((tx("i1"), 400), (tx("i2"), 300), (tx("fin"), 200)), key=lambda p: (-p[1], p[0])))
+    ln = ReceiptLine(peer_id=ALICE.peer_id, outcome="paid", amount=900, address=a, payments=pays, proof_hash=b"")
+    r = receipt("payg", [ln], payer=PAYER)
+    ledger_all = {t: VerifiedPayment(tx_signature=t, payer=PAYER, transfers={a: n}) for t, n in pays}
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=ledger_all, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 900 and rep.score(SUBMITTER.peer_id).paid == 900
+    partial = dict(ledger_all)
+    del partial[tx("i2")]
+    partial[tx("fin")] = VerifiedPayment(tx_signature=tx("fin"), payer=PAYER, transfers={a: 50})
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire], payments=partial, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 400 + 50
+    # a second job's receipt citing one of the same payments: counted once
+    again = receipt("payg2", [ReceiptLine(peer_id=ALICE.peer_id, outcome="paid", amount=400, address=a,
+                                          payments=((tx("i1"), 400),), proof_hash=b"")], payer=PAYER, at=T0 + 1)
+    rep = compute_reputation([sign_receipt(SUBMITTER, r).wire, sign_receipt(SUBMITTER, again).wire],
+                             payments=ledger_all, now_ms=T0)
+    assert rep.score(ALICE.peer_id).good == 900
+
+
+@pytest.mark.xfail(strict=True, reason="#16: a backdated receipt with the forger's own accept naming the victim's "
+                                       "payout address takes the victim's credit (not fixed yet)")
+def test_a_backdated_receipt_cannot_take_credit_for_someone_elses_payment() -> None:
+    """#16 (found while building receipts that cite installments): a forger can
+    take credit for someone else's real payment.
+    
+    Mallory controls a sybil submitter.  It signs a certificate for a job of its
+    own in which **its own accept names Alice's payout address** (an accept is
+    signed by the member alone: nothing ties a payout address to one peer), and
+    a receipt, dated one millisecond before Alice's genuine one, whose line pays
+    Mallory at that address, citing Alice's real payout transaction and naming
+    the genuine payer.  Every check of ``compute_reputation`` passes: the
+    signatures, the certificate binding (Mallory -> that address, as Mallory
+    signed it), the payer, the ledger transfer; and since each ``(transaction,
+    address)`` credits only the receipt taken first in ``(settled_at_ms,
+    digest)`` order, the backdated forgery takes Alice's credit.
+    
+    What would close it: a receipt line that proves its payment belongs to its
+    proof (the payout batch's Merkle root of ``(proof hash, address, amount)``
+    committed in the transaction, and an inclusion proof per cited payment), or
+    a receipt co-signed by the payer key.  Neither is built: this test is a
+    strict xfail until one is."""
+    from p2pgpu.core._receipt import ReceiptLine
+
+    payer = address("payer:" + SUBMITTER.peer_id)
+    genuine = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0)
+    stolen = ReceiptLine(peer_id=MALLORY.peer_id, outcome="paid", amount=5_000_000,
+                         address=address(ALICE.peer_id), payments=((tx("j"), 5_000_000),), proof_hash=b"")
+    sybil = IDS[6]
+    forged = receipt("f", [stolen], submitter=sybil, payer=payer, at=T0 - 1)
+    ledger = {tx("j"): VerifiedPayment(tx_signature=tx("j"), payer=payer,
+                                       transfers={address(ALICE.peer_id): 5_000_000})}
+    # Each certificate as its accepts were signed: Alice's by Alice, Mallory's by Mallory.
+    bound = {genuine.cert_hash: {ALICE.peer_id: address(ALICE.peer_id)},
+             forged.cert_hash: {MALLORY.peer_id: address(ALICE.peer_id)}}
+    rep = compute_reputation([sign_receipt(SUBMITTER, genuine).wire, sign_receipt(sybil, forged).wire],
+                             payments=ledger, now_ms=T0, cert_addresses=bound)
+    assert rep.score(MALLORY.peer_id).good == 0
+    assert rep.score(ALICE.peer_id).good == 5_000_000

@@ -156,9 +156,10 @@ def build() -> dict[str, Any]:
     tx_sig = "5" + "K" * 86  # 87 base58 characters, the shape of a transaction signature
     rc = Receipt(job_id=job_id, cert_hash=cert.digest, submitter=bob.peer_id, payer=ADDRESS, currency="SOL",
                  settled_at_ms=T0 + 60_000, lines=tuple(sorted((
+                     # paid in two transactions: an installment and the remainder (#16)
                      ReceiptLine(peer_id=alice.peer_id, outcome="paid", amount=13_888, address=ADDRESS,
-                                 tx_signature=tx_sig, proof_hash=sp.proof_hash),
-                     ReceiptLine(peer_id=carol.peer_id, outcome="no_proof", amount=0, address="", tx_signature="",
+                                 payments=((tx_sig, 10_000), ("4" + "J" * 86, 3_888)), proof_hash=sp.proof_hash),
+                     ReceiptLine(peer_id=carol.peer_id, outcome="no_proof", amount=0, address="", payments=(),
                                  proof_hash=b"")), key=lambda ln: ln.peer_id)))
     sr = sign_receipt(bob, rc)
     out["receipt"] = _signed(Kind.RECEIPT, rc.to_obj(), sr.wire, digest=sr.digest)

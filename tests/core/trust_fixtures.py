@@ -31,7 +31,7 @@ def job_id(name: str) -> str:
 def line(peer: Identity, outcome: str = "paid", amount: int = 1_000_000, txname: str = "t") -> ReceiptLine:
     paid = outcome == "paid"
     return ReceiptLine(peer_id=peer.peer_id, outcome=outcome, amount=amount if paid else 0,
-                       address=address(peer.peer_id) if paid else "", tx_signature=tx(txname) if paid else "",
+                       address=address(peer.peer_id) if paid else "", payments=((tx(txname), amount),) if paid else (),
                        proof_hash=hashlib.sha256(peer.peer_id.encode()).digest())
 
 

@@ -8,7 +8,12 @@ each interval, the submitter's payer pays it, and
   interval it claimed before the payments stopped, and says why it stopped;
 - a submitter killed with SIGKILL mid-interval and right after a payment went
   out, and restarted, pays every interval and the remainder exactly once: the
-  worker's balance grows by exactly what its job status says it was owed.
+  worker's balance grows by exactly what its job status says it was owed;
+  the submitter's receipt then says the worker was ``paid`` what it was
+  paid in all (every installment and the remainder, each transaction
+  cited), the worker's own receipt counts the installments too, and the
+  worker's score recomputed from the receipts and the ledger alone is that
+  total.
 
 The worker's grace is 6 s (``payment_grace_s``); node 0 submits and never
 serves (its price is above the job's ceiling).
@@ -19,21 +24,19 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_jobs import balance, ledger_server
 from solders.hash import Hash
 from solders.keypair import Keypair
 from solders.system_program import TransferParams, transfer
 from solders.transaction import Transaction
 
-from p2pgpu import children
-from p2pgpu.devnet import free_port, rpc
+from p2pgpu.devnet import rpc
 from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.node import ControlError
 from p2pgpu.store import db_path, open_db
@@ -66,25 +69,9 @@ interval_s = {INTERVAL_S}
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[str]:
-    port = free_port(pair=True)
-    with open(tmp_path / "ledger.log", "wb") as log:
-        proc = children.spawn([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            rpc(url, "getHealth", [], timeout_s=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "ledger serve did not start"
-            time.sleep(0.2)
-    yield url
-    children.stop(proc)
+    with ledger_server(tmp_path) as url:
+        yield url
 
-
-def balance(url: str, address: str) -> int:
-    return int(rpc(url, "getBalance", [address])["value"])
 
 
 def open_net(tmp_path: Path, ledger: str) -> LocalNet:
@@ -249,6 +236,55 @@ def test_submitter_killed_mid_interval_and_after_a_payment_pays_each_interval_on
                        what="the worker's balance to show every payment")
         time.sleep(3)
         assert balance(ledger, payout) - before == total
+        receipts_cite_every_payment(net.nodes[0], worker, ledger, job, doc, total)
+
+
+def receipts_cite_every_payment(submitter: NodeProc, worker: NodeProc, ledger: str, job: str,
+                                doc: dict[str, Any], total: int) -> None:
+    """The job's receipts, as each node holds them, against the ledger."""
+    from p2pgpu.core._receipt import PublishedReceipt
+    from p2pgpu.core._reputation import compute_reputation
+    from p2pgpu.node._receipts import decode_item
+
+    def held(node: NodeProc, kind: str, signer: str) -> Any:
+        for r in node.call("receipts.list"):
+            if r["kind"] == kind and r["job_id"] == job and r["signer"] == signer:
+                return decode_item(bytes.fromhex(r["wire"]))
+        return None
+
+    me, sub_id = worker.call("status")["peer_id"], submitter.call("status")["peer_id"]
+    published = submitter_wait(lambda: held(submitter, "receipt", sub_id), "the submitter's receipt")
+    assert isinstance(published, PublishedReceipt)
+    (ln,) = published.receipt.lines
+    sigs = {p["tx_signature"] for p in doc["payouts"]}
+    assert (ln.peer_id, ln.outcome, ln.amount) == (me, "paid", total), ln
+    assert set(ln.tx_signatures) == sigs and len(sigs) >= 2, (ln, sigs)  # installments and remainder
+    mine = submitter_wait(lambda: held(worker, "member_receipt", me), "the worker's receipt").receipt
+    assert mine.received == total and mine.verdict in ("on_time", "late") and mine.tx_signature in sigs, mine
+    # Anyone's recomputation: every cited payment checked on the ledger.
+    from p2pgpu.solana import open_ledger
+    from p2pgpu.solana._verify import PaymentLookup
+
+    async def payments() -> Any:
+        led = open_ledger(ledger)
+        try:
+            return await PaymentLookup(led).payments(sorted(sigs))
+        finally:
+            await led.aclose()
+
+    import trio
+
+    rep = compute_reputation([published.signed], payments=trio.run(payments), now_ms=published.receipt.settled_at_ms,
+                             cert_addresses={published.receipt.cert_hash: published.addresses})
+    assert rep.score(me).good == total and rep.score(sub_id).paid == total, rep
+
+
+def submitter_wait(fn: Any, what: str, timeout_s: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while (got := fn()) is None:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return got
 
 
 @pytest.mark.slow

@@ -13,12 +13,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e_jobs import balance, ledger_server
 
-from p2pgpu import children
-from p2pgpu.devnet import free_port, rpc
+from p2pgpu.devnet import rpc
 from p2pgpu.localnet import LocalNet
 from p2pgpu.node import ControlError
 
@@ -28,26 +29,10 @@ ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 
 
 @pytest.fixture
-def ledger(tmp_path: Path):
-    port = free_port(pair=True)
-    with open(tmp_path / "ledger.log", "wb") as log:
-        proc = children.spawn([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            rpc(url, "getHealth", [], timeout_s=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "ledger serve did not start"
-            time.sleep(0.2)
-    yield url
-    children.stop(proc)
+def ledger(tmp_path: Path) -> Iterator[str]:
+    with ledger_server(tmp_path) as url:
+        yield url
 
-
-def balance(url: str, address: str) -> int:
-    return int(rpc(url, "getBalance", [address])["value"])
 
 
 def test_unfunded_payer_gets_no_volunteers_then_funded_job_pays_workers(tmp_path: Path, ledger: str) -> None:

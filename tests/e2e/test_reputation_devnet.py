@@ -20,18 +20,18 @@ import json
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from e2e_jobs import ledger_server
 
-from p2pgpu import children
 from p2pgpu.core import PeerMisbehaved, Reason, decode, encode
 from p2pgpu.core._receipt import PublishedReceipt
 from p2pgpu.core._reputation import compute_reputation, job_value_max
-from p2pgpu.devnet import free_port, rpc
+from p2pgpu.devnet import rpc
 from p2pgpu.localnet import LocalNet
 from p2pgpu.node._receipts import decode_item
 from p2pgpu.solana import open_ledger
@@ -44,23 +44,9 @@ LIAR = 3
 
 
 @pytest.fixture
-def ledger_url(tmp_path: Path):
-    port = free_port(pair=True)
-    with open(tmp_path / "ledger.log", "wb") as log:
-        proc = children.spawn([sys.executable, "-m", "p2pgpu.cli", "ledger", "serve", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            rpc(url, "getHealth", [], timeout_s=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                f"ledger serve did not start: {(tmp_path / 'ledger.log').read_text(errors='replace')[-2000:]}"
-            time.sleep(0.2)
-    yield url
-    children.stop(proc)
+def ledger_url(tmp_path: Path) -> Iterator[str]:
+    with ledger_server(tmp_path) as url:
+        yield url
 
 
 def recompute(url: str, wires: list[bytes], now_ms: int) -> dict[str, dict[str, Any]]:
@@ -72,7 +58,7 @@ def recompute(url: str, wires: list[bytes], now_ms: int) -> dict[str, dict[str, 
     async def payments() -> Any:
         ledger = open_ledger(url)
         try:
-            sigs = [ln.tx_signature for p in published for ln in p.receipt.lines if ln.outcome == "paid"]
+            sigs = [t for p in published for ln in p.receipt.lines for t in ln.tx_signatures]
             return await PaymentLookup(ledger).payments(sigs)
         finally:
             await ledger.aclose()
