@@ -98,7 +98,10 @@ async def test_flood_of_fresh_identity_adverts_stops_no_node(tmp_path: Path) -> 
         # never the attacker's: each forwarder's share is bounded.
         assert st0["adverts_share_max"] <= 2_500
         assert st0["adverts_known"] <= 4 + 2_500 * len(net.nodes)
-        assert st0["gossip_ignored"] >= FLOOD - 2_500
+        # Every flooded advert node 0 did not keep was ignored (not rejected).
+        # Not "FLOOD - 2,500": honest peers relay some flooded adverts into
+        # their own shares of the book before the attacker's copy arrives.
+        assert st0["gossip_ignored"] >= FLOOD - (st0["adverts_known"] - 4), st0
         assert latencies, "status was never sampled"
         assert statistics.median(latencies) < 1.0, sorted(latencies)[-10:]
         print(f"status latency under the flood: median {statistics.median(latencies) * 1000:.0f} ms, "
