@@ -363,6 +363,15 @@ def test_changed_upstream_source_skips_the_patch(upstream: None, monkeypatch: py
 def test_bulk_patches_pinned_to_the_installed_source() -> None:
     # If this fails, py-libp2p changed: re-read the upstream functions and
     # update the patches and their hashes together.
-    assert _patches._source_sha256(ymod.YamuxStream.write) == _patches.YAMUX_WRITE_SHA256
-    assert _patches._source_sha256(nio.BaseNoiseMsgReadWriter.write_msg) == _patches.NOISE_WRITE_SHA256
-    assert _patches._source_sha256(nio.BaseNoiseMsgReadWriter.read_msg) == _patches.NOISE_READ_SHA256
+    # Read in a fresh interpreter: in this one an earlier test may have the
+    # patches on, and then the attributes are ours, not upstream's.
+    code = (
+        "from libp2p.stream_muxer.yamux import yamux as ymod\n"
+        "from libp2p.security.noise import io as nio\n"
+        "from p2pgpu.node import _patches as p\n"
+        "print(p._source_sha256(ymod.YamuxStream.write))\n"
+        "print(p._source_sha256(nio.BaseNoiseMsgReadWriter.write_msg))\n"
+        "print(p._source_sha256(nio.BaseNoiseMsgReadWriter.read_msg))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == [_patches.YAMUX_WRITE_SHA256, _patches.NOISE_WRITE_SHA256,
+                                  _patches.NOISE_READ_SHA256]
