@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,15 @@ def test_a_failed_job_says_why_on_screen(net: LocalNet, tmp_path: Path) -> None:
 
 
 def test_dry_run_and_errors(net: LocalNet, tmp_path: Path) -> None:
-    res = cli(net, "job", "submit", str(EXAMPLES / "pair.toml"), "--dry-run", "--json")
+    # Adverts carry free GPUs: the previous test's job may still hold one
+    # until its node's next advert, so wait until both nodes show theirs.
+    deadline = time.monotonic() + 30
+    while True:
+        res = cli(net, "job", "submit", str(EXAMPLES / "pair.toml"), "--dry-run", "--json", ok=False)
+        if res.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert res.returncode == 0, res.stdout + res.stderr
     doc = json.loads(res.stdout)
     assert doc["dry_run"] is True and doc["enough"] is True and doc["members_needed"] == 2
     big = tmp_path / "big.toml"
