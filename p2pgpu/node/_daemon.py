@@ -37,6 +37,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
 
@@ -910,7 +911,11 @@ class Node:
         for peer in sorted(self.stack.host.get_connected_peers(), key=lambda p: p.to_base58()):
             pid = peer.to_base58()
             score = rep.score(pid)
-            rows.append({"peer_id": pid, "addrs": [str(a) for a in store.addrs(peer)][:8],
+            try:
+                addrs = [str(a) for a in store.addrs(peer)][:8]
+            except PeerStoreError:
+                addrs = []  # connected (e.g. relayed, or just now) with no address in the store
+            rows.append({"peer_id": pid, "addrs": addrs,
                          "latency_ms": self.latency_ms.get(pid),
                          "connections": peer_connections(self.reach, self.stack.host, peer),
                          # Its record from the receipts this node holds (docs/reputation.md).

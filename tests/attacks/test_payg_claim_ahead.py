@@ -22,7 +22,8 @@ from p2pgpu.localnet import LocalNet, NodeProc
 from p2pgpu.node import ControlError
 from p2pgpu.store import db_path, installments_of, open_db
 
-pytestmark = pytest.mark.processes
+# 30-90 s: under -m slow; tests/core/test_installments.py keeps the window check in the default run.
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 PRICE = 360_000_000

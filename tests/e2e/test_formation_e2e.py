@@ -156,6 +156,7 @@ def test_two_node_job_forms_on_exactly_two_matching_peers(net: LocalNet) -> None
             assert "member" not in other["roles"]
 
 
+@pytest.mark.slow  # 30 s; the capacity ledger's core tests keep the rule in the default run
 def test_two_jobs_wanting_more_than_the_network_has_never_share_capacity(net: LocalNet) -> None:
     # 8 GPUs, two jobs of 5 nodes each: they cannot both hold GPUs at once.
     # One forms; the other fails when its manifest expires (with a reason), or
