@@ -47,8 +47,10 @@ def free_port(pair: bool = False) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port: int = s.getsockname()[1]
-        if not pair or port >= 65535:
+        if not pair:
             return port
+        if port >= 65535:
+            continue  # no port+1 to pair it with
         with socket.socket() as s2:
             try:
                 s2.bind(("127.0.0.1", port + 1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pgpu import children
+from p2pgpu.devnet import free_port
 from p2pgpu.store import db_path, open_db
 
 _EXEC_WITH_NOFILE = (
@@ -52,19 +52,8 @@ class Ledger:
 
 
 def free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p: int = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
+    """A free port on 127.0.0.1 whose successor is free too (the ledger's websocket)."""
+    return free_port(pair=True)
 
 
 def start_ledger(*args: str, state: Path | None = None, nofile: int | None = None, port: int | None = None,

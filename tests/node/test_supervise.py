@@ -20,19 +20,19 @@ def test_crashes_restart_with_doubling_backoff_then_a_return_ends_it() -> None:
     counts: Counter[str] = Counter()
     starts: list[float] = []
 
-    async def flaky() -> None:
+    async def crashing() -> None:
         starts.append(trio.current_time())
         if len(starts) <= 4:
             raise RuntimeError("a bug in the loop")
         await trio.sleep(100)  # runs fine for a while, then returns
 
     async def main() -> None:
-        await supervise("flaky", flaky, counts, Backoff(backoff_s_min=1, backoff_s_max=4))
+        await supervise("crashing", crashing, counts, Backoff(backoff_s_min=1, backoff_s_max=4))
 
     clock = trio.testing.MockClock(autojump_threshold=0)
     trio.run(main, clock=clock)
     assert starts == [0, 1, 3, 7, 11]  # waits 1, 2, 4, then capped at 4
-    assert counts == {"loop_crashed:flaky": 4}  # and the run ended: a loop that returns is done
+    assert counts == {"loop_crashed:crashing": 4}  # and the run ended: a loop that returns is done
 
 
 def test_a_long_healthy_run_resets_the_backoff() -> None:
