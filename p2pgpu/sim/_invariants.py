@@ -284,8 +284,8 @@ class Checker:
         """The longest part anyone could vouch for, by the settlement's own
         evidence: the submitter's window (confirmation to the member's first
         results) and the best co-signature of it, each with the tolerance.
-        ``0`` when other members were watching (they co-signed someone) and
-        none of them saw it; ``None`` when nothing bounds it."""
+        ``0`` when a member it heard itself was watching (co-signed someone)
+        and none saw it; ``None`` when nothing bounds it."""
         bounds = []
         confirmed, results = self.confirmed_at_ms.get(jid), self.results_at_ms.get((jid, member))
         if confirmed is not None and results is not None:
@@ -296,8 +296,11 @@ class Checker:
         if observed:
             credited = max(observed) + cosigner_credit_ms
             bounds.append(credited + tolerance(credited))
-        elif any(c.observer != line.peer_id for other in lines for c in _cosigns(other.cosigns, self.world.verify)):
-            bounds.append(0)
+        else:
+            every = [c for other in lines for c in _cosigns(other.cosigns, self.world.verify)]
+            heard = {c.subject for c in every if c.observer == line.peer_id}
+            if any(c.observer != line.peer_id and c.observer in heard for c in every):
+                bounds.append(0)  # a member it heard was watching and saw nothing of it
         return min(bounds) if bounds else None
 
     # -- gossip ---------------------------------------------------------------------------------
