@@ -135,7 +135,7 @@ class Collector:
         """The verdicts, what they owe, the job's outcome and the collection's
         "settled" flag: all or nothing."""
         jobs = self.jobs
-        rec = jobs.records.get(a.job_id)
+        rec = jobs.record(a.job_id)
         if rec is not None:
             rec.state = "succeeded" if a.succeeded else "failed"
             rec.reason = a.reason
@@ -154,7 +154,7 @@ class Collector:
 
     def late_line(self, a: LateLine) -> None:
         """A proof owed after the job settled (it came late, but in time)."""
-        rec = self.jobs.records.get(a.job_id)
+        rec = self.jobs.record(a.job_id)
         if rec is not None:
             rows = [r for r in rec.extra.get("proofs", []) if r.get("worker") != a.line.peer_id]
             rec.extra["proofs"] = [*rows, a.line.to_json()]
@@ -207,7 +207,7 @@ class Collector:
         jobs = self.jobs
         reopened = 0
         for row in open_collections(self._db):
-            rec = jobs.records.get(row["job_id"])
+            rec = jobs.record(row["job_id"])
             if rec is None or row["job_id"] in self.collections:
                 continue
             try:
@@ -245,7 +245,7 @@ class Collector:
         from p2pgpu.store import collection_row, log_batches
 
         row = collection_row(self._db, job_id)
-        rec = self.jobs.records.get(job_id)
+        rec = self.jobs.record(job_id)
         if row is None or rec is None:
             return None
         try:

@@ -126,7 +126,8 @@ class Runner:
     def _refuse_start(self, start: StartJob, why: str) -> None:
         """A confirmation for a job this node already started (a repeated
         one, or one that reached a restarted node): never run it twice."""
-        rec = self.jobs.records[start.job_id]
+        rec = self.jobs.record(start.job_id)
+        assert rec is not None, start.job_id[:12]
         self.jobs.counts["exec:start_refused"] += 1
         log.warning("job %s not started: %s", start.job_id[:12], why)
         if start.job_id in self.running:
@@ -169,7 +170,8 @@ class Runner:
     # ----------------------------------------------------------- running
 
     async def run(self, start: StartJob) -> None:
-        rec = self.jobs.records[start.job_id]
+        rec = self.jobs.record(start.job_id)
+        assert rec is not None, start.job_id[:12]
         refusal = start_refusal(rec.extra.get("member_state"))
         if refusal is not None:
             self._refuse_start(start, refusal)
@@ -436,7 +438,7 @@ class Runner:
     def _recover_run(self, run: dict[str, Any], now_ms: int) -> None:
         identity = self.jobs.node.identity
         job_id = run["job_id"]
-        rec = self.jobs.records.get(job_id)
+        rec = self.jobs.record(job_id)
         items: list[tuple[str, bytes]] = []
         earning = None
         ended = run["started_at_ms"]

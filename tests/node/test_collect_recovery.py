@@ -197,9 +197,9 @@ def test_proofs_sent_while_the_submitter_is_down_settle_after_its_restart(cluste
     col = s.collector.collections[c.job]
     assert not col.settled and not col.proofs
     assert s.timers.due()[settle_key(c.job)] >= c.net.now + reopen_grace_ms
-    assert s.records[c.job].state == "confirmed"
+    assert s.record(c.job).state == "confirmed"
     c.net.advance(resend_interval_ms_max)  # the members' next resends arrive
-    assert col.settled and s.records[c.job].state == "succeeded"
+    assert col.settled and s.record(c.job).state == "succeeded"
     got = proofs_of(s.db, c.job)
     assert sorted(p["worker"] for p in got) == sorted([A.peer_id, B.peer_id])
     assert all(p["status"] == "owed" and p["amount"] == 5_000 for p in got), got
@@ -245,7 +245,7 @@ def test_a_proof_after_settlement_is_acknowledged_late(cluster: Any) -> None:
     c = cluster
     s = c.net.nodes[S.peer_id]
     c.net.advance(60_000 + 31_000)  # the deadline: settled with nothing
-    assert c.job not in s.collector.collections and s.records[c.job].state == "failed"  # settled and forgotten
+    assert c.job not in s.collector.collections and s.record(c.job).state == "failed"  # settled and forgotten
     s.deliver(work(A, B, c.job, c.cert)["proof"], via="stream")
     assert s.counts["collect:ack_late"] == 1
     assert proofs_of(s.db, c.job) == []
@@ -295,7 +295,7 @@ def test_a_member_killed_mid_job_proves_its_time_up_to_its_last_checkpoint(clust
                     observed={B.peer_id: [T0 + 100, T0 + 4_200, 9, b_chain.head.hex()]}, now_ms=T0 + 4_000)
     c.net.now = T0 + 20_000
     a = restart(c, A)
-    assert a.records[c.job].state == "interrupted" and a.records[c.job].extra["member_state"] == "interrupted"
+    assert a.record(c.job).state == "interrupted" and a.record(c.job).extra["member_state"] == "interrupted"
     kinds = sorted(d.kind for d in a.runner_obj.pending.values())
     assert kinds == ["cosign", "proof"]
     assert earnings(a.db)[0]["amount"] == 4_000  # 4 s of one GPU at 1 unit per GPU-ms
@@ -312,7 +312,7 @@ def test_a_member_killed_mid_job_proves_its_time_up_to_its_last_checkpoint(clust
     assert not a.runner_obj.pending
     got = {p["worker"]: p for p in proofs_of(s.db, c.job)}
     assert got[A.peer_id]["status"] == "owed" and got[A.peer_id]["gpu_ms"] == 4_000
-    assert s.records[c.job].state == "failed"  # A's part was interrupted (exit 137)
+    assert s.record(c.job).state == "failed"  # A's part was interrupted (exit 137)
     # A second restart signs nothing new.
     assert restart(c, A).runner_obj.pending == {}
 
