@@ -150,7 +150,7 @@ def job_handlers(node: Node) -> dict[str, Any]:
         return doc
 
     async def list_jobs(params: dict[str, Any]) -> list[dict[str, Any]]:
-        return [r.to_json() for r in jobs.listed()]
+        return jobs.listed()
 
     async def cancel(params: dict[str, Any]) -> dict[str, Any]:
         job_id = params.get("job_id")

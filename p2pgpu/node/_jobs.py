@@ -712,19 +712,23 @@ class JobsService:
             found.update(dict.fromkeys(job_ids_with_prefix(self.db, prefix.lower())))
         return list(found)[:2]
 
-    def listed(self, limit: int = records_max) -> list[JobRecord]:
-        """Jobs with a role here, in memory or stored: the newest ``limit``, oldest first."""
-        live = {r.job_id: r for r in self.records.values() if r.roles}
+    def listed(self, limit: int = records_max) -> list[dict[str, Any]]:
+        """``job list``: jobs with a role here, live (in memory) or stored,
+        the newest ``limit``, oldest first.  Stored ones are read as stored
+        (their JSON is ``JobRecord.to_json``), without re-verifying each
+        manifest."""
+        docs = {r.job_id: r.to_json() for r in self.records.values() if r.roles}
         if self.db is not None:
             from p2pgpu.store import load_jobs
 
             for row in load_jobs(self.db, limit=limit):
-                if row["job_id"] not in live:
-                    rec = self._from_row(row)
-                    if rec is not None:
-                        live[rec.job_id] = rec
-        recs = sorted(live.values(), key=lambda r: (r.seen_at_ms, r.job_id))
-        return recs[-limit:]
+                if row["job_id"] not in docs:
+                    doc = json.loads(row["record"])
+                    if doc.get("state") in ("running", "confirmed", "reserved", "forming"):
+                        doc["state"], doc["reason"] = "interrupted", "the node restarted while the job was in progress"
+                    docs[row["job_id"]] = doc
+        out = sorted(docs.values(), key=lambda d: (d["timings"]["seen_at_ms"], d["job_id"]))
+        return out[-limit:]
 
     # ------------------------------------------------ records: memory and store
 
@@ -812,7 +816,7 @@ class JobsService:
         doc = rec.to_json()
         save_job(self.db, job_id=job_id, manifest=rec.manifest.wire, roles=rec.roles, state=rec.state,
                  record=doc, now_ms=self.node.now_ms())
-        if rec.state in FINAL_STATES and self.records.is_ours(job_id):
+        if rec.state in FINAL_STATES and job_id in self.records:  # a record with a role is ours
             self.records.pop(job_id)
             self._keep_ended(rec, len(json.dumps(doc)))
 

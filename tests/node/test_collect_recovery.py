@@ -454,3 +454,27 @@ def test_the_window_survives_a_submitter_restart(tmp_path: Path) -> None:
     c.net.advance(reopen_grace_ms + 1)
     got = proofs_of(s.db, c.job)
     assert [p["status"] for p in got] == ["rejected"] and "over_window" in got[0]["reason"], got
+
+
+def test_a_settled_job_leaves_memory_and_is_read_back_from_the_store(cluster: Any) -> None:
+    """#13: every ended record stayed in memory, proofs and outputs included
+    (~4.7 KB each; +26 MB over a 5,000-job soak).  Now a stored record of
+    ours in a final state leaves memory, and status, prefix look-ups, the
+    list, the counts and a restart read it from the store."""
+    c = cluster
+    member_sends(c)
+    c.net.advance(resend_interval_ms_max)
+    s = c.net.nodes[S.peer_id]
+    assert c.job not in s.records, "a settled job's record left memory"
+    assert len(s.ended) <= 64
+    s.ended.clear()  # as if evicted from the small cache too
+    rec = s.record(c.job)
+    assert rec is not None and rec.state == "succeeded" and rec is s.record(c.job)  # cached once read
+    assert [p["status"] for p in rec.extra["proofs"]] == ["owed", "owed"]
+    assert s.status(c.job[:10])["state"] == "succeeded"
+    assert s.status("zz" + c.job[:8]) is None  # not hex: no such prefix
+    assert [d["job_id"] for d in s.listed() if d["job_id"] == c.job] == [c.job]
+    assert s.counts_by_state().get("succeeded", 0) >= 1 and "confirmed" not in s.counts_by_state()
+    assert s.memory()["job_records"] == len(s.records)
+    again = restart(c, S)
+    assert c.job not in again.records and again.record(c.job).state == "succeeded"  # type: ignore[union-attr]
