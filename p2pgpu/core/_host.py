@@ -85,6 +85,7 @@ from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._formation import DEFAULT_CONFIG, FormationConfig, FormationNode
 from ._formation_messages import Certificate, Message, message_bytes_max, message_from_envelope
 from ._formation_quota import Gate, PayerChecks
+from ._formation_rules import ClaimView
 from ._formation_submitter import Submitter
 from ._identity import Identity, Verifier
 from ._installments import (
@@ -178,7 +179,8 @@ class Host:
                  submitter_of: Callable[[str], str | None] | None = None,
                  payer_checks: PayerChecks | None = None,
                  verify: Verifier | None = None,
-                 standing: Callable[[str], int | None] | None = None) -> None:
+                 standing: Callable[[str], int | None] | None = None,
+                 claims: ClaimView | None = None) -> None:
         """``adverts`` looks a peer's advert up in the driver's book;
         ``candidates`` lists the peers it says can serve a job now (``None``:
         no list, every matching peer volunteers); ``submitter_of`` names the
@@ -187,7 +189,10 @@ class Host:
         ``verify`` checks signatures (default: the real Ed25519 check);
         ``standing`` gives a peer's worker score from the receipts the driver
         holds (the members this node proposes when it leads are ordered by
-        it: ``core._formation_rules.member_tier``)."""
+        it: ``core._formation_rules.member_tier``); ``claims`` applies this
+        node's hardware-challenge verdicts to an advert (``ClaimBook.view``):
+        it proposes, and confirms, no member whose claim it refused
+        (``core._formation_rules.claim_fault``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
@@ -197,8 +202,9 @@ class Host:
         self.submitter_of = submitter_of or (lambda _job: None)
         self.payer_checks = payer_checks
         self.standing = standing
+        self.claims = claims
         self.formation: FormationNode | None = None
-        self.submitter = Submitter(identity, config.formation, adverts=self.adverts)
+        self.submitter = Submitter(identity, config.formation, adverts=self.adverts, claims=claims)
         self.installments = Installments(identity, config.installments,
                                          tolerance_ms=config.settlement.tolerance_ms,
                                          tolerance_ppm=config.settlement.tolerance_ppm,
@@ -216,7 +222,7 @@ class Host:
         formation core is built from it, or told its new terms."""
         if self.formation is None:
             self.formation = FormationNode(self.identity, advert, self.config.formation, adverts=self.adverts,
-                                           standing=self.standing)
+                                           standing=self.standing, claims=self.claims)
             return []
         return self._run(now_ms, lambda c: self._observe(c, self.formation.update_advert(advert, now_ms)))  # type: ignore[union-attr]
 

@@ -197,7 +197,7 @@ class JobsService:
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
         self.host = Host(node.identity, self.config, adverts=self.advert_of, candidates=self.candidates,
-                         submitter_of=self._submitter_of, standing=self._standing)
+                         submitter_of=self._submitter_of, standing=self._standing, claims=self._claims)
         #: A test network's adversary (config.toml ``adversary``; the daemon
         #: sets it only where simulated GPUs are allowed): ``claim_ahead``
         #: also claims the interval after each one it served.
@@ -279,6 +279,14 @@ class JobsService:
 
     def _standing(self, peer_id: str) -> int | None:
         return self.standing(peer_id) if self.standing is not None else None
+
+    def _claims(self, advert: Advert, now_ms: int) -> Advert:
+        """This node's hardware-challenge verdicts on an advert (#16): the
+        advert book's ``view`` (the challenge service's ``ClaimBook.view``),
+        so matching, the dry run and the formation cores judge a claim alike:
+        the cores propose and confirm no member whose claim it refused."""
+        view = self.node.book.view
+        return view(advert, now_ms) if view is not None else advert
 
     def _submitter_of(self, job_id: str) -> str | None:
         rec = self.records.get(job_id)
@@ -656,7 +664,9 @@ class JobsService:
             doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,
                                 "accepts": progress.accepts, "views_seen": progress.views_seen,
                                 "certificates_refused": progress.certificates_refused,
-                                "last_refusal": progress.refusal, "members_needed": progress.members_needed}
+                                "last_refusal": progress.refusal,
+                                "last_refusal_code": progress.refusal_code.value if progress.refusal_code else None,
+                                "members_needed": progress.members_needed}
         if self.host.formation is not None:
             ws = self.host.formation.state(rec.job_id)
             if ws is not None:
