@@ -126,8 +126,9 @@ def test_the_shipped_scenario_parses() -> None:
 
 def _forgeries_refused(s: dict[str, Any]) -> None:
     assert s["receipts_signed"] > 0 and s["paid_peers_with_a_score"] > 0, s
-    # 2 forgers x (an invented payment, a borrowed one, a tampered receipt)
-    assert s["receipts_forged"] == 6 and s["receipts_forged_refused"] == 6, s
+    # 2 forgers x (an invented payment, a borrowed one, a backdated one naming the
+    # victim's address in its own accept (#16.2), a tampered receipt)
+    assert s["receipts_forged"] == 8 and s["receipts_forged_refused"] == 8, s
     assert s["forger_score_gain_lamports"] == 0, s
 
 
