@@ -141,7 +141,10 @@ def parse_cid(text: str) -> Cid:
         return Cid(version=0, codec=CODEC_DAG_PB, digest=raw[2:])
     if text[0] != "b":
         raise ValueError("a CIDv1 in base32 (starting with 'b', as 'bafy...') or a CIDv0 ('Qm...')")
-    return Cid.from_bytes(_b32decode(text[1:]))
+    try:
+        return Cid.from_bytes(_b32decode(text[1:]))
+    except ValueError as exc:
+        raise ValueError(f"not a CID we can read: {exc}") from None
 
 
 def _b32encode(raw: bytes) -> str:

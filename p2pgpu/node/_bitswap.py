@@ -56,6 +56,10 @@ message_bytes_max = 4 << 20
 message_items_max = 1024
 stall_s_default = 30.0
 connect_timeout_s = 15.0
+#: Streams a peer may hold open to us, and all peers together.
+streams_per_peer_max = 4
+streams_max = 64
+serve_idle_s = 120.0
 #: Blocks queued between the streams that carry them and the fetch that checks them.
 events_queued_max = 64
 
@@ -79,14 +83,33 @@ class BitswapService:
     counts: Counter[str]
     limits: DagLimits = field(default_factory=DagLimits)
     _fetches: dict[str, list[_Fetch]] = field(default_factory=dict)
+    _streams: Counter[str] = field(default_factory=Counter)
 
     async def serve(self, stream: Any) -> None:
-        """A provider's stream to us: route its blocks and "don't have"s."""
+        """A provider's stream to us: route its blocks and "don't have"s.  At
+        most ``streams_per_peer_max`` streams per peer and ``streams_max`` in
+        all; a stream idle for ``serve_idle_s`` is closed."""
         peer = stream.muxed_conn.peer_id.to_base58()
+        if self._streams[peer] >= streams_per_peer_max or sum(self._streams.values()) >= streams_max:
+            self.counts["bitswap:streams_refused"] += 1
+            raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, "too many Bitswap streams")
+        self._streams[peer] += 1
+        try:
+            await self._serve(stream, peer)
+        finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
+
+    async def _serve(self, stream: Any, peer: str) -> None:
         while True:
-            try:
-                frame = await read_frame(stream, message_bytes_max)
-            except StreamGone:
+            frame = None
+            with trio.move_on_after(serve_idle_s):
+                try:
+                    frame = await read_frame(stream, message_bytes_max)
+                except StreamGone:
+                    return
+            if frame is None:
                 return
             msg = Message()
             try:
