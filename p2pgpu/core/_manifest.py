@@ -29,10 +29,10 @@ from . import _limits as limits
 from . import _schema as s
 from ._advert import RUNTIMES, is_solana_address, parse_compute_capability
 from ._codec import decode, encode
-from ._ipfs import parse_cid
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
 from ._identity import Identity, Verifier, public_key_from_peer_id
+from ._ipfs import parse_cid
 from ._matching import Requirements, nodes_max
 
 #: Members of one cluster (nodes x replicas) at most.

@@ -41,8 +41,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from p2pgpu.core._ipfs import CODEC_DAG_PB, CODEC_RAW, Cid  # noqa: E402
-from p2pgpu.node._streams import StreamGone, read_frame, write_frame  # noqa: E402
+from p2pgpu.core._ipfs import CODEC_DAG_PB, CODEC_RAW, Cid
+from p2pgpu.node._streams import StreamGone, read_frame, write_frame
 
 PROTO = TProtocol("/ipfs/bitswap/1.2.0")
 
