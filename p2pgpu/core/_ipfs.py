@@ -278,6 +278,24 @@ def decode_file_node(block: bytes, *, links_max: int = links_per_node_max) -> Fi
     return FileNode(data=data, links=tuple(links), blocksizes=tuple(sizes), filesize=filesize)
 
 
+def _field(num: int, value: bytes | int) -> bytes:
+    if isinstance(value, int):
+        return _put_uvarint(num << 3) + _put_uvarint(value)
+    return _put_uvarint(num << 3 | 2) + _put_uvarint(len(value)) + value
+
+
+def encode_file_node(links: list[tuple[Cid, int]], *, data: bytes = b"", filesize: int | None = None) -> bytes:
+    """A dag-pb block holding a UnixFS file node: inline ``data``, then
+    ``links`` as (CID, bytes under it); ``filesize`` defaults to the sum (a
+    caller may lie, as the attack tests do).  Links come first, as dag-pb's
+    canonical form has them."""
+    unixfs = _field(1, _UNIXFS_FILE) + (_field(2, data) if data else b"")
+    unixfs += _field(3, filesize if filesize is not None else len(data) + sum(size for _, size in links))
+    unixfs += b"".join(_field(4, size) for _, size in links)
+    body = b"".join(_field(2, _field(1, c.to_bytes()) + _field(2, b"") + _field(3, size)) for c, size in links)
+    return body + _field(1, unixfs)
+
+
 def _decode_link(buf: bytes) -> Cid:
     target = None
     for num, wire, value in _fields(buf):
@@ -285,7 +303,10 @@ def _decode_link(buf: bytes) -> Cid:
             target = value
     if target is None:
         raise ValueError("a link without a hash")
-    return Cid.from_bytes(target)
+    try:
+        return Cid.from_bytes(target)
+    except ValueError as exc:
+        raise ValueError(f"a link's CID: {exc}") from None
 
 
 # ---------------------------------------------------------------- the walk
@@ -428,4 +449,5 @@ class DagWalk:
 
 
 __all__ = ["CODEC_DAG_PB", "CODEC_RAW", "Cid", "DagLimits", "DagRefused", "DagWalk", "FileNode", "decode_file_node",
+           "encode_file_node",
            "parse_cid"]

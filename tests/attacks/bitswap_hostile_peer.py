@@ -15,7 +15,7 @@ listens, and stops at the end of its input.  Modes:
   leaf of 2,000;
 - ``honest``: serves a 3-leaf file correctly (the control).
 
-The DAGs are built here with a small dag-pb/UnixFS encoder (:func:`file_node`).
+The DAGs are built with the core's dag-pb/UnixFS encoder (``encode_file_node``).
 """
 
 from __future__ import annotations
@@ -42,34 +42,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from p2pgpu.core._ipfs import CODEC_DAG_PB, CODEC_RAW, Cid
+from p2pgpu.core._ipfs import encode_file_node as file_node
 from p2pgpu.node._streams import StreamGone, read_frame, write_frame
 
 PROTO = TProtocol("/ipfs/bitswap/1.2.0")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(num: int, value: bytes | int) -> bytes:
-    if isinstance(value, int):
-        return _varint(num << 3) + _varint(value)
-    return _varint(num << 3 | 2) + _varint(len(value)) + value
-
-
-def file_node(links: list[tuple[Cid, int]], *, filesize: int | None = None, data: bytes = b"") -> bytes:
-    """A dag-pb node holding a UnixFS file: ``links`` (CID, bytes under it)."""
-    unixfs = _field(1, 2) + (_field(2, data) if data else b"")
-    unixfs += _field(3, filesize if filesize is not None else len(data) + sum(s for _, s in links))
-    for _, size in links:
-        unixfs += _field(4, size)
-    body = b"".join(_field(2, _field(1, c.to_bytes()) + _field(2, b"") + _field(3, size)) for c, size in links)
-    return body + _field(1, unixfs)
 
 
 def cid_of(block: bytes, codec: int) -> Cid:
