@@ -305,7 +305,7 @@ class Manifest:
         env = s.get_map(rt, "env")
         if len(env) > env_len_max or not all(isinstance(v, str) for v in env.values()):
             raise s.fail("runtime.env", f"at most {env_len_max} string values")
-        inputs = []
+        inputs: list[tuple[str, bytes | None, str, int, str, str, str, tuple[str, ...]]] = []
         for i, item in enumerate(s.get_list(body, "inputs", inputs_max)):
             if not isinstance(item, dict):
                 raise s.fail(f"inputs[{i}]", "must be a map")
