@@ -955,6 +955,49 @@ def _install_noise_buffered_reads(undo: Undo) -> None:
     _replace(undo, nio.BaseNoiseMsgReadWriter, "read_msg", read_msg, "noise_buffered_reads")
 
 
+# B4. Big buffers stay in the heap (the node process only, not a py-libp2p
+#     patch).  glibc serves a malloc of 128 KiB or more with its own mmap and
+#     gives it back with munmap on free; its "dynamic threshold" raises that
+#     limit only up to 32 MiB after the first such free, and trims the heap's
+#     top whenever 128 KiB of it is free.  A blob fetch allocates and frees
+#     buffers of 64 KiB to 4 MiB for every frame (Noise messages, Yamux
+#     frames, 4 MiB stream reads, 1 MiB chunks), so the kernel maps, zero-fills
+#     and unmaps memory all the time.  Raising both thresholds keeps those
+#     buffers in the heap and reused.  Measured on the fetcher (128 MiB, one
+#     provider, three interleaved pairs): 137->158, 140->146, 164->170 MB per
+#     CPU second (docs/performance.md).  What it costs: freed memory up to
+#     ``malloc_trim_bytes`` stays in the process (RSS) instead of going back.
+#: Allocations at least this large get their own mmap (glibc default 128 KiB, dynamic up to 32 MiB).
+malloc_mmap_threshold_bytes = 64 << 20
+#: Free memory at the top of the heap kept rather than given back (glibc default 128 KiB).
+malloc_trim_bytes = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: ``P2PGPU_MALLOC_TUNE=0`` leaves glibc's defaults (benchmarks compare with it).
+MALLOC_TUNE_ENV = "P2PGPU_MALLOC_TUNE"
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (B4 above);
+    False (and nothing changed) off glibc, with ``P2PGPU_LIBP2P_PATCHES=0`` or
+    with ``P2PGPU_MALLOC_TUNE=0``."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get(DISABLE_ENV, "") not in ("", "1") or os.environ.get(MALLOC_TUNE_ENV, "") not in ("", "1"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, malloc_mmap_threshold_bytes)
+                and mallopt(_M_TRIM_THRESHOLD, malloc_trim_bytes))
+
+
 PATCHES.update({
     "yamux_bulk_frames": _install_yamux_bulk_frames,
     "noise_write_once": _install_noise_write_once,
