@@ -111,6 +111,7 @@ SOURCES = [("batch_writes", "Pubsub.handle_sending_messages"),
            ("send_rpc_fast_path", "GossipSub.send_rpc"),
            ("queue_sizes", "RpcQueue.__init__"),
            ("yamux_bulk_frames", "YamuxStream.write"),
+           ("yamux_direct_body_reads", "Yamux._read_data_body"),
            ("noise_write_once", "BaseNoiseMsgReadWriter.write_msg"),
            ("noise_buffered_reads", "BaseNoiseMsgReadWriter.read_msg")]
 
