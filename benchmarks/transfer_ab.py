@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import transfer as T  # noqa: E402
+import transfer as T
 
-from p2pgpu.localnet import LocalNet  # noqa: E402
+from p2pgpu.localnet import LocalNet
 
 
 def one(tmp: Path, blob: Path, sha: str, size: int, env: dict[str, str], name: str) -> tuple[float, float, float]:

@@ -912,7 +912,8 @@ def _install_yamux_bulk_frames(undo: Undo) -> None:
 
 def _install_yamux_direct_body_reads(undo: Undo) -> None:
     import trio
-    from libp2p.security.secure_session import ConnectionClosedError, SecureSession
+    from libp2p.io.exceptions import ConnectionClosedError
+    from libp2p.security.secure_session import SecureSession
     from libp2p.stream_muxer.yamux import yamux as ymod
 
     _pinned(ymod.Yamux._read_data_body, YAMUX_READ_BODY_SHA256, "Yamux._read_data_body")
