@@ -829,15 +829,6 @@ def _restore(undo: Undo) -> None:
 #     read ahead during the handshake would be lost to the transport reader.
 
 YAMUX_WRITE_SHA256 = "d87f74dfb53ab194e7907a44c7400ce2f7e64f8cde63b5840af83772b17547af"
-YAMUX_READ_BODY_SHA256 = "54cc06c91ba6ee159e0eefaf4802b3111fdce60fe1de566e267127c5fb2e0c41"
-#: The secure session's read and read-ahead buffer, which B5 uses as its read does.
-SECURE_SESSION_SHA256 = {
-    "read": "eeba14a89cf12325917fe19497a1bfc3c7c04b377947255a62bacbe854d65338",
-    "_drain": "a697c9f38d7b2e6cd1aeaf201de8f71d7ba619fbf7b6516d43bf506fac4e7254",
-    "_fill": "f90857aef2e2d30f31657b6a765c4a8b0e3d0c365dae61cce5d21014d74afcd0",
-}
-#: Yamux bodies at least this large are read by B5 (upstream sends at most 256 KiB - 12).
-bulk_body_bytes_min = 256 << 10
 NOISE_WRITE_SHA256 = "00818920318f86aa35a975a694953d4afb06267afe15922ee8447c6f10875330"
 NOISE_READ_SHA256 = "b2fa218c135c82c09e8741282b92839f70c7275c05a78f23bfa30c7bd67ddf85"
 #: Largest Yamux frame a bulk stream may ask for (its own attribute says how large).
@@ -848,7 +839,6 @@ noise_read_bytes = 256 * 1024
 
 UPSTREAM_SHA256.update({
     "YamuxStream.write": YAMUX_WRITE_SHA256,
-    "Yamux._read_data_body": YAMUX_READ_BODY_SHA256,
     "BaseNoiseMsgReadWriter.write_msg": NOISE_WRITE_SHA256,
     "BaseNoiseMsgReadWriter.read_msg": NOISE_READ_SHA256,
 })
@@ -908,39 +898,6 @@ def _install_yamux_bulk_frames(undo: Undo) -> None:
             sent += len(frame) - header_size
 
     _replace(undo, ymod.YamuxStream, "write", write, "yamux_bulk_frames")
-
-
-def _install_yamux_direct_body_reads(undo: Undo) -> None:
-    import trio
-    from libp2p.io.exceptions import ConnectionClosedError
-    from libp2p.security.secure_session import SecureSession
-    from libp2p.stream_muxer.yamux import yamux as ymod
-
-    _pinned(ymod.Yamux._read_data_body, YAMUX_READ_BODY_SHA256, "Yamux._read_data_body")
-    for attr, sha in SECURE_SESSION_SHA256.items():
-        if _source_sha256(getattr(SecureSession, attr)) != sha:
-            raise _SourceChanged(f"SecureSession.{attr}")
-    upstream = ymod.Yamux._read_data_body
-
-    async def _read_data_body(self: Any, length: int) -> bytes:
-        conn = self.secured_conn
-        if length < bulk_body_bytes_min or type(conn) is not SecureSession:
-            return await upstream(self, length)
-        with trio.fail_after(ymod._yamux_data_read_timeout()):
-            body = bytearray(conn._drain(length))
-            while len(body) < length:
-                msg = await conn.conn.read_msg()
-                if not msg:
-                    raise ConnectionClosedError("Connection closed")  # what upstream's read raises here
-                need = length - len(body)
-                if len(msg) <= need:
-                    body += msg
-                else:
-                    body += memoryview(msg)[:need]
-                    conn._fill(msg[need:])
-            return body  # type: ignore[return-value]  # a bytearray: Yamux only appends it to a buffer
-
-    _replace(undo, ymod.Yamux, "_read_data_body", _read_data_body, "yamux_direct_body_reads")
 
 
 def _install_noise_write_once(undo: Undo) -> None:
@@ -1005,18 +962,6 @@ def _install_noise_buffered_reads(undo: Undo) -> None:
     _replace(undo, nio.BaseNoiseMsgReadWriter, "read_msg", read_msg, "noise_buffered_reads")
 
 
-# B5. A Yamux frame's body read straight from the Noise messages.  Upstream
-#     reads a DATA frame's body with ``read_exactly`` over the secure session:
-#     ``SecureSession.read`` gathers the decrypted Noise messages into a
-#     bytearray and copies it into bytes, then ``read_exactly`` copies that
-#     into its own bytearray and copies it into bytes again: four copies of
-#     every byte before Yamux appends it to the stream's buffer.  For a body of
-#     ``bulk_body_bytes_min`` or more (only bulk streams send such frames,
-#     B1) the messages are appended to one bytearray, which Yamux appends to
-#     the stream's buffer: one copy.  Same bytes, same order, same errors for
-#     a connection cut mid-frame (``IncompleteReadError``); the session's
-#     read-ahead buffer (``_drain``/``_fill``) is used exactly as its own
-#     ``read`` uses it.  Smaller bodies take upstream's path.
 # B4. Big buffers stay in the heap (the node process only, not a py-libp2p
 #     patch).  glibc serves a malloc of 128 KiB or more with its own mmap and
 #     gives it back with munmap on free; its "dynamic threshold" raises that
@@ -1062,7 +1007,6 @@ def tune_malloc() -> bool:
 
 PATCHES.update({
     "yamux_bulk_frames": _install_yamux_bulk_frames,
-    "yamux_direct_body_reads": _install_yamux_direct_body_reads,
     "noise_write_once": _install_noise_write_once,
     "noise_buffered_reads": _install_noise_buffered_reads,
 })

@@ -34,18 +34,17 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io import trio as trio_io
-from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
+from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise import io as nio
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.yamux import yamux as ymod
 
 from p2pgpu.node import _patches
 
-BULK = ["yamux_bulk_frames", "yamux_direct_body_reads", "noise_write_once", "noise_buffered_reads"]
+BULK = ["yamux_bulk_frames", "noise_write_once", "noise_buffered_reads"]
 PROTO = TProtocol("/p2pgpu/test-bulk/1")
 MIB = 1 << 20
 
@@ -202,15 +201,9 @@ async def _pair() -> AsyncIterator[tuple[Any, Any]]:
 
 
 async def _count_transfer(monkeypatch: pytest.MonkeyPatch, frame_bytes: int) -> dict[str, int]:
-    counts = {"socket_writes": 0, "socket_reads": 0, "yamux_data_frames": 0, "session_bulk_reads": 0}
+    counts = {"socket_writes": 0, "socket_reads": 0, "yamux_data_frames": 0}
     real_write, real_read = trio_io.TrioTCPStream.write, trio_io.TrioTCPStream.read
     real_frame = ymod.Yamux._write_frame
-    real_session_read = SecureSession.read
-
-    async def session_read(self: Any, n: int | None = None) -> bytes:
-        if n is not None and n >= _patches.bulk_body_bytes_min:
-            counts["session_bulk_reads"] += 1  # upstream's path for a frame body: four copies (B5)
-        return await real_session_read(self, n)
 
     async def write(self: Any, data: bytes) -> None:
         counts["socket_writes"] += 1
@@ -232,7 +225,6 @@ async def _count_transfer(monkeypatch: pytest.MonkeyPatch, frame_bytes: int) -> 
         monkeypatch.setattr(trio_io.TrioTCPStream, "write", write)
         monkeypatch.setattr(trio_io.TrioTCPStream, "read", read)
         monkeypatch.setattr(ymod.Yamux, "_write_frame", write_frame)
-        monkeypatch.setattr(SecureSession, "read", session_read)
         async with trio.open_nursery() as n:
             n.start_soon(out.write, payload)
             with trio.fail_after(60):
@@ -249,73 +241,6 @@ async def test_bulk_stream_costs_few_frames_writes_and_reads(bulk: None, monkeyp
     assert patched["yamux_data_frames"] <= 8, patched
     assert patched["socket_writes"] <= 24, patched  # data frames plus a few window updates
     assert patched["socket_reads"] <= 64, patched
-    assert patched["session_bulk_reads"] == 0, patched  # bodies read straight from Noise messages (B5)
-
-
-async def test_without_direct_body_reads_each_bulk_frame_goes_through_upstreams_copies(
-        bulk: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    _patches.remove(["yamux_direct_body_reads"])
-    try:
-        counts = await _count_transfer(monkeypatch, MIB + 16)
-    finally:
-        _patches.apply(["yamux_direct_body_reads"])
-    assert counts["session_bulk_reads"] >= 4, counts
-
-
-class _Msgs:
-    """Decrypted Noise messages, as the transport reader returns them."""
-
-    def __init__(self, msgs: list[bytes]) -> None:
-        self.msgs = list(msgs)
-
-    async def read_msg(self) -> bytes:
-        return self.msgs.pop(0) if self.msgs else b""
-
-
-def _session(msgs: list[bytes], buffered: bytes = b"") -> Any:
-    session = SecureSession.__new__(SecureSession)  # only the read-side state B5 touches
-    session.conn = _Msgs(msgs)
-    session._reset_internal_buffer()
-    if buffered:
-        session._fill(buffered)
-    return session
-
-
-@settings(max_examples=60, deadline=None)
-@given(body=st.integers(256 << 10, (256 << 10) + 5000), pieces=st.lists(st.integers(512, 65_535), min_size=1, max_size=8),
-       buffered=st.integers(0, 3000), cut=st.booleans())
-def test_direct_body_reads_match_upstream(body: int, pieces: list[int], buffered: int, cut: bool) -> None:
-    """B5 against upstream over the same session state (bytes the session
-    had read ahead, then messages of any sizes): the same body, the same
-    bytes left for the next frame, and a connection cut mid-body raises
-    the same error in both."""
-    data = hashlib.sha256(b"%d" % body).digest() * ((body + buffered + 70_000) // 32 + 1)
-    total = body - 1000 if cut else len(data)
-    msgs, pos = [], buffered
-    while pos < total:
-        msgs.append(data[pos:min(pos + pieces[len(msgs) % len(pieces)], total)])
-        pos += len(msgs[-1])
-
-    async def read_with(fn: Any) -> tuple[bytes | str, bytes]:
-        yamux = ymod.Yamux.__new__(ymod.Yamux)
-        yamux.secured_conn = _session(msgs, data[:buffered])
-        try:
-            got: bytes | str = bytes(await fn(yamux, body))
-        except (IncompleteReadError, ConnectionClosedError) as exc:
-            got = type(exc).__name__
-        return got, yamux.secured_conn._drain(None)
-
-    before = _patches.installed()
-    _patches.remove()
-    try:
-        theirs = trio.run(read_with, ymod.Yamux._read_data_body)
-        assert _patches.apply(only=["yamux_direct_body_reads"]) == ["yamux_direct_body_reads"]
-        mine = trio.run(read_with, ymod.Yamux._read_data_body)
-    finally:
-        _patches.remove()
-        _patches.apply(only=before)
-    assert mine == theirs
-    assert mine[0] == ("ConnectionClosedError" if cut else data[:body])
 
 
 async def test_upstream_costs_many_more(upstream: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,7 +354,7 @@ def test_changed_upstream_source_skips_the_patch(upstream: None, monkeypatch: py
     monkeypatch.setattr(_patches, "YAMUX_WRITE_SHA256", "0" * 64)
     original = ymod.YamuxStream.write
     with caplog.at_level(logging.WARNING, logger=_patches.__name__):
-        assert _patches.apply(only=BULK) == ["yamux_direct_body_reads", "noise_write_once", "noise_buffered_reads"]
+        assert _patches.apply(only=BULK) == ["noise_write_once", "noise_buffered_reads"]
     assert ymod.YamuxStream.write is original
     assert "yamux_bulk_frames NOT applied" in caplog.text
     _patches.remove()
@@ -446,26 +371,10 @@ def test_bulk_patches_pinned_to_the_installed_source() -> None:
         "from p2pgpu.node import _patches as p\n"
         "print(p._source_sha256(ymod.YamuxStream.write))\n"
         "print(p._source_sha256(nio.BaseNoiseMsgReadWriter.write_msg))\n"
-        "print(p._source_sha256(nio.BaseNoiseMsgReadWriter.read_msg))\n"
-        "print(p._source_sha256(ymod.Yamux._read_data_body))\n"
-        "from libp2p.security.secure_session import SecureSession as S\n"
-        "print(*(p._source_sha256(getattr(S, a)) for a in ('read', '_drain', '_fill')))\n")
+        "print(p._source_sha256(nio.BaseNoiseMsgReadWriter.read_msg))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == [_patches.YAMUX_WRITE_SHA256, _patches.NOISE_WRITE_SHA256,
-                                  _patches.NOISE_READ_SHA256, _patches.YAMUX_READ_BODY_SHA256,
-                                  *_patches.SECURE_SESSION_SHA256.values()]
-
-
-def test_a_changed_secure_session_skips_direct_body_reads(upstream: None, monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.delenv(_patches.DISABLE_ENV, raising=False)
-    monkeypatch.setitem(_patches.SECURE_SESSION_SHA256, "_fill", "0" * 64)
-    original = ymod.Yamux._read_data_body
-    with caplog.at_level(logging.WARNING, logger=_patches.__name__):
-        assert "yamux_direct_body_reads" not in _patches.apply(only=BULK)
-    assert ymod.Yamux._read_data_body is original
-    assert "SecureSession._fill" in caplog.text
-    _patches.remove()
+                                  _patches.NOISE_READ_SHA256]
 
 
 _MALLINFO = textwrap.dedent("""
