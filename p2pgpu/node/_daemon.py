@@ -505,6 +505,10 @@ class Node:
             from p2pgpu.solana import PayerCheck, open_ledger  # noqa: PLC0415
 
             self.jobs.set_payer_check(PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0))
+            from p2pgpu.solana._verify import PaymentLookup  # noqa: PLC0415
+
+            # A shared ledger: members check payment notices on it (#16.3).
+            self.jobs.set_payment_lookup(PaymentLookup(open_ledger(self.ledger_spec, readonly=True)))
 
     def _open_blobs(self) -> BlobService:
         """The content store in ``<home>/blobs`` (a temporary one without a
