@@ -142,7 +142,10 @@ class BitswapService:
                         continue
             for ev in events:
                 for f in fetches:
-                    await f.send.send(ev)
+                    try:
+                        await f.send.send(ev)
+                    except trio.BrokenResourceError:
+                        pass  # that fetch has ended (its receiving end is closed): nobody wants this block
 
     async def fetch(self, store: BlobStore, cid_text: str, size: int, providers: list[str], *, now_ms: int,
                     stall_s: float = stall_s_default,
@@ -210,6 +213,7 @@ class BitswapService:
         except StoreError as exc:
             raise CidError(f"CID {cid_text}: {exc}") from None
         finally:
+            recv.close()  # a provider's handler blocked on a full queue is released at once
             for p in peers:
                 left = [f for f in self._fetches.get(p, []) if f is not fetch]
                 if left:
