@@ -66,7 +66,8 @@ def service(tmp_path: Path, identity: Identity, submitter: str, proofs: list[dic
     records = {JOB: rec}
     node = SimpleNamespace(identity=identity, jobs=SimpleNamespace(db=db, records=records, record=records.get),
                            counts=Counter(),
-                           now_ms=clock, stack=None, home=None, ledger_spec="embedded")
+                           now_ms=clock, stack=None, home=None, ledger_spec="embedded",
+                           wallet=SimpleNamespace(payer=None))
     save_collection(db, job_id=JOB, certificate=encode(c.to_obj()), members=[A.peer_id, B.peer_id],
                     payout_addresses={}, confirmed_at_ms=T0, deadline_ms=T0)
     return ReceiptService(node, SETTINGS), clock  # type: ignore[arg-type]
