@@ -132,8 +132,8 @@ records_max = 10_000
 records_per_submitter_max = 256
 own_records_max = 10_000
 #: Our own records in a final state stay in the store, not in memory (#13:
-#: 5,000 settled jobs' records, proofs and outputs included, were +26 MB of a
-#: daemon's memory); the most recently used of them are kept here, at most
+#: each was ~4.7 KB of Python objects, proofs and outputs included, up to
+#: 10,000 of them); the most recently used of them are kept here, at most
 #: this many and this many bytes of their stored JSON.
 ended_cached_max = 64
 ended_cached_bytes_max = 1 << 20

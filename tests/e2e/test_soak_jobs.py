@@ -106,7 +106,7 @@ LOG_JOBS_KEPT_MAX = 64
 
 def assert_bounded(got: dict[str, Any], jobs: int) -> None:
     """Nothing the daemon keeps per job grew with the number of jobs (#13):
-    5,000 ended records with their proofs were +26 MB; now each table holds
+    every ended record stayed, proofs included (~4.7 KB each); now each table holds
     the jobs in flight (none at the end) plus a small cache of ended ones."""
     held = got["held"]
     print(f"per-job tables after {jobs} jobs: {held}")

@@ -458,7 +458,7 @@ def test_the_window_survives_a_submitter_restart(tmp_path: Path) -> None:
 
 def test_a_settled_job_leaves_memory_and_is_read_back_from_the_store(cluster: Any) -> None:
     """#13: every ended record stayed in memory, proofs and outputs included
-    (~4.7 KB each; +26 MB over a 5,000-job soak).  Now a stored record of
+    (~4.7 KB each, up to 10,000).  Now a stored record of
     ours in a final state leaves memory, and status, prefix look-ups, the
     list, the counts and a restart read it from the store."""
     c = cluster
