@@ -118,6 +118,12 @@ class Checker:
         #: ``[down_us, up_us or None, lost its disk]``: a member that went down
         #: after its part, before its proof was taken, may be too late with it.
         self.ended_us: dict[tuple[int, int], int] = {}
+        #: Partitions so far: ``[start_us, end_us or None, side of each node]``.
+        self.partitions: list[list[Any]] = []
+        #: Honest members whose proof could not reach the submitter before the
+        #: deadline because a partition kept them apart from the end of their
+        #: part until then.
+        self.partitioned_proofs = 0
         self.downs: dict[int, list[list[Any]]] = {}
 
     def fail(self, invariant: str, detail: str) -> None:
@@ -146,6 +152,31 @@ class Checker:
 
     def on_down(self, node: int, *, lose_state: bool) -> None:
         self.downs.setdefault(node, []).append([self.world.engine.now_us, None, lose_state])
+
+    def on_partition(self, side: Any) -> None:
+        self.partitions.append([self.world.engine.now_us, None, list(side) if side is not None else None])
+
+    def on_heal(self) -> None:
+        for p in self.partitions:
+            if p[1] is None:
+                p[1] = self.world.engine.now_us
+
+    def _kept_apart(self, key: tuple[int, int], until_us: int) -> bool:
+        """A partition separated the member from the job's submitter from
+        (about) the end of its part until less than ``resend_margin_us``
+        before ``until_us``: its proof had no way to arrive in time.  The
+        settlement's deadline is finite by design (a collection cannot wait
+        for ever), so this is nobody's fault."""
+        ended = self.ended_us.get(key)
+        if ended is None:
+            return False
+        submitter = self.world.jobs.jobs[key[0]].submitter
+        for start_us, end_us, side in self.partitions:
+            if side is None or side[key[1]] == side[submitter]:
+                continue
+            if start_us <= ended + resend_margin_us and (end_us is None or end_us > until_us - resend_margin_us):
+                return True
+        return False
 
     def on_up(self, node: int) -> None:
         downs = self.downs.get(node)
@@ -376,6 +407,9 @@ class Checker:
             if w.engine.now_us > until and self._offline_after_part((jid, member), until):
                 del self.missing_until_us[(jid, member)]  # its node went down with the proof undelivered
                 self.undeliverable += 1
+            elif w.engine.now_us > until and self._kept_apart((jid, member), until):
+                del self.missing_until_us[(jid, member)]  # a partition kept it from the submitter until then
+                self.partitioned_proofs += 1
             elif w.engine.now_us > until:
                 self.fail("owed-time", f"job {jid}: honest member {member} ran and stayed up, and its proof "
                           f"never reached the submitter before the deadline")

@@ -673,6 +673,7 @@ class JobFlow:
             "members_lost": len(self.lost_pairs),
             "members_down_while_running": self.world.checker.down_while_running,
             "proofs_undeliverable": self.world.checker.undeliverable,
+            "proofs_partitioned_past_deadline": self.world.checker.partitioned_proofs,
             "proofs_rejected": self.proofs_rejected,
             "proofs_capped": self.world.checker.capped,
             "late_lines": self.late_lines,

@@ -433,10 +433,12 @@ class World:
     def _partition(self, p: Any) -> None:
         self.engine.trace("partition", p.split)
         self.net.partition(partition_sides(p, self, self._prng))
+        self.checker.on_partition(self.net.side)
 
     def _heal(self, p: Any) -> None:
         self.engine.trace("heal", p.split)
         self.net.heal()
+        self.checker.on_heal()
 
     def _sample(self, _: Any) -> None:
         self.metrics.sample()
