@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
+import random
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -104,3 +107,43 @@ def test_every_selected_test_file_exists_and_each_module_selects_its_edge_tests(
         edges = root / "tests" / "core" / f"test{stem}_edges.py"
         if edges.is_file():
             assert str(edges.relative_to(root)) in tests, stem
+
+
+def _stopped_run(tmp_path: Path, results: dict[str, int | None], fingerprint: str) -> Path:
+    """A scratch copy as an interrupted run leaves it: mutants generated, some tested."""
+    work = tmp_path / "_codec"
+    meta = work / "mutants" / "p2pgpu" / "core" / "_codec.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": results}))
+    (work / M.FINGERPRINT).write_text(fingerprint)
+    return work
+
+
+def test_resume_refuses_a_scratch_copy_of_another_tree(tmp_path: Path) -> None:
+    assert M.resumable("p2pgpu/core/_codec.py", tmp_path) is None  # nothing to resume
+    _stopped_run(tmp_path, {"m_1": 1}, "0" * 64)
+    with pytest.raises(SystemExit, match="the working tree changed"):
+        M.resumable("p2pgpu/core/_codec.py", tmp_path)
+    (tmp_path / "_codec" / M.FINGERPRINT).write_text(M.tree_fingerprint())
+    assert M.resumable("p2pgpu/core/_codec.py", tmp_path) == tmp_path / "_codec"
+
+
+def test_a_resumed_sample_tests_only_its_mutants_without_a_result(tmp_path: Path) -> None:
+    """mutmut (a stand-in here that records what it was asked and marks those
+    killed) is asked for the sampled mutants still untested, and the report
+    counts the whole sample."""
+    work = _stopped_run(tmp_path, {"m_1": 1, "m_2": None, "m_3": 36, "m_4": None}, M.tree_fingerprint())
+    fake = tmp_path / "fake_mutmut.py"
+    fake.write_text("import json, sys, pathlib\n"
+                    "meta = pathlib.Path('mutants/p2pgpu/core/_codec.py.meta')\n"
+                    "data = json.loads(meta.read_text())\n"
+                    "names = sys.argv[4:]\n"
+                    "pathlib.Path('asked').write_text(json.dumps(names))\n"
+                    "data['exit_code_by_key'].update({n: 1 for n in names})\n"
+                    "meta.write_text(json.dumps(data))\n")
+    cmd = [sys.executable, str(fake)]
+    rep = M.run_module(cmd, "p2pgpu/core/_codec.py", base=tmp_path, sample=3, seed=1, children=1, resume=True)
+    chosen = sorted(random.Random(1).sample(["m_1", "m_2", "m_3", "m_4"], 3))
+    assert json.loads((work / "asked").read_text()) == [n for n in chosen if n in ("m_2", "m_4")]
+    assert rep["resumed"] and rep["mutants"] == 3 and rep["sampled"]
+    assert rep["killed"] == 3 and rep["survived"] == 0  # m_3 hung (a kill), the others killed
