@@ -99,14 +99,15 @@ def test_scratch_copy_narrows_the_module_and_its_test_selection(tmp_path: Path) 
     assert not (work.parent / "_codec" / "mutants").exists()
 
 
-def test_every_selected_test_file_exists_and_each_module_selects_its_edge_tests() -> None:
+def test_every_selected_test_file_exists_and_each_module_selects_the_tests_named_after_it() -> None:
     root = SCRIPT.parent.parent
     for stem, tests in M.MODULE_TESTS.items():
         for t in tests:
             assert (root / t).is_file(), (stem, t)
-        edges = root / "tests" / "core" / f"test{stem}_edges.py"
-        if edges.is_file():
-            assert str(edges.relative_to(root)) in tests, stem
+        # every test file named after the module (its edges, its images, its publishing...)
+        core = root / "tests" / "core"
+        for own in sorted([*core.glob(f"test{stem}.py"), *core.glob(f"test{stem}_*.py")]):
+            assert str(own.relative_to(root)) in tests, (stem, own.name)
 
 
 def _stopped_run(tmp_path: Path, results: dict[str, int | None], fingerprint: str) -> Path:
