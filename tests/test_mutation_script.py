@@ -116,17 +116,22 @@ def _stopped_run(tmp_path: Path, results: dict[str, int | None], fingerprint: st
     meta = work / "mutants" / "p2pgpu" / "core" / "_codec.py.meta"
     meta.parent.mkdir(parents=True)
     meta.write_text(json.dumps({"exit_code_by_key": results}))
+    (work / "p2pgpu" / "core").mkdir(parents=True)
+    (work / "p2pgpu" / "core" / "_codec.py").write_text("def f():\n    return 1\n")
     (work / M.FINGERPRINT).write_text(fingerprint)
     return work
 
 
-def test_resume_refuses_a_scratch_copy_of_another_tree(tmp_path: Path) -> None:
+def test_resume_goes_on_with_the_copy_and_says_when_the_tree_changed(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert M.resumable("p2pgpu/core/_codec.py", tmp_path) is None  # nothing to resume
-    _stopped_run(tmp_path, {"m_1": 1}, "0" * 64)
-    with pytest.raises(SystemExit, match="the working tree changed"):
-        M.resumable("p2pgpu/core/_codec.py", tmp_path)
-    (tmp_path / "_codec" / M.FINGERPRINT).write_text(M.tree_fingerprint())
-    assert M.resumable("p2pgpu/core/_codec.py", tmp_path) == tmp_path / "_codec"
+    work = _stopped_run(tmp_path, {"m_1": 1}, M.tree_fingerprint())
+    assert M.resumable("p2pgpu/core/_codec.py", tmp_path) == work
+    assert capsys.readouterr().err == ""
+    (work / M.FINGERPRINT).write_text("0" * 64)
+    (work / M.COMMIT).write_text("abc1234")
+    assert M.resumable("p2pgpu/core/_codec.py", tmp_path) == work
+    assert "resuming the copy of abc1234" in capsys.readouterr().err
 
 
 def test_a_resumed_sample_tests_only_its_mutants_without_a_result(tmp_path: Path) -> None:
