@@ -153,3 +153,14 @@ def test_a_resumed_sample_tests_only_its_mutants_without_a_result(tmp_path: Path
     assert json.loads((work / "asked").read_text()) == [n for n in chosen if n in ("m_2", "m_4")]
     assert rep["resumed"] and rep["mutants"] == 3 and rep["sampled"]
     assert rep["killed"] == 3 and rep["survived"] == 0  # m_3 hung (a kill), the others killed
+
+
+def test_a_partial_report_counts_only_what_was_tested_and_runs_nothing(tmp_path: Path) -> None:
+    work = _stopped_run(tmp_path, {"m_1": 1, "m_2": None, "m_3": 36, "m_4": 1}, M.tree_fingerprint())
+    rep = M.run_module([sys.executable, "-c", "raise SystemExit('mutmut must not run')"], "p2pgpu/core/_codec.py",
+                       base=tmp_path, sample=0, seed=1, children=1, partial=True)
+    assert (rep["mutants"], rep["untested"], rep["killed"], rep["score"], rep["partial"]) == (3, 1, 3, 100.0, True)
+    assert not (work / "mutmut.log").exists()
+    with pytest.raises(SystemExit, match="no stopped run"):
+        M.run_module([sys.executable], "p2pgpu/core/_chunks.py", base=tmp_path, sample=0, seed=1, children=1,
+                     partial=True)
