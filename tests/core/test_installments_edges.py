@@ -84,12 +84,14 @@ def claim(**over: Any) -> Claim:
 def test_claim_bounds_on_both_sides() -> None:
     ok = claim(peer_id="p", cosigns=tuple(b"x" * cosign_bytes_max for _ in range(claim_cosigns_max)))
     assert len(ok.cosigns) == claim_cosigns_max
-    for over, why in [({"peer_id": ""}, "peer_id a peer id"), ({"peer_id": "p" * 65}, "peer_id a peer id"),
-                      ({"cert_hash": b"c" * 31}, "cert_hash and chain_head are 32 bytes"),
-                      ({"chain_head": b"h" * 31}, "cert_hash and chain_head are 32 bytes"),
-                      ({"chain_head": b"h" * 33}, "cert_hash and chain_head are 32 bytes"),
-                      ({"cosigns": (b"x",) * (claim_cosigns_max + 1)}, "at most 32 co-signatures"),
-                      ({"cosigns": (b"x" * (cosign_bytes_max + 1),)}, "of 1024 bytes")]:
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"peer_id": ""}, "peer_id a peer id"), ({"peer_id": "p" * 65}, "peer_id a peer id"),
+        ({"cert_hash": b"c" * 31}, "cert_hash and chain_head are 32 bytes"),
+        ({"chain_head": b"h" * 31}, "cert_hash and chain_head are 32 bytes"),
+        ({"chain_head": b"h" * 33}, "cert_hash and chain_head are 32 bytes"),
+        ({"cosigns": (b"x",) * (claim_cosigns_max + 1)}, "at most 32 co-signatures"),
+        ({"cosigns": (b"x" * (cosign_bytes_max + 1),)}, "of 1024 bytes")]
+    for over, why in bad:
         with pytest.raises(ValueError, match=why):
             claim(**over)
 
