@@ -139,7 +139,7 @@ def test_receipt_field_bounds() -> None:
     for over in ({"submitter": "s"}, {"submitter": "s" * 64}, {"currency": "c"}, {"currency": "c" * 64},
                  {"settled_at_ms": 0}, {"settled_at_ms": int_max}):
         assert replace(r, **over) is not None
-    assert replace(r, lines=(UNPAID,), payer="").payer == ""  # nothing paid: no payer needed
+    assert replace(r, lines=(UNPAID,), payer="", payer_signature=b"").payer == ""  # nothing paid: no payer needed
     bad: list[tuple[dict[str, Any], str]] = [
         ({"job_id": "AB" * 32}, "job_id is 64 hex characters and cert_hash 32 bytes"),
         ({"cert_hash": b"\x00" * 31}, "job_id is 64 hex characters and cert_hash 32 bytes"),
@@ -225,7 +225,8 @@ def test_signing_keeps_the_receipt() -> None:
 
 
 def receipt_wire(**over: Any) -> bytes:
-    return seal(SUBMITTER, Kind.RECEIPT, {**receipt("j", [PAID]).to_obj(), **over}).to_bytes()
+    # not co-signed: the payer's signature would cover the fields changed here
+    return seal(SUBMITTER, Kind.RECEIPT, {**receipt("j", [PAID], cosigned=False).to_obj(), **over}).to_bytes()
 
 
 def member_wire(**over: Any) -> bytes:
@@ -261,6 +262,8 @@ RECEIPT_REFUSED: list[tuple[dict[str, Any], str]] = [
      "a line lists all its payments, or its 8 largest"),
     ({"payer": ""}, "a receipt with payments names its payer"),
     ({"extra": 1}, "extra: unknown field"),
+    ({"payer_signature": b"\x00" * 63}, "payer_signature: length must be in [64, 64]"),
+    ({"payer_signature": "s" * 64}, "payer_signature: must be bytes"),
 ]
 
 
@@ -292,6 +295,22 @@ def test_member_receipt_decoder_names_the_field(over: dict[str, Any], why: str) 
     err = refused(decode_member_receipt, member_wire(**over))
     assert err.reason is Reason.BAD_SCHEMA
     assert err.detail.startswith(why), err.detail
+
+
+def test_a_payer_signature_that_does_not_verify_is_refused() -> None:
+    """#16.2: 64 bytes that are not the payer key's signature of this receipt
+    (zeros; the submitter's own key's; the payer's, of another receipt)."""
+    from trust_fixtures import key_of
+
+    from p2pgpu.core._receipt import payer_message
+
+    r = receipt("j", [PAID], cosigned=False)
+    other = receipt("other", [PAID], cosigned=False)
+    for sig in (b"\x00" * 64, SUBMITTER.sign(payer_message(r)), key_of(r.payer).sign(payer_message(other))):
+        err = refused(decode_receipt, receipt_wire(payer_signature=sig))
+        assert err.reason is Reason.BAD_SIGNATURE, sig
+    good = key_of(r.payer).sign(payer_message(r))
+    assert decode_receipt(receipt_wire(payer_signature=good)).receipt.cosigned
 
 
 def test_decoders_take_the_smallest_valid_fields() -> None:
