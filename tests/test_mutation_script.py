@@ -164,3 +164,11 @@ def test_a_partial_report_counts_only_what_was_tested_and_runs_nothing(tmp_path:
     with pytest.raises(SystemExit, match="no stopped run"):
         M.run_module([sys.executable], "p2pgpu/core/_chunks.py", base=tmp_path, sample=0, seed=1, children=1,
                      partial=True)
+
+
+@pytest.mark.parametrize("n", [301, 700, 1_100, 1_700, 3_000])
+def test_a_smaller_sample_is_a_prefix_of_a_larger_one(n: int) -> None:
+    """What lets ``--sample 300 --resume`` extend a finished ``--sample 100``
+    (docs/testing.md): with one seed, the first picks do not depend on how many."""
+    names = [f"m_{i}" for i in range(n)]
+    assert random.Random(1).sample(names, 100) == random.Random(1).sample(names, 300)[:100]
