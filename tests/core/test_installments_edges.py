@@ -19,13 +19,14 @@ from test_installments import (
     A,
     B,
     Bench,
+    S,
     ack_status,
     cosign,
     member,
     owed_rows,
 )
 
-from p2pgpu.core import PeerMisbehaved, Reason, encode
+from p2pgpu.core import Kind, PeerMisbehaved, Reason, encode
 from p2pgpu.core._actions import (
     CancelTimer,
     Emit,
@@ -36,6 +37,7 @@ from p2pgpu.core._actions import (
     SetTimer,
     StopJob,
 )
+from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
 from p2pgpu.core._identity import verify_signature
 from p2pgpu.core._installments import (
     Claim,
@@ -197,3 +199,70 @@ def test_an_overdue_payment_stops_the_job_with_these_actions() -> None:
                    CancelTimer(due_timer(pay.job_id)), StopJob(pay.job_id, pay.stopped_reason, cause="unpaid")]
     assert pay.stopped_reason.startswith("stopped: the submitter did not pay interval 1 of 10 s")
 
+
+
+# -- the second sample's survivors (at the head with payment notices, #16.3) --------------------
+
+
+def test_a_claim_exactly_at_the_window_and_its_tolerance_is_taken() -> None:
+    b = Bench()
+    # one 10 s interval, 9 s after the confirmation: 9_000 + 1_000 (the floor) is exactly 10_000
+    assert owed_rows(b.send(b.claim(A, 1), T0 + I_MS - 1_000)) == [(A.peer_id, 1, 10_000)]
+    with pytest.raises(PeerMisbehaved, match="only 8999 ms passed"):
+        Bench().send(b.claim(A, 1), T0 + I_MS - 1_001)
+
+
+def test_a_member_that_works_for_nothing_is_owed_no_rows() -> None:
+    b = Bench()
+    prop = Proposal.sign(A, job_id=b.job, view=0, round=0, members=(A.peer_id,), gpus_per_member=1)
+    free = Certificate(proposal=prop, accepts=(Accept.sign(A, proposal=prop, lease_until_ms=T0 + 60_000,
+                                                           price_per_gpu_hour=0, payout_address=ADDRS[0]),))
+    inst = Installments(S, CFG)
+    inst.open(b.sm, free, T0, b.addresses)
+    out = b.send(b.claim(A, 1, cert=free), T0 + I_MS, inst)
+    assert owed_rows(out) == [] and inst.intervals_owed(b.job, A.peer_id) == 1
+
+
+def test_a_claim_nobody_saw_is_held_and_says_so() -> None:
+    b = Bench((A, B))
+    # A (a watcher now) saw B for 1 s only: B's claim of its first interval is held, nothing owed yet
+    out = b.send(b.claim(A, 1, cosigns=(cosign(A, B, b.job, b.cert, 1_000),)), T0 + 12_000)
+    assert owed_rows(out) == [(A.peer_id, 1, 10_000)] and Emit("installments:claim_held") not in out
+    out = b.send(b.claim(B, 1), T0 + 12_100)
+    assert owed_rows(out) == [] and Emit("installments:claim_held") in out
+    assert b.inst.intervals_owed(b.job, B.peer_id) == 0
+
+
+def test_the_bound_before_the_confirmation_is_the_tolerance_alone() -> None:
+    b = Bench()
+    j = b.inst.jobs[b.job]
+    assert b.inst.bound_ms(j, A.peer_id, T0 - 5) == 1_000 == b.inst.bound_ms(j, A.peer_id, T0)
+    assert b.inst.bound_ms(j, A.peer_id, T0 + 1) == 1_001
+
+
+def test_a_job_counts_whole_intervals() -> None:
+    b = Bench(duration_s_max=25)
+    assert b.inst.jobs[b.job].intervals_max == 2 and isinstance(b.inst.jobs[b.job].intervals_max, int)
+
+
+def test_a_stored_claim_is_read_within_its_kinds_size() -> None:
+    b = Bench()
+    with pytest.raises(PeerMisbehaved) as err:
+        b.inst.restore_claim(b.job, A.peer_id, b"\x00" * (Kind.RESULT.bytes_max + 1_025), T0)
+    assert err.value.reason is Reason.OVERSIZED
+
+
+def test_the_submitters_tolerance_with_no_floor() -> None:
+    inst = Installments(S, CFG, tolerance_ms=0, tolerance_ppm=1_000_000)
+    assert [inst.tolerance(x) for x in (-3, 0, 1, 9)] == [0, 0, 1, 9]
+
+
+def test_a_claim_due_and_an_unpaid_stop_in_words() -> None:
+    pay = member()
+    pay.start(T0)
+    k, out = pay.claim_due(T0 + I_MS + 2_000)
+    assert (k, out) == (1, [Emit("installments:claimed"), SetTimer(claim_timer(pay.job_id), T0 + 2 * I_MS + 2_000),
+                            SetTimer(due_timer(pay.job_id), T0 + I_MS + 2_000 + CFG.grace_ms)])
+    pay.on_due(T0 + I_MS + 2_000 + CFG.grace_ms)
+    assert pay.stopped_reason == ("stopped: the submitter did not pay interval 1 of 10 s (claimed 5 s earlier; "
+                                  "0 of 1 intervals paid)")
