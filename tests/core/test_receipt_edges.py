@@ -297,6 +297,17 @@ def test_member_receipt_decoder_names_the_field(over: dict[str, Any], why: str) 
     assert err.detail.startswith(why), err.detail
 
 
+def test_a_payer_signature_is_64_bytes_and_needs_the_payer_it_names() -> None:
+    """Each half of the constructor's rule alone (the decoder's schema checks
+    the length first, so only the constructor tells them apart)."""
+    r = receipt("j", [PAID])
+    assert replace(r, payer_signature=b"\x01" * 64).payer_signature == b"\x01" * 64
+    for over in ({"payer_signature": b"\x01" * 63}, {"payer_signature": b"\x01" * 65},
+                 {"lines": (UNPAID,), "payer": "", "payer_signature": b"\x01" * 64}):
+        with pytest.raises(ValueError, match="payer_signature is 64 bytes, by the payer named"):
+            replace(r, **over)
+
+
 def test_a_payer_signature_that_does_not_verify_is_refused() -> None:
     """#16.2: 64 bytes that are not the payer key's signature of this receipt
     (zeros; the submitter's own key's; the payer's, of another receipt)."""
