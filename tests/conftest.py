@@ -127,7 +127,7 @@ def _exclusive_resources(request: pytest.FixtureRequest) -> Iterator[None]:
 
 if LoadScopeScheduling is not None:
 
-    class LongestFileFirstScheduling(LoadScopeScheduling):  # type: ignore[misc, valid-type]
+    class LongestFileFirstScheduling(LoadScopeScheduling):  # type: ignore[misc]
         """xdist's loadfile (a file is one unit, run whole on one worker), with the units handed
         out in collection order, where the workers put the longest files first."""
 

@@ -83,7 +83,7 @@ def test_files_stay_whole_the_longest_goes_first_and_exclusive_tests_never_overl
 
     # The two files of exclusive tests started at once on two workers; their tests took turns.
     assert workers_of("test_g1") != workers_of("test_g2"), rows
-    spans = {}
+    spans: dict[str, dict[str, float]] = {}
     for _, m, name, what, t in rows:
         if m in ("test_g1", "test_g2"):
             spans.setdefault(name, {})[what] = t
