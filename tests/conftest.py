@@ -43,7 +43,7 @@ LOCK_DIR = Path(tempfile.gettempdir()) / "p2pgpu-test-locks"
 
 
 def file_of(nodeid: str) -> str:
-    """The file part of a node id (``tests/x/test_y.py::test_z[p]@group`` -> ``tests/x/test_y.py``)."""
+    """The file part of a node id: what comes before its first ``::``."""
     return nodeid.split("::", 1)[0]
 
 
