@@ -67,6 +67,8 @@ class TimerOwner(str, Enum):
     DELIVERY = "delivery"
     #: Pay as you go (``core/_installments.py``): a member's claims and payment deadlines.
     INSTALLMENT = "installment"
+    #: Payment notices resent until acknowledged (``core/_notices.py``).
+    NOTICE = "notice"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -402,6 +404,19 @@ class PaidNotice:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckPayment:
+    """Look ``tx_signature`` up on the ledger, then hand what it showed to
+    ``Host.payment_checked`` with this action (#16.3: a member checks a
+    payment notice before the interval counts as paid)."""
+
+    job_id: str
+    proof_hash: bytes
+    tx_signature: str
+    submitter: str
+    inclusion_proof: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class MemberMessage:
     """A message between members of a job running here, for the runtime
     (a Ray rendezvous): ``signer`` is a member of its certificate."""
@@ -439,6 +454,6 @@ Action = (
     Send | Publish | Subscribe | Unsubscribe | SetTimer | CancelTimer | Emit
     | Reserved | Released | StartJob | StopJob | Confirmed | Failed | Cancelled | MemberLost
     | CollectionOpened | ItemTaken | LogsTaken | LookupCollection | Settled | LateLine | HandOver | DeliveryDone
-    | Refused | JobSeen | NotVolunteering | CheckBalance | MemberDone | PaidNotice | MemberMessage
+    | Refused | JobSeen | NotVolunteering | CheckBalance | MemberDone | PaidNotice | CheckPayment | MemberMessage
     | InstallmentsOwed
 )

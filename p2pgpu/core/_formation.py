@@ -62,8 +62,11 @@ from ._formation_messages import (
 from ._formation_quota import Admission, Quotas
 from ._formation_rules import (
     AdvertLookup,
+    ClaimView,
     Standing,
     advert_fault,
+    believe_all,
+    claim_fault,
     job_value,
     leader_fault,
     member_tier,
@@ -296,15 +299,19 @@ class FormationNode:
     """
 
     def __init__(self, identity: Identity, advert: Advert | SignedAdvert, config: FormationConfig = DEFAULT_CONFIG,
-                 *, adverts: AdvertLookup | None = None, standing: Standing | None = None) -> None:
+                 *, adverts: AdvertLookup | None = None, standing: Standing | None = None,
+                 claims: ClaimView | None = None) -> None:
         """``advert`` is this node's own (signed, or signed here); ``adverts``
         finds other peers' adverts (the driver's advert book): with the ones
         offers carry, they decide who is an eligible volunteer and leader
         (``_formation_rules``).  ``standing``: each peer's worker score as
         this node computed it, which orders the members it proposes when it
-        leads (``member_tier``)."""
+        leads (``member_tier``).  ``claims``: this node's hardware-challenge
+        verdicts (``ClaimView``); a volunteer whose claim the job needs was
+        refused is never proposed (``claim_fault``)."""
         self.identity = identity
         self.standing: Standing = standing or (lambda _peer: None)
+        self.claims: ClaimView = claims or believe_all
         self.peer_id = identity.peer_id
         self.config = config
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
@@ -630,10 +637,11 @@ class FormationNode:
 
     # -- leading --------------------------------------------------------------
 
-    def _choose_members(self, job: _Job) -> list[str]:
+    def _choose_members(self, job: _Job, now_ms: int) -> list[str]:
         """This leader first (if it can serve), then volunteers in rank order
         starting after the leader, so the silent leaders of earlier views
-        (ranked before it) come last; never an excluded peer."""
+        (ranked before it) come last; never an excluded peer, nor one whose
+        GPU claim this node refused (``claim_fault``)."""
         ranked = self._ranked(job)
         at = ranked.index(self.peer_id) if self.peer_id in ranked else 0
         order = ranked[at + 1:] + ranked[:at]
@@ -642,7 +650,8 @@ class FormationNode:
         # volunteers (core/_matching.warm_first).
         order = warm_first(order, job.adverts, job.sm.manifest.image)
         members = [self.peer_id] if self._can_serve(job) else []
-        others = [p for p in order if p != self.peer_id and p not in job.excluded]
+        others = [p for p in order if p != self.peer_id and p not in job.excluded
+                  and claim_fault(self.advert_of(job.job_id, p), job.sm, now_ms, self.claims) is None]
         # By standing first (_formation_rules.member_tier), rank order within
         # a tier: a stable sort of a list already in rank order.
         value = job_value(job.sm)
@@ -653,7 +662,7 @@ class FormationNode:
     def _propose(self, job: _Job, now_ms: int) -> list[Action]:
         m = job.sm.manifest
         job.quota_held = self._holds_quota_full(job)
-        members = self._choose_members(job)
+        members = self._choose_members(job, now_ms)
         if len(members) < m.members:
             job.proposal = None
             return [Emit("formation.too_few_volunteers")] + self._drop_own_lease(job, now_ms)

@@ -37,12 +37,25 @@ yet heard by gossip still counts.
   already tolerate (a proposal is the leader's alone); and a tier only
   orders, it never excludes, so a network of newcomers still forms jobs.
 
+- **Claims this node refused** (:func:`claim_fault`, #16): a volunteer's
+  signed advert may claim a GPU that this node's hardware challenge refused
+  (``core/_challenge.ClaimBook``).  Such a volunteer still counts for the
+  leader's rank (ranks are the hash every checker computes, and other
+  checkers may believe the claim), but a leader does not pick it as a
+  member, and a submitter refuses a certificate that names it (typed:
+  :attr:`Refusal.CLAIM_REFUSED`).  The verdicts come in as a pure function
+  (``ClaimView``: an advert and ``now`` in, the advert as matching should
+  see it out, the refused GPUs left out), the same view the driver's advert
+  book applies to matching, so the market, the dry run, the leader and the
+  submitter all judge a claim alike.
+
 Pure: adverts, times and ids in, a reason (or ``None``) out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from enum import Enum
 
 from ._advert import Advert
 from ._manifest import SignedManifest
@@ -79,6 +92,45 @@ def job_value_max_of(score: int | None) -> int:
 #: How a core finds a peer's advert that did not come with an offer (the
 #: driver's advert book): ``None`` when it knows none.
 AdvertLookup = Callable[[str], Advert | None]
+
+#: What this node's hardware-challenge verdicts leave of an advert at
+#: ``now_ms`` (``ClaimBook.view``: GPUs whose claim it refused left out; the
+#: advert itself, unchanged, when it refused nothing).
+ClaimView = Callable[[Advert, int], Advert]
+
+
+def believe_all(advert: Advert, _now_ms: int) -> Advert:
+    """The ``ClaimView`` of a node that challenges nobody."""
+    return advert
+
+
+class Refusal(str, Enum):
+    """Why a submitter refused a certificate, as a code (``JobProgress.refusal_code``)."""
+
+    #: The leases end too soon to reach the members.
+    LEASES = "leases"
+    #: A member or the leader is not an eligible volunteer (no, expired or non-matching advert).
+    INELIGIBLE = "ineligible"
+    #: A member's GPU claim failed this node's hardware challenge.
+    CLAIM_REFUSED = "claim_refused"
+    #: The leader is not the rightful leader of the proposal's view.
+    NOT_THE_LEADER = "not_the_leader"
+
+
+def claim_fault(advert: Advert | None, sm: SignedManifest, now_ms: int, claims: ClaimView) -> str | None:
+    """Why this node, from its hardware-challenge verdicts (``claims``), does
+    not believe the peer with ``advert`` can serve the job (``None``: it
+    believes it, or refused no claim the job needs).  Only a claim the job
+    needs counts: a peer refused for one model may serve jobs for another."""
+    if advert is None:
+        return None
+    seen = claims(advert, now_ms)
+    if seen is advert or seen == advert:
+        return None
+    why = requirement_fault(seen, sm)
+    if why is None:
+        return None
+    return f"its GPU claim failed this node's hardware challenge, so {why}"
 
 
 def requirement_fault(advert: Advert, sm: SignedManifest) -> str | None:

@@ -48,7 +48,15 @@ from ._formation_messages import (
     Offer,
     Proposal,
 )
-from ._formation_rules import AdvertLookup, advert_fault, leader_fault
+from ._formation_rules import (
+    AdvertLookup,
+    ClaimView,
+    Refusal,
+    advert_fault,
+    believe_all,
+    claim_fault,
+    leader_fault,
+)
 from ._formation_states import SUBMITTER_TRANSITIONS, SubmitterState, advance
 from ._identity import Identity
 from ._manifest import SignedManifest
@@ -74,6 +82,9 @@ class JobProgress:
     lost_members: tuple[str, ...]
     #: Why the last certificate was refused ("" if none was).
     refusal: str = ""
+    #: The same as a code (``Refusal``; ``None`` if none was refused, or it was
+    #: refused for a peer's fault, which raised instead).
+    refusal_code: Refusal | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +113,7 @@ class _Submitted:
     #: the volunteers the rightful-leader rule counts).
     adverts: dict[str, Advert] = field(default_factory=dict)
     refusal: str = ""
+    refusal_code: Refusal | None = None
     #: The job ran and was settled (the host says so): nothing more to do for it.
     settled: bool = False
 
@@ -133,14 +145,17 @@ class Submitter:
     """
 
     def __init__(self, identity: Identity, config: FormationConfig = DEFAULT_CONFIG, *,
-                 adverts: AdvertLookup | None = None) -> None:
+                 adverts: AdvertLookup | None = None, claims: ClaimView | None = None) -> None:
         """``adverts`` finds a peer's advert (the driver's advert book); with
         the ones offers carry, it decides who may be in a confirmed cluster
-        and who may lead it (``_formation_rules``)."""
+        and who may lead it (``_formation_rules``).  ``claims``: this node's
+        hardware-challenge verdicts; a certificate naming a member whose
+        claim the job needs was refused is refused (``Refusal.CLAIM_REFUSED``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
         self.lookup: AdvertLookup = adverts or (lambda _peer: None)
+        self.claims: ClaimView = claims or believe_all
         self.jobs: dict[str, _Submitted] = {}
 
     def _key(self, job_id: str, name: str) -> TimerKey:
@@ -225,7 +240,7 @@ class Submitter:
             views_seen=job.views_seen, certificates_refused=job.refused,
             members=cert.members if cert is not None else (), certificate_digest=cert.digest.hex() if cert else "",
             confirmed_at_ms=job.confirmed_at_ms, reason=job.reason, lost_members=tuple(job.lost),
-            refusal=job.refusal,
+            refusal=job.refusal, refusal_code=job.refusal_code,
         )
 
     # -- timers ---------------------------------------------------------------
@@ -343,15 +358,17 @@ class Submitter:
         carried = job.adverts.get(peer_id) if job is not None else None
         return carried if carried is not None else self.lookup(peer_id)
 
-    def _check(self, job: _Submitted, cert: Certificate, now_ms: int) -> str:
-        """Why a certificate can't be confirmed ('' if it can); raises for a peer's fault.
+    def _check(self, job: _Submitted, cert: Certificate, now_ms: int) -> tuple[Refusal, str] | None:
+        """Why a certificate can't be confirmed (``None`` if it can); raises for a peer's fault.
 
         Besides its fit, prices and leases: every member and the leader are
         eligible volunteers (their signed adverts match the job), and the
         leader is the rightful leader of the proposal's view as far as the
         volunteers we heard tell (``_formation_rules``).  Those two refuse
         without blame: we may lack an advert, or know a volunteer the leader
-        did not."""
+        did not.  Nor is a member whose GPU claim our hardware challenge
+        refused (``claim_fault``): without blame either, since the leader may
+        believe the claim (it has not challenged it, or it passed there)."""
         m = job.sm.manifest
         if len(cert.members) != m.members or cert.proposal.gpus_per_member != m.gpus_per_node:
             raise PeerMisbehaved(Reason.BAD_PROOF, "certificate does not fit the manifest")
@@ -359,15 +376,20 @@ class Submitter:
             if a.price_per_gpu_hour > m.price_per_gpu_hour_max:
                 raise PeerMisbehaved(Reason.BAD_PROOF, f"{a.peer_id[:16]} asks more than the price ceiling")
         if cert.lease_until_ms < now_ms + self.config.confirm_margin_ms:
-            return "leases too short"
-        for role, peer in [*(("member", p) for p in cert.members), ("leader", cert.leader)]:
-            why = advert_fault(self.advert_of(job.sm.job_id, peer), job.sm, now_ms, network=self.config.network)
-            if why is not None:
-                return f"{role} {peer[:16]}: {why}"
+            return Refusal.LEASES, "leases too short"
         job_id = job.sm.job_id
-        return leader_fault(job_id, view=cert.proposal.view, leader=cert.leader, volunteers=job.adverts,
-                            elapsed_ms=now_ms - job.submitted_at_ms, leader_timeout_ms=self.config.leader_timeout_ms,
-                            rank=lambda p: leader_rank(job_id, p)) or ""
+        for role, peer in [*(("member", p) for p in cert.members), ("leader", cert.leader)]:
+            why = advert_fault(self.advert_of(job_id, peer), job.sm, now_ms, network=self.config.network)
+            if why is not None:
+                return Refusal.INELIGIBLE, f"{role} {peer[:16]}: {why}"
+        for peer in cert.members:
+            why = claim_fault(self.advert_of(job_id, peer), job.sm, now_ms, self.claims)
+            if why is not None:
+                return Refusal.CLAIM_REFUSED, f"member {peer[:16]}: {why}"
+        why = leader_fault(job_id, view=cert.proposal.view, leader=cert.leader, volunteers=job.adverts,
+                           elapsed_ms=now_ms - job.submitted_at_ms, leader_timeout_ms=self.config.leader_timeout_ms,
+                           rank=lambda p: leader_rank(job_id, p))
+        return None if why is None else (Refusal.NOT_THE_LEADER, why)
 
     def _assemble(self, job: _Submitted, digest: bytes, now_ms: int) -> list[Action]:
         """Confirm a certificate made of a proposal and all its members' accepts,
@@ -411,10 +433,10 @@ class Submitter:
         return self._confirm_if_ok(job, cert, now_ms)
 
     def _confirm_if_ok(self, job: _Submitted, cert: Certificate, now_ms: int) -> list[Action]:
-        why = self._check(job, cert, now_ms)
-        if why:
+        refused = self._check(job, cert, now_ms)
+        if refused is not None:
             job.refused += 1
-            job.refusal = why
+            job.refusal_code, job.refusal = refused
             return [Emit("formation.certificate_refused")]
         confirm = Confirm.sign(self.identity, cert, confirmed_at_ms=now_ms)
         job.confirm, job.confirmed_at_ms = confirm, now_ms

@@ -60,6 +60,7 @@ from ._actions import (
     Action,
     Cancelled,
     CheckBalance,
+    CheckPayment,
     Confirmed,
     Emit,
     Failed,
@@ -85,6 +86,7 @@ from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._formation import DEFAULT_CONFIG, FormationConfig, FormationNode
 from ._formation_messages import Certificate, Message, message_bytes_max, message_from_envelope
 from ._formation_quota import Gate, PayerChecks
+from ._formation_rules import ClaimView
 from ._formation_submitter import Submitter
 from ._identity import Identity, Verifier
 from ._installments import (
@@ -109,7 +111,9 @@ from ._member import (
     outputs_wire,
 )
 from ._membership import Membership, decode_heartbeat
+from ._notices import DEFAULT_NOTICES, NoticeConfig, PaidNotices, paid_ack_wire, paid_wire
 from ._proof import SignedProof
+from ._reputation import VerifiedPayment
 from ._settlement import DEFAULT_SETTLEMENT, Settlement, SettlementConfig
 
 #: Every signed message to one peer or topic is at most this long (a CONFIRM
@@ -154,6 +158,7 @@ class HostConfig:
     member: MemberConfig = DEFAULT_MEMBER
     settlement: SettlementConfig = DEFAULT_SETTLEMENT
     installments: InstallmentConfig = DEFAULT_INSTALLMENTS
+    notices: NoticeConfig = DEFAULT_NOTICES
 
 
 Candidates = Callable[[SignedManifest, int], "list[str] | None"]
@@ -178,7 +183,8 @@ class Host:
                  submitter_of: Callable[[str], str | None] | None = None,
                  payer_checks: PayerChecks | None = None,
                  verify: Verifier | None = None,
-                 standing: Callable[[str], int | None] | None = None) -> None:
+                 standing: Callable[[str], int | None] | None = None,
+                 claims: ClaimView | None = None, check_payments: bool = False) -> None:
         """``adverts`` looks a peer's advert up in the driver's book;
         ``candidates`` lists the peers it says can serve a job now (``None``:
         no list, every matching peer volunteers); ``submitter_of`` names the
@@ -187,7 +193,13 @@ class Host:
         ``verify`` checks signatures (default: the real Ed25519 check);
         ``standing`` gives a peer's worker score from the receipts the driver
         holds (the members this node proposes when it leads are ordered by
-        it: ``core._formation_rules.member_tier``)."""
+        it: ``core._formation_rules.member_tier``); ``claims`` applies this
+        node's hardware-challenge verdicts to an advert (``ClaimBook.view``):
+        it proposes, and confirms, no member whose claim it refused
+        (``core._formation_rules.claim_fault``).  ``check_payments``: the
+        driver can look transactions up on a ledger, so a payment notice for
+        an interval counts only once the ledger shows it (``CheckPayment``,
+        then :meth:`payment_checked`: ``core/_notices.py``)."""
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
@@ -197,8 +209,11 @@ class Host:
         self.submitter_of = submitter_of or (lambda _job: None)
         self.payer_checks = payer_checks
         self.standing = standing
+        self.claims = claims
+        self.check_payments = check_payments
+        self.notices = PaidNotices(config.notices)
         self.formation: FormationNode | None = None
-        self.submitter = Submitter(identity, config.formation, adverts=self.adverts)
+        self.submitter = Submitter(identity, config.formation, adverts=self.adverts, claims=claims)
         self.installments = Installments(identity, config.installments,
                                          tolerance_ms=config.settlement.tolerance_ms,
                                          tolerance_ppm=config.settlement.tolerance_ppm,
@@ -216,7 +231,7 @@ class Host:
         formation core is built from it, or told its new terms."""
         if self.formation is None:
             self.formation = FormationNode(self.identity, advert, self.config.formation, adverts=self.adverts,
-                                           standing=self.standing)
+                                           standing=self.standing, claims=self.claims)
             return []
         return self._run(now_ms, lambda c: self._observe(c, self.formation.update_advert(advert, now_ms)))  # type: ignore[union-attr]
 
@@ -362,6 +377,41 @@ class Host:
     def on_timer(self, key: TimerKey, now_ms: int) -> list[Action]:
         return self._run(now_ms, lambda c: self._timer(c, key))
 
+    def notify_paid(self, job_id: str, worker: str, proof_hash: bytes, tx_signature: str, now_ms: int, *,
+                    inclusion_proof: str | None = None) -> list[Action]:
+        """The payer paid ``worker``'s row ``proof_hash`` of a job we submitted:
+        tell it, and again until it acknowledges (``core/_notices.py``)."""
+        wire = paid_wire(self.identity, job_id=job_id, proof_hash=proof_hash, tx_signature=tx_signature,
+                         inclusion_proof=inclusion_proof)
+        return self._run(now_ms, lambda c: self._observe(c, self.notices.send(job_id, worker, proof_hash, wire,
+                                                                              now_ms)))
+
+    def payment_checked(self, check: CheckPayment, payment: VerifiedPayment | None, now_ms: int, *,
+                        reachable: bool = True) -> list[Action]:
+        """What the ledger showed of the transaction a payment notice cites
+        (``payment``: ``None`` when not found or failed; ``reachable``: false
+        when the ledger could not be asked, and the notice is then believed).
+        A payment the ledger shows counts, and is acknowledged; one it does
+        not is neither (the submitter resends it; the interval stays due)."""
+        def go(c: _Call) -> None:
+            notice = PaidNotice(check.job_id, check.proof_hash, check.tx_signature, check.inclusion_proof)
+            run = self.members.get(check.job_id)
+            pay = run.pay if run is not None else None
+            if pay is None or pay.owed_interval(check.proof_hash) is None:
+                self._believe(c, notice, check.submitter)  # no longer ours to check: as before
+                return
+            if not reachable:
+                c.out.append(Emit("installments:paid_unchecked"))
+                self._believe(c, notice, check.submitter)
+                return
+            why, actions = pay.on_checked(check.proof_hash, check.tx_signature, payment)
+            self._observe(c, actions)
+            if why is None:
+                c.out.append(notice)
+                c.out.append(Send(check.submitter, paid_ack_wire(self.identity, job_id=check.job_id,
+                                                                 proof_hash=check.proof_hash)))
+        return self._run(now_ms, go)
+
     # -- the call loop --------------------------------------------------------------------
 
     def _run(self, now_ms: int, first: Callable[[_Call], None]) -> list[Action]:
@@ -453,10 +503,19 @@ class Host:
         kind = body.get("type")
         if kind == "paid":
             notice = self._paid(body, signer)
-            c.out.append(notice)
             run = self.members.get(notice.job_id)
-            if run is not None and run.pay is not None:
-                self._observe(c, run.pay.on_paid(notice.proof_hash))
+            if self.check_payments and run is not None and run.pay is not None \
+                    and run.pay.owed_interval(notice.proof_hash) is not None:
+                # Checked on the ledger before the interval counts as paid (#16.3).
+                c.out.append(CheckPayment(notice.job_id, notice.proof_hash, notice.tx_signature, signer,
+                                          notice.inclusion_proof))
+                return
+            self._believe(c, notice, signer)
+        elif kind == "paid_ack":
+            job_id, proof_hash = body.get("job_id"), body.get("proof_hash")
+            if not isinstance(job_id, str) or not isinstance(proof_hash, bytes):
+                raise PeerMisbehaved(Reason.BAD_SCHEMA, "a payment acknowledgement needs job_id and proof_hash")
+            self._observe(c, self.notices.on_ack(job_id, proof_hash, signer))
         elif kind == "interval_claim":
             self._observe(c, self.installments.on_claim(body, signer, data, c.now_ms))
         elif kind == "proof_ack":
@@ -469,6 +528,16 @@ class Host:
                 c.out.append(Emit("exec:member_message_unknown_job"))
         else:
             self._observe(c, self.settlement.on_result(body, signer, data, c.now_ms))
+
+    def _believe(self, c: _Call, notice: PaidNotice, submitter: str) -> None:
+        """A payment notice counts: the driver records it, the interval (if
+        one) is paid, and the submitter hears that it arrived."""
+        c.out.append(notice)
+        run = self.members.get(notice.job_id)
+        if run is not None and run.pay is not None:
+            self._observe(c, run.pay.on_paid(notice.proof_hash))
+        c.out.append(Send(submitter, paid_ack_wire(self.identity, job_id=notice.job_id,
+                                                   proof_hash=notice.proof_hash)))
 
     def _paid(self, body: dict[str, Any], signer: str) -> PaidNotice:
         job_id, proof_hash, sig = body.get("job_id"), body.get("proof_hash"), body.get("tx_signature")
@@ -565,6 +634,8 @@ class Host:
             run = self.members.get(key.job_id)
             if run is not None and run.pay is not None:
                 self._installment_timer(c, run, run.pay, key)
+        elif key.owner is TimerOwner.NOTICE:
+            self._observe(c, self.notices.on_timer(key, now))
         else:
             self._observe(c, self.deliveries.on_timer(key, now))
 
@@ -580,8 +651,10 @@ class Host:
                                 heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                 member_timeout_ms=cfg.member_timeout_ms, start_grace_ms=cfg.start_grace_ms,
                                 verify=self.verify)
+        mine = next((a for a in cert.accepts if a.peer_id == self.peer_id), None)
         pay = member_installments(start.manifest, peer_id=self.peer_id, price_per_gpu_hour=self._agreed_price(start),
-                                  config=self.config.installments)
+                                  config=self.config.installments,
+                                  address=mine.payout_address if mine is not None else "")
         self.members[start.job_id] = MemberRun(start=start, membership=membership, pay=pay)
 
     def _maybe_close(self, c: _Call, run: MemberRun) -> None:

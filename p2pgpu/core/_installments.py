@@ -65,7 +65,9 @@ from ._envelope import Kind, body_of, envelope_from_obj, seal
 from ._errors import LocalProtocolError, PeerMisbehaved, Reason
 from ._identity import Identity, Verifier
 from ._manifest import SignedManifest, intervals_max
+from ._notices import payment_fault
 from ._proof import decode_cosign, ms_per_hour, tolerance_ms_default, tolerance_ppm_default
+from ._reputation import VerifiedPayment
 from ._settlement import ack_wire, item_hash
 
 _TAG = b"p2pgpu/installment/v1\x00"
@@ -197,6 +199,14 @@ class MemberInstallments:
     #: Boundaries passed (claims made while we worked, co-signature updates after).
     tick: int = 0
     peer_id: str = ""
+    #: Who pays (the manifest's payer) and where we are paid (our accept's
+    #: payout address): what a payment notice is checked against on the ledger.
+    payer: str = ""
+    address: str = ""
+    #: Per transaction, what our intervals already took from it (one transfer
+    #: never pays two intervals more than it moved).  At most one entry per
+    #: interval paid.
+    credited: dict[str, int] = field(default_factory=dict)
 
     @property
     def intervals_max(self) -> int:
@@ -238,13 +248,35 @@ class MemberInstallments:
         return k, [Emit("installments:claimed"), *out, *self._schedule_due()]
 
     def on_paid(self, key: bytes) -> list[Action]:
-        """A payment notice for one of our keys came (from the job's submitter)."""
-        for k in list(self.due_ms):
-            if self.key(k) == key:
-                del self.due_ms[k]
-                self.paid[k] = None
-                return [Emit("installments:paid"), *self._schedule_due()]
-        return []
+        """A payment notice for one of our keys came (from the job's submitter)
+        and is believed (checked on the ledger, or no ledger to check it on)."""
+        k = self.owed_interval(key)
+        if k is None:
+            return []
+        del self.due_ms[k]
+        self.paid[k] = None
+        return [Emit("installments:paid"), *self._schedule_due()]
+
+    def owed_interval(self, key: bytes) -> int | None:
+        """The claimed, unpaid interval whose key is ``key`` (``None``: none)."""
+        return next((k for k in self.due_ms if self.key(k) == key), None)
+
+    def on_checked(self, key: bytes, tx_signature: str, payment: VerifiedPayment | None) -> tuple[str | None,
+                                                                                                list[Action]]:
+        """What the ledger showed of the transaction a notice for ``key``
+        cites (#16.3, ``core._notices.payment_fault``): the interval is paid
+        only when the job's payer moved at least its amount to our address in
+        it, beyond what earlier intervals took from it.  Returns why not
+        (``None``: paid) and the actions."""
+        if self.owed_interval(key) is None:
+            return "no interval of ours is owed under that key", []
+        credited = self.credited.get(tx_signature, 0)
+        why = payment_fault(payment, payer=self.payer, address=self.address, amount=self.amount,
+                            credited=credited)
+        if why is not None:
+            return why, [Emit("installments:notice_refused")]
+        self.credited[tx_signature] = credited + self.amount
+        return None, self.on_paid(key)
 
     def on_due(self, now_ms: int) -> list[Action]:
         """The due timer fired: a payment overdue beyond the grace stops the job."""
@@ -283,7 +315,8 @@ class MemberInstallments:
 
 
 def member_installments(sm: SignedManifest, *, peer_id: str, price_per_gpu_hour: int,
-                        config: InstallmentConfig = DEFAULT_INSTALLMENTS) -> MemberInstallments | None:
+                        config: InstallmentConfig = DEFAULT_INSTALLMENTS,
+                        address: str = "") -> MemberInstallments | None:
     """The member's pay-as-you-go state for a job it starts (``None``: paid at the end only)."""
     m = sm.manifest
     if not m.interval_s:
@@ -292,7 +325,7 @@ def member_installments(sm: SignedManifest, *, peer_id: str, price_per_gpu_hour:
     interval_ms = m.interval_s * 1000
     return MemberInstallments(job_id=sm.job_id, interval_ms=interval_ms, duration_ms_max=m.duration_s_max * 1000,
                               amount=interval_amount(price, m.gpus_per_node, interval_ms), currency=m.currency,
-                              config=config, peer_id=peer_id)
+                              config=config, peer_id=peer_id, payer=m.payer, address=address)
 
 
 # -- the submitter's side ----------------------------------------------------------------

@@ -32,6 +32,7 @@ from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
 from ._identity import Identity, Verifier, public_key_from_peer_id
+from ._ipfs import parse_cid
 from ._matching import Requirements, nodes_max
 
 #: Members of one cluster (nodes x replicas) at most.
@@ -76,6 +77,12 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 url_len_max = 2048
 _URL_RE = re.compile(r"^https?://[^\s/?#@]+(/[^\s#]*)?$")
 image_ref_len_max = 512
+#: ``providers`` of an input by IPFS CID: peers that serve it over Bitswap.
+cid_providers_max = 8
+provider_addr_len_max = 256
+#: A provider: an IP or DNS address, a TCP port and the peer id (the peer's
+#: key checks that we reached the peer the submitter named).
+_PROVIDER_RE = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[0-9A-Za-z.:_-]{1,253}/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]{40,60}$")
 #: ``REGISTRY/NAME@sha256:DIGEST``: a registry host (with a dot, a port or
 #: ``localhost``), a repository path of lowercase components, a digest.  By
 #: digest only, so what runs is exactly what was signed.
@@ -112,7 +119,8 @@ class JobInput:
     ``sha256`` (hex) and ``size_bytes`` for the runtime to fetch from peers
     (``tree``: the root of its chunk tree, hex, so every chunk is checked as
     it arrives; ``core/_chunks.py``), or from ``url`` (checked against
-    ``sha256`` and ``size_bytes``)."""
+    ``sha256`` and ``size_bytes``), or by IPFS ``cid`` (``size_bytes`` and
+    the Bitswap ``providers`` to fetch it from; ``core/_ipfs.py``)."""
 
     name: str
     data: bytes | None = None
@@ -120,6 +128,8 @@ class JobInput:
     size_bytes: int = 0
     tree: str = ""
     url: str = ""
+    cid: str = ""
+    providers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _INPUT_NAME_RE.match(self.name) or ".." in self.name:
@@ -127,10 +137,12 @@ class JobInput:
                                 "(no slashes, not starting with '.'), at most 128 characters")
         where = f"inputs.{self.name}"
         if self.data is not None:
-            if self.sha256 or self.size_bytes or self.tree or self.url:
+            if self.sha256 or self.size_bytes or self.tree or self.url or self.cid or self.providers:
                 raise ManifestError(where, "give either inline data or sha256, not both")
             if len(self.data) > inline_bytes_max:
                 raise ManifestError(where, f"inline data is over {inline_bytes_max} bytes; pass it by sha256")
+        elif self.cid or self.providers:
+            self._check_cid(where)
         else:
             if not _SHA256_RE.match(self.sha256):
                 raise ManifestError(where, "sha256 must be 64 lowercase hex digits")
@@ -144,14 +156,35 @@ class JobInput:
             if self.url and self.tree:
                 raise ManifestError(f"{where}.tree", "a URL input is checked by its sha256; give no tree")
 
+    def _check_cid(self, where: str) -> None:
+        if self.sha256 or self.tree or self.url:
+            raise ManifestError(where, "an input by cid is checked by its CID; give no sha256, tree or url")
+        try:
+            parse_cid(self.cid)
+        except ValueError as exc:
+            raise ManifestError(f"{where}.cid", f"{exc}") from None
+        if not 0 < self.size_bytes <= input_size_bytes_max:
+            raise ManifestError(f"{where}.size_bytes", "the file's size in bytes: more than 0 and at most "
+                                f"{input_size_bytes_max}")
+        if not 0 < len(self.providers) <= cid_providers_max:
+            raise ManifestError(f"{where}.providers", f"1 to {cid_providers_max} peers that serve it over "
+                                "Bitswap, as /ip4/ADDRESS/tcp/PORT/p2p/PEER_ID")
+        for i, addr in enumerate(self.providers):
+            if len(addr) > provider_addr_len_max or not _PROVIDER_RE.match(addr):
+                raise ManifestError(f"{where}.providers[{i}]", "a multiaddr /ip4|ip6|dns/HOST/tcp/PORT/p2p/PEER_ID "
+                                    f"of at most {provider_addr_len_max} characters")
+
     @property
     def digest(self) -> str:
-        """The input's sha256 (hex), computed for inline data."""
+        """The input's sha256 (hex), computed for inline data ("" for an input by CID)."""
         return hashlib.sha256(self.data).hexdigest() if self.data is not None else self.sha256
 
     def to_obj(self) -> dict[str, Any]:
         if self.data is not None:
             return {"name": self.name, "data": self.data}
+        if self.cid:
+            return {"name": self.name, "cid": self.cid, "size_bytes": self.size_bytes,
+                    "providers": list(self.providers)}
         obj: dict[str, Any] = {"name": self.name, "sha256": self.sha256, "size_bytes": self.size_bytes}
         if self.tree:
             obj["tree"] = self.tree
@@ -272,20 +305,26 @@ class Manifest:
         env = s.get_map(rt, "env")
         if len(env) > env_len_max or not all(isinstance(v, str) for v in env.values()):
             raise s.fail("runtime.env", f"at most {env_len_max} string values")
-        inputs = []
+        inputs: list[tuple[str, bytes | None, str, int, str, str, str, tuple[str, ...]]] = []
         for i, item in enumerate(s.get_list(body, "inputs", inputs_max)):
             if not isinstance(item, dict):
                 raise s.fail(f"inputs[{i}]", "must be a map")
             if "data" in item:
                 s.exact_keys(item, {"name", "data"})
                 inputs.append((s.get_str(item, "name", input_name_len_max), s.get_bytes(item, "data", inline_bytes_max),
-                               "", 0, "", ""))
+                               "", 0, "", "", "", ()))
+            elif "cid" in item:
+                s.exact_keys(item, {"name", "cid", "size_bytes", "providers"})
+                inputs.append((s.get_str(item, "name", input_name_len_max), None, "",
+                               s.get_int(item, "size_bytes", 0, input_size_bytes_max), "", "",
+                               s.get_str(item, "cid", 128),
+                               s.get_str_list(item, "providers", cid_providers_max, provider_addr_len_max)))
             else:
                 s.exact_keys(item, {"name", "sha256", "size_bytes"}, frozenset({"tree", "url"}))
                 inputs.append((s.get_str(item, "name", input_name_len_max), None, s.get_str(item, "sha256", 64),
                                s.get_int(item, "size_bytes", 0, input_size_bytes_max),
                                s.get_str(item, "tree", 64) if "tree" in item else "",
-                               s.get_str(item, "url", url_len_max) if "url" in item else ""))
+                               s.get_str(item, "url", url_len_max) if "url" in item else "", "", ()))
         try:
             return cls(
                 name=s.get_str(body, "name", name_len_max),
@@ -306,8 +345,8 @@ class Manifest:
                 network=s.get_bool(rt, "network"),
                 duration_s_max=s.get_int(rt, "duration_s_max", 1, duration_s_max_max),
                 image=s.get_str(rt, "image", image_ref_len_max, len_min=1) if "image" in rt else "",
-                inputs=tuple(JobInput(name=n, data=d, sha256=h, size_bytes=z, tree=t, url=u)
-                             for n, d, h, z, t, u in inputs),
+                inputs=tuple(JobInput(name=n, data=d, sha256=h, size_bytes=z, tree=t, url=u, cid=c, providers=pr)
+                             for n, d, h, z, t, u, c, pr in inputs),
                 price_per_gpu_hour_max=s.get_int(pay, "price_per_gpu_hour_max"),
                 currency=s.get_str(pay, "currency", 64, len_min=1),
                 payer=s.get_str(pay, "payer", 64),
@@ -442,7 +481,7 @@ def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
 def _toml_inputs(doc: dict[str, Any]) -> tuple[JobInput, ...]:
     table = doc.get("inputs", {})
     if not isinstance(table, dict):
-        raise ManifestError("inputs", "must be a table of file name = { text | base64 | sha256 | url | path }")
+        raise ManifestError("inputs", "must be a table of file name = { text | base64 | sha256 | url | cid | path }")
     out = []
     for name in sorted(table):
         spec, where = table[name], f"inputs.{name}"
@@ -452,9 +491,18 @@ def _toml_inputs(doc: dict[str, Any]) -> tuple[JobInput, ...]:
         if isinstance(spec, dict) and "url" in spec and "sha256" not in spec:
             raise ManifestError(f"{where}.sha256", "a URL input needs its sha256 (and size_bytes): what the URL "
                                 "serves is checked against them")
+        if isinstance(spec, dict) and "cid" in spec:
+            extra = sorted(set(spec) - {"cid", "size_bytes", "providers"})
+            if extra:
+                raise ManifestError(f"{where}.{extra[0]}", "an input by cid takes cid, size_bytes and providers")
+            out.append(JobInput(name=name, cid=_t_str(spec, where + ".", "cid", ""),
+                                size_bytes=_t_int(spec, where + ".", "size_bytes", 0),
+                                providers=_t_strs(spec, where + ".", "providers")))
+            continue
         if not isinstance(spec, dict) or len([k for k in ("text", "base64", "sha256") if k in spec]) != 1:
             raise ManifestError(where, "give exactly one of text = \"...\", base64 = \"...\", sha256 = \"...\" "
-                                "(with size_bytes, and url = \"...\" to fetch it from there) or path = \"...\"")
+                                "(with size_bytes, and url = \"...\" to fetch it from there), cid = \"...\" "
+                                "(with size_bytes and providers) or path = \"...\"")
         extra = sorted(set(spec) - {"text", "base64", "sha256", "size_bytes", "tree", "url"})
         if extra:
             raise ManifestError(f"{where}.{extra[0]}", "unknown field")

@@ -24,14 +24,32 @@ its accept (``compute_reputation``'s ``cert_addresses``) without asking
 anyone.  :func:`build_receipt` turns what settlement decided and what the
 payout outbox paid into a receipt, and :func:`receipt_ready` says when the
 submitter signs it (every payable line paid, or the wait is over).
+
+**The payer co-signs** (#16.2).  A receipt whose lines cite payments carries
+``payer_signature``: the Ed25519 signature, by the key of the Solana address
+``payer`` (the fee payer that signed the payout transactions), over
+:func:`payer_message` (the receipt's body without that field, domain-tagged).
+Without it a forger could sign, as a sybil submitter, a receipt for a job of
+its own citing a victim's real payout under the genuine payer's name (its own
+accept naming the victim's address), date it before the victim's receipt and
+take the credit, since each ``(transaction, address)`` credits the first
+receipt that cites it.  The payer's key is the one thing the ledger ties to
+those payments (the transaction is signed by it), so the check needs nothing
+but the receipt and the ledger: a receipt citing a payment is credit only
+when the key that paid says so.  The decoder refuses a co-signature that does
+not verify (``BAD_SIGNATURE``); a receipt without one decodes, and its
+payments verify nothing (``compute_reputation``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
+
+import base58
 
 from . import _limits as limits
 from . import _schema as s
@@ -40,7 +58,7 @@ from ._codec import decode, encode
 from ._envelope import Envelope, Kind, body_of, envelope_from_obj, seal
 from ._errors import PeerMisbehaved, Reason
 from ._formation_messages import Certificate
-from ._identity import Identity, Verifier
+from ._identity import Identity, Verifier, verify_signature
 from ._manifest import members_max
 
 peer_id_len_max = limits.peer_id_len_max
@@ -70,6 +88,10 @@ def _check_address(addr: str, what: str) -> None:
     if addr and not is_solana_address(addr):
         raise ValueError(f"{what} is not a Solana address")
 
+
+#: The payer's Ed25519 co-signature (#16.2).
+payer_signature_bytes = 64
+_PAYER_TAG = b"p2pgpu/receipt-payer/v1\x00"
 
 #: Payments a receipt line lists at most (the largest; ``amount`` is the total).
 line_payments_max = 8
@@ -177,6 +199,9 @@ class Receipt:
     currency: str
     settled_at_ms: int
     lines: tuple[ReceiptLine, ...]
+    #: The payer key's co-signature of :func:`payer_message` (empty: none; its
+    #: payments then verify nothing).  On the wire only when present.
+    payer_signature: bytes = b""
 
     def __post_init__(self) -> None:
         if not _HEX64.match(self.job_id) or len(self.cert_hash) != 32:
@@ -195,6 +220,8 @@ class Receipt:
             raise ValueError("settled_at_ms out of range")
         if any(ln.payments for ln in self.lines) and not self.payer:
             raise ValueError("a receipt with payments names its payer")
+        if len(self.payer_signature) not in (0, payer_signature_bytes) or (self.payer_signature and not self.payer):
+            raise ValueError(f"payer_signature is {payer_signature_bytes} bytes, by the payer named")
         cap = payments_cap(sum(1 for ln in self.lines if ln.payments))
         for ln in self.lines:
             if len(ln.payments) > cap or (sum(p for _, p in ln.payments) != ln.amount and len(ln.payments) < cap):
@@ -205,13 +232,25 @@ class Receipt:
         return sum(ln.amount for ln in self.lines)
 
     def to_obj(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "cert_hash": self.cert_hash, "submitter": self.submitter,
-                "payer": self.payer, "currency": self.currency, "settled_at_ms": self.settled_at_ms,
-                "lines": [ln.to_obj() for ln in self.lines]}
+        obj = {"job_id": self.job_id, "cert_hash": self.cert_hash, "submitter": self.submitter,
+               "payer": self.payer, "currency": self.currency, "settled_at_ms": self.settled_at_ms,
+               "lines": [ln.to_obj() for ln in self.lines]}
+        if self.payer_signature:
+            obj["payer_signature"] = self.payer_signature
+        return obj
+
+    @property
+    def cosigned(self) -> bool:
+        """Whether the payer co-signed it (checked when it was decoded or signed)."""
+        return bool(self.payer_signature)
 
     @classmethod
     def from_obj(cls, body: dict[str, Any]) -> Receipt:
-        s.exact_keys(body, {"job_id", "cert_hash", "submitter", "payer", "currency", "settled_at_ms", "lines"})
+        s.exact_keys(body, {"job_id", "cert_hash", "submitter", "payer", "currency", "settled_at_ms", "lines"},
+                     frozenset({"payer_signature"}))
+        cosig = b""
+        if "payer_signature" in body:
+            cosig = s.get_bytes(body, "payer_signature", payer_signature_bytes, len_min=payer_signature_bytes)
         lines = tuple(ReceiptLine.from_obj(row, f"lines[{i}]")
                       for i, row in enumerate(s.get_list(body, "lines", members_max, len_min=1)))
         try:
@@ -219,9 +258,39 @@ class Receipt:
                        submitter=s.get_str(body, "submitter", peer_id_len_max, len_min=1),
                        payer=s.get_str(body, "payer", 44), currency=s.get_str(body, "currency", currency_len_max,
                                                                                 len_min=1),
-                       settled_at_ms=s.get_int(body, "settled_at_ms"), lines=lines)
+                       settled_at_ms=s.get_int(body, "settled_at_ms"), lines=lines, payer_signature=cosig)
         except ValueError as exc:
             raise PeerMisbehaved(Reason.BAD_SCHEMA, str(exc)) from None
+
+
+def payer_message(receipt: Receipt) -> bytes:
+    """What the payer key signs: the receipt's canonical body without its
+    co-signature, domain-tagged (never a valid Solana transaction message,
+    nor any other kind's signed bytes)."""
+    return _PAYER_TAG + encode(replace(receipt, payer_signature=b"").to_obj())
+
+
+def cosign(receipt: Receipt, sign: Callable[[bytes], bytes]) -> Receipt:
+    """``receipt`` co-signed by the payer: ``sign`` is the payer key's
+    Ed25519 signing of raw bytes (a ``solders`` keypair's ``sign_message``,
+    an :class:`Identity`'s ``sign``).  The caller makes sure the key is the
+    payer's; :func:`check_payer_signature` refuses it otherwise."""
+    if not receipt.payer:
+        raise ValueError("a receipt without a payer has nobody to co-sign it")
+    return replace(receipt, payer_signature=bytes(sign(payer_message(receipt))))
+
+
+def check_payer_signature(receipt: Receipt) -> None:
+    """``PeerMisbehaved(BAD_SIGNATURE)`` unless the co-signature, if any, is
+    the payer key's over :func:`payer_message` (a Solana address is the
+    base58 of its Ed25519 public key)."""
+    if not receipt.payer_signature:
+        return
+    try:
+        key = base58.b58decode(receipt.payer)
+    except ValueError:
+        raise PeerMisbehaved(Reason.BAD_SIGNATURE, "the payer is not a key") from None
+    verify_signature(key, payer_message(receipt), receipt.payer_signature)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -302,6 +371,10 @@ class SignedMemberReceipt:
 def sign_receipt(identity: Identity, receipt: Receipt) -> SignedReceipt:
     if receipt.submitter != identity.peer_id:
         raise ValueError("a receipt is signed by its submitter")
+    try:
+        check_payer_signature(receipt)
+    except PeerMisbehaved as exc:
+        raise ValueError(f"the payer's co-signature does not verify ({exc})") from None
     return SignedReceipt(receipt, seal(identity, Kind.RECEIPT, receipt.to_obj()))
 
 
@@ -317,6 +390,7 @@ def decode_receipt(data: bytes) -> SignedReceipt:
     r = Receipt.from_obj(body_of(env))
     if env.signer_peer_id != r.submitter:
         raise PeerMisbehaved(Reason.SIGNER_MISMATCH, "receipt not signed by its submitter")
+    check_payer_signature(r)
     return SignedReceipt(r, env)
 
 

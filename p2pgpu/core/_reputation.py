@@ -15,6 +15,10 @@ numbers, byte for byte.  The formula is ``docs/reputation.md``'s:
   ``(transaction, address)`` pair counts once, whoever cites it;  a receipt whose lines pay
   nothing verified carries no weight at all, good or bad, so forging
   evidence costs real transfers and their fees;
+- and only in a receipt the payer co-signed (``Receipt.payer_signature``,
+  checked against the payer's key when it was decoded: #16.2): the key that
+  signed the transactions says which job and member they paid, so nobody
+  else can cite them in a receipt of their own, backdated or not;
 - a refused proof (``proof_refused``) or a wrong output (``outside_quorum``)
   adds to the worker's ``bad`` the job's verified value per member;
 - a member's report that the submitter paid late or not at all adds to the
@@ -194,6 +198,9 @@ def compute_reputation(receipts: Iterable[SignedReceipt | bytes], *, payments: M
             refused.append(Refused(digest=tag, why="certificate unknown: payout addresses cannot be checked"))
             continue
         seen_jobs.add((r.submitter, r.job_id))
+        if not r.cosigned and any(ln.payments for ln in r.lines):
+            refused.append(Refused(digest=tag, why="its payer did not co-sign it: its payments verify nothing"))
+            continue
         verified: dict[str, int] = {}
         for ln in r.lines:
             if not ln.payments or (bound is not None and bound.get(ln.peer_id) != ln.address):

@@ -65,6 +65,7 @@ from p2pgpu.gpu import Inventory
 from p2pgpu.home import Config, Home, HomeError, NetworkSpec, config_changes
 from p2pgpu.wallet import Wallet
 
+from ._bitswap import BITSWAP_PROTOCOLS, BitswapService
 from ._blobs import BLOBS_PROTOCOL, BlobService, blob_handlers
 from ._challenge import CHALLENGE_PROTOCOL, ChallengeService, challenge_handlers, serve_timeout_s
 from ._connmgr import ConnectionManager
@@ -91,7 +92,7 @@ PING_PROTOCOL = TProtocol("/ipfs/ping/1.0.0")
 MARKET_PROTOCOL = "/p2pgpu/market/1.0.0"
 #: Every stream protocol and topic the node serves (the garbage test walks them).
 STREAM_PROTOCOLS: list[str] = [MARKET_PROTOCOL, DIRECT_PROTOCOL, RESULTS_PROTOCOL, CHALLENGE_PROTOCOL,
-                               BLOBS_PROTOCOL]
+                               BLOBS_PROTOCOL, *BITSWAP_PROTOCOLS]
 TOPICS: list[str] = [ADVERTS_TOPIC, JOBS_TOPIC, RECEIPTS_TOPIC]
 market_request_bytes_max = 1024
 #: Paid notices remembered (against telling one twice in a loop of the payer).
@@ -246,6 +247,7 @@ class Node:
         self.runner: Any = None
         #: The content store and /p2pgpu/blobs/1.0.0 (opened in run()).
         self.blobs: BlobService | None = None
+        self.bitswap: BitswapService | None = None
         #: The OCI image cache (node/_images.py), opened on the first oci job.
         self.images: Any = None
         self._payouts_due = trio.Event()
@@ -293,6 +295,11 @@ class Node:
             # A blob stream carries many requests; the service has its own idle timeout.
             stack.host.set_stream_handler(BLOBS_PROTOCOL, guarded(
                 "blobs", self.blobs.serve, self.counts, timeout_s=24 * 3600))
+            # Inputs by IPFS CID: providers send the blocks we want on streams they open to us.
+            self.bitswap = BitswapService(host=stack.host, counts=self.counts)
+            for proto in BITSWAP_PROTOCOLS:
+                stack.host.set_stream_handler(proto, guarded("bitswap", self.bitswap.serve, self.counts,
+                                                             timeout_s=24 * 3600))
             control = ControlServer(token=self.home.token() if self.home else "", handlers=self.control_handlers(),
                                     stream_handlers={})
             self.control = control
@@ -498,6 +505,10 @@ class Node:
             from p2pgpu.solana import PayerCheck, open_ledger  # noqa: PLC0415
 
             self.jobs.set_payer_check(PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0))
+            from p2pgpu.solana._verify import PaymentLookup  # noqa: PLC0415
+
+            # A shared ledger: members check payment notices on it (#16.3).
+            self.jobs.set_payment_lookup(PaymentLookup(open_ledger(self.ledger_spec, readonly=True)))
 
     def _open_blobs(self) -> BlobService:
         """The content store in ``<home>/blobs`` (a temporary one without a

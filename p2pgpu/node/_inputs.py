@@ -3,7 +3,8 @@
 For each input of the manifest: inline data is written as it is; an input
 named by hash is fetched from peers (the submitter, the other members, and
 providers found in the DHT: ``_blobs.py``) into the content store; an input
-named by URL is fetched from there (``content/_http.py``).  Each is pinned for
+named by URL is fetched from there (``content/_http.py``); an input named
+by IPFS CID from the Bitswap providers the manifest names (``_bitswap.py``).  Each is pinned for
 the job (eviction never takes it while the job needs it) and linked, read-only,
 into the job's inputs directory (``$P2PGPU_IN``).  Any failure ends the job
 before its command starts, with :class:`InputError` saying which input and
@@ -31,6 +32,7 @@ from p2pgpu.content import BlobStore, StoreError
 from p2pgpu.content._http import UrlError, fetch_url
 from p2pgpu.runtime import JobRejected
 
+from ._bitswap import CidError
 from ._blobs import FetchError
 
 if TYPE_CHECKING:
@@ -80,31 +82,42 @@ async def stage_inputs(node: Node, start: Any, inputs_dir: Path, say: Say) -> li
             shown[0] = done  # may be called from a worker thread (URL fetches): no trio here
 
         await say(f"p2pgpu: input {inp.name}: fetching {inp.size_bytes} bytes "
-                  + (f"from {inp.url}" if inp.url else f"(sha256 {inp.sha256[:16]}) from peers"))
-        store.pin(inp.sha256, start.job_id)  # before the fetch: eviction must not take it half way
-        pinned.append(inp.sha256)
+                  + (f"from {inp.url}" if inp.url else f"(CID {inp.cid}) over Bitswap" if inp.cid
+                     else f"(sha256 {inp.sha256[:16]}) from peers"))
+        sha = inp.sha256
+        if sha:
+            store.pin(sha, start.job_id)  # before the fetch: eviction must not take it half way
+            pinned.append(sha)
         t0 = trio.current_time()
         failed: Exception | None = None
         async with trio.open_nursery() as nursery:
             # Download progress for the submitter (``job logs``, the stderr of the job) every few seconds.
             nursery.start_soon(_report, say, inp.name, shown, inp.size_bytes)
             try:
-                if inp.url:
+                if inp.cid:
+                    if node.bitswap is None:
+                        raise CidError("this node has no Bitswap client")
+                    tree = await node.bitswap.fetch(store, inp.cid, inp.size_bytes, list(inp.providers),
+                                                    now_ms=node.now_ms(), progress=progress)
+                    sha = tree.sha256.hex()
+                    store.pin(sha, start.job_id)  # at once, no await between: eviction never sees it unpinned
+                    pinned.append(sha)
+                elif inp.url:
                     await fetch_url(store, inp.url, inp.sha256, inp.size_bytes, now_ms=node.now_ms(),
                                     progress=progress)
                 else:
                     await blobs.fetch(inp.sha256, inp.size_bytes, root=bytes.fromhex(inp.tree) if inp.tree else None,
                                       sources=sources, progress=progress)
-            except (FetchError, UrlError, StoreError) as exc:
+            except (FetchError, UrlError, CidError, StoreError) as exc:
                 failed = exc  # raised below, not wrapped in the nursery's ExceptionGroup
             nursery.cancel_scope.cancel()
         if failed is not None:
             raise InputError(f"input {inp.name}: {failed}") from None
-        info = store.info(inp.sha256)
+        info = store.info(sha)
         if info is None or info.size != inp.size_bytes:
             raise InputError(f"input {inp.name}: the blob is {info.size if info else 0} bytes, the manifest says "
                              f"{inp.size_bytes}")
-        await trio.to_thread.run_sync(link_blob, store, inp.sha256, inputs_dir / inp.name)
+        await trio.to_thread.run_sync(link_blob, store, sha, inputs_dir / inp.name)
         dt = trio.current_time() - t0
         await say(f"p2pgpu: input {inp.name}: ready ({inp.size_bytes} bytes in {dt:.1f} s)")
     return pinned

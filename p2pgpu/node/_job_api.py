@@ -125,7 +125,7 @@ def job_handlers(node: Node) -> dict[str, Any]:
             for sha in local:
                 node._nursery.start_soon(node.blobs.announce, sha)
         doc: dict[str, Any] = {"job_id": sm.job_id, "members": manifest.members, "name": manifest.name}
-        by_hash = [{"name": i.name, "sha256": i.sha256, "size_bytes": i.size_bytes}
+        by_hash = [{"name": i.name, "size_bytes": i.size_bytes, **({"cid": i.cid} if i.cid else {"sha256": i.sha256})}
                    for i in manifest.inputs if i.data is None]
         if by_hash:  # added only when there are some: scripts compare the keys
             doc["inputs"] = by_hash
@@ -257,6 +257,9 @@ def input_transfers(node: Node, rec: Any) -> list[dict[str, Any]]:
     out = []
     for i in rec.manifest.manifest.inputs:
         if i.data is not None:
+            continue
+        if i.cid:  # fetched over Bitswap, not served by us (docs/manifest.md, "Inputs by IPFS CID")
+            out.append({"name": i.name, "cid": i.cid, "size_bytes": i.size_bytes})
             continue
         fetched = blobs.fetching.get(i.sha256)
         held = blobs.store.has(i.sha256)

@@ -32,6 +32,7 @@ and carries out the actions that come back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 from collections import Counter
@@ -39,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import base58
 import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
@@ -46,11 +48,9 @@ from libp2p.peer.id import ID
 from p2pgpu.core import (
     Advert,
     GossipVerdict,
-    Kind,
     LocalProtocolError,
     PeerMisbehaved,
     SignedAdvert,
-    seal,
     verdict_for,
 )
 from p2pgpu.core._actions import (
@@ -58,6 +58,7 @@ from p2pgpu.core._actions import (
     Cancelled,
     CancelTimer,
     CheckBalance,
+    CheckPayment,
     CollectionOpened,
     Confirmed,
     DeliveryDone,
@@ -131,6 +132,8 @@ records_per_submitter_max = 256
 own_records_max = 10_000
 #: Balance lookups waiting at once (the payer gate).
 balance_checks_max = 1024
+#: Payment notices waiting for their ledger lookup (then dropped: the submitter resends).
+payment_checks_max = 256
 #: Confirmed jobs waiting to be started by the runner at once.
 starts_max = 1024
 
@@ -197,7 +200,7 @@ class JobsService:
         self.counts: Counter[str] = node.counts
         self.timers = Timers(node.now_ms)
         self.host = Host(node.identity, self.config, adverts=self.advert_of, candidates=self.candidates,
-                         submitter_of=self._submitter_of, standing=self._standing)
+                         submitter_of=self._submitter_of, standing=self._standing, claims=self._claims)
         #: A test network's adversary (config.toml ``adversary``; the daemon
         #: sets it only where simulated GPUs are allowed): ``claim_ahead``
         #: also claims the interval after each one it served.
@@ -216,6 +219,9 @@ class JobsService:
         #: Set by the node when its ledger is shared (an RPC endpoint): the payer gate.
         self.payer_check: Any = None
         self._check_send, self._check_recv = trio.open_memory_channel[tuple[str, str]](balance_checks_max)
+        #: Payment notices to check on the ledger (#16.3, ``CheckPayment``).
+        self._paycheck_send, self._paycheck_recv = trio.open_memory_channel[CheckPayment](payment_checks_max)
+        self.payment_lookup: Any = None
         self.db: Any = None  # sqlite3.Connection in the home, when there is one
         self._ops_send, self._ops_recv = trio.open_memory_channel[tuple[str, str, bytes]](send_queue_max)
         self.links: DirectLinks | None = None
@@ -258,6 +264,8 @@ class JobsService:
             nursery.start_soon(self._start_worker)
             if self.payer_check is not None:
                 nursery.start_soon(self._payer_check_worker)
+            if self.payment_lookup is not None:
+                nursery.start_soon(self._payment_check_worker)
             task_status.started()
 
     def on_advert(self, sa: SignedAdvert) -> None:
@@ -279,6 +287,14 @@ class JobsService:
 
     def _standing(self, peer_id: str) -> int | None:
         return self.standing(peer_id) if self.standing is not None else None
+
+    def _claims(self, advert: Advert, now_ms: int) -> Advert:
+        """This node's hardware-challenge verdicts on an advert (#16): the
+        advert book's ``view`` (the challenge service's ``ClaimBook.view``),
+        so matching, the dry run and the formation cores judge a claim alike:
+        the cores propose and confirm no member whose claim it refused."""
+        view = self.node.book.view
+        return view(advert, now_ms) if view is not None else advert
 
     def _submitter_of(self, job_id: str) -> str | None:
         rec = self.records.get(job_id)
@@ -425,6 +441,13 @@ class JobsService:
             self.collector.late_line(a)
         elif isinstance(a, InstallmentsOwed):
             self.collector.installments_owed(a)
+            if self.adversary == "forge_notices":
+                # Test networks only: a submitter that says it paid each
+                # interval at once, citing a transaction that never was (#16.3).
+                for row in a.rows:
+                    fake = base58.b58encode(hashlib.sha512(b"forged" + row.key).digest()).decode()
+                    self.counts["adversary:notices_forged"] += 1
+                    self.apply(self.host.notify_paid(a.job_id, row.peer_id, row.key, fake, now))
         elif isinstance(a, HandOver):
             self._hand_over(a, now)
         elif isinstance(a, DeliveryDone):
@@ -433,6 +456,11 @@ class JobsService:
             if self.runner_obj is not None:
                 self.runner_obj.member_done(a.job_id)
             self.persist(a.job_id)
+        elif isinstance(a, CheckPayment):
+            try:
+                self._paycheck_send.send_nowait(a)
+            except trio.WouldBlock:  # the submitter resends it: checked then
+                self.counts["jobs:payment_checks_full"] += 1
         elif isinstance(a, PaidNotice):
             self._on_paid(a, now)
             if self.on_paid is not None:
@@ -549,6 +577,24 @@ class JobsService:
 
     # ------------------------------------------------ can the submitter pay?
 
+    def set_payment_lookup(self, lookup: Any) -> None:
+        """A shared ledger (``solana._verify.PaymentLookup``): a payment notice
+        for an interval counts only once the ledger shows the payment (#16.3)."""
+        self.payment_lookup = lookup
+        self.host.check_payments = True
+
+    async def _payment_check_worker(self) -> None:
+        """Payment notices to check (``CheckPayment``): what the ledger shows
+        goes back to the host, which decides (``core/_notices.py``)."""
+        async for check in self._paycheck_recv:
+            before = self.payment_lookup.unavailable
+            found = await self.payment_lookup.payments([check.tx_signature])
+            payment = found.get(check.tx_signature)
+            reachable = payment is not None or self.payment_lookup.unavailable == before
+            if payment is None:
+                self.counts["jobs:payment_not_on_ledger" if reachable else "jobs:payment_unchecked"] += 1
+            self.apply(self.host.payment_checked(check, payment, self.node.now_ms(), reachable=reachable))
+
     async def _payer_check_worker(self) -> None:
         """Balance lookups the payer gate asked for (``CheckBalance``)."""
         async for payer, currency in self._check_recv:
@@ -656,7 +702,9 @@ class JobsService:
             doc["formation"] = {"state": progress.state.name.lower(), "offers": progress.offers,
                                 "accepts": progress.accepts, "views_seen": progress.views_seen,
                                 "certificates_refused": progress.certificates_refused,
-                                "last_refusal": progress.refusal, "members_needed": progress.members_needed}
+                                "last_refusal": progress.refusal,
+                                "last_refusal_code": progress.refusal_code.value if progress.refusal_code else None,
+                                "members_needed": progress.members_needed}
         if self.host.formation is not None:
             ws = self.host.formation.state(rec.job_id)
             if ws is not None:
@@ -747,8 +795,13 @@ class JobsService:
 
     def notice_paid(self, job_id: str, worker: str, proof_hash: bytes, tx_signature: str,
                     inclusion_proof: str | None) -> None:
-        body: dict[str, Any] = {"type": "paid", "job_id": job_id, "proof_hash": proof_hash,
-                                "tx_signature": tx_signature}
-        if inclusion_proof:
-            body["inclusion_proof"] = inclusion_proof
-        self.send(worker, seal(self.node.identity, Kind.RESULT, body).to_bytes())
+        """Tell a member its row was paid, and again until it acknowledges
+        (``core/_notices.py``: a lost notice would stop an honest member)."""
+        actions = self.host.notify_paid(job_id, worker, proof_hash, tx_signature, self.node.now_ms(),
+                                        inclusion_proof=inclusion_proof)
+        if self.adversary == "lose_notices":
+            # Test networks only: the first send of each notice is lost on the
+            # way (its resends are not): what resending is for (#16.3).
+            self.counts["adversary:notices_lost"] += sum(1 for a in actions if isinstance(a, Send))
+            actions = [a for a in actions if not isinstance(a, Send)]
+        self.apply(actions)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from p2pgpu.home import Config, Home, NetworkSpec
     from p2pgpu.wallet import Wallet
 
+    from ._bitswap import BitswapService
     from ._blobs import BlobService
     from ._jobs import JobsService
     from ._runner import Runner
@@ -48,6 +49,8 @@ class NodePorts(Protocol):
     jobs: JobsService
     runner: Runner | None
     blobs: BlobService | None
+    #: Inputs by IPFS CID (``_bitswap.py``); None until the host runs.
+    bitswap: BitswapService | None
     images: Any
     #: The wallet, the ledger and the payout address, in one place (``p2pgpu/wallet.py``).
     wallet: Wallet

@@ -59,9 +59,11 @@ from p2pgpu.core._receipt import (
     MemberAccount,
     MemberReceipt,
     PublishedReceipt,
+    Receipt,
     SettledLine,
     SignedMemberReceipt,
     build_receipt,
+    cosign,
     decode_member_receipt,
     decode_published,
     member_account,
@@ -313,6 +315,7 @@ class ReceiptService:
                                 lines=lines)
         if receipt is None:
             return 0
+        receipt = self._cosigned(receipt)
         wire = publish_wire(sign_receipt(self.node.identity, receipt), cert)
         try:
             self.ingest(wire, ours=True)
@@ -322,6 +325,21 @@ class ReceiptService:
         self._publish(wire, [ln.peer_id for ln in receipt.lines])
         self.counts["receipts:signed"] += 1
         return 1
+
+    def _cosigned(self, receipt: Receipt) -> Receipt:
+        """The receipt co-signed by the payer keypair that paid it (#16.2:
+        without that co-signature its payments credit nobody).  A job paid
+        from a keypair this node does not hold (its manifest names another
+        payer) is published without one, and counted."""
+        if not receipt.payer:
+            return receipt
+        keypair = self.node.wallet.payer
+        if keypair is None or str(keypair.pubkey()) != receipt.payer:
+            self.counts["receipts:not_cosigned"] += 1
+            log.warning("receipt for job %s not co-signed: its payer %s is not this node's payer keypair",
+                        receipt.job_id[:16], receipt.payer)
+            return receipt
+        return cosign(receipt, lambda msg: bytes(keypair.sign_message(msg)))
 
     # -- the member's receipts -----------------------------------------------------------
 

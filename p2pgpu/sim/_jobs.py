@@ -218,7 +218,8 @@ class JobFlow:
             assert ident is not None
             h = self.hosts[node] = Host(ident, self.hconfig, adverts=self.advert_of,
                                         candidates=lambda sm, _now: self.candidates(sm),
-                                        submitter_of=self._submitter_of, verify=self.verify)
+                                        submitter_of=self._submitter_of, verify=self.verify,
+                                        claims=self.challenges.claims_of(node))
             self.topics.setdefault(self.fconfig.jobs_topic, {})[node] = True
         return h
 

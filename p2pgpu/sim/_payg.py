@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from p2pgpu.core import Kind, Send, seal
 from p2pgpu.core._actions import InstallmentsOwed
-from p2pgpu.core._host import Via
 from p2pgpu.core._payout import Owed as PayoutOwed
 
 if TYPE_CHECKING:
@@ -68,15 +66,11 @@ class Payg:
         ident = w.nodes[submitter].identity
         assert ident is not None
         self.installments_paid += 1
-        body: dict[str, Any] = {"type": "paid", "job_id": job_id, "proof_hash": key,
-                                "tx_signature": f"sim-{owed_id}"}
-        wire = seal(ident, Kind.RESULT, body).to_bytes()
-        host = self.flow.hosts[submitter]
-        if w.by_peer.get(peer_id) == submitter and host is not None:
-            # The submitter served its own job: its node tells itself (the node's deliver_local).
-            self.flow.carry(submitter, host.on_bytes(wire, w.node_now_ms(submitter), via=Via.LOCAL))
-        else:
-            self.flow.carry(submitter, [Send(peer_id, wire)])
+        # The host sends the notice, and again until the member acknowledges it
+        # (core/_notices.py); its own job's notice it handles itself.
+        host = self.flow.host(submitter)
+        self.flow.carry(submitter, host.notify_paid(job_id, peer_id, key, f"sim-{owed_id}",
+                                                    w.node_now_ms(submitter)))
         return True
 
     def stopped(self, node: int, job_id: str) -> None:

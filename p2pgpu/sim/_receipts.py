@@ -3,10 +3,12 @@
 The twin of ``p2pgpu/node/_receipts.py`` (issue #16), run when a scenario
 has a ``receipt_forger`` adversary.  The modelled ledger gives each payout
 batch a transaction signature and records what it moved to whom
-(``VerifiedPayment``, the submitter's payout address as the payer).  At the
-end of the run every settled job gets the receipt its submitter's node would
-sign (the core's ``build_receipt`` from the settlement's lines and every
-payment of each member, installments included, signed with
+(``VerifiedPayment``, paid by the submitter's payer key: an Ed25519 key of
+its own, :meth:`SimReceipts.payer_key`, whose public key is the payer's
+address).  At the end of the run every settled job gets the receipt its
+submitter's node would sign (the core's ``build_receipt`` from the
+settlement's lines and every payment of each member, installments included,
+co-signed by the payer key with ``cosign`` and signed with
 ``sign_receipt``), bound to the payout addresses of its confirmed
 certificate.  Each forger then signs receipts of its own (sybil submitters,
 made-up jobs and certificates whose accept binds the forger to its own
@@ -17,6 +19,9 @@ address):
 - ``borrowed``: a line paying the forger, citing a real payout to another
   member at that member's address (its certificate binds the forger to its
   own address);
+- ``backdated``: the forger's own accept names a victim's payout address,
+  and its receipt, dated before the victim's, cites the victim's real payout
+  under the genuine payer (#16.2: it lacks the payer's co-signature);
 - ``tampered``: a genuine receipt with one byte of its signature changed.
 
 Reputation is computed twice with the core's ``compute_reputation``: from the
@@ -24,10 +29,9 @@ genuine receipts alone and from all of them.  ``receipts_forged_refused``
 counts the forged receipts refused (``Reputation.refused``);
 ``forger_score_gain_lamports`` is what the forgeries added to any score
 (0 when every one is refused).  The test-only mutation ``forgery_blind``
-(a verifier that believes every cited payment, as if it had no ledger)
-shows the forgers gaining.  A backdated receipt naming the victim's address
-in the forger's own accept is an open hole (docs/reputation.md) and is not
-one of the forgeries run here.
+(a verifier that believes every cited payment, as if it had no ledger, and
+every receipt co-signed, as if it did not check co-signatures) shows the
+forgers gaining.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import base58
 
 from p2pgpu.core import Identity
 from p2pgpu.core._formation_messages import Certificate
-from p2pgpu.core._receipt import Receipt, ReceiptLine, SettledLine, build_receipt, sign_receipt
+from p2pgpu.core._receipt import Receipt, ReceiptLine, SettledLine, build_receipt, cosign, sign_receipt
 from p2pgpu.core._reputation import VerifiedPayment, compute_reputation
 
 if TYPE_CHECKING:
@@ -61,9 +65,19 @@ class SimReceipts:
         self.paid_rows: dict[tuple[int, int], list[tuple[bytes, str, int]]] = {}
         self.certs: dict[int, Certificate] = {}
         self._batches = 0
+        self._payer_keys: dict[int, Identity] = {}
+
+    def payer_key(self, submitter: int) -> Identity:
+        """The submitter's payer keypair (derived from its payout key: no
+        draw from the run's random streams, so runs stay as they were)."""
+        key = self._payer_keys.get(submitter)
+        if key is None:
+            seed = hashlib.sha256(b"p2pgpu-sim/payer/" + self.flow.world.nodes[submitter].payout_address.encode())
+            key = self._payer_keys[submitter] = Identity(seed.digest())
+        return key
 
     def payer(self, submitter: int) -> str:
-        return self.flow.world.nodes[submitter].payout_address
+        return base58.b58encode(self.payer_key(submitter).public_key).decode()
 
     def on_confirmed(self, jid: int, cert: Certificate) -> None:
         if self.enabled:
@@ -108,6 +122,8 @@ class SimReceipts:
                               payer=self.payer(job.submitter), currency="SOL", settled_at_ms=w.node_now_ms(job.submitter),
                               lines=lines)
             if r is not None:
+                if r.payer:
+                    r = cosign(r, self.payer_key(job.submitter).sign)
                 out.append((sign_receipt(sub.identity, r), cert))
         return out
 
@@ -118,6 +134,7 @@ class SimReceipts:
         out: list[Any] = []
         bound: dict[bytes, dict[str, str]] = {}
         made = 0
+        keys = {self.payer(s): self.payer_key(s) for s in self.flow.submitters}
         for adv in w.adversaries:
             if adv.kind != "receipt_forger":
                 continue
@@ -128,20 +145,25 @@ class SimReceipts:
                 now = w.node_now_ms(node)
                 victim = next(((sr, ln) for sr, _c in genuine for ln in sr.receipt.lines
                                if ln.payments and ln.peer_id != me.identity.peer_id), None)
-                cites = [("invented", _tx(b"never-paid/" + me.identity.peer_id.encode()), 10**9)]
+                cites = [("invented", _tx(b"never-paid/" + me.identity.peer_id.encode()), 10**9, me.payout_address)]
                 if victim is not None:
                     tx, amount = victim[1].payments[0]
-                    cites.append(("borrowed", tx, amount))
-                for kind, tx, amount in cites:
+                    cites.append(("borrowed", tx, amount, me.payout_address))
+                    cites.append(("backdated", tx, amount, victim[1].address))  # its own accept names the victim's
+                for kind, tx, amount, addr in cites:
                     job = hashlib.sha256(f"forged/{kind}/{node}".encode()).hexdigest()
                     cert_hash = hashlib.sha256(b"cert/" + job.encode()).digest()
                     line = ReceiptLine(peer_id=me.identity.peer_id, outcome="paid", amount=amount,
-                                       address=me.payout_address, payments=((tx, amount),), proof_hash=b"")
+                                       address=addr, payments=((tx, amount),), proof_hash=b"")
                     payer = victim[0].receipt.payer if victim is not None else self.payer(node)
+                    at = victim[0].receipt.settled_at_ms - 1 if kind == "backdated" and victim is not None else now
                     r = Receipt(job_id=job, cert_hash=cert_hash, submitter=sybil.peer_id, payer=payer,
-                                currency="SOL", settled_at_ms=now, lines=(line,))
+                                currency="SOL", settled_at_ms=max(0, at), lines=(line,))
+                    if w.mutation == "forgery_blind" and payer in keys:
+                        # test-only breakage: as if co-signatures were not checked
+                        r = cosign(r, keys[payer].sign)
                     out.append(sign_receipt(sybil, r))
-                    bound[cert_hash] = {me.identity.peer_id: me.payout_address}
+                    bound[cert_hash] = {me.identity.peer_id: addr}
                     made += 1
                 if genuine:
                     wire = bytearray(genuine[0][0].wire)

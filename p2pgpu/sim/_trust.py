@@ -14,14 +14,19 @@ device it **really** has (an honest node: the model it advertises; a
 ``gpu_liar``: its ``real_model``).  A node that is down gives no answer.
 The outcome goes into the submitter's book after that elapsed time, and the
 book's ``view`` is applied to the adverts the job's candidates are matched
-from (``JobFlow.candidates``), as the node's advert book applies it.
+from (``JobFlow.candidates``), as the node's advert book applies it, and
+handed to the submitter's host (``Host(claims=)``): as on the node, the
+formation cores propose and confirm no member whose claim it refused
+(``core/_formation_rules.claim_fault``).
 
 What the run reports (``stats``): challenges issued, passed and failed,
 honest claims refused (should be none), and for the liars: jobs they were
 confirmed in before and after the job's submitter refused their claim, and
 how long after the start each liar was first refused.  The test-only
 mutation ``challenge_blind`` records every outcome as passed (a challenger
-that does not look), so that a test shows liars go undetected then.
+that does not look), so that a test shows liars go undetected then;
+``claims_ignored`` hands the hosts no verdicts (formation as before #16.1),
+so that a test shows refused liars still win jobs then.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from p2pgpu.core._challenge import (
     model_key,
     model_spec,
 )
+from p2pgpu.core._formation_rules import ClaimView
 
 if TYPE_CHECKING:
     from ._jobs import JobFlow
@@ -145,6 +151,14 @@ class Challenges:
                 self.first_refused_ms[node] = w.engine.now_us // 1000
 
     # -- what matching sees, and what liars won ------------------------------------------------------
+    def claims_of(self, node: int) -> ClaimView | None:
+        """The verdicts ``node``'s formation cores use (``Host(claims=)``):
+        its book's ``view`` if it challenges (a submitter), else none."""
+        book = self.books.get(node) if self.enabled else None
+        if book is None or self.flow.world.mutation == "claims_ignored":
+            return None  # test-only breakage: formation as before #16.1, blind to the verdicts
+        return book.view
+
     def view(self, submitter: int | None, adverts: list[Advert]) -> list[Advert]:
         """The adverts as the job's submitter's book lets matching see them."""
         book = self.books.get(submitter) if submitter is not None and self.enabled else None

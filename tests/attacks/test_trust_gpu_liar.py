@@ -14,6 +14,13 @@ not challenged yet, matches the liar for an H100 job; its own challenge of
 the claim ends late and refuses it, after which neither ``market.match`` nor
 the job dry run offers the liar for H100 work.  Node 0's challenge of node 2 for the CPU
 entry passes: an honest CPU backend passes a challenge sized for it.
+
+Then node 0 submits a real H100 job (#16.1).  Its matching no longer offers
+the liar, but the liar reads the manifest itself, volunteers on its own rank,
+leads (it is the only volunteer) and proposes itself with its signed accept.
+Before #16.1 node 0 confirmed that certificate: its claim verdicts shaped
+only its market.  Now its submitter core refuses it (``claim_refused``) and
+the liar never runs the job.
 """
 
 from __future__ import annotations
@@ -112,3 +119,23 @@ def test_a_gpu_liar_fails_its_challenge_and_is_not_chosen(tmp_path: Path, monkey
         cpu = honest.call("challenge.issue", {"peer_id": watcher.peer_id, "model": "cpu"}, timeout_s=120)
         assert cpu["n"] == 832 and cpu["outcome"] == "passed" and cpu["verdict"] == "believed", cpu
         assert liar.proc.poll() is None  # the liar was refused, not crashed
+
+        # A real H100 job from node 0: the refused liar volunteers on its own and
+        # proposes itself; node 0 refuses the certificate and never confirms it.
+        job_id = honest.call("job.submit", {"manifest": manifest})["job_id"]
+
+        def decided() -> dict[str, Any] | None:
+            doc: dict[str, Any] = honest.call("job.status", {"job_id": job_id})
+            f = doc["formation"]
+            return doc if f["certificates_refused"] >= 1 or f["state"] != "published" else None
+
+        doc = net.wait_until(decided, timeout_s=90, what="the liar's certificate to reach node 0")
+        assert doc["formation"]["last_refusal_code"] == "claim_refused", doc
+        assert liar.peer_id[:16] in doc["formation"]["last_refusal"] and not doc["cluster"]["members"], doc
+        # The liar did lead, and keeps trying: every certificate it makes is refused.
+        net.wait_until(lambda: honest.call("job.status", {"job_id": job_id})["formation"]["certificates_refused"]
+                       >= 2, timeout_s=60, what="the liar's next certificate")
+        final = honest.call("job.status", {"job_id": job_id})
+        assert final["formation"]["state"] in ("published", "failed") and not final["cluster"]["members"], final
+        theirs = liar.call("job.status", {"job_id": job_id})
+        assert theirs["state"] not in ("confirmed", "running", "succeeded") and not theirs["cluster"]["members"], theirs

@@ -5,30 +5,22 @@ TCP, Noise and Yamux on 127.0.0.1, and the bytes hash to the CID.  A CID the
 peer does not have ends in a bounded wait, not a hang.
 
 This is the feasibility check the issue asks for, not a manifest input yet
-(``docs/manifest.md``, "IPFS by CID", says what is missing).  The packages
-are installed with npm into a directory the test owns (under the system temp
-dir, reused between runs), without install scripts (``helia``'s own entry
-point loads WebRTC, whose native module cannot be built here, so the test
-uses its Bitswap directly).  Debian's Node 20 lacks ``Promise.withResolvers``,
-which newer js-libp2p dependencies call: ``js/polyfill.mjs`` adds it.
-Skipped, saying so, only when node or npm is absent.
+(``docs/manifest.md``, "IPFS by CID", says what is missing).  Helia's npm
+packages: ``helia_helpers.py``.  Multi-block files by CID, as a node fetches
+them for a manifest input: ``test_ipfs_cid_fetch.py``.
 """
 
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
-import json
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import multiaddr
 import pytest
 import trio
+from helia_helpers import helia_dir, helia_process
 from libp2p import new_host
 from libp2p.bitswap import BitswapClient
 from libp2p.bitswap.errors import TimeoutError as BitswapTimeout
@@ -40,39 +32,11 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 pytestmark = pytest.mark.processes
-JS_DIR = Path(tempfile.gettempdir()) / "p2pgpu-test-helia-bitswap"
-JS_SRC = Path(__file__).with_name("js")
-PACKAGES = {
-    "@helia/bitswap": "@helia/bitswap@2.2.0",
-    "libp2p": "libp2p@2.10.0",
-    "@libp2p/tcp": "@libp2p/tcp@10",
-    "@chainsafe/libp2p-noise": "@chainsafe/libp2p-noise@16",
-    "@chainsafe/libp2p-yamux": "@chainsafe/libp2p-yamux@7",
-    "@libp2p/identify": "@libp2p/identify@3",
-    "@libp2p/logger": "@libp2p/logger@5",
-    "blockstore-core": "blockstore-core@5",
-    "multiformats": "multiformats@13",
-}
 
 
 @pytest.fixture(scope="module")
 def js_dir() -> Path:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to run Helia's Bitswap (apt-get install nodejs npm)")
-    JS_DIR.mkdir(exist_ok=True)
-    # One install at a time: a parallel worker or another run on this machine may be filling the
-    # same directory (two npm installs into one node_modules break each other).
-    with open(JS_DIR.with_name(JS_DIR.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        missing = [spec for name, spec in PACKAGES.items() if not (JS_DIR / "node_modules" / name).exists()]
-        if missing:
-            (JS_DIR / "package.json").write_text('{"name": "p2pgpu-helia-test", "private": true, "type": "module"}\n')
-            r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", *missing], cwd=JS_DIR,
-                               capture_output=True, text=True, timeout=900, check=False)
-            assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
-        for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
-            shutil.copy(script, JS_DIR / script.name)
-    return JS_DIR
+    return helia_dir()
 
 
 def cid_sha256(cid: str) -> bytes:
@@ -105,26 +69,8 @@ async def fetch(addr: str, cid: str, timeout_s: float) -> bytes:
 
 
 async def serve_and(js_dir: Path, text: str, body: object) -> object:
-    proc = await trio.lowlevel.open_process(["node", str(js_dir / "helia_bitswap_serve.mjs"), text],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=js_dir)
-    try:
-        assert proc.stdout is not None
-        line = b""
-        with trio.fail_after(60):
-            while not line.endswith(b"\n"):
-                got = await proc.stdout.receive_some(4096)
-                assert got, "the Helia peer exited before it listened"
-                line += got
-        started = json.loads(line)
+    async with helia_process(js_dir, "helia_bitswap_serve.mjs", text) as started:
         return await body(started["addr"], started["cid"])  # type: ignore[operator]
-    finally:
-        if proc.stdin is not None:
-            await proc.stdin.aclose()  # the script stops on end of input
-        with trio.move_on_after(10):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_a_block_by_cid_from_helias_bitswap(js_dir: Path) -> None:

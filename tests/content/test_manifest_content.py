@@ -93,3 +93,59 @@ def test_hostile_wire_forms_are_the_senders_fault() -> None:
         with pytest.raises(PeerMisbehaved) as e:
             Manifest.from_obj(bad)
         assert e.value.reason is Reason.BAD_SCHEMA
+
+
+CID = "bafybeibab2wcwb2grtmf2fcsj2er4etl75gvx4y2lhjjj6q5sz7pwkecz4"
+PROV = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWLoKqDBNEyzZ8eZ6xUkptMbLH6NvAxEJXP8nH7HomZ5eH"
+
+
+def test_inputs_by_cid_round_trip_the_wire() -> None:
+    m = parse(f'[inputs]\n"w.bin" = {{ cid = "{CID}", size_bytes = 3000000, providers = ["{PROV}"] }}\n'
+              '"v0.bin" = { cid = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", size_bytes = 1, '
+              f'providers = ["{PROV}", "/dns4/ipfs.example.org/tcp/4001/p2p/{PROV.rsplit("/", 1)[1]}"] }}\n')
+    v0, w = m.inputs
+    assert (w.cid, w.size_bytes, w.providers, w.sha256) == (CID, 3000000, (PROV,), "")
+    assert len(v0.providers) == 2
+    assert verify_manifest(sign_manifest(ID, m).wire, now_ms=1000).manifest.inputs == m.inputs
+    assert set(m.to_obj()["inputs"][1]) == {"name", "cid", "size_bytes", "providers"}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (f'"a" = {{ cid = "bafyNOTACID", size_bytes = 1, providers = ["{PROV}"] }}', "inputs.a.cid"),
+    (f'"a" = {{ cid = "zb2rhe5P4gXftAwvA4eXQ5HJwsER2owDyS9sKaQRRVQPn93bA", size_bytes = 1, providers = ["{PROV}"] }}',
+     "inputs.a.cid"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 0, providers = ["{PROV}"] }}', "inputs.a.size_bytes"),
+    (f'"a" = {{ cid = "{CID}", providers = ["{PROV}"] }}', "inputs.a.size_bytes"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1 }}', "inputs.a.providers"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = [] }}', "inputs.a.providers"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = [{", ".join([chr(34) + PROV + chr(34)] * 9)}] }}',
+     "inputs.a.providers"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = ["/ip4/127.0.0.1/udp/4001/quic-v1"] }}',
+     "inputs.a.providers[0]"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = ["/ip4/127.0.0.1/tcp/4001"] }}', "inputs.a.providers[0]"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = ["/unix/tmp/s/p2p/12D3KooWLoKq"] }}',
+     "inputs.a.providers[0]"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = ["{PROV}"], sha256 = "{SHA}" }}', "inputs.a.sha256"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = "{PROV}" }}', "inputs.a.providers"),
+])
+def test_bad_cid_inputs_name_the_field(body: str, field: str) -> None:
+    with pytest.raises(ManifestError) as e:
+        parse(f"[inputs]\n{body}\n")
+    assert e.value.field == field, e.value
+
+
+def test_hostile_cid_inputs_on_the_wire_are_the_senders_fault() -> None:
+    m = parse(f'[inputs]\n"a.bin" = {{ cid = "{CID}", size_bytes = 5, providers = ["{PROV}"] }}\n')
+    obj = m.to_obj()
+    for mutate in (lambda o: o["inputs"][0].update(cid="bafy" + "a" * 200),
+                   lambda o: o["inputs"][0].update(cid="Qm123"),
+                   lambda o: o["inputs"][0].update(providers=[PROV] * 9),
+                   lambda o: o["inputs"][0].update(providers=["/ip4/10.0.0.1/tcp/1/p2p/" + "x" * 300]),
+                   lambda o: o["inputs"][0].update(providers=[]),
+                   lambda o: o["inputs"][0].update(sha256=SHA),
+                   lambda o: o["inputs"][0].update(size_bytes=0)):
+        bad = decode(encode(obj))
+        mutate(bad)
+        with pytest.raises(PeerMisbehaved) as e:
+            Manifest.from_obj(bad)
+        assert e.value.reason is Reason.BAD_SCHEMA, mutate

@@ -161,8 +161,8 @@ def _record_choices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str
     calls: list[tuple[str, list[str], set[str], list[str]]] = []
     original = FormationNode._choose_members
 
-    def choose(self: FormationNode, job: object) -> list[str]:
-        chosen = original(self, job)
+    def choose(self: FormationNode, job: object, now_ms: int) -> list[str]:
+        chosen = original(self, job, now_ms)
         heard = self._ranked(job)  # type: ignore[arg-type]
         adverts = job.adverts  # type: ignore[attr-defined]
         warm = {p for p in heard if adverts.get(p) is not None and digest(7) in adverts[p].images}

@@ -177,8 +177,9 @@ def test_payment_notices_count_only_from_the_jobs_submitter() -> None:
     job = "cd" * 32
     h = worker(1, submitter_of={job: SUB.peer_id}.get)
     body = {"type": "paid", "job_id": job, "proof_hash": b"\x01" * 32, "tx_signature": "5" * 88}
-    (notice,) = h.on_bytes(seal(SUB, Kind.RESULT, body).to_bytes(), T0, via=Via.DIRECT)
+    notice, ack = h.on_bytes(seal(SUB, Kind.RESULT, body).to_bytes(), T0, via=Via.DIRECT)
     assert notice == PaidNotice(job, b"\x01" * 32, "5" * 88, None)
+    assert isinstance(ack, Send) and ack.peer_id == SUB.peer_id  # acknowledged (#16.3: else resent)
     (refused,) = h.on_bytes(seal(Identity(bytes([9]) * 32), Kind.RESULT, body).to_bytes(), T0, via=Via.DIRECT)
     assert isinstance(refused, Refused) and refused.reason is Reason.UNKNOWN_JOB
 

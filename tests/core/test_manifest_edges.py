@@ -111,14 +111,14 @@ MISTAKES: list[tuple[str, str, str, str]] = [
     ("input field", M + "[inputs]\nx = { text = 'a', mode = 1 }\n", "inputs.x.mode", "unknown field"),
     ("input with none", M + "[inputs]\nx = { size_bytes = 1 }\n", "inputs.x",
      ('give exactly one of text = "...", base64 = "...", sha256 = "..." (with size_bytes, and url = "..." to fetch '
-     'it from there) or path = "..."')),
+     'it from there), cid = "..." (with size_bytes and providers) or path = "..."')),
     ("input with two", M + "[inputs]\nx = { text = 'a', sha256 = '" + SHA + "' }\n", "inputs.x",
      ('give exactly one of text = "...", base64 = "...", sha256 = "..." (with size_bytes, and url = "..." to fetch '
-     'it from there) or path = "..."')),
+     'it from there), cid = "..." (with size_bytes and providers) or path = "..."')),
     ("input not a table", M + "[inputs]\nx = 3\n", "inputs.x",
      ('give exactly one of text = "...", base64 = "...", sha256 = "..." (with size_bytes, and url = "..." to fetch '
-     'it from there) or path = "..."')),
-    ("inputs not a table", "inputs = 3\n" + M, "inputs", "must be a table of file name = { text | base64 | sha256 | url | path }"),
+     'it from there), cid = "..." (with size_bytes and providers) or path = "..."')),
+    ("inputs not a table", "inputs = 3\n" + M, "inputs", "must be a table of file name = { text | base64 | sha256 | url | cid | path }"),
     ("size -1", M + "[inputs]\nx = { sha256 = '" + SHA + "', size_bytes = -1 }\n", "inputs.x",
      "size_bytes out of range"),
     ("size over", M + "[inputs]\nx = { sha256 = '" + SHA + "', size_bytes = 1099511627777 }\n", "inputs.x",

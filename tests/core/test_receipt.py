@@ -58,7 +58,7 @@ def test_hostile_receipt_fields(change: dict[str, Any]) -> None:
     ["p", "no_proof", 0, "", "", b"x" * 31], ["p", "no_proof", True, "", "", b""],
 ])
 def test_hostile_receipt_lines(row: Any) -> None:
-    body = receipt("j1", [line(ALICE)]).to_obj()
+    body = receipt("j1", [line(ALICE)], cosigned=False).to_obj()
     body["lines"] = [row]
     with pytest.raises(PeerMisbehaved):
         decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body))
@@ -139,7 +139,7 @@ def test_a_line_lists_installments_and_remainder() -> None:
     from trust_fixtures import tx
     pays = [[tx("a"), 300], [tx("b"), 200]]
     pays.sort(key=lambda p: (-p[1], p[0]))
-    body = receipt("j1", [line(ALICE)]).to_obj()
+    body = receipt("j1", [line(ALICE)], cosigned=False).to_obj()
     body["lines"] = [_paid_row(pays, 500)]
     r = decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body)).receipt
     assert r.lines[0].amount == 500 and r.lines[0].tx_signatures == [p[0] for p in pays]
@@ -164,7 +164,7 @@ def _nine() -> list[list[Any]]:
     (_nine(), sum(p[1] for p in _nine())),                         # more than line_payments_max
 ])
 def test_hostile_line_payments(pays: Any, amount: int) -> None:
-    body = receipt("j1", [line(ALICE)]).to_obj()
+    body = receipt("j1", [line(ALICE)], cosigned=False).to_obj()
     body["lines"] = [_paid_row(pays, amount)]
     with pytest.raises(PeerMisbehaved) as exc:
         decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body))
@@ -174,7 +174,7 @@ def test_hostile_line_payments(pays: Any, amount: int) -> None:
 def test_a_full_payment_list_may_leave_the_smallest_out() -> None:
     from p2pgpu.core._receipt import line_payments_max
     eight = _nine()[:line_payments_max]
-    body = receipt("j1", [line(ALICE)]).to_obj()
+    body = receipt("j1", [line(ALICE)], cosigned=False).to_obj()
     body["lines"] = [_paid_row(eight, sum(p[1] for p in eight) + 99)]  # 99 more in a payment not listed
     assert decode_receipt(_sealed(SUBMITTER, Kind.RECEIPT, body)).receipt.lines[0].amount == 99 + sum(
         p[1] for p in eight)
@@ -194,7 +194,9 @@ def test_a_receipt_lists_at_most_receipt_payments_max_and_the_largest_fits() -> 
                             key=lambda p: (-p[1], p[0])))
         lines.append(ReceiptLine(peer_id=f"{i:02d}".ljust(64, "P"), outcome="paid", amount=sum(a for _, a in pays),
                                  address=address(str(i)), payments=pays, proof_hash=b"h" * 32))
-    big = replace(receipt("big", [line(ALICE)]), lines=tuple(lines))
+    from trust_fixtures import recosign
+
+    big = recosign(replace(receipt("big", [line(ALICE)]), lines=tuple(lines)))  # with the payer's co-signature
     assert len(sign_receipt(SUBMITTER, big).wire) <= Kind.RECEIPT.bytes_max
     assert per < line_payments_max
     extra = lines[0].payments + (("1".ljust(88, "y"), 1),)

@@ -109,7 +109,7 @@ def test_receipt_field_bounds() -> None:
     for over in ({"submitter": "s"}, {"submitter": "s" * 64}, {"currency": "c"}, {"currency": "c" * 64},
                  {"settled_at_ms": 0}, {"settled_at_ms": int_max}):
         assert replace(r, **over) is not None
-    assert replace(r, lines=(UNPAID,), payer="").payer == ""  # nothing paid: no payer needed
+    assert replace(r, lines=(UNPAID,), payer="", payer_signature=b"").payer == ""  # nothing paid: no payer needed
     bad: list[tuple[dict[str, Any], str]] = [
         ({"job_id": "AB" * 32}, "job_id is 64 hex characters and cert_hash 32 bytes"),
         ({"cert_hash": b"\x00" * 31}, "job_id is 64 hex characters and cert_hash 32 bytes"),
@@ -195,7 +195,8 @@ def test_signing_keeps_the_receipt() -> None:
 
 
 def receipt_wire(**over: Any) -> bytes:
-    return seal(SUBMITTER, Kind.RECEIPT, {**receipt("j", [PAID]).to_obj(), **over}).to_bytes()
+    # not co-signed: the payer's signature would cover the fields changed here
+    return seal(SUBMITTER, Kind.RECEIPT, {**receipt("j", [PAID], cosigned=False).to_obj(), **over}).to_bytes()
 
 
 def member_wire(**over: Any) -> bytes:

@@ -17,7 +17,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from trust_fixtures import ALICE, BOB, CAROL, MALLORY, SUBMITTER, T0, address, job_id, tx
+from trust_fixtures import ALICE, BOB, CAROL, MALLORY, SUBMITTER, T0, address, job_id, key_of, tx
 
 from p2pgpu.core import Identity, Kind, PeerMisbehaved, Reason, decode, encode
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
@@ -25,6 +25,7 @@ from p2pgpu.core._manifest import members_max
 from p2pgpu.core._receipt import (
     SettledLine,
     build_receipt,
+    cosign,
     decode_published,
     member_verdict,
     publish_wire,
@@ -58,6 +59,7 @@ def published(cert: Certificate | None = None, lines=None, signer=SUBMITTER) -> 
     r = build_receipt(job_id=cert.job_id, cert_hash=cert.digest, submitter=SUBMITTER.peer_id,
                       payer=address("payer"), currency="SOL", settled_at_ms=T0, lines=lines)
     assert r is not None
+    r = cosign(r, key_of(r.payer).sign)  # as the submitter's payer keypair does
     return publish_wire(sign_receipt(signer, r) if signer is SUBMITTER else _sign_as(signer, r), cert)
 
 

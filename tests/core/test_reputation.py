@@ -20,13 +20,14 @@ from trust_fixtures import (
     T0,
     address,
     job_id,
+    key_of,
     line,
     member_receipt,
     receipt,
     tx,
 )
 
-from p2pgpu.core import Kind, seal
+from p2pgpu.core import Kind, PeerMisbehaved, Reason, seal
 from p2pgpu.core._receipt import Receipt, sign_member_receipt, sign_receipt
 from p2pgpu.core._reputation import (
     VerifiedPayment,
@@ -247,42 +248,89 @@ def test_every_verified_installment_counts_and_only_those() -> None:
     assert rep.score(ALICE.peer_id).good == 900
 
 
-@pytest.mark.xfail(strict=True, reason="#16: a backdated receipt with the forger's own accept naming the victim's "
-                                       "payout address takes the victim's credit (not fixed yet)")
-def test_a_backdated_receipt_cannot_take_credit_for_someone_elses_payment() -> None:
-    """#16 (found while building receipts that cite installments): a forger can
-    take credit for someone else's real payment.
-    
-    Mallory controls a sybil submitter.  It signs a certificate for a job of its
-    own in which **its own accept names Alice's payout address** (an accept is
-    signed by the member alone: nothing ties a payout address to one peer), and
-    a receipt, dated one millisecond before Alice's genuine one, whose line pays
-    Mallory at that address, citing Alice's real payout transaction and naming
-    the genuine payer.  Every check of ``compute_reputation`` passes: the
-    signatures, the certificate binding (Mallory -> that address, as Mallory
-    signed it), the payer, the ledger transfer; and since each ``(transaction,
-    address)`` credits only the receipt taken first in ``(settled_at_ms,
-    digest)`` order, the backdated forgery takes Alice's credit.
-    
-    What would close it: a receipt line that proves its payment belongs to its
-    proof (the payout batch's Merkle root of ``(proof hash, address, amount)``
-    committed in the transaction, and an inclusion proof per cited payment), or
-    a receipt co-signed by the payer key.  Neither is built: this test is a
-    strict xfail until one is."""
+def _backdated_forgery(**cosign_kw: Any) -> tuple[Any, Any, dict[str, VerifiedPayment], dict[bytes, dict[str, str]]]:
+    """Alice's genuine receipt (paid 5,000,000 in ``tx("j")``) and Mallory's
+    forgery, dated before it, citing that payment under the genuine payer."""
     from p2pgpu.core._receipt import ReceiptLine
 
     payer = address("payer:" + SUBMITTER.peer_id)
     genuine = receipt("j", [line(ALICE, amount=5_000_000, txname="j")], at=T0)
     stolen = ReceiptLine(peer_id=MALLORY.peer_id, outcome="paid", amount=5_000_000,
                          address=address(ALICE.peer_id), payments=((tx("j"), 5_000_000),), proof_hash=b"")
-    sybil = IDS[6]
-    forged = receipt("f", [stolen], submitter=sybil, payer=payer, at=T0 - 1)
+    forged = receipt("f", [stolen], submitter=IDS[6], payer=payer, at=T0 - 1, **cosign_kw)
     ledger = {tx("j"): VerifiedPayment(tx_signature=tx("j"), payer=payer,
                                        transfers={address(ALICE.peer_id): 5_000_000})}
     # Each certificate as its accepts were signed: Alice's by Alice, Mallory's by Mallory.
     bound = {genuine.cert_hash: {ALICE.peer_id: address(ALICE.peer_id)},
              forged.cert_hash: {MALLORY.peer_id: address(ALICE.peer_id)}}
+    return genuine, forged, ledger, bound
+
+
+def test_a_backdated_receipt_cannot_take_credit_for_someone_elses_payment() -> None:
+    """#16.2 (found while building receipts that cite installments; a strict
+    xfail until the payer co-signed receipts): a forger took credit for
+    someone else's real payment.
+
+    Mallory controls a sybil submitter.  It signs a certificate for a job of its
+    own in which **its own accept names Alice's payout address** (an accept is
+    signed by the member alone: nothing ties a payout address to one peer), and
+    a receipt, dated one millisecond before Alice's genuine one, whose line pays
+    Mallory at that address, citing Alice's real payout transaction and naming
+    the genuine payer.  Every other check of ``compute_reputation`` passes: the
+    signatures, the certificate binding (Mallory -> that address, as Mallory
+    signed it), the payer, the ledger transfer; and since each ``(transaction,
+    address)`` credits only the receipt taken first in ``(settled_at_ms,
+    digest)`` order, the backdated forgery took Alice's credit.
+
+    Closed at the root: a receipt's payments count only when the payer's key
+    (the one that signed the transactions on the ledger) co-signed the
+    receipt.  Mallory does not hold it."""
+    genuine, forged, ledger, bound = _backdated_forgery(cosigned=False)
+    sybil = IDS[6]
     rep = compute_reputation([sign_receipt(SUBMITTER, genuine).wire, sign_receipt(sybil, forged).wire],
                              payments=ledger, now_ms=T0, cert_addresses=bound)
     assert rep.score(MALLORY.peer_id).good == 0
     assert rep.score(ALICE.peer_id).good == 5_000_000
+    assert [r.why for r in rep.refused] == ["its payer did not co-sign it: its payments verify nothing"]
+
+
+def test_a_forged_payer_co_signature_is_refused_at_decoding() -> None:
+    """The forger co-signs with a key of its own while naming the genuine
+    payer: the signature does not verify against the payer's address, and the
+    receipt is refused as forged (``BAD_SIGNATURE``) before any score."""
+    from p2pgpu.core._receipt import cosign, decode_receipt
+
+    _genuine, forged, _ledger, _bound = _backdated_forgery(cosigned=False)
+    mine = cosign(forged, IDS[6].sign)
+    with pytest.raises(ValueError, match="co-signature does not verify"):
+        sign_receipt(IDS[6], mine)  # our own code never signs one
+    wire = seal(IDS[6], Kind.RECEIPT, mine.to_obj()).to_bytes()
+    with pytest.raises(PeerMisbehaved) as exc:
+        decode_receipt(wire)
+    assert exc.value.reason is Reason.BAD_SIGNATURE
+    assert compute_reputation([wire], payments={}, now_ms=T0).refused[0].why.startswith("bad_signature")
+
+
+def test_a_forger_that_co_signs_as_its_own_payer_cites_nothing_it_paid() -> None:
+    """Naming a payer it holds the key of, the forger's co-signature verifies,
+    but the cited transaction was paid by another key: no credit."""
+    genuine, forged, ledger, bound = _backdated_forgery(cosigned=False)
+    own = address("mallory's own payer")
+    from dataclasses import replace
+
+    from p2pgpu.core._receipt import cosign
+
+    forged = cosign(replace(forged, payer=own), key_of(own).sign)
+    rep = compute_reputation([sign_receipt(SUBMITTER, genuine).wire, sign_receipt(IDS[6], forged).wire],
+                             payments=ledger, now_ms=T0, cert_addresses=bound)
+    assert rep.score(MALLORY.peer_id).good == 0 and rep.score(ALICE.peer_id).good == 5_000_000
+
+
+def test_the_payer_co_signature_is_what_separates_the_forgery() -> None:
+    """The same forgery with the genuine payer's co-signature (a payer that
+    colludes, or a stolen payer key) takes the credit: the co-signature is
+    the check that closes the hole, and it is not bypassed."""
+    genuine, forged, ledger, bound = _backdated_forgery()  # co-signed by the genuine payer's key
+    rep = compute_reputation([sign_receipt(SUBMITTER, genuine).wire, sign_receipt(IDS[6], forged).wire],
+                             payments=ledger, now_ms=T0, cert_addresses=bound)
+    assert rep.score(MALLORY.peer_id).good == decayed(5_000_000, 1) and rep.score(ALICE.peer_id).good == 0

@@ -9,7 +9,19 @@ from dataclasses import replace
 
 import pytest
 from test_reputation import PAYER, ledger
-from trust_fixtures import ALICE, BOB, CAROL, SUBMITTER, T0, address, line, member_receipt, receipt, tx
+from trust_fixtures import (
+    ALICE,
+    BOB,
+    CAROL,
+    SUBMITTER,
+    T0,
+    address,
+    line,
+    member_receipt,
+    receipt,
+    recosign,
+    tx,
+)
 
 from p2pgpu.core import _reputation
 from p2pgpu.core._receipt import SignedMemberReceipt, sign_member_receipt, sign_receipt
@@ -102,7 +114,7 @@ def test_each_reason_a_receipt_is_refused() -> None:
         Refused(digest=tag, why="no payment in it verified on the ledger")]
     assert compute_reputation([sr], payments=pays, now_ms=T0, cert_addresses={}).refused == [
         Refused(digest=tag, why="certificate unknown: payout addresses cannot be checked")]
-    again = sign_receipt(SUBMITTER, replace(r, settled_at_ms=T0 + 1))
+    again = sign_receipt(SUBMITTER, recosign(replace(r, settled_at_ms=T0 + 1)))
     assert compute_reputation([again, sr], payments=pays, now_ms=T0).refused == [
         Refused(digest=again.digest.hex()[:16], why="a second receipt for the same job")]  # the older one counts
     assert compute_reputation([b"\x00", sr.wire], payments=pays, now_ms=T0).refused == [

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import base58
+import nacl.signing
 import pytest
 
 from p2pgpu.core import Accept, Certificate, Identity, Kind, Proposal, decode, encode, open_envelope, seal
@@ -56,12 +58,19 @@ from p2pgpu.core._receipt import (
     ReceiptLine,
     decode_member_receipt,
     decode_receipt,
+    payer_message,
     sign_member_receipt,
     sign_receipt,
+)
+from p2pgpu.core._receipt import (
+    cosign as cosign_receipt,
 )
 
 VECTORS = Path(__file__).resolve().parent.parent / "data" / "vectors.json"
 ADDRESS = "4wBqpZM9xaSheZzJSMawUKKwhdpChKbZ5eu5ky4Vigw"
+#: The receipt's payer: a Solana keypair (the base58 of its Ed25519 public key
+#: is its address), which co-signs the receipt (#16.2).
+PAYER_SEED = bytes(range(96, 128))
 SEEDS = {"alice": bytes(range(32)), "bob": bytes(range(32, 64)), "carol": bytes(range(64, 96))}
 T0 = 1_700_000_000_000
 
@@ -154,15 +163,19 @@ def build() -> dict[str, Any]:
     out["cosign"] = _signed(Kind.COSIGN, cosign.to_obj(), sc.wire, digest=sc.envelope.digest)
 
     tx_sig = "5" + "K" * 86  # 87 base58 characters, the shape of a transaction signature
-    rc = Receipt(job_id=job_id, cert_hash=cert.digest, submitter=bob.peer_id, payer=ADDRESS, currency="SOL",
+    payer_key = Identity(PAYER_SEED)
+    payer = base58.b58encode(payer_key.public_key).decode()
+    rc = Receipt(job_id=job_id, cert_hash=cert.digest, submitter=bob.peer_id, payer=payer, currency="SOL",
                  settled_at_ms=T0 + 60_000, lines=tuple(sorted((
                      # paid in two transactions: an installment and the remainder (#16)
                      ReceiptLine(peer_id=alice.peer_id, outcome="paid", amount=13_888, address=ADDRESS,
                                  payments=((tx_sig, 10_000), ("4" + "J" * 86, 3_888)), proof_hash=sp.proof_hash),
                      ReceiptLine(peer_id=carol.peer_id, outcome="no_proof", amount=0, address="", payments=(),
                                  proof_hash=b"")), key=lambda ln: ln.peer_id)))
+    rc = cosign_receipt(rc, payer_key.sign)
     sr = sign_receipt(bob, rc)
-    out["receipt"] = _signed(Kind.RECEIPT, rc.to_obj(), sr.wire, digest=sr.digest)
+    out["receipt"] = _signed(Kind.RECEIPT, rc.to_obj(), sr.wire, digest=sr.digest, payer_seed=PAYER_SEED,
+                             payer_message=payer_message(rc))
     mr = MemberReceipt(job_id=job_id, cert_hash=cert.digest, member=alice.peer_id, submitter=bob.peer_id,
                        owed=13_888, received=13_888, tx_signature=tx_sig, verdict="on_time",
                        reported_at_ms=T0 + 61_000)
@@ -264,6 +277,14 @@ def test_vectors_are_independent_of_the_code_that_wrote_them(vectors: dict[str, 
     assert sha(b"p2pgpu/challenge-matrix/v1\x00" + seed + b"B").hexdigest() == chv["matrix_key_b"]
     assert sha(b"p2pgpu/challenge-commit/v1\x00" + bytes.fromhex(chv["digest"]) + bytes.fromhex(
         chv["product_mod_p"])).hexdigest() == chv["commitment"]
+    # The payer's co-signature of the receipt (#16.2): Ed25519 by the key whose
+    # base58 is the payer's address, over its tag and the body without that field.
+    rv = vectors["receipt"]
+    body = decode(bytes.fromhex(rv["body"]))
+    cosig = body.pop("payer_signature")
+    message = b"p2pgpu/receipt-payer/v1\x00" + encode(body)
+    assert message.hex() == rv["payer_message"]
+    nacl.signing.VerifyKey(base58.b58decode(body["payer"])).verify(message, cosig)
     # DHT keys.
     adv = vectors["advert"]
     assert adv["class_key"] == "1220" + sha(f"/p2pgpu/class/{adv['gpu_class']}".encode()).hexdigest()

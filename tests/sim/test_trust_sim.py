@@ -77,6 +77,38 @@ def test_a_refused_liar_is_out_of_its_submitters_candidates(honest_run: Any) -> 
         assert seen.gpus == () and seen.gpus_free == 0
 
 
+#: Many liars among few nodes: before #16.1 a refused liar won jobs in every
+#: seed of this (its submitter refused its claim, but it volunteered on its own
+#: rank and the leader and the submitter took it).
+LIARS: dict[str, Any] = {**SMALL, "run": {**SMALL["run"], "nodes": 30},
+                         "adversary": [{**SMALL["adversary"][0], "count": 8}, *SMALL["adversary"][1:]]}
+
+
+def _liars_win_nothing_after_refusal(runs: list[Any]) -> None:
+    for r in runs:
+        assert r.ok, r.violations
+        assert r.summary["gpu_liar_jobs_after_refusal"] == 0, r.summary
+    # Not vacuous: liars were refused, and won jobs until then.
+    assert sum(r.summary["gpu_liars_refused"] for r in runs) > 0
+    assert sum(r.summary["gpu_liar_jobs_before_refusal"] for r in runs) > 0
+
+
+def test_a_refused_gpu_liar_wins_no_job_after_its_refusal() -> None:
+    """#16.1: the submitter's verdicts reach its formation cores
+    (``Host(claims=)``): it confirms no certificate naming a liar it refused,
+    and proposes none when it leads."""
+    _liars_win_nothing_after_refusal([_run(LIARS, seed) for seed in (1, 2, 3)])
+
+
+def test_formation_blind_to_verdicts_lets_refused_liars_win() -> None:
+    """The check above fails when the cores get no verdicts (mutation
+    ``claims_ignored``: formation as it was before #16.1)."""
+    runs = [_run(LIARS, seed, mutation="claims_ignored") for seed in (1, 2, 3)]
+    assert sum(r.summary["gpu_liar_jobs_after_refusal"] for r in runs) > 0
+    with pytest.raises(AssertionError):
+        _liars_win_nothing_after_refusal(runs)
+
+
 def test_workers_exposure_to_a_never_paying_submitter_is_bounded(honest_run: Any) -> None:
     s = honest_run.summary
     assert s["unpaid_stops"] > 0 and 0 < s["unpaid_exposure_ms_max"] <= s["unpaid_exposure_bound_ms"]
@@ -94,8 +126,9 @@ def test_the_shipped_scenario_parses() -> None:
 
 def _forgeries_refused(s: dict[str, Any]) -> None:
     assert s["receipts_signed"] > 0 and s["paid_peers_with_a_score"] > 0, s
-    # 2 forgers x (an invented payment, a borrowed one, a tampered receipt)
-    assert s["receipts_forged"] == 6 and s["receipts_forged_refused"] == 6, s
+    # 2 forgers x (an invented payment, a borrowed one, a backdated one naming the
+    # victim's address in its own accept (#16.2), a tampered receipt)
+    assert s["receipts_forged"] == 8 and s["receipts_forged_refused"] == 8, s
     assert s["forger_score_gain_lamports"] == 0, s
 
 

@@ -48,7 +48,11 @@ def js_dir() -> Path:
                                capture_output=True, text=True, timeout=600, check=False)
             assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
         for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
-            shutil.copy(script, JS_DIR / script.name)
+            dest = JS_DIR / script.name
+            if not dest.exists() or dest.read_bytes() != script.read_bytes():
+                # Aside, then renamed: a worker may be running the script that is there now.
+                shutil.copy(script, dest.with_name(dest.name + ".new"))
+                dest.with_name(dest.name + ".new").replace(dest)
     return JS_DIR
 
 
