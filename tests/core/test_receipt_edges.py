@@ -232,6 +232,8 @@ RECEIPT_REFUSED: list[tuple[dict[str, Any], str]] = [
      "a line lists all its payments, or its 8 largest"),
     ({"payer": ""}, "a receipt with payments names its payer"),
     ({"extra": 1}, "extra: unknown field"),
+    ({"payer_signature": b"\x00" * 63}, "payer_signature: length must be in [64, 64]"),
+    ({"payer_signature": "s" * 64}, "payer_signature: must be bytes"),
 ]
 
 
@@ -263,6 +265,22 @@ def test_member_receipt_decoder_names_the_field(over: dict[str, Any], why: str) 
     err = refused(decode_member_receipt, member_wire(**over))
     assert err.reason is Reason.BAD_SCHEMA
     assert err.detail.startswith(why), err.detail
+
+
+def test_a_payer_signature_that_does_not_verify_is_refused() -> None:
+    """#16.2: 64 bytes that are not the payer key's signature of this receipt
+    (zeros; the submitter's own key's; the payer's, of another receipt)."""
+    from trust_fixtures import key_of
+
+    from p2pgpu.core._receipt import payer_message
+
+    r = receipt("j", [PAID], cosigned=False)
+    other = receipt("other", [PAID], cosigned=False)
+    for sig in (b"\x00" * 64, SUBMITTER.sign(payer_message(r)), key_of(r.payer).sign(payer_message(other))):
+        err = refused(decode_receipt, receipt_wire(payer_signature=sig))
+        assert err.reason is Reason.BAD_SIGNATURE, sig
+    good = key_of(r.payer).sign(payer_message(r))
+    assert decode_receipt(receipt_wire(payer_signature=good)).receipt.cosigned
 
 
 def test_decoders_take_the_smallest_valid_fields() -> None:
