@@ -115,7 +115,8 @@ def test_public_explorer_attacks(tmp_path: Path) -> None:
             # Requests until refused: however slow this machine, no more get through than the
             # bucket held plus what it refilled meanwhile (not a fixed count: under load 150
             # requests take seconds, and the refill lets more through).
-            limits, codes = RateLimiter(), []
+            limits = RateLimiter()
+            codes: list[int] = []
             t0 = time.monotonic()
             while 429 not in codes and len(codes) < 2_000:
                 codes.append(get(url + "/api/summary")[0])
