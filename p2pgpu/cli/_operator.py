@@ -129,6 +129,9 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415 - heavy imports only for the daemon
 
     from p2pgpu.node import Node, NodeOptions  # noqa: PLC0415
+    from p2pgpu.node._patches import tune_malloc  # noqa: PLC0415
+
+    tune_malloc()  # large transfer buffers reused, not mapped and unmapped per frame (_patches.py, B4)
 
     try:
         log_format = setup_logging(args.log_level, args.log_format)

@@ -114,6 +114,9 @@ class BlobStore:
                         "last_used_ms INTEGER NOT NULL)")
         self._x("CREATE TABLE IF NOT EXISTS pins (sha256 TEXT NOT NULL, owner TEXT NOT NULL, "
                         "PRIMARY KEY (sha256, owner))")
+        # Which IPFS CID a blob was fetched as (inputs by CID: node/_bitswap.py),
+        # so a later job naming the same CID starts from the store.
+        self._x("CREATE TABLE IF NOT EXISTS cids (cid TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
         self._reconcile(now_ms)
 
     def _x(self, sql: str, args: tuple[object, ...] = ()) -> _Rows:
@@ -242,6 +245,19 @@ class BlobStore:
     def unpin(self, owner: str) -> None:
         self._x("DELETE FROM pins WHERE owner = ?", (owner,))
 
+    # ----------------------------------------------------------- IPFS CIDs
+
+    def note_cid(self, cid: str, sha256: str) -> None:
+        """Remember that the file IPFS names ``cid`` is blob ``sha256`` (after
+        every block of it was checked against its CID)."""
+        self._x("INSERT OR REPLACE INTO cids VALUES (?, ?)", (cid, check_hex(sha256)))
+
+    def blob_of_cid(self, cid: str, size: int) -> BlobTree | None:
+        """The blob fetched as ``cid``, if it is still here and ``size`` bytes."""
+        row = self._x("SELECT c.sha256 FROM cids c JOIN blobs b ON b.sha256 = c.sha256 WHERE c.cid = ? AND b.size = ?",
+                      (cid, size)).fetchone()
+        return self.tree(row[0]) if row is not None else None
+
     # ------------------------------------------------------------ eviction
 
     def reserve(self, size: int, now_ms: int, *, keep: tuple[str, ...] = ()) -> list[str]:
@@ -274,6 +290,7 @@ class BlobStore:
         check_hex(sha256)
         self._x("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
         self._x("DELETE FROM pins WHERE sha256 = ?", (sha256,))
+        self._x("DELETE FROM cids WHERE sha256 = ?", (sha256,))
         for fd in (self._data_fd, self._tree_fd):
             try:
                 os.unlink(sha256, dir_fd=fd)

@@ -49,8 +49,11 @@ class Kind(str, Enum):
 
     @property
     def domain_tag(self) -> bytes:
-        return f"p2pgpu/{self.value}/v{protocol_version}\x00".encode()
+        return _DOMAIN_TAGS[self]
 
+
+#: What each kind's signatures and digests are bound to, made once.
+_DOMAIN_TAGS: dict[Kind, bytes] = {k: f"p2pgpu/{k.value}/v{protocol_version}\x00".encode() for k in Kind}
 
 _BYTES_MAX: dict[Kind, int] = {
     Kind.ADVERT: 8 * 1024,

@@ -740,11 +740,17 @@ class SignedManifest:
 
     manifest: Manifest
     envelope: Envelope
+    #: sha256 (hex) of the canonical manifest body, computed once (every core
+    #: asks for it on every message: a hot path in #13's profile).
+    _job_id: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_job_id", self.envelope.digest.hex())
 
     @property
     def job_id(self) -> str:
         """sha256 (hex) of the canonical manifest body: the job's name everywhere."""
-        return self.envelope.digest.hex()
+        return self._job_id
 
     @property
     def wire(self) -> bytes:

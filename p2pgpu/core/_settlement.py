@@ -31,8 +31,9 @@ or stopped job included): ``owed`` pays verified proofs for their time,
 whatever their exit status.  A member whose every peer went silent (they
 crashed, or a partition cut it off from them all) has nobody left to co-sign
 its proof; then the submitter's window alone bounds it, as it bounds a lone
-member (the co-signature is asked for only when another member was there to
-give one: it co-signed someone).
+member (the co-signature is asked for only of a member that was there to
+give one, it co-signed someone, and that this member heard: its own
+co-signature of it is in).
 
 After a restart the driver hands back what it stored (:meth:`Settlement.restore`):
 the collection is rebuilt from the stored items in the order they came, and
@@ -524,8 +525,11 @@ class Settlement:
         sm, cert = c.sm, c.cert
         members = list(cert.members)
         # A co-signature is asked for only from members that were there to give
-        # one (they co-signed someone): a member whose every peer went silent
-        # has nobody left to vouch for it, and the window bounds it alone.
+        # one (they co-signed someone) and that this member heard itself (its
+        # own co-signature of them): a member whose every peer went silent, or
+        # that a partition kept from every member still watching, has nobody
+        # left to vouch for it, and the window bounds it alone.  (A watcher it
+        # never heard saw nothing of it either: its silence says nothing.)
         watchers = {obs for obs, _subject in c.cosigns}
         verified: dict[str, Any] = {}
         refused: dict[str, tuple[str, str]] = {}
@@ -533,7 +537,7 @@ class Settlement:
             sp = c.proofs.get(peer)
             if sp is None:
                 continue
-            others = [m for m in members if m != peer and m in watchers]
+            others = [m for m in members if m != peer and m in watchers and (peer, m) in c.cosigns]
             terms = ProofTerms.from_manifest(sm, cosigns_min=1 if others else 0, **self._tolerance)
             window = Window(confirmed_at_ms=c.confirmed_at_ms, results_at_ms=c.results_at_ms.get(peer, now_ms))
             cosigns = [w for (obs, subj), w in sorted(c.cosigns.items()) if subj == peer]
@@ -555,7 +559,8 @@ class Settlement:
         prepaid = self.prepaid(c.job_id, peer)
         if sp is None:
             return MemberLine(peer_id=peer, member_index=index, status="missing", amount=0,
-                              reason=STATUS_WORDS["missing"], payout_address=address, prepaid=prepaid)
+                              reason=STATUS_WORDS["missing"], payout_address=address, prepaid=prepaid,
+                              cosigns=tuple(w for (_obs, subj), w in sorted(c.cosigns.items()) if subj == peer))
         p = sp.proof
         if row is None:
             status, amount, reason = "rejected", 0, f"{STATUS_WORDS['rejected']} ({refusal[1]})"

@@ -11,7 +11,8 @@ CID names, whether the DAG stays within its limits, the file's bytes in
 order) are the pure core's (``core/_ipfs.py``); this module only moves
 bytes: it dials the providers, sends wants, hands blocks over and writes the
 file into the store as it grows (:meth:`BlobStore.incoming`: a failed fetch
-leaves nothing behind).
+leaves nothing behind).  The store remembers which CID a blob was fetched as,
+so a later job naming the same CID (and size) starts from the store.
 
 Why not py-libp2p's ``BitswapClient``: it keeps every block in memory, drops
 a wrong block silently (the fetch then times out with no reason), and has no
@@ -141,7 +142,10 @@ class BitswapService:
                         continue
             for ev in events:
                 for f in fetches:
-                    await f.send.send(ev)
+                    try:
+                        await f.send.send(ev)
+                    except trio.BrokenResourceError:
+                        pass  # that fetch has ended (its receiving end is closed): nobody wants this block
 
     async def fetch(self, store: BlobStore, cid_text: str, size: int, providers: list[str], *, now_ms: int,
                     stall_s: float = stall_s_default,
@@ -153,6 +157,11 @@ class BitswapService:
             root = parse_cid(cid_text)
         except ValueError as exc:
             raise CidError(f"CID {cid_text}: {exc}") from None
+        cached = store.blob_of_cid(str(root), size)
+        if cached is not None:  # fetched, and every block checked, for an earlier job
+            store.touch(cached.sha256.hex(), now_ms)
+            self.counts["bitswap:from_store"] += 1
+            return cached
         walk = DagWalk(root, size_bytes=size, limits=self.limits)
         peers, failed = await self._connect(providers)
         if not peers:
@@ -204,6 +213,7 @@ class BitswapService:
         except StoreError as exc:
             raise CidError(f"CID {cid_text}: {exc}") from None
         finally:
+            recv.close()  # a provider's handler blocked on a full queue is released at once
             for p in peers:
                 left = [f for f in self._fetches.get(p, []) if f is not fetch]
                 if left:
@@ -217,6 +227,7 @@ class BitswapService:
                     except BaseLibp2pError:
                         pass  # already gone
         assert inc.tree is not None
+        store.note_cid(str(root), inc.tree.sha256.hex())
         self.counts["bitswap:fetched"] += 1
         return inc.tree
 

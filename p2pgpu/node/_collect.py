@@ -30,7 +30,6 @@ came.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from p2pgpu.core import Kind, PeerMisbehaved, encode
@@ -49,6 +48,8 @@ from p2pgpu.core._codec import decode
 from p2pgpu.core._formation_messages import Certificate
 from p2pgpu.core._settlement import DEFAULT_SETTLEMENT, ProofAck, ack_wire, item_hash, settle_key
 
+from ._kept_logs import KeptLogs
+
 if TYPE_CHECKING:
     from p2pgpu.core._settlement import Collection
 
@@ -61,9 +62,10 @@ log = logging.getLogger("p2pgpu.collect")
 #: After a restart, how long an unsettled collection waits at least for the
 #: members' resends (the settlement core's setting, named here for the docs).
 reopen_grace_ms = DEFAULT_SETTLEMENT.reopen_grace_ms
-#: Jobs whose collected log lines stay in memory for ``job logs`` (older
-#: ones are read back from the store).
+#: Jobs whose collected log lines stay in memory for ``job logs``, and the
+#: bytes of those lines in all (older ones are read back from the store).
 log_jobs_kept_max = 64
+log_bytes_kept_max = 32 << 20
 
 
 class Collector:
@@ -72,7 +74,7 @@ class Collector:
     def __init__(self, jobs: JobsService) -> None:
         self.jobs = jobs
         #: job -> its collected log lines (the most recent jobs only).
-        self.logs: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.logs = KeptLogs(jobs_max=log_jobs_kept_max, bytes_max=log_bytes_kept_max)
 
     @property
     def collections(self) -> dict[str, Collection]:
@@ -104,14 +106,8 @@ class Collector:
                             wire=a.wire, now_ms=a.received_ms)
 
     def logs_taken(self, a: LogsTaken, *, store: bool = True) -> None:
-        lines = self.logs.get(a.job_id)
-        if lines is None:
-            lines = self.logs[a.job_id] = []
-            while len(self.logs) > log_jobs_kept_max:
-                self.logs.popitem(last=False)
-        self.logs.move_to_end(a.job_id)
-        lines += [{"t_ms": t, "stream": stream, "line": text, "member": a.member, "member_index": a.member_index}
-                  for t, stream, text in a.lines]
+        self.logs.add(a.job_id, [{"t_ms": t, "stream": stream, "line": text, "member": a.member,
+                                  "member_index": a.member_index} for t, stream, text in a.lines])
         if store and a.wire and self._db is not None:
             from p2pgpu.store import add_log_batch
 
@@ -135,7 +131,7 @@ class Collector:
         """The verdicts, what they owe, the job's outcome and the collection's
         "settled" flag: all or nothing."""
         jobs = self.jobs
-        rec = jobs.records.get(a.job_id)
+        rec = jobs.record(a.job_id)
         if rec is not None:
             rec.state = "succeeded" if a.succeeded else "failed"
             rec.reason = a.reason
@@ -154,7 +150,7 @@ class Collector:
 
     def late_line(self, a: LateLine) -> None:
         """A proof owed after the job settled (it came late, but in time)."""
-        rec = self.jobs.records.get(a.job_id)
+        rec = self.jobs.record(a.job_id)
         if rec is not None:
             rows = [r for r in rec.extra.get("proofs", []) if r.get("worker") != a.line.peer_id]
             rec.extra["proofs"] = [*rows, a.line.to_json()]
@@ -207,7 +203,7 @@ class Collector:
         jobs = self.jobs
         reopened = 0
         for row in open_collections(self._db):
-            rec = jobs.records.get(row["job_id"])
+            rec = jobs.record(row["job_id"])
             if rec is None or row["job_id"] in self.collections:
                 continue
             try:
@@ -245,7 +241,7 @@ class Collector:
         from p2pgpu.store import collection_row, log_batches
 
         row = collection_row(self._db, job_id)
-        rec = self.jobs.records.get(job_id)
+        rec = self.jobs.record(job_id)
         if row is None or rec is None:
             return None
         try:

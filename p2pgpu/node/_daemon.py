@@ -671,7 +671,10 @@ class Node:
         if self.receipts.last is not None:
             for pid in self.receipts.last.with_record(cap // 2):
                 out[pid] = None
-        for rec in self.jobs.records.ours_newest_first():  # strangers' jobs name nobody we work with
+        # Strangers' jobs name nobody we work with; our live jobs first, then
+        # the ended ones read back lately (the rest are only in the store).
+        ended = [rec for rec, _size in reversed(self.jobs.ended.values())]
+        for rec in [*self.jobs.records.ours_newest_first(), *ended]:
             if len(out) >= cap:
                 break
             if not rec.members:
@@ -888,6 +891,7 @@ class Node:
             "adverts_share_max": self.book.largest_share(),
             "gossip_ignored": self.stack.pubsub.ignored,
             "jobs": self.jobs.counts_by_state(),
+            "jobs_in_memory": self.jobs.memory(),
             "sandbox": self.sandbox_reason or "ok",
             "uptime_s": round(trio.current_time() - self.started_at_s, 3),
             "network": self.network.name,

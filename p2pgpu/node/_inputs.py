@@ -165,7 +165,7 @@ def release_ended_input_pins(node: Node) -> list[str]:
     released = []
     for owner in store.pin_owners(SUBMIT_PIN_PREFIX, limit=input_pins_checked_max):
         job_id, _, deadline = owner[len(SUBMIT_PIN_PREFIX):].partition(":")
-        rec = node.jobs.records.get(job_id)
+        rec = node.jobs.record(job_id)
         if submitted_inputs_done(None if rec is None else rec.state, now_ms=now,
                                  deadline_ms=int(deadline) if deadline.isdigit() else 0):
             store.unpin(owner)

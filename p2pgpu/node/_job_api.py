@@ -138,27 +138,26 @@ def job_handlers(node: Node) -> dict[str, Any]:
         doc = jobs.status(job_id)
         if doc is None:
             raise _unknown(job_id)
-        rec = jobs.records.get(doc["job_id"])
+        rec = jobs.record(doc["job_id"])
         if rec is not None and node.blobs is not None:
             doc["inputs"] = input_transfers(node, rec)
         if doc["state"] == "failed" and not doc["cluster"]["members"] and "submitter" in doc["roles"]:
             # Formation failed: say, against the market as it is now, which
             # requirement leaves too few peers (e.g. none can run the runtime).
-            rec = jobs.records.get(doc["job_id"])
+            rec = jobs.record(doc["job_id"])
             if rec is not None:
                 doc["explain"] = dry_run(node, rec.manifest.manifest)
         return doc
 
     async def list_jobs(params: dict[str, Any]) -> list[dict[str, Any]]:
-        recs = sorted((r for r in jobs.records.values() if r.roles), key=lambda r: (r.seen_at_ms, r.job_id))
-        return [r.to_json() for r in recs]
+        return jobs.listed()
 
     async def cancel(params: dict[str, Any]) -> dict[str, Any]:
         job_id = params.get("job_id")
         if not isinstance(job_id, str):
             raise ControlError("job_id is required", code="bad_params")
         if job_id not in jobs.submitter.jobs:
-            if job_id not in jobs.records:
+            if jobs.record(job_id) is None:
                 raise _unknown(job_id)
             raise ControlError(f"job {job_id} was not submitted by this node; only its submitter can cancel it",
                                code="not_submitter", details={"job_id": job_id})
@@ -175,7 +174,7 @@ def job_handlers(node: Node) -> dict[str, Any]:
             raise ControlError(f"since must be a whole number >= 0 and limit between 1 and {log_lines_per_call_max}",
                                code="bad_params")
         lines = jobs.logs_of(job_id)
-        if not lines and job_id not in jobs.records:
+        if not lines and jobs.record(job_id) is None:
             raise _unknown(job_id)
         return lines[since:since + limit]
 

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -130,6 +131,12 @@ NODE_FORMATION = FormationConfig(per_job_topics=False, member_timeout_ms=600, le
 records_max = 10_000
 records_per_submitter_max = 256
 own_records_max = 10_000
+#: Our own records in a final state stay in the store, not in memory (#13:
+#: 5,000 settled jobs' records, proofs and outputs included, were +26 MB of a
+#: daemon's memory); the most recently used of them are kept here, at most
+#: this many and this many bytes of their stored JSON.
+ended_cached_max = 64
+ended_cached_bytes_max = 1 << 20
 #: Balance lookups waiting at once (the payer gate).
 balance_checks_max = 1024
 #: Payment notices waiting for their ledger lookup (then dropped: the submitter resends).
@@ -207,6 +214,10 @@ class JobsService:
         self.adversary = ""
         self.records: OwnedTable[str, JobRecord] = OwnedTable(
             theirs_max=records_max, per_owner_max=records_per_submitter_max, ours_max=own_records_max)
+        #: Stored records of ended jobs read back lately (see ``record``):
+        #: job id -> (record, bytes of its stored JSON), least recently used first.
+        self.ended: OrderedDict[str, tuple[JobRecord, int]] = OrderedDict()
+        self.ended_bytes = 0
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
@@ -297,7 +308,7 @@ class JobsService:
         return view(advert, now_ms) if view is not None else advert
 
     def _submitter_of(self, job_id: str) -> str | None:
-        rec = self.records.get(job_id)
+        rec = self.record(job_id)
         return rec.manifest.manifest.submitter if rec is not None else None
 
     # -------------------------------------------------------------- inbound
@@ -390,13 +401,13 @@ class JobsService:
             total = len(self.node.inventory.gpus)
             self.node.gpus_reserved = max(0, total - a.gpus_free)
             self.node.capacity_changed()
-            rec = self.records.get(a.job_id)
+            rec = self.record(a.job_id)
             if rec is not None and isinstance(a, Reserved) and rec.state == "seen":
                 rec.state = "reserved"
         elif isinstance(a, JobSeen):
             self._record(a.manifest, now)
         elif isinstance(a, NotVolunteering):
-            rec = self.records.get(a.job_id)
+            rec = self.record(a.job_id)
             if rec is not None:
                 rec.reason = a.reason
             log.info("not volunteering for %s: %s", a.job_id[:12], a.reason)
@@ -405,7 +416,7 @@ class JobsService:
         elif isinstance(a, StartJob):
             self._on_start(a)
         elif isinstance(a, StopJob):
-            rec = self.records.get(a.job_id)
+            rec = self.record(a.job_id)
             if rec is not None and rec.state in ("confirmed", "running"):
                 rec.reason = a.reason
             if self.on_stop is not None:
@@ -413,14 +424,14 @@ class JobsService:
         elif isinstance(a, Confirmed):
             self._on_confirmed(a, now)
         elif isinstance(a, (Failed, Cancelled)):
-            rec = self.records.get(a.job_id)
+            rec = self.record(a.job_id)
             if rec is not None:
                 rec.state = "failed" if isinstance(a, Failed) else "cancelled"
                 rec.reason = a.reason
                 rec.ended_at_ms = now
                 self.persist(a.job_id)
         elif isinstance(a, MemberLost):
-            rec = self.records.get(a.job_id)
+            rec = self.record(a.job_id)
             if rec is not None and a.peer_id not in rec.extra.setdefault("lost_members", []):
                 rec.extra["lost_members"].append(a.peer_id)
             if self.runner_obj is not None:
@@ -515,7 +526,7 @@ class JobsService:
 
     def _on_confirmed(self, a: Confirmed, now: int) -> None:
         sub = self.host.submitter.jobs.get(a.job_id)
-        rec = self._record(sub.sm, now, ours=True) if sub is not None else self.records.get(a.job_id)
+        rec = self._record(sub.sm, now, ours=True) if sub is not None else self.record(a.job_id)
         if rec is not None:
             if sub is not None and "submitter" not in rec.roles:
                 rec.roles.append("submitter")
@@ -532,7 +543,7 @@ class JobsService:
         """Store what the member hands the submitter (and what goes with it:
         the earning its proof expects, the run's marks) in one transaction,
         before the sends that follow it leave."""
-        rec = self.records.get(a.job_id)
+        rec = self.record(a.job_id)
         if a.earning is not None and rec is not None:
             rec.extra["proof_hash"] = a.earning[0].hex()
         if self.db is None:
@@ -605,7 +616,7 @@ class JobsService:
         """The job's record, made if new: a stranger's (evictable within its
         submitter's quota) or, with ``ours``, one of this node's own jobs
         (``core._owned_table``: never evicted by strangers' records)."""
-        rec = self.records.get(sm.job_id)
+        rec = self.record(sm.job_id)
         if rec is None:
             rec = JobRecord(job_id=sm.job_id, name=sm.manifest.name, roles=[], state="seen", seen_at_ms=now,
                             manifest=sm)
@@ -656,7 +667,7 @@ class JobsService:
         except Exception:
             self.counts["exec:internal_error"] += 1
             log.exception("job %s: internal error in the runner (a bug: please report it)", start.job_id[:12])
-            rec = self.records.get(start.job_id)
+            rec = self.record(start.job_id)
             if rec is not None:
                 rec.state, rec.reason = "failed", "internal error on this node"
             self.finished(start.job_id)
@@ -683,12 +694,14 @@ class JobsService:
         self.apply(self.host.job_finished(job_id, self.node.now_ms()))
 
     def status(self, job_id: str) -> dict[str, Any] | None:
-        rec = self.records.get(job_id)
+        rec = self.record(job_id)
         if rec is None:
-            matches = [r for r in self.records if r.startswith(job_id)] if len(job_id) >= 6 else []
+            matches = self.job_ids_with_prefix(job_id) if len(job_id) >= 6 else []
             if len(matches) != 1:
                 return None
-            rec = self.records[matches[0]]
+            rec = self.record(matches[0])
+            if rec is None:
+                return None
         doc = rec.to_json()
         doc["proofs"] = list(rec.extra.get("proofs", []))
         doc["payouts"] = self.payouts_of(rec.job_id)
@@ -727,53 +740,147 @@ class JobsService:
         return list(runner.logs.get(job_id, [])) if runner is not None else []
 
     def counts_by_state(self) -> dict[str, int]:
-        out: Counter[str] = Counter(r.state for r in self.records.values() if r.roles)
-        return dict(sorted(out.items()))
+        """Jobs with a role here by state: the stored ones, as the live
+        records in memory say they are now."""
+        live = {r.job_id: r.state for r in self.records.values() if r.roles}
+        out: Counter[str] = Counter(live.values())
+        if self.db is not None:
+            from p2pgpu.store import job_states, stored_states
+
+            out.update(job_states(self.db))
+            out.subtract(Counter(stored_states(self.db, list(live)).values()))
+        return {k: v for k, v in sorted(out.items()) if v > 0}
+
+    def job_ids_with_prefix(self, prefix: str) -> list[str]:
+        """Up to two job ids known here (in memory or stored) that start with ``prefix``."""
+        found = dict.fromkeys(r for r in self.records if r.startswith(prefix))
+        if self.db is not None:
+            from p2pgpu.store import job_ids_with_prefix
+
+            found.update(dict.fromkeys(job_ids_with_prefix(self.db, prefix.lower())))
+        return list(found)[:2]
+
+    def listed(self, limit: int = records_max) -> list[dict[str, Any]]:
+        """``job list``: jobs with a role here, live (in memory) or stored,
+        the newest ``limit``, oldest first.  Stored ones are read as stored
+        (their JSON is ``JobRecord.to_json``), without re-verifying each
+        manifest."""
+        docs = {r.job_id: r.to_json() for r in self.records.values() if r.roles}
+        if self.db is not None:
+            from p2pgpu.store import load_jobs
+
+            for row in load_jobs(self.db, limit=limit):
+                if row["job_id"] not in docs:
+                    doc = json.loads(row["record"])
+                    if doc.get("state") in ("running", "confirmed", "reserved", "forming"):
+                        doc["state"], doc["reason"] = "interrupted", "the node restarted while the job was in progress"
+                    docs[row["job_id"]] = doc
+        out = sorted(docs.values(), key=lambda d: (d["timings"]["seen_at_ms"], d["job_id"]))
+        return out[-limit:]
+
+    # ------------------------------------------------ records: memory and store
+
+    def record(self, job_id: str) -> JobRecord | None:
+        """This node's record of a job: in memory while the job is live; an
+        ended one of ours is read back from the store (and kept a while)."""
+        rec = self.records.get(job_id)
+        if rec is not None:
+            return rec
+        hit = self.ended.get(job_id)
+        if hit is not None:
+            self.ended.move_to_end(job_id)
+            return hit[0]
+        if self.db is None:
+            return None
+        from p2pgpu.store import job_row
+
+        row = job_row(self.db, job_id)
+        if row is None:
+            return None
+        rec = self._from_row(row)
+        if rec is not None:
+            self._keep_ended(rec, len(row["record"]))
+        return rec
+
+    def _keep_ended(self, rec: JobRecord, size: int) -> None:
+        old = self.ended.pop(rec.job_id, None)
+        if old is not None:
+            self.ended_bytes -= old[1]
+        self.ended[rec.job_id] = (rec, size)
+        self.ended_bytes += size
+        while len(self.ended) > ended_cached_max or (self.ended_bytes > ended_cached_bytes_max
+                                                    and len(self.ended) > 1):
+            _job, (_rec, n) = self.ended.popitem(last=False)
+            self.ended_bytes -= n
+
+    def _from_row(self, row: Any) -> JobRecord | None:
+        """A stored job row as a record (``None`` if its manifest no longer verifies)."""
+        from p2pgpu.core._manifest import verify_manifest
+
+        try:
+            sm = verify_manifest(bytes(row["manifest"]), now_ms=0, clock_skew_ms=2**62)
+        except PeerMisbehaved as exc:
+            log.warning("stored manifest %s no longer verifies: %s", row["job_id"][:12], exc)
+            return None
+        doc = json.loads(row["record"])
+        rec = JobRecord(job_id=row["job_id"], name=doc.get("name", ""), roles=row["roles"].split(","),
+                        state=row["state"], seen_at_ms=doc["timings"]["seen_at_ms"], manifest=sm,
+                        submitted_at_ms=doc["timings"].get("submitted_at_ms"),
+                        confirmed_at_ms=doc["timings"].get("confirmed_at_ms"),
+                        started_at_ms=doc["timings"].get("started_at_ms"),
+                        ended_at_ms=doc["timings"].get("ended_at_ms"),
+                        members=doc["cluster"]["members"], certificate=doc["cluster"]["certificate_hash"],
+                        member_index=doc["cluster"]["member_index"], reason=doc.get("reason", ""),
+                        exit_code=doc.get("exit_code"))
+        for key in ("output_digest", "outputs", "proof_hash", "proofs", "lost_members", "member_outputs",
+                    "paid", "member_state", "member_started_at_ms", "member_ended_at_ms"):
+            if key in doc:
+                rec.extra[key] = doc[key]
+        if rec.state in ("running", "confirmed", "reserved", "forming"):
+            rec.state, rec.reason = "interrupted", "the node restarted while the job was in progress"
+        return rec
+
+    def memory(self) -> dict[str, int]:
+        """How many per-job entries each part of the jobs service holds in
+        memory now (``status`` shows them; the soak test bounds them)."""
+        host = self.host
+        formation = host.formation
+        return {"job_records": len(self.records), "job_records_ended_cached": len(self.ended),
+                "collections": len(host.settlement.collections), "submitter_jobs": len(host.submitter.jobs),
+                "member_runs": len(host.members), "deliveries": len(host.deliveries),
+                "formation_jobs": len(formation.jobs) if formation is not None else 0,
+                "runner_logs": len(getattr(self.runner_obj, "logs", {}))}
 
     # ------------------------------------------------------------- the store
 
     def persist(self, job_id: str) -> None:
-        rec = self.records.get(job_id)
+        """Store the record; one of ours that ended leaves memory (the store
+        has it: ``record`` reads it back)."""
+        rec = self.record(job_id)
         if self.db is None or rec is None or not rec.roles:
             return
-        from p2pgpu.store import save_job
+        from p2pgpu.store import FINAL_STATES, save_job
 
+        doc = rec.to_json()
         save_job(self.db, job_id=job_id, manifest=rec.manifest.wire, roles=rec.roles, state=rec.state,
-                 record=rec.to_json(), now_ms=self.node.now_ms())
+                 record=doc, now_ms=self.node.now_ms())
+        if rec.state in FINAL_STATES and job_id in self.records:  # a record with a role is ours
+            self.records.pop(job_id)
+            self._keep_ended(rec, len(json.dumps(doc)))
 
     def load(self) -> None:
         """Jobs known before a restart: nothing recorded is lost.  A job that
         was running here when the node died is marked interrupted."""
         if self.db is None:
             return
-        from p2pgpu.core._manifest import verify_manifest
         from p2pgpu.store import load_jobs
 
-        for row in load_jobs(self.db, limit=records_max):
-            try:
-                sm = verify_manifest(bytes(row["manifest"]), now_ms=0, clock_skew_ms=2**62)
-            except PeerMisbehaved as exc:
-                log.warning("stored manifest %s no longer verifies: %s", row["job_id"][:12], exc)
-                continue
-            import json
-
-            doc = json.loads(row["record"])
-            rec = JobRecord(job_id=row["job_id"], name=doc.get("name", ""), roles=row["roles"].split(","),
-                            state=row["state"], seen_at_ms=doc["timings"]["seen_at_ms"], manifest=sm,
-                            submitted_at_ms=doc["timings"].get("submitted_at_ms"),
-                            confirmed_at_ms=doc["timings"].get("confirmed_at_ms"),
-                            started_at_ms=doc["timings"].get("started_at_ms"),
-                            ended_at_ms=doc["timings"].get("ended_at_ms"),
-                            members=doc["cluster"]["members"], certificate=doc["cluster"]["certificate_hash"],
-                            member_index=doc["cluster"]["member_index"], reason=doc.get("reason", ""),
-                            exit_code=doc.get("exit_code"))
-            for key in ("output_digest", "outputs", "proof_hash", "proofs", "lost_members", "member_outputs",
-                        "paid", "member_state", "member_started_at_ms", "member_ended_at_ms"):
-                if key in doc:
-                    rec.extra[key] = doc[key]
-            if rec.state in ("running", "confirmed", "reserved", "forming"):
-                rec.state, rec.reason = "interrupted", "the node restarted while the job was in progress"
-            self.records.put(rec.job_id, rec, owner=sm.manifest.submitter, ours=bool(rec.roles))
+        # Only jobs still in progress when the node stopped come back into
+        # memory (as interrupted); ended ones stay in the store (``record``).
+        for row in load_jobs(self.db, limit=records_max, unfinished=True):
+            rec = self._from_row(row)
+            if rec is not None:
+                self.records.put(rec.job_id, rec, owner=rec.manifest.manifest.submitter, ours=bool(rec.roles))
         # Jobs we submitted whose results were still coming in, and what we
         # ran and owe the submitter (a proof, co-signatures): see _collect.py.
         self.collector.reopen(self.node.now_ms())
@@ -783,7 +890,7 @@ class JobsService:
 
     def _on_paid(self, a: PaidNotice, now: int) -> None:
         """The submitter says one of our proofs was paid: note the signature."""
-        rec = self.records.get(a.job_id)
+        rec = self.record(a.job_id)
         if self.db is not None:
             from p2pgpu.store import mark_earning_paid
 

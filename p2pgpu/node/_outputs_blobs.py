@@ -54,7 +54,7 @@ def keep_outputs(node: Node, work_dir: Path, outputs: list[dict[str, Any]]) -> l
 async def fetch_results_any(node: Node, job_id: str, out: Path) -> list[dict[str, Any]]:
     """``job results``: every member's files into ``out/member-<index>/``,
     each from any holder of its sha256, else from its member by path."""
-    rec = node.jobs.records.get(job_id)
+    rec = node.jobs.record(job_id)
     if rec is None or "submitter" not in rec.roles:
         raise ResultsError(f"job {job_id[:12]} was not submitted by this node")
     outputs = rec.extra.get("member_outputs") or {}

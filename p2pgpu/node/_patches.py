@@ -50,6 +50,9 @@ PINNED_VERSION = "0.8.1"
 #: ``P2PGPU_LIBP2P_PATCHES=0`` turns the layer off (an operator's escape hatch,
 #: and how benchmarks measure real nodes without it).
 DISABLE_ENV = "P2PGPU_LIBP2P_PATCHES"
+#: ``P2PGPU_LIBP2P_PATCHES_SKIP=name,name`` leaves out the named speed patches
+#: (how ``benchmarks/transfer_ab.py`` measures one patch against the rest).
+SKIP_ENV = "P2PGPU_LIBP2P_PATCHES_SKIP"
 #: Outbound RPC queue per peer (upstream: 32).  With batched writes one drain
 #: empties it, but a burst of adverts from several peers, each relayed to the
 #: whole mesh, fills 32 slots in a few milliseconds and upstream then drops
@@ -754,9 +757,13 @@ def apply(only: Iterable[str] | None = None) -> list[str]:
                        version, PINNED_VERSION)
         return sorted(_installed)
     names = list(PATCHES) if only is None else list(only)
+    skip = {n for n in os.environ.get(SKIP_ENV, "").split(",") if n} if only is None else set()
     for name in names:
         if name not in PATCHES:
             raise ValueError(f"unknown patch {name!r}")
+        if name in skip:
+            logger.warning("%s: speed patch %s skipped", SKIP_ENV, name)
+            continue
         if name in _installed:
             continue
         undo: Undo = []
@@ -953,6 +960,49 @@ def _install_noise_buffered_reads(undo: Undo) -> None:
         return self.decrypt(encrypted)
 
     _replace(undo, nio.BaseNoiseMsgReadWriter, "read_msg", read_msg, "noise_buffered_reads")
+
+
+# B4. Big buffers stay in the heap (the node process only, not a py-libp2p
+#     patch).  glibc serves a malloc of 128 KiB or more with its own mmap and
+#     gives it back with munmap on free; its "dynamic threshold" raises that
+#     limit only up to 32 MiB after the first such free, and trims the heap's
+#     top whenever 128 KiB of it is free.  A blob fetch allocates and frees
+#     buffers of 64 KiB to 4 MiB for every frame (Noise messages, Yamux
+#     frames, 4 MiB stream reads, 1 MiB chunks), so the kernel maps, zero-fills
+#     and unmaps memory all the time.  Raising both thresholds keeps those
+#     buffers in the heap and reused.  Measured on the fetcher (128 MiB, one
+#     provider, three interleaved pairs): 137->158, 140->146, 164->170 MB per
+#     CPU second (docs/performance.md).  What it costs: freed memory up to
+#     ``malloc_trim_bytes`` stays in the process (RSS) instead of going back.
+#: Allocations at least this large get their own mmap (glibc default 128 KiB, dynamic up to 32 MiB).
+malloc_mmap_threshold_bytes = 64 << 20
+#: Free memory at the top of the heap kept rather than given back (glibc default 128 KiB).
+malloc_trim_bytes = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: ``P2PGPU_MALLOC_TUNE=0`` leaves glibc's defaults (benchmarks compare with it).
+MALLOC_TUNE_ENV = "P2PGPU_MALLOC_TUNE"
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (B4 above);
+    False (and nothing changed) off glibc, with ``P2PGPU_LIBP2P_PATCHES=0`` or
+    with ``P2PGPU_MALLOC_TUNE=0``."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get(DISABLE_ENV, "") not in ("", "1") or os.environ.get(MALLOC_TUNE_ENV, "") not in ("", "1"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, malloc_mmap_threshold_bytes)
+                and mallopt(_M_TRIM_THRESHOLD, malloc_trim_bytes))
 
 
 PATCHES.update({

@@ -62,6 +62,7 @@ from p2pgpu.core._receipt import (
     Receipt,
     SettledLine,
     SignedMemberReceipt,
+    SignedReceipt,
     build_receipt,
     cosign,
     decode_member_receipt,
@@ -129,8 +130,9 @@ class ReceiptService:
         self.last_at_ms = 0
         self._last_clock = float("-inf")
         self._compute_lock = trio.Lock()
-        #: Receipts held, decoded (their signatures checked once), by digest.
-        self._decoded: dict[bytes, PublishedReceipt | SignedMemberReceipt] = {}
+        #: Receipts held, decoded (their signatures checked once), by digest;
+        #: a published one without its certificate and bytes (``Checked``).
+        self._decoded: dict[bytes, Checked | SignedMemberReceipt] = {}
 
     @property
     def db(self) -> Any:
@@ -182,7 +184,7 @@ class ReceiptService:
                                now_ms=self.node.now_ms())
         self.counts["receipts:kept" if kept else "receipts:not_kept_full"] += 1
         if kept and len(self._decoded) < compute_receipts_max:
-            self._decoded[item.digest] = item  # checked: not decoded again to score it
+            self._decoded[item.digest] = slim(item)  # checked: not decoded again to score it
         return item
 
     def _validate(self, forwarder: Any, msg: Any) -> GossipVerdict:
@@ -226,7 +228,7 @@ class ReceiptService:
         found = 0
         now = self.node.now_ms()
         for job_id, settled_ms in settled_without_receipt(self.db, since_ms=now - self.settings.recover_window_ms):
-            rec = self.node.jobs.records.get(job_id)
+            rec = self.node.jobs.record(job_id)
             if rec is None or rec.manifest.manifest.submitter != self.node.identity.peer_id:
                 continue
             add_receipt_due(self.db, job_id=job_id, settled_at_ms=settled_ms,
@@ -277,7 +279,7 @@ class ReceiptService:
         from p2pgpu.store import collection_row, payouts
 
         jobs = self.node.jobs
-        rec = jobs.records.get(job_id)
+        rec = jobs.record(job_id)
         row = collection_row(self.db, job_id)
         if rec is None or row is None:
             raise ValueError("no record or collection of the job")
@@ -362,7 +364,7 @@ class ReceiptService:
         say (``core._receipt.member_account``: every payment of the job,
         pay-as-you-go installments included, each looked up on the ledger);
         1 when signed."""
-        rec = self.node.jobs.records.get(job_id)
+        rec = self.node.jobs.record(job_id)
         if rec is None or self.db is None or not rec.certificate or self._reported(job_id) \
                 or rec.manifest.manifest.submitter == self.node.identity.peer_id:
             return 0
@@ -546,7 +548,7 @@ class ReceiptService:
             self._last_clock = trio.current_time()
             return self.last
 
-    def held(self) -> tuple[list[PublishedReceipt], list[SignedMemberReceipt]]:
+    def held(self) -> tuple[list[Checked], list[SignedMemberReceipt]]:
         """The receipts in the store, decoded (a row that no longer decodes is skipped)."""
         if self.db is None:
             return [], []
@@ -558,17 +560,17 @@ class ReceiptService:
         new = [d for d in digests if d not in self._decoded]
         for d, wire in receipt_wires(self.db, new).items():
             try:
-                self._decoded[d] = decode_item(wire)
+                self._decoded[d] = slim(decode_item(wire))
             except PeerMisbehaved:
                 self.counts["receipts:stored_refused"] += 1
         held = set(digests)
         for d in [d for d in self._decoded if d not in held]:
             del self._decoded[d]  # evicted from the store
-        published: list[PublishedReceipt] = []
+        published: list[Checked] = []
         members: list[SignedMemberReceipt] = []
         for d in digests:
             item = self._decoded.get(d)
-            if isinstance(item, PublishedReceipt):
+            if isinstance(item, Checked):
                 published.append(item)
             elif item is not None:
                 members.append(item)
@@ -622,6 +624,33 @@ class ReceiptService:
     def handlers(self) -> dict[str, Any]:
         return {"reputation": self.control_reputation, "receipts.list": self.control_list,
                 "receipts.fetch": self.control_fetch}
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A published receipt whose signatures and certificate were checked,
+    kept for scoring without the certificate's signed messages and the bytes
+    (the store has them): what ``compute_reputation`` reads.  Keeping the
+    whole ``PublishedReceipt`` of every receipt held was ~4 KB each, the
+    largest per-job growth of a long-running daemon (#13, tracemalloc over
+    200 jobs of ``tests/e2e/test_soak_jobs.py``)."""
+
+    signed: SignedReceipt
+    addresses: dict[str, str]
+
+    @property
+    def receipt(self) -> Receipt:
+        return self.signed.receipt
+
+    @property
+    def digest(self) -> bytes:
+        return self.signed.digest
+
+
+def slim(item: PublishedReceipt | SignedMemberReceipt) -> Checked | SignedMemberReceipt:
+    if isinstance(item, PublishedReceipt):
+        return Checked(item.signed, item.addresses)
+    return item
 
 
 def decode_item(data: bytes) -> PublishedReceipt | SignedMemberReceipt:

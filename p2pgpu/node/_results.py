@@ -85,7 +85,7 @@ async def serve_results(node: Node, stream: Any) -> None:
     req = decode(await read_frame(stream, request_bytes_max), size_max=request_bytes_max)
     if not isinstance(req, dict) or not all(isinstance(req.get(k), str) for k in ("job_id", "path", "sha256")):
         raise PeerMisbehaved(Reason.BAD_SCHEMA, "results request needs job_id, path, sha256")
-    rec = node.jobs.records.get(req["job_id"])
+    rec = node.jobs.record(req["job_id"])
     requester = stream.muxed_conn.peer_id.to_base58()
     if rec is None or node.runner is None or rec.manifest.manifest.submitter != requester:
         raise PeerMisbehaved(Reason.UNKNOWN_JOB, "only a job's submitter may fetch its results")
@@ -163,7 +163,7 @@ async def fetch_file(node: Node, peer_id: str, job_id: str, path: str, sha256: s
 
 async def fetch_results(node: Node, job_id: str, out: Path) -> list[dict[str, Any]]:
     """Fetch every member's output files into ``out/member-<index>/``."""
-    rec = node.jobs.records.get(job_id)
+    rec = node.jobs.record(job_id)
     if rec is None or "submitter" not in rec.roles:
         raise ResultsError(f"job {job_id[:12]} was not submitted by this node")
     outputs = rec.extra.get("member_outputs") or {}

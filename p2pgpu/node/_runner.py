@@ -33,7 +33,6 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +56,8 @@ from p2pgpu.runtime._leftovers import RECORD_NAME, reap_leftovers
 from p2pgpu.runtime._sandbox import sandbox_disk_backend
 from p2pgpu.runtime._walk import remove_tree
 
+from ._kept_logs import KeptLogs
+
 if TYPE_CHECKING:
     from ._jobs import JobsService
 
@@ -69,8 +70,10 @@ log_flush_interval_s = 0.2
 #: Acknowledged deliveries, finished runs and settled collections' items are
 #: forgotten this long after (at a start): resends stop after an hour.
 recovery_kept_ms = 7 * 24 * 3_600_000
-#: Jobs whose own log lines stay in memory for ``job logs`` on a member.
+#: Jobs whose own log lines stay in memory for ``job logs`` on a member,
+#: and the bytes of those lines in all (``_kept_logs.py``).
 log_jobs_kept_max = 64
+log_bytes_kept_max = 16 << 20
 
 
 @dataclass
@@ -103,7 +106,7 @@ class Runner:
         #: co-signers' observations must refuse the claim).
         self.adversary = adversary
         #: job -> its own log lines (the most recent jobs only).
-        self.logs: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.logs = KeptLogs(jobs_max=log_jobs_kept_max, bytes_max=log_bytes_kept_max)
         self.running: dict[str, MemberJob] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._gpus_in_use: dict[str, tuple[int, ...]] = {}
@@ -126,7 +129,8 @@ class Runner:
     def _refuse_start(self, start: StartJob, why: str) -> None:
         """A confirmation for a job this node already started (a repeated
         one, or one that reached a restarted node): never run it twice."""
-        rec = self.jobs.records[start.job_id]
+        rec = self.jobs.record(start.job_id)
+        assert rec is not None, start.job_id[:12]
         self.jobs.counts["exec:start_refused"] += 1
         log.warning("job %s not started: %s", start.job_id[:12], why)
         if start.job_id in self.running:
@@ -169,7 +173,8 @@ class Runner:
     # ----------------------------------------------------------- running
 
     async def run(self, start: StartJob) -> None:
-        rec = self.jobs.records[start.job_id]
+        rec = self.jobs.record(start.job_id)
+        assert rec is not None, start.job_id[:12]
         refusal = start_refusal(rec.extra.get("member_state"))
         if refusal is not None:
             self._refuse_start(start, refusal)
@@ -436,7 +441,7 @@ class Runner:
     def _recover_run(self, run: dict[str, Any], now_ms: int) -> None:
         identity = self.jobs.node.identity
         job_id = run["job_id"]
-        rec = self.jobs.records.get(job_id)
+        rec = self.jobs.record(job_id)
         items: list[tuple[str, bytes]] = []
         earning = None
         ended = run["started_at_ms"]
@@ -460,18 +465,18 @@ class Runner:
         self.jobs.persist(job_id)
 
     def _on_line(self, mj: MemberJob) -> Any:
-        lines = self.logs.setdefault(mj.start.job_id, [])
-        self.logs.move_to_end(mj.start.job_id)
-        while len(self.logs) > log_jobs_kept_max:
-            self.logs.popitem(last=False)
+        job_id = mj.start.job_id
+        self.logs.add(job_id, [])
         now = self.jobs.node.now_ms
+        count = [0]
 
         async def on_line(stream: str, line: bytes) -> None:
             text = line.decode("utf-8", "replace")
             t = now()
             mj.log_hash.update(line + b"\n")
-            if len(lines) < log_lines_kept_max:
-                lines.append({"t_ms": t, "stream": stream, "line": text})
+            if count[0] < log_lines_kept_max:
+                count[0] += 1
+                self.logs.add(job_id, [{"t_ms": t, "stream": stream, "line": text}])
                 mj.pending.append([t, stream, text[:4096]])
 
         return on_line

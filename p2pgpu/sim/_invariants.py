@@ -49,6 +49,9 @@ from ._engine import SimulationStopped
 tolerance_ms_floor = 1_000
 tolerance_share_ppm = 50_000
 cosigner_credit_ms = 1_000
+#: A member back up this long before the deadline has time to resend its
+#: stored proof (resends back off to at most 15 s, ``MemberConfig``).
+resend_margin_us = 16_000_000
 
 
 def tolerance(observed_ms: int) -> int:
@@ -105,9 +108,17 @@ class Checker:
         self.rejected_adversaries = 0
         #: Lines paid less than their claim: beyond what was observed of them.
         self.capped = 0
+        #: Honest members whose proof never came because their node went down
+        #: after their part and lost its disk or came back too late.
+        self.undeliverable = 0
         #: Honest (job, member) whose proof was missing at settlement -> when it is
         #: too late for it (µs): still missing then is an ``owed-time`` violation.
         self.missing_until_us: dict[tuple[int, int], int] = {}
+        #: When each (job, member)'s part ended (µs), and each node's departures
+        #: ``[down_us, up_us or None, lost its disk]``: a member that went down
+        #: after its part, before its proof was taken, may be too late with it.
+        self.ended_us: dict[tuple[int, int], int] = {}
+        self.downs: dict[int, list[list[Any]]] = {}
 
     def fail(self, invariant: str, detail: str) -> None:
         v = {"invariant": invariant, "t_ms": self.world.engine.now_us // 1000, "detail": detail}
@@ -132,6 +143,28 @@ class Checker:
     def on_node_down(self, node: int) -> None:
         self.holds.pop(node, None)
         self.running.pop(node, None)
+
+    def on_down(self, node: int, *, lose_state: bool) -> None:
+        self.downs.setdefault(node, []).append([self.world.engine.now_us, None, lose_state])
+
+    def on_up(self, node: int) -> None:
+        downs = self.downs.get(node)
+        if downs and downs[-1][1] is None:
+            downs[-1][1] = self.world.engine.now_us
+
+    def _offline_after_part(self, key: tuple[int, int], until_us: int) -> bool:
+        """The member's node went down after its part ended and either lost
+        its disk (its proof with it) or was not back up ``resend_margin_us``
+        before ``until_us`` (its stored proof had no time left to get there).
+        An honest node in that state cannot be blamed on the protocol."""
+        ended = self.ended_us.get(key)
+        if ended is None:
+            return False
+        for down_us, up_us, lost in self.downs.get(key[1], []):
+            if down_us >= ended and down_us <= until_us and (
+                    lost or up_us is None or up_us > until_us - resend_margin_us):
+                return True
+        return False
 
     def on_state_lost(self, node: int) -> None:
         """The node's disk is gone: its book starts empty, so old seqs may return."""
@@ -164,6 +197,7 @@ class Checker:
 
     def on_finish(self, node: int, jid: int, gpu_ms: int) -> None:
         self.ran[(jid, node)] = gpu_ms
+        self.ended_us[(jid, node)] = self.world.engine.now_us
         self.running_now.pop((jid, node), None)
 
     def on_running(self, jid: int, node: int) -> None:
@@ -250,8 +284,8 @@ class Checker:
         """The longest part anyone could vouch for, by the settlement's own
         evidence: the submitter's window (confirmation to the member's first
         results) and the best co-signature of it, each with the tolerance.
-        ``0`` when other members were watching (they co-signed someone) and
-        none of them saw it; ``None`` when nothing bounds it."""
+        ``0`` when a member it heard itself was watching (co-signed someone)
+        and none saw it; ``None`` when nothing bounds it."""
         bounds = []
         confirmed, results = self.confirmed_at_ms.get(jid), self.results_at_ms.get((jid, member))
         if confirmed is not None and results is not None:
@@ -262,8 +296,11 @@ class Checker:
         if observed:
             credited = max(observed) + cosigner_credit_ms
             bounds.append(credited + tolerance(credited))
-        elif any(c.observer != line.peer_id for other in lines for c in _cosigns(other.cosigns, self.world.verify)):
-            bounds.append(0)
+        else:
+            every = [c for other in lines for c in _cosigns(other.cosigns, self.world.verify)]
+            heard = {c.subject for c in every if c.observer == line.peer_id}
+            if any(c.observer != line.peer_id and c.observer in heard for c in every):
+                bounds.append(0)  # a member it heard was watching and saw nothing of it
         return min(bounds) if bounds else None
 
     # -- gossip ---------------------------------------------------------------------------------
@@ -336,7 +373,10 @@ class Checker:
         reports); honest members whose proofs never came in time."""
         w = self.world
         for (jid, member), until in sorted(self.missing_until_us.items()):
-            if w.engine.now_us > until:
+            if w.engine.now_us > until and self._offline_after_part((jid, member), until):
+                del self.missing_until_us[(jid, member)]  # its node went down with the proof undelivered
+                self.undeliverable += 1
+            elif w.engine.now_us > until:
                 self.fail("owed-time", f"job {jid}: honest member {member} ran and stayed up, and its proof "
                           f"never reached the submitter before the deadline")
         for node, h in self.holds.items():

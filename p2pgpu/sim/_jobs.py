@@ -57,6 +57,8 @@ from p2pgpu.core import (
     sign_proof,
 )
 from p2pgpu.core._actions import (
+    DeliveryDone,
+    HandOver,
     InstallmentsOwed,
     ItemTaken,
     LateLine,
@@ -70,10 +72,11 @@ from p2pgpu.core._identity import Verifier
 from p2pgpu.core._installments import DEFAULT_INSTALLMENTS, UNPAID
 from p2pgpu.core._manifest import Manifest, SignedManifest, sign_manifest
 from p2pgpu.core._matching import matching
-from p2pgpu.core._member import MemberConfig, PartEnded
+from p2pgpu.core._member import Delivery, MemberConfig, PartEnded
 from p2pgpu.core._payout import Owed as PayoutOwed
 from p2pgpu.core._payout import plan_batches
 from p2pgpu.core._proof import chain_heads
+from p2pgpu.core._settlement import item_hash
 
 from ._payg import Payg
 from ._receipts import SimReceipts
@@ -192,6 +195,11 @@ class JobFlow:
         self._next_owed = 1
         #: (job id, item hash) of what submitters took (their stores, for late resends).
         self.stored: dict[tuple[str, bytes], bool] = {}
+        #: Each member's stored deliveries (the node's ``deliveries`` table):
+        #: what it handed over for a submitter and was not acknowledged yet.  A
+        #: restart that keeps the disk hands them to the new host, which sends
+        #: them again, as the node does (``store/_recovery.py``).
+        self.outbox: dict[int, dict[bytes, Delivery]] = {}
         #: Pay as you go: installments owed, paid with a notice, workers' exposure (sim/_payg.py).
         self.payg = Payg(self)
         real = [i for i in range(n) if world.nodes[i].real]
@@ -354,6 +362,18 @@ class JobFlow:
                                              now_ms=w.node_now_ms(node)))
         elif isinstance(a, LateLine):
             self._late_line(a)
+        elif isinstance(a, HandOver):
+            now_ms = w.node_now_ms(node)
+            box = self.outbox.setdefault(node, {})
+            for kind, wire in a.items:
+                box[item_hash(wire)] = Delivery(item_hash=item_hash(wire), job_id=a.job_id, dest=a.dest, kind=kind,
+                                                wire=wire, created_ms=now_ms)
+        elif isinstance(a, DeliveryDone):
+            pending = self.outbox.get(node)
+            if pending is not None:
+                pending.pop(a.item_hash, None)
+                if not pending:
+                    del self.outbox[node]
 
     def _suppressed(self, node: int, data: bytes) -> bool:
         """Adversaries act by not sending: a silent leader sends no proposal or
@@ -393,9 +413,12 @@ class JobFlow:
         if msg.origin != node and h is not None:
             self.carry(node, h.on_bytes(msg.data, self.world.node_now_ms(node), via=Via.TOPIC))
 
-    def on_node_down(self, node: int) -> None:
-        """A node's host lives in memory: a restart begins afresh (its runs are lost)."""
+    def on_node_down(self, node: int, *, lose_state: bool = False) -> None:
+        """A node's host lives in memory: a restart begins afresh (its runs are
+        lost); its stored deliveries survive unless its disk is gone."""
         w = self.world
+        if lose_state:
+            self.outbox.pop(node, None)
         for key in [k for k in self.runs if k[0] == node]:
             del self.runs[key]
             w.checker.on_member_down(self._jid(key[1]), node)
@@ -404,6 +427,16 @@ class JobFlow:
         for subs in self.topics.values():
             subs.pop(node, None)
         w.checker.on_node_down(node)
+
+    def on_node_up(self, node: int) -> None:
+        """A node came back with its disk: what it stored for submitters and
+        was not acknowledged goes out again (``Host.restore_deliveries``)."""
+        box = self.outbox.get(node)
+        if not box or self.world.nodes[node].identity is None:
+            return
+        self.world.engine.trace("deliveries_restored", node, len(box))
+        saved = [dataclasses.replace(d, attempts=0, next_ms=0) for d in box.values()]
+        self.carry(node, self.host(node).restore_deliveries(saved, self.world.node_now_ms(node)))
 
     def _jid(self, job_id: str) -> int:
         return self.by_job_id.get(job_id, 0)
@@ -639,6 +672,7 @@ class JobFlow:
             "jobs_failed": sum(1 for j in jobs if j.state is JobState.FAILED),
             "members_lost": len(self.lost_pairs),
             "members_down_while_running": self.world.checker.down_while_running,
+            "proofs_undeliverable": self.world.checker.undeliverable,
             "proofs_rejected": self.proofs_rejected,
             "proofs_capped": self.world.checker.capped,
             "late_lines": self.late_lines,

@@ -209,6 +209,7 @@ class World:
         net = self.net
         net.node_up(node)
         self.engine.trace("up", node)
+        self.checker.on_up(node)
         self.gossip.start(node)
         rng = self.gossip.rng(node)
         self._connect_some(node, rng)
@@ -224,11 +225,14 @@ class World:
         adv = self.nodes[node].adversary
         if adv is not None:
             adv.on_up(node)
+        if self.jobs.enabled:
+            self.jobs.on_node_up(node)
 
     def node_down(self, node: int, *, crash: bool, lose_state: bool) -> None:
         self.engine.trace("down", node, int(crash), int(lose_state))
         self.net.node_down(node, crash=crash)
-        self.jobs.on_node_down(node)
+        self.jobs.on_node_down(node, lose_state=lose_state)
+        self.checker.on_down(node, lose_state=lose_state)
         sn = self.nodes[node]
         if lose_state:
             sn.seq = 0

@@ -6,7 +6,18 @@ always brings the schema up to date.  This file names the public API.
 """
 
 from ._installments import installments_of, record_installment
-from ._jobs import load_jobs, proof_wire, proofs_of, record_proof, save_job
+from ._jobs import (
+    FINAL_STATES,
+    job_ids_with_prefix,
+    job_row,
+    job_states,
+    load_jobs,
+    proof_wire,
+    proofs_of,
+    record_proof,
+    save_job,
+    stored_states,
+)
 from ._outbox import (
     BatchRecord,
     OutboxConflict,
@@ -93,6 +104,11 @@ __all__ = [
     "hold_rows",
     "installments_of",
     "load_jobs",
+    "job_row",
+    "job_ids_with_prefix",
+    "job_states",
+    "stored_states",
+    "FINAL_STATES",
     "log_batches",
     "mark_collection_settled",
     "mark_earning_paid",

@@ -53,8 +53,46 @@ def save_job(conn: sqlite3.Connection, *, job_id: str, manifest: bytes, roles: l
     )
 
 
-def load_jobs(conn: sqlite3.Connection, *, limit: int = 10_000) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM jobs ORDER BY updated_ms DESC LIMIT ?", (limit,)).fetchall()
+def load_jobs(conn: sqlite3.Connection, *, limit: int = 10_000, unfinished: bool = False) -> list[sqlite3.Row]:
+    """The newest job rows; with ``unfinished`` only those not in a final
+    state (what a restarting node keeps in memory)."""
+    where = f" WHERE state NOT IN ({', '.join('?' * len(FINAL_STATES))})" if unfinished else ""
+    return conn.execute(f"SELECT * FROM jobs{where} ORDER BY updated_ms DESC LIMIT ?",
+                        (*(FINAL_STATES if unfinished else ()), limit)).fetchall()
+
+
+#: Job states after which a record only changes by a late proof line or a
+#: paid notice: the node keeps such records here, not in memory (#13).
+FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def job_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    return row
+
+
+def job_ids_with_prefix(conn: sqlite3.Connection, prefix: str, *, limit: int = 2) -> list[str]:
+    """Stored job ids that start with ``prefix`` (lower-case hex only)."""
+    if not prefix or any(ch not in "0123456789abcdef" for ch in prefix):
+        return []
+    rows = conn.execute("SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? ORDER BY job_id LIMIT ?",
+                        (prefix, prefix + "g", limit)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def job_states(conn: sqlite3.Connection) -> dict[str, int]:
+    """How many stored jobs are in each state."""
+    return {str(r[0]): int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+
+def stored_states(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, str]:
+    """The stored state of each of ``job_ids`` that has a row."""
+    out: dict[str, str] = {}
+    for i in range(0, len(job_ids), 500):
+        chunk = job_ids[i:i + 500]
+        q = f"SELECT job_id, state FROM jobs WHERE job_id IN ({', '.join('?' * len(chunk))})"
+        out.update({str(r[0]): str(r[1]) for r in conn.execute(q, chunk)})
+    return out
 
 
 def record_proof(conn: sqlite3.Connection, *, proof_hash: bytes, job_id: str, peer_id: str, wire: bytes,

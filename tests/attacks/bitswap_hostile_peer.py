@@ -13,6 +13,7 @@ listens, and stops at the end of its input.  Modes:
 - ``wide``: serves a root with 5,000 links (to one 1-byte leaf);
 - ``size_lie``: serves a root that says its leaf holds 1,000 bytes, and a
   leaf of 2,000;
+- ``flood``: serves the 3-leaf file, each block 200 times over;
 - ``honest``: serves a 3-leaf file correctly (the control).
 
 The DAGs are built with the core's dag-pb/UnixFS encoder (``encode_file_node``).
@@ -99,7 +100,8 @@ async def main(mode: str) -> None:
                 out.payload.add(prefix=c.prefix(), data=data)
         if out.payload or out.blockPresences:
             back = await host.new_stream(peer, [PROTO])
-            await write_frame(back, out.SerializeToString())
+            for _ in range(200 if mode == "flood" else 1):
+                await write_frame(back, out.SerializeToString())
             await back.close()
 
     async def serve(stream: Any) -> None:

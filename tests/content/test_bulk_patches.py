@@ -375,3 +375,45 @@ def test_bulk_patches_pinned_to_the_installed_source() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == [_patches.YAMUX_WRITE_SHA256, _patches.NOISE_WRITE_SHA256,
                                   _patches.NOISE_READ_SHA256]
+
+
+_MALLINFO = textwrap.dedent("""
+    import ctypes, sys
+    from p2pgpu.node import _patches
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    tuned = _patches.tune_malloc() if sys.argv[1] == "tuned" else False
+    freed = []
+    for _ in range(3):  # what a fetch does per frame: a large buffer, used and freed
+        buf = bytearray(8 << 20)
+        freed.append(libc.mallinfo2().hblkhd)
+        del buf
+    print(tuned, max(freed))
+""")
+
+
+@pytest.mark.parametrize("mode", ["tuned", "default"])
+def test_tune_malloc_keeps_large_transfer_buffers_in_the_heap(mode: str) -> None:
+    """B4: after ``tune_malloc`` an 8 MiB buffer comes from the heap (reused),
+    not from an mmap of its own that glibc unmaps when it is freed."""
+    if not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
+        pytest.skip("mallinfo2 needs glibc 2.33 or later")
+    r = subprocess.run([sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True, timeout=60,
+                       check=True, env={**os.environ, _patches.DISABLE_ENV: ""})
+    tuned, mmapped = r.stdout.split()
+    if mode == "tuned":
+        assert tuned == "True" and int(mmapped) < 8 << 20, r.stdout
+    else:
+        assert int(mmapped) >= 8 << 20, r.stdout  # glibc's default: a mapping of its own
+
+
+@pytest.mark.parametrize("env", [_patches.DISABLE_ENV, _patches.MALLOC_TUNE_ENV])
+def test_tune_malloc_is_off_with_the_patches_or_on_its_own(env: str) -> None:
+    r = subprocess.run([sys.executable, "-c", "from p2pgpu.node import _patches; print(_patches.tune_malloc())"],
+                       capture_output=True, text=True, timeout=60, check=True, env={**os.environ, env: "0"})
+    assert r.stdout.strip() == "False"

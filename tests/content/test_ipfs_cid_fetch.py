@@ -78,6 +78,14 @@ async def test_a_multi_block_unixfs_file_from_helia(js_dir: Path, tmp_path: Path
     assert store.blob_path(tree.sha256.hex()).read_bytes() == data
     assert seen[-1] == len(data) and seen == sorted(seen)
     assert svc.counts["bitswap:fetched"] == 1
+    # A later job naming the same CID starts from the store: Helia is gone now.
+    async with bitswap_host() as svc:
+        again = await svc.fetch(store, helia["cid"], len(data), [helia["addr"]], now_ms=2)
+        assert again == tree and svc.counts["bitswap:from_store"] == 1
+        with pytest.raises(CidError, match="could be reached"):  # another size is another file: fetched
+            await svc.fetch(store, helia["cid"], len(data) + 1, [helia["addr"]], now_ms=2)
+    store.remove(tree.sha256.hex())
+    assert store.blob_of_cid(helia["cid"], len(data)) is None  # the record goes with the blob
 
 
 async def test_a_dag_deeper_than_the_limit_is_refused_and_nothing_is_kept(js_dir: Path, tmp_path: Path) -> None:

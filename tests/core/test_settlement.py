@@ -198,14 +198,38 @@ def test_replica_outcomes_are_words_and_a_tie_pays_the_time() -> None:
 
 
 def test_a_cosignature_is_needed_only_where_another_member_was_there_to_give_one() -> None:
-    # C co-signed B but never A: A's proof has nobody vouching, yet C was watching.
+    # C co-signed B but never A, and A heard C: C was watching and saw
+    # nothing of A, so A's proof has nobody vouching for it.
     b = Bench((A, B, C), nodes=3)
     b.s.on_proof(proof(A, b.job, b.cert), T0 + 5_100)
     b.s.on_proof(proof(B, b.job, b.cert), T0 + 5_100)
     b.s.on_cosign(cosign(C, B, b.job, b.cert), T0 + 5_100)
+    b.s.on_cosign(cosign(A, C, b.job, b.cert), T0 + 5_100)
     s = b.settled(b.s.on_timer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), T0 + 90_000))
     assert [ln.status for ln in s.lines] == ["rejected", "owed", "missing"]
     assert "not_observed" in s.lines[0].reason
+    assert len(s.lines[2].cosigns) == 1  # a missing member's line still carries what was seen of it
+
+
+def test_a_watcher_a_partition_kept_from_a_member_is_not_asked_to_vouch_for_it() -> None:
+    """``smoke.toml`` seed 100 (#13): in a 3-member job a partition kept A
+    from C; C still heard B once and co-signed it, so C counted as watching
+    and A's proof was refused (``not_observed``: 0 usable co-signatures) for
+    the 10 s it ran.  A never heard C either: C's silence says nothing about
+    A, and A's time is bounded by the submitter's window, as a lone member's is."""
+    b = Bench((A, B, C), nodes=3)
+    b.s.on_cosign(cosign(C, B, b.job, b.cert, seen_ms=500), T0 + 5_100)  # C heard B once
+    b.s.on_cosign(cosign(A, B, b.job, b.cert), T0 + 5_100)  # A heard only B, whose word never came
+    b.s.on_proof(proof(A, b.job, b.cert), T0 + 5_100)
+    s = b.settled(b.s.on_timer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), T0 + 90_000))
+    assert [ln.status for ln in s.lines] == ["owed", "missing", "missing"]
+    assert s.lines[0].amount == 5_000
+    # Its claim is still bounded by the window: one beyond what the submitter saw is refused.
+    b = Bench((A, B, C), nodes=3)
+    b.s.on_cosign(cosign(C, B, b.job, b.cert, seen_ms=500), T0 + 5_100)
+    b.s.on_proof(proof(A, b.job, b.cert, ran_ms=50_000), T0 + 5_100)
+    s = b.settled(b.s.on_timer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), T0 + 90_000))
+    assert (s.lines[0].status, s.lines[0].fault) == ("rejected", "OVER_WINDOW"), s.lines[0]
 
 
 def test_a_message_for_a_job_not_open_here_is_looked_up_in_the_store() -> None:

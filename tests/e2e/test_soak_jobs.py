@@ -62,9 +62,11 @@ def soak(tmp_path: Path, jobs: int, marks: tuple[int, ...]) -> dict[str, Any]:
         states: dict[str, int] = {}
         memory: dict[int, float] = {}
         submitted = ended = 0
+        first = ""
         while ended < jobs:
             while submitted < jobs and len(in_flight) < WINDOW:
                 job = node.call("job.submit", {"manifest": manifest(submitted)})["job_id"]
+                first = first or job
                 in_flight[job] = time.monotonic()
                 submitted += 1
             time.sleep(0.05)
@@ -80,13 +82,49 @@ def soak(tmp_path: Path, jobs: int, marks: tuple[int, ...]) -> dict[str, Any]:
                 elif time.monotonic() - in_flight[job] > job_wait_s_max:
                     raise AssertionError(f"job {job[:12]} did not end in {job_wait_s_max} s: {doc}")
         status = node.call("status")
-        return {"states": states, "memory_mb": memory, "counters": status["counters"], "jobs": status["jobs"]}
+        # Every per-job table of the daemon holds what is in flight (none
+        # now), never one entry per job it ever ran: the ended ones are in
+        # the store.  Some keep a job a while after it ended: the settlement
+        # until its deadline (duration_s_max + 30 s) for late proofs, the
+        # submitter and formation cores until formation's own deadline.
+        def drained() -> bool:
+            held = node.call("status")["jobs_in_memory"]
+            return all(held[t] == 0 for t in ("collections", "submitter_jobs", "formation_jobs"))
+
+        net.wait_until(drained, timeout_s=150, what="ended jobs forgotten by the cores after their deadlines")
+        held = node.call("status")["jobs_in_memory"]
+        return {"states": states, "memory_mb": memory, "counters": status["counters"], "jobs": status["jobs"],
+                "held": held, "listed": len(node.call("job.list")),
+                "first": node.call("job.status", {"job_id": first})}
+
+
+#: Ended records of our own jobs a daemon keeps in memory at most
+#: (node/_jobs.py), and the runner's logs of the last jobs (node/_runner.py).
+ENDED_CACHED_MAX = 64
+LOG_JOBS_KEPT_MAX = 64
+
+
+def assert_bounded(got: dict[str, Any], jobs: int) -> None:
+    """Nothing the daemon keeps per job grew with the number of jobs (#13):
+    5,000 ended records with their proofs were +26 MB; now each table holds
+    the jobs in flight (none at the end) plus a small cache of ended ones."""
+    held = got["held"]
+    print(f"per-job tables after {jobs} jobs: {held}")
+    assert held["job_records"] <= WINDOW, held
+    assert held["job_records_ended_cached"] <= ENDED_CACHED_MAX, held
+    for table in ("collections", "member_runs", "deliveries", "submitter_jobs", "formation_jobs"):
+        assert held[table] <= WINDOW, (table, held)
+    assert held["runner_logs"] <= LOG_JOBS_KEPT_MAX, held
+    # Ended jobs are still reported, from the store.
+    assert got["jobs"] == {"succeeded": jobs} and got["listed"] == jobs
+    assert got["first"]["state"] == "succeeded" and got["first"]["proofs"][0]["status"] == "owed"
 
 
 def test_a_daemon_settles_hundreds_of_jobs_back_to_back(tmp_path: Path) -> None:
     got = soak(tmp_path, 240, (80, 240))
     assert got["states"] == {"succeeded": 240}
     assert got["counters"].get("jobs_settled", 0) >= 240
+    assert_bounded(got, 240)
     mem = got["memory_mb"]
     assert mem[240] - mem[80] < 20, mem
 
@@ -98,4 +136,5 @@ def test_a_daemon_settles_five_thousand_jobs_and_its_memory_stays_flat(tmp_path:
     assert got["states"] == {"succeeded": 5_000}
     mem = got["memory_mb"]
     print(f"daemon resident memory after 500, 2500, 5000 jobs: {mem}")
+    assert_bounded(got, 5_000)
     assert mem[5_000] - mem[500] <= 20, mem

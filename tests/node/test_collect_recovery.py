@@ -197,9 +197,9 @@ def test_proofs_sent_while_the_submitter_is_down_settle_after_its_restart(cluste
     col = s.collector.collections[c.job]
     assert not col.settled and not col.proofs
     assert s.timers.due()[settle_key(c.job)] >= c.net.now + reopen_grace_ms
-    assert s.records[c.job].state == "confirmed"
+    assert s.record(c.job).state == "confirmed"
     c.net.advance(resend_interval_ms_max)  # the members' next resends arrive
-    assert col.settled and s.records[c.job].state == "succeeded"
+    assert col.settled and s.record(c.job).state == "succeeded"
     got = proofs_of(s.db, c.job)
     assert sorted(p["worker"] for p in got) == sorted([A.peer_id, B.peer_id])
     assert all(p["status"] == "owed" and p["amount"] == 5_000 for p in got), got
@@ -245,7 +245,7 @@ def test_a_proof_after_settlement_is_acknowledged_late(cluster: Any) -> None:
     c = cluster
     s = c.net.nodes[S.peer_id]
     c.net.advance(60_000 + 31_000)  # the deadline: settled with nothing
-    assert c.job not in s.collector.collections and s.records[c.job].state == "failed"  # settled and forgotten
+    assert c.job not in s.collector.collections and s.record(c.job).state == "failed"  # settled and forgotten
     s.deliver(work(A, B, c.job, c.cert)["proof"], via="stream")
     assert s.counts["collect:ack_late"] == 1
     assert proofs_of(s.db, c.job) == []
@@ -295,7 +295,7 @@ def test_a_member_killed_mid_job_proves_its_time_up_to_its_last_checkpoint(clust
                     observed={B.peer_id: [T0 + 100, T0 + 4_200, 9, b_chain.head.hex()]}, now_ms=T0 + 4_000)
     c.net.now = T0 + 20_000
     a = restart(c, A)
-    assert a.records[c.job].state == "interrupted" and a.records[c.job].extra["member_state"] == "interrupted"
+    assert a.record(c.job).state == "interrupted" and a.record(c.job).extra["member_state"] == "interrupted"
     kinds = sorted(d.kind for d in a.runner_obj.pending.values())
     assert kinds == ["cosign", "proof"]
     assert earnings(a.db)[0]["amount"] == 4_000  # 4 s of one GPU at 1 unit per GPU-ms
@@ -312,7 +312,7 @@ def test_a_member_killed_mid_job_proves_its_time_up_to_its_last_checkpoint(clust
     assert not a.runner_obj.pending
     got = {p["worker"]: p for p in proofs_of(s.db, c.job)}
     assert got[A.peer_id]["status"] == "owed" and got[A.peer_id]["gpu_ms"] == 4_000
-    assert s.records[c.job].state == "failed"  # A's part was interrupted (exit 137)
+    assert s.record(c.job).state == "failed"  # A's part was interrupted (exit 137)
     # A second restart signs nothing new.
     assert restart(c, A).runner_obj.pending == {}
 
@@ -454,3 +454,27 @@ def test_the_window_survives_a_submitter_restart(tmp_path: Path) -> None:
     c.net.advance(reopen_grace_ms + 1)
     got = proofs_of(s.db, c.job)
     assert [p["status"] for p in got] == ["rejected"] and "over_window" in got[0]["reason"], got
+
+
+def test_a_settled_job_leaves_memory_and_is_read_back_from_the_store(cluster: Any) -> None:
+    """#13: every ended record stayed in memory, proofs and outputs included
+    (~4.7 KB each; +26 MB over a 5,000-job soak).  Now a stored record of
+    ours in a final state leaves memory, and status, prefix look-ups, the
+    list, the counts and a restart read it from the store."""
+    c = cluster
+    member_sends(c)
+    c.net.advance(resend_interval_ms_max)
+    s = c.net.nodes[S.peer_id]
+    assert c.job not in s.records, "a settled job's record left memory"
+    assert len(s.ended) <= 64
+    s.ended.clear()  # as if evicted from the small cache too
+    rec = s.record(c.job)
+    assert rec is not None and rec.state == "succeeded" and rec is s.record(c.job)  # cached once read
+    assert [p["status"] for p in rec.extra["proofs"]] == ["owed", "owed"]
+    assert s.status(c.job[:10])["state"] == "succeeded"
+    assert s.status("zz" + c.job[:8]) is None  # not hex: no such prefix
+    assert [d["job_id"] for d in s.listed() if d["job_id"] == c.job] == [c.job]
+    assert s.counts_by_state().get("succeeded", 0) >= 1 and "confirmed" not in s.counts_by_state()
+    assert s.memory()["job_records"] == len(s.records)
+    again = restart(c, S)
+    assert c.job not in again.records and again.record(c.job).state == "succeeded"  # type: ignore[union-attr]

@@ -730,3 +730,22 @@ class _state:
     def __exit__(self, *exc: object) -> None:
         _patches.remove()
         _patches.apply(only=self.before)
+
+
+def test_named_patches_can_be_skipped_for_a_benchmark(upstream: None, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``P2PGPU_LIBP2P_PATCHES_SKIP`` (benchmarks/transfer_ab.py) leaves out the
+    named patches and only those; an explicit ``apply(only=...)`` ignores it."""
+    monkeypatch.delenv(_patches.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(_patches.SKIP_ENV, "noise_write_once,yamux_bulk_frames")
+    with caplog.at_level(logging.WARNING, logger=_patches.__name__):
+        got = _patches.apply()
+    try:
+        assert got == [n for n in _patches.PATCHES if n not in ("noise_write_once", "yamux_bulk_frames")]
+        assert "noise_write_once skipped" in caplog.text
+    finally:
+        _patches.remove()
+    try:
+        assert _patches.apply(only=["noise_write_once"]) == ["noise_write_once"]
+    finally:
+        _patches.remove()

@@ -18,7 +18,7 @@ def test_peers_with_a_record_are_protected_after_bootstrap_and_before_job_peers(
         network=SimpleNamespace(bootstrap=["/ip4/127.0.0.1/tcp/1/p2p/boot"]), options=SimpleNamespace(bootstrap=[]),
         book=SimpleNamespace(protected_max=8), identity=SimpleNamespace(peer_id="me"),
         receipts=SimpleNamespace(last=Reputation(scores=scores, refused=[])),
-        jobs=SimpleNamespace(records=SimpleNamespace(ours_newest_first=lambda: [job])))
+        jobs=SimpleNamespace(records=SimpleNamespace(ours_newest_first=lambda: [job]), ended={}))
     assert Node.peers_we_work_with(node) == ["boot", "best", "good", "member"]  # type: ignore[arg-type]
     node.book.protected_max = 2
     assert Node.peers_we_work_with(node) == ["boot", "best"]  # type: ignore[arg-type]

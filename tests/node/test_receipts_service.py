@@ -63,7 +63,9 @@ def service(tmp_path: Path, identity: Identity, submitter: str, proofs: list[dic
                           manifest=SimpleNamespace(manifest=SimpleNamespace(
                               payer=ADDRESS, submitter=submitter, interval_s=interval_s, duration_s_max=3600)))
     clock = Clock()
-    node = SimpleNamespace(identity=identity, jobs=SimpleNamespace(db=db, records={JOB: rec}), counts=Counter(),
+    records = {JOB: rec}
+    node = SimpleNamespace(identity=identity, jobs=SimpleNamespace(db=db, records=records, record=records.get),
+                           counts=Counter(),
                            now_ms=clock, stack=None, home=None, ledger_spec="embedded")
     save_collection(db, job_id=JOB, certificate=encode(c.to_obj()), members=[A.peer_id, B.peer_id],
                     payout_addresses={}, confirmed_at_ms=T0, deadline_ms=T0)
