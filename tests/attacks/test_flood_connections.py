@@ -93,10 +93,18 @@ def test_sybil_connections_leave_room_for_an_honest_newcomer(tmp_path: Path) -> 
             # Many subnets (260 identities in all): the total cap (40) holds.
             with sybils(target, 200, [(f"127.0.{k + 2}.2", 7) for k in range(30)]) as (more, _b):
                 st = _status(node0)
-                assert st["connections"]["open"] <= 40 and st["connections"]["inbound_admitted"] <= 40
+                # The gate's cap is exact: never more than 40 inbound slots held.
+                assert st["connections"]["inbound_admitted"] <= 40
+                # The table of peers can count one more for a moment: a closed
+                # connection's slot is released before its peer's "disconnected"
+                # notification is handled (seen: 41 under load); it settles.
+                assert st["connections"]["open"] <= 41
+                net.wait_until(lambda: _status(node0)["connections"]["open"] <= 40, timeout_s=10,
+                               what="the peer table within the cap")
                 # (more connect than 40 - 24 over the run: the manager closes the
-                # oldest idle ones to keep room, and the next get in)
-                assert st["counters"]["connections_refused:full"] >= 210 - sum(more) - 8
+                # oldest idle ones to keep room, and the next get in; with every
+                # one admitted in time — a slow machine — none is refused "full")
+                assert st["counters"].get("connections_refused:full", 0) >= 210 - sum(more) - 8
                 # The manager frees the newcomers' room (the Sybils are unknown and idle) ...
                 net.wait_until(lambda: _status(node0)["connections"]["open"] <= 32, timeout_s=30,
                                what="room for newcomers")

@@ -28,7 +28,9 @@ from p2pgpu.runtime._ray import ray_unavailable
 from p2pgpu.solana._keys import PAYER_FILE
 
 WHY_NOT = check_sandbox() or ray_unavailable(enabled=True)
-pytestmark = [pytest.mark.processes, pytest.mark.skipif(WHY_NOT is not None, reason=f"{WHY_NOT}")]
+# Job networks and Ray on this machine: these tests assert that none is left (system-wide), so they
+# take turns with every other test that makes them (tests/conftest.py, docs/testing.md).
+pytestmark = [pytest.mark.processes, pytest.mark.exclusive("job-networks"), pytest.mark.skipif(WHY_NOT is not None, reason=f"{WHY_NOT}")]
 
 ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
 #: The submitter (node 0) never serves; the workers offer ray.

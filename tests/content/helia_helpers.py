@@ -12,6 +12,7 @@ saying so, only when node or npm is absent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -46,15 +47,23 @@ def helia_dir() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are needed to run Helia (apt-get install nodejs npm)")
     JS_DIR.mkdir(exist_ok=True)
-    missing = [spec for name, spec in PACKAGES.items() if not (JS_DIR / "node_modules" / name).exists()]
-    if missing:
-        if not (JS_DIR / "package.json").exists():
-            (JS_DIR / "package.json").write_text('{"name": "p2pgpu-helia-test", "private": true, "type": "module"}\n')
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", *missing], cwd=JS_DIR,
-                           capture_output=True, text=True, timeout=900, check=False)
-        assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
-    for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
-        shutil.copy(script, JS_DIR / script.name)
+    # One install at a time: test files on other parallel workers, or another run on this machine,
+    # may be filling the same directory (two npm installs into one node_modules break each other).
+    with open(JS_DIR.with_name(JS_DIR.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        missing = [spec for name, spec in PACKAGES.items() if not (JS_DIR / "node_modules" / name).exists()]
+        if missing:
+            if not (JS_DIR / "package.json").exists():
+                (JS_DIR / "package.json").write_text('{"name": "p2pgpu-helia-test", "private": true, "type": "module"}\n')
+            r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", *missing], cwd=JS_DIR,
+                               capture_output=True, text=True, timeout=900, check=False)
+            assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
+        for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
+            dest = JS_DIR / script.name
+            if not dest.exists() or dest.read_bytes() != script.read_bytes():
+                # Aside, then renamed: a worker may be running the script that is there now.
+                shutil.copy(script, dest.with_name(dest.name + ".new"))
+                dest.with_name(dest.name + ".new").replace(dest)
     return JS_DIR
 
 

@@ -22,14 +22,14 @@ from p2pgpu.localnet import LocalNet
 MIX = [("NVIDIA L4", 23034, "8.9", 0), ("NVIDIA L4", 23034, "8.9", 1)]
 
 
-def job(path: Path, seconds: int) -> str:
+def job(path: Path, seconds: int, duration_s_max: int = 60) -> str:
     return f"""
 name = "pinned-input"
 [requirements]
 nodes = 1
 [runtime]
 command = ["sh", "-c", "sleep {seconds}; sha256sum \\"$P2PGPU_IN/data.bin\\""]
-duration_s_max = 60
+duration_s_max = {duration_s_max}
 [inputs]
 "data.bin" = {{ path = {json.dumps(str(path))} }}
 [payment]
@@ -49,7 +49,8 @@ def test_local_inputs_are_pinned_for_the_job_across_a_crash_and_released_when_it
     second.write_bytes(b"second input\n" * 100_000)
     with LocalNet(tmp_path / "net", 2, gpu_mix=MIX) as net:
         net.wait_until(lambda: len(net.nodes[0].call("market")) >= 1, timeout_s=30, what="market")
-        a = net.nodes[0].call("job.submit", {"manifest": job(first, 30)})
+        # Far longer than the rest of the test, however slow the machine: it must still run at the end.
+        a = net.nodes[0].call("job.submit", {"manifest": job(first, 600, duration_s_max=900)})
         sha_a = a["inputs"][0]["sha256"]
         assert pins_of(net, sha_a) == 1  # pinned as soon as it is submitted
         # The submitter dies (kill -9) while its job runs: the pin is on disk.
@@ -64,7 +65,7 @@ def test_local_inputs_are_pinned_for_the_job_across_a_crash_and_released_when_it
                             in ("succeeded", "failed") and d, timeout_s=90, what="second job ends")
         assert st["state"] == "succeeded", st
         net.wait_until(lambda: pins_of(net, sha_b) == 0, timeout_s=20, what="the ended job's pin released")
-        # The interrupted first job may still be running on its member: still pinned.
+        # The interrupted first job is still running on its member: still pinned.
         assert pins_of(net, sha_a) == 1
         assert net.nodes[0].call("status")["counters"]["inputs:pins_released"] >= 1
 

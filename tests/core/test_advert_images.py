@@ -71,10 +71,11 @@ def test_images_round_trip_and_are_absent_when_empty() -> None:
     ((digest(1), digest(1)), "distinct"),
     (("A" * 64,), "hex"),
     (("ab" * 31,), "hex"),
+    (("0" * 63 + "X",), "hex"),  # any character outside 0-9a-f
 ])
 def test_bad_image_lists_are_refused_when_built(images: tuple[str, ...], why: str) -> None:
     ident = Identity.from_rng(Random(2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=why):
         advert(ident, images=images)
 
 

@@ -200,6 +200,7 @@ LIMITS_ACCEPTED: list[tuple[str, str, dict[str, Any]]] = [
     ("memory in MB", M + "[requirements]\nmemory_mb_min = 7\n", {"memory_mb_min": 7}),
     ("16 models of 64", M + "[requirements]\nmodels = [" + ",".join(['"' + "m" * 64 + '"'] * 16) + "]\n",
      {"models": ("m" * 64,) * 16}),
+    ("a model of 1", M + '[requirements]\nmodels = ["m"]\n', {"models": ("m",)}),
     ("16 regions of 32", M + "[requirements]\nregions = [" + ",".join(['"' + "r" * 32 + '"'] * 16) + "]\n",
      {"regions": ("r" * 32,) * 16}),
     ("64 arguments", "[runtime]\ncommand = [" + ",".join(['"a"'] * 64) + "]\n", {"command": ("a",) * 64}),

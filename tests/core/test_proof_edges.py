@@ -176,6 +176,9 @@ def test_tolerance_is_the_larger_of_the_floor_and_the_share() -> None:
                    tolerance_ppm=50_000)
     assert [t.tolerance(x) for x in (-5, 0, 19_999, 20_000, 20_019, 20_020, 100_000)] == [
         1_000, 1_000, 1_000, 1_000, 1_000, 1_001, 5_000]
+    # no floor and the whole observation as the share: nothing observed, nothing tolerated
+    whole = dataclasses.replace(t, tolerance_ms=0, tolerance_ppm=1_000_000)
+    assert [whole.tolerance(x) for x in (-5, 0, 1, 7)] == [0, 0, 1, 7]
 
 
 def test_terms_from_a_manifest_carry_every_field() -> None:

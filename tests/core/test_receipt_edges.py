@@ -6,22 +6,52 @@ bytes are pinned in ``tests/data/vectors.json`` (``test_vectors.py``)."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import replace
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import msgpack
 import pytest
-from trust_fixtures import ALICE, BOB, SUBMITTER, address, line, member_receipt, receipt, tx
+from trust_fixtures import (
+    ALICE,
+    BOB,
+    CAROL,
+    SUBMITTER,
+    T0,
+    address,
+    job_id,
+    line,
+    member_receipt,
+    receipt,
+    tx,
+)
 
-from p2pgpu.core import Kind, PeerMisbehaved, Reason, decode, encode, seal
+from p2pgpu.core import Identity, Kind, PeerMisbehaved, Reason, decode, encode, seal
+from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
+from p2pgpu.core._identity import verify_signature
 from p2pgpu.core._manifest import members_max
 from p2pgpu.core._receipt import (
     LINE_OUTCOMES,
+    Earning,
+    MemberAccount,
     MemberReceipt,
     Receipt,
     ReceiptLine,
+    SettledLine,
+    SignedReceipt,
+    build_receipt,
     decode_member_receipt,
+    decode_published,
     decode_receipt,
+    line_payments,
+    member_account,
+    member_verdict,
+    payments_cap,
+    publish_wire,
+    published_bytes_max,
+    receipts_key,
     sign_member_receipt,
     sign_receipt,
 )
@@ -267,6 +297,17 @@ def test_member_receipt_decoder_names_the_field(over: dict[str, Any], why: str) 
     assert err.detail.startswith(why), err.detail
 
 
+def test_a_payer_signature_is_64_bytes_and_needs_the_payer_it_names() -> None:
+    """Each half of the constructor's rule alone (the decoder's schema checks
+    the length first, so only the constructor tells them apart)."""
+    r = receipt("j", [PAID])
+    assert replace(r, payer_signature=b"\x01" * 64).payer_signature == b"\x01" * 64
+    for over in ({"payer_signature": b"\x01" * 63}, {"payer_signature": b"\x01" * 65},
+                 {"lines": (UNPAID,), "payer": "", "payer_signature": b"\x01" * 64}):
+        with pytest.raises(ValueError, match="payer_signature is 64 bytes, by the payer named"):
+            replace(r, **over)
+
+
 def test_a_payer_signature_that_does_not_verify_is_refused() -> None:
     """#16.2: 64 bytes that are not the payer key's signature of this receipt
     (zeros; the submitter's own key's; the payer's, of another receipt)."""
@@ -325,3 +366,255 @@ def test_receipt_round_trip_keeps_every_field() -> None:
     assert Receipt.from_obj(r.to_obj()) == r
     m = member_receipt("j", ALICE, "late")
     assert MemberReceipt.from_obj(m.to_obj()) == m
+
+
+
+# --- payments, from settlement to a receipt, and a member's account (#19, the receipt publishing code) ---
+
+
+def test_a_payment_may_be_as_large_as_an_amount_may() -> None:
+    assert replace(PAID, amount=int_max, payments=((TX88, int_max),)).payments == ((TX88, int_max),)
+
+
+def test_equal_payments_are_listed_by_signature() -> None:
+    a, b = sorted([tx("u"), tx("v")])
+    assert replace(PAID, payments=((a, 500_000), (b, 500_000))).payments == ((a, 500_000), (b, 500_000))
+    with pytest.raises(ValueError, match="payments are listed largest first, then by signature"):
+        replace(PAID, payments=((b, 500_000), (a, 500_000)))
+
+
+def settled_line(peer: Any = ALICE, **over: Any) -> SettledLine:
+    base = SettledLine(peer_id=peer.peer_id, status="owed", amount=1000, address=address(peer.peer_id),
+                       proof_hash=b"p" * 32, tx_signature=tx("final"))
+    return replace(base, **over)
+
+
+def built(*lines: SettledLine, payer: str = address("payer")) -> Receipt:
+    r = build_receipt(job_id=job_id("built"), cert_hash=b"c" * 32, submitter=SUBMITTER.peer_id, payer=payer,
+                      currency="SOL", settled_at_ms=T0, lines=list(lines))
+    assert r is not None
+    return r
+
+
+def by_peer(r: Receipt) -> dict[str, ReceiptLine]:
+    return {ln.peer_id: ln for ln in r.lines}
+
+
+def test_build_receipt_sets_every_field_of_a_line() -> None:
+    r = built(settled_line(ALICE), settled_line(BOB, proof_hash=b"short"), settled_line(CAROL, amount=1))
+    assert by_peer(r) == {
+        ALICE.peer_id: ReceiptLine(peer_id=ALICE.peer_id, outcome="paid", amount=1000,
+                                   address=address(ALICE.peer_id), payments=((tx("final"), 1000),),
+                                   proof_hash=b"p" * 32),
+        # a proof hash that is not 32 bytes is left out, not a refusal of the whole receipt
+        BOB.peer_id: ReceiptLine(peer_id=BOB.peer_id, outcome="paid", amount=1000, address=address(BOB.peer_id),
+                                 payments=((tx("final"), 1000),), proof_hash=b""),
+        # one lamport is a payment like any other
+        CAROL.peer_id: ReceiptLine(peer_id=CAROL.peer_id, outcome="paid", amount=1, address=address(CAROL.peer_id),
+                                   payments=((tx("final"), 1),), proof_hash=b"p" * 32),
+    }
+    assert (r.job_id, r.cert_hash, r.submitter, r.payer, r.currency, r.settled_at_ms) == (
+        job_id("built"), b"c" * 32, SUBMITTER.peer_id, address("payer"), "SOL", T0)
+
+
+def test_a_receipt_that_cites_no_payment_names_no_payer() -> None:
+    r = built(settled_line(ALICE, status="rejected", amount=0, tx_signature=""),
+              settled_line(BOB, tx_signature=""))
+    assert r.payer == ""
+    assert {p: ln.outcome for p, ln in by_peer(r).items()} == {ALICE.peer_id: "proof_refused", BOB.peer_id: "unpaid"}
+
+
+def test_a_status_settlement_does_not_know_is_reported_unpaid() -> None:
+    """A store written by another version may hold a status this one does not
+    map: the member is reported unpaid (the truth of what the receipt shows),
+    not a receipt that cannot be built."""
+    r = built(settled_line(ALICE, status="held", tx_signature=""))
+    assert (r.lines[0].outcome, r.lines[0].amount, r.lines[0].payments) == ("unpaid", 0, ())
+
+
+def test_the_per_line_cap_counts_only_lines_that_cite_payments() -> None:
+    """16 lines citing payments share the receipt's 128 at 8 each; a 17th
+    line owed but not yet paid cites nothing and takes no share."""
+    members = [Identity.from_rng(random.Random(7100 + i)) for i in range(17)]
+    paying = [settled_line(m, amount=0, tx_signature="", installments=tuple((tx(f"{i}-{k}"), 10 + k)
+                                                                            for k in range(10)))
+              for i, m in enumerate(members[:16])]
+    r = built(*paying, settled_line(members[16], tx_signature=""))
+    assert payments_cap(16) == 8 and payments_cap(17) == 7
+    cited = [len(ln.payments) for ln in r.lines if ln.payments]
+    assert cited == [8] * 16
+
+
+def test_payments_cap_values() -> None:
+    assert [payments_cap(n) for n in (0, 1, 16, 17, 64, 128, 129)] == [8, 8, 8, 7, 2, 1, 1]
+
+
+def test_line_payments_merge_one_transaction_and_skip_what_paid_nothing() -> None:
+    a, b = sorted([tx("a"), tx("b")])
+    ln = settled_line(amount=50, tx_signature=a, installments=((a, 300), ("", 70), (tx("zero"), 0), (tx("one"), 1),
+                                                               (b, 350)))
+    # the final line and an installment paid by one batch: one payment of their sum;
+    # an installment without a transaction, or of nothing, is no payment; one lamport is
+    assert line_payments(ln) == (701, ((a, 350), (b, 350), (tx("one"), 1)))
+    assert line_payments(ln, 1) == (701, ((a, 350),)) == line_payments(ln, 0)
+    assert line_payments(replace(ln, installments=((b, 350), (a, 300))))[1][:2] == ((a, 350), (b, 350))
+    r = built(ln)
+    assert (r.lines[0].amount, r.lines[0].payments) == (701, ((a, 350), (b, 350), (tx("one"), 1)))
+
+
+def earning(amount: int, tx_signature: str = "", paid_at_ms: int | None = None, *, installment: bool = True,
+            on_ledger: int | None = None) -> Earning:
+    return Earning(amount=amount, installment=installment, tx_signature=tx_signature, paid_at_ms=paid_at_ms,
+                   on_ledger=on_ledger)
+
+
+def test_a_member_is_owed_its_final_proof_not_its_installments() -> None:
+    got = member_account([earning(300, "a", T0), earning(100, "b", T0), earning(500, installment=False)],
+                         due_ms=T0 + 10, now_ms=T0 + 10)
+    assert got == MemberAccount(owed=500, received=400, tx_signature="a", verdict="late")
+    # no final proof: what it claimed
+    got = member_account([earning(300, "a", T0), earning(200, "b", T0)], due_ms=T0 + 10, now_ms=T0 + 10)
+    assert got == MemberAccount(owed=500, received=500, tx_signature="a", verdict="on_time")
+
+
+def test_only_a_payment_with_its_notice_is_received() -> None:
+    final = earning(500, installment=False)
+    got = member_account([final, earning(500, "a", None)], due_ms=T0 + 10, now_ms=T0 + 10)
+    assert got == MemberAccount(owed=500, received=0, tx_signature="", verdict="unpaid")
+    got = member_account([final, earning(500, "", T0)], due_ms=T0 + 10, now_ms=T0 + 10)
+    assert got == MemberAccount(owed=500, received=0, tx_signature="", verdict="unpaid")
+
+
+def test_the_latest_payment_decides_lateness_whatever_the_order() -> None:
+    got = member_account([earning(250, "a", T0 + 11), earning(250, "b", T0 + 1), earning(500, installment=False)],
+                         due_ms=T0 + 10, now_ms=T0 + 20)
+    assert got is not None and got.verdict == "late"
+
+
+def test_the_cited_transaction_is_the_largest_then_the_first_by_signature() -> None:
+    final = earning(600, installment=False)
+    got = member_account([final, earning(200, "a", T0), earning(400, "b", T0)], due_ms=T0 + 10, now_ms=T0)
+    assert got is not None and got.tx_signature == "b"
+    got = member_account([final, earning(300, "b", T0), earning(300, "a", T0)], due_ms=T0 + 10, now_ms=T0)
+    assert got is not None and got.tx_signature == "a"
+    # a transaction the ledger showed paid nothing is never cited
+    got = member_account([final, earning(300, "a", T0, on_ledger=0), earning(1, "b", T0)], due_ms=T0 + 10,
+                         now_ms=T0 + 10)
+    assert got == MemberAccount(owed=600, received=1, tx_signature="b", verdict="late")
+
+
+def test_one_lamport_received_is_a_payment() -> None:
+    got = member_account([earning(1, installment=False), earning(1, "a", T0)], due_ms=T0 + 10, now_ms=T0)
+    assert got == MemberAccount(owed=1, received=1, tx_signature="a", verdict="on_time")
+    assert member_verdict(owed=1, received=1, due_ms=T0, paid_at_ms=T0) == "on_time"
+
+
+def test_a_one_character_transaction_decodes_and_an_empty_one_is_refused_by_name() -> None:
+    one = [[*PAID.to_obj()[:4], [["1", 1_000_000]], PAID.proof_hash]]
+    assert decode_receipt(receipt_wire(lines=one)).receipt.lines[0].payments == (("1", 1_000_000),)
+    empty = [[*PAID.to_obj()[:4], [["", 1_000_000]], PAID.proof_hash]]
+    err = refused(decode_receipt, receipt_wire(lines=empty))
+    assert (err.reason, err.detail) == (Reason.BAD_SCHEMA, "lines[0]: payments: a tx_signature is 1..88 characters")
+
+
+def test_receipts_key_is_pinned() -> None:
+    key = receipts_key("12D3KooWpeer")
+    assert key == "/p2pgpu/receipts/" + hashlib.sha256(b"12D3KooWpeer").hexdigest()[:32] and len(key) == 49
+
+
+# --- published receipts -------------------------------------------------------------------
+
+
+def members_cert(*members: Identity, job: str = job_id("built"), view: int = 0) -> Certificate:
+    prop = Proposal.sign(members[0], job_id=job, view=view, round=0, members=tuple(m.peer_id for m in members),
+                         gpus_per_member=1)
+    return Certificate(proposal=prop, accepts=tuple(
+        Accept.sign(m, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=1,
+                    payout_address=address(m.peer_id)) for m in members))
+
+
+def published_pair(cert: Certificate | None = None) -> tuple[bytes, Receipt, Certificate]:
+    cert = cert or members_cert(ALICE, BOB)
+    r = build_receipt(job_id=cert.job_id, cert_hash=cert.digest, submitter=SUBMITTER.peer_id,
+                      payer=address("payer"), currency="SOL", settled_at_ms=T0,
+                      lines=[settled_line(ALICE), settled_line(BOB)])
+    assert r is not None
+    return publish_wire(sign_receipt(SUBMITTER, r), cert), r, cert
+
+
+def outer_with(wire: bytes, **over: Any) -> bytes:
+    outer = decode(wire)
+    outer.update(over)
+    return encode(outer)
+
+
+def test_a_published_receipt_must_be_a_receipt_envelope() -> None:
+    """The same body signed as another kind (a signature made for another
+    purpose) is not a receipt."""
+    wire, r, _ = published_pair()
+    other = seal(SUBMITTER, Kind.MEMBER_RECEIPT, r.to_obj()).to_bytes()
+    err = refused(decode_published, outer_with(wire, receipt=other))
+    assert (err.reason, err.detail) == (Reason.WRONG_KIND, "expected receipt, got member_receipt")
+
+
+def test_the_verifier_handed_in_checks_every_signature() -> None:
+    wire, _, _ = published_pair()
+    seen: list[bytes] = []
+
+    def verify(signer: bytes, message: bytes, signature: bytes) -> None:
+        seen.append(message.split(b"\x00", 1)[0])
+        verify_signature(signer, message, signature)
+
+    decode_published(wire, verify)
+    assert sorted(seen) == sorted([b"p2pgpu/receipt/v1", b"p2pgpu/proposal/v1", b"p2pgpu/accept/v1",
+                                   b"p2pgpu/accept/v1"])
+
+
+def test_published_parts_must_be_canonical_and_within_their_kinds_size() -> None:
+    wire, _, _ = published_pair()
+    outer = decode(wire)
+    env = decode(outer["receipt"])
+    shuffled_receipt = msgpack.packb(dict(reversed(list(env.items()))), use_bin_type=True)
+    cert_obj = decode(outer["certificate"])
+    shuffled_cert = msgpack.packb(dict(reversed(list(cert_obj.items()))), use_bin_type=True)
+    assert shuffled_receipt != outer["receipt"] and shuffled_cert != outer["certificate"]
+    for over in ({"receipt": shuffled_receipt}, {"certificate": shuffled_cert}):
+        assert refused(decode_published, outer_with(wire, **over)).reason is Reason.NON_CANONICAL
+    big_env = encode({**env, "s": b"\x00" * Kind.RECEIPT.bytes_max})
+    big_cert = encode({**cert_obj, "pad": b"\x00" * Kind.CERTIFICATE.bytes_max})
+    for over in ({"receipt": big_env}, {"certificate": big_cert}):
+        data = outer_with(wire, **over)
+        assert len(data) <= published_bytes_max
+        err = refused(decode_published, data)
+        assert err.reason is Reason.OVERSIZED, err
+
+
+def test_a_certificate_of_the_same_job_but_another_cluster_is_not_the_one_named() -> None:
+    wire, _, cert = published_pair()
+    other = members_cert(ALICE, BOB, view=1)
+    assert other.job_id == cert.job_id and other.digest != cert.digest
+    err = refused(decode_published, outer_with(wire, certificate=encode(other.to_obj())))
+    assert (err.reason, err.detail) == (Reason.BAD_PROOF, "the certificate is not the one the receipt names")
+
+
+@pytest.mark.parametrize("part", ["receipt", "certificate"])
+def test_each_published_part_must_be_bytes(part: str) -> None:
+    wire, _, _ = published_pair()
+    err = refused(decode_published, outer_with(wire, **{part: [1]}))
+    assert (err.reason, err.detail) == (Reason.BAD_SCHEMA,
+                                        "a published receipt is {receipt: bytes, certificate: bytes}")
+
+
+def test_publish_wire_at_its_ceiling() -> None:
+    """The published bytes may be exactly ``published_bytes_max`` long, not one more
+    (a signed receipt stands in here: only its bytes are published)."""
+    _, _, cert = published_pair()
+    inner = len(encode(cert.to_obj()))
+
+    def signed(n: int) -> SignedReceipt:
+        return cast(SignedReceipt, SimpleNamespace(wire=b"r" * n))
+    n = published_bytes_max - inner - 64
+    n += published_bytes_max - len(publish_wire(signed(n), cert))
+    assert len(publish_wire(signed(n), cert)) == published_bytes_max
+    with pytest.raises(ValueError, match=f"published receipt of {published_bytes_max + 1} bytes > "):
+        publish_wire(signed(n + 1), cert)

@@ -18,7 +18,9 @@ import pytest
 from p2pgpu.localnet import LocalNet
 from p2pgpu.runtime import ray_unavailable
 
-pytestmark = [pytest.mark.processes,
+# Job networks and Ray on this machine: these tests assert that none is left (system-wide), so they
+# take turns with every other test that makes them (tests/conftest.py, docs/testing.md).
+pytestmark = [pytest.mark.processes, pytest.mark.exclusive("job-networks"),
               pytest.mark.skipif(ray_unavailable(enabled=True) is not None,
                                  reason=f"{ray_unavailable(enabled=True)}")]
 

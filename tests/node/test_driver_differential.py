@@ -122,8 +122,10 @@ def node_driver(world: World, node: int, rec: Recording,
     over a real store, its host recorded, its environment played back."""
     sn = world.nodes[node]
     clock = SimpleNamespace(now=0)
+    # The book's view: the claim verdicts the simulator hands this node's host (#16.1).
+    book = SimpleNamespace(adverts={}, network="sim", view=world.jobs.challenges.claims_of(node))
     ports = SimpleNamespace(identity=sn.identity, counts=Counter(), now_ms=lambda: clock.now,
-                            payout_address=sn.payout_address, book=SimpleNamespace(adverts={}, network="sim"),
+                            payout_address=sn.payout_address, book=book,
                             payouts_due=lambda: None, capacity_changed=lambda: None, gpus_reserved=0,
                             inventory=SimpleNamespace(gpus=list(sn.gpus), simulated=True), stack=None, blobs=None)
     jobs = JobsService(ports, rng=Random(0), config=world.jobs.hconfig)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import trio
+from solders.keypair import Keypair
 
 from p2pgpu.core import Identity, encode
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
@@ -35,6 +36,8 @@ from p2pgpu.store import (
 ME = Identity(bytes([30]) * 32)
 A, B = Identity(bytes([31]) * 32), Identity(bytes([32]) * 32)
 ADDRESS = "11111111111111111111111111111112"
+#: The node's payer keypair: the manifests here name it, so receipts are co-signed (#16.2).
+PAYER = Keypair.from_seed(bytes([33]) * 32)
 T0 = 1_700_000_000_000
 JOB = hashlib.sha256(b"job").hexdigest()
 SETTINGS = ReceiptSettings(sign_wait_ms=60_000, member_due_ms=600_000)
@@ -61,13 +64,12 @@ def service(tmp_path: Path, identity: Identity, submitter: str, proofs: list[dic
     c = cert()
     rec = SimpleNamespace(job_id=JOB, certificate=c.digest.hex(), extra={"proofs": proofs},
                           manifest=SimpleNamespace(manifest=SimpleNamespace(
-                              payer=ADDRESS, submitter=submitter, interval_s=interval_s, duration_s_max=3600)))
+                              payer=str(PAYER.pubkey()), submitter=submitter, interval_s=interval_s, duration_s_max=3600)))
     clock = Clock()
     records = {JOB: rec}
     node = SimpleNamespace(identity=identity, jobs=SimpleNamespace(db=db, records=records, record=records.get),
-                           counts=Counter(),
-                           now_ms=clock, stack=None, home=None, ledger_spec="embedded",
-                           wallet=SimpleNamespace(payer=None))
+                           counts=Counter(), wallet=SimpleNamespace(payer=PAYER),
+                           now_ms=clock, stack=None, home=None, ledger_spec="embedded")
     save_collection(db, job_id=JOB, certificate=encode(c.to_obj()), members=[A.peer_id, B.peer_id],
                     payout_addresses={}, confirmed_at_ms=T0, deadline_ms=T0)
     return ReceiptService(node, SETTINGS), clock  # type: ignore[arg-type]
@@ -176,7 +178,8 @@ def test_a_member_paid_by_installments_is_paid_in_the_receipt(tmp_path: Path) ->
     got = {ln.peer_id: (ln.outcome, ln.amount, ln.payments) for ln in r.lines}
     assert got == {A.peer_id: ("paid", 500, ((SIG1, 300), (SIG2, 200))),
                    B.peer_id: ("paid", 550, ((SIG1, 300), (SIG3, 250)))}, got
-    assert r.payer == ADDRESS
+    assert r.payer == str(PAYER.pubkey())
+    assert r.cosigned and svc.counts["receipts:not_cosigned"] == 0  # its payments count (#16.2)
 
 
 def test_a_member_paid_by_installments_reports_on_time_with_the_total(tmp_path: Path) -> None:

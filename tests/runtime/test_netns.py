@@ -23,7 +23,9 @@ from p2pgpu.runtime._netns import (
 )
 
 WHY_NOT = check_sandbox() or net_unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"{WHY_NOT}")
+# Job networks and Ray on this machine: these tests assert that none is left (system-wide), so they
+# take turns with every other test that makes them (tests/conftest.py, docs/testing.md).
+pytestmark = [pytest.mark.exclusive("job-networks"), pytest.mark.skipif(WHY_NOT is not None, reason=f"{WHY_NOT}")]
 PY = "/usr/bin/python3"
 
 SERVE = PY + """ -c '

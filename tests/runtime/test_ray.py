@@ -27,6 +27,15 @@ from p2pgpu.runtime._ray import (
 )
 from p2pgpu.runtime._ray_inside import node_ranks
 
+# Job networks and Ray on this machine: these tests assert that none is left (system-wide), so they
+# take turns with every other test that makes them (tests/conftest.py, docs/testing.md).
+pytestmark = pytest.mark.exclusive("job-networks")
+
+
+def job_namespaces() -> list[Path]:
+    """Job members' network namespaces on this machine (not the NAT lab's, ``p2pgpu-lab-*``)."""
+    return [n for n in Path("/run/netns").glob("p2pgpu-*") if not n.name.startswith("p2pgpu-lab-")]
+
 WHY_NOT = ray_unavailable(enabled=True)
 needs_ray = pytest.mark.skipif(WHY_NOT is not None, reason=f"{WHY_NOT}")
 
@@ -128,7 +137,7 @@ async def test_two_members_form_a_cluster_in_their_sandboxes(tmp_path: Path) -> 
     assert [o.path for o in head.outputs] == ["result.txt"]
     assert (tmp_path / "work0" / "result.txt").read_text() == "2 nodes\n"
     assert all(m.state is State.DONE for m in members)
-    assert not list(Path("/run/netns").glob("p2pgpu-*")), "a member's network namespace was left"
+    assert not job_namespaces(), "a member's network namespace was left"
 
 
 @needs_ray
@@ -161,7 +170,7 @@ async def test_cancelling_the_callers_scope_tears_down(tmp_path: Path) -> None:
     with trio.CancelScope() as scope:
         await member.run()
     assert scope.cancelled_caught and member.state is State.DONE
-    assert not list(Path("/run/netns").glob("p2pgpu-*"))
+    assert not job_namespaces()
 
 
 @needs_ray

@@ -12,6 +12,7 @@ Skipped, saying so, only when node or npm is absent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -36,14 +37,22 @@ def js_dir() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are needed to install @solana/web3.js and @solana/kit (apt-get install nodejs npm)")
     JS_DIR.mkdir(exist_ok=True)
-    missing = [spec for name, spec in PACKAGES.items() if not (JS_DIR / "node_modules" / name).exists()]
-    if missing:
-        (JS_DIR / "package.json").write_text('{"name": "p2pgpu-web3js-test", "private": true}\n')
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", *missing], cwd=JS_DIR,
-                           capture_output=True, text=True, timeout=600, check=False)
-        assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
-    for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
-        shutil.copy(script, JS_DIR / script.name)
+    # One install at a time: a parallel worker or another run on this machine may be filling the
+    # same directory (two npm installs into one node_modules break each other).
+    with open(JS_DIR.with_name(JS_DIR.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        missing = [spec for name, spec in PACKAGES.items() if not (JS_DIR / "node_modules" / name).exists()]
+        if missing:
+            (JS_DIR / "package.json").write_text('{"name": "p2pgpu-web3js-test", "private": true}\n')
+            r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", *missing], cwd=JS_DIR,
+                               capture_output=True, text=True, timeout=600, check=False)
+            assert r.returncode == 0, f"npm install {' '.join(missing)} failed: {r.stderr[-2000:]}"
+        for script in JS_SRC.glob("*.mjs"):  # ES modules resolve packages next to the script
+            dest = JS_DIR / script.name
+            if not dest.exists() or dest.read_bytes() != script.read_bytes():
+                # Aside, then renamed: a worker may be running the script that is there now.
+                shutil.copy(script, dest.with_name(dest.name + ".new"))
+                dest.with_name(dest.name + ".new").replace(dest)
     return JS_DIR
 
 
