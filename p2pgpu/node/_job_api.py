@@ -33,6 +33,7 @@ from p2pgpu.core._manifest import (
 )
 
 from ._control import ControlError
+from ._jobs import network_ended_max, network_summary
 
 if TYPE_CHECKING:
     from ._ports import NodePorts as Node
@@ -40,8 +41,9 @@ if TYPE_CHECKING:
 manifest_text_bytes_max = 512 * 1024
 #: Log lines per ``job.logs`` answer (a follower asks again from where it stopped).
 log_lines_per_call_max = 5_000
-#: Rows per ``network.jobs`` answer.
-network_jobs_max = 2_000
+#: Rows per ``network.jobs`` answer (as many as the jobs service keeps of
+#: ended jobs of ours that left memory).
+network_jobs_max = network_ended_max
 #: A market query's price ceiling when it names none: no ceiling.
 _NO_PRICE_CEILING = 2**62
 _MATCH_KEYS = {"nodes", "gpus_per_node", "vram_gb_min", "memory_mb_min", "models", "compute_capability_min",
@@ -239,8 +241,11 @@ def job_handlers(node: Node) -> dict[str, Any]:
         limit = params.get("limit", network_jobs_max)
         if type(limit) is not int or not 1 <= limit <= network_jobs_max:
             raise ControlError(f"limit must be between 1 and {network_jobs_max}", code="bad_params")
-        recs = sorted(jobs.records.values(), key=lambda r: (-r.seen_at_ms, r.job_id))[:limit]
-        return [network_row(node, r) for r in recs]
+        rows = {r.job_id: network_row(node, r) for r in jobs.records.values()}
+        # Our ended jobs left memory for the store (#13); their rows were kept.
+        for job_id, row in jobs.network_ended.items():
+            rows.setdefault(job_id, row)
+        return sorted(rows.values(), key=lambda r: (-r["seen_at_ms"], r["job_id"]))[:limit]
 
     return {"market.match": market_match, "network.jobs": network_jobs,
             "proofs": proofs, "payouts": payouts, "earnings": earnings, "proof.inclusion": inclusion,
@@ -332,13 +337,9 @@ def requirements_manifest(node: Node, req: Any) -> Manifest:
 def network_row(node: Node, rec: Any) -> dict[str, Any]:
     """One job this node has seen, whoever submitted it: what the manifest
     asks and, where this node saw the submitter's confirmation, the cluster."""
-    m = rec.manifest.manifest
     members, cert = list(rec.members), rec.certificate
     if not members and node.jobs.formation is not None:
         c = node.jobs.formation.certificate(rec.job_id)
         if c is not None:
             members, cert = list(c.members), c.digest.hex()
-    return {"job_id": rec.job_id, "name": rec.name, "state": rec.state, "roles": list(rec.roles),
-            "submitter": m.submitter, "nodes": m.nodes, "replicas": m.replicas, "gpus_per_node": m.gpus_per_node,
-            "runtime": m.runtime, "price_per_gpu_hour_max": m.price_per_gpu_hour_max, "currency": m.currency,
-            "seen_at_ms": rec.seen_at_ms, "members": members, "certificate_hash": cert}
+    return network_summary(rec, members, cert)

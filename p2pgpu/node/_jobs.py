@@ -137,6 +137,21 @@ own_records_max = 10_000
 #: this many and this many bytes of their stored JSON.
 ended_cached_max = 64
 ended_cached_bytes_max = 1 << 20
+#: Ended jobs of ours whose record left memory, still listed by
+#: ``network.jobs`` (the explorer's network view): their network rows
+#: (~0.5 KB each), the newest this many.  Equal to ``network.jobs``'s answer
+#: size (``_job_api.network_jobs_max``).
+network_ended_max = 2_000
+
+
+def network_summary(rec: JobRecord, members: list[str], certificate: str) -> dict[str, Any]:
+    """One job as ``network.jobs`` lists it: what its manifest asks and,
+    where this node saw the confirmation, the cluster."""
+    m = rec.manifest.manifest
+    return {"job_id": rec.job_id, "name": rec.name, "state": rec.state, "roles": list(rec.roles),
+            "submitter": m.submitter, "nodes": m.nodes, "replicas": m.replicas, "gpus_per_node": m.gpus_per_node,
+            "runtime": m.runtime, "price_per_gpu_hour_max": m.price_per_gpu_hour_max, "currency": m.currency,
+            "seen_at_ms": rec.seen_at_ms, "members": members, "certificate_hash": certificate}
 #: Balance lookups waiting at once (the payer gate).
 balance_checks_max = 1024
 #: Payment notices waiting for their ledger lookup (then dropped: the submitter resends).
@@ -218,6 +233,9 @@ class JobsService:
         #: job id -> (record, bytes of its stored JSON), least recently used first.
         self.ended: OrderedDict[str, tuple[JobRecord, int]] = OrderedDict()
         self.ended_bytes = 0
+        #: Network rows of our ended jobs that left memory (``network_summary``),
+        #: oldest first, at most ``network_ended_max``.
+        self.network_ended: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.runner: Runner | None = None
         self.runner_obj: Any = None
         self.on_stop: Callable[[StopJob], None] | None = None
@@ -846,6 +864,7 @@ class JobsService:
         host = self.host
         formation = host.formation
         return {"job_records": len(self.records), "job_records_ended_cached": len(self.ended),
+                "network_rows_ended": len(self.network_ended),
                 "collections": len(host.settlement.collections), "submitter_jobs": len(host.submitter.jobs),
                 "member_runs": len(host.members), "deliveries": len(host.deliveries),
                 "formation_jobs": len(formation.jobs) if formation is not None else 0,
@@ -867,6 +886,10 @@ class JobsService:
         if rec.state in FINAL_STATES and job_id in self.records:  # a record with a role is ours
             self.records.pop(job_id)
             self._keep_ended(rec, len(json.dumps(doc)))
+            self.network_ended.pop(job_id, None)
+            self.network_ended[job_id] = network_summary(rec, list(rec.members), rec.certificate)
+            while len(self.network_ended) > network_ended_max:
+                self.network_ended.popitem(last=False)
 
     def load(self) -> None:
         """Jobs known before a restart: nothing recorded is lost.  A job that

@@ -95,12 +95,15 @@ def soak(tmp_path: Path, jobs: int, marks: tuple[int, ...]) -> dict[str, Any]:
         held = node.call("status")["jobs_in_memory"]
         return {"states": states, "memory_mb": memory, "counters": status["counters"], "jobs": status["jobs"],
                 "held": held, "listed": len(node.call("job.list")),
+                "network_listed": len(node.call("network.jobs")),
                 "first": node.call("job.status", {"job_id": first})}
 
 
 #: Ended records of our own jobs a daemon keeps in memory at most
 #: (node/_jobs.py), and the runner's logs of the last jobs (node/_runner.py).
 ENDED_CACHED_MAX = 64
+#: Network rows of ended jobs kept for ``network.jobs`` (node/_jobs.py network_ended_max).
+NETWORK_ENDED_MAX = 2_000
 LOG_JOBS_KEPT_MAX = 64
 
 
@@ -115,6 +118,9 @@ def assert_bounded(got: dict[str, Any], jobs: int) -> None:
     for table in ("collections", "member_runs", "deliveries", "submitter_jobs", "formation_jobs"):
         assert held[table] <= WINDOW, (table, held)
     assert held["runner_logs"] <= LOG_JOBS_KEPT_MAX, held
+    assert held["network_rows_ended"] <= NETWORK_ENDED_MAX, held
+    # ... and still listed by network.jobs (the explorer's network view), the newest 2,000.
+    assert got["network_listed"] == min(jobs, NETWORK_ENDED_MAX), got["network_listed"]
     # Ended jobs are still reported, from the store.
     assert got["jobs"] == {"succeeded": jobs} and got["listed"] == jobs
     assert got["first"]["state"] == "succeeded" and got["first"]["proofs"][0]["status"] == "owed"
