@@ -304,6 +304,8 @@ class Settled:
     lines: tuple[MemberLine, ...]
     #: Each member's outputs list, as its ``outputs`` message named them.
     outputs: dict[str, list[dict[str, Any]]]
+    #: The submitter cancelled the job (its state is ``cancelled``, not ``failed``).
+    cancelled: bool = False
 
 
 

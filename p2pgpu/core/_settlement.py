@@ -505,7 +505,8 @@ class Settlement:
         c.pending_late = {ln.peer_id: None for ln in lines if ln.status == "missing"}
         settled = Settled(job_id=job_id, succeeded=succeeded, reason=reason, currency=c.sm.manifest.currency,
                           settled_at_ms=now_ms, lines=tuple(lines),
-                          outputs={p: list(o) for p, o in sorted(c.outputs.items())})
+                          outputs={p: list(o) for p, o in sorted(c.outputs.items())},
+                          cancelled=bool(c.cancel_reason))
         refused = sum(1 for ln in lines if ln.status == "rejected")
         verdicts = [Emit("settlement.proofs_refused", refused)] if refused else []
         # Kept until the deadline (late proofs are still owed, late resends

@@ -133,7 +133,9 @@ class Collector:
         jobs = self.jobs
         rec = jobs.record(a.job_id)
         if rec is not None:
-            rec.state = "succeeded" if a.succeeded else "failed"
+            # A cancelled job stays "cancelled" when its members' proofs settle it (it
+            # was "failed" when they came after the cancellation: a flaky SDK example).
+            rec.state = "succeeded" if a.succeeded else "cancelled" if a.cancelled else "failed"
             rec.reason = a.reason
             rec.ended_at_ms = a.settled_at_ms
             rec.extra["proofs"] = [ln.to_json() for ln in a.lines]

@@ -269,6 +269,11 @@ def test_a_cancelled_job_says_so() -> None:
     s = b.settled(b.s.on_proof(proof(A, b.job, b.cert, ran_ms=2_000, exit_code=137, end_reason="cancelled"),
                                T0 + 2_100))
     assert not s.succeeded and s.reason == "cancelled by the submitter" and s.lines[0].amount == 2_000
+    assert s.cancelled  # the node keeps the job "cancelled", not "failed", when proofs settle it
+    other = Bench((A,))  # the same proof without a cancellation: a failed job, not a cancelled one
+    f = other.settled(other.s.on_proof(proof(A, other.job, other.cert, ran_ms=2_000, exit_code=137,
+                                             end_reason="cancelled"), T0 + 2_100))
+    assert not f.succeeded and not f.cancelled
 
 
 def test_logs_new_batches_only_within_limits() -> None:
