@@ -19,7 +19,9 @@ import pytest
 from p2pgpu.core._fetch import input_pin_grace_ms, submitted_inputs_done
 from p2pgpu.localnet import LocalNet
 
-MIX = [("NVIDIA L4", 23034, "8.9", 0), ("NVIDIA L4", 23034, "8.9", 1)]
+# Node 1 has two GPUs: the first job holds one for 600 s, the second job needs the other
+# (with one GPU the second job found no volunteer: the first still ran).
+MIX = [("NVIDIA L4", 23034, "8.9", 0), ("NVIDIA L4", 23034, "8.9", 2)]
 
 
 def job(path: Path, seconds: int, duration_s_max: int = 60) -> str:
@@ -57,13 +59,17 @@ def test_local_inputs_are_pinned_for_the_job_across_a_crash_and_released_when_it
         net.terminate(0, sig=signal.SIGKILL)
         net.nodes[0] = net.start_node(0, bootstrap=net.nodes[1].addrs)
         assert pins_of(net, sha_a) == 1
+        # The restarted submitter must see node 1's advert (its mesh is up) before the
+        # next job is published: a job published before that found no volunteer.
+        net.wait_until(lambda: any(r["gpus_free"] >= 1 for r in net.nodes[0].call("market")), timeout_s=60,
+                       what="node 1's free GPU in the restarted submitter's market")
         # A job that ends releases its input's pin (the loop checks every 2 s).
         b = net.nodes[0].call("job.submit", {"manifest": job(second, 0)})
         sha_b = b["inputs"][0]["sha256"]
         assert pins_of(net, sha_b) == 1
         st = net.wait_until(lambda: (d := net.nodes[0].call("job.status", {"job_id": b["job_id"]}))["state"]
                             in ("succeeded", "failed") and d, timeout_s=90, what="second job ends")
-        assert st["state"] == "succeeded", st
+        assert st["state"] == "succeeded", (st["reason"], st["formation"])
         net.wait_until(lambda: pins_of(net, sha_b) == 0, timeout_s=20, what="the ended job's pin released")
         # The interrupted first job is still running on its member: still pinned.
         assert pins_of(net, sha_a) == 1
