@@ -65,7 +65,8 @@ def _uvarint(buf: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("varint longer than 10 bytes")
 
 
-def _put_uvarint(n: int) -> bytes:
+def put_uvarint(n: int) -> bytes:
+    """``n`` as an unsigned LEB128 varint (multiformats; libp2p's length prefixes too)."""
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -93,11 +94,11 @@ class Cid:
 
     def to_bytes(self) -> bytes:
         mh = bytes([_SHA2_256, 32]) + self.digest
-        return mh if self.version == 0 else _put_uvarint(1) + _put_uvarint(self.codec) + mh
+        return mh if self.version == 0 else put_uvarint(1) + put_uvarint(self.codec) + mh
 
     def prefix(self) -> bytes:
         """Bitswap 1.1's block prefix: version, codec, hash function, length."""
-        return bytes([self.version]) + _put_uvarint(self.codec) + bytes([_SHA2_256, 32])
+        return bytes([self.version]) + put_uvarint(self.codec) + bytes([_SHA2_256, 32])
 
     def __str__(self) -> str:
         if self.version == 0:
@@ -280,8 +281,8 @@ def decode_file_node(block: bytes, *, links_max: int = links_per_node_max) -> Fi
 
 def _field(num: int, value: bytes | int) -> bytes:
     if isinstance(value, int):
-        return _put_uvarint(num << 3) + _put_uvarint(value)
-    return _put_uvarint(num << 3 | 2) + _put_uvarint(len(value)) + value
+        return put_uvarint(num << 3) + put_uvarint(value)
+    return put_uvarint(num << 3 | 2) + put_uvarint(len(value)) + value
 
 
 def encode_file_node(links: list[tuple[Cid, int]], *, data: bytes = b"", filesize: int | None = None) -> bytes:

@@ -22,6 +22,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from p2pgpu.core import PeerMisbehaved, Reason
+from p2pgpu.core._ipfs import put_uvarint
 
 log = logging.getLogger("p2pgpu.streams")
 
@@ -60,21 +61,9 @@ async def read_frame(stream: INetStream, size_max: int) -> bytes:
     return await _read_exactly(stream, length) if length else b""
 
 
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 async def write_frame(stream: INetStream, data: bytes) -> None:
     try:
-        await stream.write(_uvarint(len(data)) + data)
+        await stream.write(put_uvarint(len(data)) + data)
     except BaseLibp2pError as exc:
         raise StreamGone(type(exc).__name__) from None
 

@@ -36,9 +36,10 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from p2pgpu.content import BlobStore
+from p2pgpu.core._ipfs import put_uvarint
 from p2pgpu.localnet import LocalNet
 from p2pgpu.node._bitswap import BITSWAP_PROTOCOLS, BitswapService, CidError, _Fetch
-from p2pgpu.node._streams import _uvarint, guarded
+from p2pgpu.node._streams import guarded
 
 pytestmark = pytest.mark.processes
 PEER = Path(__file__).with_name("bitswap_hostile_peer.py")
@@ -139,7 +140,7 @@ class _Frames:
 
     def __init__(self, peer: str, messages: list[bytes]) -> None:
         self.muxed_conn = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: peer))
-        self.data = b"".join(_uvarint(len(m)) + m for m in messages)
+        self.data = b"".join(put_uvarint(len(m)) + m for m in messages)
 
     async def read(self, n: int) -> bytes:
         out, self.data = self.data[:n], self.data[n:]

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pgpu.core import PeerMisbehaved, Reason
+from p2pgpu.core._ipfs import put_uvarint
 from p2pgpu.node._blobs import FrameReader, frame_reader
-from p2pgpu.node._streams import StreamGone, _uvarint, read_frame
+from p2pgpu.node._streams import StreamGone, read_frame
 
 
 class Pieces:
@@ -44,7 +45,7 @@ async def _all(read: object, size_max: int) -> tuple[list[bytes], str]:
        cuts=st.lists(st.integers(1, 5000), max_size=4), size_max=st.sampled_from([0, 100, 5000]))
 def test_same_frames_and_errors_as_read_frame(frames: list[bytes], tail: bytes, cuts: list[int],
                                               size_max: int) -> None:
-    wire = b"".join(_uvarint(len(f)) + f for f in frames) + tail
+    wire = b"".join(put_uvarint(len(f)) + f for f in frames) + tail
 
     async def both() -> None:
         plain = Pieces(wire, cuts)
@@ -57,7 +58,7 @@ def test_same_frames_and_errors_as_read_frame(frames: list[bytes], tail: bytes, 
 
 async def test_a_megabyte_frame_in_few_reads() -> None:
     chunk = bytes(range(256)) * 4096
-    stream = Pieces((_uvarint(len(chunk)) + chunk) * 4, [4 << 20])
+    stream = Pieces((put_uvarint(len(chunk)) + chunk) * 4, [4 << 20])
     reader = frame_reader(stream)
     assert [await reader.frame(1 << 20) for _ in range(4)] == [chunk] * 4
     assert stream.reads <= 2 and frame_reader(stream) is reader  # read_frame: a read per length byte, more per body
@@ -65,7 +66,7 @@ async def test_a_megabyte_frame_in_few_reads() -> None:
 
 @pytest.mark.parametrize("wire, reason", [
     (b"\xff" * 11, Reason.MALFORMED),          # a varint longer than 10 bytes
-    (_uvarint(2000) + b"x" * 2000, Reason.OVERSIZED),
+    (put_uvarint(2000) + b"x" * 2000, Reason.OVERSIZED),
 ])
 async def test_hostile_lengths(wire: bytes, reason: Reason) -> None:
     with pytest.raises(PeerMisbehaved) as err:
@@ -75,4 +76,4 @@ async def test_hostile_lengths(wire: bytes, reason: Reason) -> None:
 
 async def test_end_of_stream_mid_frame() -> None:
     with pytest.raises(StreamGone):
-        await FrameReader(Pieces(_uvarint(10) + b"abc", [])).frame(100)
+        await FrameReader(Pieces(put_uvarint(10) + b"abc", [])).frame(100)
