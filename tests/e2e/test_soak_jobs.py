@@ -15,6 +15,7 @@ that nothing the daemon keeps per job outlives its bound.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def soak(tmp_path: Path, jobs: int, marks: tuple[int, ...]) -> dict[str, Any]:
                     ended += 1
                     if ended in marks:
                         memory[ended] = rss_mb(node.proc.pid)
+                    if ended % 250 == 0:
+                        # Progress for the long run (-s shows it): a 25-minute run says where it is.
+                        print(f"soak: {ended}/{jobs} jobs ended, daemon RSS {rss_mb(node.proc.pid):.1f} MB, "
+                              f"{time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
                 elif time.monotonic() - in_flight[job] > job_wait_s_max:
                     raise AssertionError(f"job {job[:12]} did not end in {job_wait_s_max} s: {doc}")
         status = node.call("status")
