@@ -27,6 +27,7 @@ from p2pgpu.core._actions import (
     HandOver,
     InstallmentsOwed,
     MemberDone,
+    MemberMessage,
     NotVolunteering,
     PaidNotice,
     Publish,
@@ -515,3 +516,16 @@ def test_cancelling_our_own_job_reaches_our_own_worker_on_a_single_topic() -> No
     assert any(isinstance(a, Publish) for a in acts)
     assert h.formation is not None and h.formation.state(sm.job_id) is not None
     assert h.formation.state(sm.job_id).name == "CLOSED"  # type: ignore[union-attr]
+
+
+def test_runtime_messages_between_members_reach_the_driver_only_from_members() -> None:
+    """A Ray rendezvous from a member of a job running here goes to the
+    driver with its job and body (``_result__mutmut_105``, ``_110``); from
+    anyone else, or for a job not running here, it is counted (``_114``)."""
+    h, sm, _ = running((A, B))
+    body = {"type": "ray_rendezvous", "job_id": sm.job_id, "address": "10.0.0.2:6379"}
+    (msg,) = h.on_bytes(seal(B, Kind.RESULT, body).to_bytes(), T0 + 100, via=Via.DIRECT)
+    assert msg == MemberMessage(sm.job_id, B.peer_id, body)
+    for stranger, job in ((S, sm.job_id), (B, "00" * 32)):
+        acts = h.on_bytes(seal(stranger, Kind.RESULT, {**body, "job_id": job}).to_bytes(), T0 + 200, via=Via.DIRECT)
+        assert acts == [Emit("exec:member_message_unknown_job")]
