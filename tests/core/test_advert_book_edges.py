@@ -3,7 +3,9 @@ of our own and already protected peers, the eviction counter, the largest
 share of an empty book, expiry of our own advert at its exact instant, the
 live count at its instant, and that forgotten peers leave nothing behind in
 the book's indexes (a flood that expires must not leave memory in use).
-Found by a mutation run of ``core/_advert.py`` after #12.2 landed."""
+Found by a mutation run of ``core/_advert.py`` after #12.2 landed; the
+last section by the sample of 300 (its own verifier, the default shares,
+our own advert's room, the local source, an image's length)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import dataclasses
 import random
 
 import pytest
-from test_advert import T0, TTL, book, make_advert, wire
+from test_advert import ALICE, BOB, MALLORY, T0, TTL, book, make_advert, signed_body, wire
 
-from p2pgpu.core import Advert, AdvertBook, Identity, PeerMisbehaved, sign_advert
+from p2pgpu.core import Advert, AdvertBook, Identity, PeerMisbehaved, Reason, sign_advert
+from p2pgpu.core._advert import verify_advert_bytes
 
 PEERS = [Identity.from_rng(random.Random(7000 + i)) for i in range(8)]
 OWN = Identity.from_rng(random.Random(7100))
@@ -185,3 +188,56 @@ def test_every_stored_advert_is_counted_as_accepted_updates_too() -> None:
     b.ingest(wire(PEERS[1], seq=1), T0, forwarder="G")
     b.ingest(wire(PEERS[0], seq=3), T0, forwarder="G")
     assert b.accepted == 4
+
+
+# -- written against the sample of 300 (seed 1) of core/_advert.py at 21b91e2 ----------------
+
+
+def test_advert_bytes_are_checked_with_the_verifier_handed_in() -> None:
+    """``verify_advert_bytes__mutmut_12``, ``_15``: the verifier given (the
+    simulator's memoised one, a test's) is the one that checks."""
+    def refuse(key: bytes, message: bytes, signature: bytes) -> None:
+        raise PeerMisbehaved(Reason.BAD_SIGNATURE, "refused by this test")
+
+    with pytest.raises(PeerMisbehaved, match="refused by this test"):
+        verify_advert_bytes(wire(), verify=refuse)
+    assert verify_advert_bytes(wire()).advert == make_advert()
+
+
+@pytest.mark.parametrize(("adverts_max", "share"), [(2, 1), (7, 1), (8, 2), (11, 2), (12, 3)])
+def test_a_forwarders_default_share_is_a_quarter_of_the_book_at_least_one(adverts_max: int, share: int) -> None:
+    """``__post_init____mutmut_12`` (at least 2 instead of 1)."""
+    assert book(adverts_max=adverts_max).adverts_per_forwarder_max == share
+
+
+def test_protected_peers_are_at_most_half_the_book_in_whole_peers() -> None:
+    """``__post_init____mutmut_32`` (``//`` to ``/``: half of an odd book)."""
+    b = book(adverts_max=5, protected_max=10)
+    assert b.protected_max == 2 and isinstance(b.protected_max, int)
+    assert book(adverts_max=5, protected_max=1).protected_max == 1
+
+
+def test_our_own_advert_takes_no_room_in_the_book() -> None:
+    """``_size__mutmut_1``: a book of 2 holds our own advert and two others."""
+    b = book(adverts_max=2, adverts_per_forwarder_max=1)
+    b.add_own(sign_advert(ALICE, make_advert(ALICE)))
+    b.ingest(wire(BOB), T0, forwarder="f1")
+    b.ingest(wire(MALLORY), T0, forwarder="f2")
+    assert sorted(b.adverts) == sorted(i.peer_id for i in (ALICE, BOB, MALLORY)) and b.evicted == 0
+
+
+def test_an_advert_from_no_forwarder_is_attributed_to_the_local_source() -> None:
+    """``ingest__mutmut_1``: the default forwarder is ``""`` (a local source)."""
+    b = book()
+    b.ingest(wire(BOB), T0)
+    assert b.held_by("") == 1 and b.held_by("XXXX") == 0
+
+
+def test_an_image_of_65_characters_is_refused_by_the_schema() -> None:
+    """``Advert.from_obj__mutmut_199``: each image is at most 64 characters,
+    refused by the schema reader with the field named (the constructor's
+    own check would refuse it later with other words)."""
+    body = dict(make_advert(runtimes=("process", "oci")).to_obj())
+    body["images"] = ["a" * 65]
+    with pytest.raises(PeerMisbehaved, match=r"images\[0\]: must be a string of 1 to 64 characters"):
+        verify_advert_bytes(signed_body(body))

@@ -284,11 +284,15 @@ def test_the_host_hands_its_own_terms_to_the_cores_it_builds() -> None:
 
 def test_a_new_advert_reaches_the_formation_core() -> None:
     """``set_advert__mutmut_18``, ``_21``, ``_25``: the second advert updates
-    the formation core (its GPUs), and what that frees is acted on."""
+    the formation core (its GPUs), and what that frees is acted on at the
+    time given: a job seen when it had too few GPUs gets an offer now."""
     h = Host(A)
     assert h.set_advert(make_advert(A, gpus=1, model="NVIDIA A100", now_ms=T0), T0) == []
-    h.set_advert(make_advert(A, gpus=3, model="NVIDIA A100", now_ms=T0), T0 + 10)
+    sm = make_manifest(S, Random(3), now_ms=T0, gpus_per_node=2)
+    assert not any(isinstance(a, Publish) for a in h.on_bytes(sm.wire, T0, via=Via.TOPIC))
+    acts = h.set_advert(make_advert(A, gpus=3, model="NVIDIA A100", now_ms=T0), T0 + 10)
     assert h.formation is not None and h.formation.gpus_free == 3
+    assert any(isinstance(a, Publish) for a in acts)  # it volunteered
 
 
 def test_payout_addresses_come_from_the_advert_book() -> None:
@@ -447,17 +451,6 @@ def test_messages_to_ourselves_are_bounded() -> None:
     assert acts == [Emit("jobs:own_message_refused")] * local_messages_max
     with pytest.raises(LocalProtocolError, match="do not end"):
         h._run(T0, lambda c: c.local.extend([b"\x93junk"] * (local_messages_max + 1)))
-
-
-def test_our_own_offer_is_published_not_handled_here() -> None:
-    """``_observe__mutmut_7``: only the submitter's manifest on the jobs topic
-    is handled here too; the worker's own messages on it are not."""
-    h = Host(A, HostConfig(formation=FormationConfig(per_job_topics=False)))  # offers on the jobs topic too
-    h.set_advert(make_advert(A, gpus=4, model="NVIDIA A100", now_ms=T0), T0)
-    sm = make_manifest(S, Random(1), now_ms=T0)
-    acts = h.on_bytes(sm.wire, T0, via=Via.TOPIC)
-    assert any(isinstance(a, Publish) for a in acts)
-    assert not any(isinstance(a, Emit) and a.metric.startswith("jobs:own") for a in acts)
 
 
 def own_job_started(h: Host, sm: Any) -> list[Any]:
