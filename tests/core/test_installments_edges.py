@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import msgpack
 import pytest
 from test_installments import (
     ADDRS,
@@ -21,7 +22,9 @@ from test_installments import (
     Bench,
     S,
     ack_status,
+    certificate,
     cosign,
+    manifest,
     member,
     owed_rows,
 )
@@ -37,10 +40,13 @@ from p2pgpu.core._actions import (
     SetTimer,
     StopJob,
 )
+from p2pgpu.core._codec import decode
+from p2pgpu.core._errors import LocalProtocolError
 from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
 from p2pgpu.core._identity import verify_signature
 from p2pgpu.core._installments import (
     Claim,
+    InstallmentConfig,
     Installments,
     claim_cosigns_max,
     claim_timer,
@@ -266,3 +272,89 @@ def test_a_claim_due_and_an_unpaid_stop_in_words() -> None:
     pay.on_due(T0 + I_MS + 2_000 + CFG.grace_ms)
     assert pay.stopped_reason == ("stopped: the submitter did not pay interval 1 of 10 s (claimed 5 s earlier; "
                                   "0 of 1 intervals paid)")
+
+
+# -- written against the sample of 300 (seed 1) at 5a3b27c --------------------------------
+
+
+def test_a_claims_peer_id_is_at_most_64_characters() -> None:
+    """``Claim.__post_init____mutmut_7`` (``<= 64`` to ``< 64``)."""
+    base: dict[str, Any] = {"job_id": "ab" * 32, "cert_hash": b"\x01" * 32, "interval": 1, "chain_head": b"\x02" * 32}
+    assert Claim(peer_id="p" * 64, **base).peer_id == "p" * 64
+    with pytest.raises(ValueError, match="peer_id"):
+        Claim(peer_id="p" * 65, **base)
+
+
+def test_a_malformed_claim_is_refused_as_a_bad_schema_with_its_words() -> None:
+    """``Claim.from_body__mutmut_22``, ``_53``, ``_56``: the reason and the
+    words of each refusal."""
+    good = Claim(job_id="ab" * 32, peer_id=A.peer_id, cert_hash=b"\x01" * 32, interval=1,
+                 chain_head=b"\x02" * 32).to_body()
+    with pytest.raises(PeerMisbehaved) as err:
+        Claim.from_body({**good, "extra": 1}, A.peer_id)
+    assert err.value.reason is Reason.BAD_SCHEMA and "interval_claim needs exactly cert_hash" in err.value.detail
+    with pytest.raises(PeerMisbehaved) as err:
+        Claim.from_body({**good, "interval": "1"}, A.peer_id)
+    assert (err.value.reason, err.value.detail) == (Reason.BAD_SCHEMA, "interval_claim fields have the wrong types")
+
+
+def test_one_bad_cosignature_does_not_hide_the_good_ones_after_it() -> None:
+    """``_take__mutmut_16`` (``continue`` to ``break``): a co-signature that
+    does not decode, or is about someone else, is skipped; the next counts."""
+    b = Bench((A, B))
+    b.send(b.claim(A, 1, cosigns=(cosign(A, B, b.job, b.cert, 11_500),)), T0 + 12_000)
+    b.send(b.claim(B, 1, cosigns=(cosign(B, A, b.job, b.cert, 11_500),)), T0 + 12_000)
+    out = b.send(b.claim(B, 2, cosigns=(cosign(B, A, b.job, b.cert, 15_000),)), T0 + 22_000)
+    assert owed_rows(out) == []  # held: A saw B for 11.5 s only
+    about_a = cosign(B, A, b.job, b.cert, 21_000)  # signed by B: not A's observation
+    out = b.send(b.claim(A, 0, cosigns=(b"\x93junk", about_a, cosign(A, B, b.job, b.cert, 21_600))), T0 + 22_100)
+    assert owed_rows(out) == [(B.peer_id, 2, 10_000)]
+
+
+def test_an_older_observation_arriving_late_does_not_lower_what_was_seen() -> None:
+    """``_take__mutmut_23``: what A saw of B only grows; an older
+    co-signature arriving after a newer one leaves the newer in force."""
+    b = Bench((A, B))
+    b.send(b.claim(A, 1, cosigns=(cosign(A, B, b.job, b.cert, 21_600),)), T0 + 22_000)
+    b.send(b.claim(A, 0, cosigns=(cosign(A, B, b.job, b.cert, 11_500),)), T0 + 22_050)  # older, late
+    out = b.send(b.claim(B, 2, cosigns=(cosign(B, A, b.job, b.cert, 21_600),)), T0 + 22_100)
+    assert owed_rows(out) == [(B.peer_id, 1, 10_000), (B.peer_id, 2, 10_000)]  # 11.5 s seen would owe only 1
+
+
+def test_jobs_paid_as_they_go_up_to_the_limit() -> None:
+    """``open__mutmut_5``: exactly ``jobs_max`` jobs, not one more."""
+    inst = Installments(S, InstallmentConfig(jobs_max=2))
+    jobs = [manifest(duration_s_max=60 + i) for i in range(3)]
+    for sm in jobs[:2]:
+        inst.open(sm, certificate(sm.job_id, (A,)), T0, {A.peer_id: ADDRS[0]})
+    with pytest.raises(LocalProtocolError, match="more than 2 jobs"):
+        inst.open(jobs[2], certificate(jobs[2].job_id, (A,)), T0, {A.peer_id: ADDRS[0]})
+
+
+def test_a_stored_claim_is_read_canonically_and_only_for_its_job_and_member() -> None:
+    """``restore_claim__mutmut_16`` (a stored claim decoded without
+    ``canonical``) and ``_31`` (the refusal's reason dropped)."""
+    b = Bench((A, B))
+    fresh = Installments(S, CFG)
+    fresh.open(b.sm, b.cert, T0, b.addresses)
+    wire = b.claim(A, 1)
+    bent = msgpack.packb(dict(reversed(list(decode(wire).items()))), use_bin_type=True)
+    with pytest.raises(PeerMisbehaved) as err:
+        fresh.restore_claim(b.job, A.peer_id, bent, T0 + 12_000)
+    assert err.value.reason is Reason.NON_CANONICAL
+    with pytest.raises(PeerMisbehaved) as err:
+        fresh.restore_claim(b.job, B.peer_id, wire, T0 + 12_000)
+    assert (err.value.reason, err.value.detail) == (Reason.NOT_A_MEMBER, "stored claim of another job or member")
+
+
+def test_a_member_whose_part_ended_counts_the_cosignatures_it_sends() -> None:
+    """``MemberInstallments.claim_due__mutmut_37`` (the metric's name), and
+    ``_21``: the claim timer is set again for the last interval when it
+    fires early."""
+    pay = member(duration_s_max=20)  # two intervals
+    pay.start(T0)
+    assert pay.claim_due(T0 + I_MS + 2_000)[0] == 1
+    job = pay.job_id
+    assert pay.claim_due(T0 + 2 * I_MS) == (None, [SetTimer(claim_timer(job), T0 + 2 * I_MS + 2_000)])  # early
+    pay.finish()
+    assert pay.claim_due(T0 + 2 * I_MS + 2_000) == (0, [Emit("installments:cosigns_sent")])
