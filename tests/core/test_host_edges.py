@@ -211,12 +211,12 @@ def paid(job: str, **over: Any) -> bytes:
 
 def test_a_payment_notices_signature_length_on_both_sides() -> None:
     """``_paid__mutmut_30``, ``_31`` (an empty signature, and one of exactly
-    the maximum), ``_50`` (the inclusion proof passed on)."""
+    the maximum), ``_35`` (its words), ``_50`` (the inclusion proof passed on)."""
     job = "cd" * 32
     h = Host(A, submitter_of={job: S.peer_id}.get)
     for sig in ("", "5" * (tx_signature_len_max + 1)):
         (refused,) = h.on_bytes(paid(job, tx_signature=sig), T0, via=Via.DIRECT)
-        assert isinstance(refused, Refused) and refused.reason is Reason.BAD_SCHEMA, sig
+        assert refused == Refused(Reason.BAD_SCHEMA, "payment notice needs proof_hash (32 bytes) and tx_signature")
     longest = "5" * tx_signature_len_max
     acts = h.on_bytes(paid(job, tx_signature=longest, inclusion_proof="path"), T0, via=Via.DIRECT)
     assert acts[0] == PaidNotice(job, b"\x01" * 32, longest, "path")
