@@ -358,3 +358,18 @@ def test_a_member_whose_part_ended_counts_the_cosignatures_it_sends() -> None:
     assert pay.claim_due(T0 + 2 * I_MS) == (None, [SetTimer(claim_timer(job), T0 + 2 * I_MS + 2_000)])  # early
     pay.finish()
     assert pay.claim_due(T0 + 2 * I_MS + 2_000) == (0, [Emit("installments:cosigns_sent")])
+
+
+def test_an_interval_that_earns_one_unit_is_owed() -> None:
+    """``_owe__mutmut_41`` (``amount > 0`` to ``> 1``): an interval earning
+    exactly 1 (a price of 360 per GPU-hour, 10 s) is owed like any other;
+    dropped, it would still count as prepaid and the final line would
+    subtract what was never paid."""
+    b = Bench()
+    prop = Proposal.sign(A, job_id=b.job, view=0, round=0, members=(A.peer_id,), gpus_per_member=1)
+    cert = Certificate(proposal=prop, accepts=(Accept.sign(A, proposal=prop, lease_until_ms=T0 + 60_000,
+                                                           price_per_gpu_hour=360, payout_address=ADDRS[0]),))
+    inst = Installments(S, CFG)
+    inst.open(b.sm, cert, T0, {A.peer_id: ADDRS[0]})
+    out = b.send(b.claim(A, 1, cert=cert), T0 + 12_000, inst)
+    assert owed_rows(out) == [(A.peer_id, 1, 1)] and inst.prepaid(b.job, A.peer_id) == 1
