@@ -23,6 +23,7 @@ from p2pgpu.core._actions import (
     Reserved,
     Send,
     SetTimer,
+    StartJob,
     StopJob,
     Subscribe,
     Unsubscribe,
@@ -496,3 +497,43 @@ def test_giving_up_releases_and_says_why() -> None:
     assert acts[-1] == Emit("formation.gave_up")
     assert Released(b.job, 1, "formation gave up", 1) in acts
     assert b.p[0].state(b.job) is WorkerState.CLOSED
+
+
+# -- written against the sample of 300 (seed 1) of core/_formation.py at 21b91e2 ---------------
+
+
+def test_a_leader_out_of_rounds_steps_down_to_follow_and_keeps_the_decliner_out() -> None:
+    """``_next_round__mutmut_5``, ``_8``, ``_9``, ``_11``, ``_12``: after
+    ``rounds_max`` rounds the leader drops its proposal, follows, and says
+    so; ``_on_decline__mutmut_18``: the decliner stays excluded when its same
+    offer comes again, and only a newer offer lets it back."""
+    b = Bench(3, replicas=2)
+    b.p[0].config = replace(CFG, rounds_max=1)
+    offers = start(b)
+    prop = b.sent(b.timer(0, "window", W), Proposal)
+    k = next(i for i, n in enumerate(b.p) if i and n.peer_id in prop.members)
+    assert b.p[k].ledger.reserve("e" * 64, 1, T0 + 10**9)  # its GPU went elsewhere: it declines
+    decline = b.sent(b.p[k].on_message(prop, W + 1), Decline)
+    acts = b.p[0].on_message(decline, W + 2)
+    assert acts[:2] == [Emit("formation.declined"), Emit("formation.rounds_exhausted")]
+    job = b.p[0].jobs[b.job]
+    assert b.p[0].state(b.job) is WorkerState.FOLLOWING and job.proposal is None
+    assert job.excluded == {b.p[k].peer_id: offers[k].seq}
+    b.p[0].on_message(offers[k], W + 3)  # the same offer again
+    assert b.p[k].peer_id in job.excluded
+
+
+def test_the_confirm_reserves_at_its_time_and_hands_the_confirm_to_the_run() -> None:
+    """``_on_confirm__mutmut_95`` (a lapsed lease's GPUs taken again are
+    reported at the confirm's time) and ``_129`` (the CONFIRM's bytes in
+    ``StartJob``: the driver stores them for a restart)."""
+    b = Bench(1)
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    confirm = b.sent(b.s.on_message(cert, W + 1), Confirm)
+    lapse = W + CFG.lease_ms + CFG.lease_grace_ms
+    b.p[0].on_timer(TimerKey(TimerOwner.FORMATION, b.job, "lease"), lapse)  # released, the GPU still free
+    acts = b.p[0].on_message(confirm, lapse + 1)
+    (start_job,) = [a for a in acts if isinstance(a, StartJob)]
+    assert start_job.confirm == confirm.envelope.to_bytes() and start_job.member_index == 0
+    assert Reserved(b.job, 1, lapse + 1, 0) in acts
