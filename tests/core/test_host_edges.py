@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from swarm import make_advert, make_manifest
 from test_installments import ADDRS, CFG, I_MS, PAYER, A, B, S, certificate, manifest
 
 from p2pgpu.core import Identity, Kind, PeerMisbehaved, Reason, seal
@@ -54,11 +55,6 @@ from p2pgpu.core._notices import paid_ack_wire
 from p2pgpu.core._proof import CheckpointChain, Proof, decode_proof, sign_proof
 from p2pgpu.core._reputation import VerifiedPayment
 from p2pgpu.core._settlement import SettlementConfig, ack_wire, settle_key
-
-try:
-    from .swarm import make_advert, make_manifest
-except ImportError:  # tests/core is not a package: pytest put this directory on sys.path
-    from swarm import make_advert, make_manifest  # type: ignore[no-redef]
 
 
 def test_the_settlement_is_wired_to_the_hosts_installments_addresses_and_verifier() -> None:
