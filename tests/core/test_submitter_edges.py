@@ -519,3 +519,21 @@ def test_refusals_are_counted_one_by_one() -> None:
     c.s.on_message(cert1, W + 2 * lt + 1)
     c.s.on_message(cert2, W + 2 * lt + 2)
     assert c.s.progress(c.job).certificates_refused == 2  # type: ignore[union-attr]
+
+
+def test_every_refused_assembled_certificate_is_counted() -> None:
+    """``_assemble__mutmut_30`` (``refused += 1`` to ``= 1``): two assembled
+    certificates refused are two (``job status`` shows the count)."""
+    b = Bench(3, replicas=2)
+    b.s.submit(b.sm, T0)
+    ceiling = b.sm.manifest.price_per_gpu_hour_max
+    for rnd in (0, 1):
+        prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=rnd,
+                             members=(b.p[0].peer_id, b.p[1].peer_id), gpus_per_member=1)
+        b.s.on_message(prop, W + 10 * rnd)
+        b.s.on_message(Accept.sign(b.p[0].identity, proposal=prop, lease_until_ms=T0 + 10**6,
+                                   price_per_gpu_hour=ceiling + 1, payout_address=""), W + 10 * rnd + 1)
+        acts = b.s.on_message(Accept.sign(b.p[1].identity, proposal=prop, lease_until_ms=T0 + 10**6,
+                                          price_per_gpu_hour=0, payout_address=""), W + 10 * rnd + 2)
+        assert acts == [Emit("formation.certificate_refused")]
+        assert b.s.progress(b.job).certificates_refused == rnd + 1  # type: ignore[union-attr]
