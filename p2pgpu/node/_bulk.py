@@ -46,6 +46,19 @@ connect_timeout_s = 3.0
 socket_buffer_bytes = 4 << 20
 
 
+#: config.toml's limits of the side channel: (default, lowest, highest).
+BULK_LIMITS: dict[str, tuple[int, int, int]] = {
+    "bulk_ticket_ttl_s": (int(core.ticket_ttl_s), 1, 3600),
+    "bulk_tickets_per_peer_max": (core.tickets_per_peer_max, 1, 1024),
+    "bulk_tickets_max": (core.tickets_max, 1, 1 << 16),
+    "bulk_connections_per_ip_max": (core.connections_per_ip_max, 1, 1024),
+    "bulk_connections_max": (core.connections_max, 1, 4096),
+    "bulk_hello_timeout_s": (int(core.hello_timeout_s), 1, 60),
+    "bulk_idle_timeout_s": (int(core.idle_timeout_s), 1, 3600),
+    "bulk_send_timeout_s_min": (int(core.send_timeout_s_min), 1, 600),
+}
+
+
 @dataclass(frozen=True)
 class BulkConfig:
     """Where the side channel listens, or that it is off (``enabled``)."""
@@ -55,9 +68,22 @@ class BulkConfig:
     port: int = 0
     #: Test networks only (adversary ``bulk_dead_port``): a port offered where nothing listens.
     offered_port: int = 0
+    limits: dict[str, int] = field(default_factory=lambda: {k: v[0] for k, v in BULK_LIMITS.items()})
+
+    def server(self, blobs: BlobService, counts: Counter[str], adversary: str = "") -> BulkServer:
+        lim = self.limits
+        return BulkServer(blobs=blobs, counts=counts, host=self.host, port=self.port, offered_port=self.offered_port,
+                          book=TicketBook(ttl_s=float(lim["bulk_ticket_ttl_s"]),
+                                          per_peer_max=lim["bulk_tickets_per_peer_max"],
+                                          total_max=lim["bulk_tickets_max"]),
+                          gate=ConnectionGate(per_ip_max=lim["bulk_connections_per_ip_max"],
+                                              total_max=lim["bulk_connections_max"]),
+                          hello_timeout_s=float(lim["bulk_hello_timeout_s"]),
+                          idle_timeout_s=float(lim["bulk_idle_timeout_s"]),
+                          send_timeout_s_min=float(lim["bulk_send_timeout_s_min"]), adversary=adversary)
 
 
-def bulk_config(extra: dict[str, Any], options: Any, *, adversary: str = "") -> BulkConfig:
+def bulk_config(extra: dict[str, Any], options: Any, *, limits: dict[str, int], adversary: str = "") -> BulkConfig:
     """The side channel's settings: config.toml's ``bulk_enabled`` (default
     true) and ``bulk_port`` (default 0: any free port), ``--bulk-port`` over
     them (-1: off); it listens on the host of the node's first TCP listen
@@ -76,7 +102,8 @@ def bulk_config(extra: dict[str, Any], options: Any, *, adversary: str = "") -> 
                  if a.startswith(("/ip4/", "/ip6/")) and a.split("/")[3:4] == ["tcp"]), None)
     if not enabled or host is None:
         return BulkConfig(enabled=False)
-    return BulkConfig(enabled=True, host=host, port=port, offered_port=1 if adversary == "bulk_dead_port" else 0)
+    return BulkConfig(enabled=True, host=host, port=port, offered_port=1 if adversary == "bulk_dead_port" else 0,
+                      limits=limits)
 
 
 class BulkGone(Exception):
@@ -130,8 +157,12 @@ class BulkServer:
     token_bytes: Callable[[int], bytes] = os.urandom
     hello_timeout_s: float = core.hello_timeout_s
     idle_timeout_s: float = core.idle_timeout_s
+    send_timeout_s_min: float = core.send_timeout_s_min
     #: Test networks only: the port offered in tickets (a closed port: fallback tests).
     offered_port: int = 0
+    #: Test networks only: ``bulk_forge_frames`` (a flipped bit in every chunk
+    #: frame), ``bulk_oversized_frames`` (a length far over any chunk).
+    adversary: str = ""
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``task_status`` gets the bound port."""
@@ -221,9 +252,14 @@ class BulkServer:
             for i in range(first, first + count):
                 frame = await self.blobs.bulk_chunk(sha, i, down, sent)
                 sent += 1
-                timeout = core.send_timeout_s_min + len(frame) / core.send_bytes_per_s_min
+                timeout = self.send_timeout_s_min + len(frame) / core.send_bytes_per_s_min
+                header = core.frame_header(len(frame))
+                if self.adversary == "bulk_forge_frames":
+                    frame = frame[:-1] + bytes([frame[-1] ^ 1])
+                elif self.adversary == "bulk_oversized_frames":
+                    header = core.frame_header(1 << 30)
                 with trio.fail_after(timeout):
-                    await _send_all(conn, core.frame_header(len(frame)), frame)
+                    await _send_all(conn, header, frame)
                 if len(frame) == core.TAG_BYTES:
                     return  # we lack that chunk (a partial): the fetcher asks elsewhere
                 self.counts["bulk:bytes_served"] += len(frame) - core.TAG_BYTES

@@ -523,7 +523,7 @@ class Node:
         from p2pgpu.content._store import blob_bytes_max_default, bytes_max_default  # noqa: PLC0415
 
         from ._blobs import Pacer, serve_bytes_per_s_max  # noqa: PLC0415
-        from ._bulk import BulkServer, bulk_config  # noqa: PLC0415
+        from ._bulk import BULK_LIMITS, bulk_config  # noqa: PLC0415
 
         root = self.home.path / "blobs" if self.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-blobs-"))
         extra = self.config.extra
@@ -533,11 +533,10 @@ class Node:
         adversary = str(extra.get("adversary", "")) if self.network.allow_simulated else ""
         svc = BlobService(node=self, store=store, counts=self.counts, adversary=adversary,
                           pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
-        bulk = bulk_config(extra, self.options, adversary=adversary)
+        bulk = bulk_config(extra, self.options, limits=config_limits(extra, BULK_LIMITS), adversary=adversary)
         svc.bulk_fetch = bulk.enabled
         if bulk.enabled:
-            svc.bulk = BulkServer(blobs=svc, counts=self.counts, host=bulk.host, port=bulk.port,
-                                  offered_port=bulk.offered_port)
+            svc.bulk = bulk.server(svc, self.counts, adversary=adversary)
         return svc
 
     def _start_runner(self) -> None:

@@ -7,8 +7,9 @@
   fetch still works, over the libp2p stream;
 - a provider whose ticket names a port where nothing listens (a firewall, a
   NAT) still serves the blob, over libp2p, without failing the fetch;
-- a provider that corrupts its chunks over the side channel is dropped at its
-  first chunk and the blob is fetched from the honest one.
+- a provider that corrupts its chunks, forges its frames or sends a frame
+  longer than any chunk over the side channel is dropped at its first frame
+  and the blob is fetched from the honest one.
 """
 
 from __future__ import annotations
@@ -87,10 +88,13 @@ def test_blob_fetch_falls_back_when_the_bulk_port_cannot_be_reached(tmp_path: Pa
         assert counters["blobs:bulk_fallbacks:connect_failed"] >= 1
 
 
-def test_provider_corrupting_chunks_over_the_bulk_channel_is_dropped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adversary", ["corrupt_chunks", "bulk_forge_frames", "bulk_oversized_frames"])
+def test_provider_sending_bad_bulk_frames_is_dropped(tmp_path: Path, adversary: str) -> None:
+    """A wrong chunk sealed correctly, a frame whose tag does not open, a
+    length over any chunk: the provider is dropped at its first frame."""
     blob = tmp_path / "blob.bin"
     sha = make_blob(blob, 12 * MIB)
-    with LocalNet(tmp_path / "net", 3, gpu_mix=MIX * 3, node_config={0: 'adversary = "corrupt_chunks"'}) as net:
+    with LocalNet(tmp_path / "net", 3, gpu_mix=MIX * 3, node_config={0: f'adversary = "{adversary}"'}) as net:
         got = fetch(net, 2, [0, 1], blob, sha)
         bad, good = net.nodes[0].peer_id, net.nodes[1].peer_id
         assert got["dropped"] == {bad: "sent a chunk that does not match its hash"}
