@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -237,10 +239,14 @@ class BlobService:
             return
         await write_frame(stream, encode(offer))
 
-    async def bulk_chunk(self, sha: str, index: int, aead: Any, counter: int) -> bytes:
+    def bulk_held(self, sha: str) -> tuple[BlobTree, set[int] | None] | None:
+        """What we hold of ``sha`` (asked once per bulk request, as per ``get``)."""
+        return self._holding(sha)
+
+    async def bulk_chunk(self, sha: str, held: tuple[BlobTree, set[int] | None] | None, index: int, aead: Any,
+                         counter: int) -> bytes:
         """Chunk ``index`` of ``sha`` read and sealed as bulk frame ``counter``
         (sealed empty when we do not hold it)."""
-        held = self._holding(sha)
         if held is None or (held[1] is not None and index not in held[1]):
             return seal_chunk(aead, counter, index, b"")
         tree, have = held
@@ -394,6 +400,11 @@ class _Fetch:
         self.bulk = BulkChoice()
         self.bulk_ip: dict[str, str] = {}
         self.bulk_chunks: Counter[str] = Counter()
+        #: The whole blob's SHA-256 over its first ``prefix_chunks`` chunks, fed
+        #: as chunks arrive in order (the commit then hashes only the rest).
+        self.prefix = hashlib.sha256()
+        self.prefix_chunks = 0
+        self._prefix_lock = threading.Lock()
 
     def _check_tree(self, peer: str, obj: Any) -> tuple[BlobTree, frozenset[int] | None]:
         if not isinstance(obj, dict) or "tree" not in obj:
@@ -593,7 +604,11 @@ class _Fetch:
 
     def _commit(self) -> BlobTree:
         p = self.svc.store.partial(self.partial.tree)  # reopen: close() flushed and released it
-        return p.commit(self.svc.node.now_ms())
+        assert self.tree is not None
+        with self._prefix_lock:
+            done = self.prefix_chunks
+            prefix = (self.prefix, self.tree.span(done - 1)[0] + self.tree.span(done - 1)[1] if done else 0)
+        return p.commit(self.svc.node.now_ms(), prefix=prefix)
 
     def _report(self) -> None:
         self.svc.fetching[self.sha] = (self.verified, self.size)
@@ -703,6 +718,27 @@ class _Fetch:
         assert self.tree is not None
         self.tree.check_chunk(index, data)
         self.partial.write_chunk(index, data)
+        self._extend_prefix(index, data)
+
+    def _extend_prefix(self, index: int, data: bytes) -> None:
+        """Feed the whole-blob hash: ``data`` if it is the next chunk in order,
+        then the verified chunks after it, read back from the partial while
+        they are in the page cache (in a worker thread, beside the download)."""
+        tree, partial = self.tree, self.partial
+        assert tree is not None
+        with self._prefix_lock:
+            if index != self.prefix_chunks:
+                return
+            self.prefix.update(data)
+            k = index + 1
+            while k < tree.chunks and k in partial.have and partial.fd >= 0:
+                offset, length = tree.span(k)
+                piece = os.pread(partial.fd, length, offset)
+                if len(piece) != length:
+                    break  # not all on disk after all: the commit reads it
+                self.prefix.update(piece)
+                k += 1
+            self.prefix_chunks = k
 
 
 #: Bytes asked of a fetch stream per read (what Yamux has buffered, up to this).

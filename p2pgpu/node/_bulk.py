@@ -249,8 +249,9 @@ class BulkServer:
                 sealed = bytes(await _recv_exactly(conn, length))
             first, count = core.open_request(up, received, sealed, ticket)
             received += 1
+            held = self.blobs.bulk_held(sha)
             for i in range(first, first + count):
-                frame = await self.blobs.bulk_chunk(sha, i, down, sent)
+                frame = await self.blobs.bulk_chunk(sha, held, i, down, sent)
                 sent += 1
                 timeout = self.send_timeout_s_min + len(frame) / core.send_bytes_per_s_min
                 header = core.frame_header(len(frame))
