@@ -1,11 +1,14 @@
 """Blob transfer between real node processes on loopback, next to raw TCP, and
 an OCI image's cold and warm start.
 
-    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 10] [--json]
+    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 10] [--dir DIR] [--json]
 
 Prints, in one run on this machine:
 - ``raw_tcp_mb_s``: one TCP connection on 127.0.0.1 between two processes
   (sendfile on one side, recv_into on the other): the ceiling;
+- ``raw_tcp_to_disk_mb_s``: the same, the receiver writing what it gets to a
+  file beside the node homes and fsyncing it: the ceiling of a fetch, which
+  writes every chunk to the store (``--dir /dev/shm`` takes the disk out);
 - ``p2p_1_provider_mb_s``: a blob from one node process to another, its
   chunks over the bulk side channel (a ticket over ``/p2pgpu/blobs/1.0.0``,
   then AES-GCM frames over plain TCP; every chunk hashed and written to the
@@ -76,7 +79,7 @@ c.close()
 """
 
 
-def raw_tcp(path: Path) -> float:
+def raw_tcp(path: Path, to: Path | None = None) -> float:
     proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -85,9 +88,16 @@ def raw_tcp(path: Path) -> float:
         view = memoryview(buf)
         got = 0
         t0 = time.perf_counter()
+        out = os.open(to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if to is not None else -1
         with socket.create_connection(("127.0.0.1", port)) as c:
             while n := c.recv_into(view):
+                if out >= 0:
+                    os.write(out, view[:n])
                 got += n
+        if out >= 0:
+            os.fsync(out)
+            os.close(out)
+            os.unlink(to)
         dt = time.perf_counter() - t0
     finally:
         proc.wait(timeout=30)
@@ -158,15 +168,19 @@ def main() -> None:
                     help="skip the run with P2PGPU_LIBP2P_PATCHES=0 (py-libp2p as released)")
     ap.add_argument("--paced-mb-s", type=float, default=10.0,
                     help="also fetch from 1 and 2 providers each capped at this upload rate (0: skip)")
+    ap.add_argument("--dir", help="where the blob and the node homes live (default: the system's temporary "
+                                   "directory; /dev/shm leaves the disk out of the figures)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     size = args.mib << 20
-    with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-transfer-") as t:
+    with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-transfer-", dir=args.dir) as t:
         tmp = Path(t)
         blob = tmp / "blob.bin"
         sha = make_blob(blob, size)
-        res: dict[str, float] = {"blob_mib": args.mib}
+        res: dict[str, float | str] = {"blob_mib": args.mib, "dir": args.dir or tempfile.gettempdir(),
+                                   "load_1min": round(os.getloadavg()[0], 1)}
         res["raw_tcp_mb_s"] = round(raw_tcp(blob), 1)
+        res["raw_tcp_to_disk_mb_s"] = round(raw_tcp(blob, tmp / "received.bin"), 1)
         for n, label, bulk in ((1, "p2p_1_provider", True), (2, "p2p_2_providers", True),
                                (1, "p2p_1_provider_libp2p", False)):
             wall, per_cpu = p2p(tmp, blob, sha, size, n, bulk=bulk)
