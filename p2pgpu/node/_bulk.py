@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from p2pgpu.core import PeerMisbehaved, Reason
 from p2pgpu.core import _bulk as core
 from p2pgpu.core._bulk import ConnectionGate, Offer, TicketBook
+from p2pgpu.home import HomeError
 
 if TYPE_CHECKING:
     from ._blobs import BlobService
@@ -88,8 +89,6 @@ def bulk_config(extra: dict[str, Any], options: Any, *, limits: dict[str, int], 
     true) and ``bulk_port`` (default 0: any free port), ``--bulk-port`` over
     them (-1: off); it listens on the host of the node's first TCP listen
     address (none: off)."""
-    from p2pgpu.home import HomeError  # noqa: PLC0415
-
     enabled, port = extra.get("bulk_enabled", True), extra.get("bulk_port", 0)
     if type(enabled) is not bool:
         raise HomeError("config.toml: bulk_enabled must be true or false")
@@ -183,6 +182,8 @@ class BulkServer:
                         await trio.sleep(0.5)
                         continue
                     ip = str(addr[0]).split("%", 1)[0]
+                    if ip.startswith("::ffff:") and "." in ip:
+                        ip = ip[7:]  # an IPv4 peer on a dual-stack socket: as libp2p names it
                     if not self.gate.admit(ip):
                         self.counts["bulk:refused:limit_exceeded"] += 1
                         conn.close()
@@ -213,7 +214,7 @@ class BulkServer:
         except OSError as exc:
             self.counts["bulk:connections_gone"] += 1
             log.info("bulk connection from %s: %s", ip, exc)
-        except Exception:  # noqa: BLE001 - our bug (a store error...): logged, never ends the listener
+        except Exception:  # our bug (a store error...): logged, never ends the listener
             self.counts["bulk:errors"] += 1
             log.exception("bulk connection from %s failed on our side", ip)
         finally:

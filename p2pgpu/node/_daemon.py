@@ -523,7 +523,7 @@ class Node:
         from p2pgpu.content._store import blob_bytes_max_default, bytes_max_default  # noqa: PLC0415
 
         from ._blobs import Pacer, serve_bytes_per_s_max  # noqa: PLC0415
-        from ._bulk import BULK_LIMITS, bulk_config  # noqa: PLC0415
+        from ._bulk import BULK_LIMITS, bulk_config
 
         root = self.home.path / "blobs" if self.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-blobs-"))
         extra = self.config.extra
