@@ -168,7 +168,16 @@ class BulkServer:
         sock = trio.socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         with sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await sock.bind((self.host, self.port))
+            try:
+                await sock.bind((self.host, self.port))
+            except OSError as exc:
+                # Blobs still flow over libp2p: a busy port must not stop the node.
+                log.warning("bulk side channel off: cannot listen on %s port %d (%s); set bulk_port "
+                            "(or --bulk-port) to a free port, or 0 for any", self.host, self.port, exc.strerror or exc)
+                self.counts["bulk:listen_failed"] += 1
+                self.blobs.bulk = None
+                task_status.started(0)
+                return
             sock.listen(128)
             self.port = sock.getsockname()[1]
             task_status.started(self.port)

@@ -7,6 +7,7 @@
   fetch still works, over the libp2p stream;
 - a provider whose ticket names a port where nothing listens (a firewall, a
   NAT) still serves the blob, over libp2p, without failing the fetch;
+- a bulk port already taken turns the side channel off, not the node;
 - a provider that corrupts its chunks, forges its frames or sends a frame
   longer than any chunk over the side channel is dropped at its first frame
   and the blob is fetched from the honest one.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,19 @@ def test_provider_sending_bad_bulk_frames_is_dropped(tmp_path: Path, adversary: 
         assert got["dropped"] == {bad: "sent a chunk that does not match its hash"}
         assert got["chunks_from"] == {good: 12}
         assert got["bulk_chunks_from"] == {good: 12}
+
+
+def test_a_busy_bulk_port_turns_the_side_channel_off_not_the_node(tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    sha = make_blob(blob, 3 * MIB)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with LocalNet(tmp_path / "net", 2, gpu_mix=MIX, node_config={0: f"bulk_port = {port}"}) as net:
+            status = net.nodes[0].call("status")
+            assert status["bulk"]["enabled"] is False and status["counters"]["bulk:listen_failed"] == 1
+            assert "bulk side channel off: cannot listen" in net.nodes[0].log_tail(200)
+            got = fetch(net, 1, [0], blob, sha)
+            assert got["chunks_from"] == {net.nodes[0].peer_id: 3}
+            assert got["bulk_fallbacks"] == {net.nodes[0].peer_id: "not_offered"}
