@@ -160,7 +160,8 @@ class BulkServer:
     #: Test networks only: the port offered in tickets (a closed port: fallback tests).
     offered_port: int = 0
     #: Test networks only: ``bulk_forge_frames`` (a flipped bit in every chunk
-    #: frame), ``bulk_oversized_frames`` (a length far over any chunk).
+    #: frame), ``bulk_oversized_frames`` (a length far over any chunk),
+    #: ``bulk_break`` (each connection closed after its first chunk).
     adversary: str = ""
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -273,6 +274,8 @@ class BulkServer:
                     await _send_all(conn, header, frame)
                 if len(frame) == core.TAG_BYTES:
                     return  # we lack that chunk (a partial): the fetcher asks elsewhere
+                if self.adversary == "bulk_break":
+                    return  # one chunk, then the connection drops (a middlebox, a crash)
                 self.counts["bulk:bytes_served"] += len(frame) - core.TAG_BYTES
 
 

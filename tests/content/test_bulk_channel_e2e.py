@@ -7,6 +7,7 @@
   fetch still works, over the libp2p stream;
 - a provider whose ticket names a port where nothing listens (a firewall, a
   NAT) still serves the blob, over libp2p, without failing the fetch;
+- a bulk connection that breaks mid-fetch: the rest comes over libp2p;
 - a bulk port already taken turns the side channel off, not the node;
 - a provider that corrupts its chunks, forges its frames or sends a frame
   longer than any chunk over the side channel is dropped at its first frame
@@ -88,6 +89,18 @@ def test_blob_fetch_falls_back_when_the_bulk_port_cannot_be_reached(tmp_path: Pa
         assert got["bulk_fallbacks"] == {net.nodes[0].peer_id: "connect_failed"}
         counters = net.nodes[1].call("status")["counters"]
         assert counters["blobs:bulk_fallbacks:connect_failed"] >= 1
+
+
+def test_a_bulk_connection_that_breaks_mid_fetch_falls_back_to_libp2p(tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    sha = make_blob(blob, 12 * MIB)
+    with LocalNet(tmp_path / "net", 2, gpu_mix=MIX, node_config={0: 'adversary = "bulk_break"'}) as net:
+        got = fetch(net, 1, [0], blob, sha)
+        provider = net.nodes[0].peer_id
+        assert got["chunks_from"] == {provider: 12} and got["dropped"] == {}
+        assert 1 <= got["bulk_chunks_from"][provider] <= 2  # one per bulk connection, then libp2p
+        assert got["bulk_fallbacks"] == {provider: "broken"}
+        assert net.nodes[1].call("status")["counters"]["blobs:bulk_fallbacks:broken"] >= 1
 
 
 @pytest.mark.parametrize("adversary", ["corrupt_chunks", "bulk_forge_frames", "bulk_oversized_frames"])
