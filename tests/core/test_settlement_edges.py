@@ -16,9 +16,11 @@ from p2pgpu.core._actions import (
     CollectionOpened,
     Emit,
     ItemTaken,
+    LateLine,
     LogsTaken,
     MemberLine,
     SetTimer,
+    Settled,
     TimerKey,
     TimerOwner,
 )
@@ -334,3 +336,59 @@ def test_the_verifier_handed_in_checks_stored_items_too() -> None:
     assert len(calls) == 2
     s.on_cosign(cosign(B, A, b.job, b.cert), T0 + 1)
     assert len(calls) >= 3
+
+
+# -- written against the sample of 300 (seed 1) of core/_settlement.py at ab37f9e -------------
+
+
+def _settled_with_b_pending() -> Bench:
+    b = Bench()
+    b.s.on_proof(proof(A, b.job, b.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"), T0 + 3_100)
+    b.settled(b.s.on_timer(TimerKey(TimerOwner.SETTLEMENT, b.job, SETTLE), T0 + 11_100))
+    return b
+
+
+def test_a_late_members_outputs_make_no_line_its_proof_does() -> None:
+    """``_take__mutmut_26`` (``and`` to ``or``): after settlement only the
+    late proof of a pending member makes its line; its outputs list, taken
+    first, does not (a line then would owe it nothing, before its proof)."""
+    b = _settled_with_b_pending()
+    acts = b.s.on_result({"type": "outputs", "job_id": b.job, "peer_id": B.peer_id, "outputs": []}, B.peer_id,
+                         outputs(B, b.job, []), T0 + 20_000)
+    assert any(isinstance(a, ItemTaken) for a in acts) and not any(isinstance(a, LateLine) for a in acts)
+    acts = b.s.on_proof(proof(B, b.job, b.cert, ran_ms=3_000, exit_code=137, end_reason="member_lost"), T0 + 21_000)
+    (late,) = [a for a in acts if isinstance(a, LateLine)]
+    assert late.line.status == "owed" and late.line.amount == 3_000
+
+
+def test_a_cosignature_is_checked_with_the_verifier_handed_in_even_for_a_job_not_open() -> None:
+    """``on_cosign__mutmut_5``: a co-signature is decoded with the
+    settlement's verifier before anything else (here: before the lookup of a
+    job not open here)."""
+    def refuse(key: bytes, message: bytes, signature: bytes) -> None:
+        raise PeerMisbehaved(Reason.BAD_SIGNATURE, "refused by this test")
+
+    b = Bench()
+    s = Settlement(b.s.identity, verify=refuse)
+    with pytest.raises(PeerMisbehaved, match="refused by this test"):
+        s.on_cosign(cosign(A, B, b.job, b.cert), T0)
+
+
+def test_a_job_settled_at_its_deadline_keeps_no_timer_and_lists_outputs_and_missing_members() -> None:
+    """``settle__mutmut_63``, ``_69`` (a job settled exactly at its deadline
+    keeps no deadline timer: it is forgotten now), ``_32`` (the outputs
+    lists in the settlement), ``_line__mutmut_14`` (a missing member's
+    index)."""
+    b = Bench()
+    c = b.s.collections[b.job]
+    b.s.on_result({"type": "outputs", "job_id": b.job, "peer_id": A.peer_id, "outputs": [{"path": "o"}]}, A.peer_id,
+                  outputs(A, b.job, [{"path": "o"}]), T0 + 1_000)
+    acts = b.s.settle(b.job, c.deadline_ms)
+    (settled,) = [a for a in acts if isinstance(a, Settled)]
+    assert settled.outputs == {A.peer_id: [{"path": "o"}]}
+    assert [(ln.member_index, ln.status) for ln in settled.lines] == [(0, "missing"), (1, "missing")]
+    assert not any(isinstance(a, SetTimer) for a in acts) and b.job not in b.s.collections
+    early = Bench()
+    keep = early.s.settle(early.job, early.s.collections[early.job].deadline_ms - 1)
+    assert SetTimer(TimerKey(TimerOwner.SETTLEMENT, early.job, SETTLE), early.s.collections[early.job].deadline_ms) \
+        in keep
