@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from swarm import make_advert
 from test_formation import CFG, SUBMITTER, T0, Bench, _cert_obj, start
 
 from p2pgpu.core import Identity, LocalProtocolError, PeerMisbehaved, Reason, TimerKey, TimerOwner
@@ -28,6 +29,7 @@ from p2pgpu.core._actions import (
     Subscribe,
     Unsubscribe,
 )
+from p2pgpu.core._advert import sign_advert
 from p2pgpu.core._formation import expected_volunteers
 from p2pgpu.core._formation_messages import (
     Accept,
@@ -537,3 +539,42 @@ def test_every_refused_assembled_certificate_is_counted() -> None:
                                           price_per_gpu_hour=0, payout_address=""), W + 10 * rnd + 2)
         assert acts == [Emit("formation.certificate_refused")]
         assert b.s.progress(b.job).certificates_refused == rnd + 1  # type: ignore[union-attr]
+
+
+def _offer_of_another_network(b: Bench, k: int) -> Offer:
+    node = b.p[k]
+    advert = replace(make_advert(node.identity, gpus=1, model="NVIDIA A100"), network="elsewhere")
+    return Offer.sign(node.identity, job_id=b.job, seq=1, gpus_free=1, price_per_gpu_hour=1000,
+                      advert=sign_advert(node.identity, advert))
+
+
+def test_an_offer_whose_advert_is_of_another_network_is_ineligible_and_told_how_the_job_ended() -> None:
+    """``on_message__mutmut_16``, ``_20`` (the submitter's network dropped
+    from the advert check: a peer of another network would be a volunteer)
+    and ``_27`` (the answer to that peer sent to nobody)."""
+    b = Bench(3)
+    s = Submitter(SUBMITTER, replace(CFG, network="local"), adverts=b.s.lookup)
+    s.submit(b.sm, T0)
+    assert s.on_message(_offer_of_another_network(b, 1), T0 + 2) == [Emit("formation.offer_ineligible")]
+    assert s.progress(b.job).offers == 0  # type: ignore[union-attr]
+    s.cancel(b.job, T0 + 3)
+    acts = s.on_message(_offer_of_another_network(b, 2), T0 + 4)
+    assert acts[0] == Emit("formation.offer_ineligible")
+    assert [a.peer_id for a in acts[1:] if isinstance(a, Send)] == [b.p[2].peer_id]
+
+
+def test_the_advert_of_a_peer_for_a_job_not_ours_is_the_books() -> None:
+    """``advert_of__mutmut_5`` (an unknown job's record looked up anyway)."""
+    b = Bench(2)
+    assert b.s.advert_of("00" * 32, b.p[1].peer_id) == b.s.lookup(b.p[1].peer_id) is not None
+
+
+def test_a_certificate_refused_for_short_leases_says_so() -> None:
+    """``_check__mutmut_20``: the refusal's words reach ``job status``."""
+    b = Bench(3)
+    offers = start(b)
+    for o in offers:
+        b.s.on_message(o, T0 + 2)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    b.s.on_message(cert, cert.certificate.lease_until_ms - CFG.confirm_margin_ms + 1)
+    assert b.s.progress(b.job).refusal == "leases too short"  # type: ignore[union-attr]
