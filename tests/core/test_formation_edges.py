@@ -537,3 +537,42 @@ def test_the_confirm_reserves_at_its_time_and_hands_the_confirm_to_the_run() -> 
     (start_job,) = [a for a in acts if isinstance(a, StartJob)]
     assert start_job.confirm == confirm.envelope.to_bytes() and start_job.member_index == 0
     assert Reserved(b.job, 1, lapse + 1, 0) in acts
+
+
+def test_a_proposal_that_does_not_fit_the_manifest_is_a_bad_schema() -> None:
+    """``_on_proposal__mutmut_7`` (the refusal's reason dropped)."""
+    b = Bench(2)
+    start(b)
+    prop = Proposal.sign(b.p[1].identity, job_id=b.job, view=0, round=0, members=(b.p[1].peer_id,),
+                         gpus_per_member=2)
+    with pytest.raises(PeerMisbehaved) as err:
+        b.p[0].on_message(prop, W)
+    assert (err.value.reason, err.value.detail) == (Reason.BAD_SCHEMA, "proposal does not fit the manifest")
+
+
+def test_a_leader_of_another_network_is_not_followed() -> None:
+    """``_leader_refused__mutmut_10``: the node's network is part of the
+    leader's advert check (a leader whose advert is of another network is
+    not followed)."""
+    b = Bench(2)
+    leader = b.p[1].identity
+    elsewhere = replace(make_advert(leader, gpus=1, model="NVIDIA A100"), network="elsewhere")
+    node = FormationNode(b.p[0].identity, make_advert(b.p[0].identity, gpus=1, model="NVIDIA A100"),
+                         replace(CFG, network="local"), adverts={leader.peer_id: elsewhere}.get)
+    node.on_manifest(b.sm, T0)
+    prop = Proposal.sign(leader, job_id=b.job, view=0, round=0, members=(leader.peer_id,), gpus_per_member=1)
+    assert node.on_message(prop, W + 10_000) == [Emit("formation.proposal_refused")]
+    why = node._leader_refused(node.jobs[b.job], prop, W + 10_000)
+    assert why is not None and why.startswith(f"leader {leader.peer_id[:16]}: ") and "network" in why
+
+
+def test_the_advert_an_offer_carried_is_the_one_used() -> None:
+    """``advert_of__mutmut_4``: with no advert book, a volunteer's advert is
+    the one its offer carried."""
+    b = Bench(2)
+    node = FormationNode(b.p[0].identity, make_advert(b.p[0].identity, gpus=1, model="NVIDIA A100"), CFG)
+    node.on_manifest(b.sm, T0)
+    offer = b.sent(b.p[1].on_manifest(b.sm, T0), Offer)
+    node.on_message(offer, T0 + 1)
+    assert node.advert_of(b.job, b.p[1].peer_id) == offer.advert.advert
+    assert node.advert_of("00" * 32, b.p[1].peer_id) is None
