@@ -37,7 +37,7 @@ from p2pgpu.core._formation import (
     leader_rank,
     ranked_candidates,
 )
-from p2pgpu.core._formation_messages import Accept, Cancel, Certified, Confirm, Decline, Offer, Proposal
+from p2pgpu.core._formation_messages import Accept, Cancel, Certified, Confirm, Decline, Offer, Proposal, decode_message
 from p2pgpu.core._formation_states import WorkerState
 
 W = T0 + 1 + CFG.offer_window_ms
@@ -576,3 +576,20 @@ def test_the_advert_an_offer_carried_is_the_one_used() -> None:
     node.on_message(offer, T0 + 1)
     assert node.advert_of(b.job, b.p[1].peer_id) == offer.advert.advert
     assert node.advert_of("00" * 32, b.p[1].peer_id) is None
+
+
+def test_freed_capacity_skips_a_job_past_its_deadline_and_offers_for_the_next() -> None:
+    """``_capacity_freed__mutmut_16`` (``continue`` to ``break``): a job past
+    its deadline is skipped, not the end of the pass (the jobs are walked in
+    id order; here the expired one comes first)."""
+    ident = Identity(bytes([9]) * 32)
+    node = FormationNode(ident, make_advert(ident, gpus=1, model="NVIDIA A100"), CFG)
+    assert node.ledger.reserve("e" * 64, 1, T0 + 10**9)  # busy: every job is passed over
+    other = make_manifest(SUBMITTER, Random(1), now_ms=T0)
+    first = next(sm for sm in (make_manifest(SUBMITTER, Random(100 + i), now_ms=T0, ttl_ms=5_000) for i in range(64))
+                 if sm.job_id < other.job_id)
+    for sm in (first, other):
+        node.on_manifest(sm, T0)
+    acts = node.update_advert(make_advert(ident, gpus=2, model="NVIDIA A100"), T0 + 6_000)
+    offers = [decode_message(a.data) for a in acts if isinstance(a, Publish)]
+    assert [o.job_id for o in offers] == [other.job_id]
