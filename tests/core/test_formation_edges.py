@@ -37,7 +37,16 @@ from p2pgpu.core._formation import (
     leader_rank,
     ranked_candidates,
 )
-from p2pgpu.core._formation_messages import Accept, Cancel, Certified, Confirm, Decline, Offer, Proposal, decode_message
+from p2pgpu.core._formation_messages import (
+    Accept,
+    Cancel,
+    Certified,
+    Confirm,
+    Decline,
+    Offer,
+    Proposal,
+    decode_message,
+)
 from p2pgpu.core._formation_states import WorkerState
 
 W = T0 + 1 + CFG.offer_window_ms
