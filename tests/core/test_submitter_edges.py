@@ -10,6 +10,7 @@ certificates)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from swarm import make_advert
@@ -578,3 +579,22 @@ def test_a_certificate_refused_for_short_leases_says_so() -> None:
     cert = b.sent(b.timer(0, "window", W), Certified)
     b.s.on_message(cert, cert.certificate.lease_until_ms - CFG.confirm_margin_ms + 1)
     assert b.s.progress(b.job).refusal == "leases too short"  # type: ignore[union-attr]
+
+
+def test_a_members_refused_hardware_claim_counts_for_the_advert_its_offer_carried() -> None:
+    """``_check__mutmut_50`` (the claim check given the book's advert only):
+    a submitter with no advert book knows its volunteers by the adverts
+    their offers carried, and a member whose GPU claim this node refused is
+    not confirmed, whichever way its advert reached us."""
+    b = Bench(1)
+
+    def refused(advert: Any, now_ms: int) -> Any:
+        return replace(advert, gpus=(), gpus_free=0)  # its GPU claim failed here
+
+    s = Submitter(SUBMITTER, CFG, claims=refused)
+    s.submit(b.sm, T0)
+    for o in start(b):
+        s.on_message(o, T0 + 2)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    assert s.on_message(cert, W + 1) == [Emit("formation.certificate_refused")]
+    assert "its GPU claim failed this node's hardware challenge" in s.progress(b.job).refusal  # type: ignore[union-attr]
