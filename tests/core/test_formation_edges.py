@@ -602,3 +602,16 @@ def test_freed_capacity_skips_a_job_past_its_deadline_and_offers_for_the_next() 
     acts = node.update_advert(make_advert(ident, gpus=2, model="NVIDIA A100"), T0 + 6_000)
     offers = [decode_message(a.data) for a in acts if isinstance(a, Publish)]
     assert [o.job_id for o in offers] == [other.job_id]
+
+
+def test_a_leader_known_only_by_its_offer_is_judged_by_the_advert_it_carried() -> None:
+    """``_leader_refused__mutmut_11`` (the book's advert only): with no
+    advert book, the best-ranked volunteer's proposal is followed on the
+    strength of the advert its offer carried."""
+    b = Bench(2)
+    node = FormationNode(b.p[1].identity, make_advert(b.p[1].identity, gpus=1, model="NVIDIA A100"), CFG)
+    node.on_manifest(b.sm, T0)
+    node.on_message(b.sent(b.p[0].on_manifest(b.sm, T0), Offer), T0 + 1)
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0, members=(b.p[0].peer_id,),
+                         gpus_per_member=1)
+    assert node._leader_refused(node.jobs[b.job], prop, W) is None
