@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from random import Random
+from typing import Any
 
 import pytest
 from swarm import make_advert, make_manifest
@@ -28,6 +29,7 @@ from p2pgpu.core._actions import (
     Subscribe,
     Unsubscribe,
 )
+from p2pgpu.core._advert import sign_advert
 from p2pgpu.core._formation import (
     CapacityLedger,
     FormationConfig,
@@ -615,3 +617,45 @@ def test_a_leader_known_only_by_its_offer_is_judged_by_the_advert_it_carried() -
     prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0, members=(b.p[0].peer_id,),
                          gpus_per_member=1)
     assert node._leader_refused(node.jobs[b.job], prop, W) is None
+
+
+def test_an_offer_whose_advert_is_of_another_network_is_no_volunteer() -> None:
+    """``_on_offer__mutmut_20`` (the node's network dropped from the offer's
+    advert check)."""
+    b = Bench(2)
+    node = FormationNode(b.p[0].identity, make_advert(b.p[0].identity, gpus=1, model="NVIDIA A100"),
+                         replace(CFG, network="local"))
+    node.on_manifest(b.sm, T0)
+    other = b.p[1].identity
+    elsewhere = replace(make_advert(other, gpus=1, model="NVIDIA A100"), network="elsewhere")
+    offer = Offer.sign(other, job_id=b.job, seq=1, gpus_free=1, price_per_gpu_hour=1000,
+                       advert=sign_advert(other, elsewhere))
+    assert node.on_message(offer, T0 + 1) == [Emit("formation.offer_ineligible")]
+    assert other.peer_id not in node.jobs[b.job].volunteers
+
+
+def test_a_proposal_goes_on_the_jobs_own_topic() -> None:
+    """``_propose__mutmut_40`` (the topic of job ``None``)."""
+    b = Bench(2, replicas=2)
+    start(b)
+    acts = b.timer(0, "window", W)
+    topics = [a.topic for a in acts if isinstance(a, Publish) and isinstance(decode_message(a.data), Proposal)]
+    assert topics == [CFG.topic(b.job)]
+
+
+def test_a_leader_proposes_no_volunteer_whose_claim_it_refused_even_known_only_by_its_offer() -> None:
+    """``_choose_members__mutmut_38`` (the claim check given the book's
+    advert only): with no advert book, a volunteer's carried advert is the
+    one whose claim is judged."""
+    b = Bench(2, replicas=2)
+
+    def refused(advert: Any, now_ms: int) -> Any:
+        return replace(advert, gpus=(), gpus_free=0)  # its GPU claim failed here
+
+    lead = b.p[0]
+    node = FormationNode(lead.identity, make_advert(lead.identity, gpus=1, model="NVIDIA A100"), CFG, claims=refused)
+    node.on_manifest(b.sm, T0)
+    node.on_message(b.sent(b.p[1].on_manifest(b.sm, T0), Offer), T0 + 1)
+    acts = node.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "window"), W)
+    assert Emit("formation.too_few_volunteers") in acts
+    assert not any(isinstance(a, Publish) and isinstance(decode_message(a.data), Proposal) for a in acts)
