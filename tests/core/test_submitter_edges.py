@@ -598,3 +598,12 @@ def test_a_members_refused_hardware_claim_counts_for_the_advert_its_offer_carrie
     cert = b.sent(b.timer(0, "window", W), Certified)
     assert s.on_message(cert, W + 1) == [Emit("formation.certificate_refused")]
     assert "its GPU claim failed this node's hardware challenge" in s.progress(b.job).refusal  # type: ignore[union-attr]
+
+
+def test_a_decided_job_is_forgotten_a_lease_and_its_grace_after_its_deadline() -> None:
+    """``forget_at_ms__mutmut_2`` (``+ lease_ms`` to ``- lease_ms``: the job
+    forgotten while a volunteer may still hold a lease for it)."""
+    b = Bench(1)
+    b.s.submit(b.sm, T0)
+    job = b.s.jobs[b.job]
+    assert job.forget_at_ms(CFG) == job.deadline_ms + CFG.lease_ms + CFG.lease_grace_ms
