@@ -607,3 +607,42 @@ def test_a_decided_job_is_forgotten_a_lease_and_its_grace_after_its_deadline() -
     b.s.submit(b.sm, T0)
     job = b.s.jobs[b.job]
     assert job.forget_at_ms(CFG) == job.deadline_ms + CFG.lease_ms + CFG.lease_grace_ms
+
+
+def test_a_submitter_without_an_advert_book_refuses_members_it_never_heard_of() -> None:
+    """``__init____mutmut_6`` (the default lookup answering 0 instead of
+    None: a certificate naming a peer whose offer never came would raise
+    instead of being refused)."""
+    b = Bench(1)
+    s = Submitter(SUBMITTER, CFG)
+    s.submit(b.sm, T0)
+    start(b)
+    cert = b.sent(b.timer(0, "window", W), Certified)
+    assert s.on_message(cert, W + 1) == [Emit("formation.certificate_refused")]
+    assert s.progress(b.job).refusal.startswith(f"member {b.p[0].peer_id[:16]}: ")  # type: ignore[union-attr]
+
+
+def test_an_ineligible_volunteer_is_answered_at_most_every_half_retry_interval() -> None:
+    """``on_message__mutmut_28`` (the answer's time dropped: its rate limit
+    never applied)."""
+    b = Bench(3)
+    s = Submitter(SUBMITTER, replace(CFG, network="local"), adverts=b.s.lookup)
+    s.submit(b.sm, T0)
+    s.cancel(b.job, T0 + 3)
+    offer = _offer_of_another_network(b, 2)
+    assert any(isinstance(a, Send) for a in s.on_message(offer, T0 + 4))
+    assert s.on_message(offer, T0 + 5) == [Emit("formation.offer_ineligible")]
+
+
+def test_accepts_for_a_proposal_not_seen_yet_are_kept_members_many() -> None:
+    """``on_message__mutmut_76`` (``and`` to ``or``): accepts that arrive
+    before their proposal are kept for at most as many peers as the job has
+    members."""
+    b = Bench(3)
+    b.s.submit(b.sm, T0)
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0, members=(b.p[0].peer_id,),
+                         gpus_per_member=1)
+    for n in b.p:
+        b.s.on_message(Accept.sign(n.identity, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=0,
+                                   payout_address=""), T0 + 5)
+    assert len(b.s.jobs[b.job].accepted[prop.digest]) == b.sm.manifest.members == 1
