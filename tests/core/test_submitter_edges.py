@@ -646,3 +646,20 @@ def test_accepts_for_a_proposal_not_seen_yet_are_kept_members_many() -> None:
         b.s.on_message(Accept.sign(n.identity, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=0,
                                    payout_address=""), T0 + 5)
     assert len(b.s.jobs[b.job].accepted[prop.digest]) == b.sm.manifest.members == 1
+
+
+def test_a_strangers_accept_takes_no_members_place() -> None:
+    """In a one-member job, a stranger's accept arriving first does not take
+    the only place: the member's accept still completes the certificate."""
+    b = Bench(3)
+    for o in start(b):
+        b.s.on_message(o, T0 + 2)
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0, members=(b.p[0].peer_id,),
+                         gpus_per_member=1)
+    b.s.on_message(prop, W)
+    stranger = Accept.sign(b.p[2].identity, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=0,
+                           payout_address="")
+    b.s.on_message(stranger, W + 1)
+    acts = b.s.on_message(Accept.sign(b.p[0].identity, proposal=prop, lease_until_ms=T0 + 10**6,
+                                      price_per_gpu_hour=0, payout_address=""), W + 2)
+    assert Emit("formation.assembled") in acts
