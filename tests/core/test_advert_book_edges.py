@@ -16,7 +16,7 @@ import pytest
 from test_advert import ALICE, BOB, MALLORY, T0, TTL, book, make_advert, signed_body, wire
 
 from p2pgpu.core import Advert, AdvertBook, Identity, PeerMisbehaved, Reason, sign_advert
-from p2pgpu.core._advert import verify_advert_bytes
+from p2pgpu.core._advert import verify_advert, verify_advert_bytes
 
 PEERS = [Identity.from_rng(random.Random(7000 + i)) for i in range(8)]
 OWN = Identity.from_rng(random.Random(7100))
@@ -241,3 +241,26 @@ def test_an_image_of_65_characters_is_refused_by_the_schema() -> None:
     body["images"] = ["a" * 65]
     with pytest.raises(PeerMisbehaved, match=r"images\[0\]: must be a string of 1 to 64 characters"):
         verify_advert_bytes(signed_body(body))
+
+
+# -- written against the whole run of core/_advert.py at edbee40 ------------------------------
+
+
+def _refuse(key: bytes, message: bytes, signature: bytes) -> None:
+    raise PeerMisbehaved(Reason.BAD_SIGNATURE, "refused by this test")
+
+
+def test_adverts_are_time_checked_and_booked_with_the_verifier_handed_in() -> None:
+    """``verify_advert__mutmut_3``, ``_5`` and ``AdvertBook.check_record__mutmut_4``,
+    ``_7``: the verifier given to ``verify_advert`` and to the book is the one
+    that checks."""
+    with pytest.raises(PeerMisbehaved, match="refused by this test"):
+        verify_advert(wire(), now_ms=T0, verify=_refuse)
+    with pytest.raises(PeerMisbehaved, match="refused by this test"):
+        book(verify=_refuse).ingest(wire(), T0)
+
+
+def test_a_book_may_protect_no_peer_at_all() -> None:
+    """``__post_init____mutmut_27`` (at least one protected peer)."""
+    b = book(protected_max=0)
+    assert b.protected_max == 0 and not b.protect(BOB.peer_id)
