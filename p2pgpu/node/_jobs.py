@@ -267,10 +267,11 @@ class JobsService:
     def submitter(self) -> Submitter:
         return self.host.submitter
 
-    def set_payer_check(self, checker: Any) -> None:
-        """A shared ledger: strangers' manifests wait for their payers' balances."""
+    def set_payer_check(self, checker: Any, *, ttl_s: int = 30) -> None:
+        """A shared ledger: strangers' manifests wait for their payers' balances,
+        each believed ``ttl_s`` (config.toml ``payer_balance_ttl_s``)."""
         self.payer_check = checker
-        self.host.payer_checks = PayerChecks()
+        self.host.payer_checks = PayerChecks(verdict_ttl_ms=ttl_s * 1000)
 
     # ------------------------------------------------------------ lifecycle
 
