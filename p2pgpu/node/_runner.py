@@ -168,6 +168,13 @@ class Runner:
         mj = self.running.get(stop.job_id)
         if mj is not None and not mj.stop_reason:
             mj.stop_reason = stop.reason
+        if mj is not None and mj.ended_ms:
+            # The command already ended on its own: there is nothing left to
+            # stop, and cancelling now would only cut short the sealing of its
+            # outputs (a job that exited 0 was reported "cancelled", exit 137,
+            # without outputs, depending on where in its clean-up the stop fell).
+            self.jobs.counts["exec:stop_after_end"] += 1
+            return
         if mj is not None and mj.ray is not None:
             mj.ray.stop("cancelled", stop.reason)  # lets Ray tear down its processes itself
             return
@@ -224,10 +231,14 @@ class Runner:
                     except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
                         refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
                 nursery.cancel_scope.cancel()
-            if refused is not None:
+            if refused is not None and not scope.cancel_called:
                 raise refused
-            if scope.cancelled_caught:
-                # Stopped (StopJob): the host knows what for (its proof's end reason).
+            if scope.cancel_called:
+                # Stopped (StopJob) before the command ended (``stop`` cancels
+                # nothing after): the host knows what for (its proof's end
+                # reason).  Decided by when the stop came, not by where its
+                # cancellation happened to land (``cancelled_caught`` is False
+                # when it lands in a shielded clean-up).
                 stopped, end_reason, exit_code = True, "cancelled", 137
             else:
                 end_reason = result.reason
