@@ -61,7 +61,7 @@ def member(tmp_path: Path) -> tuple[JobsService, Runner, list[PartEnded]]:
                            inventory=SimpleNamespace(gpus=[SimpleNamespace(uuid_hash="", gpu_class="g")],
                                                      simulated=True), blobs=None)
     jobs = JobsService(node, rng=Random(0))  # type: ignore[arg-type]
-    jobs._send_out = lambda peer, data: None  # type: ignore[method-assign]
+    jobs._send_out = lambda peer_id, data: None  # type: ignore[method-assign]
     runner = Runner(jobs, root=tmp_path / "jobs", policy=SandboxPolicy())
     parts: list[PartEnded] = []
     ended = jobs.host.member_ended

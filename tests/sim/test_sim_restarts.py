@@ -108,8 +108,15 @@ def test_a_submitter_restarted_while_its_job_forms_takes_it_up_again(monkeypatch
             if job is not None and not chosen and job.state is JobState.FORMING and node != job.submitter:
                 chosen.update(jid=job.jid, submitter=job.submitter)
                 w, sub = self.world, job.submitter
-                w.engine.after(1, lambda _: w.node_down(sub, crash=True, lose_state=False), None)
-                w.engine.after(3_000_000, lambda _: w.node_up(sub), None)
+
+                def down(_: Any, w: Any = w, sub: int = sub) -> None:
+                    w.node_down(sub, crash=True, lose_state=False)
+
+                def up(_: Any, w: Any = w, sub: int = sub) -> None:
+                    w.node_up(sub)
+
+                w.engine.after(1, down, None)
+                w.engine.after(3_000_000, up, None)
 
     monkeypatch.setattr(JobFlow, "carry", carry)
     r = run_scenario(scenario_from_obj(JOBS), 1, plots=False)
