@@ -1,15 +1,21 @@
 """Blob transfer between real node processes on loopback, next to raw TCP, and
 an OCI image's cold and warm start.
 
-    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 10] [--json]
+    python3 benchmarks/transfer.py [--mib 256] [--no-image] [--no-upstream] [--paced-mb-s 10] [--dir DIR] [--json]
 
 Prints, in one run on this machine:
 - ``raw_tcp_mb_s``: one TCP connection on 127.0.0.1 between two processes
   (sendfile on one side, recv_into on the other): the ceiling;
-- ``p2p_1_provider_mb_s``: ``/p2pgpu/blobs/1.0.0`` from one node process to
-  another (Noise, Yamux, every chunk hashed and written to the store, the
-  whole SHA-256 checked at the end);
+- ``raw_tcp_to_disk_mb_s``: the same, the receiver writing what it gets to a
+  file beside the node homes and fsyncing it: the ceiling of a fetch, which
+  writes every chunk to the store (``--dir /dev/shm`` takes the disk out);
+- ``p2p_1_provider_mb_s``: a blob from one node process to another, its
+  chunks over the bulk side channel (a ticket over ``/p2pgpu/blobs/1.0.0``,
+  then AES-GCM frames over plain TCP; every chunk hashed and written to the
+  store, the whole SHA-256 checked at the end);
 - ``p2p_2_providers_mb_s``: the same blob from two providers at once;
+- ``p2p_1_provider_libp2p_mb_s``: one provider with the side channel off
+  (``bulk_enabled = false``): the chunks over the libp2p stream (Noise, Yamux);
 - ``*_cpu_mb_s``: the same transfer's bytes divided by the CPU seconds of its
   busiest process (fetcher or a provider, all threads): the rate with a core
   per process, whatever else the machine runs (a shared machine makes the
@@ -17,8 +23,8 @@ Prints, in one run on this machine:
 - ``p2p_paced_*``: one and two providers whose upload is capped
   (``blobs_serve_bytes_per_s_max``, ``--paced-mb-s``): where the providers'
   uplinks are the limit, two providers give about twice one's rate;
-- ``*_upstream``: the same figures with ``P2PGPU_LIBP2P_PATCHES=0`` (py-libp2p
-  as released: no Yamux/Noise speed-ups), in the same run, for before/after;
+- ``*_libp2p_*_upstream``: the side channel off and ``P2PGPU_LIBP2P_PATCHES=0``
+  (py-libp2p as released: no Yamux/Noise speed-ups), in the same run;
 - ``image_cold_s`` / ``image_warm_s``: an ``oci`` job from submit to success,
   first with the image pulled from a local docker-registry and unpacked, then
   from the node's cache (needs docker-registry, skopeo and busybox).
@@ -73,7 +79,7 @@ c.close()
 """
 
 
-def raw_tcp(path: Path) -> float:
+def raw_tcp(path: Path, to: Path | None = None) -> float:
     proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -82,9 +88,16 @@ def raw_tcp(path: Path) -> float:
         view = memoryview(buf)
         got = 0
         t0 = time.perf_counter()
+        out = os.open(to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if to is not None else -1
         with socket.create_connection(("127.0.0.1", port)) as c:
             while n := c.recv_into(view):
+                if out >= 0:
+                    os.write(out, view[:n])
                 got += n
+        if out >= 0:
+            os.fsync(out)
+            os.close(out)
+            os.unlink(to)
         dt = time.perf_counter() - t0
     finally:
         proc.wait(timeout=30)
@@ -98,13 +111,15 @@ def cpu_s(pid: int) -> float:
 
 
 def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int, *, upstream: bool = False,
-        pace: int = 0) -> tuple[float, float]:
+        pace: int = 0, bulk: bool = True) -> tuple[float, float]:
     """(MB/s on the wall clock, MB per CPU second of the busiest process);
-    ``pace``: each provider's upload limit in bytes/s (0: none)."""
+    ``pace``: each provider's upload limit in bytes/s (0: none); ``bulk``:
+    the side channel on (else every node has ``bulk_enabled = false``)."""
     env = {"P2PGPU_LIBP2P_PATCHES": "0"} if upstream else {}
-    paced = {i: f"blobs_serve_bytes_per_s_max = {pace}" for i in range(providers)} if pace else {}
-    name = f"net{providers}{'u' if upstream else ''}{'p' if pace else ''}"
-    with LocalNet(tmp / name, providers + 1, gpu_mix=MIX, env=env, node_config=paced) as net:
+    conf = {i: (f"blobs_serve_bytes_per_s_max = {pace}\n" if pace and i < providers else "")
+            + ("" if bulk else "bulk_enabled = false\n") for i in range(providers + 1)}
+    name = f"net{providers}{'u' if upstream else ''}{'p' if pace else ''}{'' if bulk else 'l'}"
+    with LocalNet(tmp / name, providers + 1, gpu_mix=MIX, env=env, node_config=conf) as net:
         tree = ""
         for i in range(providers):
             tree = net.nodes[i].call("blobs.add", {"path": str(blob)}, timeout_s=300)["tree"]
@@ -116,6 +131,7 @@ def p2p(tmp: Path, blob: Path, sha: str, size: int, providers: int, *, upstream:
         dt = time.perf_counter() - t0
         busiest = max(cpu_s(n.proc.pid) - c for n, c in zip(net.nodes, c0))
         assert sum(got["chunks_from"].values()) == size >> 20, got
+        assert sum(got["bulk_chunks_from"].values()) == (size >> 20 if bulk else 0), got
         return size / dt / 1e6, size / busiest / 1e6
 
 
@@ -152,21 +168,30 @@ def main() -> None:
                     help="skip the run with P2PGPU_LIBP2P_PATCHES=0 (py-libp2p as released)")
     ap.add_argument("--paced-mb-s", type=float, default=10.0,
                     help="also fetch from 1 and 2 providers each capped at this upload rate (0: skip)")
+    ap.add_argument("--dir", help="where the blob and the node homes live (default: the system's temporary "
+                                   "directory; /dev/shm leaves the disk out of the figures)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     size = args.mib << 20
-    with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-transfer-") as t:
+    with tempfile.TemporaryDirectory(prefix="p2pgpu-bench-transfer-", dir=args.dir) as t:
         tmp = Path(t)
         blob = tmp / "blob.bin"
         sha = make_blob(blob, size)
-        res: dict[str, float] = {"blob_mib": args.mib}
+        res: dict[str, float | str] = {"blob_mib": args.mib, "dir": args.dir or tempfile.gettempdir(),
+                                   "load_1min": round(os.getloadavg()[0], 1)}
         res["raw_tcp_mb_s"] = round(raw_tcp(blob), 1)
-        for upstream in ([False, True] if not args.no_upstream else [False]):
-            tail = "_upstream" if upstream else ""
-            for n, label in ((1, "p2p_1_provider"), (2, "p2p_2_providers")):
-                wall, per_cpu = p2p(tmp, blob, sha, size, n, upstream=upstream)
-                res[f"{label}_mb_s{tail}"] = round(wall, 1)
-                res[f"{label}_cpu_mb_s{tail}"] = round(per_cpu, 1)
+        res["raw_tcp_to_disk_mb_s"] = round(raw_tcp(blob, tmp / "received.bin"), 1)
+        for n, label, bulk in ((1, "p2p_1_provider", True), (2, "p2p_2_providers", True),
+                               (1, "p2p_1_provider_libp2p", False)):
+            wall, per_cpu = p2p(tmp, blob, sha, size, n, bulk=bulk)
+            res[f"{label}_mb_s"] = round(wall, 1)
+            res[f"{label}_cpu_mb_s"] = round(per_cpu, 1)
+        if not args.no_upstream:
+            # py-libp2p as released, side channel off: what the patches give.
+            for n, label in ((1, "p2p_1_provider_libp2p"), (2, "p2p_2_providers_libp2p")):
+                wall, per_cpu = p2p(tmp, blob, sha, size, n, upstream=True, bulk=False)
+                res[f"{label}_mb_s_upstream"] = round(wall, 1)
+                res[f"{label}_cpu_mb_s_upstream"] = round(per_cpu, 1)
         if args.paced_mb_s:
             # Providers whose upload is the limit (an operator's cap, a home
             # uplink): two of them should give about twice one's rate.

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="read the GPU inventory from a JSON file instead of NVML (test networks only; "
                         "the adverts are marked simulated)")
     p.add_argument("--control-port", type=int, metavar="N", help="control API port on 127.0.0.1 (0: any free)")
+    p.add_argument("--bulk-port", type=int, metavar="N",
+                   help="TCP port of the bulk side channel that serves blob chunks to peers faster than libp2p, "
+                        "on the host of the first --listen address (0: any free; -1: off, blobs go over libp2p "
+                        "only; default from config.toml's bulk_port and bulk_enabled; docs/content.md)")
     p.add_argument("--advert-ttl", type=int, metavar="SECONDS", help="advert lifetime (default from config.toml)")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     p.add_argument("--log-format", choices=LOG_FORMATS,
@@ -164,7 +168,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         control_port=config.control_port if args.control_port is None else args.control_port,
         advert_ttl_s=args.advert_ttl or config.advert_ttl_s,
         announce=args.announce,
+        bulk_port=args.bulk_port,
     )
+    if args.bulk_port is not None and not -1 <= args.bulk_port <= 65535:
+        raise CliError("--bulk-port must be a TCP port (0: any free port; -1: turn the side channel off)")
     node = Node(identity=identity, config=config, network=network, inventory=inventory, options=options, home=home)
 
     async def main() -> None:

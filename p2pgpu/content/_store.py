@@ -525,14 +525,19 @@ class Partial:
                 os.close(self.fd)
                 self.fd = -1
 
-    def commit(self, now_ms: int) -> BlobTree:
+    def commit(self, now_ms: int, *, prefix: tuple[Any, int] | None = None) -> BlobTree:
         """Check the whole blob's SHA-256 and move it into the store; on a
-        mismatch the partial is deleted and :class:`BlobMismatch` raised."""
+        mismatch the partial is deleted and :class:`BlobMismatch` raised.
+        ``prefix``: a SHA-256 hasher already fed the file's first bytes, and
+        how many (the fetcher hashes chunks in order as they arrive, so the
+        end of a download does not read the whole file back)."""
         if len(self.have) != self.tree.chunks:
             raise StoreError("commit before every chunk arrived")
         os.fsync(self.fd)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        h = hashlib.sha256()
+        h, start = (prefix[0].copy(), prefix[1]) if prefix is not None else (hashlib.sha256(), 0)
+        if not 0 <= start <= self.tree.size:
+            raise ValueError("prefix beyond the blob")
+        os.lseek(self.fd, start, os.SEEK_SET)
         while chunk := os.read(self.fd, _COPY_BYTES):
             h.update(chunk)
         os.close(self.fd)

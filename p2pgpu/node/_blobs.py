@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -47,9 +49,13 @@ from libp2p.peer.id import ID
 
 from p2pgpu.content import BlobMismatch, BlobStore, StoreError
 from p2pgpu.core import PeerMisbehaved, Reason, decode, encode
+from p2pgpu.core._bulk import BulkChoice, Fallback, Offer, chunk_frame_bytes_max, open_chunk, seal_chunk
 from p2pgpu.core._chunks import BlobTree, chunk_bytes_max
 from p2pgpu.core._fetch import Drop, FetchPlan
 
+from ._autonat import remote_ip
+from ._bulk import BulkConn, BulkGone, BulkServer
+from ._holepunch import connection_kind
 from ._streams import StreamGone, read_frame, write_frame
 
 if TYPE_CHECKING:
@@ -151,6 +157,10 @@ class BlobService:
     #: The last fetches: sha256 -> verified chunks per provider, and who was dropped why.
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources_kept_max: int = 256
+    #: The bulk side channel's listener (``node/_bulk.py``); None: turned off.
+    bulk: BulkServer | None = None
+    #: Whether our fetches use providers' side channels (off: libp2p only).
+    bulk_fetch: bool = True
 
     # ------------------------------------------------------------- serving
 
@@ -179,6 +189,8 @@ class BlobService:
                 sha = req["sha256"].hex()
                 if req.get("op") == "tree":
                     await self._serve_tree(stream, sha)
+                elif req.get("op") == "bulk":
+                    await self._serve_bulk_ticket(stream, peer, sha, req)
                 elif req.get("op") == "get":
                     first, count = req.get("first"), req.get("count")
                     if type(first) is not int or type(count) is not int or not 1 <= count <= chunks_per_request_max:
@@ -186,7 +198,7 @@ class BlobService:
                     if not await self._serve_chunks(stream, sha, first, count):
                         return
                 else:
-                    raise PeerMisbehaved(Reason.BAD_SCHEMA, "op must be tree or get")
+                    raise PeerMisbehaved(Reason.BAD_SCHEMA, "op must be tree, get or bulk")
         finally:
             self._streams[peer] -= 1
             if not self._streams[peer]:
@@ -207,8 +219,57 @@ class BlobService:
             await write_frame(stream, encode({"error": "not_found"}))
             return
         tree, have = held
-        await write_frame(stream, encode({"tree": tree.to_obj(),
-                                          "have": None if have is None else _bitmap(have, tree.chunks)}))
+        answer: dict[str, Any] = {"tree": tree.to_obj(), "have": None if have is None else _bitmap(have, tree.chunks)}
+        if self.bulk is not None:
+            answer["bulk"] = 1  # we issue tickets for the side channel (op bulk)
+        await write_frame(stream, encode(answer))
+
+    async def _serve_bulk_ticket(self, stream: Any, peer: str, sha: str, req: dict[str, Any]) -> None:
+        """A ticket for the bulk side channel (``core/_bulk.py``), or ``{error}``:
+        the fetcher then goes on over this stream."""
+        held = self._holding(sha)
+        ip = direct_ip(stream)
+        if self.bulk is None or held is None or ip is None:
+            why = "bulk_off" if self.bulk is None else "not_found" if held is None else "relayed"
+            await write_frame(stream, encode({"error": why}))
+            return
+        try:
+            offer = self.bulk.ticket_offer(peer=peer, ip=ip, sha256=bytes.fromhex(sha), chunks=held[0].chunks,
+                                           first=req.get("first"), count=req.get("count"))
+        except PeerMisbehaved as exc:
+            if exc.reason != Reason.LIMIT_EXCEEDED:
+                raise
+            self.counts["bulk:tickets_refused"] += 1
+            await write_frame(stream, encode({"error": "limit"}))
+            return
+        await write_frame(stream, encode(offer))
+
+    def bulk_held(self, sha: str) -> tuple[BlobTree, set[int] | None] | None:
+        """What we hold of ``sha`` (asked once per bulk request, as per ``get``)."""
+        return self._holding(sha)
+
+    async def bulk_chunk(self, sha: str, held: tuple[BlobTree, set[int] | None] | None, index: int, aead: Any,
+                         counter: int) -> bytes:
+        """Chunk ``index`` of ``sha`` read and sealed as bulk frame ``counter``
+        (sealed empty when we do not hold it)."""
+        if held is None or (held[1] is not None and index not in held[1]):
+            return seal_chunk(aead, counter, index, b"")
+        tree, have = held
+        offset, length = tree.span(index)
+        await self.pacer.take(length)
+
+        def read_and_seal() -> bytes:
+            data = self._read(sha, have is None, offset, length)
+            if len(data) != length:
+                raise StoreError(f"blob {sha[:12]} is shorter on disk than its tree")
+            if self.adversary == "corrupt_chunks" and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            return seal_chunk(aead, counter, index, data)
+
+        frame = await trio.to_thread.run_sync(read_and_seal)
+        self.served[sha] += length
+        self.counts["blobs:bytes_served"] += length
+        return frame
 
     async def _serve_chunks(self, stream: Any, sha: str, first: int, count: int) -> bool:
         held = self._holding(sha)
@@ -316,6 +377,8 @@ class BlobService:
                 if len(self.sources) >= self.sources_kept_max:
                     del self.sources[next(iter(self.sources))]
                 self.sources[sha] = {"chunks_from": fetch.plan.chunks_from(),
+                                     "bulk_chunks_from": dict(fetch.bulk_chunks),
+                                     "bulk_fallbacks": fetch.bulk.fallbacks(),
                                      "dropped": {p: d.value for p, d in fetch.plan.dropped().items()},
                                      "resumed_chunks": fetch.resumed}
         nursery = getattr(self.node, "_nursery", None)
@@ -338,6 +401,15 @@ class _Fetch:
         self.changed = trio.Event()
         self.verified = 0
         self.resumed = 0
+        #: The bulk side channel: who offers it, at which IP; chunks that came over it.
+        self.bulk = BulkChoice()
+        self.bulk_ip: dict[str, str] = {}
+        self.bulk_chunks: Counter[str] = Counter()
+        #: The whole blob's SHA-256 over its first ``prefix_chunks`` chunks, fed
+        #: as chunks arrive in order (the commit then hashes only the rest).
+        self.prefix = hashlib.sha256()
+        self.prefix_chunks = 0
+        self._prefix_lock = threading.Lock()
 
     def _check_tree(self, peer: str, obj: Any) -> tuple[BlobTree, frozenset[int] | None]:
         if not isinstance(obj, dict) or "tree" not in obj:
@@ -372,7 +444,77 @@ class _Fetch:
         obj = decode(await frame_reader(stream).frame(tree_frame_bytes_max), size_max=tree_frame_bytes_max)
         if isinstance(obj, dict) and "error" in obj:
             return None
-        return self._check_tree(peer, obj)
+        got = self._check_tree(peer, obj)
+        ip = direct_ip(stream)
+        if ip is not None:
+            self.bulk_ip[peer] = ip
+        self.bulk.offered(peer, obj.get("bulk") == 1 and self.svc.bulk_fetch, direct=ip is not None)
+        return got
+
+    async def _open_bulk(self, peer: str, stream: Any) -> BulkConn | None:
+        """A bulk connection to ``peer`` (a ticket asked over ``stream``), or
+        None: the fallback is recorded and the fetch goes on over ``stream``."""
+        assert self.tree is not None
+        counts = self.svc.counts
+        with trio.fail_after(fetch_request_timeout_s_min):
+            await write_frame(stream, encode({"op": "bulk", "sha256": self.tree.sha256}))
+            obj = decode(await frame_reader(stream).frame(request_bytes_max), size_max=request_bytes_max)
+        try:
+            if isinstance(obj, dict) and "error" in obj:
+                raise PeerMisbehaved(Reason.LIMIT_EXCEEDED, f"ticket refused: {obj['error']!r:.40}")
+            offer = Offer.from_obj(obj, chunks=self.tree.chunks)
+        except PeerMisbehaved as exc:
+            counts["blobs:bulk_fallbacks:refused"] += 1
+            log.info("blob %s: %s gave no bulk ticket (%s): over libp2p", self.sha[:12], peer[:12], exc)
+            self.bulk.failed(peer, Fallback.REFUSED)
+            return None
+        try:
+            conn = await BulkConn.open(self.bulk_ip[peer], offer, self.tree.sha256)
+        except BulkGone as exc:
+            counts["blobs:bulk_fallbacks:connect_failed"] += 1
+            log.info("blob %s: bulk connection to %s failed (%s): over libp2p", self.sha[:12], peer[:12], exc)
+            self.bulk.failed(peer, Fallback.CONNECT_FAILED)
+            return None
+        counts["blobs:bulk_connections"] += 1
+        return conn
+
+    async def _bulk_run(self, conn: BulkConn, peer: str, run: list[int]) -> None:
+        """Fetch ``run`` over the side channel; every chunk opened, checked and
+        written as it arrives (``PeerMisbehaved`` on a bad one, after marking it)."""
+        plan, tree = self.plan, self.tree
+        assert plan is not None and tree is not None
+        counts = self.svc.counts
+        timeout = fetch_request_timeout_s_min + len(run) * tree.chunk_bytes / fetch_bytes_per_s_min
+        with trio.fail_after(timeout):
+            await conn.request(run[0], len(run))
+            while run:
+                i = run[0]
+                try:
+                    counter, sealed = await conn.frame(chunk_frame_bytes_max(tree.chunk_bytes))
+                    n = await trio.to_thread.run_sync(self._open_verify_write, conn, counter, i, sealed)
+                except PeerMisbehaved:  # oversized, forged or a bad chunk: the provider goes
+                    counts["blobs:bad_chunks"] += 1
+                    log.warning("blob %s: chunk %d from %s (bulk) does not open or match its hash: "
+                                "provider dropped", self.sha[:12], i, peer[:12])
+                    plan.chunk_bad(peer, i)
+                    run.clear()
+                    raise
+                if n == 0:
+                    raise BulkGone(f"the provider lacks chunk {i}")
+                plan.chunk_ok(peer, i)
+                run.pop(0)
+                self.verified += n
+                self.bulk_chunks[peer] += 1
+                counts["blobs:bytes_fetched"] += n
+                counts["blobs:bulk_bytes_fetched"] += n
+                self._report()
+                self.changed.set()
+
+    def _open_verify_write(self, conn: BulkConn, counter: int, index: int, sealed: bytearray) -> int:
+        data = open_chunk(conn.down, counter, index, sealed)
+        if data:
+            self._verify_and_write(index, data)
+        return len(data)
 
     async def run(self, peers: list[str]) -> BlobTree:
         store = self.svc.store
@@ -468,7 +610,11 @@ class _Fetch:
 
     def _commit(self) -> BlobTree:
         p = self.svc.store.partial(self.partial.tree)  # reopen: close() flushed and released it
-        return p.commit(self.svc.node.now_ms())
+        assert self.tree is not None
+        with self._prefix_lock:
+            done = self.prefix_chunks
+            prefix = (self.prefix, self.tree.span(done - 1)[0] + self.tree.span(done - 1)[1] if done else 0)
+        return p.commit(self.svc.node.now_ms(), prefix=prefix)
 
     def _report(self) -> None:
         self.svc.fetching[self.sha] = (self.verified, self.size)
@@ -498,6 +644,7 @@ class _Fetch:
         assert plan is not None and tree is not None
         counts = self.svc.counts
         run: list[int] = []
+        conn: BulkConn | None = None
         try:
             if stream is None:
                 with trio.fail_after(fetch_request_timeout_s_min):
@@ -515,6 +662,23 @@ class _Fetch:
                         break
                     plan.add_provider(peer, got[1])
                     continue
+                if conn is None and self.bulk.use(peer):
+                    conn = await self._open_bulk(peer, stream)
+                if conn is not None:
+                    try:
+                        await self._bulk_run(conn, peer, run)
+                        continue
+                    except (BulkGone, trio.TooSlowError) as exc:
+                        # The side channel broke: this run failed; the rest goes over libp2p.
+                        log.info("blob %s: bulk connection to %s: %s: over libp2p", self.sha[:12], peer[:12], exc)
+                        conn.close()
+                        conn = None
+                        self.bulk.failed(peer, Fallback.BROKEN)
+                        counts["blobs:bulk_fallbacks:broken"] += 1
+                        if plan.run_failed(peer, run) is not None:
+                            counts["blobs:providers_dropped"] += 1
+                        run = []
+                        continue
                 reader = frame_reader(stream)
                 timeout = fetch_request_timeout_s_min + len(run) * tree.chunk_bytes / fetch_bytes_per_s_min
                 with trio.fail_after(timeout):
@@ -548,6 +712,8 @@ class _Fetch:
                 await _reset(stream)
             stream = None
         finally:
+            if conn is not None:
+                conn.close()
             plan.release(peer, run)
             self.changed.set()
             if stream is not None:
@@ -558,6 +724,27 @@ class _Fetch:
         assert self.tree is not None
         self.tree.check_chunk(index, data)
         self.partial.write_chunk(index, data)
+        self._extend_prefix(index, data)
+
+    def _extend_prefix(self, index: int, data: bytes) -> None:
+        """Feed the whole-blob hash: ``data`` if it is the next chunk in order,
+        then the verified chunks after it, read back from the partial while
+        they are in the page cache (in a worker thread, beside the download)."""
+        tree, partial = self.tree, self.partial
+        assert tree is not None
+        with self._prefix_lock:
+            if index != self.prefix_chunks:
+                return
+            self.prefix.update(data)
+            k = index + 1
+            while k < tree.chunks and k in partial.have and partial.fd >= 0:
+                offset, length = tree.span(k)
+                piece = os.pread(partial.fd, length, offset)
+                if len(piece) != length:
+                    break  # not all on disk after all: the commit reads it
+                self.prefix.update(piece)
+                k += 1
+            self.prefix_chunks = k
 
 
 #: Bytes asked of a fetch stream per read (what Yamux has buffered, up to this).
@@ -620,6 +807,15 @@ def frame_reader(stream: Any) -> FrameReader:
     if reader is None:
         reader = _readers[stream] = FrameReader(stream)
     return reader
+
+
+def direct_ip(stream: Any) -> str | None:
+    """The peer's IP address on a stream's connection; None when it is
+    relayed (no address of the peer itself to open a bulk connection to)."""
+    muxed = getattr(stream, "muxed_conn", None)
+    if muxed is None or connection_kind(muxed) != "direct":
+        return None
+    return remote_ip(muxed)
 
 
 def job_blobs(rec: Any) -> set[str]:

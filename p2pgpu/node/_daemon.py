@@ -165,6 +165,8 @@ class NodeOptions:
     dial_timeout_s: float = 3.0
     #: Transport multiaddrs the world reaches us at (``--announce``, a forwarded port).
     announce: list[str] = field(default_factory=list)
+    #: ``--bulk-port`` (None: config.toml's ``bulk_port``; -1: the side channel off).
+    bulk_port: int | None = None
 
 
 class AdvertRecordValidator(Validator):
@@ -315,6 +317,8 @@ class Node:
                     self._start_runner()
                     self._open_store()
                     self.control_port = await nursery.start(control.serve, self.options.control_port)
+                    if self.blobs.bulk is not None:
+                        await nursery.start(self.blobs.bulk.serve)
                     await nursery.start(self.reach.run)
                     self._write_control_file()
                     await nursery.start(self.jobs.run)
@@ -525,6 +529,7 @@ class Node:
         from p2pgpu.content._store import blob_bytes_max_default, bytes_max_default  # noqa: PLC0415
 
         from ._blobs import Pacer, serve_bytes_per_s_max  # noqa: PLC0415
+        from ._bulk import BULK_LIMITS, bulk_config
 
         root = self.home.path / "blobs" if self.home is not None else Path(tempfile.mkdtemp(prefix="p2pgpu-blobs-"))
         extra = self.config.extra
@@ -532,8 +537,13 @@ class Node:
                           blob_bytes_max=int(extra.get("blob_bytes_max", blob_bytes_max_default)),
                           now_ms=self.now_ms())
         adversary = str(extra.get("adversary", "")) if self.network.allow_simulated else ""
-        return BlobService(node=self, store=store, counts=self.counts, adversary=adversary,
-                           pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
+        svc = BlobService(node=self, store=store, counts=self.counts, adversary=adversary,
+                          pacer=Pacer(int(extra.get("blobs_serve_bytes_per_s_max", serve_bytes_per_s_max))))
+        bulk = bulk_config(extra, self.options, limits=config_limits(extra, BULK_LIMITS), adversary=adversary)
+        svc.bulk_fetch = bulk.enabled
+        if bulk.enabled:
+            svc.bulk = bulk.server(svc, self.counts, adversary=adversary)
+        return svc
 
     def _start_runner(self) -> None:
         from p2pgpu.runtime import (  # noqa: PLC0415
@@ -885,6 +895,15 @@ class Node:
             **self.receipts.handlers(),
         }
 
+    def _bulk_status(self) -> dict[str, Any]:
+        """The blob side channel: where it listens, its tickets and connections."""
+        bulk = self.blobs.bulk if self.blobs is not None else None
+        out: dict[str, Any] = {"enabled": bulk is not None, "bytes_served": self.counts["bulk:bytes_served"],
+                               "bytes_fetched": self.counts["blobs:bulk_bytes_fetched"]}
+        if bulk is not None:
+            out.update(host=bulk.host, port=bulk.port, tickets=len(bulk.book), connections=bulk.gate.open_count())
+        return out
+
     async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
         assert self.stack is not None
         rejections: Counter[str] = Counter({r.name.lower(): n for r, n in self.book.rejections.items()})
@@ -899,6 +918,7 @@ class Node:
             "jobs": self.jobs.counts_by_state(),
             "jobs_in_memory": self.jobs.memory(),
             "sandbox": self.sandbox_reason or "ok",
+            "bulk": self._bulk_status(),
             "uptime_s": round(trio.current_time() - self.started_at_s, 3),
             "network": self.network.name,
             "gpus": len(self.inventory.gpus),

@@ -135,6 +135,28 @@ def test_partial_with_wrong_bytes_never_becomes_a_blob(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "b" / "partial") == [] and os.listdir(tmp_path / "b" / "data") == []
 
 
+def test_commit_continues_a_prefix_hash_and_still_refuses_a_wrong_one(tmp_path: Path) -> None:
+    """The fetcher hashes chunks in order as they arrive (``prefix``); the
+    commit hashes only the rest, and a prefix hash of other bytes still
+    fails the whole SHA-256: nothing is kept."""
+    data = blob(3 << 20, 11)
+    tree = tree_of_bytes(data)
+    for prefix_bytes, honest in ((1 << 20, True), (len(data), True), (0, True), (1 << 20, False)):
+        s = BlobStore(tmp_path / f"b{prefix_bytes}{honest}")
+        p = s.partial(tree)
+        for i in range(tree.chunks):
+            off, n = tree.span(i)
+            p.write_chunk(i, data[off:off + n])
+        h = hashlib.sha256(data[:prefix_bytes] if honest else blob(prefix_bytes, 12))
+        if honest:
+            assert p.commit(now_ms=1, prefix=(h, prefix_bytes)).sha256 == tree.sha256
+            assert s.has(tree.sha256.hex())
+        else:
+            with pytest.raises(BlobMismatch):
+                p.commit(now_ms=1, prefix=(h, prefix_bytes))
+            assert not s.has(tree.sha256.hex()) and os.listdir(s.root / "partial") == []
+
+
 def test_links_in_the_store_are_not_followed(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"node key")

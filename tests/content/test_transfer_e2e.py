@@ -160,6 +160,7 @@ def test_a_member_killed_mid_download_resumes_after_restart(tmp_path: Path) -> N
         got = net.nodes[1].call("blobs.fetch", params, timeout_s=120)
         assert got["resumed_chunks"] == on_disk
         assert sum(got["chunks_from"].values()) == 48 - on_disk  # only the rest crossed the network
+        assert got["bulk_chunks_from"] == got["chunks_from"]  # and over the bulk side channel
         assert net.nodes[1].call("blobs.status")["partials"] == {}
 
 
