@@ -209,6 +209,30 @@ class Submitter:
         self._set(job, SubmitterState.FAILED)
         return actions + [Failed(sm.job_id, job.reason)]
 
+    def restore_confirmed(self, sm: SignedManifest, certificate: Certificate, confirmed_at_ms: int) -> list[Action]:
+        """After a restart: a job this node confirmed (the driver stored the
+        certificate and the confirmation time before the CONFIRM could leave)
+        is known again as confirmed, so that a member still asking (its
+        CONFIRM lost when we died: it holds GPUs under a lease and resends its
+        accept or certificate) is answered with it, as before the restart.
+        The CONFIRM is signed again over the same certificate and time: the
+        same bytes (Ed25519 is deterministic), never a second decision.
+        Without it such a member held the GPUs until the formation deadline
+        and, at ``holds_per_submitter_max``, took none of our next jobs (#13)."""
+        if sm.manifest.submitter != self.peer_id or certificate.job_id != sm.job_id:
+            raise LocalProtocolError("not a job this node submitted, or another job's certificate")
+        if sm.job_id in self.jobs:
+            return []
+        self._make_room(sm)
+        m = sm.manifest
+        job = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=m.created_at_ms,
+                         deadline_ms=min(m.expires_at_ms, m.created_at_ms + self.config.formation_timeout_ms))
+        job.confirm = Confirm.sign(self.identity, certificate, confirmed_at_ms=confirmed_at_ms)
+        job.confirmed_at_ms = confirmed_at_ms
+        self._set(job, SubmitterState.CONFIRMED)
+        self.jobs[sm.job_id] = job
+        return self.decided(sm.job_id)
+
     def _make_room(self, sm: SignedManifest) -> None:
         if sm.job_id in self.jobs:
             raise LocalProtocolError("job already submitted")

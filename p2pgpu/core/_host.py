@@ -351,6 +351,8 @@ class Host:
         """After a restart: a collection the driver stored, handed back (its
         items in the order they came; ``Settlement.restore``)."""
         def go(c: _Call) -> None:
+            # Members that never got our CONFIRM are answered with it again.
+            self._observe(c, self.submitter.restore_confirmed(sm, cert, confirmed_at_ms), origin="submitter")
             self.installments.open(sm, cert, confirmed_at_ms, payout_addresses)
             for kind, sender, wire, received_ms in items:
                 if kind == "claim":  # replayed first: the settlement's remainder needs them

@@ -163,6 +163,8 @@ class Swarm:
         self.manifests: dict[str, SignedManifest] = {}
         #: Jobs handed to their submitter's host (what its driver stored).
         self.handed: set[str] = set()
+        #: Peers killed as they confirm a job, before its CONFIRM leaves.
+        self.die_at_confirm: set[str] = set()
         self.confirmed: dict[str, Certificate] = {}
         #: Virtual time of each submission and confirmation (formation latency).
         self.submitted_at: dict[str, int] = {}
@@ -226,6 +228,14 @@ class Swarm:
         if advert is not None and peer_id in self.workers:
             peer.host.set_advert(advert, self.now_ms)
         if resume:
+            for job_id, cert in list(self.confirmed.items()):
+                sm = self.manifests[job_id]
+                if sm.manifest.submitter == peer_id and job_id not in self.settled:
+                    # Its collection, stored at confirmation (the node's ``collections`` row).
+                    self._carry(peer_id, peer.host.settlement_restore(
+                        sm, cert, confirmed_at_ms=self.confirmed_at[job_id],
+                        deadline_ms=self.now_ms + sm.manifest.duration_s_max * 1000 + 30_000,
+                        payout_addresses={}, items=[], now_ms=self.now_ms))
             for job_id, sm in list(self.manifests.items()):
                 if sm.manifest.submitter == peer_id and job_id in self.handed and job_id not in self.confirmed \
                         and job_id not in self.failed:
@@ -240,6 +250,11 @@ class Swarm:
 
     def _carry(self, peer_id: str, actions: list[Action]) -> None:
         peer = self.peers[peer_id]
+        if peer_id in self.die_at_confirm and any(isinstance(a, Confirmed) for a in actions):
+            # Killed the moment it stored its decision: the CONFIRM never leaves.
+            self.die_at_confirm.discard(peer_id)
+            peer.crashed = True
+            actions = [a for a in actions if not isinstance(a, (Send, Publish))]
         for a in actions:
             if isinstance(a, Send):
                 self._transmit(peer_id, a.peer_id, a.data, Via.DIRECT)

@@ -77,6 +77,29 @@ def test_without_resuming_the_next_job_waits_for_the_forgotten_ones_lease() -> N
     assert node is not None and first in node.ledger.holds
 
 
+def test_a_submitter_killed_as_it_confirmed_answers_with_its_confirm_after_the_restart() -> None:
+    """Killed the moment it stored its confirmation, before the CONFIRM left:
+    the volunteer holds the GPU and resends its certificate.  The restarted
+    submitter knows the job again from its stored collection
+    (``Submitter.restore_confirmed``) and answers with the same CONFIRM, so
+    the job runs and the next job forms (before: neither, until the first
+    job's formation deadline)."""
+    for seed in range(5):
+        s = Swarm(seed, workers=1, submitters=1, gpus=(2,), candidates=True)
+        sub, worker = s.submitter_ids[0], s.workers[0]
+        s.die_at_confirm.add(sub)
+        first = s.submit_at(0, sub)
+        s.run(5_000)
+        assert s.peers[sub].crashed and first in s.confirmed and first not in s.started, seed
+        s.restart_at(5_000, sub)
+        second = s.submit_at(5_500, sub)
+        s.run(15_500)
+        # The CONFIRM reached it after the restart (the swarm checks it started the confirmed cluster,
+        # and that no job is confirmed twice).
+        assert s.started.get(first) == [worker], seed
+        assert second in s.confirmed and s.confirmed_at[second] - 5_500 < 5_000, (seed, s.failed.get(second))
+
+
 SUB = Identity(bytes([3]) * 32)
 T0 = 1_000_000
 
@@ -113,3 +136,21 @@ def test_a_stranger_manifest_is_never_resumed() -> None:
     with pytest.raises(LocalProtocolError):
         h.resume_submitted(other, T0, T0 + 1_000)
     assert h.submitter.progress(other.job_id) is None
+
+
+def test_a_stored_certificate_of_another_job_is_never_restored_as_confirmed() -> None:
+    """The driver's store handing back a certificate that is not the job's
+    (a bug, or a tampered file) is refused, never signed as a CONFIRM."""
+    mine, other = (make_manifest(SUB, Random(n), now_ms=T0) for n in (5, 6))
+    s = Swarm(0, workers=1, submitters=1, gpus=(2,))
+    w = s.workers[0]
+    from p2pgpu.core._formation_messages import Accept, Certificate, Proposal
+
+    ident = s.peers[w].identity
+    prop = Proposal.sign(ident, job_id=other.job_id, view=0, round=0, members=(w,), gpus_per_member=1)
+    cert = Certificate(proposal=prop, accepts=(Accept.sign(ident, proposal=prop, lease_until_ms=T0 + 60_000,
+                                                           price_per_gpu_hour=1000, payout_address=""),))
+    h = Host(SUB)
+    with pytest.raises(LocalProtocolError):
+        h.submitter.restore_confirmed(mine, cert, T0)
+    assert h.submitter.progress(mine.job_id) is None
