@@ -197,6 +197,14 @@ class FetchPlan:
 
 
 
+#: A member's fetch of an input by hash that none of its sources served (none
+#: answered, or none holds it yet) is tried again after each of these pauses
+#: before the job fails (#13): its sources are the submitter and the other
+#: members, and a submitter that restarts (its pins survive, for this) is
+#: unreachable for seconds; another member may not hold it yet.  31 s in all.
+sources_retry_ms = (1_000, 2_000, 4_000, 8_000, 16_000)
+
+
 #: States in which a job this node submitted needs nothing more from it.
 ENDED_STATES = ("succeeded", "failed", "cancelled")
 #: After a job's deadline (manifest expiry plus its longest run), how long its

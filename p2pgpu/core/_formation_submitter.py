@@ -173,6 +173,67 @@ class Submitter:
         gossip path on formation's critical path."""
         if sm.manifest.submitter != self.peer_id:
             raise LocalProtocolError("this node did not sign that manifest")
+        self._make_room(sm)
+        deadline = min(sm.manifest.expires_at_ms, now_ms + self.config.formation_timeout_ms)
+        self.jobs[sm.job_id] = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=now_ms,
+                                          deadline_ms=deadline)
+        return self._publish(sm, deadline, now_ms, candidates)
+
+    def resume(self, sm: SignedManifest, submitted_at_ms: int, now_ms: int,
+               candidates: list[str] | None = None) -> list[Action]:
+        """Take up again a job this node submitted before it restarted and
+        never confirmed (the driver stored it as forming: the confirmation is
+        stored before it can leave, so no cluster of it can be running).
+
+        Its volunteers still hold GPUs for it under leases and resend their
+        certificates to us; a submitter that forgot the job answered none of
+        them, so those GPUs stayed held until the job's formation deadline and
+        (``holds_per_submitter_max``) no volunteer would take this node's next
+        job either (#13: a restarted submitter's first job reached no
+        volunteer).  Resumed, the job is published again and confirmed as if
+        nothing had happened, within its original deadline; past it, it fails
+        now and its CANCEL frees the volunteers (and answers the late ones)."""
+        if sm.manifest.submitter != self.peer_id:
+            raise LocalProtocolError("this node did not sign that manifest")
+        if sm.job_id in self.jobs:
+            return []
+        self._make_room(sm)
+        deadline = min(sm.manifest.expires_at_ms, submitted_at_ms + self.config.formation_timeout_ms)
+        job = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=submitted_at_ms,
+                         deadline_ms=deadline)
+        self.jobs[sm.job_id] = job
+        if now_ms < deadline:
+            return [Emit("formation.resumed")] + self._publish(sm, deadline, now_ms, candidates)
+        job.reason = "the submitter restarted while the job was forming, and its time to form ran out"
+        actions = self._withdraw(job, "the submitter restarted", now_ms)
+        self._set(job, SubmitterState.FAILED)
+        return actions + [Failed(sm.job_id, job.reason)]
+
+    def restore_confirmed(self, sm: SignedManifest, certificate: Certificate, confirmed_at_ms: int) -> list[Action]:
+        """After a restart: a job this node confirmed (the driver stored the
+        certificate and the confirmation time before the CONFIRM could leave)
+        is known again as confirmed, so that a member still asking (its
+        CONFIRM lost when we died: it holds GPUs under a lease and resends its
+        accept or certificate) is answered with it, as before the restart.
+        The CONFIRM is signed again over the same certificate and time: the
+        same bytes (Ed25519 is deterministic), never a second decision.
+        Without it such a member held the GPUs until the formation deadline
+        and, at ``holds_per_submitter_max``, took none of our next jobs (#13)."""
+        if sm.manifest.submitter != self.peer_id or certificate.job_id != sm.job_id:
+            raise LocalProtocolError("not a job this node submitted, or another job's certificate")
+        if sm.job_id in self.jobs:
+            return []
+        self._make_room(sm)
+        m = sm.manifest
+        job = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=m.created_at_ms,
+                         deadline_ms=min(m.expires_at_ms, m.created_at_ms + self.config.formation_timeout_ms))
+        job.confirm = Confirm.sign(self.identity, certificate, confirmed_at_ms=confirmed_at_ms)
+        job.confirmed_at_ms = confirmed_at_ms
+        self._set(job, SubmitterState.CONFIRMED)
+        self.jobs[sm.job_id] = job
+        return self.decided(sm.job_id)
+
+    def _make_room(self, sm: SignedManifest) -> None:
         if sm.job_id in self.jobs:
             raise LocalProtocolError("job already submitted")
         if len(self.jobs) >= self.config.jobs_max:
@@ -183,16 +244,16 @@ class Submitter:
                 raise LocalProtocolError(f"{len(self.jobs)} jobs of this node are forming or running: "
                                          "wait for some to end")
             self.forget(done)
-        deadline = min(sm.manifest.expires_at_ms, now_ms + self.config.formation_timeout_ms)
-        self.jobs[sm.job_id] = _Submitted(sm=sm, state=SubmitterState.PUBLISHED, submitted_at_ms=now_ms,
-                                          deadline_ms=deadline)
+
+    def _publish(self, sm: SignedManifest, deadline_ms: int, now_ms: int,
+                 candidates: list[str] | None) -> list[Action]:
         direct = [] if candidates is None else [
             Send(p, sm.wire) for p in expected_volunteers(sm, candidates, self.config) if p != self.peer_id]
         return [
             Subscribe(self.config.topic(sm.job_id)),
             *direct,
             Publish(self.config.jobs_topic, sm.wire),
-            SetTimer(self._key(sm.job_id, "end"), deadline),
+            SetTimer(self._key(sm.job_id, "end"), deadline_ms),
             SetTimer(self._key(sm.job_id, "republish"), now_ms + self.config.manifest_retry_ms),
         ]
 

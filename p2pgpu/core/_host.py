@@ -41,7 +41,9 @@ What the host owns:
   and settles it; the submitter core forgets each job once no volunteer can
   still be working on it (and, if it ran, once it settled), so a
   long-running daemon never fills its table (it once refused every
-  ``job submit`` after 1,024).
+  ``job submit`` after 1,024).  After a restart the driver hands back the
+  jobs it submitted that were still forming (:meth:`Host.resume_submitted`):
+  their volunteers still hold GPUs for them.
 
 Like every core it never awaits and never reads a clock: ``now_ms`` comes
 with every call, and the candidate lists and advert lookups are functions
@@ -240,6 +242,13 @@ class Host:
         return self._run(now_ms, lambda c: self._observe(
             c, self.submitter.submit(sm, now_ms, self.candidates(sm, now_ms)), origin="submitter"))
 
+    def resume_submitted(self, sm: SignedManifest, submitted_at_ms: int, now_ms: int) -> list[Action]:
+        """After a restart: a job this node submitted and never confirmed
+        (stored as forming) forms again, within its original deadline
+        (:meth:`Submitter.resume`)."""
+        return self._run(now_ms, lambda c: self._observe(
+            c, self.submitter.resume(sm, submitted_at_ms, now_ms, self.candidates(sm, now_ms)), origin="submitter"))
+
     def cancel(self, job_id: str, now_ms: int) -> list[Action]:
         if job_id not in self.submitter.jobs:
             return []
@@ -342,6 +351,8 @@ class Host:
         """After a restart: a collection the driver stored, handed back (its
         items in the order they came; ``Settlement.restore``)."""
         def go(c: _Call) -> None:
+            # Members that never got our CONFIRM are answered with it again.
+            self._observe(c, self.submitter.restore_confirmed(sm, cert, confirmed_at_ms), origin="submitter")
             self.installments.open(sm, cert, confirmed_at_ms, payout_addresses)
             for kind, sender, wire, received_ms in items:
                 if kind == "claim":  # replayed first: the settlement's remainder needs them

@@ -91,6 +91,11 @@ class FetchError(Exception):
     """A blob could not be fetched; the message says why (and from whom)."""
 
 
+class NoSourceError(FetchError):
+    """None of the peers asked served the blob's leaf list: none answered, or
+    none holds it (yet).  Unlike a bad provider, worth asking again later."""
+
+
 def blob_key(sha256_hex: str) -> str:
     """DHT provider key of a blob: the hex of a sha256 multihash of
     ``/p2pgpu/blob/<sha256>`` (34 bytes)."""
@@ -540,7 +545,8 @@ class _Fetch:
             first[peer] = (stream, has)
         if self.tree is None:
             why = "; ".join(f"{p[:12]}: {w}" for p, w in self.bad_trees.items())
-            raise FetchError(f"blob {self.sha[:12]}: none of {len(peers)} peers has it" + (f" ({why})" if why else ""))
+            error = FetchError if self.bad_trees else NoSourceError  # a liar is not asked again
+            raise error(f"blob {self.sha[:12]}: none of {len(peers)} peers has it" + (f" ({why})" if why else ""))
         tree = self.tree
         # 2. Resume what is on disk; schedule the rest across the providers.
         try:

@@ -113,6 +113,10 @@ CONNECTION_LIMITS: dict[str, tuple[int, int, int]] = {
     "inbound_per_ip_max": (_CL.inbound_per_ip_max, 1, 100_000),
     "inbound_per_subnet_max": (_CL.inbound_per_subnet_max, 1, 100_000),
 }
+#: How long a payer's balance, looked up on a shared ledger, is believed
+#: (the payer gate: ``solana.PayerCheck`` and ``core.PayerChecks``).  Longer
+#: saves lookups; shorter notices a payer funded (or drained) sooner.
+PAYER_LIMITS: dict[str, tuple[int, int, int]] = {"payer_balance_ttl_s": (30, 1, 3600)}
 
 
 def config_limits(extra: dict[str, Any], spec: dict[str, tuple[int, int, int]]) -> dict[str, int]:
@@ -220,6 +224,7 @@ class Node:
         self.now_ms = now_ms
         self.book = make_book(network, config.extra)
         self.connection_limits = connection_limits(config.extra)
+        self.payer_balance_ttl_s = config_limits(config.extra, PAYER_LIMITS)["payer_balance_ttl_s"]
         self.connmgr: ConnectionManager | None = None
         #: AutoNAT, relays, hole punching, what we advertise (``_reach_node``).
         self.reach_config = reach_config(config.extra, announce=options.announce,
@@ -508,7 +513,8 @@ class Node:
         if self.ledger_spec.startswith(("http://", "https://")):
             from p2pgpu.solana import PayerCheck, open_ledger  # noqa: PLC0415
 
-            self.jobs.set_payer_check(PayerCheck(open_ledger(self.ledger_spec), ttl_s=30.0))
+            ttl_s = self.payer_balance_ttl_s
+            self.jobs.set_payer_check(PayerCheck(open_ledger(self.ledger_spec), ttl_s=float(ttl_s)), ttl_s=ttl_s)
             from p2pgpu.solana._verify import PaymentLookup  # noqa: PLC0415
 
             # A shared ledger: members check payment notices on it (#16.3).

@@ -30,10 +30,11 @@ import trio
 
 from p2pgpu.content import BlobStore, StoreError
 from p2pgpu.content._http import UrlError, fetch_url
+from p2pgpu.core._fetch import sources_retry_ms
 from p2pgpu.runtime import JobRejected
 
 from ._bitswap import CidError
-from ._blobs import FetchError
+from ._blobs import FetchError, NoSourceError
 
 if TYPE_CHECKING:
     from ._ports import NodePorts as Node
@@ -106,8 +107,7 @@ async def stage_inputs(node: Node, start: Any, inputs_dir: Path, say: Say) -> li
                     await fetch_url(store, inp.url, inp.sha256, inp.size_bytes, now_ms=node.now_ms(),
                                     progress=progress)
                 else:
-                    await blobs.fetch(inp.sha256, inp.size_bytes, root=bytes.fromhex(inp.tree) if inp.tree else None,
-                                      sources=sources, progress=progress)
+                    await _fetch_from_sources(blobs, inp, sources, progress, say)
             except (FetchError, UrlError, CidError, StoreError) as exc:
                 failed = exc  # raised below, not wrapped in the nursery's ExceptionGroup
             nursery.cancel_scope.cancel()
@@ -121,6 +121,24 @@ async def stage_inputs(node: Node, start: Any, inputs_dir: Path, say: Say) -> li
         dt = trio.current_time() - t0
         await say(f"p2pgpu: input {inp.name}: ready ({inp.size_bytes} bytes in {dt:.1f} s)")
     return pinned
+
+
+async def _fetch_from_sources(blobs: Any, inp: Any, sources: list[str], progress: Callable[[int, int], None],
+                              say: Say) -> None:
+    """An input by hash from the submitter and the other members, tried again
+    after each pause of ``core._fetch.sources_retry_ms`` while none of them
+    serves it: the submitter may be restarting (its pins survive for this),
+    another member may not hold it yet."""
+    for pause_ms in (*sources_retry_ms, None):
+        try:
+            await blobs.fetch(inp.sha256, inp.size_bytes, root=bytes.fromhex(inp.tree) if inp.tree else None,
+                              sources=sources, progress=progress)
+            return
+        except NoSourceError as exc:
+            if pause_ms is None:
+                raise
+            await say(f"p2pgpu: input {inp.name}: {exc}; trying again in {pause_ms / 1000:g} s")
+            await trio.sleep(pause_ms / 1000)
 
 
 async def _report(say: Say, name: str, done: list[int], total: int) -> None:

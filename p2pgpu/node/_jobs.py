@@ -267,10 +267,11 @@ class JobsService:
     def submitter(self) -> Submitter:
         return self.host.submitter
 
-    def set_payer_check(self, checker: Any) -> None:
-        """A shared ledger: strangers' manifests wait for their payers' balances."""
+    def set_payer_check(self, checker: Any, *, ttl_s: int = 30) -> None:
+        """A shared ledger: strangers' manifests wait for their payers' balances,
+        each believed ``ttl_s`` (config.toml ``payer_balance_ttl_s``)."""
         self.payer_check = checker
-        self.host.payer_checks = PayerChecks()
+        self.host.payer_checks = PayerChecks(verdict_ttl_ms=ttl_s * 1000)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -900,15 +901,36 @@ class JobsService:
 
         # Only jobs still in progress when the node stopped come back into
         # memory (as interrupted); ended ones stay in the store (``record``).
+        forming: list[JobRecord] = []
         for row in load_jobs(self.db, limit=records_max, unfinished=True):
             rec = self._from_row(row)
             if rec is not None:
                 self.records.put(rec.job_id, rec, owner=rec.manifest.manifest.submitter, ours=bool(rec.roles))
+                if row["state"] == "forming" and "submitter" in rec.roles:
+                    forming.append(rec)
         # Jobs we submitted whose results were still coming in, and what we
         # ran and owe the submitter (a proof, co-signatures): see _collect.py.
         self.collector.reopen(self.node.now_ms())
         if self.runner_obj is not None:
             self.runner_obj.recover(self.node.now_ms())
+        self._resume_forming(forming)
+
+    def _resume_forming(self, forming: list[JobRecord]) -> None:
+        """Jobs we submitted that were still forming when this node stopped
+        form again (``Host.resume_submitted``): their volunteers hold GPUs for
+        them and would otherwise keep them, and take none of our next jobs,
+        until the formation deadline (#13)."""
+        for rec in sorted(forming, key=lambda r: (r.submitted_at_ms or r.seen_at_ms, r.job_id)):
+            now = self.node.now_ms()
+            rec.state, rec.reason = "forming", ""
+            try:
+                actions = self.host.resume_submitted(rec.manifest, rec.submitted_at_ms or rec.seen_at_ms, now)
+            except LocalProtocolError as exc:  # our table is full of live jobs: this one stays interrupted
+                rec.state, rec.reason = "interrupted", f"the node restarted while the job was forming ({exc})"
+                continue
+            self.counts["jobs:resumed"] += 1
+            self.apply(actions)
+            self.persist(rec.job_id)
 
 
     def _on_paid(self, a: PaidNotice, now: int) -> None:

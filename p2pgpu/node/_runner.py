@@ -88,6 +88,11 @@ class MemberJob:
     ray: Any = None
     #: When the sandbox died (wall ms); no checkpoint is added after it.
     ended_ms: int = 0
+    #: When the command's sandbox started (wall ms; 0 until then): what the
+    #: member claims runs from here, and checkpoints begin then.  Its setup
+    #: before (inputs, image, the job's disk) is not claimed: under load it
+    #: took seconds, and a short job's claim went over its duration limit.
+    run_started_ms: int = 0
 
 
 #: ``adversary = "inflate_time"``: how much earlier than it did a lying member claims it started.
@@ -163,6 +168,13 @@ class Runner:
         mj = self.running.get(stop.job_id)
         if mj is not None and not mj.stop_reason:
             mj.stop_reason = stop.reason
+        if mj is not None and mj.ended_ms:
+            # The command already ended on its own: there is nothing left to
+            # stop, and cancelling now would only cut short the sealing of its
+            # outputs (a job that exited 0 was reported "cancelled", exit 137,
+            # without outputs, depending on where in its clean-up the stop fell).
+            self.jobs.counts["exec:stop_after_end"] += 1
+            return
         if mj is not None and mj.ray is not None:
             mj.ray.stop("cancelled", stop.reason)  # lets Ray tear down its processes itself
             return
@@ -214,14 +226,19 @@ class Runner:
                             result = await self._run_ray(mj, spec)
                         else:
                             result = await run_job(spec, self.policy, on_line=self._on_line(mj), now_ms=now,
-                                                   on_ended=lambda t: setattr(mj, "ended_ms", t))
+                                                   on_ended=lambda t: setattr(mj, "ended_ms", t),
+                                                   on_started=lambda t: setattr(mj, "run_started_ms", t))
                     except (JobRejected, SandboxUnavailable, OSError, ValueError) as exc:
                         refused = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
                 nursery.cancel_scope.cancel()
-            if refused is not None:
+            if refused is not None and not scope.cancel_called:
                 raise refused
-            if scope.cancelled_caught:
-                # Stopped (StopJob): the host knows what for (its proof's end reason).
+            if scope.cancel_called:
+                # Stopped (StopJob) before the command ended (``stop`` cancels
+                # nothing after): the host knows what for (its proof's end
+                # reason).  Decided by when the stop came, not by where its
+                # cancellation happened to land (``cancelled_caught`` is False
+                # when it lands in a shielded clean-up).
                 stopped, end_reason, exit_code = True, "cancelled", 137
             else:
                 end_reason = result.reason
@@ -251,8 +268,12 @@ class Runner:
             self.jobs.counts["exec:runner_error"] += 1
             log.exception("job %s: error while running it (a bug: please report it)", start.job_id[:12])
             rec.reason = f"sandbox error: {exc!r}"[:300]
-        last_checkpoint = mj.chain.checkpoints[-1].t_ms if mj.chain.checkpoints else started_ms
-        ended_ms = max(ended_at_ms or now(), started_ms, last_checkpoint)
+        # The part claimed is the command's run (docs/proofs.md, "What a member
+        # claims"): from its sandbox's start, or nothing if it never started.
+        ended_ms = max(ended_at_ms or mj.ended_ms or now(), started_ms)
+        run_started_ms = min(mj.run_started_ms, ended_ms) if mj.run_started_ms else ended_ms
+        if mj.chain.checkpoints:
+            ended_ms = max(ended_ms, mj.chain.checkpoints[-1].t_ms)
         if node.blobs is not None:
             node.blobs.store.unpin(start.job_id)  # its inputs may be evicted now (least recently used first)
         from ._images import release_image
@@ -274,7 +295,7 @@ class Runner:
         await self._keep_outputs(start.job_id, outputs)
         # The host signs the proof, hands it over (resent until acknowledged),
         # keeps watching the others, then co-signs and frees the GPUs.
-        claimed_start_ms = started_ms - inflate_time_ms if self.adversary == "inflate_time" else started_ms
+        claimed_start_ms = run_started_ms - inflate_time_ms if self.adversary == "inflate_time" else run_started_ms
         part = PartEnded(started_at_ms=claimed_start_ms, ended_at_ms=ended_ms, exit_code=exit_code,
                          end_reason=end_reason, stopped=stopped, output_digest=digest, gpus=tuple(self._gpu_names(mj)),
                          checkpoints=tuple(mj.chain.checkpoints), outputs=tuple(outputs))
@@ -356,7 +377,8 @@ class Runner:
                     await nodes_ready.wait()
 
         member = RayMember(ray_spec, policy=self.policy, on_line=self._on_line(mj), on_event=on_event,
-                           now_ms=node.now_ms, on_ended=lambda t: setattr(mj, "ended_ms", t))
+                           now_ms=node.now_ms, on_ended=lambda t: setattr(mj, "ended_ms", t),
+                           on_started=lambda t: setattr(mj, "run_started_ms", mj.run_started_ms or t))
         mj.ray = member
         try:
             async with trio.open_nursery() as nursery:
@@ -414,7 +436,7 @@ class Runner:
         save_member_run(self.jobs.db, job_id=start.job_id, cert_hash=start.certificate.digest,
                         submitter=m.submitter, members=list(start.certificate.members),
                         price_per_gpu_hour=min(price, m.price_per_gpu_hour_max), currency=m.currency,
-                        started_at_ms=run.membership.started_at_ms, gpus=self._gpu_names(mj),
+                        started_at_ms=mj.run_started_ms or run.membership.started_at_ms, gpus=self._gpu_names(mj),
                         checkpoints=[(c.t_ms, c.info) for c in mj.chain.checkpoints],
                         observed=observed(run.membership), now_ms=now_ms)
 
@@ -510,6 +532,8 @@ class Runner:
             await trio.sleep(interval_s)
             if mj.ended_ms:
                 return  # the job is over: the proof's end closes the chain
+            if not mj.run_started_ms:
+                continue  # still setting up: the chain covers the command's run only
             head = mj.chain.add(self.jobs.node.now_ms(), mj.log_hash.copy().digest())
             self._save_run(mj, self.jobs.node.now_ms())  # stored before any heartbeat shows the head
             self.jobs.host.member_progress(mj.start.job_id, head, len(mj.chain.checkpoints))

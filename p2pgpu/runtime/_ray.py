@@ -145,18 +145,20 @@ class RayMember:
     ``stopping``); ``on_member_lost(rank, peer_id, source)`` is awaited when
     a member is lost (``source`` is ``"ray"`` or ``"caller"``).  ``now_ms``
     (the wall clock) dates ``RayResult.ended_at_ms``; ``on_ended`` is called
-    with it when the sandbox dies.
+    with it when the sandbox dies, ``on_started`` when its process started
+    (``run_job``'s: what a member claims runs from there).
     """
 
     def __init__(self, spec: RayMemberSpec, *, policy: SandboxPolicy | None = None,
                  on_line: LineCallback | None = None, on_event: EventCallback | None = None,
                  on_member_lost: LostCallback | None = None, now_ms: Callable[[], int] | None = None,
-                 on_ended: Callable[[int], None] | None = None) -> None:
+                 on_ended: Callable[[int], None] | None = None,
+                 on_started: Callable[[int], None] | None = None) -> None:
         check_env(spec.env)
         self.spec = spec
         self.policy = policy or SandboxPolicy()
         self._on_line, self._on_event, self._on_lost = on_line, on_event, on_member_lost
-        self._now_ms, self._on_ended = now_ms, on_ended
+        self._now_ms, self._on_ended, self._on_started = now_ms, on_ended, on_started
         self.state = State.STARTING
         self.address: RayAddress | None = None
         self.subnet: str = ""
@@ -300,7 +302,8 @@ class RayMember:
                 with run_scope:
                     try:
                         result = await run_job(job, policy, on_line=self._on_line, now_ms=self._now_ms,
-                                               on_ended=self._on_ended, pass_fds=(w_fd,))
+                                               on_ended=self._on_ended, on_started=self._on_started,
+                                               pass_fds=(w_fd,))
                     finally:
                         os.close(w_fd)
                         w_fd = -1

@@ -253,6 +253,10 @@ class SandboxResult:
     detail: str = ""
     #: The wall clock (``run_job``'s ``now_ms``) when the sandbox died; 0 without a clock.
     ended_at_ms: int = 0
+    #: ... and when its process started, the moment the time limit began to
+    #: count (after the job's disk, inputs and cgroups were ready); 0 without
+    #: a clock.  What a member claims to have served runs from here.
+    started_at_ms: int = 0
     disk_backend: str = ""
 
     @property
@@ -582,7 +586,8 @@ def _record(spec: JobSpec, disk: JobDisk, limit: MemoryLimit | None, proc: trio.
 
 async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
                   on_line: LineCallback | None = None, now_ms: Callable[[], int] | None = None,
-                  on_ended: Callable[[int], None] | None = None, pass_fds: tuple[int, ...] = ()) -> SandboxResult:
+                  on_ended: Callable[[int], None] | None = None, on_started: Callable[[int], None] | None = None,
+                  pass_fds: tuple[int, ...] = ()) -> SandboxResult:
     """Run ``spec`` sandboxed and return how it ended.
 
     ``on_line(stream, line)`` is awaited for each line of ``"stdout"`` and
@@ -593,6 +598,10 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
     the end of the run (``SandboxResult.ended_at_ms``) at the moment the
     sandbox died, before its outputs are sealed; ``on_ended(ended_at_ms)``
     is called then (the node stops extending its checkpoint chain).
+    ``on_started(started_at_ms)`` is called when the sandbox's process has
+    started and the time limit begins to count (``SandboxResult.started_at_ms``):
+    the job's disk, its inputs and its memory limit are ready by then, so
+    however slow they were to make, they are not the job's run.
     ``pass_fds`` are handed to the job's first process (the Ray runtime's
     event pipe).  With ``spec.cluster_net`` the sandbox joins a network of
     its own that reaches the job's other members only (``_netns``).  ``spec.work_dir`` must be
@@ -623,7 +632,7 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
                                   pids_max=spec.pids_max)
         try:
             result = await _start_and_supervise(spec, policy, limit, disk, net, env, on_line, now_ms, on_ended,
-                                                pass_fds)
+                                                on_started, pass_fds)
         finally:
             await limit.aclose()
         return await _seal(spec, disk, result)
@@ -641,7 +650,7 @@ async def run_job(spec: JobSpec, policy: SandboxPolicy | None = None, *,
 async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, disk: JobDisk,
                                net: MemberNet | None, env: dict[str, str], on_line: LineCallback | None,
                                now_ms: Callable[[], int] | None, on_ended: Callable[[int], None] | None,
-                               pass_fds: tuple[int, ...]) -> SandboxResult:
+                               on_started: Callable[[int], None] | None, pass_fds: tuple[int, ...]) -> SandboxResult:
     r_fd, w_fd = os.pipe()
     status_stream = trio.lowlevel.FdStream(r_fd)  # owns r_fd
     env_fd = _env_fd(env)
@@ -677,14 +686,21 @@ async def _start_and_supervise(spec: JobSpec, policy: SandboxPolicy, limit: Memo
             _record(spec, disk, limit, proc, net)
         except OSError as exc:  # the job still runs bounded; only a restart's clean-up would miss it
             log.warning("cannot record the sandbox in %s: %s", spec.state_path, exc)
-        return await _supervise(spec, policy, limit, disk, proc, status_stream, on_line, now_ms, on_ended)
+        return await _supervise(spec, policy, limit, disk, proc, status_stream, on_line, now_ms, on_ended,
+                                on_started)
     finally:
         await status_stream.aclose()
 
 
 async def _supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, disk: JobDisk, proc: trio.Process,
                      status_stream: trio.lowlevel.FdStream, on_line: LineCallback | None,
-                     now_ms: Callable[[], int] | None, on_ended: Callable[[int], None] | None) -> SandboxResult:
+                     now_ms: Callable[[], int] | None, on_ended: Callable[[int], None] | None,
+                     on_started: Callable[[int], None] | None = None) -> SandboxResult:
+    # The run starts now, as the time limit does: what a member claims it
+    # served is this run, never the setup before it (docs/proofs.md).
+    started_at_ms = now_ms() if now_ms is not None else 0
+    if on_started is not None:
+        on_started(started_at_ms)
     run = _Run(spec=spec, lines=LineForwarder(on_line, spec.log_bytes_max, spec.log_line_bytes_max), disk=disk)
     out, err = StreamState("stdout"), StreamState("stderr")
     t0 = trio.current_time()
@@ -734,7 +750,7 @@ async def _supervise(spec: JobSpec, policy: SandboxPolicy, limit: MemoryLimit, d
         stderr_sha256=err.hash.digest(), stdout_bytes=out.bytes, stderr_bytes=err.bytes,
         logs_truncated=run.lines.truncated, stderr_tail=bytes(err.tail), outputs=(),
         output_digest=output_digest([], stdout_sha), memory_backend=limit.backend, detail=run.detail,
-        ended_at_ms=ended_at_ms, disk_backend=disk.backend,
+        ended_at_ms=ended_at_ms, disk_backend=disk.backend, started_at_ms=started_at_ms,
     )
 
 

@@ -200,6 +200,9 @@ class JobFlow:
         #: restart that keeps the disk hands them to the new host, which sends
         #: them again, as the node does (``store/_recovery.py``).
         self.outbox: dict[int, dict[bytes, Delivery]] = {}
+        #: The jobs each node that went down with its disk had submitted and
+        #: were still forming (the node's ``jobs`` rows in state forming).
+        self.forming_at_down: dict[int, list[int]] = {}
         #: Pay as you go: installments owed, paid with a notice, workers' exposure (sim/_payg.py).
         self.payg = Payg(self)
         real = [i for i in range(n) if world.nodes[i].real]
@@ -419,6 +422,10 @@ class JobFlow:
         w = self.world
         if lose_state:
             self.outbox.pop(node, None)
+        # The jobs it submitted that were still forming: stored (as the node
+        # stores them), taken up again when it comes back with its disk.
+        self.forming_at_down[node] = [] if lose_state else [
+            j.jid for j in self.jobs.values() if j.submitter == node and j.state is JobState.FORMING]
         for key in [k for k in self.runs if k[0] == node]:
             del self.runs[key]
             w.checker.on_member_down(self._jid(key[1]), node)
@@ -429,8 +436,17 @@ class JobFlow:
         w.checker.on_node_down(node)
 
     def on_node_up(self, node: int) -> None:
-        """A node came back with its disk: what it stored for submitters and
-        was not acknowledged goes out again (``Host.restore_deliveries``)."""
+        """A node came back with its disk: the jobs it submitted that were still
+        forming form again (``Host.resume_submitted``), and what it stored for
+        submitters and was not acknowledged goes out again
+        (``Host.restore_deliveries``), as the node does."""
+        for jid in self.forming_at_down.pop(node, []):
+            job = self.jobs[jid]
+            if job.state is JobState.FORMING and job.signed is not None \
+                    and self.world.nodes[node].identity is not None:
+                self.world.engine.trace("job", jid, "resumed")
+                self.carry(node, self.host(node).resume_submitted(job.signed, job.manifest.created_at_ms,
+                                                                  self.world.node_now_ms(node)))
         box = self.outbox.get(node)
         if not box or self.world.nodes[node].identity is None:
             return

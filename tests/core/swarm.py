@@ -161,6 +161,10 @@ class Swarm:
         self.misbehaved: dict[str, int] = {}
         self.metrics: dict[str, int] = {}
         self.manifests: dict[str, SignedManifest] = {}
+        #: Jobs handed to their submitter's host (what its driver stored).
+        self.handed: set[str] = set()
+        #: Peers killed as they confirm a job, before its CONFIRM leaves.
+        self.die_at_confirm: set[str] = set()
         self.confirmed: dict[str, Certificate] = {}
         #: Virtual time of each submission and confirmation (formation latency).
         self.submitted_at: dict[str, int] = {}
@@ -208,6 +212,35 @@ class Swarm:
     def crash_at(self, at_ms: int, peer_id: str) -> None:
         self._push(at_ms, "crash", peer_id)
 
+    def restart_at(self, at_ms: int, peer_id: str, *, resume: bool = True) -> None:
+        """The crashed peer starts again: a fresh host with the same identity
+        (nothing in memory survives), and, as the node's driver does from its
+        store, the jobs it submitted and never saw confirmed or failed handed
+        back to it (``Host.resume_submitted``; ``resume=False``: not)."""
+        self._push(at_ms, "restart", (peer_id, resume))
+
+    def _restart(self, peer_id: str, resume: bool) -> None:
+        old = self.peers[peer_id]
+        peer = Peer(old.identity, self._host(old.identity, old.host.config))
+        peer.topics[self.config.jobs_topic] = True
+        self.peers[peer_id] = peer
+        advert = self.book.get(peer_id)
+        if advert is not None and peer_id in self.workers:
+            peer.host.set_advert(advert, self.now_ms)
+        if resume:
+            for job_id, cert in list(self.confirmed.items()):
+                sm = self.manifests[job_id]
+                if sm.manifest.submitter == peer_id and job_id not in self.settled:
+                    # Its collection, stored at confirmation (the node's ``collections`` row).
+                    self._carry(peer_id, peer.host.settlement_restore(
+                        sm, cert, confirmed_at_ms=self.confirmed_at[job_id],
+                        deadline_ms=self.now_ms + sm.manifest.duration_s_max * 1000 + 30_000,
+                        payout_addresses={}, items=[], now_ms=self.now_ms))
+            for job_id, sm in list(self.manifests.items()):
+                if sm.manifest.submitter == peer_id and job_id in self.handed and job_id not in self.confirmed \
+                        and job_id not in self.failed:
+                    self._carry(peer_id, peer.host.resume_submitted(sm, self.submitted_at[job_id], self.now_ms))
+
     def _transmit(self, sender: str, to: str, data: bytes, via: Via) -> None:
         if self.now_ms < self.faults_until_ms and self.rng.random() < self.drop_rate:
             return
@@ -217,6 +250,11 @@ class Swarm:
 
     def _carry(self, peer_id: str, actions: list[Action]) -> None:
         peer = self.peers[peer_id]
+        if peer_id in self.die_at_confirm and any(isinstance(a, Confirmed) for a in actions):
+            # Killed the moment it stored its decision: the CONFIRM never leaves.
+            self.die_at_confirm.discard(peer_id)
+            peer.crashed = True
+            actions = [a for a in actions if not isinstance(a, (Send, Publish))]
         for a in actions:
             if isinstance(a, Send):
                 self._transmit(peer_id, a.peer_id, a.data, Via.DIRECT)
@@ -308,11 +346,15 @@ class Swarm:
         if kind == "crash":
             self.peers[payload].crashed = True
             return True
+        if kind == "restart":
+            self._restart(*payload)
+            return True
         peer_id = payload[0]
         peer = self.peers[peer_id]
         if peer.crashed:
             return True
         if kind == "submit":
+            self.handed.add(payload[1].job_id)
             actions = peer.host.submit(payload[1], self.now_ms)
         elif kind == "run":
             job_id = payload[1]

@@ -26,6 +26,7 @@ from p2pgpu.node import ControlError
 pytestmark = pytest.mark.processes
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 ONE_GPU = [("NVIDIA L4", 23034, "8.9", 1)]
+BALANCE_TTL_S = 2
 
 
 @pytest.fixture
@@ -36,7 +37,9 @@ def ledger(tmp_path: Path) -> Iterator[str]:
 
 
 def test_unfunded_payer_gets_no_volunteers_then_funded_job_pays_workers(tmp_path: Path, ledger: str) -> None:
-    with LocalNet(tmp_path / "net", 3, gpu_mix=ONE_GPU, config_extra=f'ledger = "{ledger}"') as net:
+    # The workers believe a payer's balance for 2 s (payer_balance_ttl_s; 30 s by default).
+    with LocalNet(tmp_path / "net", 3, gpu_mix=ONE_GPU,
+                  config_extra=f'ledger = "{ledger}"\npayer_balance_ttl_s = {BALANCE_TTL_S}') as net:
         wallets = [n.call("wallet") for n in net.nodes]
         for w in wallets[1:]:  # workers' accounts exist (a new account needs its rent-exempt minimum)
             rpc(ledger, "requestAirdrop", [w["payout_address"], 1_000_000_000])
@@ -56,7 +59,7 @@ def test_unfunded_payer_gets_no_volunteers_then_funded_job_pays_workers(tmp_path
         submitter.call("job.cancel", {"job_id": job})
 
         rpc(ledger, "requestAirdrop", [wallets[0]["address"], 50_000_000_000])
-        time.sleep(31)  # the workers' cached verdict on this payer expires
+        time.sleep(BALANCE_TTL_S + 1)  # the workers' cached verdict on this payer expires
         before = {w["payout_address"]: balance(ledger, w["payout_address"]) for w in wallets[1:]}
         job = submitter.call("job.submit", {"manifest": (EXAMPLES / "pair.toml").read_text()})["job_id"]
         doc = net.wait_until(lambda: (lambda d: d if d["state"] in ("succeeded", "failed") and d["payouts"] and all(

@@ -86,3 +86,42 @@ def test_a_proof_a_partition_holds_past_the_deadline_is_not_an_owed_time_violati
     assert r.ok, r.violations
     assert r.summary["proofs_partitioned_past_deadline"] >= 1
     assert r.summary["jobs_completed"] > 10
+
+
+def test_a_submitter_restarted_while_its_job_forms_takes_it_up_again(monkeypatch: Any) -> None:
+    """#13.1, in the simulator as on the node: the submitter goes down (with
+    its disk) the moment a volunteer holds GPUs for its first job under a
+    lease, before it could confirm it, and comes back 3 s later.  The job it
+    stored as forming forms again (``Host.resume_submitted``) and runs.
+    Before, the restarted host knew nothing of it: the volunteers kept their
+    GPUs until its deadline and the job failed."""
+    from p2pgpu.core import Reserved
+    from p2pgpu.sim._jobs import JobState
+
+    chosen: dict[str, Any] = {}
+    original_carry = JobFlow.carry
+
+    def carry(self: JobFlow, node: int, actions: list[Any]) -> None:
+        original_carry(self, node, actions)
+        for a in actions:
+            job = self.jobs.get(self._jid(a.job_id)) if isinstance(a, Reserved) else None
+            if job is not None and not chosen and job.state is JobState.FORMING and node != job.submitter:
+                chosen.update(jid=job.jid, submitter=job.submitter)
+                w, sub = self.world, job.submitter
+
+                def down(_: Any, w: Any = w, sub: int = sub) -> None:
+                    w.node_down(sub, crash=True, lose_state=False)
+
+                def up(_: Any, w: Any = w, sub: int = sub) -> None:
+                    w.node_up(sub)
+
+                w.engine.after(1, down, None)
+                w.engine.after(3_000_000, up, None)
+
+    monkeypatch.setattr(JobFlow, "carry", carry)
+    r = run_scenario(scenario_from_obj(JOBS), 1, plots=False)
+    assert chosen, "no volunteer held GPUs for a job"
+    assert r.ok, r.violations
+    job = r.world.jobs.jobs[chosen["jid"]]
+    assert job.state is JobState.DONE, (job.state, job.reason)
+    assert job.t_confirm_us - job.t_submit_us >= 3_000_000  # confirmed after the submitter came back
