@@ -27,6 +27,7 @@ from p2pgpu.core._actions import (
     Emit,
     HandOver,
     InstallmentsOwed,
+    JobSeen,
     MemberDone,
     MemberMessage,
     NotVolunteering,
@@ -518,3 +519,40 @@ def test_runtime_messages_between_members_reach_the_driver_only_from_members() -
     for stranger, job in ((S, sm.job_id), (B, "00" * 32)):
         acts = h.on_bytes(seal(stranger, Kind.RESULT, {**body, "job_id": job}).to_bytes(), T0 + 200, via=Via.DIRECT)
         assert acts == [Emit("exec:member_message_unknown_job")]
+
+
+# -- written against the sample of 300 at 9cd4b88 (main's #13.1 merged) ----------------------
+
+
+def test_a_resumed_job_is_published_again_and_served_by_our_own_worker() -> None:
+    """``resume_submitted`` (its mutants had "no tests"): the submitter core
+    takes the job back, asks the candidates at the time given, and its
+    publish reaches our own worker too."""
+    asked: list[int] = []
+
+    def candidates(sm: Any, now_ms: int) -> None:
+        asked.append(now_ms)
+
+    h = Host(A, HostConfig(formation=FormationConfig(per_job_topics=False)), candidates=candidates)
+    h.set_advert(make_advert(A, gpus=4, model="NVIDIA A100", now_ms=T0), T0)
+    sm = make_manifest(A, Random(11), now_ms=T0)
+    acts = h.resume_submitted(sm, T0, T0 + 100)
+    assert sm.job_id in h.submitter.jobs and asked and set(asked) == {T0 + 100}
+    assert JobSeen(sm) in acts and any(isinstance(a, Publish) for a in acts)
+
+
+def test_a_submitted_job_goes_straight_to_the_candidates() -> None:
+    """``submit__mutmut_17`` (the candidate list dropped)."""
+    h = Host(S, candidates=lambda sm, now_ms: [B.peer_id])
+    sm = make_manifest(S, Random(12), now_ms=T0)
+    assert Send(B.peer_id, sm.wire) in h.submit(sm, T0)
+
+
+def test_the_formation_core_orders_members_by_the_hosts_standing() -> None:
+    """``set_advert__mutmut_7`` (the standing function not handed over)."""
+    def standing(peer: str) -> int | None:
+        return 1
+
+    h = Host(A, standing=standing)
+    h.set_advert(make_advert(A, gpus=1, model="NVIDIA A100", now_ms=T0), T0)
+    assert h.formation is not None and h.formation.standing is standing
