@@ -391,8 +391,15 @@ class JobsService:
         stored before the sends after it can leave).  Never awaits: see the
         module docstring.  Returns the first refusal, if any."""
         refused: Refused | None = None
+        # A confirmation and the collection it opens come in one host call and
+        # are stored in one transaction (``_on_confirmed``).
+        opened = {a.job_id: a for a in actions if isinstance(a, CollectionOpened)}
         for a in actions:
-            if isinstance(a, Send):
+            if isinstance(a, Confirmed):
+                self._on_confirmed(a, self.node.now_ms(), opened.pop(a.job_id, None))
+            elif isinstance(a, CollectionOpened) and a.job_id not in opened:
+                continue  # stored with its confirmation
+            elif isinstance(a, Send):
                 self._send_out(a.peer_id, a.data)
             elif isinstance(a, Publish):
                 self._queue(self._ops_send, ("pub", a.topic, a.data), "publish")
@@ -440,8 +447,6 @@ class JobsService:
                 rec.reason = a.reason
             if self.on_stop is not None:
                 self.on_stop(a)
-        elif isinstance(a, Confirmed):
-            self._on_confirmed(a, now)
         elif isinstance(a, (Failed, Cancelled)):
             rec = self.record(a.job_id)
             if rec is not None:
@@ -543,7 +548,15 @@ class JobsService:
         rec.confirmed_at_ms = rec.confirmed_at_ms or self.node.now_ms()
         self._queue(self._start_send, a, "start")
 
-    def _on_confirmed(self, a: Confirmed, now: int) -> None:
+    def _on_confirmed(self, a: Confirmed, now: int, opened: CollectionOpened | None = None) -> None:
+        """Our job is confirmed: its record says so and its collection opens,
+        both stored in one transaction before the CONFIRM can leave.  Stored
+        apart, a ``kill -9`` between the two left a record "confirmed" with no
+        collection: after the restart the job was neither resumed (it was not
+        forming) nor known as confirmed (no collection to restore), so its
+        volunteer, never confirmed, held its GPUs for it until the formation
+        deadline and took none of our next jobs (#13; the flaky
+        tests/content/test_input_pins.py)."""
         sub = self.host.submitter.jobs.get(a.job_id)
         rec = self._record(sub.sm, now, ours=True) if sub is not None else self.record(a.job_id)
         if rec is not None:
@@ -553,7 +566,17 @@ class JobsService:
             rec.confirmed_at_ms = now
             rec.members = list(a.certificate.members)
             rec.certificate = a.certificate.digest.hex()
-            self.persist(a.job_id)
+        if self.db is None:
+            if opened is not None:
+                self.collector.opened(opened)
+        else:
+            from p2pgpu.store import transaction
+
+            with transaction(self.db):
+                if rec is not None:
+                    self.persist(a.job_id)
+                if opened is not None:
+                    self.collector.opened(opened)
         self.counts["jobs_confirmed"] += 1
 
     # ---------------------------------------------- the member's deliveries

@@ -74,7 +74,15 @@ def test_local_inputs_are_pinned_for_the_job_across_a_crash_and_released_when_it
         assert pins_of(net, sha_b) == 1
         st = net.wait_until(lambda: (d := net.nodes[0].call("job.status", {"job_id": b["job_id"]}))["state"]
                             in ("succeeded", "failed") and d, timeout_s=90, what="second job ends")
-        assert st["state"] == "succeeded", (st["reason"], st["formation"])
+        if st["state"] != "succeeded":
+            # Say what both sides knew: the first job on each node and their formation counters.
+            def formation_counters(i: int) -> dict[str, int]:
+                return {k: v for k, v in net.nodes[i].call("status")["counters"].items()
+                        if k.startswith(("formation", "jobs", "inputs", "host"))}
+            raise AssertionError({"reason": st["reason"], "formation": st["formation"],
+                                  "first_job_submitter": net.nodes[0].call("job.status", {"job_id": a["job_id"]}),
+                                  "node1_jobs": net.nodes[1].call("job.list"),
+                                  "node0_counters": formation_counters(0), "node1_counters": formation_counters(1)})
         net.wait_until(lambda: pins_of(net, sha_b) == 0, timeout_s=20, what="the ended job's pin released")
         # The interrupted first job is still running on its member: still pinned.
         assert pins_of(net, sha_a) == 1

@@ -478,3 +478,67 @@ def test_a_settled_job_leaves_memory_and_is_read_back_from_the_store(cluster: An
     assert s.memory()["job_records"] == len(s.records)
     again = restart(c, S)
     assert c.job not in again.records and again.record(c.job).state == "succeeded"  # type: ignore[union-attr]
+
+
+def submitter(net: Net, db_file: Path) -> JobsService:
+    """The submitter's service, with an advert book that knows no candidate
+    (the manifest goes out by gossip only)."""
+    s = net.service(S, db_file)
+    s.node.book.live = lambda _now_ms: []
+    return s
+
+
+class _Killed(BaseException):
+    """The process dies at this instruction (``kill -9``): nothing after it runs."""
+
+
+def test_a_submitter_killed_between_storing_its_confirmation_and_its_collection_forms_the_job_again(
+        tmp_path: Path) -> None:
+    """The confirmation (the job's record) and the collection it opens are
+    stored in one transaction, before the CONFIRM can leave.  Stored apart, a
+    kill between the two left a record "confirmed" with no collection: after
+    the restart the job was neither formed again nor known as confirmed, and
+    its volunteer (never confirmed) held its GPUs for it until the formation
+    deadline (tests/content/test_input_pins.py failed 1 run in 12 this way)."""
+    net = Net()
+    sm = manifest()
+    cert = certificate(sm.job_id)
+    db_file = tmp_path / "s.db"
+    s = submitter(net, db_file)
+    s.submit(sm)
+    assert s.host.submitter.jobs[sm.job_id] is not None
+
+    def killed(_a: Any) -> None:
+        raise _Killed
+
+    s.collector.opened = killed  # type: ignore[method-assign]
+    # What the host says in the call that confirms: the confirmation, then the collection it opens.
+    with pytest.raises(_Killed):
+        s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b""),
+                 *s.host.settlement.open(sm, cert, net.now)])
+    s.db.close()
+    net.now += 1_000
+    again = submitter(net, db_file)
+    again.load()
+    # Not confirmed as far as the store knows (no CONFIRM left): the job forms again.
+    assert again.counts["jobs:resumed"] == 1
+    assert again.record(sm.job_id).state == "forming"
+    assert sm.job_id in again.host.submitter.jobs
+
+
+def test_a_confirmation_and_its_collection_are_both_stored(tmp_path: Path) -> None:
+    """The happy path of the transaction above: after the confirming call, a
+    restart finds the job confirmed with its collection open."""
+    net = Net()
+    sm = manifest()
+    cert = certificate(sm.job_id)
+    db_file = tmp_path / "s.db"
+    s = submitter(net, db_file)
+    s.submit(sm)
+    s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b""), *s.host.settlement.open(sm, cert, net.now)])
+    s.db.close()
+    again = submitter(net, db_file)
+    again.load()
+    assert again.record(sm.job_id).state == "confirmed"
+    assert sm.job_id in again.collector.collections
+    assert again.counts["jobs:resumed"] == 0
