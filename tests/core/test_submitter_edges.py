@@ -663,3 +663,29 @@ def test_a_strangers_accept_takes_no_members_place() -> None:
     acts = b.s.on_message(Accept.sign(b.p[0].identity, proposal=prop, lease_until_ms=T0 + 10**6,
                                       price_per_gpu_hour=0, payout_address=""), W + 2)
     assert Emit("formation.assembled") in acts
+
+
+def test_an_accept_of_a_tracked_proposal_counts_when_the_accepts_table_is_full() -> None:
+    """``on_message__mutmut_53``, ``_54`` (the proposal of an accept not
+    looked up among the tracked ones): once accepts of
+    ``accepted_digests_max`` proposals are held, an accept of a proposal
+    already tracked is still kept, and here it completes the certificate.
+    Looked up as unknown, it was dropped as if it opened a new entry, and the
+    job waited for the leader's ``Certified``."""
+    b = Bench(3, replicas=2)
+    for o in start(b):
+        b.s.on_message(o, T0 + 2)
+    prop, accepts = _cert_obj(b)
+    b.s.on_message(prop, W)
+    assert b.s.on_message(accepts[0], W + 1) == []  # one of two: the proposal is now tracked
+    job = b.s.jobs[b.job]
+    for r in range(1, accepted_digests_max):  # fill the table with accepts of other proposals
+        other = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=r,
+                              members=(b.p[0].peer_id, b.p[2].peer_id), gpus_per_member=1)
+        b.s.on_message(Accept.sign(b.p[2].identity, proposal=other, lease_until_ms=T0 + 10**6,
+                                   price_per_gpu_hour=0, payout_address=""), W + 2)
+    assert len(job.accepted) == accepted_digests_max and prop.digest in job.accepted
+    acts = b.s.on_message(accepts[1], W + 3)
+    assert acts[0] == Emit("formation.assembled") and isinstance(acts[-1], Confirmed)
+    assert acts[-1].certificate.proposal.digest == prop.digest
+    assert job.state is SubmitterState.CONFIRMED
