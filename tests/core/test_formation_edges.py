@@ -659,3 +659,64 @@ def test_a_leader_proposes_no_volunteer_whose_claim_it_refused_even_known_only_b
     acts = node.on_timer(TimerKey(TimerOwner.FORMATION, b.job, "window"), W)
     assert Emit("formation.too_few_volunteers") in acts
     assert not any(isinstance(a, Publish) and isinstance(decode_message(a.data), Proposal) for a in acts)
+
+
+# --- the last survivors of the evening sample ----------------------------------------------
+
+
+@pytest.mark.parametrize("late_ms", [0, CFG.lease_ms])
+def test_a_certified_leader_waits_for_the_confirm_until_the_lease_less_the_margin(late_ms: int) -> None:
+    """``_on_accept__mutmut_46`` (``- confirm_margin_ms`` to ``+``): the
+    leader waits for the CONFIRM until the certificate's lease less the
+    margin the submitter requires (a later CONFIRM cannot come: the
+    submitter refuses shorter leases), and at least a leader timeout."""
+    b = Bench(3, replicas=2)
+    start(b)
+    prop = b.sent(b.timer(0, "window", W), Proposal)
+    k = next(i for i, n in enumerate(b.p) if i and n.peer_id in prop.members)
+    b.timer(k, "window", W)
+    accept = b.sent(b.p[k].on_message(prop, W + 1), Accept)
+    now = W + 2 + late_ms
+    acts = b.p[0].on_message(accept, now)
+    lease = b.p[0].jobs[b.job].certified.certificate.lease_until_ms  # type: ignore[union-attr]
+    views = [a for a in acts if isinstance(a, SetTimer) and a.key.name == "view"]
+    expected = lease - CFG.confirm_margin_ms if not late_ms else now + CFG.leader_timeout_ms
+    assert expected == max(lease - CFG.confirm_margin_ms, now + CFG.leader_timeout_ms)
+    assert views == [SetTimer(TimerKey(TimerOwner.FORMATION, b.job, "view"), expected)]
+
+
+def test_a_leader_short_of_volunteers_ignores_an_offer_heard_again() -> None:
+    """``_note_volunteer__mutmut_7`` (``seq >`` to ``>=``): the same offer
+    heard again (its topic copy after the direct one) is no new volunteer; a
+    leader waiting for enough volunteers does not try to propose again."""
+    b = Bench(3, replicas=3)
+    offers = [b.sent(n.on_manifest(b.sm, T0), Offer) for n in b.p]
+    assert b.p[0].on_message(offers[1], T0 + 1) == []
+    lead = b.timer(0, "window", W)
+    assert Emit("formation.too_few_volunteers") in lead and b.p[0].state(b.job) is WorkerState.LEADING
+    assert b.p[0].on_message(offers[1], W + 1) == []  # the same offer again: nothing new
+    assert b.p[0].jobs[b.job].volunteers == {b.p[0].peer_id: offers[0].seq, b.p[1].peer_id: offers[1].seq}
+    acts = b.p[0].on_message(offers[2], W + 2)  # a new volunteer: now it proposes
+    assert set(b.sent(acts, Proposal).members) == {n.peer_id for n in b.p}
+
+
+def test_a_member_accepts_a_rightful_leader_whose_rank_was_not_memoised() -> None:
+    """``_preference__mutmut_7`` (the leader's rank computed without the
+    leader): with its volunteer table and its rank memo full, a member still
+    ranks (and accepts) the proposal of a rightful leader it holds no rank
+    of, instead of failing on it."""
+    b = Bench(3)
+    member = b.p[1]
+    member.config = replace(CFG, volunteers_max=1)  # the memo holds volunteers_max + 1 ranks
+    member.on_manifest(b.sm, T0)
+    job = member.jobs[b.job]
+    worse = Proposal.sign(b.p[2].identity, job_id=b.job, view=0, round=0, members=(member.peer_id,),
+                          gpus_per_member=1)
+    assert member.on_message(worse, T0 + 2) == [Emit("formation.proposal_refused")]  # ranks after us
+    assert list(job.volunteers) == [member.peer_id] and len(job.ranks) == 2  # both full now
+    prop = Proposal.sign(b.p[0].identity, job_id=b.job, view=0, round=0, members=(member.peer_id,),
+                         gpus_per_member=1)
+    acts = member.on_message(prop, T0 + 3)
+    assert b.p[0].peer_id not in job.ranks and b.p[0].peer_id not in job.volunteers
+    assert b.sent(acts, Accept).proposal == prop.digest
+    assert member.state(b.job) is WorkerState.FOLLOWING
