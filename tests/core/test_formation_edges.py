@@ -590,9 +590,10 @@ def test_the_advert_an_offer_carried_is_the_one_used() -> None:
 
 
 def test_freed_capacity_skips_a_job_past_its_deadline_and_offers_for_the_next() -> None:
-    """``_capacity_freed__mutmut_16`` (``continue`` to ``break``): a job past
-    its deadline is skipped, not the end of the pass (the jobs are walked in
-    id order; here the expired one comes first)."""
+    """``continue`` to ``break`` after a job past its deadline (a mutant of
+    ``_capacity_freed`` outside the evening sample): a job past its deadline
+    is skipped, not the end of the pass (the jobs are walked in id order;
+    here the expired one comes first)."""
     ident = Identity(bytes([9]) * 32)
     node = FormationNode(ident, make_advert(ident, gpus=1, model="NVIDIA A100"), CFG)
     assert node.ledger.reserve("e" * 64, 1, T0 + 10**9)  # busy: every job is passed over
@@ -720,3 +721,23 @@ def test_a_member_accepts_a_rightful_leader_whose_rank_was_not_memoised() -> Non
     assert b.p[0].peer_id not in job.ranks and b.p[0].peer_id not in job.volunteers
     assert b.sent(acts, Accept).proposal == prop.digest
     assert member.state(b.job) is WorkerState.FOLLOWING
+
+
+def test_freed_capacity_skips_a_submitter_at_its_quota_and_offers_for_the_next_submitters_job() -> None:
+    """``_capacity_freed__mutmut_16`` (``continue`` to ``break`` after a
+    submitter already offered ``holds_per_submitter_max`` jobs in this pass):
+    that submitter's next job is skipped, not the end of the pass: another
+    submitter's job, later in id order, still gets its offer."""
+    ident = Identity(bytes([9]) * 32)
+    node = FormationNode(ident, make_advert(ident, gpus=1, model="NVIDIA A100"), CFG)
+    assert node.ledger.reserve("e" * 64, 1, T0 + 10**9)  # busy: every job is passed over
+    other_submitter = Identity(bytes([201]) * 32)
+    last = make_manifest(other_submitter, Random(1), now_ms=T0)
+    floods = sorted((sm for sm in (make_manifest(SUBMITTER, Random(100 + i), now_ms=T0) for i in range(64))
+                     if sm.job_id < last.job_id), key=lambda sm: sm.job_id)[:2]
+    assert len(floods) == 2 and CFG.holds_per_submitter_max == 1
+    for sm in (*floods, last):
+        node.on_manifest(sm, T0)
+    acts = node.update_advert(make_advert(ident, gpus=2, model="NVIDIA A100"), T0 + 1_000)
+    offers = [decode_message(a.data) for a in acts if isinstance(a, Publish)]
+    assert [o.job_id for o in offers if isinstance(o, Offer)] == [floods[0].job_id, last.job_id]
