@@ -689,3 +689,59 @@ def test_an_accept_of_a_tracked_proposal_counts_when_the_accepts_table_is_full()
     assert acts[0] == Emit("formation.assembled") and isinstance(acts[-1], Confirmed)
     assert acts[-1].certificate.proposal.digest == prop.digest
     assert job.state is SubmitterState.CONFIRMED
+
+
+# --- survivors of the sample of 300 at a4f05dc ---------------------------------------------
+
+
+def test_the_accepts_counted_are_capped_at_volunteers_max() -> None:
+    """``on_message__mutmut_51`` (``<`` to ``<=``): the table of who
+    accepted (its size is ``progress().accepts``) holds at most
+    ``volunteers_max`` peers, not one more."""
+    b = Bench(3, replicas=2)
+    b.s.config = replace(CFG, volunteers_max=2)
+    b.s.submit(b.sm, T0)
+    prop, _accepts = _cert_obj(b)
+    for n in b.p:
+        b.s.on_message(Accept.sign(n.identity, proposal=prop, lease_until_ms=T0 + 10**6, price_per_gpu_hour=0,
+                                   payout_address=""), T0 + 5)
+    assert list(b.s.jobs[b.job].accepts) == [b.p[0].peer_id, b.p[1].peer_id]
+    assert b.s.progress(b.job).accepts == 2  # type: ignore[union-attr]
+
+
+def test_progress_of_a_job_without_a_certificate() -> None:
+    """``progress__mutmut_45``: no certificate, no digest (``""``), no members."""
+    b = Bench(3)
+    b.s.submit(b.sm, T0)
+    p = b.s.progress(b.job)
+    assert p is not None and (p.state, p.members, p.certificate_digest, p.confirmed_at_ms) == (
+        SubmitterState.PUBLISHED, (), "", None)
+
+
+def test_a_restored_confirmed_job_is_known_field_by_field() -> None:
+    """``restore_confirmed__mutmut_11``, ``_31``, ``_37``: a job restored as
+    confirmed keeps its manifest, its confirmation time and its forget timer
+    (without the timer, a restarted submitter kept the job for ever)."""
+    b, certified, confirm, _offers = confirmed_bench(1)
+    again = Submitter(SUBMITTER, CFG, adverts=b.s.lookup)
+    acts = again.restore_confirmed(b.sm, certified.certificate, W + 3)
+    m = b.sm.manifest
+    deadline = min(m.expires_at_ms, m.created_at_ms + CFG.formation_timeout_ms)
+    assert acts == [SetTimer(key(b, "forget"), deadline + CFG.lease_ms + CFG.lease_grace_ms)]
+    p = again.progress(b.job)
+    assert p is not None
+    assert (p.state, p.members_needed, p.members, p.certificate_digest, p.confirmed_at_ms, p.deadline_ms) == (
+        SubmitterState.CONFIRMED, 1, certified.certificate.members, certified.certificate.digest.hex(), W + 3,
+        deadline)
+    assert again.jobs[b.job].confirm.envelope.to_bytes() == confirm.envelope.to_bytes()  # type: ignore[union-attr]
+
+
+def test_a_job_resumed_past_its_deadline_cancels_saying_the_submitter_restarted() -> None:
+    """``resume__mutmut_46``, ``_47``: the CANCEL that frees the volunteers
+    says why, in words a member's log shows."""
+    b = Bench(3)
+    s = Submitter(SUBMITTER, CFG, adverts=b.s.lookup)
+    acts = s.resume(b.sm, T0, T0 + CFG.formation_timeout_ms)
+    cancel = b.sent(acts, Cancel)
+    assert cancel.reason == "the submitter restarted" and cancel.job_id == b.job
+    assert isinstance(acts[-1], Failed) and s.progress(b.job).state is SubmitterState.FAILED  # type: ignore[union-attr]
