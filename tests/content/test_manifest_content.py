@@ -116,6 +116,7 @@ def test_inputs_by_cid_round_trip_the_wire() -> None:
      "inputs.a.cid"),
     (f'"a" = {{ cid = "{CID}", size_bytes = 0, providers = ["{PROV}"] }}', "inputs.a.size_bytes"),
     (f'"a" = {{ cid = "{CID}", providers = ["{PROV}"] }}', "inputs.a.size_bytes"),
+    (f'"a" = {{ cid = "{CID}", size_bytes = "3", providers = ["{PROV}"] }}', "inputs.a.size_bytes"),
     (f'"a" = {{ cid = "{CID}", size_bytes = 1 }}', "inputs.a.providers"),
     (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = [] }}', "inputs.a.providers"),
     (f'"a" = {{ cid = "{CID}", size_bytes = 1, providers = [{", ".join([chr(34) + PROV + chr(34)] * 9)}] }}',
@@ -149,3 +150,12 @@ def test_hostile_cid_inputs_on_the_wire_are_the_senders_fault() -> None:
         with pytest.raises(PeerMisbehaved) as e:
             Manifest.from_obj(bad)
         assert e.value.reason is Reason.BAD_SCHEMA, mutate
+
+
+def test_a_cid_input_may_name_as_many_providers_as_the_limit() -> None:
+    """Against ``_check_cid__mutmut_28`` (the limit itself is allowed)."""
+    from p2pgpu.core._manifest import cid_providers_max
+
+    provs = ", ".join([f'"{PROV}"'] * cid_providers_max)
+    m = parse(f'[inputs]\n"a" = {{ cid = "{CID}", size_bytes = 1, providers = [{provs}] }}\n')
+    assert len(m.inputs[0].providers) == cid_providers_max

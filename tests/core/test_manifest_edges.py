@@ -704,3 +704,21 @@ def test_image_and_kind_go_together() -> None:
 def test_content_wire_refusals_name_the_field(path: tuple[str, ...], value: Any, detail: str) -> None:
     err = refused(body_with(path, value))
     assert err.reason is Reason.BAD_SCHEMA and err.detail.startswith(detail), err.detail
+
+
+def test_a_dotted_key_too_long_is_refused_naming_the_toml() -> None:
+    """Against ``check_toml_depth__mutmut_11`` (the field of this refusal)."""
+    from p2pgpu.core._manifest import check_toml_depth
+
+    with pytest.raises(ManifestError) as e:
+        check_toml_depth("a.b.c.d.e.f.g.h = 1\n", 3)
+    assert e.value.field == "toml" and "dotted key" in str(e.value)
+
+
+def test_too_many_payment_intervals_name_payment_interval_s() -> None:
+    """Against ``_check_manifest__mutmut_355``: a week-long job paid every 10 s
+    would be 60,480 intervals (at most 4,096)."""
+    text = M.replace("[runtime]\n", "[runtime]\nduration_s_max = 604800\n") + "[payment]\ninterval_s = 10\n"
+    with pytest.raises(ManifestError) as e:
+        parse(text)
+    assert e.value.field == "payment.interval_s", e.value
