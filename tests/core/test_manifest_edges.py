@@ -722,3 +722,15 @@ def test_too_many_payment_intervals_name_payment_interval_s() -> None:
     with pytest.raises(ManifestError) as e:
         parse(text)
     assert e.value.field == "payment.interval_s", e.value
+
+
+def test_a_manifest_file_takes_the_callers_default_payment_interval() -> None:
+    """Against ``manifest_from_toml__mutmut_12`` (the default not passed on):
+    a job longer than the interval, with none given, is paid every
+    ``interval_s_default`` seconds, the caller's (an operator's config), not
+    the module's."""
+    text = M.replace("[runtime]\n", "[runtime]\nduration_s_max = 3600\n")
+    m = manifest_from_toml(text, submitter=ME.peer_id, now_ms=NOW, rng=random.Random(1), payer=PAYER,
+                           interval_s_default=60)
+    assert m.interval_s == 60
+    assert parse(text).interval_s == 300  # the module's default
