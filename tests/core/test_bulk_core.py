@@ -174,8 +174,8 @@ def test_bulk_choice_falls_back_per_provider() -> None:
     c.offered("old", False, direct=True)
     c.offered("relayed", True, direct=False)
     c.offered("new", True, direct=True)
-    c.offered("flaky", True, direct=True)
-    assert [p for p in ("old", "relayed", "new", "flaky", "unknown") if c.use(p)] == ["new", "flaky"]
-    c.failed("flaky", Fallback.CONNECT_FAILED)
-    assert not c.use("flaky") and c.use("new")
-    assert c.fallbacks() == {"old": "not_offered", "relayed": "no_address", "flaky": "connect_failed"}
+    c.offered("unreachable", True, direct=True)
+    assert [p for p in ("old", "relayed", "new", "unreachable", "unknown") if c.use(p)] == ["new", "unreachable"]
+    c.failed("unreachable", Fallback.CONNECT_FAILED)
+    assert not c.use("unreachable") and c.use("new")
+    assert c.fallbacks() == {"old": "not_offered", "relayed": "no_address", "unreachable": "connect_failed"}

@@ -488,6 +488,16 @@ def submitter(net: Net, db_file: Path) -> JobsService:
     return s
 
 
+def confirming(net: Net, s: JobsService) -> tuple[Any, list[Any]]:
+    """The submitter submits a job; the manifest and the actions of the host
+    call that confirms it (the confirmation, then the collection it opens)."""
+    sm = manifest()
+    cert = certificate(sm.job_id)
+    s.submit(sm)
+    assert sm.job_id in s.host.submitter.jobs
+    return sm, [Confirmed(job_id=sm.job_id, certificate=cert, confirm=b""), *s.host.settlement.open(sm, cert, net.now)]
+
+
 class _Killed(BaseException):
     """The process dies at this instruction (``kill -9``): nothing after it runs."""
 
@@ -501,21 +511,16 @@ def test_a_submitter_killed_between_storing_its_confirmation_and_its_collection_
     its volunteer (never confirmed) held its GPUs for it until the formation
     deadline (tests/content/test_input_pins.py failed 1 run in 12 this way)."""
     net = Net()
-    sm = manifest()
-    cert = certificate(sm.job_id)
     db_file = tmp_path / "s.db"
     s = submitter(net, db_file)
-    s.submit(sm)
-    assert s.host.submitter.jobs[sm.job_id] is not None
+    sm, confirms = confirming(net, s)
 
     def killed(_a: Any) -> None:
         raise _Killed
 
     s.collector.opened = killed  # type: ignore[method-assign]
-    # What the host says in the call that confirms: the confirmation, then the collection it opens.
     with pytest.raises(_Killed):
-        s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b""),
-                 *s.host.settlement.open(sm, cert, net.now)])
+        s.apply(confirms)
     s.db.close()
     net.now += 1_000
     again = submitter(net, db_file)
@@ -530,12 +535,10 @@ def test_a_confirmation_and_its_collection_are_both_stored(tmp_path: Path) -> No
     """The happy path of the transaction above: after the confirming call, a
     restart finds the job confirmed with its collection open."""
     net = Net()
-    sm = manifest()
-    cert = certificate(sm.job_id)
     db_file = tmp_path / "s.db"
     s = submitter(net, db_file)
-    s.submit(sm)
-    s.apply([Confirmed(job_id=sm.job_id, certificate=cert, confirm=b""), *s.host.settlement.open(sm, cert, net.now)])
+    sm, confirms = confirming(net, s)
+    s.apply(confirms)
     s.db.close()
     again = submitter(net, db_file)
     again.load()
